@@ -1,0 +1,210 @@
+"""The interface between the control plane and whatever isolates sandboxes on one node.
+
+The service never touches bubblewrap, cgroups or the supervisor directly: it asks a `Runtime` to
+create a sandbox from a `SandboxConfig` and gets a `SandboxHandle` back, through which it runs
+commands, moves files and learns how the main process ended. Another isolation technology (crun,
+gVisor) is another implementation of these two classes.
+
+Errors: every method raises `RuntimeError_` subclasses from this module, never OSError or
+backend-specific exceptions, so that the service can map them to gRPC codes in one place.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class SandboxRuntimeError(Exception):
+    """Base of the runtime's errors. `code` is a grpc.StatusCode name such as "NOT_FOUND"."""
+
+    code = "INTERNAL"
+
+
+class FileNotFound(SandboxRuntimeError):
+    code = "NOT_FOUND"
+
+
+class PathRefused(SandboxRuntimeError):
+    """A path that is malformed or not allowed (e.g. a directory where a file was expected)."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class PermissionRefused(SandboxRuntimeError):
+    code = "PERMISSION_DENIED"
+
+
+class SandboxGone(SandboxRuntimeError):
+    """The sandbox's supervisor is no longer reachable (the sandbox ended or was killed)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class CapacityExhausted(SandboxRuntimeError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class LimitsUnavailable(SandboxRuntimeError):
+    """The sandbox asks for limits this host cannot apply (e.g. rootless without delegation)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """A validated sandbox spec, in the units the runtime needs."""
+
+    sandbox_id: str
+    image: str
+    command: tuple[str, ...]  # empty: keep-alive that exits 0 on SIGTERM
+    env: dict[str, str]
+    working_dir: str  # absolute; "" means the image default
+    cpu_millis: int | None = None
+    memory_bytes: int | None = None
+    pids: int | None = None
+    disk_bytes: int | None = None
+    mounted_files: tuple[tuple[str, bytes], ...] = ()
+    network: str = "none"
+
+
+@dataclass(frozen=True)
+class ExecSpec:
+    argv: tuple[str, ...]
+    cwd: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    timeout_seconds: float = 0.0
+    stdin: bool = False
+    tty: bool = False
+    rows: int = 24
+    cols: int = 80
+
+
+@dataclass(frozen=True)
+class ExecOutput:
+    stream: int  # 1 stdout, 2 stderr
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ExecExit:
+    exit_code: int
+    signal: int
+    timed_out: bool
+    cpu_user_seconds: float
+    cpu_system_seconds: float
+    peak_memory_bytes: int
+    wall_seconds: float
+
+
+@dataclass(frozen=True)
+class ExecFailed:
+    """The command could not run (e.g. executable not found). Terminal."""
+
+    code: str  # grpc.StatusCode name
+    message: str
+
+
+ExecEvent = ExecOutput | ExecExit | ExecFailed
+
+
+class ExecHandle(abc.ABC):
+    """One running command. `events()` yields output then exactly one ExecExit or ExecFailed."""
+
+    @abc.abstractmethod
+    def events(self) -> AsyncIterator[ExecEvent]: ...
+
+    @abc.abstractmethod
+    async def write_stdin(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def close_stdin(self) -> None: ...
+
+    @abc.abstractmethod
+    async def resize(self, rows: int, cols: int) -> None: ...
+
+    @abc.abstractmethod
+    async def signal(self, signo: int) -> None: ...
+
+    @abc.abstractmethod
+    async def kill(self) -> None:
+        """SIGKILL the command's process group and end `events()` (used when the client goes)."""
+
+
+@dataclass(frozen=True)
+class MainExit:
+    """How a sandbox's main process (or the whole sandbox) ended."""
+
+    exit_code: int
+    signal: int
+    ended_at_ns: int
+    # "" for a normal exit; "OOMKilled", "killed", "lost" (no exit record) otherwise.
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    size: int
+    mode: int
+
+
+class SandboxHandle(abc.ABC):
+    sandbox_id: str
+
+    @abc.abstractmethod
+    async def exec(self, spec: ExecSpec) -> ExecHandle: ...
+
+    @abc.abstractmethod
+    async def read_file(self, path: str) -> tuple[FileInfo, AsyncIterator[bytes]]: ...
+
+    @abc.abstractmethod
+    async def write_file(
+        self, path: str, mode: int, make_parents: bool, chunks: AsyncIterator[bytes]
+    ) -> int:
+        """Writes atomically (temporary file, then rename); returns the size written."""
+
+    @abc.abstractmethod
+    async def wait_exit(self) -> MainExit:
+        """Resolves when the sandbox has ended (main process exit, stop or kill)."""
+
+    @abc.abstractmethod
+    async def terminate(self, grace_seconds: float) -> MainExit:
+        """SIGTERM the main process; SIGKILL every process of the sandbox after the grace."""
+
+    @abc.abstractmethod
+    async def kill(self) -> MainExit:
+        """SIGKILL every process of the sandbox now."""
+
+    @property
+    @abc.abstractmethod
+    def log_path(self) -> Path:
+        """The main process's log, in the record format of docs/internals/supervisor-protocol.md."""
+
+
+class Runtime(abc.ABC):
+    """Creates and re-attaches sandboxes on one node. Its state lives under `state_dir`."""
+
+    @abc.abstractmethod
+    async def create(self, config: SandboxConfig) -> SandboxHandle: ...
+
+    @abc.abstractmethod
+    async def attach(self, sandbox_id: str) -> SandboxHandle | MainExit:
+        """Re-attaches to a sandbox after a service restart, or says how it ended meanwhile."""
+
+    @abc.abstractmethod
+    async def cleanup(self, sandbox_id: str) -> None:
+        """Removes everything the sandbox left on the host (cgroups, directories). Idempotent."""
+
+    @abc.abstractmethod
+    def list_present(self) -> list[str]:
+        """Ids of sandboxes that have state on this node (for reconciliation with the registry)."""
+
+    @abc.abstractmethod
+    def describe(self) -> dict[str, str]:
+        """Facts for `aviato server status`: isolation, bwrap path and origin, cgroup mode."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Releases connections; running sandboxes keep running."""
