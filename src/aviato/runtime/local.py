@@ -1,0 +1,877 @@
+"""`LocalRuntime`: sandboxes on this machine with bubblewrap, cgroups, seccomp and a supervisor.
+
+One sandbox on the host:
+
+```
+service ──posix_spawn──► sh -c JOIN_SCRIPT            (cgroup v1: joins via `tasks`, see cgroups.py)
+          └─exec─► aviato-supervisor --launch         (v2: joins via cgroup.procs; setsid)
+                            └─exec─► bwrap            (host-side monitor; stays until the end)
+                                       └─► /.aviato/supervisor   PID 1 of the sandbox
+                                              ├─ main process (or none: --keepalive)
+                                              └─ exec'd commands
+```
+
+Per-sandbox host state lives in `<state>/sandboxes/<id>/`: `ctl.sock` (the control socket: the
+service binds and listens, the supervisor accepts on the inherited fd 3), `main.log` (fd 4),
+`exit` (fd 5), `files/` (mounted files), `runtime.json` (bwrap's pid and start time, for
+re-attaching after a service restart) and `runtime.log` (what the launcher, bwrap and the
+supervisor print on their stderr; read when a sandbox fails to start).
+
+Sandboxes do not depend on the service: bwrap runs in its own session without
+`--die-with-parent`, so killing the service leaves them running, and a new service re-attaches
+(`attach`) by checking pid + start time and reconnecting to `ctl.sock`.
+
+How a sandbox ends is read from the exit file the supervisor writes as its last act, plus the
+cgroup's OOM counter: `reason` is "OOMKilled" when the OOM killer struck and the main process
+died of SIGKILL (or no record was written), "killed" when we killed it, "lost" when it vanished
+without a record for another reason.
+
+Speed: create does no scans (the image's /etc scan and the seccomp filter are computed once),
+spawns with `os.posix_spawn` (vfork-style, no Python code in the child) and puts the fds in
+place with spawn file actions. bwrap's own start dominates (about 5 ms here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from aviato.runtime import images, seccomp
+from aviato.runtime.base import (
+    CapacityExhausted,
+    ExecHandle,
+    ExecSpec,
+    FileInfo,
+    LimitsUnavailable,
+    MainExit,
+    PathRefused,
+    Runtime,
+    SandboxConfig,
+    SandboxGone,
+    SandboxHandle,
+    SandboxRuntimeError,
+)
+from aviato.runtime.bwrap import Bwrap, BwrapUnavailable, SpecRefused, build_argv, find_bwrap
+from aviato.runtime.cgroups import CgroupError, CgroupManager, Limits, SandboxCgroup
+from aviato.runtime.supervisor import SupervisorConnection, supervisor_binary
+
+log = logging.getLogger("aviato.runtime")
+
+GiB = 1 << 30
+# Where the inherited descriptors land in the launcher, bwrap and the supervisor.
+FD_CONTROL, FD_LOG, FD_EXIT, FD_SECCOMP = 3, 4, 5, 6
+SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the NUL
+OOM_SCORE_ADJ = 500  # sandboxes go before the service when the whole host runs out of memory
+LAUNCH_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+# Joins the cgroups given as arguments up to "--" by writing "0" to their `tasks` files, then
+# executes the rest (the supervisor's launcher). Paths travel as arguments, never in the script.
+JOIN_SCRIPT = 'while [ "$1" != -- ]; do echo 0 > "$1" || exit 125; shift; done; shift; exec "$@"'
+# Dispositions reset to default in the launcher: an ignored signal (SIGPIPE in every Python
+# process, SIGINT/SIGQUIT for a service started in the background) would stay ignored in bwrap,
+# the supervisor and the sandbox's processes.
+_SIGDEF = tuple(
+    sorted(
+        int(s)
+        for s in signal.valid_signals()
+        if int(s) < 32 and s not in (signal.SIGKILL, signal.SIGSTOP)
+    )
+)
+
+
+def _inheritable_fds() -> list[int]:
+    """Descriptors >= 3 of this process without close-on-exec (ours never are; a parent's or a
+    library's may be). The spawn closes them so that they cannot leak into a sandbox."""
+    found: list[int] = []
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return found
+    for name in names:
+        fd = int(name)
+        if fd < 3:
+            continue
+        try:
+            if not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
+                found.append(fd)
+        except OSError:
+            pass  # the listdir's own fd, or one closed meanwhile
+    return found
+
+
+class SandboxExists(SandboxRuntimeError):
+    code = "ALREADY_EXISTS"
+
+
+class SandboxStartFailed(SandboxRuntimeError):
+    """bwrap or the supervisor failed before the supervisor said HELLO."""
+
+    code = "INTERNAL"
+
+
+# --- host process helpers ---------------------------------------------------------------------
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _proc_stat(pid: int) -> tuple[int, int] | None:
+    """(ppid, starttime in clock ticks) of a live or zombie process, or None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2 :].split()
+    # fields[0] is the state (field 3 of stat), so field N is fields[N - 3].
+    try:
+        return int(fields[1]), int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def _read_tail(path: Path, limit: int = 4096) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            return f.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def parse_exit_file(text: str) -> tuple[int, int, int] | None:
+    """`exit_code signal time_ns` → the three numbers; None for an empty or torn record."""
+    parts = text.split()
+    if len(parts) != 3:
+        return None
+    try:
+        code, signo, ended = (int(p) for p in parts)
+    except ValueError:
+        return None
+    return code, signo, ended
+
+
+class _ProcessWatch:
+    """Resolves `done` when a host process exits, via a pidfd in the event loop.
+
+    Reaps the process when it is our child (no zombies); a process that is not our child (after
+    a service restart) is reaped by whoever inherited it. `detach` stops watching without
+    resolving (the service is closing and the sandbox keeps running).
+    """
+
+    def __init__(self, pid: int, pidfd: int | None, is_child: bool) -> None:
+        """`pidfd` None: the process is already gone (`done` is resolved at once)."""
+        self.pid = pid
+        self.is_child = is_child
+        self._fd = pidfd
+        self._loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = self._loop.create_future()
+        if pidfd is None:
+            self.done.set_result(None)
+        else:
+            self._loop.add_reader(pidfd, self._ready)
+
+    def _ready(self) -> None:
+        if self.is_child:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, os.WNOHANG)
+        self._close()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+    def send(self, signo: int) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pidfd_send_signal(self._fd, signo)
+
+    def detach(self) -> None:
+        """Stops watching; whoever still waits on `done` gets SandboxGone."""
+        self._close()
+        if not self.done.done():
+            self.done.set_exception(SandboxGone("the runtime was closed"))
+            self.done.exception()  # retrieved: no warning when nobody waits
+
+
+async def _kill_sandbox(watch: _ProcessWatch, cgroup: SandboxCgroup | None) -> None:
+    """SIGKILLs everything of a sandbox and waits (briefly) until its bwrap has exited.
+
+    Everything but bwrap goes first, so that bwrap reaps the sandbox's init and exits by itself;
+    bwrap is SIGKILLed only if it lingers. Without a cgroup, killing the init (bwrap's child)
+    takes the whole pid namespace down with it.
+    """
+    if watch.done.done():
+        if cgroup is not None:
+            await cgroup.kill_all()
+        return
+    if cgroup is None or not await cgroup.kill_all(spare=(watch.pid,)):
+        for child in _children(watch.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(child, signal.SIGKILL)
+    try:
+        await asyncio.wait_for(asyncio.shield(watch.done), 2.0)
+    except TimeoutError:
+        watch.send(signal.SIGKILL)
+        if cgroup is not None:
+            await cgroup.kill_all()
+
+
+# --- the sandbox handle -----------------------------------------------------------------------
+
+
+class LocalSandbox(SandboxHandle):
+    """A running (or finished) sandbox on this node."""
+
+    def __init__(
+        self,
+        runtime: LocalRuntime,
+        sandbox_id: str,
+        directory: Path,
+        watch: _ProcessWatch,
+        cgroup: SandboxCgroup | None,
+        conn: SupervisorConnection | None,
+    ) -> None:
+        self.sandbox_id = sandbox_id
+        self._runtime = runtime
+        self._dir = directory
+        self._watch = watch
+        self._cgroup = cgroup
+        self._conn = conn
+        self._killed = False
+        self._exit: MainExit | None = None
+        self._closed = False
+        self._reconnect_lock = asyncio.Lock()
+
+    # --- facts ---
+
+    @property
+    def log_path(self) -> Path:
+        return self._dir / "main.log"
+
+    @property
+    def pid(self) -> int:
+        """Host pid of the sandbox's bwrap process."""
+        return self._watch.pid
+
+    @property
+    def cgroup(self) -> SandboxCgroup | None:
+        return self._cgroup
+
+    @property
+    def running(self) -> bool:
+        return not self._watch.done.done()
+
+    # --- the supervisor connection ---
+
+    async def _connection(self) -> SupervisorConnection:
+        if not self.running:
+            raise SandboxGone(f"sandbox {self.sandbox_id} has ended")
+        if self._closed:
+            raise SandboxGone(f"sandbox {self.sandbox_id}: the runtime was closed")
+        conn = self._conn
+        if conn is not None and not conn.is_closed:
+            return conn
+        async with self._reconnect_lock:
+            if self._conn is None or self._conn.is_closed:
+                self._conn = await self._runtime._connect(self._dir, self.sandbox_id, 5.0)
+            return self._conn
+
+    async def exec(self, spec: ExecSpec) -> ExecHandle:
+        if spec.tty and "TERM" not in spec.env:
+            spec = ExecSpec(
+                argv=spec.argv,
+                cwd=spec.cwd,
+                env={**spec.env, "TERM": "xterm-256color"},
+                timeout_seconds=spec.timeout_seconds,
+                stdin=spec.stdin,
+                tty=spec.tty,
+                rows=spec.rows,
+                cols=spec.cols,
+            )
+        conn = await self._connection()
+        return await conn.exec(spec)
+
+    async def read_file(self, path: str) -> tuple[FileInfo, AsyncIterator[bytes]]:
+        conn = await self._connection()
+        return await conn.read_file(path)
+
+    async def write_file(
+        self, path: str, mode: int, make_parents: bool, chunks: AsyncIterator[bytes]
+    ) -> int:
+        conn = await self._connection()
+        return await conn.write_file(path, mode, make_parents, chunks)
+
+    # --- ending ---
+
+    def _compute_exit(self) -> MainExit:
+        try:
+            record = parse_exit_file((self._dir / "exit").read_text())
+        except OSError:
+            record = None
+        ooms = self._cgroup.oom_kills() if self._cgroup is not None else 0
+        if record is not None:
+            code, signo, ended = record
+            reason = "OOMKilled" if ooms and signo == signal.SIGKILL else ""
+            return MainExit(code, signo, ended, reason)
+        if ooms:
+            reason = "OOMKilled"
+        elif self._killed:
+            reason = "killed"
+        else:
+            reason = "lost"
+        code = 128 + signal.SIGKILL if reason != "lost" else -1
+        signo = signal.SIGKILL if reason != "lost" else 0
+        return MainExit(code, signo, time.time_ns(), reason)
+
+    async def _ended(self) -> MainExit:
+        await asyncio.shield(self._watch.done)
+        if self._exit is None:
+            # bwrap is gone, so the pid namespace is empty; anything left in the cgroup escaped
+            # it (impossible by design) or was a half-started launcher: make sure.
+            if self._cgroup is not None and self._cgroup.pids():
+                await self._cgroup.kill_all()
+            self._exit = self._compute_exit()
+            if self._conn is not None:
+                await self._conn.close()
+        return self._exit
+
+    async def wait_exit(self) -> MainExit:
+        return await self._ended()
+
+    async def terminate(self, grace_seconds: float) -> MainExit:
+        if not self.running:
+            return await self._ended()
+        with contextlib.suppress(SandboxRuntimeError, OSError, asyncio.TimeoutError):
+            conn = await asyncio.wait_for(self._connection(), timeout=max(grace_seconds, 0.1))
+            await conn.terminate(signal.SIGTERM)
+        if grace_seconds > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._watch.done), grace_seconds)
+        if not self.running:
+            return await self._ended()
+        return await self.kill()
+
+    async def kill(self) -> MainExit:
+        if not self.running:
+            return await self._ended()
+        self._killed = True
+        await self._kill_processes()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._watch.done), 10.0)
+        except TimeoutError:
+            self._watch.send(signal.SIGKILL)
+            await asyncio.wait_for(asyncio.shield(self._watch.done), 5.0)
+        return await self._ended()
+
+    async def _kill_processes(self) -> None:
+        await _kill_sandbox(self._watch, self._cgroup)
+
+    async def _close(self) -> None:
+        """Forgets the sandbox without stopping it (runtime shutdown)."""
+        self._closed = True
+        self._watch.detach()
+        if self._conn is not None:
+            await self._conn.close()
+
+
+# --- the runtime ------------------------------------------------------------------------------
+
+
+class LocalRuntime(Runtime):
+    """Sandboxes on this machine. State under `state_dir/sandboxes/`.
+
+    Limits are always on when cgroups are manageable: a sandbox that asks for none gets
+    `default_memory_bytes` and `default_pids`; `default_disk_bytes` sizes its writable layer.
+    `max_sandboxes` caps the running sandboxes of this runtime object (CapacityExhausted beyond).
+    `bwrap` and `supervisor` override the binaries (tests, packaging); `cgroup_parent` is the
+    cgroup directory, relative to each hierarchy's root, under which sandboxes get theirs.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        default_memory_bytes: int = GiB,
+        default_pids: int = 1024,
+        default_disk_bytes: int = GiB,
+        max_sandboxes: int = 512,
+        cgroup_parent: str = "aviato",
+        bwrap: Bwrap | None = None,
+        supervisor: Path | None = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self._state_dir = Path(state_dir)
+        self._sandboxes = self._state_dir / "sandboxes"
+        self._sandboxes.mkdir(parents=True, exist_ok=True)
+        os.chmod(self._sandboxes, 0o700)
+        self._default_memory = default_memory_bytes
+        self._default_pids = default_pids
+        self._default_disk = default_disk_bytes
+        self._max = max_sandboxes
+        self._connect_timeout = connect_timeout
+        self._rootless = os.geteuid() != 0
+        self._boot_id = _boot_id()
+        self._bwrap_error: BwrapUnavailable | None = None
+        self._bwrap: Bwrap | None = bwrap
+        if self._bwrap is None:
+            try:
+                self._bwrap = find_bwrap()
+            except BwrapUnavailable as exc:
+                self._bwrap_error = exc
+                log.error("sandboxes cannot start: %s", exc)
+        self._supervisor_error: SandboxRuntimeError | None = None
+        self._supervisor = str(supervisor) if supervisor else ""
+        if not self._supervisor:
+            try:
+                self._supervisor = str(supervisor_binary())
+            except SandboxRuntimeError as exc:
+                self._supervisor_error = exc
+                log.error("sandboxes cannot start: %s", exc)
+        self._cgroups = CgroupManager(cgroup_parent)
+        if not self._cgroups.available:
+            log.warning(
+                "cgroups unavailable (%s): sandboxes run without memory/pids/cpu limits and "
+                "creates that ask for limits are refused",
+                self._cgroups.reason,
+            )
+        self._seccomp_error = ""
+        try:
+            seccomp.compile_filter()
+        except seccomp.SeccompUnsupported as exc:
+            self._seccomp_error = str(exc)
+            log.error("sandboxes cannot start: %s", exc)
+        images.warm_up()
+        self._oom_adj = self._launch_oom_adj()
+        self._sh = shutil.which("sh", path=LAUNCH_ENV["PATH"])
+        self._handles: dict[str, LocalSandbox] = {}
+        self._running: set[str] = set()
+        self._creating: set[str] = set()
+
+    @staticmethod
+    def _launch_oom_adj() -> list[str]:
+        # Raising oom_score_adj needs no privilege, lowering needs CAP_SYS_RESOURCE.
+        try:
+            current = int(Path("/proc/self/oom_score_adj").read_text())
+        except (OSError, ValueError):
+            return []
+        return ["--oom-score-adj", str(OOM_SCORE_ADJ)] if current < OOM_SCORE_ADJ else []
+
+    # --- facts ---
+
+    def describe(self) -> dict[str, str]:
+        facts = {
+            "isolation": "bubblewrap" + (" (rootless: user namespace)" if self._rootless else ""),
+            "cgroups": self._cgroups.describe(),
+            "seccomp": self._seccomp_error or seccomp.describe(),
+            "supervisor": self._supervisor or str(self._supervisor_error),
+            "state_dir": str(self._state_dir),
+            "max_sandboxes": str(self._max),
+            "default_limits": (
+                f"memory {self._default_memory} B, pids {self._default_pids}, "
+                f"disk {self._default_disk} B"
+            ),
+        }
+        if self._bwrap is not None:
+            facts.update(self._bwrap.describe())
+        else:
+            facts["bwrap_path"] = ""
+            facts["bwrap_reason"] = str(self._bwrap_error)
+        facts.update(images.host_image_facts())
+        return facts
+
+    def list_present(self) -> list[str]:
+        try:
+            return sorted(e.name for e in os.scandir(self._sandboxes) if e.is_dir())
+        except OSError:
+            return []
+
+    @property
+    def cgroups(self) -> CgroupManager:
+        return self._cgroups
+
+    def _register(self, handle: LocalSandbox) -> None:
+        sid = handle.sandbox_id
+        self._handles[sid] = handle
+        self._running.add(sid)
+        handle._watch.done.add_done_callback(lambda _: self._running.discard(sid))
+
+    # --- create ---
+
+    def _limits_for(self, config: SandboxConfig) -> Limits | None:
+        asked = [
+            name
+            for name, value in (
+                ("memory", config.memory_bytes),
+                ("pids", config.pids),
+                ("cpu", config.cpu_millis),
+            )
+            if value is not None
+        ]
+        if not self._cgroups.available:
+            if asked:
+                raise LimitsUnavailable(
+                    f"this node cannot apply {', '.join(asked)} limits: {self._cgroups.reason}"
+                )
+            return None
+        if config.cpu_millis is not None and not self._cgroups.supports_cpu:
+            raise LimitsUnavailable("this node has no cpu cgroup controller for a cpu limit")
+        for name, value in (
+            ("memory", config.memory_bytes),
+            ("pids", config.pids),
+            ("cpu", config.cpu_millis),
+        ):
+            if value is not None and value <= 0:
+                raise SpecRefused(f"{name} limit must be positive, got {value}")
+        return Limits(
+            memory_bytes=config.memory_bytes or self._default_memory,
+            pids=config.pids or self._default_pids,
+            cpu_millis=config.cpu_millis,
+        )
+
+    def _check_create(self, config: SandboxConfig) -> None:
+        if self._bwrap_error is not None:
+            raise self._bwrap_error
+        if self._supervisor_error is not None:
+            raise self._supervisor_error
+        if self._seccomp_error:
+            raise SandboxRuntimeError(self._seccomp_error)
+        if not SANDBOX_ID.match(config.sandbox_id):
+            raise SpecRefused(
+                f"invalid sandbox id {config.sandbox_id!r} (letters, digits, '_', '.', '-'; "
+                "at most 128)"
+            )
+        if config.network not in ("", "none"):
+            raise SpecRefused(
+                f"network mode {config.network!r} is not supported; only 'none' (loopback)"
+            )
+        if config.sandbox_id in self._handles or config.sandbox_id in self._creating:
+            raise SandboxExists(f"sandbox {config.sandbox_id} already exists on this node")
+        if len(self._running) + len(self._creating) >= self._max:
+            raise CapacityExhausted(
+                f"this node runs its maximum of {self._max} sandboxes; stop some first"
+            )
+
+    async def create(self, config: SandboxConfig) -> SandboxHandle:
+        self._check_create(config)
+        limits = self._limits_for(config)
+        root = images.resolve_image(config.image, config.disk_bytes or self._default_disk)
+        sid = config.sandbox_id
+        directory = self._sandboxes / sid
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            raise SandboxExists(f"sandbox {sid} already has state on this node") from None
+        self._creating.add(sid)
+        cgroup: SandboxCgroup | None = None
+        watch: _ProcessWatch | None = None
+        try:
+            files = self._write_files(directory, config)
+            assert self._bwrap is not None
+            argv = build_argv(
+                self._bwrap.path,
+                config,
+                root,
+                supervisor=self._supervisor,
+                mounted_files=files,
+                seccomp_fd=FD_SECCOMP,
+                rootless=self._rootless,
+            )
+            if limits is not None:
+                try:
+                    cgroup = self._cgroups.create(sid, limits)
+                except CgroupError as exc:
+                    raise SandboxRuntimeError(f"sandbox {sid}: {exc}") from exc
+            pid = self._spawn(directory, argv, cgroup)
+            watch = _ProcessWatch(pid, os.pidfd_open(pid), is_child=True)
+            self._write_record(directory, pid, cgroup)
+            try:
+                conn = await self._connect(directory, sid, self._connect_timeout)
+            except SandboxRuntimeError as exc:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(watch.done), 0.5)
+                detail = _read_tail(directory / "runtime.log") or str(exc)
+                raise SandboxStartFailed(f"sandbox {sid} failed to start: {detail}") from exc
+            handle = LocalSandbox(self, sid, directory, watch, cgroup, conn)
+            self._register(handle)
+            return handle
+        except BaseException:
+            await self._abort_create(directory, watch, cgroup)
+            raise
+        finally:
+            self._creating.discard(sid)
+
+    async def _abort_create(
+        self, directory: Path, watch: _ProcessWatch | None, cgroup: SandboxCgroup | None
+    ) -> None:
+        with contextlib.suppress(Exception):
+            if watch is not None:
+                await _kill_sandbox(watch, cgroup)
+                watch.detach()
+            elif cgroup is not None:
+                await cgroup.kill_all()
+            if cgroup is not None:
+                await cgroup.remove()
+        shutil.rmtree(directory, ignore_errors=True)
+
+    @staticmethod
+    def _write_files(directory: Path, config: SandboxConfig) -> list[tuple[str, str]]:
+        if not config.mounted_files:
+            return []
+        files_dir = directory / "files"
+        files_dir.mkdir(mode=0o700)
+        out: list[tuple[str, str]] = []
+        for index, (path, data) in enumerate(config.mounted_files):
+            host = files_dir / str(index)
+            fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            out.append((path, str(host)))
+        return out
+
+    def _spawn(self, directory: Path, argv: list[str], cgroup: SandboxCgroup | None) -> int:
+        """Starts launcher → bwrap → supervisor with fds 3-6 in place; returns the host pid."""
+        opened: list[int] = []
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with _short_path(directory / "ctl.sock") as path:
+                sock.bind(path)
+                os.chmod(path, 0o600)
+            sock.listen(64)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+            opened.append(os.open(directory / "main.log", flags | os.O_APPEND, 0o600))
+            opened.append(os.open(directory / "exit", flags | os.O_TRUNC, 0o600))
+            opened.append(seccomp.filter_fd())
+            opened.append(os.open(directory / "runtime.log", flags | os.O_APPEND, 0o600))
+            # Copies at fd >= 10 so that no dup2 below overwrites a source it still needs.
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (sock.fileno(), *opened)]
+            opened += high
+            ctl, main_log, exit_file, filt, err = high
+            actions: list[tuple[Any, ...]] = [
+                (os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds()
+            ]
+            actions += [
+                (os.POSIX_SPAWN_DUP2, ctl, FD_CONTROL),
+                (os.POSIX_SPAWN_DUP2, main_log, FD_LOG),
+                (os.POSIX_SPAWN_DUP2, exit_file, FD_EXIT),
+                (os.POSIX_SPAWN_DUP2, filt, FD_SECCOMP),
+                (os.POSIX_SPAWN_DUP2, err, 1),
+                (os.POSIX_SPAWN_DUP2, err, 2),
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            ]
+            program = self._supervisor
+            launcher = [self._supervisor, "--launch", *self._oom_adj]
+            if cgroup is not None and cgroup.thread_files and self._sh:
+                # v1: join by writing "0" to `tasks` from a shell that then becomes the launcher
+                # (see cgroups.py: 12 ms less after an idle spell than joining via cgroup.procs).
+                launcher = [self._sh, "-c", JOIN_SCRIPT, "sh", *cgroup.thread_files, "--",
+                            *launcher]  # fmt: skip
+                program = self._sh
+            elif cgroup is not None:
+                for procs in cgroup.procs_files:
+                    launcher += ["--cgroup-procs", procs]
+            launcher += ["--", *argv]
+            try:
+                return os.posix_spawn(
+                    program,
+                    launcher,
+                    LAUNCH_ENV,
+                    file_actions=actions,
+                    setsigdef=_SIGDEF,
+                    setsigmask=(),
+                )
+            except OSError as exc:
+                raise SandboxRuntimeError(f"cannot start {self._supervisor}: {exc}") from exc
+        finally:
+            sock.close()
+            for fd in opened:
+                os.close(fd)
+
+    def _write_record(self, directory: Path, pid: int, cgroup: SandboxCgroup | None) -> None:
+        stat = _proc_stat(pid)
+        record = {
+            "pid": pid,
+            "starttime": stat[1] if stat else 0,
+            "boot_id": self._boot_id,
+            "cgroup": None if cgroup is None else {"version": cgroup.version, "dirs": cgroup.dirs},
+        }
+        # One small write into a new file: no temporary + rename (a journal commit on ext4,
+        # up to a millisecond on the create path). A reader that finds it torn treats the
+        # sandbox as lost, which is what a crash at that instant means anyway.
+        data = json.dumps(record).encode()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        fd = os.open(directory / "runtime.json", flags, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    async def _connect(self, directory: Path, sid: str, wait: float) -> SupervisorConnection:
+        try:
+            with _short_path(directory / "ctl.sock") as path:
+                return await SupervisorConnection.connect(path, wait)
+        except SandboxRuntimeError:
+            raise
+        except (TimeoutError, OSError, EOFError) as exc:
+            raise SandboxGone(f"sandbox {sid}: cannot reach its supervisor: {exc!r}") from exc
+
+    # --- attach, cleanup, close ---
+
+    def _read_record(self, directory: Path) -> dict[str, Any] | None:
+        try:
+            data = json.loads((directory / "runtime.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _cgroup_from(self, sid: str, record: dict[str, Any] | None) -> SandboxCgroup | None:
+        info = record.get("cgroup") if record else None
+        if isinstance(info, dict) and isinstance(info.get("dirs"), dict):
+            return SandboxCgroup(int(info.get("version", 1)), dict(info["dirs"]))
+        if self._cgroups.available:
+            cg = self._cgroups.sandbox(sid)
+            return cg if cg.exists() else None
+        return None
+
+    def _open_process(self, record: dict[str, Any] | None) -> tuple[int, int, bool] | None:
+        """(pid, pidfd, is_child) of the sandbox's bwrap if it still runs, else None."""
+        if not record or record.get("boot_id") != self._boot_id:
+            return None
+        pid = int(record.get("pid", 0))
+        if pid <= 0:
+            return None
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return None
+        stat = _proc_stat(pid)  # checked after pidfd_open: the fd is then the right process
+        if stat is None or stat[1] != record.get("starttime"):
+            os.close(pidfd)
+            return None
+        return pid, pidfd, stat[0] == os.getpid()
+
+    async def attach(self, sandbox_id: str) -> SandboxHandle | MainExit:
+        handle = self._handles.get(sandbox_id)
+        if handle is not None and not handle._closed:
+            return handle if handle.running else await handle.wait_exit()
+        if not SANDBOX_ID.match(sandbox_id):
+            raise SpecRefused(f"invalid sandbox id {sandbox_id!r}")
+        directory = self._sandboxes / sandbox_id
+        if not directory.is_dir():
+            raise SandboxGone(f"sandbox {sandbox_id} has no state on this node")
+        record = self._read_record(directory)
+        cgroup = self._cgroup_from(sandbox_id, record)
+        opened = self._open_process(record)
+        if opened is None:
+            dead = LocalSandbox(
+                self, sandbox_id, directory, _ProcessWatch(0, None, False), cgroup, None
+            )
+            if cgroup is not None and cgroup.pids():
+                await cgroup.kill_all()
+            return dead._compute_exit()
+        pid, pidfd, is_child = opened
+        watch_live = _ProcessWatch(pid, pidfd, is_child)
+        try:
+            conn: SupervisorConnection | None = await self._connect(directory, sandbox_id, 5.0)
+        except SandboxRuntimeError as exc:
+            log.warning(
+                "sandbox %s runs but its supervisor does not answer (%s): killing it",
+                sandbox_id,
+                exc,
+            )
+            conn = None
+        handle = LocalSandbox(self, sandbox_id, directory, watch_live, cgroup, conn)
+        self._register(handle)
+        if conn is None:
+            return await handle.kill()
+        return handle
+
+    async def cleanup(self, sandbox_id: str) -> None:
+        if not SANDBOX_ID.match(sandbox_id):
+            raise SpecRefused(f"invalid sandbox id {sandbox_id!r}")
+        directory = self._sandboxes / sandbox_id
+        handle = self._handles.pop(sandbox_id, None)
+        if handle is None and directory.is_dir():
+            attached = await self.attach(sandbox_id)
+            handle = self._handles.pop(sandbox_id, None)
+            if isinstance(attached, LocalSandbox):
+                handle = attached
+        if handle is not None:
+            if handle.running:
+                await handle.kill()
+            await handle._close()
+            cgroup = handle.cgroup
+        else:
+            cgroup = self._cgroup_from(sandbox_id, self._read_record(directory))
+        self._running.discard(sandbox_id)
+        if cgroup is None and self._cgroups.available:
+            cgroup = self._cgroups.sandbox(sandbox_id)
+        if cgroup is not None:
+            if cgroup.pids():
+                await cgroup.kill_all()
+            if not await cgroup.remove():
+                log.warning(
+                    "sandbox %s: cgroup still busy, left behind: %s", sandbox_id, cgroup.unique_dirs
+                )
+        shutil.rmtree(directory, ignore_errors=True)
+
+    async def close(self) -> None:
+        handles = list(self._handles.values())
+        self._handles.clear()
+        self._running.clear()
+        for handle in handles:
+            await handle._close()
+
+
+@contextlib.contextmanager
+def _short_path(path: Path) -> Any:
+    """`path` as a string usable as a unix socket address (sun_path holds 107 bytes).
+
+    Longer paths are reached through /proc/self/fd/N of their open directory.
+    """
+    text = str(path)
+    if len(text.encode()) <= SOCKET_PATH_MAX:
+        yield text
+        return
+    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        short = f"/proc/self/fd/{dirfd}/{path.name}"
+        if len(short) > SOCKET_PATH_MAX:
+            raise PathRefused(f"socket path {text} is too long")
+        yield short
+    finally:
+        os.close(dirfd)

@@ -1,0 +1,703 @@
+"""The service's side of the per-sandbox supervisor (docs/internals/supervisor-protocol.md).
+
+`supervisor_binary()` finds the compiled `aviato-supervisor`. `SupervisorConnection` is an asyncio
+client for its control socket: one connection carries any number of concurrent execs and file
+transfers, each identified by an id chosen here.
+
+Flow control:
+- Towards the supervisor (stdin, file data), writers await the transport's drain.
+- Towards the service, frames are parsed as they arrive and queued per exec / per read. When more
+  than `READ_PAUSE_BYTES` sit unconsumed on a connection, reading from the socket pauses (so the
+  supervisor's queue fills and it stops reading the command pipes); it resumes below
+  `READ_RESUME_BYTES`. A consumer that stops iterating therefore stalls the connection: iterate
+  each exec's `events()` to the end (or `kill()` it) and finish or `aclose()` each file read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import errno
+import logging
+import math
+import os
+import signal
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aviato.runtime.base import (
+    CapacityExhausted,
+    ExecEvent,
+    ExecExit,
+    ExecFailed,
+    ExecHandle,
+    ExecOutput,
+    ExecSpec,
+    FileInfo,
+    FileNotFound,
+    PathRefused,
+    PermissionRefused,
+    SandboxGone,
+    SandboxRuntimeError,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "SupervisorConnection",
+    "SupervisorExec",
+    "SupervisorMissing",
+    "supervisor_binary",
+]
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+MAX_FRAME = 1024 * 1024 + 64  # largest value of a frame's length field
+DATA_CHUNK = 1024 * 1024  # stdin / file bytes per frame
+READ_PAUSE_BYTES = 8 << 20
+READ_RESUME_BYTES = 2 << 20
+_RBUF_SIZE = 4 << 20  # receive buffer; always room for one whole frame after compaction
+_RBUF_MIN_FREE = 256 << 10
+
+# Frame types, service -> supervisor.
+_EXEC, _STDIN, _STDIN_EOF, _RESIZE, _SIGNAL = 1, 2, 3, 4, 5
+_READ_FILE, _WRITE_BEGIN, _WRITE_DATA, _WRITE_END, _WRITE_ABORT = 6, 7, 8, 9, 10
+_PING, _TERMINATE = 11, 12
+# Frame types, supervisor -> service.
+_HELLO, _STARTED, _STDOUT, _STDERR, _EXIT, _ERROR = 64, 65, 66, 67, 68, 69
+_FILE_INFO, _FILE_DATA, _FILE_END, _WRITE_OK, _PONG = 70, 71, 72, 73, 74
+
+_HDR = struct.Struct("<IBI")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_II = struct.Struct("<II")
+_HH = struct.Struct("<HH")
+_EXEC_HEAD = struct.Struct("<IIHH")
+_EXIT_BODY = struct.Struct("<iiBQQQQ")
+_ERROR_HEAD = struct.Struct("<iI")
+_FILE_INFO_BODY = struct.Struct("<QI")
+
+_LOST = "sandbox supervisor connection lost"
+
+
+class SupervisorMissing(SandboxRuntimeError):
+    """The compiled supervisor is not where the package expects it."""
+
+
+def supervisor_binary() -> Path:
+    """The `aviato-supervisor` built with the package; `$AVIATO_SUPERVISOR` overrides it."""
+    override = os.environ.get("AVIATO_SUPERVISOR")
+    path = Path(override) if override else Path(__file__).parent / "_bin" / "aviato-supervisor"
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise SupervisorMissing(
+            f"the sandbox supervisor binary is missing or not executable: {path}. It is compiled "
+            "when aviato is installed (this needs a C compiler): reinstall with "
+            "`pip install --force-reinstall --no-deps aviato` or, in a checkout, `pip install -e .`"
+        )
+    return path
+
+
+def _str(s: str) -> bytes:
+    b = s.encode("utf-8", "surrogateescape")
+    return _U32.pack(len(b)) + b
+
+
+def _strlist(items: list[str]) -> bytes:
+    return _U32.pack(len(items)) + b"".join(_str(s) for s in items)
+
+
+def _file_error(err: int, message: str) -> SandboxRuntimeError:
+    if err == errno.ENOENT:
+        return FileNotFound(message)
+    if err in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionRefused(message)
+    if err in (errno.EISDIR, errno.ENOTDIR, errno.EINVAL, errno.ENAMETOOLONG, errno.ELOOP):
+        return PathRefused(message)
+    if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return CapacityExhausted(message)
+    return SandboxRuntimeError(message)
+
+
+_EXEC_CODES = {
+    errno.ENOENT: "INVALID_ARGUMENT",
+    errno.ENOTDIR: "INVALID_ARGUMENT",
+    errno.EINVAL: "INVALID_ARGUMENT",
+    errno.E2BIG: "INVALID_ARGUMENT",
+    errno.ENOEXEC: "INVALID_ARGUMENT",
+    errno.ELOOP: "INVALID_ARGUMENT",
+    errno.ENAMETOOLONG: "INVALID_ARGUMENT",
+    errno.EISDIR: "INVALID_ARGUMENT",
+    errno.EACCES: "PERMISSION_DENIED",
+    errno.EPERM: "PERMISSION_DENIED",
+    errno.EAGAIN: "RESOURCE_EXHAUSTED",
+    errno.ENOMEM: "RESOURCE_EXHAUSTED",
+    errno.EMFILE: "RESOURCE_EXHAUSTED",
+    errno.ENFILE: "RESOURCE_EXHAUSTED",
+}
+
+
+def _parse_error(view: memoryview) -> tuple[int, str]:
+    err, n = _ERROR_HEAD.unpack_from(view)
+    return err, bytes(view[8 : 8 + n]).decode("utf-8", "replace")
+
+
+class _Stream:
+    """Something the supervisor sends frames for: an exec or a file transfer."""
+
+    __slots__ = ()
+
+    def _frame(self, ftype: int, view: memoryview) -> None:
+        raise NotImplementedError
+
+    def _lost(self) -> None:
+        raise NotImplementedError
+
+
+class SupervisorExec(_Stream, ExecHandle):
+    """One command started through a `SupervisorConnection`."""
+
+    __slots__ = ("_conn", "_finished", "_q", "_started", "_stdin_closed", "_waiter", "id", "pid")
+
+    def __init__(self, conn: SupervisorConnection, exec_id: int) -> None:
+        self._conn = conn
+        self.id = exec_id
+        self.pid = 0  # in the sandbox's pid namespace, once started
+        self._q: collections.deque[ExecEvent] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._started: asyncio.Future[None] = conn._loop.create_future()
+        self._finished = False  # the terminal event is queued
+        self._stdin_closed = False
+
+    # -- incoming --
+
+    def _push(self, ev: ExecEvent) -> None:
+        self._q.append(ev)
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    def _finish(self, ev: ExecExit | ExecFailed) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._conn._streams.pop(self.id, None)
+        self._push(ev)
+        if not self._started.done():
+            self._started.set_result(None)
+
+    def _frame(self, ftype: int, view: memoryview) -> None:
+        if ftype in (_STDOUT, _STDERR):
+            data = bytes(view)
+            self._conn._produced(len(data))
+            self._push(ExecOutput(ftype - 65, data))
+        elif ftype == _EXIT:
+            code, sig, timed_out, utime, stime, rss, wall = _EXIT_BODY.unpack_from(view)
+            self._finish(
+                ExecExit(code, sig, bool(timed_out), utime / 1e6, stime / 1e6, rss, wall / 1e6)
+            )
+        elif ftype == _STARTED:
+            (self.pid,) = _U32.unpack_from(view)
+            if not self._started.done():
+                self._started.set_result(None)
+        elif ftype == _ERROR:
+            err, message = _parse_error(view)
+            self._finish(ExecFailed(_EXEC_CODES.get(err, "INTERNAL"), message))
+        else:
+            raise ValueError(f"unexpected frame type {ftype} for an exec")
+
+    def _lost(self) -> None:
+        self._finish(ExecFailed("UNAVAILABLE", _LOST))
+
+    # -- ExecHandle --
+
+    async def events(self) -> AsyncIterator[ExecEvent]:
+        q = self._q
+        conn = self._conn
+        while True:
+            while q:
+                ev = q.popleft()
+                if type(ev) is ExecOutput:
+                    conn._consumed(len(ev.data))
+                    yield ev
+                else:
+                    yield ev
+                    return
+            if self._finished:  # the terminal event was taken by an earlier iteration
+                return
+            fut: asyncio.Future[None] = conn._loop.create_future()
+            self._waiter = fut
+            await fut
+
+    async def write_stdin(self, data: bytes) -> None:
+        """Sends bytes to the command's stdin; a no-op once it ended or stdin was closed."""
+        conn = self._conn
+        view = memoryview(data)
+        for i in range(0, len(view), DATA_CHUNK):
+            if self._finished or self._stdin_closed or conn.is_closed:
+                return
+            conn._send(_STDIN, self.id, view[i : i + DATA_CHUNK])
+            try:
+                await conn._drain()
+            except SandboxGone:
+                return
+
+    async def close_stdin(self) -> None:
+        if not (self._finished or self._stdin_closed or self._conn.is_closed):
+            self._stdin_closed = True
+            self._conn._send(_STDIN_EOF, self.id, b"")
+
+    async def resize(self, rows: int, cols: int) -> None:
+        if not (self._finished or self._conn.is_closed):
+            self._conn._send(_RESIZE, self.id, _HH.pack(_clamp16(rows), _clamp16(cols)))
+
+    async def signal(self, signo: int) -> None:
+        if not (self._finished or self._conn.is_closed):
+            self._conn._send(_SIGNAL, self.id, _U32.pack(signo))
+
+    async def kill(self) -> None:
+        """SIGKILLs the process group; `events()` then drops queued output and ends with
+        ExecFailed("CANCELLED")."""
+        if self._finished:
+            return
+        if not self._conn.is_closed:
+            self._conn._send(_SIGNAL, self.id, _U32.pack(signal.SIGKILL))
+        dropped = sum(len(ev.data) for ev in self._q if type(ev) is ExecOutput)
+        self._q.clear()
+        self._conn._consumed(dropped)
+        self._finish(ExecFailed("CANCELLED", "the command was killed"))
+
+
+def _clamp16(v: int) -> int:
+    return max(0, min(int(v), 0xFFFF))
+
+
+class _FileRead(_Stream):
+    """A READ_FILE in progress; iterates the file's bytes."""
+
+    __slots__ = ("_abandoned", "_conn", "_done", "_error", "_q", "_waiter", "id", "info")
+
+    def __init__(self, conn: SupervisorConnection, fid: int) -> None:
+        self._conn = conn
+        self.id = fid
+        self.info: FileInfo | None = None
+        self._q: collections.deque[bytes] = collections.deque()
+        self._done = False  # FILE_END, ERROR or connection lost
+        self._error: SandboxRuntimeError | None = None
+        self._abandoned = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    async def _wait(self) -> None:
+        fut: asyncio.Future[None] = self._conn._loop.create_future()
+        self._waiter = fut
+        await fut
+
+    def _end(self, error: SandboxRuntimeError | None) -> None:
+        self._done = True
+        self._error = error
+        self._conn._streams.pop(self.id, None)
+        self._wake()
+
+    def _frame(self, ftype: int, view: memoryview) -> None:
+        if ftype == _FILE_DATA:
+            if not self._abandoned:
+                self._conn._produced(len(view))
+                self._q.append(bytes(view))
+                self._wake()
+        elif ftype == _FILE_INFO:
+            size, mode = _FILE_INFO_BODY.unpack_from(view)
+            self.info = FileInfo(size, mode)
+            self._wake()
+        elif ftype == _FILE_END:
+            self._end(None)
+        elif ftype == _ERROR:
+            self._end(_file_error(*_parse_error(view)))
+        else:
+            raise ValueError(f"unexpected frame type {ftype} for a file read")
+
+    def _lost(self) -> None:
+        if not self._done:
+            self._end(SandboxGone(_LOST))
+
+    def __aiter__(self) -> _FileRead:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while True:
+            if self._q:
+                data = self._q.popleft()
+                self._conn._consumed(len(data))
+                return data
+            if self._done:
+                if self._error is not None:
+                    raise self._error
+                raise StopAsyncIteration
+            if self._abandoned:
+                raise StopAsyncIteration
+            await self._wait()
+
+    async def aclose(self) -> None:
+        """Stops reading: what the supervisor still sends for this file is dropped."""
+        self._abandon()
+
+    def _abandon(self) -> None:
+        if not self._abandoned:
+            self._abandoned = True
+            self._conn._consumed(sum(len(b) for b in self._q))
+            self._q.clear()
+
+    def __del__(self) -> None:
+        if not (self._abandoned or self._conn.is_closed):
+            self._abandon()
+
+
+class _FileWrite(_Stream):
+    __slots__ = ("_conn", "done", "error", "id", "written")
+
+    def __init__(self, conn: SupervisorConnection, fid: int) -> None:
+        self._conn = conn
+        self.id = fid
+        self.done: asyncio.Future[None] = conn._loop.create_future()
+        self.error: SandboxRuntimeError | None = None
+        self.written = 0
+
+    def _end(self, error: SandboxRuntimeError | None) -> None:
+        self._conn._streams.pop(self.id, None)
+        self.error = error
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def _frame(self, ftype: int, view: memoryview) -> None:
+        if ftype == _WRITE_OK:
+            (self.written,) = _U64.unpack_from(view)
+            self._end(None)
+        elif ftype == _ERROR:
+            self._end(_file_error(*_parse_error(view)))
+        else:
+            raise ValueError(f"unexpected frame type {ftype} for a file write")
+
+    def _lost(self) -> None:
+        self._end(SandboxGone(_LOST))
+
+
+class SupervisorConnection(asyncio.BufferedProtocol):
+    """A connection to one sandbox's supervisor. Create with `await SupervisorConnection.connect()`.
+
+    `closed` is an asyncio.Event set when the connection has ended (supervisor gone or `close()`).
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._streams: dict[int, _Stream] = {}
+        self._next_id = 1
+        self._hello: asyncio.Future[None] = self._loop.create_future()
+        self._pings: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._rbuf = bytearray(_RBUF_SIZE)
+        self._rview = memoryview(self._rbuf)
+        self._rstart = 0
+        self._rend = 0
+        self._queued = 0  # received bytes not yet consumed
+        self._reading_paused = False
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self.closed = asyncio.Event()
+        self.supervisor_pid = 0
+        self.protocol_version = 0
+
+    @classmethod
+    async def connect(
+        cls,
+        path: str | os.PathLike[str],
+        timeout: float = 5.0,  # noqa: ASYNC109
+    ) -> SupervisorConnection:
+        """Connects to a supervisor's control socket and waits for its HELLO."""
+        loop = asyncio.get_running_loop()
+        conn: SupervisorConnection | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await loop.create_unix_connection(cls, os.fspath(path))
+                await conn._hello
+        except (OSError, TimeoutError, SandboxGone) as e:
+            if conn is not None:
+                conn.abort()
+            raise SandboxGone(f"cannot reach the sandbox supervisor at {path}: {e!r}") from e
+        except BaseException:
+            if conn is not None:
+                conn.abort()
+            raise
+        if conn.protocol_version != PROTOCOL_VERSION:
+            conn.abort()
+            raise SandboxRuntimeError(
+                f"the sandbox supervisor at {path} speaks protocol {conn.protocol_version}, "
+                f"this service speaks {PROTOCOL_VERSION}"
+            )
+        return conn
+
+    # -- public API --
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closed.is_set()
+
+    async def exec(self, spec: ExecSpec) -> SupervisorExec:
+        """Starts a command; returns once it runs (or failed to start: then `events()` yields only
+        the ExecFailed). Raises SandboxGone if the connection is already closed."""
+        self._check_open()
+        h = SupervisorExec(self, self._new_id())
+        flags = (1 if spec.stdin else 0) | (2 if spec.tty else 0)
+        timeout_ms = 0
+        if spec.timeout_seconds > 0:
+            timeout_ms = min(max(1, math.ceil(spec.timeout_seconds * 1000)), 0xFFFFFFFF)
+        env = [f"{k}={v}" for k, v in spec.env.items()]
+        payload = b"".join(
+            (
+                _EXEC_HEAD.pack(flags, timeout_ms, _clamp16(spec.rows), _clamp16(spec.cols)),
+                _str(spec.cwd),
+                _strlist(list(spec.argv)),
+                _strlist(env),
+            )
+        )
+        if len(payload) > MAX_FRAME - 5:
+            h._finish(ExecFailed("INVALID_ARGUMENT", "command line and environment are too large"))
+            return h
+        self._streams[h.id] = h
+        self._send(_EXEC, h.id, payload)
+        try:
+            await h._started
+        except BaseException:
+            await h.kill()
+            raise
+        return h
+
+    async def read_file(self, path: str) -> tuple[FileInfo, AsyncIterator[bytes]]:
+        """Opens a regular file in the sandbox. Raises FileNotFound, PathRefused (directory, not
+        a regular file), PermissionRefused, SandboxGone."""
+        self._check_open()
+        r = _FileRead(self, self._new_id())
+        self._streams[r.id] = r
+        self._send(_READ_FILE, r.id, _str(path))
+        try:
+            while r.info is None and not r._done:
+                await r._wait()
+        except BaseException:
+            r._abandon()
+            raise
+        if r.info is None:
+            assert r._error is not None
+            raise r._error
+        return r.info, r
+
+    async def write_file(
+        self, path: str, mode: int, make_parents: bool, chunks: AsyncIterator[bytes]
+    ) -> int:
+        """Writes a file atomically (temporary file + rename). Returns the size written. If
+        `chunks` raises or the caller is cancelled, the write is aborted and leaves no file."""
+        self._check_open()
+        w = _FileWrite(self, self._new_id())
+        self._streams[w.id] = w
+        self._send(
+            _WRITE_BEGIN, w.id, _II.pack(mode & 0o7777, 1 if make_parents else 0) + _str(path)
+        )
+        ok = False
+        try:
+            it = aiter(chunks)
+            while not w.done.done():
+                # Wait for the next chunk, but stop at once if the write ends meanwhile (refused,
+                # or the connection is lost) instead of waiting for a slow producer.
+                nxt: asyncio.Future[bytes] = asyncio.ensure_future(anext(it))
+                if not nxt.done():
+                    try:
+                        await asyncio.wait((nxt, w.done), return_when=asyncio.FIRST_COMPLETED)
+                    except BaseException:
+                        nxt.cancel()
+                        raise
+                if not nxt.done():
+                    nxt.cancel()
+                    with contextlib.suppress(BaseException):
+                        await nxt
+                    break
+                try:
+                    chunk = nxt.result()
+                except StopAsyncIteration:
+                    break
+                view = memoryview(chunk)
+                for i in range(0, len(view), DATA_CHUNK):
+                    if w.done.done():
+                        break
+                    self._send(_WRITE_DATA, w.id, view[i : i + DATA_CHUNK])
+                    await self._drain()
+            if not w.done.done():
+                self._send(_WRITE_END, w.id, b"")
+            await w.done
+            if w.error is not None:
+                raise w.error
+            ok = True
+            return w.written
+        finally:
+            if not ok and not w.done.done():
+                self._streams.pop(w.id, None)
+                if not self.is_closed:
+                    self._send(_WRITE_ABORT, w.id, b"")
+
+    async def ping(self) -> None:
+        self._check_open()
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._pings.append(fut)
+        self._send(_PING, 0, b"")
+        await fut
+
+    async def terminate(self, signo: int = signal.SIGTERM) -> None:
+        """Signals the main process group (with --keepalive: makes the supervisor exit 0)."""
+        self._check_open()
+        self._send(_TERMINATE, 0, _U32.pack(signo))
+
+    async def close(self) -> None:
+        """Closes the connection (the supervisor kills this connection's running execs)."""
+        if self._transport is not None:
+            self._transport.close()
+        await self.closed.wait()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    # -- internals --
+
+    def _check_open(self) -> None:
+        if self.is_closed or self._transport is None:
+            raise SandboxGone(_LOST)
+
+    def _new_id(self) -> int:
+        while True:
+            i = self._next_id
+            self._next_id = i + 1 if i < 0xFFFFFFFF else 1
+            if i not in self._streams:
+                return i
+
+    def _send(self, ftype: int, fid: int, payload: bytes | memoryview) -> None:
+        t = self._transport
+        if t is None or self.is_closed:
+            raise SandboxGone(_LOST)
+        t.write(_HDR.pack(5 + len(payload), ftype, fid) + payload)
+
+    async def _drain(self) -> None:
+        if self._write_paused and not self.is_closed:
+            fut: asyncio.Future[None] = self._loop.create_future()
+            self._drain_waiters.append(fut)
+            await fut
+        if self.is_closed:
+            raise SandboxGone(_LOST)
+
+    def _produced(self, n: int) -> None:
+        self._queued += n
+        if self._queued > READ_PAUSE_BYTES and not self._reading_paused:
+            self._reading_paused = True
+            if self._transport is not None:
+                self._transport.pause_reading()
+
+    def _consumed(self, n: int) -> None:
+        self._queued -= n
+        if self._reading_paused and self._queued < READ_RESUME_BYTES:
+            self._reading_paused = False
+            if self._transport is not None and not self.is_closed:
+                self._transport.resume_reading()
+
+    def _protocol_error(self, why: str) -> None:
+        log.error("supervisor protocol error: %s; closing the connection", why)
+        if self._transport is not None:
+            self._transport.abort()
+
+    # -- asyncio.BufferedProtocol --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        start, end = self._rstart, self._rend
+        if start == end:
+            self._rstart = self._rend = end = 0
+        elif _RBUF_SIZE - end < _RBUF_MIN_FREE:
+            n = end - start
+            self._rbuf[0:n] = self._rbuf[start:end]  # same size: allowed despite our memoryview
+            self._rstart = 0
+            self._rend = end = n
+        return self._rview[end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._rend += nbytes
+        buf, view, streams = self._rbuf, self._rview, self._streams
+        pos, end = self._rstart, self._rend
+        unpack = _HDR.unpack_from
+        try:
+            while end - pos >= 9:
+                length, ftype, fid = unpack(buf, pos)
+                if length < 5 or length > MAX_FRAME:
+                    return self._protocol_error(f"bad frame length {length}")
+                fend = pos + 4 + length
+                if fend > end:
+                    break
+                body = view[pos + 9 : fend]
+                pos = fend
+                if fid:
+                    s = streams.get(fid)
+                    if s is not None:
+                        s._frame(ftype, body)
+                elif ftype == _PONG:
+                    if self._pings:
+                        fut = self._pings.popleft()
+                        if not fut.done():
+                            fut.set_result(None)
+                elif ftype == _HELLO:
+                    self.protocol_version, self.supervisor_pid = _II.unpack_from(body)
+                    if not self._hello.done():
+                        self._hello.set_result(None)
+                else:
+                    return self._protocol_error(f"unexpected frame type {ftype} for id 0")
+        except (struct.error, ValueError) as e:
+            return self._protocol_error(str(e))
+        finally:
+            self._rstart = pos
+
+    def eof_received(self) -> bool:
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed.set()
+        for s in list(self._streams.values()):
+            s._lost()
+        self._streams.clear()
+        gone = SandboxGone(_LOST)
+        for fut in [self._hello, *self._pings, *self._drain_waiters]:
+            if not fut.done():
+                fut.set_exception(gone)
+                fut.exception()  # retrieved: no "never retrieved" warning if nobody awaits
+        self._pings.clear()
+        self._drain_waiters.clear()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.is_closed else "open"
+        return (
+            f"<SupervisorConnection pid={self.supervisor_pid} {state} streams={len(self._streams)}>"
+        )

@@ -1,0 +1,1379 @@
+/*
+ * aviato-supervisor: PID 1 of an aviato sandbox.
+ *
+ * Implements docs/internals/supervisor-protocol.md. In short: it runs the sandbox's main process
+ * (its output goes to the main log on fd 4, its exit status to the exit file on fd 5), accepts
+ * service connections on the listening socket fd 3, and on each connection runs commands (exec)
+ * and moves files in and out. Everything is driven by one single-threaded epoll loop: nothing in
+ * here may block for long, and nothing a client sends may crash it (a malformed frame closes the
+ * connection that sent it).
+ *
+ * A second mode, `--launch`, runs on the host before bubblewrap: it joins cgroups, starts a new
+ * session and execs the given program, so the whole sandbox starts inside its cgroups.
+ *
+ * C11 + Linux/glibc, no other dependencies. Build: cc -std=c11 -O2 -static -o aviato-supervisor.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---- Constants ------------------------------------------------------------------------- */
+
+#define PROTOCOL_VERSION 1
+#define HDR 9                          /* u32 length | u8 type | u32 id */
+#define MAX_FRAME (1024 * 1024 + 64)   /* largest allowed value of the length field */
+#define OUT_HIGH (4u << 20)            /* queued output above which command pipes are not read */
+#define OUT_LOW (1u << 20)             /* ... and below which they are read again */
+#define STDIN_HIGH (1u << 20)          /* queued stdin above which the connection is not read */
+#define STDIN_LOW (256u << 10)         /* ... and below which it is read again */
+#define PIPE_CHUNK (64 * 1024)         /* one read of a command pipe = one STDOUT/STDERR frame */
+#define FILE_CHUNK (256 * 1024)        /* FILE_DATA size */
+#define LOG_LIMIT (64ull << 20)        /* main log size limit */
+#define LOG_HDR 13                     /* u64 time_ns | u8 stream | u32 length */
+#define LINGER_NS (100ull * 1000000)   /* wait this long for pipe EOF after a process exited */
+#define DRAIN_MAX (4u << 20)           /* at most this much is drained from pipes at linger end */
+#define NS 1000000000ull
+
+enum { F_EXEC = 1, F_STDIN, F_STDIN_EOF, F_RESIZE, F_SIGNAL, F_READ_FILE, F_WRITE_BEGIN,
+       F_WRITE_DATA, F_WRITE_END, F_WRITE_ABORT, F_PING, F_TERMINATE };
+enum { F_HELLO = 64, F_STARTED, F_STDOUT, F_STDERR, F_EXIT, F_ERROR, F_FILE_INFO, F_FILE_DATA,
+       F_FILE_END, F_WRITE_OK, F_PONG };
+enum { EXEC_STDIN = 1, EXEC_TTY = 2 };
+enum { STAGE_SETUP = 1, STAGE_CWD = 2, STAGE_EXEC = 3 }; /* where a child failed before exec */
+
+/* What an epoll registration refers to. */
+enum wkind { W_LISTEN, W_SIGNAL, W_CONN, W_OUT, W_ERR, W_START, W_STDIN, W_MAIN_OUT, W_MAIN_ERR };
+
+/* ---- Data structures ------------------------------------------------------------------- */
+
+/* An fd in the epoll set. `events` is what is registered (0: not registered). */
+struct watch {
+    int fd;
+    uint32_t events;
+    enum wkind kind;
+    void *obj;
+};
+
+/* A byte queue: data[off, len) is pending. */
+struct buf {
+    uint8_t *d;
+    size_t off, len, cap;
+};
+
+struct conn;
+
+struct exec {
+    uint32_t id;
+    struct conn *c;
+    struct exec *next;             /* in c->execs */
+    pid_t pid;
+    char *name, *cwd;              /* argv[0] and cwd, for error messages */
+    int running;                   /* 0 while waiting for the child's exec() to succeed */
+    int tty;
+    struct watch w_out, w_err;     /* stdout, stderr pipes (tty: w_out is the pty master) */
+    struct watch w_start;          /* CLOEXEC pipe: EOF = exec succeeded, data = failure */
+    struct watch w_in;             /* stdin pipe (tty: a dup of the master), -1 if none */
+    struct buf inq;                /* stdin not yet written */
+    int in_eof;                    /* STDIN_EOF received, close when inq is drained */
+    int reaped, status, timed_out;
+    struct rusage ru;
+    uint64_t t_start, t_end, deadline, linger;
+    struct exec *gnext;            /* graveyard */
+};
+
+struct rfile {                     /* a READ_FILE in progress */
+    uint32_t id;
+    int fd;
+    struct rfile *next;
+};
+
+struct wfile {                     /* a WRITE_BEGIN..END in progress */
+    uint32_t id;
+    int fd;
+    uint64_t written;
+    char *path, *tmp;
+    struct wfile *next;
+};
+
+struct conn {
+    struct watch w;
+    int dead;
+    int throttled;                 /* output queue is full: command pipes/file reads paused */
+    struct exec *rpause;           /* exec whose full stdin queue stops reading frames */
+    int reprocess;                 /* rpause ended: handle buffered frames */
+    int blocked;                   /* the socket is full: waiting for EPOLLOUT */
+    uint8_t *in;
+    size_t in_len, in_cap;
+    struct buf out;
+    struct exec *execs;
+    struct rfile *reads;
+    struct wfile *writes;
+    struct conn *next, *gnext;
+};
+
+/* Global state (single-threaded). */
+static int g_ep = -1;
+static struct watch g_listen = {-1, 0, W_LISTEN, NULL}, g_sig = {-1, 0, W_SIGNAL, NULL};
+static uint64_t g_listen_resume;
+static struct conn *g_conns, *g_dead_conns;
+static struct exec *g_dead_execs;
+static int g_log_fd = -1, g_exit_fd = -1;
+static uint64_t g_log_size;
+static int g_log_stopped;
+static int g_keepalive;
+static struct {
+    pid_t pid;
+    int reaped, status;
+    uint64_t end_real, linger;
+    struct watch w_out, w_err;
+} g_main = {0, 0, 0, 0, 0, {-1, 0, W_MAIN_OUT, NULL}, {-1, 0, W_MAIN_ERR, NULL}};
+
+/* ---- Small helpers --------------------------------------------------------------------- */
+
+static void die(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("aviato-supervisor: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    _exit(125);
+}
+
+static void *xrealloc(void *p, size_t n) {
+    void *q = realloc(p, n ? n : 1);
+    if (!q) die("out of memory");
+    return q;
+}
+
+static uint64_t clock_ns(clockid_t id) {
+    struct timespec ts;
+    clock_gettime(id, &ts);
+    return (uint64_t)ts.tv_sec * NS + (uint64_t)ts.tv_nsec;
+}
+#define now_mono() clock_ns(CLOCK_MONOTONIC)
+#define now_real() clock_ns(CLOCK_REALTIME)
+
+static void put32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }
+static void put64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
+static uint32_t get32(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static int set_nonblock(int fd) {
+    int fl = fcntl(fd, F_GETFL);
+    return fl < 0 ? -1 : fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+static int write_all(int fd, const void *p, size_t n) {
+    const uint8_t *b = p;
+    while (n > 0) {
+        ssize_t w = write(fd, b, n);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return -1;
+        b += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* Writes a decimal number to a file such as cgroup.procs or /proc/self/oom_score_adj. */
+static int write_number_file(const char *path, long v) {
+    char s[32];
+    int n = snprintf(s, sizeof s, "%ld\n", v);
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    int r = write_all(fd, s, (size_t)n);
+    int e = errno;
+    close(fd);
+    errno = e;
+    return r;
+}
+
+/* epoll registration: add, modify or remove so that `ev` is what is watched. */
+static void watch_set(struct watch *w, uint32_t ev) {
+    if (w->fd < 0 || w->events == ev) return;
+    struct epoll_event e = {.events = ev, .data.ptr = w};
+    int op = !w->events ? EPOLL_CTL_ADD : !ev ? EPOLL_CTL_DEL : EPOLL_CTL_MOD;
+    if (epoll_ctl(g_ep, op, w->fd, &e) < 0) die("epoll_ctl: %s", strerror(errno));
+    w->events = ev;
+}
+
+/* Unregister (before close: a forked child may still hold the same open file) and close. */
+static void watch_close(struct watch *w) {
+    if (w->fd < 0) return;
+    watch_set(w, 0);
+    close(w->fd);
+    w->fd = -1;
+}
+
+static void watch_init(struct watch *w, int fd, enum wkind kind, void *obj) {
+    w->fd = fd;
+    w->events = 0;
+    w->kind = kind;
+    w->obj = obj;
+}
+
+/* Byte queues. buf_reserve returns room for n bytes at the end; buf_commit appends them. */
+static size_t buf_pending(const struct buf *b) { return b->len - b->off; }
+
+static uint8_t *buf_reserve(struct buf *b, size_t n) {
+    if (b->off == b->len) b->off = b->len = 0;
+    if (b->cap - b->len < n && b->off > 0) {
+        memmove(b->d, b->d + b->off, b->len - b->off);
+        b->len -= b->off;
+        b->off = 0;
+    }
+    if (b->cap - b->len < n) {
+        size_t cap = b->cap ? b->cap : 16384;
+        while (cap - b->len < n) cap *= 2;
+        b->d = xrealloc(b->d, cap);
+        b->cap = cap;
+    }
+    return b->d + b->len;
+}
+
+static void buf_commit(struct buf *b, size_t n) { b->len += n; }
+
+static void buf_free(struct buf *b) {
+    free(b->d);
+    memset(b, 0, sizeof *b);
+}
+
+/* ---- Outgoing frames ------------------------------------------------------------------- */
+
+/* Room for a frame with up to `maxpayload` bytes; returns where the payload goes. */
+static uint8_t *frame_begin(struct conn *c, size_t maxpayload) {
+    return buf_reserve(&c->out, HDR + maxpayload) + HDR;
+}
+
+static void frame_end(struct conn *c, uint8_t type, uint32_t id, size_t n) {
+    uint8_t *h = c->out.d + c->out.len;
+    put32(h, (uint32_t)(5 + n));
+    h[4] = type;
+    put32(h + 5, id);
+    buf_commit(&c->out, HDR + n);
+}
+
+static void send_frame(struct conn *c, uint8_t type, uint32_t id, const void *p, size_t n) {
+    if (c->dead) return;
+    uint8_t *d = frame_begin(c, n);
+    if (n) memcpy(d, p, n);
+    frame_end(c, type, id, n);
+}
+
+static void send_u32(struct conn *c, uint8_t type, uint32_t id, uint32_t v) {
+    uint8_t p[4];
+    put32(p, v);
+    send_frame(c, type, id, p, 4);
+}
+
+/* ERROR: i32 errno | str message. Terminal for `id`. */
+static void send_error(struct conn *c, uint32_t id, int err, const char *fmt, ...) {
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (n < 0) n = 0;
+    if ((size_t)n >= sizeof msg) n = sizeof msg - 1;
+    uint8_t *d = frame_begin(c, 8 + (size_t)n);
+    put32(d, (uint32_t)err);
+    put32(d + 4, (uint32_t)n);
+    memcpy(d + 8, msg, (size_t)n);
+    frame_end(c, F_ERROR, id, 8 + (size_t)n);
+}
+
+/* ---- Execs ----------------------------------------------------------------------------- */
+
+static void conn_check_throttle(struct conn *c);
+static int id_in_use(struct conn *c, uint32_t id);
+static void conn_update_events(struct conn *c);
+
+static struct exec *exec_find(struct conn *c, uint32_t id) {
+    for (struct exec *e = c->execs; e; e = e->next)
+        if (e->id == id) return e;
+    return NULL;
+}
+
+static struct exec *exec_by_pid(pid_t pid) {
+    for (struct conn *c = g_conns; c; c = c->next)
+        for (struct exec *e = c->execs; e; e = e->next)
+            if (e->pid == pid) return e;
+    return NULL;
+}
+
+/* SIGKILL (or another signal) to the command's process group, and to the child itself in case
+ * it has not called setsid() yet. */
+static void exec_kill(struct exec *e, int sig) {
+    if (e->pid <= 0) return;
+    if (kill(-e->pid, sig) < 0 && !e->reaped) kill(e->pid, sig);
+}
+
+/* Pipes are read only while the command runs and the connection's output queue has room. */
+static void exec_update_streams(struct exec *e) {
+    uint32_t ev = (e->running && !e->c->throttled) ? EPOLLIN : 0;
+    watch_set(&e->w_out, ev);
+    watch_set(&e->w_err, ev);
+}
+
+/* Reading frames resumes once the exec whose stdin was full has drained (or gone). */
+static void exec_release_rpause(struct exec *e) {
+    struct conn *c = e->c;
+    if (c->rpause != e) return;
+    c->rpause = NULL;
+    c->reprocess = 1; /* frames already buffered are handled by the loop */
+    conn_update_events(c);
+}
+
+static void exec_free(struct exec *e) {
+    struct conn *c = e->c;
+    for (struct exec **pp = &c->execs; *pp; pp = &(*pp)->next)
+        if (*pp == e) {
+            *pp = e->next;
+            break;
+        }
+    watch_close(&e->w_out);
+    watch_close(&e->w_err);
+    watch_close(&e->w_start);
+    watch_close(&e->w_in);
+    buf_free(&e->inq);
+    free(e->name), free(e->cwd);
+    e->name = e->cwd = NULL;
+    e->gnext = g_dead_execs; /* freed at the end of this loop iteration */
+    g_dead_execs = e;
+    exec_release_rpause(e);
+}
+
+static void exec_close_stdin(struct exec *e) {
+    watch_close(&e->w_in);
+    e->inq.off = e->inq.len = 0;
+    exec_release_rpause(e);
+}
+
+/* Writes queued stdin; called on STDIN frames and when the pipe is writable again. */
+static void exec_flush_stdin(struct exec *e) {
+    while (e->w_in.fd >= 0 && buf_pending(&e->inq) > 0) {
+        ssize_t n = write(e->w_in.fd, e->inq.d + e->inq.off, buf_pending(&e->inq));
+        if (n > 0) e->inq.off += (size_t)n;
+        else if (n < 0 && errno == EINTR) continue;
+        else if (n < 0 && errno == EAGAIN) break;
+        else return exec_close_stdin(e); /* EPIPE, EIO: the command stopped reading stdin */
+    }
+    if (e->w_in.fd < 0) return;
+    if (buf_pending(&e->inq)) {
+        watch_set(&e->w_in, EPOLLOUT);
+    } else {
+        watch_set(&e->w_in, 0);
+        if (e->in_eof && !e->tty) return exec_close_stdin(e);
+    }
+    if (buf_pending(&e->inq) < STDIN_LOW) exec_release_rpause(e);
+}
+
+static void exec_stdin(struct exec *e, const uint8_t *p, size_t n) {
+    if (e->w_in.fd < 0 || e->in_eof || n == 0) return;
+    memcpy(buf_reserve(&e->inq, n), p, n);
+    buf_commit(&e->inq, n);
+    exec_flush_stdin(e);
+    if (e->w_in.fd >= 0 && buf_pending(&e->inq) > STDIN_HIGH && !e->c->rpause) {
+        e->c->rpause = e;
+        conn_update_events(e->c);
+    }
+}
+
+/* STDIN_EOF: close the pipe, or on a tty send the terminal's EOF character (^D). */
+static void exec_stdin_eof(struct exec *e) {
+    if (e->w_in.fd < 0 || e->in_eof) return;
+    if (e->tty) {
+        struct termios t;
+        uint8_t ch = 4;
+        if (tcgetattr(e->w_in.fd, &t) == 0 && t.c_cc[VEOF] != _POSIX_VDISABLE) ch = t.c_cc[VEOF];
+        exec_stdin(e, &ch, 1);
+    }
+    e->in_eof = 1;
+    exec_flush_stdin(e);
+}
+
+/* EXIT: i32 exit_code | i32 signal | u8 timed_out | u64 utime_us | stime_us | maxrss | wall_us */
+static void exec_send_exit(struct exec *e) {
+    int code = 0, sig = 0;
+    if (WIFEXITED(e->status)) code = WEXITSTATUS(e->status);
+    else if (WIFSIGNALED(e->status)) sig = WTERMSIG(e->status), code = 128 + sig;
+    uint8_t *d = frame_begin(e->c, 41);
+    put32(d, (uint32_t)code);
+    put32(d + 4, (uint32_t)sig);
+    d[8] = (uint8_t)e->timed_out;
+    put64(d + 9, (uint64_t)e->ru.ru_utime.tv_sec * 1000000 + (uint64_t)e->ru.ru_utime.tv_usec);
+    put64(d + 17, (uint64_t)e->ru.ru_stime.tv_sec * 1000000 + (uint64_t)e->ru.ru_stime.tv_usec);
+    put64(d + 25, (uint64_t)e->ru.ru_maxrss * 1024);
+    put64(d + 33, (e->t_end - e->t_start) / 1000);
+    frame_end(e->c, F_EXIT, e->id, 41);
+}
+
+/* The exec is complete when the process is reaped and its pipes reached EOF, or when it was
+ * reaped LINGER_NS ago (a background process may keep the pipes open forever). */
+static void exec_maybe_finish(struct exec *e) {
+    if (!e->reaped || !e->running) return;
+    if (e->w_out.fd >= 0 || e->w_err.fd >= 0) {
+        if (!e->linger) e->linger = now_mono() + LINGER_NS;
+        return;
+    }
+    exec_send_exit(e);
+    exec_free(e);
+}
+
+static void exec_read_stream(struct exec *e, struct watch *w) {
+    struct conn *c = e->c;
+    uint8_t *p = frame_begin(c, PIPE_CHUNK);
+    ssize_t n = read(w->fd, p, PIPE_CHUNK);
+    if (n > 0) {
+        frame_end(c, w->kind == W_OUT ? F_STDOUT : F_STDERR, e->id, (size_t)n);
+        conn_check_throttle(c);
+    } else if (n == 0 || (errno != EAGAIN && errno != EINTR)) { /* EOF; EIO on a pty */
+        watch_close(w);
+        exec_maybe_finish(e);
+    }
+}
+
+/* At the end of the linger time: take what is left in the pipes, then finish. */
+static void exec_drain_and_finish(struct exec *e) {
+    struct watch *ws[2] = {&e->w_out, &e->w_err};
+    for (int i = 0; i < 2; i++) {
+        size_t total = 0;
+        while (ws[i]->fd >= 0 && total < DRAIN_MAX) {
+            uint8_t *p = frame_begin(e->c, PIPE_CHUNK);
+            ssize_t n = read(ws[i]->fd, p, PIPE_CHUNK);
+            if (n <= 0) break;
+            frame_end(e->c, i == 0 ? F_STDOUT : F_STDERR, e->id, (size_t)n);
+            total += (size_t)n;
+        }
+        watch_close(ws[i]);
+    }
+    exec_maybe_finish(e);
+}
+
+/* The child's exec() succeeded (start pipe EOF) or failed (start pipe has {stage, errno}).
+ * `force`: the child is already reaped, so an empty pipe means success. */
+static void exec_check_start(struct exec *e, int force) {
+    int rep[2];
+    ssize_t n = read(e->w_start.fd, rep, sizeof rep);
+    if (n < 0 && errno == EAGAIN && !force) return; /* a sibling's fork still holds the pipe */
+    watch_close(&e->w_start);
+    if (n == (ssize_t)sizeof rep) { /* the child _exit()s by itself and is reaped anonymously */
+        const char *err = strerror(rep[1]);
+        if (rep[0] == STAGE_EXEC && rep[1] == ENOENT)
+            send_error(e->c, e->id, ENOENT, "executable '%s' not found", e->name);
+        else if (rep[0] == STAGE_EXEC)
+            send_error(e->c, e->id, rep[1], "cannot execute '%s': %s", e->name, err);
+        else if (rep[0] == STAGE_CWD)
+            send_error(e->c, e->id, rep[1], "working directory '%s': %s", e->cwd, err);
+        else
+            send_error(e->c, e->id, rep[1], "cannot set up the command: %s", err);
+        return exec_free(e);
+    }
+    e->running = 1;
+    send_u32(e->c, F_STARTED, e->id, (uint32_t)e->pid);
+    exec_update_streams(e);
+    exec_maybe_finish(e);
+}
+
+/* ---- Starting processes ---------------------------------------------------------------- */
+
+struct child_spec {
+    char **argv, **envp;     /* envp NULL: the supervisor's own environment */
+    const char *cwd;         /* NULL: inherit */
+    int in_fd, out_fd, err_fd; /* -1 for stdin: /dev/null */
+    int tty_fd;              /* pty slave: becomes the controlling terminal */
+    int report_fd;           /* start pipe, -1 for the main process (errors go to stderr) */
+};
+
+static void child_fail(const struct child_spec *s, int stage, int err) {
+    if (s->report_fd >= 0) {
+        int rep[2] = {stage, err};
+        write_all(s->report_fd, rep, sizeof rep);
+    } else {
+        dprintf(2, "aviato: cannot start '%s': %s\n", s->argv[0], strerror(err));
+    }
+    _exit(127);
+}
+
+static const char *env_get(char **envp, const char *key) {
+    size_t k = strlen(key);
+    for (; envp && *envp; envp++)
+        if (!strncmp(*envp, key, k) && (*envp)[k] == '=') return *envp + k + 1;
+    return NULL;
+}
+
+/* execve(); a file without #! (ENOEXEC) runs with /bin/sh, as execvp() does. */
+static void exec_file(const char *file, char **argv, char **envp) {
+    execve(file, argv, envp);
+    if (errno != ENOEXEC) return;
+    int argc = 0;
+    while (argv[argc]) argc++;
+    char **shv = malloc(sizeof(char *) * ((size_t)argc + 2));
+    if (!shv) return (void)(errno = ENOEXEC);
+    shv[0] = "sh", shv[1] = (char *)file;
+    memcpy(shv + 2, argv + 1, sizeof(char *) * (size_t)argc);
+    execve("/bin/sh", shv, envp);
+    errno = ENOEXEC;
+}
+
+/* execvp() semantics, but searching the PATH of the *given* environment. Returns on failure. */
+static void exec_path(char **argv, char **envp) {
+    const char *file = argv[0];
+    if (strchr(file, '/')) return exec_file(file, argv, envp);
+    const char *path = env_get(envp, "PATH");
+    if (!path) path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    int saw_eacces = 0;
+    char full[PATH_MAX];
+    for (const char *p = path;; p++) {
+        const char *end = strchrnul(p, ':'), *dir = p;
+        size_t dl = (size_t)(end - p);
+        if (dl == 0) dir = ".", dl = 1; /* an empty entry means the current directory */
+        if (dl + 2 + strlen(file) <= sizeof full) {
+            memcpy(full, dir, dl);
+            full[dl] = '/';
+            strcpy(full + dl + 1, file);
+            exec_file(full, argv, envp);
+            if (errno == EACCES) saw_eacces = 1;
+            else if (errno != ENOENT && errno != ENOTDIR && errno != ENAMETOOLONG &&
+                     errno != ELOOP)
+                return;
+        }
+        if (!*end) break;
+        p = end;
+    }
+    errno = saw_eacces ? EACCES : ENOENT;
+}
+
+/* Runs in the forked child: new session, stdio, oom_score_adj, cwd, then exec. */
+static void child_run(const struct child_spec *s) {
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL); /* all other dispositions are SIG_DFL already */
+    signal(SIGPIPE, SIG_DFL);
+    if (setsid() < 0) child_fail(s, STAGE_SETUP, errno);
+    int in = s->in_fd;
+    if (s->tty_fd >= 0) {
+        if (ioctl(s->tty_fd, TIOCSCTTY, 0) < 0) child_fail(s, STAGE_SETUP, errno);
+    }
+    if (in < 0 && (in = open("/dev/null", O_RDONLY | O_CLOEXEC)) < 0)
+        child_fail(s, STAGE_SETUP, errno);
+    if (dup2(in, 0) < 0 || dup2(s->out_fd, 1) < 0 || dup2(s->err_fd, 2) < 0)
+        child_fail(s, STAGE_SETUP, errno);
+    write_number_file("/proc/self/oom_score_adj", 1000); /* best effort */
+    if (s->cwd && chdir(s->cwd) < 0) child_fail(s, STAGE_CWD, errno);
+    exec_path(s->argv, s->envp ? s->envp : environ);
+    child_fail(s, STAGE_EXEC, errno);
+}
+
+/* ---- Incoming frames ------------------------------------------------------------------- */
+
+/* A cursor over a payload. Any read past the end sets `bad` (the frame is malformed). */
+struct rd {
+    const uint8_t *p;
+    size_t n;
+    int bad;
+};
+
+static uint32_t rd_u32(struct rd *r) {
+    if (r->n < 4) { r->bad = 1; return 0; }
+    uint32_t v = get32(r->p);
+    r->p += 4, r->n -= 4;
+    return v;
+}
+
+static uint16_t rd_u16(struct rd *r) {
+    if (r->n < 2) { r->bad = 1; return 0; }
+    uint16_t v = (uint16_t)(r->p[0] | r->p[1] << 8);
+    r->p += 2, r->n -= 2;
+    return v;
+}
+
+/* A str as a new NUL-terminated string; *nul is set if it contains a NUL byte. */
+static char *rd_str(struct rd *r, int *nul) {
+    uint32_t len = rd_u32(r);
+    if (r->bad || len > r->n) { r->bad = 1; return NULL; }
+    char *s = xrealloc(NULL, (size_t)len + 1);
+    memcpy(s, r->p, len);
+    s[len] = 0;
+    if (memchr(s, 0, len)) *nul = 1;
+    r->p += len, r->n -= len;
+    return s;
+}
+
+/* A list<str> as a NULL-terminated array. */
+static char **rd_strlist(struct rd *r, int *nul, size_t *count) {
+    uint32_t k = rd_u32(r);
+    if (r->bad || k > r->n / 4) { r->bad = 1; return NULL; }
+    char **v = xrealloc(NULL, sizeof(char *) * ((size_t)k + 1));
+    size_t i = 0;
+    for (; i < k && !r->bad; i++) v[i] = rd_str(r, nul);
+    if (r->bad) i--;   /* the last one failed and is NULL */
+    v[i] = NULL;
+    *count = i;
+    return v;
+}
+
+static void strlist_free(char **v) {
+    for (size_t i = 0; v && v[i]; i++) free(v[i]);
+    free(v);
+}
+
+/* The supervisor's environment overridden by `extra` ("K=V"; a later duplicate wins). */
+static char **merge_env(char **extra, size_t nextra) {
+    size_t n = 0;
+    while (environ[n]) n++;
+    char **out = xrealloc(NULL, sizeof(char *) * (n + nextra + 1));
+    size_t k = 0;
+    for (size_t i = 0; i < n + nextra; i++) {
+        char *s = i < n ? environ[i] : extra[i - n];
+        size_t kl = strcspn(s, "=");
+        int shadowed = 0;
+        for (size_t j = (i < n ? 0 : i - n + 1); j < nextra && !shadowed; j++)
+            shadowed = !strncmp(extra[j], s, kl) && extra[j][kl] == '=';
+        if (!shadowed) out[k++] = s;
+    }
+    out[k] = NULL;
+    return out;
+}
+
+/* EXEC: u32 flags | u32 timeout_ms | u16 rows | u16 cols | str cwd | list argv | list env */
+static void do_exec(struct conn *c, uint32_t id, struct rd *r) {
+    int nul = 0;
+    size_t argc = 0, envc = 0;
+    uint32_t flags = rd_u32(r);
+    uint32_t timeout_ms = rd_u32(r);
+    struct winsize ws = {0};
+    ws.ws_row = rd_u16(r);
+    ws.ws_col = rd_u16(r);
+    char *cwd = rd_str(r, &nul);
+    char **argv = r->bad ? NULL : rd_strlist(r, &nul, &argc);
+    char **env = r->bad ? NULL : rd_strlist(r, &nul, &envc);
+    char **envp = NULL;
+    int fds[8] = {-1, -1, -1, -1, -1, -1, -1, -1}; /* out r/w, err r/w, in r/w, start r/w */
+    int master = -1, slave = -1;
+    struct exec *e = NULL;
+    if (r->bad) { /* malformed: close the connection */
+        free(cwd), strlist_free(argv), strlist_free(env);
+        return (void)(c->dead = -1);
+    }
+    if (id_in_use(c, id)) {
+        send_error(c, id, EEXIST, "id %u is already in use", id);
+        goto out;
+    }
+    if (argc == 0 || nul) {
+        send_error(c, id, EINVAL, argc ? "argument or environment contains a NUL byte"
+                                        : "empty command");
+        goto out;
+    }
+    for (size_t i = 0; i < envc; i++)
+        if (!strchr(env[i], '=') || env[i][0] == '=') {
+            send_error(c, id, EINVAL, "invalid environment entry '%s' (expected K=V)", env[i]);
+            goto out;
+        }
+    envp = envc ? merge_env(env, envc) : NULL;
+    if (pipe2(fds + 6, O_CLOEXEC) < 0) goto fail;
+    if (flags & EXEC_TTY) {
+        char name[128];
+        if ((master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0 || grantpt(master) < 0 ||
+            unlockpt(master) < 0 || ptsname_r(master, name, sizeof name) != 0 ||
+            (slave = open(name, O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0)
+            goto fail;
+        if (ws.ws_row && ws.ws_col) ioctl(slave, TIOCSWINSZ, &ws);
+    } else {
+        if (pipe2(fds, O_CLOEXEC) < 0 || pipe2(fds + 2, O_CLOEXEC) < 0) goto fail;
+        if ((flags & EXEC_STDIN) && pipe2(fds + 4, O_CLOEXEC) < 0) goto fail;
+    }
+    struct child_spec cs = {
+        .argv = argv, .envp = envp, .cwd = cwd[0] ? cwd : NULL,
+        .in_fd = slave >= 0 ? slave : fds[4], .out_fd = slave >= 0 ? slave : fds[1],
+        .err_fd = slave >= 0 ? slave : fds[3], .tty_fd = slave, .report_fd = fds[7],
+    };
+    uint64_t t0 = now_mono();
+    pid_t pid = fork();
+    if (pid < 0) goto fail;
+    if (pid == 0) child_run(&cs);
+
+    e = xrealloc(NULL, sizeof *e);
+    memset(e, 0, sizeof *e);
+    e->id = id, e->c = c, e->pid = pid, e->t_start = t0, e->tty = slave >= 0;
+    e->name = strdup(argv[0]), e->cwd = cwd, cwd = NULL;
+    if (timeout_ms) e->deadline = t0 + (uint64_t)timeout_ms * 1000000;
+    if (e->tty) {
+        int in = dup(master);
+        if (in >= 0) fcntl(in, F_SETFD, FD_CLOEXEC), set_nonblock(in);
+        watch_init(&e->w_out, master, W_OUT, e);
+        watch_init(&e->w_in, in, W_STDIN, e);
+        master = -1;
+    } else {
+        watch_init(&e->w_out, fds[0], W_OUT, e);
+        watch_init(&e->w_in, fds[5], W_STDIN, e);
+        fds[0] = fds[5] = -1;
+    }
+    watch_init(&e->w_err, fds[2], W_ERR, e);
+    watch_init(&e->w_start, fds[6], W_START, e);
+    fds[2] = fds[6] = -1;
+    set_nonblock(e->w_out.fd);
+    if (e->w_err.fd >= 0) set_nonblock(e->w_err.fd);
+    if (e->w_in.fd >= 0) set_nonblock(e->w_in.fd);
+    set_nonblock(e->w_start.fd);
+    e->next = c->execs;
+    c->execs = e;
+    watch_set(&e->w_start, EPOLLIN);
+    goto out;
+fail:
+    send_error(c, id, errno, "cannot start the command: %s", strerror(errno));
+out:
+    for (int i = 0; i < 8; i++)
+        if (fds[i] >= 0) close(fds[i]);
+    if (master >= 0) close(master);
+    if (slave >= 0) close(slave);
+    free(cwd), free(envp), strlist_free(argv), strlist_free(env);
+}
+
+/* ---- files ---- */
+
+static struct rfile **rfile_find(struct conn *c, uint32_t id) {
+    struct rfile **pp = &c->reads;
+    while (*pp && (*pp)->id != id) pp = &(*pp)->next;
+    return pp;
+}
+
+static struct wfile **wfile_find(struct conn *c, uint32_t id) {
+    struct wfile **pp = &c->writes;
+    while (*pp && (*pp)->id != id) pp = &(*pp)->next;
+    return pp;
+}
+
+static int id_in_use(struct conn *c, uint32_t id) {
+    return exec_find(c, id) || *rfile_find(c, id) || *wfile_find(c, id);
+}
+
+/* Streams pending file reads into the output queue until it is full. */
+static void conn_pump_reads(struct conn *c) {
+    while (c->reads && !c->throttled && !c->dead) {
+        struct rfile *f = c->reads;
+        uint8_t *p = frame_begin(c, FILE_CHUNK);
+        ssize_t n = read(f->fd, p, FILE_CHUNK);
+        if (n < 0 && errno == EINTR) continue;
+        if (n > 0) {
+            frame_end(c, F_FILE_DATA, f->id, (size_t)n);
+            conn_check_throttle(c);
+            continue;
+        }
+        if (n == 0) send_frame(c, F_FILE_END, f->id, NULL, 0);
+        else send_error(c, f->id, errno, "read failed: %s", strerror(errno));
+        c->reads = f->next;
+        close(f->fd);
+        free(f);
+    }
+}
+
+/* READ_FILE: str path → FILE_INFO, FILE_DATA..., FILE_END (or ERROR). */
+static void do_read_file(struct conn *c, uint32_t id, struct rd *r) {
+    int nul = 0;
+    char *path = rd_str(r, &nul);
+    if (r->bad) return (void)(c->dead = -1);
+    struct stat st;
+    int fd = -1;
+    if (id_in_use(c, id)) {
+        send_error(c, id, EEXIST, "id %u is already in use", id);
+    } else if (nul || !path[0]) {
+        send_error(c, id, EINVAL, "invalid path");
+    } else if ((fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK)) < 0 ||
+               fstat(fd, &st) < 0) {
+        send_error(c, id, errno, "%s: %s", path, strerror(errno));
+    } else if (S_ISDIR(st.st_mode)) {
+        send_error(c, id, EISDIR, "%s: is a directory", path);
+    } else if (!S_ISREG(st.st_mode)) {
+        send_error(c, id, EINVAL, "%s: not a regular file", path);
+    } else {
+        uint8_t info[12];
+        put64(info, (uint64_t)st.st_size);
+        put32(info + 8, st.st_mode & 07777);
+        send_frame(c, F_FILE_INFO, id, info, sizeof info);
+        struct rfile *f = xrealloc(NULL, sizeof *f);
+        *f = (struct rfile){.id = id, .fd = fd, .next = NULL};
+        *rfile_find(c, id) = f; /* append: reads are served in order */
+        fd = -1;
+        conn_pump_reads(c);
+    }
+    if (fd >= 0) close(fd);
+    free(path);
+}
+
+/* mkdir -p */
+static int make_dirs(const char *dir) {
+    char p[PATH_MAX];
+    size_t n = strlen(dir);
+    if (n >= sizeof p) return errno = ENAMETOOLONG, -1;
+    memcpy(p, dir, n + 1);
+    for (size_t i = 1; i <= n; i++) {
+        if (p[i] != '/' && p[i] != '\0') continue;
+        char saved = p[i];
+        p[i] = '\0';
+        if (mkdir(p, 0755) < 0 && errno != EEXIST) return -1;
+        p[i] = saved;
+    }
+    return 0;
+}
+
+static void wfile_drop(struct conn *c, struct wfile **pp, int keep_tmp) {
+    struct wfile *f = *pp;
+    *pp = f->next;
+    if (f->fd >= 0) close(f->fd);
+    if (!keep_tmp) unlink(f->tmp);
+    free(f->path), free(f->tmp), free(f);
+    (void)c;
+}
+
+/* WRITE_BEGIN: u32 mode | u32 flags | str path. A temporary file next to the target. */
+static void do_write_begin(struct conn *c, uint32_t id, struct rd *r) {
+    int nul = 0;
+    uint32_t mode = rd_u32(r), flags = rd_u32(r);
+    char *path = rd_str(r, &nul);
+    if (r->bad) return (void)(c->dead = -1);
+    struct stat st;
+    size_t n = strlen(path);
+    char *slash = strrchr(path, '/');
+    char *dir = slash == path ? strdup("/") : slash ? strndup(path, (size_t)(slash - path))
+                                                    : strdup(".");
+    char *tmp = NULL;
+    int fd = -1;
+    if (id_in_use(c, id)) {
+        send_error(c, id, EEXIST, "id %u is already in use", id);
+    } else if (nul || n == 0) {
+        send_error(c, id, EINVAL, "invalid path");
+    } else if (path[n - 1] == '/' || (stat(path, &st) == 0 && S_ISDIR(st.st_mode))) {
+        send_error(c, id, EISDIR, "%s: is a directory", path);
+    } else if ((flags & 1) && make_dirs(dir) < 0) {
+        send_error(c, id, errno, "cannot create %s: %s", dir, strerror(errno));
+    } else if (asprintf(&tmp, "%s/.aviato-tmp-XXXXXX", dir) < 0) {
+        tmp = NULL;
+        send_error(c, id, ENOMEM, "out of memory");
+    } else if ((fd = mkostemp(tmp, O_CLOEXEC)) < 0) {
+        send_error(c, id, errno, "%s: %s", path, strerror(errno));
+    } else if (fchmod(fd, mode & 07777) < 0) {
+        send_error(c, id, errno, "%s: %s", path, strerror(errno));
+        close(fd), unlink(tmp);
+    } else {
+        struct wfile *f = xrealloc(NULL, sizeof *f);
+        *f = (struct wfile){.id = id, .fd = fd, .path = path, .tmp = tmp, .next = c->writes};
+        c->writes = f;
+        path = tmp = NULL;
+    }
+    free(path), free(dir), free(tmp);
+}
+
+static void do_write_data(struct conn *c, uint32_t id, const uint8_t *p, size_t n) {
+    struct wfile **pp = wfile_find(c, id);
+    if (!*pp) return;
+    if (write_all((*pp)->fd, p, n) < 0) {
+        send_error(c, id, errno, "%s: %s", (*pp)->path, strerror(errno));
+        return wfile_drop(c, pp, 0);
+    }
+    (*pp)->written += n;
+}
+
+static void do_write_end(struct conn *c, uint32_t id) {
+    struct wfile **pp = wfile_find(c, id), *f = *pp;
+    if (!f) return;
+    int rc = close(f->fd);
+    f->fd = -1;
+    if (rc < 0 || rename(f->tmp, f->path) < 0) {
+        send_error(c, id, errno, "%s: %s", f->path, strerror(errno));
+        return wfile_drop(c, pp, 0);
+    }
+    uint8_t v[8];
+    put64(v, f->written);
+    send_frame(c, F_WRITE_OK, id, v, 8);
+    wfile_drop(c, pp, 1);
+}
+
+/* ---- main process and supervisor exit ---- */
+
+static void supervisor_exit(int code, int sig, uint64_t when) {
+    for (struct conn *c = g_conns; c; c = c->next) {
+        for (struct exec *e = c->execs; e; e = e->next) exec_kill(e, SIGKILL);
+        if (buf_pending(&c->out)) /* best effort, never wait */
+            (void)!send(c->w.fd, c->out.d + c->out.off, buf_pending(&c->out),
+                        MSG_NOSIGNAL | MSG_DONTWAIT);
+    }
+    if (g_exit_fd >= 0) {
+        char s[96];
+        int n = snprintf(s, sizeof s, "%d %d %llu\n", code, sig, (unsigned long long)when);
+        write_all(g_exit_fd, s, (size_t)n);
+    }
+    _exit(code);
+}
+
+static void main_maybe_exit(void) {
+    if (!g_main.reaped || g_main.w_out.fd >= 0 || g_main.w_err.fd >= 0) return;
+    int st = g_main.status, code = 0, sig = 0;
+    if (WIFEXITED(st)) code = WEXITSTATUS(st);
+    else if (WIFSIGNALED(st)) sig = WTERMSIG(st), code = 128 + sig;
+    supervisor_exit(code, sig, g_main.end_real);
+}
+
+/* Writes one main log record (data already at rec + LOG_HDR) with a single write(). */
+static void log_record(uint8_t *rec, int stream, size_t n) {
+    if (g_log_fd < 0 || g_log_stopped) return;
+    static const char note[] = "[aviato: log truncated at 64 MiB]";
+    uint8_t r2[LOG_HDR + sizeof note];
+    if (g_log_size + LOG_HDR + n > LOG_LIMIT) {
+        memcpy(r2 + LOG_HDR, note, sizeof note - 1);
+        g_log_stopped = 1;
+        rec = r2, stream = 2, n = sizeof note - 1;
+    }
+    put64(rec, now_real());
+    rec[8] = (uint8_t)stream;
+    put32(rec + 9, (uint32_t)n);
+    if (write_all(g_log_fd, rec, LOG_HDR + n) == 0) g_log_size += LOG_HDR + n;
+}
+
+static void main_read(struct watch *w) {
+    static uint8_t rec[LOG_HDR + PIPE_CHUNK];
+    ssize_t n = read(w->fd, rec + LOG_HDR, PIPE_CHUNK);
+    if (n > 0) {
+        log_record(rec, w->kind == W_MAIN_OUT ? 1 : 2, (size_t)n);
+    } else if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
+        watch_close(w);
+        main_maybe_exit();
+    }
+}
+
+static void main_start(char **argv) {
+    int out[2], err[2];
+    if (pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0) die("pipe: %s", strerror(errno));
+    struct child_spec cs = {.argv = argv, .in_fd = -1, .out_fd = out[1], .err_fd = err[1],
+                            .tty_fd = -1, .report_fd = -1};
+    pid_t pid = fork();
+    if (pid < 0) die("fork: %s", strerror(errno));
+    if (pid == 0) child_run(&cs);
+    close(out[1]), close(err[1]);
+    set_nonblock(out[0]), set_nonblock(err[0]);
+    g_main.pid = pid;
+    watch_init(&g_main.w_out, out[0], W_MAIN_OUT, NULL);
+    watch_init(&g_main.w_err, err[0], W_MAIN_ERR, NULL);
+    watch_set(&g_main.w_out, EPOLLIN);
+    watch_set(&g_main.w_err, EPOLLIN);
+}
+
+/* SIGTERM/SIGINT/TERMINATE: forwarded to the main process group; with --keepalive, exit 0. */
+static void terminate(int sig) {
+    if (g_keepalive) supervisor_exit(0, 0, now_real());
+    if (g_main.pid > 0 && !g_main.reaped && kill(-g_main.pid, sig) < 0) kill(g_main.pid, sig);
+}
+
+/* ---- frame dispatch ---- */
+
+static void handle_frame(struct conn *c, uint8_t type, uint32_t id, const uint8_t *p, size_t n) {
+    struct rd r = {p, n, 0};
+    struct exec *e = type >= F_STDIN && type <= F_SIGNAL ? exec_find(c, id) : NULL;
+    switch (type) {
+    case F_EXEC: do_exec(c, id, &r); break;
+    case F_STDIN: if (e) exec_stdin(e, p, n); break;
+    case F_STDIN_EOF: if (e) exec_stdin_eof(e); break;
+    case F_RESIZE: {
+        struct winsize ws = {0};
+        ws.ws_row = rd_u16(&r);
+        ws.ws_col = rd_u16(&r);
+        if (!r.bad && e && e->tty && e->w_in.fd >= 0) ioctl(e->w_in.fd, TIOCSWINSZ, &ws);
+        break;
+    }
+    case F_SIGNAL: {
+        uint32_t sig = rd_u32(&r);
+        if (!r.bad && e && sig < 65) exec_kill(e, (int)sig);
+        break;
+    }
+    case F_READ_FILE: do_read_file(c, id, &r); break;
+    case F_WRITE_BEGIN: do_write_begin(c, id, &r); break;
+    case F_WRITE_DATA: do_write_data(c, id, p, n); break;
+    case F_WRITE_END: do_write_end(c, id); break;
+    case F_WRITE_ABORT: {
+        struct wfile **pp = wfile_find(c, id);
+        if (*pp) wfile_drop(c, pp, 0);
+        break;
+    }
+    case F_PING: send_frame(c, F_PONG, id, NULL, 0); break;
+    case F_TERMINATE: {
+        uint32_t sig = rd_u32(&r);
+        if (!r.bad && sig < 65) terminate((int)sig);
+        break;
+    }
+    default: r.bad = 1; /* unknown frame type: protocol error */
+    }
+    if (r.bad) c->dead = -1;
+}
+
+/* ---- Connections ----------------------------------------------------------------------- */
+
+static void conn_close(struct conn *c) {
+    if (c->dead > 0) return;
+    c->dead = 1;
+    watch_close(&c->w);
+    while (c->execs) { /* nobody can read them any more */
+        exec_kill(c->execs, SIGKILL);
+        exec_free(c->execs);
+    }
+    while (c->reads) {
+        struct rfile *f = c->reads;
+        c->reads = f->next;
+        close(f->fd);
+        free(f);
+    }
+    while (c->writes) wfile_drop(c, &c->writes, 0);
+    for (struct conn **pp = &g_conns; *pp; pp = &(*pp)->next)
+        if (*pp == c) {
+            *pp = c->next;
+            break;
+        }
+    c->gnext = g_dead_conns; /* freed at the end of this loop iteration */
+    g_dead_conns = c;
+}
+
+static void conn_update_events(struct conn *c) {
+    uint32_t ev = (c->rpause ? 0 : EPOLLIN) | (c->blocked ? EPOLLOUT : 0);
+    watch_set(&c->w, ev);
+}
+
+static void conn_set_throttle(struct conn *c, int on) {
+    c->throttled = on;
+    for (struct exec *e = c->execs; e; e = e->next) exec_update_streams(e);
+    if (!on) conn_pump_reads(c);
+}
+
+static void conn_check_throttle(struct conn *c) {
+    size_t q = buf_pending(&c->out);
+    if (!c->throttled && q > OUT_HIGH) conn_set_throttle(c, 1);
+    else if (c->throttled && q < OUT_LOW) conn_set_throttle(c, 0);
+}
+
+/* Sends as much queued output as the socket takes; EPOLLOUT is watched while some is left. */
+static void conn_flush(struct conn *c) {
+    for (int round = 0;; round++) {
+        c->blocked = 0;
+        while (buf_pending(&c->out)) {
+            ssize_t n = send(c->w.fd, c->out.d + c->out.off, buf_pending(&c->out),
+                             MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (n > 0) c->out.off += (size_t)n;
+            else if (n < 0 && errno == EINTR) continue;
+            else if (n < 0 && errno == EAGAIN) {
+                c->blocked = 1;
+                break;
+            } else return conn_close(c);
+        }
+        conn_check_throttle(c); /* may refill the queue from pending file reads */
+        if (c->blocked || !buf_pending(&c->out)) break;
+        if (round == 3) { /* give other fds a turn; EPOLLOUT brings us back */
+            c->blocked = 1;
+            break;
+        }
+    }
+    conn_update_events(c);
+}
+
+/* Parses and handles complete frames in the input buffer (not while stdin is backed up). */
+static void conn_process(struct conn *c) {
+    size_t pos = 0;
+    while (!c->dead && !c->rpause && c->in_len - pos >= 4) {
+        uint32_t len = get32(c->in + pos);
+        if (len < 5 || len > MAX_FRAME) {
+            c->dead = -1;
+            break;
+        }
+        if (c->in_len - pos < 4 + (size_t)len) {
+            if (c->in_cap < 4 + (size_t)len) { /* make room for the whole frame */
+                memmove(c->in, c->in + pos, c->in_len - pos);
+                c->in_len -= pos, pos = 0;
+                c->in_cap = 4 + (size_t)len;
+                c->in = xrealloc(c->in, c->in_cap);
+            }
+            break;
+        }
+        const uint8_t *f = c->in + pos;
+        pos += 4 + (size_t)len;
+        handle_frame(c, f[4], get32(f + 5), f + HDR, len - 5);
+    }
+    if (c->dead < 0) return conn_close(c); /* malformed frame */
+    if (c->dead) return;
+    memmove(c->in, c->in + pos, c->in_len - pos);
+    c->in_len -= pos;
+}
+
+static void conn_read(struct conn *c) {
+    if (c->in_len == c->in_cap) return conn_process(c);
+    ssize_t n = read(c->w.fd, c->in + c->in_len, c->in_cap - c->in_len);
+    if (n > 0) {
+        c->in_len += (size_t)n;
+        conn_process(c);
+    } else if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
+        conn_close(c);
+    }
+}
+
+static void accept_conns(void) {
+    for (int i = 0; i < 16; i++) {
+        int fd = accept4(g_listen.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                watch_set(&g_listen, 0); /* out of fds: retry in a while instead of spinning */
+                g_listen_resume = now_mono() + NS / 10;
+            }
+            return;
+        }
+        struct conn *c = xrealloc(NULL, sizeof *c);
+        memset(c, 0, sizeof *c);
+        watch_init(&c->w, fd, W_CONN, c);
+        c->in_cap = 65536;
+        c->in = xrealloc(NULL, c->in_cap);
+        c->next = g_conns;
+        g_conns = c;
+        uint8_t hello[8];
+        put32(hello, PROTOCOL_VERSION);
+        put32(hello + 4, (uint32_t)getpid());
+        send_frame(c, F_HELLO, 0, hello, 8);
+        conn_update_events(c);
+    }
+}
+
+/* ---- Event loop ------------------------------------------------------------------------ */
+
+static void reap_children(void) {
+    for (;;) {
+        int st;
+        struct rusage ru;
+        pid_t pid = wait4(-1, &st, WNOHANG, &ru);
+        if (pid <= 0) return;
+        if (pid == g_main.pid) {
+            g_main.reaped = 1, g_main.status = st, g_main.end_real = now_real();
+            if (g_main.w_out.fd >= 0 || g_main.w_err.fd >= 0) g_main.linger = now_mono() + LINGER_NS;
+            main_maybe_exit();
+            continue;
+        }
+        struct exec *e = exec_by_pid(pid); /* anything else is an orphan: reaped, forgotten */
+        if (!e) continue;
+        e->reaped = 1, e->status = st, e->ru = ru, e->t_end = now_mono(), e->deadline = 0;
+        if (!e->running) exec_check_start(e, 1);
+        else exec_maybe_finish(e);
+    }
+}
+
+static void handle_signals(void) {
+    struct signalfd_siginfo si;
+    while (read(g_sig.fd, &si, sizeof si) == (ssize_t)sizeof si) {
+        if (si.ssi_signo == SIGCHLD) reap_children();
+        else terminate((int)si.ssi_signo);
+    }
+}
+
+/* Timeouts and linger ends. Returns the epoll_wait timeout until the next deadline (ms). */
+static int handle_deadlines(void) {
+    uint64_t now = now_mono(), next = UINT64_MAX;
+    if (g_listen_resume) {
+        if (now >= g_listen_resume) g_listen_resume = 0, watch_set(&g_listen, EPOLLIN);
+        else next = g_listen_resume;
+    }
+    if (g_main.linger) {
+        if (now >= g_main.linger) {
+            watch_close(&g_main.w_out), watch_close(&g_main.w_err);
+            main_maybe_exit();
+        }
+        if (g_main.linger < next) next = g_main.linger;
+    }
+    for (struct conn *c = g_conns; c; c = c->next) {
+        for (struct exec *e = c->execs, *nx; e; e = nx) {
+            nx = e->next;
+            if (e->deadline && now >= e->deadline) { /* timeout: kill, then report timed_out */
+                e->deadline = 0;
+                e->timed_out = 1;
+                exec_kill(e, SIGKILL);
+            }
+            if (e->linger && now >= e->linger) {
+                exec_drain_and_finish(e);
+                continue;
+            }
+            if (e->deadline && e->deadline < next) next = e->deadline;
+            if (e->linger && e->linger < next) next = e->linger;
+        }
+    }
+    if (next == UINT64_MAX) return -1;
+    uint64_t ms = (next - now + 999999) / 1000000;
+    return ms > 60000 ? 60000 : (int)ms;
+}
+
+static void dispatch(struct watch *w, uint32_t ev) {
+    if (w->fd < 0) return; /* closed earlier in this batch */
+    switch (w->kind) {
+    case W_LISTEN: accept_conns(); break;
+    case W_SIGNAL: handle_signals(); break;
+    case W_CONN: {
+        struct conn *c = w->obj;
+        if (ev & EPOLLOUT) conn_flush(c);
+        if (c->dead) break;
+        if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
+            if (c->rpause) conn_close(c); /* hung up while we were not reading */
+            else conn_read(c);
+        }
+        break;
+    }
+    case W_OUT:
+    case W_ERR: exec_read_stream(w->obj, w); break;
+    case W_START: exec_check_start(w->obj, 0); break;
+    case W_STDIN: exec_flush_stdin(w->obj); break;
+    case W_MAIN_OUT:
+    case W_MAIN_ERR: main_read(w); break;
+    }
+}
+
+static void loop(void) {
+    struct epoll_event evs[64];
+    for (;;) {
+        for (struct conn *c = g_conns, *nx; c; c = nx) { /* frames held back by rpause */
+            nx = c->next;
+            if (c->reprocess && !c->rpause) c->reprocess = 0, conn_process(c);
+        }
+        int timeout = handle_deadlines();
+        for (struct conn *c = g_conns, *nx; c; c = nx) { /* send what this round produced */
+            nx = c->next;
+            if (buf_pending(&c->out) && !c->blocked) conn_flush(c);
+        }
+        while (g_dead_conns) {
+            struct conn *c = g_dead_conns;
+            g_dead_conns = c->gnext;
+            buf_free(&c->out);
+            free(c->in);
+            free(c);
+        }
+        while (g_dead_execs) {
+            struct exec *e = g_dead_execs;
+            g_dead_execs = e->gnext;
+            free(e);
+        }
+        int n = epoll_wait(g_ep, evs, 64, timeout);
+        if (n < 0 && errno != EINTR) die("epoll_wait: %s", strerror(errno));
+        for (int i = 0; i < n; i++) dispatch(evs[i].data.ptr, evs[i].events);
+    }
+}
+
+/* ---- Launcher mode (host side, before bubblewrap) -------------------------------------- */
+
+static int launch(int argc, char **argv) {
+    int i = 2;
+    for (; i < argc && strcmp(argv[i], "--"); i++) {
+        if (!strcmp(argv[i], "--cgroup-procs") && i + 1 < argc) {
+            if (write_number_file(argv[++i], (long)getpid()) < 0)
+                die("cannot join cgroup via %s: %s", argv[i], strerror(errno));
+        } else if (!strcmp(argv[i], "--oom-score-adj") && i + 1 < argc) {
+            char *end;
+            long v = strtol(argv[++i], &end, 10);
+            if (*end || write_number_file("/proc/self/oom_score_adj", v) < 0)
+                die("cannot set oom_score_adj to %s: %s", argv[i], strerror(errno));
+        } else {
+            die("--launch: unknown or incomplete option '%s'", argv[i]);
+        }
+    }
+    if (i + 1 >= argc) die("--launch: missing '-- PROG ARGS...'");
+    setsid(); /* EPERM if already a group leader: fine */
+    char **prog = argv + i + 1;
+    if (strchr(prog[0], '/')) execv(prog[0], prog);
+    else execvp(prog[0], prog);
+    fprintf(stderr, "aviato-supervisor: cannot execute %s: %s\n", prog[0], strerror(errno));
+    return 127;
+}
+
+/* ---- Start-up ------------------------------------------------------------------------- */
+
+static int fd_valid(int fd) { return fcntl(fd, F_GETFD) >= 0; }
+
+/* Whatever else was inherited (bubblewrap passes on every open fd) must not reach commands. */
+static void cloexec_from(int low) {
+#if defined(SYS_close_range)
+    if (syscall(SYS_close_range, (unsigned)low, ~0u, 4u /* CLOSE_RANGE_CLOEXEC */) == 0) return;
+#endif
+    DIR *d = opendir("/proc/self/fd");
+    struct dirent *de;
+    while (d && (de = readdir(d)))
+        if (atoi(de->d_name) >= low && atoi(de->d_name) != dirfd(d))
+            fcntl(atoi(de->d_name), F_SETFD, FD_CLOEXEC);
+    if (d) closedir(d);
+}
+
+int main(int argc, char **argv) {
+    if (argc >= 2 && !strcmp(argv[1], "--launch")) return launch(argc, argv);
+    if (argc >= 2 && !strcmp(argv[1], "--version")) {
+        printf("aviato-supervisor protocol %d\n", PROTOCOL_VERSION);
+        return 0;
+    }
+    char **main_argv = NULL;
+    if (argc == 2 && !strcmp(argv[1], "--keepalive")) g_keepalive = 1;
+    else if (argc >= 3 && !strcmp(argv[1], "--")) main_argv = argv + 2;
+    else {
+        fprintf(stderr, "usage: aviato-supervisor [--keepalive | -- ARGV...]\n"
+                        "       aviato-supervisor --launch [--cgroup-procs FILE]... "
+                        "[--oom-score-adj N] -- PROG ARGS...\n");
+        return 2;
+    }
+
+    /* fds 0-2 must exist so that pipes never land on them. */
+    for (int fd = 0; fd < 3; fd++)
+        if (!fd_valid(fd) && open("/dev/null", O_RDWR) != fd) die("cannot open /dev/null");
+    /* Inherited descriptors: 3 control socket, 4 main log, 5 exit file. */
+    int acc = 0;
+    socklen_t sl = sizeof acc;
+    if (getsockopt(3, SOL_SOCKET, SO_ACCEPTCONN, &acc, &sl) == 0 && acc) g_listen.fd = 3;
+    else fprintf(stderr, "aviato-supervisor: no listening control socket on fd 3\n");
+    if (fd_valid(4)) {
+        struct stat st;
+        g_log_fd = 4;
+        if (fstat(4, &st) == 0 && S_ISREG(st.st_mode)) g_log_size = (uint64_t)st.st_size;
+    }
+    if (fd_valid(5)) g_exit_fd = 5;
+    cloexec_from(3);
+
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); /* already implied as PID 1; for other uses */
+    for (int sig = 1; sig < NSIG; sig++) /* ignored signals would be inherited by commands */
+        if (sig != SIGKILL && sig != SIGSTOP) signal(sig, SIG_DFL);
+    signal(SIGPIPE, SIG_IGN);
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGCHLD);
+    sigaddset(&mask, SIGTERM);
+    sigaddset(&mask, SIGINT);
+    sigprocmask(SIG_SETMASK, &mask, NULL);
+
+    if ((g_ep = epoll_create1(EPOLL_CLOEXEC)) < 0) die("epoll_create1: %s", strerror(errno));
+    if ((g_sig.fd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC)) < 0)
+        die("signalfd: %s", strerror(errno));
+    watch_set(&g_sig, EPOLLIN);
+    if (g_listen.fd >= 0) {
+        set_nonblock(g_listen.fd);
+        watch_set(&g_listen, EPOLLIN);
+    }
+    if (main_argv) main_start(main_argv);
+    loop();
+    return 0;
+}
