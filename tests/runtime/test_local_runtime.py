@@ -35,7 +35,7 @@ from aviato.runtime.bwrap import Bwrap, find_bwrap
 from aviato.runtime.images import ImageNotFound
 from aviato.runtime.local import LocalRuntime, LocalSandbox, SandboxStartFailed
 
-SOURCE = Path(__file__).parents[2] / "src/aviato/runtime/supervisor/supervisor.c"
+SOURCE = Path(__file__).parents[2] / "src/aviato/runtime/native/supervisor.c"
 MiB = 1 << 20
 T = TypeVar("T")
 

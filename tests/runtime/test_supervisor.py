@@ -37,7 +37,7 @@ from aviato.runtime.base import (
 from aviato.runtime.supervisor import SupervisorConnection, SupervisorExec
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCE = ROOT / "src/aviato/runtime/supervisor/supervisor.c"
+SOURCE = ROOT / "src/aviato/runtime/native/supervisor.c"
 T = TypeVar("T")
 
 

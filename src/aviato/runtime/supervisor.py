@@ -56,10 +56,13 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 MAX_FRAME = 1024 * 1024 + 64  # largest value of a frame's length field
 DATA_CHUNK = 1024 * 1024  # stdin / file bytes per frame
+WRITE_BUFFER_HIGH = 4 << 20
 READ_PAUSE_BYTES = 8 << 20
 READ_RESUME_BYTES = 2 << 20
-_RBUF_SIZE = 4 << 20  # receive buffer; always room for one whole frame after compaction
-_RBUF_MIN_FREE = 256 << 10
+# The receive buffer starts small (most connections carry tiny frames and there is one per
+# sandbox) and grows to hold one whole frame of up to MAX_FRAME; it shrinks back when drained.
+_RBUF_SMALL = 64 << 10
+_RBUF_LARGE = 4 << 20
 
 # Frame types, service -> supervisor.
 _EXEC, _STDIN, _STDIN_EOF, _RESIZE, _SIGNAL = 1, 2, 3, 4, 5
@@ -403,8 +406,9 @@ class SupervisorConnection(asyncio.BufferedProtocol):
         self._next_id = 1
         self._hello: asyncio.Future[None] = self._loop.create_future()
         self._pings: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._rbuf = bytearray(_RBUF_SIZE)
+        self._rbuf = bytearray(_RBUF_SMALL)
         self._rview = memoryview(self._rbuf)
+        self._rneed = 0  # bytes of the incomplete frame at _rstart, once its header is known
         self._rstart = 0
         self._rend = 0
         self._queued = 0  # received bytes not yet consumed
@@ -623,17 +627,34 @@ class SupervisorConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        # Room for a few 1 MiB data frames in flight (the default 64 KiB halves file writes).
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_HIGH // 4)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         start, end = self._rstart, self._rend
+        size = len(self._rbuf)
         if start == end:
             self._rstart = self._rend = end = 0
-        elif _RBUF_SIZE - end < _RBUF_MIN_FREE:
-            n = end - start
+            if size > _RBUF_SMALL:
+                self._resize(_RBUF_SMALL, 0, 0)
+            return self._rview
+        n = end - start
+        want = max(self._rneed, n + 4096)  # the pending frame must fit whole
+        if want > size:
+            self._resize(max(_RBUF_LARGE, want), start, end)
+        elif size - end < max(want - n, size // 4):
             self._rbuf[0:n] = self._rbuf[start:end]  # same size: allowed despite our memoryview
-            self._rstart = 0
-            self._rend = end = n
-        return self._rview[end:]
+        else:
+            return self._rview[end:]
+        self._rstart = 0
+        self._rend = n
+        return self._rview[n:]
+
+    def _resize(self, size: int, start: int, end: int) -> None:
+        buf = bytearray(size)
+        buf[0 : end - start] = self._rview[start:end]
+        self._rbuf = buf
+        self._rview = memoryview(buf)
 
     def buffer_updated(self, nbytes: int) -> None:
         self._rend += nbytes
@@ -647,6 +668,7 @@ class SupervisorConnection(asyncio.BufferedProtocol):
                     return self._protocol_error(f"bad frame length {length}")
                 fend = pos + 4 + length
                 if fend > end:
+                    self._rneed = 4 + length
                     break
                 body = view[pos + 9 : fend]
                 pos = fend
@@ -667,6 +689,9 @@ class SupervisorConnection(asyncio.BufferedProtocol):
                     return self._protocol_error(f"unexpected frame type {ftype} for id 0")
         except (struct.error, ValueError) as e:
             return self._protocol_error(str(e))
+        else:
+            if end - pos < 9:
+                self._rneed = 0
         finally:
             self._rstart = pos
 

@@ -175,8 +175,13 @@ static uint64_t clock_ns(clockid_t id) {
 #define now_mono() clock_ns(CLOCK_MONOTONIC)
 #define now_real() clock_ns(CLOCK_REALTIME)
 
-static void put32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }
-static void put64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
+/* Little-endian integers. */
+static void put32(uint8_t *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+static void put64(uint8_t *p, uint64_t v) {
+    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
 static uint32_t get32(const uint8_t *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
@@ -379,14 +384,20 @@ static void exec_flush_stdin(struct exec *e) {
         if (n > 0) e->inq.off += (size_t)n;
         else if (n < 0 && errno == EINTR) continue;
         else if (n < 0 && errno == EAGAIN) break;
-        else return exec_close_stdin(e); /* EPIPE, EIO: the command stopped reading stdin */
+        else { /* EPIPE, EIO: the command stopped reading stdin */
+            exec_close_stdin(e);
+            return;
+        }
     }
     if (e->w_in.fd < 0) return;
     if (buf_pending(&e->inq)) {
         watch_set(&e->w_in, EPOLLOUT);
     } else {
         watch_set(&e->w_in, 0);
-        if (e->in_eof && !e->tty) return exec_close_stdin(e);
+        if (e->in_eof && !e->tty) {
+            exec_close_stdin(e);
+            return;
+        }
     }
     if (buf_pending(&e->inq) < STDIN_LOW) exec_release_rpause(e);
 }
@@ -490,7 +501,8 @@ static void exec_check_start(struct exec *e, int force) {
             send_error(e->c, e->id, rep[1], "working directory '%s': %s", e->cwd, err);
         else
             send_error(e->c, e->id, rep[1], "cannot set up the command: %s", err);
-        return exec_free(e);
+        exec_free(e);
+        return;
     }
     e->running = 1;
     send_u32(e->c, F_STARTED, e->id, (uint32_t)e->pid);
@@ -532,7 +544,10 @@ static void exec_file(const char *file, char **argv, char **envp) {
     int argc = 0;
     while (argv[argc]) argc++;
     char **shv = malloc(sizeof(char *) * ((size_t)argc + 2));
-    if (!shv) return (void)(errno = ENOEXEC);
+    if (!shv) {
+        errno = ENOEXEC;
+        return;
+    }
     shv[0] = "sh", shv[1] = (char *)file;
     memcpy(shv + 2, argv + 1, sizeof(char *) * (size_t)argc);
     execve("/bin/sh", shv, envp);
@@ -542,7 +557,10 @@ static void exec_file(const char *file, char **argv, char **envp) {
 /* execvp() semantics, but searching the PATH of the *given* environment. Returns on failure. */
 static void exec_path(char **argv, char **envp) {
     const char *file = argv[0];
-    if (strchr(file, '/')) return exec_file(file, argv, envp);
+    if (strchr(file, '/')) {
+        exec_file(file, argv, envp);
+        return;
+    }
     const char *path = env_get(envp, "PATH");
     if (!path) path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
     int saw_eacces = 0;
@@ -677,7 +695,8 @@ static void do_exec(struct conn *c, uint32_t id, struct rd *r) {
     struct exec *e = NULL;
     if (r->bad) { /* malformed: close the connection */
         free(cwd), strlist_free(argv), strlist_free(env);
-        return (void)(c->dead = -1);
+        c->dead = -1;
+        return;
     }
     if (id_in_use(c, id)) {
         send_error(c, id, EEXIST, "id %u is already in use", id);
@@ -795,7 +814,10 @@ static void conn_pump_reads(struct conn *c) {
 static void do_read_file(struct conn *c, uint32_t id, struct rd *r) {
     int nul = 0;
     char *path = rd_str(r, &nul);
-    if (r->bad) return (void)(c->dead = -1);
+    if (r->bad) {
+        c->dead = -1;
+        return;
+    }
     struct stat st;
     int fd = -1;
     if (id_in_use(c, id)) {
@@ -854,7 +876,10 @@ static void do_write_begin(struct conn *c, uint32_t id, struct rd *r) {
     int nul = 0;
     uint32_t mode = rd_u32(r), flags = rd_u32(r);
     char *path = rd_str(r, &nul);
-    if (r->bad) return (void)(c->dead = -1);
+    if (r->bad) {
+        c->dead = -1;
+        return;
+    }
     struct stat st;
     size_t n = strlen(path);
     char *slash = strrchr(path, '/');
@@ -892,7 +917,8 @@ static void do_write_data(struct conn *c, uint32_t id, const uint8_t *p, size_t 
     if (!*pp) return;
     if (write_all((*pp)->fd, p, n) < 0) {
         send_error(c, id, errno, "%s: %s", (*pp)->path, strerror(errno));
-        return wfile_drop(c, pp, 0);
+        wfile_drop(c, pp, 0);
+        return;
     }
     (*pp)->written += n;
 }
@@ -904,7 +930,8 @@ static void do_write_end(struct conn *c, uint32_t id) {
     f->fd = -1;
     if (rc < 0 || rename(f->tmp, f->path) < 0) {
         send_error(c, id, errno, "%s: %s", f->path, strerror(errno));
-        return wfile_drop(c, pp, 0);
+        wfile_drop(c, pp, 0);
+        return;
     }
     uint8_t v[8];
     put64(v, f->written);
@@ -1083,7 +1110,10 @@ static void conn_flush(struct conn *c) {
             else if (n < 0 && errno == EAGAIN) {
                 c->blocked = 1;
                 break;
-            } else return conn_close(c);
+            } else {
+                conn_close(c);
+                return;
+            }
         }
         conn_check_throttle(c); /* may refill the queue from pending file reads */
         if (c->blocked || !buf_pending(&c->out)) break;
@@ -1117,14 +1147,20 @@ static void conn_process(struct conn *c) {
         pos += 4 + (size_t)len;
         handle_frame(c, f[4], get32(f + 5), f + HDR, len - 5);
     }
-    if (c->dead < 0) return conn_close(c); /* malformed frame */
+    if (c->dead < 0) { /* malformed frame */
+        conn_close(c);
+        return;
+    }
     if (c->dead) return;
     memmove(c->in, c->in + pos, c->in_len - pos);
     c->in_len -= pos;
 }
 
 static void conn_read(struct conn *c) {
-    if (c->in_len == c->in_cap) return conn_process(c);
+    if (c->in_len == c->in_cap) {
+        conn_process(c);
+        return;
+    }
     ssize_t n = read(c->w.fd, c->in + c->in_len, c->in_cap - c->in_len);
     if (n > 0) {
         c->in_len += (size_t)n;
@@ -1169,7 +1205,8 @@ static void reap_children(void) {
         if (pid <= 0) return;
         if (pid == g_main.pid) {
             g_main.reaped = 1, g_main.status = st, g_main.end_real = now_real();
-            if (g_main.w_out.fd >= 0 || g_main.w_err.fd >= 0) g_main.linger = now_mono() + LINGER_NS;
+            if (g_main.w_out.fd >= 0 || g_main.w_err.fd >= 0)
+                g_main.linger = now_mono() + LINGER_NS; /* output held open by a daemon */
             main_maybe_exit();
             continue;
         }
