@@ -1,0 +1,208 @@
+"""Assembles and runs the service: registry, runtime, lifecycle, gRPC server, sockets, pid file.
+
+`serve(config, stop)` runs until `stop` is set, then closes gracefully: it stops accepting calls,
+gives running calls a short grace, cancels its own tasks and closes the runtime, the registry and
+the socket. Sandboxes keep running (a restart re-attaches them).
+
+One service per state directory: `server.pid` is held with an exclusive flock for the life of the
+process, so a second service on the same directory fails at once instead of stealing the socket.
+The unix socket is created under umask 077 and chmod'ed 0600: it needs no API key, so only the
+service's own user may connect.
+
+What this cannot do: make TCP safe without TLS. `--listen` without `--tls-cert/--tls-key` serves
+plaintext (API keys travel in the clear); it logs a warning and is meant for loopback or tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from aviato.server.api import SandboxServicer
+from aviato.server.auth import Authenticator
+from aviato.server.config import ServerConfig, parse_listen
+from aviato.server.lifecycle import Lifecycle
+from aviato.server.placement import LocalPlacement, Placement
+from aviato.server.registry import Registry
+from aviato.v1 import sandbox_pb2_grpc
+
+__all__ = ["AlreadyRunning", "StartupError", "configure_logging", "serve"]
+
+log = logging.getLogger("aviato.server")
+
+MAX_MESSAGE_BYTES = 8 << 20
+SHUTDOWN_GRACE_SECONDS = 2.0
+
+GRPC_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.so_reuseport", 0),
+]
+
+
+class StartupError(RuntimeError):
+    """The service cannot start (bad configuration, port in use, ...). The message says why."""
+
+
+class AlreadyRunning(StartupError):
+    pass
+
+
+class _LogfmtFormatter(logging.Formatter):
+    """One line per record: `ts=... level=... logger=... msg="..."` (plus the traceback)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        msg = record.getMessage().replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        line = (
+            f"ts={ts}.{int(record.msecs):03d}Z level={record.levelname.lower()} "
+            f'logger={record.name} msg="{msg}"'
+        )
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogfmtFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # grpc's and asyncio's debug output would drown ours.
+    for noisy in ("grpc", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))
+
+
+def _lock_pid_file(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        raise AlreadyRunning(
+            f"another aviato server is running on {path.parent} (pid {other or '?'})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Removes a socket left by a dead service (we hold the pid lock, so no live one owns it)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(0.5)
+        probe.connect(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise AlreadyRunning(f"{path} answers although no server holds the pid lock")
+
+
+def _build_placement(config: ServerConfig) -> Placement:
+    if config.placement != "local":
+        raise StartupError(f"--placement: {config.placement!r} is not available (only 'local')")
+    from aviato.runtime.local import LocalRuntime
+
+    runtime = LocalRuntime(
+        config.state_dir,
+        max_sandboxes=config.max_sandboxes or 1_000_000,
+        default_memory_bytes=config.default_memory_bytes,
+    )
+    return LocalPlacement(runtime, config.state_dir)
+
+
+def _bind(server: grpc.aio.Server, config: ServerConfig) -> None:
+    sock = config.socket_path
+    _remove_stale_socket(sock)
+    old_umask = os.umask(0o077)
+    try:
+        server.add_insecure_port(f"unix:{sock}")
+    finally:
+        os.umask(old_umask)
+    os.chmod(sock, 0o600)
+    if config.listen:
+        host, port = parse_listen(config.listen)
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if config.tls_cert or config.tls_key:
+            if not (config.tls_cert and config.tls_key):
+                raise StartupError("--tls-cert and --tls-key must be given together")
+            try:
+                creds = grpc.ssl_server_credentials(
+                    [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())]
+                )
+            except OSError as e:
+                raise StartupError(f"cannot read the TLS files: {e}") from e
+            bound = server.add_secure_port(address, creds)
+        else:
+            log.warning("serving plaintext TCP on %s: API keys are sent in the clear", address)
+            bound = server.add_insecure_port(address)
+        if not bound:
+            raise StartupError(f"--listen: cannot bind {address}")
+        log.info("listening on tcp %s (%s)", address, "tls" if config.tls_cert else "plaintext")
+
+
+async def serve(
+    config: ServerConfig, stop: asyncio.Event, placement: Placement | None = None
+) -> None:
+    """Runs the service until `stop` is set. Raises StartupError if it cannot start.
+
+    `placement` replaces the one `config.placement` names (tests use a fake runtime).
+    """
+    config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    pid_fd = _lock_pid_file(config.pid_path)
+    registry: Registry | None = None
+    lifecycle: Lifecycle | None = None
+    server: grpc.aio.Server | None = None
+    try:
+        registry = Registry(config.registry_path)
+        placement = placement or _build_placement(config)
+        lifecycle = Lifecycle(registry, placement, config)
+        await lifecycle.start()
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        servicer = SandboxServicer(lifecycle, Authenticator(registry), placement, config)
+        sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        _bind(server, config)
+        await server.start()
+        log.info(
+            "aviato server ready pid=%d state_dir=%s socket=%s",
+            os.getpid(), config.state_dir, config.socket_path,
+        )  # fmt: skip
+        await stop.wait()
+        log.info("shutting down (sandboxes keep running)")
+    finally:
+        if server is not None:
+            await server.stop(SHUTDOWN_GRACE_SECONDS)
+        if lifecycle is not None:
+            await lifecycle.close()
+        if placement is not None:
+            with contextlib.suppress(Exception):
+                await placement.close()
+        if registry is not None:
+            registry.close()
+        if server is not None:
+            config.socket_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            config.pid_path.unlink()
+        os.close(pid_fd)
+        log.info("stopped")

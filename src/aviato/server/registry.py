@@ -1,0 +1,380 @@
+"""The sandbox registry: a SQLite database (WAL, synchronous=NORMAL) of sandboxes, leases and keys.
+
+One `Registry` object owns one connection and must be used from one thread (the service uses it
+from its event-loop thread: every statement here is an indexed lookup or a single-row write,
+tens of microseconds, so offloading to a thread would cost more than it saves). Other processes
+(the CLI's `keys` commands) may open the same file at the same time; SQLite's locking and a busy
+timeout arbitrate.
+
+Durability: with synchronous=NORMAL in WAL mode a power loss can lose the last transactions, but
+never corrupts the file; a crash of the process loses nothing. The registry does not enforce the
+lifecycle's state machine: it stores what it is told.
+
+Times are integers of nanoseconds since the Unix epoch. Page tokens are opaque to clients:
+url-safe base64 of "created_ns:id", the keyset position after the last returned row.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from aviato.server.errors import InvalidArgument
+
+__all__ = [
+    "ApiKeyRecord",
+    "LeaseRecord",
+    "Registry",
+    "SandboxRecord",
+    "decode_page_token",
+    "encode_page_token",
+]
+
+# SandboxStatus values of aviato.v1 (kept numerically identical to the proto enum).
+PENDING, CREATING, RUNNING, COMPLETED, FAILED, TERMINATED = 1, 2, 3, 4, 5, 6
+TERMINAL_STATUSES = frozenset({COMPLETED, FAILED, TERMINATED})
+ALL_STATUSES = frozenset({PENDING, CREATING, RUNNING, COMPLETED, FAILED, TERMINATED})
+
+_MIGRATIONS: tuple[str, ...] = (
+    # 1: the initial schema.
+    """
+    CREATE TABLE sandboxes (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        exit_code INTEGER,
+        spec BLOB NOT NULL,
+        lease_id TEXT NOT NULL DEFAULT '',
+        node TEXT NOT NULL DEFAULT '',
+        created_ns INTEGER NOT NULL,
+        started_ns INTEGER,
+        ended_ns INTEGER,
+        expires_ns INTEGER,
+        UNIQUE (owner, request_id)
+    );
+    CREATE INDEX sandboxes_owner_created ON sandboxes (owner, created_ns, id);
+    CREATE INDEX sandboxes_status ON sandboxes (status);
+    CREATE TABLE sandbox_tags (
+        sandbox_id TEXT NOT NULL REFERENCES sandboxes (id) ON DELETE CASCADE,
+        tag TEXT NOT NULL,
+        PRIMARY KEY (sandbox_id, tag)
+    );
+    CREATE INDEX sandbox_tags_tag ON sandbox_tags (tag, sandbox_id);
+    CREATE TABLE leases (
+        owner TEXT NOT NULL,
+        id TEXT NOT NULL,
+        ttl_seconds REAL NOT NULL,
+        expires_ns INTEGER NOT NULL,
+        PRIMARY KEY (owner, id)
+    );
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        name TEXT NOT NULL,
+        hash TEXT NOT NULL UNIQUE,
+        created_ns INTEGER NOT NULL,
+        revoked_ns INTEGER
+    );
+    """,
+)
+
+
+@dataclass(slots=True)
+class SandboxRecord:
+    """One row of `sandboxes`. Mutable: the lifecycle updates it, then calls `update_sandbox`."""
+
+    id: str
+    owner: str
+    request_id: str
+    status: int
+    spec: bytes  # a serialized aviato.v1.SandboxSpec (tags included)
+    created_ns: int
+    tags: tuple[str, ...] = ()
+    reason: str = ""
+    exit_code: int | None = None
+    lease_id: str = ""
+    node: str = ""
+    started_ns: int | None = None
+    ended_ns: int | None = None
+    expires_ns: int | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRecord:
+    owner: str
+    id: str
+    ttl_seconds: float
+    expires_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    id: str
+    owner: str
+    name: str
+    hash: str
+    created_ns: int
+    revoked_ns: int | None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_ns is not None
+
+
+def encode_page_token(created_ns: int, sandbox_id: str) -> str:
+    raw = f"{created_ns}:{sandbox_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> tuple[int, str]:
+    """The keyset position of a token; InvalidArgument("page_token") when it is not one of ours."""
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        raw = base64.urlsafe_b64decode(padded.encode("ascii")).decode()
+        created, sep, sandbox_id = raw.partition(":")
+        if not sep or not sandbox_id:
+            raise ValueError(raw)
+        return int(created), sandbox_id
+    except (ValueError, UnicodeError, binascii.Error):
+        raise InvalidArgument("page_token", "is not a token returned by ListSandboxes") from None
+
+
+_SANDBOX_COLUMNS = (
+    "id, owner, request_id, status, reason, exit_code, spec, lease_id, node, "
+    "created_ns, started_ns, ended_ns, expires_ns"
+)
+
+
+def _sandbox(row: Sequence[object]) -> SandboxRecord:
+    (sid, owner, request_id, status, reason, exit_code, spec, lease_id, node,
+     created, started, ended, expires) = row  # fmt: skip
+    return SandboxRecord(
+        id=str(sid),
+        owner=str(owner),
+        request_id=str(request_id),
+        status=int(status),  # type: ignore[call-overload]
+        reason=str(reason),
+        exit_code=None if exit_code is None else int(exit_code),  # type: ignore[call-overload]
+        spec=bytes(spec),  # type: ignore[call-overload]
+        lease_id=str(lease_id),
+        node=str(node),
+        created_ns=int(created),  # type: ignore[call-overload]
+        started_ns=None if started is None else int(started),  # type: ignore[call-overload]
+        ended_ns=None if ended is None else int(ended),  # type: ignore[call-overload]
+        expires_ns=None if expires is None else int(expires),  # type: ignore[call-overload]
+    )
+
+
+class Registry:
+    """The registry file, opened (and migrated) by the constructor."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._migrate()
+
+    # -- schema -------------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        db = self._db
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version INTEGER PRIMARY KEY, applied_ns INTEGER NOT NULL)"
+        )
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+            current = int(row[0] or 0)
+            for version, script in enumerate(_MIGRATIONS, start=1):
+                if version <= current:
+                    continue
+                for statement in script.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(
+                    "INSERT INTO schema_migrations (version, applied_ns) VALUES (?, ?)",
+                    (version, time.time_ns()),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    @property
+    def schema_version(self) -> int:
+        row = self._db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+        return int(row[0] or 0)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- sandboxes ----------------------------------------------------------------------------
+
+    def insert_sandbox(self, rec: SandboxRecord) -> None:
+        """Inserts a new record with its tags; sqlite3.IntegrityError on a duplicate request id."""
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            values = (rec.id, rec.owner, rec.request_id, rec.status, rec.reason, rec.exit_code,
+                      rec.spec, rec.lease_id, rec.node, rec.created_ns, rec.started_ns,
+                      rec.ended_ns, rec.expires_ns)  # fmt: skip
+            db.execute(
+                f"INSERT INTO sandboxes ({_SANDBOX_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                values,
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO sandbox_tags (sandbox_id, tag) VALUES (?, ?)",
+                [(rec.id, tag) for tag in rec.tags],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def update_sandbox(self, rec: SandboxRecord) -> None:
+        """Writes the mutable fields (status, reason, exit code, node, times) of `rec`."""
+        values = (rec.status, rec.reason, rec.exit_code, rec.node, rec.started_ns,
+                  rec.ended_ns, rec.expires_ns, rec.id)  # fmt: skip
+        self._db.execute(
+            "UPDATE sandboxes SET status=?, reason=?, exit_code=?, node=?, started_ns=?, "
+            "ended_ns=?, expires_ns=? WHERE id=?",
+            values,
+        )
+
+    def get_sandbox(self, sandbox_id: str) -> SandboxRecord | None:
+        row = self._db.execute(
+            f"SELECT {_SANDBOX_COLUMNS} FROM sandboxes WHERE id=?", (sandbox_id,)
+        ).fetchone()
+        return None if row is None else _sandbox(row)
+
+    def get_by_request(self, owner: str, request_id: str) -> SandboxRecord | None:
+        row = self._db.execute(
+            f"SELECT {_SANDBOX_COLUMNS} FROM sandboxes WHERE owner=? AND request_id=?",
+            (owner, request_id),
+        ).fetchone()
+        return None if row is None else _sandbox(row)
+
+    def delete_sandbox(self, sandbox_id: str) -> bool:
+        cur = self._db.execute("DELETE FROM sandboxes WHERE id=?", (sandbox_id,))
+        return cur.rowcount > 0
+
+    def sandboxes_with_status(self, statuses: Iterable[int]) -> list[SandboxRecord]:
+        wanted = sorted(set(statuses))
+        marks = ",".join("?" * len(wanted))
+        rows = self._db.execute(
+            f"SELECT {_SANDBOX_COLUMNS} FROM sandboxes WHERE status IN ({marks}) "
+            "ORDER BY created_ns, id",
+            wanted,
+        ).fetchall()
+        return [_sandbox(r) for r in rows]
+
+    def all_sandbox_ids(self) -> set[str]:
+        return {str(r[0]) for r in self._db.execute("SELECT id FROM sandboxes")}
+
+    def list_sandboxes(
+        self,
+        owner: str,
+        *,
+        statuses: Iterable[int],
+        tags: Sequence[str] = (),
+        limit: int = 100,
+        page_token: str = "",
+    ) -> tuple[list[SandboxRecord], str]:
+        """One page of `owner`'s sandboxes in creation order, and the next token ("" at the end).
+
+        `tags`: every one must be present (all-of). `statuses`: any of them.
+        """
+        sql = [f"SELECT {_SANDBOX_COLUMNS} FROM sandboxes WHERE owner=?"]
+        args: list[object] = [owner]
+        wanted = sorted(set(statuses))
+        if not wanted:
+            return [], ""
+        if set(wanted) != ALL_STATUSES:
+            sql.append(f"AND status IN ({','.join('?' * len(wanted))})")
+            args.extend(wanted)
+        if page_token:
+            created, sid = decode_page_token(page_token)
+            sql.append("AND (created_ns, id) > (?, ?)")
+            args.extend((created, sid))
+        unique_tags = sorted(set(tags))
+        if unique_tags:
+            sql.append(
+                "AND id IN (SELECT sandbox_id FROM sandbox_tags WHERE tag IN "
+                f"({','.join('?' * len(unique_tags))}) GROUP BY sandbox_id HAVING COUNT(*) = ?)"
+            )
+            args.extend(unique_tags)
+            args.append(len(unique_tags))
+        sql.append("ORDER BY created_ns, id LIMIT ?")
+        args.append(limit + 1)
+        rows = self._db.execute(" ".join(sql), args).fetchall()
+        records = [_sandbox(r) for r in rows[:limit]]
+        token = ""
+        if len(rows) > limit and records:
+            token = encode_page_token(records[-1].created_ns, records[-1].id)
+        return records, token
+
+    # -- leases -------------------------------------------------------------------------------
+
+    def upsert_lease(self, lease: LeaseRecord) -> None:
+        self._db.execute(
+            "INSERT INTO leases (owner, id, ttl_seconds, expires_ns) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (owner, id) DO UPDATE SET ttl_seconds=excluded.ttl_seconds, "
+            "expires_ns=excluded.expires_ns",
+            (lease.owner, lease.id, lease.ttl_seconds, lease.expires_ns),
+        )
+
+    def delete_lease(self, owner: str, lease_id: str) -> None:
+        self._db.execute("DELETE FROM leases WHERE owner=? AND id=?", (owner, lease_id))
+
+    def all_leases(self) -> list[LeaseRecord]:
+        rows = self._db.execute("SELECT owner, id, ttl_seconds, expires_ns FROM leases")
+        return [LeaseRecord(str(o), str(i), float(t), int(e)) for o, i, t, e in rows]
+
+    # -- API keys -----------------------------------------------------------------------------
+
+    def insert_key(self, key: ApiKeyRecord) -> None:
+        self._db.execute(
+            "INSERT INTO api_keys (id, owner, name, hash, created_ns, revoked_ns) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (key.id, key.owner, key.name, key.hash, key.created_ns, key.revoked_ns),
+        )
+
+    def key_by_hash(self, digest: str) -> ApiKeyRecord | None:
+        row = self._db.execute(
+            "SELECT id, owner, name, hash, created_ns, revoked_ns FROM api_keys WHERE hash=?",
+            (digest,),
+        ).fetchone()
+        return None if row is None else ApiKeyRecord(*row)
+
+    def list_keys(self, owner: str | None = None) -> list[ApiKeyRecord]:
+        sql = "SELECT id, owner, name, hash, created_ns, revoked_ns FROM api_keys"
+        args: tuple[str, ...] = ()
+        if owner is not None:
+            sql += " WHERE owner=?"
+            args = (owner,)
+        rows = self._db.execute(sql + " ORDER BY created_ns, id", args).fetchall()
+        return [ApiKeyRecord(*r) for r in rows]
+
+    def revoke_key(self, key_id: str, when_ns: int) -> bool:
+        """Marks a key revoked; False when no such key (or it was already revoked)."""
+        cur = self._db.execute(
+            "UPDATE api_keys SET revoked_ns=? WHERE id=? AND revoked_ns IS NULL",
+            (when_ns, key_id),
+        )
+        return cur.rowcount > 0

@@ -1,0 +1,189 @@
+"""Exec through a real service: exit codes, ordering, stdin, tty, timeouts, errors, cancellation."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from server_helpers import S, ServerProcess, stdin_stream
+
+from aviato.v1 import sandbox_pb2 as pb
+
+NOT_FOUND, FAILED_PRECONDITION, INVALID_ARGUMENT = 5, 9, 3
+
+
+@pytest.fixture(scope="module")
+def sandbox(server: ServerProcess) -> Iterator[str]:
+    sb = server.client().running(tags=["exec-tests"])
+    yield sb.id
+    server.client().delete(sb.id)
+
+
+def test_exit_codes_and_usage(server: ServerProcess, sandbox: str) -> None:
+    c = server.client()
+    for code in (0, 1, 42, 255):
+        r = c.sh(sandbox, f"exit {code}")
+        assert r.exit_code == code
+        assert r.frames[0].WhichOneof("msg") == "started"
+    r = c.sh(sandbox, "kill -9 $$")
+    assert r.exit_code == 137 and r.terminal.exit.signal == 9
+    r = c.exec(sandbox, ["/bin/sh", "-c", "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done"])
+    usage = r.terminal.exit.usage
+    assert usage.wall_seconds > 0 and usage.cpu_user_seconds + usage.cpu_system_seconds > 0
+    assert usage.peak_memory_bytes > 0
+
+
+def test_output_order_and_streams(server: ServerProcess, sandbox: str) -> None:
+    c = server.client()
+    r = c.sh(sandbox, "for i in $(seq 1 200); do echo out$i; echo err$i >&2; done")
+    assert r.exit_code == 0
+    assert r.stdout == b"".join(b"out%d\n" % i for i in range(1, 201))
+    assert r.stderr == b"".join(b"err%d\n" % i for i in range(1, 201))
+    # Relative order across streams is kept for sequential writes with a pause between them.
+    r = c.sh(sandbox, "echo a; sleep 0.05; echo b >&2; sleep 0.05; echo c")
+    seq = [(f.output.stream, f.output.data) for f in r.frames if f.WhichOneof("msg") == "output"]
+    assert seq == [(1, b"a\n"), (2, b"b\n"), (1, b"c\n")]
+
+
+def test_large_output(server: ServerProcess, sandbox: str) -> None:
+    r = server.client().sh(sandbox, "head -c 20000000 /dev/zero")
+    assert r.exit_code == 0 and len(r.stdout) == 20_000_000
+
+
+def test_stdin_env_cwd(server: ServerProcess, sandbox: str) -> None:
+    c = server.client()
+    data = bytes(range(256)) * 4000
+    r = c.exec(sandbox, ["/bin/cat"], stdin=data)
+    assert r.exit_code == 0 and r.stdout == data
+    r = c.exec(sandbox, ["/bin/sh", "-c", 'echo "$FOO $(pwd)"'], env={"FOO": "bar"}, cwd="/tmp")
+    assert r.stdout == b"bar /tmp\n"
+    # Without stdin the command reads EOF at once.
+    r = c.exec(sandbox, ["/bin/cat"])
+    assert r.exit_code == 0 and r.stdout == b""
+
+
+def test_interactive_stdin(server: ServerProcess, sandbox: str) -> None:
+    c = server.client()
+    q, reqs = stdin_stream(pb.ExecInit(sandbox_id=sandbox, argv=["/bin/cat"], stdin=True))
+    it = c.stub.Exec(reqs, timeout=30)
+    assert next(it).WhichOneof("msg") == "started"
+    q.put(pb.ExecRequest(stdin=b"ping\n"))
+    frame = next(it)
+    assert frame.output.data == b"ping\n"
+    q.put(pb.ExecRequest(stdin_eof=True))
+    q.put(None)
+    rest = list(it)
+    assert rest[-1].exit.exit_code == 0
+
+
+def test_tty(server: ServerProcess, sandbox: str) -> None:
+    c = server.client()
+    r = c.exec(sandbox, ["/bin/sh", "-c", "tty >/dev/null && echo yes; stty size; echo e >&2"],
+               tty=True, rows=33, cols=99)  # fmt: skip
+    assert r.exit_code == 0
+    assert b"yes" in r.stdout and b"33 99" in r.stdout and b"e" in r.stdout
+    assert r.stderr == b""
+    r = c.exec(sandbox, ["/bin/sh", "-c", "sleep 0.3; stty size"], tty=True, rows=10, cols=20,
+               extra=[pb.ExecRequest(resize=pb.TerminalSize(rows=40, cols=120))])  # fmt: skip
+    assert b"40 120" in r.stdout
+
+
+def test_timeout(server: ServerProcess, sandbox: str) -> None:
+    t0 = time.monotonic()
+    r = server.client().exec(sandbox, ["/bin/sleep", "30"], timeout=0.5)
+    assert time.monotonic() - t0 < 5
+    ex = r.terminal.exit
+    assert ex.timed_out and ex.exit_code == 137
+
+
+def test_signal_frame(server: ServerProcess, sandbox: str) -> None:
+    c = server.client()
+    q, reqs = stdin_stream(pb.ExecInit(sandbox_id=sandbox, argv=["/bin/sleep", "30"], stdin=True))
+    it = c.stub.Exec(reqs, timeout=30)
+    assert next(it).WhichOneof("msg") == "started"
+    q.put(pb.ExecRequest(signal=2))
+    q.put(None)
+    frames = list(it)
+    assert frames[-1].exit.exit_code == 130 and frames[-1].exit.signal == 2
+
+
+def test_errors_are_terminal_frames(server: ServerProcess, sandbox: str) -> None:
+    c = server.client()
+    r = c.exec(sandbox, ["/no/such/command"])
+    t = r.terminal
+    assert t.WhichOneof("msg") == "error" or t.exit.exit_code == 127
+    if t.WhichOneof("msg") == "error":
+        assert t.error.message
+    assert c.exec("sbx-unknown", ["true"]).error.code == NOT_FOUND
+    assert c.exec(sandbox, [""]).error.code == INVALID_ARGUMENT
+    assert "init.argv" in c.exec(sandbox, []).error.message
+    assert c.exec(sandbox, ["ls"], cwd="relative").error.code == INVALID_ARGUMENT
+    # The first frame must be init.
+    frames = list(c.stub.Exec(iter([pb.ExecRequest(stdin=b"x")]), timeout=10))
+    assert len(frames) == 1 and frames[0].error.code == INVALID_ARGUMENT
+    frames = list(c.stub.Exec(iter([]), timeout=10))
+    assert len(frames) == 1 and frames[0].error.code == INVALID_ARGUMENT
+
+
+def test_exec_on_failed_and_stopped_sandbox(server: ServerProcess) -> None:
+    c = server.client()
+    failed = c.create(command=["/bin/sh", "-c", "exit 7"])
+    c.wait(failed.id, terminal=True)
+    r = c.exec(failed.id, ["true"])
+    assert r.error.code == FAILED_PRECONDITION and "FAILED" in r.error.message
+    c.delete(failed.id)
+
+
+def test_exec_right_after_create_waits_for_running(server: ServerProcess) -> None:
+    c = server.client()
+    sb = c.create()
+    r = c.exec(sb.id, ["/bin/echo", "hi"])
+    assert r.stdout == b"hi\n" and r.exit_code == 0
+    assert c.get(sb.id).status == S.SANDBOX_STATUS_RUNNING
+    c.delete(sb.id)
+
+
+def test_client_going_away_kills_the_command(server: ServerProcess, sandbox: str) -> None:
+    c = server.client()
+    marker = f"/tmp/gone-{time.monotonic_ns()}"
+    q, reqs = stdin_stream(pb.ExecInit(
+        sandbox_id=sandbox, argv=["/bin/sh", "-c", f"echo $$ > {marker}; exec sleep 300"],
+        stdin=True))  # fmt: skip
+    call = c.stub.Exec(reqs, timeout=30)
+    assert next(call).WhichOneof("msg") == "started"
+    time.sleep(0.3)
+    call.cancel()
+    q.put(None)
+    pid = c.exec(sandbox, ["/bin/cat", marker]).stdout.strip().decode()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        alive = c.sh(sandbox, f"kill -0 {pid} 2>/dev/null").exit_code == 0
+        if not alive:
+            break
+        time.sleep(0.1)
+    assert not alive, "the command outlived its client"
+
+
+def test_parallel_execs(server: ServerProcess, sandbox: str) -> None:
+    c = server.client()
+    results: dict[int, bytes] = {}
+
+    def run(i: int) -> None:
+        results[i] = c.exec(sandbox, ["/bin/echo", str(i)]).stdout
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {i: f"{i}\n".encode() for i in range(32)}
+
+
+def test_exec_deadline_from_client_side(server: ServerProcess, sandbox: str) -> None:
+    with pytest.raises(grpc.RpcError):
+        list(server.client().stub.Exec(
+            iter([pb.ExecRequest(init=pb.ExecInit(sandbox_id=sandbox, argv=["/bin/sleep", "5"]))]),
+            timeout=0.5))  # fmt: skip
