@@ -1,0 +1,46 @@
+"""`aviato logs`: the output of a sandbox's main process, optionally followed live.
+
+Entries are written as the raw bytes the process produced, stdout to stdout and stderr to stderr,
+so that `aviato logs ID > out.txt` keeps the two apart as the process wrote them. With `-f` the
+stream stays open until the sandbox ends or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from aviato.cli._rpc import connection
+from aviato.v1 import sandbox_pb2 as pb
+
+
+@click.command()
+@click.argument("sandbox_id", metavar="ID")
+@click.option(
+    "-f", "--follow", is_flag=True, help="Keep printing new output until the sandbox ends."
+)
+@click.option(
+    "--tail",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="N",
+    help="Only the last N log entries (usually lines) written so far.",
+)
+def logs(sandbox_id: str, follow: bool, tail: int | None) -> None:
+    """Print the output of the sandbox's main process.
+
+    \b
+    Examples:
+      aviato logs sb-1a2b3c
+      aviato logs -f --tail 20 sb-1a2b3c
+    """
+    request = pb.StreamLogsRequest(
+        sandbox_id=sandbox_id, tail=-1 if tail is None else tail, follow=follow
+    )
+    with connection() as conn:
+        for entry in conn.stub.StreamLogs(request, metadata=conn.metadata):
+            out = sys.stderr if entry.stream == pb.STREAM_STDERR else sys.stdout
+            out.flush()
+            out.buffer.write(entry.data)
+            out.buffer.flush()

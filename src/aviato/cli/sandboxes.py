@@ -1,0 +1,355 @@
+"""`aviato run | ls | get | stop | rm`: sandboxes as records, through the public SDK.
+
+These commands are plain uses of `aviato.Sandbox` (run, list, from_id, stop, delete), so that
+what the command line shows is what a Python user of the SDK gets. Operations on several
+sandboxes are started together and collected afterwards — the SDK's handles run concurrently —
+and each failure is reported on its own line, the others still being carried out.
+
+Sandboxes made by `aviato run` belong to no session: they outlive the command and run until
+stopped, until their main process ends, or until their lifetime (the service's default is one
+hour; `--lifetime` changes it).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from aviato import Sandbox, SandboxFailedError, SandboxStatus
+from aviato.cli._output import (
+    CliError,
+    age,
+    describe,
+    iso,
+    print_error,
+    print_fields,
+    print_json,
+    print_table,
+)
+from aviato.cli._params import duration, duration_or_zero, env_pairs
+from aviato.cli._rpc import preflight
+
+STATUS_CHOICES = [
+    s.value for s in SandboxStatus if s not in (SandboxStatus.PAUSED, SandboxStatus.UNSPECIFIED)
+]
+START_TIMEOUT_SECONDS = 120.0
+STATUS_WIDTH = 48  # `ls` cuts long failure reasons; `get` shows them whole
+CONFIRM_ABOVE = 5  # rm asks before deleting more than this many (or with --all)
+
+
+def _status_text(sb: Sandbox, limit: int | None = None) -> str:
+    """`running`, or for an ended sandbox `failed (exit 1, OOMKilled)`; cut to `limit` chars."""
+    status = sb.status.value if sb.status else "unknown"
+    details = []
+    if sb.status is not None and sb.status.is_terminal:
+        if sb.returncode is not None:
+            details.append(f"exit {sb.returncode}")
+        if sb.status_reason:
+            details.append(sb.status_reason)
+    text = f"{status} ({', '.join(details)})" if details else status
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 2] + "…)"
+    return text
+
+
+def _as_dict(sb: Sandbox) -> dict[str, Any]:
+    return {
+        "id": sb.sandbox_id,
+        "status": sb.status.value if sb.status else None,
+        "status_reason": sb.status_reason,
+        "exit_code": sb.returncode,
+        "image": sb.container_image,
+        "tags": sb.tags,
+        "node": sb.node,
+        "created_at": iso(sb.created_at),
+        "started_at": iso(sb.started_at),
+        "ended_at": iso(sb.ended_at),
+        "expires_at": iso(sb.expires_at),
+    }
+
+
+def _resources(cpu: str | None, memory: str | None) -> dict[str, str] | None:
+    resources = {key: value for key, value in (("cpu", cpu), ("memory", memory)) if value}
+    return resources or None
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option(
+    "--image", metavar="IMAGE", help="Image of the sandbox [default: $AVIATO_IMAGE, else host]."
+)
+@click.option(
+    "-t",
+    "--tag",
+    "tags",
+    multiple=True,
+    metavar="TAG",
+    help="Tag it (repeatable); ls and rm select by tag.",
+)
+@click.option(
+    "-e",
+    "--env",
+    "env",
+    multiple=True,
+    metavar="NAME=VALUE",
+    callback=env_pairs,
+    help="Set a variable for every process (repeatable).",
+)
+@click.option("--cpu", metavar="CPUS", help="CPU limit: 0.5, 500m, 2.")
+@click.option("--memory", metavar="SIZE", help="Memory limit: 512Mi, 2Gi.")
+@click.option(
+    "--lifetime",
+    metavar="DURATION",
+    callback=duration,
+    help="Stop it after this long: 90s, 30m, 8h [default: 1h].",
+)
+@click.option("-w", "--workdir", metavar="DIR", help="Working directory [default: /workspace].")
+@click.option(
+    "--wait/--no-wait",
+    default=True,
+    show_default=True,
+    help="Return once it runs (failing if it cannot start), or right after it is created.",
+)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- CMD ...]")
+def run(
+    image: str | None,
+    tags: tuple[str, ...],
+    env: tuple[tuple[str, str], ...],
+    cpu: str | None,
+    memory: str | None,
+    lifetime: float | None,
+    workdir: str | None,
+    wait: bool,
+    command: tuple[str, ...],
+) -> None:
+    """Create a sandbox and print its id.
+
+    Without CMD the sandbox waits for commands (`aviato exec`, `aviato sh`) until it is stopped;
+    with CMD, that command is its main process and the sandbox ends when it exits (see `aviato
+    logs`). Options go before CMD. The id is printed once the sandbox runs, or at once with
+    --no-wait; a sandbox that cannot start is an error (its record stays, see `ls --all`).
+
+    \b
+    Examples:
+      aviato run
+      id=$(aviato run --tag eval --memory 1Gi --cpu 1 --lifetime 2h)
+      aviato run -e SEED=3 -- python3 -c 'import os; print(os.environ["SEED"])'
+    """
+    argv = list(command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    preflight()
+    sandbox = Sandbox.run(
+        *argv,
+        container_image=image,
+        tags=list(tags) or None,
+        environment_variables=dict(env) or None,
+        resources=_resources(cpu, memory),
+        max_lifetime_seconds=lifetime,
+        working_dir=workdir,
+    )
+    if wait:
+        try:
+            sandbox.wait(timeout=START_TIMEOUT_SECONDS)
+        except SandboxFailedError as exc:
+            if exc.returncode is None:  # it never ran; a CMD that exited non-zero did run
+                raise
+    click.echo(sandbox.sandbox_id)
+
+
+@click.command()
+@click.option(
+    "-t",
+    "--tag",
+    "tags",
+    multiple=True,
+    metavar="TAG",
+    help="Only sandboxes with this tag (repeatable: all of them).",
+)
+@click.option(
+    "-s",
+    "--status",
+    type=click.Choice(STATUS_CHOICES, case_sensitive=False),
+    help="Only sandboxes in this status.",
+)
+@click.option("-a", "--all", "show_all", is_flag=True, help="Include sandboxes that have ended.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of records.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only ids, one per line.")
+def ls(
+    tags: tuple[str, ...], status: str | None, show_all: bool, as_json: bool, quiet: bool
+) -> None:
+    """List sandboxes: those not yet ended, or all with --all.
+
+    \b
+    Examples:
+      aviato ls
+      aviato ls --all --tag eval
+      aviato ls -q --status running | xargs aviato stop
+      aviato ls --json | jq '.[].id'
+    """
+    if as_json and quiet:
+        raise click.UsageError("--json and -q exclude each other")
+    preflight()
+    found = Sandbox.list(tags=list(tags) or None, status=status, include_stopped=show_all).result()
+    if as_json:
+        print_json([_as_dict(sb) for sb in found])
+    elif quiet:
+        for sb in found:
+            click.echo(sb.sandbox_id)
+    else:
+        rows = [
+            [
+                sb.sandbox_id or "-",
+                _status_text(sb, limit=STATUS_WIDTH),
+                age(sb.created_at),
+                sb.container_image,
+                ",".join(sb.tags) or "-",
+            ]
+            for sb in found
+        ]
+        print_table(["ID", "STATUS", "AGE", "IMAGE", "TAGS"], rows, wrap=("STATUS", "TAGS"))
+
+
+@click.command()
+@click.argument("sandbox_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+def get(sandbox_id: str, as_json: bool) -> None:
+    """Show one sandbox's record.
+
+    \b
+    Examples:
+      aviato get sb-1a2b3c
+      aviato get --json sb-1a2b3c
+    """
+    preflight()
+    sb = Sandbox.from_id(sandbox_id).result()
+    if as_json:
+        print_json(_as_dict(sb))
+        return
+    record = _as_dict(sb)
+    print_fields(
+        [
+            ("id", record["id"]),
+            ("status", _status_text(sb)),
+            ("image", record["image"]),
+            ("tags", ", ".join(sb.tags) or "-"),
+            ("node", record["node"] or "-"),
+            ("created", record["created_at"] or "-"),
+            ("started", record["started_at"] or "-"),
+            ("ended", record["ended_at"] or "-"),
+            ("expires", record["expires_at"] or "-"),
+        ]
+    )
+
+
+def _report(outcomes: Sequence[tuple[str, BaseException | None]]) -> None:
+    """Print the ids that succeeded on stdout, one error line per failure, exit 1 if any."""
+    failed = False
+    for sandbox_id, error in outcomes:
+        if error is None:
+            click.echo(sandbox_id)
+        else:
+            failed = True
+            print_error(describe(error))
+    if failed:
+        raise SystemExit(1)
+
+
+@click.command()
+@click.argument("sandbox_ids", nargs=-1, required=True, metavar="ID...")
+@click.option(
+    "--grace",
+    metavar="DURATION",
+    callback=duration_or_zero,
+    default="10s",
+    show_default="10s",
+    help="Time between SIGTERM to the main process and SIGKILL to everything.",
+)
+def stop(sandbox_ids: tuple[str, ...], grace: float) -> None:
+    """Stop sandboxes. Their records stay (see `ls --all`, `logs`) until `rm`.
+
+    Prints each id once that sandbox has ended.
+
+    \b
+    Examples:
+      aviato stop sb-1a2b3c
+      aviato ls -q --tag eval | xargs aviato stop --grace 0
+    """
+    preflight()
+    lookups = [(sid, Sandbox.from_id(sid)) for sid in sandbox_ids]
+    stops = []
+    outcomes: list[tuple[str, BaseException | None]] = []
+    for sid, ref in lookups:
+        try:
+            stops.append((sid, ref.result().stop(graceful_shutdown_seconds=grace)))
+        except Exception as exc:
+            outcomes.append((sid, exc))
+    for sid, stop_ref in stops:
+        try:
+            stop_ref.result()
+            outcomes.append((sid, None))
+        except Exception as exc:
+            outcomes.append((sid, exc))
+    _report(outcomes)
+
+
+def _confirm(count: int, everything: bool) -> None:
+    if count <= CONFIRM_ABOVE and not (everything and count > 1):
+        return
+    if not sys.stdin.isatty():
+        raise CliError(f"refusing to delete {count} sandboxes without confirmation; add -y")
+    if not click.confirm(f"Delete {count} sandboxes?", default=False, err=True):
+        raise CliError("nothing deleted")
+
+
+@click.command()
+@click.argument("sandbox_ids", nargs=-1, metavar="[ID...]")
+@click.option(
+    "-t",
+    "--tag",
+    "tags",
+    multiple=True,
+    metavar="TAG",
+    help="Delete every sandbox with this tag (repeatable: all of them).",
+)
+@click.option(
+    "-a", "--all", "everything", is_flag=True, help="Delete every sandbox, ended ones included."
+)
+@click.option("-y", "--yes", is_flag=True, help=f"Do not ask, even for more than {CONFIRM_ABOVE}.")
+def rm(sandbox_ids: tuple[str, ...], tags: tuple[str, ...], everything: bool, yes: bool) -> None:
+    """Delete sandboxes and their records, stopping those still running.
+
+    Give ids, or select with --tag or --all. Asks first when deleting more than five, or with
+    --all; -y skips the question (needed when stdin is not a terminal).
+
+    \b
+    Examples:
+      aviato rm sb-1a2b3c sb-4d5e6f
+      aviato rm --tag eval -y
+    """
+    if sandbox_ids and (tags or everything):
+        raise click.UsageError("give ids, or select with --tag/--all, not both")
+    if not (sandbox_ids or tags or everything):
+        raise click.UsageError("give ids, or select with --tag or --all")
+    preflight()
+    by_selection = not sandbox_ids
+    if by_selection:
+        found = Sandbox.list(tags=list(tags) or None, include_stopped=True).result()
+        ids = [sb.sandbox_id for sb in found if sb.sandbox_id]
+        if not ids:
+            return
+    else:
+        ids = list(dict.fromkeys(sandbox_ids))
+    if not yes:
+        _confirm(len(ids), everything)
+    refs = [(sid, Sandbox.delete(sid, missing_ok=by_selection)) for sid in ids]
+    outcomes: list[tuple[str, BaseException | None]] = []
+    for sid, ref in refs:
+        try:
+            ref.result()
+            outcomes.append((sid, None))
+        except Exception as exc:
+            outcomes.append((sid, exc))
+    _report(outcomes)

@@ -1,0 +1,384 @@
+"""`aviato server`: run, start, stop and inspect the aviato service of this machine.
+
+Every subcommand works on the service of one state directory (`--state-dir`, else
+AVIATO_STATE_DIR, else the XDG default), through its unix socket and its files (`server.pid`,
+`server.log`); AVIATO_BASE_URL is ignored here, since it may point at another machine.
+
+- `aviato server [--listen ...]` runs the service in the foreground (`python -m aviato.server`),
+  the form for a terminal, a container or a process supervisor.
+- `aviato server start` starts it detached. Without `--listen` this is exactly what the SDK does
+  on first use (`aviato._local.ensure_local_service`), so both agree on locking and logging.
+- `stop` sends SIGTERM and waits; sandboxes keep running and are re-attached on the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import grpc
+
+from aviato import _local
+from aviato.cli._output import CliError, print_error, print_fields
+from aviato.cli._params import listen_address
+from aviato.v1 import sandbox_pb2 as pb
+from aviato.v1 import sandbox_pb2_grpc
+
+SOCKET_NAME = "aviato.sock"
+PID_NAME = "server.pid"
+LOG_NAME = "server.log"
+LOCK_NAME = "server.lock"
+START_TIMEOUT_SECONDS = 60.0
+STOP_TIMEOUT_SECONDS = 20.0
+NOT_RUNNING_STATUS = 3  # as `systemctl status` and LSB init scripts use for "not running"
+
+
+@dataclass(frozen=True)
+class _Paths:
+    state_dir: Path
+
+    @property
+    def socket(self) -> Path:
+        return self.state_dir / SOCKET_NAME
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / PID_NAME
+
+    @property
+    def log(self) -> Path:
+        return self.state_dir / LOG_NAME
+
+
+def _resolve(state_dir: str | None) -> _Paths:
+    directory = Path(state_dir).expanduser().absolute() if state_dir else _local.state_dir()
+    return _Paths(directory)
+
+
+def _server_info(paths: _Paths, timeout: float = 3.0) -> pb.ServerInfo | None:
+    """The service's answer on its socket, or None when nothing answers there."""
+    if not paths.socket.exists():
+        return None
+    with grpc.insecure_channel(f"unix://{paths.socket}") as channel:
+        stub = sandbox_pb2_grpc.SandboxServiceStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            info: pb.ServerInfo = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return None
+    return info
+
+
+def _read_pid(paths: _Paths) -> int | None:
+    """The pid in server.pid if that process is alive and is an aviato service."""
+    try:
+        pid = int(paths.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return pid if b"aviato" in cmdline else None
+
+
+def _server_argv(
+    paths: _Paths, listen: str | None, tls_cert: str | None, tls_key: str | None
+) -> list[str]:
+    argv = [sys.executable, "-m", "aviato.server", "--state-dir", str(paths.state_dir)]
+    if listen:
+        argv += ["--listen", listen]
+    if tls_cert and tls_key:
+        argv += ["--tls-cert", str(Path(tls_cert).absolute())]
+        argv += ["--tls-key", str(Path(tls_key).absolute())]
+    return argv
+
+
+def _check_tls(listen: str | None, tls_cert: str | None, tls_key: str | None) -> None:
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if tls_cert and not listen:
+        raise click.UsageError("--tls-cert/--tls-key need --listen (the unix socket has no TLS)")
+
+
+def _last_log_line(paths: _Paths) -> str:
+    try:
+        lines = paths.log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def _start_detached(paths: _Paths, argv: list[str]) -> None:
+    """Start the service in its own session with output to server.log; wait until it answers.
+
+    Takes `server.lock` as `aviato._local` does, so that an SDK starting the plain service at
+    the same moment waits for this one instead of racing it.
+    """
+    paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with (paths.state_dir / LOCK_NAME).open("a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if _server_info(paths) is not None:
+            raise CliError(f"a service started meanwhile for {paths.state_dir}; stop it first")
+        with contextlib.suppress(FileNotFoundError):
+            paths.socket.unlink()
+        with paths.log.open("ab") as log:
+            log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} aviato server start\n".encode())
+            log.flush()
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd="/",
+            )
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            if _server_info(paths, timeout=1.0) is not None:
+                return
+            if process.poll() is not None:
+                detail = _last_log_line(paths) or f"see {paths.log}"
+                raise CliError(f"the service exited while starting: {detail}")
+            time.sleep(0.1)
+    raise CliError(
+        f"the service did not answer within {START_TIMEOUT_SECONDS:.0f}s; see {paths.log}"
+    )
+
+
+listen_option = click.option(
+    "--listen",
+    metavar="HOST:PORT",
+    callback=listen_address,
+    help="Also serve remote clients on TCP; they must present an API key (`aviato keys`).",
+)
+tls_cert_option = click.option(
+    "--tls-cert", type=click.Path(exists=True, dir_okay=False), help="TLS certificate (PEM)."
+)
+tls_key_option = click.option(
+    "--tls-key", type=click.Path(exists=True, dir_okay=False), help="TLS private key (PEM)."
+)
+
+
+@click.group(invoke_without_command=True)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    envvar="AVIATO_STATE_DIR",
+    help="State directory of the service [env AVIATO_STATE_DIR; default ~/.local/state/aviato].",
+)
+@listen_option
+@tls_cert_option
+@tls_key_option
+@click.pass_context
+def server(
+    ctx: click.Context,
+    state_dir: str | None,
+    listen: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+) -> None:
+    """Run or manage the aviato service on this machine.
+
+    Without a subcommand, runs the service in the foreground until Ctrl-C or SIGTERM. It always
+    serves the unix socket of its state directory (no key needed: the socket is private to its
+    user); with --listen it also serves TCP, where clients need an API key, and TLS when given a
+    certificate and key.
+
+    \b
+    Examples:
+      aviato server status
+      aviato server start
+      aviato keys create --owner alice
+      aviato server --listen 0.0.0.0:7443 --tls-cert cert.pem --tls-key key.pem
+      aviato server start --listen 127.0.0.1:7080
+    """
+    paths = _resolve(state_dir)
+    ctx.obj = paths
+    if ctx.invoked_subcommand is not None:
+        if listen or tls_cert or tls_key:
+            raise click.UsageError(
+                f"put --listen/--tls-* after the subcommand: "
+                f"aviato server {ctx.invoked_subcommand} --listen ..."
+            )
+        return
+    _check_tls(listen, tls_cert, tls_key)
+    if _server_info(paths) is not None:
+        raise CliError(
+            f"a service already runs for {paths.state_dir} (pid {_read_pid(paths) or '?'}); "
+            "stop it first with 'aviato server stop'"
+        )
+    argv = _server_argv(paths, listen, tls_cert, tls_key)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)
+
+
+@server.command()
+@listen_option
+@tls_cert_option
+@tls_key_option
+@click.pass_obj
+def start(paths: _Paths, listen: str | None, tls_cert: str | None, tls_key: str | None) -> None:
+    """Start the service in the background if it is not running.
+
+    Its log goes to server.log in the state directory (`aviato server logs`). Commands and the
+    SDK start it by themselves on first use; `start` is for starting it ahead of time, or with
+    --listen to serve remote clients.
+
+    \b
+    Examples:
+      aviato server start
+      aviato server start --listen 127.0.0.1:7080
+    """
+    _check_tls(listen, tls_cert, tls_key)
+    info = _server_info(paths)
+    if info is not None:
+        if listen:
+            raise CliError(
+                f"a service already runs for {paths.state_dir} (pid {_read_pid(paths) or '?'}); "
+                "to serve --listen, stop it first with 'aviato server stop'"
+            )
+        click.echo(f"already running (pid {_read_pid(paths) or '?'}, socket {paths.socket})")
+        return
+    if listen:
+        _start_detached(paths, _server_argv(paths, listen, tls_cert, tls_key))
+    else:
+        _local.ensure_local_service(paths.state_dir)
+    where = f", listening on {listen}" if listen else ""
+    click.echo(f"started (pid {_read_pid(paths) or '?'}, socket {paths.socket}{where})")
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@server.command()
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=STOP_TIMEOUT_SECONDS,
+    show_default=True,
+    help="Seconds to wait after SIGTERM before SIGKILL.",
+)
+@click.pass_obj
+def stop(paths: _Paths, timeout: float) -> None:
+    """Stop the service. Sandboxes keep running; the next start re-attaches them.
+
+    \b
+    Example:
+      aviato server stop
+    """
+    pid = _read_pid(paths)
+    if pid is None:
+        click.echo("not running")
+        return
+    os.kill(pid, signal.SIGTERM)
+    if not _wait_gone(pid, timeout):
+        print_error(f"the service (pid {pid}) did not stop within {timeout:.0f}s; killing it")
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid, 5.0)
+    click.echo(f"stopped (pid {pid})")
+
+
+@server.command()
+@click.pass_obj
+def status(paths: _Paths) -> None:
+    """Show whether the service runs, and how: version, isolation, cgroups, sandboxes.
+
+    Exits 0 when it runs, 3 when it does not.
+
+    \b
+    Example:
+      aviato server status
+    """
+    info = _server_info(paths)
+    pid = _read_pid(paths)
+    if info is None:
+        print_fields(
+            [
+                ("state dir", str(paths.state_dir)),
+                ("status", "not running" + (f" (pid {pid} does not answer)" if pid else "")),
+            ]
+        )
+        raise SystemExit(NOT_RUNNING_STATUS)
+    limit = f" of at most {info.max_sandboxes}" if info.max_sandboxes else ""
+    print_fields(
+        [
+            ("state dir", info.state_dir or str(paths.state_dir)),
+            ("status", "running"),
+            ("pid", str(pid) if pid else "?"),
+            ("socket", str(paths.socket)),
+            ("log", str(paths.log)),
+            ("version", info.version),
+            ("placement", info.placement),
+            ("runtime", info.runtime),
+            ("cgroups", info.cgroups),
+            ("sandboxes", f"{info.sandboxes_running} running{limit}"),
+        ]
+    )
+
+
+def _follow(path: Path, start: int) -> Iterator[bytes]:
+    position = start
+    while True:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size < position:  # the log was truncated or replaced
+            position = 0
+        if size > position:
+            with path.open("rb") as f:
+                f.seek(position)
+                data = f.read()
+                position += len(data)
+                yield data
+        else:
+            time.sleep(0.25)
+
+
+@server.command("logs")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
+@click.option("--tail", type=click.IntRange(min=0), metavar="N", help="Only the last N lines.")
+@click.pass_obj
+def server_logs(paths: _Paths, follow: bool, tail: int | None) -> None:
+    """Print the service's log (server.log in the state directory).
+
+    \b
+    Examples:
+      aviato server logs --tail 50
+      aviato server logs -f
+    """
+    try:
+        data = paths.log.read_bytes()
+    except FileNotFoundError:
+        if not follow:
+            raise CliError(f"no log yet at {paths.log}: the service has never run there") from None
+        data = b""
+    shown = data
+    if tail is not None:
+        lines = data.splitlines(keepends=True)
+        shown = b"".join(lines[-tail:]) if tail else b""
+    out = sys.stdout.buffer
+    out.write(shown)
+    out.flush()
+    if follow:
+        for chunk in _follow(paths.log, len(data)):
+            out.write(chunk)
+            out.flush()
