@@ -1,0 +1,103 @@
+"""aviato: run untrusted code in isolated sandboxes, from sync code, async code and notebooks.
+
+```python
+from aviato import Sandbox
+
+with Sandbox.run() as sandbox:
+    print(sandbox.exec(["echo", "hello"]).result().stdout)
+```
+
+Every operation starts at once and returns a handle: `OperationRef` (``.result()``/``.get()``
+block, ``await`` works on any event loop) or `Process` (live ``stdout``/``stderr``, ``stdin``,
+``.result()`` → `ProcessResult`). The service is `AVIATO_BASE_URL` if set, else a local one that
+the SDK starts on first use. Errors are the `aviato.exceptions` hierarchy.
+"""
+
+from __future__ import annotations
+
+from aviato import exceptions
+from aviato._defaults import NetworkOptions, SandboxDefaults, Serialization
+from aviato._function import RemoteFunction
+from aviato._refs import (
+    OperationRef,
+    Process,
+    ProcessResult,
+    ResourceUsage,
+    StreamReader,
+    StreamWriter,
+)
+from aviato._sandbox import Sandbox
+from aviato._session import Session
+from aviato._status import SandboxStatus
+from aviato._wait import Waitable, results, wait
+from aviato.exceptions import (
+    AsyncFunctionError,
+    AviatoAuthenticationError,
+    AviatoConnectionError,
+    AviatoError,
+    FunctionError,
+    FunctionSerializationError,
+    RemoteFunctionError,
+    SandboxError,
+    SandboxExecutionError,
+    SandboxFailedError,
+    SandboxFileError,
+    SandboxNotFoundError,
+    SandboxNotRunningError,
+    SandboxResourceExhaustedError,
+    SandboxTerminatedError,
+    SandboxTimeoutError,
+    SandboxValidationError,
+    WandbAuthError,
+)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("aviato")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+__version__ = _version()
+
+__all__ = [
+    "AsyncFunctionError",
+    "AviatoAuthenticationError",
+    "AviatoConnectionError",
+    "AviatoError",
+    "FunctionError",
+    "FunctionSerializationError",
+    "NetworkOptions",
+    "OperationRef",
+    "Process",
+    "ProcessResult",
+    "RemoteFunction",
+    "RemoteFunctionError",
+    "ResourceUsage",
+    "Sandbox",
+    "SandboxDefaults",
+    "SandboxError",
+    "SandboxExecutionError",
+    "SandboxFailedError",
+    "SandboxFileError",
+    "SandboxNotFoundError",
+    "SandboxNotRunningError",
+    "SandboxResourceExhaustedError",
+    "SandboxStatus",
+    "SandboxTerminatedError",
+    "SandboxTimeoutError",
+    "SandboxValidationError",
+    "Serialization",
+    "Session",
+    "StreamReader",
+    "StreamWriter",
+    "Waitable",
+    "WandbAuthError",
+    "__version__",
+    "exceptions",
+    "results",
+    "wait",
+]

@@ -1,0 +1,677 @@
+"""Handles to work in progress: `OperationRef`, `Process` and its streams, `ProcessResult`.
+
+Every SDK operation starts immediately on the background loop (`aviato._bridge`) and returns one
+of these handles. A handle can be:
+
+- blocked on from any thread: ``ref.result(timeout=None)`` (alias ``ref.get()``);
+- awaited from any event loop: ``await ref`` (a cancelled awaiter does not cancel the operation;
+  ``ref.cancel()`` does);
+- polled: ``ref.done()``.
+
+A `Process` is the handle of a command (`Sandbox.exec`). Its `stdout` and `stderr` are
+`StreamReader`s that yield text as the output arrives, with ``for`` or ``async for``, from any
+thread or loop; ``.lines()`` yields whole lines. Its `stdin` is a `StreamWriter` (when
+``exec(..., stdin=True)``). The output is also kept whole for `ProcessResult`, so reading the
+streams is optional and they can be read before or after ``result()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import concurrent.futures
+import contextlib
+import shlex
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import grpc
+import grpc.aio
+
+from aviato._bridge import get_bridge
+from aviato.exceptions import SandboxExecutionError, SandboxTimeoutError
+from aviato.v1 import sandbox_pb2 as pb
+
+if TYPE_CHECKING:
+    from aviato._client import Client
+
+__all__ = [
+    "OperationRef",
+    "Process",
+    "ProcessResult",
+    "ResourceUsage",
+    "StreamReader",
+    "StreamWriter",
+]
+
+T = TypeVar("T")
+
+STDIN_CHUNK_BYTES = 64 * 1024
+STDIN_MAX_BUFFERED_BYTES = 1024 * 1024
+_MAX_READ_CHUNK = 1024 * 1024
+_EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    # Mark an exception as retrieved (a shielded future whose awaiter went away).
+    if not fut.cancelled():
+        fut.exception()
+
+
+async def _await_concurrent(future: concurrent.futures.Future[T]) -> T:
+    """Awaits a thread-safe future from whatever loop is running; cancelling the awaiter does not
+    cancel the future."""
+    wrapped = asyncio.wrap_future(future)
+    wrapped.add_done_callback(_retrieve)
+    return await asyncio.shield(wrapped)
+
+
+class OperationRef(Generic[T]):
+    """A lazy handle to an operation that has already started.
+
+    ``result()``/``get()`` block for its value, ``await ref`` gives it in async code (from any
+    event loop), ``done()`` polls and ``cancel()`` cancels it. If the value is never collected,
+    errors are dropped silently.
+    """
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: concurrent.futures.Future[T]) -> None:
+        self._future = future
+
+    @classmethod
+    def _of(cls, coro: Coroutine[Any, Any, T]) -> OperationRef[T]:
+        """Schedules `coro` on the background loop and returns its handle."""
+        return cls(get_bridge().submit(coro))
+
+    @classmethod
+    def completed(cls, value: T) -> OperationRef[T]:
+        """A handle that is already done with `value`."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        future.set_result(value)
+        return cls(future)
+
+    def result(self, timeout: float | None = None) -> T:
+        """Blocks until the operation finishes and returns its value (or raises its error).
+
+        `timeout` in seconds (None: no limit); when it passes, `TimeoutError`
+        (`concurrent.futures.TimeoutError`) is raised and the operation goes on. Raises
+        `concurrent.futures.CancelledError` if it was cancelled. Calling this from the SDK's own
+        loop thread on an unfinished operation raises RuntimeError (it would deadlock).
+        """
+        if not self._future.done() and get_bridge().in_loop_thread():
+            raise RuntimeError(
+                "OperationRef.result() would block the aviato event loop; use `await` instead"
+            )
+        return self._future.result(timeout)
+
+    def get(self, timeout: float | None = None) -> T:
+        """Same as `result()`."""
+        return self.result(timeout)
+
+    def done(self) -> bool:
+        """True when the operation has finished (successfully, with an error, or cancelled)."""
+        return self._future.done()
+
+    def cancel(self) -> bool:
+        """Cancels the operation if it has not finished; returns True if it was cancelled."""
+        return self._future.cancel()
+
+    def cancelled(self) -> bool:
+        """True if the operation was cancelled."""
+        return self._future.cancelled()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Blocks like `result()`, then returns the operation's exception (or None)."""
+        return self._future.exception(timeout)
+
+    def add_done_callback(self, fn: Callable[[OperationRef[T]], object]) -> None:
+        """Calls `fn(self)` when the operation finishes (in an unspecified thread)."""
+        self._future.add_done_callback(lambda _f: fn(self))
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return _await_concurrent(self._future).__await__()
+
+    def __repr__(self) -> str:
+        state = "done" if self._future.done() else "pending"
+        return f"<{type(self).__name__} {state}>"
+
+
+# --- results ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResourceUsage:
+    """What a command used: CPU seconds (user, system), peak memory and wall-clock time."""
+
+    cpu_user_seconds: float = 0.0
+    cpu_system_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    wall_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ProcessResult:
+    """The outcome of a command run by `Sandbox.exec`.
+
+    `stdout`/`stderr` are the output decoded as UTF-8 (invalid bytes replaced); `stdout_bytes`/
+    `stderr_bytes` are exact. `returncode` is the real exit code (128+N when killed by signal N;
+    `signal` is then N). `timed_out` is True when `exec(timeout_seconds=...)` killed it. `usage` is
+    the command's resource usage as measured by the service.
+    """
+
+    stdout: str
+    stderr: str
+    returncode: int
+    stdout_bytes: bytes = b""
+    stderr_bytes: bytes = b""
+    command: list[str] = field(default_factory=list)
+    signal: int = 0
+    timed_out: bool = False
+    usage: ResourceUsage | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the command exited 0."""
+        return self.returncode == 0
+
+    def check_returncode(self) -> ProcessResult:
+        """Raises `SandboxExecutionError` (carrying this result) if the exit code is not 0."""
+        if self.returncode != 0:
+            raise SandboxExecutionError(
+                f"command {shlex.join(self.command)!r} exited with code {self.returncode}"
+                + (f"; stderr: {self.stderr.strip()[-500:]}" if self.stderr.strip() else ""),
+                exec_result=self,
+            )
+        return self
+
+
+# --- output streams ---------------------------------------------------------------------------
+
+
+class _OutputBuffer:
+    """All output of one stream of a command, growing as frames arrive (loop-side only)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.closed = False
+        self.error: BaseException | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def append(self, chunk: bytes) -> None:
+        if chunk:
+            self.data += chunk
+            self.wake()
+
+    def close(self, error: BaseException | None = None) -> None:
+        if not self.closed:
+            self.closed = True
+            self.error = error
+            self.wake()
+
+    def wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def wait(self) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        await fut
+
+
+class StreamReader:
+    """The live output of a command (stdout or stderr), as text.
+
+    Iterate with ``for chunk in reader`` or ``async for chunk in reader`` (from any thread or
+    event loop): each item is the text that arrived since the previous one (chunks are not
+    lines; use ``reader.lines()`` for lines). Iteration ends when the command's stream ends, and
+    raises the command's error if the output was cut short (e.g. the connection was lost). A
+    reader keeps its position: a second loop continues where the first stopped. Text is decoded as
+    UTF-8 incrementally, so a character split across chunks is decoded correctly.
+    """
+
+    def __init__(self, buffer: _OutputBuffer, name: str) -> None:
+        self._buffer = buffer
+        self.name = name
+        self._pos = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""
+        self._closed = False
+        self._finished = False
+
+    # loop-side
+    async def _next_chunk(self) -> str | None:
+        if self._pending:
+            text, self._pending = self._pending, ""
+            return text
+        buf = self._buffer
+        while True:
+            if self._closed or self._finished:
+                return None
+            if self._pos < len(buf.data):
+                end = min(len(buf.data), self._pos + _MAX_READ_CHUNK)
+                raw = bytes(buf.data[self._pos : end])
+                self._pos = end
+                text = self._decoder.decode(raw)
+                if text:
+                    return text
+                continue
+            if buf.closed:
+                self._finished = True
+                tail = self._decoder.decode(b"", final=True)
+                if buf.error is not None:
+                    raise buf.error
+                return tail or None
+            await buf.wait()
+
+    async def _next_line(self) -> str | None:
+        parts: list[str] = []
+        while True:
+            chunk = await self._next_chunk()
+            if chunk is None:
+                return "".join(parts) or None
+            newline = chunk.find("\n")
+            if newline >= 0:
+                parts.append(chunk[: newline + 1])
+                self._pending = chunk[newline + 1 :]
+                return "".join(parts)
+            parts.append(chunk)
+
+    # sync and async iteration
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        chunk = get_bridge().run(self._next_chunk())
+        if chunk is None:
+            raise StopIteration
+        return chunk
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self
+
+    async def __anext__(self) -> str:
+        chunk = await _await_concurrent(get_bridge().submit(self._next_chunk()))
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+    def lines(self) -> LineIterator:
+        """Iterates (``for``/``async for``) over whole lines, each ending in ``"\\n"`` except
+        possibly the last."""
+        return LineIterator(self)
+
+    def read(self) -> str:
+        """Blocks until the stream ends and returns the rest of its text."""
+        return "".join(self)
+
+    def close(self) -> None:
+        """Stops this reader: iteration ends (the command is not affected)."""
+        self._closed = True
+        bridge = get_bridge()
+        if bridge.started:
+            bridge.call_soon(self._buffer.wake)
+
+    def __repr__(self) -> str:
+        return f"<StreamReader {self.name}>"
+
+
+class LineIterator:
+    """Lines of a `StreamReader`, sync or async (see `StreamReader.lines`)."""
+
+    def __init__(self, reader: StreamReader) -> None:
+        self._reader = reader
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        line = get_bridge().run(self._reader._next_line())
+        if line is None:
+            raise StopIteration
+        return line
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self
+
+    async def __anext__(self) -> str:
+        line = await _await_concurrent(get_bridge().submit(self._reader._next_line()))
+        if line is None:
+            raise StopAsyncIteration
+        return line
+
+
+class StreamWriter:
+    """The stdin of a command started with ``exec(..., stdin=True)``.
+
+    ``write(data)`` and ``writeline(text)`` return an `OperationRef` that completes when the data
+    is accepted; at most ~1 MiB is buffered in the SDK beyond what the service has taken, so a
+    writer that outpaces the command waits (backpressure: block on, or await, the returned refs).
+    Writes are delivered in the order they were made. ``close()`` sends end-of-file; it is
+    idempotent. Writing after ``close()``, or after the command exited, raises
+    `SandboxExecutionError`.
+    """
+
+    def __init__(self, *, max_buffered_bytes: int = STDIN_MAX_BUFFERED_BYTES) -> None:
+        self._max_buffered = max_buffered_bytes
+        self._closed = False
+        self._close_ref: OperationRef[None] | None = None
+        self._failed: BaseException | None = None
+        # loop-side state
+        self._chunks: deque[bytes] = deque()
+        self._eof = False
+        self._queued = 0
+        self._sent = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` was called."""
+        return self._closed
+
+    def write(self, data: bytes | bytearray | memoryview) -> OperationRef[None]:
+        """Queues `data` for the command's stdin (see the class docstring)."""
+        if isinstance(data, str):
+            raise TypeError("StreamWriter.write() takes bytes; use writeline() or encode the text")
+        if self._closed:
+            raise SandboxExecutionError("cannot write: the stdin stream is closed")
+        if self._failed is not None:
+            raise SandboxExecutionError(
+                f"cannot write: the stdin stream has failed ({self._failed})"
+            )
+        return OperationRef._of(self._write(bytes(data)))
+
+    def writeline(self, text: str, encoding: str = "utf-8") -> OperationRef[None]:
+        """Writes `text` followed by a newline."""
+        return self.write((text + "\n").encode(encoding))
+
+    def close(self) -> OperationRef[None]:
+        """Sends end-of-file after everything written so far. Idempotent."""
+        if self._close_ref is None:
+            self._closed = True
+            self._close_ref = OperationRef._of(self._close())
+        return self._close_ref
+
+    # loop-side
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def _wait(self) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        await fut
+
+    async def _write(self, data: bytes) -> None:
+        # Ordering: this runs up to its first await in the order the writes were made.
+        if self._failed is not None:
+            raise SandboxExecutionError(
+                f"cannot write: the stdin stream has failed ({self._failed})"
+            )
+        for i in range(0, len(data), STDIN_CHUNK_BYTES):
+            self._chunks.append(data[i : i + STDIN_CHUNK_BYTES])
+        self._queued += len(data)
+        end = self._queued
+        self._wake()
+        while self._failed is None and end - self._sent > self._max_buffered:
+            await self._wait()
+        if self._failed is not None and end > self._sent:
+            raise SandboxExecutionError(f"stdin stream has failed ({self._failed})")
+
+    async def _close(self) -> None:
+        self._eof = True
+        self._wake()
+
+    async def _next_item(self) -> bytes | None:
+        """For the exec driver: the next chunk to send, or None for end-of-file."""
+        while True:
+            if self._chunks:
+                return self._chunks.popleft()
+            if self._eof:
+                return None
+            await self._wait()
+
+    def _mark_sent(self, n: int) -> None:
+        self._sent += n
+        self._wake()
+
+    def _fail(self, reason: BaseException) -> None:
+        if self._failed is None:
+            self._failed = reason
+        self._chunks.clear()
+        self._wake()
+
+    def __repr__(self) -> str:
+        return f"<StreamWriter {'closed' if self._closed else 'open'}>"
+
+
+# --- the command driver -----------------------------------------------------------------------
+
+
+class ExecState:
+    """Everything a running command shares between its `Process` and its driver coroutine."""
+
+    def __init__(self, command: list[str], *, stdin: bool) -> None:
+        self.command = command
+        self.stdout = _OutputBuffer()
+        self.stderr = _OutputBuffer()
+        self.writer = StreamWriter() if stdin else None
+        self._finished = False
+
+    def finish(self, error: BaseException | None) -> None:
+        """Ends both output streams (with `error` if the output was cut short). Idempotent."""
+        if self._finished:
+            return
+        self._finished = True
+        self.stdout.close(error)
+        self.stderr.close(error)
+        if self.writer is not None:
+            self.writer._fail(error or SandboxExecutionError("the command has exited"))
+
+    def _result(self, exit_msg: pb.ExecExit) -> ProcessResult:
+        out, err = bytes(self.stdout.data), bytes(self.stderr.data)
+        u = exit_msg.usage
+        return ProcessResult(
+            stdout=out.decode("utf-8", errors="replace"),
+            stderr=err.decode("utf-8", errors="replace"),
+            returncode=exit_msg.exit_code,
+            stdout_bytes=out,
+            stderr_bytes=err,
+            command=list(self.command),
+            signal=exit_msg.signal,
+            timed_out=exit_msg.timed_out,
+            usage=ResourceUsage(
+                cpu_user_seconds=u.cpu_user_seconds,
+                cpu_system_seconds=u.cpu_system_seconds,
+                peak_memory_bytes=u.peak_memory_bytes,
+                wall_seconds=u.wall_seconds,
+            )
+            if exit_msg.HasField("usage")
+            else None,
+        )
+
+    async def drive(
+        self,
+        client: Client,
+        init: pb.ExecInit,
+        *,
+        check: bool,
+    ) -> ProcessResult:
+        """Runs the command over one Exec stream: init, stdin, output frames, one terminal frame.
+
+        A stream that ends without an exit frame raises (never a silent exit code 0); an error
+        frame or a gRPC failure raises the translated exception; cancellation kills the command
+        (SIGKILL to its process group) and cancels the stream.
+        """
+        from aviato._client import translate_error
+
+        sandbox_id = init.sandbox_id
+        call_timeout = init.timeout_seconds + 60.0 if init.timeout_seconds > 0 else None
+        call = client.stub.Exec(metadata=client.metadata, timeout=call_timeout)
+        write_lock = asyncio.Lock()
+        pump: asyncio.Task[None] | None = None
+        reader: asyncio.Future[pb.ExecExit] | None = None
+        try:
+            async with write_lock:
+                await call.write(pb.ExecRequest(init=init))
+            if self.writer is not None:
+                pump = asyncio.create_task(self._pump_stdin(call, self.writer, write_lock))
+            # Frames are read by their own task: cancelling this coroutine must not cancel a
+            # pending read (grpc would cancel the call before we could kill the command).
+            reader = asyncio.ensure_future(self._read_frames(call, sandbox_id))
+            exit_msg = await asyncio.shield(reader)
+            result = self._result(exit_msg)
+            self.finish(None)
+            if pump is not None:
+                pump.cancel()
+            await self._end_call(call, write_lock)
+            if result.timed_out:
+                raise SandboxTimeoutError(
+                    f"command {shlex.join(self.command)!r} timed out after "
+                    f"{init.timeout_seconds:g}s",
+                    sandbox_id=sandbox_id,
+                    exec_result=result,
+                )
+            if check:
+                result.check_returncode()
+            return result
+        except grpc.aio.AioRpcError as err:
+            exc = translate_error(err, op="exec", sandbox_id=sandbox_id)
+            self.finish(exc)
+            raise exc from None
+        except asyncio.CancelledError:
+            self.finish(SandboxExecutionError("the command was cancelled", sandbox_id=sandbox_id))
+            if reader is not None and not reader.done():
+                with contextlib.suppress(BaseException):
+                    async with asyncio.timeout(1.0), write_lock:
+                        await call.write(pb.ExecRequest(signal=9))
+            call.cancel()
+            raise
+        except BaseException as err:
+            self.finish(err)
+            call.cancel()
+            raise
+        finally:
+            if pump is not None and not pump.done():
+                pump.cancel()
+            if reader is not None and not reader.done():
+                reader.cancel()
+
+    async def _read_frames(self, call: Any, sandbox_id: str) -> pb.ExecExit:
+        """Reads output frames into the buffers until the terminal frame; returns the exit."""
+        from aviato._client import error_from_status
+
+        while True:
+            msg = await call.read()
+            if msg is _EOF:
+                raise SandboxExecutionError(
+                    f"the output stream of {shlex.join(self.command)!r} ended without an exit "
+                    "status (connection to the service lost?)",
+                    sandbox_id=sandbox_id,
+                )
+            kind = msg.WhichOneof("msg")
+            if kind == "output":
+                target = self.stderr if msg.output.stream == pb.STREAM_STDERR else self.stdout
+                target.append(msg.output.data)
+            elif kind == "exit":
+                exit_msg: pb.ExecExit = msg.exit
+                return exit_msg
+            elif kind == "error":
+                raise error_from_status(
+                    msg.error.code, msg.error.message, op="exec", sandbox_id=sandbox_id
+                )
+
+    @staticmethod
+    async def _pump_stdin(call: Any, writer: StreamWriter, write_lock: asyncio.Lock) -> None:
+        try:
+            while True:
+                item = await writer._next_item()
+                async with write_lock:
+                    if item is None:
+                        await call.write(pb.ExecRequest(stdin_eof=True))
+                        return
+                    await call.write(pb.ExecRequest(stdin=item))
+                writer._mark_sent(len(item))
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # the stream broke; the reader reports why
+            writer._fail(err)
+
+    @staticmethod
+    async def _end_call(call: Any, write_lock: asyncio.Lock) -> None:
+        # After the exit frame: half-close, let the server end the stream, else cancel it.
+        try:
+            async with asyncio.timeout(5.0):
+                async with write_lock:
+                    await call.done_writing()
+                while await call.read() is not _EOF:
+                    pass
+        except BaseException:
+            call.cancel()
+
+
+class Process(OperationRef[ProcessResult]):
+    """A command running in a sandbox (returned by `Sandbox.exec`); an `OperationRef` whose value
+    is the `ProcessResult`.
+
+    - ``stdout``/``stderr``: `StreamReader`s of the live output (sync or async iteration);
+    - ``stdin``: a `StreamWriter` with ``exec(..., stdin=True)``, else None;
+    - ``returncode``: None while running, then the exit code; ``poll()`` returns it without
+      blocking; ``wait(timeout)`` blocks and returns it;
+    - ``result()``/``await process``: the `ProcessResult` (raises `SandboxExecutionError` with
+      ``exec_result`` when ``check=True`` and the exit code is not 0);
+    - ``cancel()``: kills the command in the sandbox (SIGKILL to its process group).
+    """
+
+    __slots__ = ("_returncode", "_state", "command", "stderr", "stdin", "stdout")
+
+    def __init__(self, future: concurrent.futures.Future[ProcessResult], state: ExecState) -> None:
+        super().__init__(future)
+        self._state = state
+        self.command: list[str] = state.command
+        self.stdout = StreamReader(state.stdout, "stdout")
+        self.stderr = StreamReader(state.stderr, "stderr")
+        self.stdin: StreamWriter | None = state.writer
+        self._returncode: int | None = None
+        future.add_done_callback(self._on_done)
+
+    def _on_done(self, future: concurrent.futures.Future[ProcessResult]) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None:
+            self._returncode = future.result().returncode
+        else:
+            result = getattr(exc, "exec_result", None)
+            if isinstance(result, ProcessResult):
+                self._returncode = result.returncode
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code, or None while the command runs (or if it failed without one)."""
+        return self._returncode
+
+    def poll(self) -> int | None:
+        """The exit code if the command has finished, else None (never blocks)."""
+        return self._returncode if self._future.done() else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Blocks until the command exits and returns its exit code (also when ``check=True``
+        failed). Raises `TimeoutError` when `timeout` passes, and the command's error if it
+        produced no exit code."""
+        try:
+            return self.result(timeout).returncode
+        except (SandboxExecutionError, SandboxTimeoutError) as err:
+            if err.exec_result is not None:
+                return err.exec_result.returncode
+            raise
+
+    def __repr__(self) -> str:
+        state = "running" if not self._future.done() else f"returncode={self._returncode}"
+        return f"<Process {shlex.join(self.command)!r} {state}>"

@@ -1,0 +1,251 @@
+"""The exceptions of the aviato SDK: one hierarchy, rooted at `AviatoError`.
+
+```
+AviatoError                            .code (gRPC status name, when one applies)
+├── AviatoAuthenticationError          API key missing or rejected (UNAUTHENTICATED, ...)
+│   └── WandbAuthError                 kept for imports of aviato-era code; never raised
+├── AviatoConnectionError              service unreachable, or the local one failed to start
+├── SandboxError                       .sandbox_id
+│   ├── SandboxNotRunningError         the sandbox was stopped, never started, or is gone
+│   ├── SandboxTimeoutError            a wait or a command ran out of time (.exec_result)
+│   ├── SandboxTerminatedError         stopped (by you, its lease or its lifetime)
+│   ├── SandboxFailedError             could not start, or its main process failed
+│   ├── SandboxNotFoundError           no sandbox with that id (or not yours)
+│   ├── SandboxValidationError         the service refused a request (also a ValueError)
+│   ├── SandboxResourceExhaustedError  the service is at capacity
+│   ├── SandboxExecutionError          .exec_result, .exception_type, .exception_message
+│   │   └── RemoteFunctionError        a @session.function raised (also a FunctionError)
+│   └── SandboxFileError               .filepath
+└── FunctionError
+    ├── AsyncFunctionError             @session.function applied to an `async def`
+    └── FunctionSerializationError     a value is not JSON-safe (also a TypeError)
+```
+
+Raw gRPC errors never reach user code: every failure of a call is translated into one of these
+in `aviato._client`. `OperationRef.result(timeout=...)` running out of time raises the standard
+`TimeoutError` (`concurrent.futures.TimeoutError`), not `SandboxTimeoutError`: the operation itself
+goes on and can be awaited again.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aviato._refs import ProcessResult
+
+__all__ = [
+    "AsyncFunctionError",
+    "AviatoAuthenticationError",
+    "AviatoConnectionError",
+    "AviatoError",
+    "FunctionError",
+    "FunctionSerializationError",
+    "RemoteFunctionError",
+    "SandboxError",
+    "SandboxExecutionError",
+    "SandboxFailedError",
+    "SandboxFileError",
+    "SandboxNotFoundError",
+    "SandboxNotRunningError",
+    "SandboxResourceExhaustedError",
+    "SandboxTerminatedError",
+    "SandboxTimeoutError",
+    "SandboxValidationError",
+    "WandbAuthError",
+]
+
+
+class AviatoError(Exception):
+    """Base class of every error raised by the SDK.
+
+    `code` is the name of the gRPC status code the service answered with (e.g. ``"NOT_FOUND"``),
+    or None when the error was detected by the client.
+    """
+
+    def __init__(self, message: str = "", *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class AviatoAuthenticationError(AviatoError):
+    """The service refused the credentials (`AVIATO_API_KEY`), or none were given over TCP."""
+
+
+class WandbAuthError(AviatoAuthenticationError):
+    """Kept so that aviato-era code importing it still works. This SDK never raises it."""
+
+
+class AviatoConnectionError(AviatoError):
+    """The service could not be reached (after retries), or the local service failed to start."""
+
+
+class SandboxError(AviatoError):
+    """An operation on a sandbox failed. `sandbox_id` names the sandbox when known."""
+
+    def __init__(
+        self, message: str = "", *, sandbox_id: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message, code=code)
+        self.sandbox_id = sandbox_id
+
+
+class SandboxNotRunningError(SandboxError):
+    """The sandbox is not running: it was stopped (or stopped before it started), or it ended."""
+
+
+class SandboxTimeoutError(SandboxError):
+    """A wait ran out of time, or a command hit its `timeout_seconds`.
+
+    For a command, `exec_result` holds the output collected until it was killed.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        sandbox_id: str | None = None,
+        code: str | None = None,
+        exec_result: ProcessResult | None = None,
+    ) -> None:
+        super().__init__(message, sandbox_id=sandbox_id, code=code)
+        self.exec_result = exec_result
+
+
+class SandboxTerminatedError(SandboxError):
+    """The sandbox was terminated: stopped by a client, its lease expired or its lifetime ended.
+
+    `status_reason` carries the service's reason (e.g. ``"lease expired"``).
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        sandbox_id: str | None = None,
+        code: str | None = None,
+        status_reason: str | None = None,
+    ) -> None:
+        super().__init__(message, sandbox_id=sandbox_id, code=code)
+        self.status_reason = status_reason
+
+
+class SandboxFailedError(SandboxError):
+    """The sandbox failed: it could not start, or its main process failed (e.g. OOM-killed).
+
+    `status_reason` carries the service's reason, `returncode` the main process's exit code.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        sandbox_id: str | None = None,
+        code: str | None = None,
+        status_reason: str | None = None,
+        returncode: int | None = None,
+    ) -> None:
+        super().__init__(message, sandbox_id=sandbox_id, code=code)
+        self.status_reason = status_reason
+        self.returncode = returncode
+
+
+class SandboxNotFoundError(SandboxError):
+    """No sandbox with this id exists (sandboxes of other owners are reported the same way)."""
+
+
+class SandboxValidationError(SandboxError, ValueError):
+    """The service rejected a request as invalid (INVALID_ARGUMENT); the message names the field."""
+
+
+class SandboxResourceExhaustedError(SandboxError):
+    """The service is at capacity (RESOURCE_EXHAUSTED): too many sandboxes or a quota is full."""
+
+
+class SandboxExecutionError(SandboxError):
+    """A command failed.
+
+    Raised by `Process.result()` when `check=True` and the command exited non-zero (then
+    `exec_result` is the full `ProcessResult`), when the service reported an error for the
+    command, when the output stream broke before the exit status arrived, and for misuse of
+    `stdin` (writing after close or after the command exited).
+
+    `exception_type` and `exception_message` are set for remote-function errors.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        sandbox_id: str | None = None,
+        code: str | None = None,
+        exec_result: ProcessResult | None = None,
+        exception_type: str | None = None,
+        exception_message: str | None = None,
+    ) -> None:
+        super().__init__(message, sandbox_id=sandbox_id, code=code)
+        self.exec_result = exec_result
+        self.exception_type = exception_type
+        self.exception_message = exception_message
+
+
+class SandboxFileError(SandboxError):
+    """Reading or writing a file in the sandbox failed; `filepath` is the path concerned."""
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        filepath: str | None = None,
+        sandbox_id: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, sandbox_id=sandbox_id, code=code)
+        self.filepath = filepath
+
+
+class FunctionError(AviatoError):
+    """Base class of the errors of `@session.function()`."""
+
+
+class AsyncFunctionError(FunctionError):
+    """`@session.function()` was applied to an `async def` function (not supported)."""
+
+
+class FunctionSerializationError(FunctionError, TypeError):
+    """An argument, a captured variable or the result of a remote function is not JSON-safe."""
+
+
+class RemoteFunctionError(SandboxExecutionError, FunctionError):
+    """A remote function raised an exception inside its sandbox.
+
+    `exception_type` is the remote exception's qualified type name (e.g. ``"ValueError"``),
+    `exception_message` its message, `remote_traceback` the formatted remote traceback, and
+    `exec_result` the runner process's result (its stdout/stderr hold what the function printed).
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        sandbox_id: str | None = None,
+        exec_result: ProcessResult | None = None,
+        exception_type: str | None = None,
+        exception_message: str | None = None,
+        remote_traceback: str | None = None,
+    ) -> None:
+        super().__init__(
+            message,
+            sandbox_id=sandbox_id,
+            exec_result=exec_result,
+            exception_type=exception_type,
+            exception_message=exception_message,
+        )
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        base = super().__str__()
+        if self.remote_traceback:
+            return f"{base}\n\nRemote traceback:\n{self.remote_traceback.rstrip()}"
+        return base

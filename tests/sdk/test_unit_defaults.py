@@ -1,0 +1,168 @@
+"""SandboxDefaults, NetworkOptions, option conversion and environment configuration (no service)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from aviato import (
+    NetworkOptions,
+    Sandbox,
+    SandboxDefaults,
+    SandboxValidationError,
+    Serialization,
+    _defaults,
+)
+from aviato.v1 import sandbox_pb2 as pb
+
+
+def test_defaults_are_frozen_and_documented_values() -> None:
+    d = SandboxDefaults()
+    assert d.container_image is None and d.command is None and d.args == ()
+    assert d.base_url is None and d.request_timeout_seconds == 300.0
+    assert d.temp_dir == "/tmp" and d.tags == () and d.environment_variables == {}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.tags = ("x",)  # type: ignore[misc]
+
+
+def test_merge_rules() -> None:
+    d = SandboxDefaults(tags=["a", "b"], environment_variables={"X": "1", "Y": "2"})
+    assert d.tags == ("a", "b")
+    assert d.merge_tags(["b", "c"]) == ["a", "b", "b", "c"]  # concatenated, not de-duplicated
+    assert d.merge_environment_variables({"Y": "3", "Z": "4"}) == {"X": "1", "Y": "3", "Z": "4"}
+    assert d.merge_tags(None) == ["a", "b"]
+    e = d.with_overrides(request_timeout_seconds=5)
+    assert e.request_timeout_seconds == 5 and e.tags == d.tags and d.request_timeout_seconds == 300
+
+
+def test_bare_string_tags_are_rejected() -> None:
+    with pytest.raises(TypeError, match="bare string"):
+        SandboxDefaults(tags="oops")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Sandbox(tags="oops")  # type: ignore[arg-type]
+
+
+def test_from_dict() -> None:
+    d = SandboxDefaults.from_dict({"tags": ["t"], "max_lifetime_seconds": 60})
+    assert d.tags == ("t",) and d.max_lifetime_seconds == 60
+    with pytest.raises(TypeError, match="unknown"):
+        SandboxDefaults.from_dict({"runway_ids": ["x"]})
+
+
+def test_sandbox_spec_merges_defaults_and_explicit_values() -> None:
+    d = SandboxDefaults(
+        container_image="img:1",
+        tags=("team",),
+        environment_variables={"A": "1", "B": "1"},
+        max_lifetime_seconds=120,
+        resources={"cpu": "500m"},
+        working_dir="/work",
+    )
+    sb = Sandbox(
+        defaults=d,
+        command="python",
+        args=["-c", "pass"],
+        tags=["job"],
+        environment_variables={"B": "2"},
+        resources={"memory": 256 * 1024 * 1024, "pids": 64},
+    )
+    spec = sb._spec
+    assert spec.image == "img:1"
+    assert list(spec.command) == ["python", "-c", "pass"]
+    assert list(spec.tags) == ["team", "job"]
+    assert dict(spec.env) == {"A": "1", "B": "2"}
+    assert spec.max_lifetime_seconds == 120
+    assert spec.working_dir == "/work"
+    assert spec.resources.memory == str(256 * 1024 * 1024) and spec.resources.pids == 64
+    assert spec.resources.cpu == ""  # explicit resources replace the default dict
+    assert spec.network == "none"
+    assert sb.sandbox_id is None and sb.status is None  # nothing sent
+
+
+def test_default_command_is_the_keepalive_and_image_from_env(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("AVIATO_IMAGE", raising=False)
+    sb = Sandbox()
+    assert list(sb._spec.command) == [] and sb._spec.image == "host"
+    monkeypatch.setenv("AVIATO_IMAGE", "python:3.11")
+    assert Sandbox()._spec.image == "python:3.11"
+    assert Sandbox(container_image="x")._spec.image == "x"
+    assert Sandbox(defaults=SandboxDefaults(container_image="y"))._spec.image == "y"
+
+
+def test_base_url_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    d = SandboxDefaults(base_url="http://defaults:1/")
+    monkeypatch.delenv("AVIATO_BASE_URL", raising=False)
+    assert _defaults.resolve_base_url(None, None) is None
+    assert _defaults.resolve_base_url(None, d) == "http://defaults:1"
+    monkeypatch.setenv("AVIATO_BASE_URL", "http://env:2")
+    assert _defaults.resolve_base_url(None, d) == "http://env:2"  # env wins over defaults
+    assert _defaults.resolve_base_url("unix:///x.sock", d) == "unix:///x.sock"
+
+
+def test_lease_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AVIATO_LEASE_TTL", raising=False)
+    assert _defaults.lease_ttl_seconds() == 30
+    monkeypatch.setenv("AVIATO_LEASE_TTL", "3")
+    assert _defaults.lease_ttl_seconds() == 3
+    assert _defaults.lease_ttl_seconds(SandboxDefaults(lease_ttl_seconds=7)) == 7
+    monkeypatch.setenv("AVIATO_LEASE_TTL", "0.1")
+    assert _defaults.lease_ttl_seconds() == 1.0  # clamped to the service's minimum
+    monkeypatch.setenv("AVIATO_LEASE_TTL", "soon")
+    with pytest.raises(ValueError, match="AVIATO_LEASE_TTL"):
+        _defaults.lease_ttl_seconds()
+
+
+def test_mounted_files_accept_both_spellings() -> None:
+    files = _defaults.mounted_files_to_proto(
+        [
+            {"path": "/etc/a.txt", "content": "text"},
+            {"mount_path": "/etc/b.bin", "file_content": b"\x00\x01"},
+        ]
+    )
+    assert files == [
+        pb.MountedFile(path="/etc/a.txt", content=b"text"),
+        pb.MountedFile(path="/etc/b.bin", content=b"\x00\x01"),
+    ]
+    with pytest.raises(SandboxValidationError, match="absolute"):
+        _defaults.mounted_files_to_proto([{"path": "rel", "content": ""}])
+
+
+def test_resources_conversion() -> None:
+    r = _defaults.resources_to_proto({"cpu": 0.5, "memory": "256Mi", "pids": "100", "disk": 10**9})
+    assert r == pb.Resources(cpu="0.5", memory="256Mi", pids=100, disk="1000000000")
+    assert _defaults.resources_to_proto({"cpu": 2}) == pb.Resources(cpu="2")
+    assert _defaults.resources_to_proto(None) is None
+    with pytest.raises(SandboxValidationError, match="gpu"):
+        _defaults.resources_to_proto({"gpu": "1"})
+    with pytest.raises(ValueError):  # SandboxValidationError is a ValueError
+        Sandbox(resources={"pids": "many"})
+
+
+def test_network_options() -> None:
+    assert NetworkOptions().to_spec_network() == "none"
+    assert NetworkOptions(egress_mode="isolated").to_spec_network() == "none"
+    assert Sandbox(network={"egress_mode": "none"})._spec.network == "none"
+    with pytest.raises(SandboxValidationError, match="not supported"):
+        Sandbox(network=NetworkOptions(egress_mode="internet"))
+    with pytest.raises(ValueError):
+        Sandbox(network=NetworkOptions(ingress_mode="public", exposed_ports=[8080]))
+    with pytest.raises(TypeError):
+        Sandbox(network="internet")  # type: ignore[arg-type]
+    assert NetworkOptions(exposed_ports=[]).exposed_ports is None
+
+
+def test_serialization_enum() -> None:
+    assert Serialization("json") is Serialization.JSON
+    assert Serialization.PICKLE == "pickle"
+
+
+def test_constructor_validation() -> None:
+    with pytest.raises(ValueError, match="absolute"):
+        Sandbox(working_dir="relative")
+    with pytest.raises(ValueError):
+        Sandbox(args=["x"])  # args without a command
+    with pytest.raises(ValueError):
+        Sandbox().stop(snapshot_on_stop=True)

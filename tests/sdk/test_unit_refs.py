@@ -1,0 +1,203 @@
+"""StreamReader, StreamWriter, Process and ProcessResult without a service.
+
+The streams are fed from the background loop as the exec driver does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+
+import pytest
+
+from aviato import ProcessResult, SandboxExecutionError
+from aviato._bridge import get_bridge
+from aviato._refs import ExecState, Process, StreamReader, _OutputBuffer
+
+
+def feed(
+    buffer: _OutputBuffer, chunks: list[bytes], delay: float, error: BaseException | None = None
+) -> None:
+    async def produce() -> None:
+        for chunk in chunks:
+            await asyncio.sleep(delay)
+            buffer.append(chunk)
+        buffer.close(error)
+
+    get_bridge().submit(produce())
+
+
+def test_sync_iteration_is_live() -> None:
+    buf = _OutputBuffer()
+    reader = StreamReader(buf, "stdout")
+    feed(buf, [f"line{i}\n".encode() for i in range(5)], 0.1)
+    stamps = []
+    text = ""
+    for chunk in reader:
+        stamps.append(time.monotonic())
+        text += chunk
+    assert text == "".join(f"line{i}\n" for i in range(5))
+    assert stamps[-1] - stamps[0] > 0.3  # arrived over time, not at the end
+
+
+def test_async_iteration_from_another_thread_and_loop() -> None:
+    buf = _OutputBuffer()
+    reader = StreamReader(buf, "stdout")
+    got: list[str] = []
+
+    async def consume() -> None:
+        async for chunk in reader:
+            got.append(chunk)
+
+    t = threading.Thread(target=lambda: asyncio.run(consume()))
+    t.start()
+    feed(buf, [b"a", b"b", b"c"], 0.05)
+    t.join(5)
+    assert "".join(got) == "abc"
+
+
+def test_utf8_split_across_chunks() -> None:
+    buf = _OutputBuffer()
+    reader = StreamReader(buf, "stdout")
+    data = "héllo wörld ✓\n".encode()
+    feed(buf, [data[i : i + 1] for i in range(len(data))], 0.0)
+    assert reader.read() == "héllo wörld ✓\n"
+
+
+def test_lines_sync_and_async() -> None:
+    buf = _OutputBuffer()
+    reader = StreamReader(buf, "stdout")
+    feed(buf, [b"one\ntw", b"o\nthr", b"ee"], 0.02)
+    assert list(reader.lines()) == ["one\n", "two\n", "three"]
+
+    buf2 = _OutputBuffer()
+    reader2 = StreamReader(buf2, "stdout")
+    feed(buf2, [b"x\ny", b"\n"], 0.02)
+
+    async def collect() -> list[str]:
+        return [line async for line in reader2.lines()]
+
+    assert asyncio.run(collect()) == ["x\n", "y\n"]
+
+
+def test_stream_error_is_raised_after_the_data() -> None:
+    buf = _OutputBuffer()
+    reader = StreamReader(buf, "stdout")
+    feed(buf, [b"partial"], 0.0, error=SandboxExecutionError("stream broke"))
+    chunks = []
+    with pytest.raises(SandboxExecutionError, match="stream broke"):
+        for chunk in reader:
+            chunks.append(chunk)
+    assert "".join(chunks) == "partial"
+    assert list(reader) == []  # exhausted afterwards
+
+
+def test_reader_close_stops_iteration() -> None:
+    buf = _OutputBuffer()
+    reader = StreamReader(buf, "stdout")
+
+    def closer() -> None:
+        time.sleep(0.1)
+        reader.close()
+
+    threading.Thread(target=closer).start()
+    assert list(reader) == []
+
+
+def _drain_writer(state: ExecState, delay: float) -> concurrent.futures.Future[list[bytes]]:
+    writer = state.writer
+    assert writer is not None
+
+    async def sink() -> list[bytes]:
+        out = []
+        while True:
+            item = await writer._next_item()
+            if item is None:
+                return out
+            await asyncio.sleep(delay)
+            out.append(item)
+            writer._mark_sent(len(item))
+
+    return get_bridge().submit(sink())
+
+
+def test_writer_order_and_eof() -> None:
+    state = ExecState(["cat"], stdin=True)
+    writer = state.writer
+    assert writer is not None
+    sink = _drain_writer(state, 0.0)
+    refs = [writer.write(f"{i},".encode()) for i in range(50)]
+    refs.append(writer.writeline("end"))
+    writer.close()
+    assert writer.closed
+    assert writer.close() is writer.close()  # idempotent
+    for ref in refs:
+        ref.result(timeout=5)
+    assert (
+        b"".join(sink.result(timeout=5)) == b"".join(f"{i},".encode() for i in range(50)) + b"end\n"
+    )
+
+
+def test_writer_backpressure() -> None:
+    state = ExecState(["cat"], stdin=True)
+    writer = state.writer
+    assert writer is not None
+    block = b"x" * (512 * 1024)
+    first = [writer.write(block) for _ in range(2)]  # 1 MiB: within the buffer
+    for ref in first:
+        ref.result(timeout=2)
+    blocked = writer.write(block)
+    time.sleep(0.2)
+    assert not blocked.done()  # nobody drains: the writer waits
+    sink = _drain_writer(state, 0.0)
+    blocked.result(timeout=5)
+    writer.close().result(timeout=5)
+    assert sum(map(len, sink.result(timeout=5))) == 3 * len(block)
+
+
+def test_writer_errors() -> None:
+    state = ExecState(["cat"], stdin=True)
+    writer = state.writer
+    assert writer is not None
+    with pytest.raises(TypeError):
+        writer.write("text")  # type: ignore[arg-type]
+    writer.close()
+    with pytest.raises(SandboxExecutionError, match="closed"):
+        writer.write(b"late")
+    state2 = ExecState(["cat"], stdin=True)
+    get_bridge().run(_finish(state2))
+    assert state2.writer is not None
+    with pytest.raises(SandboxExecutionError, match="exited"):
+        state2.writer.write(b"after exit")
+
+
+async def _finish(state: ExecState) -> None:
+    state.finish(None)
+
+
+def test_process_returncode_poll_wait() -> None:
+    state = ExecState(["false"], stdin=False)
+    result = ProcessResult("", "oops\n", 1, b"", b"oops\n", ["false"])
+
+    async def run() -> ProcessResult:
+        await asyncio.sleep(0.1)
+        state.finish(None)
+        result.check_returncode()
+        return result
+
+    process = Process(get_bridge().submit(run()), state)
+    assert process.returncode is None and process.poll() is None
+    assert process.wait(timeout=5) == 1  # check failure still yields the code
+    assert process.returncode == 1 and process.poll() == 1
+    with pytest.raises(SandboxExecutionError) as info:
+        process.result()
+    assert info.value.exec_result is result
+    assert "exited with code 1" in str(info.value)
+
+
+def test_process_result_fields() -> None:
+    r = ProcessResult("out", "", 0, b"out", b"", ["echo", "out"])
+    assert r.ok and r.check_returncode() is r
+    assert r.usage is None and r.signal == 0 and not r.timed_out
