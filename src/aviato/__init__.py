@@ -15,6 +15,12 @@ the SDK starts on first use. Errors are the `aviato.exceptions` hierarchy.
 
 from __future__ import annotations
 
+import os as _os
+
+# gRPC's C core logs to stderr by itself (e.g. on a failed TLS handshake), around our typed
+# errors; it reads this once, when grpc is first imported, which happens just below.
+_os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from aviato import exceptions
 from aviato._defaults import NetworkOptions, SandboxDefaults, Serialization
 from aviato._function import RemoteFunction

@@ -359,16 +359,15 @@ def test_exec_failures(sup: Supervisor, tmp_path: Path) -> None:
 
     async def main() -> None:
         conn = await sup.connect()
+        # A missing or non-executable program ends as a shell reports it: stderr + 127/126.
         for argv, code, words in [
-            (("no-such-command-xyz",), "INVALID_ARGUMENT", "no-such-command-xyz"),
-            (("/nonexistent/bin/foo",), "INVALID_ARGUMENT", "not found"),
-            ((str(tmp_path / "noexec"),), "PERMISSION_DENIED", "noexec"),
+            (("no-such-command-xyz",), 127, b"no-such-command-xyz: command not found"),
+            (("/nonexistent/bin/foo",), 127, b"command not found"),
+            ((str(tmp_path / "noexec"),), 126, b"Permission denied"),
         ]:
-            h = await conn.exec(ExecSpec(argv=argv))
-            events = [ev async for ev in h.events()]
-            assert len(events) == 1, events
-            assert isinstance(events[0], ExecFailed), events
-            assert events[0].code == code and words in events[0].message, events[0]
+            out, err, end = await run_cmd(conn, *argv)
+            assert out == b"" and words in err, err
+            assert isinstance(end, ExecExit) and end.exit_code == code, end
         *_, end = await run_cmd(conn, "true", cwd="/nonexistent-dir")
         assert isinstance(end, ExecFailed) and "/nonexistent-dir" in end.message
         *_, end = await run_cmd(conn, "true", env={"=x": "y"})

@@ -214,13 +214,14 @@ def test_argument_validation(sandbox: Sandbox) -> None:
         sandbox.exec(["pwd"], cwd="relative")
 
 
-def test_missing_executable_is_a_typed_error(sandbox: Sandbox) -> None:
-    process = sandbox.exec(["/no/such/binary"])
-    with pytest.raises(aviato.SandboxValidationError, match="/no/such/binary"):
-        process.result(timeout=30)
-    with pytest.raises(aviato.SandboxValidationError):
-        list(process.stdout)  # the streams report the error too
-    assert process.returncode is None
+def test_missing_executable_exits_127_like_a_shell(sandbox: Sandbox) -> None:
+    result = sandbox.exec(["/no/such/binary"]).result(timeout=30)
+    assert result.returncode == 127
+    assert "/no/such/binary: command not found" in result.stderr
+    with pytest.raises(aviato.SandboxExecutionError) as caught:
+        sandbox.exec(["no-such-program"], check=True).result(timeout=30)
+    assert caught.value.exec_result is not None
+    assert caught.value.exec_result.returncode == 127
 
 
 def test_exec_on_unstarted_sandbox_starts_and_waits() -> None:

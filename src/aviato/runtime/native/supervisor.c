@@ -484,6 +484,22 @@ static void exec_drain_and_finish(struct exec *e) {
     exec_maybe_finish(e);
 }
 
+/* A program that is missing or not executable ends the way a shell reports it: a message on
+ * stderr and exit code 127 (not found) or 126 (found but not executable). That is an outcome of
+ * the command, not a failure of the exec machinery, so it is not an ERROR frame. */
+static void send_exec_refused(struct exec *e, int err) {
+    char msg[1024];
+    int n = err == ENOENT || err == ENOTDIR
+                ? snprintf(msg, sizeof msg, "aviato: %s: command not found\n", e->name)
+                : snprintf(msg, sizeof msg, "aviato: %s: %s\n", e->name, strerror(err));
+    if (n < 0) n = 0;
+    if ((size_t)n >= sizeof msg) n = sizeof msg - 1;
+    send_frame(e->c, F_STDERR, e->id, msg, (size_t)n);
+    uint8_t d[41] = {0};
+    put32(d, err == ENOENT || err == ENOTDIR ? 127u : 126u);
+    send_frame(e->c, F_EXIT, e->id, d, sizeof d);
+}
+
 /* The child's exec() succeeded (start pipe EOF) or failed (start pipe has {stage, errno}).
  * `force`: the child is already reaped, so an empty pipe means success. */
 static void exec_check_start(struct exec *e, int force) {
@@ -493,8 +509,8 @@ static void exec_check_start(struct exec *e, int force) {
     watch_close(&e->w_start);
     if (n == (ssize_t)sizeof rep) { /* the child _exit()s by itself and is reaped anonymously */
         const char *err = strerror(rep[1]);
-        if (rep[0] == STAGE_EXEC && rep[1] == ENOENT)
-            send_error(e->c, e->id, ENOENT, "executable '%s' not found", e->name);
+        if (rep[0] == STAGE_EXEC && rep[1] != E2BIG && rep[1] != ENOMEM && rep[1] != EAGAIN)
+            send_exec_refused(e, rep[1]);
         else if (rep[0] == STAGE_EXEC)
             send_error(e->c, e->id, rep[1], "cannot execute '%s': %s", e->name, err);
         else if (rep[0] == STAGE_CWD)
