@@ -530,7 +530,9 @@ class ExecState:
             self.finish(None)
             if pump is not None:
                 pump.cancel()
-            await self._end_call(call, write_lock)
+            # The exit frame is final: the result does not wait for the stream's trailers
+            # (a round trip), which are collected in the background.
+            _spawn(self._end_call(call, write_lock))
             if result.timed_out:
                 raise SandboxTimeoutError(
                     f"command {shlex.join(self.command)!r} timed out after "
@@ -614,6 +616,16 @@ class ExecState:
                     pass
         except BaseException:
             call.cancel()
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+def _spawn(coro: Coroutine[Any, Any, None]) -> None:
+    """Runs `coro` as a task that is kept alive until it ends (asyncio holds tasks weakly)."""
+    task = asyncio.ensure_future(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 class Process(OperationRef[ProcessResult]):

@@ -160,6 +160,22 @@ async def _tail_offset(fd: int, tail: int) -> int:
     return starts[0]
 
 
+def _exit_frame(event: ExecExit) -> pb.ExecResponse:
+    return pb.ExecResponse(
+        exit=pb.ExecExit(
+            exit_code=event.exit_code,
+            signal=event.signal,
+            timed_out=event.timed_out,
+            usage=pb.ResourceUsage(
+                cpu_user_seconds=event.cpu_user_seconds,
+                cpu_system_seconds=event.cpu_system_seconds,
+                peak_memory_bytes=event.peak_memory_bytes,
+                wall_seconds=event.wall_seconds,
+            ),
+        )
+    )
+
+
 def _error_frame(code: str, message: str) -> pb.ExecResponse:
     return pb.ExecResponse(error=pb.ExecError(code=_numeric_code(code), message=message))
 
@@ -322,18 +338,21 @@ class SandboxServicer:
 
     # -- exec ---------------------------------------------------------------------------------
 
-    async def Exec(
-        self, request_iterator: AsyncIterator[pb.ExecRequest], context: Ctx
-    ) -> AsyncIterator[pb.ExecResponse]:
+    async def Exec(self, request_iterator: AsyncIterator[pb.ExecRequest], context: Ctx) -> None:
+        # A coroutine writing with context.write() rather than an async generator: grpc.aio
+        # drives generators through an extra layer per frame, which costs ~0.2 ms per exec.
+        write = context.write
         owner = await self._owner_or_abort(context)
         requests = aiter(request_iterator)
         try:
             first = await anext(requests)
         except StopAsyncIteration:
-            yield _error_frame("INVALID_ARGUMENT", "init: the stream ended before an init frame")
+            await write(
+                _error_frame("INVALID_ARGUMENT", "init: the stream ended before an init frame")
+            )
             return
         if first.WhichOneof("msg") != "init":
-            yield _error_frame("INVALID_ARGUMENT", "init: the first frame must be init")
+            await write(_error_frame("INVALID_ARGUMENT", "init: the first frame must be init"))
             return
         init = first.init
         try:
@@ -341,56 +360,51 @@ class SandboxServicer:
             handle = await self._lifecycle.running_handle(owner, init.sandbox_id)
             proc = await handle.exec(spec)
         except (ServiceError, SandboxRuntimeError) as e:
-            yield _error_frame(e.code, str(e))
+            await write(_error_frame(e.code, str(e)))
             return
         except Exception as e:
             log.exception("exec could not start")
-            yield _error_frame("INTERNAL", f"internal error: {e}")
+            await write(_error_frame("INTERNAL", f"internal error: {e}"))
             return
 
         pump = asyncio.create_task(self._pump_exec(requests, proc, spec.stdin))
         done = False
         try:
-            yield _STARTED
+            await write(_STARTED)
             async for event in proc.events():
                 if type(event) is ExecOutput:
-                    yield pb.ExecResponse(
-                        output=pb.ExecOutput(stream=event.stream, data=event.data)  # type: ignore[arg-type]
+                    await write(
+                        pb.ExecResponse(
+                            output=pb.ExecOutput(stream=event.stream, data=event.data)  # type: ignore[arg-type]
+                        )
                     )
                 elif type(event) is ExecExit:
                     done = True
-                    yield pb.ExecResponse(
-                        exit=pb.ExecExit(
-                            exit_code=event.exit_code,
-                            signal=event.signal,
-                            timed_out=event.timed_out,
-                            usage=pb.ResourceUsage(
-                                cpu_user_seconds=event.cpu_user_seconds,
-                                cpu_system_seconds=event.cpu_system_seconds,
-                                peak_memory_bytes=event.peak_memory_bytes,
-                                wall_seconds=event.wall_seconds,
-                            ),
-                        )
-                    )
+                    await write(_exit_frame(event))
                     break
                 elif isinstance(event, ExecFailed):
                     done = True
-                    yield _error_frame(event.code, event.message)
+                    await write(_error_frame(event.code, event.message))
                     break
             if not done:
                 done = True
-                yield _error_frame("UNAVAILABLE", "the command's output ended without an exit")
+                await write(
+                    _error_frame("UNAVAILABLE", "the command's output ended without an exit")
+                )
         except (SandboxRuntimeError, ServiceError) as e:
             if not done:
                 done = True
-                yield _error_frame(e.code, str(e))
+                await write(_error_frame(e.code, str(e)))
+        except asyncio.CancelledError:
+            raise
         except Exception as e:
-            log.exception("exec output failed")
             if not done:
+                log.exception("exec output failed")
                 with contextlib.suppress(Exception):
                     await asyncio.shield(proc.kill())
                 done = True
-                yield _error_frame("INTERNAL", f"internal error: {e}")
+                with contextlib.suppress(Exception):
+                    await write(_error_frame("INTERNAL", f"internal error: {e}"))
         finally:
             pump.cancel()
             if not done:
