@@ -83,7 +83,7 @@ def supervisor_path(given: str | None) -> Path | None:
     if cc is None:
         return None
     out = Path(tempfile.mkdtemp()) / "aviato-supervisor"
-    src = ROOT / "src/aviato/runtime/supervisor/supervisor.c"
+    src = ROOT / "src/aviato/runtime/native/supervisor.c"
     subprocess.run([cc, "-std=c11", "-O2", "-static", "-o", str(out), str(src)], check=True)
     return out
 

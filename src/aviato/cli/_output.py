@@ -77,6 +77,15 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         where = f": {exc.filename}" if exc.filename else ""
         return f"{exc.strerror}{where}"
+    if isinstance(exc, UnicodeEncodeError) and isinstance(exc.object, str):
+        # Bytes that are not UTF-8 reach Python's argv as surrogate escapes; the service speaks
+        # text (protobuf strings), so such an argument cannot be sent at all.
+        raw = exc.object.encode("utf-8", "surrogateescape")
+        shown = repr(raw if len(raw) <= 60 else raw[:60] + b"...")
+        return (
+            f"{shown} is not valid UTF-8: commands, paths, ids, tags and environment variables "
+            "must be UTF-8 text"
+        )
     module = type(exc).__module__ or ""
     if module.startswith("aviato"):
         # The SDK's exceptions are written for users; their class name adds nothing. Some carry

@@ -72,12 +72,19 @@ def _upload(conn: Connection, src: Endpoint, dst: Endpoint, parents: bool, quiet
         if remote.endswith("/"):
             remote = str(PurePosixPath(remote) / local.name)
         source = local.open("rb")
-    bar = _progress(size, quiet)
-
-    def frames() -> Iterator[pb.WriteFileRequest]:
+    # Built here, not in frames(): a bad value (a path that is not UTF-8) must fail in this
+    # thread with its own message, not inside grpc's request thread.
+    try:
         header = pb.WriteFileHeader(
             sandbox_id=dst.sandbox_id, path=remote, mode=mode, make_parents=parents
         )
+    except BaseException:
+        if not src.is_stdio:
+            source.close()
+        raise
+    bar = _progress(size, quiet)
+
+    def frames() -> Iterator[pb.WriteFileRequest]:
         yield pb.WriteFileRequest(header=header)
         task = bar.add_task(Path(src.path).name, total=size) if bar else None
         while chunk := source.read(CHUNK_BYTES):

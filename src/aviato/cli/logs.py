@@ -36,7 +36,7 @@ def logs(sandbox_id: str, follow: bool, tail: int | None) -> None:
       aviato logs -f --tail 20 sb-1a2b3c
     """
     request = pb.StreamLogsRequest(
-        sandbox_id=sandbox_id, tail=-1 if tail is None else tail, follow=follow
+        sandbox_id=sandbox_id, tail=-1 if tail is None else min(tail, 2**63 - 1), follow=follow
     )
     with connection() as conn:
         for entry in conn.stub.StreamLogs(request, metadata=conn.metadata):

@@ -23,8 +23,8 @@ Sandboxes do not depend on the service: bwrap runs in its own session without
 
 How a sandbox ends is read from the exit file the supervisor writes as its last act, plus the
 cgroup's OOM counter: `reason` is "OOMKilled" when the OOM killer struck and the main process
-died of SIGKILL (or no record was written), "killed" when we killed it, "lost" when it vanished
-without a record for another reason.
+died of SIGKILL or exited with 137 (a shell passing on its command's SIGKILL), or no record was
+written; "killed" when we killed it, "lost" when it vanished without a record for another reason.
 
 Speed: create does no scans (the image's /etc scan and the seccomp filter are computed once),
 spawns with `os.posix_spawn` (vfork-style, no Python code in the child) and puts the fds in
@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -122,6 +124,32 @@ class SandboxStartFailed(SandboxRuntimeError):
 
 
 # --- host process helpers ---------------------------------------------------------------------
+
+
+def raise_fd_limit() -> int:
+    """Raises this process's soft RLIMIT_NOFILE to its hard limit; returns the soft limit.
+
+    Every live sandbox holds descriptors in the service (its bwrap's pidfd, the supervisor
+    connection) and a create briefly needs a handful more, so the common soft default of 1024
+    runs out near 500 sandboxes. Raising the soft limit up to the hard one needs no privilege.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _out_of_descriptors(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an exception it was raised from, is EMFILE or ENFILE."""
+    for _ in range(5):
+        if exc is None:
+            return False
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def _boot_id() -> str:
@@ -342,7 +370,10 @@ class LocalSandbox(SandboxHandle):
         ooms = self._cgroup.oom_kills() if self._cgroup is not None else 0
         if record is not None:
             code, signo, ended = record
-            reason = "OOMKilled" if ooms and signo == signal.SIGKILL else ""
+            # Killed by the OOM killer: SIGKILL itself, or a shell that reports its command's
+            # SIGKILL as 137 (`sh -c 'big; exit $?'`) while the cgroup counted an OOM kill.
+            oom_death = signo == signal.SIGKILL or (signo == 0 and code == 128 + signal.SIGKILL)
+            reason = "OOMKilled" if ooms and oom_death else ""
             return MainExit(code, signo, ended, reason)
         if ooms:
             reason = "OOMKilled"
@@ -474,6 +505,7 @@ class LocalRuntime(Runtime):
         images.warm_up()
         self._oom_adj = self._launch_oom_adj()
         self._sh = shutil.which("sh", path=LAUNCH_ENV["PATH"])
+        self._fd_limit = raise_fd_limit()
         self._handles: dict[str, LocalSandbox] = {}
         self._running: set[str] = set()
         self._creating: set[str] = set()
@@ -497,6 +529,7 @@ class LocalRuntime(Runtime):
             "supervisor": self._supervisor or str(self._supervisor_error),
             "state_dir": str(self._state_dir),
             "max_sandboxes": str(self._max),
+            "fd_limit": str(self._fd_limit),
             "default_limits": (
                 f"memory {self._default_memory} B, pids {self._default_pids}, "
                 f"disk {self._default_disk} B"
@@ -625,8 +658,13 @@ class LocalRuntime(Runtime):
             handle = LocalSandbox(self, sid, directory, watch, cgroup, conn)
             self._register(handle)
             return handle
-        except BaseException:
+        except BaseException as exc:
             await self._abort_create(directory, watch, cgroup)
+            if _out_of_descriptors(exc):
+                raise CapacityExhausted(
+                    f"sandbox {sid}: the service ran out of file descriptors (soft "
+                    f"RLIMIT_NOFILE {self._fd_limit}): stop some sandboxes or raise the limit"
+                ) from exc
             raise
         finally:
             self._creating.discard(sid)

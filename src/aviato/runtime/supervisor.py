@@ -111,12 +111,24 @@ def _strlist(items: list[str]) -> bytes:
     return _U32.pack(len(items)) + b"".join(_str(s) for s in items)
 
 
+# Paths that name something a file transfer cannot use: a socket or device without a driver
+# (ENXIO, ENODEV), a /proc/<pid>/mem-like file that cannot be read from offset 0 (EIO), a target
+# that is a mount point such as a mounted file or /dev/null (EBUSY, EXDEV), a running binary
+# (ETXTBSY). These are the caller's mistakes, reported as such rather than as INTERNAL.
+_PATH_REFUSED = frozenset({
+    errno.EISDIR, errno.ENOTDIR, errno.EINVAL, errno.ENAMETOOLONG, errno.ELOOP, errno.ENXIO,
+    errno.ENODEV, errno.EIO, errno.EXDEV, errno.EOPNOTSUPP, errno.EFAULT,
+})  # fmt: skip
+_PERMISSION_REFUSED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.EBUSY,
+                                 errno.ETXTBSY})  # fmt: skip
+
+
 def _file_error(err: int, message: str) -> SandboxRuntimeError:
     if err == errno.ENOENT:
         return FileNotFound(message)
-    if err in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if err in _PERMISSION_REFUSED:
         return PermissionRefused(message)
-    if err in (errno.EISDIR, errno.ENOTDIR, errno.EINVAL, errno.ENAMETOOLONG, errno.ELOOP):
+    if err in _PATH_REFUSED:
         return PathRefused(message)
     if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return CapacityExhausted(message)

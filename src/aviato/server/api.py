@@ -504,8 +504,8 @@ class SandboxServicer:
             err: ServiceError | SandboxRuntimeError = problem[0] if problem else e
             await context.abort(_status(err.code), str(err))
             raise  # unreachable
-        except asyncio.CancelledError:
-            raise
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise  # AbortError: the call already has its status (e.g. a malformed frame)
         except Exception:
             if problem:
                 await context.abort(_status(problem[0].code), str(problem[0]))

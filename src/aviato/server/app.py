@@ -18,12 +18,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import inspect
 import logging
 import os
 import socket
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -52,6 +55,141 @@ GRPC_OPTIONS: list[tuple[str, int]] = [
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.so_reuseport", 0),
 ]
+
+
+class _MalformedRequests(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Answers a request message that does not parse with INVALID_ARGUMENT.
+
+    grpc parses requests before the servicer runs and reports a protobuf DecodeError (corrupt
+    wire format, a string field that is not UTF-8) as UNKNOWN, or, inside a request stream, as
+    whatever the servicer makes of the exception (INTERNAL). Here every handler receives raw
+    bytes and parses them itself; a request that does not parse ends the call with
+    INVALID_ARGUMENT "request: ...", and a streaming handler is closed (an exec's command is
+    killed as when its client goes away). The end of a request stream is confirmed before the
+    handler sees it (`_confirm_end`): a client killed mid-upload, or while it feeds an exec's
+    stdin, must not look like one that finished (a partial file committed, a command seeing
+    the end of a half-sent input).
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, Any] = {}  # method → wrapped handler (known methods only)
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], details: Any
+    ) -> Any:
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is None:
+            # grpc's stubs type the handlers of the synchronous API; these are the asyncio ones.
+            handler: Any = await continuation(details)
+            if handler is None:  # an unknown method: grpc answers UNIMPLEMENTED
+                return None
+            wrapped = self._wrapped[details.method] = self._wrap(handler)
+        return wrapped
+
+    @staticmethod
+    def _wrap(handler: Any) -> Any:
+        parse = getattr(handler, "request_deserializer", None)
+        if parse is None:
+            return handler
+        serialize = handler.response_serializer
+
+        async def one(raw: bytes, context: Any) -> Any:
+            try:
+                return parse(raw)
+            except Exception as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _malformed(e))
+
+        async def many(
+            raws: AsyncIterator[bytes],
+            context: Any,
+            handler_task: asyncio.Task[Any] | None,
+            confirm_end: bool = False,
+        ) -> AsyncIterator[Any]:
+            async for raw in raws:
+                try:
+                    message = parse(raw)
+                except Exception as e:
+                    try:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _malformed(e))
+                    finally:
+                        # Read by another task of the handler (exec's input pump): the handler
+                        # itself may be waiting for output, so end it (its cleanup kills the
+                        # command) now that the client has its status.
+                        if handler_task is not None and handler_task is not asyncio.current_task():
+                            handler_task.cancel()
+                yield message
+            if confirm_end:
+                await _confirm_end(context)
+
+        if not handler.request_streaming and not handler.response_streaming:
+            inner_uu = handler.unary_unary
+
+            async def uu(raw: bytes, context: Any) -> Any:
+                return await inner_uu(await one(raw, context), context)
+
+            return grpc.unary_unary_rpc_method_handler(uu, response_serializer=serialize)
+        if not handler.request_streaming:
+            inner_us = handler.unary_stream
+            if not inspect.isasyncgenfunction(inner_us):  # writes with context.write()
+
+                async def us_writes(raw: bytes, context: Any) -> Any:
+                    return await inner_us(await one(raw, context), context)
+
+                return grpc.unary_stream_rpc_method_handler(
+                    us_writes, response_serializer=serialize
+                )
+
+            async def us(raw: bytes, context: Any) -> AsyncIterator[Any]:
+                request = await one(raw, context)
+                async for response in inner_us(request, context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(us, response_serializer=serialize)
+        if not handler.response_streaming:
+            inner_su = handler.stream_unary
+
+            async def su(raws: AsyncIterator[bytes], context: Any) -> Any:
+                requests = many(raws, context, asyncio.current_task(), confirm_end=True)
+                return await inner_su(requests, context)
+
+            return grpc.stream_unary_rpc_method_handler(su, response_serializer=serialize)
+        inner_ss = handler.stream_stream
+        if not inspect.isasyncgenfunction(inner_ss):  # writes with context.write()
+
+            async def ss_writes(raws: AsyncIterator[bytes], context: Any) -> Any:
+                requests = many(raws, context, asyncio.current_task(), confirm_end=True)
+                return await inner_ss(requests, context)
+
+            return grpc.stream_stream_rpc_method_handler(ss_writes, response_serializer=serialize)
+
+        async def ss(raws: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
+            requests = many(raws, context, asyncio.current_task(), confirm_end=True)
+            async for response in inner_ss(requests, context):
+                yield response
+
+        return grpc.stream_stream_rpc_method_handler(ss, response_serializer=serialize)
+
+
+async def _confirm_end(context: Any) -> None:
+    """Returns if the client ended its request stream; raises CancelledError if it went away.
+
+    grpc ends a request stream the same way in both cases, and learns of a lost client (its
+    cancellation of the handler) a moment later: WriteFile would commit a half-sent upload in
+    that moment, and an exec would close its command's stdin as if the input were complete.
+    One more read is a round trip through grpc's core, which knows by then: on a lost call the
+    handler is cancelled before the read returns. (A read, not a send: sending headers here
+    could collide with the handler's own abort.)
+    """
+    try:
+        await context.read()
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        raise asyncio.CancelledError(f"the client went away before ending its stream: {e}") from e
+
+
+def _malformed(e: Exception) -> str:
+    return f"request: not a valid message: {e}"
 
 
 class StartupError(RuntimeError):
@@ -179,7 +317,7 @@ async def serve(
         placement = placement or _build_placement(config)
         lifecycle = Lifecycle(registry, placement, config)
         await lifecycle.start()
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[_MalformedRequests()])
         servicer = SandboxServicer(lifecycle, Authenticator(registry), placement, config)
         sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
         _bind(server, config)

@@ -8,6 +8,7 @@ way. Anything else that escapes to `api` is a bug, reported as INTERNAL with a l
 from __future__ import annotations
 
 __all__ = [
+    "MAX_MESSAGE_CHARS",
     "AlreadyExists",
     "CapacityExceeded",
     "FailedPrecondition",
@@ -16,15 +17,33 @@ __all__ = [
     "ServiceError",
     "Unauthenticated",
     "Unavailable",
+    "bounded",
 ]
 
 
+# A status message travels in the `grpc-message` trailer, percent-encoded (up to 12 bytes per
+# character), and clients refuse trailers beyond 16 KiB: a message that quotes a huge request
+# value would turn the intended status into RESOURCE_EXHAUSTED on the client.
+MAX_MESSAGE_CHARS = 512
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`message`, cut to `limit` characters (saying how much was cut)."""
+    if len(message) <= limit:
+        return message
+    return f"{message[:limit]}... ({len(message) - limit} more characters)"
+
+
 class ServiceError(Exception):
-    """Base of the service's errors. `code` is a grpc.StatusCode name."""
+    """Base of the service's errors. `code` is a grpc.StatusCode name.
+
+    The message is bounded (see `bounded`): it may quote request values of any size.
+    """
 
     code = "INTERNAL"
 
     def __init__(self, message: str) -> None:
+        message = bounded(message)
         super().__init__(message)
         self.message = message
 

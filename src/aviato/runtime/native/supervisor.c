@@ -49,6 +49,7 @@
 #define STDIN_LOW (256u << 10)         /* ... and below which it is read again */
 #define PIPE_CHUNK (64 * 1024)         /* one read of a command pipe = one STDOUT/STDERR frame */
 #define FILE_CHUNK (256 * 1024)        /* FILE_DATA size */
+#define UNSIZED_FILE_MAX (16u << 20)   /* cap on a read of a file whose st_size is 0 */
 #define LOG_LIMIT (64ull << 20)        /* main log size limit */
 #define LOG_HDR 13                     /* u64 time_ns | u8 stream | u32 length */
 #define LINGER_NS (100ull * 1000000)   /* wait this long for pipe EOF after a process exited */
@@ -105,6 +106,8 @@ struct exec {
 struct rfile {                     /* a READ_FILE in progress */
     uint32_t id;
     int fd;
+    uint64_t left;                 /* bytes still to send (see do_read_file) */
+    int sized;                     /* st_size > 0: send at most that many bytes */
     struct rfile *next;
 };
 
@@ -810,16 +813,33 @@ static int id_in_use(struct conn *c, uint32_t id) {
 static void conn_pump_reads(struct conn *c) {
     while (c->reads && !c->throttled && !c->dead) {
         struct rfile *f = c->reads;
-        uint8_t *p = frame_begin(c, FILE_CHUNK);
-        ssize_t n = read(f->fd, p, FILE_CHUNK);
+        /* A sized file ends after its announced size (a snapshot even while it grows); an
+         * unsized one (procfs, sysfs) ends at EOF, and is refused when it produces more than
+         * UNSIZED_FILE_MAX (/proc/<pid>/pagemap would stream hundreds of GiB). A probe read
+         * after the cap tells the two apart (a whole chunk: pagemap reads must be multiples of
+         * 8 bytes). */
+        size_t want = FILE_CHUNK;
+        if (f->left < want) want = f->left ? (size_t)f->left : (f->sized ? 0 : FILE_CHUNK);
+        ssize_t n = 0;
+        uint8_t *p = NULL;
+        if (want) {
+            p = frame_begin(c, want);
+            n = read(f->fd, p, want);
+        }
         if (n < 0 && errno == EINTR) continue;
-        if (n > 0) {
+        if (n > 0 && !f->sized && f->left == 0) {
+            send_error(c, f->id, EINVAL, "the file reports no size and produces more than %u "
+                       "MiB: it cannot be read as a file", UNSIZED_FILE_MAX >> 20);
+        } else if (n > 0) {
+            f->left -= (uint64_t)n;
             frame_end(c, F_FILE_DATA, f->id, (size_t)n);
             conn_check_throttle(c);
             continue;
+        } else if (n == 0) {
+            send_frame(c, F_FILE_END, f->id, NULL, 0);
+        } else {
+            send_error(c, f->id, errno, "read failed: %s", strerror(errno));
         }
-        if (n == 0) send_frame(c, F_FILE_END, f->id, NULL, 0);
-        else send_error(c, f->id, errno, "read failed: %s", strerror(errno));
         c->reads = f->next;
         close(f->fd);
         free(f);
@@ -853,7 +873,8 @@ static void do_read_file(struct conn *c, uint32_t id, struct rd *r) {
         put32(info + 8, st.st_mode & 07777);
         send_frame(c, F_FILE_INFO, id, info, sizeof info);
         struct rfile *f = xrealloc(NULL, sizeof *f);
-        *f = (struct rfile){.id = id, .fd = fd, .next = NULL};
+        *f = (struct rfile){.id = id, .fd = fd, .next = NULL, .sized = st.st_size > 0,
+                            .left = st.st_size > 0 ? (uint64_t)st.st_size : UNSIZED_FILE_MAX};
         *rfile_find(c, id) = f; /* append: reads are served in order */
         fd = -1;
         conn_pump_reads(c);

@@ -1,0 +1,217 @@
+"""Authentication and owner isolation, for every RPC, over TCP with API keys.
+
+- No key, a wrong key, a malformed authorization header and a revoked key get UNAUTHENTICATED
+  on each of the 13 RPCs (unary and streaming alike).
+- Owner B cannot get, list, wait for, exec into, read from, write to, read the logs of, stop or
+  delete owner A's sandbox, nor release A's lease: NOT_FOUND, with exactly the message an id
+  that does not exist gets, so ids do not leak. A's sandbox is untouched afterwards.
+(tests/server/test_auth.py covers the basics and TLS; this is the full matrix.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from reliability.harness import Client, Service, code_of, details_of, free_port
+
+from aviato.server import auth
+from aviato.server.registry import Registry
+from aviato.v1 import sandbox_pb2 as pb
+from aviato.v1 import sandbox_pb2_grpc as pbg
+
+
+class World:
+    def __init__(self, svc: Service, port: int, keys: dict[str, str]) -> None:
+        self.svc = svc
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = pbg.SandboxServiceStub(self.channel)
+        self.keys = keys
+
+    def md(self, who: str) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.keys[who]}")]
+
+    def client(self, who: str) -> Client:
+        return Client(self.stub, self.md(who), self.svc)
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    port = free_port()
+    svc = Service("--listen", f"127.0.0.1:{port}")
+    svc.state_dir.mkdir(mode=0o700)
+    reg = Registry(svc.state_dir / "registry.db")
+    keys = {name: auth.create_key(reg, name, "matrix")[1] for name in ("alice", "bob")}
+    carol, keys["carol"] = auth.create_key(reg, "carol", "revoked")
+    assert auth.revoke_key(reg, carol.id)
+    reg.close()
+    try:
+        svc.start()
+        w = World(svc, port, keys)
+        yield w
+        w.channel.close()
+    finally:
+        svc.finish()
+
+
+def _calls(stub: pbg.SandboxServiceStub, sandbox_id: str) -> dict[str, Callable[[Any], object]]:
+    """Each RPC as a function of the call metadata; it consumes streams fully."""
+    exec_init = pb.ExecRequest(init=pb.ExecInit(sandbox_id=sandbox_id, argv=["/bin/true"]))
+    header = pb.WriteFileRequest(header=pb.WriteFileHeader(sandbox_id=sandbox_id, path="/w/x"))
+    return {
+        "CreateSandbox": lambda md: stub.CreateSandbox(
+            pb.CreateSandboxRequest(request_id="auth-x"), metadata=md, timeout=10
+        ),
+        "GetSandbox": lambda md: stub.GetSandbox(
+            pb.GetSandboxRequest(sandbox_id=sandbox_id), metadata=md, timeout=10
+        ),
+        "ListSandboxes": lambda md: stub.ListSandboxes(
+            pb.ListSandboxesRequest(), metadata=md, timeout=10
+        ),
+        "WaitSandbox": lambda md: stub.WaitSandbox(
+            pb.WaitSandboxRequest(
+                sandbox_id=sandbox_id,
+                condition=pb.WaitSandboxRequest.CONDITION_STARTED,
+                timeout_seconds=1,
+            ),
+            metadata=md,
+            timeout=10,
+        ),
+        "StopSandbox": lambda md: stub.StopSandbox(
+            pb.StopSandboxRequest(sandbox_id=sandbox_id), metadata=md, timeout=10
+        ),
+        "DeleteSandbox": lambda md: stub.DeleteSandbox(
+            pb.DeleteSandboxRequest(sandbox_id=sandbox_id), metadata=md, timeout=10
+        ),
+        "Exec": lambda md: list(stub.Exec(iter([exec_init]), metadata=md, timeout=10)),
+        "ReadFile": lambda md: list(
+            stub.ReadFile(
+                pb.ReadFileRequest(sandbox_id=sandbox_id, path="/etc/hostname"),
+                metadata=md,
+                timeout=10,
+            )
+        ),
+        "WriteFile": lambda md: stub.WriteFile(
+            iter([header, pb.WriteFileRequest(data=b"x")]), metadata=md, timeout=10
+        ),
+        "StreamLogs": lambda md: list(
+            stub.StreamLogs(pb.StreamLogsRequest(sandbox_id=sandbox_id), metadata=md, timeout=10)
+        ),
+        "RenewLease": lambda md: stub.RenewLease(
+            pb.RenewLeaseRequest(lease_id="auth-lease"), metadata=md, timeout=10
+        ),
+        "ReleaseLease": lambda md: stub.ReleaseLease(
+            pb.ReleaseLeaseRequest(lease_id="auth-lease"), metadata=md, timeout=10
+        ),
+        "GetServerInfo": lambda md: stub.GetServerInfo(
+            pb.GetServerInfoRequest(), metadata=md, timeout=10
+        ),
+    }
+
+
+def test_every_rpc_refuses_missing_wrong_and_revoked_keys(world: World) -> None:
+    sandbox = world.client("alice").running(tags=["auth"])
+    credentials = {
+        "no key": [],
+        "wrong key": [("authorization", "Bearer " + auth.generate_key())],
+        "not a key": [("authorization", "Bearer hunter2")],
+        "malformed header": [("authorization", "Basic YWxpY2U6cGFzcw==")],
+        "key without scheme": [("authorization", world.keys["alice"])],
+        "revoked key": world.md("carol"),
+    }
+    calls = _calls(world.stub, sandbox.id)
+    assert len(calls) == len(pb.DESCRIPTOR.services_by_name["SandboxService"].methods)
+    for label, md in credentials.items():
+        for name, call in calls.items():
+            with pytest.raises(grpc.RpcError) as err:
+                call(md)
+            assert code_of(err.value) == grpc.StatusCode.UNAUTHENTICATED, (label, name)
+            assert details_of(err.value), (label, name)
+        if label == "revoked key":
+            assert "revoked" in details_of(err.value)
+    # Nothing happened to the sandbox, and no sandbox was created by the refused calls.
+    alice = world.client("alice")
+    assert alice.get(sandbox.id).status == pb.SANDBOX_STATUS_RUNNING
+    assert [s.id for s in alice.list(include_terminated=True).sandboxes] == [sandbox.id]
+    alice.delete(sandbox.id)
+
+
+def test_owner_b_cannot_touch_owner_a(world: World) -> None:
+    alice, bob = world.client("alice"), world.client("bob")
+    sb = alice.running(
+        tags=["private"], lease_id="alice-lease", lease_ttl=600, request_id="alice-req"
+    )
+    alice.write_file(sb.id, "/workspace/secret", b"alice's data")
+    ended = alice.create(command=["/bin/true"])
+    alice.wait(ended.id, terminal=True)
+    ghost = "sbx-" + "0" * 12  # exists for nobody
+
+    def not_found(fn: Callable[[], object], sandbox_id: str) -> str:
+        with pytest.raises(grpc.RpcError) as err:
+            fn()
+        assert code_of(err.value) == grpc.StatusCode.NOT_FOUND, (sandbox_id, err.value)
+        return details_of(err.value)
+
+    for target in (sb.id, ended.id):
+        checks: dict[str, Callable[[str], object]] = {
+            "get": lambda i: bob.get(i),
+            "wait": lambda i: bob.wait(i, timeout=1),
+            "read": lambda i: bob.read_file(i, "/workspace/secret"),
+            "write": lambda i: bob.write_file(i, "/workspace/secret", b"bob was here"),
+            "logs": lambda i: bob.logs(i),
+            "stop": lambda i: bob.stop(i),
+            "delete": lambda i: bob.delete(i),
+        }
+        for name, check in checks.items():
+            mine = not_found(lambda c=check, t=target: c(t), target)  # type: ignore[misc]
+            other = not_found(lambda c=check: c(ghost), ghost)  # type: ignore[misc]
+            assert mine.replace(target, "ID") == other.replace(ghost, "ID"), (name, mine, other)
+        r_mine, r_ghost = (
+            bob.exec(target, ["/bin/cat", "/workspace/secret"]),
+            bob.exec(ghost, ["/bin/true"]),
+        )
+        assert r_mine.error.code == 5 and r_ghost.error.code == 5
+        assert r_mine.error.message.replace(target, "ID") == r_ghost.error.message.replace(
+            ghost, "ID"
+        )
+
+    # Listing: bob sees nothing of alice's, whatever the filter.
+    for kw in (
+        {},
+        {"include_terminated": True},
+        {"tags": ["private"]},
+        {"statuses": [pb.SANDBOX_STATUS_RUNNING, pb.SANDBOX_STATUS_COMPLETED]},
+    ):
+        assert list(bob.list(**kw).sandboxes) == [], kw  # type: ignore[arg-type]
+    # The same request id and lease id for bob are bob's own, not a window into alice's.
+    b2 = bob.create(request_id="alice-req")
+    assert b2.id != sb.id
+    with pytest.raises(grpc.RpcError) as err:
+        world.stub.ReleaseLease(
+            pb.ReleaseLeaseRequest(lease_id="alice-lease", stop_sandboxes=True),
+            metadata=world.md("bob"),
+            timeout=10,
+        )
+    assert code_of(err.value) == grpc.StatusCode.NOT_FOUND
+    bob_lease = world.stub.RenewLease(
+        pb.RenewLeaseRequest(lease_id="alice-lease"), metadata=world.md("bob"), timeout=10
+    )
+    assert bob_lease.sandbox_count == 0
+    alice_lease = world.stub.RenewLease(
+        pb.RenewLeaseRequest(lease_id="alice-lease", ttl_seconds=600),
+        metadata=world.md("alice"),
+        timeout=10,
+    )
+    assert alice_lease.sandbox_count == 1
+    # The unix socket's owner ("local") is another owner too.
+    local = world.svc.client()
+    not_found(lambda: local.get(sb.id), sb.id)
+
+    # Alice's sandbox is untouched.
+    assert alice.get(sb.id).status == pb.SANDBOX_STATUS_RUNNING
+    assert alice.read_file(sb.id, "/workspace/secret")[1] == b"alice's data"
+    for s in (sb, ended):
+        alice.delete(s.id)
+    bob.delete(b2.id)
