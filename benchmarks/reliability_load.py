@@ -54,7 +54,11 @@ from typing import Any
 import grpc
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+try:  # a checkout without `pip install .`
+    import aviato
+except ImportError:  # pragma: no cover
+    sys.path.insert(0, str(ROOT / "src"))
+    import aviato
 
 from aviato.v1 import sandbox_pb2 as pb  # noqa: E402
 from aviato.v1 import sandbox_pb2_grpc as pbg  # noqa: E402
@@ -123,7 +127,8 @@ class Service:
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AVIATO_")}
-        env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+        package_dir = str(Path(aviato.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = package_dir + os.pathsep + env.get("PYTHONPATH", "")
         env["TMPDIR"] = str(self.tmpdir)
         nofile = self.nofile
 

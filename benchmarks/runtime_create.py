@@ -34,7 +34,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+try:  # a checkout without `pip install .`
+    import aviato  # noqa: F401
+except ImportError:  # pragma: no cover
+    sys.path.insert(0, str(ROOT / "src"))
 
 from aviato.runtime.base import ExecExit, ExecSpec, SandboxConfig  # noqa: E402
 from aviato.runtime.local import LocalRuntime  # noqa: E402

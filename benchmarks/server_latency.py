@@ -32,7 +32,11 @@ from typing import Any
 import grpc
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+try:  # a checkout without `pip install .`
+    import aviato
+except ImportError:  # pragma: no cover
+    sys.path.insert(0, str(ROOT / "src"))
+    import aviato
 
 from aviato.v1 import sandbox_pb2 as pb  # noqa: E402
 from aviato.v1 import sandbox_pb2_grpc as pbg  # noqa: E402
@@ -184,7 +188,7 @@ def main() -> int:
     if socket_path is None:
         tmp = tempfile.mkdtemp(prefix="avt-bench-")
         state = Path(tmp) / "state"
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        env = dict(os.environ, PYTHONPATH=str(Path(aviato.__file__).resolve().parents[1]))
         server = subprocess.Popen(
             [sys.executable, "-m", "aviato.server", "--state-dir", str(state),
              "--log-level", "WARNING", "--max-sandboxes", "1000"],

@@ -26,7 +26,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+try:  # a checkout without `pip install .`
+    import aviato  # noqa: F401
+except ImportError:  # pragma: no cover
+    sys.path.insert(0, str(ROOT / "src"))
 
 from aviato.runtime.base import ExecExit, ExecSpec  # noqa: E402
 from aviato.runtime.supervisor import (  # noqa: E402

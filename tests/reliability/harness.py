@@ -42,7 +42,7 @@ from aviato.v1 import sandbox_pb2 as pb
 from aviato.v1 import sandbox_pb2_grpc as pbg
 
 SRC = str(Path(aviato.server.__file__).resolve().parents[2])
-ROOT = Path(SRC).parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (aviato may be installed elsewhere)
 S = pb.SandboxStatus
 RUNNING = S.SANDBOX_STATUS_RUNNING
 TERMINAL = {S.SANDBOX_STATUS_COMPLETED, S.SANDBOX_STATUS_FAILED, S.SANDBOX_STATUS_TERMINATED}
