@@ -34,6 +34,8 @@ from benchmarks.scenarios import FIGURES, run_figure  # noqa: E402
 from benchmarks.sdk import AviatoSystem  # noqa: E402
 
 REQUIRED = ("aviato", "floor", "bwrap")  # must run; docker may be skipped
+# What a two-worker test cluster can hold (the density figure's 500 sandboxes do not fit).
+CLUSTER_FIGURES = ("create", "exec", "files")
 
 
 def log(text: str) -> None:
@@ -52,12 +54,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH",
                    help="where to write the results (default: a file in the temp dir)")  # fmt: skip
     p.add_argument("--no-docker", action="store_true", help="skip the Docker reference")
+    p.add_argument("--base-url", default="", metavar="URL",
+                   help="measure the aviato service at URL (e.g. one on a cluster) instead of "
+                        "the local one the SDK starts")  # fmt: skip
+    p.add_argument("--cluster", action="store_true",
+                   help="start the test Ray cluster (tests/cluster/raycluster.py: 2 workers in "
+                        "network namespaces, root only) and measure aviato placed on it; "
+                        f"figures default to {','.join(CLUSTER_FIGURES)}")  # fmt: skip
     args = p.parse_args(argv)
     only = [f.strip() for f in args.only.split(",") if f.strip()]
     unknown = [f for f in only if f not in FIGURES]
     if unknown:
         p.error(f"unknown figure(s) {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
-    args.figures = only or list(FIGURES)
+    args.figures = only or list(CLUSTER_FIGURES if args.cluster else FIGURES)
     return args
 
 
@@ -70,7 +79,7 @@ def start_systems(
 ) -> None:
     """Starts every system, appending those that run to `started` (so that an interruption
     still closes them) and recording each one's status."""
-    candidates: list[System] = [AviatoSystem(), FloorSystem(), RawBwrapSystem()]
+    candidates: list[System] = [AviatoSystem(args.base_url), FloorSystem(), RawBwrapSystem()]
     if args.no_docker:
         status["docker"] = {"status": "skipped", "reason": "--no-docker"}
     else:
@@ -116,7 +125,17 @@ def run(args: argparse.Namespace) -> int:
     figures: dict[str, dict[str, dict[str, Any]]] = {}
     systems: list[System] = []
     status: dict[str, dict[str, Any]] = {}
+    cluster: Any = None
     try:
+        if args.cluster:
+            log("starting the test Ray cluster ...")
+            sys.path.insert(0, str(ROOT / "tests" / "cluster"))
+            from raycluster import RayCluster
+
+            cluster = RayCluster()
+            cluster.start()
+            args.base_url = cluster.base_url
+            meta["placement"] = "ray (tests/cluster/raycluster.py: head + 2 workers, netns)"
         start_systems(args, systems, status)
         for name in args.figures:
             figure = FIGURES[name]
@@ -128,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
                 system.close()
             except Exception as exc:  # close() must not raise; report and go on
                 log(f"closing {system.name}: {exc}")
+        if cluster is not None:
+            cluster.stop()
     names = [n for n in ("aviato", "floor", "bwrap", "docker") if n in status]
     rows = _report.build_rows(plan, figures)
     table = _report.render_table(rows, status, names)

@@ -47,7 +47,9 @@ class AviatoSystem(System):
     name = "aviato"
     label = "aviato"
 
-    def __init__(self) -> None:
+    def __init__(self, base_url: str = "") -> None:
+        """`base_url`: measure that service (e.g. on a cluster) instead of a local one."""
+        self.base_url = base_url
         self.state_dir = ""
         self._server_pid: int | None = None
         self._info: dict[str, Any] = {}
@@ -59,12 +61,15 @@ class AviatoSystem(System):
         os.environ["AVIATO_STATE_DIR"] = self.state_dir
         for var in ("AVIATO_BASE_URL", "AVIATO_API_KEY"):
             os.environ.pop(var, None)
+        if self.base_url:
+            os.environ["AVIATO_BASE_URL"] = self.base_url
         try:
             import aviato
             from aviato import Sandbox
         except ImportError as exc:
             raise Skip(f"the aviato SDK is not importable: {exc}") from exc
-        self._maybe_start_service()
+        if not self.base_url:
+            self._maybe_start_service()
         t0 = time.perf_counter()
         try:
             sandbox = Sandbox.run()
@@ -168,13 +173,7 @@ class AviatoSystem(System):
         return Sandbox.run()
 
     def exec(self, box: Any, argv: Sequence[str], stdin: bytes | None = None) -> ExecOut:
-        if stdin is None:
-            result = box.exec(list(argv)).result(timeout=DEFAULT_TIMEOUT)
-        else:
-            proc = box.exec(list(argv), stdin=True)
-            proc.stdin.write(stdin)
-            proc.stdin.close()
-            result = proc.result(timeout=DEFAULT_TIMEOUT)
+        result = box.exec(list(argv), input=stdin).result(timeout=DEFAULT_TIMEOUT)
         return ExecOut(result.returncode, result.stdout_bytes, result.stderr_bytes)
 
     def write_file(self, box: Any, path: str, data: bytes) -> None:
@@ -197,13 +196,7 @@ class AviatoSystem(System):
         return sandbox
 
     async def aexec(self, box: Any, argv: Sequence[str], stdin: bytes | None = None) -> ExecOut:
-        if stdin is None:
-            result = await box.exec(list(argv))
-        else:
-            proc = box.exec(list(argv), stdin=True)
-            await proc.stdin.write(stdin)
-            await proc.stdin.close()
-            result = await proc
+        result = await box.exec(list(argv), input=stdin)
         return ExecOut(result.returncode, result.stdout_bytes, result.stderr_bytes)
 
     async def astop(self, box: Any) -> None:

@@ -8,8 +8,8 @@ Without --socket it starts `python -m aviato.server` on a temporary state direct
 Measures:
 - create → first exec: CreateSandbox, then an Exec of /bin/true that waits server-side for the
   sandbox to run; p50/p99 of the sum (200 runs);
-- exec round trip: Exec of /bin/true in a running sandbox, from the first frame sent to the exit
-  frame (1000 runs);
+- exec round trip: /bin/true in a running sandbox, to the exit frame, over an Exec stream and over
+  RunCommand (500 runs each, alternating);
 - burst: 100 CreateSandbox at once, until every one is RUNNING;
 - idle memory per sandbox: the drop of MemAvailable with 200 idle sandboxes, divided by 200.
 """
@@ -92,6 +92,21 @@ async def exec_true(stub: pbg.SandboxServiceStub, sandbox_id: str, argv: list[st
     return code
 
 
+async def run_true(stub: pbg.SandboxServiceStub, sandbox_id: str, argv: list[str]) -> int:
+    """As the SDK does it without stdin: one RunCommand, read to the terminal frame (the
+    trailers are not awaited)."""
+    call = stub.RunCommand(pb.ExecInit(sandbox_id=sandbox_id, argv=argv))
+    while True:
+        frame = await call.read()
+        if frame is grpc.aio.EOF:
+            raise RuntimeError("RunCommand ended without an exit frame")
+        kind = frame.WhichOneof("msg")
+        if kind == "exit":
+            return int(frame.exit.exit_code)
+        if kind == "error":
+            raise RuntimeError(frame.error.message)
+
+
 async def wait_running(stub: pbg.SandboxServiceStub, sandbox_id: str) -> pb.Sandbox:
     return await stub.WaitSandbox(
         pb.WaitSandboxRequest(
@@ -124,13 +139,18 @@ async def bench(socket_path: str, quick: bool) -> dict[str, Any]:
         sb = await create(stub)
         await exec_true(stub, sb.id, ["/bin/true"])
 
-        # Exec round trip.
-        times = []
-        for _ in range(runs_exec):
+        # Exec round trip: the Exec stream and RunCommand, alternating in blocks of 50.
+        times, run_times = [], []
+        for i in range(runs_exec):
             t0 = time.perf_counter()
-            await exec_true(stub, sb.id, ["/bin/true"])
-            times.append(time.perf_counter() - t0)
+            if (i // 50) % 2:
+                await run_true(stub, sb.id, ["/bin/true"])
+                run_times.append(time.perf_counter() - t0)
+            else:
+                await exec_true(stub, sb.id, ["/bin/true"])
+                times.append(time.perf_counter() - t0)
         results["exec_round_trip"] = summary(times)
+        results["run_command_round_trip"] = summary(run_times)
         await delete_all(stub, [sb.id])
 
         # Create → first exec.

@@ -111,7 +111,10 @@ SECTIONS: list[tuple[str, list[str]]] = [
         ],
     ),
     ("Sessions and remote functions", ["Session", "RemoteFunction"]),
-    ("Configuration objects", ["SandboxDefaults", "NetworkOptions", "Serialization"]),
+    (
+        "Configuration objects",
+        ["SandboxDefaults", "ImagePullCredentials", "NetworkOptions", "Serialization"],
+    ),
     ("Module functions", ["wait", "results", "Waitable"]),
 ]
 

@@ -22,6 +22,7 @@ import os as _os
 _os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from aviato import exceptions
+from aviato._credentials import ImagePullCredentials
 from aviato._defaults import NetworkOptions, SandboxDefaults, Serialization
 from aviato._function import RemoteFunction
 from aviato._refs import (
@@ -76,6 +77,7 @@ __all__ = [
     "AviatoError",
     "FunctionError",
     "FunctionSerializationError",
+    "ImagePullCredentials",
     "NetworkOptions",
     "OperationRef",
     "Process",

@@ -6,7 +6,8 @@ Environment variables read by the SDK (each read when it is needed, never at imp
   ``https://host:port``; unset means the local service, started on first use.
 - `AVIATO_API_KEY`: sent as ``authorization: Bearer <key>`` on every call.
 - `AVIATO_TLS_CA`: a CA bundle file for ``https://`` URLs (default: the system roots).
-- `AVIATO_IMAGE`: the image when neither the call nor the defaults name one (default "host").
+- `AVIATO_IMAGE`: the image when neither the call nor the defaults name one (default: the
+  service's default image, "host" unless the service is started with --default-image).
 - `AVIATO_LEASE_TTL`: a Session's lease time-to-live in seconds (default 30).
 - `AVIATO_STATE_DIR`: the local service's state directory (see `aviato._local`).
 """
@@ -21,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from aviato._credentials import ImagePullCredentials, coerce_pull_credentials
 from aviato.exceptions import SandboxValidationError
 from aviato.v1 import sandbox_pb2 as pb
 
@@ -105,6 +107,27 @@ def _as_str_tuple(name: str, value: Iterable[str] | None) -> tuple[str, ...]:
     return out
 
 
+def coerce_node_selector(value: Mapping[str, str] | None) -> dict[str, str]:
+    """A node selector as a new dict of label → value (None is empty); wrong types raise."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            "node_selector must be a mapping of node label to value, such as "
+            f"{{'pool': 'gpu'}}, not {type(value).__name__}"
+        )
+    out: dict[str, str] = {}
+    for key, label_value in value.items():
+        if not isinstance(key, str) or not isinstance(label_value, str):
+            raise TypeError(
+                f"node_selector: labels and values must be strings, got {key!r}: {label_value!r}"
+            )
+        if not key:
+            raise SandboxValidationError("node_selector: a label name is empty")
+        out[key] = label_value
+    return out
+
+
 def coerce_network(value: NetworkOptions | Mapping[str, Any] | None) -> NetworkOptions | None:
     """Accepts a NetworkOptions, a dict of its fields, or None; anything else is a TypeError."""
     if value is None or isinstance(value, NetworkOptions):
@@ -119,13 +142,19 @@ class SandboxDefaults:
     """Defaults applied to every sandbox made with them (by `Sandbox(defaults=...)` or a Session).
 
     Merge rules when a sandbox is made: an explicit argument wins over the default; `tags` are
-    concatenated (defaults first); `environment_variables` are merged, explicit keys winning.
+    concatenated (defaults first); `environment_variables` and `node_selector` are merged,
+    explicit keys winning.
 
     Fields:
-        container_image: The image. None means `AVIATO_IMAGE`, else ``"host"`` (the host's system,
-            read-only, secrets hidden; the only image the service serves today).
+        container_image: The image: ``"host"`` (the host's system, read-only, secrets hidden) or
+            an OCI reference such as ``"python:3.11"``, pulled on first use (docs/images.md).
+            None means `AVIATO_IMAGE`, else the service's default (``"host"`` unless configured).
         command, args: The main process. None means the service's keep-alive (a process that
             waits and exits 0 on SIGTERM), so the sandbox runs until stopped.
+        image_command: True: the main process is the image's own ``Entrypoint + Cmd`` (an OCI
+            image's program) instead of the keep-alive. Not together with `command`.
+        image_pull_credentials: `ImagePullCredentials` (or a dict of them) for the registry of
+            `container_image`; None means the service's Docker config, else anonymous.
         base_url: The service address. `AVIATO_BASE_URL` wins over this field when it is set
             (as in the aviato SDK); None means the embedded local service.
         request_timeout_seconds: Deadline of each request to the service (default 300 s), and the
@@ -139,6 +168,9 @@ class SandboxDefaults:
         environment_variables: Environment of the main process and of every command.
         working_dir: Working directory inside the sandbox; None means the image's (``/workspace``).
         lease_ttl_seconds: A Session's lease time-to-live; None means `AVIATO_LEASE_TTL`, else 30.
+        node_selector: Node labels the sandbox's node must carry (``{"pool": "gpu"}``), for a
+            service placed on a cluster (docs/cluster.md); the key ``aviato.node`` matches a node
+            id or hostname. Ignored by the local placement.
     """
 
     container_image: str | None = None
@@ -154,12 +186,26 @@ class SandboxDefaults:
     environment_variables: Mapping[str, str] = field(default_factory=dict)
     working_dir: str | None = None
     lease_ttl_seconds: float | None = None
+    image_command: bool = False
+    image_pull_credentials: ImagePullCredentials | None = None
+    node_selector: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tags", _as_str_tuple("tags", self.tags))
         object.__setattr__(self, "args", _as_str_tuple("args", self.args))
         object.__setattr__(self, "network", coerce_network(self.network))
+        object.__setattr__(
+            self, "image_pull_credentials", coerce_pull_credentials(self.image_pull_credentials)
+        )
+        if not isinstance(self.image_command, bool):
+            raise TypeError(f"image_command must be True or False, not {self.image_command!r}")
+        if self.image_command and self.command:
+            raise SandboxValidationError(
+                "image_command=True runs the image's Entrypoint + Cmd: give it or a command, "
+                f"not both (command={self.command!r})"
+            )
         object.__setattr__(self, "environment_variables", dict(self.environment_variables))
+        object.__setattr__(self, "node_selector", coerce_node_selector(self.node_selector))
         if self.resources is not None:
             object.__setattr__(self, "resources", dict(self.resources))
             resources_to_proto(self.resources)  # validate early
@@ -176,6 +222,12 @@ class SandboxDefaults:
         """The default environment updated with `env` (explicit keys win)."""
         merged = dict(self.environment_variables)
         merged.update(env or {})
+        return merged
+
+    def merge_node_selector(self, selector: Mapping[str, str] | None) -> dict[str, str]:
+        """The default node selector updated with `selector` (explicit labels win)."""
+        merged = dict(self.node_selector)
+        merged.update(coerce_node_selector(selector))
         return merged
 
     def with_overrides(self, **overrides: Any) -> SandboxDefaults:
@@ -204,8 +256,8 @@ def resolve_base_url(explicit: str | None, defaults: SandboxDefaults | None) -> 
 
 
 def resolve_image(explicit: str | None, defaults: SandboxDefaults) -> str:
-    """explicit > `defaults.container_image` > `AVIATO_IMAGE` > ``"host"``."""
-    return explicit or defaults.container_image or os.environ.get(ENV_IMAGE) or DEFAULT_IMAGE
+    """explicit > `defaults.container_image` > `AVIATO_IMAGE` > "" (the service's default)."""
+    return explicit or defaults.container_image or os.environ.get(ENV_IMAGE) or ""
 
 
 def api_key() -> str | None:

@@ -277,6 +277,7 @@ class RemoteFunction(Generic[P, R]):
             "mounted_files": mounted_files,
             "network": network,
             "max_lifetime_seconds": max_lifetime_seconds,
+            "image_command": False,  # functions exec into a kept-alive sandbox
         }
         self.environment_variables = environment_variables
         self._temp_dir = (temp_dir or session.defaults.temp_dir).rstrip("/") or "/"

@@ -503,36 +503,32 @@ class ExecState:
         *,
         check: bool,
     ) -> ProcessResult:
-        """Runs the command over one Exec stream: init, stdin, output frames, one terminal frame.
+        """Runs the command and returns its result once its terminal frame arrived.
 
-        A stream that ends without an exit frame raises (never a silent exit code 0); an error
-        frame or a gRPC failure raises the translated exception; cancellation kills the command
-        (SIGKILL to its process group) and cancels the stream.
+        Without a stdin writer the command runs over RunCommand (one request message, then the
+        output frames; `init.input` is its whole stdin); with one, over an Exec stream. A stream
+        that ends without an exit frame raises (never a silent exit code 0); an error frame or a
+        gRPC failure raises the translated exception; cancellation kills the command.
         """
         from aviato._client import translate_error
 
         sandbox_id = init.sandbox_id
         call_timeout = init.timeout_seconds + 60.0 if init.timeout_seconds > 0 else None
-        call = client.stub.Exec(metadata=client.metadata, timeout=call_timeout)
-        write_lock = asyncio.Lock()
-        pump: asyncio.Task[None] | None = None
-        reader: asyncio.Future[pb.ExecExit] | None = None
         try:
-            async with write_lock:
-                await call.write(pb.ExecRequest(init=init))
-            if self.writer is not None:
-                pump = asyncio.create_task(self._pump_stdin(call, self.writer, write_lock))
-            # Frames are read by their own task: cancelling this coroutine must not cancel a
-            # pending read (grpc would cancel the call before we could kill the command).
-            reader = asyncio.ensure_future(self._read_frames(call, sandbox_id))
-            exit_msg = await asyncio.shield(reader)
+            if self.writer is None and client.run_command:
+                try:
+                    exit_msg = await self._run(client, init, call_timeout)
+                except grpc.aio.AioRpcError as err:
+                    if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                        raise
+                    # A service older than RunCommand (the local one outlives SDK upgrades):
+                    # the command never started, so run it over Exec, now and from now on.
+                    client.run_command = False
+                    exit_msg = await self._stream(client, init, call_timeout)
+            else:
+                exit_msg = await self._stream(client, init, call_timeout)
             result = self._result(exit_msg)
             self.finish(None)
-            if pump is not None:
-                pump.cancel()
-            # The exit frame is final: the result does not wait for the stream's trailers
-            # (a round trip), which are collected in the background.
-            _spawn(self._end_call(call, write_lock))
             if result.timed_out:
                 raise SandboxTimeoutError(
                     f"command {shlex.join(self.command)!r} timed out after "
@@ -549,14 +545,68 @@ class ExecState:
             raise exc from None
         except asyncio.CancelledError:
             self.finish(SandboxExecutionError("the command was cancelled", sandbox_id=sandbox_id))
+            raise
+        except BaseException as err:
+            self.finish(err)
+            raise
+
+    async def _run(
+        self, client: Client, init: pb.ExecInit, call_timeout: float | None
+    ) -> pb.ExecExit:
+        """One RunCommand call. Cancelling it (this coroutine) is what kills the command: the
+        service ends a cancelled call's command. Its trailers are not awaited: the exit frame is
+        final."""
+        call = client.stub.RunCommand(init, metadata=client.metadata, timeout=call_timeout)
+        try:
+            return await self._read_frames(call, init.sandbox_id)
+        except BaseException:
+            call.cancel()
+            raise
+
+    async def _stream(
+        self, client: Client, init: pb.ExecInit, call_timeout: float | None
+    ) -> pb.ExecExit:
+        """One Exec stream: init, then stdin frames from the writer (or `init.input` as frames,
+        for a service without RunCommand), output frames, one terminal frame."""
+        call = client.stub.Exec(metadata=client.metadata, timeout=call_timeout)
+        write_lock = asyncio.Lock()
+        pump: asyncio.Task[None] | None = None
+        reader: asyncio.Future[pb.ExecExit] | None = None
+        sandbox_id = init.sandbox_id
+        try:
+            async with write_lock:
+                data = init.input if self.writer is None else b""
+                if data:  # Exec takes input in frames (an older service ignores init.input)
+                    first = pb.ExecInit()
+                    first.CopyFrom(init)
+                    first.input = b""
+                    first.stdin = True
+                    await call.write(pb.ExecRequest(init=first))
+                    for i in range(0, len(data), STDIN_CHUNK_BYTES):
+                        await call.write(pb.ExecRequest(stdin=data[i : i + STDIN_CHUNK_BYTES]))
+                    await call.write(pb.ExecRequest(stdin_eof=True))
+                else:
+                    await call.write(pb.ExecRequest(init=init))
+            if self.writer is not None:
+                pump = asyncio.create_task(self._pump_stdin(call, self.writer, write_lock))
+            # Frames are read by their own task: cancelling this coroutine must not cancel a
+            # pending read (grpc would cancel the call before we could kill the command).
+            reader = asyncio.ensure_future(self._read_frames(call, sandbox_id))
+            exit_msg = await asyncio.shield(reader)
+            if pump is not None:
+                pump.cancel()
+            # The exit frame is final: the result does not wait for the stream's trailers
+            # (a round trip), which are collected in the background.
+            _spawn(self._end_call(call, write_lock))
+            return exit_msg
+        except asyncio.CancelledError:
             if reader is not None and not reader.done():
                 with contextlib.suppress(BaseException):
                     async with asyncio.timeout(1.0), write_lock:
                         await call.write(pb.ExecRequest(signal=9))
             call.cancel()
             raise
-        except BaseException as err:
-            self.finish(err)
+        except BaseException:
             call.cancel()
             raise
         finally:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Self
 from aviato import _defaults
 from aviato._bridge import get_bridge
 from aviato._client import Client, get_client
+from aviato._credentials import ImagePullCredentials, coerce_pull_credentials
 from aviato._defaults import DEFAULT_GRACEFUL_SHUTDOWN_SECONDS, NetworkOptions, SandboxDefaults
 from aviato._refs import ExecState, OperationRef, Process, _await_concurrent
 from aviato._status import SandboxStatus
@@ -34,6 +35,7 @@ from aviato.exceptions import (
     SandboxNotRunningError,
     SandboxTerminatedError,
     SandboxTimeoutError,
+    SandboxValidationError,
 )
 from aviato.v1 import sandbox_pb2 as pb
 
@@ -67,7 +69,17 @@ class Sandbox:
     `defaults`, see `SandboxDefaults`):
         command, args: The main process (`run(*command)` takes them positionally). Default: none,
             i.e. the service's keep-alive, which runs until the sandbox is stopped.
-        container_image: Default `AVIATO_IMAGE`, else ``"host"``.
+        container_image: Default `AVIATO_IMAGE`, else the service's default (``"host"``).
+            An OCI reference (``"python:3.11"``, ``"ghcr.io/org/app:1.4"``) is pulled on first
+            use; the sandbox is PENDING ("pulling image ...") meanwhile.
+        image_command: True: the main process is the image's own ``Entrypoint + Cmd`` instead
+            of the keep-alive; the sandbox ends when it exits, with its exit code (see
+            `returncode`). Cannot be combined with a command (`SandboxValidationError`). A call's
+            command or image_command overrides those of `defaults`.
+        image_pull_credentials: `ImagePullCredentials` (or ``{"username", "password"}`` /
+            ``{"token"}``) for the image's registry; used for this pull only, never stored by
+            the service. Default: `defaults.image_pull_credentials`, else the service's Docker
+            config, else anonymous.
         tags: Added to the default tags.
         environment_variables: Merged over the default environment.
         resources: ``{"cpu", "memory", "pids", "disk"}`` (strings or numbers).
@@ -77,6 +89,10 @@ class Sandbox:
         max_lifetime_seconds: The service stops the sandbox after this long (default: the
             service's, 1 hour).
         working_dir: Absolute directory for the main process and commands (default ``/workspace``).
+        node_selector: Node labels the sandbox's node must carry, ``{"pool": "gpu"}``, when the
+            service places sandboxes on a cluster (docs/cluster.md); merged over the default
+            selector. A selector no node matches leaves the sandbox PENDING until the service's
+            placement deadline, then FAILED. Ignored by the local placement.
         base_url: The service (default `AVIATO_BASE_URL`, else `defaults.base_url`, else local).
         request_timeout_seconds: Deadline of each request; default of `wait()` (300 s).
 
@@ -103,11 +119,29 @@ class Sandbox:
         network: NetworkOptions | Mapping[str, Any] | None = None,
         environment_variables: Mapping[str, str] | None = None,
         working_dir: str | None = None,
+        image_command: bool | None = None,
+        image_pull_credentials: ImagePullCredentials | Mapping[str, str] | None = None,
+        node_selector: Mapping[str, str] | None = None,
         _session: Session | None = None,
     ) -> None:
         d = defaults or SandboxDefaults()
         self._defaults = d
-        cmd = command or d.command
+        if image_command is not None and not isinstance(image_command, bool):
+            raise TypeError(f"image_command must be True, False or None, not {image_command!r}")
+        if image_command and command:
+            raise SandboxValidationError(
+                "image_command=True runs the image's Entrypoint + Cmd: give it or a command, "
+                f"not both (command={command!r})"
+            )
+        # the call's own choice of main process wins over the defaults' (command or image's)
+        if image_command is not None:
+            use_image_command = image_command
+        else:
+            use_image_command = d.image_command and not command
+        self._pull_credentials = (
+            coerce_pull_credentials(image_pull_credentials) or d.image_pull_credentials
+        )
+        cmd = command or (None if use_image_command else d.command)
         if cmd:
             argv = [cmd, *(list(args) if args is not None else list(d.args))]
         else:
@@ -130,6 +164,8 @@ class Sandbox:
             max_lifetime_seconds=float(lifetime or 0.0),
             mounted_files=_defaults.mounted_files_to_proto(mounted_files),
             network=net.to_spec_network() if net is not None else "none",
+            image_command=use_image_command,
+            node_selector=d.merge_node_selector(node_selector),
         )
         res = _defaults.resources_to_proto(resources if resources is not None else d.resources)
         if res is not None:
@@ -165,11 +201,16 @@ class Sandbox:
         network: NetworkOptions | Mapping[str, Any] | None = None,
         environment_variables: Mapping[str, str] | None = None,
         working_dir: str | None = None,
+        image_command: bool | None = None,
+        image_pull_credentials: ImagePullCredentials | Mapping[str, str] | None = None,
+        node_selector: Mapping[str, str] | None = None,
     ) -> Sandbox:
         """Creates and starts a sandbox; returns once the service accepted it (PENDING or later).
 
         ``Sandbox.run("python", "train.py")`` runs that as the main process; ``Sandbox.run()``
-        runs the keep-alive. Errors of the create (bad options, no service) are raised here.
+        runs the keep-alive; ``Sandbox.run(container_image="org/app:1", image_command=True)``
+        runs the image's own Entrypoint + Cmd. Errors of the create (bad options, no service)
+        are raised here; a failed image pull shows later, as a FAILED sandbox.
         This call blocks briefly (one request); everything after it is non-blocking.
         """
         sandbox = cls(
@@ -186,6 +227,9 @@ class Sandbox:
             network=network,
             environment_variables=environment_variables,
             working_dir=working_dir,
+            image_command=image_command,
+            image_pull_credentials=image_pull_credentials,
+            node_selector=node_selector,
         )
         sandbox.start().result()
         return sandbox
@@ -263,13 +307,20 @@ class Sandbox:
 
     @property
     def container_image(self) -> str:
-        """The image the sandbox runs."""
-        return self._spec.image
+        """The image the sandbox runs (the service's default when none was named)."""
+        if self._record is not None and self._record.spec.image:
+            return self._record.spec.image
+        return self._spec.image or _defaults.DEFAULT_IMAGE
 
     @property
     def node(self) -> str | None:
         """The node that runs the sandbox (``"local"`` for the embedded service)."""
         return (self._record.node or None) if self._record is not None else None
+
+    @property
+    def node_selector(self) -> dict[str, str]:
+        """The node labels the sandbox asked for (empty: any node)."""
+        return dict(self._spec.node_selector)
 
     def __repr__(self) -> str:
         status = self._status.value if self._status else "not started"
@@ -338,6 +389,8 @@ class Sandbox:
             session._check_open()
         client = await self._client()
         request = pb.CreateSandboxRequest(spec=self._spec, request_id=self._request_id)
+        if self._pull_credentials is not None:  # only on the wire, never kept in self._spec
+            request.spec.registry_auth.CopyFrom(self._pull_credentials._to_proto())
         if session is not None:
             request.lease_id = session._lease_id
             request.lease_ttl_seconds = session._lease_ttl
@@ -595,6 +648,7 @@ class Sandbox:
         check: bool = False,
         timeout_seconds: float | None = None,
         stdin: bool = False,
+        input: bytes | str | None = None,
     ) -> Process:
         """Runs `command` (an argv list) in the sandbox; returns a `Process` at once.
 
@@ -603,8 +657,13 @@ class Sandbox:
         sandbox's environment. `timeout_seconds` (default: no limit) is enforced by the service:
         the command's process group is killed and `result()` raises `SandboxTimeoutError` (with
         ``exec_result``). With `check`, a non-zero exit makes `result()` raise
-        `SandboxExecutionError` carrying ``exec_result`` (after the output is complete). With
-        `stdin`, ``process.stdin`` is a `StreamWriter`; otherwise the command's stdin is empty.
+        `SandboxExecutionError` carrying ``exec_result`` (after the output is complete).
+
+        The command's stdin: with ``stdin=True``, ``process.stdin`` is a `StreamWriter` to feed
+        it while it runs; with ``input=`` (bytes, or text sent as UTF-8; at most 4 MiB), it is
+        that data followed by end-of-file, sent with the command in one message (as in
+        `subprocess.run`; the cheaper way when the input is known up front); otherwise it is empty.
+        The two cannot be combined.
         """
         if isinstance(command, str | bytes):
             raise TypeError(
@@ -617,6 +676,9 @@ class Sandbox:
             raise ValueError(f"cwd must be an absolute path: {cwd!r}")
         if timeout_seconds is not None and timeout_seconds <= 0:
             raise ValueError("timeout_seconds must be positive")
+        if input is not None and stdin:
+            raise ValueError("exec() takes stdin=True or input=..., not both")
+        data = input.encode() if isinstance(input, str) else bytes(input or b"")
         state = ExecState(argv, stdin=stdin)
         init = pb.ExecInit(
             argv=argv,
@@ -624,6 +686,7 @@ class Sandbox:
             env=dict(env or {}),
             timeout_seconds=float(timeout_seconds or 0.0),
             stdin=stdin,
+            input=data,
         )
         future = get_bridge().submit(self._exec(state, init, check))
         return Process(future, state)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
 
 from aviato import _bridge, _defaults
 from aviato._client import get_client
+from aviato._credentials import ImagePullCredentials
 from aviato._defaults import NetworkOptions, SandboxDefaults, Serialization
 from aviato._refs import OperationRef
 from aviato._sandbox import Sandbox
@@ -137,9 +138,15 @@ class Session:
         working_dir: str | None = None,
         max_lifetime_seconds: float | None = None,
         request_timeout_seconds: float | None = None,
+        image_command: bool | None = None,
+        image_pull_credentials: ImagePullCredentials | Mapping[str, str] | None = None,
+        node_selector: Mapping[str, str] | None = None,
     ) -> Sandbox:
         """A new sandbox with the session's defaults; it starts on first use (exec, read_file,
-        write_file, wait, await, start). Raises `SandboxError` if the session is closed."""
+        write_file, wait, await, start). Raises `SandboxError` if the session is closed.
+
+        The options are `Sandbox`'s (e.g. ``image_command=True`` to run the image's
+        Entrypoint + Cmd, ``image_pull_credentials=`` for a private registry)."""
         self._check_open()
         sandbox = Sandbox(
             command=command,
@@ -154,6 +161,9 @@ class Session:
             working_dir=working_dir,
             max_lifetime_seconds=max_lifetime_seconds,
             request_timeout_seconds=request_timeout_seconds,
+            image_command=image_command,
+            image_pull_credentials=image_pull_credentials,
+            node_selector=node_selector,
             _session=self,
         )
         self._track(sandbox)

@@ -73,6 +73,23 @@ def test_run_options_reach_the_sandbox(cli: Cli) -> None:
         cli.ok("rm", "-y", sandbox_id)
 
 
+def test_run_node_selector_is_checked(cli: Cli) -> None:
+    # The local placement ignores node_selector; the option's parsing and the service's
+    # validation are what can be checked here (tests/cluster uses it on a cluster).
+    sandbox_id = cli.ok(
+        "run", "--no-wait", "--tag", TAG, "--node-selector", "pool=gpu", "--node-selector", "a=b"
+    ).stdout.strip()
+    cli.ok("rm", "-y", sandbox_id)
+    for bad, fragment in (("pool", "is not LABEL=VALUE"), ("=x", "is not LABEL=VALUE")):
+        result = cli("run", "--node-selector", bad)
+        assert result.returncode == 2 and "--node-selector" in result.stderr, result
+        assert fragment in result.stderr
+    result = cli("run", "--node-selector", "a=1", "--node-selector", "a=2")
+    assert result.returncode == 2 and "label 'a' given twice" in result.stderr
+    result = cli("run", "--node-selector", "bad*label=x")
+    assert result.returncode != 0 and "spec.node_selector" in result.stderr, result
+
+
 def test_run_with_a_command_and_get(cli: Cli) -> None:
     sandbox_id = cli.ok("run", "--tag", TAG, "--", "sh", "-c", "echo done; exit 3").stdout.strip()
     try:

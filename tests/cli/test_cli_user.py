@@ -106,3 +106,24 @@ def test_an_ordinary_user_runs_sandboxes(as_user: list[str]) -> None:
     assert _run(as_user, "exec", sandbox_id, "--", "cat", input="piped") == "piped"
     assert sandbox_id in _run(as_user, "ls", "-q")
     _run(as_user, "rm", sandbox_id)
+
+
+def test_a_rootless_service_refuses_limits_it_cannot_apply(as_user: list[str]) -> None:
+    """Without a delegated cgroup, a create asking for limits is refused at once, not accepted."""
+    _run(as_user, "server", "start")
+    info = _run(as_user, "server", "status")
+    if "cgroups:   none" not in info:  # e.g. a cgroup v2 subtree delegated to this user
+        pytest.skip(f"this service can apply limits here:\n{info}")
+    assert "creates that ask for limits are refused" in info
+    result = subprocess.run(
+        [*as_user, "run", "--memory", "256Mi"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "memory" in result.stderr and "cannot apply" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert _run(as_user, "ls", "-q", "--all").strip() == ""  # nothing was recorded

@@ -29,13 +29,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+from raw_client import Client as Client
+from raw_client import ExecResult as ExecResult
 
 import aviato.server
 from aviato.v1 import sandbox_pb2 as pb
@@ -328,7 +329,11 @@ class Service:
         return pbg.SandboxServiceStub(self.channel())
 
     def client(self, metadata: Sequence[tuple[str, str]] = ()) -> Client:
-        return Client(self.stub(), metadata, self)
+        return Client(self.stub(), metadata, self.record)
+
+    def record(self, sandbox: pb.Sandbox) -> None:
+        """Counts a sandbox created through this service's clients (for the leftover checks)."""
+        self.seen_ids.add(sandbox.id)
 
     def _close_channel(self) -> None:
         if self._channel is not None:
@@ -486,180 +491,6 @@ def service(
 
 
 # --- a small synchronous client ---------------------------------------------------------------
-
-
-@dataclass
-class ExecResult:
-    frames: list[pb.ExecResponse] = field(default_factory=list)
-
-    def _data(self, stream: int) -> bytes:
-        return b"".join(
-            f.output.data
-            for f in self.frames
-            if f.WhichOneof("msg") == "output" and f.output.stream == stream
-        )
-
-    @property
-    def stdout(self) -> bytes:
-        return self._data(pb.STREAM_STDOUT)
-
-    @property
-    def stderr(self) -> bytes:
-        return self._data(pb.STREAM_STDERR)
-
-    @property
-    def terminal(self) -> pb.ExecResponse:
-        ends = [f for f in self.frames if f.WhichOneof("msg") in ("exit", "error")]
-        assert len(ends) == 1, f"expected exactly one terminal frame, got {ends}"
-        assert self.frames[-1] is ends[0], "the terminal frame must be the last"
-        return ends[0]
-
-    @property
-    def exit_code(self) -> int:
-        t = self.terminal
-        assert t.WhichOneof("msg") == "exit", f"expected exit, got {t} (stderr {self.stderr!r})"
-        return int(t.exit.exit_code)
-
-    @property
-    def error(self) -> pb.ExecError:
-        t = self.terminal
-        assert t.WhichOneof("msg") == "error", f"expected error, got {t}"
-        return t.error
-
-
-class Client:
-    """A thin synchronous client on the raw stubs."""
-
-    def __init__(
-        self,
-        stub: pbg.SandboxServiceStub,
-        metadata: Sequence[tuple[str, str]] = (),
-        service: Service | None = None,
-    ) -> None:
-        self.stub = stub
-        self.md = list(metadata)
-        self.service = service
-
-    def create(
-        self,
-        *,
-        request_id: str | None = None,
-        lease_id: str = "",
-        lease_ttl: float = 0.0,
-        resources: dict[str, Any] | None = None,
-        **spec: Any,
-    ) -> pb.Sandbox:
-        s = pb.SandboxSpec(**spec)
-        if resources:
-            s.resources.CopyFrom(pb.Resources(**resources))
-        req = pb.CreateSandboxRequest(
-            spec=s,
-            request_id=request_id or str(uuid.uuid4()),
-            lease_id=lease_id,
-            lease_ttl_seconds=lease_ttl,
-        )
-        sb: pb.Sandbox = self.stub.CreateSandbox(req, metadata=self.md, timeout=60)
-        if self.service is not None:
-            self.service.seen_ids.add(sb.id)
-        return sb
-
-    def get(self, sandbox_id: str) -> pb.Sandbox:
-        req = pb.GetSandboxRequest(sandbox_id=sandbox_id)
-        return self.stub.GetSandbox(req, metadata=self.md, timeout=30)  # type: ignore[no-any-return]
-
-    def wait(self, sandbox_id: str, terminal: bool = False, timeout: float = 60) -> pb.Sandbox:
-        cond = (
-            pb.WaitSandboxRequest.CONDITION_TERMINAL
-            if terminal
-            else pb.WaitSandboxRequest.CONDITION_STARTED
-        )
-        req = pb.WaitSandboxRequest(sandbox_id=sandbox_id, condition=cond, timeout_seconds=timeout)
-        return self.stub.WaitSandbox(req, metadata=self.md, timeout=timeout + 15)  # type: ignore[no-any-return]
-
-    def running(self, **spec: Any) -> pb.Sandbox:
-        sb = self.wait(self.create(**spec).id)
-        assert sb.status == RUNNING, sb
-        return sb
-
-    def stop(self, sandbox_id: str, grace: float = 0.0, timeout: float = 60) -> pb.Sandbox:
-        req = pb.StopSandboxRequest(sandbox_id=sandbox_id, grace_seconds=grace)
-        return self.stub.StopSandbox(req, metadata=self.md, timeout=timeout)  # type: ignore[no-any-return]
-
-    def delete(self, sandbox_id: str) -> None:
-        req = pb.DeleteSandboxRequest(sandbox_id=sandbox_id)
-        self.stub.DeleteSandbox(req, metadata=self.md, timeout=60)
-
-    def list(self, **kw: Any) -> pb.ListSandboxesResponse:
-        return self.stub.ListSandboxes(  # type: ignore[no-any-return]
-            pb.ListSandboxesRequest(**kw), metadata=self.md, timeout=30
-        )
-
-    def list_all(self, include_terminated: bool = True) -> list[pb.Sandbox]:
-        out: list[pb.Sandbox] = []
-        token = ""
-        while True:
-            page = self.list(
-                include_terminated=include_terminated, page_size=1000, page_token=token
-            )
-            out.extend(page.sandboxes)
-            token = page.next_page_token
-            if not token:
-                return out
-
-    def exec(
-        self,
-        sandbox_id: str,
-        argv: Sequence[str],
-        *,
-        stdin: bytes | None = None,
-        timeout: float = 0.0,
-        cwd: str = "",
-        env: dict[str, str] | None = None,
-        deadline: float = 120,
-    ) -> ExecResult:
-        init = pb.ExecInit(
-            sandbox_id=sandbox_id,
-            argv=list(argv),
-            cwd=cwd,
-            env=env or {},
-            timeout_seconds=timeout,
-            stdin=stdin is not None,
-        )
-        reqs = [pb.ExecRequest(init=init)]
-        if stdin is not None:
-            for i in range(0, len(stdin), 65536):
-                reqs.append(pb.ExecRequest(stdin=stdin[i : i + 65536]))
-            reqs.append(pb.ExecRequest(stdin_eof=True))
-        return ExecResult(list(self.stub.Exec(iter(reqs), metadata=self.md, timeout=deadline)))
-
-    def sh(self, sandbox_id: str, script: str, **kw: Any) -> ExecResult:
-        return self.exec(sandbox_id, ["/bin/sh", "-c", script], **kw)
-
-    def write_file(
-        self, sandbox_id: str, path: str, data: bytes, mode: int = 0, make_parents: bool = False
-    ) -> int:
-        def reqs() -> Iterator[pb.WriteFileRequest]:
-            yield pb.WriteFileRequest(
-                header=pb.WriteFileHeader(
-                    sandbox_id=sandbox_id, path=path, mode=mode, make_parents=make_parents
-                )
-            )
-            for i in range(0, len(data), 1 << 20):
-                yield pb.WriteFileRequest(data=data[i : i + (1 << 20)])
-
-        return int(self.stub.WriteFile(reqs(), metadata=self.md, timeout=120).size)
-
-    def read_file(self, sandbox_id: str, path: str) -> tuple[pb.FileInfo, bytes]:
-        req = pb.ReadFileRequest(sandbox_id=sandbox_id, path=path)
-        frames = list(self.stub.ReadFile(req, metadata=self.md, timeout=120))
-        assert frames and frames[0].WhichOneof("msg") == "info", frames[:1]
-        return frames[0].info, b"".join(f.data for f in frames[1:])
-
-    def logs(
-        self, sandbox_id: str, tail: int = -1, follow: bool = False, timeout: float = 30
-    ) -> list[pb.LogEntry]:
-        req = pb.StreamLogsRequest(sandbox_id=sandbox_id, tail=tail, follow=follow)
-        return list(self.stub.StreamLogs(req, metadata=self.md, timeout=timeout))
 
 
 # --- SDK scripts in child processes -----------------------------------------------------------

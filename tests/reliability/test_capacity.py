@@ -83,3 +83,25 @@ except Exception as e:
     assert "capacity exhausted" in outcome["msg"], outcome
     info = svc.stub().GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
     assert info.max_sandboxes == LIMIT and info.sandboxes_running == 4
+
+
+def test_a_host_low_on_memory_refuses_creates(make_service: Callable[..., Service]) -> None:
+    """Below `--min-free-memory` of MemAvailable, creates are refused whatever the limits say."""
+    svc = make_service("--min-free-memory", "100Ti")  # more than any host has available
+    with pytest.raises(grpc.RpcError) as caught:
+        svc.client().create()
+    assert code_of(caught.value) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "host memory low" in details_of(caught.value)
+    assert "--min-free-memory" in details_of(caught.value)
+    listed = svc.stub().ListSandboxes(pb.ListSandboxesRequest(include_terminated=True), timeout=10)
+    assert list(listed.sandboxes) == []  # refused, not recorded
+
+
+def test_a_host_low_on_disk_refuses_creates(make_service: Callable[..., Service]) -> None:
+    """Below `--min-free-disk` on the state directory's filesystem, creates are refused."""
+    svc = make_service("--min-free-disk", "100Pi")
+    with pytest.raises(grpc.RpcError) as caught:
+        svc.client().create()
+    assert code_of(caught.value) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "host disk low" in details_of(caught.value)
+    assert "--min-free-disk" in details_of(caught.value)

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from aviato.images.errors import PullFailed
 from aviato.runtime.base import (
     CapacityExhausted,
     ExecExit,
@@ -32,7 +33,6 @@ from aviato.runtime.base import (
     SandboxHandle,
 )
 from aviato.runtime.bwrap import Bwrap, find_bwrap
-from aviato.runtime.images import ImageNotFound
 from aviato.runtime.local import LocalRuntime, LocalSandbox, SandboxStartFailed
 
 SOURCE = Path(__file__).parents[2] / "src/aviato/runtime/native/supervisor.c"
@@ -590,8 +590,10 @@ def test_capacity_is_enforced(state_dir: Path, supervisor_bin: Path) -> None:
 
 def test_spec_errors(state_dir: Path, supervisor_bin: Path) -> None:
     async def body(rt: LocalRuntime) -> None:
-        with pytest.raises(ImageNotFound, match=r"python:3\.11"):
-            await rt.create(config(image="python:3.11"))
+        # An image that cannot be pulled (nothing listens on port 1) fails the create, saying
+        # which registry; nothing of the sandbox is left.
+        with pytest.raises(PullFailed, match=r"127\.0\.0\.1:1"):
+            await rt.create(config(image="127.0.0.1:1/nothing:1"))
         with pytest.raises(PathRefused):
             await rt.create(config(network="bridge"))
         with pytest.raises(PathRefused):

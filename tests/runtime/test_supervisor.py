@@ -420,9 +420,10 @@ def test_connection_loss_kills_exec(sup: Supervisor) -> None:
     async def main() -> None:
         conn = await sup.connect()
         h = await conn.exec(ExecSpec(argv=("sh", "-c", "sleep 100 & sleep 100")))
-        assert h.pid > 0 and pid_alive(h.pid)
+        assert await h.started() > 0 and pid_alive(h.pid)
         other = await sup.connect()
         h2 = await other.exec(ExecSpec(argv=("sleep", "100")))
+        await h2.started()
         conn.abort()
         *_, end = await collect(h)
         assert end == ExecFailed("UNAVAILABLE", "sandbox supervisor connection lost")

@@ -102,6 +102,15 @@ def test_stdin_round_trip(fake_server: FakeServer) -> None:
     assert process.result(timeout=10).stdout == "hello\nworld"
 
 
+def test_a_service_without_run_command_gets_exec_streams(fake_server: FakeServer) -> None:
+    """The fake has no RunCommand, like a service older than the SDK (the local one outlives
+    upgrades): commands, with their input, go over Exec instead."""
+    sb = Sandbox.run(base_url=fake_server.url)
+    assert sb.exec(["echo", "hi"]).result(timeout=10).stdout == "hi\n"
+    assert sb.exec(["cat"], input=b"a" * 100_000 + b"z").result(timeout=10).stdout.endswith("az")
+    assert fake_server.service.state.calls["Exec"] == 2
+
+
 def test_stop_is_terminal_and_wait_until_complete(fake_server: FakeServer) -> None:
     sb = Sandbox.run(base_url=fake_server.url)
     assert sb.stop().result(timeout=10) is None

@@ -125,6 +125,24 @@ def test_stdin_round_trip(sandbox: Sandbox) -> None:
     assert sandbox.exec(["true"]).stdin is None
 
 
+def test_input_is_the_whole_stdin(sandbox: Sandbox) -> None:
+    r = sandbox.exec(["cat"], input=b"\x00bytes\xff").result(timeout=30)
+    assert r.stdout_bytes == b"\x00bytes\xff"
+    process = sandbox.exec(["python3", "-c", "import sys; print(sys.stdin.read().upper())"],
+                           input="text é")  # fmt: skip
+    assert process.stdin is None
+    assert process.result(timeout=30).stdout == "TEXT É\n"
+    big = bytes(range(256)) * 4096  # 1 MiB: past what the service writes before relaying output
+    assert sandbox.exec(["cat"], input=big).result(timeout=30).stdout_bytes == big
+    with pytest.raises(ValueError, match="not both"):
+        sandbox.exec(["cat"], stdin=True, input=b"x")
+
+    async def main() -> str:
+        return (await sandbox.exec(["wc", "-c"], input=b"12345")).stdout.strip()
+
+    assert asyncio.run(main()) == "5"
+
+
 def test_stdin_eof_and_interaction(sandbox: Sandbox) -> None:
     process = sandbox.exec(["sort"], stdin=True)
     assert process.stdin is not None

@@ -85,7 +85,9 @@ def test_default_command_is_the_keepalive_and_image_from_env(
 ) -> None:
     monkeypatch.delenv("AVIATO_IMAGE", raising=False)
     sb = Sandbox()
-    assert list(sb._spec.command) == [] and sb._spec.image == "host"
+    # no image is sent, so the service's default applies (docs/images.md); "host" by default
+    assert list(sb._spec.command) == [] and sb._spec.image == ""
+    assert sb.container_image == "host"
     monkeypatch.setenv("AVIATO_IMAGE", "python:3.11")
     assert Sandbox()._spec.image == "python:3.11"
     assert Sandbox(container_image="x")._spec.image == "x"
@@ -166,3 +168,80 @@ def test_constructor_validation() -> None:
         Sandbox(args=["x"])  # args without a command
     with pytest.raises(ValueError):
         Sandbox().stop(snapshot_on_stop=True)
+
+
+def test_image_command_merge_rules() -> None:
+    def spec(sandbox: Sandbox) -> tuple[list[str], bool]:
+        return list(sandbox._spec.command), sandbox._spec.image_command
+
+    assert spec(Sandbox()) == ([], False)
+    assert spec(Sandbox(image_command=True)) == ([], True)
+    with pytest.raises(SandboxValidationError, match="image_command=True runs the image's"):
+        Sandbox(command="echo", image_command=True)
+    with pytest.raises(SandboxValidationError, match="not both"):
+        SandboxDefaults(command="echo", image_command=True)
+    with pytest.raises(TypeError, match="image_command must be"):
+        Sandbox(image_command="yes")  # type: ignore[arg-type]
+    # the call's choice of main process wins over the defaults'
+    image_default = SandboxDefaults(image_command=True)
+    assert spec(Sandbox(defaults=image_default)) == ([], True)
+    assert spec(Sandbox(defaults=image_default, command="echo")) == (["echo"], False)
+    assert spec(Sandbox(defaults=image_default, image_command=False)) == ([], False)
+    command_default = SandboxDefaults(command="sleep", args=("9",))
+    assert spec(Sandbox(defaults=command_default)) == (["sleep", "9"], False)
+    assert spec(Sandbox(defaults=command_default, image_command=True)) == ([], True)
+
+
+def test_image_pull_credentials_shape_and_secrecy() -> None:
+    from aviato import ImagePullCredentials
+
+    creds = ImagePullCredentials(username="bob", password="hunter2")
+    assert repr(creds) == str(creds) == "ImagePullCredentials(username='bob', password='***')"
+    assert repr(ImagePullCredentials(token="tok")) == "ImagePullCredentials(token='***')"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        creds.password = "x"  # type: ignore[misc]
+    d = SandboxDefaults(image_pull_credentials={"username": "bob", "password": "hunter2"})
+    assert d.image_pull_credentials == creds and "hunter2" not in repr(d)
+    assert SandboxDefaults.from_dict({"image_pull_credentials": {"token": "t"}}) == (
+        SandboxDefaults(image_pull_credentials=ImagePullCredentials(token="t"))
+    )
+    # explicit > defaults; never in the sandbox's spec (only on the wire, at create)
+    sb = Sandbox(defaults=d)
+    assert sb._pull_credentials == creds and not sb._spec.HasField("registry_auth")
+    token = ImagePullCredentials(token="t2")
+    assert Sandbox(defaults=d, image_pull_credentials=token)._pull_credentials == token
+    assert Sandbox(image_pull_credentials={"token": "t3"})._pull_credentials == (
+        ImagePullCredentials(token="t3")
+    )
+    errors = [
+        ({"username": "bob"}, "image_pull_credentials.password: required with a username"),
+        ({"password": "x"}, "image_pull_credentials.username: required with a password"),
+        ({"token": "t", "password": "x"}, "either a token or a username and password"),
+        ({}, "image_pull_credentials: empty"),
+        ({"username": "a:b", "password": "x"}, "username: must not contain ':'"),
+        ({"username": "bob", "password": "x\ny"}, "password: contains NUL or a line break"),
+        ({"login": "bob"}, r"unknown keys \['login'\]"),
+    ]
+    for value, message in errors:
+        with pytest.raises(SandboxValidationError, match=message):
+            Sandbox(image_pull_credentials=value)
+    with pytest.raises(TypeError, match=r"image_pull_credentials\.password must be a string"):
+        ImagePullCredentials(username="bob", password=b"x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="must be ImagePullCredentials, a dict or None"):
+        Sandbox(image_pull_credentials=("bob", "x"))  # type: ignore[arg-type]
+
+
+def test_node_selector_merge_and_validation() -> None:
+    d = SandboxDefaults(node_selector={"pool": "cpu", "zone": "a"})
+    assert d.node_selector == {"pool": "cpu", "zone": "a"}
+    sb = Sandbox(defaults=d, node_selector={"pool": "gpu"})
+    assert dict(sb._spec.node_selector) == {"pool": "gpu", "zone": "a"}  # explicit labels win
+    assert sb.node_selector == {"pool": "gpu", "zone": "a"}
+    assert Sandbox().node_selector == {} and dict(Sandbox()._spec.node_selector) == {}
+    assert SandboxDefaults.from_dict({"node_selector": {"k": "v"}}).node_selector == {"k": "v"}
+    with pytest.raises(TypeError, match="node_selector must be a mapping"):
+        Sandbox(node_selector="pool=gpu")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="node_selector: labels and values must be strings"):
+        Sandbox(node_selector={"gpus": 1})  # type: ignore[dict-item]
+    with pytest.raises(SandboxValidationError, match="node_selector: a label name is empty"):
+        SandboxDefaults(node_selector={"": "x"})

@@ -467,7 +467,11 @@ def test_write_file(target: Target, data: st.DataObject) -> None:
         make_parents=data.draw(st.booleans()),
     )
     body = data.draw(st.binary(max_size=128))
-    reqs = [pb.WriteFileRequest(header=header), pb.WriteFileRequest(data=body)]
+    reqs = [
+        pb.WriteFileRequest(header=header),
+        pb.WriteFileRequest(data=body),
+        pb.WriteFileRequest(end=True),
+    ]
     try:
         target.stub.WriteFile(iter(reqs), timeout=30)
     except grpc.RpcError as e:

@@ -34,7 +34,7 @@ class World:
         return [("authorization", f"Bearer {self.keys[who]}")]
 
     def client(self, who: str) -> Client:
-        return Client(self.stub, self.md(who), self.svc)
+        return Client(self.stub, self.md(who), self.svc.record)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,7 @@ def _calls(stub: pbg.SandboxServiceStub, sandbox_id: str) -> dict[str, Callable[
             pb.DeleteSandboxRequest(sandbox_id=sandbox_id), metadata=md, timeout=10
         ),
         "Exec": lambda md: list(stub.Exec(iter([exec_init]), metadata=md, timeout=10)),
+        "RunCommand": lambda md: list(stub.RunCommand(exec_init.init, metadata=md, timeout=10)),
         "ReadFile": lambda md: list(
             stub.ReadFile(
                 pb.ReadFileRequest(sandbox_id=sandbox_id, path="/etc/hostname"),
@@ -94,7 +95,9 @@ def _calls(stub: pbg.SandboxServiceStub, sandbox_id: str) -> dict[str, Callable[
             )
         ),
         "WriteFile": lambda md: stub.WriteFile(
-            iter([header, pb.WriteFileRequest(data=b"x")]), metadata=md, timeout=10
+            iter([header, pb.WriteFileRequest(data=b"x"), pb.WriteFileRequest(end=True)]),
+            metadata=md,
+            timeout=10,
         ),
         "StreamLogs": lambda md: list(
             stub.StreamLogs(pb.StreamLogsRequest(sandbox_id=sandbox_id), metadata=md, timeout=10)

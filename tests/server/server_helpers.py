@@ -15,13 +15,12 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
+from raw_client import Client as Client
+from raw_client import ExecResult as ExecResult
 
 import aviato.server
 from aviato.v1 import sandbox_pb2 as pb
@@ -116,159 +115,6 @@ class ServerProcess:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait()
-
-
-@dataclass
-class ExecResult:
-    frames: list[pb.ExecResponse] = field(default_factory=list)
-
-    def _data(self, stream: int) -> bytes:
-        return b"".join(
-            f.output.data for f in self.frames
-            if f.WhichOneof("msg") == "output" and f.output.stream == stream
-        )  # fmt: skip
-
-    @property
-    def stdout(self) -> bytes:
-        return self._data(pb.STREAM_STDOUT)
-
-    @property
-    def stderr(self) -> bytes:
-        return self._data(pb.STREAM_STDERR)
-
-    @property
-    def terminal(self) -> pb.ExecResponse:
-        ends = [f for f in self.frames if f.WhichOneof("msg") in ("exit", "error")]
-        assert len(ends) == 1, f"expected exactly one terminal frame, got {ends}"
-        assert self.frames[-1] is ends[0], "the terminal frame must be the last"
-        return ends[0]
-
-    @property
-    def exit_code(self) -> int:
-        t = self.terminal
-        assert t.WhichOneof("msg") == "exit", f"expected exit, got {t}"
-        return int(t.exit.exit_code)
-
-    @property
-    def error(self) -> pb.ExecError:
-        t = self.terminal
-        assert t.WhichOneof("msg") == "error", f"expected error, got {t}"
-        return t.error
-
-
-class Client:
-    """A thin synchronous client on the raw stubs."""
-
-    def __init__(
-        self, stub: pbg.SandboxServiceStub, metadata: Sequence[tuple[str, str]] = ()
-    ) -> None:
-        self.stub = stub
-        self.md = list(metadata)
-
-    def create(
-        self, *, request_id: str | None = None, lease_id: str = "", lease_ttl: float = 0.0,
-        resources: dict[str, Any] | None = None, mounted: Sequence[tuple[str, bytes]] = (),
-        **spec: Any,
-    ) -> pb.Sandbox:  # fmt: skip
-        s = pb.SandboxSpec(**spec)
-        if resources:
-            s.resources.CopyFrom(pb.Resources(**resources))
-        for path, content in mounted:
-            s.mounted_files.add(path=path, content=content)
-        req = pb.CreateSandboxRequest(
-            spec=s, request_id=request_id or str(uuid.uuid4()), lease_id=lease_id,
-            lease_ttl_seconds=lease_ttl,
-        )  # fmt: skip
-        return self.stub.CreateSandbox(req, metadata=self.md, timeout=30)
-
-    def get(self, sandbox_id: str) -> pb.Sandbox:
-        return self.stub.GetSandbox(pb.GetSandboxRequest(sandbox_id=sandbox_id), metadata=self.md)
-
-    def wait(self, sandbox_id: str, terminal: bool = False, timeout: float = 30) -> pb.Sandbox:
-        cond = pb.WaitSandboxRequest.CONDITION_TERMINAL if terminal else (
-            pb.WaitSandboxRequest.CONDITION_STARTED
-        )  # fmt: skip
-        return self.stub.WaitSandbox(
-            pb.WaitSandboxRequest(sandbox_id=sandbox_id, condition=cond, timeout_seconds=timeout),
-            metadata=self.md, timeout=timeout + 10,
-        )  # fmt: skip
-
-    def running(self, **spec: Any) -> pb.Sandbox:
-        sb = self.create(**spec)
-        sb = self.wait(sb.id)
-        assert sb.status == S.SANDBOX_STATUS_RUNNING, sb
-        return sb
-
-    def stop(self, sandbox_id: str, grace: float = 0.0, timeout: float = 60) -> pb.Sandbox:
-        return self.stub.StopSandbox(
-            pb.StopSandboxRequest(sandbox_id=sandbox_id, grace_seconds=grace),
-            metadata=self.md, timeout=timeout,
-        )  # fmt: skip
-
-    def delete(self, sandbox_id: str) -> None:
-        self.stub.DeleteSandbox(
-            pb.DeleteSandboxRequest(sandbox_id=sandbox_id), metadata=self.md, timeout=60
-        )
-
-    def list(self, **kw: Any) -> pb.ListSandboxesResponse:
-        return self.stub.ListSandboxes(pb.ListSandboxesRequest(**kw), metadata=self.md)
-
-    def exec(
-        self, sandbox_id: str, argv: Sequence[str], *, stdin: bytes | None = None,
-        tty: bool = False, timeout: float = 0.0, cwd: str = "", env: dict[str, str] | None = None,
-        rows: int = 0, cols: int = 0, extra: Sequence[pb.ExecRequest] = (),
-    ) -> ExecResult:  # fmt: skip
-        init = pb.ExecInit(
-            sandbox_id=sandbox_id, argv=list(argv), cwd=cwd, env=env or {},
-            timeout_seconds=timeout, stdin=stdin is not None, tty=tty,
-        )  # fmt: skip
-        if rows or cols:
-            init.tty_size.CopyFrom(pb.TerminalSize(rows=rows, cols=cols))
-        reqs = [pb.ExecRequest(init=init), *extra]
-        if stdin is not None:
-            for i in range(0, len(stdin), 65536):
-                reqs.append(pb.ExecRequest(stdin=stdin[i : i + 65536]))
-            reqs.append(pb.ExecRequest(stdin_eof=True))
-        frames = list(self.stub.Exec(iter(reqs), metadata=self.md, timeout=120))
-        return ExecResult(frames)
-
-    def sh(self, sandbox_id: str, script: str, **kw: Any) -> ExecResult:
-        return self.exec(sandbox_id, ["/bin/sh", "-c", script], **kw)
-
-    def write_file(
-        self, sandbox_id: str, path: str, data: bytes, mode: int = 0, make_parents: bool = False
-    ) -> int:
-        def reqs() -> Iterator[pb.WriteFileRequest]:
-            yield pb.WriteFileRequest(
-                header=pb.WriteFileHeader(
-                    sandbox_id=sandbox_id, path=path, mode=mode, make_parents=make_parents
-                )
-            )
-            for i in range(0, len(data), 1 << 20):
-                yield pb.WriteFileRequest(data=data[i : i + (1 << 20)])
-
-        return int(self.stub.WriteFile(reqs(), metadata=self.md, timeout=120).size)
-
-    def read_file(self, sandbox_id: str, path: str) -> tuple[pb.FileInfo, bytes]:
-        frames = list(
-            self.stub.ReadFile(
-                pb.ReadFileRequest(sandbox_id=sandbox_id, path=path), metadata=self.md, timeout=120
-            )
-        )
-        assert frames and frames[0].WhichOneof("msg") == "info", frames[:1]
-        assert all(f.WhichOneof("msg") == "data" for f in frames[1:])
-        assert all(len(f.data) <= 256 * 1024 for f in frames[1:])
-        return frames[0].info, b"".join(f.data for f in frames[1:])
-
-    def logs(self, sandbox_id: str, tail: int = -1, follow: bool = False,
-             timeout: float = 30) -> list[pb.LogEntry]:  # fmt: skip
-        return list(
-            self.stub.StreamLogs(
-                pb.StreamLogsRequest(sandbox_id=sandbox_id, tail=tail, follow=follow),
-                metadata=self.md,
-                timeout=timeout,
-            )
-        )
 
 
 def stdin_stream(

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from server_helpers import S, ServerProcess, stdin_stream
+from server_helpers import ExecResult, S, ServerProcess, stdin_stream
 
 from aviato.v1 import sandbox_pb2 as pb
 
@@ -105,6 +105,7 @@ def test_signal_frame(server: ServerProcess, sandbox: str) -> None:
     it = c.stub.Exec(reqs, timeout=30)
     assert next(it).WhichOneof("msg") == "started"
     q.put(pb.ExecRequest(signal=2))
+    q.put(pb.ExecRequest(stdin_eof=True))
     q.put(None)
     frames = list(it)
     assert frames[-1].exit.exit_code == 130 and frames[-1].exit.signal == 2
@@ -186,3 +187,93 @@ def test_exec_deadline_from_client_side(server: ServerProcess, sandbox: str) -> 
         list(server.client().stub.Exec(
             iter([pb.ExecRequest(init=pb.ExecInit(sandbox_id=sandbox, argv=["/bin/sleep", "5"]))]),
             timeout=0.5))  # fmt: skip
+
+
+# -- RunCommand and init.input -------------------------------------------------------------------
+
+
+def _run(server: ServerProcess, init: pb.ExecInit) -> ExecResult:
+    c = server.client()
+    return ExecResult(list(c.stub.RunCommand(init, metadata=c.md, timeout=60)))
+
+
+def test_run_command(server: ServerProcess, sandbox: str) -> None:
+    r = _run(
+        server,
+        pb.ExecInit(sandbox_id=sandbox, argv=["/bin/sh", "-c", "echo o; echo e >&2; exit 3"]),
+    )
+    assert r.exit_code == 3 and r.stdout == b"o\n" and r.stderr == b"e\n"
+    assert "started" not in [f.WhichOneof("msg") for f in r.frames]
+    # No input: stdin is empty. Input: all of it, then EOF (also past the inline size).
+    assert _run(server, pb.ExecInit(sandbox_id=sandbox, argv=["/bin/cat"])).stdout == b""
+    for data in (b"hello\n", bytes(range(256)) * 3000):
+        r = _run(server, pb.ExecInit(sandbox_id=sandbox, argv=["/bin/cat"], input=data))
+        assert r.exit_code == 0 and r.stdout == data
+    # A command that never reads a large input still finishes, and its output is relayed.
+    argv = ["/bin/sh", "-c", "head -c 3000000 /dev/zero"]
+    r = _run(server, pb.ExecInit(sandbox_id=sandbox, argv=argv, input=b"x" * 3_000_000))
+    assert r.exit_code == 0 and len(r.stdout) == 3_000_000
+    r = _run(
+        server, pb.ExecInit(sandbox_id=sandbox, argv=["/bin/sleep", "30"], timeout_seconds=0.3)
+    )
+    assert r.terminal.exit.timed_out
+
+
+def test_run_command_errors(server: ServerProcess, sandbox: str) -> None:
+    assert (
+        _run(server, pb.ExecInit(sandbox_id="sbx-unknown", argv=["true"])).error.code == NOT_FOUND
+    )
+    r = _run(server, pb.ExecInit(sandbox_id=sandbox, argv=["true"], tty=True))
+    assert r.error.code == INVALID_ARGUMENT and "init.tty" in r.error.message
+    r = _run(server, pb.ExecInit(sandbox_id=sandbox, argv=["/bin/cat"], input=b"x" * (4 << 20 | 1)))
+    assert r.error.code == INVALID_ARGUMENT and "init.input" in r.error.message
+
+
+def test_run_command_cancelled_kills_the_command(server: ServerProcess, sandbox: str) -> None:
+    c = server.client()
+    marker = f"/tmp/run-gone-{time.monotonic_ns()}"
+    script = f"echo $$ > {marker}; echo up; exec sleep 300"
+    init = pb.ExecInit(sandbox_id=sandbox, argv=["/bin/sh", "-c", script])
+    call = c.stub.RunCommand(init, metadata=c.md, timeout=30)
+    assert next(call).output.data == b"up\n"
+    call.cancel()
+    pid = c.exec(sandbox, ["/bin/cat", marker]).stdout.strip().decode()
+    deadline = time.monotonic() + 5
+    while (alive := c.sh(sandbox, f"kill -0 {pid} 2>/dev/null").exit_code == 0) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    assert not alive, "the command outlived its cancelled call"
+
+
+def test_exec_input_in_init(server: ServerProcess, sandbox: str) -> None:
+    c = server.client()
+    init = pb.ExecInit(sandbox_id=sandbox, argv=["/bin/cat"], stdin=True, input=b"first|")
+    reqs = [
+        pb.ExecRequest(init=init),
+        pb.ExecRequest(stdin=b"second"),
+        pb.ExecRequest(stdin_eof=True),
+    ]
+    r = ExecResult(list(c.stub.Exec(iter(reqs), metadata=c.md, timeout=30)))
+    assert r.exit_code == 0 and r.stdout == b"first|second"
+    init = pb.ExecInit(sandbox_id=sandbox, argv=["/bin/cat"], input=b"x")
+    r = ExecResult(list(c.stub.Exec(iter([pb.ExecRequest(init=init)]), metadata=c.md, timeout=30)))
+    assert r.error.code == INVALID_ARGUMENT and "init.input" in r.error.message
+
+
+def test_stream_ending_without_stdin_eof_kills_the_command(
+    server: ServerProcess, sandbox: str
+) -> None:
+    """Only stdin_eof ends a command's input: a request stream that just ends is a client that
+    went away, and the command must not take what arrived for its whole input."""
+    c = server.client()
+    marker = f"/tmp/noeof-{time.monotonic_ns()}"
+    script = f"cat >/dev/null && touch {marker}"
+    init = pb.ExecInit(sandbox_id=sandbox, argv=["/bin/sh", "-c", script], stdin=True)
+    reqs = [pb.ExecRequest(init=init), pb.ExecRequest(stdin=b"half of it")]
+    r = ExecResult(list(c.stub.Exec(iter(reqs), metadata=c.md, timeout=30)))
+    assert r.terminal.WhichOneof("msg") == "error" and "stdin_eof" in r.terminal.error.message
+    assert c.exec(sandbox, ["/bin/ls", marker]).exit_code != 0, "the command saw a clean EOF"
+    # Without stdin there is nothing to end: a half-close right after init is normal.
+    r = c.exec(sandbox, ["/bin/echo", "ok"])
+    assert r.exit_code == 0 and r.stdout == b"ok\n"

@@ -83,6 +83,34 @@ def test_header_must_come_first(server: ServerProcess, sandbox: str) -> None:
     assert code_of(err.value) == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_an_upload_without_its_end_frame_leaves_no_file(
+    server: ServerProcess, sandbox: str
+) -> None:
+    """A stream that stops before its end frame (a client gone mid-upload) writes nothing, and
+    an earlier complete file of that name is kept as it was."""
+    c = server.client()
+    c.write_file(sandbox, "/tmp/kept.txt", b"complete")
+    for path in ("/tmp/partial.txt", "/tmp/kept.txt"):
+        header = pb.WriteFileHeader(sandbox_id=sandbox, path=path)
+        frames = [pb.WriteFileRequest(header=header), pb.WriteFileRequest(data=b"half of it")]
+        with pytest.raises(grpc.RpcError) as err:
+            server.stub().WriteFile(iter(frames), timeout=10)
+        assert code_of(err.value) == grpc.StatusCode.INVALID_ARGUMENT
+        assert "end frame" in (err.value.details() or "")
+    assert c.sh(sandbox, "test -e /tmp/partial.txt").exit_code == 1
+    assert c.read_file(sandbox, "/tmp/kept.txt")[1] == b"complete"
+    # Frames after the end frame are refused too.
+    header = pb.WriteFileHeader(sandbox_id=sandbox, path="/tmp/after-end.txt")
+    frames = [
+        pb.WriteFileRequest(header=header),
+        pb.WriteFileRequest(end=True),
+        pb.WriteFileRequest(data=b"late"),
+    ]
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub().WriteFile(iter(frames), timeout=10)
+    assert code_of(err.value) == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_symlink_escape_is_refused(server: ServerProcess, sandbox: str, tmp_path: Path) -> None:
     c = server.client()
     secret = tmp_path / "host-secret.txt"

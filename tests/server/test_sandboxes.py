@@ -274,3 +274,17 @@ def test_mounted_files_are_read_only(server: ServerProcess) -> None:
     assert got.spec.mounted_files[0].path == "/workspace/app.conf"
     assert got.spec.mounted_files[0].content == b""  # contents are not echoed back
     c.delete(sb.id)
+
+
+def test_a_mounted_file_the_image_cannot_take_is_refused_at_create(server: ServerProcess) -> None:
+    """A path in the host image's read-only /etc that does not exist there cannot become a mount
+    point: refused by CreateSandbox with the reason, and nothing recorded."""
+    c = server.client()
+    request_id = str(uuid.uuid4())
+    with pytest.raises(grpc.RpcError) as err:
+        c.create(request_id=request_id, mounted=[("/etc/app.conf", b"k=v\n")])
+    assert code_of(err.value) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "/etc/app.conf" in (err.value.details() or "")
+    assert "read-only" in (err.value.details() or "")
+    listed = c.list(include_terminated=True).sandboxes
+    assert not [sb for sb in listed if sb.spec.mounted_files]

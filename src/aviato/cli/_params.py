@@ -9,10 +9,13 @@ a subclass cannot be typed for both the old and the new one.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import click
 
+_F = TypeVar("_F", bound=Callable[..., Any])
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
 _UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -45,6 +48,29 @@ def env_pairs(
 ) -> tuple[tuple[str, str], ...]:
     """click callback of a repeatable `-e NAME=VALUE` option."""
     return tuple(parse_env_pair(value) for value in values)
+
+
+def env_option(help: str = "Set a variable (repeatable).") -> Callable[[_F], _F]:
+    """The `-e/--env NAME=VALUE` option, repeatable, parsed into pairs (parameter `env`)."""
+    return click.option(
+        "-e", "--env", "env", multiple=True, metavar="NAME=VALUE", callback=env_pairs, help=help
+    )
+
+
+def label_pairs(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, str]:
+    """click callback of a repeatable `LABEL=VALUE` option (`--node-selector`): a label given
+    twice with different values is refused (a node carries one value per label)."""
+    pairs: dict[str, str] = {}
+    for text in values:
+        label, sep, value = text.partition("=")
+        if not sep or not label or any(c.isspace() for c in label):
+            raise click.BadParameter(f"{text!r} is not LABEL=VALUE, e.g. pool=gpu")
+        if pairs.get(label, value) != value:
+            raise click.BadParameter(f"label {label!r} given twice: {pairs[label]!r} and {value!r}")
+        pairs[label] = value
+    return pairs
 
 
 def duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:

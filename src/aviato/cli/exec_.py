@@ -26,7 +26,7 @@ import click
 import grpc
 
 from aviato.cli._output import CliError, describe
-from aviato.cli._params import duration, env_pairs
+from aviato.cli._params import duration, env_option
 from aviato.cli._rpc import Connection, connection, wait_started
 from aviato.cli._stream import ExecRequests, pump_fd, write_all
 from aviato.exceptions import AviatoError
@@ -131,15 +131,7 @@ def run_command(conn: Connection, init: pb.ExecInit, pass_stdin: bool) -> int:
     context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
 )
 @click.option("-w", "--cwd", metavar="DIR", help="Working directory inside the sandbox.")
-@click.option(
-    "-e",
-    "--env",
-    "env",
-    multiple=True,
-    metavar="NAME=VALUE",
-    callback=env_pairs,
-    help="Set a variable (repeatable).",
-)
+@env_option()
 @click.option(
     "--timeout",
     metavar="DURATION",

@@ -91,6 +91,7 @@ def _upload(conn: Connection, src: Endpoint, dst: Endpoint, parents: bool, quiet
             if bar is not None and task is not None:
                 bar.advance(task, len(chunk))
             yield pb.WriteFileRequest(data=chunk)
+        yield pb.WriteFileRequest(end=True)  # without it the service keeps nothing
 
     with source, bar or contextlib.nullcontext():
         conn.stub.WriteFile(frames(), metadata=conn.metadata)

@@ -16,7 +16,7 @@ from typing import NoReturn
 
 import click
 
-from aviato.cli import exec_, files, keys, logs, sandboxes, server, shell, version
+from aviato.cli import exec_, files, images, keys, logs, sandboxes, server, shell, version
 from aviato.cli._output import CliError, debug_enabled, describe, print_error
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -59,6 +59,7 @@ for _command in (
     files.cp,
     sandboxes.stop,
     sandboxes.rm,
+    images.image,
     server.server,
     keys.keys,
     version.version,

@@ -29,8 +29,9 @@ from aviato.cli._output import (
     print_json,
     print_table,
 )
-from aviato.cli._params import duration, duration_or_zero, env_pairs
+from aviato.cli._params import duration, duration_or_zero, env_option, label_pairs
 from aviato.cli._rpc import preflight
+from aviato.cli.images import credential_options, read_credentials
 
 STATUS_CHOICES = [
     s.value for s in SandboxStatus if s not in (SandboxStatus.PAUSED, SandboxStatus.UNSPECIFIED)
@@ -81,6 +82,12 @@ def _resources(cpu: str | None, memory: str | None) -> dict[str, str] | None:
     "--image", metavar="IMAGE", help="Image of the sandbox [default: $AVIATO_IMAGE, else host]."
 )
 @click.option(
+    "--image-command",
+    is_flag=True,
+    help="Run the image's own Entrypoint + Cmd as the main process (not with a CMD).",
+)
+@credential_options
+@click.option(
     "-t",
     "--tag",
     "tags",
@@ -88,15 +95,7 @@ def _resources(cpu: str | None, memory: str | None) -> dict[str, str] | None:
     metavar="TAG",
     help="Tag it (repeatable); ls and rm select by tag.",
 )
-@click.option(
-    "-e",
-    "--env",
-    "env",
-    multiple=True,
-    metavar="NAME=VALUE",
-    callback=env_pairs,
-    help="Set a variable for every process (repeatable).",
-)
+@env_option("Set a variable for every process (repeatable).")
 @click.option("--cpu", metavar="CPUS", help="CPU limit: 0.5, 500m, 2.")
 @click.option("--memory", metavar="SIZE", help="Memory limit: 512Mi, 2Gi.")
 @click.option(
@@ -107,6 +106,15 @@ def _resources(cpu: str | None, memory: str | None) -> dict[str, str] | None:
 )
 @click.option("-w", "--workdir", metavar="DIR", help="Working directory [default: /workspace].")
 @click.option(
+    "--node-selector",
+    "node_selector",
+    multiple=True,
+    metavar="LABEL=VALUE",
+    callback=label_pairs,
+    help="Run it on a node with this label (repeatable: all must match); a service on a "
+    "cluster only (docs/cluster.md).",
+)
+@click.option(
     "--wait/--no-wait",
     default=True,
     show_default=True,
@@ -115,12 +123,16 @@ def _resources(cpu: str | None, memory: str | None) -> dict[str, str] | None:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- CMD ...]")
 def run(
     image: str | None,
+    image_command: bool,
+    username: str,
+    password_stdin: bool,
     tags: tuple[str, ...],
     env: tuple[tuple[str, str], ...],
     cpu: str | None,
     memory: str | None,
     lifetime: float | None,
     workdir: str | None,
+    node_selector: dict[str, str],
     wait: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -128,18 +140,28 @@ def run(
 
     Without CMD the sandbox waits for commands (`aviato exec`, `aviato sh`) until it is stopped;
     with CMD, that command is its main process and the sandbox ends when it exits (see `aviato
-    logs`). Options go before CMD. The id is printed once the sandbox runs, or at once with
-    --no-wait; a sandbox that cannot start is an error (its record stays, see `ls --all`).
+    logs`). With --image-command, the image's own Entrypoint + Cmd is the main process, as in
+    `docker run IMAGE`. Options go before CMD. The id is printed once the sandbox runs, or at
+    once with --no-wait; a sandbox that cannot start is an error (its record stays, see `ls
+    --all`). An image is pulled on first use (or ahead of time with `aviato image pull`); for a
+    private registry give --username and the password (or a token, without --username) on stdin.
 
     \b
     Examples:
       aviato run
       id=$(aviato run --tag eval --memory 1Gi --cpu 1 --lifetime 2h)
       aviato run -e SEED=3 -- python3 -c 'import os; print(os.environ["SEED"])'
+      aviato run --image python:3.11 -- python3 -c 'print(1)'
+      id=$(aviato run --image ghcr.io/org/job:1.4 --image-command); aviato logs -f "$id"
+      aviato run --image 127.0.0.1:5000/team/app:1 --username bob --password-stdin <pw.txt
+      aviato run --node-selector pool=gpu --memory 8Gi
     """
     argv = list(command)
     if argv and argv[0] == "--":
         argv = argv[1:]
+    if image_command and argv:
+        raise CliError("--image-command runs the image's Entrypoint + Cmd: give it or a CMD")
+    credentials = read_credentials(username, password_stdin)
     preflight()
     sandbox = Sandbox.run(
         *argv,
@@ -149,6 +171,9 @@ def run(
         resources=_resources(cpu, memory),
         max_lifetime_seconds=lifetime,
         working_dir=workdir,
+        image_command=image_command or None,
+        image_pull_credentials=credentials,
+        node_selector=node_selector or None,
     )
     if wait:
         try:

@@ -178,6 +178,13 @@ tls_key_option = click.option(
 @listen_option
 @tls_cert_option
 @tls_key_option
+@click.option(
+    "--placement",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    help="Where sandboxes run: this machine, or the nodes of a Ray cluster (docs/cluster.md).",
+)
+@click.option("--ray-address", metavar="HOST:PORT", help="The Ray cluster to join (with ray).")
 @click.pass_context
 def server(
     ctx: click.Context,
@@ -185,6 +192,8 @@ def server(
     listen: str | None,
     tls_cert: str | None,
     tls_key: str | None,
+    placement: str = "local",
+    ray_address: str | None = None,
 ) -> None:
     """Run or manage the aviato service on this machine.
 
@@ -217,6 +226,10 @@ def server(
             "stop it first with 'aviato server stop'"
         )
     argv = _server_argv(paths, listen, tls_cert, tls_key)
+    if placement != "local":
+        argv += ["--placement", placement]
+    if ray_address:
+        argv += ["--ray-address", ray_address]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(argv[0], argv)
@@ -328,10 +341,16 @@ def status(paths: _Paths) -> None:
             ("version", info.version),
             ("placement", info.placement),
             ("runtime", info.runtime),
-            ("cgroups", info.cgroups),
+            ("cgroups", info.cgroups if info.cgroups != "none" else _NO_CGROUPS),
             ("sandboxes", f"{info.sandboxes_running} running{limit}"),
         ]
     )
+
+
+_NO_CGROUPS = (
+    "none: sandboxes run without memory, pids or cpu limits, and creates that ask for limits "
+    "are refused (run the service as root, or under a delegated cgroup v2 subtree)"
+)
 
 
 def _follow(path: Path, start: int) -> Iterator[bytes]:

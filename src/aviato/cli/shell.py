@@ -26,7 +26,7 @@ import click
 import grpc
 
 from aviato.cli._output import CliError, describe
-from aviato.cli._params import env_pairs
+from aviato.cli._params import env_option
 from aviato.cli._rpc import Connection, connection
 from aviato.cli._stream import STDIN_CHUNK_BYTES, ExecRequests, write_all
 from aviato.cli.exec_ import EXEC_FAILED, ensure_running
@@ -119,15 +119,7 @@ class _TerminalBridge:
 @click.argument("sandbox_id", metavar="ID")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- CMD ...]")
 @click.option("-w", "--cwd", metavar="DIR", help="Working directory inside the sandbox.")
-@click.option(
-    "-e",
-    "--env",
-    "env",
-    multiple=True,
-    metavar="NAME=VALUE",
-    callback=env_pairs,
-    help="Set a variable (repeatable).",
-)
+@env_option()
 def sh(
     sandbox_id: str, command: tuple[str, ...], cwd: str | None, env: tuple[tuple[str, str], ...]
 ) -> None:

@@ -54,6 +54,18 @@ class LimitsUnavailable(SandboxRuntimeError):
 
 
 @dataclass(frozen=True)
+class RegistryCredentials:
+    """How to log in to an image registry: a username and password, or a bearer token."""
+
+    username: str = ""
+    password: str = ""
+    token: str = ""
+
+    def __repr__(self) -> str:  # never print secrets in logs or tracebacks
+        return f"RegistryCredentials(username={self.username!r}, ...)"
+
+
+@dataclass(frozen=True)
 class SandboxConfig:
     """A validated sandbox spec, in the units the runtime needs."""
 
@@ -68,6 +80,13 @@ class SandboxConfig:
     disk_bytes: int | None = None
     mounted_files: tuple[tuple[str, bytes], ...] = ()
     network: str = "none"
+    # OCI images: credentials for pulling `image` (None: the service's Docker config or
+    # anonymous), and whether an empty `command` runs the image's Entrypoint + Cmd instead of
+    # the keep-alive.
+    registry_credentials: RegistryCredentials | None = None
+    image_command: bool = False
+    # Labels a cluster placement must find on the node (SandboxSpec.node_selector).
+    node_selector: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -189,6 +208,16 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def create(self, config: SandboxConfig) -> SandboxHandle: ...
 
+    def check(self, config: SandboxConfig) -> None:
+        """Raises SandboxRuntimeError for a config this runtime cannot run, before it is recorded.
+
+        Called synchronously at create time, so that a request this node can never serve (e.g.
+        memory limits on a rootless host without a delegated cgroup) is refused to the caller
+        instead of being accepted and then FAILED. Must be cheap: no I/O beyond memory.
+        The default accepts everything (a runtime that learns of problems only in create).
+        """
+        return None
+
     @abc.abstractmethod
     async def attach(self, sandbox_id: str) -> SandboxHandle | MainExit:
         """Re-attaches to a sandbox after a service restart, or says how it ended meanwhile."""
@@ -204,6 +233,17 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def describe(self) -> dict[str, str]:
         """Facts for `aviato server status`: isolation, bwrap path and origin, cgroup mode."""
+
+    def image_ready(self, image: str) -> bool:
+        """Whether `image` can be used at once (True for built-in images and cached pulls)."""
+        return True
+
+    async def prepare_image(
+        self, image: str, credentials: RegistryCredentials | None = None
+    ) -> None:
+        """Makes `image` available on this node, pulling it when needed. Runtimes without an
+        image store have nothing to do; `create` reports an unknown image."""
+        return None
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -210,6 +210,12 @@ def build_argv(
     ]  # fmt: skip
     if rootless:
         argv += ["--unshare-user", "--disable-userns"]
+    if root.uid is not None:
+        # An image's `User`: the sandbox runs as that uid/gid inside a user namespace (also when
+        # the service is root: the uid maps to the service's, which is what it was before).
+        if not rootless:
+            argv += ["--unshare-user", "--disable-userns"]
+        argv += ["--uid", str(root.uid), "--gid", str(root.gid or 0)]
     if seccomp_fd is not None:
         argv += ["--seccomp", str(seccomp_fd)]
     argv.append("--clearenv")

@@ -2,8 +2,10 @@
 
 An image is resolved by name into an `ImageRoot`: the bwrap mount arguments that build the
 sandbox's root, its default environment and working directory, and the rules for where mounted
-files may go. Images are pluggable (`register_image`); only `host` exists today, OCI images will
-be another factory producing the same `ImageRoot` from an unpacked layer store.
+files may go. Images are pluggable (`register_image`); `host` is the only registered one.
+
+OCI images (`python:3.11`) are not registered names: the runtime finds them in its image store and
+builds their `ImageRoot` with `aviato.images.root.image_root` (docs/images.md).
 
 The `host` image is this machine's own system, read-only, with its secrets hidden:
 
@@ -84,6 +86,9 @@ class ImageRoot:
     readonly_trees: tuple[str, ...]
     masked: frozenset[str]
     symlinks: frozenset[str]
+    # The sandbox's uid and gid inside its user namespace (OCI images with a `User`); None: 0.
+    uid: int | None = None
+    gid: int | None = None
 
     def _tree_of(self, path: str) -> str | None:
         for tree in self.readonly_trees:
@@ -197,7 +202,7 @@ def resolve_image(name: str, disk_bytes: int) -> ImageRoot:
         raise ImageNotFound(
             f"unknown image {name!r}: this node provides only "
             f"{', '.join(map(repr, known_images()))} (OCI images such as 'python:3.11' are not "
-            "supported yet)"
+            "pulled by this runtime)"
         )
     if disk_bytes <= 0:
         raise PathRefused(f"disk size must be positive, got {disk_bytes}")
@@ -252,6 +257,23 @@ def _mask_args(paths: Sequence[str], source_root: str) -> list[str]:
     return args
 
 
+@cache
+def proc_args() -> tuple[str, ...]:
+    """`/proc` with /proc/sys read-only and kernel-introspection files masked (every image)."""
+    tail_proc: list[str] = ["--proc", "/proc"]
+    for name in PROC_READONLY:
+        if os.path.exists(f"/proc/{name}"):
+            tail_proc += ["--ro-bind", f"/proc/{name}", f"/proc/{name}"]
+    for name in PROC_MASK_FILES:
+        if os.path.exists(f"/proc/{name}"):
+            tail_proc += ["--ro-bind", "/dev/null", f"/proc/{name}"]
+    for name in PROC_MASK_DIRS:
+        if os.path.isdir(f"/proc/{name}"):
+            tail_proc += ["--perms", "0555", "--tmpfs", f"/proc/{name}", "--remount-ro",
+                          f"/proc/{name}"]  # fmt: skip
+    return tuple(tail_proc)
+
+
 @dataclass(frozen=True)
 class _HostStatic:
     """The parts of the host image that do not depend on the sandbox (computed once)."""
@@ -281,17 +303,7 @@ def _host_static() -> _HostStatic:
     usr_args += _mask_args(secrets, "/")
 
     tail: list[str] = ["--dev", "/dev"]
-    tail_proc: list[str] = ["--proc", "/proc"]
-    for name in PROC_READONLY:
-        if os.path.exists(f"/proc/{name}"):
-            tail_proc += ["--ro-bind", f"/proc/{name}", f"/proc/{name}"]
-    for name in PROC_MASK_FILES:
-        if os.path.exists(f"/proc/{name}"):
-            tail_proc += ["--ro-bind", "/dev/null", f"/proc/{name}"]
-    for name in PROC_MASK_DIRS:
-        if os.path.isdir(f"/proc/{name}"):
-            tail_proc += ["--perms", "0555", "--tmpfs", f"/proc/{name}", "--remount-ro",
-                          f"/proc/{name}"]  # fmt: skip
+    tail_proc = list(proc_args())
     layer = [
         "--perms", "1777", "--dir", "/tmp",
         "--perms", "1777", "--dir", "/var/tmp",

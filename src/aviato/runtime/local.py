@@ -47,9 +47,13 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from aviato.images.errors import ImageError
+from aviato.images.root import image_root
+from aviato.images.store import ImageStore
 from aviato.runtime import images, seccomp
 from aviato.runtime.base import (
     CapacityExhausted,
@@ -59,6 +63,7 @@ from aviato.runtime.base import (
     LimitsUnavailable,
     MainExit,
     PathRefused,
+    RegistryCredentials,
     Runtime,
     SandboxConfig,
     SandboxGone,
@@ -461,6 +466,7 @@ class LocalRuntime(Runtime):
         bwrap: Bwrap | None = None,
         supervisor: Path | None = None,
         connect_timeout: float = 10.0,
+        insecure_registries: tuple[str, ...] = (),
     ) -> None:
         self._state_dir = Path(state_dir)
         self._sandboxes = self._state_dir / "sandboxes"
@@ -509,6 +515,12 @@ class LocalRuntime(Runtime):
         self._handles: dict[str, LocalSandbox] = {}
         self._running: set[str] = set()
         self._creating: set[str] = set()
+        # OCI images (docs/images.md): the node's store, and which image each sandbox uses.
+        self.images = ImageStore(
+            self._state_dir / "images", insecure_registries=insecure_registries
+        )
+        self._image_of: dict[str, str] = {}
+        self.images.in_use = lambda: set(self._image_of.values())
 
     @staticmethod
     def _launch_oom_adj() -> list[str]:
@@ -541,7 +553,49 @@ class LocalRuntime(Runtime):
             facts["bwrap_path"] = ""
             facts["bwrap_reason"] = str(self._bwrap_error)
         facts.update(images.host_image_facts())
+        facts.update(self.images.describe())
         return facts
+
+    # --- OCI images ---
+
+    def image_ready(self, image: str) -> bool:
+        if not image or image in images.known_images():
+            return True
+        return not self.images.pulling(image) and self.images.find(image) is not None
+
+    async def prepare_image(
+        self, image: str, credentials: RegistryCredentials | None = None
+    ) -> None:
+        if image and image not in images.known_images():
+            await self.images.ensure(image, credentials)
+
+    async def _image_root(self, config: SandboxConfig) -> tuple[images.ImageRoot, SandboxConfig]:
+        """The sandbox's root, and its config with the image's Entrypoint + Cmd when asked for.
+
+        Built-in images resolve by name; any other name is an OCI image from the store, pulled
+        first when missing. Records which image the sandbox uses (so prune keeps it).
+        """
+        disk = config.disk_bytes or self._default_disk
+        if not config.image or config.image in images.known_images():
+            if config.image_command and not config.command:
+                raise SpecRefused(f"image {config.image or 'host'!r} has no Entrypoint or Cmd")
+            return images.resolve_image(config.image, disk), config
+        if disk <= 0:
+            raise PathRefused(f"disk size must be positive, got {disk}")
+        stored = await self.images.ensure(config.image, config.registry_credentials)
+        self._image_of[config.sandbox_id] = stored.digest
+        try:
+            root = image_root(stored, disk)
+        except (ImageError, OSError) as exc:
+            self._image_of.pop(config.sandbox_id, None)
+            raise ImageError(f"image {config.image}: {exc}") from exc
+        if config.image_command and not config.command:
+            argv = (*stored.config.entrypoint, *stored.config.cmd)
+            if not argv:
+                self._image_of.pop(config.sandbox_id, None)
+                raise SpecRefused(f"image {config.image!r} has no Entrypoint or Cmd")
+            config = replace(config, command=argv)
+        return root, config
 
     def list_present(self) -> list[str]:
         try:
@@ -615,15 +669,27 @@ class LocalRuntime(Runtime):
                 f"this node runs its maximum of {self._max} sandboxes; stop some first"
             )
 
+    def check(self, config: SandboxConfig) -> None:
+        self._check_create(config)
+        self._limits_for(config)
+        if config.image in ("", "host"):
+            # The host image's layout is known without I/O (scanned once at start), so where a
+            # mounted file or the working directory may go is checked now; other images only
+            # once they are pulled, in create.
+            root = images.resolve_image(config.image, config.disk_bytes or self._default_disk)
+            root.workdir_args(config.working_dir)
+            root.file_mount_args([(path, "/dev/null") for path, _ in config.mounted_files])
+
     async def create(self, config: SandboxConfig) -> SandboxHandle:
         self._check_create(config)
         limits = self._limits_for(config)
-        root = images.resolve_image(config.image, config.disk_bytes or self._default_disk)
+        root, config = await self._image_root(config)
         sid = config.sandbox_id
         directory = self._sandboxes / sid
         try:
             directory.mkdir(mode=0o700)
         except FileExistsError:
+            self._image_of.pop(sid, None)
             raise SandboxExists(f"sandbox {sid} already has state on this node") from None
         self._creating.add(sid)
         cgroup: SandboxCgroup | None = None
@@ -659,6 +725,7 @@ class LocalRuntime(Runtime):
             self._register(handle)
             return handle
         except BaseException as exc:
+            self._image_of.pop(sid, None)
             await self._abort_create(directory, watch, cgroup)
             if _out_of_descriptors(exc):
                 raise CapacityExhausted(
@@ -767,6 +834,8 @@ class LocalRuntime(Runtime):
             "boot_id": self._boot_id,
             "cgroup": None if cgroup is None else {"version": cgroup.version, "dirs": cgroup.dirs},
         }
+        if directory.name in self._image_of:
+            record["image_digest"] = self._image_of[directory.name]
         # One small write into a new file: no temporary + rename (a journal commit on ext4,
         # up to a millisecond on the create path). A reader that finds it torn treats the
         # sandbox as lost, which is what a crash at that instant means anyway.
@@ -833,6 +902,8 @@ class LocalRuntime(Runtime):
             raise SandboxGone(f"sandbox {sandbox_id} has no state on this node")
         record = self._read_record(directory)
         cgroup = self._cgroup_from(sandbox_id, record)
+        if record and isinstance(record.get("image_digest"), str):
+            self._image_of[sandbox_id] = record["image_digest"]
         opened = self._open_process(record)
         if opened is None:
             dead = LocalSandbox(
@@ -876,6 +947,7 @@ class LocalRuntime(Runtime):
         else:
             cgroup = self._cgroup_from(sandbox_id, self._read_record(directory))
         self._running.discard(sandbox_id)
+        self._image_of.pop(sandbox_id, None)
         if cgroup is None and self._cgroups.available:
             cgroup = self._cgroups.sandbox(sandbox_id)
         if cgroup is not None:

@@ -173,7 +173,16 @@ class _Stream:
 class SupervisorExec(_Stream, ExecHandle):
     """One command started through a `SupervisorConnection`."""
 
-    __slots__ = ("_conn", "_finished", "_q", "_started", "_stdin_closed", "_waiter", "id", "pid")
+    __slots__ = (
+        "_conn",
+        "_finished",
+        "_q",
+        "_start_waiter",
+        "_stdin_closed",
+        "_waiter",
+        "id",
+        "pid",
+    )
 
     def __init__(self, conn: SupervisorConnection, exec_id: int) -> None:
         self._conn = conn
@@ -181,7 +190,7 @@ class SupervisorExec(_Stream, ExecHandle):
         self.pid = 0  # in the sandbox's pid namespace, once started
         self._q: collections.deque[ExecEvent] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
-        self._started: asyncio.Future[None] = conn._loop.create_future()
+        self._start_waiter: asyncio.Future[None] | None = None  # made only by `started()`
         self._finished = False  # the terminal event is queued
         self._stdin_closed = False
 
@@ -201,8 +210,12 @@ class SupervisorExec(_Stream, ExecHandle):
         self._finished = True
         self._conn._streams.pop(self.id, None)
         self._push(ev)
-        if not self._started.done():
-            self._started.set_result(None)
+        self._wake_start()
+
+    def _wake_start(self) -> None:
+        w = self._start_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
     def _frame(self, ftype: int, view: memoryview) -> None:
         if ftype in (_STDOUT, _STDERR):
@@ -216,8 +229,7 @@ class SupervisorExec(_Stream, ExecHandle):
             )
         elif ftype == _STARTED:
             (self.pid,) = _U32.unpack_from(view)
-            if not self._started.done():
-                self._started.set_result(None)
+            self._wake_start()
         elif ftype == _ERROR:
             err, message = _parse_error(view)
             self._finish(ExecFailed(_EXEC_CODES.get(err, "INTERNAL"), message))
@@ -229,23 +241,35 @@ class SupervisorExec(_Stream, ExecHandle):
 
     # -- ExecHandle --
 
-    async def events(self) -> AsyncIterator[ExecEvent]:
+    async def started(self) -> int:
+        """Waits until the command runs (or ended without starting); its pid in the sandbox's
+        pid namespace, 0 if it never started."""
+        if self.pid == 0 and not self._finished:
+            if self._start_waiter is None:
+                self._start_waiter = self._conn._loop.create_future()
+            await asyncio.shield(self._start_waiter)
+        return self.pid
+
+    def events(self) -> AsyncIterator[ExecEvent]:
+        # The handle is its own iterator: an async generator would cost the service's loop a
+        # firstiter/finalizer round per exec.
+        return self
+
+    def __aiter__(self) -> SupervisorExec:
+        return self
+
+    async def __anext__(self) -> ExecEvent:
         q = self._q
-        conn = self._conn
-        while True:
-            while q:
-                ev = q.popleft()
-                if type(ev) is ExecOutput:
-                    conn._consumed(len(ev.data))
-                    yield ev
-                else:
-                    yield ev
-                    return
-            if self._finished:  # the terminal event was taken by an earlier iteration
-                return
-            fut: asyncio.Future[None] = conn._loop.create_future()
+        while not q:
+            if self._finished:  # the terminal event was taken already
+                raise StopAsyncIteration
+            fut: asyncio.Future[None] = self._conn._loop.create_future()
             self._waiter = fut
             await fut
+        ev = q.popleft()
+        if type(ev) is ExecOutput:
+            self._conn._consumed(len(ev.data))
+        return ev
 
     async def write_stdin(self, data: bytes) -> None:
         """Sends bytes to the command's stdin; a no-op once it ended or stdin was closed."""
@@ -467,8 +491,10 @@ class SupervisorConnection(asyncio.BufferedProtocol):
         return self.closed.is_set()
 
     async def exec(self, spec: ExecSpec) -> SupervisorExec:
-        """Starts a command; returns once it runs (or failed to start: then `events()` yields only
-        the ExecFailed). Raises SandboxGone if the connection is already closed."""
+        """Sends a command to the supervisor and returns its handle without waiting for it to
+        start: stdin, signals and kills may follow at once (the supervisor handles frames in
+        order, and creates the exec while it handles EXEC). A command that cannot start ends
+        `events()` with an ExecFailed. Raises SandboxGone if the connection is already closed."""
         self._check_open()
         h = SupervisorExec(self, self._new_id())
         flags = (1 if spec.stdin else 0) | (2 if spec.tty else 0)
@@ -489,11 +515,6 @@ class SupervisorConnection(asyncio.BufferedProtocol):
             return h
         self._streams[h.id] = h
         self._send(_EXEC, h.id, payload)
-        try:
-            await h._started
-        except BaseException:
-            await h.kill()
-            raise
         return h
 
     async def read_file(self, path: str) -> tuple[FileInfo, AsyncIterator[bytes]]:

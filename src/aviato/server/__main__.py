@@ -10,16 +10,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
+from aviato.images.reference import InvalidReference, parse_reference
 from aviato.server import quantities
 from aviato.server.app import StartupError, configure_logging, serve
 from aviato.server.config import (
     DEFAULT_MAX_LIFETIME_SECONDS,
     DEFAULT_MAX_SANDBOXES,
+    DEFAULT_MIN_FREE_DISK_BYTES,
     ServerConfig,
+    default_min_free_memory_bytes,
     parse_listen,
     resolve_state_dir,
 )
@@ -30,6 +34,16 @@ def _memory(text: str) -> int:
         return quantities.parse_bytes(text)
     except quantities.QuantityError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _image(text: str) -> str:
+    if text == "host":
+        return text
+    try:
+        parse_reference(text)
+    except InvalidReference as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _listen(text: str) -> str:
@@ -58,14 +72,39 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                    help="also serve TCP here (API keys required)")  # fmt: skip
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain for --listen")
     p.add_argument("--tls-key", type=Path, help="PEM private key for --listen")
-    p.add_argument("--placement", choices=["local"], default="local")
+    p.add_argument("--placement", choices=["local", "ray"], default="local",
+                   help="ray: the nodes of a Ray cluster (docs/cluster.md)")  # fmt: skip
+    p.add_argument("--ray-address", default="", metavar="HOST:PORT",
+                   help="the Ray cluster's GCS address (default: $RAY_ADDRESS)")  # fmt: skip
+    p.add_argument("--ray-namespace", default="aviato", help="Ray namespace of the node hosts")
+    p.add_argument("--ray-node-state-dir", default="/var/lib/aviato/node", metavar="DIR",
+                   help="state directory on every node (a subdirectory per node id)")  # fmt: skip
+    p.add_argument("--ray-node-lease", type=_positive_float, default=10.0, metavar="SECONDS",
+                   help="a node cut off this long stops its sandboxes")  # fmt: skip
+    p.add_argument("--placement-timeout", type=_positive_float, default=300.0,
+                   metavar="SECONDS", help="a sandbox without a node this long fails")  # fmt: skip
     p.add_argument("--max-sandboxes", type=int, default=DEFAULT_MAX_SANDBOXES,
                    help="live sandboxes at most (0: no bound)")  # fmt: skip
     p.add_argument("--max-memory", type=_memory, default=0, metavar="QUANTITY",
                    help="bound on the sum of live sandboxes' memory limits, e.g. 16Gi "
                         "(0: no bound)")  # fmt: skip
+    p.add_argument("--min-free-memory", type=_memory, default=None, metavar="QUANTITY",
+                   help="refuse creates while the host has less memory available than this "
+                        "(default: 5%% of the host's memory, at most 1Gi; 0: none)")  # fmt: skip
+    p.add_argument("--min-free-disk", type=_memory, default=DEFAULT_MIN_FREE_DISK_BYTES,
+                   metavar="QUANTITY",
+                   help="refuse creates while the state directory's filesystem has less free "
+                        "space than this (logs, images; default 256Mi; 0: no floor)")  # fmt: skip
     p.add_argument("--default-max-lifetime", type=_positive_float,
                    default=DEFAULT_MAX_LIFETIME_SECONDS, metavar="SECONDS")  # fmt: skip
+    p.add_argument("--default-image", type=_image, metavar="IMAGE",
+                   default=os.environ.get("AVIATO_DEFAULT_IMAGE") or "host",
+                   help="image of sandboxes whose spec names none: 'host' or an OCI reference "
+                        "such as python:3.11 (default: $AVIATO_DEFAULT_IMAGE, else host; "
+                        "docs/images.md)")  # fmt: skip
+    p.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
+                   help="speak plain HTTP to this registry (loopback registries always are); "
+                        "repeatable")  # fmt: skip
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning",
                             "error"])  # fmt: skip
@@ -84,8 +123,21 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         placement=args.placement,
         max_sandboxes=args.max_sandboxes,
         max_memory_bytes=args.max_memory,
+        min_free_disk_bytes=args.min_free_disk,
+        min_free_memory_bytes=(
+            default_min_free_memory_bytes()
+            if args.min_free_memory is None
+            else args.min_free_memory
+        ),
         default_max_lifetime_seconds=args.default_max_lifetime,
         log_level=args.log_level.upper(),
+        default_image=args.default_image,
+        insecure_registries=tuple(args.insecure_registry),
+        ray_address=args.ray_address or os.environ.get("RAY_ADDRESS", ""),
+        ray_namespace=args.ray_namespace,
+        ray_node_state_dir=args.ray_node_state_dir,
+        ray_node_lease_seconds=args.ray_node_lease,
+        placement_timeout_seconds=args.placement_timeout,
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import struct
@@ -32,6 +33,7 @@ from aviato.runtime.base import (
     ExecFailed,
     ExecHandle,
     ExecOutput,
+    ExecSpec,
     SandboxRuntimeError,
 )
 from aviato.server import validation
@@ -49,6 +51,8 @@ log = logging.getLogger("aviato.server.api")
 
 FILE_CHUNK = 256 * 1024
 MAX_WRITE_BYTES = 2 << 30
+MAX_EXEC_INPUT_BYTES = 4 << 20  # ExecInit.input (a request message is at most 8 MiB)
+_INLINE_INPUT_BYTES = 64 * 1024  # RunCommand writes input this small before relaying output
 LOG_POLL_SECONDS = 0.05
 _LOG_HEADER = struct.Struct("<QBI")
 
@@ -237,7 +241,7 @@ class SandboxServicer:
         self, owner: str, request: pb.CreateSandboxRequest, context: Ctx
     ) -> pb.Sandbox:
         request_id = validation.validate_request_id(request.request_id)
-        valid = validation.validate_spec(request.spec)
+        valid = validation.validate_spec(request.spec, default_image=self._config.default_image)
         rec = self._lifecycle.create(
             owner,
             request_id,
@@ -355,22 +359,88 @@ class SandboxServicer:
             await write(_error_frame("INVALID_ARGUMENT", "init: the first frame must be init"))
             return
         init = first.init
+        if init.input and not init.stdin:
+            await write(_error_frame("INVALID_ARGUMENT", "init.input: needs init.stdin"))
+            return
+        started = await self._start_exec(owner, init, write, stdin=init.stdin)
+        if started is None:
+            return
+        spec, proc = started
+        pump = asyncio.create_task(self._pump_exec(requests, proc, spec.stdin, init.input))
         try:
+            await write(_STARTED)
+            await self._relay_exec(proc, write, pump)
+        finally:
+            pump.cancel()
+
+    async def RunCommand(self, init: pb.ExecInit, context: Ctx) -> None:
+        """Exec without a request stream: stdin is `init.input` then EOF; no `started` frame.
+
+        Half the messages of an Exec and no input task, for the common command that takes no
+        interactive input. A cancelled call (the client gone) kills the command like Exec does.
+        """
+        write = context.write
+        owner = await self._owner_or_abort(context)
+        if init.tty:
+            await write(_error_frame("INVALID_ARGUMENT", "init.tty: RunCommand has no terminal"))
+            return
+        started = await self._start_exec(owner, init, write, stdin=bool(init.input))
+        if started is None:
+            return
+        _spec, proc = started
+        feed: asyncio.Task[None] | None = None
+        try:
+            if len(init.input) > _INLINE_INPUT_BYTES:
+                # In a task: a command that does not read its input must not stall its output.
+                feed = asyncio.create_task(self._feed_input(proc, init.input))
+            elif init.input:
+                await self._feed_input(proc, init.input)
+        except BaseException:  # cancelled while feeding it: nobody will read the command
+            with contextlib.suppress(Exception):
+                await asyncio.shield(proc.kill())
+            raise
+        try:
+            await self._relay_exec(proc, write, None)
+        finally:
+            if feed is not None:
+                feed.cancel()
+
+    async def _start_exec(
+        self, owner: str, init: pb.ExecInit, write: Callable[[Any], Awaitable[None]], *, stdin: bool
+    ) -> tuple[ExecSpec, ExecHandle] | None:
+        """Validates `init` and starts its command; on failure writes the error frame and
+        returns None. `stdin` overrides init.stdin (RunCommand derives it from init.input)."""
+        try:
+            if len(init.input) > MAX_EXEC_INPUT_BYTES:
+                raise InvalidArgument(
+                    "init.input", f"{len(init.input)} bytes is more than {MAX_EXEC_INPUT_BYTES}"
+                )
             spec = validation.validate_exec_init(init)
+            if spec.stdin != stdin:
+                spec = dataclasses.replace(spec, stdin=stdin)
             handle = await self._lifecycle.running_handle(owner, init.sandbox_id)
-            proc = await handle.exec(spec)
+            return spec, await handle.exec(spec)
         except (ServiceError, SandboxRuntimeError) as e:
             await write(_error_frame(e.code, str(e)))
-            return
         except Exception as e:
             log.exception("exec could not start")
             await write(_error_frame("INTERNAL", f"internal error: {e}"))
-            return
+        return None
 
-        pump = asyncio.create_task(self._pump_exec(requests, proc, spec.stdin))
+    @staticmethod
+    async def _relay_exec(
+        proc: ExecHandle,
+        write: Callable[[Any], Awaitable[None]],
+        pump: asyncio.Task[str | None] | None,
+    ) -> None:
+        """Writes the command's output frames and exactly one terminal frame (exit or error).
+
+        When the client goes away (this coroutine is cancelled, or a write fails) the command is
+        killed: nobody can read it. When the input pump killed it (the request stream ended
+        without stdin_eof), the error frame says so.
+        """
         done = False
         try:
-            await write(_STARTED)
             async for event in proc.events():
                 if type(event) is ExecOutput:
                     await write(
@@ -384,7 +454,10 @@ class SandboxServicer:
                     break
                 elif isinstance(event, ExecFailed):
                     done = True
-                    await write(_error_frame(event.code, event.message))
+                    message = event.message
+                    if pump is not None and pump.done() and not pump.cancelled():
+                        message = pump.result() or message
+                    await write(_error_frame(event.code, message))
                     break
             if not done:
                 done = True
@@ -406,19 +479,34 @@ class SandboxServicer:
                 with contextlib.suppress(Exception):
                     await write(_error_frame("INTERNAL", f"internal error: {e}"))
         finally:
-            pump.cancel()
             if not done:
                 # The client went away (or the stream broke): nobody can read the command.
                 with contextlib.suppress(Exception):
                     await asyncio.shield(proc.kill())
 
     @staticmethod
+    async def _feed_input(proc: ExecHandle, data: bytes) -> None:
+        try:
+            await proc.write_stdin(data)
+            await proc.close_stdin()
+        except (SandboxRuntimeError, ServiceError) as e:
+            log.debug("exec input ended: %s", e)  # the command is gone; its output side reports
+
+    @staticmethod
     async def _pump_exec(
-        requests: AsyncIterator[pb.ExecRequest], proc: ExecHandle, stdin_wanted: bool
-    ) -> None:
-        """Forwards stdin, EOF, resizes and signals; a half-close is stdin EOF."""
+        requests: AsyncIterator[pb.ExecRequest], proc: ExecHandle, stdin_wanted: bool, first: bytes
+    ) -> str | None:
+        """Forwards `first` (init.input), then stdin, EOF, resizes and signals.
+
+        The end of the command's input is explicit: only a stdin_eof frame closes its stdin. A
+        request stream that ends (or breaks) before it, while the command reads stdin, is a lost
+        client: the command is killed, never handed a possibly truncated input followed by EOF as
+        if it were complete. Returns the reason when it killed the command, else None.
+        """
         eof_sent = False
         try:
+            if first and stdin_wanted:
+                await proc.write_stdin(first)
             async for req in requests:
                 kind = req.WhichOneof("msg")
                 if kind == "stdin":
@@ -433,15 +521,24 @@ class SandboxServicer:
                     await proc.resize(rows, cols)
                 elif kind == "signal" and 1 <= req.signal <= 64:
                     await proc.signal(req.signal)
-            if stdin_wanted and not eof_sent:
-                await proc.close_stdin()
+            why = "the request stream ended before stdin_eof"
         except asyncio.CancelledError:
-            raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the handler is done with this exec
+            # Raised by the interceptor's end-of-stream check: the client went away.
+            why = "the client went away before stdin_eof"
         except (SandboxRuntimeError, ServiceError) as e:
             log.debug("exec input ended: %s", e)
+            return None
         except Exception:
-            # A broken request stream (client gone) ends up here too; the output side notices.
             log.debug("exec input pump ended", exc_info=True)
+            why = "the request stream broke before stdin_eof"
+        if not stdin_wanted or eof_sent:
+            return None
+        with contextlib.suppress(Exception):
+            await proc.kill()
+        return f"{why}: the command was killed (its input may be incomplete)"
 
     # -- files --------------------------------------------------------------------------------
 
@@ -474,10 +571,19 @@ class SandboxServicer:
         problem: list[ServiceError] = []
 
         async def chunks() -> AsyncIterator[bytes]:
+            """The data frames up to the end frame. The runtime keeps the file only when this
+            iterator finishes normally, so raising here (no end frame: the client died or gave
+            up mid-upload) discards what was written."""
             total = 0
+            ended = False
             async for req in requests:
-                if req.WhichOneof("msg") != "data":
-                    problem.append(InvalidArgument("data", "only data may follow the header"))
+                kind = req.WhichOneof("msg")
+                if kind == "end" and req.end and not ended:
+                    ended = True
+                    continue
+                if ended or kind != "data":
+                    where = "after the end frame" if ended else "after the header"
+                    problem.append(InvalidArgument(kind or "msg", f"unexpected frame {where}"))
                     raise problem[-1]
                 total += len(req.data)
                 if total > MAX_WRITE_BYTES:
@@ -485,6 +591,11 @@ class SandboxServicer:
                     raise problem[-1]
                 if req.data:
                     yield req.data
+            if not ended:
+                problem.append(
+                    InvalidArgument("end", "the stream ended before its end frame: nothing written")
+                )
+                raise problem[-1]
 
         try:
             try:

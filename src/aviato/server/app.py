@@ -33,10 +33,11 @@ import grpc
 from aviato.server.api import SandboxServicer
 from aviato.server.auth import Authenticator
 from aviato.server.config import ServerConfig, parse_listen
+from aviato.server.images_api import ImageServicer
 from aviato.server.lifecycle import Lifecycle
 from aviato.server.placement import LocalPlacement, Placement
 from aviato.server.registry import Registry
-from aviato.v1 import sandbox_pb2_grpc
+from aviato.v1 import images_pb2_grpc, sandbox_pb2_grpc
 
 __all__ = ["AlreadyRunning", "StartupError", "configure_logging", "serve"]
 
@@ -258,14 +259,19 @@ def _remove_stale_socket(path: Path) -> None:
 
 
 def _build_placement(config: ServerConfig) -> Placement:
+    if config.placement == "ray":
+        from aviato.cluster.placement import RayPlacement
+
+        return RayPlacement(config)
     if config.placement != "local":
-        raise StartupError(f"--placement: {config.placement!r} is not available (only 'local')")
+        raise StartupError(f"--placement: {config.placement!r} is not available")
     from aviato.runtime.local import LocalRuntime
 
     runtime = LocalRuntime(
         config.state_dir,
         max_sandboxes=config.max_sandboxes or 1_000_000,
         default_memory_bytes=config.default_memory_bytes,
+        insecure_registries=config.insecure_registries,
     )
     return LocalPlacement(runtime, config.state_dir)
 
@@ -315,11 +321,18 @@ async def serve(
     try:
         registry = Registry(config.registry_path)
         placement = placement or _build_placement(config)
+        try:
+            await placement.start()
+        except Exception as e:
+            raise StartupError(f"placement {placement.name}: {e}") from e
         lifecycle = Lifecycle(registry, placement, config)
         await lifecycle.start()
         server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[_MalformedRequests()])
         servicer = SandboxServicer(lifecycle, Authenticator(registry), placement, config)
         sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        images_pb2_grpc.add_ImageServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            ImageServicer(Authenticator(registry), placement), server
+        )
         _bind(server, config)
         await server.start()
         log.info(

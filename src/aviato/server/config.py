@@ -16,7 +16,11 @@ from pathlib import Path
 __all__ = [
     "DEFAULT_MAX_LIFETIME_SECONDS",
     "DEFAULT_MAX_SANDBOXES",
+    "DEFAULT_MIN_FREE_DISK_BYTES",
     "ServerConfig",
+    "available_memory_bytes",
+    "default_min_free_memory_bytes",
+    "free_disk_bytes",
     "host_memory_bytes",
     "parse_listen",
     "resolve_state_dir",
@@ -24,6 +28,7 @@ __all__ = [
 
 DEFAULT_MAX_LIFETIME_SECONDS = 3600.0
 DEFAULT_MAX_SANDBOXES = 1000
+DEFAULT_MIN_FREE_DISK_BYTES = 256 << 20
 
 
 def resolve_state_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -52,6 +57,33 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host or "0.0.0.0", port
 
 
+def available_memory_bytes() -> int | None:
+    """MemAvailable of this machine, or None when /proc/meminfo cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def free_disk_bytes(path: Path) -> int | None:
+    """Bytes available to this user on the filesystem of `path` (None when it cannot be read)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def default_min_free_memory_bytes() -> int:
+    """The default floor of host memory below which creates are refused: 5% of MemTotal, at
+    most 1 GiB (0 when MemTotal is unknown, i.e. no floor)."""
+    return min(host_memory_bytes() // 20, 1 << 30)
+
+
 def host_memory_bytes() -> int:
     """MemTotal of this machine (0 when /proc/meminfo cannot be read)."""
     try:
@@ -71,7 +103,11 @@ class ServerConfig:
     Capacity: `max_sandboxes` counts non-terminal sandboxes; `max_memory_bytes` bounds the sum of
     the memory limits of non-terminal sandboxes, where a sandbox that asks for none counts as
     `default_memory_bytes` (the limit the runtime gives it). 0 means no bound. The bound is on
-    limits, not on use: it cannot see memory that processes outside sandboxes take.
+    limits, not on use: it cannot see memory that processes outside sandboxes take. That is what
+    `min_free_memory_bytes` is for: while the host's MemAvailable is below it, creates are
+    refused whatever the limits say (0: no floor). `min_free_disk_bytes` is the same for the
+    filesystem of the state directory, which holds main logs (up to 64 MiB each), kept logs and
+    the image store; a sandbox's writable layer is not there (it is memory).
     """
 
     state_dir: Path
@@ -81,11 +117,26 @@ class ServerConfig:
     placement: str = "local"
     max_sandboxes: int = DEFAULT_MAX_SANDBOXES
     max_memory_bytes: int = 0
+    min_free_memory_bytes: int = 0
+    min_free_disk_bytes: int = DEFAULT_MIN_FREE_DISK_BYTES
     default_memory_bytes: int = 1 << 30
     default_max_lifetime_seconds: float = DEFAULT_MAX_LIFETIME_SECONDS
     default_stop_grace_seconds: float = 10.0
     reaper_interval_seconds: float = 0.5
     log_level: str = "INFO"
+    # The image of a sandbox whose spec names none ("host", or an OCI reference such as
+    # "python:3.11"), and registries spoken to over plain HTTP besides loopback ones
+    # (docs/images.md).
+    default_image: str = "host"
+    insecure_registries: tuple[str, ...] = ()
+    # --placement ray (docs/cluster.md): the cluster, the Ray namespace of the node-host actors,
+    # where each node keeps its sandboxes' state (plus /<node id>), how long a sandbox may wait
+    # for room before it fails, and how long a node may lose the cluster before it fences.
+    ray_address: str = ""
+    ray_namespace: str = "aviato"
+    ray_node_state_dir: str = "/var/lib/aviato/node"
+    placement_timeout_seconds: float = 300.0
+    ray_node_lease_seconds: float = 10.0
 
     @property
     def socket_path(self) -> Path:

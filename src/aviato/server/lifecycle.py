@@ -46,7 +46,7 @@ from aviato.runtime.base import (
 )
 from aviato.server import quantities
 from aviato.server import registry as reg
-from aviato.server.config import ServerConfig
+from aviato.server.config import ServerConfig, available_memory_bytes, free_disk_bytes
 from aviato.server.errors import (
     CapacityExceeded,
     FailedPrecondition,
@@ -265,12 +265,14 @@ class Lifecycle:
         sandbox_id = "sbx-" + secrets.token_hex(6)
         config = replace(valid.config, sandbox_id=sandbox_id)
         node, runtime = self._placement.runtime_for_new(config)
+        runtime.check(config)  # refused here, not accepted and then FAILED
         now = time.time_ns()
         lifetime = valid.max_lifetime_seconds or self._config.default_max_lifetime_seconds
         stored = type(valid.spec)()
         stored.CopyFrom(valid.spec)
         for mounted in stored.mounted_files:
             mounted.content = b""  # not kept: a record must stay small; see api.sandbox_message
+        stored.ClearField("registry_auth")  # secrets are never stored or returned
         rec = SandboxRecord(
             id=sandbox_id,
             owner=owner,
@@ -312,6 +314,24 @@ class Lifecycle:
                 "already reserved by live sandboxes"
             )
 
+        floor = self._config.min_free_memory_bytes
+        if floor:
+            available = available_memory_bytes()
+            if available is not None and available < floor:
+                raise CapacityExceeded(
+                    f"host memory low: {format_bytes(available)} available, below the floor of "
+                    f"{format_bytes(floor)} (server --min-free-memory); stop some sandboxes first"
+                )
+        floor = self._config.min_free_disk_bytes
+        if floor:
+            free = free_disk_bytes(self._config.state_dir)
+            if free is not None and free < floor:
+                raise CapacityExceeded(
+                    f"host disk low: {format_bytes(free)} free for the state directory "
+                    f"{self._config.state_dir}, below the floor of {format_bytes(floor)} "
+                    "(server --min-free-disk); delete ended sandboxes or unused images first"
+                )
+
     def _adopt(self, live: _Live) -> None:
         self._live[live.rec.id] = live
         self._memory_reserved += live.memory
@@ -333,6 +353,10 @@ class Lifecycle:
         """Drives a new sandbox: CREATING, runtime.create, RUNNING, then watches its end."""
         if live.stop_reason:  # stopped before it was created: nothing to create
             self._finish(live, TERMINATED, live.stop_reason, None, time.time_ns())
+            return
+        if not live.rec.node and not await self._place(live):
+            return
+        if not await self._pull_image(live):
             return
         self._set_status(live, CREATING)
         assert live.config is not None
@@ -357,6 +381,74 @@ class Lifecycle:
             return
         self._set_status(live, RUNNING)
         await self._watch(live)
+
+    async def _place(self, live: _Live) -> bool:
+        """Waits, PENDING with the placement's reason, until a node takes the sandbox.
+
+        Only for placements that defer the choice (`runtime_for_new` gave no node). False when
+        the sandbox ended meanwhile (stopped, or the placement gave up: FAILED with its reason).
+        """
+        assert live.config is not None
+
+        def waiting(reason: str) -> None:
+            if live.rec.reason != reason:
+                live.rec.reason = reason
+                self._registry.update_sandbox(live.rec)
+                live.notify()
+
+        try:
+            placed = await self._placement.place(
+                live.config, waiting, lambda: bool(live.stop_reason)
+            )
+        except SandboxRuntimeError as e:
+            self._finish(live, FAILED, str(e), None, time.time_ns())
+            return False
+        if placed is None:
+            self._finish(live, TERMINATED, live.stop_reason or "stopped", None, time.time_ns())
+            return False
+        live.rec.node, live.runtime = placed
+        live.rec.reason = ""
+        return True
+
+    async def _pull_image(self, live: _Live) -> bool:
+        """Waits, PENDING with reason "pulling image X", while the node pulls the sandbox's image.
+
+        False when the sandbox ended meanwhile (the pull failed: FAILED naming the image; or it
+        was stopped: the pull goes on for other users of the image, the sandbox does not wait).
+        """
+        config = live.config
+        assert config is not None
+        if live.runtime.image_ready(config.image):
+            return True
+        rec = live.rec
+        rec.reason = f"pulling image {config.image}"
+        self._registry.update_sandbox(rec)
+        live.notify()
+        pull = asyncio.ensure_future(
+            live.runtime.prepare_image(config.image, config.registry_credentials)
+        )
+        try:
+            while not pull.done():
+                await asyncio.wait({pull}, timeout=0.2)
+                if live.stop_reason and not pull.done():
+                    pull.cancel()
+                    self._finish(live, TERMINATED, live.stop_reason, None, time.time_ns())
+                    return False
+            pull.result()
+        except asyncio.CancelledError:
+            pull.cancel()
+            raise
+        except SandboxRuntimeError as e:
+            self._finish(live, FAILED, f"pulling image {config.image} failed: {e}", None,
+                         time.time_ns())  # fmt: skip
+            return False
+        except Exception as e:
+            log.exception("pulling image %s crashed for %s", config.image, rec.id)
+            self._finish(live, FAILED, f"pulling image {config.image} failed: internal error: {e}",
+                         None, time.time_ns())  # fmt: skip
+            return False
+        rec.reason = ""
+        return True
 
     async def _watch(self, live: _Live) -> None:
         assert live.handle is not None

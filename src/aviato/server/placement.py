@@ -2,8 +2,9 @@
 
 The lifecycle asks `runtime_for_new(config)` when it creates a sandbox, records the returned node
 name, and later asks `runtime_of(node)` (after a restart too). `LocalPlacement` has one node,
-"local", served by one runtime on this machine. A Ray placement (later) will map node names to
-runtimes living in node-host actors.
+"local", served by one runtime on this machine. `aviato.cluster.placement.RayPlacement` maps
+Ray node ids to runtimes living in node-host actors, and defers the choice of a node (node "")
+to `place`, which the lifecycle awaits while the sandbox is PENDING.
 
 What a placement does not do: capacity accounting (the lifecycle does that) and retries on
 another node when a runtime refuses.
@@ -12,6 +13,7 @@ another node when a runtime refuses.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from pathlib import Path
 
 from aviato.runtime.base import Runtime, SandboxConfig
@@ -28,7 +30,23 @@ class Placement(abc.ABC):
 
     @abc.abstractmethod
     def runtime_for_new(self, config: SandboxConfig) -> tuple[str, Runtime]:
-        """The node and runtime that will run a new sandbox."""
+        """The node and runtime that will run a new sandbox.
+
+        Node "" defers the choice: the lifecycle then awaits `place` before creating.
+        """
+
+    async def place(
+        self,
+        config: SandboxConfig,
+        waiting: Callable[[str], None],
+        stopped: Callable[[], bool],
+    ) -> tuple[str, Runtime] | None:
+        """Chooses a node for a sandbox whose `runtime_for_new` deferred the choice.
+
+        Waits for room, calling `waiting(reason)` while none is found; None once `stopped()`;
+        raises a SandboxRuntimeError when it gives up (the message becomes the FAILED reason).
+        """
+        return self.runtime_for_new(config)
 
     @abc.abstractmethod
     def runtime_of(self, node: str) -> Runtime:
@@ -41,6 +59,10 @@ class Placement(abc.ABC):
     @abc.abstractmethod
     def main_log_path(self, node: str, sandbox_id: str) -> Path | None:
         """Where the main log of a sandbox lives while its runtime state exists (None: unknown)."""
+
+    async def start(self) -> None:
+        """Connects to whatever the placement needs (a cluster); before the lifecycle starts."""
+        return None
 
     async def close(self) -> None:
         """Closes every runtime; sandboxes keep running."""

@@ -18,7 +18,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from aviato.runtime.base import ExecSpec, SandboxConfig
+from aviato.images.reference import InvalidReference, parse_reference
+from aviato.runtime.base import ExecSpec, RegistryCredentials, SandboxConfig
 from aviato.server import quantities
 from aviato.server.errors import InvalidArgument
 from aviato.v1 import sandbox_pb2 as pb
@@ -30,6 +31,7 @@ __all__ = [
     "validate_file_mode",
     "validate_finite",
     "validate_path",
+    "validate_registry_auth",
     "validate_request_id",
     "validate_spec",
     "validate_tags",
@@ -55,6 +57,9 @@ MAX_REQUEST_ID_CHARS = 128
 MAX_IMAGE_CHARS = 255
 
 _TAG = re.compile(r"[A-Za-z0-9_.:/=@+\-]+")
+MAX_NODE_SELECTOR = 64
+MAX_LABEL_CHARS = 253
+_LABEL = re.compile(r"[A-Za-z0-9_.:/@+\-]*")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_.:\-]+")
 _IMAGE = re.compile(
     r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?"
@@ -166,6 +171,25 @@ def validate_tags(tags: Iterable[str], field: str) -> tuple[str, ...]:
     return tuple(result)
 
 
+def validate_node_selector(selector: Mapping[str, str], field: str) -> tuple[tuple[str, str], ...]:
+    """Node label → value pairs, sorted: labels 1 to 253 characters of [A-Za-z0-9_.:/@+-],
+    values 0 to 253 of the same (Ray's labels, node ids and hostnames all fit)."""
+    if len(selector) > MAX_NODE_SELECTOR:
+        raise InvalidArgument(field, f"more than {MAX_NODE_SELECTOR} labels")
+    for key, value in selector.items():
+        if not key or len(key) > MAX_LABEL_CHARS or not _LABEL.fullmatch(key):
+            raise InvalidArgument(
+                f"{field}[{key!r}]",
+                f"a label must be 1 to {MAX_LABEL_CHARS} characters of [A-Za-z0-9_.:/@+-]",
+            )
+        if len(value) > MAX_LABEL_CHARS or not _LABEL.fullmatch(value):
+            raise InvalidArgument(
+                f"{field}[{key!r}]",
+                f"{value!r} is not 0 to {MAX_LABEL_CHARS} characters of [A-Za-z0-9_.:/@+-]",
+            )
+    return tuple(sorted(selector.items()))
+
+
 def validate_request_id(text: str, field: str = "request_id") -> str:
     if not text:
         raise InvalidArgument(field, "is required (a UUID chosen by the client)")
@@ -185,14 +209,41 @@ def validate_file_mode(mode: int, field: str) -> int:
     return mode
 
 
-def _image(text: str) -> str:
+def _image(text: str, default: str = "host") -> str:
+    """`text` (or `default` when empty) if it is "host" or a valid image reference."""
     if not text:
-        return "host"
+        text = default or "host"
     if text == "host":
         return text
     if len(text) > MAX_IMAGE_CHARS or not _IMAGE.fullmatch(text):
         raise InvalidArgument("spec.image", f"{text!r} is not 'host' or an image reference")
+    try:
+        parse_reference(text)
+    except InvalidReference as exc:
+        raise InvalidArgument("spec.image", str(exc)) from None
     return text
+
+
+MAX_CREDENTIAL_CHARS = 8192
+
+
+def validate_registry_auth(auth: pb.RegistryAuth, field: str) -> RegistryCredentials | None:
+    """Credentials for a registry, or None when none are given."""
+    if not (auth.username or auth.password or auth.token):
+        return None
+    for name in ("username", "password", "token"):
+        value = getattr(auth, name)
+        if len(value) > MAX_CREDENTIAL_CHARS:
+            raise InvalidArgument(f"{field}.{name}", f"longer than {MAX_CREDENTIAL_CHARS}")
+        if "\x00" in value or "\n" in value or "\r" in value:
+            raise InvalidArgument(f"{field}.{name}", "contains NUL or a line break")
+    if auth.token and (auth.username or auth.password):
+        raise InvalidArgument(field, "give either a token or a username and password, not both")
+    if auth.password and not auth.username:
+        raise InvalidArgument(f"{field}.username", "is required with a password")
+    if ":" in auth.username:
+        raise InvalidArgument(f"{field}.username", "must not contain ':'")
+    return RegistryCredentials(username=auth.username, password=auth.password, token=auth.token)
 
 
 def _bytes_quantity(text: str, field: str, low: int) -> int | None:
@@ -251,13 +302,20 @@ def _mounted_files(files: Iterable[pb.MountedFile]) -> tuple[tuple[str, bytes], 
     return tuple(result)
 
 
-def validate_spec(spec: pb.SandboxSpec) -> ValidSpec:
-    """Validates every field of `spec`; the first invalid one raises InvalidArgument."""
-    image = _image(spec.image)
+def validate_spec(spec: pb.SandboxSpec, *, default_image: str = "host") -> ValidSpec:
+    """Validates every field of `spec`; the first invalid one raises InvalidArgument.
+
+    An empty `spec.image` becomes `default_image` (the service's --default-image).
+    """
+    image = _image(spec.image, default_image)
     command = validate_argv(spec.command, "spec.command", allow_empty=True)
+    registry_auth = validate_registry_auth(spec.registry_auth, "spec.registry_auth")
+    if spec.image_command and image == "host" and not command:
+        raise InvalidArgument("spec.image_command", "the 'host' image has no Entrypoint or Cmd")
     env = validate_env(spec.env, "spec.env")
     working_dir = validate_path(spec.working_dir, "spec.working_dir", allow_empty=True)
     tags = validate_tags(spec.tags, "spec.tags")
+    node_selector = validate_node_selector(spec.node_selector, "spec.node_selector")
     cpu, memory, pids, disk = _resources(spec.resources)
     lifetime = validate_finite(
         spec.max_lifetime_seconds, "spec.max_lifetime_seconds", 0.0, MAX_LIFETIME_SECONDS
@@ -277,6 +335,9 @@ def validate_spec(spec: pb.SandboxSpec) -> ValidSpec:
         disk_bytes=disk,
         mounted_files=mounted,
         network="none",
+        node_selector=node_selector,
+        registry_credentials=registry_auth,
+        image_command=spec.image_command,
     )
     normalized = pb.SandboxSpec()
     normalized.CopyFrom(spec)

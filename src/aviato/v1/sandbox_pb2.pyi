@@ -57,8 +57,15 @@ class MountedFile(_message.Message):
     def __init__(self, path: _Optional[str] = ..., content: _Optional[bytes] = ...) -> None: ...
 
 class SandboxSpec(_message.Message):
-    __slots__ = ("image", "command", "env", "working_dir", "tags", "resources", "max_lifetime_seconds", "mounted_files", "network")
+    __slots__ = ("image", "command", "env", "working_dir", "tags", "resources", "max_lifetime_seconds", "mounted_files", "network", "node_selector", "registry_auth", "image_command")
     class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class NodeSelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +81,9 @@ class SandboxSpec(_message.Message):
     MAX_LIFETIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MOUNTED_FILES_FIELD_NUMBER: _ClassVar[int]
     NETWORK_FIELD_NUMBER: _ClassVar[int]
+    NODE_SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_AUTH_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_COMMAND_FIELD_NUMBER: _ClassVar[int]
     image: str
     command: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
@@ -83,7 +93,20 @@ class SandboxSpec(_message.Message):
     max_lifetime_seconds: float
     mounted_files: _containers.RepeatedCompositeFieldContainer[MountedFile]
     network: str
-    def __init__(self, image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., max_lifetime_seconds: _Optional[float] = ..., mounted_files: _Optional[_Iterable[_Union[MountedFile, _Mapping]]] = ..., network: _Optional[str] = ...) -> None: ...
+    node_selector: _containers.ScalarMap[str, str]
+    registry_auth: RegistryAuth
+    image_command: bool
+    def __init__(self, image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., max_lifetime_seconds: _Optional[float] = ..., mounted_files: _Optional[_Iterable[_Union[MountedFile, _Mapping]]] = ..., network: _Optional[str] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., registry_auth: _Optional[_Union[RegistryAuth, _Mapping]] = ..., image_command: _Optional[bool] = ...) -> None: ...
+
+class RegistryAuth(_message.Message):
+    __slots__ = ("username", "password", "token")
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    username: str
+    password: str
+    token: str
+    def __init__(self, username: _Optional[str] = ..., password: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
 
 class Sandbox(_message.Message):
     __slots__ = ("id", "status", "status_reason", "exit_code", "spec", "created_at", "started_at", "ended_at", "lease_id", "expires_at", "node")
@@ -196,7 +219,7 @@ class TerminalSize(_message.Message):
     def __init__(self, rows: _Optional[int] = ..., cols: _Optional[int] = ...) -> None: ...
 
 class ExecInit(_message.Message):
-    __slots__ = ("sandbox_id", "argv", "cwd", "env", "timeout_seconds", "stdin", "tty", "tty_size")
+    __slots__ = ("sandbox_id", "argv", "cwd", "env", "timeout_seconds", "stdin", "tty", "tty_size", "input")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +235,7 @@ class ExecInit(_message.Message):
     STDIN_FIELD_NUMBER: _ClassVar[int]
     TTY_FIELD_NUMBER: _ClassVar[int]
     TTY_SIZE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     argv: _containers.RepeatedScalarFieldContainer[str]
     cwd: str
@@ -220,7 +244,8 @@ class ExecInit(_message.Message):
     stdin: bool
     tty: bool
     tty_size: TerminalSize
-    def __init__(self, sandbox_id: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[float] = ..., stdin: _Optional[bool] = ..., tty: _Optional[bool] = ..., tty_size: _Optional[_Union[TerminalSize, _Mapping]] = ...) -> None: ...
+    input: bytes
+    def __init__(self, sandbox_id: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[float] = ..., stdin: _Optional[bool] = ..., tty: _Optional[bool] = ..., tty_size: _Optional[_Union[TerminalSize, _Mapping]] = ..., input: _Optional[bytes] = ...) -> None: ...
 
 class ExecRequest(_message.Message):
     __slots__ = ("init", "stdin", "stdin_eof", "resize", "signal")
@@ -329,12 +354,14 @@ class WriteFileHeader(_message.Message):
     def __init__(self, sandbox_id: _Optional[str] = ..., path: _Optional[str] = ..., mode: _Optional[int] = ..., make_parents: _Optional[bool] = ...) -> None: ...
 
 class WriteFileRequest(_message.Message):
-    __slots__ = ("header", "data")
+    __slots__ = ("header", "data", "end")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
     header: WriteFileHeader
     data: bytes
-    def __init__(self, header: _Optional[_Union[WriteFileHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    end: bool
+    def __init__(self, header: _Optional[_Union[WriteFileHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., end: _Optional[bool] = ...) -> None: ...
 
 class WriteFileResponse(_message.Message):
     __slots__ = ("size",)

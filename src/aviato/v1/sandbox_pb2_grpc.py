@@ -69,6 +69,11 @@ class SandboxServiceStub:
                 request_serializer=aviato_dot_v1_dot_sandbox__pb2.ExecRequest.SerializeToString,
                 response_deserializer=aviato_dot_v1_dot_sandbox__pb2.ExecResponse.FromString,
                 _registered_method=True)
+        self.RunCommand = channel.unary_stream(
+                '/aviato.v1.SandboxService/RunCommand',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.ExecInit.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.ExecResponse.FromString,
+                _registered_method=True)
         self.ReadFile = channel.unary_stream(
                 '/aviato.v1.SandboxService/ReadFile',
                 request_serializer=aviato_dot_v1_dot_sandbox__pb2.ReadFileRequest.SerializeToString,
@@ -153,6 +158,15 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunCommand(self, request, context):
+        """Exec without a request stream, for a command that needs nothing after its start: its stdin
+        is init.input followed by end-of-file (empty input: /dev/null), no tty. The same response
+        frames as Exec except `started`, which is not sent. Cancelling the call kills the command.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReadFile(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -228,6 +242,11 @@ def add_SandboxServiceServicer_to_server(servicer, server):
             'Exec': grpc.stream_stream_rpc_method_handler(
                     servicer.Exec,
                     request_deserializer=aviato_dot_v1_dot_sandbox__pb2.ExecRequest.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.ExecResponse.SerializeToString,
+            ),
+            'RunCommand': grpc.unary_stream_rpc_method_handler(
+                    servicer.RunCommand,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.ExecInit.FromString,
                     response_serializer=aviato_dot_v1_dot_sandbox__pb2.ExecResponse.SerializeToString,
             ),
             'ReadFile': grpc.unary_stream_rpc_method_handler(
@@ -449,6 +468,33 @@ class SandboxService:
             target,
             '/aviato.v1.SandboxService/Exec',
             aviato_dot_v1_dot_sandbox__pb2.ExecRequest.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.ExecResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunCommand(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/aviato.v1.SandboxService/RunCommand',
+            aviato_dot_v1_dot_sandbox__pb2.ExecInit.SerializeToString,
             aviato_dot_v1_dot_sandbox__pb2.ExecResponse.FromString,
             options,
             channel_credentials,

@@ -1,0 +1,410 @@
+"""`NodeHost`: the actor that owns the sandboxes of one Ray node.
+
+The control plane starts one per node (see `placement.py` for the actor options: detached, named
+`aviato-nodehost-<node id>`, hard node affinity, `num_cpus=0`, restarted by Ray on its node). It
+wraps a `LocalRuntime` whose state lives in `<node state dir>/<node id>`; calls name sandboxes by
+id, and the host keeps their handles. Exec and files normally travel over the host's direct
+gRPC channel (`execwire.py`); the streaming methods here (exec, read_file, follow_log: async
+generators the control plane calls with `num_returns="streaming"`) serve the main log always and
+exec and files when that channel could not start.
+
+Restarts: Ray restarts a dead node host by running its constructor only; the first call that
+needs the runtime (or the control plane's `ping` after a failed call) runs `start`, which
+re-attaches every sandbox still running here (they run in their own sessions and survive the
+worker) exactly as the local service does after its restart.
+
+State that must survive the actor, in its state directory: the runtime's per-sandbox state,
+`holdings.json` (the cpu and memory each sandbox was placed with, so that a restarted control
+plane can account for them again) and `channel.json` (the direct channel's port and token, so
+that the control plane's channel reconnects to a restarted host by itself).
+
+Fencing: a background task asks the GCS for a key every second. When no answer came for longer
+than the lease, the node is cut off from the cluster: the GCS has (or will have) declared it dead,
+and the control plane has marked its sandboxes FAILED "node lost". The host then kills every
+sandbox it owns and refuses new ones until the GCS answers again, so a partitioned node does not
+run sandboxes that the service believes gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from aviato.runtime.base import (
+    ExecEvent,
+    ExecHandle,
+    ExecSpec,
+    FileInfo,
+    MainExit,
+    SandboxConfig,
+    SandboxGone,
+    SandboxHandle,
+    SandboxRuntimeError,
+)
+
+__all__ = ["NodeFenced", "NodeHost"]
+
+log = logging.getLogger("aviato.cluster.nodehost")
+
+FENCE_PROBE_INTERVAL_SECONDS = 1.0
+LOG_POLL_SECONDS = 0.05
+LOG_CHUNK_BYTES = 256 << 10
+EXEC_START_SECONDS = 30.0
+FILE_BATCH_BYTES = 1 << 20
+
+
+class NodeFenced(SandboxRuntimeError):
+    """The node lost the cluster for longer than its lease and stopped its sandboxes."""
+
+    code = "UNAVAILABLE"
+
+
+def _probe_gcs() -> None:
+    """One round trip to the GCS (raises when it does not answer within 2 s)."""
+    from ray.experimental import internal_kv
+
+    client = internal_kv.internal_kv_get_gcs_client()  # type: ignore[no-untyped-call]
+    if client is None:
+        raise ConnectionError("this worker has no GCS client")
+    client.internal_kv_get(b"aviato:fence-probe", b"aviato", timeout=2.0)
+
+
+class NodeHost:
+    """One node's sandboxes. Every public method is an actor method (the actor is async)."""
+
+    def __init__(
+        self,
+        state_dir: str,
+        lease_seconds: float,
+        max_sandboxes: int,
+        default_memory_bytes: int,
+    ) -> None:
+        self._state_dir = Path(state_dir)
+        self._lease = lease_seconds
+        self._max = max_sandboxes
+        self._default_memory = default_memory_bytes
+        self._runtime: Any = None  # LocalRuntime, built in start() (it needs the event loop)
+        self._handles: dict[str, SandboxHandle] = {}
+        # exec id → its handle; a future so that a control call that overtakes the exec's
+        # start (they travel as separate actor calls) waits for it instead of being lost.
+        self._execs: dict[str, asyncio.Future[ExecHandle]] = {}
+        self._writes: dict[str, tuple[asyncio.Queue[bytes | None], asyncio.Task[int]]] = {}
+        self._holdings: dict[str, list[float]] = {}
+        self._fence_task: asyncio.Task[None] | None = None
+        self._last_contact = time.monotonic()
+        self._fenced = False
+        self._start_lock: asyncio.Lock | None = None
+        self._exec_server: Any = None
+        self._exec_address = ""
+
+    # --- start, facts ---
+
+    async def start(self) -> dict[str, Any]:
+        """Builds the runtime and re-attaches what runs here; idempotent. Returns the facts."""
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._runtime is None:
+                from aviato.runtime.local import LocalRuntime, raise_fd_limit
+
+                raise_fd_limit()
+                self._state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self._runtime = LocalRuntime(
+                    self._state_dir,
+                    max_sandboxes=self._max,
+                    default_memory_bytes=self._default_memory,
+                )
+                self._holdings = self._load_holdings()
+                for sandbox_id in self._runtime.list_present():
+                    with contextlib.suppress(Exception):
+                        attached = await self._runtime.attach(sandbox_id)
+                        if not isinstance(attached, MainExit):
+                            self._handles[sandbox_id] = attached
+                self._fence_task = asyncio.create_task(self._fence_forever())
+                await self._serve_exec()
+        return {
+            "pid": os.getpid(),
+            "exec_address": self._exec_address,
+            "exec_token": self._exec_server.token if self._exec_address else "",
+            "present": self._runtime.list_present(),
+            "describe": self._runtime.describe(),
+            "holdings": dict(self._holdings),
+        }
+
+    async def _serve_exec(self) -> None:
+        """Starts the direct exec channel (execwire.py) on this node's IP; without it the
+        control plane falls back to the `exec` streaming method."""
+        import ray
+
+        from aviato.cluster.execwire import ExecServer
+
+        # The port and token outlive a restart of this actor, so that the control plane's
+        # channel simply reconnects to the restarted host.
+        saved_path = self._state_dir / "channel.json"
+        try:
+            saved = json.loads(saved_path.read_text())
+            port, token = int(saved["port"]), str(saved["token"])
+        except (OSError, ValueError, KeyError, TypeError):
+            port, token = 0, ""
+        self._exec_server = ExecServer(self._handle, token or None)
+        host: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        for candidate in dict.fromkeys((port, 0)):
+            try:
+                self._exec_address = await self._exec_server.start(host, candidate)
+                break
+            except Exception:
+                log.warning("direct channel: cannot listen on %s:%d", host, candidate)
+        else:
+            log.error("the direct channel did not start; exec and files go through Ray")
+            return
+        saved_path.write_text(
+            json.dumps({"port": int(self._exec_address.rsplit(":", 1)[1]),
+                        "token": self._exec_server.token})
+        )  # fmt: skip
+        os.chmod(saved_path, 0o600)
+
+    async def ping(self) -> float:
+        """Answers once started: the control plane pings a node host that Ray restarted (which
+        runs only the constructor) to bring its runtime and direct channel back."""
+        if self._runtime is None:
+            await self.start()
+        return time.time()
+
+    # --- holdings ---
+
+    def _holdings_path(self) -> Path:
+        return self._state_dir / "holdings.json"
+
+    def _load_holdings(self) -> dict[str, list[float]]:
+        try:
+            data = json.loads(self._holdings_path().read_text())
+        except (OSError, ValueError):
+            return {}
+        return {str(k): [float(v[0]), float(v[1])] for k, v in data.items()}
+
+    def _save_holdings(self) -> None:
+        path = self._holdings_path()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._holdings))
+        os.replace(tmp, path)
+
+    # --- sandboxes ---
+
+    async def _ready(self) -> Any:
+        """The runtime, once started (Ray restarts a dead node host with its constructor only,
+        so the first call after a restart starts it); NodeFenced while fenced."""
+        if self._runtime is None:
+            await self.start()
+        if self._fenced:
+            raise NodeFenced("this node lost the cluster for longer than its lease (fenced)")
+        return self._runtime
+
+    async def _handle(self, sandbox_id: str) -> SandboxHandle:
+        handle = self._handles.get(sandbox_id)
+        if handle is not None:
+            return handle
+        attached: SandboxHandle | MainExit = await (await self._ready()).attach(sandbox_id)
+        if isinstance(attached, MainExit):
+            raise SandboxGone(f"sandbox {sandbox_id} has ended")
+        self._handles[sandbox_id] = attached
+        return attached
+
+    async def create(self, config: SandboxConfig, cpu: float, memory: float) -> str:
+        """Creates the sandbox; returns its main log's path on this node."""
+        runtime = await self._ready()
+        self._holdings[config.sandbox_id] = [cpu, memory]
+        self._save_holdings()
+        try:
+            handle = await runtime.create(config)
+        except BaseException:
+            self._holdings.pop(config.sandbox_id, None)
+            self._save_holdings()
+            raise
+        self._handles[config.sandbox_id] = handle
+        return str(handle.log_path)
+
+    async def attach(self, sandbox_id: str) -> MainExit | None:
+        """None when the sandbox runs here (and is now attached), else how it ended."""
+        attached = await (await self._ready()).attach(sandbox_id)
+        if isinstance(attached, MainExit):
+            return attached
+        self._handles[sandbox_id] = attached
+        return None
+
+    async def wait_exit(self, sandbox_id: str) -> MainExit:
+        handle = self._handles.get(sandbox_id)
+        if handle is None:
+            attached = await (await self._ready()).attach(sandbox_id)
+            if isinstance(attached, MainExit):
+                return attached
+            handle = self._handles[sandbox_id] = attached
+        return await handle.wait_exit()
+
+    async def terminate(self, sandbox_id: str, grace_seconds: float) -> MainExit:
+        return await (await self._handle(sandbox_id)).terminate(grace_seconds)
+
+    async def kill(self, sandbox_id: str) -> MainExit:
+        return await (await self._handle(sandbox_id)).kill()
+
+    async def cleanup(self, sandbox_id: str) -> None:
+        self._handles.pop(sandbox_id, None)
+        if self._holdings.pop(sandbox_id, None) is not None:
+            self._save_holdings()
+        if self._runtime is not None:
+            await self._runtime.cleanup(sandbox_id)
+
+    def list_present(self) -> list[str]:
+        return [] if self._runtime is None else list(self._runtime.list_present())
+
+    async def prepare_image(self, image: str, credentials: Any) -> None:
+        """Pulls an OCI image into this node's store unless it is there already."""
+        await (await self._ready()).prepare_image(image, credentials)
+
+    # --- exec ---
+
+    async def exec(self, sandbox_id: str, exec_id: str, spec: ExecSpec) -> AsyncIterator[ExecEvent]:
+        """Runs a command; yields its events (the last is ExecExit or ExecFailed)."""
+        started = self._exec_future(exec_id)
+        try:
+            handle = await self._handle(sandbox_id)
+            proc = await handle.exec(spec)
+            started.set_result(proc)
+            async for event in proc.events():
+                yield event
+        finally:
+            if not started.done():
+                started.cancel()
+            self._execs.pop(exec_id, None)
+
+    def _exec_future(self, exec_id: str) -> asyncio.Future[ExecHandle]:
+        future = self._execs.get(exec_id)
+        if future is None:
+            future = self._execs[exec_id] = asyncio.get_running_loop().create_future()
+        return future
+
+    async def exec_control(self, exec_id: str, op: str, arg: Any = None) -> None:
+        """stdin / close_stdin / resize / signal / kill for a running exec (gone: no-op)."""
+        future = self._exec_future(exec_id)
+        try:
+            proc = await asyncio.wait_for(asyncio.shield(future), EXEC_START_SECONDS)
+        except (TimeoutError, asyncio.CancelledError):
+            if self._execs.get(exec_id) is future and not future.done():
+                del self._execs[exec_id]
+            return
+        if op == "stdin":
+            await proc.write_stdin(arg)
+        elif op == "close_stdin":
+            await proc.close_stdin()
+        elif op == "resize":
+            await proc.resize(*arg)
+        elif op == "signal":
+            await proc.signal(arg)
+        elif op == "kill":
+            await proc.kill()
+
+    # --- files ---
+
+    async def read_file(self, sandbox_id: str, path: str) -> AsyncIterator[FileInfo | bytes]:
+        handle = await self._handle(sandbox_id)
+        info, chunks = await handle.read_file(path)
+        yield info
+        # Each yield is a Ray object and a round trip's worth of overhead: send large pieces.
+        batch = bytearray()
+        async for chunk in chunks:
+            batch += chunk
+            if len(batch) >= FILE_BATCH_BYTES:
+                yield bytes(batch)
+                batch.clear()
+        if batch:
+            yield bytes(batch)
+
+    async def write_begin(
+        self, sandbox_id: str, write_id: str, path: str, mode: int, make_parents: bool
+    ) -> None:
+        """Starts a write fed by `write_chunk` and finished by `write_end`."""
+        handle = await self._handle(sandbox_id)
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=8)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while (chunk := await queue.get()) is not None:
+                yield chunk
+
+        task = asyncio.create_task(handle.write_file(path, mode, make_parents, chunks()))
+        self._writes[write_id] = (queue, task)
+
+    async def write_chunk(self, write_id: str, data: bytes) -> None:
+        queue, task = self._writes[write_id]
+        put = asyncio.ensure_future(queue.put(data))
+        await asyncio.wait({put, task}, return_when=asyncio.FIRST_COMPLETED)
+        if not put.done():
+            put.cancel()
+            self._writes.pop(write_id, None)
+            await task  # raises the write's error
+
+    async def write_end(self, write_id: str, commit: bool) -> int:
+        """Commits (or abandons) the write; returns the size written."""
+        queue, task = self._writes.pop(write_id)
+        if not commit:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            return 0
+        await queue.put(None)
+        return await task
+
+    # --- logs ---
+
+    async def follow_log(self, sandbox_id: str, offset: int) -> AsyncIterator[bytes]:
+        """Bytes of the main log from `offset` as they are written; ends after the sandbox has."""
+        handle = await self._handle(sandbox_id)
+        path = handle.log_path
+        with open(path, "rb") as f:  # noqa: ASYNC230 (a local file, opened once)
+            f.seek(offset)
+            done = asyncio.ensure_future(handle.wait_exit())
+            try:
+                while True:
+                    ended = done.done()
+                    data = f.read(LOG_CHUNK_BYTES)
+                    if data:
+                        yield data
+                        continue
+                    if ended:
+                        return
+                    await asyncio.wait({done}, timeout=LOG_POLL_SECONDS)
+            finally:
+                if not done.done():
+                    done.cancel()
+
+    # --- fencing ---
+
+    async def _fence_forever(self) -> None:
+        probe: asyncio.Future[None] | None = None
+        while True:
+            await asyncio.sleep(FENCE_PROBE_INTERVAL_SECONDS)
+            if probe is None or probe.done():
+                if probe is not None and probe.exception() is None:
+                    self._last_contact = time.monotonic()
+                    if self._fenced:
+                        log.warning("the cluster answers again: accepting sandboxes")
+                        self._fenced = False
+                probe = asyncio.ensure_future(asyncio.to_thread(_probe_gcs))
+                await asyncio.wait({probe}, timeout=FENCE_PROBE_INTERVAL_SECONDS)
+                if probe.done() and probe.exception() is None:
+                    self._last_contact = time.monotonic()
+                    self._fenced = False
+            silent = time.monotonic() - self._last_contact
+            if silent > self._lease and not self._fenced:
+                await self._fence(silent)
+
+    async def _fence(self, silent: float) -> None:
+        log.error("no answer from the cluster for %.1f s: stopping every sandbox here", silent)
+        self._fenced = True
+        handles = list(self._handles.values())
+        await asyncio.gather(*(h.kill() for h in handles), return_exceptions=True)

@@ -1,0 +1,6 @@
+"""OCI and Docker images: references, the registry client, the content store, layer unpacking.
+
+The runtime uses `store.ImageStore` to pull an image once and to find the unpacked root that
+its sandboxes bind read-only; `root.image_root` turns a stored image into the runtime's
+`ImageRoot`. Nothing here runs sandboxes. See docs/images.md.
+"""

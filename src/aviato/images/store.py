@@ -1,0 +1,516 @@
+"""The content-addressed image store of one node: `<state>/images/`.
+
+```
+images/
+  blobs/sha256/<hex>        manifests, configs and compressed layers, each verified, kept once
+  roots/<hex>/rootfs/       the unpacked root of the image whose manifest digest is sha256:<hex>
+  roots/<hex>/image.json    its config (Env, User, ...) and the blobs it is made of
+  refs.json                 image names ("docker.io/library/python:3.11") → manifest digests
+  tmp/                      downloads and unpacks in progress; renamed into place when complete
+```
+
+A layer blob is downloaded once, whatever number of images use it. An image's layers are
+applied in order into one directory, once per image (not per sandbox): every sandbox of the
+image binds that directory read-only and gets its own writable layer (see `root.py`).
+
+Concurrency: the service's event loop is the only writer. `pull` is single-flight per image name
+(and each blob and each unpack per digest), so ten sandboxes created at once from an image not
+yet present make one pull; the pull runs as its own task, so a caller that goes away (a client
+disconnecting) does not cancel it for the others. Unpacking runs in a worker thread.
+
+Tags are resolved when the image is pulled and then used as stored (Docker's "pull if missing"):
+`aviato image pull NAME` fetches a newer image for the same tag. `prune` removes every image no
+sandbox of this node uses, with the blobs no remaining image needs; `remove` one image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from aviato.images import credentials as creds_mod
+from aviato.images.config import ImageConfig
+from aviato.images.errors import DigestMismatch, ImageError, ImageNotPresent, PullFailed
+from aviato.images.reference import ImageRef, InvalidReference, parse_reference
+from aviato.images.registry import (
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    Descriptor,
+    RegistryClient,
+    host_platform,
+)
+from aviato.images.unpack import apply_layer, resolve_in_root
+from aviato.runtime.base import RegistryCredentials
+
+__all__ = ["ImageInUse", "ImageStore", "PullProgress", "StoredImage"]
+
+log = logging.getLogger("aviato.images")
+
+_LAYER_TYPES = (
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+)
+_PARALLEL_DOWNLOADS = 3
+
+
+class ImageInUse(ImageError):
+    code = "FAILED_PRECONDITION"
+
+
+@dataclass(frozen=True)
+class PullProgress:
+    """One step of a pull. `phase`: "resolving", "downloading" (current/total bytes of the blob
+    `digest`), "cached" (a blob already in the store), "unpacking", "done"."""
+
+    phase: str
+    digest: str = ""
+    current: int = 0
+    total: int = 0
+    message: str = ""
+
+
+ProgressFn = Callable[[PullProgress], None]
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    digest: str  # of the platform manifest
+    names: tuple[str, ...]
+    config: ImageConfig
+    rootfs: Path
+    size: int  # compressed layers, bytes
+    pulled_ns: int
+    blobs: tuple[str, ...] = field(default=(), repr=False)
+
+
+def _hex(digest: str) -> str:
+    return digest.split(":", 1)[1]
+
+
+class ImageStore:
+    """The store under `directory`. `in_use` returns the manifest digests sandboxes use."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        docker_config: Path | None = None,
+        insecure_registries: tuple[str, ...] = (),
+    ) -> None:
+        self.directory = Path(directory)
+        self._blobs = self.directory / "blobs" / "sha256"
+        self._roots = self.directory / "roots"
+        self._tmp = self.directory / "tmp"
+        for d in (self._blobs, self._roots, self._tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o711)
+        self._refs_path = self.directory / "refs.json"
+        self._docker_config = docker_config
+        self._insecure = insecure_registries
+        self._refs: dict[str, str] = self._load_refs()
+        self._flights: dict[str, asyncio.Task[StoredImage]] = {}
+        self._listeners: dict[str, list[ProgressFn]] = {}
+        self._blob_flights: dict[str, asyncio.Task[None]] = {}
+        self._unpack_locks: dict[str, asyncio.Lock] = {}
+        self._images: dict[str, StoredImage] = {}
+        self.in_use: Callable[[], set[str]] = set
+        # Counters for tests and `aviato server status`.
+        self.blob_downloads = 0
+        self.unpacks = 0
+        self._clean_tmp()
+
+    # --- refs ---
+
+    def _load_refs(self) -> dict[str, str]:
+        try:
+            data = json.loads(self._refs_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+    def _save_refs(self) -> None:
+        tmp = self._tmp / f"refs.{secrets.token_hex(4)}"
+        tmp.write_text(json.dumps(self._refs, indent=1, sort_keys=True))
+        os.replace(tmp, self._refs_path)
+
+    def _clean_tmp(self) -> None:
+        for entry in self._tmp.iterdir():
+            with contextlib.suppress(OSError):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+
+    # --- lookups ---
+
+    def _load(self, digest: str) -> StoredImage | None:
+        cached = self._images.get(digest)
+        root = self._roots / _hex(digest)
+        if cached is not None and root.is_dir():
+            names = tuple(sorted(n for n, d in self._refs.items() if d == digest))
+            return cached if cached.names == names else _renamed(cached, names)
+        try:
+            meta = json.loads((root / "image.json").read_text())
+        except (OSError, ValueError):
+            return None
+        image = StoredImage(
+            digest=digest,
+            names=tuple(sorted(n for n, d in self._refs.items() if d == digest)),
+            config=ImageConfig.from_json(meta.get("config", {})),
+            rootfs=root / "rootfs",
+            size=int(meta.get("size", 0)),
+            pulled_ns=int(meta.get("pulled_ns", 0)),
+            blobs=tuple(meta.get("blobs", [])),
+        )
+        self._images[digest] = image
+        return image
+
+    def find(self, image: str) -> StoredImage | None:
+        """The stored image for a name or reference, or None when it must be pulled."""
+        try:
+            ref = parse_reference(image)
+        except InvalidReference:
+            return None
+        digest = self._refs.get(str(ref))
+        if digest is None and ref.digest:
+            digest = ref.digest
+        return self._load(digest) if digest else None
+
+    def list_images(self) -> list[StoredImage]:
+        found: list[StoredImage] = []
+        for entry in sorted(self._roots.iterdir()):
+            image = self._load("sha256:" + entry.name)
+            if image is not None:
+                found.append(image)
+        return found
+
+    # --- pulling ---
+
+    async def pull(
+        self,
+        image: str,
+        credentials: RegistryCredentials | None = None,
+        progress: ProgressFn | None = None,
+    ) -> StoredImage:
+        """Pulls `image` (always asks the registry); concurrent pulls of one name share one."""
+        try:
+            ref = parse_reference(image)
+        except InvalidReference as exc:
+            raise ImageError(f"invalid image reference: {exc}") from None
+        key = str(ref)
+        listeners = self._listeners.setdefault(key, [])
+        if progress is not None:
+            listeners.append(progress)
+        task = self._flights.get(key)
+        if task is None:
+            task = asyncio.create_task(self._pull(ref, credentials, key), name=f"pull {key}")
+            self._flights[key] = task
+
+            def done(_: asyncio.Task[StoredImage]) -> None:
+                self._flights.pop(key, None)
+                self._listeners.pop(key, None)
+
+            task.add_done_callback(done)
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if progress is not None and progress in listeners:
+                listeners.remove(progress)
+
+    async def ensure(
+        self, image: str, credentials: RegistryCredentials | None = None
+    ) -> StoredImage:
+        """The stored image, pulled first when it is not present (or joining a pull underway)."""
+        try:
+            key = str(parse_reference(image))
+        except InvalidReference as exc:
+            raise ImageError(f"invalid image reference: {exc}") from None
+        if key not in self._flights:
+            found = self.find(image)
+            if found is not None:
+                return found
+        return await self.pull(image, credentials)
+
+    def pulling(self, image: str) -> bool:
+        with contextlib.suppress(InvalidReference):
+            return str(parse_reference(image)) in self._flights
+        return False
+
+    def _emit(self, key: str, event: PullProgress) -> None:
+        for listener in list(self._listeners.get(key, ())):
+            with contextlib.suppress(Exception):
+                listener(event)
+
+    async def _pull(
+        self, ref: ImageRef, credentials: RegistryCredentials | None, key: str
+    ) -> StoredImage:
+        if credentials is None or not (credentials.username or credentials.token):
+            credentials = creds_mod.from_docker_config(ref.registry, self._docker_config)
+        emit: ProgressFn = lambda event: self._emit(key, event)  # noqa: E731
+        emit(PullProgress("resolving", message=f"resolving {key}"))
+        insecure = ref.registry in self._insecure
+        async with httpx.AsyncClient(trust_env=False) as http:
+            client = RegistryClient(ref, credentials, http, insecure=insecure)
+            body, media_type, digest = await client.get_manifest(ref.reference)
+            if media_type in INDEX_TYPES:
+                self._put_blob(digest, body)
+                chosen = _choose_platform(body, key)
+                body, media_type, digest = await client.get_manifest(chosen.digest)
+            if media_type not in MANIFEST_TYPES:
+                raise PullFailed(f"{key}: unsupported manifest type {media_type!r}")
+            config_desc, layers = _parse_manifest(body, key)
+            existing = self._load(digest)
+            if existing is None:
+                self._put_blob(digest, body)
+                config_bytes = await client.get_small_blob(config_desc)
+                self._put_blob(config_desc.digest, config_bytes)
+                config = ImageConfig.parse(config_bytes)
+                await self._download_layers(client, layers, emit)
+                await self._unpack(digest, config, config_desc, layers, emit)
+        self._refs[key] = digest
+        self._save_refs()
+        image = self._load(digest)
+        if image is None:
+            raise ImageError(f"{key}: the store lost image {digest} while pulling it")
+        emit(PullProgress("done", digest=digest, message=f"{key}: {digest}"))
+        log.info("image pulled %s digest=%s", key, digest)
+        return image
+
+    def _put_blob(self, digest: str, data: bytes) -> None:
+        path = self._blobs / _hex(digest)
+        if path.exists():
+            return
+        tmp = self._tmp / f"{_hex(digest)}.{secrets.token_hex(4)}"
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    async def _download_layers(
+        self, client: RegistryClient, layers: list[Descriptor], emit: ProgressFn
+    ) -> None:
+        limit = asyncio.Semaphore(_PARALLEL_DOWNLOADS)
+
+        async def one(desc: Descriptor) -> None:
+            path = self._blobs / _hex(desc.digest)
+            if path.exists():
+                emit(PullProgress("cached", desc.digest, desc.size, desc.size))
+                return
+            flight = self._blob_flights.get(desc.digest)
+            if flight is None:
+
+                async def fetch() -> None:
+                    async with limit:
+                        emit(PullProgress("downloading", desc.digest, 0, desc.size))
+                        self.blob_downloads += 1
+                        await client.download_blob(
+                            desc, path, self._tmp,
+                            lambda n: emit(PullProgress("downloading", desc.digest, n, desc.size)),
+                        )  # fmt: skip
+
+                flight = asyncio.create_task(fetch())
+                self._blob_flights[desc.digest] = flight
+                flight.add_done_callback(lambda _: self._blob_flights.pop(desc.digest, None))
+            await asyncio.shield(flight)
+
+        results = await asyncio.gather(*(one(d) for d in layers), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _unpack(
+        self,
+        digest: str,
+        config: ImageConfig,
+        config_desc: Descriptor,
+        layers: list[Descriptor],
+        emit: ProgressFn,
+    ) -> None:
+        lock = self._unpack_locks.setdefault(digest, asyncio.Lock())
+        async with lock:
+            if (self._roots / _hex(digest) / "image.json").exists():
+                return
+            emit(PullProgress("unpacking", digest, 0, len(layers)))
+            self.unpacks += 1
+            work = self._tmp / f"unpack-{_hex(digest)[:16]}-{secrets.token_hex(4)}"
+            try:
+                await asyncio.to_thread(self._unpack_sync, work, digest, config, config_desc,
+                                        layers)  # fmt: skip
+                os.rename(work, self._roots / _hex(digest))
+            finally:
+                if work.exists():
+                    await asyncio.to_thread(shutil.rmtree, work, True)
+        self._unpack_locks.pop(digest, None)
+
+    def _unpack_sync(
+        self,
+        work: Path,
+        digest: str,
+        config: ImageConfig,
+        config_desc: Descriptor,
+        layers: list[Descriptor],
+    ) -> None:
+        rootfs = work / "rootfs"
+        rootfs.mkdir(parents=True, mode=0o755)
+        os.chmod(work, 0o755)
+        check_ids = len(config.diff_ids) == len(layers)
+        for index, desc in enumerate(layers):
+            diff_id = apply_layer(self._blobs / _hex(desc.digest), rootfs)
+            if check_ids and diff_id != config.diff_ids[index]:
+                raise DigestMismatch(
+                    f"layer {desc.digest}: its uncompressed content has digest {diff_id}, but "
+                    f"the image config says {config.diff_ids[index]}"
+                )
+        if config.working_dir:
+            path = resolve_in_root(str(rootfs), config.working_dir, create=True)
+            os.makedirs(path, mode=0o755, exist_ok=True)
+        meta: dict[str, Any] = {
+            "digest": digest,
+            "config": config.to_json(),
+            "size": sum(d.size for d in layers),
+            "pulled_ns": time.time_ns(),
+            "blobs": [digest, config_desc.digest, *(d.digest for d in layers)],
+        }
+        (work / "image.json").write_text(json.dumps(meta, indent=1))
+
+    # --- removal ---
+
+    def _users(self) -> set[str]:
+        try:
+            return set(self.in_use())
+        except Exception:
+            log.exception("cannot tell which images are in use; removing none")
+            raise ImageError("cannot tell which images are in use") from None
+
+    def remove(self, image: str) -> StoredImage:
+        """Removes one image (by name, reference or manifest digest) unless a sandbox uses it."""
+        stored = self._load(image) if image.startswith("sha256:") else self.find(image)
+        if stored is None:
+            raise ImageNotPresent(f"image {image!r} is not in this node's store")
+        if self.pulling(image) or any(self.pulling(n) for n in stored.names):
+            raise ImageInUse(f"image {image!r} is being pulled")
+        if stored.digest in self._users():
+            raise ImageInUse(f"image {image!r} is used by a sandbox of this node; stop it first")
+        self._delete(stored)
+        self._collect_blobs()
+        return stored
+
+    def prune(self) -> list[StoredImage]:
+        """Removes every image that no sandbox uses, and blobs no remaining image needs."""
+        if self._flights:
+            busy = ", ".join(sorted(self._flights))
+            raise ImageInUse(f"pulls are underway ({busy}); prune when they are done")
+        users = self._users()
+        removed = [image for image in self.list_images() if image.digest not in users]
+        for image in removed:
+            self._delete(image)
+        self._collect_blobs()
+        self._clean_tmp()
+        return removed
+
+    def _delete(self, image: StoredImage) -> None:
+        for name in [n for n, d in self._refs.items() if d == image.digest]:
+            del self._refs[name]
+        self._save_refs()
+        self._images.pop(image.digest, None)
+        root = self._roots / _hex(image.digest)
+        trash = self._tmp / f"rm-{_hex(image.digest)[:16]}-{secrets.token_hex(4)}"
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(root, trash)
+            _rmtree_forcibly(trash)
+
+    def _collect_blobs(self) -> None:
+        needed: set[str] = set(self._refs.values())
+        for image in self.list_images():
+            needed.update(image.blobs)
+        busy = set(self._blob_flights)
+        for entry in self._blobs.iterdir():
+            digest = "sha256:" + entry.name
+            if digest not in needed and digest not in busy:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+
+    def describe(self) -> dict[str, str]:
+        images = self.list_images()
+        return {
+            "image_store": str(self.directory),
+            "images": str(len(images)),
+        }
+
+
+def _renamed(image: StoredImage, names: tuple[str, ...]) -> StoredImage:
+    return StoredImage(image.digest, names, image.config, image.rootfs, image.size,
+                       image.pulled_ns, image.blobs)  # fmt: skip
+
+
+def _rmtree_forcibly(path: Path) -> None:
+    """rmtree that first makes read-only directories writable (a non-root unpack keeps 0555)."""
+
+    def fix(func: Any, target: str, _: Any) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(target), 0o700)
+            func(target)
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=fix)
+    else:
+        shutil.rmtree(path, onerror=fix)
+
+
+def _choose_platform(body: bytes, key: str) -> Descriptor:
+    """The entry of an index for linux on this machine's architecture (and variant)."""
+    want_os, want_arch, want_variant = host_platform()
+    doc = json.loads(body)
+    entries = doc.get("manifests") if isinstance(doc, dict) else None
+    if not isinstance(entries, list):
+        raise PullFailed(f"{key}: the index has no manifests list")
+    offered: list[str] = []
+    fallback: Descriptor | None = None
+    for i, entry in enumerate(entries):
+        plat = entry.get("platform") if isinstance(entry, dict) else None
+        if not isinstance(plat, dict):
+            continue
+        os_name, arch, variant = plat.get("os"), plat.get("architecture"), plat.get("variant", "")
+        offered.append(f"{os_name}/{arch}" + (f"/{variant}" if variant else ""))
+        if os_name != want_os or arch != want_arch:
+            continue
+        desc = Descriptor.parse(entry, f"{key}: index entry {i}")
+        if not want_variant or not variant or variant == want_variant:
+            return desc
+        fallback = fallback or desc
+    if fallback is not None:
+        return fallback
+    raise ImageNotPresent(
+        f"{key} has no image for {want_os}/{want_arch}"
+        + (f"/{want_variant}" if want_variant else "")
+        + f" (it offers: {', '.join(offered) or 'nothing'})"
+    )
+
+
+def _parse_manifest(body: bytes, key: str) -> tuple[Descriptor, list[Descriptor]]:
+    doc = json.loads(body)
+    if not isinstance(doc, dict):
+        raise PullFailed(f"{key}: the manifest is not an object")
+    config = Descriptor.parse(doc.get("config"), f"{key}: manifest config")
+    raw_layers = doc.get("layers")
+    if not isinstance(raw_layers, list):
+        raise PullFailed(f"{key}: the manifest has no layers list")
+    layers = [Descriptor.parse(item, f"{key}: layer {i}") for i, item in enumerate(raw_layers)]
+    for layer in layers:
+        if layer.media_type and layer.media_type not in _LAYER_TYPES:
+            raise PullFailed(f"{key}: layer {layer.digest} has unsupported type {layer.media_type}")
+    return config, layers

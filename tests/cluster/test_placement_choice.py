@@ -1,0 +1,77 @@
+"""RayPlacement's choice of node, without a cluster: fits, selectors, reasons, waiting, deadline."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("ray")
+
+from aviato.cluster.placement import PlacementTimeout, RayPlacement, _Node
+from aviato.runtime.base import SandboxConfig
+from aviato.server.config import ServerConfig
+
+GiB = 1 << 30
+
+
+def _placement(tmp_path: Path, timeout: float = 5.0) -> RayPlacement:
+    config = ServerConfig(state_dir=tmp_path, placement="ray", placement_timeout_seconds=timeout)
+    placement = RayPlacement(config)
+    runtime: Any = object()  # only its presence matters to the choice
+    placement._nodes = {
+        "n1": _Node("n1", "host1", {"pool": "a"}, cpu=2, memory=4 * GiB, runtime=runtime),
+        "n2": _Node("n2", "host2", {"pool": "b"}, cpu=4, memory=2 * GiB, runtime=runtime),
+        "dead": _Node("dead", "host3", {"pool": "a"}, cpu=8, memory=64 * GiB, alive=False),
+    }
+    return placement
+
+
+def _config(
+    sid: str, memory: int | None = None, cpu: int | None = None, **selector: str
+) -> SandboxConfig:
+    return SandboxConfig(
+        sandbox_id=sid, image="host", command=(), env={}, working_dir="",
+        memory_bytes=memory, cpu_millis=cpu, node_selector=tuple(sorted(selector.items())),
+    )  # fmt: skip
+
+
+def test_most_free_memory_first_then_room_runs_out(tmp_path: Path) -> None:
+    p = _placement(tmp_path)
+    chosen = [p.choose(_config(f"s{i}")) for i in range(6)]  # 1 GiB each by default
+    nodes = [c.id if isinstance(c, _Node) else None for c in chosen]
+    assert nodes[:6].count("n1") == 4 and nodes.count("n2") == 2
+    reason = p.choose(_config("s7"))
+    assert isinstance(reason, str) and reason.startswith("waiting for room: needs cpu 0 memory 1Gi")
+    holder = next(n for n in p._nodes.values() if "s1" in n.held)
+    p._release(holder, "s1")
+    assert isinstance(p.choose(_config("s8")), _Node)
+
+
+def test_cpu_and_selectors(tmp_path: Path) -> None:
+    p = _placement(tmp_path)
+    got = p.choose(_config("c", memory=GiB, cpu=3000))
+    assert isinstance(got, _Node) and got.id == "n2"  # only n2 has 3 cpus
+    got = p.choose(_config("pinned", pool="a"))
+    assert isinstance(got, _Node) and got.id == "n1"
+    got = p.choose(_config("by-host", **{"aviato.node": "host2"}))
+    assert isinstance(got, _Node) and got.id == "n2"
+    reason = p.choose(_config("nowhere", pool="zzz"))
+    assert isinstance(reason, str) and "matches node_selector {pool=zzz}" in reason
+
+
+def test_place_waits_with_a_reason_then_fails_at_the_deadline(tmp_path: Path) -> None:
+    p = _placement(tmp_path, timeout=0.6)
+    reasons: list[str] = []
+
+    async def main() -> None:
+        with pytest.raises(PlacementTimeout, match=r"not placed within 0.6 s: waiting for room"):
+            await p.place(_config("big", memory=8 * GiB), reasons.append, lambda: False)
+        assert (
+            await p.place(_config("stopped", memory=8 * GiB), reasons.append, lambda: True) is None
+        )
+
+    asyncio.run(main())
+    assert reasons and "memory 8Gi" in reasons[0]
