@@ -64,11 +64,11 @@ class Service:
         return record
 
 
-@pytest.fixture(scope="module")
-def service() -> Iterator[Service]:
+def running_service(prefix: str) -> Iterator[Service]:
+    """A fixture body: a service on a new state directory, everything removed afterwards."""
     if not have_tools():
         pytest.skip("needs docker-registry and busybox-static")
-    state = Path(tempfile.mkdtemp(prefix="avis-", dir="/tmp"))
+    state = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     svc = Service(state)
     started = svc.cli("server", "start")
     assert started.returncode == 0, started.stderr
@@ -77,6 +77,11 @@ def service() -> Iterator[Service]:
     svc.cli("server", "stop")
     svc.channel.close()
     shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[Service]:
+    yield from running_service("avis-")
 
 
 @pytest.fixture(scope="module")

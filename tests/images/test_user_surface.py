@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from oci_helpers import Entry, Pusher, Registry, busybox_layer, have_tools, run_registry
-from test_service import ROOT, Service, aviato_argv
+from test_service import ROOT, Service, aviato_argv, running_service
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these tests run sandboxes as root")
 
@@ -36,38 +36,27 @@ USER, PASSWORD = "bob", "s3cret-pw"
 
 @pytest.fixture(scope="module")
 def service() -> Iterator[Service]:
+    yield from running_service("avus-")
+
+
+def _registry(prefix: str, htpasswd: tuple[str, str] | None = None) -> Iterator[Registry]:
     if not have_tools():
         pytest.skip("needs docker-registry and busybox-static")
-    state = Path(tempfile.mkdtemp(prefix="avus-", dir="/tmp"))
-    svc = Service(state)
-    started = svc.cli("server", "start")
-    assert started.returncode == 0, started.stderr
-    yield svc
-    svc.cli("rm", "--all", "-y")
-    svc.cli("server", "stop")
-    svc.channel.close()
-    shutil.rmtree(state, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    with run_registry(work, htpasswd=htpasswd) as reg:
+        yield reg
+    shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def private_registry() -> Iterator[Registry]:
     """A registry that requires `USER:PASSWORD` (htpasswd, basic auth)."""
-    if not have_tools():
-        pytest.skip("needs docker-registry and busybox-static")
-    work = Path(tempfile.mkdtemp(prefix="avup-", dir="/tmp"))
-    with run_registry(work, htpasswd=(USER, PASSWORD)) as reg:
-        yield reg
-    shutil.rmtree(work, ignore_errors=True)
+    yield from _registry("avup-", htpasswd=(USER, PASSWORD))
 
 
 @pytest.fixture(scope="module")
 def open_registry() -> Iterator[Registry]:
-    if not have_tools():
-        pytest.skip("needs docker-registry and busybox-static")
-    work = Path(tempfile.mkdtemp(prefix="avuo-", dir="/tmp"))
-    with run_registry(work) as reg:
-        yield reg
-    shutil.rmtree(work, ignore_errors=True)
+    yield from _registry("avuo-")
 
 
 def sdk(service: Service, code: str) -> subprocess.CompletedProcess[str]:

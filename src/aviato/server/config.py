@@ -57,16 +57,21 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host or "0.0.0.0", port
 
 
-def available_memory_bytes() -> int | None:
-    """MemAvailable of this machine, or None when /proc/meminfo cannot be read."""
+def _meminfo_bytes(field: str) -> int | None:
+    """A field of /proc/meminfo in bytes, or None when it cannot be read."""
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of this machine, or None when /proc/meminfo cannot be read."""
+    return _meminfo_bytes("MemAvailable")
 
 
 def free_disk_bytes(path: Path) -> int | None:
@@ -86,14 +91,7 @@ def default_min_free_memory_bytes() -> int:
 
 def host_memory_bytes() -> int:
     """MemTotal of this machine (0 when /proc/meminfo cannot be read)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return _meminfo_bytes("MemTotal") or 0
 
 
 @dataclass(frozen=True)
