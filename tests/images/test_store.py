@@ -169,3 +169,29 @@ def test_bearer_token_auth(registry: Registry, pusher: Pusher, workdir: Path) ->
         image = asyncio.run(store.pull(ref, RegistryCredentials("carol", "pw")))
         assert image.digest == pushed.digest
         assert (image.rootfs / "bin/busybox").exists()
+
+
+def test_a_private_image_in_the_store_needs_access_on_every_use(workdir: Path) -> None:
+    with run_registry(workdir / "private", htpasswd=("u", "pw")) as reg:
+        pusher = Pusher(reg)
+        pusher.image("t/priv", "v1", [busybox_layer()])
+        ref = f"{reg.host}/t/priv:v1"
+        good = RegistryCredentials(username="u", password="pw")
+        store = ImageStore(workdir / "images")
+        image = asyncio.run(store.ensure(ref, good))
+        assert store.is_private(ref)
+        store = ImageStore(workdir / "images")  # the flag survives a restart
+        assert store.is_private(ref)
+        gets = reg.blob_gets()
+        for wrong in (None, RegistryCredentials(username="u", password="no")):
+            with pytest.raises(RegistryDenied, match="image_pull_credentials"):
+                asyncio.run(store.ensure(ref, wrong))
+        assert asyncio.run(store.ensure(ref, good)) == image
+        assert reg.blob_gets() == gets and store.blob_downloads == 0
+    # A public image is used from the store offline.
+    with run_registry(workdir / "open") as reg:
+        Pusher(reg).image("t/pub", "v1", [busybox_layer()], env=["WHO=pub"])
+        public = f"{reg.host}/t/pub:v1"
+        digest = asyncio.run(store.ensure(public)).digest
+    assert not store.is_private(public) and digest != image.digest
+    assert asyncio.run(store.ensure(public)).digest == digest

@@ -377,3 +377,40 @@ def test_image_pull_draws_a_progress_bar_on_a_terminal(
     plain = service.cli("image", "pull", ref)
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout == pushed.digest + "\n"
+
+
+def test_sdk_private_image_in_the_store_needs_credentials_on_every_use(
+    service: Service, private_registry: Registry
+) -> None:
+    pusher = Pusher(private_registry)
+    pusher.image("t/priv-c", "v1", [busybox_layer()], env=["PATH=/bin", "WHO=c"])
+    host = private_registry.host
+    out = sdk(
+        service,
+        f"""
+        import json
+        from aviato import ImagePullCredentials, Sandbox, SandboxFailedError
+        ref = "{host}/t/priv-c:v1"
+        result = {{}}
+        good = ImagePullCredentials(username="{USER}", password="{PASSWORD}")
+        with Sandbox.run(container_image=ref, image_pull_credentials=good) as sb:
+            result["first"] = sb.exec(["sh", "-c", "echo $WHO"]).result().stdout.strip()
+        for name, creds in (("none", None),
+                            ("wrong", ImagePullCredentials(username="{USER}", password="nope"))):
+            sb = Sandbox.run("sh", "-c", "echo ran", container_image=ref,
+                             image_pull_credentials=creds)
+            try:
+                sb.wait(timeout=60)
+                result[name] = "no error: " + str(sb.status)
+            except SandboxFailedError:
+                result[name] = sb.status_reason
+        with Sandbox.run(container_image=ref, image_pull_credentials=good) as sb:
+            result["again"] = sb.exec(["sh", "-c", "echo $WHO"]).result().stdout.strip()
+        print(json.dumps(result))
+    """,
+    )
+    result = last_json(out)
+    assert result["first"] == "c" and result["again"] == "c", result
+    for name in ("none", "wrong"):
+        reason = str(result[name])
+        assert "private image" in reason and "image_pull_credentials" in reason, reason

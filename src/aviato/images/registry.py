@@ -116,8 +116,11 @@ class RegistryClient:
         self._credentials = credentials
         self._http = http
         self._auth: str | None = None
+        # Whether the given credentials were sent (the registry asked for a login).
+        self.used_credentials = False
         if credentials is not None and credentials.token:
             self._auth = f"Bearer {credentials.token}"
+            self.used_credentials = True
 
     # --- auth ---
 
@@ -135,6 +138,7 @@ class RegistryClient:
                 )
             pair = f"{creds.username}:{creds.password}".encode()
             self._auth = "Basic " + base64.b64encode(pair).decode()
+            self.used_credentials = True
             return
         if scheme != "bearer":
             raise RegistryDenied(f"registry {where} answered 401 with {challenge!r}")
@@ -147,6 +151,7 @@ class RegistryClient:
         auth = None
         if creds is not None and creds.username:
             auth = httpx.BasicAuth(creds.username, creds.password)
+            self.used_credentials = True
         try:
             answer = await self._http.get(realm, params=params, auth=auth, timeout=TIMEOUT)
         except httpx.HTTPError as exc:
@@ -229,6 +234,15 @@ class RegistryClient:
         elif isinstance(parsed, dict) and "layers" in parsed:
             media_type = OCI_MANIFEST
         return body, media_type, digest
+
+    async def check_manifest(self, digest: str) -> None:
+        """Asks (HEAD) whether the registry gives us the manifest `digest`; raises if not."""
+        what = f"manifest {self._ref.name}@{digest}"
+        accept = ", ".join((*INDEX_TYPES, *MANIFEST_TYPES))
+        response = await self._send("HEAD", f"{self._base}/manifests/{digest}", accept)
+        if response.status_code != 200:
+            await self._fail(response, what)
+        await response.aclose()
 
     # --- blobs ---
 

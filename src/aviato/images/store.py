@@ -6,6 +6,7 @@ images/
   roots/<hex>/rootfs/       the unpacked root of the image whose manifest digest is sha256:<hex>
   roots/<hex>/image.json    its config (Env, User, ...) and the blobs it is made of
   refs.json                 image names ("docker.io/library/python:3.11") → manifest digests
+  private.json              manifest digests that were pulled only with per-sandbox credentials
   tmp/                      downloads and unpacks in progress; renamed into place when complete
 ```
 
@@ -43,7 +44,13 @@ import httpx
 
 from aviato.images import credentials as creds_mod
 from aviato.images.config import ImageConfig
-from aviato.images.errors import DigestMismatch, ImageError, ImageNotPresent, PullFailed
+from aviato.images.errors import (
+    DigestMismatch,
+    ImageError,
+    ImageNotPresent,
+    PullFailed,
+    RegistryDenied,
+)
 from aviato.images.reference import ImageRef, InvalidReference, parse_reference
 from aviato.images.registry import (
     INDEX_TYPES,
@@ -124,6 +131,8 @@ class ImageStore:
         self._docker_config = docker_config
         self._insecure = insecure_registries
         self._refs: dict[str, str] = self._load_refs()
+        self._private_path = self.directory / "private.json"
+        self._private: set[str] = self._load_private()
         self._flights: dict[str, asyncio.Task[StoredImage]] = {}
         self._listeners: dict[str, list[ProgressFn]] = {}
         self._blob_flights: dict[str, asyncio.Task[None]] = {}
@@ -148,6 +157,43 @@ class ImageStore:
         tmp = self._tmp / f"refs.{secrets.token_hex(4)}"
         tmp.write_text(json.dumps(self._refs, indent=1, sort_keys=True))
         os.replace(tmp, self._refs_path)
+
+    def _load_private(self) -> set[str]:
+        try:
+            data = json.loads(self._private_path.read_text())
+        except (OSError, ValueError):
+            return set()
+        return {str(d) for d in data} if isinstance(data, list) else set()
+
+    def _save_private(self) -> None:
+        tmp = self._tmp / f"private.{secrets.token_hex(4)}"
+        tmp.write_text(json.dumps(sorted(self._private), indent=1))
+        os.replace(tmp, self._private_path)
+
+    def is_private(self, image: str) -> bool:
+        """Whether the stored image for `image` was fetched only with per-sandbox credentials:
+        every use must then prove access to it (`ensure` asks the registry)."""
+        stored = self.find(image)
+        return stored is not None and stored.digest in self._private
+
+    async def _check_access(
+        self, image: str, digest: str, credentials: RegistryCredentials | None
+    ) -> None:
+        """Raises RegistryDenied unless the registry gives `credentials` (or, without any, the
+        service's own access) the manifest `digest` of the repository `image` names."""
+        ref = parse_reference(image)
+        if credentials is None or not (credentials.username or credentials.token):
+            credentials = creds_mod.from_docker_config(ref.registry, self._docker_config)
+        async with httpx.AsyncClient(trust_env=False) as http:
+            client = RegistryClient(ref, credentials, http, insecure=ref.registry in self._insecure)
+            try:
+                await client.check_manifest(digest)
+            except (RegistryDenied, ImageNotPresent) as exc:
+                raise RegistryDenied(
+                    f"{ref} is a private image: this node has it, but it is used only with "
+                    "credentials its registry accepts (SDK: image_pull_credentials=, CLI: "
+                    f"--username/--password-stdin, API: spec.registry_auth): {exc}"
+                ) from None
 
     def _clean_tmp(self) -> None:
         for entry in self._tmp.iterdir():
@@ -218,6 +264,7 @@ class ImageStore:
         if progress is not None:
             listeners.append(progress)
         task = self._flights.get(key)
+        joined = task is not None
         if task is None:
             task = asyncio.create_task(self._pull(ref, credentials, key), name=f"pull {key}")
             self._flights[key] = task
@@ -228,10 +275,14 @@ class ImageStore:
 
             task.add_done_callback(done)
         try:
-            return await asyncio.shield(task)
+            image_found = await asyncio.shield(task)
         finally:
             if progress is not None and progress in listeners:
                 listeners.remove(progress)
+        if joined and image_found.digest in self._private:
+            # Someone else's pull fetched it with their credentials: prove our own access.
+            await self._check_access(key, image_found.digest, credentials)
+        return image_found
 
     async def ensure(
         self, image: str, credentials: RegistryCredentials | None = None
@@ -244,6 +295,8 @@ class ImageStore:
         if key not in self._flights:
             found = self.find(image)
             if found is not None:
+                if found.digest in self._private:
+                    await self._check_access(key, found.digest, credentials)
                 return found
         return await self.pull(image, credentials)
 
@@ -260,7 +313,8 @@ class ImageStore:
     async def _pull(
         self, ref: ImageRef, credentials: RegistryCredentials | None, key: str
     ) -> StoredImage:
-        if credentials is None or not (credentials.username or credentials.token):
+        own = credentials is not None and bool(credentials.username or credentials.token)
+        if not own:
             credentials = creds_mod.from_docker_config(ref.registry, self._docker_config)
         emit: ProgressFn = lambda event: self._emit(key, event)  # noqa: E731
         emit(PullProgress("resolving", message=f"resolving {key}"))
@@ -283,8 +337,13 @@ class ImageStore:
                 config = ImageConfig.parse(config_bytes)
                 await self._download_layers(client, layers, emit)
                 await self._unpack(digest, config, config_desc, layers, emit)
+            # Private: the registry wanted a login and only the caller's credentials gave it.
+            private = own and client.used_credentials
         self._refs[key] = digest
         self._save_refs()
+        if private != (digest in self._private):
+            (self._private.add if private else self._private.discard)(digest)
+            self._save_private()
         image = self._load(digest)
         if image is None:
             raise ImageError(f"{key}: the store lost image {digest} while pulling it")
@@ -435,6 +494,10 @@ class ImageStore:
 
     def _collect_blobs(self) -> None:
         needed: set[str] = set(self._refs.values())
+        stored = {image.digest for image in self.list_images()} | needed
+        if self._private - stored:
+            self._private &= stored
+            self._save_private()
         for image in self.list_images():
             needed.update(image.blobs)
         busy = set(self._blob_flights)

@@ -561,7 +561,10 @@ class LocalRuntime(Runtime):
     def image_ready(self, image: str) -> bool:
         if not image or image in images.known_images():
             return True
-        return not self.images.pulling(image) and self.images.find(image) is not None
+        if self.images.pulling(image) or self.images.find(image) is None:
+            return False
+        # A private image is ready only once this create's access to it is checked.
+        return not self.images.is_private(image)
 
     async def prepare_image(
         self, image: str, credentials: RegistryCredentials | None = None
