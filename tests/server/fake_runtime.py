@@ -75,6 +75,7 @@ class FakeSandbox(SandboxHandle):
         self._dir = directory
         self.ended: asyncio.Future[MainExit] = asyncio.get_running_loop().create_future()
         self.ignore_term = False
+        self.terminate_never_returns = False  # a node host whose answer is lost
 
     @property
     def log_path(self) -> Path:
@@ -123,6 +124,9 @@ class FakeSandbox(SandboxHandle):
         return await asyncio.shield(self.ended)
 
     async def terminate(self, grace_seconds: float) -> MainExit:
+        if self.terminate_never_returns:
+            self.end(0)
+            await asyncio.Event().wait()
         if not self.ignore_term:
             self.end(0)
         else:
@@ -164,6 +168,8 @@ class FakeRuntime(Runtime):
             handle.end(int(config.command[1]))
         if config.command[:1] == ("ignore-term",):
             handle.ignore_term = True
+        if config.command[:1] == ("lose-terminate-answer",):
+            handle.terminate_never_returns = True
         self.handles[config.sandbox_id] = handle
         self.created.append(config.sandbox_id)
         return handle

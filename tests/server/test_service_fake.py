@@ -148,6 +148,20 @@ def test_stop_grace_and_coalescing(tmp_path: Path) -> None:
     run_service(tmp_path / "s", None, body)
 
 
+def test_stop_returns_once_the_end_is_recorded_even_if_terminate_does_not(
+    tmp_path: Path,
+) -> None:
+    # The sandbox ends (the watcher records it) but the runtime's terminate call never returns,
+    # as when a remote node host's answer is lost: the stop must still complete.
+    async def body(stub: pbg.SandboxServiceStub, rt: FakeRuntime) -> None:
+        sb = await create(stub, command=["lose-terminate-answer"])
+        await wait(stub, sb.id)
+        stopped = await stub.StopSandbox(pb.StopSandboxRequest(sandbox_id=sb.id), timeout=5)
+        assert stopped.status == S.SANDBOX_STATUS_TERMINATED
+
+    run_service(tmp_path / "s", None, body)
+
+
 def test_lifetime_and_lease_reaping(tmp_path: Path) -> None:
     async def body(stub: pbg.SandboxServiceStub, rt: FakeRuntime) -> None:
         short = await create(stub, max_lifetime_seconds=0.2)

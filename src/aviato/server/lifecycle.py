@@ -582,19 +582,36 @@ class Lifecycle:
         await asyncio.shield(live.stop_task)
 
     async def _do_stop(self, live: _Live, grace: float) -> None:
+        """Ends the sandbox; returns once its end is recorded.
+
+        The end is recorded by the watcher (or by _run_new, for a sandbox still being created),
+        not by the terminate call: once the record is terminal the stop is complete even if
+        that call has not returned (a remote node host's answer can come after the watcher's,
+        or not at all), and the call is then abandoned.
+        """
         rec = live.rec
         log.info("stopping sandbox id=%s reason=%r grace=%.1fs", rec.id, live.stop_reason, grace)
+        ending = None
         if live.handle is not None:
-            try:
-                await live.handle.terminate(grace)
-            except SandboxGone:
-                pass
-            except SandboxRuntimeError as e:
-                log.warning("terminate failed for %s: %s; killing", live.rec.id, e)
-                with contextlib.suppress(SandboxRuntimeError):
-                    await live.handle.kill()
-        # The watcher (or _run_new, for a sandbox still being created) records the end.
-        await self._wait_until(live, lambda: live.rec.terminal, math.inf)
+            ending = asyncio.create_task(self._terminate(live.handle, rec.id, grace))
+        try:
+            await self._wait_until(live, lambda: live.rec.terminal, math.inf)
+        finally:
+            if ending is not None and not ending.done():
+                ending.cancel()
+
+    @staticmethod
+    async def _terminate(handle: SandboxHandle, sandbox_id: str, grace: float) -> None:
+        try:
+            await handle.terminate(grace)
+        except SandboxGone:
+            pass
+        except SandboxRuntimeError as e:
+            log.warning("terminate failed for %s: %s; killing", sandbox_id, e)
+            with contextlib.suppress(SandboxRuntimeError):
+                await handle.kill()
+        except Exception:
+            log.exception("terminate crashed for %s", sandbox_id)
 
     async def delete(self, owner: str, sandbox_id: str) -> None:
         """Stops the sandbox if needed, then removes its record, its kept log and its state."""
