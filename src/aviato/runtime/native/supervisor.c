@@ -537,14 +537,18 @@ struct child_spec {
     int in_fd, out_fd, err_fd; /* -1 for stdin: /dev/null */
     int tty_fd;              /* pty slave: becomes the controlling terminal */
     int report_fd;           /* start pipe, -1 for the main process (errors go to stderr) */
+    char **shv;              /* room for argv + 2: `sh FILE ARGS` for a script without #! */
 };
 
-static void child_fail(const struct child_spec *s, int stage, int err) {
+/* In the child: reports why it could not start, and exits. No stdio: see spawn(). */
+static __attribute__((noreturn)) void child_fail(const struct child_spec *s, int stage, int err) {
     if (s->report_fd >= 0) {
         int rep[2] = {stage, err};
         write_all(s->report_fd, rep, sizeof rep);
     } else {
-        dprintf(2, "aviato: cannot start '%s': %s\n", s->argv[0], strerror(err));
+        const char *parts[] = {"aviato: cannot start '", s->argv[0], "': ", strerror(err), "\n"};
+        for (size_t i = 0; i < sizeof parts / sizeof *parts; i++)
+            write_all(2, parts[i], strlen(parts[i]));
     }
     _exit(127);
 }
@@ -556,17 +560,13 @@ static const char *env_get(char **envp, const char *key) {
     return NULL;
 }
 
-/* execve(); a file without #! (ENOEXEC) runs with /bin/sh, as execvp() does. */
-static void exec_file(const char *file, char **argv, char **envp) {
+/* execve(); a file without #! (ENOEXEC) runs with /bin/sh, as execvp() does. `shv` has room
+ * for argv and two more. */
+static void exec_file(const char *file, char **argv, char **envp, char **shv) {
     execve(file, argv, envp);
     if (errno != ENOEXEC) return;
     int argc = 0;
     while (argv[argc]) argc++;
-    char **shv = malloc(sizeof(char *) * ((size_t)argc + 2));
-    if (!shv) {
-        errno = ENOEXEC;
-        return;
-    }
     shv[0] = "sh", shv[1] = (char *)file;
     memcpy(shv + 2, argv + 1, sizeof(char *) * (size_t)argc);
     execve("/bin/sh", shv, envp);
@@ -574,10 +574,10 @@ static void exec_file(const char *file, char **argv, char **envp) {
 }
 
 /* execvp() semantics, but searching the PATH of the *given* environment. Returns on failure. */
-static void exec_path(char **argv, char **envp) {
+static void exec_path(char **argv, char **envp, char **shv) {
     const char *file = argv[0];
     if (strchr(file, '/')) {
-        exec_file(file, argv, envp);
+        exec_file(file, argv, envp, shv);
         return;
     }
     const char *path = env_get(envp, "PATH");
@@ -592,7 +592,7 @@ static void exec_path(char **argv, char **envp) {
             memcpy(full, dir, dl);
             full[dl] = '/';
             strcpy(full + dl + 1, file);
-            exec_file(full, argv, envp);
+            exec_file(full, argv, envp, shv);
             if (errno == EACCES) saw_eacces = 1;
             else if (errno != ENOENT && errno != ENOTDIR && errno != ENAMETOOLONG &&
                      errno != ELOOP)
@@ -604,8 +604,8 @@ static void exec_path(char **argv, char **envp) {
     errno = saw_eacces ? EACCES : ENOENT;
 }
 
-/* Runs in the forked child: new session, stdio, oom_score_adj, cwd, then exec. */
-static void child_run(const struct child_spec *s) {
+/* Runs in the new child: new session, stdio, oom_score_adj, cwd, then exec. */
+static __attribute__((noreturn)) void child_run(const struct child_spec *s) {
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL); /* all other dispositions are SIG_DFL already */
@@ -621,8 +621,30 @@ static void child_run(const struct child_spec *s) {
         child_fail(s, STAGE_SETUP, errno);
     write_number_file("/proc/self/oom_score_adj", 1000); /* best effort */
     if (s->cwd && chdir(s->cwd) < 0) child_fail(s, STAGE_CWD, errno);
-    exec_path(s->argv, s->envp ? s->envp : environ);
+    exec_path(s->argv, s->envp ? s->envp : environ, s->shv);
     child_fail(s, STAGE_EXEC, errno);
+}
+
+/* Starts `s` in a child process; returns its pid, or -1 with errno set.
+ *
+ * vfork: the child borrows this process's memory until its execve (or _exit), so there are no
+ * page tables to copy and no copy-on-write faults afterwards; this saves ~0.1 ms of the ~0.7 ms
+ * an exec of a small program takes here. This process waits meanwhile (microseconds: the
+ * child makes a few syscalls and execs). What the child runs keeps to what is safe in a vfork
+ * child: it never returns, allocates nothing (`shv` is allocated here), uses no stdio, and
+ * ends in execve or _exit. Its own function, so that no local of the caller can be clobbered
+ * by the child. */
+static __attribute__((noinline)) pid_t spawn(struct child_spec *s) {
+    size_t argc = 0;
+    while (s->argv[argc]) argc++;
+    s->shv = xrealloc(NULL, sizeof(char *) * (argc + 2));
+    pid_t pid = vfork();
+    if (pid == 0) child_run(s);
+    int err = errno;
+    free(s->shv);
+    s->shv = NULL;
+    errno = err;
+    return pid;
 }
 
 /* ---- Incoming frames ------------------------------------------------------------------- */
@@ -750,9 +772,8 @@ static void do_exec(struct conn *c, uint32_t id, struct rd *r) {
         .err_fd = slave >= 0 ? slave : fds[3], .tty_fd = slave, .report_fd = fds[7],
     };
     uint64_t t0 = now_mono();
-    pid_t pid = fork();
+    pid_t pid = spawn(&cs);
     if (pid < 0) goto fail;
-    if (pid == 0) child_run(&cs);
 
     e = xrealloc(NULL, sizeof *e);
     memset(e, 0, sizeof *e);
@@ -1033,9 +1054,8 @@ static void main_start(char **argv) {
     if (pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0) die("pipe: %s", strerror(errno));
     struct child_spec cs = {.argv = argv, .in_fd = -1, .out_fd = out[1], .err_fd = err[1],
                             .tty_fd = -1, .report_fd = -1};
-    pid_t pid = fork();
+    pid_t pid = spawn(&cs);
     if (pid < 0) die("fork: %s", strerror(errno));
-    if (pid == 0) child_run(&cs);
     close(out[1]), close(err[1]);
     set_nonblock(out[0]), set_nonblock(err[0]);
     g_main.pid = pid;
