@@ -107,13 +107,31 @@ class Bridge:
     # -- running coroutines --------------------------------------------------------------------
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        """Schedules `coro` on the loop now; returns its thread-safe future."""
+        """Schedules `coro` on the loop now; returns its thread-safe future.
+
+        Like `asyncio.run_coroutine_threadsafe`, except that the coroutine's task settles the
+        future itself the moment it has a result, so a waiting thread wakes at once rather than
+        after the loop has run whatever else is ready (a finished gRPC call's trailers, say):
+        ~0.05 ms of every blocking call. Cancelling the future cancels the task.
+        """
         try:
             loop = self.loop
         except BaseException:
             coro.close()
             raise
-        return asyncio.run_coroutine_threadsafe(coro, loop)
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def start() -> None:
+            if future.cancelled():
+                coro.close()
+                return
+            task = loop.create_task(_settle(coro, future))
+            future.add_done_callback(
+                lambda f: loop.call_soon_threadsafe(task.cancel) if f.cancelled() else None
+            )
+
+        loop.call_soon_threadsafe(start)
+        return future
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Runs `coro` on the loop and blocks this thread for its result.
@@ -194,6 +212,24 @@ class Bridge:
         self._loop = None
         self._thread = None
         self._shut_down = False
+
+
+async def _settle(coro: Coroutine[Any, Any, T], future: concurrent.futures.Future[T]) -> None:
+    """Runs `coro` and hands its outcome to `future` (which stays pending until then, so that
+    it can be cancelled meanwhile)."""
+    try:
+        result = await coro
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+    except BaseException as exc:
+        if future.set_running_or_notify_cancel():
+            future.set_exception(exc)
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise
+    else:
+        if future.set_running_or_notify_cancel():
+            future.set_result(result)
 
 
 _bridge = Bridge()
