@@ -176,3 +176,16 @@ def test_exit_hooks_run_in_order_then_loop_stops() -> None:
     bridge.shutdown()  # idempotent
     with pytest.raises(RuntimeError, match="shut down"):
         bridge.submit(_value(1))
+
+
+def test_a_blocked_caller_wakes_before_the_loop_runs_other_ready_work() -> None:
+    # The result is handed over by the coroutine's own task, not by a callback queued behind
+    # whatever else the loop has ready (here: a callback that holds the loop for 1 s).
+    async def work() -> str:
+        asyncio.get_running_loop().call_soon(time.sleep, 1.0)
+        return "now"
+
+    t0 = time.monotonic()
+    assert get_bridge().run(work()) == "now"
+    assert time.monotonic() - t0 < 0.5
+    get_bridge().run(_value(None))  # let the sleeping callback finish before the next test
