@@ -183,6 +183,8 @@ class Sandbox:
         self._start_task: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None
         self._stop_requested = False
+        # The client of the service this sandbox lives on, and the loop it belongs to.
+        self._bound: tuple[asyncio.AbstractEventLoop, Client] | None = None
 
     # -- construction helpers ------------------------------------------------------------------
 
@@ -329,7 +331,16 @@ class Sandbox:
     # -- internals -----------------------------------------------------------------------------
 
     async def _client(self) -> Client:
-        return await get_client(self._base_url)
+        """The client of this sandbox's service, resolved on first use and then kept: the
+        sandbox stays on the service it was created on even if AVIATO_STATE_DIR changes later.
+        (Resolved again on another loop, as in a forked child, or once the client closed.)"""
+        bound = self._bound
+        loop = asyncio.get_running_loop()
+        if bound is not None and bound[0] is loop and not bound[1].closed:
+            return bound[1]
+        client = await get_client(self._base_url)
+        self._bound = (loop, client)
+        return client
 
     def _apply(self, record: pb.Sandbox) -> None:
         """Takes a record from the service; the status is monotonic (never leaves terminal)."""

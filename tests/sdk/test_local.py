@@ -127,3 +127,33 @@ def test_the_sdk_restarts_a_service_that_died(fresh_dir: Path) -> None:
         env={**os.environ, "AVIATO_STATE_DIR": str(fresh_dir)},
     )
     assert out.stdout == "ok\n", out.stderr
+
+
+def test_a_sandbox_stays_on_its_service_when_the_environment_changes(
+    fresh_dir: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other-state"
+    code = textwrap.dedent(
+        """
+        import os, sys
+        from aviato import Sandbox
+        sb = Sandbox.run()
+        assert sb.exec(["true"]).result().returncode == 0
+        os.environ["AVIATO_STATE_DIR"] = sys.argv[1]  # later sandboxes go to another service
+        print(sb.exec(["echo", "still here"]).result().stdout, end="")
+        sb.stop().result()
+        """
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(other)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "AVIATO_STATE_DIR": str(fresh_dir)},
+        )
+        assert out.stdout == "still here\n", out.stderr
+        assert not (other / "server.pid").exists()  # no second service was started for it
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(_server_pid(other), signal.SIGTERM)
