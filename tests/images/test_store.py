@@ -179,9 +179,9 @@ def test_a_private_image_in_the_store_needs_access_on_every_use(workdir: Path) -
         good = RegistryCredentials(username="u", password="pw")
         store = ImageStore(workdir / "images")
         image = asyncio.run(store.ensure(ref, good))
-        assert store.is_private(ref)
+        assert store.is_private(image)
         store = ImageStore(workdir / "images")  # the flag survives a restart
-        assert store.is_private(ref)
+        assert store.is_private(image)
         gets = reg.blob_gets()
         for wrong in (None, RegistryCredentials(username="u", password="no")):
             with pytest.raises(RegistryDenied, match="image_pull_credentials"):
@@ -192,6 +192,7 @@ def test_a_private_image_in_the_store_needs_access_on_every_use(workdir: Path) -
     with run_registry(workdir / "open") as reg:
         Pusher(reg).image("t/pub", "v1", [busybox_layer()], env=["WHO=pub"])
         public = f"{reg.host}/t/pub:v1"
-        digest = asyncio.run(store.ensure(public)).digest
-    assert not store.is_private(public) and digest != image.digest
+        public_image = asyncio.run(store.ensure(public))
+        digest = public_image.digest
+    assert not store.is_private(public_image) and digest != image.digest
     assert asyncio.run(store.ensure(public)).digest == digest

@@ -170,11 +170,10 @@ class ImageStore:
         tmp.write_text(json.dumps(sorted(self._private), indent=1))
         os.replace(tmp, self._private_path)
 
-    def is_private(self, image: str) -> bool:
-        """Whether the stored image for `image` was fetched only with per-sandbox credentials:
-        every use must then prove access to it (`ensure` asks the registry)."""
-        stored = self.find(image)
-        return stored is not None and stored.digest in self._private
+    def is_private(self, image: StoredImage) -> bool:
+        """Whether `image` was fetched only with per-sandbox credentials: every use must then
+        prove access to it (`ensure` asks the registry)."""
+        return image.digest in self._private
 
     async def _check_access(
         self, image: str, digest: str, credentials: RegistryCredentials | None
@@ -279,7 +278,7 @@ class ImageStore:
         finally:
             if progress is not None and progress in listeners:
                 listeners.remove(progress)
-        if joined and image_found.digest in self._private:
+        if joined and self.is_private(image_found):
             # Someone else's pull fetched it with their credentials: prove our own access.
             await self._check_access(key, image_found.digest, credentials)
         return image_found
@@ -295,7 +294,7 @@ class ImageStore:
         if key not in self._flights:
             found = self.find(image)
             if found is not None:
-                if found.digest in self._private:
+                if self.is_private(found):
                     await self._check_access(key, found.digest, credentials)
                 return found
         return await self.pull(image, credentials)
@@ -493,12 +492,13 @@ class ImageStore:
             _rmtree_forcibly(trash)
 
     def _collect_blobs(self) -> None:
+        images = self.list_images()
         needed: set[str] = set(self._refs.values())
-        stored = {image.digest for image in self.list_images()} | needed
+        stored = {image.digest for image in images} | needed
         if self._private - stored:
             self._private &= stored
             self._save_private()
-        for image in self.list_images():
+        for image in images:
             needed.update(image.blobs)
         busy = set(self._blob_flights)
         for entry in self._blobs.iterdir():

@@ -561,10 +561,11 @@ class LocalRuntime(Runtime):
     def image_ready(self, image: str) -> bool:
         if not image or image in images.known_images():
             return True
-        if self.images.pulling(image) or self.images.find(image) is None:
+        if self.images.pulling(image):
             return False
+        found = self.images.find(image)
         # A private image is ready only once this create's access to it is checked.
-        return not self.images.is_private(image)
+        return found is not None and not self.images.is_private(found)
 
     async def prepare_image(
         self, image: str, credentials: RegistryCredentials | None = None
