@@ -1,6 +1,6 @@
 """Build step that pyproject.toml cannot express: compiling the sandbox supervisor.
 
-`src/aviato/runtime/native/supervisor.c` is compiled (static if the C library allows it) to
+`src/aviato/runtime/native/*.c` (the supervisor and its credential handling) are compiled (static if the C library allows it) to
 `src/aviato/runtime/_bin/aviato-supervisor`, which serves editable installs, and copied into the
 build directory for wheels. The wheel is therefore platform-specific. Everything else about the
 package lives in pyproject.toml.
@@ -21,7 +21,8 @@ from setuptools.command.build_py import build_py
 from setuptools.errors import CompileError
 
 ROOT = Path(__file__).resolve().parent
-SOURCE = Path("src/aviato/runtime/native/supervisor.c")
+NATIVE = Path("src/aviato/runtime/native")
+SOURCE = NATIVE / "supervisor.c"
 TARGET = Path("src/aviato/runtime/_bin/aviato-supervisor")
 IN_PACKAGE = Path("aviato/runtime/_bin/aviato-supervisor")
 CFLAGS = ["-std=c11", "-O2", "-Wall", "-Wextra", "-s"]
@@ -45,13 +46,13 @@ def find_compiler() -> list[str]:
 def compile_supervisor(out: Path) -> None:
     """Compiles the supervisor to `out`: static if possible, otherwise dynamic."""
     cc = find_compiler()
-    src = ROOT / SOURCE
+    sources = [str(p) for p in sorted((ROOT / NATIVE).glob("*.c"))]
     out.parent.mkdir(parents=True, exist_ok=True)
     extra = shlex.split(os.environ.get("AVIATO_SUPERVISOR_CFLAGS", ""))
     tmp = out.with_name(out.name + ".tmp")
     errors = []
     for link in (["-static"], []):
-        cmd = [*cc, *CFLAGS, *extra, *link, "-o", str(tmp), str(src)]
+        cmd = [*cc, *CFLAGS, *extra, *link, "-o", str(tmp), *sources]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         except OSError as e:

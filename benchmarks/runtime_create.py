@@ -86,8 +86,8 @@ def supervisor_path(given: str | None) -> Path | None:
     if cc is None:
         return None
     out = Path(tempfile.mkdtemp()) / "aviato-supervisor"
-    src = ROOT / "src/aviato/runtime/native/supervisor.c"
-    subprocess.run([cc, "-std=c11", "-O2", "-static", "-o", str(out), str(src)], check=True)
+    srcs = sorted(str(p) for p in (ROOT / "src/aviato/runtime/native").glob("*.c"))
+    subprocess.run([cc, "-std=c11", "-O2", "-static", "-o", str(out), *srcs], check=True)
     return out
 
 

@@ -46,8 +46,8 @@ def find_binary(tmp: Path, explicit: str | None) -> Path:
         return supervisor_binary()
     except SupervisorMissing:
         out = tmp / "aviato-supervisor"
-        src = ROOT / "src/aviato/runtime/native/supervisor.c"
-        subprocess.run(["cc", "-std=c11", "-O2", "-static", "-o", str(out), str(src)], check=True)
+        srcs = sorted(str(p) for p in (ROOT / "src/aviato/runtime/native").glob("*.c"))
+        subprocess.run(["cc", "-std=c11", "-O2", "-static", "-o", str(out), *srcs], check=True)
         return out
 
 

@@ -165,6 +165,7 @@ class Client:
         cols: int = 0,
         extra: Sequence[pb.ExecRequest] = (),
         deadline: float = 120,
+        protected: bool = False,
     ) -> ExecResult:
         """One exec over the bidirectional stream; `stdin` is sent whole, then its EOF.
 
@@ -178,6 +179,7 @@ class Client:
             timeout_seconds=timeout,
             stdin=stdin is not None,
             tty=tty,
+            protected=protected,
         )
         if rows or cols:
             init.tty_size.CopyFrom(pb.TerminalSize(rows=rows, cols=cols))

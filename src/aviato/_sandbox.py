@@ -660,6 +660,7 @@ class Sandbox:
         timeout_seconds: float | None = None,
         stdin: bool = False,
         input: bytes | str | None = None,
+        protected: bool = False,
     ) -> Process:
         """Runs `command` (an argv list) in the sandbox; returns a `Process` at once.
 
@@ -675,6 +676,13 @@ class Sandbox:
         that data followed by end-of-file, sent with the command in one message (as in
         `subprocess.run`; the cheaper way when the input is known up front); otherwise it is empty.
         The two cannot be combined.
+
+        With ``protected=True`` nothing else running in the sandbox (a process an earlier
+        command left behind, say) can read, write, signal or trace the command, open its
+        descriptors or memory, or change its output or exit status; it still reads and writes
+        the sandbox's files and reaches its servers as any command does. Meant for checks that
+        judge code running in the same sandbox; see docs/security.md for what it does not
+        promise. Needs a service running as root (else `SandboxError` says so).
         """
         if isinstance(command, str | bytes):
             raise TypeError(
@@ -698,6 +706,7 @@ class Sandbox:
             timeout_seconds=float(timeout_seconds or 0.0),
             stdin=stdin,
             input=data,
+            protected=protected,
         )
         future = get_bridge().submit(self._exec(state, init, check))
         return Process(future, state)

@@ -35,7 +35,7 @@ from aviato.runtime.base import (
 from aviato.runtime.bwrap import Bwrap, find_bwrap
 from aviato.runtime.local import LocalRuntime, LocalSandbox, SandboxStartFailed
 
-SOURCE = Path(__file__).parents[2] / "src/aviato/runtime/native/supervisor.c"
+SOURCES = sorted(str(p) for p in (Path(__file__).parents[2] / "src/aviato/runtime/native").glob("*.c"))
 MiB = 1 << 20
 T = TypeVar("T")
 
@@ -55,7 +55,7 @@ def supervisor_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not cc:
         pytest.skip("no supervisor binary and no C compiler")
     out = tmp_path_factory.mktemp("bin") / "aviato-supervisor"
-    base = [cc, "-std=c11", "-O2", "-o", str(out), str(SOURCE)]
+    base = [cc, "-std=c11", "-O2", "-o", str(out), *SOURCES]
     proc = subprocess.run([*base, "-static"], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         proc = subprocess.run(base, capture_output=True, text=True, check=False)

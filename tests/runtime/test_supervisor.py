@@ -37,7 +37,7 @@ from aviato.runtime.base import (
 from aviato.runtime.supervisor import SupervisorConnection, SupervisorExec
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCE = ROOT / "src/aviato/runtime/native/supervisor.c"
+SOURCES = sorted(str(p) for p in (ROOT / "src/aviato/runtime/native").glob("*.c"))
 T = TypeVar("T")
 
 
@@ -58,7 +58,7 @@ def binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not cc:
         pytest.skip("no C compiler")
     out = tmp_path_factory.mktemp("bin") / "aviato-supervisor"
-    base = [cc, "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(SOURCE)]
+    base = [cc, "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), *SOURCES]
     proc = subprocess.run([*base, "-static"], capture_output=True, text=True)
     if proc.returncode != 0:
         proc = subprocess.run(base, capture_output=True, text=True)

@@ -144,6 +144,12 @@ def run_command(conn: Connection, init: pb.ExecInit, pass_stdin: bool) -> int:
     default=None,
     help="Pass stdin to the command [default: when stdin is a pipe or a file, not a terminal].",
 )
+@click.option(
+    "--protected",
+    is_flag=True,
+    help="Nothing else running in the sandbox can signal, trace or tamper with the command "
+    "(for checks that judge code in the same sandbox; needs a service running as root).",
+)
 @click.argument("sandbox_id", metavar="ID")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD ...")
 def exec_command(
@@ -153,6 +159,7 @@ def exec_command(
     env: tuple[tuple[str, str], ...],
     timeout: float | None,
     stdin: bool | None,
+    protected: bool,
 ) -> None:
     """Run a command in a sandbox, as if it ran here.
 
@@ -167,6 +174,7 @@ def exec_command(
       aviato exec -w /tmp -e DEBUG=1 sb-1a2b3c -- make test
       git archive HEAD | aviato exec sb-1a2b3c -- tar -x -C /workspace
       aviato exec --timeout 30s sb-1a2b3c -- ./run_tests.sh
+      aviato exec --protected sb-1a2b3c -- python3 /checks/grade.py
     """
     argv = list(command)
     if argv and argv[0] == "--":
@@ -181,6 +189,7 @@ def exec_command(
         env=dict(env),
         timeout_seconds=timeout or 0.0,
         stdin=pass_stdin,
+        protected=protected,
     )
     try:
         with connection() as conn:

@@ -70,6 +70,7 @@ def init_frame(sandbox_id: str, spec: ExecSpec) -> pb.ExecRequest:
             stdin=spec.stdin,
             tty=spec.tty,
             tty_size=pb.TerminalSize(rows=spec.rows, cols=spec.cols),
+            protected=spec.protected,
         )
     )
 
@@ -84,6 +85,7 @@ def spec_of(init: pb.ExecInit) -> ExecSpec:
         tty=init.tty,
         rows=init.tty_size.rows or 24,
         cols=init.tty_size.cols or 80,
+        protected=init.protected,
     )
 
 

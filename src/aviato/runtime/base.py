@@ -48,7 +48,8 @@ class CapacityExhausted(SandboxRuntimeError):
 
 
 class LimitsUnavailable(SandboxRuntimeError):
-    """The sandbox asks for limits this host cannot apply (e.g. rootless without delegation)."""
+    """The sandbox or command asks for what this host cannot give (limits without a cgroup
+    delegation, a protected command without a user namespace of its own)."""
 
     code = "FAILED_PRECONDITION"
 
@@ -99,6 +100,7 @@ class ExecSpec:
     tty: bool = False
     rows: int = 24
     cols: int = 80
+    protected: bool = False  # nothing else in the sandbox can touch it (docs/security.md)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from functools import cache
 
 from aviato.runtime.base import PathRefused, SandboxConfig, SandboxRuntimeError
 from aviato.runtime.images import SUPERVISOR_PATH, ImageRoot
+from aviato.runtime.userns import PROTECTED_ID
 
 MIN_VERSION = (0, 10, 0)
 ENV_OVERRIDE = "AVIATO_BWRAP"
@@ -174,15 +175,63 @@ def sandbox_env(config: SandboxConfig, root: ImageRoot) -> dict[str, str]:
     return env
 
 
-def supervisor_argv(command: Sequence[str]) -> list[str]:
-    """How bwrap starts the supervisor: keep-alive without a command, else `-- ARGV`."""
+def supervisor_argv(command: Sequence[str], *, user: tuple[int, int] | None = None) -> list[str]:
+    """How bwrap starts the supervisor: keep-alive without a command, else `-- ARGV`.
+
+    `user` (uid, gid): the supervisor starts every process as that user itself (own user
+    namespace); None: they run as the supervisor does.
+    """
+    head = [SUPERVISOR_PATH]
+    if user is not None:
+        head += ["--user", f"{user[0]}:{user[1]}", "--protected-id", str(PROTECTED_ID)]
     if not command:
-        return [SUPERVISOR_PATH, "--keepalive"]
+        return [*head, "--keepalive"]
     if not command[0]:
         raise SpecRefused("the command's program name is empty")
     if any("\0" in arg for arg in command):
         raise SpecRefused("the command contains a NUL byte")
-    return [SUPERVISOR_PATH, "--", *command]
+    return [*head, "--", *command]
+
+
+@dataclass(frozen=True)
+class OwnUserns:
+    """The sandbox runs in a user namespace that the launcher made (a root service; see
+    userns.py and native/privileges.c): bwrap starts as that namespace's root, the supervisor
+    keeps `SUPERVISOR_CAPS` in it and starts every command as the right user itself.
+
+    Host paths under `stage_from` (the service's state directory, private to host root) are
+    given to bwrap as their id-mapped view under `stage_at`, which the launcher mounts in a
+    mount namespace of its own.
+    """
+
+    stage_from: str
+    stage_at: str
+
+    def host_path(self, path: str) -> str:
+        if path == self.stage_from:
+            return self.stage_at
+        if path.startswith(self.stage_from + "/"):
+            return self.stage_at + path[len(self.stage_from) :]
+        return path
+
+
+# Kept by the supervisor of a sandbox in its own user namespace; see native/privileges.c.
+SUPERVISOR_CAPS = (
+    "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_KILL", "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+)  # fmt: skip
+_BIND_OPTIONS = frozenset(
+    {"--bind", "--ro-bind", "--bind-try", "--ro-bind-try", "--dev-bind", "--dev-bind-try"}
+)
+
+
+def _restage(args: Sequence[str], userns: OwnUserns) -> list[str]:
+    """`args` with every bind source replaced by its staged view."""
+    out = list(args)
+    for i in range(len(out) - 1):
+        if out[i] in _BIND_OPTIONS:
+            out[i + 1] = userns.host_path(out[i + 1])
+    return out
 
 
 def build_argv(
@@ -194,12 +243,14 @@ def build_argv(
     mounted_files: Sequence[tuple[str, str]] = (),
     seccomp_fd: int | None,
     rootless: bool,
+    userns: OwnUserns | None = None,
 ) -> list[str]:
     """The full bwrap command line for `config` on `root`.
 
     `supervisor` is the host path of the aviato-supervisor binary (bound read-only at
     `SUPERVISOR_PATH`); `mounted_files` pairs sandbox paths with host files to bind read-only;
     `seccomp_fd` is an fd number that will be open in bwrap (None: no filter, tests only).
+    `userns`: the launcher puts bwrap in a user namespace of the sandbox's own (root service).
     Raises PathRefused (or SpecRefused) for paths and values the image cannot take.
     """
     argv = [
@@ -208,9 +259,12 @@ def build_argv(
         "--unshare-cgroup-try",
         "--as-pid-1", "--new-session", "--hostname", HOSTNAME, "--cap-drop", "ALL",
     ]  # fmt: skip
-    if rootless:
+    if userns is not None:
+        for cap in SUPERVISOR_CAPS:
+            argv += ["--cap-add", cap]
+    elif rootless:
         argv += ["--unshare-user", "--disable-userns"]
-    if root.uid is not None:
+    if root.uid is not None and userns is None:
         # An image's `User`: the sandbox runs as that uid/gid inside a user namespace (also when
         # the service is root: the uid maps to the service's, which is what it was before).
         if not rootless:
@@ -221,11 +275,12 @@ def build_argv(
     argv.append("--clearenv")
     for key, value in sandbox_env(config, root).items():
         argv += ["--setenv", key, value]
-    argv += root.mount_args
-    argv += ["--ro-bind", supervisor, SUPERVISOR_PATH]
+    mounts = [*root.mount_args, "--ro-bind", supervisor, SUPERVISOR_PATH]
     working_dir = config.working_dir or root.working_dir
-    argv += root.workdir_args(working_dir)
-    argv += root.file_mount_args(mounted_files)
+    mounts += root.workdir_args(working_dir)
+    mounts += root.file_mount_args(mounted_files)
+    argv += mounts if userns is None else _restage(mounts, userns)
     argv += ["--chdir", working_dir, "--"]
-    argv += supervisor_argv(config.command)
+    user = None if userns is None else (root.uid or 0, root.gid or 0)
+    argv += supervisor_argv(config.command, user=user)
     return argv

@@ -70,9 +70,17 @@ from aviato.runtime.base import (
     SandboxHandle,
     SandboxRuntimeError,
 )
-from aviato.runtime.bwrap import Bwrap, BwrapUnavailable, SpecRefused, build_argv, find_bwrap
+from aviato.runtime.bwrap import (
+    Bwrap,
+    BwrapUnavailable,
+    OwnUserns,
+    SpecRefused,
+    build_argv,
+    find_bwrap,
+)
 from aviato.runtime.cgroups import CgroupError, CgroupManager, Limits, SandboxCgroup
 from aviato.runtime.supervisor import SupervisorConnection, supervisor_binary
+from aviato.runtime.userns import IdRange, IdRanges, RangesExhausted
 
 log = logging.getLogger("aviato.runtime")
 
@@ -81,6 +89,9 @@ GiB = 1 << 30
 FD_CONTROL, FD_LOG, FD_EXIT, FD_SECCOMP = 3, 4, 5, 6
 SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the NUL
+# Where a root service's launcher shows bwrap the id-mapped state directory (in a mount
+# namespace of the launcher's own; on the host it stays an empty directory).
+STAGE_AT = "/run/aviato/stage"
 OOM_SCORE_ADJ = 500  # sandboxes go before the service when the whole host runs out of memory
 LAUNCH_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 # Joins the cgroups given as arguments up to "--" by writing "0" to their `tasks` files, then
@@ -294,8 +305,10 @@ class LocalSandbox(SandboxHandle):
         watch: _ProcessWatch,
         cgroup: SandboxCgroup | None,
         conn: SupervisorConnection | None,
+        ids: IdRange | None = None,
     ) -> None:
         self.sandbox_id = sandbox_id
+        self._ids = ids
         self._runtime = runtime
         self._dir = directory
         self._watch = watch
@@ -341,17 +354,13 @@ class LocalSandbox(SandboxHandle):
             return self._conn
 
     async def exec(self, spec: ExecSpec) -> ExecHandle:
-        if spec.tty and "TERM" not in spec.env:
-            spec = ExecSpec(
-                argv=spec.argv,
-                cwd=spec.cwd,
-                env={**spec.env, "TERM": "xterm-256color"},
-                timeout_seconds=spec.timeout_seconds,
-                stdin=spec.stdin,
-                tty=spec.tty,
-                rows=spec.rows,
-                cols=spec.cols,
+        if spec.protected and not self._runtime.supports_protected:
+            raise LimitsUnavailable(
+                "protected commands need a sandbox with a user namespace and host uid range of "
+                "its own, which this node gives only when its aviato service runs as root"
             )
+        if spec.tty and "TERM" not in spec.env:
+            spec = replace(spec, env={**spec.env, "TERM": "xterm-256color"})
         conn = await self._connection()
         return await conn.exec(spec)
 
@@ -400,6 +409,8 @@ class LocalSandbox(SandboxHandle):
             self._exit = self._compute_exit()
             if self._conn is not None:
                 await self._conn.close()
+            self._runtime._release_ids(self.sandbox_id, self._ids)
+            self._ids = None
         return self._exit
 
     async def wait_exit(self) -> MainExit:
@@ -468,7 +479,7 @@ class LocalRuntime(Runtime):
         connect_timeout: float = 10.0,
         insecure_registries: tuple[str, ...] = (),
     ) -> None:
-        self._state_dir = Path(state_dir)
+        self._state_dir = Path(state_dir).absolute()
         self._sandboxes = self._state_dir / "sandboxes"
         self._sandboxes.mkdir(parents=True, exist_ok=True)
         os.chmod(self._sandboxes, 0o700)
@@ -495,6 +506,15 @@ class LocalRuntime(Runtime):
             except SandboxRuntimeError as exc:
                 self._supervisor_error = exc
                 log.error("sandboxes cannot start: %s", exc)
+        # A root service gives every sandbox a user namespace and host uid range of its own.
+        self._userns: OwnUserns | None = None
+        self._ranges: IdRanges | None = None
+        if not self._rootless:
+            self._ranges = IdRanges(self._state_dir)
+            self._userns = OwnUserns(str(self._state_dir), STAGE_AT)
+            os.makedirs(STAGE_AT, mode=0o755, exist_ok=True)
+            if self._supervisor:
+                self._supervisor = _private_copy(Path(self._supervisor), self._state_dir / "bin")
         self._cgroups = CgroupManager(cgroup_parent)
         if not self._cgroups.available:
             log.warning(
@@ -533,9 +553,26 @@ class LocalRuntime(Runtime):
 
     # --- facts ---
 
+    @property
+    def supports_protected(self) -> bool:
+        """Whether commands can run protected (a second uid in the sandbox's own namespace)."""
+        return self._userns is not None
+
+    def _release_ids(self, sandbox_id: str, ids: IdRange | None) -> None:
+        if ids is not None and self._ranges is not None:
+            try:
+                self._ranges.release(sandbox_id, ids)
+            except OSError as exc:  # stale claims are taken over later anyway
+                log.warning("sandbox %s: cannot release uid range %s: %s", sandbox_id, ids, exc)
+
     def describe(self) -> dict[str, str]:
+        isolation = "bubblewrap, " + (
+            "rootless: one user namespace mapped to the service's uid"
+            if self._rootless
+            else "a user namespace and host uid range of its own per sandbox"
+        )
         facts = {
-            "isolation": "bubblewrap" + (" (rootless: user namespace)" if self._rootless else ""),
+            "isolation": isolation,
             "cgroups": self._cgroups.describe(),
             "seccomp": self._seccomp_error or seccomp.describe(),
             "supervisor": self._supervisor or str(self._supervisor_error),
@@ -698,6 +735,7 @@ class LocalRuntime(Runtime):
         self._creating.add(sid)
         cgroup: SandboxCgroup | None = None
         watch: _ProcessWatch | None = None
+        ids: IdRange | None = None
         try:
             files = self._write_files(directory, config)
             assert self._bwrap is not None
@@ -709,15 +747,24 @@ class LocalRuntime(Runtime):
                 mounted_files=files,
                 seccomp_fd=FD_SECCOMP,
                 rootless=self._rootless,
+                userns=self._userns,
             )
+            launch: list[str] = []
+            if self._ranges is not None and self._userns is not None:
+                try:
+                    ids = self._ranges.claim(sid)
+                except RangesExhausted as exc:
+                    raise CapacityExhausted(f"sandbox {sid}: {exc.strerror}") from exc
+                launch = [*ids.launcher_args(), "--stage",
+                          f"{self._userns.stage_from}:{self._userns.stage_at}"]  # fmt: skip
             if limits is not None:
                 try:
                     cgroup = self._cgroups.create(sid, limits)
                 except CgroupError as exc:
                     raise SandboxRuntimeError(f"sandbox {sid}: {exc}") from exc
-            pid = self._spawn(directory, argv, cgroup)
+            pid = self._spawn(directory, argv, cgroup, launch)
             watch = _ProcessWatch(pid, os.pidfd_open(pid), is_child=True)
-            self._write_record(directory, pid, cgroup)
+            self._write_record(directory, pid, cgroup, ids)
             try:
                 conn = await self._connect(directory, sid, self._connect_timeout)
             except SandboxRuntimeError as exc:
@@ -725,12 +772,13 @@ class LocalRuntime(Runtime):
                     await asyncio.wait_for(asyncio.shield(watch.done), 0.5)
                 detail = _read_tail(directory / "runtime.log") or str(exc)
                 raise SandboxStartFailed(f"sandbox {sid} failed to start: {detail}") from exc
-            handle = LocalSandbox(self, sid, directory, watch, cgroup, conn)
+            handle = LocalSandbox(self, sid, directory, watch, cgroup, conn, ids)
             self._register(handle)
             return handle
         except BaseException as exc:
             self._image_of.pop(sid, None)
             await self._abort_create(directory, watch, cgroup)
+            self._release_ids(sid, ids)
             if _out_of_descriptors(exc):
                 raise CapacityExhausted(
                     f"sandbox {sid}: the service ran out of file descriptors (soft "
@@ -772,8 +820,16 @@ class LocalRuntime(Runtime):
             out.append((path, str(host)))
         return out
 
-    def _spawn(self, directory: Path, argv: list[str], cgroup: SandboxCgroup | None) -> int:
-        """Starts launcher → bwrap → supervisor with fds 3-6 in place; returns the host pid."""
+    def _spawn(
+        self,
+        directory: Path,
+        argv: list[str],
+        cgroup: SandboxCgroup | None,
+        launch: list[str],
+    ) -> int:
+        """Starts launcher → bwrap → supervisor with fds 3-6 in place; returns the host pid.
+
+        `launch`: more options of the launcher (its user namespace)."""
         opened: list[int] = []
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -813,7 +869,7 @@ class LocalRuntime(Runtime):
             elif cgroup is not None:
                 for procs in cgroup.procs_files:
                     launcher += ["--cgroup-procs", procs]
-            launcher += ["--", *argv]
+            launcher += [*launch, "--", *argv]
             try:
                 return os.posix_spawn(
                     program,
@@ -830,9 +886,11 @@ class LocalRuntime(Runtime):
             for fd in opened:
                 os.close(fd)
 
-    def _write_record(self, directory: Path, pid: int, cgroup: SandboxCgroup | None) -> None:
+    def _write_record(
+        self, directory: Path, pid: int, cgroup: SandboxCgroup | None, ids: IdRange | None
+    ) -> None:
         stat = _proc_stat(pid)
-        record = {
+        record: dict[str, Any] = {
             "pid": pid,
             "starttime": stat[1] if stat else 0,
             "boot_id": self._boot_id,
@@ -840,6 +898,8 @@ class LocalRuntime(Runtime):
         }
         if directory.name in self._image_of:
             record["image_digest"] = self._image_of[directory.name]
+        if ids is not None:
+            record["uid_slot"] = ids.slot
         # One small write into a new file: no temporary + rename (a journal commit on ext4,
         # up to a millisecond on the create path). A reader that finds it torn treats the
         # sandbox as lost, which is what a crash at that instant means anyway.
@@ -927,7 +987,12 @@ class LocalRuntime(Runtime):
                 exc,
             )
             conn = None
-        handle = LocalSandbox(self, sandbox_id, directory, watch_live, cgroup, conn)
+        ids = None
+        if self._ranges is not None and isinstance(record, dict):
+            slot = record.get("uid_slot")
+            if isinstance(slot, int):
+                ids = self._ranges.adopt(sandbox_id, slot)
+        handle = LocalSandbox(self, sandbox_id, directory, watch_live, cgroup, conn, ids)
         self._register(handle)
         if conn is None:
             return await handle.kill()
@@ -969,6 +1034,27 @@ class LocalRuntime(Runtime):
         self._running.clear()
         for handle in handles:
             await handle._close()
+
+
+def _private_copy(binary: Path, directory: Path) -> str:
+    """A copy of `binary` in `directory` (made or refreshed when it differs); its path.
+
+    Sandboxes of a root service start as an unprivileged host uid that cannot search paths
+    private to host root (a venv under /root), so the supervisor they run is taken from the
+    state directory, which the launcher shows them id-mapped. A copy also keeps running
+    sandboxes' binary apart from an upgrade of the package.
+    """
+    data = binary.read_bytes()
+    target = directory / binary.name
+    with contextlib.suppress(OSError):
+        if target.read_bytes() == data:
+            return str(target)
+    directory.mkdir(mode=0o700, exist_ok=True)
+    tmp = directory / f".{binary.name}.{os.getpid()}"
+    tmp.write_bytes(data)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, target)
+    return str(target)
 
 
 @contextlib.contextmanager

@@ -497,7 +497,7 @@ class SupervisorConnection(asyncio.BufferedProtocol):
         `events()` with an ExecFailed. Raises SandboxGone if the connection is already closed."""
         self._check_open()
         h = SupervisorExec(self, self._new_id())
-        flags = (1 if spec.stdin else 0) | (2 if spec.tty else 0)
+        flags = (1 if spec.stdin else 0) | (2 if spec.tty else 0) | (4 if spec.protected else 0)
         timeout_ms = 0
         if spec.timeout_seconds > 0:
             timeout_ms = min(max(1, math.ceil(spec.timeout_seconds * 1000)), 0xFFFFFFFF)

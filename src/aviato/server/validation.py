@@ -372,6 +372,7 @@ def validate_exec_init(init: pb.ExecInit) -> ExecSpec:
         tty=init.tty,
         rows=rows,
         cols=cols,
+        protected=init.protected,
     )
 
 

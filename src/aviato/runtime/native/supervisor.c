@@ -38,6 +38,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "privileges.h"
+
 /* ---- Constants ------------------------------------------------------------------------- */
 
 #define PROTOCOL_VERSION 1
@@ -60,7 +62,7 @@ enum { F_EXEC = 1, F_STDIN, F_STDIN_EOF, F_RESIZE, F_SIGNAL, F_READ_FILE, F_WRIT
        F_WRITE_DATA, F_WRITE_END, F_WRITE_ABORT, F_PING, F_TERMINATE };
 enum { F_HELLO = 64, F_STARTED, F_STDOUT, F_STDERR, F_EXIT, F_ERROR, F_FILE_INFO, F_FILE_DATA,
        F_FILE_END, F_WRITE_OK, F_PONG };
-enum { EXEC_STDIN = 1, EXEC_TTY = 2 };
+enum { EXEC_STDIN = 1, EXEC_TTY = 2, EXEC_PROTECTED = 4 };
 enum { STAGE_SETUP = 1, STAGE_CWD = 2, STAGE_EXEC = 3 }; /* where a child failed before exec */
 
 /* What an epoll registration refers to. */
@@ -145,6 +147,8 @@ static int g_log_fd = -1, g_exit_fd = -1;
 static uint64_t g_log_size;
 static int g_log_stopped;
 static int g_keepalive;
+static int g_privileged;             /* --user given: commands start as the sandbox's user */
+static struct sandbox_user g_user;
 static struct {
     pid_t pid;
     int reaped, status;
@@ -538,6 +542,7 @@ struct child_spec {
     int tty_fd;              /* pty slave: becomes the controlling terminal */
     int report_fd;           /* start pipe, -1 for the main process (errors go to stderr) */
     char **shv;              /* room for argv + 2: `sh FILE ARGS` for a script without #! */
+    int protected;           /* run as the protected id (privileged mode only) */
 };
 
 /* In the child: reports why it could not start, and exits. No stdio: see spawn(). */
@@ -620,6 +625,8 @@ static __attribute__((noreturn)) void child_run(const struct child_spec *s) {
     if (dup2(in, 0) < 0 || dup2(s->out_fd, 1) < 0 || dup2(s->err_fd, 2) < 0)
         child_fail(s, STAGE_SETUP, errno);
     write_number_file("/proc/self/oom_score_adj", 1000); /* best effort */
+    if (g_privileged && priv_child_become(&g_user, s->protected) < 0)
+        child_fail(s, STAGE_SETUP, errno);
     if (s->cwd && chdir(s->cwd) < 0) child_fail(s, STAGE_CWD, errno);
     exec_path(s->argv, s->envp ? s->envp : environ, s->shv);
     child_fail(s, STAGE_EXEC, errno);
@@ -753,6 +760,11 @@ static void do_exec(struct conn *c, uint32_t id, struct rd *r) {
             send_error(c, id, EINVAL, "invalid environment entry '%s' (expected K=V)", env[i]);
             goto out;
         }
+    if ((flags & EXEC_PROTECTED) && !g_privileged) {
+        send_error(c, id, EPERM, "protected commands need a sandbox with a user namespace of "
+                                 "its own (a service running as root)");
+        goto out;
+    }
     envp = envc ? merge_env(env, envc) : NULL;
     if (pipe2(fds + 6, O_CLOEXEC) < 0) goto fail;
     if (flags & EXEC_TTY) {
@@ -770,6 +782,7 @@ static void do_exec(struct conn *c, uint32_t id, struct rd *r) {
         .argv = argv, .envp = envp, .cwd = cwd[0] ? cwd : NULL,
         .in_fd = slave >= 0 ? slave : fds[4], .out_fd = slave >= 0 ? slave : fds[1],
         .err_fd = slave >= 0 ? slave : fds[3], .tty_fd = slave, .report_fd = fds[7],
+        .protected = (flags & EXEC_PROTECTED) != 0,
     };
     uint64_t t0 = now_mono();
     pid_t pid = spawn(&cs);
@@ -1376,7 +1389,24 @@ static void loop(void) {
 
 static int launch(int argc, char **argv) {
     int i = 2;
+    unsigned long ns_base = 0, ns_count = 0;
+    char *stage_from = NULL, *stage_at = NULL;
     for (; i < argc && strcmp(argv[i], "--"); i++) {
+        if (!strcmp(argv[i], "--userns") && i + 1 < argc) {
+            char *end;
+            ns_base = strtoul(argv[++i], &end, 10);
+            if (*end != ':' || !(ns_count = strtoul(end + 1, &end, 10)) || *end)
+                die("--userns: expected BASE:COUNT, got '%s'", argv[i]);
+            continue;
+        }
+        if (!strcmp(argv[i], "--stage") && i + 1 < argc) {
+            stage_from = argv[++i];
+            char *colon = strrchr(stage_from, ':');
+            if (!colon || colon == stage_from || !colon[1])
+                die("--stage: expected FROM:AT, got '%s'", stage_from);
+            *colon = 0, stage_at = colon + 1;
+            continue;
+        }
         if (!strcmp(argv[i], "--cgroup-procs") && i + 1 < argc) {
             if (write_number_file(argv[++i], (long)getpid()) < 0)
                 die("cannot join cgroup via %s: %s", argv[i], strerror(errno));
@@ -1392,6 +1422,16 @@ static int launch(int argc, char **argv) {
     if (i + 1 >= argc) die("--launch: missing '-- PROG ARGS...'");
     setsid(); /* EPERM if already a group leader: fine */
     char **prog = argv + i + 1;
+    if (ns_count) {
+        /* The program is opened now: as the namespace's root, host paths that only host root
+         * may search (a venv under /root) are out of reach. */
+        int fd = open(prog[0], O_PATH | O_CLOEXEC);
+        if (fd < 0) die("cannot open %s: %s", prog[0], strerror(errno));
+        if (priv_enter_userns(ns_base, ns_count, stage_from, stage_at) < 0) return 125;
+        syscall(SYS_execveat, fd, "", prog, environ, AT_EMPTY_PATH);
+        fprintf(stderr, "aviato-supervisor: cannot execute %s: %s\n", prog[0], strerror(errno));
+        return 127;
+    }
     if (strchr(prog[0], '/')) execv(prog[0], prog);
     else execvp(prog[0], prog);
     fprintf(stderr, "aviato-supervisor: cannot execute %s: %s\n", prog[0], strerror(errno));
@@ -1422,12 +1462,31 @@ int main(int argc, char **argv) {
         return 0;
     }
     char **main_argv = NULL;
-    if (argc == 2 && !strcmp(argv[1], "--keepalive")) g_keepalive = 1;
-    else if (argc >= 3 && !strcmp(argv[1], "--")) main_argv = argv + 2;
+    int a = 1;
+    g_user.protected_id = 65536;
+    for (; a + 1 < argc; a += 2) { /* privileged mode: --user UID:GID [--protected-id N] */
+        char *end;
+        if (!strcmp(argv[a], "--user")) {
+            g_user.uid = (uid_t)strtoul(argv[a + 1], &end, 10);
+            if (*end != ':') break;
+            g_user.gid = (gid_t)strtoul(end + 1, &end, 10);
+            if (*end) break;
+            g_privileged = 1;
+        } else if (!strcmp(argv[a], "--protected-id")) {
+            g_user.protected_id = (uid_t)strtoul(argv[a + 1], &end, 10);
+            if (*end) break;
+        } else {
+            break;
+        }
+    }
+    if (argc == a + 1 && !strcmp(argv[a], "--keepalive")) g_keepalive = 1;
+    else if (argc >= a + 2 && !strcmp(argv[a], "--")) main_argv = argv + a + 1;
     else {
-        fprintf(stderr, "usage: aviato-supervisor [--keepalive | -- ARGV...]\n"
+        fprintf(stderr, "usage: aviato-supervisor [--user UID:GID [--protected-id N]] "
+                        "[--keepalive | -- ARGV...]\n"
                         "       aviato-supervisor --launch [--cgroup-procs FILE]... "
-                        "[--oom-score-adj N] -- PROG ARGS...\n");
+                        "[--oom-score-adj N] [--userns BASE:COUNT [--stage FROM:AT]] "
+                        "-- PROG ARGS...\n");
         return 2;
     }
 
@@ -1448,6 +1507,8 @@ int main(int argc, char **argv) {
     cloexec_from(3);
 
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    if (g_privileged && priv_supervisor_init(&g_user) < 0)
+        die("cannot set up the sandbox's credentials: %s", strerror(errno));
     prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); /* already implied as PID 1; for other uses */
     for (int sig = 1; sig < NSIG; sig++) /* ignored signals would be inherited by commands */
         if (sig != SIGKILL && sig != SIGSTOP) signal(sig, SIG_DFL);
