@@ -216,9 +216,10 @@ class OwnUserns:
 
 
 # Kept by the supervisor of a sandbox in its own user namespace; see native/privileges.c.
+# CAP_CHOWN only until it has given the writable layer to the image's user.
 SUPERVISOR_CAPS = (
     "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_KILL", "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
+    "CAP_DAC_READ_SEARCH", "CAP_CHOWN",
 )  # fmt: skip
 _BIND_OPTIONS = frozenset(
     {"--bind", "--ro-bind", "--bind-try", "--ro-bind-try", "--dev-bind", "--dev-bind-try"}

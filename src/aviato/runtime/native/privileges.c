@@ -24,6 +24,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <ftw.h>
 #include <grp.h>
 #include <linux/capability.h>
 #include <sched.h>
@@ -33,6 +34,7 @@
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -69,6 +71,8 @@ struct mount_attr_ {
     (BIT(CAP_SETUID) | BIT(CAP_SETGID) | BIT(CAP_SETPCAP) | BIT(CAP_KILL) |                 \
      BIT(CAP_DAC_OVERRIDE) | BIT(CAP_DAC_READ_SEARCH))
 #define PROTECTED_CAPS (BIT(CAP_DAC_OVERRIDE) | BIT(CAP_DAC_READ_SEARCH))
+/* At start only: giving the writable layer to a sandbox user other than root. */
+#define START_CAPS (SUPERVISOR_CAPS | BIT(CAP_CHOWN))
 #define LAST_CAP 63
 
 /* ---- capabilities (raw system calls) ---- */
@@ -107,15 +111,33 @@ static int become_ids(uid_t uid, gid_t gid) {
 }
 
 static uint64_t g_permitted; /* the supervisor's, read by vfork children (shared memory) */
+static uid_t g_owner_uid;
+static gid_t g_owner_gid;
+
+static int give(const char *path, const struct stat *st, int type, struct FTW *ftw) {
+    (void)st, (void)type, (void)ftw;
+    lchown(path, g_owner_uid, g_owner_gid); /* best effort: e.g. read-only bind targets */
+    return 0;
+}
+
+/* The writable layer (the tmpfs at /, as bubblewrap left it: directories, mount points and
+ * symlinks) belongs to the sandbox's user, as it did when bubblewrap made the user namespace
+ * for that user alone. Filesystems mounted on it (the image's read-only trees, /proc, /dev)
+ * are not entered. */
+static void give_writable_layer(const struct sandbox_user *user) {
+    g_owner_uid = user->uid, g_owner_gid = user->gid;
+    nftw("/", give, 16, FTW_PHYS | FTW_MOUNT);
+}
 
 int priv_supervisor_init(const struct sandbox_user *user) {
     uint64_t eff, prm;
     if (caps_get(&eff, &prm) < 0) return -1;
-    if ((prm & SUPERVISOR_CAPS) != SUPERVISOR_CAPS) {
+    if ((prm & START_CAPS) != START_CAPS) {
         errno = EPERM;
         return -1;
     }
     if (caps_set(prm, prm, 0) < 0) return -1;
+    if (user->uid != 0) give_writable_layer(user);
     if (syscall(SYS_prctl, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0) return -1;
     if (bounding_keep(SUPERVISOR_CAPS) < 0) return -1;
     /* File operations (reads and writes the service asks for) as the sandbox's user. */
