@@ -146,3 +146,14 @@ def test_stdout_closed_early_kills_the_remote_command(cli: Cli, sandbox: str) ->
             return
         time.sleep(0.2)
     raise AssertionError(f"`yes` (pid {pid}) still runs after its reader went away")
+
+
+def test_protected_option(cli: Cli, sandbox: str) -> None:
+    result = cli("exec", "--protected", sandbox, "--", "id", "-u")
+    if os.geteuid() != 0:
+        assert result.returncode == 125
+        assert_one_line_error(result)
+        assert "protected" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "65536\n"

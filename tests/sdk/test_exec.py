@@ -282,3 +282,22 @@ def test_aviato_wait_and_results(sandbox: Sandbox) -> None:
     assert len(done) == 2 and pending == []
     with pytest.raises(ValueError):
         aviato.wait([fast], num_returns=0)
+
+
+def test_protected_exec_runs_out_of_reach_of_other_commands(sandbox: Sandbox) -> None:
+    """`protected=True` through the SDK, sync and async: a uid of its own, the same files."""
+    import os
+
+    if os.geteuid() != 0:
+        with pytest.raises(aviato.SandboxError, match="protected"):
+            sandbox.exec(["true"], protected=True).result()
+        return
+    sandbox.exec(["sh", "-c", "echo data > /workspace/p; chmod 600 /workspace/p"]).result()
+    r = sandbox.exec(["sh", "-c", "id -u; cat /workspace/p"], protected=True).result()
+    assert r.stdout.split() == ["65536", "data"]
+
+    async def run() -> str:
+        result = await sandbox.exec(["id", "-u"], protected=True)
+        return result.stdout
+
+    assert asyncio.run(run()).strip() == "65536"
