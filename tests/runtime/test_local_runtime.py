@@ -35,7 +35,8 @@ from aviato.runtime.base import (
 from aviato.runtime.bwrap import Bwrap, find_bwrap
 from aviato.runtime.local import LocalRuntime, LocalSandbox, SandboxStartFailed
 
-SOURCES = sorted(str(p) for p in (Path(__file__).parents[2] / "src/aviato/runtime/native").glob("*.c"))
+NATIVE = Path(__file__).parents[2] / "src/aviato/runtime/native"
+SOURCES = sorted(str(p) for p in NATIVE.glob("*.c"))
 MiB = 1 << 20
 T = TypeVar("T")
 

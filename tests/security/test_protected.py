@@ -125,7 +125,7 @@ def test_a_protected_command_works_with_what_the_sandbox_made(host: Host) -> Non
     )
     client.write_file(sid, "/workspace/server.py", server.encode())
     assert client.exec(sid, ["sh", "-c", "setsid python3 /workspace/server.py &"]).exit_code == 0
-    made = client.exec(sid, ["sh", "-c", "echo answer > /workspace/out && chmod 600 /workspace/out"])
+    made = client.sh(sid, "echo answer > /workspace/out && chmod 600 /workspace/out")
     assert made.exit_code == 0
     check = (
         "import socket, time, os\n"
@@ -144,7 +144,7 @@ def test_a_protected_command_works_with_what_the_sandbox_made(host: Host) -> Non
     after = client.exec(sid, ["cat", "/workspace/out"])
     assert after.stdout == b"answer\ngraded\n"
     # What the protected command leaves running is out of reach too (and still alive).
-    left = client.exec(sid, ["sh", "-c", "setsid sleep 30 >/dev/null 2>&1 & echo $!"], protected=True)
+    left = client.sh(sid, "setsid sleep 30 >/dev/null 2>&1 & echo $!", protected=True)
     pid = int(left.stdout.decode())
     probe = f"import os\ntry:\n    os.kill({pid}, 0)\nexcept OSError as e:\n    print(e.errno)"
     assert client.exec(sid, ["python3", "-c", probe]).stdout.strip() == b"1"  # EPERM
