@@ -159,6 +159,15 @@ def test_a_protected_command_still_obeys_its_timeout_and_the_stop(host: Host) ->
     assert r.terminal.exit.signal == 9
 
 
+def test_a_protected_command_gets_no_terminal(host: Host) -> None:
+    """A terminal's device could be opened by any process of the sandbox's user."""
+    sid = host.sandbox()
+    r = host.client.exec(sid, ["true"], protected=True, tty=True)
+    assert r.terminal.WhichOneof("msg") == "error"
+    assert r.terminal.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "terminal" in r.terminal.error.message
+
+
 def test_rootless_refuses_protected_commands_clearly(host: Host) -> None:
     if host.mode != "rootless":
         pytest.skip("a root service supports protected commands")

@@ -359,6 +359,11 @@ def validate_exec_init(init: pb.ExecInit) -> ExecSpec:
     timeout = validate_finite(
         init.timeout_seconds, "init.timeout_seconds", 0.0, MAX_EXEC_TIMEOUT_SECONDS
     )
+    if init.protected and init.tty:
+        # Any process of the sandbox's user could open the terminal and type or print into it.
+        raise InvalidArgument(
+            "init.tty", "a protected command cannot have a terminal (other processes could open it)"
+        )
     rows, cols = 24, 80
     if init.HasField("tty_size"):
         rows = _terminal_dim(init.tty_size.rows, "init.tty_size.rows") or rows

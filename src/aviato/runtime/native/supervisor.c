@@ -760,6 +760,10 @@ static void do_exec(struct conn *c, uint32_t id, struct rd *r) {
             send_error(c, id, EINVAL, "invalid environment entry '%s' (expected K=V)", env[i]);
             goto out;
         }
+    if ((flags & EXEC_PROTECTED) && (flags & EXEC_TTY)) {
+        send_error(c, id, EINVAL, "a protected command cannot have a terminal");
+        goto out;
+    }
     if ((flags & EXEC_PROTECTED) && !g_privileged) {
         send_error(c, id, EPERM, "protected commands need a sandbox with a user namespace of "
                                  "its own (a service running as root)");
