@@ -23,10 +23,13 @@ from aviato.server.config import (
     DEFAULT_MAX_SANDBOXES,
     DEFAULT_MIN_FREE_DISK_BYTES,
     ServerConfig,
+    default_cgroup_memory_bytes,
+    default_cgroup_pids,
     default_min_free_memory_bytes,
     parse_listen,
     resolve_state_dir,
 )
+from aviato.server.quotas import Quota
 
 
 def _memory(text: str) -> int:
@@ -52,6 +55,28 @@ def _listen(text: str) -> str:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+def _cpu(text: str) -> int:
+    try:
+        return quantities.parse_cpu_millis(text)
+    except quantities.QuantityError as e:
+        raise argparse.ArgumentTypeError(f"{e} (cores, e.g. 4 or 500m)") from None
+
+
+def _env(name: str) -> str | None:
+    """A flag's default from the environment (argparse checks it like the flag's own value)."""
+    return os.environ.get(name) or None
 
 
 def _positive_float(text: str) -> float:
@@ -95,6 +120,50 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                    metavar="QUANTITY",
                    help="refuse creates while the state directory's filesystem has less free "
                         "space than this (logs, images; default 256Mi; 0: no floor)")  # fmt: skip
+    quota = p.add_argument_group(
+        "per-owner quotas",
+        "bounds on each owner's live sandboxes (0: no bound); `aviato keys quota` sets an "
+        "owner's own values; a sandbox without a cpu limit counts as all of the host's cores",
+    )
+    quota.add_argument(
+        "--owner-max-sandboxes", type=_count, metavar="N",
+        default=_env("AVIATO_OWNER_MAX_SANDBOXES") or "0",
+        help="live sandboxes per owner (env AVIATO_OWNER_MAX_SANDBOXES)",
+    )  # fmt: skip
+    quota.add_argument(
+        "--owner-max-cpu", type=_cpu, metavar="CPUS", default=_env("AVIATO_OWNER_MAX_CPU") or "0",
+        help="sum of cpu limits per owner, e.g. 8 (env AVIATO_OWNER_MAX_CPU)",
+    )  # fmt: skip
+    quota.add_argument(
+        "--owner-max-memory", type=_memory, metavar="QUANTITY",
+        default=_env("AVIATO_OWNER_MAX_MEMORY") or "0",
+        help="sum of memory limits per owner, e.g. 16Gi (env AVIATO_OWNER_MAX_MEMORY)",
+    )  # fmt: skip
+    quota.add_argument(
+        "--owner-max-disk", type=_memory, metavar="QUANTITY",
+        default=_env("AVIATO_OWNER_MAX_DISK") or "0",
+        help="sum of disk sizes per owner (env AVIATO_OWNER_MAX_DISK)",
+    )  # fmt: skip
+    host = p.add_argument_group(
+        "all sandboxes together",
+        "limits of the parent cgroup that holds every sandbox's cgroup, written at start "
+        "(0: leave the parent's limit as it is)",
+    )
+    host.add_argument(
+        "--cgroup-parent", metavar="PATH", default=_env("AVIATO_CGROUP_PARENT") or "aviato",
+        help="the parent cgroup, relative to each hierarchy's root "
+             "(default aviato; env AVIATO_CGROUP_PARENT)",
+    )  # fmt: skip
+    host.add_argument(
+        "--cgroup-memory", type=_memory, metavar="QUANTITY", default=_env("AVIATO_CGROUP_MEMORY"),
+        help="memory of all sandboxes together, their writable layers included "
+             "(default 3/4 of the host's memory; env AVIATO_CGROUP_MEMORY)",
+    )  # fmt: skip
+    host.add_argument(
+        "--cgroup-pids", type=_count, metavar="N", default=_env("AVIATO_CGROUP_PIDS"),
+        help="processes and threads of all sandboxes together (default half of "
+             "kernel.pid_max or kernel.threads-max, whichever is smaller; env AVIATO_CGROUP_PIDS)",
+    )  # fmt: skip
     p.add_argument("--default-max-lifetime", type=_positive_float,
                    default=DEFAULT_MAX_LIFETIME_SECONDS, metavar="SECONDS")  # fmt: skip
     p.add_argument("--default-image", type=_image, metavar="IMAGE",
@@ -111,6 +180,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     args = p.parse_args(argv)
     if args.max_sandboxes < 0:
         p.error("--max-sandboxes must be >= 0")
+    parent = args.cgroup_parent.strip("/")
+    if not parent or any(part in ("", ".", "..") for part in parent.split("/")):
+        p.error(f"--cgroup-parent: {args.cgroup_parent!r} is not a relative cgroup path")
     if bool(args.tls_cert) != bool(args.tls_key):
         p.error("--tls-cert and --tls-key must be given together")
     if args.tls_cert and not args.listen:
@@ -130,6 +202,17 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             else args.min_free_memory
         ),
         default_max_lifetime_seconds=args.default_max_lifetime,
+        owner_quota=Quota(
+            sandboxes=args.owner_max_sandboxes,
+            cpu_millis=args.owner_max_cpu,
+            memory_bytes=args.owner_max_memory,
+            disk_bytes=args.owner_max_disk,
+        ),
+        cgroup_parent=parent,
+        cgroup_memory_bytes=(
+            default_cgroup_memory_bytes() if args.cgroup_memory is None else args.cgroup_memory
+        ),
+        cgroup_pids=default_cgroup_pids() if args.cgroup_pids is None else args.cgroup_pids,
         log_level=args.log_level.upper(),
         default_image=args.default_image,
         insecure_registries=tuple(args.insecure_registry),

@@ -37,7 +37,7 @@ from aviato.runtime.base import (
     SandboxRuntimeError,
 )
 from aviato.server import validation
-from aviato.server.auth import Authenticator
+from aviato.server.auth import LOCAL_OWNER, Authenticator
 from aviato.server.config import ServerConfig
 from aviato.server.errors import InvalidArgument, ServiceError
 from aviato.server.lifecycle import Lifecycle
@@ -182,6 +182,59 @@ def _exit_frame(event: ExecExit) -> pb.ExecResponse:
 
 def _error_frame(code: str, message: str) -> pb.ExecResponse:
     return pb.ExecResponse(error=pb.ExecError(code=_numeric_code(code), message=message))
+
+
+class _Resumable:
+    """An async iterator whose reads survive the cancellation of a reader.
+
+    The runtime cancels its pending read of an upload's frames when the write ends early (the
+    disk is full); a plain iterator would then be closed mid-read. Here the read goes on in its
+    own task, and the next reader gets its frame: the rest of the stream can still be drained.
+    """
+
+    __slots__ = ("_it", "_next")
+
+    def __init__(self, it: AsyncIterator[Any]) -> None:
+        self._it = it
+        self._next: asyncio.Future[Any] | None = None
+
+    def __aiter__(self) -> _Resumable:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._next is None:
+            self._next = asyncio.ensure_future(anext(self._it))
+            # Retrieved even when nobody reads again (the call ended meanwhile).
+            self._next.add_done_callback(lambda f: f.cancelled() or f.exception())
+        pending = self._next
+        try:
+            return await asyncio.shield(pending)
+        finally:
+            if pending.done():
+                self._next = None
+
+
+async def _drain(requests: AsyncIterator[pb.WriteFileRequest]) -> None:
+    """Reads and drops what the client still sends of an upload that has failed.
+
+    The status must wait for the end of the client's stream: grpc's asyncio client reports a
+    send that fails on an already ended call as its own INTERNAL error ("Internal error from
+    Core"), in place of the status the service sent; whichever comes first wins. Bounded as an
+    upload is: it stops when the client ends its stream, after MAX_WRITE_BYTES, or when the
+    stream breaks (then the status is sent at once, as before).
+    """
+    total = 0
+    try:
+        async for req in requests:
+            if req.WhichOneof("msg") != "data":
+                continue
+            total += len(req.data)
+            if total > MAX_WRITE_BYTES:
+                return
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.debug("WriteFile: draining the rest of a failed upload stopped", exc_info=True)
 
 
 class _Unary:
@@ -336,8 +389,13 @@ class SandboxServicer:
             runtime=_runtime_text(facts),
             cgroups=_cgroup_mode(facts.get("cgroups", "")),
             state_dir=str(self._config.state_dir),
-            sandboxes_running=self._lifecycle.running_count(),
+            # Other owners learn their own count only, never how busy the service is.
+            sandboxes_running=self._lifecycle.running_count(
+                None if owner == LOCAL_OWNER else owner
+            ),
             max_sandboxes=self._config.max_sandboxes,
+            sandbox_limits=facts.get("sandbox_limits", ""),
+            quota=self._lifecycle.quota_text(owner),
         )
 
     # -- exec ---------------------------------------------------------------------------------
@@ -567,7 +625,7 @@ class SandboxServicer:
         context: Ctx,
     ) -> pb.WriteFileResponse:
         owner = await self._owner_or_abort(context)
-        requests = aiter(request_iterator)
+        requests = _Resumable(aiter(request_iterator))
         problem: list[ServiceError] = []
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -613,6 +671,8 @@ class SandboxServicer:
             size = await handle.write_file(path, mode, header.make_parents, chunks())
         except (ServiceError, SandboxRuntimeError) as e:
             err: ServiceError | SandboxRuntimeError = problem[0] if problem else e
+            if not problem:
+                await _drain(requests)
             await context.abort(_status(err.code), str(err))
             raise  # unreachable
         except (asyncio.CancelledError, grpc.aio.AbortError):
