@@ -170,8 +170,12 @@ def cgroup_parent_dirs(parent_name: str) -> list[Path]:
 
 
 def remove_cgroup_parent(parent_name: str) -> list[Path]:
-    """Removes a test's cgroup parent (children first); returns what could not be removed."""
+    """Removes a test's cgroup parent (children first); returns what could not be removed.
+
+    Only parents named "aviato-test-...": never one that other services may share."""
     left: list[Path] = []
+    if not parent_name.startswith("aviato-test-"):
+        return left
     for directory in cgroup_parent_dirs(parent_name):
         for child in sorted(directory.glob("**/"), key=lambda p: -len(p.parts)):
             if child.is_dir():

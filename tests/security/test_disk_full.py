@@ -55,10 +55,9 @@ report("after a command filled the disk", results)
 results = []
 for _ in range(rounds):
     with cf.ThreadPoolExecutor(4) as pool:
-        futures = [
-            pool.submit(outcome, lambda i=i: sb.write_file(f"/workspace/c{i}", b"z" * (12 * MiB)).result())
-            for i in range(4)
-        ]
+        def upload(i):
+            return outcome(lambda: sb.write_file(f"/workspace/c{i}", b"z" * (12 * MiB)).result())
+        futures = [pool.submit(upload, i) for i in range(4)]
         results += [f.result() for f in futures]
     sb.exec(["sh", "-c", "rm -f /workspace/c*"]).result()
 report("concurrent uploads", results, status=str(sb.status))

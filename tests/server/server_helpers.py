@@ -176,8 +176,9 @@ def sandbox_cgroups(ids: set[str], parent_name: str = "aviato") -> list[Path]:
 
 
 def remove_cgroup_parent(parent_name: str) -> None:
-    """Removes a test service's own cgroup parent (children first), where it exists."""
-    if not _CGROUP_ROOT.is_dir():
+    """Removes a test service's own cgroup parent (children first), where it exists; only
+    parents named "aviato-test-...", never one that other services may share."""
+    if not _CGROUP_ROOT.is_dir() or not parent_name.startswith("aviato-test-"):
         return
     roots = [*_CGROUP_ROOT.iterdir(), _CGROUP_ROOT]
     for directory in (root / parent_name for root in roots):
