@@ -96,9 +96,10 @@ def test_default_budget_derives_from_the_machine() -> None:
         threads_max = int(Path("/proc/sys/kernel/threads-max").read_text())
         memory = read_int(parent_file(svc, "memory", "memory.limit_in_bytes", "memory.max"))
         assert abs(memory - total * 3 // 4) < 4096 * 2  # the kernel rounds to pages
-        assert read_int(parent_file(svc, "pids", "pids.max", "pids.max")) == min(
-            pid_max, threads_max
-        ) // 2
+        assert (
+            read_int(parent_file(svc, "pids", "pids.max", "pids.max"))
+            == min(pid_max, threads_max) // 2
+        )
     finally:
         svc.finish()
 

@@ -99,6 +99,7 @@ def test_owner_at_quota_is_refused_with_its_own_usage_only(world: World) -> None
     # What an owner is told about the service is its own count.
     info = alice.stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=alice.md, timeout=10)
     assert info.sandboxes_running == QUOTA
+    assert info.sandbox_limits == ""  # the host's budget is the operator's business
     assert info.quota.startswith(f"sandboxes {QUOTA} of {QUOTA}"), info.quota
     # Bob stops one and creates again; alice is still refused.
     bob.stop(bobs.pop().id)

@@ -13,7 +13,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from aviato.images.reference import InvalidReference, parse_reference
 from aviato.server import quantities
@@ -74,9 +76,28 @@ def _cpu(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{e} (cores, e.g. 4 or 500m)") from None
 
 
-def _env(name: str) -> str | None:
-    """A flag's default from the environment (argparse checks it like the flag's own value)."""
-    return os.environ.get(name) or None
+# Flags whose default comes from an environment variable, checked like the flag's own value
+# (an error names the variable): dest -> (variable, parse, default when neither is set).
+_ENV_DEFAULTS: dict[str, tuple[str, Callable[[str], Any], Any]] = {}
+
+
+def _env(dest: str, name: str, parse: Callable[[str], Any], default: Any) -> None:
+    """Registers `name` as the environment variable behind the flag `dest` (default None)."""
+    _ENV_DEFAULTS[dest] = (name, parse, default)
+
+
+def _apply_env(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for dest, (name, parse, default) in _ENV_DEFAULTS.items():
+        if getattr(args, dest) is not None:
+            continue
+        text = os.environ.get(name)
+        if not text:
+            setattr(args, dest, default)
+            continue
+        try:
+            setattr(args, dest, parse(text))
+        except argparse.ArgumentTypeError as e:
+            p.error(f"{name}={text!r}: {e}")
 
 
 def _positive_float(text: str) -> float:
@@ -87,6 +108,15 @@ def _positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive finite number")
     return value
+
+
+_env("owner_max_sandboxes", "AVIATO_OWNER_MAX_SANDBOXES", _count, 0)
+_env("owner_max_cpu", "AVIATO_OWNER_MAX_CPU", _cpu, 0)
+_env("owner_max_memory", "AVIATO_OWNER_MAX_MEMORY", _memory, 0)
+_env("owner_max_disk", "AVIATO_OWNER_MAX_DISK", _memory, 0)
+_env("cgroup_parent", "AVIATO_CGROUP_PARENT", str, "aviato")
+_env("cgroup_memory", "AVIATO_CGROUP_MEMORY", _memory, None)  # None: derived from the host
+_env("cgroup_pids", "AVIATO_CGROUP_PIDS", _count, None)
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
@@ -127,21 +157,18 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     )
     quota.add_argument(
         "--owner-max-sandboxes", type=_count, metavar="N",
-        default=_env("AVIATO_OWNER_MAX_SANDBOXES") or "0",
         help="live sandboxes per owner (env AVIATO_OWNER_MAX_SANDBOXES)",
     )  # fmt: skip
     quota.add_argument(
-        "--owner-max-cpu", type=_cpu, metavar="CPUS", default=_env("AVIATO_OWNER_MAX_CPU") or "0",
+        "--owner-max-cpu", type=_cpu, metavar="CPUS",
         help="sum of cpu limits per owner, e.g. 8 (env AVIATO_OWNER_MAX_CPU)",
     )  # fmt: skip
     quota.add_argument(
         "--owner-max-memory", type=_memory, metavar="QUANTITY",
-        default=_env("AVIATO_OWNER_MAX_MEMORY") or "0",
         help="sum of memory limits per owner, e.g. 16Gi (env AVIATO_OWNER_MAX_MEMORY)",
     )  # fmt: skip
     quota.add_argument(
         "--owner-max-disk", type=_memory, metavar="QUANTITY",
-        default=_env("AVIATO_OWNER_MAX_DISK") or "0",
         help="sum of disk sizes per owner (env AVIATO_OWNER_MAX_DISK)",
     )  # fmt: skip
     host = p.add_argument_group(
@@ -150,17 +177,17 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "(0: leave the parent's limit as it is)",
     )
     host.add_argument(
-        "--cgroup-parent", metavar="PATH", default=_env("AVIATO_CGROUP_PARENT") or "aviato",
+        "--cgroup-parent", metavar="PATH",
         help="the parent cgroup, relative to each hierarchy's root "
              "(default aviato; env AVIATO_CGROUP_PARENT)",
     )  # fmt: skip
     host.add_argument(
-        "--cgroup-memory", type=_memory, metavar="QUANTITY", default=_env("AVIATO_CGROUP_MEMORY"),
+        "--cgroup-memory", type=_memory, metavar="QUANTITY",
         help="memory of all sandboxes together, their writable layers included "
              "(default 3/4 of the host's memory; env AVIATO_CGROUP_MEMORY)",
     )  # fmt: skip
     host.add_argument(
-        "--cgroup-pids", type=_count, metavar="N", default=_env("AVIATO_CGROUP_PIDS"),
+        "--cgroup-pids", type=_count, metavar="N",
         help="processes and threads of all sandboxes together (default half of "
              "kernel.pid_max or kernel.threads-max, whichever is smaller; env AVIATO_CGROUP_PIDS)",
     )  # fmt: skip
@@ -178,6 +205,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning",
                             "error"])  # fmt: skip
     args = p.parse_args(argv)
+    _apply_env(p, args)
     if args.max_sandboxes < 0:
         p.error("--max-sandboxes must be >= 0")
     parent = args.cgroup_parent.strip("/")

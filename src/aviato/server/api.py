@@ -379,6 +379,7 @@ class SandboxServicer:
     async def GetServerInfo(
         self, owner: str, request: pb.GetServerInfoRequest, context: Ctx
     ) -> pb.ServerInfo:
+        operator = owner == LOCAL_OWNER  # the service's own user (see auth)
         facts: dict[str, str] = {}
         for runtime in self._placement.nodes().values():
             facts = runtime.describe()
@@ -389,12 +390,10 @@ class SandboxServicer:
             runtime=_runtime_text(facts),
             cgroups=_cgroup_mode(facts.get("cgroups", "")),
             state_dir=str(self._config.state_dir),
-            # Other owners learn their own count only, never how busy the service is.
-            sandboxes_running=self._lifecycle.running_count(
-                None if owner == LOCAL_OWNER else owner
-            ),
+            # Other owners learn their own count only, never how busy the service or the host is.
+            sandboxes_running=self._lifecycle.running_count(None if operator else owner),
             max_sandboxes=self._config.max_sandboxes,
-            sandbox_limits=facts.get("sandbox_limits", ""),
+            sandbox_limits=facts.get("sandbox_limits", "") if operator else "",
             quota=self._lifecycle.quota_text(owner),
         )
 

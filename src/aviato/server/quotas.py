@@ -161,9 +161,10 @@ class OwnerQuotas:
             return
         used = self._usage.get(owner) or _Usage()
         if quota.sandboxes and used.sandboxes + 1 > quota.sandboxes:
+            plural = "" if used.sandboxes == 1 else "es"
             raise QuotaExceeded(
-                f"quota reached: you have {used.sandboxes} live sandboxes and your limit is "
-                f"{quota.sandboxes}; stop or delete some of yours first"
+                f"quota reached: you have {used.sandboxes} live sandbox{plural} and your limit "
+                f"is {quota.sandboxes}; stop or delete some of yours first"
             )
         _check_amount(
             "cpu", "resources.cpu", charge.cpu_millis, used.cpu_millis, quota.cpu_millis,
