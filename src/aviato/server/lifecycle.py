@@ -324,21 +324,21 @@ class Lifecycle:
         operator = owner == LOCAL_OWNER
         limit = self._config.max_sandboxes
         if limit and len(self._live) >= limit:
-            figures = f": {len(self._live)} of {limit} sandboxes are live" if operator else ""
             raise CapacityExceeded(
-                f"capacity exhausted{figures}: the service runs as many sandboxes as it may "
-                "(server --max-sandboxes); stop or delete some, or try again later"
+                f"capacity exhausted: {len(self._live)} of {limit} sandboxes are live "
+                "(server --max-sandboxes); stop or delete some first"
+                if operator
+                else "capacity exhausted: the service runs as many sandboxes as it may "
+                "(server --max-sandboxes); try again later"
             )
         mem_limit = self._config.max_memory_bytes
         if mem_limit and self._memory_reserved + memory > mem_limit:
-            figures = (
-                f": {format_bytes(self._memory_reserved)} of {format_bytes(mem_limit)} is "
-                "reserved by live sandboxes"
-                if operator
-                else ""
-            )
             raise CapacityExceeded(
-                f"memory capacity exhausted{figures}: the service cannot reserve the "
+                f"memory capacity exhausted: requested {format_bytes(memory)}, "
+                f"{format_bytes(self._memory_reserved)} of {format_bytes(mem_limit)} "
+                "already reserved by live sandboxes (server --max-memory)"
+                if operator
+                else "memory capacity exhausted: the service cannot reserve the "
                 f"{format_bytes(memory)} this sandbox asks for (server --max-memory); ask for "
                 "less (resources.memory), or try again later"
             )
@@ -347,28 +347,22 @@ class Lifecycle:
         if floor:
             available = available_memory_bytes()
             if available is not None and available < floor:
-                figures = (
-                    f": {format_bytes(available)} available, below the floor of "
-                    f"{format_bytes(floor)}"
-                    if operator
-                    else ""
-                )
                 raise CapacityExceeded(
-                    f"host memory low{figures} (server --min-free-memory); try again later"
+                    f"host memory low: {format_bytes(available)} available, below the floor of "
+                    f"{format_bytes(floor)} (server --min-free-memory); stop some sandboxes first"
+                    if operator
+                    else "host memory low (server --min-free-memory); try again later"
                 )
         floor = self._config.min_free_disk_bytes
         if floor:
             free = free_disk_bytes(self._config.state_dir)
             if free is not None and free < floor:
-                figures = (
-                    f": {format_bytes(free)} free for the state directory "
-                    f"{self._config.state_dir}, below the floor of {format_bytes(floor)}; delete "
-                    "ended sandboxes or unused images"
-                    if operator
-                    else ""
-                )
                 raise CapacityExceeded(
-                    f"host disk low{figures} (server --min-free-disk); try again later"
+                    f"host disk low: {format_bytes(free)} free for the state directory "
+                    f"{self._config.state_dir}, below the floor of {format_bytes(floor)} "
+                    "(server --min-free-disk); delete ended sandboxes or unused images first"
+                    if operator
+                    else "host disk low (server --min-free-disk); try again later"
                 )
 
     def _adopt(self, live: _Live) -> None:
