@@ -43,6 +43,7 @@ from aviato.server.errors import InvalidArgument, ServiceError
 from aviato.server.lifecycle import Lifecycle
 from aviato.server.placement import Placement
 from aviato.server.registry import SandboxRecord
+from aviato.server.streams import Resumable, drain_upload
 from aviato.v1 import sandbox_pb2 as pb
 
 __all__ = ["SandboxServicer", "parse_log_records", "sandbox_message"]
@@ -182,59 +183,6 @@ def _exit_frame(event: ExecExit) -> pb.ExecResponse:
 
 def _error_frame(code: str, message: str) -> pb.ExecResponse:
     return pb.ExecResponse(error=pb.ExecError(code=_numeric_code(code), message=message))
-
-
-class _Resumable:
-    """An async iterator whose reads survive the cancellation of a reader.
-
-    The runtime cancels its pending read of an upload's frames when the write ends early (the
-    disk is full); a plain iterator would then be closed mid-read. Here the read goes on in its
-    own task, and the next reader gets its frame: the rest of the stream can still be drained.
-    """
-
-    __slots__ = ("_it", "_next")
-
-    def __init__(self, it: AsyncIterator[Any]) -> None:
-        self._it = it
-        self._next: asyncio.Future[Any] | None = None
-
-    def __aiter__(self) -> _Resumable:
-        return self
-
-    async def __anext__(self) -> Any:
-        if self._next is None:
-            self._next = asyncio.ensure_future(anext(self._it))
-            # Retrieved even when nobody reads again (the call ended meanwhile).
-            self._next.add_done_callback(lambda f: f.cancelled() or f.exception())
-        pending = self._next
-        try:
-            return await asyncio.shield(pending)
-        finally:
-            if pending.done():
-                self._next = None
-
-
-async def _drain(requests: AsyncIterator[pb.WriteFileRequest]) -> None:
-    """Reads and drops what the client still sends of an upload that has failed.
-
-    The status must wait for the end of the client's stream: grpc's asyncio client reports a
-    send that fails on an already ended call as its own INTERNAL error ("Internal error from
-    Core"), in place of the status the service sent; whichever comes first wins. Bounded as an
-    upload is: it stops when the client ends its stream, after MAX_WRITE_BYTES, or when the
-    stream breaks (then the status is sent at once, as before).
-    """
-    total = 0
-    try:
-        async for req in requests:
-            if req.WhichOneof("msg") != "data":
-                continue
-            total += len(req.data)
-            if total > MAX_WRITE_BYTES:
-                return
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.debug("WriteFile: draining the rest of a failed upload stopped", exc_info=True)
 
 
 class _Unary:
@@ -624,7 +572,7 @@ class SandboxServicer:
         context: Ctx,
     ) -> pb.WriteFileResponse:
         owner = await self._owner_or_abort(context)
-        requests = _Resumable(aiter(request_iterator))
+        requests = Resumable(aiter(request_iterator))
         problem: list[ServiceError] = []
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -671,7 +619,7 @@ class SandboxServicer:
         except (ServiceError, SandboxRuntimeError) as e:
             err: ServiceError | SandboxRuntimeError = problem[0] if problem else e
             if not problem:
-                await _drain(requests)
+                await drain_upload(requests, MAX_WRITE_BYTES)
             await context.abort(_status(err.code), str(err))
             raise  # unreachable
         except (asyncio.CancelledError, grpc.aio.AbortError):
