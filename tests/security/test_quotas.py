@@ -56,7 +56,7 @@ class World:
 
     def client(self, who: str) -> Client:
         assert self.channel is not None
-        stub = pbg.SandboxServiceStub(self.channel)
+        stub = pbg.SandboxServiceStub(self.channel)  # type: ignore[no-untyped-call]
         return Client(stub, [("authorization", f"Bearer {self.keys[who]}")], self.svc.record)
 
     def registry(self) -> Registry:
