@@ -6,6 +6,10 @@ every temporary file the service makes can be counted. It can be killed with SIG
 again on the same state. `Service.as_user` runs it as another (non-root) uid: rootless mode,
 where bubblewrap makes a user namespace.
 
+Each `Service` puts its sandboxes under a cgroup parent of its own (`aviato-test-<random>`,
+removed by `finish()`), so that the limits it writes to that parent (all sandboxes together)
+never touch the parent other services on this machine share.
+
 `Footprint` counts what sandboxes leave on the host: processes and cgroups of the service's
 sandboxes (found by sandbox id), mounts, runtime directories under `sandboxes/`, kept logs, and
 entries of the service's `TMPDIR`. `Service.finish()` removes everything and fails the test if
@@ -140,19 +144,46 @@ def processes_of(ids: Iterable[str]) -> dict[int, str]:
     return found
 
 
-def cgroups_of(ids: Iterable[str]) -> list[Path]:
+def cgroups_of(ids: Iterable[str], parent_name: str = "aviato") -> list[Path]:
     found: list[Path] = []
     if not CGROUP_ROOT.is_dir():
         return found
     wanted = set(ids)
     for hierarchy in CGROUP_ROOT.iterdir():
-        parent = hierarchy / "aviato"
+        parent = hierarchy / parent_name
         if not parent.is_dir():
             continue
         for sid in wanted:
             if (parent / sid).exists():
                 found.append(parent / sid)
     return found
+
+
+def cgroup_parent_dirs(parent_name: str) -> list[Path]:
+    """The directories of a cgroup parent, one per hierarchy (v1) or one (v2)."""
+    if not CGROUP_ROOT.is_dir():
+        return []
+    found = [h / parent_name for h in CGROUP_ROOT.iterdir() if (h / parent_name).is_dir()]
+    if (CGROUP_ROOT / parent_name).is_dir():  # a pure v2 host mounts the tree at the root
+        found.append(CGROUP_ROOT / parent_name)
+    return found
+
+
+def remove_cgroup_parent(parent_name: str) -> list[Path]:
+    """Removes a test's cgroup parent (children first); returns what could not be removed.
+
+    Only parents named "aviato-test-...": never one that other services may share."""
+    left: list[Path] = []
+    if not parent_name.startswith("aviato-test-"):
+        return left
+    for directory in cgroup_parent_dirs(parent_name):
+        for child in sorted(directory.glob("**/"), key=lambda p: -len(p.parts)):
+            if child.is_dir():
+                with contextlib.suppress(OSError):
+                    child.rmdir()
+        if directory.exists():
+            left.append(directory)
+    return left
 
 
 def mount_count(base: Path, ids: Iterable[str]) -> int:
@@ -231,6 +262,8 @@ class Service:
     """`python -m aviato.server` on a private state directory, as a child process."""
 
     def __init__(self, *args: str, user: str | None = None, env: dict[str, str] | None = None):
+        import secrets
+
         self.base = short_tempdir()
         os.chmod(self.base, 0o755)
         self.state_dir = self.base / "s"
@@ -238,6 +271,11 @@ class Service:
         self.tmpdir.mkdir()
         self.log_path = self.base / "server.log"
         self.args = list(args)
+        if "--cgroup-parent" in self.args:
+            self.cgroup_parent = self.args[self.args.index("--cgroup-parent") + 1]
+        else:
+            self.cgroup_parent = f"aviato-test-{secrets.token_hex(4)}"
+            self.args += ["--cgroup-parent", self.cgroup_parent]
         self.user = user
         self.extra_env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
@@ -413,7 +451,7 @@ class Service:
         logs = self.state_dir / "logs"
         return Footprint(
             processes=len(self.processes()),
-            cgroups=len(cgroups_of(ids)),
+            cgroups=len(cgroups_of(ids, self.cgroup_parent)),
             mounts=mount_count(self.base, ids),
             runtime_dirs=len(list(sandboxes.iterdir())) if sandboxes.is_dir() else 0,
             kept_logs=len(list(logs.iterdir())) if logs.is_dir() else 0,
@@ -447,18 +485,20 @@ class Service:
             self.proc.wait()
         self._remember()
         ids = self.known_ids()
-        _runtime_cleanup(self.state_dir)
+        _runtime_cleanup(self.state_dir, self.cgroup_parent)
         procs = self.wait_no_processes(10)
-        groups = cgroups_of(ids)
+        groups = cgroups_of(ids, self.cgroup_parent)
         for pid in procs:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.base, ignore_errors=True)
+        if not procs:
+            remove_cgroup_parent(self.cgroup_parent)
         assert not procs, f"sandbox processes remain: {procs}"
         assert not groups, f"sandbox cgroups remain: {groups}"
 
 
-def _runtime_cleanup(state_dir: Path) -> None:
+def _runtime_cleanup(state_dir: Path, cgroup_parent: str = "aviato") -> None:
     """Removes every sandbox the state directory still has, through the runtime itself."""
     if not (state_dir / "sandboxes").is_dir():
         return
@@ -467,7 +507,7 @@ def _runtime_cleanup(state_dir: Path) -> None:
     from aviato.runtime.local import LocalRuntime
 
     async def run() -> None:
-        runtime = LocalRuntime(state_dir)
+        runtime = LocalRuntime(state_dir, cgroup_parent=cgroup_parent)
         for sid in runtime.list_present():
             with contextlib.suppress(Exception):
                 await runtime.cleanup(sid)

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from aviato.runtime.cgroups import CgroupError, CgroupManager, Limits, parse_mountinfo
+from aviato.runtime.cgroups import (
+    CgroupError,
+    CgroupManager,
+    Limits,
+    ParentLimits,
+    parse_mountinfo,
+)
 
 HYBRID = """\
 25 1 0:23 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
@@ -117,3 +123,42 @@ def test_oom_counter_starts_at_zero(manager: CgroupManager) -> None:
         assert cg.memory_peak() >= 0
     finally:
         asyncio.run(cg.remove())
+
+
+def test_parent_limits_lowered_raised_and_refused(manager: CgroupManager) -> None:
+    # Lowering from no limit, then raising (v1 wants memsw >= limit at every step).
+    assert manager.limit_parent(ParentLimits(memory_bytes=256 << 20, pids=100)) == []
+    assert manager.parent_limits() == (256 << 20, 100)
+    assert manager.limit_parent(ParentLimits(memory_bytes=1 << 30, pids=200)) == []
+    assert manager.parent_limits() == (1 << 30, 200)
+    assert manager.limit_parent(ParentLimits(memory_bytes=128 << 20)) == []
+    assert manager.parent_limits() == (128 << 20, 200)  # 0: pids left as they were
+    # A sandbox holding more than a new limit: refused on v1 (EBUSY), never forced.
+    cg = manager.create("holder", Limits(64 << 20, 16))
+    proc = subprocess.Popen(
+        ["sh", "-c", "; ".join(f"echo $$ > {f}" for f in cg.procs_files)
+         + "; exec python3 -c 'b = bytearray(48 << 20); import time; time.sleep(60)'"]
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while (headroom := cg.memory_headroom()) is not None and headroom > 20 << 20:
+            assert time.monotonic() < deadline, headroom
+            time.sleep(0.05)
+        assert headroom is not None and headroom < 20 << 20
+        problems = manager.limit_parent(ParentLimits(memory_bytes=8 << 20))
+        if cg.version == 1:
+            assert problems and "memory" in problems[0], problems
+            assert manager.parent_limits()[0] == 128 << 20
+    finally:
+        proc.kill()
+        proc.wait()
+        asyncio.run(cg.kill_all())
+        asyncio.run(cg.remove())
+
+
+def test_unavailable_manager_sets_no_parent_limits(tmp_path: Path) -> None:
+    info = tmp_path / "mountinfo"
+    info.write_text("")
+    manager = CgroupManager(mountinfo_path=str(info))
+    assert manager.limit_parent(ParentLimits(1 << 30, 10))[0].startswith("cgroups are unavailable")
+    assert manager.parent_limits() == (None, None)

@@ -17,7 +17,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from server_helpers import ServerProcess, sandbox_cgroups, sandbox_processes
+from server_helpers import (
+    ServerProcess,
+    remove_cgroup_parent,
+    sandbox_cgroups,
+    sandbox_processes,
+)
 
 
 def _known_ids(state_dir: Path) -> set[str]:
@@ -34,14 +39,14 @@ def _known_ids(state_dir: Path) -> set[str]:
     return ids
 
 
-def _clean_up(state_dir: Path) -> set[str]:
+def _clean_up(state_dir: Path, cgroup_parent: str) -> set[str]:
     """Removes what the service left (through the runtime); returns the ids it knew."""
     from aviato.runtime.local import LocalRuntime
 
     ids = _known_ids(state_dir)
 
     async def run() -> None:
-        runtime = LocalRuntime(state_dir)
+        runtime = LocalRuntime(state_dir, cgroup_parent=cgroup_parent)
         for sid in runtime.list_present():
             await runtime.cleanup(sid)
         await runtime.close()
@@ -54,9 +59,11 @@ def finish(server: ServerProcess) -> None:
     """Stops the service, removes every sandbox, asserts that nothing of them remains."""
     if server.proc is not None and server.proc.poll() is None:
         server.stop()
-    ids = _clean_up(server.state_dir)
+    ids = _clean_up(server.state_dir, server.cgroup_parent)
     procs = sandbox_processes(ids)
-    cgroups = sandbox_cgroups(ids)
+    cgroups = sandbox_cgroups(ids, server.cgroup_parent)
+    if not procs:
+        remove_cgroup_parent(server.cgroup_parent)
     assert not procs, f"sandbox processes remain: {procs}"
     assert not cgroups, f"sandbox cgroups remain: {cgroups}"
 

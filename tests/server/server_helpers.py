@@ -38,10 +38,18 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m aviato.server --state-dir D ...` as a child process."""
+    """`python -m aviato.server --state-dir D ...` as a child process.
+
+    Its sandboxes go under a cgroup parent of its own (`aviato-test-<random>`; `finish` in
+    conftest.py removes it): the limits the service writes to its parent must never touch the
+    parent that other services on this machine share.
+    """
 
     def __init__(self, state_dir: Path, *args: str) -> None:
+        import secrets
+
         self.state_dir = state_dir
+        self.cgroup_parent = f"aviato-test-{secrets.token_hex(4)}"
         self.args = list(args)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = state_dir.parent / f"{state_dir.name}-server.log"
@@ -57,7 +65,7 @@ class ServerProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 (handed to the child)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aviato.server", "--state-dir", str(self.state_dir),
-             "--log-level", "DEBUG", *self.args],
+             "--log-level", "DEBUG", "--cgroup-parent", self.cgroup_parent, *self.args],
             stdout=log, stderr=log, env=env, start_new_session=True,
         )  # fmt: skip
         log.close()
@@ -155,13 +163,27 @@ def sandbox_processes(ids: set[str]) -> list[int]:
     return found
 
 
-def sandbox_cgroups(ids: set[str]) -> list[Path]:
+def sandbox_cgroups(ids: set[str], parent_name: str = "aviato") -> list[Path]:
     found: list[Path] = []
     if not ids or not _CGROUP_ROOT.is_dir():
         return found
     for hierarchy in _CGROUP_ROOT.iterdir():
-        parent = hierarchy / "aviato"
+        parent = hierarchy / parent_name
         for sid in ids:
             if (parent / sid).exists():
                 found.append(parent / sid)
     return found
+
+
+def remove_cgroup_parent(parent_name: str) -> None:
+    """Removes a test service's own cgroup parent (children first), where it exists; only
+    parents named "aviato-test-...", never one that other services may share."""
+    if not _CGROUP_ROOT.is_dir() or not parent_name.startswith("aviato-test-"):
+        return
+    roots = [*_CGROUP_ROOT.iterdir(), _CGROUP_ROOT]
+    for directory in (root / parent_name for root in roots):
+        if not directory.is_dir():
+            continue
+        for child in sorted(directory.glob("**/"), key=lambda p: -len(p.parts)):
+            with contextlib.suppress(OSError):
+                child.rmdir()

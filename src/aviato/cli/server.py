@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +168,37 @@ tls_key_option = click.option(
 )
 
 
+# Limits forwarded to `python -m aviato.server` as they are (it checks them): per-owner quotas
+# and the bound on all sandboxes together. Unset ones fall back to the service's environment
+# variables (AVIATO_OWNER_MAX_*, AVIATO_CGROUP_*), then to its defaults.
+_LIMIT_OPTIONS = (
+    ("--owner-max-sandboxes", "N", "Live sandboxes per owner (0: no bound)."),
+    ("--owner-max-cpu", "CPUS", "Sum of each owner's cpu limits, e.g. 8."),
+    ("--owner-max-memory", "QUANTITY", "Sum of each owner's memory limits, e.g. 16Gi."),
+    ("--owner-max-disk", "QUANTITY", "Sum of each owner's disk sizes, e.g. 50Gi."),
+    ("--cgroup-parent", "PATH", "The cgroup that holds every sandbox's [default: aviato]."),
+    ("--cgroup-memory", "QUANTITY",
+     "Memory of all sandboxes together [default: 3/4 of the host's; 0: leave as is]."),
+    ("--cgroup-pids", "N",
+     "Tasks of all sandboxes together [default: half of pid_max or threads-max]."),
+)  # fmt: skip
+
+
+def limit_options(fn: Callable[..., None]) -> Callable[..., None]:
+    for flag, metavar, text in reversed(_LIMIT_OPTIONS):
+        fn = click.option(flag, metavar=metavar, help=text)(fn)
+    return fn
+
+
+def _limit_argv(values: Mapping[str, str | None]) -> list[str]:
+    argv: list[str] = []
+    for flag, _, _ in _LIMIT_OPTIONS:
+        value = values.get(flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
 @click.group(invoke_without_command=True)
 @click.option(
     "--state-dir",
@@ -185,15 +216,18 @@ tls_key_option = click.option(
     help="Where sandboxes run: this machine, or the nodes of a Ray cluster (docs/cluster.md).",
 )
 @click.option("--ray-address", metavar="HOST:PORT", help="The Ray cluster to join (with ray).")
+@limit_options
 @click.pass_context
 def server(
     ctx: click.Context,
+    /,
     state_dir: str | None,
     listen: str | None,
     tls_cert: str | None,
     tls_key: str | None,
     placement: str = "local",
     ray_address: str | None = None,
+    **limits: str | None,
 ) -> None:
     """Run or manage the aviato service on this machine.
 
@@ -209,13 +243,14 @@ def server(
       aviato keys create --owner alice
       aviato server --listen 0.0.0.0:7443 --tls-cert cert.pem --tls-key key.pem
       aviato server start --listen 127.0.0.1:7080
+      aviato server --listen 0.0.0.0:7443 --owner-max-sandboxes 20 --owner-max-memory 32Gi
     """
     paths = _resolve(state_dir)
     ctx.obj = paths
     if ctx.invoked_subcommand is not None:
-        if listen or tls_cert or tls_key:
+        if listen or tls_cert or tls_key or _limit_argv(limits):
             raise click.UsageError(
-                f"put --listen/--tls-* after the subcommand: "
+                f"put --listen/--tls-*/limits after the subcommand: "
                 f"aviato server {ctx.invoked_subcommand} --listen ..."
             )
         return
@@ -230,6 +265,7 @@ def server(
         argv += ["--placement", placement]
     if ray_address:
         argv += ["--ray-address", ray_address]
+    argv += _limit_argv(limits)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(argv[0], argv)
@@ -239,8 +275,16 @@ def server(
 @listen_option
 @tls_cert_option
 @tls_key_option
+@limit_options
 @click.pass_obj
-def start(paths: _Paths, listen: str | None, tls_cert: str | None, tls_key: str | None) -> None:
+def start(
+    paths: _Paths,
+    /,
+    listen: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    **limits: str | None,
+) -> None:
     """Start the service in the background if it is not running.
 
     Its log goes to server.log in the state directory (`aviato server logs`). Commands and the
@@ -262,8 +306,9 @@ def start(paths: _Paths, listen: str | None, tls_cert: str | None, tls_key: str 
             )
         click.echo(f"already running (pid {_read_pid(paths) or '?'}, socket {paths.socket})")
         return
-    if listen:
-        _start_detached(paths, _server_argv(paths, listen, tls_cert, tls_key))
+    extra = _limit_argv(limits)
+    if listen or extra:
+        _start_detached(paths, _server_argv(paths, listen, tls_cert, tls_key) + extra)
     else:
         _local.ensure_local_service(paths.state_dir)
     where = f", listening on {listen}" if listen else ""
@@ -342,7 +387,9 @@ def status(paths: _Paths) -> None:
             ("placement", info.placement),
             ("runtime", info.runtime),
             ("cgroups", info.cgroups if info.cgroups != "none" else _NO_CGROUPS),
+            ("all sandboxes", info.sandbox_limits or "-"),
             ("sandboxes", f"{info.sandboxes_running} running{limit}"),
+            ("quota (local)", info.quota or "-"),
         ]
     )
 

@@ -29,6 +29,14 @@ happened for a while: about 12 ms on an idle 2-vCPU VM, against 0.1 ms back to b
 single-threaded process that writes "0" (itself) to a `tasks` file skips that lock, so the
 runtime joins v1 cgroups that way (`thread_files`).
 
+All sandboxes together: the parent's own limits (`CgroupManager.limit_parent`) bound what every
+sandbox under it may take at once, since memory and pids are hierarchical in v1 and v2: v1
+`memory.limit_in_bytes` (and `memory.memsw.limit_in_bytes`) and `pids.max` of the parent in
+each hierarchy, v2 `memory.max` and `pids.max` of the parent. A sandbox's writable layer is a
+tmpfs whose pages are charged to the memory cgroup of the process that writes them, so the
+memory bound covers the writable layers too. Every service that uses the same parent shares
+that bound; each one writes its own configured values when it starts.
+
 Killing everything in a sandbox: v2 writes `cgroup.kill`; v1 freezes the freezer cgroup (so that
 nothing forks between listing and killing), SIGKILLs every listed pid, thaws, and repeats until
 the cgroup is empty.
@@ -63,6 +71,14 @@ class Limits:
     memory_bytes: int
     pids: int
     cpu_millis: int | None = None
+
+
+@dataclass(frozen=True)
+class ParentLimits:
+    """Limits of the parent cgroup, for all sandboxes together; 0 leaves a limit as it is."""
+
+    memory_bytes: int = 0
+    pids: int = 0
 
 
 @dataclass(frozen=True)
@@ -174,6 +190,36 @@ class SandboxCgroup:
         if self.version == 2:
             return _read_key(os.path.join(directory, "memory.events"), "oom_kill")
         return _read_key(os.path.join(directory, "memory.oom_control"), "oom_kill")
+
+    def memory_headroom(self) -> int | None:
+        """Bytes the sandbox can still charge before its memory limit, counting only what the
+        kernel cannot reclaim (anonymous memory, tmpfs, kernel memory; not the file cache):
+        the room left for its writable layer. None when unknown (no memory cgroup)."""
+        directory = self._dir("memory")
+        if directory is None:
+            return None
+        try:
+            if self.version == 2:
+                limit_text = _read(os.path.join(directory, "memory.max")).strip()
+                usage = int(_read(os.path.join(directory, "memory.current")).strip())
+                prefix = ""
+            else:
+                limit_text = _read(os.path.join(directory, "memory.limit_in_bytes")).strip()
+                usage = int(_read(os.path.join(directory, "memory.usage_in_bytes")).strip())
+                prefix = "total_"
+            if limit_text == "max":
+                return None
+            limit = int(limit_text)
+            stat = _read(os.path.join(directory, "memory.stat"))
+        except (OSError, ValueError):
+            return None
+        reclaimable = 0
+        for line in stat.splitlines():
+            name, _, value = line.partition(" ")
+            if name in (prefix + "active_file", prefix + "inactive_file"):
+                with contextlib.suppress(ValueError):
+                    reclaimable += int(value)
+        return limit - max(0, usage - reclaimable)
 
     def memory_peak(self) -> int:
         """Peak memory usage in bytes (0 when unknown)."""
@@ -454,6 +500,78 @@ class CgroupManager:
             where = os.path.join("/sys/fs/cgroup/<controller>", self.parent)
             return f"v1 ({', '.join(self.controllers)}) under {where}"
         return f"v2 ({', '.join(self.controllers)}) under {self._v2_root}"
+
+    # -- the parent: all sandboxes together ---------------------------------------------------
+
+    def _parent_files(self) -> tuple[str | None, str | None, str | None]:
+        """(memory limit file, memsw limit file or None, pids.max) of the parent."""
+        if self.mode == "v2" and self._v2_root is not None:
+            root = self._v2_root
+            return os.path.join(root, "memory.max"), None, os.path.join(root, "pids.max")
+        mem = self._v1_roots.get("memory")
+        pids = self._v1_roots.get("pids")
+        memsw = None
+        if mem is not None and os.path.exists(os.path.join(mem, "memory.memsw.limit_in_bytes")):
+            memsw = os.path.join(mem, "memory.memsw.limit_in_bytes")
+        return (
+            os.path.join(mem, "memory.limit_in_bytes") if mem else None,
+            memsw,
+            os.path.join(pids, "pids.max") if pids else None,
+        )
+
+    def limit_parent(self, limits: ParentLimits) -> list[str]:
+        """Writes the parent's limits; returns a problem per limit that could not be set.
+
+        v1 refuses (EBUSY) a memory limit below what the sandboxes under it hold now; such a
+        limit is reported, not forced (forcing it would OOM-kill running sandboxes).
+        """
+        if not self.available:
+            return [f"cgroups are unavailable: {self.reason}"]
+        mem_file, memsw_file, pids_file = self._parent_files()
+        problems: list[str] = []
+        if limits.memory_bytes > 0 and mem_file is not None:
+            value = str(limits.memory_bytes)
+            order = [mem_file] + ([memsw_file] if memsw_file else [])
+            try:
+                for path in order:
+                    _write(path, value)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or memsw_file is None:
+                    problems.append(f"memory {value}: {os.path.basename(path)}: {exc.strerror}")
+                else:
+                    # Raising the limit: v1 wants memsw >= limit at every step.
+                    try:
+                        for path in reversed(order):
+                            _write(path, value)
+                    except OSError as again:
+                        problems.append(
+                            f"memory {value}: {os.path.basename(path)}: {again.strerror}"
+                        )
+        if limits.pids > 0 and pids_file is not None:
+            try:
+                _write(pids_file, str(limits.pids))
+            except OSError as exc:
+                problems.append(f"pids {limits.pids}: {exc.strerror}")
+        return problems
+
+    def parent_limits(self) -> tuple[int | None, int | None]:
+        """The parent's (memory limit in bytes, pids.max) as the kernel has them now; None for
+        no limit (or unreadable)."""
+        mem_file, _, pids_file = self._parent_files()
+
+        def value(path: str | None, unlimited_at: int) -> int | None:
+            if path is None:
+                return None
+            try:
+                text = _read(path).strip()
+            except OSError:
+                return None
+            if text == "max" or not text.isdigit() or int(text) >= unlimited_at:
+                return None
+            return int(text)
+
+        # v1 reports "no limit" as the largest page-aligned value (about 8 EiB).
+        return value(mem_file, 1 << 62), value(pids_file, 1 << 62)
 
     @property
     def supports_cpu(self) -> bool:

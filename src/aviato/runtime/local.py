@@ -78,7 +78,13 @@ from aviato.runtime.bwrap import (
     build_argv,
     find_bwrap,
 )
-from aviato.runtime.cgroups import CgroupError, CgroupManager, Limits, SandboxCgroup
+from aviato.runtime.cgroups import (
+    CgroupError,
+    CgroupManager,
+    Limits,
+    ParentLimits,
+    SandboxCgroup,
+)
 from aviato.runtime.supervisor import SupervisorConnection, supervisor_binary
 from aviato.runtime.userns import IdRange, IdRanges, RangesExhausted
 
@@ -166,6 +172,13 @@ def _out_of_descriptors(exc: BaseException | None) -> bool:
             return True
         exc = exc.__cause__
     return False
+
+
+def _show_bytes(n: int) -> str:
+    for unit, size in (("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.4g}{unit}"
+    return f"{n} bytes"
 
 
 def _boot_id() -> str:
@@ -291,6 +304,41 @@ async def _kill_sandbox(watch: _ProcessWatch, cgroup: SandboxCgroup | None) -> N
             await cgroup.kill_all()
 
 
+# A file written into a sandbox lands on its writable layer, a tmpfs whose pages count against
+# the sandbox's memory limit: an upload may use the memory the sandbox has left, less this much
+# (bytes still in flight to the supervisor, and room for its processes), and is refused beyond.
+UPLOAD_MEMORY_MARGIN = 16 << 20
+_UPLOAD_RECHECK_BYTES = 32 << 20
+
+
+async def _within_memory(
+    cgroup: SandboxCgroup, path: str, chunks: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    """`chunks`, ended with the disk-full error before they would run the sandbox's memory out.
+
+    With a disk as large as the memory (the defaults), a full disk means full memory, and the
+    kernel's answer to a tmpfs write beyond the memory limit is the OOM killer, which takes the
+    sandbox down, not ENOSPC. Memory is re-read once the known room is used up (or every
+    32 MiB); what the sandbox's own processes take meanwhile is theirs to answer for.
+    """
+    room: int | None = None
+    since = 0
+    async for chunk in chunks:
+        if room is None or room < len(chunk) or since >= _UPLOAD_RECHECK_BYTES:
+            headroom = cgroup.memory_headroom()
+            room = None if headroom is None else headroom - UPLOAD_MEMORY_MARGIN
+            since = 0
+            if room is not None and room < len(chunk):
+                raise CapacityExhausted(
+                    f"{path}: No space left on device: the sandbox's files are kept in its "
+                    "memory, and its memory limit is reached (ask for more memory, or less disk)"
+                )
+        if room is not None:
+            room -= len(chunk)
+        since += len(chunk)
+        yield chunk
+
+
 # --- the sandbox handle -----------------------------------------------------------------------
 
 
@@ -372,6 +420,8 @@ class LocalSandbox(SandboxHandle):
         self, path: str, mode: int, make_parents: bool, chunks: AsyncIterator[bytes]
     ) -> int:
         conn = await self._connection()
+        if self._cgroup is not None:
+            chunks = _within_memory(self._cgroup, path, chunks)
         return await conn.write_file(path, mode, make_parents, chunks)
 
     # --- ending ---
@@ -462,7 +512,9 @@ class LocalRuntime(Runtime):
     `default_memory_bytes` and `default_pids`; `default_disk_bytes` sizes its writable layer.
     `max_sandboxes` caps the running sandboxes of this runtime object (CapacityExhausted beyond).
     `bwrap` and `supervisor` override the binaries (tests, packaging); `cgroup_parent` is the
-    cgroup directory, relative to each hierarchy's root, under which sandboxes get theirs.
+    cgroup directory, relative to each hierarchy's root, under which sandboxes get theirs, and
+    `parent_limits`, when given, are written to it at once: the bound on all sandboxes together
+    (None leaves the parent's limits as they are, as tools that only clean up must).
     """
 
     def __init__(
@@ -474,6 +526,7 @@ class LocalRuntime(Runtime):
         default_disk_bytes: int = GiB,
         max_sandboxes: int = 512,
         cgroup_parent: str = "aviato",
+        parent_limits: ParentLimits | None = None,
         bwrap: Bwrap | None = None,
         supervisor: Path | None = None,
         connect_timeout: float = 10.0,
@@ -522,6 +575,15 @@ class LocalRuntime(Runtime):
                 "creates that ask for limits are refused",
                 self._cgroups.reason,
             )
+        self._parent_problems: list[str] = []
+        if parent_limits is not None and self._cgroups.available:
+            self._parent_problems = self._cgroups.limit_parent(parent_limits)
+            for problem in self._parent_problems:
+                log.error(
+                    "cannot bound all sandboxes together (cgroup %s): %s",
+                    self._cgroups.parent,
+                    problem,
+                )
         self._seccomp_error = ""
         try:
             seccomp.compile_filter()
@@ -574,6 +636,7 @@ class LocalRuntime(Runtime):
         facts = {
             "isolation": isolation,
             "cgroups": self._cgroups.describe(),
+            "sandbox_limits": self._describe_parent(),
             "seccomp": self._seccomp_error or seccomp.describe(),
             "supervisor": self._supervisor or str(self._supervisor_error),
             "state_dir": str(self._state_dir),
@@ -592,6 +655,20 @@ class LocalRuntime(Runtime):
         facts.update(images.host_image_facts())
         facts.update(self.images.describe())
         return facts
+
+    def _describe_parent(self) -> str:
+        """The bound on all sandboxes together, as the kernel has it now."""
+        if not self._cgroups.available:
+            return "none (no cgroups)"
+        memory, pids = self._cgroups.parent_limits()
+        text = (
+            f"memory {_show_bytes(memory) if memory is not None else 'no limit'}, "
+            f"pids {pids if pids is not None else 'no limit'} "
+            f"(parent cgroup {self._cgroups.parent})"
+        )
+        if self._parent_problems:
+            text += "; not set: " + "; ".join(self._parent_problems)
+        return text
 
     # --- OCI images ---
 

@@ -13,7 +13,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from aviato.images.reference import InvalidReference, parse_reference
 from aviato.server import quantities
@@ -23,10 +25,13 @@ from aviato.server.config import (
     DEFAULT_MAX_SANDBOXES,
     DEFAULT_MIN_FREE_DISK_BYTES,
     ServerConfig,
+    default_cgroup_memory_bytes,
+    default_cgroup_pids,
     default_min_free_memory_bytes,
     parse_listen,
     resolve_state_dir,
 )
+from aviato.server.quotas import Quota
 
 
 def _memory(text: str) -> int:
@@ -54,6 +59,47 @@ def _listen(text: str) -> str:
     return text
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+def _cpu(text: str) -> int:
+    try:
+        return quantities.parse_cpu_millis(text)
+    except quantities.QuantityError as e:
+        raise argparse.ArgumentTypeError(f"{e} (cores, e.g. 4 or 500m)") from None
+
+
+# Flags whose default comes from an environment variable, checked like the flag's own value
+# (an error names the variable): dest -> (variable, parse, default when neither is set).
+_ENV_DEFAULTS: dict[str, tuple[str, Callable[[str], Any], Any]] = {}
+
+
+def _env(dest: str, name: str, parse: Callable[[str], Any], default: Any) -> None:
+    """Registers `name` as the environment variable behind the flag `dest` (default None)."""
+    _ENV_DEFAULTS[dest] = (name, parse, default)
+
+
+def _apply_env(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for dest, (name, parse, default) in _ENV_DEFAULTS.items():
+        if getattr(args, dest) is not None:
+            continue
+        text = os.environ.get(name)
+        if not text:
+            setattr(args, dest, default)
+            continue
+        try:
+            setattr(args, dest, parse(text))
+        except argparse.ArgumentTypeError as e:
+            p.error(f"{name}={text!r}: {e}")
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -62,6 +108,15 @@ def _positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive finite number")
     return value
+
+
+_env("owner_max_sandboxes", "AVIATO_OWNER_MAX_SANDBOXES", _count, 0)
+_env("owner_max_cpu", "AVIATO_OWNER_MAX_CPU", _cpu, 0)
+_env("owner_max_memory", "AVIATO_OWNER_MAX_MEMORY", _memory, 0)
+_env("owner_max_disk", "AVIATO_OWNER_MAX_DISK", _memory, 0)
+_env("cgroup_parent", "AVIATO_CGROUP_PARENT", str, "aviato")
+_env("cgroup_memory", "AVIATO_CGROUP_MEMORY", _memory, None)  # None: derived from the host
+_env("cgroup_pids", "AVIATO_CGROUP_PIDS", _count, None)
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
@@ -95,6 +150,47 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                    metavar="QUANTITY",
                    help="refuse creates while the state directory's filesystem has less free "
                         "space than this (logs, images; default 256Mi; 0: no floor)")  # fmt: skip
+    quota = p.add_argument_group(
+        "per-owner quotas",
+        "bounds on each owner's live sandboxes (0: no bound); `aviato keys quota` sets an "
+        "owner's own values; a sandbox without a cpu limit counts as all of the host's cores",
+    )
+    quota.add_argument(
+        "--owner-max-sandboxes", type=_count, metavar="N",
+        help="live sandboxes per owner (env AVIATO_OWNER_MAX_SANDBOXES)",
+    )  # fmt: skip
+    quota.add_argument(
+        "--owner-max-cpu", type=_cpu, metavar="CPUS",
+        help="sum of cpu limits per owner, e.g. 8 (env AVIATO_OWNER_MAX_CPU)",
+    )  # fmt: skip
+    quota.add_argument(
+        "--owner-max-memory", type=_memory, metavar="QUANTITY",
+        help="sum of memory limits per owner, e.g. 16Gi (env AVIATO_OWNER_MAX_MEMORY)",
+    )  # fmt: skip
+    quota.add_argument(
+        "--owner-max-disk", type=_memory, metavar="QUANTITY",
+        help="sum of disk sizes per owner (env AVIATO_OWNER_MAX_DISK)",
+    )  # fmt: skip
+    host = p.add_argument_group(
+        "all sandboxes together",
+        "limits of the parent cgroup that holds every sandbox's cgroup, written at start "
+        "(0: leave the parent's limit as it is)",
+    )
+    host.add_argument(
+        "--cgroup-parent", metavar="PATH",
+        help="the parent cgroup, relative to each hierarchy's root "
+             "(default aviato; env AVIATO_CGROUP_PARENT)",
+    )  # fmt: skip
+    host.add_argument(
+        "--cgroup-memory", type=_memory, metavar="QUANTITY",
+        help="memory of all sandboxes together, their writable layers included "
+             "(default 3/4 of the host's memory; env AVIATO_CGROUP_MEMORY)",
+    )  # fmt: skip
+    host.add_argument(
+        "--cgroup-pids", type=_count, metavar="N",
+        help="processes and threads of all sandboxes together (default half of "
+             "kernel.pid_max or kernel.threads-max, whichever is smaller; env AVIATO_CGROUP_PIDS)",
+    )  # fmt: skip
     p.add_argument("--default-max-lifetime", type=_positive_float,
                    default=DEFAULT_MAX_LIFETIME_SECONDS, metavar="SECONDS")  # fmt: skip
     p.add_argument("--default-image", type=_image, metavar="IMAGE",
@@ -109,8 +205,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning",
                             "error"])  # fmt: skip
     args = p.parse_args(argv)
+    _apply_env(p, args)
     if args.max_sandboxes < 0:
         p.error("--max-sandboxes must be >= 0")
+    parent = args.cgroup_parent.strip("/")
+    if not parent or any(part in ("", ".", "..") for part in parent.split("/")):
+        p.error(f"--cgroup-parent: {args.cgroup_parent!r} is not a relative cgroup path")
     if bool(args.tls_cert) != bool(args.tls_key):
         p.error("--tls-cert and --tls-key must be given together")
     if args.tls_cert and not args.listen:
@@ -130,6 +230,17 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             else args.min_free_memory
         ),
         default_max_lifetime_seconds=args.default_max_lifetime,
+        owner_quota=Quota(
+            sandboxes=args.owner_max_sandboxes,
+            cpu_millis=args.owner_max_cpu,
+            memory_bytes=args.owner_max_memory,
+            disk_bytes=args.owner_max_disk,
+        ),
+        cgroup_parent=parent,
+        cgroup_memory_bytes=(
+            default_cgroup_memory_bytes() if args.cgroup_memory is None else args.cgroup_memory
+        ),
+        cgroup_pids=default_cgroup_pids() if args.cgroup_pids is None else args.cgroup_pids,
         log_level=args.log_level.upper(),
         default_image=args.default_image,
         insecure_registries=tuple(args.insecure_registry),

@@ -37,12 +37,13 @@ from aviato.runtime.base import (
     SandboxRuntimeError,
 )
 from aviato.server import validation
-from aviato.server.auth import Authenticator
+from aviato.server.auth import LOCAL_OWNER, Authenticator
 from aviato.server.config import ServerConfig
 from aviato.server.errors import InvalidArgument, ServiceError
 from aviato.server.lifecycle import Lifecycle
 from aviato.server.placement import Placement
 from aviato.server.registry import SandboxRecord
+from aviato.server.streams import Resumable, drain_upload
 from aviato.v1 import sandbox_pb2 as pb
 
 __all__ = ["SandboxServicer", "parse_log_records", "sandbox_message"]
@@ -326,6 +327,7 @@ class SandboxServicer:
     async def GetServerInfo(
         self, owner: str, request: pb.GetServerInfoRequest, context: Ctx
     ) -> pb.ServerInfo:
+        operator = owner == LOCAL_OWNER  # the service's own user (see auth)
         facts: dict[str, str] = {}
         for runtime in self._placement.nodes().values():
             facts = runtime.describe()
@@ -336,8 +338,11 @@ class SandboxServicer:
             runtime=_runtime_text(facts),
             cgroups=_cgroup_mode(facts.get("cgroups", "")),
             state_dir=str(self._config.state_dir),
-            sandboxes_running=self._lifecycle.running_count(),
+            # Other owners learn their own count only, never how busy the service or the host is.
+            sandboxes_running=self._lifecycle.running_count(None if operator else owner),
             max_sandboxes=self._config.max_sandboxes,
+            sandbox_limits=facts.get("sandbox_limits", "") if operator else "",
+            quota=self._lifecycle.quota_text(owner),
         )
 
     # -- exec ---------------------------------------------------------------------------------
@@ -567,7 +572,7 @@ class SandboxServicer:
         context: Ctx,
     ) -> pb.WriteFileResponse:
         owner = await self._owner_or_abort(context)
-        requests = aiter(request_iterator)
+        requests = Resumable(aiter(request_iterator))
         problem: list[ServiceError] = []
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -613,6 +618,8 @@ class SandboxServicer:
             size = await handle.write_file(path, mode, header.make_parents, chunks())
         except (ServiceError, SandboxRuntimeError) as e:
             err: ServiceError | SandboxRuntimeError = problem[0] if problem else e
+            if not problem:
+                await drain_upload(requests, MAX_WRITE_BYTES)
             await context.abort(_status(err.code), str(err))
             raise  # unreachable
         except (asyncio.CancelledError, grpc.aio.AbortError):

@@ -265,12 +265,16 @@ def _build_placement(config: ServerConfig) -> Placement:
         return RayPlacement(config)
     if config.placement != "local":
         raise StartupError(f"--placement: {config.placement!r} is not available")
+    from aviato.runtime.cgroups import ParentLimits
     from aviato.runtime.local import LocalRuntime
 
     runtime = LocalRuntime(
         config.state_dir,
         max_sandboxes=config.max_sandboxes or 1_000_000,
         default_memory_bytes=config.default_memory_bytes,
+        default_disk_bytes=config.default_disk_bytes,
+        cgroup_parent=config.cgroup_parent,
+        parent_limits=ParentLimits(config.cgroup_memory_bytes, config.cgroup_pids),
         insecure_registries=config.insecure_registries,
     )
     return LocalPlacement(runtime, config.state_dir)

@@ -10,8 +10,10 @@ This module only describes; it does not create directories or check that a TLS f
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from aviato.server.quotas import Quota
 
 __all__ = [
     "DEFAULT_MAX_LIFETIME_SECONDS",
@@ -19,6 +21,8 @@ __all__ = [
     "DEFAULT_MIN_FREE_DISK_BYTES",
     "ServerConfig",
     "available_memory_bytes",
+    "default_cgroup_memory_bytes",
+    "default_cgroup_pids",
     "default_min_free_memory_bytes",
     "free_disk_bytes",
     "host_memory_bytes",
@@ -94,6 +98,27 @@ def host_memory_bytes() -> int:
     return _meminfo_bytes("MemTotal") or 0
 
 
+def _proc_int(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def default_cgroup_memory_bytes() -> int:
+    """The default memory bound of all sandboxes together: 3/4 of MemTotal (0 when unknown)."""
+    return host_memory_bytes() * 3 // 4
+
+
+def default_cgroup_pids() -> int:
+    """The default bound on the tasks of all sandboxes together: half of the smaller of
+    kernel.pid_max and kernel.threads-max (0 when neither can be read)."""
+    found = [n for n in (_proc_int("/proc/sys/kernel/pid_max"),
+                         _proc_int("/proc/sys/kernel/threads-max")) if n]  # fmt: skip
+    return min(found) // 2 if found else 0
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything `app.serve` needs. Paths are absolute.
@@ -106,6 +131,11 @@ class ServerConfig:
     refused whatever the limits say (0: no floor). `min_free_disk_bytes` is the same for the
     filesystem of the state directory, which holds main logs (up to 64 MiB each), kept logs and
     the image store; a sandbox's writable layer is not there (it is memory).
+
+    `owner_quota` bounds each owner's live sandboxes (docs in `quotas`; an owner's own row in the
+    registry replaces it). `cgroup_parent` is the cgroup under which every sandbox gets its own;
+    `cgroup_memory_bytes` and `cgroup_pids` are written to that parent at start, so that all
+    sandboxes together cannot take more of the host (0: the parent's limit is left as it is).
     """
 
     state_dir: Path
@@ -118,6 +148,11 @@ class ServerConfig:
     min_free_memory_bytes: int = 0
     min_free_disk_bytes: int = DEFAULT_MIN_FREE_DISK_BYTES
     default_memory_bytes: int = 1 << 30
+    default_disk_bytes: int = 1 << 30
+    owner_quota: Quota = field(default_factory=Quota)
+    cgroup_parent: str = "aviato"
+    cgroup_memory_bytes: int = 0
+    cgroup_pids: int = 0
     default_max_lifetime_seconds: float = DEFAULT_MAX_LIFETIME_SECONDS
     default_stop_grace_seconds: float = 10.0
     reaper_interval_seconds: float = 0.5

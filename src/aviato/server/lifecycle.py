@@ -46,6 +46,7 @@ from aviato.runtime.base import (
 )
 from aviato.server import quantities
 from aviato.server import registry as reg
+from aviato.server.auth import LOCAL_OWNER
 from aviato.server.config import ServerConfig, available_memory_bytes, free_disk_bytes
 from aviato.server.errors import (
     CapacityExceeded,
@@ -54,10 +55,12 @@ from aviato.server.errors import (
     NotFound,
 )
 from aviato.server.placement import Placement, UnknownNode
+from aviato.server.quotas import Charge, OwnerQuotas, format_bytes, host_cpu_millis
 from aviato.server.registry import LeaseRecord, Registry, SandboxRecord
 from aviato.server.validation import ValidSpec
 
 __all__ = ["LeaseState", "Lifecycle", "classify_exit", "format_bytes", "status_name"]
+# format_bytes is re-exported from `quotas`, where it lives.
 
 log = logging.getLogger("aviato.server.lifecycle")
 
@@ -82,13 +85,6 @@ _CREATE_DRAIN_SECONDS = 10.0
 
 def status_name(status: int) -> str:
     return _NAMES.get(status, str(status))
-
-
-def format_bytes(n: int) -> str:
-    for unit, size in (("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.4g}{unit}"
-    return str(n)
 
 
 def classify_exit(exit: MainExit, stop_reason: str) -> tuple[int, str]:
@@ -120,16 +116,17 @@ class LeaseState:
 class _Live:
     """A non-terminal sandbox: record, runtime, handle once created, and its waiters' event."""
 
-    __slots__ = ("changed", "config", "handle", "memory", "rec", "runtime", "stop_reason",
+    __slots__ = ("changed", "charge", "config", "handle", "rec", "runtime", "stop_reason",
                  "stop_task", "task")  # fmt: skip
 
     def __init__(
-        self, rec: SandboxRecord, runtime: Runtime, config: SandboxConfig | None, memory: int
+        self, rec: SandboxRecord, runtime: Runtime, config: SandboxConfig | None, charge: Charge
     ) -> None:
         self.rec = rec
         self.runtime = runtime
         self.config = config
-        self.memory = memory  # what this sandbox counts against the memory capacity
+        # What this sandbox counts against its owner's quota and the memory capacity.
+        self.charge = charge
         self.handle: SandboxHandle | None = None
         self.changed = asyncio.Event()
         self.stop_reason = ""
@@ -152,6 +149,7 @@ class Lifecycle:
         self._by_request: dict[tuple[str, str], _Live] = {}
         self._leases: dict[tuple[str, str], LeaseState] = {}
         self._memory_reserved = 0
+        self._quotas = OwnerQuotas(config.owner_quota, registry)
         self._background: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self._closing = False
@@ -229,8 +227,17 @@ class Lifecycle:
         # Live entries are fresher than rows only in identity, but keep one object per sandbox.
         return [self._live[r.id].rec if r.id in self._live else r for r in records], token
 
-    def running_count(self) -> int:
-        return sum(1 for live in self._live.values() if live.rec.status == RUNNING)
+    def running_count(self, owner: str | None = None) -> int:
+        """RUNNING sandboxes: all of them, or only `owner`'s."""
+        return sum(
+            1
+            for live in self._live.values()
+            if live.rec.status == RUNNING and (owner is None or live.rec.owner == owner)
+        )
+
+    def quota_text(self, owner: str) -> str:
+        """The owner's quota and what its live sandboxes hold, in words."""
+        return self._quotas.describe(owner)
 
     # -- create -------------------------------------------------------------------------------
 
@@ -259,8 +266,10 @@ class Lifecycle:
             return live.rec if live is not None else earlier
         if lease_id:
             self._check_lease_args(lease_id, lease_ttl_seconds, "lease_id", "lease_ttl_seconds")
-        memory = self._memory_charge(valid.config.memory_bytes)
-        self._check_capacity(memory)
+        cfg = valid.config
+        charge = self._charge(cfg.cpu_millis, cfg.memory_bytes, cfg.disk_bytes)
+        self._quotas.check(owner, charge)
+        self._check_capacity(owner, charge.memory_bytes)
 
         sandbox_id = "sbx-" + secrets.token_hex(6)
         config = replace(valid.config, sandbox_id=sandbox_id)
@@ -288,30 +297,50 @@ class Lifecycle:
         if lease_id:
             self.renew_lease(owner, lease_id, lease_ttl_seconds)
         self._registry.insert_sandbox(rec)
-        live = _Live(rec, runtime, config, memory)
+        live = _Live(rec, runtime, config, charge)
         self._adopt(live)
         live.task = asyncio.create_task(self._run_new(live), name=f"sandbox-{sandbox_id}")
         log.info("sandbox created id=%s owner=%s image=%s", sandbox_id, owner, config.image)
         return rec
 
-    def _memory_charge(self, memory_bytes: int | None) -> int:
-        if memory_bytes is not None:
-            return memory_bytes
-        return self._config.default_memory_bytes
+    def _charge(self, cpu_millis: int | None, memory: int | None, disk: int | None) -> Charge:
+        """What a sandbox with these limits (None: none asked for) counts as."""
+        return Charge(
+            cpu_millis=host_cpu_millis() if cpu_millis is None else cpu_millis,
+            memory_bytes=self._config.default_memory_bytes if memory is None else memory,
+            disk_bytes=self._config.default_disk_bytes if disk is None else disk,
+            cpu_default=cpu_millis is None,
+            memory_default=memory is None,
+            disk_default=disk is None,
+        )
 
-    def _check_capacity(self, memory: int) -> None:
+    def _check_capacity(self, owner: str, memory: int) -> None:
+        """Refuses a create the service as a whole has no room for.
+
+        Only the service's own user (owner "local") is told the service's figures; any other
+        owner learns that the service is full, never how many sandboxes or how much memory
+        other owners hold, nor the host's free memory or paths.
+        """
+        operator = owner == LOCAL_OWNER
         limit = self._config.max_sandboxes
         if limit and len(self._live) >= limit:
             raise CapacityExceeded(
                 f"capacity exhausted: {len(self._live)} of {limit} sandboxes are live "
                 "(server --max-sandboxes); stop or delete some first"
+                if operator
+                else "capacity exhausted: the service runs as many sandboxes as it may "
+                "(server --max-sandboxes); try again later"
             )
         mem_limit = self._config.max_memory_bytes
         if mem_limit and self._memory_reserved + memory > mem_limit:
             raise CapacityExceeded(
                 f"memory capacity exhausted: requested {format_bytes(memory)}, "
                 f"{format_bytes(self._memory_reserved)} of {format_bytes(mem_limit)} "
-                "already reserved by live sandboxes"
+                "already reserved by live sandboxes (server --max-memory)"
+                if operator
+                else "memory capacity exhausted: the service cannot reserve the "
+                f"{format_bytes(memory)} this sandbox asks for (server --max-memory); ask for "
+                "less (resources.memory), or try again later"
             )
 
         floor = self._config.min_free_memory_bytes
@@ -321,6 +350,8 @@ class Lifecycle:
                 raise CapacityExceeded(
                     f"host memory low: {format_bytes(available)} available, below the floor of "
                     f"{format_bytes(floor)} (server --min-free-memory); stop some sandboxes first"
+                    if operator
+                    else "host memory low (server --min-free-memory); try again later"
                 )
         floor = self._config.min_free_disk_bytes
         if floor:
@@ -330,11 +361,14 @@ class Lifecycle:
                     f"host disk low: {format_bytes(free)} free for the state directory "
                     f"{self._config.state_dir}, below the floor of {format_bytes(floor)} "
                     "(server --min-free-disk); delete ended sandboxes or unused images first"
+                    if operator
+                    else "host disk low (server --min-free-disk); try again later"
                 )
 
     def _adopt(self, live: _Live) -> None:
         self._live[live.rec.id] = live
-        self._memory_reserved += live.memory
+        self._memory_reserved += live.charge.memory_bytes
+        self._quotas.charge(live.rec.owner, live.charge)
         self._by_request[(live.rec.owner, live.rec.request_id)] = live
         if live.rec.lease_id:
             lease = self._leases.get((live.rec.owner, live.rec.lease_id))
@@ -489,7 +523,8 @@ class Lifecycle:
         rec = live.rec
         if self._live.get(rec.id) is live:
             del self._live[rec.id]
-            self._memory_reserved -= live.memory
+            self._memory_reserved -= live.charge.memory_bytes
+            self._quotas.release(rec.owner, live.charge)
         self._by_request.pop((rec.owner, rec.request_id), None)
         if rec.lease_id:
             lease = self._leases.get((rec.owner, rec.lease_id))
@@ -821,7 +856,7 @@ class Lifecycle:
             self._finish_record(rec, status, reason, code, attached.ended_at_ns)
             self._spawn(self._cleanup(runtime, rec.id))
             return
-        live = _Live(rec, runtime, None, self._memory_charge(_spec_memory(rec.spec)))
+        live = _Live(rec, runtime, None, self._charge(*_spec_limits(rec.spec)))
         live.handle = attached
         self._adopt(live)
         live.task = asyncio.create_task(self._watch(live), name=f"sandbox-{rec.id}")
@@ -836,12 +871,24 @@ class Lifecycle:
         log.info("sandbox id=%s marked %s: %s", rec.id, status_name(status), reason)
 
 
-def _spec_memory(spec: bytes) -> int | None:
-    """The memory limit a stored spec asked for (for capacity accounting after a restart)."""
+def _spec_limits(spec: bytes) -> tuple[int | None, int | None, int | None]:
+    """The (cpu millis, memory, disk) limits a stored spec asked for, None for those it did not
+    (for quota and capacity accounting after a restart)."""
     from aviato.v1 import sandbox_pb2 as pb
 
     try:
-        text = pb.SandboxSpec.FromString(spec).resources.memory
-        return quantities.parse_bytes(text) if text else None
+        res = pb.SandboxSpec.FromString(spec).resources
     except Exception:
-        return None
+        return None, None, None
+
+    def parse(text: str, parser: Callable[[str], int]) -> int | None:
+        try:
+            return parser(text) if text else None
+        except quantities.QuantityError:
+            return None
+
+    return (
+        parse(res.cpu, quantities.parse_cpu_millis),
+        parse(res.memory, quantities.parse_bytes),
+        parse(res.disk, quantities.parse_bytes),
+    )

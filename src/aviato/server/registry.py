@@ -1,4 +1,5 @@
-"""The sandbox registry: a SQLite database (WAL, synchronous=NORMAL) of sandboxes, leases and keys.
+"""The sandbox registry: a SQLite database (WAL, synchronous=NORMAL) of sandboxes, leases, keys and
+owner quotas.
 
 One `Registry` object owns one connection and must be used from one thread (the service uses it
 from its event-loop thread: every statement here is an indexed lookup or a single-row write,
@@ -29,6 +30,7 @@ from aviato.server.errors import InvalidArgument
 __all__ = [
     "ApiKeyRecord",
     "LeaseRecord",
+    "OwnerQuotaRecord",
     "Registry",
     "SandboxRecord",
     "decode_page_token",
@@ -83,6 +85,17 @@ _MIGRATIONS: tuple[str, ...] = (
         revoked_ns INTEGER
     );
     """,
+    # 2: per-owner quotas (`aviato keys quota`); NULL: the service's default for that value.
+    """
+    CREATE TABLE owner_quotas (
+        owner TEXT PRIMARY KEY,
+        sandboxes INTEGER,
+        cpu_millis INTEGER,
+        memory_bytes INTEGER,
+        disk_bytes INTEGER,
+        updated_ns INTEGER NOT NULL
+    );
+    """,
 )
 
 
@@ -130,6 +143,17 @@ class ApiKeyRecord:
     @property
     def revoked(self) -> bool:
         return self.revoked_ns is not None
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerQuotaRecord:
+    """One owner's own quota values; None: the service's default applies (0: no bound)."""
+
+    owner: str
+    sandboxes: int | None = None
+    cpu_millis: int | None = None
+    memory_bytes: int | None = None
+    disk_bytes: int | None = None
 
 
 def encode_page_token(created_ns: int, sandbox_id: str) -> str:
@@ -378,3 +402,35 @@ class Registry:
             (when_ns, key_id),
         )
         return cur.rowcount > 0
+
+    # -- owner quotas -------------------------------------------------------------------------
+
+    def get_owner_quota(self, owner: str) -> OwnerQuotaRecord | None:
+        row = self._db.execute(
+            "SELECT owner, sandboxes, cpu_millis, memory_bytes, disk_bytes FROM owner_quotas "
+            "WHERE owner=?",
+            (owner,),
+        ).fetchone()
+        return None if row is None else OwnerQuotaRecord(*row)
+
+    def set_owner_quota(self, quota: OwnerQuotaRecord) -> None:
+        """Stores the owner's values (replacing earlier ones); all None removes the row."""
+        values = (quota.sandboxes, quota.cpu_millis, quota.memory_bytes, quota.disk_bytes)
+        if all(v is None for v in values):
+            self._db.execute("DELETE FROM owner_quotas WHERE owner=?", (quota.owner,))
+            return
+        self._db.execute(
+            "INSERT INTO owner_quotas (owner, sandboxes, cpu_millis, memory_bytes, disk_bytes, "
+            "updated_ns) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (owner) DO UPDATE SET "
+            "sandboxes=excluded.sandboxes, cpu_millis=excluded.cpu_millis, "
+            "memory_bytes=excluded.memory_bytes, disk_bytes=excluded.disk_bytes, "
+            "updated_ns=excluded.updated_ns",
+            (quota.owner, *values, time.time_ns()),
+        )
+
+    def list_owner_quotas(self) -> list[OwnerQuotaRecord]:
+        rows = self._db.execute(
+            "SELECT owner, sandboxes, cpu_millis, memory_bytes, disk_bytes FROM owner_quotas "
+            "ORDER BY owner"
+        ).fetchall()
+        return [OwnerQuotaRecord(*r) for r in rows]

@@ -422,7 +422,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "placement", "runtime", "cgroups", "state_dir", "sandboxes_running", "max_sandboxes")
+    __slots__ = ("version", "placement", "runtime", "cgroups", "state_dir", "sandboxes_running", "max_sandboxes", "sandbox_limits", "quota")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
@@ -430,6 +430,8 @@ class ServerInfo(_message.Message):
     STATE_DIR_FIELD_NUMBER: _ClassVar[int]
     SANDBOXES_RUNNING_FIELD_NUMBER: _ClassVar[int]
     MAX_SANDBOXES_FIELD_NUMBER: _ClassVar[int]
+    SANDBOX_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_FIELD_NUMBER: _ClassVar[int]
     version: str
     placement: str
     runtime: str
@@ -437,4 +439,6 @@ class ServerInfo(_message.Message):
     state_dir: str
     sandboxes_running: int
     max_sandboxes: int
-    def __init__(self, version: _Optional[str] = ..., placement: _Optional[str] = ..., runtime: _Optional[str] = ..., cgroups: _Optional[str] = ..., state_dir: _Optional[str] = ..., sandboxes_running: _Optional[int] = ..., max_sandboxes: _Optional[int] = ...) -> None: ...
+    sandbox_limits: str
+    quota: str
+    def __init__(self, version: _Optional[str] = ..., placement: _Optional[str] = ..., runtime: _Optional[str] = ..., cgroups: _Optional[str] = ..., state_dir: _Optional[str] = ..., sandboxes_running: _Optional[int] = ..., max_sandboxes: _Optional[int] = ..., sandbox_limits: _Optional[str] = ..., quota: _Optional[str] = ...) -> None: ...
