@@ -32,7 +32,7 @@ __all__ = [
 
 DEFAULT_MAX_IMAGE_BYTES = 16 << 30
 DEFAULT_MAX_IMAGE_ENTRIES = 1_000_000
-DISK_CHECK_BYTES = 64 << 20
+DISK_CHECK_BYTES = 4 << 20  # a statvfs per 4 MiB: about 4000 per 16 GiB
 
 
 class ImageTooLarge(ImageError):
@@ -100,12 +100,19 @@ class PullBudget:
                 "(aviato image prune) or free disk"
             )
 
+    def disk_full(self, exc: OSError) -> DiskLow:
+        """The error for a write that found the file system full (ENOSPC, EDQUOT)."""
+        return DiskLow(
+            f"pulling {self.image}: the image store's file system is full ({exc.strerror}); "
+            "remove unused images (aviato image prune) or free disk"
+        )
+
     def check_download(self, total: int, missing: int) -> None:
         """Before the download: `total` compressed bytes of all layers (as the manifest
         declares them), `missing` of those not in the store yet."""
         cap = self.limits.max_image_bytes
         if cap and total > cap:
-            raise self._too_large(f"its layers are {format_size(total)} compressed")
+            raise self._too_large(f"its layers alone are {format_size(total)} compressed, more")
         self.check_disk(missing)
 
     def downloaded(self, n: int) -> None:
@@ -117,7 +124,7 @@ class PullBudget:
         self.unpacked += n
         cap = self.limits.max_image_bytes
         if cap and self.unpacked > cap:
-            raise self._too_large(f"it unpacks to more than {format_size(cap)}")
+            raise self._too_large("it unpacks to more")
         self._tick(n)
 
     def entry(self) -> None:
@@ -138,7 +145,7 @@ class PullBudget:
 
     def _too_large(self, why: str) -> ImageTooLarge:
         return ImageTooLarge(
-            f"image {self.image} is too large: {why}, and the service's bound is "
+            f"image {self.image} is larger than the service allows: {why} than its bound of "
             f"{format_size(self.limits.max_image_bytes)} (server --max-image-size); ask the "
             "operator to raise it"
         )

@@ -2,7 +2,7 @@
 
 Only what a pull needs is read: an index's `manifests` (with their `platform`), a manifest's
 `config` and `layers` descriptors and their media types. Anything a registry sent is named in
-errors only as short tokens (`registry.shown`).
+errors only when it is a known platform name or has the shape of a media type.
 """
 
 from __future__ import annotations
@@ -23,6 +23,19 @@ LAYER_TYPES = (
 )
 
 
+_PLATFORM_WORDS = frozenset({
+    "linux", "windows", "darwin", "freebsd", "netbsd", "openbsd", "solaris", "illumos", "aix",
+    "plan9", "js", "wasip1", "amd64", "arm64", "arm", "386", "ppc64le", "ppc64", "s390x",
+    "riscv64", "mips", "mipsle", "mips64", "mips64le", "loong64", "wasm", "v5", "v6", "v7",
+    "v8", "v8.1", "v9",
+})  # fmt: skip
+
+
+def _platform_word(value: object) -> str:
+    """A platform field of an index, when it is a name we know (else not repeated)."""
+    return value if isinstance(value, str) and value in _PLATFORM_WORDS else "(other)"
+
+
 def choose_platform(body: bytes, key: str) -> Descriptor:
     """The entry of an index for linux on this machine's architecture (and variant)."""
     want_os, want_arch, want_variant = host_platform()
@@ -37,7 +50,7 @@ def choose_platform(body: bytes, key: str) -> Descriptor:
         if not isinstance(plat, dict):
             continue
         os_name, arch, variant = plat.get("os"), plat.get("architecture"), plat.get("variant", "")
-        offered.append("/".join(shown(str(p)).strip("'") for p in (os_name, arch, variant) if p))
+        offered.append("/".join(_platform_word(p) for p in (os_name, arch, variant) if p))
         if os_name != want_os or arch != want_arch:
             continue
         desc = Descriptor.parse(entry, f"{key}: index entry {i}")

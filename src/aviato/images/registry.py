@@ -14,8 +14,8 @@ public addresses, plain HTTP and inner addresses only for registries the operato
 realm and every redirect are checked before they are followed (redirects are followed here, at
 most `MAX_REDIRECTS`, never by httpx), and credentials go only to the registry's own origin and
 to a realm that passed the check. Error messages say which step failed and the HTTP status; they
-never repeat a body, a header or a field an endpoint answered (`shown` lets through only short
-tokens such as a media type or a platform name).
+never repeat a body, a header or a field an endpoint answered (`shown` lets through only what
+has the shape of a media type).
 
 Every byte is verified: manifests are hashed before they are parsed, and blobs are downloaded
 into a temporary file, hashed while they stream, and renamed into place only when the digest and
@@ -40,7 +40,7 @@ from typing import Any
 
 import httpx
 
-from aviato.images.egress import Egress
+from aviato.images.egress import Egress, RegistryRefused
 from aviato.images.errors import (
     DigestMismatch,
     ImageNotPresent,
@@ -71,7 +71,7 @@ CHUNK = 1 << 20
 TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 MAX_REDIRECTS = 5
 _REDIRECTS = (301, 302, 303, 307, 308)
-_TOKEN = re.compile(r"[A-Za-z0-9._+/:-]{1,80}")
+_MEDIA_TYPE = re.compile(r"application/[a-z0-9][a-z0-9.+-]{0,100}")
 
 _CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
@@ -101,18 +101,17 @@ class Descriptor:
             raise PullFailed(f"{what} is not a descriptor object")
         digest, size = data.get("digest"), data.get("size")
         if not isinstance(digest, str) or not re.fullmatch(r"sha256:[a-f0-9]{64}", digest):
-            raise PullFailed(
-                f"{what} has digest {shown(digest)}: only sha256 digests are supported"
-            )
+            raise PullFailed(f"{what} has an invalid digest: only sha256 digests are supported")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise PullFailed(f"{what} has an invalid size")
         return cls(str(data.get("mediaType", "")), digest, size)
 
 
-def shown(value: object) -> str:
-    """`value` quoted when it is a short plain token (a media type, an architecture), else a
-    placeholder: what a registry answered is never repeated at length or verbatim."""
-    return repr(value) if isinstance(value, str) and _TOKEN.fullmatch(value) else "(not shown)"
+def shown(media_type: object) -> str:
+    """A media type a registry sent, quoted when it has the shape of one (application/...),
+    else a placeholder: what an endpoint answered is never repeated verbatim."""
+    ok = isinstance(media_type, str) and _MEDIA_TYPE.fullmatch(media_type)
+    return repr(media_type) if ok else "(not a media type)"
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -209,6 +208,8 @@ class RegistryClient:
             answer = await self._http.get(
                 realm_url, params=params, auth=auth, timeout=TIMEOUT, follow_redirects=False
             )
+        except RegistryRefused as exc:
+            raise RegistryRefused(f"the token realm of registry {where}: {exc}") from None
         except httpx.HTTPError as exc:
             raise PullFailed(
                 f"the token server of registry {where} ({realm_url.host}): {describe_failure(exc)}"
@@ -251,11 +252,13 @@ class RegistryClient:
             if self._auth and self._same_origin(url):
                 headers["Authorization"] = self._auth
             request = self._http.build_request(method, url, headers=headers, timeout=TIMEOUT)
+            where = "registry " + self._ref.registry if self._same_origin(url) else (
+                f"a redirect of registry {self._ref.registry}")  # fmt: skip
             try:
                 response = await self._http.send(request, stream=True, follow_redirects=False)
+            except RegistryRefused as exc:
+                raise RegistryRefused(f"{step}: {where}: {exc}") from None
             except httpx.HTTPError as exc:
-                where = "registry " + self._ref.registry if self._same_origin(url) else (
-                    f"{url.host}, where registry {self._ref.registry} redirected")  # fmt: skip
                 raise PullFailed(f"{step}: {where}: {describe_failure(exc)}") from exc
             location = response.headers.get("location", "")
             if response.status_code not in _REDIRECTS or not location:

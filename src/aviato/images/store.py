@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -358,7 +359,12 @@ class ImageStore:
                     config = ImageConfig.parse(config_bytes)
                     self._put_blob(digest, body)
                     self._put_blob(config_desc.digest, config_bytes)
-                    await self._download_layers(client, layers, emit, budget)
+                    try:
+                        await self._download_layers(client, layers, emit, budget)
+                    except OSError as exc:
+                        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                            raise
+                        raise budget.disk_full(exc) from exc
                     await self._unpack(digest, config, config_desc, layers, emit, budget)
                 except (ImageTooLarge, DiskLow, UnsafeLayer, DigestMismatch):
                     self._drop_blobs(key, [digest, config_desc.digest, *self._pull_layers[key]])

@@ -35,6 +35,7 @@ symlinks of earlier layers; so members are read with `tarfile` and written by th
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import hashlib
 import os
@@ -184,6 +185,8 @@ def apply_layer(
                         budget.entry()
                         _apply_member(tar, member, state)
             except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile, ValueError) as exc:
+                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise budget.disk_full(exc) from exc
                 raise UnsafeLayer(f"layer {blob.name} cannot be read or applied: {exc}") from exc
             reader.drain()
             diff_id = "sha256:" + reader.hasher.hexdigest()
