@@ -161,7 +161,7 @@ def ensure_local_service(
     if _answers(sock):
         return str(sock)
     try:
-        private_dir(directory)
+        private_dir(directory, ours=True)
     except OSError as e:
         raise AviatoConnectionError(f"cannot use the state directory {directory}: {e}") from e
     with os.fdopen(open_private(directory / "server.lock"), "a+b") as lock:

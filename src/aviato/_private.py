@@ -9,18 +9,19 @@ that the modes of the state directory can be changed in one place.
 Never following symlinks: below the state directory, every chmod and open is made relative to a
 directory descriptor with O_NOFOLLOW, so a symlink planted in the state directory cannot turn a
 chmod or a create onto another file. The state directory itself may be a symlink the operator
-made, but it must belong to the service's user (`DirectoryNotOurs` otherwise): the service never
-takes over another user's directory.
+made, but at start it must belong to the service's user (`DirectoryNotOurs` otherwise): the
+service never takes over another user's directory.
 
-What this cannot do: make a directory private when the service is not its owner and not root
-(chmod is refused; the error says so), or reach file systems that ignore modes (some network
-and FUSE mounts).
+What this cannot do: change the mode of an entry that belongs to another user when the service
+is not root (`secure_tree` leaves it, logged; the 0700 directory above it still keeps others
+out), or reach file systems that ignore modes (some network and FUSE mounts).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import logging
 import os
 import secrets
 import stat
@@ -36,6 +37,8 @@ __all__ = [
     "secure_tree",
     "write_private",
 ]
+
+log = logging.getLogger("aviato.private")
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -68,16 +71,16 @@ def _own(fd: int, path: Path) -> os.stat_result:
     return st
 
 
-def private_dir(path: Path) -> Path:
+def private_dir(path: Path, *, ours: bool = False) -> Path:
     """Makes `path` (and missing parents) a directory of mode 0700, or brings an existing one
-    to 0700. Raises DirectoryNotOurs when it belongs to another user, NotADirectoryError when it
-    is something else."""
+    to 0700. With `ours`, raises DirectoryNotOurs when it belongs to another user. Raises
+    NotADirectoryError when it is something else."""
     path = Path(path)
     with contextlib.suppress(FileExistsError):
         path.mkdir(mode=DIR_MODE, parents=True)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        st = _own(fd, path)
+        st = _own(fd, path) if ours else os.fstat(fd)
         if stat.S_IMODE(st.st_mode) != DIR_MODE:
             os.fchmod(fd, DIR_MODE)
     finally:
@@ -143,8 +146,9 @@ def _fix_at(dir_fd: int, name: str) -> int | None:
 def secure_tree(root: Path, keep_below: tuple[str, ...] = KEEP_MODES_BELOW) -> None:
     """Makes `root` and everything below it private (directories 0700, other files 0600),
     without following any symlink and without descending below the `keep_below` patterns
-    (relative paths). Depth first: as many descriptors open as the tree is deep."""
-    root = private_dir(root)
+    (relative paths). Depth first: as many descriptors open as the tree is deep. Raises
+    DirectoryNotOurs when `root` belongs to another user."""
+    root = private_dir(root, ours=True)
     top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     stack: list[tuple[int, str, list[str]]] = [(top, "", os.listdir(top))]
     try:
@@ -155,7 +159,11 @@ def secure_tree(root: Path, keep_below: tuple[str, ...] = KEEP_MODES_BELOW) -> N
                 stack.pop()
                 continue
             name = names.pop()
-            sub = _fix_at(dir_fd, name)
+            try:
+                sub = _fix_at(dir_fd, name)
+            except PermissionError as e:  # another user's entry: the directory still guards it
+                log.warning("cannot make %s/%s private: %s", rel or ".", name, e)
+                continue
             if sub is None:
                 continue
             sub_rel = f"{rel}/{name}" if rel else name

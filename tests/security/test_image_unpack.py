@@ -268,3 +268,27 @@ def test_a_layer_too_deep_is_refused(env: Lab) -> None:
     ok, detail = env.pull(ref)
     assert not ok and "deep" in detail, detail
     assert env.tmp_entries() == []
+
+
+def test_a_working_dir_through_an_image_symlink_says_nothing_of_host_paths(
+    env: Lab, canary: Canary
+) -> None:
+    """A sandbox's working directory (or mounted file) inside the image's read-only trees is
+    checked in the image: a symlink there to a host path must not tell whether that host path
+    exists (the check ran as root on the host, following the symlink: an existence oracle)."""
+    ref = env.push("attack/oracle", [busybox_layer([
+        Entry("bin/there", kind="symlink", link=str(canary.sub)),
+        Entry("bin/absent", kind="symlink", link=str(canary.dir / "no-such-dir")),
+        Entry("bin/file-there", kind="symlink", link=str(canary.file)),
+        Entry("bin/file-absent", kind="symlink", link=str(canary.dir / "no-such-file")),
+    ])])  # fmt: skip
+    ok, detail = env.pull(ref)
+    assert ok, detail
+    reasons = []
+    for spec in ({"working_dir": "/bin/there"}, {"working_dir": "/bin/absent"},
+                 {"mounted": [("/bin/file-there", b"x")]},
+                 {"mounted": [("/bin/file-absent", b"x")]}):  # fmt: skip
+        rec = env.svc.client().create(image=ref, **spec)
+        done = env.svc.client().wait(rec.id, terminal=True, timeout=60)
+        reasons.append(done.status_reason.replace("absent", "X").replace("there", "X"))
+    assert reasons[0] == reasons[1] and reasons[2] == reasons[3], reasons

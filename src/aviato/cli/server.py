@@ -124,7 +124,10 @@ def _start_detached(paths: _Paths, argv: list[str]) -> None:
     Takes `server.lock` as `aviato._local` does, so that an SDK starting the plain service at
     the same moment waits for this one instead of racing it.
     """
-    private_dir(paths.state_dir)
+    try:
+        private_dir(paths.state_dir, ours=True)
+    except OSError as e:
+        raise CliError(f"cannot use the state directory {paths.state_dir}: {e}") from e
     with os.fdopen(open_private(paths.state_dir / LOCK_NAME), "a+b") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         if _server_info(paths) is not None:
