@@ -11,6 +11,7 @@ answered (a canary string is planted in bodies, headers and manifest fields).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -54,6 +55,16 @@ def _front(outside: str, front: list[str]) -> object:
         me = front[0]
         repo = h.path.split("/")[2] if h.path.startswith("/v2/") and h.path.count("/") > 2 else ""
         bearer = {"WWW-Authenticate": ""}
+        if h.path.startswith("/token-huge"):
+            h.send_response(200)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(256 << 20))
+            h.end_headers()
+            chunk = b" " * (1 << 20)
+            with contextlib.suppress(OSError):
+                for _ in range(256):
+                    h.wfile.write(chunk)
+            return
         if h.path.startswith("/token"):
             _send(h, 500, CANARY.encode(), {"X-Leak": CANARY})
             return
@@ -66,6 +77,8 @@ def _front(outside: str, front: list[str]) -> object:
             bearer["WWW-Authenticate"] = f'Bearer realm="http://localhost:{port}/token"'
         elif repo == "realm-same":
             bearer["WWW-Authenticate"] = f'Bearer realm="http://{me}/token",service="s"'
+        elif repo == "realm-huge":
+            bearer["WWW-Authenticate"] = f'Bearer realm="http://{me}/token-huge",service="s"'
         elif repo.startswith("redirect-"):
             port = outside.split(":")[1]
             target = {
@@ -146,6 +159,22 @@ def test_a_redirect_elsewhere_is_never_followed(net: Net, repo: str) -> None:
 def test_errors_never_repeat_what_an_endpoint_answered(net: Net, repo: str) -> None:
     detail = _pull(net, repo)
     assert "X-Leak" not in detail and len(detail) < 600, detail
+
+
+def test_a_huge_token_answer_is_not_read_into_memory(net: Net) -> None:
+    """The token server (here the registry's own origin) answers 256 MiB: the client reads at
+    most a few MiB of it."""
+    peak_before = _peak_rss_kib(net.env.svc.pid)
+    detail = _pull(net, "realm-huge")
+    assert "no token" in detail, detail
+    assert _peak_rss_kib(net.env.svc.pid) - peak_before < 64 << 10
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
 
 
 def test_a_loopback_registry_not_named_is_refused_without_contact() -> None:

@@ -200,28 +200,41 @@ class RegistryClient:
         self._egress.check_url(realm_url, self._origin, f"the token realm of registry {where}")
         if "scope" not in params:
             params["scope"] = f"repository:{self._ref.repository}:pull"
-        auth = None
+        auth = ""
         if creds is not None and creds.username:
-            auth = httpx.BasicAuth(creds.username, creds.password)
+            pair = f"{creds.username}:{creds.password}".encode()
+            auth = "Basic " + base64.b64encode(pair).decode()
             self.used_credentials = True
+        request = self._http.build_request(
+            "GET", realm_url, params=params, timeout=TIMEOUT,
+            headers={"Authorization": auth} if auth else None,
+        )  # fmt: skip
+        status, data = 0, b""
         try:
-            answer = await self._http.get(
-                realm_url, params=params, auth=auth, timeout=TIMEOUT, follow_redirects=False
-            )
+            answer = await self._http.send(request, stream=True, follow_redirects=False)
+            try:
+                status = answer.status_code
+                if status == 200:  # read at most MAX_MANIFEST_BYTES + 1: a token is small
+                    async for chunk in answer.aiter_bytes():
+                        data += chunk
+                        if len(data) > MAX_MANIFEST_BYTES:
+                            break
+            finally:
+                await answer.aclose()
         except RegistryRefused as exc:
             raise RegistryRefused(f"the token realm of registry {where}: {exc}") from None
         except httpx.HTTPError as exc:
             raise PullFailed(
                 f"the token server of registry {where} ({realm_url.host}): {describe_failure(exc)}"
             ) from exc
-        if answer.status_code in (401, 403):
+        if status in (401, 403):
             raise RegistryDenied(f"token server of {where} refused the credentials")
-        if answer.status_code != 200:
-            raise PullFailed(f"token server of {where} answered HTTP {answer.status_code}")
+        if status != 200:
+            raise PullFailed(f"token server of {where} answered HTTP {status}")
         try:
-            if len(answer.content) > MAX_MANIFEST_BYTES:
+            if len(data) > MAX_MANIFEST_BYTES:
                 raise ValueError("too large")
-            body = answer.json()
+            body = json.loads(data)
             token = body.get("token") or body.get("access_token")
         except (ValueError, AttributeError):
             token = None
