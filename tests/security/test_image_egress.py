@@ -270,3 +270,22 @@ def test_ray_node_hosts_get_the_operators_names_and_limits(tmp_path: Path) -> No
             asyncio.run(pull_on_node(insecure_registries=(env.registry.host,),
                                      max_image_bytes=64 << 10))  # fmt: skip
         asyncio.run(pull_on_node(insecure_registries=(env.registry.host,), max_sandboxes=7))
+
+
+def test_the_command_line_takes_the_registry_names(tmp_path: Path) -> None:
+    """`aviato server --insecure-registry` reaches the service's parser (a bad name is refused
+    there, naming the flag); AVIATO_INSECURE_REGISTRIES is checked the same way."""
+    import os
+    import subprocess
+    import sys
+
+    aviato = [str(Path(sys.executable).with_name("aviato"))]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AVIATO_")}
+    state = str(tmp_path / "s")
+    r = subprocess.run([*aviato, "server", "--state-dir", state, "--insecure-registry", "a b"],
+                       capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    assert r.returncode == 2 and "--insecure-registry" in r.stderr, r.stderr
+    r = subprocess.run([*aviato, "server", "--state-dir", state],
+                       capture_output=True, text=True, timeout=60,
+                       env={**env, "AVIATO_INSECURE_REGISTRIES": "ok:5000,bad:port"})  # fmt: skip
+    assert r.returncode == 2 and "AVIATO_INSECURE_REGISTRIES" in r.stderr, r.stderr
