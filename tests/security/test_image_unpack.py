@@ -292,3 +292,27 @@ def test_a_working_dir_through_an_image_symlink_says_nothing_of_host_paths(
         done = env.svc.client().wait(rec.id, terminal=True, timeout=60)
         reasons.append(done.status_reason.replace("absent", "X").replace("there", "X"))
     assert reasons[0] == reasons[1] and reasons[2] == reasons[3], reasons
+
+
+def test_removing_an_image_never_follows_its_symlinks(env: Lab, canary: Canary) -> None:
+    """`aviato image rm` of a root full of symlinks to host paths, and of directories without
+    any permission: the root goes, the host's files stay."""
+    from aviato.v1 import images_pb2 as ipb
+    from aviato.v1 import images_pb2_grpc
+
+    ref = env.push("attack/rm", [layer([
+        Entry("abs", kind="symlink", link=str(canary.dir)),
+        Entry("rel", kind="symlink", link=climb(canary.dir)),
+        Entry("file", kind="symlink", link=str(canary.file)),
+        Entry("closed", kind="dir", mode=0o000),
+        Entry("closed/inner", kind="dir", mode=0o000),
+        Entry("closed/inner/f", data=b"x", mode=0o000),
+    ])])  # fmt: skip
+    ok, digest = env.pull(ref)
+    assert ok, digest
+    before = canary.state()
+    stub = images_pb2_grpc.ImageServiceStub(env.svc.channel())  # type: ignore[no-untyped-call]
+    stub.RemoveImage(ipb.RemoveImageRequest(image=ref), timeout=60)
+    assert not env.rootfs(digest).exists()
+    assert canary.state() == before
+    assert env.tmp_entries() == []
