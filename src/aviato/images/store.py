@@ -479,7 +479,10 @@ class ImageStore:
         _private.private_dir(rootfs)
         check_ids = len(config.diff_ids) == len(layers)
         for index, desc in enumerate(layers):
-            diff_id = apply_layer(self._blobs / _hex(desc.digest), rootfs, budget=budget)
+            try:
+                diff_id = apply_layer(self._blobs / _hex(desc.digest), rootfs, budget=budget)
+            except UnsafeLayer as exc:
+                raise UnsafeLayer(f"image {budget.image}: layer {desc.digest}: {exc}") from None
             if check_ids and diff_id != config.diff_ids[index]:
                 raise DigestMismatch(
                     f"layer {desc.digest}: its uncompressed content has digest {diff_id}, but "

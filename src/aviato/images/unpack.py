@@ -187,7 +187,7 @@ def apply_layer(
             except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile, ValueError) as exc:
                 if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise budget.disk_full(exc) from exc
-                raise UnsafeLayer(f"layer {blob.name} cannot be read or applied: {exc}") from exc
+                raise UnsafeLayer(f"the layer cannot be read or applied: {exc}") from exc
             reader.drain()
             diff_id = "sha256:" + reader.hasher.hexdigest()
         state.forget_parent()
