@@ -316,3 +316,37 @@ def test_removing_an_image_never_follows_its_symlinks(env: Lab, canary: Canary) 
     assert not env.rootfs(digest).exists()
     assert canary.state() == before
     assert env.tmp_entries() == []
+
+
+def _global_header(key: str, value: str) -> bytes:
+    """One PAX global header record (typeflag g) holding `key=value`, padded to blocks."""
+    body = f" {key}={value}\n"
+    length = len(body) + 1
+    while len(str(length)) + len(body) != length:
+        length = len(str(length)) + len(body)
+    payload = f"{length}{body}".encode()
+    info = tarfile.TarInfo("pax_global_header")
+    info.type = tarfile.XGLTYPE
+    info.size = len(payload)
+    pad = (-len(payload)) % 512
+    return info.tobuf(tarfile.USTAR_FORMAT) + payload + b"\0" * pad
+
+
+def test_chains_and_piles_of_tar_headers_are_refused(env: Lab) -> None:
+    """5000 header records in a row (tarfile recursed once per record: a RecursionError, an
+    internal error), and 200 global headers of 512 KiB kept for the whole layer (memory)."""
+    import gzip
+
+    from .image_support import sha
+
+    chain = b"".join(_global_header(f"k{i}", "v") for i in range(5000))
+    filler = tarfile.TarInfo("f").tobuf(tarfile.USTAR_FORMAT)
+    pile = b"".join(_global_header(f"k{i}", "x" * (512 << 10)) + filler for i in range(200))
+    peak_before = _peak_rss_kib(env.svc.pid)
+    for name, raw in (("chain", chain), ("pile", pile)):
+        raw += b"\0" * 1024
+        ref = env.push(f"attack/headers-{name}", [(gzip.compress(raw, mtime=0), sha(raw))])
+        ok, detail = env.pull(ref)
+        assert not ok and "header" in detail and not detail.startswith("INTERNAL"), detail
+    assert _peak_rss_kib(env.svc.pid) - peak_before < 128 << 10
+    assert env.tmp_entries() == []

@@ -58,6 +58,7 @@ WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 MAX_NAME_BYTES = 4096  # PATH_MAX: a longer path could not be used inside a sandbox anyway
 MAX_HEADER_BYTES = 1 << 20
+MAX_HEADER_CHAIN = 8  # header records before one member (PAX, long name, long link: 3 in use)
 _SETID = stat.S_ISUID | stat.S_ISGID
 _COPY = 1 << 20
 _OPEN_ANY = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -89,15 +90,28 @@ _HEADER_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
 
 class _BoundedTarInfo(tarfile.TarInfo):
     """Refuses, before tarfile reads them into memory whole, header records (PAX, GNU long
-    names) larger than MAX_HEADER_BYTES, and sparse members, whose maps tarfile would also hold
-    in memory and whose holes would be written out as zeros. (These hook tarfile's member
-    processing, which has had these names since Python 3.0.)"""
+    names) larger than MAX_HEADER_BYTES; chains of more than MAX_HEADER_CHAIN header records
+    (tarfile recurses once per record); global PAX headers adding up to more than
+    MAX_HEADER_BYTES (tarfile keeps them for the whole layer); and sparse members, whose maps
+    tarfile would also hold in memory and whose holes would be written out as zeros. (These
+    hook tarfile's member processing, which has had these names since Python 3.0.)"""
 
     def _proc_member(self, tf: tarfile.TarFile) -> Any:
-        if self.type in _HEADER_TYPES and self.size > MAX_HEADER_BYTES:
-            raise UnsafeLayer(
-                f"a tar header record of {self.size} bytes (at most {MAX_HEADER_BYTES})"
-            )
+        if self.type in _HEADER_TYPES:
+            if self.size > MAX_HEADER_BYTES:
+                raise UnsafeLayer(
+                    f"a tar header record of {self.size} bytes (at most {MAX_HEADER_BYTES})"
+                )
+            chain = getattr(tf, "_aviato_header_chain", 0) + 1
+            if chain > MAX_HEADER_CHAIN:
+                raise UnsafeLayer(f"more than {MAX_HEADER_CHAIN} tar header records in a row")
+            setattr(tf, "_aviato_header_chain", chain)  # noqa: B010 (not a TarFile attribute)
+            if self.type == tarfile.XGLTYPE:
+                kept = sum(len(k) + len(v) for k, v in tf.pax_headers.items())
+                if kept + self.size > MAX_HEADER_BYTES:
+                    raise UnsafeLayer(f"global tar headers of more than {MAX_HEADER_BYTES} bytes")
+        else:
+            setattr(tf, "_aviato_header_chain", 0)  # noqa: B010
         if self.type == tarfile.GNUTYPE_SPARSE:
             _sparse(self.name)
         return super()._proc_member(tf)  # type: ignore[misc]
