@@ -53,6 +53,7 @@ def measure(runs: int, warmup: int) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="avbi", dir="/tmp"))
     state = work / "state"
     os.environ["AVIATO_STATE_DIR"] = str(state)
+    os.environ["AVIATO_INSECURE_REGISTRIES"] = "127.0.0.1"  # the local test registry
     for var in ("AVIATO_BASE_URL", "AVIATO_API_KEY", "AVIATO_IMAGE"):
         os.environ.pop(var, None)
     from aviato import Sandbox

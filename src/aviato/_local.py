@@ -33,6 +33,7 @@ from pathlib import Path
 
 import grpc
 
+from aviato._private import open_private, private_dir
 from aviato.exceptions import AviatoConnectionError
 from aviato.v1 import sandbox_pb2 as pb
 from aviato.v1 import sandbox_pb2_grpc
@@ -122,7 +123,7 @@ def _child_env() -> dict[str, str]:
 
 def _spawn(directory: Path) -> subprocess.Popen[bytes]:
     log = directory / "server.log"
-    with open(log, "ab") as out:
+    with os.fdopen(open_private(log, os.O_WRONLY | os.O_APPEND), "ab") as out:
         out.write(
             f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} started by pid {os.getpid()}\n".encode()
         )
@@ -159,8 +160,11 @@ def ensure_local_service(
         )
     if _answers(sock):
         return str(sock)
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(directory / "server.lock", "a+b") as lock:
+    try:
+        private_dir(directory, ours=True)
+    except OSError as e:
+        raise AviatoConnectionError(f"cannot use the state directory {directory}: {e}") from e
+    with os.fdopen(open_private(directory / "server.lock"), "a+b") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
             if _answers(sock):

@@ -35,6 +35,8 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 LAYER_GZ = "application/vnd.oci.image.layer.v1.tar+gzip"
 CONFIG = "application/vnd.oci.image.config.v1+json"
+# Registries of the tests run on 127.0.0.1 and must be named to the service (any port).
+LOCAL = ("127.0.0.1",)
 
 
 def have_tools() -> bool:

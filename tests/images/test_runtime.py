@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from oci_helpers import Entry, Pusher, Registry, busybox_layer
+from oci_helpers import LOCAL, Entry, Pusher, Registry, busybox_layer
 
 from aviato.images.errors import ImageError
 from aviato.runtime.base import (
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these tests run sandb
 
 def run_with(state: Path, body: Callable[[LocalRuntime], Awaitable[T]]) -> T:
     async def main() -> T:
-        rt = LocalRuntime(state)
+        rt = LocalRuntime(state, insecure_registries=LOCAL)
         try:
             return await asyncio.wait_for(body(rt), 120)
         finally:
@@ -173,12 +173,12 @@ def test_prune_spares_images_of_sandboxes_reattached_after_restart(
     state = workdir / "state"
 
     async def first() -> None:
-        rt = LocalRuntime(state)
+        rt = LocalRuntime(state, insecure_registries=LOCAL)
         await rt.create(config("rs-a", ref))
         await rt.close()  # the service goes away; the sandbox keeps running
 
     async def second() -> None:
-        rt = LocalRuntime(state)
+        rt = LocalRuntime(state, insecure_registries=LOCAL)
         try:
             handle = await rt.attach("rs-a")
             assert isinstance(handle, SandboxHandle)

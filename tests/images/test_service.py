@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from oci_helpers import Pusher, Registry, busybox_layer, have_tools, run_registry
+from oci_helpers import LOCAL, Pusher, Registry, busybox_layer, have_tools, run_registry
 
 from aviato.v1 import images_pb2 as ipb
 from aviato.v1 import images_pb2_grpc, sandbox_pb2_grpc
@@ -40,6 +40,7 @@ class Service:
         self.state = state
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("AVIATO_")}
         self.env["AVIATO_STATE_DIR"] = str(state)
+        self.env["AVIATO_INSECURE_REGISTRIES"] = ",".join(LOCAL)  # the test registries
         self.channel = grpc.insecure_channel(f"unix://{state}/aviato.sock")
         self.stub = sandbox_pb2_grpc.SandboxServiceStub(self.channel)  # type: ignore[no-untyped-call]
         self.images = images_pb2_grpc.ImageServiceStub(self.channel)  # type: ignore[no-untyped-call]

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from oci_helpers import Entry, Pusher, Registry, busybox_layer, layer, run_registry
+from oci_helpers import LOCAL, Entry, Pusher, Registry, busybox_layer, layer, run_registry
 
 from aviato.images.errors import DigestMismatch, ImageNotPresent, RegistryDenied
 from aviato.images.registry import host_platform
@@ -20,7 +20,7 @@ from aviato.runtime.base import RegistryCredentials
 def test_pull_unpacks_and_records(registry: Registry, pusher: Pusher, workdir: Path) -> None:
     pushed = pusher.image("t/bb", "v1", [busybox_layer(), layer([Entry("app", kind="dir"),
                           Entry("app/hello", data=b"hi")])], working_dir="/srv/w")  # fmt: skip
-    store = ImageStore(workdir / "images")
+    store = ImageStore(workdir / "images", insecure_registries=LOCAL)
     events: list[PullProgress] = []
     image = asyncio.run(store.pull(f"{registry.host}/t/bb:v1", progress=events.append))
     assert image.digest == pushed.digest
@@ -32,7 +32,7 @@ def test_pull_unpacks_and_records(registry: Registry, pusher: Pusher, workdir: P
     for digest in pushed.layers:
         assert (workdir / "images/blobs/sha256" / digest.split(":")[1]).exists()
     # A second store object sees it (refs.json), and a re-pull downloads no blob again.
-    again = ImageStore(workdir / "images")
+    again = ImageStore(workdir / "images", insecure_registries=LOCAL)
     assert again.find(f"{registry.host}/t/bb:v1") == image
     gets = registry.blob_gets()
     asyncio.run(again.pull(f"{registry.host}/t/bb:v1"))
@@ -43,7 +43,11 @@ def test_pull_unpacks_and_records(registry: Registry, pusher: Pusher, workdir: P
 
 def test_docker_v2_manifest(registry: Registry, pusher: Pusher, workdir: Path) -> None:
     pushed = pusher.image("t/docker", "v1", [busybox_layer()], docker=True)
-    image = asyncio.run(ImageStore(workdir / "images").pull(f"{registry.host}/t/docker:v1"))
+    image = asyncio.run(
+        ImageStore(workdir / "images", insecure_registries=LOCAL).pull(
+            f"{registry.host}/t/docker:v1"
+        )
+    )
     assert image.digest == pushed.digest and (image.rootfs / "bin/sh").is_symlink()
 
 
@@ -51,7 +55,7 @@ def test_ten_concurrent_first_uses_pull_once(
     registry: Registry, pusher: Pusher, workdir: Path
 ) -> None:
     pushed = pusher.image("t/bb", "v1", [busybox_layer()])
-    store = ImageStore(workdir / "images")
+    store = ImageStore(workdir / "images", insecure_registries=LOCAL)
     ref = f"{registry.host}/t/bb:v1"
 
     async def main() -> list[str]:
@@ -71,7 +75,7 @@ def test_corrupted_blob_refused_and_not_kept(
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # same size, different content
     data.write_bytes(bytes(raw))
-    store = ImageStore(workdir / "images")
+    store = ImageStore(workdir / "images", insecure_registries=LOCAL)
     with pytest.raises(DigestMismatch, match=pushed.layers[0]):
         asyncio.run(store.pull(f"{registry.host}/t/bad:v1"))
     hexd = pushed.layers[0].split(":")[1]
@@ -89,7 +93,7 @@ def test_multi_arch_index_picks_this_machine(
     theirs = pusher.image("t/multi", "theirs", [busybox_layer([Entry("other", data=b"o")])],
                           env=[f"ARCH={other}"], arch=other)  # fmt: skip
     index = pusher.index("t/multi", "v1", [(theirs, "linux", other), (mine, "linux", arch)])
-    store = ImageStore(workdir / "images")
+    store = ImageStore(workdir / "images", insecure_registries=LOCAL)
     image = asyncio.run(store.pull(f"{registry.host}/t/multi:v1"))
     assert image.digest == mine.digest
     assert ("ARCH", arch) in image.config.env
@@ -103,7 +107,7 @@ def test_multi_arch_index_picks_this_machine(
 
 def test_missing_image_and_tag(registry: Registry, pusher: Pusher, workdir: Path) -> None:
     pusher.image("t/bb", "v1", [busybox_layer()])
-    store = ImageStore(workdir / "images")
+    store = ImageStore(workdir / "images", insecure_registries=LOCAL)
     with pytest.raises(ImageNotPresent):
         asyncio.run(store.pull(f"{registry.host}/t/bb:nope"))
     with pytest.raises(ImageNotPresent):
@@ -119,7 +123,9 @@ def test_basic_auth(workdir: Path) -> None:
         pusher = Pusher(reg)
         pushed = pusher.image("t/private", "v1", [busybox_layer()])
         ref = f"{reg.host}/t/private:v1"
-        store = ImageStore(workdir / "images", docker_config=workdir / "none.json")
+        store = ImageStore(
+            workdir / "images", insecure_registries=LOCAL, docker_config=workdir / "none.json"
+        )
         with pytest.raises(RegistryDenied, match="requires a login"):
             asyncio.run(store.pull(ref))
         with pytest.raises(RegistryDenied):
@@ -130,7 +136,7 @@ def test_basic_auth(workdir: Path) -> None:
         config = workdir / "docker.json"
         token = base64.b64encode(b"alice:s3cret").decode()
         config.write_text(json.dumps({"auths": {reg.host: {"auth": token}}}))
-        other = ImageStore(workdir / "images2", docker_config=config)
+        other = ImageStore(workdir / "images2", insecure_registries=LOCAL, docker_config=config)
         assert asyncio.run(other.pull(ref)).digest == pushed.digest
 
 
@@ -139,7 +145,7 @@ def test_remove_and_prune_keep_images_in_use(
 ) -> None:
     a = pusher.image("t/a", "v1", [busybox_layer()])
     b = pusher.image("t/b", "v1", [busybox_layer([Entry("b", data=b"b")])])
-    store = ImageStore(workdir / "images")
+    store = ImageStore(workdir / "images", insecure_registries=LOCAL)
     asyncio.run(store.pull(f"{registry.host}/t/a:v1"))
     asyncio.run(store.pull(f"{registry.host}/t/b:v1"))
     used = {a.digest}
@@ -163,7 +169,9 @@ def test_bearer_token_auth(registry: Registry, pusher: Pusher, workdir: Path) ->
     pushed = pusher.image("t/tok", "v1", [busybox_layer()])
     with bearer_front(registry, "carol", "pw") as front:
         ref = f"{front}/t/tok:v1"
-        store = ImageStore(workdir / "images", docker_config=workdir / "none.json")
+        store = ImageStore(
+            workdir / "images", insecure_registries=LOCAL, docker_config=workdir / "none.json"
+        )
         with pytest.raises(RegistryDenied, match="refused"):
             asyncio.run(store.pull(ref, RegistryCredentials("carol", "wrong")))
         image = asyncio.run(store.pull(ref, RegistryCredentials("carol", "pw")))
@@ -177,10 +185,12 @@ def test_a_private_image_in_the_store_needs_access_on_every_use(workdir: Path) -
         pusher.image("t/priv", "v1", [busybox_layer()])
         ref = f"{reg.host}/t/priv:v1"
         good = RegistryCredentials(username="u", password="pw")
-        store = ImageStore(workdir / "images")
+        store = ImageStore(workdir / "images", insecure_registries=LOCAL)
         image = asyncio.run(store.ensure(ref, good))
         assert store.is_private(image)
-        store = ImageStore(workdir / "images")  # the flag survives a restart
+        store = ImageStore(
+            workdir / "images", insecure_registries=LOCAL
+        )  # the flag survives a restart
         assert store.is_private(image)
         gets = reg.blob_gets()
         for wrong in (None, RegistryCredentials(username="u", password="no")):

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from oci_helpers import Entry, layer
 
-from aviato.images.unpack import UnsafeLayer, apply_layer, resolve_in_root
+from aviato.images import beneath
+from aviato.images.unpack import UnsafeLayer, apply_layer
 
 
 def apply(tmp_path: Path, root: Path, entries: list[Entry], name: str = "l") -> str:
@@ -108,9 +109,16 @@ def test_device_nodes_skipped(tmp_path: Path, root: Path) -> None:
 
 
 def test_resolve_in_root_clamps(tmp_path: Path, root: Path) -> None:
+    # Was resolve_in_root (a path string); paths are now resolved into directory descriptors.
     os.symlink("/", root / "top")
     os.symlink("loop2", root / "loop1")
     os.symlink("loop1", root / "loop2")
-    assert resolve_in_root(str(root), "top/../../etc") == str(root / "etc")
-    with pytest.raises(UnsafeLayer, match="levels"):
-        resolve_in_root(str(root), "loop1/x")
+    fd = beneath.open_root(root)
+    try:
+        at, name = beneath.locate(fd, "top/../../etc")
+        with at:
+            assert (at.parts, name) == ((), "etc")  # i.e. root / "etc"
+        with pytest.raises(UnsafeLayer, match="levels"):
+            beneath.locate(fd, "loop1/x")
+    finally:
+        os.close(fd)

@@ -591,8 +591,8 @@ def test_capacity_is_enforced(state_dir: Path, supervisor_bin: Path) -> None:
 
 def test_spec_errors(state_dir: Path, supervisor_bin: Path) -> None:
     async def body(rt: LocalRuntime) -> None:
-        # An image that cannot be pulled (nothing listens on port 1) fails the create, saying
-        # which registry; nothing of the sandbox is left.
+        # An image that cannot be pulled (nothing listens on port 1 of a registry the operator
+        # named) fails the create, saying which registry; nothing of the sandbox is left.
         with pytest.raises(PullFailed, match=r"127\.0\.0\.1:1"):
             await rt.create(config(image="127.0.0.1:1/nothing:1"))
         with pytest.raises(PathRefused):
@@ -609,7 +609,7 @@ def test_spec_errors(state_dir: Path, supervisor_bin: Path) -> None:
             await rt.create(config(sid))
         assert rt.list_present() == [sid]
 
-    run_with(state_dir, supervisor_bin, body)
+    run_with(state_dir, supervisor_bin, body, insecure_registries=("127.0.0.1:1",))
 
 
 def test_start_failure_is_reported(state_dir: Path, supervisor_bin: Path) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from aviato._private import private_dir
 from aviato.cli._output import CliError, age, iso, print_json, print_table
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ def _registry(state_dir: str | None) -> Iterator[Registry]:
 
     directory: Path = resolve_state_dir(state_dir)
     try:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(directory)
         registry = Registry(directory / REGISTRY_NAME)
     except OSError as exc:
         raise CliError(f"cannot open the registry in {directory}: {exc.strerror or exc}") from exc

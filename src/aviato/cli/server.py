@@ -28,6 +28,7 @@ import click
 import grpc
 
 from aviato import _local
+from aviato._private import open_private, private_dir
 from aviato.cli._output import CliError, print_error, print_fields
 from aviato.cli._params import listen_address
 from aviato.v1 import sandbox_pb2 as pb
@@ -123,14 +124,17 @@ def _start_detached(paths: _Paths, argv: list[str]) -> None:
     Takes `server.lock` as `aviato._local` does, so that an SDK starting the plain service at
     the same moment waits for this one instead of racing it.
     """
-    paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with (paths.state_dir / LOCK_NAME).open("a+b") as lock:
+    try:
+        private_dir(paths.state_dir, ours=True)
+    except OSError as e:
+        raise CliError(f"cannot use the state directory {paths.state_dir}: {e}") from e
+    with os.fdopen(open_private(paths.state_dir / LOCK_NAME), "a+b") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         if _server_info(paths) is not None:
             raise CliError(f"a service started meanwhile for {paths.state_dir}; stop it first")
         with contextlib.suppress(FileNotFoundError):
             paths.socket.unlink()
-        with paths.log.open("ab") as log:
+        with os.fdopen(open_private(paths.log, os.O_WRONLY | os.O_APPEND), "ab") as log:
             log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} aviato server start\n".encode())
             log.flush()
             process = subprocess.Popen(
@@ -216,6 +220,24 @@ def _limit_argv(values: Mapping[str, str | None]) -> list[str]:
     help="Where sandboxes run: this machine, or the nodes of a Ray cluster (docs/cluster.md).",
 )
 @click.option("--ray-address", metavar="HOST:PORT", help="The Ray cluster to join (with ray).")
+@click.option(
+    "--insecure-registry",
+    "insecure_registries",
+    multiple=True,
+    metavar="HOST[:PORT]",
+    help="Allow plain HTTP and loopback/private addresses for this registry (repeatable; "
+    "also AVIATO_INSECURE_REGISTRIES, comma-separated).",
+)
+@click.option(
+    "--max-image-size",
+    metavar="QUANTITY",
+    help="Refuse images that unpack to more than this, e.g. 32Gi [default 16Gi].",
+)
+@click.option(
+    "--max-image-files",
+    metavar="N",
+    help="Refuse images whose layers hold more entries than this [default 1000000].",
+)
 @limit_options
 @click.pass_context
 def server(
@@ -227,6 +249,9 @@ def server(
     tls_key: str | None,
     placement: str = "local",
     ray_address: str | None = None,
+    insecure_registries: tuple[str, ...] = (),
+    max_image_size: str | None = None,
+    max_image_files: str | None = None,
     **limits: str | None,
 ) -> None:
     """Run or manage the aviato service on this machine.
@@ -253,6 +278,11 @@ def server(
                 f"put --listen/--tls-*/limits after the subcommand: "
                 f"aviato server {ctx.invoked_subcommand} --listen ..."
             )
+        if insecure_registries or max_image_size or max_image_files:
+            raise click.UsageError(
+                "--insecure-registry and --max-image-* apply to the service run in the "
+                "foreground (aviato server ...); for 'start', set AVIATO_INSECURE_REGISTRIES"
+            )
         return
     _check_tls(listen, tls_cert, tls_key)
     if _server_info(paths) is not None:
@@ -266,6 +296,12 @@ def server(
     if ray_address:
         argv += ["--ray-address", ray_address]
     argv += _limit_argv(limits)
+    for name in insecure_registries:
+        argv += ["--insecure-registry", name]
+    if max_image_size:
+        argv += ["--max-image-size", max_image_size]
+    if max_image_files:
+        argv += ["--max-image-files", max_image_files]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(argv[0], argv)

@@ -37,6 +37,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from aviato._private import secure_tree, write_private
+from aviato.images.limits import PullLimits
 from aviato.runtime.base import (
     ExecEvent,
     ExecHandle,
@@ -85,8 +87,12 @@ class NodeHost:
         lease_seconds: float,
         max_sandboxes: int,
         default_memory_bytes: int,
+        insecure_registries: tuple[str, ...] = (),
+        image_limits: PullLimits | None = None,
     ) -> None:
         self._state_dir = Path(state_dir)
+        self._insecure_registries = tuple(insecure_registries)
+        self._image_limits = image_limits
         self._lease = lease_seconds
         self._max = max_sandboxes
         self._default_memory = default_memory_bytes
@@ -112,15 +118,10 @@ class NodeHost:
             self._start_lock = asyncio.Lock()
         async with self._start_lock:
             if self._runtime is None:
-                from aviato.runtime.local import LocalRuntime, raise_fd_limit
+                from aviato.runtime.local import raise_fd_limit
 
                 raise_fd_limit()
-                self._state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-                self._runtime = LocalRuntime(
-                    self._state_dir,
-                    max_sandboxes=self._max,
-                    default_memory_bytes=self._default_memory,
-                )
+                self._runtime = self._new_runtime()
                 self._holdings = self._load_holdings()
                 for sandbox_id in self._runtime.list_present():
                     with contextlib.suppress(Exception):
@@ -137,6 +138,19 @@ class NodeHost:
             "describe": self._runtime.describe(),
             "holdings": dict(self._holdings),
         }
+
+    def _new_runtime(self) -> Any:
+        """This node's LocalRuntime, its state directory made private first (aviato._private)."""
+        from aviato.runtime.local import LocalRuntime
+
+        secure_tree(self._state_dir)
+        return LocalRuntime(
+            self._state_dir,
+            max_sandboxes=self._max,
+            default_memory_bytes=self._default_memory,
+            insecure_registries=self._insecure_registries,
+            image_limits=self._image_limits,
+        )
 
     async def _serve_exec(self) -> None:
         """Starts the direct exec channel (execwire.py) on this node's IP; without it the
@@ -164,11 +178,9 @@ class NodeHost:
         else:
             log.error("the direct channel did not start; exec and files go through Ray")
             return
-        saved_path.write_text(
-            json.dumps({"port": int(self._exec_address.rsplit(":", 1)[1]),
-                        "token": self._exec_server.token})
-        )  # fmt: skip
-        os.chmod(saved_path, 0o600)
+        write_private(saved_path, json.dumps({
+            "port": int(self._exec_address.rsplit(":", 1)[1]), "token": self._exec_server.token,
+        }).encode())  # fmt: skip
 
     async def ping(self) -> float:
         """Answers once started: the control plane pings a node host that Ray restarted (which
@@ -190,10 +202,7 @@ class NodeHost:
         return {str(k): [float(v[0]), float(v[1])] for k, v in data.items()}
 
     def _save_holdings(self) -> None:
-        path = self._holdings_path()
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._holdings))
-        os.replace(tmp, path)
+        write_private(self._holdings_path(), json.dumps(self._holdings).encode())
 
     # --- sandboxes ---
 

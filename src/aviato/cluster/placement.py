@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aviato._private import private_dir
 from aviato.cluster.remote import NODE_HOST_LOST, NodeRuntime
 from aviato.runtime.base import MainExit, Runtime, SandboxConfig, SandboxHandle, SandboxRuntimeError
 from aviato.server.config import ServerConfig
@@ -117,6 +118,20 @@ class _Unplaced(Runtime):
         return None
 
 
+def node_host_args(config: ServerConfig, node_id: str) -> tuple[Any, ...]:
+    """The arguments of the node host on `node_id`: where its state lives, its lease, its
+    bounds, and what its image pulls may do (the operator's insecure registries and pull
+    limits hold on every node, as on a local service)."""
+    return (
+        os.path.join(config.ray_node_state_dir, node_id[:16]),
+        config.ray_node_lease_seconds,
+        config.max_sandboxes or 1_000_000,
+        config.default_memory_bytes,
+        config.insecure_registries,
+        config.image_limits(),
+    )
+
+
 class RayPlacement(Placement):
     name = "ray"
 
@@ -140,7 +155,7 @@ class RayPlacement(Placement):
         except ImportError as e:
             raise RayUnavailable("the ray placement needs Ray: pip install 'aviato[ray]'") from e
         self._ray = ray
-        self._log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(self._log_dir)
         try:
             await asyncio.to_thread(
                 ray.init,
@@ -270,12 +285,7 @@ class RayPlacement(Placement):
                     max_concurrency=10_000,
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node.id, soft=False),
                 )
-                .remote(
-                    os.path.join(self._node_state_dir, node.id[:16]),
-                    self._config.ray_node_lease_seconds,
-                    self._config.max_sandboxes or 1_000_000,
-                    self._config.default_memory_bytes,
-                )
+                .remote(*node_host_args(self._config, node.id))
             )
             facts: dict[str, Any] = await asyncio.wait_for(
                 _await(actor.start.remote()), NODE_HOST_START_SECONDS

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,6 +34,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from aviato._private import open_private, private_dir
 from aviato.cluster import execwire
 from aviato.runtime.base import (
     ExecEvent,
@@ -381,8 +383,8 @@ class RemoteSandbox(SandboxHandle):
     async def _mirror_log(self) -> None:
         """Copies the main log here until the sandbox ends; resumes where it stopped when the
         node host restarts meanwhile."""
-        self._log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(self._log, "ab") as f:  # noqa: ASYNC230 (a local file, opened once)
+        private_dir(self._log.parent)
+        with os.fdopen(open_private(self._log, os.O_WRONLY | os.O_APPEND), "ab") as f:
             while self._exit is None and not self._rt.lost:
                 try:
                     async for data in self._rt.stream("follow_log", self.sandbox_id, f.tell()):

@@ -5,9 +5,11 @@ Ignored: `ExposedPorts`, `Volumes`, `StopSignal`, `Healthcheck`, `Labels` (no me
 sandbox without network or volumes; a stop is SIGTERM then SIGKILL as for every sandbox).
 
 `User` is `name`, `uid`, `name:group` or `uid:gid`, as in Docker. Names are looked up in the
-image's own `/etc/passwd` and `/etc/group` (read inside the unpacked root, never following a
-symlink out of it); a numeric uid without a group gets its passwd entry's gid, else 0. The
-sandbox then runs as that uid/gid inside its user namespace.
+image's own `/etc/passwd` and `/etc/group`, read through the root's descriptor (`beneath.py`):
+symlinks are followed inside the root only, and only a regular file of at most 4 MiB is read (a
+fifo is never opened for reading, a huge sparse file is not read). A numeric uid without a group
+gets its passwd entry's gid, else 0. The sandbox then runs as that uid/gid inside its user
+namespace.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aviato.images import beneath
 from aviato.images.errors import ImageError, PullFailed
-from aviato.images.unpack import resolve_in_root
 
 __all__ = ["ImageConfig", "ResolvedUser", "resolve_user"]
 
@@ -109,16 +111,13 @@ class ResolvedUser:
     home: str
 
 
-def _read_db(root: Path, path: str) -> list[list[str]]:
+def _read_db(root_fd: int, path: str) -> list[list[str]]:
     """Lines of a colon-separated database inside the image (empty when missing or odd)."""
-    host = resolve_in_root(str(root), path)
-    try:
-        if not os.path.isfile(host) or os.path.getsize(host) > _MAX_DB_BYTES:
-            return []
-        with open(host, encoding="utf-8", errors="replace") as f:
-            return [line.rstrip("\n").split(":") for line in f if not line.startswith("#")]
-    except OSError:
+    data = beneath.read_small_file(root_fd, path, _MAX_DB_BYTES)
+    if data is None:
         return []
+    text = data.decode("utf-8", errors="replace")
+    return [line.split(":") for line in text.splitlines() if not line.startswith("#")]
 
 
 def _number(text: str) -> int | None:
@@ -129,6 +128,14 @@ def resolve_user(root: Path, user: str) -> ResolvedUser:
     """The uid, gid and home for a config's `User`. Raises ImageError naming what is missing."""
     if not user:
         return ResolvedUser(0, 0, "/root")
+    root_fd = beneath.open_root(root)
+    try:
+        return _resolve_user(root_fd, user)
+    finally:
+        os.close(root_fd)
+
+
+def _resolve_user(root: int, user: str) -> ResolvedUser:
     name, _, group = user.partition(":")
     passwd = _read_db(root, "/etc/passwd")
     uid = _number(name)

@@ -45,7 +45,8 @@ class ImageRef:
 
     @property
     def loopback(self) -> bool:
-        """A registry on this machine: spoken to over plain HTTP (see docs/images.md)."""
+        """Whether the registry is named as this machine. Informational only: loopback
+        registries, as every other, need the operator's --insecure-registry (egress.py)."""
         host = self.registry.rsplit(":", 1)[0] if not self.registry.endswith("]") else self.registry
         return host in _LOOPBACK
 

@@ -8,8 +8,14 @@ Auth follows the registry's `WWW-Authenticate` answer to a first anonymous reque
   it is fetched again when it expires (a 401 later on).
 
 A credential that is itself a bearer token (`RegistryCredentials.token`) is sent as is.
-Registries on a loopback address are spoken to over plain HTTP, every other one over HTTPS with
-certificate verification.
+
+Where requests may go is `egress.Egress`'s decision: HTTPS with certificate verification on
+public addresses, plain HTTP and inner addresses only for registries the operator names. A token
+realm and every redirect are checked before they are followed (redirects are followed here, at
+most `MAX_REDIRECTS`, never by httpx), and credentials go only to the registry's own origin and
+to a realm that passed the check. Error messages say which step failed and the HTTP status; they
+never repeat a body, a header or a field an endpoint answered (`shown` lets through only what
+has the shape of a media type).
 
 Every byte is verified: manifests are hashed before they are parsed, and blobs are downloaded
 into a temporary file, hashed while they stream, and renamed into place only when the digest and
@@ -34,6 +40,7 @@ from typing import Any
 
 import httpx
 
+from aviato.images.egress import Egress, RegistryRefused
 from aviato.images.errors import (
     DigestMismatch,
     ImageNotPresent,
@@ -48,7 +55,9 @@ __all__ = [
     "MANIFEST_TYPES",
     "Descriptor",
     "RegistryClient",
+    "describe_failure",
     "host_platform",
+    "shown",
 ]
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -60,6 +69,9 @@ MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 MAX_MANIFEST_BYTES = 4 << 20
 CHUNK = 1 << 20
 TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+MAX_REDIRECTS = 5
+_REDIRECTS = (301, 302, 303, 307, 308)
+_MEDIA_TYPE = re.compile(r"application/[a-z0-9][a-z0-9.+-]{0,100}")
 
 _CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
@@ -89,10 +101,36 @@ class Descriptor:
             raise PullFailed(f"{what} is not a descriptor object")
         digest, size = data.get("digest"), data.get("size")
         if not isinstance(digest, str) or not re.fullmatch(r"sha256:[a-f0-9]{64}", digest):
-            raise PullFailed(f"{what} has digest {digest!r}: only sha256 digests are supported")
-        if not isinstance(size, int) or size < 0:
-            raise PullFailed(f"{what} has an invalid size {size!r}")
+            raise PullFailed(f"{what} has an invalid digest: only sha256 digests are supported")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise PullFailed(f"{what} has an invalid size")
         return cls(str(data.get("mediaType", "")), digest, size)
+
+
+def shown(media_type: object) -> str:
+    """A media type a registry sent, quoted when it has the shape of one (application/...),
+    else a placeholder: what an endpoint answered is never repeated verbatim."""
+    ok = isinstance(media_type, str) and _MEDIA_TYPE.fullmatch(media_type)
+    return repr(media_type) if ok else "(not a media type)"
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A transport failure in a few words, without the endpoint's words."""
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "timed out connecting"
+    if isinstance(exc, httpx.ConnectError):
+        text = str(exc)
+        if "CERTIFICATE" in text or "SSL" in text or "TLS" in text:
+            return "the TLS handshake failed (certificate not trusted, or the server does not "\
+                   "speak HTTPS)"  # fmt: skip
+        if "resolve" in text:
+            return "its name does not resolve"
+        return "could not connect"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out waiting for its answer"
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.DecodingError):
+        return "its answer is not valid HTTP"
+    return f"the connection failed ({type(exc).__name__})"
 
 
 def sha256_digest(data: bytes) -> str:
@@ -108,11 +146,14 @@ class RegistryClient:
         credentials: RegistryCredentials | None,
         http: httpx.AsyncClient,
         *,
-        insecure: bool = False,
+        egress: Egress,
     ) -> None:
-        scheme = "http" if ref.loopback or insecure else "https"
+        """`http` must use `egress.transport()`: it checks every address connected to."""
         self._ref = ref
-        self._base = f"{scheme}://{ref.api_host}/v2/{ref.repository}"
+        self._egress = egress
+        base = egress.registry_url(ref.registry, ref.api_host)
+        self._origin = httpx.URL(base)
+        self._base = f"{base}/v2/{ref.repository}"
         self._credentials = credentials
         self._http = http
         self._auth: str | None = None
@@ -121,6 +162,10 @@ class RegistryClient:
         if credentials is not None and credentials.token:
             self._auth = f"Bearer {credentials.token}"
             self.used_credentials = True
+
+    def _same_origin(self, url: httpx.URL) -> bool:
+        o = self._origin
+        return (url.scheme, url.host, url.port) == (o.scheme, o.host, o.port)
 
     # --- auth ---
 
@@ -141,27 +186,55 @@ class RegistryClient:
             self.used_credentials = True
             return
         if scheme != "bearer":
-            raise RegistryDenied(f"registry {where} answered 401 with {challenge!r}")
+            raise RegistryDenied(
+                f"registry {where} asks for an authentication scheme other than Basic or Bearer"
+            )
         params = dict(_CHALLENGE.findall(challenge))
         realm = params.pop("realm", "")
-        if not realm.startswith(("https://", "http://")):
+        try:
+            realm_url = httpx.URL(realm)
+        except (httpx.InvalidURL, ValueError):
+            realm_url = None
+        if realm_url is None or not realm.startswith(("https://", "http://")):
             raise RegistryDenied(f"registry {where}: bearer challenge without a usable realm")
+        self._egress.check_url(realm_url, self._origin, f"the token realm of registry {where}")
         if "scope" not in params:
             params["scope"] = f"repository:{self._ref.repository}:pull"
-        auth = None
+        auth = ""
         if creds is not None and creds.username:
-            auth = httpx.BasicAuth(creds.username, creds.password)
+            pair = f"{creds.username}:{creds.password}".encode()
+            auth = "Basic " + base64.b64encode(pair).decode()
             self.used_credentials = True
+        request = self._http.build_request(
+            "GET", realm_url, params=params, timeout=TIMEOUT,
+            headers={"Authorization": auth} if auth else None,
+        )  # fmt: skip
+        status, data = 0, b""
         try:
-            answer = await self._http.get(realm, params=params, auth=auth, timeout=TIMEOUT)
+            answer = await self._http.send(request, stream=True, follow_redirects=False)
+            try:
+                status = answer.status_code
+                if status == 200:  # read at most MAX_MANIFEST_BYTES + 1: a token is small
+                    async for chunk in answer.aiter_bytes():
+                        data += chunk
+                        if len(data) > MAX_MANIFEST_BYTES:
+                            break
+            finally:
+                await answer.aclose()
+        except RegistryRefused as exc:
+            raise RegistryRefused(f"the token realm of registry {where}: {exc}") from None
         except httpx.HTTPError as exc:
-            raise PullFailed(f"token server {realm} of {where}: {exc!r}") from exc
-        if answer.status_code in (401, 403):
+            raise PullFailed(
+                f"the token server of registry {where} ({realm_url.host}): {describe_failure(exc)}"
+            ) from exc
+        if status in (401, 403):
             raise RegistryDenied(f"token server of {where} refused the credentials")
-        if answer.status_code != 200:
-            raise PullFailed(f"token server of {where} answered HTTP {answer.status_code}")
+        if status != 200:
+            raise PullFailed(f"token server of {where} answered HTTP {status}")
         try:
-            body = answer.json()
+            if len(data) > MAX_MANIFEST_BYTES:
+                raise ValueError("too large")
+            body = json.loads(data)
             token = body.get("token") or body.get("access_token")
         except (ValueError, AttributeError):
             token = None
@@ -172,15 +245,8 @@ class RegistryClient:
     async def _send(self, method: str, url: str, accept: str = "") -> httpx.Response:
         """Sends with auth (negotiating it on a 401 once); the caller closes the response."""
         for attempt in (1, 2):
-            headers = {"Accept": accept} if accept else {}
-            if self._auth:
-                headers["Authorization"] = self._auth
-            request = self._http.build_request(method, url, headers=headers, timeout=TIMEOUT)
-            try:
-                response = await self._http.send(request, stream=True, follow_redirects=True)
-            except httpx.HTTPError as exc:
-                raise PullFailed(f"registry {self._ref.registry}: {exc!r}") from exc
-            if response.status_code != 401:
+            response = await self._follow(method, httpx.URL(url), accept)
+            if response.status_code != 401 or not self._same_origin(response.url):
                 return response
             await response.aclose()
             if attempt == 2:
@@ -189,6 +255,34 @@ class RegistryClient:
                 )
             await self._authenticate(response)
         raise AssertionError("unreachable")
+
+    async def _follow(self, method: str, url: httpx.URL, accept: str) -> httpx.Response:
+        """One request and its redirects, each target checked before it is contacted; the
+        registry's credentials go to the registry's origin only."""
+        step = ("manifest" if "/manifests/" in url.path else "blob") + f" of {self._ref.name}"
+        for _ in range(MAX_REDIRECTS + 1):
+            headers = {"Accept": accept} if accept else {}
+            if self._auth and self._same_origin(url):
+                headers["Authorization"] = self._auth
+            request = self._http.build_request(method, url, headers=headers, timeout=TIMEOUT)
+            where = "registry " + self._ref.registry if self._same_origin(url) else (
+                f"a redirect of registry {self._ref.registry}")  # fmt: skip
+            try:
+                response = await self._http.send(request, stream=True, follow_redirects=False)
+            except RegistryRefused as exc:
+                raise RegistryRefused(f"{step}: {where}: {exc}") from None
+            except httpx.HTTPError as exc:
+                raise PullFailed(f"{step}: {where}: {describe_failure(exc)}") from exc
+            location = response.headers.get("location", "")
+            if response.status_code not in _REDIRECTS or not location:
+                return response
+            await response.aclose()
+            try:
+                url = url.join(location)
+            except (httpx.InvalidURL, ValueError):
+                raise PullFailed(f"{step}: the registry sent an invalid redirect") from None
+            self._egress.check_url(url, self._origin, f"{step}: a redirect")
+        raise PullFailed(f"{step}: more than {MAX_REDIRECTS} redirects")
 
     async def _fail(self, response: httpx.Response, what: str) -> None:
         status = response.status_code
@@ -216,7 +310,8 @@ class RegistryClient:
                 if len(body) > MAX_MANIFEST_BYTES:
                     raise PullFailed(f"{what} is larger than {MAX_MANIFEST_BYTES} bytes")
         except httpx.HTTPError as exc:
-            raise PullFailed(f"{what}: {exc!r}") from exc
+            where = f"registry {self._ref.registry}"
+            raise PullFailed(f"{what}: {where}: {describe_failure(exc)}") from exc
         finally:
             await response.aclose()
         digest = sha256_digest(body)
@@ -260,7 +355,9 @@ class RegistryClient:
                 if len(body) > desc.size:
                     break
         except httpx.HTTPError as exc:
-            raise PullFailed(f"blob {desc.digest}: {exc!r}") from exc
+            raise PullFailed(
+                f"blob {desc.digest}: registry {self._ref.registry}: {describe_failure(exc)}"
+            ) from exc
         finally:
             await response.aclose()
         if len(body) != desc.size or sha256_digest(body) != desc.digest:
@@ -276,10 +373,13 @@ class RegistryClient:
         dest: Path,
         tmp_dir: Path,
         progress: Callable[[int], None] | None = None,
+        charge: Callable[[int], None] | None = None,
     ) -> None:
         """Downloads `desc` to `dest` via a temporary file in `tmp_dir`, verified, then renamed.
 
-        `progress` receives the number of bytes received so far, at most every 0.1 s.
+        `progress` receives the number of bytes received so far, at most every 0.1 s; `charge`
+        each chunk's size before it is written (it raises to stop the download: the pull's
+        budget).
         """
         response = await self._send("GET", f"{self._base}/blobs/{desc.digest}")
         if response.status_code != 200:
@@ -297,6 +397,8 @@ class RegistryClient:
                         raise DigestMismatch(
                             f"blob {desc.digest}: the registry sent more than its {desc.size} bytes"
                         )
+                    if charge is not None:
+                        charge(len(chunk))
                     hasher.update(chunk)
                     out.write(chunk)
                     now = time.monotonic()
@@ -314,7 +416,9 @@ class RegistryClient:
             if progress is not None:
                 progress(received)
         except httpx.HTTPError as exc:
-            raise PullFailed(f"blob {desc.digest}: {exc!r}") from exc
+            raise PullFailed(
+                f"blob {desc.digest}: registry {self._ref.registry}: {describe_failure(exc)}"
+            ) from exc
         finally:
             await response.aclose()
             if not kept:

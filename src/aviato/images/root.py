@@ -19,6 +19,7 @@ Writes into the image's read-only trees fail with EROFS; files that must change 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -59,8 +60,11 @@ def _static(rootfs: str) -> _Static:
             trees.append(target)
         elif entry.is_file(follow_symlinks=False):
             args += ["--ro-bind", entry.path, target]  # e.g. /.dockerenv
-    var_tmp = os.path.join(rootfs, "var", "tmp")
-    if "/var" in trees and os.path.isdir(var_tmp) and not os.path.islink(var_tmp):
+    try:  # lstat: the image's /var/tmp itself, never what a symlink there points to
+        var_tmp_is_dir = stat.S_ISDIR(os.lstat(os.path.join(rootfs, "var", "tmp")).st_mode)
+    except OSError:
+        var_tmp_is_dir = False
+    if "/var" in trees and var_tmp_is_dir:
         var_tmp_args: tuple[str, ...] = ("--perms", "1777", "--tmpfs", "/var/tmp")
     elif "/var" in trees or "/var" in links:
         var_tmp_args = ()  # the image's /var has no /var/tmp: nothing can be mounted there

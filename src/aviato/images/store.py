@@ -10,6 +10,15 @@ images/
   tmp/                      downloads and unpacks in progress; renamed into place when complete
 ```
 
+Everything here is private to the service's user (`aviato._private`: directories 0700, files
+0600), except the contents of each `rootfs/`, which keep the image's modes without set-id bits.
+Unpacked roots are made and removed through directory descriptors, never following a symlink
+a layer planted (`beneath.py`, `unpack.py`).
+
+What one pull may cost is bounded (`limits.PullLimits`: bytes, entries, the free-disk floor);
+a pull refused for its size or for the disk leaves nothing behind: no partial root, nothing in
+`tmp/`, and none of its layer blobs that nothing else needs.
+
 A layer blob is downloaded once, whatever number of images use it. An image's layers are
 applied in order into one directory, once per image (not per sandbox): every sandbox of the
 image binds that directory read-only and gets its own writable layer (see `root.py`).
@@ -28,12 +37,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
 import secrets
-import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,8 +50,11 @@ from typing import Any
 
 import httpx
 
+from aviato import _private
+from aviato.images import beneath
 from aviato.images import credentials as creds_mod
 from aviato.images.config import ImageConfig
+from aviato.images.egress import Egress
 from aviato.images.errors import (
     DigestMismatch,
     ImageError,
@@ -51,28 +62,23 @@ from aviato.images.errors import (
     PullFailed,
     RegistryDenied,
 )
+from aviato.images.limits import DiskLow, ImageTooLarge, PullBudget, PullLimits
+from aviato.images.manifest import choose_platform, parse_manifest
 from aviato.images.reference import ImageRef, InvalidReference, parse_reference
 from aviato.images.registry import (
     INDEX_TYPES,
     MANIFEST_TYPES,
     Descriptor,
     RegistryClient,
-    host_platform,
+    shown,
 )
-from aviato.images.unpack import apply_layer, resolve_in_root
+from aviato.images.unpack import UnsafeLayer, apply_layer
 from aviato.runtime.base import RegistryCredentials
 
 __all__ = ["ImageInUse", "ImageStore", "PullProgress", "StoredImage"]
 
 log = logging.getLogger("aviato.images")
 
-_LAYER_TYPES = (
-    "application/vnd.oci.image.layer.v1.tar",
-    "application/vnd.oci.image.layer.v1.tar+gzip",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-)
 _PARALLEL_DOWNLOADS = 3
 
 
@@ -119,17 +125,21 @@ class ImageStore:
         *,
         docker_config: Path | None = None,
         insecure_registries: tuple[str, ...] = (),
+        limits: PullLimits | None = None,
     ) -> None:
+        """`insecure_registries`: the registries the operator names (HOST or HOST:PORT, see
+        egress.py); `limits`: what one pull may cost (default: limits.PullLimits())."""
         self.directory = Path(directory)
         self._blobs = self.directory / "blobs" / "sha256"
         self._roots = self.directory / "roots"
         self._tmp = self.directory / "tmp"
-        for d in (self._blobs, self._roots, self._tmp):
-            d.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.directory, 0o711)
+        for d in (self.directory, self.directory / "blobs", self._blobs, self._roots, self._tmp):
+            _private.private_dir(d)
         self._refs_path = self.directory / "refs.json"
         self._docker_config = docker_config
-        self._insecure = insecure_registries
+        self._egress = Egress.from_names(insecure_registries)
+        self._limits = limits or PullLimits()
+        self._pull_layers: dict[str, set[str]] = {}  # pull key → its layer digests
         self._refs: dict[str, str] = self._load_refs()
         self._private_path = self.directory / "private.json"
         self._private: set[str] = self._load_private()
@@ -154,9 +164,8 @@ class ImageStore:
         return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
     def _save_refs(self) -> None:
-        tmp = self._tmp / f"refs.{secrets.token_hex(4)}"
-        tmp.write_text(json.dumps(self._refs, indent=1, sort_keys=True))
-        os.replace(tmp, self._refs_path)
+        data = json.dumps(self._refs, indent=1, sort_keys=True).encode()
+        _private.write_private(self._refs_path, data, self._tmp)
 
     def _load_private(self) -> set[str]:
         try:
@@ -166,9 +175,15 @@ class ImageStore:
         return {str(d) for d in data} if isinstance(data, list) else set()
 
     def _save_private(self) -> None:
-        tmp = self._tmp / f"private.{secrets.token_hex(4)}"
-        tmp.write_text(json.dumps(sorted(self._private), indent=1))
-        os.replace(tmp, self._private_path)
+        data = json.dumps(sorted(self._private), indent=1).encode()
+        _private.write_private(self._private_path, data, self._tmp)
+
+    def _client(self, ref: ImageRef, credentials: RegistryCredentials | None,
+                http: httpx.AsyncClient) -> RegistryClient:  # fmt: skip
+        return RegistryClient(ref, credentials, http, egress=self._egress)
+
+    def _http(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=self._egress.transport(), trust_env=False)
 
     def is_private(self, image: StoredImage) -> bool:
         """Whether `image` was fetched only with per-sandbox credentials: every use must then
@@ -183,8 +198,8 @@ class ImageStore:
         ref = parse_reference(image)
         if credentials is None or not (credentials.username or credentials.token):
             credentials = creds_mod.from_docker_config(ref.registry, self._docker_config)
-        async with httpx.AsyncClient(trust_env=False) as http:
-            client = RegistryClient(ref, credentials, http, insecure=ref.registry in self._insecure)
+        async with self._http() as http:
+            client = self._client(ref, credentials, http)
             try:
                 await client.check_manifest(digest)
             except (RegistryDenied, ImageNotPresent) as exc:
@@ -195,12 +210,17 @@ class ImageStore:
                 ) from None
 
     def _clean_tmp(self) -> None:
-        for entry in self._tmp.iterdir():
-            with contextlib.suppress(OSError):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
+        for entry in os.listdir(self._tmp):
+            self._remove_tmp(entry)
+
+    def _remove_tmp(self, name: str) -> None:
+        """Removes the entry `name` of tmp/ (a whole unpacked tree too), following nothing."""
+        with contextlib.suppress(OSError):
+            fd = os.open(self._tmp, beneath.DIR_FLAGS)
+            try:
+                beneath.remove(fd, name)
+            finally:
+                os.close(fd)
 
     # --- lookups ---
 
@@ -317,25 +337,40 @@ class ImageStore:
             credentials = creds_mod.from_docker_config(ref.registry, self._docker_config)
         emit: ProgressFn = lambda event: self._emit(key, event)  # noqa: E731
         emit(PullProgress("resolving", message=f"resolving {key}"))
-        insecure = ref.registry in self._insecure
-        async with httpx.AsyncClient(trust_env=False) as http:
-            client = RegistryClient(ref, credentials, http, insecure=insecure)
+        budget = PullBudget(key, self._limits, self.directory)
+        async with self._http() as http:
+            client = self._client(ref, credentials, http)
             body, media_type, digest = await client.get_manifest(ref.reference)
             if media_type in INDEX_TYPES:
+                chosen = choose_platform(body, key)
                 self._put_blob(digest, body)
-                chosen = _choose_platform(body, key)
                 body, media_type, digest = await client.get_manifest(chosen.digest)
             if media_type not in MANIFEST_TYPES:
-                raise PullFailed(f"{key}: unsupported manifest type {media_type!r}")
-            config_desc, layers = _parse_manifest(body, key)
+                raise PullFailed(f"{key}: unsupported manifest type {shown(media_type)}")
+            config_desc, layers = parse_manifest(body, key)
             existing = self._load(digest)
             if existing is None:
-                self._put_blob(digest, body)
-                config_bytes = await client.get_small_blob(config_desc)
-                self._put_blob(config_desc.digest, config_bytes)
-                config = ImageConfig.parse(config_bytes)
-                await self._download_layers(client, layers, emit)
-                await self._unpack(digest, config, config_desc, layers, emit)
+                self._pull_layers[key] = {d.digest for d in layers}
+                try:
+                    missing = [d for d in layers if not (self._blobs / _hex(d.digest)).exists()]
+                    budget.check_download(sum(d.size for d in layers),
+                                          sum(d.size for d in missing))  # fmt: skip
+                    config_bytes = await client.get_small_blob(config_desc)
+                    config = ImageConfig.parse(config_bytes)
+                    self._put_blob(digest, body)
+                    self._put_blob(config_desc.digest, config_bytes)
+                    try:
+                        await self._download_layers(client, layers, emit, budget)
+                    except OSError as exc:
+                        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                            raise
+                        raise budget.disk_full(exc) from exc
+                    await self._unpack(digest, config, config_desc, layers, emit, budget)
+                except (ImageTooLarge, DiskLow, UnsafeLayer, DigestMismatch):
+                    self._drop_blobs(key, [digest, config_desc.digest, *self._pull_layers[key]])
+                    raise
+                finally:
+                    self._pull_layers.pop(key, None)
             # Private: the registry wanted a login and only the caller's credentials gave it.
             private = own and client.used_credentials
         self._refs[key] = digest
@@ -354,12 +389,27 @@ class ImageStore:
         path = self._blobs / _hex(digest)
         if path.exists():
             return
-        tmp = self._tmp / f"{_hex(digest)}.{secrets.token_hex(4)}"
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        _private.write_private(path, data, self._tmp)
+
+    def _drop_blobs(self, key: str, digests: list[str]) -> None:
+        """Removes blobs of a refused pull that no stored image and no other pull needs."""
+        keep: set[str] = set(self._refs.values())
+        for image in self.list_images():
+            keep.update(image.blobs)
+        for other, layers in self._pull_layers.items():
+            if other != key:
+                keep |= layers
+        keep |= set(self._blob_flights)
+        for digest in set(digests) - keep:
+            with contextlib.suppress(OSError):
+                (self._blobs / _hex(digest)).unlink()
 
     async def _download_layers(
-        self, client: RegistryClient, layers: list[Descriptor], emit: ProgressFn
+        self,
+        client: RegistryClient,
+        layers: list[Descriptor],
+        emit: ProgressFn,
+        budget: PullBudget,
     ) -> None:
         limit = asyncio.Semaphore(_PARALLEL_DOWNLOADS)
 
@@ -378,6 +428,7 @@ class ImageStore:
                         await client.download_blob(
                             desc, path, self._tmp,
                             lambda n: emit(PullProgress("downloading", desc.digest, n, desc.size)),
+                            budget.downloaded,
                         )  # fmt: skip
 
                 flight = asyncio.create_task(fetch())
@@ -397,6 +448,7 @@ class ImageStore:
         config_desc: Descriptor,
         layers: list[Descriptor],
         emit: ProgressFn,
+        budget: PullBudget,
     ) -> None:
         lock = self._unpack_locks.setdefault(digest, asyncio.Lock())
         async with lock:
@@ -407,11 +459,10 @@ class ImageStore:
             work = self._tmp / f"unpack-{_hex(digest)[:16]}-{secrets.token_hex(4)}"
             try:
                 await asyncio.to_thread(self._unpack_sync, work, digest, config, config_desc,
-                                        layers)  # fmt: skip
+                                        layers, budget)  # fmt: skip
                 os.rename(work, self._roots / _hex(digest))
-            finally:
-                if work.exists():
-                    await asyncio.to_thread(shutil.rmtree, work, True)
+            finally:  # after the rename there is nothing left to remove
+                await asyncio.to_thread(self._remove_tmp, work.name)
         self._unpack_locks.pop(digest, None)
 
     def _unpack_sync(
@@ -421,21 +472,28 @@ class ImageStore:
         config: ImageConfig,
         config_desc: Descriptor,
         layers: list[Descriptor],
+        budget: PullBudget,
     ) -> None:
         rootfs = work / "rootfs"
-        rootfs.mkdir(parents=True, mode=0o755)
-        os.chmod(work, 0o755)
+        _private.private_dir(work)
+        _private.private_dir(rootfs)
         check_ids = len(config.diff_ids) == len(layers)
         for index, desc in enumerate(layers):
-            diff_id = apply_layer(self._blobs / _hex(desc.digest), rootfs)
+            try:
+                diff_id = apply_layer(self._blobs / _hex(desc.digest), rootfs, budget=budget)
+            except UnsafeLayer as exc:
+                raise UnsafeLayer(f"image {budget.image}: layer {desc.digest}: {exc}") from None
             if check_ids and diff_id != config.diff_ids[index]:
                 raise DigestMismatch(
                     f"layer {desc.digest}: its uncompressed content has digest {diff_id}, but "
                     f"the image config says {config.diff_ids[index]}"
                 )
-        if config.working_dir:
-            path = resolve_in_root(str(rootfs), config.working_dir, create=True)
-            os.makedirs(path, mode=0o755, exist_ok=True)
+        if config.working_dir:  # made inside the root, through its symlinks, never outside
+            root_fd = beneath.open_root(rootfs)
+            try:
+                beneath.walk(root_fd, config.working_dir, create=True).close()
+            finally:
+                os.close(root_fd)
         meta: dict[str, Any] = {
             "digest": digest,
             "config": config.to_json(),
@@ -443,7 +501,7 @@ class ImageStore:
             "pulled_ns": time.time_ns(),
             "blobs": [digest, config_desc.digest, *(d.digest for d in layers)],
         }
-        (work / "image.json").write_text(json.dumps(meta, indent=1))
+        _private.write_private(work / "image.json", json.dumps(meta, indent=1).encode())
 
     # --- removal ---
 
@@ -486,10 +544,10 @@ class ImageStore:
         self._save_refs()
         self._images.pop(image.digest, None)
         root = self._roots / _hex(image.digest)
-        trash = self._tmp / f"rm-{_hex(image.digest)[:16]}-{secrets.token_hex(4)}"
+        trash = f"rm-{_hex(image.digest)[:16]}-{secrets.token_hex(4)}"
         with contextlib.suppress(FileNotFoundError):
-            os.rename(root, trash)
-            _rmtree_forcibly(trash)
+            os.rename(root, self._tmp / trash)
+            self._remove_tmp(trash)
 
     def _collect_blobs(self) -> None:
         images = self.list_images()
@@ -518,62 +576,3 @@ class ImageStore:
 def _renamed(image: StoredImage, names: tuple[str, ...]) -> StoredImage:
     return StoredImage(image.digest, names, image.config, image.rootfs, image.size,
                        image.pulled_ns, image.blobs)  # fmt: skip
-
-
-def _rmtree_forcibly(path: Path) -> None:
-    """rmtree that first makes read-only directories writable (a non-root unpack keeps 0555)."""
-
-    def fix(func: Any, target: str, _: Any) -> None:
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(target), 0o700)
-            func(target)
-
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=fix)
-    else:
-        shutil.rmtree(path, onerror=fix)
-
-
-def _choose_platform(body: bytes, key: str) -> Descriptor:
-    """The entry of an index for linux on this machine's architecture (and variant)."""
-    want_os, want_arch, want_variant = host_platform()
-    doc = json.loads(body)
-    entries = doc.get("manifests") if isinstance(doc, dict) else None
-    if not isinstance(entries, list):
-        raise PullFailed(f"{key}: the index has no manifests list")
-    offered: list[str] = []
-    fallback: Descriptor | None = None
-    for i, entry in enumerate(entries):
-        plat = entry.get("platform") if isinstance(entry, dict) else None
-        if not isinstance(plat, dict):
-            continue
-        os_name, arch, variant = plat.get("os"), plat.get("architecture"), plat.get("variant", "")
-        offered.append(f"{os_name}/{arch}" + (f"/{variant}" if variant else ""))
-        if os_name != want_os or arch != want_arch:
-            continue
-        desc = Descriptor.parse(entry, f"{key}: index entry {i}")
-        if not want_variant or not variant or variant == want_variant:
-            return desc
-        fallback = fallback or desc
-    if fallback is not None:
-        return fallback
-    raise ImageNotPresent(
-        f"{key} has no image for {want_os}/{want_arch}"
-        + (f"/{want_variant}" if want_variant else "")
-        + f" (it offers: {', '.join(offered) or 'nothing'})"
-    )
-
-
-def _parse_manifest(body: bytes, key: str) -> tuple[Descriptor, list[Descriptor]]:
-    doc = json.loads(body)
-    if not isinstance(doc, dict):
-        raise PullFailed(f"{key}: the manifest is not an object")
-    config = Descriptor.parse(doc.get("config"), f"{key}: manifest config")
-    raw_layers = doc.get("layers")
-    if not isinstance(raw_layers, list):
-        raise PullFailed(f"{key}: the manifest has no layers list")
-    layers = [Descriptor.parse(item, f"{key}: layer {i}") for i, item in enumerate(raw_layers)]
-    for layer in layers:
-        if layer.media_type and layer.media_type not in _LAYER_TYPES:
-            raise PullFailed(f"{key}: layer {layer.digest} has unsupported type {layer.media_type}")
-    return config, layers

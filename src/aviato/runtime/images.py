@@ -122,17 +122,18 @@ class ImageRoot:
         return path
 
     def _readonly_ancestor_ok(self, path: str, what: str, *, want_dir: bool) -> None:
-        """A path inside a read-only tree must already exist there, with no symlink on the way."""
-        host = self._host_path(path)
-        try:
-            real = os.path.realpath(host, strict=True)
-            st = os.stat(host)
-        except OSError:
+        """A path inside a read-only tree must already exist there, with no symlink on the way.
+
+        Looked at from the root's descriptor one component at a time, following no symlink:
+        where an image's symlink points on the host is never looked at (that would tell a
+        caller whether a host path exists)."""
+        st = _lstat_beneath(self.source_root, path)
+        if st is None:
             raise PathRefused(
                 f"{what} {path!r} does not exist in the read-only {self._tree_of(path)} of image "
                 f"{self.name!r}; put it on the writable layer instead (e.g. under /workspace)"
-            ) from None
-        if real != os.path.normpath(host):
+            )
+        if stat.S_ISLNK(st.st_mode):
             raise PathRefused(f"{what} {path!r} goes through a symlink in image {self.name!r}")
         if want_dir != stat.S_ISDIR(st.st_mode):
             kind = "a directory" if want_dir else "a regular file"
@@ -180,6 +181,34 @@ class ImageRoot:
                 args += self._dir_args(os.path.dirname(path))
             args += ["--ro-bind", host_file, path]
         return args
+
+
+def _lstat_beneath(root: str, path: str) -> os.stat_result | None:
+    """The lstat of `path` below `root`, reached without following any symlink: a symlink on
+    the way is itself the answer (S_ISLNK); None when something on the way is missing or not a
+    directory."""
+    flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+    parts = [p for p in path.split("/") if p]
+    try:
+        fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        for index, part in enumerate(parts):
+            try:
+                nxt = os.open(part, flags, dir_fd=fd)
+            except OSError:
+                return None
+            os.close(fd)
+            fd = nxt
+            st = os.fstat(fd)
+            if stat.S_ISLNK(st.st_mode) or index == len(parts) - 1:
+                return st
+            if not stat.S_ISDIR(st.st_mode):
+                return None
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
 
 
 ImageFactory = Callable[[int], ImageRoot]

@@ -51,7 +51,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from aviato._private import DIR_MODE, FILE_MODE, private_dir
 from aviato.images.errors import ImageError
+from aviato.images.limits import PullLimits
 from aviato.images.root import image_root
 from aviato.images.store import ImageStore
 from aviato.runtime import images, seccomp
@@ -531,11 +533,10 @@ class LocalRuntime(Runtime):
         supervisor: Path | None = None,
         connect_timeout: float = 10.0,
         insecure_registries: tuple[str, ...] = (),
+        image_limits: PullLimits | None = None,
     ) -> None:
         self._state_dir = Path(state_dir).absolute()
-        self._sandboxes = self._state_dir / "sandboxes"
-        self._sandboxes.mkdir(parents=True, exist_ok=True)
-        os.chmod(self._sandboxes, 0o700)
+        self._sandboxes = private_dir(self._state_dir / "sandboxes")
         self._default_memory = default_memory_bytes
         self._default_pids = default_pids
         self._default_disk = default_disk_bytes
@@ -599,8 +600,9 @@ class LocalRuntime(Runtime):
         self._creating: set[str] = set()
         # OCI images (docs/images.md): the node's store, and which image each sandbox uses.
         self.images = ImageStore(
-            self._state_dir / "images", insecure_registries=insecure_registries
-        )
+            self._state_dir / "images", insecure_registries=insecure_registries,
+            limits=image_limits,
+        )  # fmt: skip
         self._image_of: dict[str, str] = {}
         self.images.in_use = lambda: set(self._image_of.values())
 
@@ -883,11 +885,12 @@ class LocalRuntime(Runtime):
         if not config.mounted_files:
             return []
         files_dir = directory / "files"
-        files_dir.mkdir(mode=0o700)
+        files_dir.mkdir(mode=DIR_MODE)
         out: list[tuple[str, str]] = []
         for index, (path, data) in enumerate(config.mounted_files):
             host = files_dir / str(index)
-            fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(host, flags, FILE_MODE)
             try:
                 view = memoryview(data)
                 while view:

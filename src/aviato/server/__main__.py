@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from aviato.images.egress import parse_registry_name
+from aviato.images.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_ENTRIES
 from aviato.images.reference import InvalidReference, parse_reference
 from aviato.server import quantities
 from aviato.server.app import StartupError, configure_logging, serve
@@ -49,6 +51,23 @@ def _image(text: str) -> str:
     except InvalidReference as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
+
+def _registry_name(text: str) -> str:
+    try:
+        parse_registry_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text.strip()
+
+
+def _insecure_from_env() -> list[str]:
+    """AVIATO_INSECURE_REGISTRIES: comma-separated HOST or HOST:PORT names."""
+    raw = os.environ.get("AVIATO_INSECURE_REGISTRIES", "")
+    names = [n.strip() for n in raw.split(",") if n.strip()]
+    for name in names:
+        parse_registry_name(name)  # ValueError saying what is wrong
+    return names
 
 
 def _listen(text: str) -> str:
@@ -149,7 +168,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--min-free-disk", type=_memory, default=DEFAULT_MIN_FREE_DISK_BYTES,
                    metavar="QUANTITY",
                    help="refuse creates while the state directory's filesystem has less free "
-                        "space than this (logs, images; default 256Mi; 0: no floor)")  # fmt: skip
+                        "space than this, and pulls that would go below it (logs, images; "
+                        "default 256Mi; 0: no floor)")  # fmt: skip
     quota = p.add_argument_group(
         "per-owner quotas",
         "bounds on each owner's live sandboxes (0: no bound); `aviato keys quota` sets an "
@@ -199,13 +219,27 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                         "such as python:3.11 (default: $AVIATO_DEFAULT_IMAGE, else host; "
                         "docs/images.md)")  # fmt: skip
     p.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
-                   help="speak plain HTTP to this registry (loopback registries always are); "
-                        "repeatable")  # fmt: skip
+                   type=_registry_name,
+                   help="allow plain HTTP and loopback/private addresses for this registry "
+                        "(HOST: every port); repeatable; also $AVIATO_INSECURE_REGISTRIES, "
+                        "comma-separated")  # fmt: skip
+    p.add_argument("--max-image-size", type=_memory, default=DEFAULT_MAX_IMAGE_BYTES,
+                   metavar="QUANTITY",
+                   help="refuse images that unpack to more than this, e.g. 32Gi (default 16Gi; "
+                        "0: no bound)")  # fmt: skip
+    p.add_argument("--max-image-files", type=_count, default=DEFAULT_MAX_IMAGE_ENTRIES,
+                   metavar="N",
+                   help="refuse images whose layers hold more entries than this (default "
+                        f"{DEFAULT_MAX_IMAGE_ENTRIES}; 0: no bound)")  # fmt: skip
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning",
                             "error"])  # fmt: skip
     args = p.parse_args(argv)
     _apply_env(p, args)
+    try:
+        insecure = [*args.insecure_registry, *_insecure_from_env()]
+    except ValueError as e:
+        p.error(f"AVIATO_INSECURE_REGISTRIES: {e}")
     if args.max_sandboxes < 0:
         p.error("--max-sandboxes must be >= 0")
     parent = args.cgroup_parent.strip("/")
@@ -243,7 +277,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         cgroup_pids=default_cgroup_pids() if args.cgroup_pids is None else args.cgroup_pids,
         log_level=args.log_level.upper(),
         default_image=args.default_image,
-        insecure_registries=tuple(args.insecure_registry),
+        insecure_registries=tuple(dict.fromkeys(insecure)),
+        max_image_bytes=args.max_image_size,
+        max_image_entries=args.max_image_files,
         ray_address=args.ray_address or os.environ.get("RAY_ADDRESS", ""),
         ray_namespace=args.ray_namespace,
         ray_node_state_dir=args.ray_node_state_dir,

@@ -30,6 +30,7 @@ from typing import Any
 
 import grpc
 
+from aviato._private import open_private, secure_tree
 from aviato.server.api import SandboxServicer
 from aviato.server.auth import Authenticator
 from aviato.server.config import ServerConfig, parse_listen
@@ -228,7 +229,7 @@ def configure_logging(level: str) -> None:
 
 
 def _lock_pid_file(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = open_private(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -276,6 +277,7 @@ def _build_placement(config: ServerConfig) -> Placement:
         cgroup_parent=config.cgroup_parent,
         parent_limits=ParentLimits(config.cgroup_memory_bytes, config.cgroup_pids),
         insecure_registries=config.insecure_registries,
+        image_limits=config.image_limits(),
     )
     return LocalPlacement(runtime, config.state_dir)
 
@@ -317,7 +319,10 @@ async def serve(
 
     `placement` replaces the one `config.placement` names (tests use a fake runtime).
     """
-    config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:  # private to the service's user, every start (aviato._private)
+        secure_tree(config.state_dir)
+    except OSError as e:
+        raise StartupError(f"state directory {config.state_dir}: {e}") from e
     pid_fd = _lock_pid_file(config.pid_path)
     registry: Registry | None = None
     lifecycle: Lifecycle | None = None

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aviato.images.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_ENTRIES, PullLimits
 from aviato.server.quotas import Quota
 
 __all__ = [
@@ -130,7 +131,8 @@ class ServerConfig:
     `min_free_memory_bytes` is for: while the host's MemAvailable is below it, creates are
     refused whatever the limits say (0: no floor). `min_free_disk_bytes` is the same for the
     filesystem of the state directory, which holds main logs (up to 64 MiB each), kept logs and
-    the image store; a sandbox's writable layer is not there (it is memory).
+    the image store; a sandbox's writable layer is not there (it is memory). It applies to image
+    pulls too, with `max_image_bytes` and `max_image_entries` (`image_limits`).
 
     `owner_quota` bounds each owner's live sandboxes (docs in `quotas`; an owner's own row in the
     registry replaces it). `cgroup_parent` is the cgroup under which every sandbox gets its own;
@@ -158,10 +160,12 @@ class ServerConfig:
     reaper_interval_seconds: float = 0.5
     log_level: str = "INFO"
     # The image of a sandbox whose spec names none ("host", or an OCI reference such as
-    # "python:3.11"), and registries spoken to over plain HTTP besides loopback ones
-    # (docs/images.md).
+    # "python:3.11"); the registries that may be spoken to over plain HTTP and on loopback or
+    # private addresses (HOST or HOST:PORT; docs/images.md); what one pull may unpack.
     default_image: str = "host"
     insecure_registries: tuple[str, ...] = ()
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_image_entries: int = DEFAULT_MAX_IMAGE_ENTRIES
     # --placement ray (docs/cluster.md): the cluster, the Ray namespace of the node-host actors,
     # where each node keeps its sandboxes' state (plus /<node id>), how long a sandbox may wait
     # for room before it fails, and how long a node may lose the cluster before it fences.
@@ -170,6 +174,10 @@ class ServerConfig:
     ray_node_state_dir: str = "/var/lib/aviato/node"
     placement_timeout_seconds: float = 300.0
     ray_node_lease_seconds: float = 10.0
+
+    def image_limits(self) -> PullLimits:
+        """What one pull may cost on a node (the free-disk floor applies to pulls too)."""
+        return PullLimits(self.max_image_bytes, self.max_image_entries, self.min_free_disk_bytes)
 
     @property
     def socket_path(self) -> Path:

@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from aviato._private import private_dir
 from aviato.runtime.base import (
     MainExit,
     Runtime,
@@ -153,7 +154,7 @@ class Lifecycle:
         self._background: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self._closing = False
-        config.logs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(config.logs_dir)
 
     # -- start and close ----------------------------------------------------------------------
 

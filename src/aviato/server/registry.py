@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from aviato._private import open_private
 from aviato.server.errors import InvalidArgument
 
 __all__ = [
@@ -205,6 +207,8 @@ class Registry:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        # Created 0600 before SQLite opens it: its -wal and -shm files take the same mode.
+        os.close(open_private(self.path))
         self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10.0)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
