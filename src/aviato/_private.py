@@ -31,6 +31,8 @@ __all__ = [
     "DIR_MODE",
     "FILE_MODE",
     "KEEP_MODES_BELOW",
+    "MOUNTED_FILE_MODE",
+    "SANDBOX_BINARY_MODE",
     "DirectoryNotOurs",
     "open_private",
     "private_dir",
@@ -45,6 +47,14 @@ FILE_MODE = 0o600
 # Directories (relative to the state directory, fnmatch patterns) whose *contents* keep the
 # modes they have: an unpacked image root must keep its files' modes (a sandbox runs them).
 KEEP_MODES_BELOW = ("images/roots/*/rootfs", "images/tmp/*/rootfs")
+# Files that sandboxes use, through the launcher's id-mapped view of the state directory (a root
+# service; see runtime/native/privileges.c), in which host root's files belong to the sandbox's
+# uid 0 and every other uid of the sandbox is "other": the supervisor binary it runs (as its
+# uid 0, the owner) and mounted files, which the sandbox's own user (the image's `User`, not
+# always uid 0) must read. The 0700 directories above them keep every other host user out.
+SANDBOX_BINARY_MODE = 0o700
+MOUNTED_FILE_MODE = 0o644
+_FILE_MODES = (("bin/*", SANDBOX_BINARY_MODE), ("sandboxes/*/files/*", MOUNTED_FILE_MODE))
 
 _NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -118,9 +128,17 @@ def write_private(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
         raise
 
 
-def _fix_at(dir_fd: int, name: str) -> int | None:
-    """Brings the entry `name` of `dir_fd` to its private mode without following it; returns
-    an open descriptor of it when it is a directory (the caller closes it), else None."""
+def _file_mode(rel: str) -> int:
+    for pattern, mode in _FILE_MODES:
+        if fnmatch.fnmatchcase(rel, pattern):
+            return mode
+    return FILE_MODE
+
+
+def _fix_at(dir_fd: int, name: str, rel: str) -> int | None:
+    """Brings the entry `name` of `dir_fd` (`rel` below the state directory) to its private
+    mode without following it; returns an open descriptor of it when it is a directory (the
+    caller closes it), else None."""
     try:
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -129,7 +147,7 @@ def _fix_at(dir_fd: int, name: str) -> int | None:
         st = os.fstat(fd)
         if stat.S_ISLNK(st.st_mode):
             return None  # a symlink's own mode means nothing; never followed
-        want = DIR_MODE if stat.S_ISDIR(st.st_mode) else FILE_MODE
+        want = DIR_MODE if stat.S_ISDIR(st.st_mode) else _file_mode(rel)
         if stat.S_IMODE(st.st_mode) != want:
             _chmod_fd(fd, want)
         if not stat.S_ISDIR(st.st_mode):
@@ -160,7 +178,7 @@ def secure_tree(root: Path, keep_below: tuple[str, ...] = KEEP_MODES_BELOW) -> N
                 continue
             name = names.pop()
             try:
-                sub = _fix_at(dir_fd, name)
+                sub = _fix_at(dir_fd, name, f"{rel}/{name}" if rel else name)
             except PermissionError as e:  # another user's entry: the directory still guards it
                 log.warning("cannot make %s/%s private: %s", rel or ".", name, e)
                 continue

@@ -51,7 +51,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from aviato._private import DIR_MODE, FILE_MODE, private_dir
+from aviato._private import DIR_MODE, MOUNTED_FILE_MODE, SANDBOX_BINARY_MODE, private_dir
 from aviato.images.errors import ImageError
 from aviato.images.limits import PullLimits
 from aviato.images.root import image_root
@@ -890,8 +890,9 @@ class LocalRuntime(Runtime):
         for index, (path, data) in enumerate(config.mounted_files):
             host = files_dir / str(index)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(host, flags, FILE_MODE)
+            fd = os.open(host, flags, MOUNTED_FILE_MODE)
             try:
+                os.fchmod(fd, MOUNTED_FILE_MODE)  # whatever the umask
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
@@ -1129,10 +1130,10 @@ def _private_copy(binary: Path, directory: Path) -> str:
     with contextlib.suppress(OSError):
         if target.read_bytes() == data:
             return str(target)
-    directory.mkdir(mode=0o700, exist_ok=True)
+    private_dir(directory)
     tmp = directory / f".{binary.name}.{os.getpid()}"
     tmp.write_bytes(data)
-    os.chmod(tmp, 0o755)
+    os.chmod(tmp, SANDBOX_BINARY_MODE)
     os.replace(tmp, target)
     return str(target)
 
