@@ -83,6 +83,15 @@ def test_pull_and_exec_with_config_honoured(
         assert "Read-only file system" in lines[4]
         assert lines[5:7] == ["w", "t"]
         await h.kill()
+        # A mounted file is the image user's to read, and what it writes is its own.
+        mounted = await rt.create(
+            config("img-m", ref, mounted_files=(("/workspace/cfg.txt", b"conf"),))
+        )
+        code, out, err = await sh(
+            mounted, "cat /workspace/cfg.txt; echo; touch /workspace/new; stat -c %u /workspace/new"
+        )
+        assert (code, out.split()) == (0, ["conf", "1000"]), err
+        await mounted.kill()
         # With image_command and no command: the image's Cmd is the main process.
         main = await rt.create(config("img-b", ref, image_command=True))
         exit = await main.wait_exit()
