@@ -212,7 +212,7 @@ def pid_alive(pid: int) -> bool:
 def test_echo_round_trip(sup: Supervisor) -> None:
     async def main() -> None:
         conn = await sup.connect()
-        assert conn.protocol_version == 1 and conn.supervisor_pid == sup.pid
+        assert conn.protocol_version == 2 and conn.supervisor_pid == sup.pid
         out, err, end = await run_cmd(conn, "echo", "hello", "world")
         assert (out, err) == (b"hello world\n", b"")
         assert isinstance(end, ExecExit)
