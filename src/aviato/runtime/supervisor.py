@@ -304,9 +304,7 @@ class SupervisorExec(_Stream, ExecHandle):
             code, sig, timed_out, utime, stime, rss, wall = _EXIT_BODY.unpack_from(view)
             oom = self._oom_killed(code, sig, bool(timed_out))
             self._finish(
-                ExecExit(
-                    code, sig, bool(timed_out), utime / 1e6, stime / 1e6, rss, wall / 1e6, oom
-                )
+                ExecExit(code, sig, bool(timed_out), utime / 1e6, stime / 1e6, rss, wall / 1e6, oom)
             )
         elif ftype == _STARTED:
             (self.pid,) = _U32.unpack_from(view)
