@@ -980,6 +980,8 @@ def test_magic_links_are_not_followed(sup: Supervisor, tmp_path: Path) -> None:
             f"/proc/{sup.pid}/fd/4",
             "/proc/self/fd/5",
             "/proc/self/fd/1",
+            "/dev/fd/4",
+            "/proc/thread-self/fd/4",
             str(tmp_path / "via-self"),
             str(tmp_path / "via-pid"),
             str(tmp_path / "dir-link" / "4"),

@@ -129,7 +129,7 @@ def test_unread_stdin_and_output_stall_nothing_else(svc: Service) -> None:
 SPAWNER = (
     "setsid sh -c 'exec sleep {n}1' &"  # a new session
     " (setsid sh -c 'exec sleep {n}2' &) &"  # a double fork into a new session
-    " python3 -c 'import os; os.setpgid(0, 0); os.execvp(\"sleep\", [\"sleep\", \"{n}3\"])' &"
+    ' python3 -c \'import os; os.setpgid(0, 0); os.execvp("sleep", ["sleep", "{n}3"])\' &'
     " echo ready; exec sleep {n}4"  # (python3: a new process group)
 )
 
@@ -235,19 +235,48 @@ def test_lease_renewal_moves_the_deadline(svc: Service) -> None:
 # --- a signal from inside is not a clean exit --------------------------------------------------
 
 
+# SIGTERM to PID 1 without kill(): an I/O signal (F_SETSIG) aimed at it, which shows no sender.
+SIGIO_TERM = """
+import fcntl, os, signal
+r, w = os.pipe()
+fcntl.fcntl(r, fcntl.F_SETOWN, 1)
+fcntl.fcntl(r, 10, signal.SIGTERM)  # F_SETSIG
+fcntl.fcntl(r, fcntl.F_SETFL, fcntl.fcntl(r, fcntl.F_GETFL) | os.O_ASYNC)
+os.write(w, b"x")
+"""
+
+
 @pytest.mark.parametrize(
-    "command",
-    [[], ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 0.05; done"]],
-    ids=["keepalive", "main-exits-0-on-TERM"],
+    ("command", "attack"),
+    [
+        ([], ["sh", "-c", "kill -TERM 1; sleep 5"]),
+        (
+            ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 0.05; done"],
+            ["sh", "-c", "kill -TERM 1; sleep 5"],
+        ),
+        ([], ["python3", "-c", SIGIO_TERM]),
+    ],
+    ids=["keepalive", "main-exits-0-on-TERM", "io-signal"],
 )
-def test_kill_term_1_from_inside_is_recorded(svc: Service, command: list[str]) -> None:
+def test_kill_term_1_from_inside_is_recorded(
+    svc: Service, command: list[str], attack: list[str]
+) -> None:
     c = svc.client()
     sid = c.running(command=command).id
-    r = c.sh(sid, "kill -TERM 1; sleep 5")
+    r = c.exec(sid, attack)
     assert r.terminal.WhichOneof("msg") in ("exit", "error")
     rec = c.wait(sid, terminal=True, timeout=30)
     assert rec.status == S.SANDBOX_STATUS_FAILED, rec
     assert "signal from inside" in rec.status_reason and "SIGTERM" in rec.status_reason, rec
+
+
+def test_other_signals_from_inside_do_not_end_the_sandbox(svc: Service) -> None:
+    c = svc.client()
+    sid = c.running().id
+    r = c.sh(sid, "kill -KILL 1; kill -HUP 1; kill -USR1 1; kill -STOP 1; sleep 0.3; echo alive")
+    assert r.stdout == b"alive\n"
+    assert c.get(sid).status == S.SANDBOX_STATUS_RUNNING
+    assert c.sh(sid, "echo still").stdout == b"still\n"
 
 
 def test_stop_from_outside_is_still_a_stop(svc: Service) -> None:

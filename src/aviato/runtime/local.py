@@ -229,10 +229,11 @@ def _inside_signal_reason(why: str) -> str:
     """`signal:SIG:PID` (the supervisor's record of a signal sent from inside) → a reason."""
     try:
         _, signo, pid = why.split(":")
-        name = signal.Signals(int(signo)).name
+        name, sender = signal.Signals(int(signo)).name, int(pid)
     except ValueError:
         return ""
-    return f"signal from inside: {name} sent to the sandbox's init by its pid {int(pid)}"
+    by = f"by its pid {sender}" if sender else "not by kill() (e.g. an I/O signal aimed at it)"
+    return f"signal from inside: {name} sent to the sandbox's init {by}"
 
 
 class _ProcessWatch:

@@ -159,7 +159,7 @@ static struct {
     char why[32];
 } g_deadline;
 static char g_end_reason[64];    /* 4th field of the exit record; empty: a plain exit */
-static struct { dev_t dev; ino_t ino; } g_own_files[8]; /* see refuse_own_file */
+static struct { dev_t dev; ino_t ino; } g_own_files[8]; /* see is_own_file */
 static int g_own_count;
 static struct {
     pid_t pid;
