@@ -61,9 +61,10 @@ PROTOCOL_VERSION = 2
 MAX_FRAME = 1024 * 1024 + 64  # largest value of a frame's length field
 DATA_CHUNK = 1024 * 1024  # stdin / file bytes per frame
 WRITE_BUFFER_HIGH = 4 << 20
-OUT_WINDOW = 1 << 20  # output of one id the supervisor sends ahead of our credits
+OUT_WINDOW = 2 << 20  # output of one id the supervisor sends ahead of our credits
 CREDIT_STEP = OUT_WINDOW // 4  # credit once this much was consumed
 STDIN_WINDOW = 1 << 20  # stdin of one exec in flight, not yet acknowledged
+STDIN_STEP = STDIN_WINDOW // 4  # a waiting writer resumes once this much room is free
 # What one id may queue here before it is a protocol error: its window, plus what the supervisor
 # drains from a finished command's pipes regardless of credit (4 MiB per stream), plus slack.
 STREAM_QUEUE_MAX = OUT_WINDOW + (8 << 20) + (1 << 20)
@@ -299,7 +300,8 @@ class SupervisorExec(_Stream, ExecHandle):
         elif ftype == _STDIN_ACK:
             (n,) = _U32.unpack_from(view)
             self._stdin_inflight = max(0, self._stdin_inflight - n)
-            self._wake_stdin()
+            if self._stdin_inflight <= STDIN_WINDOW - STDIN_STEP:
+                self._wake_stdin()
         elif ftype == _EXIT:
             code, sig, timed_out, utime, stime, rss, wall = _EXIT_BODY.unpack_from(view)
             oom = self._oom_killed(code, sig, bool(timed_out))
@@ -356,7 +358,8 @@ class SupervisorExec(_Stream, ExecHandle):
         conn = self._conn
         view = memoryview(data)
         while view:
-            while self._stdin_inflight >= STDIN_WINDOW:
+            # Wait for room for a whole step (or the rest): small acks do not make small frames.
+            while self._stdin_inflight > STDIN_WINDOW - min(len(view), STDIN_STEP):
                 if self._finished or self._stdin_closed or conn.is_closed:
                     return
                 fut: asyncio.Future[None] = conn._loop.create_future()

@@ -47,7 +47,7 @@
 #define MAX_FRAME (1024 * 1024 + 64)   /* largest allowed value of the length field */
 #define OUT_HIGH (4u << 20)            /* queued on a socket above which nothing more is read */
 #define OUT_LOW (1u << 20)             /* ... and below which reading resumes */
-#define OUT_WINDOW (1u << 20)          /* output of one exec/read the service has not credited */
+#define OUT_WINDOW (2u << 20)          /* output of one exec/read the service has not credited */
 #define STDIN_WINDOW (1u << 20)        /* stdin of one exec the service may have unacknowledged */
 #define MARK_BASE (1ull << 62)         /* lineage marks: see mark_lineage */
 #define KILL_ROUNDS 64                 /* rounds of kill_marked before giving up */
