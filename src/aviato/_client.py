@@ -317,7 +317,8 @@ class Client:
                 else:
                     chunks.append(msg.data)
                     received += len(msg.data)
-            if expected >= 0 and received != expected:
+            # A size of 0 means unknown (procfs, sysfs): the data runs to the end of the stream.
+            if expected > 0 and received != expected:
                 raise SandboxFileError(
                     f"read of {path!r} was truncated: {received} of {expected} bytes",
                     filepath=path,

@@ -158,8 +158,12 @@ class ProcessResult:
 
     `stdout`/`stderr` are the output decoded as UTF-8 (invalid bytes replaced); `stdout_bytes`/
     `stderr_bytes` are exact. `returncode` is the real exit code (128+N when killed by signal N;
-    `signal` is then N). `timed_out` is True when `exec(timeout_seconds=...)` killed it. `usage` is
-    the command's resource usage as measured by the service.
+    `signal` is then N). `timed_out` is True when `exec(timeout_seconds=...)` killed it.
+    `oom_killed` is True when the out-of-memory killer killed it at the sandbox's memory limit
+    (the service's best attribution: the sandbox's OOM-kill count rose while the command ran and
+    it died of SIGKILL without a timeout or a kill by the service; another process OOM-killed
+    at the same time can make it True for a command killed by something else). `usage` is the
+    command's resource usage as measured by the service.
     """
 
     stdout: str
@@ -171,6 +175,7 @@ class ProcessResult:
     signal: int = 0
     timed_out: bool = False
     usage: ResourceUsage | None = None
+    oom_killed: bool = False
 
     @property
     def ok(self) -> bool:
@@ -486,6 +491,7 @@ class ExecState:
             command=list(self.command),
             signal=exit_msg.signal,
             timed_out=exit_msg.timed_out,
+            oom_killed=exit_msg.oom_killed,
             usage=ResourceUsage(
                 cpu_user_seconds=u.cpu_user_seconds,
                 cpu_system_seconds=u.cpu_system_seconds,

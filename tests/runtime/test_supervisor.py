@@ -32,9 +32,15 @@ from aviato.runtime.base import (
     ExecSpec,
     FileNotFound,
     PathRefused,
+    PermissionRefused,
     SandboxGone,
 )
-from aviato.runtime.supervisor import SupervisorConnection, SupervisorExec
+from aviato.runtime.supervisor import (
+    OUT_WINDOW,
+    STDIN_WINDOW,
+    SupervisorConnection,
+    SupervisorExec,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted(str(p) for p in (ROOT / "src/aviato/runtime/native").glob("*.c"))
@@ -212,7 +218,7 @@ def pid_alive(pid: int) -> bool:
 def test_echo_round_trip(sup: Supervisor) -> None:
     async def main() -> None:
         conn = await sup.connect()
-        assert conn.protocol_version == 1 and conn.supervisor_pid == sup.pid
+        assert conn.protocol_version == 2 and conn.supervisor_pid == sup.pid
         out, err, end = await run_cmd(conn, "echo", "hello", "world")
         assert (out, err) == (b"hello world\n", b"")
         assert isinstance(end, ExecExit)
@@ -686,6 +692,319 @@ def test_abandoned_read_does_not_stall_connection(sup: Supervisor, tmp_path: Pat
     run(main())
 
 
+# ------------------------------------------------------- flow control per exec and per transfer
+
+
+def test_unread_stdin_stalls_only_its_exec(sup: Supervisor, tmp_path: Path) -> None:
+    """8 MiB pushed at a command that never reads stdin: the writer waits for acknowledgements
+    (STDIN_WINDOW), and the same connection keeps serving other execs and files at once."""
+
+    async def main() -> None:
+        conn = await sup.connect()
+        h = await conn.exec(ExecSpec(argv=("sh", "-c", "sleep 100; cat"), stdin=True))
+        writer = asyncio.create_task(h.write_stdin(b"s" * (8 * 2**20)))
+        await asyncio.sleep(0.5)
+        assert not writer.done() and h._stdin_inflight <= STDIN_WINDOW
+        t0 = time.monotonic()
+        for i in range(5):
+            out, _, _ = await run_cmd(conn, "echo", str(i))
+            assert out == f"{i}\n".encode()
+        await conn.write_file(str(tmp_path / "f"), 0o644, False, chunks_of(b"f" * 3_000_000))
+        _, it = await conn.read_file(str(tmp_path / "f"))
+        assert b"".join([c async for c in it]) == b"f" * 3_000_000
+        await conn.ping()
+        assert time.monotonic() - t0 < 2
+        await h.kill()
+        await asyncio.wait_for(writer, 5)  # released by the end of the exec
+        assert vm_hwm(sup.pid) < 24 * 2**20
+
+    run(main())
+
+
+def test_unread_output_stalls_only_its_exec(sup: Supervisor, tmp_path: Path) -> None:
+    """Nobody reads `cat /dev/zero` nor a big file read: each holds at most about its window
+    here, and the same connection keeps serving everything else."""
+    big = tmp_path / "big"
+    big.write_bytes(b"z" * (20 * 2**20))
+
+    async def main() -> None:
+        conn = await sup.connect()
+        h = await conn.exec(ExecSpec(argv=("cat", "/dev/zero")))
+        _, unread = await conn.read_file(str(big))
+        await asyncio.sleep(1.0)
+        assert h._credits.held <= OUT_WINDOW + 64 * 1024
+        assert unread._credits.held <= OUT_WINDOW + 256 * 1024  # type: ignore[attr-defined]
+        t0 = time.monotonic()
+        for i in range(5):
+            out, _, _ = await run_cmd(conn, "echo", str(i))
+            assert out == f"{i}\n".encode()
+        info, it = await conn.read_file(str(big))
+        assert len(b"".join([c async for c in it])) == info.size
+        assert time.monotonic() - t0 < 2
+        # the stalled ones resume when read
+        total = 0
+        async for ev in h.events():
+            assert isinstance(ev, ExecOutput)
+            total += len(ev.data)
+            if total > 16 * 2**20:
+                break
+        got = 0
+        async for chunk in unread:
+            got += len(chunk)
+        assert got == big.stat().st_size
+        await h.kill()
+        assert vm_hwm(sup.pid) < 24 * 2**20
+
+    run(main())
+
+
+def test_abandoned_read_is_aborted(sup: Supervisor, tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    big.write_bytes(b"z" * (30 * 2**20))
+
+    async def main() -> None:
+        conn = await sup.connect()
+        _, it = await conn.read_file(str(big))
+        await it.__anext__()
+        await it.aclose()  # type: ignore[attr-defined]
+        await conn.ping()
+        await asyncio.sleep(0.2)
+        assert conn._queued == 0 and conn._streams == {}
+        # the supervisor dropped the read: it no longer holds the file open
+        assert not any(
+            os.readlink(f"/proc/{sup.pid}/fd/{fd}") == str(big)
+            for fd in os.listdir(f"/proc/{sup.pid}/fd")
+        )
+
+    run(main())
+
+
+# --------------------------------------------------------------- killing a command's whole lineage
+
+LINEAGE = (
+    "setsid sh -c 'exec sleep {n}1' &"  # a new session
+    " (setsid sh -c 'exec sleep {n}2' &) &"  # a double fork into a new session
+    ' python3 -c \'import os; os.setpgid(0, 0); os.execvp("sleep", ["sleep", "{n}3"])\' &'
+    " echo ready; exec sleep {n}4"  # (python3: a new process group)
+)
+
+
+def sleepers(n: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                prefix = str(n).encode()
+                if cmd[:1] == [b"sleep"] and cmd[1:2] and cmd[1].startswith(prefix):
+                    found.append(int(entry))
+    return [pid for pid in found if pid_alive(pid)]
+    return found
+
+
+async def gone(n: int, seconds: float = 5) -> bool:
+    for _ in range(int(seconds / 0.05)):
+        if not sleepers(n):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("how", ["timeout", "kill", "connection closed"])
+def test_kill_takes_the_whole_lineage(sup: Supervisor, how: str) -> None:
+    n = 90000 + os.getpid() % 1000 * 10 + ["timeout", "kill", "connection closed"].index(how)
+
+    async def main() -> None:
+        try:
+            await attack()
+        finally:  # a failure must not leave sleepers behind (outside a sandbox, nobody reaps them)
+            for pid in sleepers(n):
+                os.kill(pid, signal.SIGKILL)
+
+    async def attack() -> None:
+        conn = await sup.connect()
+        survivor = await run_cmd(conn, "sh", "-c", f"(setsid sleep {n}9 >/dev/null 2>&1 &)")
+        assert isinstance(survivor[2], ExecExit)  # ended: what it left keeps running
+        spec = ExecSpec(argv=("sh", "-c", LINEAGE.format(n=n)))
+        if how == "timeout":
+            spec = ExecSpec(argv=spec.argv, timeout_seconds=3.0)
+        h = await conn.exec(spec)
+        first = await h.__anext__()
+        assert first == ExecOutput(1, b"ready\n")
+        for _ in range(100):
+            if len(sleepers(n)) == 5:
+                break
+            await asyncio.sleep(0.02)
+        assert len(sleepers(n)) == 5
+        if how == "kill":
+            await h.kill()
+        elif how == "connection closed":
+            conn.abort()
+        else:
+            *_, end = await collect(h)
+            assert isinstance(end, ExecExit) and end.timed_out
+        await asyncio.sleep(0.2)
+        assert await gone(n * 10 + 1) and await gone(n * 10 + 2)
+        assert await gone(n * 10 + 3) and await gone(n * 10 + 4)
+        assert len(sleepers(n * 10 + 9)) == 1
+
+    run(main())
+
+
+def test_lineage_mark_is_inherited_and_unique(sup: Supervisor) -> None:
+    async def main() -> None:
+        conn = await sup.connect()
+        script = "grep 'realtime timeout' /proc/self/limits; (setsid sh -c \"$0\")"
+        marks = []
+        for _ in range(2):
+            out, _, _ = await run_cmd(
+                conn, "sh", "-c", script, "grep 'realtime timeout' /proc/self/limits"
+            )
+            lines = out.decode().splitlines()
+            assert len(lines) == 2 and lines[0] == lines[1]
+            soft, hard = lines[0].split()[3:5]
+            assert soft == hard and int(soft) >= 2**62
+            marks.append(soft)
+        assert marks[0] != marks[1]
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------------------- deadline
+
+
+def test_deadline_ends_keepalive_and_says_why(start: StartSupervisor) -> None:
+    s = start("--keepalive")
+
+    async def main() -> None:
+        conn = await s.connect()
+        conn.set_deadline(time.time_ns() + 3600 * 10**9, 1.0, "lifetime")  # replaced below
+        conn.set_deadline(time.time_ns() + 300 * 10**6, 1.0, "lease")
+        await asyncio.wait_for(conn.closed.wait(), 5)
+
+    t0 = time.monotonic()
+    run(main())
+    assert s.wait() == 0 and time.monotonic() - t0 < 3
+    assert s.exit_path.read_text().split()[:2] == ["0", "0"]
+    assert s.exit_path.read_text().split()[3] == "deadline:lease"
+
+
+def test_deadline_terminates_main_then_kills_after_grace(start: StartSupervisor) -> None:
+    s = start("--", "sh", "-c", "trap '' TERM; while :; do sleep 0.05; done")
+    main_pids: list[int] = []
+
+    async def main() -> None:
+        conn = await s.connect()
+        main_pids.extend(pid for pid, _ in s.children())
+        conn.set_deadline(time.time_ns() + 200 * 10**6, 0.5, "lifetime")
+        await asyncio.wait_for(conn.closed.wait(), 5)
+
+    try:
+        run(main())
+        assert s.wait() == 137
+    finally:  # not PID 1 here: its exit does not take the main process with it
+        for pid in main_pids:
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+    code, sig, _, why = s.exit_path.read_text().split()
+    assert (code, sig, why) == ("137", "9", "deadline:lifetime")
+
+
+def test_deadline_moved_later_and_removed(start: StartSupervisor) -> None:
+    s = start("--keepalive")
+
+    async def main() -> None:
+        conn = await s.connect()
+        conn.set_deadline(time.time_ns() + 300 * 10**6, 1.0, "lease")
+        conn.set_deadline(time.time_ns() + 3600 * 10**9, 1.0, "lease")  # renewed
+        conn.set_deadline(0, 1.0, "lifetime")  # none
+        await asyncio.sleep(1.0)
+        await conn.ping()
+        with pytest.raises(ValueError):
+            conn.set_deadline(1, 1.0, "No Spaces")
+
+    run(main())
+    assert s.poll() is None
+
+
+def test_malformed_deadline_closes_the_connection(sup: Supervisor) -> None:
+    async def main() -> None:
+        reader, writer = await asyncio.open_unix_connection(sup.sock_path)
+        await reader.readexactly(17)
+        why = b"Bad Reason"
+        payload = struct.pack("<QI", 1, 0) + struct.pack("<I", len(why)) + why
+        writer.write(struct.pack("<IBI", 5 + len(payload), 14, 0) + payload)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        conn = await sup.connect()
+        await conn.ping()  # the supervisor runs on, without a deadline
+        await asyncio.sleep(0.2)
+        assert sup.poll() is None
+
+    run(main())
+
+
+# ------------------------------------------------------------------------------ files and /proc
+
+
+SYSFS_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def test_proc_files_are_read_to_their_end(sup: Supervisor) -> None:
+    sysfs_data = Path(SYSFS_FILE).read_bytes() if os.path.exists(SYSFS_FILE) else None
+
+    async def main() -> None:
+        conn = await sup.connect()
+        info, it = await conn.read_file("/proc/self/status")
+        data = b"".join([c async for c in it])
+        assert info.size == 0 and b"Name:" in data and data.endswith(b"\n")
+        if sysfs_data is not None:
+            info, it = await conn.read_file(SYSFS_FILE)
+            data = b"".join([c async for c in it])
+            assert info.size == 0 and data == sysfs_data
+
+    run(main())
+
+
+def test_magic_links_are_not_followed(sup: Supervisor, tmp_path: Path) -> None:
+    """The supervisor's fd 4 is the main log, a host file: no path may lead the file API there."""
+    sup_log = sup.log_path
+    (tmp_path / "via-self").symlink_to("/proc/self/fd/4")
+    (tmp_path / "via-pid").symlink_to(f"/proc/{sup.pid}/fd/4")
+    (tmp_path / "dir-link").symlink_to(f"/proc/{sup.pid}/fd")
+    (tmp_path / "plain").symlink_to("/proc/self/status")  # an ordinary link into /proc
+
+    async def main() -> None:
+        conn = await sup.connect()
+        for path in [
+            "/proc/self/fd/4",
+            f"/proc/{sup.pid}/fd/4",
+            "/proc/self/fd/5",
+            "/proc/self/fd/1",
+            "/dev/fd/4",
+            "/proc/thread-self/fd/4",
+            str(tmp_path / "via-self"),
+            str(tmp_path / "via-pid"),
+            str(tmp_path / "dir-link" / "4"),
+            f"/proc/{sup.pid}/root{sup_log}",  # a path under a magic link is refused too
+        ]:
+            with pytest.raises(PathRefused, match=r"do not follow those"):
+                await conn.read_file(path)
+        _, it = await conn.read_file(str(tmp_path / "plain"))
+        assert b"Name:" in b"".join([c async for c in it])
+        with pytest.raises((PathRefused, FileNotFound, PermissionRefused)):
+            await conn.write_file(f"/proc/{sup.pid}/fd/4", 0o644, False, chunks_of(b"x"))
+        with pytest.raises((PathRefused, FileNotFound, PermissionRefused)):
+            await conn.write_file(str(tmp_path / "dir-link" / "4"), 0o644, False, chunks_of(b"x"))
+        # a write to the planted link replaces the link, never its target
+        await conn.write_file(str(tmp_path / "via-self"), 0o644, False, chunks_of(b"mine"))
+        assert (tmp_path / "via-self").read_bytes() == b"mine"
+        assert not (tmp_path / "via-self").is_symlink()
+
+    before = sup_log.read_bytes()
+    run(main())
+    assert sup_log.read_bytes() == before
+
+
 # --------------------------------------------------------------------------- main process, exit
 
 
@@ -842,7 +1161,7 @@ def test_installed_binary_is_found() -> None:
         assert "reinstall" in str(e)
         pytest.skip("package not built (setup.py compiles the supervisor at install time)")
     out = subprocess.run([str(path), "--version"], capture_output=True, text=True, check=True)
-    assert "protocol 1" in out.stdout
+    assert "protocol 2" in out.stdout
 
 
 def test_connect_to_missing_socket(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ def test_kill9_and_restart_keeps_sandboxes(fresh_server: ServerProcess) -> None:
     c.write_file(alive.id, "/tmp/state.txt", b"before restart")
     doomed = c.running(tags=["restart"])
     finishes = c.running(command=["/bin/sh", "-c", "sleep 1; exit 4"])
-    lease = c.running(lease_id="restart-lease", lease_ttl=2)
+    lease = c.running(lease_id="restart-lease", lease_ttl=6)  # outlives the outage below
 
     fresh_server.kill9()
     os.kill(_bwrap_pid(fresh_server.state_dir, doomed.id), signal.SIGKILL)

@@ -9,6 +9,9 @@ Why not `Sandbox.exec` of the SDK: its `Process` decodes output as text (binary 
 altered) and keeps the whole output for `ProcessResult` (`cat` of a large file would fill
 memory). A command line relays bytes and keeps nothing, so this speaks the Exec stream directly.
 
+A command killed by the out-of-memory killer gets one line on stderr saying so (its exit status
+stays its own, usually 137).
+
 Exit statuses: the command's own; 124 when `--timeout` killed it (as timeout(1) does); 125 when
 aviato itself failed before or while running it (unknown sandbox, service down), as `docker exec`
 does, so that scripts can tell "the command failed" from "it could not be run".
@@ -35,6 +38,10 @@ from aviato.v1 import sandbox_pb2 as pb
 EXEC_FAILED = 125
 TIMED_OUT = 124
 _GIVE_UP_AFTER_INTERRUPTS = 3
+_OOM_LINE = (
+    b"aviato: the command was killed by the out-of-memory killer: the sandbox reached its "
+    b"memory limit\n"
+)
 TERMINAL_STATUSES = (
     pb.SANDBOX_STATUS_COMPLETED,
     pb.SANDBOX_STATUS_FAILED,
@@ -109,6 +116,8 @@ def run_command(conn: Connection, init: pb.ExecInit, pass_stdin: bool) -> int:
                     write_all(fd, response.output.data)
                 elif kind == "exit":
                     finished = True
+                    if response.exit.oom_killed:
+                        write_all(2, _OOM_LINE)
                     if response.exit.timed_out:
                         limit = f" after {init.timeout_seconds:g}s" if init.timeout_seconds else ""
                         raise CliError(f"the command timed out{limit} and was killed", TIMED_OUT)

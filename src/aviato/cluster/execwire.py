@@ -104,6 +104,7 @@ def frame_of(event: ExecEvent) -> pb.ExecResponse:
                 exit_code=event.exit_code,
                 signal=event.signal,
                 timed_out=event.timed_out,
+                oom_killed=event.oom_killed,
                 usage=usage,
             )
         )
@@ -126,6 +127,7 @@ def event_of(frame: pb.ExecResponse) -> ExecEvent | None:
             cpu_system_seconds=u.cpu_system_seconds,
             peak_memory_bytes=u.peak_memory_bytes,
             wall_seconds=u.wall_seconds,
+            oom_killed=e.oom_killed,
         )
     if kind == "error":
         return ExecFailed(_NAMES.get(frame.error.code, "INTERNAL"), frame.error.message)

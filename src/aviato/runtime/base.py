@@ -118,6 +118,9 @@ class ExecExit:
     cpu_system_seconds: float
     peak_memory_bytes: int
     wall_seconds: float
+    # Killed by the OOM killer at the sandbox's memory limit (see the runtime for how it is
+    # told; False when the runtime cannot tell).
+    oom_killed: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,10 @@ class MainExit:
     exit_code: int
     signal: int
     ended_at_ns: int
-    # "" for a normal exit; "OOMKilled", "killed", "lost" (no exit record) otherwise.
+    # "" for a normal exit; "OOMKilled", "killed", "lost" (no exit record) otherwise; or what
+    # ended it without the service: "max lifetime exceeded" or "lease expired" (the deadline of
+    # `SandboxHandle.set_deadline`), "signal from inside: ..." (a process of the sandbox
+    # signalled its init).
     reason: str = ""
 
 
@@ -197,6 +203,13 @@ class SandboxHandle(abc.ABC):
     @abc.abstractmethod
     async def kill(self) -> MainExit:
         """SIGKILL every process of the sandbox now."""
+
+    async def set_deadline(self, at_ns: int, why: str, grace_seconds: float) -> None:
+        """Makes the sandbox end by itself at `at_ns` (unix time; 0: no deadline), even while
+        the service is down: SIGTERM, then everything killed `grace_seconds` later; its exit then
+        says `why` ("lifetime" or "lease"). Replaces the previous deadline. Best effort: the
+        default (a runtime that cannot) does nothing, and the service's own reaper remains."""
+        return None
 
     @property
     @abc.abstractmethod

@@ -22,9 +22,17 @@ Sandboxes do not depend on the service: bwrap runs in its own session without
 (`attach`) by checking pid + start time and reconnecting to `ctl.sock`.
 
 How a sandbox ends is read from the exit file the supervisor writes as its last act, plus the
-cgroup's OOM counter: `reason` is "OOMKilled" when the OOM killer struck and the main process
-died of SIGKILL or exited with 137 (a shell passing on its command's SIGKILL), or no record was
-written; "killed" when we killed it, "lost" when it vanished without a record for another reason.
+cgroup's OOM counter: `reason` is "max lifetime exceeded" or "lease expired" when the supervisor
+ended it at the deadline the service gave it (`set_deadline`: enforced also while the service is
+down); "OOMKilled" when the OOM killer struck and the main process died of SIGKILL or exited with
+137 (a shell passing on its command's SIGKILL), or no record was written; "signal from inside:
+..." when a process of the sandbox sent its init SIGTERM/SIGINT; "killed" when we killed it,
+"lost" when it vanished without a record for another reason.
+
+An exec's `oom_killed` uses the same counter: read when the command starts and again if it dies of
+SIGKILL (or its shell reports 137) without a timeout or a kill of ours. The counter is the
+sandbox's: a command killed by something else while another process of the sandbox is OOM-killed
+is reported as OOM-killed too.
 
 Speed: create does no scans (the image's /etc scan and the seccomp filter are computed once),
 spawns with `os.posix_spawn` (vfork-style, no Python code in the child) and puts the fds in
@@ -224,16 +232,34 @@ def _read_tail(path: Path, limit: int = 4096) -> str:
         return ""
 
 
-def parse_exit_file(text: str) -> tuple[int, int, int] | None:
-    """`exit_code signal time_ns` → the three numbers; None for an empty or torn record."""
+def parse_exit_file(text: str) -> tuple[int, int, int, str] | None:
+    """`exit_code signal time_ns [why]` → the three numbers and `why` ("" when absent); None for
+    an empty or torn record."""
     parts = text.split()
-    if len(parts) != 3:
+    if len(parts) not in (3, 4):
         return None
     try:
-        code, signo, ended = (int(p) for p in parts)
+        code, signo, ended = (int(p) for p in parts[:3])
     except ValueError:
         return None
-    return code, signo, ended
+    return code, signo, ended, parts[3] if len(parts) == 4 else ""
+
+
+_DEADLINE_REASONS = {
+    "deadline:lifetime": "max lifetime exceeded",
+    "deadline:lease": "lease expired",
+}
+
+
+def _inside_signal_reason(why: str) -> str:
+    """`signal:SIG:PID` (the supervisor's record of a signal sent from inside) → a reason."""
+    try:
+        _, signo, pid = why.split(":")
+        name, sender = signal.Signals(int(signo)).name, int(pid)
+    except ValueError:
+        return ""
+    by = f"by its pid {sender}" if sender else "not by kill() (e.g. an I/O signal aimed at it)"
+    return f"signal from inside: {name} sent to the sandbox's init {by}"
 
 
 class _ProcessWatch:
@@ -412,7 +438,10 @@ class LocalSandbox(SandboxHandle):
         if spec.tty and "TERM" not in spec.env:
             spec = replace(spec, env={**spec.env, "TERM": "xterm-256color"})
         conn = await self._connection()
-        return await conn.exec(spec)
+        handle = await conn.exec(spec)
+        if self._cgroup is not None:  # read once the EXEC is on its way: overlaps its start
+            handle.oom_probe = (self._cgroup.oom_kills, self._cgroup.oom_kills())
+        return handle
 
     async def read_file(self, path: str) -> tuple[FileInfo, AsyncIterator[bytes]]:
         conn = await self._connection()
@@ -426,6 +455,10 @@ class LocalSandbox(SandboxHandle):
             chunks = _within_memory(self._cgroup, path, chunks)
         return await conn.write_file(path, mode, make_parents, chunks)
 
+    async def set_deadline(self, at_ns: int, why: str, grace_seconds: float) -> None:
+        conn = await self._connection()
+        conn.set_deadline(at_ns, grace_seconds, why)
+
     # --- ending ---
 
     def _compute_exit(self) -> MainExit:
@@ -435,11 +468,15 @@ class LocalSandbox(SandboxHandle):
             record = None
         ooms = self._cgroup.oom_kills() if self._cgroup is not None else 0
         if record is not None:
-            code, signo, ended = record
+            code, signo, ended, why = record
+            if why in _DEADLINE_REASONS:
+                return MainExit(code, signo, ended, _DEADLINE_REASONS[why])
             # Killed by the OOM killer: SIGKILL itself, or a shell that reports its command's
             # SIGKILL as 137 (`sh -c 'big; exit $?'`) while the cgroup counted an OOM kill.
             oom_death = signo == signal.SIGKILL or (signo == 0 and code == 128 + signal.SIGKILL)
             reason = "OOMKilled" if ooms and oom_death else ""
+            if not reason and why.startswith("signal:"):
+                reason = _inside_signal_reason(why)
             return MainExit(code, signo, ended, reason)
         if ooms:
             reason = "OOMKilled"
@@ -472,14 +509,27 @@ class LocalSandbox(SandboxHandle):
         if not self.running:
             return await self._ended()
         with contextlib.suppress(SandboxRuntimeError, OSError, asyncio.TimeoutError):
-            conn = await asyncio.wait_for(self._connection(), timeout=max(grace_seconds, 0.1))
-            await conn.terminate(signal.SIGTERM)
+            async with asyncio.timeout(max(grace_seconds, 0.1)):
+                await self._send_terminate()
         if grace_seconds > 0:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._watch.done), grace_seconds)
         if not self.running:
             return await self._ended()
         return await self.kill()
+
+    async def _send_terminate(self) -> None:
+        """TERMINATE, never queued behind data: when the shared connection still has stdin or
+        file bytes on their way, it goes over a connection of its own."""
+        conn = await self._connection()
+        if not conn.write_backlog:
+            await conn.terminate(signal.SIGTERM)
+            return
+        own = await self._runtime._connect(self._dir, self.sandbox_id, 5.0)
+        try:
+            await own.terminate(signal.SIGTERM)
+        finally:
+            await own.close()  # after the frame went out
 
     async def kill(self) -> MainExit:
         if not self.running:

@@ -4,13 +4,16 @@
 client for its control socket: one connection carries any number of concurrent execs and file
 transfers, each identified by an id chosen here.
 
-Flow control:
-- Towards the supervisor (stdin, file data), writers await the transport's drain.
-- Towards the service, frames are parsed as they arrive and queued per exec / per read. When more
-  than `READ_PAUSE_BYTES` sit unconsumed on a connection, reading from the socket pauses (so the
-  supervisor's queue fills and it stops reading the command pipes); it resumes below
-  `READ_RESUME_BYTES`. A consumer that stops iterating therefore stalls the connection: iterate
-  each exec's `events()` to the end (or `kill()` it) and finish or `aclose()` each file read.
+Flow control is per exec and per transfer, never per connection, so that one command that does
+not read its stdin, or whose output nobody reads, cannot hold up the others:
+- Output (STDOUT/STDERR/FILE_DATA): the supervisor sends at most `OUT_WINDOW` bytes of one id
+  that this side has not credited; the consumer credits (CREDIT) what it takes off the id's
+  queue. So the socket is always read, and each id queues at most about a window here.
+- Stdin: at most `STDIN_WINDOW` bytes of one exec are sent and not yet acknowledged (STDIN_ACK,
+  sent as the command takes them); `write_stdin` waits for acknowledgements beyond that.
+- File writes go out as fast as the supervisor writes them to disk (the transport's drain).
+A consumer that stops iterating an exec's `events()` or a file read therefore stalls only that
+exec or read: iterate to the end, `kill()` the exec, or `aclose()` the read.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import errno
 import logging
 import math
 import os
+import re
 import signal
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from aviato.runtime.base import (
@@ -53,12 +57,17 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FRAME = 1024 * 1024 + 64  # largest value of a frame's length field
 DATA_CHUNK = 1024 * 1024  # stdin / file bytes per frame
 WRITE_BUFFER_HIGH = 4 << 20
-READ_PAUSE_BYTES = 8 << 20
-READ_RESUME_BYTES = 2 << 20
+OUT_WINDOW = 2 << 20  # output of one id the supervisor sends ahead of our credits
+CREDIT_STEP = OUT_WINDOW // 4  # credit once this much was consumed
+STDIN_WINDOW = 1 << 20  # stdin of one exec in flight, not yet acknowledged
+STDIN_STEP = STDIN_WINDOW // 4  # a waiting writer resumes once this much room is free
+# What one id may queue here before it is a protocol error: its window, plus what the supervisor
+# drains from a finished command's pipes regardless of credit (4 MiB per stream), plus slack.
+STREAM_QUEUE_MAX = OUT_WINDOW + (8 << 20) + (1 << 20)
 # The receive buffer starts small (most connections carry tiny frames and there is one per
 # sandbox) and grows to hold one whole frame of up to MAX_FRAME; it shrinks back when drained.
 _RBUF_SMALL = 64 << 10
@@ -67,10 +76,11 @@ _RBUF_LARGE = 4 << 20
 # Frame types, service -> supervisor.
 _EXEC, _STDIN, _STDIN_EOF, _RESIZE, _SIGNAL = 1, 2, 3, 4, 5
 _READ_FILE, _WRITE_BEGIN, _WRITE_DATA, _WRITE_END, _WRITE_ABORT = 6, 7, 8, 9, 10
-_PING, _TERMINATE = 11, 12
+_PING, _TERMINATE, _CREDIT, _DEADLINE, _KILL = 11, 12, 13, 14, 15
+_ABORT = _WRITE_ABORT  # stops a read as well
 # Frame types, supervisor -> service.
 _HELLO, _STARTED, _STDOUT, _STDERR, _EXIT, _ERROR = 64, 65, 66, 67, 68, 69
-_FILE_INFO, _FILE_DATA, _FILE_END, _WRITE_OK, _PONG = 70, 71, 72, 73, 74
+_FILE_INFO, _FILE_DATA, _FILE_END, _WRITE_OK, _PONG, _STDIN_ACK = 70, 71, 72, 73, 74, 75
 
 _HDR = struct.Struct("<IBI")
 _U32 = struct.Struct("<I")
@@ -81,8 +91,10 @@ _EXEC_HEAD = struct.Struct("<IIHH")
 _EXIT_BODY = struct.Struct("<iiBQQQQ")
 _ERROR_HEAD = struct.Struct("<iI")
 _FILE_INFO_BODY = struct.Struct("<QI")
+_DEADLINE_HEAD = struct.Struct("<QI")
 
 _LOST = "sandbox supervisor connection lost"
+_WHY = re.compile(r"[a-z0-9_-]{1,31}")
 
 
 class SupervisorMissing(SandboxRuntimeError):
@@ -170,17 +182,51 @@ class _Stream:
         raise NotImplementedError
 
 
+class _Credits:
+    """The output window of one id: bytes queued here, and consumed but not yet credited."""
+
+    __slots__ = ("held", "owed")
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.owed = 0
+
+    def arrived(self, conn: SupervisorConnection, n: int) -> None:
+        self.held += n
+        conn._queued += n
+        if self.held > STREAM_QUEUE_MAX:
+            conn._protocol_error(f"an id queued {self.held} bytes, beyond its window")
+
+    def taken(self, conn: SupervisorConnection, fid: int, n: int, live: bool) -> None:
+        """`n` bytes left the queue; credited in steps while the id is `live`."""
+        self.held -= n
+        conn._queued -= n
+        self.owed += n
+        if live and self.owed >= CREDIT_STEP and not conn.is_closed:
+            conn._send(_CREDIT, fid, _U32.pack(self.owed))
+            self.owed = 0
+
+
+# An OOM-kill counter (the sandbox cgroup's) and its value when the exec started.
+OomProbe = tuple[Callable[[], int], int]
+
+
 class SupervisorExec(_Stream, ExecHandle):
     """One command started through a `SupervisorConnection`."""
 
     __slots__ = (
         "_conn",
+        "_credits",
         "_finished",
+        "_killed",
         "_q",
         "_start_waiter",
         "_stdin_closed",
+        "_stdin_inflight",
+        "_stdin_waiter",
         "_waiter",
         "id",
+        "oom_probe",
         "pid",
     )
 
@@ -193,6 +239,12 @@ class SupervisorExec(_Stream, ExecHandle):
         self._start_waiter: asyncio.Future[None] | None = None  # made only by `started()`
         self._finished = False  # the terminal event is queued
         self._stdin_closed = False
+        self._stdin_inflight = 0
+        self._stdin_waiter: asyncio.Future[None] | None = None
+        self._credits = _Credits()
+        self._killed = False  # SIGKILL or KILL sent by us: not an OOM kill
+        # Set by the runtime (see `_oom_killed`): makes ExecExit.oom_killed meaningful.
+        self.oom_probe: OomProbe | None = None
 
     # -- incoming --
 
@@ -211,21 +263,50 @@ class SupervisorExec(_Stream, ExecHandle):
         self._conn._streams.pop(self.id, None)
         self._push(ev)
         self._wake_start()
+        self._wake_stdin()
 
     def _wake_start(self) -> None:
         w = self._start_waiter
         if w is not None and not w.done():
             w.set_result(None)
 
+    def _wake_stdin(self) -> None:
+        w = self._stdin_waiter
+        if w is not None:
+            self._stdin_waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    def _oom_killed(self, code: int, sig: int, timed_out: bool) -> bool:
+        """Whether the OOM killer (most likely) ended the command: it died of SIGKILL (or its
+        shell reports 137) without a timeout or a kill of ours, and the sandbox's OOM-kill
+        counter moved since it started. Concurrent commands share the counter (see docs)."""
+        probe = self.oom_probe
+        if probe is None or timed_out or self._killed:
+            return False
+        if sig != signal.SIGKILL and not (sig == 0 and code == 128 + signal.SIGKILL):
+            return False
+        read, before = probe
+        try:
+            return read() > before
+        except OSError:
+            return False
+
     def _frame(self, ftype: int, view: memoryview) -> None:
         if ftype in (_STDOUT, _STDERR):
             data = bytes(view)
-            self._conn._produced(len(data))
+            self._credits.arrived(self._conn, len(data))
             self._push(ExecOutput(ftype - 65, data))
+        elif ftype == _STDIN_ACK:
+            (n,) = _U32.unpack_from(view)
+            self._stdin_inflight = max(0, self._stdin_inflight - n)
+            if self._stdin_inflight <= STDIN_WINDOW - STDIN_STEP:
+                self._wake_stdin()
         elif ftype == _EXIT:
             code, sig, timed_out, utime, stime, rss, wall = _EXIT_BODY.unpack_from(view)
+            oom = self._oom_killed(code, sig, bool(timed_out))
             self._finish(
-                ExecExit(code, sig, bool(timed_out), utime / 1e6, stime / 1e6, rss, wall / 1e6)
+                ExecExit(code, sig, bool(timed_out), utime / 1e6, stime / 1e6, rss, wall / 1e6, oom)
             )
         elif ftype == _STARTED:
             (self.pid,) = _U32.unpack_from(view)
@@ -268,17 +349,28 @@ class SupervisorExec(_Stream, ExecHandle):
             await fut
         ev = q.popleft()
         if type(ev) is ExecOutput:
-            self._conn._consumed(len(ev.data))
+            self._credits.taken(self._conn, self.id, len(ev.data), not self._finished)
         return ev
 
     async def write_stdin(self, data: bytes) -> None:
-        """Sends bytes to the command's stdin; a no-op once it ended or stdin was closed."""
+        """Sends bytes to the command's stdin, at most STDIN_WINDOW ahead of what the command
+        has taken; a no-op once it ended or stdin was closed."""
         conn = self._conn
         view = memoryview(data)
-        for i in range(0, len(view), DATA_CHUNK):
+        while view:
+            # Wait for room for a whole step (or the rest): small acks do not make small frames.
+            while self._stdin_inflight > STDIN_WINDOW - min(len(view), STDIN_STEP):
+                if self._finished or self._stdin_closed or conn.is_closed:
+                    return
+                fut: asyncio.Future[None] = conn._loop.create_future()
+                self._stdin_waiter = fut
+                await fut
             if self._finished or self._stdin_closed or conn.is_closed:
                 return
-            conn._send(_STDIN, self.id, view[i : i + DATA_CHUNK])
+            n = min(len(view), DATA_CHUNK, STDIN_WINDOW - self._stdin_inflight)
+            self._stdin_inflight += n
+            conn._send(_STDIN, self.id, view[:n])
+            view = view[n:]
             try:
                 await conn._drain()
             except SandboxGone:
@@ -288,6 +380,7 @@ class SupervisorExec(_Stream, ExecHandle):
         if not (self._finished or self._stdin_closed or self._conn.is_closed):
             self._stdin_closed = True
             self._conn._send(_STDIN_EOF, self.id, b"")
+            self._wake_stdin()
 
     async def resize(self, rows: int, cols: int) -> None:
         if not (self._finished or self._conn.is_closed):
@@ -295,18 +388,21 @@ class SupervisorExec(_Stream, ExecHandle):
 
     async def signal(self, signo: int) -> None:
         if not (self._finished or self._conn.is_closed):
+            if signo == signal.SIGKILL:
+                self._killed = True
             self._conn._send(_SIGNAL, self.id, _U32.pack(signo))
 
     async def kill(self) -> None:
-        """SIGKILLs the process group; `events()` then drops queued output and ends with
-        ExecFailed("CANCELLED")."""
+        """Kills the command and everything it started (KILL); `events()` then drops queued
+        output and ends with ExecFailed("CANCELLED")."""
         if self._finished:
             return
+        self._killed = True
         if not self._conn.is_closed:
-            self._conn._send(_SIGNAL, self.id, _U32.pack(signal.SIGKILL))
+            self._conn._send(_KILL, self.id, b"")
         dropped = sum(len(ev.data) for ev in self._q if type(ev) is ExecOutput)
         self._q.clear()
-        self._conn._consumed(dropped)
+        self._credits.taken(self._conn, self.id, dropped, False)
         self._finish(ExecFailed("CANCELLED", "the command was killed"))
 
 
@@ -317,7 +413,8 @@ def _clamp16(v: int) -> int:
 class _FileRead(_Stream):
     """A READ_FILE in progress; iterates the file's bytes."""
 
-    __slots__ = ("_abandoned", "_conn", "_done", "_error", "_q", "_waiter", "id", "info")
+    __slots__ = ("_abandoned", "_conn", "_credits", "_done", "_error", "_q", "_waiter", "id",
+                 "info")  # fmt: skip
 
     def __init__(self, conn: SupervisorConnection, fid: int) -> None:
         self._conn = conn
@@ -328,6 +425,7 @@ class _FileRead(_Stream):
         self._error: SandboxRuntimeError | None = None
         self._abandoned = False
         self._waiter: asyncio.Future[None] | None = None
+        self._credits = _Credits()
 
     def _wake(self) -> None:
         w = self._waiter
@@ -350,7 +448,7 @@ class _FileRead(_Stream):
     def _frame(self, ftype: int, view: memoryview) -> None:
         if ftype == _FILE_DATA:
             if not self._abandoned:
-                self._conn._produced(len(view))
+                self._credits.arrived(self._conn, len(view))
                 self._q.append(bytes(view))
                 self._wake()
         elif ftype == _FILE_INFO:
@@ -375,7 +473,7 @@ class _FileRead(_Stream):
         while True:
             if self._q:
                 data = self._q.popleft()
-                self._conn._consumed(len(data))
+                self._credits.taken(self._conn, self.id, len(data), not self._done)
                 return data
             if self._done:
                 if self._error is not None:
@@ -386,14 +484,18 @@ class _FileRead(_Stream):
             await self._wait()
 
     async def aclose(self) -> None:
-        """Stops reading: what the supervisor still sends for this file is dropped."""
+        """Stops reading: the supervisor stops sending, what it sent already is dropped."""
         self._abandon()
 
     def _abandon(self) -> None:
         if not self._abandoned:
             self._abandoned = True
-            self._conn._consumed(sum(len(b) for b in self._q))
+            self._credits.taken(self._conn, self.id, sum(len(b) for b in self._q), False)
             self._q.clear()
+            if not self._done:
+                self._end(None)
+                if not self._conn.is_closed:
+                    self._conn._send(_ABORT, self.id, b"")
 
     def __del__(self) -> None:
         if not (self._abandoned or self._conn.is_closed):
@@ -447,8 +549,7 @@ class SupervisorConnection(asyncio.BufferedProtocol):
         self._rneed = 0  # bytes of the incomplete frame at _rstart, once its header is known
         self._rstart = 0
         self._rend = 0
-        self._queued = 0  # received bytes not yet consumed
-        self._reading_paused = False
+        self._queued = 0  # received output bytes not yet consumed (all ids; for observation)
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self.closed = asyncio.Event()
@@ -599,6 +700,22 @@ class SupervisorConnection(asyncio.BufferedProtocol):
         self._check_open()
         self._send(_TERMINATE, 0, _U32.pack(signo))
 
+    def set_deadline(self, at_ns: int, grace_seconds: float, why: str) -> None:
+        """Tells the supervisor when the sandbox must end without us (0: never): at `at_ns`
+        (unix time) it sends the main process SIGTERM and `grace_seconds` later it exits,
+        recording `why` (lowercase letters, digits, '-', '_') in the exit file."""
+        if not _WHY.fullmatch(why):
+            raise ValueError(f"invalid deadline reason {why!r}")
+        self._check_open()
+        grace_ms = min(max(0, math.ceil(grace_seconds * 1000)), 0xFFFFFFFF)
+        self._send(_DEADLINE, 0, _DEADLINE_HEAD.pack(max(0, at_ns), grace_ms) + _str(why))
+
+    @property
+    def write_backlog(self) -> int:
+        """Bytes written to the connection that the supervisor has not taken yet."""
+        t = self._transport
+        return t.get_write_buffer_size() if t is not None and not self.is_closed else 0
+
     async def close(self) -> None:
         """Closes the connection (the supervisor kills this connection's running execs)."""
         if self._transport is not None:
@@ -635,20 +752,6 @@ class SupervisorConnection(asyncio.BufferedProtocol):
             await fut
         if self.is_closed:
             raise SandboxGone(_LOST)
-
-    def _produced(self, n: int) -> None:
-        self._queued += n
-        if self._queued > READ_PAUSE_BYTES and not self._reading_paused:
-            self._reading_paused = True
-            if self._transport is not None:
-                self._transport.pause_reading()
-
-    def _consumed(self, n: int) -> None:
-        self._queued -= n
-        if self._reading_paused and self._queued < READ_RESUME_BYTES:
-            self._reading_paused = False
-            if self._transport is not None and not self.is_closed:
-                self._transport.resume_reading()
 
     def _protocol_error(self, why: str) -> None:
         log.error("supervisor protocol error: %s; closing the connection", why)

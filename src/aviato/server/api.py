@@ -171,6 +171,7 @@ def _exit_frame(event: ExecExit) -> pb.ExecResponse:
             exit_code=event.exit_code,
             signal=event.signal,
             timed_out=event.timed_out,
+            oom_killed=event.oom_killed,
             usage=pb.ResourceUsage(
                 cpu_user_seconds=event.cpu_user_seconds,
                 cpu_system_seconds=event.cpu_system_seconds,

@@ -16,6 +16,10 @@ Guarantees:
 - Concurrent stops of one sandbox share one stop; a stop returns once the sandbox is terminal.
 - Leases are stored in the registry; after a restart every lease gets at least one full TTL,
   since clients could not renew while the service was down.
+- Lifetimes and leases hold also while the service is down: every running sandbox knows its
+  deadline (the earlier of its lifetime's end and its lease's expiry; `SandboxHandle.
+  set_deadline`), given before it is recorded RUNNING and again whenever a renewal, a release or
+  a restart moves it, and ends itself then, saying why (recorded as if the reaper had stopped it).
 
 What it cannot do: bound how long a runtime takes (a hung `runtime.create` leaves the sandbox
 CREATING until it returns), or know why a sandbox died while the service was down beyond what the
@@ -82,6 +86,9 @@ MAX_LEASE_TTL = 3600.0
 DEFAULT_WAIT = 60.0
 MAX_WAIT = 3600.0
 _CREATE_DRAIN_SECONDS = 10.0
+_LIFETIME_REASON = "max lifetime exceeded"
+_LEASE_REASON = "lease expired"
+_DEADLINE_REASONS = (_LIFETIME_REASON, _LEASE_REASON)
 
 
 def status_name(status: int) -> str:
@@ -92,6 +99,8 @@ def classify_exit(exit: MainExit, stop_reason: str) -> tuple[int, str]:
     """The terminal (status, reason) of a sandbox whose main process ended with `exit`."""
     if stop_reason:
         return TERMINATED, stop_reason
+    if exit.reason in _DEADLINE_REASONS:  # ended by the runtime at the deadline we gave it
+        return TERMINATED, exit.reason
     if exit.reason == "OOMKilled":
         return FAILED, "OOMKilled"
     if exit.reason == "lost":
@@ -117,8 +126,8 @@ class LeaseState:
 class _Live:
     """A non-terminal sandbox: record, runtime, handle once created, and its waiters' event."""
 
-    __slots__ = ("changed", "charge", "config", "handle", "rec", "runtime", "stop_reason",
-                 "stop_task", "task")  # fmt: skip
+    __slots__ = ("changed", "charge", "config", "deadline_dirty", "deadline_pushing", "handle",
+                 "rec", "runtime", "stop_reason", "stop_task", "task")  # fmt: skip
 
     def __init__(
         self, rec: SandboxRecord, runtime: Runtime, config: SandboxConfig | None, charge: Charge
@@ -133,6 +142,8 @@ class _Live:
         self.stop_reason = ""
         self.stop_task: asyncio.Task[None] | None = None
         self.task: asyncio.Task[None] | None = None
+        self.deadline_dirty = False  # the runtime's copy of the deadline is out of date
+        self.deadline_pushing = False
 
     def notify(self) -> None:
         self.changed.set()
@@ -414,6 +425,7 @@ class Lifecycle:
                 exit = MainExit(137, 9, time.time_ns(), "killed")
             self._finish(live, TERMINATED, live.stop_reason, exit.exit_code, exit.ended_at_ns)
             return
+        await self._send_deadline(live)  # before RUNNING: a crash before it leaves CREATING
         self._set_status(live, RUNNING)
         await self._watch(live)
 
@@ -734,6 +746,7 @@ class Lifecycle:
             self._leases[(owner, lease_id)] = lease
         lease.ttl_seconds, lease.expires_ns = ttl, expires
         self._registry.upsert_lease(LeaseRecord(owner, lease_id, ttl, expires))
+        self._push_lease_deadlines(owner, lease_id)
         return lease
 
     async def release_lease(self, owner: str, lease_id: str, stop_sandboxes: bool) -> LeaseState:
@@ -746,6 +759,8 @@ class Lifecycle:
         lease.expires_ns = time.time_ns()
         if stop_sandboxes:
             await self._stop_lease_sandboxes(lease, "lease released")
+        else:
+            self._push_lease_deadlines(owner, lease_id)  # their lifetime alone bounds them now
         return lease
 
     async def _stop_lease_sandboxes(self, lease: LeaseState, reason: str) -> None:
@@ -758,6 +773,56 @@ class Lifecycle:
         await asyncio.gather(
             *(self._stop_live(live, grace, reason) for live in members), return_exceptions=True
         )
+
+    # -- deadlines the runtime enforces ------------------------------------------------------
+
+    def _deadline_of(self, live: _Live) -> tuple[int, str]:
+        """(unix ns, why) at which the sandbox must end without the service: the earlier of its
+        lifetime's end ("lifetime") and its lease's expiry ("lease"); 0 for never."""
+        at, why = live.rec.expires_ns or 0, "lifetime"
+        if live.rec.lease_id:
+            lease = self._leases.get((live.rec.owner, live.rec.lease_id))
+            if lease is not None and (not at or lease.expires_ns < at):
+                at, why = lease.expires_ns, "lease"
+        return at, why
+
+    async def _send_deadline(self, live: _Live) -> None:
+        if live.handle is None or live.rec.terminal:
+            return
+        at, why = self._deadline_of(live)
+        try:
+            await live.handle.set_deadline(at, why, self._config.default_stop_grace_seconds)
+        except asyncio.CancelledError:
+            raise
+        except SandboxRuntimeError as e:  # gone or unreachable: its watcher will tell
+            log.debug("deadline not given to %s: %s", live.rec.id, e)
+        except Exception:
+            log.exception("set_deadline crashed for %s", live.rec.id)
+
+    def _push_deadline(self, live: _Live) -> None:
+        """Sends the sandbox's current deadline in the background: one sender per sandbox at a
+        time, which sends again while it changed meanwhile (so a late send never wins)."""
+        if live.handle is None or self._closing:
+            return
+        live.deadline_dirty = True
+        if live.deadline_pushing:
+            return
+        live.deadline_pushing = True
+
+        async def push() -> None:
+            try:
+                while live.deadline_dirty and not live.rec.terminal:
+                    live.deadline_dirty = False
+                    await self._send_deadline(live)
+            finally:
+                live.deadline_pushing = False
+
+        self._spawn(push())
+
+    def _push_lease_deadlines(self, owner: str, lease_id: str) -> None:
+        for live in self._live.values():
+            if live.rec.lease_id == lease_id and live.rec.owner == owner:
+                self._push_deadline(live)
 
     # -- the reaper ---------------------------------------------------------------------------
 
@@ -776,13 +841,13 @@ class Lifecycle:
         for live in list(self._live.values()):
             expires = live.rec.expires_ns
             if expires is not None and now >= expires and live.stop_task is None:
-                self._spawn(self._stop_live(live, grace, "max lifetime exceeded"))
+                self._spawn(self._stop_live(live, grace, _LIFETIME_REASON))
         for key, lease in list(self._leases.items()):
             if now >= lease.expires_ns:
                 del self._leases[key]
                 self._registry.delete_lease(lease.owner, lease.id)
                 log.info("lease expired id=%s owner=%s", lease.id, lease.owner)
-                self._spawn(self._stop_lease_sandboxes(lease, "lease expired"))
+                self._spawn(self._stop_lease_sandboxes(lease, _LEASE_REASON))
 
     # -- restart reconciliation ---------------------------------------------------------------
 
@@ -861,6 +926,7 @@ class Lifecycle:
         live.handle = attached
         self._adopt(live)
         live.task = asyncio.create_task(self._watch(live), name=f"sandbox-{rec.id}")
+        self._push_deadline(live)  # its lease was extended by the restart
         log.info("re-attached sandbox id=%s", rec.id)
 
     def _finish_record(

@@ -27,10 +27,12 @@
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/random.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -42,13 +44,15 @@
 
 /* ---- Constants ------------------------------------------------------------------------- */
 
-#define PROTOCOL_VERSION 1
+#define PROTOCOL_VERSION 2
 #define HDR 9                          /* u32 length | u8 type | u32 id */
 #define MAX_FRAME (1024 * 1024 + 64)   /* largest allowed value of the length field */
-#define OUT_HIGH (4u << 20)            /* queued output above which command pipes are not read */
-#define OUT_LOW (1u << 20)             /* ... and below which they are read again */
-#define STDIN_HIGH (1u << 20)          /* queued stdin above which the connection is not read */
-#define STDIN_LOW (256u << 10)         /* ... and below which it is read again */
+#define OUT_HIGH (4u << 20)            /* queued on a socket above which nothing more is read */
+#define OUT_LOW (1u << 20)             /* ... and below which reading resumes */
+#define OUT_WINDOW (2u << 20)          /* output of one exec/read the service has not credited */
+#define STDIN_WINDOW (1u << 20)        /* stdin of one exec the service may have unacknowledged */
+#define MARK_BASE (1ull << 62)         /* lineage marks: see mark_lineage */
+#define KILL_ROUNDS 64                 /* rounds of kill_marked before giving up */
 #define PIPE_CHUNK (64 * 1024)         /* one read of a command pipe = one STDOUT/STDERR frame */
 #define FILE_CHUNK (256 * 1024)        /* FILE_DATA size */
 #define UNSIZED_FILE_MAX (16u << 20)   /* cap on a read of a file whose st_size is 0 */
@@ -59,9 +63,10 @@
 #define NS 1000000000ull
 
 enum { F_EXEC = 1, F_STDIN, F_STDIN_EOF, F_RESIZE, F_SIGNAL, F_READ_FILE, F_WRITE_BEGIN,
-       F_WRITE_DATA, F_WRITE_END, F_WRITE_ABORT, F_PING, F_TERMINATE };
+       F_WRITE_DATA, F_WRITE_END, F_WRITE_ABORT, F_PING, F_TERMINATE, F_CREDIT, F_DEADLINE,
+       F_KILL };
 enum { F_HELLO = 64, F_STARTED, F_STDOUT, F_STDERR, F_EXIT, F_ERROR, F_FILE_INFO, F_FILE_DATA,
-       F_FILE_END, F_WRITE_OK, F_PONG };
+       F_FILE_END, F_WRITE_OK, F_PONG, F_STDIN_ACK };
 enum { EXEC_STDIN = 1, EXEC_TTY = 2, EXEC_PROTECTED = 4 };
 enum { STAGE_SETUP = 1, STAGE_CWD = 2, STAGE_EXEC = 3 }; /* where a child failed before exec */
 
@@ -91,6 +96,7 @@ struct exec {
     struct conn *c;
     struct exec *next;             /* in c->execs */
     pid_t pid;
+    uint64_t mark;                 /* lineage mark of everything it starts (mark_lineage) */
     char *name, *cwd;              /* argv[0] and cwd, for error messages */
     int running;                   /* 0 while waiting for the child's exec() to succeed */
     int tty;
@@ -99,6 +105,8 @@ struct exec {
     struct watch w_in;             /* stdin pipe (tty: a dup of the master), -1 if none */
     struct buf inq;                /* stdin not yet written */
     int in_eof;                    /* STDIN_EOF received, close when inq is drained */
+    uint64_t in_unacked;           /* STDIN bytes received and not yet acknowledged */
+    uint64_t unacked;              /* STDOUT/STDERR bytes sent and not yet credited */
     int reaped, status, timed_out;
     struct rusage ru;
     uint64_t t_start, t_end, deadline, linger;
@@ -110,14 +118,15 @@ struct rfile {                     /* a READ_FILE in progress */
     int fd;
     uint64_t left;                 /* bytes still to send (see do_read_file) */
     int sized;                     /* st_size > 0: send at most that many bytes */
+    uint64_t unacked;              /* FILE_DATA bytes sent and not yet credited */
     struct rfile *next;
 };
 
 struct wfile {                     /* a WRITE_BEGIN..END in progress */
     uint32_t id;
-    int fd;
+    int fd, dirfd;                 /* the temporary file and its directory */
     uint64_t written;
-    char *path, *tmp;
+    char *path, *base, *tmp;       /* path for messages; target and temporary names in dirfd */
     struct wfile *next;
 };
 
@@ -125,8 +134,6 @@ struct conn {
     struct watch w;
     int dead;
     int throttled;                 /* output queue is full: command pipes/file reads paused */
-    struct exec *rpause;           /* exec whose full stdin queue stops reading frames */
-    int reprocess;                 /* rpause ended: handle buffered frames */
     int blocked;                   /* the socket is full: waiting for EPOLLOUT */
     uint8_t *in;
     size_t in_len, in_cap;
@@ -149,6 +156,15 @@ static int g_log_stopped;
 static int g_keepalive;
 static int g_privileged;             /* --user given: commands start as the sandbox's user */
 static struct sandbox_user g_user;
+/* The sandbox's deadline (DEADLINE frame): at `at` (unix ns) the main process gets SIGTERM, and
+ * `grace` later the supervisor exits (which kills everything). `why` goes into the exit file. */
+static struct {
+    uint64_t at, grace_ns, kill_mono;
+    char why[32];
+} g_deadline;
+static char g_end_reason[64];    /* 4th field of the exit record; empty: a plain exit */
+static struct { dev_t dev; ino_t ino; } g_own_files[8]; /* see is_own_file */
+static int g_own_count;
 static struct {
     pid_t pid;
     int reaped, status;
@@ -321,7 +337,6 @@ static void send_error(struct conn *c, uint32_t id, int err, const char *fmt, ..
 
 static void conn_check_throttle(struct conn *c);
 static int id_in_use(struct conn *c, uint32_t id);
-static void conn_update_events(struct conn *c);
 
 static struct exec *exec_find(struct conn *c, uint32_t id) {
     for (struct exec *e = c->execs; e; e = e->next)
@@ -343,20 +358,85 @@ static void exec_kill(struct exec *e, int sig) {
     if (kill(-e->pid, sig) < 0 && !e->reaped) kill(e->pid, sig);
 }
 
-/* Pipes are read only while the command runs and the connection's output queue has room. */
-static void exec_update_streams(struct exec *e) {
-    uint32_t ev = (e->running && !e->c->throttled) ? EPOLLIN : 0;
-    watch_set(&e->w_out, ev);
-    watch_set(&e->w_err, ev);
+/* ---- Lineage marks --------------------------------------------------------------------- */
+
+/* The supervisor is PID 1, so every orphan of the sandbox is re-parented to it and which command
+ * started it is lost: killing a command's process group leaves what it started in a new session
+ * (setsid), a new process group or behind a double fork. So every command carries a mark that
+ * all its descendants inherit, whatever they do to their session, group or parent: its
+ * RLIMIT_RTTIME (soft = hard = MARK_BASE + a number unique to the exec). That limit bounds only
+ * the CPU time of realtime-scheduled processes, which a sandbox cannot create (no CAP_SYS_NICE,
+ * RLIMIT_RTPRIO 0), and 2^62 us is unlimited in practice anyway. /proc/<pid>/limits shows it to
+ * everyone. A kill (timeout, KILL, the connection closing) SIGKILLs every process that carries
+ * the exec's mark (kill_marked). Setting it costs one setrlimit in the child; a fork-based
+ * per-command subreaper was measured at +110-150 us per exec here and was not taken.
+ *
+ * What it cannot do: a process may change its own RLIMIT_RTTIME (only lower it) and so leave
+ * its command's lineage; the mark says nothing about processes started on a command's behalf by
+ * something older (a server that an earlier command left running). */
+static uint64_t g_spawn_mark;  /* read by the vfork child in child_run: 0 for no mark */
+static uint64_t g_mark_next;   /* the next exec's mark */
+
+static void mark_lineage(void) {
+    if (!g_spawn_mark) return;
+    struct rlimit rl = {(rlim_t)g_spawn_mark, (rlim_t)g_spawn_mark};
+    setrlimit(RLIMIT_RTTIME, &rl); /* best effort: a command without a mark is still killed by
+                                      its process group */
 }
 
-/* Reading frames resumes once the exec whose stdin was full has drained (or gone). */
-static void exec_release_rpause(struct exec *e) {
-    struct conn *c = e->c;
-    if (c->rpause != e) return;
-    c->rpause = NULL;
-    c->reprocess = 1; /* frames already buffered are handled by the loop */
-    conn_update_events(c);
+/* The soft RLIMIT_RTTIME of `pid` from /proc/<pid>/limits (0: gone, a zombie, unreadable). */
+static uint64_t mark_of(long pid) {
+    char path[64], buf[2048];
+    snprintf(path, sizeof path, "/proc/%ld/limits", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    buf[n] = 0;
+    char *line = strstr(buf, "Max realtime timeout");
+    if (!line) return 0;
+    line += strlen("Max realtime timeout");
+    while (*line == ' ') line++;
+    return strtoull(line, NULL, 10); /* "unlimited": 0 */
+}
+
+/* SIGKILLs every process marked `mark`, in rounds until a round finds none that was not already
+ * killed (a process forking meanwhile hands its mark to the child; zombies show no limits). */
+static void kill_marked(uint64_t mark) {
+    long killed[256];
+    size_t nk = 0;
+    for (int round = 0; round < KILL_ROUNDS; round++) {
+        int fresh = 0;
+        DIR *d = opendir("/proc");
+        struct dirent *de;
+        while (d && (de = readdir(d))) {
+            long pid = atol(de->d_name);
+            if (pid <= 0 || pid == (long)getpid() || mark_of(pid) != mark) continue;
+            kill((pid_t)pid, SIGKILL);
+            int seen = 0;
+            for (size_t i = 0; i < nk && !seen; i++) seen = killed[i] == pid;
+            if (!seen) {
+                fresh = 1;
+                if (nk < sizeof killed / sizeof *killed) killed[nk++] = pid;
+            }
+        }
+        if (d) closedir(d);
+        if (!fresh) return;
+    }
+}
+
+/* Kills everything the command started (timeout, KILL, its connection closing). */
+static void exec_kill_tree(struct exec *e) {
+    exec_kill(e, SIGKILL);
+    if (e->mark) kill_marked(e->mark);
+}
+
+/* Pipes are read while the command runs, its output window has room and the socket keeps up. */
+static void exec_update_streams(struct exec *e) {
+    uint32_t ev = (e->running && !e->c->throttled && e->unacked < OUT_WINDOW) ? EPOLLIN : 0;
+    watch_set(&e->w_out, ev);
+    watch_set(&e->w_err, ev);
 }
 
 static void exec_free(struct exec *e) {
@@ -375,49 +455,62 @@ static void exec_free(struct exec *e) {
     e->name = e->cwd = NULL;
     e->gnext = g_dead_execs; /* freed at the end of this loop iteration */
     g_dead_execs = e;
-    exec_release_rpause(e);
+}
+
+/* STDIN_ACK for up to `n` bytes that left the stdin queue (the ^D of a tty is not counted). */
+static void exec_ack_stdin(struct exec *e, uint64_t n) {
+    if (n > e->in_unacked) n = e->in_unacked;
+    if (!n) return;
+    e->in_unacked -= n;
+    send_u32(e->c, F_STDIN_ACK, e->id, (uint32_t)n);
 }
 
 static void exec_close_stdin(struct exec *e) {
     watch_close(&e->w_in);
+    exec_ack_stdin(e, buf_pending(&e->inq)); /* dropped: the service may send more */
     e->inq.off = e->inq.len = 0;
-    exec_release_rpause(e);
 }
 
 /* Writes queued stdin; called on STDIN frames and when the pipe is writable again. */
 static void exec_flush_stdin(struct exec *e) {
+    uint64_t written = 0;
     while (e->w_in.fd >= 0 && buf_pending(&e->inq) > 0) {
         ssize_t n = write(e->w_in.fd, e->inq.d + e->inq.off, buf_pending(&e->inq));
-        if (n > 0) e->inq.off += (size_t)n;
+        if (n > 0) e->inq.off += (size_t)n, written += (uint64_t)n;
         else if (n < 0 && errno == EINTR) continue;
         else if (n < 0 && errno == EAGAIN) break;
         else { /* EPIPE, EIO: the command stopped reading stdin */
+            exec_ack_stdin(e, written);
             exec_close_stdin(e);
             return;
         }
     }
+    exec_ack_stdin(e, written);
     if (e->w_in.fd < 0) return;
     if (buf_pending(&e->inq)) {
         watch_set(&e->w_in, EPOLLOUT);
     } else {
         watch_set(&e->w_in, 0);
-        if (e->in_eof && !e->tty) {
-            exec_close_stdin(e);
-            return;
-        }
+        if (e->in_eof && !e->tty) exec_close_stdin(e);
     }
-    if (buf_pending(&e->inq) < STDIN_LOW) exec_release_rpause(e);
 }
 
+/* STDIN: the service keeps at most STDIN_WINDOW bytes unacknowledged per exec, so the queue is
+ * bounded without ever pausing the connection; more is a protocol error. */
 static void exec_stdin(struct exec *e, const uint8_t *p, size_t n) {
-    if (e->w_in.fd < 0 || e->in_eof || n == 0) return;
+    if (e->in_unacked + n > STDIN_WINDOW) {
+        e->c->dead = -1;
+        return;
+    }
+    e->in_unacked += n;
+    if (e->w_in.fd < 0 || e->in_eof) { /* nobody reads it: acknowledged as dropped */
+        exec_ack_stdin(e, n);
+        return;
+    }
+    if (n == 0) return;
     memcpy(buf_reserve(&e->inq, n), p, n);
     buf_commit(&e->inq, n);
     exec_flush_stdin(e);
-    if (e->w_in.fd >= 0 && buf_pending(&e->inq) > STDIN_HIGH && !e->c->rpause) {
-        e->c->rpause = e;
-        conn_update_events(e->c);
-    }
 }
 
 /* STDIN_EOF: close the pipe, or on a tty send the terminal's EOF character (^D). */
@@ -427,7 +520,8 @@ static void exec_stdin_eof(struct exec *e) {
         struct termios t;
         uint8_t ch = 4;
         if (tcgetattr(e->w_in.fd, &t) == 0 && t.c_cc[VEOF] != _POSIX_VDISABLE) ch = t.c_cc[VEOF];
-        exec_stdin(e, &ch, 1);
+        memcpy(buf_reserve(&e->inq, 1), &ch, 1);
+        buf_commit(&e->inq, 1);
     }
     e->in_eof = 1;
     exec_flush_stdin(e);
@@ -467,6 +561,8 @@ static void exec_read_stream(struct exec *e, struct watch *w) {
     ssize_t n = read(w->fd, p, PIPE_CHUNK);
     if (n > 0) {
         frame_end(c, w->kind == W_OUT ? F_STDOUT : F_STDERR, e->id, (size_t)n);
+        e->unacked += (uint64_t)n;
+        if (e->unacked >= OUT_WINDOW) exec_update_streams(e);
         conn_check_throttle(c);
     } else if (n == 0 || (errno != EAGAIN && errno != EINTR)) { /* EOF; EIO on a pty */
         watch_close(w);
@@ -474,7 +570,8 @@ static void exec_read_stream(struct exec *e, struct watch *w) {
     }
 }
 
-/* At the end of the linger time: take what is left in the pipes, then finish. */
+/* At the end of the linger time: take what is left in the pipes (even beyond the output
+ * window, at most DRAIN_MAX per stream), then finish. */
 static void exec_drain_and_finish(struct exec *e) {
     struct watch *ws[2] = {&e->w_out, &e->w_err};
     for (int i = 0; i < 2; i++) {
@@ -625,6 +722,7 @@ static __attribute__((noreturn)) void child_run(const struct child_spec *s) {
     if (dup2(in, 0) < 0 || dup2(s->out_fd, 1) < 0 || dup2(s->err_fd, 2) < 0)
         child_fail(s, STAGE_SETUP, errno);
     write_number_file("/proc/self/oom_score_adj", 1000); /* best effort */
+    mark_lineage(); /* before the credentials change: it needs no privilege either way */
     if (g_privileged && priv_child_become(&g_user, s->protected) < 0)
         child_fail(s, STAGE_SETUP, errno);
     if (s->cwd && chdir(s->cwd) < 0) child_fail(s, STAGE_CWD, errno);
@@ -668,6 +766,11 @@ static uint32_t rd_u32(struct rd *r) {
     uint32_t v = get32(r->p);
     r->p += 4, r->n -= 4;
     return v;
+}
+
+static uint64_t rd_u64(struct rd *r) {
+    uint64_t lo = rd_u32(r), hi = rd_u32(r);
+    return lo | hi << 32;
 }
 
 static uint16_t rd_u16(struct rd *r) {
@@ -788,13 +891,15 @@ static void do_exec(struct conn *c, uint32_t id, struct rd *r) {
         .err_fd = slave >= 0 ? slave : fds[3], .tty_fd = slave, .report_fd = fds[7],
         .protected = (flags & EXEC_PROTECTED) != 0,
     };
-    uint64_t t0 = now_mono();
+    uint64_t t0 = now_mono(), mark = MARK_BASE + ++g_mark_next;
+    g_spawn_mark = mark; /* for the child: see mark_lineage */
     pid_t pid = spawn(&cs);
+    g_spawn_mark = 0;
     if (pid < 0) goto fail;
 
     e = xrealloc(NULL, sizeof *e);
     memset(e, 0, sizeof *e);
-    e->id = id, e->c = c, e->pid = pid, e->t_start = t0, e->tty = slave >= 0;
+    e->id = id, e->c = c, e->pid = pid, e->mark = mark, e->t_start = t0, e->tty = slave >= 0;
     e->name = strdup(argv[0]), e->cwd = cwd, cwd = NULL;
     if (timeout_ms) e->deadline = t0 + (uint64_t)timeout_ms * 1000000;
     if (e->tty) {
@@ -847,10 +952,16 @@ static int id_in_use(struct conn *c, uint32_t id) {
     return exec_find(c, id) || *rfile_find(c, id) || *wfile_find(c, id);
 }
 
-/* Streams pending file reads into the output queue until it is full. */
+/* Streams pending file reads into the output queue: each read while its window has room (the
+ * service credits what it consumed), all of them until the socket's queue is full. */
 static void conn_pump_reads(struct conn *c) {
-    while (c->reads && !c->throttled && !c->dead) {
-        struct rfile *f = c->reads;
+    struct rfile **pp = &c->reads;
+    while (*pp && !c->throttled && !c->dead) {
+        struct rfile *f = *pp;
+        if (f->unacked >= OUT_WINDOW) { /* its reader is behind: serve the others */
+            pp = &f->next;
+            continue;
+        }
         /* A sized file ends after its announced size (a snapshot even while it grows); an
          * unsized one (procfs, sysfs) ends at EOF, and is refused when it produces more than
          * UNSIZED_FILE_MAX (/proc/<pid>/pagemap would stream hundreds of GiB). A probe read
@@ -870,6 +981,7 @@ static void conn_pump_reads(struct conn *c) {
                        "MiB: it cannot be read as a file", UNSIZED_FILE_MAX >> 20);
         } else if (n > 0) {
             f->left -= (uint64_t)n;
+            f->unacked += (uint64_t)n;
             frame_end(c, F_FILE_DATA, f->id, (size_t)n);
             conn_check_throttle(c);
             continue;
@@ -878,10 +990,84 @@ static void conn_pump_reads(struct conn *c) {
         } else {
             send_error(c, f->id, errno, "read failed: %s", strerror(errno));
         }
-        c->reads = f->next;
+        *pp = f->next;
         close(f->fd);
         free(f);
     }
+}
+
+/* ---- resolving paths ---- */
+
+#ifndef SYS_openat2
+#define SYS_openat2 437
+#endif
+struct how2 { uint64_t flags, mode, resolve; }; /* struct open_how */
+#define NO_MAGICLINKS 0x02                      /* RESOLVE_NO_MAGICLINKS */
+static int g_no_openat2;
+
+/* Whether `fd` is one of the supervisor's own host-side files (see remember_own_files). */
+static int is_own_file(int fd) {
+    struct stat st;
+    if (fstat(fd, &st) < 0) return 0;
+    for (int i = 0; i < g_own_count; i++)
+        if (g_own_files[i].dev == st.st_dev && g_own_files[i].ino == st.st_ino) return 1;
+    return 0;
+}
+
+/* The regular files among the inherited descriptors (stdout/stderr: the runtime log; 4: main
+ * log; 5: exit file) are host files: what the fallback of open_resolved refuses. */
+static void remember_own_files(void) {
+    for (int fd = 0; fd <= 5 && g_own_count < 8; fd++) {
+        struct stat st;
+        if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode))
+            g_own_files[g_own_count].dev = st.st_dev, g_own_files[g_own_count++].ino = st.st_ino;
+    }
+}
+
+/* openat() for the file API, which must never follow a /proc "magic link" (/proc/<pid>/fd/N,
+ * exe, cwd, root, ...): those are not paths but handles, and /proc/self/fd/4 or /proc/1/fd/4 is
+ * the supervisor's own descriptor of a host file, reachable by any symlink planted in the
+ * sandbox. openat2(RESOLVE_NO_MAGICLINKS) refuses them (ELOOP) at every step of the path; plain
+ * symlinks and /proc/self itself still work. Kernels without openat2 (before 5.6): the file
+ * opened is refused when it is one of our own files (ELOOP too). */
+static int open_resolved(int dirfd, const char *path, int flags) {
+    if (!g_no_openat2) {
+        struct how2 how = {.flags = (uint64_t)flags, .mode = 0, .resolve = NO_MAGICLINKS};
+        int fd = (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+        if (fd >= 0 || (errno != ENOSYS && errno != E2BIG)) return fd;
+        g_no_openat2 = 1;
+    }
+    int fd = openat(dirfd, path, flags);
+    if (fd >= 0 && is_own_file(fd)) {
+        close(fd);
+        errno = ELOOP;
+        return -1;
+    }
+    return fd;
+}
+
+static const char *path_error(int err) {
+    return err == ELOOP ? "too many levels of symbolic links, or a link through /proc/<pid>/fd, "
+                          "exe, cwd or root (file transfers do not follow those)"
+                        : strerror(err);
+}
+
+/* Filesystems whose st_size says nothing about what a read returns (procfs: 0; sysfs: 4096). */
+static int size_is_meaningless(int fd) {
+    struct statfs sf;
+    if (fstatfs(fd, &sf) < 0) return 0;
+    switch ((unsigned long)sf.f_type) {
+    case 0x9fa0:     /* procfs */
+    case 0x62656572: /* sysfs */
+    case 0x64626720: /* debugfs */
+    case 0x74726163: /* tracefs */
+    case 0x73636673: /* securityfs */
+    case 0x27e0eb:   /* cgroup */
+    case 0x63677270: /* cgroup2 */
+    case 0x62656570: /* configfs */
+        return 1;
+    }
+    return 0;
 }
 
 /* READ_FILE: str path → FILE_INFO, FILE_DATA..., FILE_END (or ERROR). */
@@ -898,22 +1084,24 @@ static void do_read_file(struct conn *c, uint32_t id, struct rd *r) {
         send_error(c, id, EEXIST, "id %u is already in use", id);
     } else if (nul || !path[0]) {
         send_error(c, id, EINVAL, "invalid path");
-    } else if ((fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK)) < 0 ||
+    } else if ((fd = open_resolved(AT_FDCWD, path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK)) <
+                   0 ||
                fstat(fd, &st) < 0) {
-        send_error(c, id, errno, "%s: %s", path, strerror(errno));
+        send_error(c, id, errno, "%s: %s", path, path_error(errno));
     } else if (S_ISDIR(st.st_mode)) {
         send_error(c, id, EISDIR, "%s: is a directory", path);
     } else if (!S_ISREG(st.st_mode)) {
         send_error(c, id, EINVAL, "%s: not a regular file", path);
     } else {
+        off_t size = size_is_meaningless(fd) ? 0 : st.st_size;
         uint8_t info[12];
-        put64(info, (uint64_t)st.st_size);
+        put64(info, (uint64_t)size);
         put32(info + 8, st.st_mode & 07777);
         send_frame(c, F_FILE_INFO, id, info, sizeof info);
         struct rfile *f = xrealloc(NULL, sizeof *f);
-        *f = (struct rfile){.id = id, .fd = fd, .next = NULL, .sized = st.st_size > 0,
-                            .left = st.st_size > 0 ? (uint64_t)st.st_size : UNSIZED_FILE_MAX};
-        *rfile_find(c, id) = f; /* append: reads are served in order */
+        *f = (struct rfile){.id = id, .fd = fd, .next = NULL, .sized = size > 0,
+                            .left = size > 0 ? (uint64_t)size : UNSIZED_FILE_MAX};
+        *rfile_find(c, id) = f; /* append */
         fd = -1;
         conn_pump_reads(c);
     }
@@ -941,12 +1129,33 @@ static void wfile_drop(struct conn *c, struct wfile **pp, int keep_tmp) {
     struct wfile *f = *pp;
     *pp = f->next;
     if (f->fd >= 0) close(f->fd);
-    if (!keep_tmp) unlink(f->tmp);
-    free(f->path), free(f->tmp), free(f);
+    if (!keep_tmp) unlinkat(f->dirfd, f->tmp, 0);
+    close(f->dirfd);
+    free(f->path), free(f->base), free(f->tmp), free(f);
     (void)c;
 }
 
-/* WRITE_BEGIN: u32 mode | u32 flags | str path. A temporary file next to the target. */
+/* A new temporary file `.aviato-tmp-XXXXXX` in `dirfd` (mode 0600, never following a link). */
+static int tmp_create(int dirfd, char **name) {
+    static const char abc[] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    static uint64_t counter;
+    for (int attempt = 0; attempt < 100; attempt++) {
+        uint64_t v = now_real() ^ ((uint64_t)getpid() << 40) ^ (++counter * 0x9e3779b97f4a7c15ull);
+        char s[] = ".aviato-tmp-XXXXXX";
+        for (int i = 12; i < 18; i++) s[i] = abc[v % 62], v /= 62;
+        int fd = openat(dirfd, s, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+        if (fd >= 0) {
+            *name = strdup(s);
+            return fd;
+        }
+        if (errno != EEXIST) return -1;
+    }
+    errno = EEXIST;
+    return -1;
+}
+
+/* WRITE_BEGIN: u32 mode | u32 flags | str path. A temporary file next to the target, in the
+ * target's directory opened once (without magic links); the rename happens in that directory. */
 static void do_write_begin(struct conn *c, uint32_t id, struct rd *r) {
     int nul = 0;
     uint32_t mode = rd_u32(r), flags = rd_u32(r);
@@ -960,8 +1169,9 @@ static void do_write_begin(struct conn *c, uint32_t id, struct rd *r) {
     char *slash = strrchr(path, '/');
     char *dir = slash == path ? strdup("/") : slash ? strndup(path, (size_t)(slash - path))
                                                     : strdup(".");
+    const char *base = slash ? slash + 1 : path;
     char *tmp = NULL;
-    int fd = -1;
+    int fd = -1, dirfd = -1;
     if (id_in_use(c, id)) {
         send_error(c, id, EEXIST, "id %u is already in use", id);
     } else if (nul || n == 0) {
@@ -970,20 +1180,22 @@ static void do_write_begin(struct conn *c, uint32_t id, struct rd *r) {
         send_error(c, id, EISDIR, "%s: is a directory", path);
     } else if ((flags & 1) && make_dirs(dir) < 0) {
         send_error(c, id, errno, "cannot create %s: %s", dir, strerror(errno));
-    } else if (asprintf(&tmp, "%s/.aviato-tmp-XXXXXX", dir) < 0) {
-        tmp = NULL;
-        send_error(c, id, ENOMEM, "out of memory");
-    } else if ((fd = mkostemp(tmp, O_CLOEXEC)) < 0) {
+    } else if ((dirfd = open_resolved(AT_FDCWD, dir, O_PATH | O_DIRECTORY | O_CLOEXEC)) < 0) {
+        send_error(c, id, errno, "%s: %s", path, path_error(errno));
+    } else if ((fd = tmp_create(dirfd, &tmp)) < 0) {
         send_error(c, id, errno, "%s: %s", path, strerror(errno));
     } else if (fchmod(fd, mode & 07777) < 0) {
         send_error(c, id, errno, "%s: %s", path, strerror(errno));
-        close(fd), unlink(tmp);
+        close(fd), unlinkat(dirfd, tmp, 0);
     } else {
         struct wfile *f = xrealloc(NULL, sizeof *f);
-        *f = (struct wfile){.id = id, .fd = fd, .path = path, .tmp = tmp, .next = c->writes};
+        *f = (struct wfile){.id = id, .fd = fd, .dirfd = dirfd, .path = path,
+                            .base = strdup(base), .tmp = tmp, .next = c->writes};
         c->writes = f;
         path = tmp = NULL;
+        dirfd = -1;
     }
+    if (dirfd >= 0) close(dirfd);
     free(path), free(dir), free(tmp);
 }
 
@@ -1003,7 +1215,7 @@ static void do_write_end(struct conn *c, uint32_t id) {
     if (!f) return;
     int rc = close(f->fd);
     f->fd = -1;
-    if (rc < 0 || rename(f->tmp, f->path) < 0) {
+    if (rc < 0 || renameat(f->dirfd, f->tmp, f->dirfd, f->base) < 0) {
         send_error(c, id, errno, "%s: %s", f->path, strerror(errno));
         wfile_drop(c, pp, 0);
         return;
@@ -1016,6 +1228,8 @@ static void do_write_end(struct conn *c, uint32_t id) {
 
 /* ---- main process and supervisor exit ---- */
 
+/* Writes the exit record (with g_end_reason as its 4th field when set) and exits; as PID 1 of
+ * the pid namespace, that kills every other process of the sandbox. */
 static void supervisor_exit(int code, int sig, uint64_t when) {
     for (struct conn *c = g_conns; c; c = c->next) {
         for (struct exec *e = c->execs; e; e = e->next) exec_kill(e, SIGKILL);
@@ -1024,8 +1238,9 @@ static void supervisor_exit(int code, int sig, uint64_t when) {
                         MSG_NOSIGNAL | MSG_DONTWAIT);
     }
     if (g_exit_fd >= 0) {
-        char s[96];
-        int n = snprintf(s, sizeof s, "%d %d %llu\n", code, sig, (unsigned long long)when);
+        char s[160];
+        int n = snprintf(s, sizeof s, "%d %d %llu%s%s\n", code, sig, (unsigned long long)when,
+                         g_end_reason[0] ? " " : "", g_end_reason);
         write_all(g_exit_fd, s, (size_t)n);
     }
     _exit(code);
@@ -1082,17 +1297,41 @@ static void main_start(char **argv) {
     watch_set(&g_main.w_err, EPOLLIN);
 }
 
-/* SIGTERM/SIGINT/TERMINATE: forwarded to the main process group; with --keepalive, exit 0. */
-static void terminate(int sig) {
-    if (g_keepalive) supervisor_exit(0, 0, now_real());
+/* SIGTERM/SIGINT/TERMINATE/the deadline: forwarded to the main process group; with --keepalive
+ * the supervisor exits, with 0, or 128+sig when a process inside sent the signal. */
+static void terminate(int sig, int from_inside) {
+    if (g_keepalive) supervisor_exit(from_inside ? 128 + sig : 0, from_inside ? sig : 0, now_real());
     if (g_main.pid > 0 && !g_main.reaped && kill(-g_main.pid, sig) < 0) kill(g_main.pid, sig);
+}
+
+/* DEADLINE: u64 unix_ns (0: none) | u32 grace_ms | str why ([a-z0-9_-], at most 31 bytes).
+ * Replaces the previous deadline; one that has begun (SIGTERM sent) runs its course. */
+static void do_deadline(struct rd *r) {
+    int nul = 0;
+    uint64_t at = rd_u64(r);
+    uint32_t grace_ms = rd_u32(r);
+    char *why = rd_str(r, &nul);
+    if (r->bad) return;
+    size_t n = strlen(why);
+    int ok = !nul && n > 0 && n < sizeof g_deadline.why;
+    for (size_t i = 0; ok && i < n; i++)
+        ok = (why[i] >= 'a' && why[i] <= 'z') || (why[i] >= '0' && why[i] <= '9') ||
+             why[i] == '-' || why[i] == '_';
+    if (!ok) r->bad = 1;
+    else if (!g_deadline.kill_mono) {
+        g_deadline.at = at;
+        g_deadline.grace_ns = (uint64_t)grace_ms * 1000000;
+        memcpy(g_deadline.why, why, n + 1);
+    }
+    free(why);
 }
 
 /* ---- frame dispatch ---- */
 
 static void handle_frame(struct conn *c, uint8_t type, uint32_t id, const uint8_t *p, size_t n) {
     struct rd r = {p, n, 0};
-    struct exec *e = type >= F_STDIN && type <= F_SIGNAL ? exec_find(c, id) : NULL;
+    struct exec *e = (type >= F_STDIN && type <= F_SIGNAL) || type == F_CREDIT || type == F_KILL
+                         ? exec_find(c, id) : NULL;
     switch (type) {
     case F_EXEC: do_exec(c, id, &r); break;
     case F_STDIN: if (e) exec_stdin(e, p, n); break;
@@ -1113,17 +1352,33 @@ static void handle_frame(struct conn *c, uint8_t type, uint32_t id, const uint8_
     case F_WRITE_BEGIN: do_write_begin(c, id, &r); break;
     case F_WRITE_DATA: do_write_data(c, id, p, n); break;
     case F_WRITE_END: do_write_end(c, id); break;
-    case F_WRITE_ABORT: {
+    case F_WRITE_ABORT: { /* ABORT: drops a write (no file left) or stops a read */
         struct wfile **pp = wfile_find(c, id);
+        struct rfile **rp = rfile_find(c, id), *f = *rp;
         if (*pp) wfile_drop(c, pp, 0);
+        else if (f) *rp = f->next, close(f->fd), free(f);
         break;
     }
     case F_PING: send_frame(c, F_PONG, id, NULL, 0); break;
     case F_TERMINATE: {
         uint32_t sig = rd_u32(&r);
-        if (!r.bad && sig < 65) terminate((int)sig);
+        if (!r.bad && sig < 65) terminate((int)sig, 0);
         break;
     }
+    case F_CREDIT: {
+        uint32_t k = rd_u32(&r);
+        if (r.bad) break;
+        if (e) {
+            e->unacked = k < e->unacked ? e->unacked - k : 0;
+            exec_update_streams(e);
+        } else {
+            struct rfile *f = *rfile_find(c, id);
+            if (f) f->unacked = k < f->unacked ? f->unacked - k : 0, conn_pump_reads(c);
+        }
+        break;
+    }
+    case F_KILL: if (e) exec_kill_tree(e); break;
+    case F_DEADLINE: do_deadline(&r); break;
     default: r.bad = 1; /* unknown frame type: protocol error */
     }
     if (r.bad) c->dead = -1;
@@ -1136,7 +1391,7 @@ static void conn_close(struct conn *c) {
     c->dead = 1;
     watch_close(&c->w);
     while (c->execs) { /* nobody can read them any more */
-        exec_kill(c->execs, SIGKILL);
+        exec_kill_tree(c->execs);
         exec_free(c->execs);
     }
     while (c->reads) {
@@ -1156,7 +1411,7 @@ static void conn_close(struct conn *c) {
 }
 
 static void conn_update_events(struct conn *c) {
-    uint32_t ev = (c->rpause ? 0 : EPOLLIN) | (c->blocked ? EPOLLOUT : 0);
+    uint32_t ev = EPOLLIN | (c->blocked ? EPOLLOUT : 0);
     watch_set(&c->w, ev);
 }
 
@@ -1202,7 +1457,7 @@ static void conn_flush(struct conn *c) {
 /* Parses and handles complete frames in the input buffer (not while stdin is backed up). */
 static void conn_process(struct conn *c) {
     size_t pos = 0;
-    while (!c->dead && !c->rpause && c->in_len - pos >= 4) {
+    while (!c->dead && c->in_len - pos >= 4) {
         uint32_t len = get32(c->in + pos);
         if (len < 5 || len > MAX_FRAME) {
             c->dead = -1;
@@ -1292,11 +1547,24 @@ static void reap_children(void) {
     }
 }
 
+/* SIGTERM and SIGINT end the sandbox like TERMINATE. Sent from inside the sandbox (possible:
+ * the sender is the same uid), the end is recorded as such ("signal:SIG:PID" in the exit record)
+ * instead of passing for a clean exit. "Inside" is told by the sender's pid, as seen from our pid
+ * namespace: a kill() from the host shows pid 0. Anything but a kill()/sigqueue()/tgkill() (e.g.
+ * an F_SETSIG I/O signal a process aimed at us) also counts as inside. Run outside a pid
+ * namespace of its own (getpid() != 1, as in tests), every signal counts as outside. */
 static void handle_signals(void) {
     struct signalfd_siginfo si;
     while (read(g_sig.fd, &si, sizeof si) == (ssize_t)sizeof si) {
-        if (si.ssi_signo == SIGCHLD) reap_children();
-        else terminate((int)si.ssi_signo);
+        if (si.ssi_signo == SIGCHLD) {
+            reap_children();
+            continue;
+        }
+        int by_kill = si.ssi_code == SI_USER || si.ssi_code == SI_QUEUE || si.ssi_code == SI_TKILL;
+        int inside = getpid() == 1 && !(by_kill && si.ssi_pid == 0);
+        if (inside && !g_end_reason[0])
+            snprintf(g_end_reason, sizeof g_end_reason, "signal:%u:%u", si.ssi_signo, si.ssi_pid);
+        terminate((int)si.ssi_signo, inside);
     }
 }
 
@@ -1314,13 +1582,29 @@ static int handle_deadlines(void) {
         }
         if (g_main.linger < next) next = g_main.linger;
     }
+    if (g_deadline.at && !g_deadline.kill_mono) { /* the sandbox's own deadline (wall clock) */
+        uint64_t real = now_real();
+        if (real >= g_deadline.at) {
+            snprintf(g_end_reason, sizeof g_end_reason, "deadline:%s", g_deadline.why);
+            g_deadline.kill_mono = now + g_deadline.grace_ns;
+            if (!g_deadline.kill_mono) g_deadline.kill_mono = 1;
+            terminate(SIGTERM, 0);
+        } else { /* re-checked at least every minute, so a clock step is noticed */
+            uint64_t at = now + (g_deadline.at - real);
+            if (at < next) next = at;
+        }
+    }
+    if (g_deadline.kill_mono) {
+        if (now >= g_deadline.kill_mono) supervisor_exit(128 + SIGKILL, SIGKILL, now_real());
+        if (g_deadline.kill_mono < next) next = g_deadline.kill_mono;
+    }
     for (struct conn *c = g_conns; c; c = c->next) {
         for (struct exec *e = c->execs, *nx; e; e = nx) {
             nx = e->next;
             if (e->deadline && now >= e->deadline) { /* timeout: kill, then report timed_out */
                 e->deadline = 0;
                 e->timed_out = 1;
-                exec_kill(e, SIGKILL);
+                exec_kill_tree(e);
             }
             if (e->linger && now >= e->linger) {
                 exec_drain_and_finish(e);
@@ -1344,10 +1628,7 @@ static void dispatch(struct watch *w, uint32_t ev) {
         struct conn *c = w->obj;
         if (ev & EPOLLOUT) conn_flush(c);
         if (c->dead) break;
-        if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
-            if (c->rpause) conn_close(c); /* hung up while we were not reading */
-            else conn_read(c);
-        }
+        if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) conn_read(c);
         break;
     }
     case W_OUT:
@@ -1362,10 +1643,6 @@ static void dispatch(struct watch *w, uint32_t ev) {
 static void loop(void) {
     struct epoll_event evs[64];
     for (;;) {
-        for (struct conn *c = g_conns, *nx; c; c = nx) { /* frames held back by rpause */
-            nx = c->next;
-            if (c->reprocess && !c->rpause) c->reprocess = 0, conn_process(c);
-        }
         int timeout = handle_deadlines();
         for (struct conn *c = g_conns, *nx; c; c = nx) { /* send what this round produced */
             nx = c->next;
@@ -1509,6 +1786,11 @@ int main(int argc, char **argv) {
     }
     if (fd_valid(5)) g_exit_fd = 5;
     cloexec_from(3);
+    remember_own_files();
+    uint32_t seed; /* marks unique to this supervisor, also where it is not alone in /proc */
+    if (getrandom(&seed, sizeof seed, GRND_NONBLOCK) != (ssize_t)sizeof seed)
+        seed = (uint32_t)getpid() ^ (uint32_t)now_real();
+    g_mark_next = (uint64_t)(seed & 0x3fffffff) << 24;
 
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     if (g_privileged && priv_supervisor_init(&g_user) < 0)
