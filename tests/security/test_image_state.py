@@ -1,6 +1,7 @@
 """The state directory, the content store and everything under them are private to the service.
 
-Directories 0700 and files 0600 on every start, also when they already existed looser (as an
+Directories 0700 and files 0600 (but for what sandboxes use through the launcher's id-mapped view:
+the supervisor binary 0700, mounted files 0644, still below 0700 directories) on every start, also when they already existed looser (as an
 older version, an operator or a restore left them), and for everything the service makes while
 it runs: the registry (registry.db and its -wal/-shm hold sandboxes' environments), logs, the
 image store (blobs, refs, roots), sandboxes' runtime files. Only the contents of an unpacked
@@ -64,7 +65,15 @@ def _not_private(state: Path) -> list[str]:
             st = path.lstat()
             if stat.S_ISLNK(st.st_mode):
                 continue
-            want = 0o700 if stat.S_ISDIR(st.st_mode) else 0o600
+            rel = path.relative_to(state).parts
+            if stat.S_ISDIR(st.st_mode):
+                want = 0o700
+            elif rel[0] == "bin":
+                want = 0o700  # the supervisor sandboxes run (the owner's, through an id-map)
+            elif len(rel) == 4 and rel[0] == "sandboxes" and rel[2] == "files":
+                want = 0o644  # mounted files: the sandbox's own non-root user reads them
+            else:
+                want = 0o600
             if stat.S_IMODE(st.st_mode) != want:
                 found.append(f"{path.relative_to(state)} {oct(stat.S_IMODE(st.st_mode))}")
     if stat.S_IMODE(state.stat().st_mode) != 0o700:

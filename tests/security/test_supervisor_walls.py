@@ -143,6 +143,30 @@ def test_timeout_kills_setsid_and_daemonized_children(svc: Service) -> None:
     assert processes_matching(c, sid, "sleep 4711") == []
 
 
+def test_a_command_cannot_shed_its_lineage_mark(svc: Service) -> None:
+    """Hostile code that knows how its lineage is tracked (RLIMIT_RTTIME) tries to change it
+    before escaping into a new session: the change is refused and the timeout still gets it."""
+    c = svc.client()
+    sid = c.running().id
+    escape = (
+        "import os, resource, subprocess, sys\n"
+        "for change in (lambda: resource.setrlimit(resource.RLIMIT_RTTIME, (1000, 1000)),\n"
+        "               lambda: resource.prlimit(0, resource.RLIMIT_RTTIME, (5, 5))):\n"
+        "    try:\n"
+        "        change(); print('changed', flush=True)\n"
+        "    except (OSError, ValueError):  # Python's name for EPERM from setrlimit\n"
+        "        print('refused', flush=True)\n"
+        "subprocess.Popen(['sleep', '4719'], start_new_session=True)\n"
+        "print('escaped', flush=True)\n"
+    )
+    r = c.exec(sid, ["sh", "-c", 'python3 -c "$0"; exec sleep 60', escape], timeout=1.5,
+               deadline=30)  # fmt: skip
+    assert r.terminal.exit.timed_out, r.frames
+    assert r.stdout.split(b"\n")[:3] == [b"refused", b"refused", b"escaped"], r.stdout
+    time.sleep(0.5)
+    assert processes_matching(c, sid, "sleep 4719") == []
+
+
 def test_client_going_away_kills_setsid_and_daemonized_children(svc: Service) -> None:
     c = svc.client()
     sid = c.running().id

@@ -18,6 +18,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stddef.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -371,17 +374,41 @@ static void exec_kill(struct exec *e, int sig) {
  * the exec's mark (kill_marked). Setting it costs one setrlimit in the child; a fork-based
  * per-command subreaper was measured at +110-150 us per exec here and was not taken.
  *
- * What it cannot do: a process may change its own RLIMIT_RTTIME (only lower it) and so leave
- * its command's lineage; the mark says nothing about processes started on a command's behalf by
- * something older (a server that an earlier command left running). */
+ * A process could leave its lineage by changing its own RLIMIT_RTTIME (lowering it needs no
+ * privilege), so each marked command also gets a second seccomp filter, stacked on the sandbox's
+ * and inherited by all it starts, that refuses every change of RLIMIT_RTTIME (setrlimit, and
+ * prlimit64 with a new value) with EPERM: the mark cannot be shed. The supervisor itself is not
+ * under that filter. What the mark says nothing about: processes started on a command's behalf
+ * by something older (a server that an earlier command left running). */
 static uint64_t g_spawn_mark;  /* read by the vfork child in child_run: 0 for no mark */
 static uint64_t g_mark_next;   /* the next exec's mark */
 
+#define ARG_LOW(i) (offsetof(struct seccomp_data, args) + 8 * (i))      /* little endian */
+#define ARG_HIGH(i) (offsetof(struct seccomp_data, args) + 8 * (i) + 4)
+static struct sock_filter g_mark_filter[] = {
+    BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+    BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_setrlimit, 0, 2),
+    BPF_STMT(BPF_LD | BPF_W | BPF_ABS, ARG_LOW(0)),               /* setrlimit(resource, ..) */
+    BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, RLIMIT_RTTIME, 7, 8),
+    BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_prlimit64, 0, 7),
+    BPF_STMT(BPF_LD | BPF_W | BPF_ABS, ARG_LOW(1)),               /* prlimit64(pid, resource, */
+    BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, RLIMIT_RTTIME, 0, 5),     /*           new, old)      */
+    BPF_STMT(BPF_LD | BPF_W | BPF_ABS, ARG_LOW(2)),
+    BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, 0, 2),                 /* new != NULL: refused */
+    BPF_STMT(BPF_LD | BPF_W | BPF_ABS, ARG_HIGH(2)),
+    BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, 1, 0),
+    BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+    BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+};
+
+/* In the child (vfork: raw system calls only): the mark, and the filter that keeps it. */
 static void mark_lineage(void) {
     if (!g_spawn_mark) return;
     struct rlimit rl = {(rlim_t)g_spawn_mark, (rlim_t)g_spawn_mark};
-    setrlimit(RLIMIT_RTTIME, &rl); /* best effort: a command without a mark is still killed by
-                                      its process group */
+    /* best effort: a command without a mark is still killed by its process group */
+    if (syscall(SYS_prlimit64, 0, RLIMIT_RTTIME, &rl, NULL) < 0) return;
+    struct sock_fprog prog = {sizeof g_mark_filter / sizeof *g_mark_filter, g_mark_filter};
+    syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog);
 }
 
 /* The soft RLIMIT_RTTIME of `pid` from /proc/<pid>/limits (0: gone, a zombie, unreadable). */
