@@ -1,12 +1,13 @@
 """The state directory, the content store and everything under them are private to the service.
 
-Directories 0700 and files 0600 (but for what sandboxes use through the launcher's id-mapped view:
-the supervisor binary 0700, mounted files 0644, still below 0700 directories) on every start, also when they already existed looser (as an
+Directories 0700 and files 0600 on every start, also when they already existed looser (as an
 older version, an operator or a restore left them), and for everything the service makes while
 it runs: the registry (registry.db and its -wal/-shm hold sandboxes' environments), logs, the
-image store (blobs, refs, roots), sandboxes' runtime files. Only the contents of an unpacked
-image root keep their own modes (without set-id bits: test_image_unpack.py). A symlink planted
-in the state directory is never followed by the fixing walk.
+image store (blobs, refs, roots), sandboxes' runtime files. Two kinds of file are what sandboxes
+use through the launcher's id-mapped view and keep another mode, still below 0700 directories:
+the supervisor binary (0700) and mounted files (0644). The contents of an unpacked image root
+keep their own modes (without set-id bits: test_image_unpack.py). A symlink planted in the state
+directory is never followed by the fixing walk.
 """
 
 from __future__ import annotations
