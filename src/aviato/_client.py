@@ -10,8 +10,9 @@
 - `AVIATO_API_KEY` is sent as ``authorization: Bearer <key>`` metadata on every call.
 - `Client.unary` retries UNAVAILABLE within a budget (20 s by default) with jittered
   exponential backoff; for the local service it also restarts the service if it has died. Only
-  unary calls are retried (creates are safe because they carry a request id); an exec stream
-  that breaks is reported, never replayed.
+  unary calls and the opening of file reads are retried (creates are safe because they carry a
+  request id); a command is never sent twice: an exec that breaks is reported, never replayed,
+  and one cut off because its sandbox ended (ABORTED) raises `SandboxTerminatedError`.
 - `translate_error` is the one place where gRPC failures become `aviato.exceptions`.
 """
 
@@ -42,6 +43,7 @@ from aviato.exceptions import (
     SandboxNotFoundError,
     SandboxNotRunningError,
     SandboxResourceExhaustedError,
+    SandboxTerminatedError,
     SandboxTimeoutError,
     SandboxValidationError,
 )
@@ -161,6 +163,10 @@ def error_from_status(
         return SandboxTimeoutError(message, sandbox_id=sandbox_id, code=name)
     if status == grpc.StatusCode.UNAVAILABLE:
         return AviatoConnectionError(f"{op} failed: service unavailable: {details}", code=name)
+    if status == grpc.StatusCode.ABORTED:
+        # The service's word for "cut off: the sandbox ended under it": never retried, since a
+        # command that started once must not run again.
+        return SandboxTerminatedError(message, sandbox_id=sandbox_id, code=name)
     if status == grpc.StatusCode.INVALID_ARGUMENT:
         return SandboxValidationError(message, sandbox_id=sandbox_id, code=name)
     if status == grpc.StatusCode.RESOURCE_EXHAUSTED:
