@@ -19,10 +19,12 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
 import random
+import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -370,9 +372,8 @@ class Client:
 
     async def _revive_local_service(self) -> BaseException | None:
         """The local service may have died: start it again (a no-op when it answers)."""
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, _local.ensure_local_service, self.local_state_dir)
+            await _ensure_local_service(self.local_state_dir)
         except Exception as err:
             return err
         return None
@@ -382,6 +383,22 @@ class Client:
             self.closed = True
             with contextlib.suppress(Exception):
                 await self.channel.close(grace=None)
+
+
+async def _ensure_local_service(state_dir: str | None) -> str:
+    """`_local.ensure_local_service` (blocking) in a thread of its own, never the loop's default
+    executor: that one refuses work once the interpreter has begun to exit, and a stop fired at
+    the end of a script may still have to reach (or start) the local service then."""
+    future: concurrent.futures.Future[str] = concurrent.futures.Future()
+
+    def work() -> None:
+        try:
+            future.set_result(_local.ensure_local_service(state_dir))
+        except BaseException as err:
+            future.set_exception(err)
+
+    threading.Thread(target=work, name="aviato-local-service", daemon=True).start()
+    return await asyncio.wrap_future(future)
 
 
 # (loop, key) -> Client. Weak on the loop so that a closed loop's clients go away.
@@ -416,7 +433,7 @@ async def get_client(base_url: str | None) -> Client:
             return client
         if base_url is None:
             assert state_dir is not None
-            socket_path = await loop.run_in_executor(None, _local.ensure_local_service, state_dir)
+            socket_path = await _ensure_local_service(state_dir)
             client = Client(parse_base_url(f"unix://{socket_path}"), local_state_dir=state_dir)
         else:
             client = Client(parse_base_url(base_url))

@@ -82,9 +82,10 @@ class OperationRef(Generic[T]):
         self._future = future
 
     @classmethod
-    def _of(cls, coro: Coroutine[Any, Any, T]) -> OperationRef[T]:
-        """Schedules `coro` on the background loop and returns its handle."""
-        return cls(get_bridge().submit(coro))
+    def _of(cls, coro: Coroutine[Any, Any, T], *, finish_at_exit: bool = False) -> OperationRef[T]:
+        """Schedules `coro` on the background loop and returns its handle (`finish_at_exit`:
+        see `Bridge.submit`)."""
+        return cls(get_bridge().submit(coro, finish_at_exit=finish_at_exit))
 
     @classmethod
     def completed(cls, value: T) -> OperationRef[T]:

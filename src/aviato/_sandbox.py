@@ -100,7 +100,9 @@ class Sandbox:
     on SIGTERM, and — if the process is killed outright — by the service when the session's lease
     expires. A bare `Sandbox.run()` outside any session is *not* tied to this process: it runs
     until stopped or until its max lifetime (1 hour by default). Use ``with Sandbox.run() as sb:``
-    or a Session to tie it to your code.
+    or a Session to tie it to your code. A `stop()`, `delete()` or `write_file()` that is still
+    running when the interpreter exits is not abandoned: the exit waits for it, up to 10 s (and
+    the service completes a stop it has received even if that wait ends first).
     """
 
     def __init__(
@@ -555,13 +557,16 @@ class Sandbox:
         `graceful_shutdown_seconds` (default 10; 0 means at once). Idempotent: concurrent and
         repeated calls share one stop; stopping a terminal sandbox does nothing; stopping one that
         was never started just marks it stopped. `missing_ok` turns "not found" into success.
-        `snapshot_on_stop` is not supported by this service (ValueError).
+        `snapshot_on_stop` is not supported by this service (ValueError). Fire and forget is
+        fine: the interpreter's exit waits (up to 10 s) for a stop in flight.
         """
         if snapshot_on_stop:
             raise ValueError("snapshot_on_stop is not supported by this service")
         if graceful_shutdown_seconds < 0:
             raise ValueError("graceful_shutdown_seconds must not be negative")
-        return OperationRef._of(self._stop(graceful_shutdown_seconds, missing_ok))
+        return OperationRef._of(
+            self._stop(graceful_shutdown_seconds, missing_ok), finish_at_exit=True
+        )
 
     async def _stop(self, grace: float, missing_ok: bool) -> None:
         if self._stop_task is None:
@@ -761,7 +766,8 @@ class Sandbox:
         return OperationRef._of(
             self._write_file(
                 filepath, memoryview(data).cast("B"), mode, make_parents, timeout_seconds
-            )
+            ),
+            finish_at_exit=True,
         )
 
     async def _write_file(
@@ -873,7 +879,9 @@ class Sandbox:
         timeout_seconds: float | None = None,
     ) -> OperationRef[None]:
         """Stops the sandbox if needed and removes its record. `missing_ok` ignores unknown ids."""
-        return OperationRef._of(cls._delete(sandbox_id, missing_ok, base_url, timeout_seconds))
+        return OperationRef._of(
+            cls._delete(sandbox_id, missing_ok, base_url, timeout_seconds), finish_at_exit=True
+        )
 
     @classmethod
     async def _delete(
