@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["Bridge", "get_bridge"]
+__all__ = ["Bridge", "await_concurrent", "get_bridge"]
 
 T = TypeVar("T")
 
@@ -243,6 +243,20 @@ class Bridge:
         self._thread = None
         self._shut_down = False
         self._must_finish = set()
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    # Mark an exception as retrieved (a shielded future whose awaiter went away).
+    if not fut.cancelled():
+        fut.exception()
+
+
+async def await_concurrent(future: concurrent.futures.Future[T]) -> T:
+    """Awaits a thread-safe future from whatever loop is running; cancelling the awaiter does not
+    cancel the future."""
+    wrapped = asyncio.wrap_future(future)
+    wrapped.add_done_callback(_retrieve)
+    return await asyncio.shield(wrapped)
 
 
 async def _settle(coro: Coroutine[Any, Any, T], future: concurrent.futures.Future[T]) -> None:

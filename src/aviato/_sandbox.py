@@ -22,11 +22,12 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from aviato import _defaults
+from aviato._bridge import await_concurrent as _await_concurrent
 from aviato._bridge import get_bridge
 from aviato._client import Client, get_client
 from aviato._credentials import ImagePullCredentials, coerce_pull_credentials
 from aviato._defaults import DEFAULT_GRACEFUL_SHUTDOWN_SECONDS, NetworkOptions, SandboxDefaults
-from aviato._refs import ExecState, OperationRef, Process, _await_concurrent
+from aviato._refs import ExecState, OperationRef, Process
 from aviato._status import SandboxStatus
 from aviato.exceptions import (
     SandboxError,
@@ -665,6 +666,7 @@ class Sandbox:
         timeout_seconds: float | None = None,
         stdin: bool = False,
         input: bytes | str | None = None,
+        max_output_bytes: int | None = None,
     ) -> Process:
         """Runs `command` (an argv list) in the sandbox; returns a `Process` at once.
 
@@ -680,6 +682,12 @@ class Sandbox:
         that data followed by end-of-file, sent with the command in one message (as in
         `subprocess.run`; the cheaper way when the input is known up front); otherwise it is empty.
         The two cannot be combined.
+
+        Output: ``process.stdout``/``stderr`` stream it live, in bounded memory (a reader that
+        falls behind holds the command back). The `ProcessResult` keeps the first
+        `max_output_bytes` of each stream (default `SandboxDefaults.max_output_bytes`, 64 MiB) and
+        says when a stream was longer (``stdout_truncated``/``stderr_truncated``); the command
+        runs to its end and its exit code arrives either way.
         """
         if isinstance(command, str | bytes):
             raise TypeError(
@@ -695,7 +703,12 @@ class Sandbox:
         if input is not None and stdin:
             raise ValueError("exec() takes stdin=True or input=..., not both")
         data = input.encode() if isinstance(input, str) else bytes(input or b"")
-        state = ExecState(argv, stdin=stdin)
+        keep = (
+            self._defaults.max_output_bytes
+            if max_output_bytes is None
+            else _defaults.byte_count("max_output_bytes", max_output_bytes)
+        )
+        state = ExecState(argv, stdin=stdin, max_output_bytes=keep)
         init = pb.ExecInit(
             argv=argv,
             cwd=cwd or "",
