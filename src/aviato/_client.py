@@ -306,35 +306,6 @@ class Client:
                     err, op=op, sandbox_id=sandbox_id, filepath=filepath
                 ) from None
 
-    async def read_file(self, sandbox_id: str, path: str, *, rpc_timeout: float) -> bytes:
-        """Reads a whole file over the ReadFile stream (info frame, then data chunks); a short
-        read raises SandboxFileError. Retried from the start on UNAVAILABLE."""
-
-        async def attempt() -> bytes:
-            call = self.stub.ReadFile(
-                pb.ReadFileRequest(sandbox_id=sandbox_id, path=path),
-                timeout=rpc_timeout,
-                metadata=self.metadata,
-            )
-            expected = -1
-            chunks: list[bytes] = []
-            received = 0
-            async for msg in call:
-                if msg.WhichOneof("msg") == "info":
-                    expected = msg.info.size
-                else:
-                    chunks.append(msg.data)
-                    received += len(msg.data)
-            if expected >= 0 and received != expected:
-                raise SandboxFileError(
-                    f"read of {path!r} was truncated: {received} of {expected} bytes",
-                    filepath=path,
-                    sandbox_id=sandbox_id,
-                )
-            return b"".join(chunks)
-
-        return await self.with_retry(attempt, op="read file", sandbox_id=sandbox_id, filepath=path)
-
     async def write_file(
         self,
         sandbox_id: str,

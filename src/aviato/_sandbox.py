@@ -13,6 +13,7 @@ import builtins
 import contextlib
 import logging
 import math
+import os
 import shlex
 import time
 import uuid
@@ -21,12 +22,13 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from aviato import _defaults
+from aviato import _defaults, _files
 from aviato._bridge import await_concurrent as _await_concurrent
 from aviato._bridge import get_bridge
 from aviato._client import Client, get_client
 from aviato._credentials import ImagePullCredentials, coerce_pull_credentials
 from aviato._defaults import DEFAULT_GRACEFUL_SHUTDOWN_SECONDS, NetworkOptions, SandboxDefaults
+from aviato._files import FileStream
 from aviato._refs import ExecState, OperationRef, Process
 from aviato._status import SandboxStatus
 from aviato.exceptions import (
@@ -740,21 +742,76 @@ class Sandbox:
     # -- files ---------------------------------------------------------------------------------
 
     def read_file(
-        self, filepath: str, *, timeout_seconds: float | None = None
+        self,
+        filepath: str,
+        *,
+        timeout_seconds: float | None = None,
+        max_bytes: int | None = None,
     ) -> OperationRef[bytes]:
-        """Reads a file of the sandbox (any size; streamed in 256 KiB chunks).
+        """Reads a whole file of the sandbox into memory (streamed in 256 KiB chunks).
 
+        At most `max_bytes` (default `SandboxDefaults.max_read_file_bytes`, 64 MiB): a larger
+        file raises `SandboxFileError` naming its size and the cap, before any of it moves (and
+        a file that grows past the cap while read stops there). Read big files with
+        `read_file_streaming` (chunks) or `download_file` (into a local file), in bounded memory.
         Raises `SandboxFileError` (with ``filepath``) if it is missing, a directory, or
         unreadable. `timeout_seconds` defaults to `request_timeout_seconds`.
         """
-        return OperationRef._of(self._read_file(filepath, timeout_seconds))
+        cap = None if max_bytes is None else _defaults.byte_count("max_bytes", max_bytes)
+        return OperationRef._of(self._read_file(filepath, timeout_seconds, cap))
 
-    async def _read_file(self, filepath: str, timeout_s: float | None) -> bytes:
+    async def _read_file(
+        self, filepath: str, timeout_s: float | None, max_bytes: int | None = None
+    ) -> bytes:
         await self._ensure_started()
         client = await self._client()
-        return await client.read_file(
-            self._require_id(), filepath, rpc_timeout=timeout_s or self._request_timeout
+        return await _files.read_whole(
+            client,
+            self._require_id(),
+            filepath,
+            timeout_s or self._request_timeout,
+            self._defaults.max_read_file_bytes if max_bytes is None else max_bytes,
         )
+
+    def read_file_streaming(
+        self, filepath: str, *, timeout_seconds: float | None = None
+    ) -> FileStream:
+        """Reads a file of the sandbox as a stream of ``bytes`` chunks, in bounded memory.
+
+        Returns a `FileStream` at once: iterate it with ``for`` or ``async for``; each chunk is
+        fetched when asked for, so a file of any size costs a chunk (256 KiB) and the
+        connection's window, and a slow consumer holds the transfer back. ``close()`` it (or use
+        ``with``) to stop early. Errors (`SandboxFileError` with ``filepath``) are raised by the
+        iteration. `timeout_seconds` bounds the whole transfer (default: no limit).
+        """
+        return FileStream(filepath, lambda: self._open_read(filepath, timeout_seconds))
+
+    def download_file(
+        self,
+        filepath: str,
+        local_path: str | os.PathLike[str],
+        *,
+        timeout_seconds: float | None = None,
+    ) -> OperationRef[int]:
+        """Copies a file of the sandbox to `local_path` on this machine, in bounded memory;
+        resolves to the number of bytes written.
+
+        Chunks are written to a temporary file beside `local_path`, renamed into place once the
+        whole file arrived: an interrupted download leaves nothing under the real name. The file
+        gets the sandbox file's permission bits less set-id bits and group/other write.
+        `local_path` must name a file in an existing directory (else `IsADirectoryError` or
+        `FileNotFoundError`, raised here). `timeout_seconds` bounds the whole transfer (default:
+        no limit). Raises `SandboxFileError` as `read_file` does.
+        """
+        target = _files.local_target(local_path)
+        return OperationRef._of(
+            _files.download(lambda: self._open_read(filepath, timeout_seconds), filepath, target)
+        )
+
+    async def _open_read(self, filepath: str, timeout_s: float | None) -> Any:
+        await self._ensure_started()
+        client = await self._client()
+        return await _files.open_read(client, self._require_id(), filepath, timeout_s)
 
     def write_file(
         self,

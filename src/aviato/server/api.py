@@ -559,9 +559,12 @@ class SandboxServicer:
 
     # -- files --------------------------------------------------------------------------------
 
-    async def ReadFile(
-        self, request: pb.ReadFileRequest, context: Ctx
-    ) -> AsyncIterator[pb.ReadFileResponse]:
+    async def ReadFile(self, request: pb.ReadFileRequest, context: Ctx) -> None:
+        """The info frame, then the data. A coroutine writing with context.write() rather than
+        an async generator, so that a client that goes away mid-file (cancelled, or refusing the
+        size it was told) cancels it, and the read is closed at once: left open, its unread
+        chunks pile up on the sandbox's supervisor connection until that connection stops
+        reading, which stalls every command and transfer of the sandbox."""
         owner = await self._owner_or_abort(context)
         try:
             path = validation.validate_path(request.path, "path")
@@ -570,13 +573,19 @@ class SandboxServicer:
         except (ServiceError, SandboxRuntimeError) as e:
             await context.abort(_status(e.code), str(e))
             return
-        yield pb.ReadFileResponse(info=pb.FileInfo(size=info.size, mode=info.mode))
+        write = context.write
         try:
+            await write(pb.ReadFileResponse(info=pb.FileInfo(size=info.size, mode=info.mode)))
             async for chunk in chunks:
                 for i in range(0, len(chunk), FILE_CHUNK):
-                    yield pb.ReadFileResponse(data=chunk[i : i + FILE_CHUNK])
+                    await write(pb.ReadFileResponse(data=chunk[i : i + FILE_CHUNK]))
         except (ServiceError, SandboxRuntimeError) as e:
             await context.abort(_status(e.code), str(e))
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
 
     async def WriteFile(
         self,
