@@ -442,7 +442,8 @@ class SandboxServicer:
         if code not in _CUT_OFF_CODES:
             return code, message
         how = self._lifecycle.how_it_ended(sandbox_id)
-        return "ABORTED", f"the command was cut off: sandbox {sandbox_id} {how} while it ran"
+        cut = f"the command was cut off: sandbox {sandbox_id} {how} while it ran"
+        return "ABORTED", cut + (f" ({message})" if message else "")
 
     async def _relay_exec(
         self,
