@@ -55,12 +55,12 @@ def too_large(path: str, sandbox_id: str, size: int | None, cap: int) -> Sandbox
     """The error of a whole read over its cap: names the file, its size and the cap, and the
     bounded ways to read it."""
     what = (
-        f"is {_size_text(size)} ({size} bytes)"
+        f"the file is {_size_text(size)} ({size} bytes)"
         if size is not None
-        else "(its size not known in advance) is larger"
+        else "more arrived (the file's size was not known in advance, or it changed while read)"
     )
     return SandboxFileError(
-        f"read_file {path!r}: the file {what}, more than read_file keeps in memory "
+        f"read_file {path!r}: {what}, more than read_file keeps in memory "
         f"(max_bytes={_size_text(cap)}). Read it in chunks with "
         f"sandbox.read_file_streaming({path!r}), or into a local file with "
         f"sandbox.download_file({path!r}, local_path), or pass a larger max_bytes",

@@ -34,9 +34,10 @@ from aviato._bridge import await_concurrent, get_bridge
 from aviato._defaults import DEFAULT_MAX_OUTPUT_BYTES
 from aviato.exceptions import SandboxExecutionError
 
-__all__ = ["STREAM_WINDOW_BYTES", "LineIterator", "StreamReader"]
+__all__ = ["MAX_LINE_CHARS", "STREAM_WINDOW_BYTES", "LineIterator", "StreamReader"]
 
 STREAM_WINDOW_BYTES = 4 * 1024 * 1024
+MAX_LINE_CHARS = 1024 * 1024  # longer lines come out of `lines()` in pieces of this size
 _MAX_READ_CHUNK = 1024 * 1024
 T = TypeVar("T")
 
@@ -233,16 +234,24 @@ class StreamReader:
 
     async def _next_line(self) -> str | None:
         parts: list[str] = []
+        size = 0
         while True:
             chunk = await self._next_chunk()
             if chunk is None:
                 return "".join(parts) or None
-            newline = chunk.find("\n")
+            newline = chunk.find("\n", 0, MAX_LINE_CHARS - size)
             if newline >= 0:
                 parts.append(chunk[: newline + 1])
                 self._pending = chunk[newline + 1 :]
                 return "".join(parts)
+            if size + len(chunk) >= MAX_LINE_CHARS:
+                # a line without end must not grow without end: hand it out in pieces
+                cut = MAX_LINE_CHARS - size
+                parts.append(chunk[:cut])
+                self._pending = chunk[cut:]
+                return "".join(parts)
             parts.append(chunk)
+            size += len(chunk)
 
     # read loops: each holds the command back while it is open (see the class docstring)
     def _loop_opened(self) -> None:
@@ -277,7 +286,8 @@ class StreamReader:
 
     def lines(self) -> LineIterator:
         """Iterates (``for``/``async for``) over whole lines, each ending in ``"\\n"`` except
-        possibly the last."""
+        possibly the last. A line longer than 1 MiB (of text) comes in pieces of 1 MiB, only
+        the last of which ends in ``"\\n"``: a command cannot make a line that fills memory."""
         return LineIterator(self)
 
     def read(self) -> str:

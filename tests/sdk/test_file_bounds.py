@@ -3,7 +3,7 @@ files are read as chunks or into a local file in bounded memory (also by ``aviat
 
 The sandbox is the attacker: a sparse file of 1 GiB costs it nothing, and used to cost the
 client 2.1 GiB in `read_file`. Memory is measured in child processes (their own peak resident
-set: ``ru_maxrss`` for SDK scripts, ``wait4`` for the CLI), so pytest's own memory is not in it.
+set, VmHWM: ``ru_maxrss`` would carry pytest's own peak across fork and exec).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -48,18 +47,22 @@ def run_child(sandbox_id: str, body: str) -> dict[str, Any]:
     child's resident set after attaching (`base`) and at its peak (`peak`)."""
     code = textwrap.dedent(
         f"""
-        import json, resource
+        import json
         from aviato import Sandbox
-        def rss():
+        def status(field):
             with open("/proc/self/status") as f:
                 for line in f:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith(field + ":"):
                         return int(line.split()[1]) * 1024
+        def rss():
+            return status("VmRSS")
+        def hwm():
+            return status("VmHWM")
         sb = Sandbox.from_id({sandbox_id!r}).result()
         sb.exec(["true"]).result()
         base = rss()
         def report(**kw):
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            peak = hwm()
             print(json.dumps(dict(base=base, peak=peak, **kw)), flush=True)
         """
     ) + textwrap.dedent(body)
@@ -121,7 +124,7 @@ def test_a_file_of_unknown_size_is_read_and_cannot_outgrow_the_cap(big: Sandbox)
     status = big.read_file("/proc/self/status").result(timeout=60)
     assert status.startswith(b"Name:") and len(status) > 100
     assert b"".join(big.read_file_streaming("/proc/self/status")).startswith(b"Name:")
-    with pytest.raises(SandboxFileError, match="size not known in advance") as info:
+    with pytest.raises(SandboxFileError, match="size was not known in advance") as info:
         big.read_file("/proc/self/status", max_bytes=100).result(timeout=60)
     assert info.value.filepath == "/proc/self/status"
 
@@ -194,14 +197,31 @@ def test_a_stream_stops_early_and_reports_errors(big: Sandbox) -> None:
         asyncio.run(absent())
 
 
+# Runs `aviato ARGS...` and, as it exits, writes its peak resident set (VmHWM: its own, where
+# ru_maxrss would carry pytest's across fork and exec) to stderr.
+_CLI_WITH_PEAK = """
+import atexit, runpy, sys
+def peak():
+    with open("/proc/self/status") as f:
+        hwm = [line.split()[1] for line in f if line.startswith("VmHWM:")][0]
+    sys.stderr.write(f"\\nVmHWM {int(hwm) * 1024}\\n")
+atexit.register(peak)
+sys.argv = ["aviato", *sys.argv[1:]]
+runpy.run_module("aviato", run_name="__main__")
+"""
+
+
 def _cli_peak(args: list[str], stdout: Any) -> tuple[int, int]:
     """Runs the CLI; returns (exit status, peak resident set in bytes) of that process alone."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "aviato", *args], stdout=stdout, stderr=subprocess.PIPE
+    proc = subprocess.run(
+        [sys.executable, "-c", _CLI_WITH_PEAK, *args],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=300,
     )
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss * 1024
+    peak = int(proc.stderr.rsplit("VmHWM ", 1)[1].split()[0])
+    return proc.returncode, peak
 
 
 def test_aviato_cp_streams_in_bounded_memory(big: Sandbox, tmp_path: Path) -> None:

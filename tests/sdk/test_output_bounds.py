@@ -2,8 +2,9 @@
 holds the command back, and ``.result()`` keeps a capped amount and says so.
 
 The sandbox is the attacker: ``yes`` without end, or half a gigabyte at once. Memory is measured
-in a child client process (its own resident set, sampled while it streams, and its peak), so the
-figures are the SDK's alone, not pytest's. Before these walls, streaming 512 MiB cost the client
+in a child client process (its own resident set, sampled while it streams, and its peak VmHWM:
+not ru_maxrss, which a child inherits from pytest across fork and exec), so the figures are the
+SDK's alone. Before these walls, streaming 512 MiB cost the client
 1.6 GiB and ``yes`` grew it until it was killed.
 """
 
@@ -28,15 +29,23 @@ DEFAULT_CAP = 64 * MiB
 
 # Prepended to every child script: RSS sampling and the report.
 PRELUDE = """
-import json, resource, sys, threading, time
+import json, sys, threading, time
 from aviato import Sandbox, SandboxDefaults
 
-def rss():
+def status(field):
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+def rss():
+    return status("VmRSS")
+
+def hwm():
+    # the peak of this process's own memory: VmHWM starts afresh at exec, while ru_maxrss
+    # keeps the parent's (pytest's) peak across fork and exec
+    return status("VmHWM")
 
 samples = []
 running = [None]  # the Process whose end the samples note
@@ -54,7 +63,7 @@ threading.Thread(target=sample, daemon=True).start()
 
 def report(**kw):
     sb.stop(graceful_shutdown_seconds=0).result()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = hwm()
     print(json.dumps(dict(base=base, peak=peak, samples=samples, **kw)), flush=True)
 """
 
@@ -79,6 +88,11 @@ def growth(report: dict[str, Any]) -> int:
     return int(report["peak"]) - int(report["base"])
 
 
+def _figures(name: str, report: dict[str, Any]) -> None:
+    # kept in the test log for the record (pytest -s shows them)
+    print(f"{name}: base {report['base'] / MiB:.0f} MiB, peak {report['peak'] / MiB:.0f} MiB")
+
+
 def test_streaming_yes_for_seconds_sync_runs_in_bounded_memory() -> None:
     report = run_client(
         """
@@ -96,7 +110,8 @@ def test_streaming_yes_for_seconds_sync_runs_in_bounded_memory() -> None:
     assert report["kept"] == DEFAULT_CAP and report["cut"] is True
     # While it ran: the head kept for the result (64 MiB), the window, gRPC's buffers and
     # allocator slack, and no growth with time (the second half no higher than the first).
-    during = [(t, r) for t, r, done in report["samples"] if not done]
+    # (the last half second left out: the result is being built then)
+    during = [(t, r) for t, r, done in report["samples"] if not done][:-5]
     mid = during[len(during) // 2][0]
     first = max(r for t, r in during if t <= mid)
     second = max(r for t, r in during if t > mid)
@@ -200,6 +215,23 @@ def test_closing_a_reader_releases_the_command(sandbox: Sandbox) -> None:
     assert list(loop) == []
 
 
-def _figures(name: str, report: dict[str, Any]) -> None:
-    # kept in the test log for the record (pytest -s shows them)
-    print(f"{name}: base {report['base'] / MiB:.0f} MiB, peak {report['peak'] / MiB:.0f} MiB")
+def test_streaming_stdout_while_stderr_floods_unread(sandbox: Sandbox) -> None:
+    """Only stdout is read: the stderr flood must neither stall stdout (one call carries both)
+    nor pile up in the client."""
+    process = sandbox.exec(
+        ["sh", "-c", "head -c 200M /dev/zero >&2; echo done"], max_output_bytes=MiB
+    )
+    assert "".join(process.stdout) == "done\n"
+    result = process.result(timeout=60)
+    assert result.stderr_truncated and len(result.stderr_bytes) == MiB
+    assert not result.stdout_truncated and result.stdout == "done\n"
+
+
+def test_a_line_without_end_cannot_fill_the_client(sandbox: Sandbox) -> None:
+    process = sandbox.exec(
+        ["sh", "-c", "head -c 20M /dev/zero | tr '\\0' a; echo; echo last"], max_output_bytes=0
+    )
+    sizes = [len(line) for line in process.stdout.lines()]
+    assert max(sizes) == 1024 * 1024 and sum(sizes) == 20 * MiB + 1 + 5
+    assert sizes[-2:] == [1, 5]  # the end of the long line ("\n"), then "last\n"
+    assert process.result(timeout=60).returncode == 0

@@ -16,7 +16,7 @@ import pytest
 
 from aviato import ProcessResult, SandboxExecutionError
 from aviato._bridge import get_bridge
-from aviato._output import STREAM_WINDOW_BYTES
+from aviato._output import MAX_LINE_CHARS, STREAM_WINDOW_BYTES
 from aviato._refs import ExecState, Process, StreamReader, _OutputBuffer
 
 T = TypeVar("T")
@@ -262,3 +262,16 @@ def test_an_open_loop_holds_the_producer_back_and_a_dropped_one_releases_it() ->
     time.sleep(0.1)
     assert not on_loop(buf.full)
     assert on_loop(lambda: buf.loops) == 0
+
+
+def test_a_line_without_end_comes_in_bounded_pieces() -> None:
+    buf = _OutputBuffer(0, "stdout")
+    reader = StreamReader(buf, "stdout")
+    half = MAX_LINE_CHARS // 2
+    feed(buf, [b"a" * half] * 5 + [b"\nb"], 0.0)
+    assert [len(line) for line in reader.lines()] == [
+        MAX_LINE_CHARS,
+        MAX_LINE_CHARS,
+        half + 1,
+        1,
+    ]
