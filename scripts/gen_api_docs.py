@@ -48,8 +48,9 @@ value:
 |---|---|---|
 | `Sandbox.run(*command, **options)` | `Sandbox` | briefly: until the service accepted the create (not until RUNNING) |
 | `Sandbox(...)`, `session.sandbox(...)` | `Sandbox` | no: nothing is sent until first use |
-| `sandbox.start()`, `.stop()`, `.read_file()`, `.write_file()`, `.wait_until_complete()` | `OperationRef[...]` | no |
+| `sandbox.start()`, `.stop()`, `.read_file()`, `.write_file()`, `.download_file()`, `.wait_until_complete()` | `OperationRef[...]` | no |
 | `sandbox.exec(argv, ...)` | `Process` | no |
+| `sandbox.read_file_streaming(path)` | `FileStream` | no |
 | `Sandbox.list()`, `Sandbox.from_id()`, `Sandbox.delete()` | `OperationRef[...]` | no |
 | `session.list()`, `session.from_id()`, `session.close()` | `OperationRef[...]` | no |
 | `fn.remote(...)`, `fn.map(...)` | `OperationRef[R]`, `list[OperationRef[R]]` | no |
@@ -73,8 +74,14 @@ value:
   `exec(timeout_seconds=...)` is enforced by the service (default: none). `ref.result(timeout)`
   raises `TimeoutError` and leaves the operation running.
 - **Retries.** UNAVAILABLE is retried for up to 20 s on requests that are safe to repeat
-  (creates carry a request id, so a retried create never makes two sandboxes). A broken command
-  stream is reported, not replayed.
+  (creates carry a request id, so a retried create never makes two sandboxes). A command is never
+  sent twice: a broken command stream is reported, not replayed, and a command cut off because
+  its sandbox ended under it (stopped, its supervisor died) raises `SandboxTerminatedError`.
+- **Bounded memory.** Nothing a sandbox writes can make the client grow without limit. A
+  `ProcessResult` keeps the first `max_output_bytes` (64 MiB) of each stream and says when it cut
+  (`stdout_truncated`/`stderr_truncated`); streaming `process.stdout` holds a 4 MiB window, and a
+  reader that falls behind holds the command back. `read_file` refuses a file over `max_bytes`
+  (64 MiB) before it moves; `read_file_streaming` and `download_file` read any size in chunks.
 
 ## Configuration
 
@@ -95,6 +102,9 @@ value:
   when the session's lease is no longer renewed (after `AVIATO_LEASE_TTL` seconds).
 - A bare `Sandbox.run()` outside any session is not tied to your process: it runs until stopped
   or until its `max_lifetime_seconds` (service default: 1 hour).
+- A `stop()`, `Sandbox.delete()`, `write_file()` or `session.close()` still in flight when the
+  interpreter exits is waited for (up to 10 s), so ``for sb in sandboxes: sb.stop()`` as a
+  script's last lines does stop them; commands, reads and waits still running are cancelled.
 """
 
 SECTIONS: list[tuple[str, list[str]]] = [
@@ -108,6 +118,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
             "ResourceUsage",
             "StreamReader",
             "StreamWriter",
+            "FileStream",
         ],
     ),
     ("Sessions and remote functions", ["Session", "RemoteFunction"]),

@@ -24,6 +24,7 @@ _os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from aviato import exceptions
 from aviato._credentials import ImagePullCredentials
 from aviato._defaults import NetworkOptions, SandboxDefaults, Serialization
+from aviato._files import FileStream
 from aviato._function import RemoteFunction
 from aviato._refs import (
     OperationRef,
@@ -75,6 +76,7 @@ __all__ = [
     "AviatoAuthenticationError",
     "AviatoConnectionError",
     "AviatoError",
+    "FileStream",
     "FunctionError",
     "FunctionSerializationError",
     "ImagePullCredentials",

@@ -15,8 +15,10 @@ Consequences that keep the implementation simple and thread-safe:
   objects are created in user threads, but their mutable state changes only on the loop thread;
 - blocking on a handle *from the loop thread* would deadlock, so `Bridge.run` and
   `OperationRef.result` raise `RuntimeError` there instead (internal code awaits);
-- at interpreter exit the registered exit hooks run on the loop (sessions stop their sandboxes,
-  then channels close), other tasks are cancelled, and the loop stops;
+- at interpreter exit, operations submitted with ``finish_at_exit=True`` (stops, deletes, file
+  writes) that are still running get up to `EXIT_FINISH_SECONDS` (10 s) to complete; then the
+  registered exit hooks run on the loop (sessions stop their sandboxes, then channels close),
+  other tasks (commands, reads, waits) are cancelled, and the loop stops;
 - after `os.fork()` the child gets a fresh loop on first use (threads do not survive a fork).
 """
 
@@ -32,7 +34,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["Bridge", "get_bridge"]
+__all__ = ["Bridge", "await_concurrent", "get_bridge"]
 
 T = TypeVar("T")
 
@@ -43,6 +45,8 @@ ExitHook = Callable[[], Coroutine[Any, Any, None]]
 #: Exit hooks run in ascending order: sessions (0) before the channels close (100).
 EXIT_ORDER_SESSIONS = 0
 EXIT_ORDER_CHANNELS = 100
+#: How long the exit waits for operations submitted with ``finish_at_exit=True``.
+EXIT_FINISH_SECONDS = 10.0
 _EXIT_TIMEOUT_SECONDS = 30.0
 
 
@@ -57,6 +61,7 @@ class Bridge:
         self._hook_seq = 0
         self._shut_down = False
         self._atexit_registered = False
+        self._must_finish: set[asyncio.Task[None]] = set()  # loop-side only
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -106,13 +111,19 @@ class Bridge:
 
     # -- running coroutines --------------------------------------------------------------------
 
-    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+    def submit(
+        self, coro: Coroutine[Any, Any, T], *, finish_at_exit: bool = False
+    ) -> concurrent.futures.Future[T]:
         """Schedules `coro` on the loop now; returns its thread-safe future.
 
         Like `asyncio.run_coroutine_threadsafe`, except that the coroutine's task settles the
         future itself the moment it has a result, so a waiting thread wakes at once rather than
         after the loop has run whatever else is ready (a finished gRPC call's trailers, say):
         ~0.05 ms of every blocking call. Cancelling the future cancels the task.
+
+        `finish_at_exit`: the interpreter's exit waits (up to `EXIT_FINISH_SECONDS`) for this
+        operation rather than cancelling it: for what a user fires and forgets at the end of a
+        script and expects done (stopping or deleting a sandbox, writing a file).
         """
         try:
             loop = self.loop
@@ -126,6 +137,9 @@ class Bridge:
                 coro.close()
                 return
             task = loop.create_task(_settle(coro, future))
+            if finish_at_exit:
+                self._must_finish.add(task)
+                task.add_done_callback(self._must_finish.discard)
             future.add_done_callback(
                 lambda f: loop.call_soon_threadsafe(task.cancel) if f.cancelled() else None
             )
@@ -164,7 +178,23 @@ class Bridge:
             self._hook_seq += 1
             self._exit_hooks.append((order, self._hook_seq, hook))
 
+    async def _finish_started_work(self, limit: float) -> None:
+        """Waits up to `limit` seconds for the operations submitted with ``finish_at_exit``
+        (including those they start meanwhile, such as a stop that waits for its create)."""
+        deadline = asyncio.get_running_loop().time() + limit
+        while self._must_finish:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                logger.warning(
+                    "aviato: %d operation(s) still running %.0fs after exit began were cancelled",
+                    len(self._must_finish),
+                    limit,
+                )
+                return
+            await asyncio.wait(set(self._must_finish), timeout=remaining)
+
     async def _run_exit_hooks(self) -> None:
+        await self._finish_started_work(EXIT_FINISH_SECONDS)
         hooks = sorted(self._exit_hooks, key=lambda h: (h[0], h[1]))
         cancelled_tasks = False
         for order, _seq, hook in hooks:
@@ -212,6 +242,21 @@ class Bridge:
         self._loop = None
         self._thread = None
         self._shut_down = False
+        self._must_finish = set()
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    # Mark an exception as retrieved (a shielded future whose awaiter went away).
+    if not fut.cancelled():
+        fut.exception()
+
+
+async def await_concurrent(future: concurrent.futures.Future[T]) -> T:
+    """Awaits a thread-safe future from whatever loop is running; cancelling the awaiter does not
+    cancel the future."""
+    wrapped = asyncio.wrap_future(future)
+    wrapped.add_done_callback(_retrieve)
+    return await asyncio.shield(wrapped)
 
 
 async def _settle(coro: Coroutine[Any, Any, T], future: concurrent.futures.Future[T]) -> None:

@@ -10,18 +10,21 @@
 - `AVIATO_API_KEY` is sent as ``authorization: Bearer <key>`` metadata on every call.
 - `Client.unary` retries UNAVAILABLE within a budget (20 s by default) with jittered
   exponential backoff; for the local service it also restarts the service if it has died. Only
-  unary calls are retried (creates are safe because they carry a request id); an exec stream
-  that breaks is reported, never replayed.
+  unary calls and the opening of file reads are retried (creates are safe because they carry a
+  request id); a command is never sent twice: an exec that breaks is reported, never replayed,
+  and one cut off because its sandbox ended (ABORTED) raises `SandboxTerminatedError`.
 - `translate_error` is the one place where gRPC failures become `aviato.exceptions`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
 import random
+import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -42,6 +45,7 @@ from aviato.exceptions import (
     SandboxNotFoundError,
     SandboxNotRunningError,
     SandboxResourceExhaustedError,
+    SandboxTerminatedError,
     SandboxTimeoutError,
     SandboxValidationError,
 )
@@ -161,6 +165,10 @@ def error_from_status(
         return SandboxTimeoutError(message, sandbox_id=sandbox_id, code=name)
     if status == grpc.StatusCode.UNAVAILABLE:
         return AviatoConnectionError(f"{op} failed: service unavailable: {details}", code=name)
+    if status == grpc.StatusCode.ABORTED:
+        # The service's word for "cut off: the sandbox ended under it": never retried, since a
+        # command that started once must not run again.
+        return SandboxTerminatedError(message, sandbox_id=sandbox_id, code=name)
     if status == grpc.StatusCode.INVALID_ARGUMENT:
         return SandboxValidationError(message, sandbox_id=sandbox_id, code=name)
     if status == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -298,36 +306,6 @@ class Client:
                     err, op=op, sandbox_id=sandbox_id, filepath=filepath
                 ) from None
 
-    async def read_file(self, sandbox_id: str, path: str, *, rpc_timeout: float) -> bytes:
-        """Reads a whole file over the ReadFile stream (info frame, then data chunks); a short
-        read raises SandboxFileError. Retried from the start on UNAVAILABLE."""
-
-        async def attempt() -> bytes:
-            call = self.stub.ReadFile(
-                pb.ReadFileRequest(sandbox_id=sandbox_id, path=path),
-                timeout=rpc_timeout,
-                metadata=self.metadata,
-            )
-            expected = -1
-            chunks: list[bytes] = []
-            received = 0
-            async for msg in call:
-                if msg.WhichOneof("msg") == "info":
-                    expected = msg.info.size
-                else:
-                    chunks.append(msg.data)
-                    received += len(msg.data)
-            # A size of 0 means unknown (procfs, sysfs): the data runs to the end of the stream.
-            if expected > 0 and received != expected:
-                raise SandboxFileError(
-                    f"read of {path!r} was truncated: {received} of {expected} bytes",
-                    filepath=path,
-                    sandbox_id=sandbox_id,
-                )
-            return b"".join(chunks)
-
-        return await self.with_retry(attempt, op="read file", sandbox_id=sandbox_id, filepath=path)
-
     async def write_file(
         self,
         sandbox_id: str,
@@ -365,9 +343,8 @@ class Client:
 
     async def _revive_local_service(self) -> BaseException | None:
         """The local service may have died: start it again (a no-op when it answers)."""
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, _local.ensure_local_service, self.local_state_dir)
+            await _ensure_local_service(self.local_state_dir)
         except Exception as err:
             return err
         return None
@@ -377,6 +354,22 @@ class Client:
             self.closed = True
             with contextlib.suppress(Exception):
                 await self.channel.close(grace=None)
+
+
+async def _ensure_local_service(state_dir: str | None) -> str:
+    """`_local.ensure_local_service` (blocking) in a thread of its own, never the loop's default
+    executor: that one refuses work once the interpreter has begun to exit, and a stop fired at
+    the end of a script may still have to reach (or start) the local service then."""
+    future: concurrent.futures.Future[str] = concurrent.futures.Future()
+
+    def work() -> None:
+        try:
+            future.set_result(_local.ensure_local_service(state_dir))
+        except BaseException as err:
+            future.set_exception(err)
+
+    threading.Thread(target=work, name="aviato-local-service", daemon=True).start()
+    return await asyncio.wrap_future(future)
 
 
 # (loop, key) -> Client. Weak on the loop so that a closed loop's clients go away.
@@ -411,7 +404,7 @@ async def get_client(base_url: str | None) -> Client:
             return client
         if base_url is None:
             assert state_dir is not None
-            socket_path = await loop.run_in_executor(None, _local.ensure_local_service, state_dir)
+            socket_path = await _ensure_local_service(state_dir)
             client = Client(parse_base_url(f"unix://{socket_path}"), local_state_dir=state_dir)
         else:
             client = Client(parse_base_url(base_url))

@@ -29,6 +29,8 @@ from aviato.v1 import sandbox_pb2 as pb
 __all__ = [
     "DEFAULT_IMAGE",
     "DEFAULT_LEASE_TTL_SECONDS",
+    "DEFAULT_MAX_OUTPUT_BYTES",
+    "DEFAULT_MAX_READ_FILE_BYTES",
     "DEFAULT_REQUEST_TIMEOUT_SECONDS",
     "NetworkOptions",
     "SandboxDefaults",
@@ -39,6 +41,8 @@ DEFAULT_IMAGE = "host"
 DEFAULT_REQUEST_TIMEOUT_SECONDS = 300.0
 DEFAULT_GRACEFUL_SHUTDOWN_SECONDS = 10.0
 DEFAULT_LEASE_TTL_SECONDS = 30.0
+DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_READ_FILE_BYTES = 64 * 1024 * 1024
 FILE_CHUNK_BYTES = 256 * 1024
 
 ENV_BASE_URL = "AVIATO_BASE_URL"
@@ -107,6 +111,15 @@ def _as_str_tuple(name: str, value: Iterable[str] | None) -> tuple[str, ...]:
     return out
 
 
+def byte_count(name: str, value: object) -> int:
+    """`value` if it is a whole number of bytes >= 0; TypeError or ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a whole number of bytes, not {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must not be negative, got {value}")
+    return value
+
+
 def coerce_node_selector(value: Mapping[str, str] | None) -> dict[str, str]:
     """A node selector as a new dict of label → value (None is empty); wrong types raise."""
     if value is None:
@@ -171,6 +184,13 @@ class SandboxDefaults:
         node_selector: Node labels the sandbox's node must carry (``{"pool": "gpu"}``), for a
             service placed on a cluster (docs/cluster.md); the key ``aviato.node`` matches a node
             id or hostname. Ignored by the local placement.
+        max_output_bytes: How much of each output stream (stdout, stderr) of a command its
+            `ProcessResult` keeps: the first 64 MiB by default (then ``stdout_truncated`` /
+            ``stderr_truncated`` say so). Streaming ``process.stdout`` is not limited by it.
+            Overridden per call by ``exec(max_output_bytes=...)``.
+        max_read_file_bytes: The largest file `read_file` reads into memory (64 MiB by
+            default); a larger one raises `SandboxFileError`: use `read_file_streaming` or
+            `download_file`. Overridden per call by ``read_file(max_bytes=...)``.
     """
 
     container_image: str | None = None
@@ -189,6 +209,8 @@ class SandboxDefaults:
     image_command: bool = False
     image_pull_credentials: ImagePullCredentials | None = None
     node_selector: Mapping[str, str] = field(default_factory=dict)
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    max_read_file_bytes: int = DEFAULT_MAX_READ_FILE_BYTES
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tags", _as_str_tuple("tags", self.tags))
@@ -211,6 +233,8 @@ class SandboxDefaults:
             resources_to_proto(self.resources)  # validate early
         if self.request_timeout_seconds <= 0:
             raise ValueError("request_timeout_seconds must be positive")
+        byte_count("max_output_bytes", self.max_output_bytes)
+        byte_count("max_read_file_bytes", self.max_read_file_bytes)
         if self.base_url is not None:
             object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
 

@@ -11,26 +11,29 @@ of these handles. A handle can be:
 A `Process` is the handle of a command (`Sandbox.exec`). Its `stdout` and `stderr` are
 `StreamReader`s that yield text as the output arrives, with ``for`` or ``async for``, from any
 thread or loop; ``.lines()`` yields whole lines. Its `stdin` is a `StreamWriter` (when
-``exec(..., stdin=True)``). The output is also kept whole for `ProcessResult`, so reading the
-streams is optional and they can be read before or after ``result()``.
+``exec(..., stdin=True)``). The first ``max_output_bytes`` (64 MiB by default) of each stream are
+also kept for `ProcessResult`, so reading the streams is optional; memory stays bounded whatever
+the command writes (see `aviato._output`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import concurrent.futures
 import contextlib
 import shlex
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
+from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import grpc
 import grpc.aio
 
+from aviato._bridge import await_concurrent as _await_concurrent
 from aviato._bridge import get_bridge
+from aviato._defaults import DEFAULT_MAX_OUTPUT_BYTES
+from aviato._output import StreamReader, _OutputBuffer
 from aviato.exceptions import SandboxExecutionError, SandboxTimeoutError
 from aviato.v1 import sandbox_pb2 as pb
 
@@ -50,22 +53,7 @@ T = TypeVar("T")
 
 STDIN_CHUNK_BYTES = 64 * 1024
 STDIN_MAX_BUFFERED_BYTES = 1024 * 1024
-_MAX_READ_CHUNK = 1024 * 1024
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
-
-
-def _retrieve(fut: asyncio.Future[Any]) -> None:
-    # Mark an exception as retrieved (a shielded future whose awaiter went away).
-    if not fut.cancelled():
-        fut.exception()
-
-
-async def _await_concurrent(future: concurrent.futures.Future[T]) -> T:
-    """Awaits a thread-safe future from whatever loop is running; cancelling the awaiter does not
-    cancel the future."""
-    wrapped = asyncio.wrap_future(future)
-    wrapped.add_done_callback(_retrieve)
-    return await asyncio.shield(wrapped)
 
 
 class OperationRef(Generic[T]):
@@ -82,9 +70,10 @@ class OperationRef(Generic[T]):
         self._future = future
 
     @classmethod
-    def _of(cls, coro: Coroutine[Any, Any, T]) -> OperationRef[T]:
-        """Schedules `coro` on the background loop and returns its handle."""
-        return cls(get_bridge().submit(coro))
+    def _of(cls, coro: Coroutine[Any, Any, T], *, finish_at_exit: bool = False) -> OperationRef[T]:
+        """Schedules `coro` on the background loop and returns its handle (`finish_at_exit`:
+        see `Bridge.submit`)."""
+        return cls(get_bridge().submit(coro, finish_at_exit=finish_at_exit))
 
     @classmethod
     def completed(cls, value: T) -> OperationRef[T]:
@@ -164,6 +153,11 @@ class ProcessResult:
     it died of SIGKILL without a timeout or a kill by the service; another process OOM-killed
     at the same time can make it True for a command killed by something else). `usage` is the
     command's resource usage as measured by the service.
+
+    `stdout_truncated`/`stderr_truncated` are True when that stream was longer than
+    ``max_output_bytes`` (64 MiB unless configured): the result then holds the stream's first
+    ``max_output_bytes`` bytes only. The rest went to a reader of the live stream, or was dropped;
+    the command itself ran to its end either way.
     """
 
     stdout: str
@@ -176,6 +170,8 @@ class ProcessResult:
     timed_out: bool = False
     usage: ResourceUsage | None = None
     oom_killed: bool = False
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
 
     @property
     def ok(self) -> bool:
@@ -193,161 +189,7 @@ class ProcessResult:
         return self
 
 
-# --- output streams ---------------------------------------------------------------------------
-
-
-class _OutputBuffer:
-    """All output of one stream of a command, growing as frames arrive (loop-side only)."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.closed = False
-        self.error: BaseException | None = None
-        self._waiters: list[asyncio.Future[None]] = []
-
-    def append(self, chunk: bytes) -> None:
-        if chunk:
-            self.data += chunk
-            self.wake()
-
-    def close(self, error: BaseException | None = None) -> None:
-        if not self.closed:
-            self.closed = True
-            self.error = error
-            self.wake()
-
-    def wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
-
-    async def wait(self) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        await fut
-
-
-class StreamReader:
-    """The live output of a command (stdout or stderr), as text.
-
-    Iterate with ``for chunk in reader`` or ``async for chunk in reader`` (from any thread or
-    event loop): each item is the text that arrived since the previous one (chunks are not
-    lines; use ``reader.lines()`` for lines). Iteration ends when the command's stream ends, and
-    raises the command's error if the output was cut short (e.g. the connection was lost). A
-    reader keeps its position: a second loop continues where the first stopped. Text is decoded as
-    UTF-8 incrementally, so a character split across chunks is decoded correctly.
-    """
-
-    def __init__(self, buffer: _OutputBuffer, name: str) -> None:
-        self._buffer = buffer
-        self.name = name
-        self._pos = 0
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._pending = ""
-        self._closed = False
-        self._finished = False
-
-    # loop-side
-    async def _next_chunk(self) -> str | None:
-        if self._pending:
-            text, self._pending = self._pending, ""
-            return text
-        buf = self._buffer
-        while True:
-            if self._closed or self._finished:
-                return None
-            if self._pos < len(buf.data):
-                end = min(len(buf.data), self._pos + _MAX_READ_CHUNK)
-                raw = bytes(buf.data[self._pos : end])
-                self._pos = end
-                text = self._decoder.decode(raw)
-                if text:
-                    return text
-                continue
-            if buf.closed:
-                self._finished = True
-                tail = self._decoder.decode(b"", final=True)
-                if buf.error is not None:
-                    raise buf.error
-                return tail or None
-            await buf.wait()
-
-    async def _next_line(self) -> str | None:
-        parts: list[str] = []
-        while True:
-            chunk = await self._next_chunk()
-            if chunk is None:
-                return "".join(parts) or None
-            newline = chunk.find("\n")
-            if newline >= 0:
-                parts.append(chunk[: newline + 1])
-                self._pending = chunk[newline + 1 :]
-                return "".join(parts)
-            parts.append(chunk)
-
-    # sync and async iteration
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        chunk = get_bridge().run(self._next_chunk())
-        if chunk is None:
-            raise StopIteration
-        return chunk
-
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self
-
-    async def __anext__(self) -> str:
-        chunk = await _await_concurrent(get_bridge().submit(self._next_chunk()))
-        if chunk is None:
-            raise StopAsyncIteration
-        return chunk
-
-    def lines(self) -> LineIterator:
-        """Iterates (``for``/``async for``) over whole lines, each ending in ``"\\n"`` except
-        possibly the last."""
-        return LineIterator(self)
-
-    def read(self) -> str:
-        """Blocks until the stream ends and returns the rest of its text."""
-        return "".join(self)
-
-    def close(self) -> None:
-        """Stops this reader: iteration ends (the command is not affected)."""
-        self._closed = True
-        bridge = get_bridge()
-        if bridge.started:
-            bridge.call_soon(self._buffer.wake)
-
-    def __repr__(self) -> str:
-        return f"<StreamReader {self.name}>"
-
-
-class LineIterator:
-    """Lines of a `StreamReader`, sync or async (see `StreamReader.lines`)."""
-
-    def __init__(self, reader: StreamReader) -> None:
-        self._reader = reader
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        line = get_bridge().run(self._reader._next_line())
-        if line is None:
-            raise StopIteration
-        return line
-
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self
-
-    async def __anext__(self) -> str:
-        line = await _await_concurrent(get_bridge().submit(self._reader._next_line()))
-        if line is None:
-            raise StopAsyncIteration
-        return line
+# --- input stream -----------------------------------------------------------------------------
 
 
 class StreamWriter:
@@ -462,10 +304,16 @@ class StreamWriter:
 class ExecState:
     """Everything a running command shares between its `Process` and its driver coroutine."""
 
-    def __init__(self, command: list[str], *, stdin: bool) -> None:
+    def __init__(
+        self,
+        command: list[str],
+        *,
+        stdin: bool,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+    ) -> None:
         self.command = command
-        self.stdout = _OutputBuffer()
-        self.stderr = _OutputBuffer()
+        self.stdout = _OutputBuffer(max_output_bytes, "stdout")
+        self.stderr = _OutputBuffer(max_output_bytes, "stderr")
         self.writer = StreamWriter() if stdin else None
         self._finished = False
 
@@ -480,7 +328,7 @@ class ExecState:
             self.writer._fail(error or SandboxExecutionError("the command has exited"))
 
     def _result(self, exit_msg: pb.ExecExit) -> ProcessResult:
-        out, err = bytes(self.stdout.data), bytes(self.stderr.data)
+        out, err = self.stdout.freeze(), self.stderr.freeze()
         u = exit_msg.usage
         return ProcessResult(
             stdout=out.decode("utf-8", errors="replace"),
@@ -500,6 +348,8 @@ class ExecState:
             )
             if exit_msg.HasField("usage")
             else None,
+            stdout_truncated=self.stdout.truncated,
+            stderr_truncated=self.stderr.truncated,
         )
 
     async def drive(
@@ -622,7 +472,10 @@ class ExecState:
                 reader.cancel()
 
     async def _read_frames(self, call: Any, sandbox_id: str) -> pb.ExecExit:
-        """Reads output frames into the buffers until the terminal frame; returns the exit."""
+        """Reads output frames into the buffers until the terminal frame; returns the exit.
+
+        When a stream's reader has fallen a window behind, it stops reading until the reader
+        catches up: the call's flow control then holds the command back."""
         from aviato._client import error_from_status
 
         while True:
@@ -637,6 +490,8 @@ class ExecState:
             if kind == "output":
                 target = self.stderr if msg.output.stream == pb.STREAM_STDERR else self.stdout
                 target.append(msg.output.data)
+                if target.full():
+                    await target.room()
             elif kind == "exit":
                 exit_msg: pb.ExecExit = msg.exit
                 return exit_msg

@@ -13,6 +13,7 @@ import builtins
 import contextlib
 import logging
 import math
+import os
 import shlex
 import time
 import uuid
@@ -21,12 +22,14 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from aviato import _defaults
+from aviato import _defaults, _files
+from aviato._bridge import await_concurrent as _await_concurrent
 from aviato._bridge import get_bridge
 from aviato._client import Client, get_client
 from aviato._credentials import ImagePullCredentials, coerce_pull_credentials
 from aviato._defaults import DEFAULT_GRACEFUL_SHUTDOWN_SECONDS, NetworkOptions, SandboxDefaults
-from aviato._refs import ExecState, OperationRef, Process, _await_concurrent
+from aviato._files import FileStream
+from aviato._refs import ExecState, OperationRef, Process
 from aviato._status import SandboxStatus
 from aviato.exceptions import (
     SandboxError,
@@ -100,7 +103,9 @@ class Sandbox:
     on SIGTERM, and — if the process is killed outright — by the service when the session's lease
     expires. A bare `Sandbox.run()` outside any session is *not* tied to this process: it runs
     until stopped or until its max lifetime (1 hour by default). Use ``with Sandbox.run() as sb:``
-    or a Session to tie it to your code.
+    or a Session to tie it to your code. A `stop()`, `delete()` or `write_file()` that is still
+    running when the interpreter exits is not abandoned: the exit waits for it, up to 10 s (and
+    the service completes a stop it has received even if that wait ends first).
     """
 
     def __init__(
@@ -555,13 +560,16 @@ class Sandbox:
         `graceful_shutdown_seconds` (default 10; 0 means at once). Idempotent: concurrent and
         repeated calls share one stop; stopping a terminal sandbox does nothing; stopping one that
         was never started just marks it stopped. `missing_ok` turns "not found" into success.
-        `snapshot_on_stop` is not supported by this service (ValueError).
+        `snapshot_on_stop` is not supported by this service (ValueError). Fire and forget is
+        fine: the interpreter's exit waits (up to 10 s) for a stop in flight.
         """
         if snapshot_on_stop:
             raise ValueError("snapshot_on_stop is not supported by this service")
         if graceful_shutdown_seconds < 0:
             raise ValueError("graceful_shutdown_seconds must not be negative")
-        return OperationRef._of(self._stop(graceful_shutdown_seconds, missing_ok))
+        return OperationRef._of(
+            self._stop(graceful_shutdown_seconds, missing_ok), finish_at_exit=True
+        )
 
     async def _stop(self, grace: float, missing_ok: bool) -> None:
         if self._stop_task is None:
@@ -661,6 +669,7 @@ class Sandbox:
         stdin: bool = False,
         input: bytes | str | None = None,
         protected: bool = False,
+        max_output_bytes: int | None = None,
     ) -> Process:
         """Runs `command` (an argv list) in the sandbox; returns a `Process` at once.
 
@@ -676,6 +685,12 @@ class Sandbox:
         that data followed by end-of-file, sent with the command in one message (as in
         `subprocess.run`; the cheaper way when the input is known up front); otherwise it is empty.
         The two cannot be combined.
+
+        Output: ``process.stdout``/``stderr`` stream it live, in bounded memory (a reader that
+        falls behind holds the command back). The `ProcessResult` keeps the first
+        `max_output_bytes` of each stream (default `SandboxDefaults.max_output_bytes`, 64 MiB) and
+        says when a stream was longer (``stdout_truncated``/``stderr_truncated``); the command
+        runs to its end and its exit code arrives either way.
 
         With ``protected=True`` nothing else running in the sandbox (a process an earlier
         command left behind, say) can read, write, signal or trace the command, open its
@@ -698,7 +713,12 @@ class Sandbox:
         if input is not None and stdin:
             raise ValueError("exec() takes stdin=True or input=..., not both")
         data = input.encode() if isinstance(input, str) else bytes(input or b"")
-        state = ExecState(argv, stdin=stdin)
+        keep = (
+            self._defaults.max_output_bytes
+            if max_output_bytes is None
+            else _defaults.byte_count("max_output_bytes", max_output_bytes)
+        )
+        state = ExecState(argv, stdin=stdin, max_output_bytes=keep)
         init = pb.ExecInit(
             argv=argv,
             cwd=cwd or "",
@@ -731,21 +751,76 @@ class Sandbox:
     # -- files ---------------------------------------------------------------------------------
 
     def read_file(
-        self, filepath: str, *, timeout_seconds: float | None = None
+        self,
+        filepath: str,
+        *,
+        timeout_seconds: float | None = None,
+        max_bytes: int | None = None,
     ) -> OperationRef[bytes]:
-        """Reads a file of the sandbox (any size; streamed in 256 KiB chunks).
+        """Reads a whole file of the sandbox into memory (streamed in 256 KiB chunks).
 
+        At most `max_bytes` (default `SandboxDefaults.max_read_file_bytes`, 64 MiB): a larger
+        file raises `SandboxFileError` naming its size and the cap, before any of it moves (and
+        a file that grows past the cap while read stops there). Read big files with
+        `read_file_streaming` (chunks) or `download_file` (into a local file), in bounded memory.
         Raises `SandboxFileError` (with ``filepath``) if it is missing, a directory, or
         unreadable. `timeout_seconds` defaults to `request_timeout_seconds`.
         """
-        return OperationRef._of(self._read_file(filepath, timeout_seconds))
+        cap = None if max_bytes is None else _defaults.byte_count("max_bytes", max_bytes)
+        return OperationRef._of(self._read_file(filepath, timeout_seconds, cap))
 
-    async def _read_file(self, filepath: str, timeout_s: float | None) -> bytes:
+    async def _read_file(
+        self, filepath: str, timeout_s: float | None, max_bytes: int | None = None
+    ) -> bytes:
         await self._ensure_started()
         client = await self._client()
-        return await client.read_file(
-            self._require_id(), filepath, rpc_timeout=timeout_s or self._request_timeout
+        return await _files.read_whole(
+            client,
+            self._require_id(),
+            filepath,
+            timeout_s or self._request_timeout,
+            self._defaults.max_read_file_bytes if max_bytes is None else max_bytes,
         )
+
+    def read_file_streaming(
+        self, filepath: str, *, timeout_seconds: float | None = None
+    ) -> FileStream:
+        """Reads a file of the sandbox as a stream of ``bytes`` chunks, in bounded memory.
+
+        Returns a `FileStream` at once: iterate it with ``for`` or ``async for``; each chunk is
+        fetched when asked for, so a file of any size costs a chunk (256 KiB) and the
+        connection's window, and a slow consumer holds the transfer back. ``close()`` it (or use
+        ``with``) to stop early. Errors (`SandboxFileError` with ``filepath``) are raised by the
+        iteration. `timeout_seconds` bounds the whole transfer (default: no limit).
+        """
+        return FileStream(filepath, lambda: self._open_read(filepath, timeout_seconds))
+
+    def download_file(
+        self,
+        filepath: str,
+        local_path: str | os.PathLike[str],
+        *,
+        timeout_seconds: float | None = None,
+    ) -> OperationRef[int]:
+        """Copies a file of the sandbox to `local_path` on this machine, in bounded memory;
+        resolves to the number of bytes written.
+
+        Chunks are written to a temporary file beside `local_path`, renamed into place once the
+        whole file arrived: an interrupted download leaves nothing under the real name. The file
+        gets the sandbox file's permission bits less set-id bits and group/other write.
+        `local_path` must name a file in an existing directory (else `IsADirectoryError` or
+        `FileNotFoundError`, raised here). `timeout_seconds` bounds the whole transfer (default:
+        no limit). Raises `SandboxFileError` as `read_file` does.
+        """
+        target = _files.local_target(local_path)
+        return OperationRef._of(
+            _files.download(lambda: self._open_read(filepath, timeout_seconds), filepath, target)
+        )
+
+    async def _open_read(self, filepath: str, timeout_s: float | None) -> Any:
+        await self._ensure_started()
+        client = await self._client()
+        return await _files.open_read(client, self._require_id(), filepath, timeout_s)
 
     def write_file(
         self,
@@ -770,7 +845,8 @@ class Sandbox:
         return OperationRef._of(
             self._write_file(
                 filepath, memoryview(data).cast("B"), mode, make_parents, timeout_seconds
-            )
+            ),
+            finish_at_exit=True,
         )
 
     async def _write_file(
@@ -882,7 +958,9 @@ class Sandbox:
         timeout_seconds: float | None = None,
     ) -> OperationRef[None]:
         """Stops the sandbox if needed and removes its record. `missing_ok` ignores unknown ids."""
-        return OperationRef._of(cls._delete(sandbox_id, missing_ok, base_url, timeout_seconds))
+        return OperationRef._of(
+            cls._delete(sandbox_id, missing_ok, base_url, timeout_seconds), finish_at_exit=True
+        )
 
     @classmethod
     async def _delete(

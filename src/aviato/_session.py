@@ -309,7 +309,7 @@ class Session:
         """
         with self._lock:
             if self._close_ref is None:
-                self._close_ref = OperationRef._of(self._close())
+                self._close_ref = OperationRef._of(self._close(), finish_at_exit=True)
             return self._close_ref
 
     async def _close(self) -> None:

@@ -8,7 +8,8 @@ AviatoError                            .code (gRPC status name, when one applies
 ├── SandboxError                       .sandbox_id
 │   ├── SandboxNotRunningError         the sandbox was stopped, never started, or is gone
 │   ├── SandboxTimeoutError            a wait or a command ran out of time (.exec_result)
-│   ├── SandboxTerminatedError         stopped (by you, its lease or its lifetime)
+│   ├── SandboxTerminatedError         stopped (by you, its lease or its lifetime); a command
+│   │                                  cut off because its sandbox ended (never retried)
 │   ├── SandboxFailedError             could not start, or its main process failed
 │   ├── SandboxNotFoundError           no sandbox with that id (or not yours)
 │   ├── SandboxValidationError         the service refused a request (also a ValueError)
@@ -117,6 +118,11 @@ class SandboxTerminatedError(SandboxError):
     """The sandbox was terminated: stopped by a client, its lease expired or its lifetime ended.
 
     `status_reason` carries the service's reason (e.g. ``"lease expired"``).
+
+    Also raised by a command (`Process.result()`) that was cut off because its sandbox ended
+    while it ran: stopped by any client, its main process ended, or its supervisor died (code
+    ``"ABORTED"``). Such a command may have partly run; the SDK does not run it again, and
+    neither should a retry loop of yours without knowing that the command is idempotent.
     """
 
     def __init__(

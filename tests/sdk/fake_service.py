@@ -4,7 +4,8 @@ It answers on a unix socket from its own thread and event loop, keeps sandboxes 
 lets a test inject the failures a real service rarely produces on demand: UNAVAILABLE after a
 create was committed (a lost response), an exec stream that ends without an exit frame, an
 error frame. It runs no processes: `Exec` "runs" a tiny built-in vocabulary
-(``echo ARGS...``, ``exit N``, ``cat`` of stdin, ``sleep S``).
+(``echo ARGS...``, ``exit N``, ``cat`` of stdin, ``sleep S``); `ReadFile` sends what the
+script says, whatever size it announced.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ class Script:
     unary_unavailable: int = 0
     exec_drop_exit_frame: bool = False
     exec_error_frame: tuple[int, str] | None = None
+    # ReadFile: the size announced, and how many bytes are then really sent (a lying service)
+    read_file_size: int = 0
+    read_file_data: int = 0
 
 
 @dataclass
@@ -184,6 +188,16 @@ class FakeService(sandbox_pb2_grpc.SandboxServiceServicer):
         yield pb.ExecResponse(
             exit=pb.ExecExit(exit_code=code, usage=pb.ResourceUsage(wall_seconds=0.01))
         )
+
+    async def ReadFile(self, request: Any, context: Any) -> Any:
+        self._note("ReadFile", context)
+        await self._get(request.sandbox_id, context)
+        yield pb.ReadFileResponse(info=pb.FileInfo(size=self.script.read_file_size, mode=0o644))
+        left = self.script.read_file_data
+        while left > 0:
+            n = min(left, 1 << 20)
+            yield pb.ReadFileResponse(data=b"z" * n)
+            left -= n
 
     async def _watch_signal(self, request_iterator: Any) -> None:
         async for req in request_iterator:

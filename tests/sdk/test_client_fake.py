@@ -138,3 +138,21 @@ def test_session_lease_is_passed_renewed_and_released(
         assert state.calls["RenewLease"] >= 2  # every ttl/3
     assert state.calls["ReleaseLease"] == 1
     assert sb.status == SandboxStatus.TERMINATED and session.sandbox_count == 0
+
+
+def test_a_service_that_sends_more_than_it_announced_cannot_outgrow_the_cap(
+    fake_server: FakeServer,
+) -> None:
+    """The size announced by the service is not trusted: the cap counts what arrives."""
+    fake_server.service.script.read_file_size = 10
+    fake_server.service.script.read_file_data = 50 * 1024 * 1024
+    sb = Sandbox.run(base_url=fake_server.url)
+    with pytest.raises(aviato.SandboxFileError, match="more arrived") as info:
+        sb.read_file("/f", max_bytes=1024 * 1024).result(timeout=30)
+    assert info.value.filepath == "/f"
+    fake_server.service.script.read_file_data = 3 * 1024 * 1024
+    chunks = []
+    with pytest.raises(aviato.SandboxFileError, match="3145728 of 10 bytes"):
+        for chunk in sb.read_file_streaming("/f"):
+            chunks.append(len(chunk))
+    assert sum(chunks) == 3 * 1024 * 1024  # handed out as it came, then the mismatch is an error

@@ -53,7 +53,8 @@ def _round_trip(sandbox: Sandbox, size: int) -> float:
     sandbox.write_file("/tmp/big.bin", data).result(timeout=600)
     check = sandbox.exec(["sh", "-c", "sha256sum /tmp/big.bin"]).result(timeout=600)
     assert check.stdout.split()[0] == digest
-    back = sandbox.read_file("/tmp/big.bin").result(timeout=600)
+    # (over read_file's default cap of 64 MiB: raised for this read)
+    back = sandbox.read_file("/tmp/big.bin", max_bytes=len(data)).result(timeout=600)
     elapsed = time.monotonic() - t0
     assert len(back) == len(data) and hashlib.sha256(back).hexdigest() == digest
     sandbox.exec(["rm", "-f", "/tmp/big.bin"]).result()

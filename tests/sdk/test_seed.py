@@ -86,6 +86,31 @@ def test_block_runs_verbatim(name: str, code: str) -> None:
     assert "Traceback" not in proc.stderr, proc.stderr
 
 
+def test_the_parallel_blocks_clean_up_really_stops_its_sandboxes() -> None:
+    """The block ends with ``for sb in sandboxes: sb.stop()`` and exits without waiting: the
+    interpreter's exit must let those stops finish (it used to cancel them)."""
+    from aviato import Sandbox
+
+    (code,) = [code for name, code in PLAIN if name == "parallel-execution-0"]
+    before = {sb.sandbox_id for sb in Sandbox.list(include_stopped=True).result(timeout=60)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=os.environ.copy(),
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr
+    made = [
+        sb
+        for sb in Sandbox.list(include_stopped=True).result(timeout=60)
+        if sb.sandbox_id not in before
+    ]
+    assert len(made) == 3
+    assert [sb.status.value if sb.status else None for sb in made] == ["terminated"] * 3
+
+
 def jupyter_cells() -> list[str]:
     first, top_level_await = JUPYTER
     cells = [c.strip() + "\n" for c in re.split(r"(?m)^(?=# Cell \d+)", first) if c.strip()]

@@ -39,6 +39,7 @@ def test_parse_base_url_rejects(url: str) -> None:
         (grpc.StatusCode.INVALID_ARGUMENT, exc.SandboxValidationError),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, exc.SandboxResourceExhaustedError),
         (grpc.StatusCode.FAILED_PRECONDITION, exc.SandboxNotRunningError),
+        (grpc.StatusCode.ABORTED, exc.SandboxTerminatedError),
         (grpc.StatusCode.INTERNAL, exc.SandboxError),
     ],
 )

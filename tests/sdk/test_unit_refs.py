@@ -9,12 +9,17 @@ import asyncio
 import concurrent.futures
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 
 from aviato import ProcessResult, SandboxExecutionError
 from aviato._bridge import get_bridge
+from aviato._output import MAX_LINE_CHARS, STREAM_WINDOW_BYTES
 from aviato._refs import ExecState, Process, StreamReader, _OutputBuffer
+
+T = TypeVar("T")
 
 
 def feed(
@@ -201,3 +206,72 @@ def test_process_result_fields() -> None:
     r = ProcessResult("out", "", 0, b"out", b"", ["echo", "out"])
     assert r.ok and r.check_returncode() is r
     assert r.usage is None and r.signal == 0 and not r.timed_out
+
+
+# --- bounded output (aviato._output) ---------------------------------------------------------
+
+
+def on_loop(fn: Callable[[], T]) -> T:
+    async def call() -> T:
+        return fn()
+
+    return get_bridge().run(call())
+
+
+def test_the_head_is_kept_and_the_rest_only_streamed() -> None:
+    buf = _OutputBuffer(4, "stdout")
+    reader = StreamReader(buf, "stdout")
+    feed(buf, [b"ab", b"cdef", b"gh"], 0.0)
+    assert reader.read() == "abcdefgh"
+    assert on_loop(lambda: (bytes(buf.head), buf.total, buf.truncated)) == (b"abcd", 8, True)
+    exact = _OutputBuffer(4, "stdout")
+    feed(exact, [b"abcd"], 0.0)
+    assert StreamReader(exact, "stdout").read() == "abcd"
+    assert not on_loop(lambda: exact.truncated)
+
+
+def test_output_nobody_reads_is_dropped_past_the_window_and_a_late_reader_is_told() -> None:
+    buf = _OutputBuffer(0, "stdout")
+    chunk = b"x" * (1024 * 1024)
+    feed(buf, [chunk] * (STREAM_WINDOW_BYTES // len(chunk) + 3), 0.0)
+    reader = StreamReader(buf, "stdout")
+    time.sleep(0.3)  # all of it arrived before any loop
+    got = 0
+    with pytest.raises(SandboxExecutionError, match=f"from byte {STREAM_WINDOW_BYTES} on"):
+        for text in reader:
+            got += len(text)
+    assert got == STREAM_WINDOW_BYTES  # what was kept, then the error: never a silent gap
+    assert on_loop(lambda: buf.total) == STREAM_WINDOW_BYTES + 3 * len(chunk)
+
+
+def test_an_open_loop_holds_the_producer_back_and_a_dropped_one_releases_it() -> None:
+    buf = _OutputBuffer(0, "stdout")
+    reader = StreamReader(buf, "stdout")
+    loop = iter(reader)
+    chunk = b"y" * STREAM_WINDOW_BYTES
+
+    async def produce() -> bool:
+        buf.append(chunk)
+        return buf.full()
+
+    assert get_bridge().run(produce())  # a loop is open: the driver must wait
+    assert len(next(loop)) == 1024 * 1024  # reading makes room
+    assert not on_loop(buf.full)
+    assert get_bridge().run(produce())
+    del loop  # the loop is dropped (as after `break`): nobody holds the command back
+    time.sleep(0.1)
+    assert not on_loop(buf.full)
+    assert on_loop(lambda: buf.loops) == 0
+
+
+def test_a_line_without_end_comes_in_bounded_pieces() -> None:
+    buf = _OutputBuffer(0, "stdout")
+    reader = StreamReader(buf, "stdout")
+    half = MAX_LINE_CHARS // 2
+    feed(buf, [b"a" * half] * 5 + [b"\nb"], 0.0)
+    assert [len(line) for line in reader.lines()] == [
+        MAX_LINE_CHARS,
+        MAX_LINE_CHARS,
+        half + 1,
+        1,
+    ]

@@ -131,7 +131,8 @@ def _download(conn: Connection, src: Endpoint, dst: Endpoint, quiet: bool) -> No
                 out.write(frame.data)
                 if bar is not None and task is not None:
                     bar.advance(task, len(frame.data))
-        os.chmod(temp_name, mode or 0o644)
+        # the sandbox's bits, but never set-id or writable by group and others on this host
+        os.chmod(temp_name, (mode & 0o755) | 0o600 if mode else 0o644)
         os.replace(temp_name, target)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -60,6 +60,8 @@ _LOG_HEADER = struct.Struct("<QBI")
 if TYPE_CHECKING:
     Ctx = grpc.aio.ServicerContext[Any, Any]
 _STARTED = pb.ExecResponse(started=pb.ExecStarted())
+# What a started command fails with when its sandbox goes away under it (see `_cut_off`).
+_CUT_OFF_CODES = frozenset({"UNAVAILABLE", "FAILED_PRECONDITION"})
 _R = TypeVar("_R")
 
 
@@ -375,7 +377,7 @@ class SandboxServicer:
         pump = asyncio.create_task(self._pump_exec(requests, proc, spec.stdin, init.input))
         try:
             await write(_STARTED)
-            await self._relay_exec(proc, write, pump)
+            await self._relay_exec(proc, write, pump, init.sandbox_id)
         finally:
             pump.cancel()
 
@@ -406,7 +408,7 @@ class SandboxServicer:
                 await asyncio.shield(proc.kill())
             raise
         try:
-            await self._relay_exec(proc, write, None)
+            await self._relay_exec(proc, write, None, init.sandbox_id)
         finally:
             if feed is not None:
                 feed.cancel()
@@ -433,17 +435,35 @@ class SandboxServicer:
             await write(_error_frame("INTERNAL", f"internal error: {e}"))
         return None
 
-    @staticmethod
+    def _cut_off(self, code: str, message: str, sandbox_id: str) -> tuple[str, str]:
+        """A started command's failure as reported to the client.
+
+        A command whose sandbox went away under it (stopped, its main process ended, its
+        supervisor died, its node was lost) fails with UNAVAILABLE or FAILED_PRECONDITION inside
+        the runtime. Reported as such, it reads as "try again", and a retry would run the command
+        a second time: it is reported as ABORTED ("cut off; it may have partly run"), which the
+        SDK raises as SandboxTerminatedError and never retries. This is the one place where that
+        happens. Other codes pass unchanged.
+        """
+        if code not in _CUT_OFF_CODES:
+            return code, message
+        how = self._lifecycle.how_it_ended(sandbox_id)
+        cut = f"the command was cut off: sandbox {sandbox_id} {how} while it ran"
+        return "ABORTED", cut + (f" ({message})" if message else "")
+
     async def _relay_exec(
+        self,
         proc: ExecHandle,
         write: Callable[[Any], Awaitable[None]],
         pump: asyncio.Task[str | None] | None,
+        sandbox_id: str,
     ) -> None:
         """Writes the command's output frames and exactly one terminal frame (exit or error).
 
         When the client goes away (this coroutine is cancelled, or a write fails) the command is
         killed: nobody can read it. When the input pump killed it (the request stream ended
-        without stdin_eof), the error frame says so.
+        without stdin_eof), the error frame says so. When the sandbox ended under the command,
+        the error is ABORTED (see `_cut_off`).
         """
         done = False
         try:
@@ -463,17 +483,15 @@ class SandboxServicer:
                     message = event.message
                     if pump is not None and pump.done() and not pump.cancelled():
                         message = pump.result() or message
-                    await write(_error_frame(event.code, message))
+                    await write(_error_frame(*self._cut_off(event.code, message, sandbox_id)))
                     break
             if not done:
                 done = True
-                await write(
-                    _error_frame("UNAVAILABLE", "the command's output ended without an exit")
-                )
+                await write(_error_frame(*self._cut_off("UNAVAILABLE", "", sandbox_id)))
         except (SandboxRuntimeError, ServiceError) as e:
             if not done:
                 done = True
-                await write(_error_frame(e.code, str(e)))
+                await write(_error_frame(*self._cut_off(e.code, str(e), sandbox_id)))
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -548,9 +566,12 @@ class SandboxServicer:
 
     # -- files --------------------------------------------------------------------------------
 
-    async def ReadFile(
-        self, request: pb.ReadFileRequest, context: Ctx
-    ) -> AsyncIterator[pb.ReadFileResponse]:
+    async def ReadFile(self, request: pb.ReadFileRequest, context: Ctx) -> None:
+        """The info frame, then the data. A coroutine writing with context.write() rather than
+        an async generator, so that a client that goes away mid-file (cancelled, or refusing the
+        size it was told) cancels it, and the read is closed at once: left open, its unread
+        chunks pile up on the sandbox's supervisor connection until that connection stops
+        reading, which stalls every command and transfer of the sandbox."""
         owner = await self._owner_or_abort(context)
         try:
             path = validation.validate_path(request.path, "path")
@@ -559,13 +580,19 @@ class SandboxServicer:
         except (ServiceError, SandboxRuntimeError) as e:
             await context.abort(_status(e.code), str(e))
             return
-        yield pb.ReadFileResponse(info=pb.FileInfo(size=info.size, mode=info.mode))
+        write = context.write
         try:
+            await write(pb.ReadFileResponse(info=pb.FileInfo(size=info.size, mode=info.mode)))
             async for chunk in chunks:
                 for i in range(0, len(chunk), FILE_CHUNK):
-                    yield pb.ReadFileResponse(data=chunk[i : i + FILE_CHUNK])
+                    await write(pb.ReadFileResponse(data=chunk[i : i + FILE_CHUNK]))
         except (ServiceError, SandboxRuntimeError) as e:
             await context.abort(_status(e.code), str(e))
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
 
     async def WriteFile(
         self,

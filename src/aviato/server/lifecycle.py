@@ -207,6 +207,21 @@ class Lifecycle:
         live = self._live.get(sandbox_id)
         return live.rec if live is not None else rec
 
+    def how_it_ended(self, sandbox_id: str) -> str:
+        """How a sandbox is ending or ended, for the message of a command it cut off: "was
+        stopped (lease expired)", "ended (exited with code 1)", or, while its end is not yet
+        recorded, "ended (its main process exited or its supervisor died)"."""
+        live = self._live.get(sandbox_id)
+        rec = live.rec if live is not None else self._registry.get_sandbox(sandbox_id)
+        stop_reason = live.stop_reason if live is not None else ""
+        if not stop_reason and rec is not None and rec.status == TERMINATED:
+            stop_reason = rec.reason or "stopped"
+        if stop_reason:
+            return "was stopped" + ("" if stop_reason == "stopped" else f" ({stop_reason})")
+        if rec is not None and rec.terminal:
+            return f"ended ({rec.reason or 'its main process exited'})"
+        return "ended (its main process exited or its supervisor died)"
+
     def get(self, owner: str, sandbox_id: str) -> SandboxRecord:
         return self._record(owner, sandbox_id)
 

@@ -1,0 +1,352 @@
+"""Reading a sandbox's files in bounded memory: whole (up to a cap), as chunks, or to a local file.
+
+A file's size is the sandbox's to choose (a sparse file of a terabyte costs it nothing), and the
+size the service announces is only what the file measured when the read began: it may grow
+meanwhile. So:
+
+- `read_whole` (``Sandbox.read_file``) refuses a file whose announced size is over its cap
+  before any data moves, and stops as soon as more than the cap arrives: at most the cap is
+  held (twice, for a moment, while the chunks are joined into one ``bytes``);
+- `FileStream` (``Sandbox.read_file_streaming``) asks the service for the next chunk only when
+  the caller asks for it: gRPC's flow control holds the rest back, so one chunk (256 KiB) and
+  the call's window are all it holds;
+- `download` (``Sandbox.download_file``) writes each chunk to a temporary file beside the
+  destination and renames it into place once complete: an interrupted download never leaves a
+  partial file under the real name.
+
+Retries: a whole read is retried from its start on UNAVAILABLE (it is idempotent); a stream or a
+download only until its first frame arrived, never once chunks were handed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+import grpc
+import grpc.aio
+
+from aviato._bridge import await_concurrent, get_bridge
+from aviato.exceptions import SandboxFileError
+from aviato.v1 import sandbox_pb2 as pb
+
+if TYPE_CHECKING:
+    from aviato._client import Client
+
+__all__ = ["FileStream", "download", "local_target", "open_read", "read_whole"]
+
+_EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
+
+
+def _size_text(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} bytes"
+
+
+def too_large(path: str, sandbox_id: str, size: int | None, cap: int) -> SandboxFileError:
+    """The error of a whole read over its cap: names the file, its size and the cap, and the
+    bounded ways to read it."""
+    what = (
+        f"the file is {_size_text(size)} ({size} bytes)"
+        if size is not None
+        else "more arrived (the file's size was not known in advance, or it changed while read)"
+    )
+    return SandboxFileError(
+        f"read_file {path!r}: {what}, more than read_file keeps in memory "
+        f"(max_bytes={_size_text(cap)}). Read it in chunks with "
+        f"sandbox.read_file_streaming({path!r}), or into a local file with "
+        f"sandbox.download_file({path!r}, local_path), or pass a larger max_bytes",
+        filepath=path,
+        sandbox_id=sandbox_id,
+    )
+
+
+class _Reading:
+    """One ReadFile call whose info frame has arrived (loop-side only)."""
+
+    def __init__(self, call: Any, info: pb.FileInfo, sandbox_id: str, path: str) -> None:
+        self.call = call
+        self.size: int = info.size
+        self.mode: int = info.mode
+        self.sandbox_id = sandbox_id
+        self.path = path
+        self.received = 0
+        self.ended = False
+
+    async def next(self) -> bytes | None:
+        """The next chunk, or None at the end; gRPC errors are raised as they are."""
+        if self.ended:
+            return None
+        msg = await self.call.read()
+        if msg is _EOF:
+            self.ended = True
+            # 0 is announced for files whose size is not known in advance (/proc, /sys): the
+            # service then sends what it can read, up to its own bound
+            if self.size > 0 and self.received != self.size:
+                raise SandboxFileError(
+                    f"read of {self.path!r} was truncated: {self.received} of {self.size} bytes",
+                    filepath=self.path,
+                    sandbox_id=self.sandbox_id,
+                )
+            return None
+        data: bytes = msg.data
+        self.received += len(data)
+        return data
+
+    def cancel(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.call.cancel()
+
+
+async def _open_once(
+    client: Client, sandbox_id: str, path: str, rpc_timeout: float | None
+) -> _Reading:
+    """Starts a ReadFile call and waits for its info frame; gRPC errors are raised as they are."""
+    call = client.stub.ReadFile(
+        pb.ReadFileRequest(sandbox_id=sandbox_id, path=path),
+        timeout=rpc_timeout,
+        metadata=client.metadata,
+    )
+    try:
+        first = await call.read()
+    except BaseException:
+        call.cancel()
+        raise
+    if first is _EOF or first.WhichOneof("msg") != "info":
+        call.cancel()
+        raise SandboxFileError(
+            f"read of {path!r} failed: the service sent no file header",
+            filepath=path,
+            sandbox_id=sandbox_id,
+        )
+    return _Reading(call, first.info, sandbox_id, path)
+
+
+async def open_read(
+    client: Client, sandbox_id: str, path: str, rpc_timeout: float | None
+) -> _Reading:
+    """A ReadFile call whose info frame arrived (retried on UNAVAILABLE until then)."""
+    return await client.with_retry(
+        lambda: _open_once(client, sandbox_id, path, rpc_timeout),
+        op="read file",
+        sandbox_id=sandbox_id,
+        filepath=path,
+    )
+
+
+async def read_whole(
+    client: Client, sandbox_id: str, path: str, rpc_timeout: float | None, cap: int
+) -> bytes:
+    """The whole file, if it is at most `cap` bytes; else `too_large` (see the module)."""
+
+    async def attempt() -> bytes:
+        reading = await _open_once(client, sandbox_id, path, rpc_timeout)
+        try:
+            if reading.size > cap:
+                raise too_large(path, sandbox_id, reading.size, cap)
+            chunks: list[bytes] = []
+            while (chunk := await reading.next()) is not None:
+                if reading.received > cap:
+                    raise too_large(path, sandbox_id, None, cap)
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            reading.cancel()
+
+    return await client.with_retry(attempt, op="read file", sandbox_id=sandbox_id, filepath=path)
+
+
+def _translate(err: BaseException, reading: _Reading | None, path: str) -> BaseException:
+    from aviato._client import translate_error
+
+    sandbox_id = reading.sandbox_id if reading is not None else None
+    return translate_error(err, op="read file", sandbox_id=sandbox_id, filepath=path)
+
+
+def local_target(local_path: str | os.PathLike[str]) -> Path:
+    """`local_path` as the file a download may create: not a directory, in one that exists."""
+    if isinstance(local_path, bytes) or not isinstance(local_path, str | os.PathLike):
+        kind = type(local_path).__name__
+        raise TypeError(f"download_file: local_path must be a path (str or Path), not {kind}")
+    target = Path(local_path)
+    if target.is_dir():
+        raise IsADirectoryError(
+            f"download_file: local_path {str(target)!r} is a directory; name the file to write"
+        )
+    if not target.parent.is_dir():
+        raise FileNotFoundError(
+            f"download_file: local_path {str(target)!r}: no such directory {str(target.parent)!r}"
+        )
+    return target
+
+
+class _PartFile:
+    """A download's temporary file beside its target (blocking; used from a worker thread)."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        fd, self.name = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=".part", dir=target.parent
+        )
+        self.file = os.fdopen(fd, "wb")
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+
+    def commit(self, mode: int) -> None:
+        self.file.close()
+        os.chmod(self.name, mode)
+        os.replace(self.name, self.target)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.name)
+
+
+async def download(open_: Callable[[], Awaitable[_Reading]], path: str, target: Path) -> int:
+    """Streams the file into `target` (see the module); returns its size. The local file gets
+    the sandbox file's permission bits, less set-id bits and write for group and others. File
+    I/O runs in worker threads: a slow disk must not stall the SDK's loop."""
+    loop = asyncio.get_running_loop()
+    part = await loop.run_in_executor(None, _PartFile, target)
+    reading: _Reading | None = None
+    try:
+        try:
+            reading = await open_()
+            while (chunk := await reading.next()) is not None:
+                await loop.run_in_executor(None, part.write, chunk)
+        except grpc.aio.AioRpcError as err:
+            raise _translate(err, reading, path) from None
+        await loop.run_in_executor(None, part.commit, (reading.mode & 0o755) | 0o600)
+        return reading.received
+    except BaseException:
+        part.discard()
+        raise
+    finally:
+        if reading is not None:
+            reading.cancel()
+
+
+class FileStream:
+    """The contents of a file in a sandbox, chunk by chunk (`Sandbox.read_file_streaming`).
+
+    Iterate with ``for chunk in stream`` or ``async for chunk in stream`` (from any thread or
+    event loop); each chunk is ``bytes`` (up to 256 KiB), in order. The read starts at once, but
+    each chunk is fetched only when asked for: memory stays at one chunk and the connection's
+    window whatever the file's size, and a slow consumer holds the transfer back. Raises
+    `SandboxFileError` (with ``filepath``) when the file cannot be read, or when it ended
+    shorter than announced. `size` is the size the service announced (see its docstring).
+    ``close()`` (or leaving ``with``/``async with``) ends the transfer early. Iterate it once.
+    """
+
+    def __init__(self, path: str, open_: Callable[[], Awaitable[_Reading]]) -> None:
+        self.path = path
+        self._opened = get_bridge().submit(self._open(open_))
+        self._reading: _Reading | None = None
+        self._closed = False
+
+    @staticmethod
+    async def _open(open_: Callable[[], Awaitable[_Reading]]) -> _Reading:
+        return await open_()
+
+    @property
+    def size(self) -> int | None:
+        """The file's size as announced by the service; None until the first chunk was asked
+        for, and for files whose size is not known in advance (as in /proc)."""
+        reading = self._reading
+        return reading.size if reading is not None and reading.size > 0 else None
+
+    # loop-side
+    async def _next(self) -> bytes | None:
+        if self._closed:
+            return None
+        if self._reading is None:
+            try:
+                self._reading = await asyncio.wrap_future(self._opened)
+            except BaseException:
+                self._closed = True
+                raise
+        reading = self._reading
+        try:
+            chunk = await reading.next()
+        except grpc.aio.AioRpcError as err:
+            reading.ended = True
+            raise _translate(err, reading, self.path) from None
+        if chunk is None:
+            self._closed = True
+        return chunk
+
+    def _cancel(self) -> None:
+        self._closed = True
+        if self._reading is not None:
+            self._reading.cancel()
+        elif not self._opened.done():
+            self._opened.cancel()
+        else:
+            with contextlib.suppress(BaseException):
+                self._opened.result().cancel()
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        chunk = get_bridge().run(self._next())
+        if chunk is None:
+            raise StopIteration
+        return chunk
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await await_concurrent(get_bridge().submit(self._next()))
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+    def close(self) -> None:
+        """Ends the transfer (idempotent); iteration then stops."""
+        bridge = get_bridge()
+        if bridge.started:
+            with contextlib.suppress(RuntimeError):
+                bridge.call_soon(self._cancel)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"<FileStream {self.path!r}>"
