@@ -240,6 +240,41 @@ def test_control_plane_restart_keeps_sandboxes_and_reservations(
     stub.StopSandbox(pb.StopSandboxRequest(sandbox_id=second.id, grace_seconds=1), timeout=30)
 
 
+def _host_pids_with(marker: str) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if marker.encode() in Path(entry.path, "cmdline").read_bytes():
+                    found.append(int(entry.name))
+    return found
+
+
+def test_lifetime_holds_on_a_node_while_the_control_plane_is_down(
+    ray_cluster: RayCluster, stub: SandboxServiceStub
+) -> None:
+    """The node's supervisor got the deadline: with the control plane stopped, a 4 s sandbox
+    still ends on its node, and the restarted control plane records why."""
+    marker = f"avr-deadline-{uuid.uuid4().hex[:8]}"
+    sb = _create(stub, "python3", "-c", "import time; time.sleep(600)", marker,
+                 max_lifetime_seconds=4)  # fmt: skip
+    assert _wait(stub, sb.id, terminal=False, timeout=30).status == pb.SANDBOX_STATUS_RUNNING
+    assert _host_pids_with(marker)
+    ray_cluster.stop_server()
+    try:
+        deadline = time.monotonic() + 20
+        while _host_pids_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _host_pids_with(marker) == [], "the sandbox outlived its lifetime on its node"
+    finally:
+        ray_cluster.start_server()
+    ended = _wait(stub, sb.id, terminal=True, timeout=30)
+    assert (ended.status, ended.status_reason) == (
+        pb.SANDBOX_STATUS_TERMINATED,
+        "max lifetime exceeded",
+    )
+
+
 def test_node_host_restart_reattaches(ray_cluster: RayCluster, stub: SandboxServiceStub) -> None:
     """Ray restarts a killed node host on its node; the sandboxes (own sessions, not killed
     with the worker) keep running, and the restarted host re-attaches them."""

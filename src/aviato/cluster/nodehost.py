@@ -262,6 +262,13 @@ class NodeHost:
     async def kill(self, sandbox_id: str) -> MainExit:
         return await (await self._handle(sandbox_id)).kill()
 
+    async def set_deadline(
+        self, sandbox_id: str, at_ns: int, why: str, grace_seconds: float
+    ) -> None:
+        """Passes the control plane's deadline to the sandbox's supervisor, which enforces it
+        also while the control plane (or this node host) is down."""
+        await (await self._handle(sandbox_id)).set_deadline(at_ns, why, grace_seconds)
+
     async def cleanup(self, sandbox_id: str) -> None:
         self._handles.pop(sandbox_id, None)
         if self._holdings.pop(sandbox_id, None) is not None:

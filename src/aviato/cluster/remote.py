@@ -536,6 +536,9 @@ class RemoteSandbox(SandboxHandle):
     async def kill(self) -> MainExit:
         return await self._ended(lambda: self._rt.call("kill", self.sandbox_id))
 
+    async def set_deadline(self, at_ns: int, why: str, grace_seconds: float) -> None:
+        await self._rt.call("set_deadline", self.sandbox_id, at_ns, why, grace_seconds)
+
 
 class RemoteExec(ExecHandle):
     def __init__(self, runtime: NodeRuntime, exec_id: str, items: AsyncIterator[Any]) -> None:
