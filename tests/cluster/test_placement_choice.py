@@ -75,3 +75,41 @@ def test_place_waits_with_a_reason_then_fails_at_the_deadline(tmp_path: Path) ->
 
     asyncio.run(main())
     assert reasons and "memory 8Gi" in reasons[0]
+
+
+def test_each_node_host_bounds_all_its_sandboxes(tmp_path: Path) -> None:
+    """A node host writes the bound on all of its sandboxes together to its parent cgroup, as a
+    local service does: the operator's value, and where none was given, its own machine's
+    default (not the control plane's)."""
+    import os
+    import secrets
+
+    from reliability.harness import remove_cgroup_parent
+
+    from aviato.cluster.nodehost import NodeHost
+    from aviato.cluster.placement import node_host_args
+    from aviato.runtime.cgroups import default_parent_memory_bytes
+
+    if os.geteuid() != 0:
+        pytest.skip("writing cgroup limits needs root here")
+    parent = f"aviato-test-{secrets.token_hex(4)}"
+    config = ServerConfig(state_dir=tmp_path / "cp", ray_node_state_dir=str(tmp_path),
+                          cgroup_parent=parent, cgroup_memory_bytes=None,
+                          cgroup_pids=1234)  # fmt: skip
+    host = NodeHost(*node_host_args(config, "n" * 16))
+
+    async def limits() -> tuple[int | None, int | None]:
+        runtime = host._new_runtime()
+        try:
+            if not runtime.cgroups.available:
+                pytest.skip(f"no cgroups: {runtime.cgroups.reason}")
+            return runtime.cgroups.parent_limits()
+        finally:
+            await runtime.close()
+
+    try:
+        memory, pids = asyncio.run(limits())
+    finally:
+        remove_cgroup_parent(parent)
+    assert pids == 1234
+    assert memory is not None and abs(memory - default_parent_memory_bytes()) < 1 << 20

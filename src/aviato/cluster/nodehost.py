@@ -89,8 +89,13 @@ class NodeHost:
         default_memory_bytes: int,
         insecure_registries: tuple[str, ...] = (),
         image_limits: PullLimits | None = None,
+        cgroup_parent: str = "aviato",
+        parent_memory_bytes: int | None = 0,
+        parent_pids: int | None = 0,
     ) -> None:
         self._state_dir = Path(state_dir)
+        self._cgroup_parent = cgroup_parent
+        self._parent_limits = (parent_memory_bytes, parent_pids)
         self._insecure_registries = tuple(insecure_registries)
         self._image_limits = image_limits
         self._lease = lease_seconds
@@ -141,6 +146,7 @@ class NodeHost:
 
     def _new_runtime(self) -> Any:
         """This node's LocalRuntime, its state directory made private first (aviato._private)."""
+        from aviato.runtime.cgroups import ParentLimits
         from aviato.runtime.local import LocalRuntime
 
         secure_tree(self._state_dir)
@@ -148,6 +154,8 @@ class NodeHost:
             self._state_dir,
             max_sandboxes=self._max,
             default_memory_bytes=self._default_memory,
+            cgroup_parent=self._cgroup_parent,
+            parent_limits=ParentLimits.of_this_machine(*self._parent_limits),
             insecure_registries=self._insecure_registries,
             image_limits=self._image_limits,
         )

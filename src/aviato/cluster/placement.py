@@ -120,8 +120,9 @@ class _Unplaced(Runtime):
 
 def node_host_args(config: ServerConfig, node_id: str) -> tuple[Any, ...]:
     """The arguments of the node host on `node_id`: where its state lives, its lease, its
-    bounds, and what its image pulls may do (the operator's insecure registries and pull
-    limits hold on every node, as on a local service)."""
+    bounds, what its image pulls may do (the operator's insecure registries and pull
+    limits hold on every node, as on a local service), and the bound on all of its sandboxes
+    together (the operator's values, or where none was given, each node's own default)."""
     return (
         os.path.join(config.ray_node_state_dir, node_id[:16]),
         config.ray_node_lease_seconds,
@@ -129,6 +130,9 @@ def node_host_args(config: ServerConfig, node_id: str) -> tuple[Any, ...]:
         config.default_memory_bytes,
         config.insecure_registries,
         config.image_limits(),
+        config.cgroup_parent,
+        config.cgroup_memory_bytes,
+        config.cgroup_pids,
     )
 
 

@@ -80,6 +80,39 @@ class ParentLimits:
     memory_bytes: int = 0
     pids: int = 0
 
+    @classmethod
+    def of_this_machine(cls, memory_bytes: int | None, pids: int | None) -> ParentLimits:
+        """The given limits, and where one is None, this machine's default for it (so that
+        each node of a cluster bounds its sandboxes by its own size)."""
+        return cls(
+            default_parent_memory_bytes() if memory_bytes is None else memory_bytes,
+            default_parent_pids() if pids is None else pids,
+        )
+
+
+def _read_int(path: str, prefix: str = "", scale: int = 1) -> int | None:
+    """The integer in `path` (or on its line starting with `prefix`), times `scale`."""
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                if line.startswith(prefix):
+                    return int(line[len(prefix) :].split()[0]) * scale
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def default_parent_memory_bytes() -> int:
+    """3/4 of this machine's MemTotal (0, i.e. no limit, when it cannot be read)."""
+    return (_read_int("/proc/meminfo", "MemTotal:", 1024) or 0) * 3 // 4
+
+
+def default_parent_pids() -> int:
+    """Half of the smaller of kernel.pid_max and kernel.threads-max (0 when unknown)."""
+    found = [n for n in (_read_int("/proc/sys/kernel/pid_max"),
+                         _read_int("/proc/sys/kernel/threads-max")) if n]  # fmt: skip
+    return min(found) // 2 if found else 0
+
 
 @dataclass(frozen=True)
 class Mount:

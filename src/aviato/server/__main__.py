@@ -27,8 +27,6 @@ from aviato.server.config import (
     DEFAULT_MAX_SANDBOXES,
     DEFAULT_MIN_FREE_DISK_BYTES,
     ServerConfig,
-    default_cgroup_memory_bytes,
-    default_cgroup_pids,
     default_min_free_memory_bytes,
     parse_listen,
     resolve_state_dir,
@@ -271,10 +269,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             disk_bytes=args.owner_max_disk,
         ),
         cgroup_parent=parent,
-        cgroup_memory_bytes=(
-            default_cgroup_memory_bytes() if args.cgroup_memory is None else args.cgroup_memory
-        ),
-        cgroup_pids=default_cgroup_pids() if args.cgroup_pids is None else args.cgroup_pids,
+        cgroup_memory_bytes=args.cgroup_memory,
+        cgroup_pids=args.cgroup_pids,
         log_level=args.log_level.upper(),
         default_image=args.default_image,
         insecure_registries=tuple(dict.fromkeys(insecure)),

@@ -275,7 +275,7 @@ def _build_placement(config: ServerConfig) -> Placement:
         default_memory_bytes=config.default_memory_bytes,
         default_disk_bytes=config.default_disk_bytes,
         cgroup_parent=config.cgroup_parent,
-        parent_limits=ParentLimits(config.cgroup_memory_bytes, config.cgroup_pids),
+        parent_limits=ParentLimits.of_this_machine(config.cgroup_memory_bytes, config.cgroup_pids),
         insecure_registries=config.insecure_registries,
         image_limits=config.image_limits(),
     )

@@ -22,8 +22,6 @@ __all__ = [
     "DEFAULT_MIN_FREE_DISK_BYTES",
     "ServerConfig",
     "available_memory_bytes",
-    "default_cgroup_memory_bytes",
-    "default_cgroup_pids",
     "default_min_free_memory_bytes",
     "free_disk_bytes",
     "host_memory_bytes",
@@ -99,25 +97,6 @@ def host_memory_bytes() -> int:
     return _meminfo_bytes("MemTotal") or 0
 
 
-def _proc_int(path: str) -> int | None:
-    try:
-        with open(path, encoding="ascii") as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def default_cgroup_memory_bytes() -> int:
-    """The default memory bound of all sandboxes together: 3/4 of MemTotal (0 when unknown)."""
-    return host_memory_bytes() * 3 // 4
-
-
-def default_cgroup_pids() -> int:
-    """The default bound on the tasks of all sandboxes together: half of the smaller of
-    kernel.pid_max and kernel.threads-max (0 when neither can be read)."""
-    found = [n for n in (_proc_int("/proc/sys/kernel/pid_max"),
-                         _proc_int("/proc/sys/kernel/threads-max")) if n]  # fmt: skip
-    return min(found) // 2 if found else 0
 
 
 @dataclass(frozen=True)
@@ -137,7 +116,8 @@ class ServerConfig:
     `owner_quota` bounds each owner's live sandboxes (docs in `quotas`; an owner's own row in the
     registry replaces it). `cgroup_parent` is the cgroup under which every sandbox gets its own;
     `cgroup_memory_bytes` and `cgroup_pids` are written to that parent at start, so that all
-    sandboxes together cannot take more of the host (0: the parent's limit is left as it is).
+    sandboxes together cannot take more of the host (0: the parent's limit is left as it is;
+    None: the default of each machine that runs sandboxes, `ParentLimits.of_this_machine`).
     """
 
     state_dir: Path
@@ -153,8 +133,8 @@ class ServerConfig:
     default_disk_bytes: int = 1 << 30
     owner_quota: Quota = field(default_factory=Quota)
     cgroup_parent: str = "aviato"
-    cgroup_memory_bytes: int = 0
-    cgroup_pids: int = 0
+    cgroup_memory_bytes: int | None = 0
+    cgroup_pids: int | None = 0
     default_max_lifetime_seconds: float = DEFAULT_MAX_LIFETIME_SECONDS
     default_stop_grace_seconds: float = 10.0
     reaper_interval_seconds: float = 0.5
