@@ -213,6 +213,18 @@ def _proc_stat(pid: int) -> tuple[int, int] | None:
         return None
 
 
+def _sandbox_running(directory: Path) -> bool | None:
+    """Whether the sandbox with state `directory` (of any service of this host) still runs: its
+    bwrap (pid and start time from runtime.json) is alive. None while it has no record."""
+    try:
+        record = json.loads((directory / "runtime.json").read_text())
+        pid, starttime = int(record["pid"]), int(record["starttime"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    stat = _proc_stat(pid)
+    return stat is not None and stat[1] == starttime
+
+
 def _children(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
@@ -614,7 +626,7 @@ class LocalRuntime(Runtime):
         self._userns: OwnUserns | None = None
         self._ranges: IdRanges | None = None
         if not self._rootless:
-            self._ranges = IdRanges(self._state_dir)
+            self._ranges = IdRanges(self._state_dir, _sandbox_running)
             self._userns = OwnUserns(str(self._state_dir), STAGE_AT)
             os.makedirs(STAGE_AT, mode=0o755, exist_ok=True)
             if self._supervisor:

@@ -29,7 +29,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,24 +61,21 @@ class IdRange:
         return ["--userns", f"{self.base}:{COUNT}"]
 
 
-def _alive(pid: int, starttime: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    fields = data[data.rfind(b")") + 2 :].split()
-    try:
-        return int(fields[19]) == starttime
-    except (IndexError, ValueError):
-        return False
-
-
 class IdRanges:
-    """The host-wide claims of uid ranges, as seen by the service of `state_dir`."""
+    """The host-wide claims of uid ranges, as seen by the service of `state_dir`.
 
-    def __init__(self, state_dir: Path, claims: Path = CLAIMS) -> None:
+    `running(directory)` tells whether the sandbox whose state directory that is still runs
+    (None: it has no record yet); the runtime knows its records, of every service of the host.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        running: Callable[[Path], bool | None],
+        claims: Path = CLAIMS,
+    ) -> None:
         self._state = str(Path(state_dir).absolute())
+        self._running = running
         self._claims = claims
         claims.mkdir(parents=True, exist_ok=True)
         os.chmod(claims, 0o700)
@@ -110,18 +107,16 @@ class IdRanges:
         data["_mtime"] = mtime
         return data
 
-    @staticmethod
-    def _stale(owner: dict[str, object]) -> bool:
+    def _stale(self, owner: dict[str, object]) -> bool:
         directory = Path(str(owner.get("state_dir", ""))) / "sandboxes" / str(owner.get("id", ""))
         if not owner.get("state_dir") or not owner.get("id") or not directory.is_dir():
             return True
-        try:
-            record = json.loads((directory / "runtime.json").read_text())
-        except (OSError, ValueError):
+        running = self._running(directory)
+        if running is None:  # no record yet: a create in progress, or one that died half-way
             mtime = owner.get("_mtime", 0.0)
             age = time.time() - (mtime if isinstance(mtime, float) else 0.0)
             return age > _CREATING_GRACE_S
-        return not _alive(int(record.get("pid", 0)), int(record.get("starttime", -1)))
+        return not running
 
     def claim(self, sandbox_id: str) -> IdRange:
         """A range of its own for the sandbox `sandbox_id` of this service."""
