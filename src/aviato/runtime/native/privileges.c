@@ -95,10 +95,10 @@ static int caps_set(uint64_t eff, uint64_t prm, uint64_t inh) {
     return (int)syscall(SYS_capset, &h, d);
 }
 
-/* Drops every capability outside `keep` from the bounding set (needs CAP_SETPCAP). */
-static int bounding_keep(uint64_t keep) {
+/* Drops every capability of `have` outside `keep` from the bounding set (needs CAP_SETPCAP). */
+static int bounding_keep(uint64_t have, uint64_t keep) {
     for (int c = 0; c <= LAST_CAP; c++) {
-        if (keep & BIT(c)) continue;
+        if ((keep & BIT(c)) || !(have & BIT(c))) continue;
         if (syscall(SYS_prctl, PR_CAPBSET_DROP, c, 0, 0, 0) < 0 && errno != EINVAL) return -1;
     }
     return 0;
@@ -139,7 +139,7 @@ int priv_supervisor_init(const struct sandbox_user *user) {
     if (caps_set(prm, prm, 0) < 0) return -1;
     if (user->uid != 0) give_writable_layer(user);
     if (syscall(SYS_prctl, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0) return -1;
-    if (bounding_keep(SUPERVISOR_CAPS) < 0) return -1;
+    if (bounding_keep(~0ull, SUPERVISOR_CAPS) < 0) return -1;
     /* File operations (reads and writes the service asks for) as the sandbox's user. */
     gid_t g = user->gid;
     if (syscall(SYS_setgroups, 1, &g) < 0) return -1;
@@ -156,7 +156,8 @@ int priv_supervisor_init(const struct sandbox_user *user) {
 int priv_child_become(const struct sandbox_user *user, int protected) {
     uint64_t keep = protected ? PROTECTED_CAPS : 0;
     if (caps_set(g_permitted, g_permitted, keep) < 0) return -1;
-    if (bounding_keep(keep) < 0) return -1;
+    /* The supervisor's bounding set is SUPERVISOR_CAPS already: a few calls, not 64. */
+    if (bounding_keep(SUPERVISOR_CAPS, keep) < 0) return -1;
     if (syscall(SYS_prctl, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0) return -1;
     if (protected && syscall(SYS_prctl, PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0) return -1;
     uid_t uid = protected ? user->protected_id : user->uid;
