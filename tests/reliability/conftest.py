@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from .harness import Service
+from .harness import Service, service
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -20,12 +20,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="module")
 def svc() -> Iterator[Service]:
-    service = Service()
-    try:
-        service.start()
-        yield service
-    finally:
-        service.finish()
+    with service() as running:
+        yield running
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from reliability.harness import Service, spawn_sdk_script
+from reliability.harness import Service, service, spawn_sdk_script
 
 SCRIPT = r"""
 import concurrent.futures as cf, json, sys
@@ -78,12 +78,8 @@ DISK_FULL = "No space left on device"
 
 @pytest.fixture(scope="module")
 def svc() -> Iterator[Service]:
-    service = Service()
-    try:
-        service.start()
-        yield service
-    finally:
-        service.finish()
+    with service() as running:
+        yield running
 
 
 def _disk_full(outcome: str) -> bool:
