@@ -277,10 +277,13 @@ def test_memory_limit_oom_kills_with_137(state_dir: Path, supervisor_bin: Path) 
     assert result.reason == "OOMKilled"
 
 
-def test_default_limits_always_on(state_dir: Path, supervisor_bin: Path) -> None:
+def test_limits_of_the_config_reach_the_cgroup(state_dir: Path, supervisor_bin: Path) -> None:
+    """The config carries its limits resolved (the service's defaults when a spec names none:
+    tests/server/test_sandboxes.py); the runtime applies exactly those."""
+
     async def body(rt: LocalRuntime) -> tuple[str, str]:
         needs_cgroups(rt)
-        h = await rt.create(config())
+        h = await rt.create(config(memory_bytes=300 * MiB, pids=77))
         assert isinstance(h, LocalSandbox) and h.cgroup is not None
         mem = Path(h.cgroup.dirs["memory"], "memory.limit_in_bytes")
         if h.cgroup.version == 2:
@@ -288,9 +291,7 @@ def test_default_limits_always_on(state_dir: Path, supervisor_bin: Path) -> None
         pids = Path(h.cgroup.dirs["pids"], "pids.max")
         return mem.read_text().strip(), pids.read_text().strip()  # noqa: ASYNC240
 
-    mem, pids = run_with(
-        state_dir, supervisor_bin, body, default_memory_bytes=300 * MiB, default_pids=77
-    )
+    mem, pids = run_with(state_dir, supervisor_bin, body)
     assert (int(mem), int(pids)) == (300 * MiB, 77)
 
 
@@ -358,8 +359,8 @@ def test_limits_refused_when_cgroups_unavailable(state_dir: Path, supervisor_bin
         rt.cgroups.available = False
         rt.cgroups.reason = "simulated: no delegation"
         with pytest.raises(LimitsUnavailable, match="simulated"):
-            await rt.create(config(memory_bytes=64 * MiB))
-        h = await rt.create(config())
+            await rt.create(config(memory_bytes=64 * MiB, asked_limits=frozenset({"memory"})))
+        h = await rt.create(config())  # the default limits: best effort
         assert isinstance(h, LocalSandbox) and h.cgroup is None
         assert (await sh(h, "echo ok"))[1] == "ok\n"
         await h.kill()

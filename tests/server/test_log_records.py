@@ -10,7 +10,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aviato.server.api import _tail_offset, parse_log_records
+from aviato.server.logs_api import _tail_offset, parse_log_records
 
 
 def record(i: int, stream: int, data: bytes) -> bytes:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from pathlib import Path
 
 import pytest
 
+from aviato.runtime.model import SandboxConfig
 from aviato.server import auth
 from aviato.server.errors import InvalidArgument, Unauthenticated
+from aviato.server.records import SandboxStatus
 from aviato.server.registry import (
     ALL_STATUSES,
     COMPLETED,
@@ -27,21 +30,31 @@ def registry(tmp_path: Path) -> Registry:
     return Registry(tmp_path / "registry.db")
 
 
+CONFIG = SandboxConfig(sandbox_id="", image="host", command=("sleep", "1"), env={"A": "1"},
+                       working_dir="/w", cpu_millis=500, memory_bytes=64 << 20,
+                       asked_limits=frozenset({"cpu", "memory"}),
+                       mounted_files=(("/etc/x", b""),),
+                       node_selector=(("pool", "a"),))  # fmt: skip
+
+
 def rec(
-    i: int, owner: str = "local", tags: tuple[str, ...] = (), status: int = RUNNING
+    i: int,
+    owner: str = "local",
+    tags: tuple[str, ...] = (),
+    status: SandboxStatus = RUNNING,
 ) -> SandboxRecord:
     return SandboxRecord(
-        id=f"sbx-{i:04d}", owner=owner, request_id=f"req-{i}", status=status, spec=b"\x01",
-        created_ns=1_000 + i, tags=tags,
+        id=f"sbx-{i:04d}", owner=owner, request_id=f"req-{i}", status=status,
+        config=CONFIG, created_ns=1_000 + i, tags=tags, max_lifetime_seconds=60.0,
     )  # fmt: skip
 
 
 def test_wal_and_migrations(tmp_path: Path) -> None:
     r = Registry(tmp_path / "r.db")
-    assert r.schema_version == 2
+    assert r.schema_version == 3
     r.close()
     r = Registry(tmp_path / "r.db")  # re-opening applies nothing twice
-    assert r.schema_version == 2
+    assert r.schema_version == 3
     mode = sqlite3.connect(tmp_path / "r.db").execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
 
@@ -50,7 +63,10 @@ def test_insert_get_update_delete(registry: Registry) -> None:
     r = rec(1, tags=("a", "b"))
     registry.insert_sandbox(r)
     got = registry.get_sandbox(r.id)
-    assert got is not None and got.request_id == "req-1" and got.spec == b"\x01"
+    assert got is not None and got.request_id == "req-1"
+    # The resolved model comes back whole (with the sandbox's id), tags and lifetime too.
+    assert got.config == dataclasses.replace(CONFIG, sandbox_id=r.id)
+    assert (got.tags, got.max_lifetime_seconds) == (("a", "b"), 60.0)
     assert registry.get_by_request("local", "req-1") == got
     assert registry.get_by_request("other", "req-1") is None
     r.status, r.reason, r.exit_code, r.ended_ns = COMPLETED, "", 0, 5
@@ -107,7 +123,7 @@ def test_tag_filter_is_all_of_and_status_filter(registry: Registry) -> None:
     registry.insert_sandbox(rec(3, tags=("a", "b", "c"), status=COMPLETED))
     registry.insert_sandbox(rec(4, tags=("b",), status=PENDING))
 
-    def ids(tags: tuple[str, ...], statuses: frozenset[int] = ALL_STATUSES) -> list[str]:
+    def ids(tags: tuple[str, ...], statuses: frozenset[SandboxStatus] = ALL_STATUSES) -> list[str]:
         page, _ = registry.list_sandboxes("local", statuses=statuses, tags=tags)
         return [r.id[-1] for r in page]
 

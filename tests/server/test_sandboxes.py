@@ -8,7 +8,7 @@ import uuid
 
 import grpc
 import pytest
-from server_helpers import TERMINAL, Client, S, ServerProcess, code_of
+from server_helpers import TERMINAL, Client, S, ServerProcess, code_of, sandbox_cgroups
 
 from aviato.v1 import sandbox_pb2 as pb
 
@@ -21,6 +21,31 @@ def test_server_info(server: ServerProcess) -> None:
     assert info.state_dir == str(server.state_dir)
     assert info.max_sandboxes > 0
     assert (server.state_dir / "aviato.sock").stat().st_mode & 0o777 == 0o600
+
+
+def test_default_limits_are_applied_and_answered(server: ServerProcess) -> None:
+    """A spec that names no limits gets the service's defaults, resolved once at validation:
+    the runtime's cgroup holds them and the answer says them."""
+    c = server.client()
+    sb = c.running(tags=["t-defaults"])
+    res = sb.spec.resources
+    assert (res.cpu, res.memory, res.pids, res.disk) == ("", "1Gi", 1024, "1Gi")
+    asked = c.running(resources={"memory": "300Mi", "pids": 77})
+    assert (asked.spec.resources.memory, asked.spec.resources.pids) == ("300Mi", 77)
+    try:
+        for sandbox, memory, pids in ((sb, 1 << 30, 1024), (asked, 300 << 20, 77)):
+            dirs = sandbox_cgroups({sandbox.id}, server.cgroup_parent)
+            if not dirs:
+                pytest.skip("this host gives sandboxes no cgroups")
+            names = ("memory.limit_in_bytes", "memory.max", "pids.max")
+            found = {
+                p.name: int(p.read_text()) for d in dirs for n in names if (p := d / n).exists()
+            }
+            assert found.get("memory.limit_in_bytes", found.get("memory.max")) == memory
+            assert found["pids.max"] == pids
+    finally:
+        c.stop(sb.id)
+        c.stop(asked.id)
 
 
 def test_create_get_and_states(server: ServerProcess) -> None:

@@ -7,15 +7,31 @@ from typing import Any
 
 import pytest
 
+from aviato.runtime.model import DEFAULT_DISK_BYTES, DEFAULT_MEMORY_BYTES, DEFAULT_PIDS
+from aviato.server.codec import decode_exec_init as validate_exec_init
+from aviato.server.codec import decode_spec, encode_sandbox
 from aviato.server.errors import InvalidArgument
+from aviato.server.records import SandboxRecord, SandboxStatus, ValidSpec
 from aviato.server.validation import (
-    validate_exec_init,
+    SpecDefaults,
     validate_file_mode,
     validate_path,
     validate_request_id,
-    validate_spec,
 )
 from aviato.v1 import sandbox_pb2 as pb
+
+
+def validate_spec(message: pb.SandboxSpec) -> ValidSpec:
+    return decode_spec(message, SpecDefaults())
+
+
+def answered_spec(valid: ValidSpec) -> pb.SandboxSpec:
+    """The spec a Get answers for a sandbox created from `valid`."""
+    rec = SandboxRecord(id="sbx-1", owner="o", request_id="r", status=SandboxStatus.PENDING,
+                        config=valid.config, created_ns=1, tags=valid.tags,
+                        max_lifetime_seconds=valid.max_lifetime_seconds)  # fmt: skip
+    return encode_sandbox(rec).spec
+
 
 MiB = 1 << 20
 
@@ -112,15 +128,21 @@ def test_valid_spec_maps_to_config() -> None:
     assert c.network == "none"
     assert valid.tags == ("a", "b")
     assert valid.max_lifetime_seconds == 60
-    assert list(valid.spec.tags) == ["a", "b"]
-    assert valid.spec.image == "host"
+    assert c.asked_limits == {"cpu", "memory", "pids", "disk"}
+    assert list(answered_spec(valid).tags) == ["a", "b"]
+    assert answered_spec(valid).image == "host"
 
 
 def test_defaults() -> None:
     valid = validate_spec(pb.SandboxSpec())
     assert valid.config.command == ()
-    assert valid.config.memory_bytes is None
-    assert valid.max_lifetime_seconds == 0
+    # Resolved here, once: the sandbox gets the service's defaults (SpecDefaults()'s here).
+    c = valid.config
+    assert (c.cpu_millis, c.memory_bytes, c.pids, c.disk_bytes) == (
+        None, DEFAULT_MEMORY_BYTES, DEFAULT_PIDS, DEFAULT_DISK_BYTES
+    )  # fmt: skip
+    assert c.asked_limits == frozenset()
+    assert valid.max_lifetime_seconds == SpecDefaults().max_lifetime_seconds
     assert validate_spec(spec(image="python:3.11")).config.image == "python:3.11"
     assert validate_spec(spec(image="127.0.0.1:5000/lib/busybox:1.36")).config.image
 

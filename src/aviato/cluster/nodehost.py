@@ -153,7 +153,6 @@ class NodeHost:
         return LocalRuntime(
             self._state_dir,
             max_sandboxes=self._max,
-            default_memory_bytes=self._default_memory,
             cgroup_parent=self._cgroup_parent,
             parent_limits=ParentLimits.of_this_machine(*self._parent_limits),
             insecure_registries=self._insecure_registries,

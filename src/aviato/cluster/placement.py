@@ -44,8 +44,8 @@ from aviato._private import private_dir
 from aviato.cluster.remote import NODE_HOST_LOST, NodeRuntime
 from aviato.runtime.base import MainExit, Runtime, SandboxConfig, SandboxHandle, SandboxRuntimeError
 from aviato.server.config import ServerConfig
-from aviato.server.lifecycle import format_bytes
 from aviato.server.placement import Placement, UnknownNode
+from aviato.server.quantities import format_bytes
 
 __all__ = ["PlacementTimeout", "RayPlacement", "RayUnavailable"]
 
@@ -346,8 +346,8 @@ class RayPlacement(Placement):
 
     def request_of(self, config: SandboxConfig) -> tuple[float, float]:
         """(cpu, memory bytes) a sandbox reserves on its node."""
-        cpu = (config.cpu_millis or 0) / 1000
-        memory = float(config.memory_bytes or self._config.default_memory_bytes)
+        cpu = (config.cpu_millis or 0) / 1000  # no cpu limit reserves no cpu
+        memory = float(config.memory_bytes)
         return cpu, memory
 
     def choose(self, config: SandboxConfig) -> _Node | str:

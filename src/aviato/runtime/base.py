@@ -13,8 +13,34 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+# The model of a sandbox spec and an exec request lives in `model`; re-exported here because
+# every runtime and placement works against these names.
+from aviato.runtime.model import ExecSpec, RegistryCredentials, SandboxConfig
+
+__all__ = [
+    "CapacityExhausted",
+    "ExecEvent",
+    "ExecExit",
+    "ExecFailed",
+    "ExecHandle",
+    "ExecOutput",
+    "ExecSpec",
+    "FileInfo",
+    "FileNotFound",
+    "LimitsUnavailable",
+    "MainExit",
+    "PathRefused",
+    "PermissionRefused",
+    "RegistryCredentials",
+    "Runtime",
+    "SandboxConfig",
+    "SandboxGone",
+    "SandboxHandle",
+    "SandboxRuntimeError",
+]
 
 
 class SandboxRuntimeError(Exception):
@@ -52,55 +78,6 @@ class LimitsUnavailable(SandboxRuntimeError):
     delegation, a protected command without a user namespace of its own)."""
 
     code = "FAILED_PRECONDITION"
-
-
-@dataclass(frozen=True)
-class RegistryCredentials:
-    """How to log in to an image registry: a username and password, or a bearer token."""
-
-    username: str = ""
-    password: str = ""
-    token: str = ""
-
-    def __repr__(self) -> str:  # never print secrets in logs or tracebacks
-        return f"RegistryCredentials(username={self.username!r}, ...)"
-
-
-@dataclass(frozen=True)
-class SandboxConfig:
-    """A validated sandbox spec, in the units the runtime needs."""
-
-    sandbox_id: str
-    image: str
-    command: tuple[str, ...]  # empty: keep-alive that exits 0 on SIGTERM
-    env: dict[str, str]
-    working_dir: str  # absolute; "" means the image default
-    cpu_millis: int | None = None
-    memory_bytes: int | None = None
-    pids: int | None = None
-    disk_bytes: int | None = None
-    mounted_files: tuple[tuple[str, bytes], ...] = ()
-    network: str = "none"
-    # OCI images: credentials for pulling `image` (None: the service's Docker config or
-    # anonymous), and whether an empty `command` runs the image's Entrypoint + Cmd instead of
-    # the keep-alive.
-    registry_credentials: RegistryCredentials | None = None
-    image_command: bool = False
-    # Labels a cluster placement must find on the node (SandboxSpec.node_selector).
-    node_selector: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class ExecSpec:
-    argv: tuple[str, ...]
-    cwd: str = ""
-    env: dict[str, str] = field(default_factory=dict)
-    timeout_seconds: float = 0.0
-    stdin: bool = False
-    tty: bool = False
-    rows: int = 24
-    cols: int = 80
-    protected: bool = False  # nothing else in the sandbox can touch it (docs/security.md)
 
 
 @dataclass(frozen=True)

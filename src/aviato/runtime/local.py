@@ -572,8 +572,8 @@ class LocalSandbox(SandboxHandle):
 class LocalRuntime(Runtime):
     """Sandboxes on this machine. State under `state_dir/sandboxes/`.
 
-    Limits are always on when cgroups are manageable: a sandbox that asks for none gets
-    `default_memory_bytes` and `default_pids`; `default_disk_bytes` sizes its writable layer.
+    Limits are always on when cgroups are manageable: every config carries its memory, pids and
+    disk, resolved by the service (`runtime.model`); the runtime applies no default of its own.
     `max_sandboxes` caps the running sandboxes of this runtime object (CapacityExhausted beyond).
     `bwrap` and `supervisor` override the binaries (tests, packaging); `cgroup_parent` is the
     cgroup directory, relative to each hierarchy's root, under which sandboxes get theirs, and
@@ -585,9 +585,6 @@ class LocalRuntime(Runtime):
         self,
         state_dir: Path,
         *,
-        default_memory_bytes: int = GiB,
-        default_pids: int = 1024,
-        default_disk_bytes: int = GiB,
         max_sandboxes: int = 512,
         cgroup_parent: str = "aviato",
         parent_limits: ParentLimits | None = None,
@@ -599,9 +596,6 @@ class LocalRuntime(Runtime):
     ) -> None:
         self._state_dir = Path(state_dir).absolute()
         self._sandboxes = private_dir(self._state_dir / "sandboxes")
-        self._default_memory = default_memory_bytes
-        self._default_pids = default_pids
-        self._default_disk = default_disk_bytes
         self._max = max_sandboxes
         self._connect_timeout = connect_timeout
         self._rootless = os.geteuid() != 0
@@ -706,10 +700,6 @@ class LocalRuntime(Runtime):
             "state_dir": str(self._state_dir),
             "max_sandboxes": str(self._max),
             "fd_limit": str(self._fd_limit),
-            "default_limits": (
-                f"memory {self._default_memory} B, pids {self._default_pids}, "
-                f"disk {self._default_disk} B"
-            ),
         }
         if self._bwrap is not None:
             facts.update(self._bwrap.describe())
@@ -757,7 +747,7 @@ class LocalRuntime(Runtime):
         Built-in images resolve by name; any other name is an OCI image from the store, pulled
         first when missing. Records which image the sandbox uses (so prune keeps it).
         """
-        disk = config.disk_bytes or self._default_disk
+        disk = config.disk_bytes
         if not config.image or config.image in images.known_images():
             if config.image_command and not config.command:
                 raise SpecRefused(f"image {config.image or 'host'!r} has no Entrypoint or Cmd")
@@ -798,15 +788,10 @@ class LocalRuntime(Runtime):
     # --- create ---
 
     def _limits_for(self, config: SandboxConfig) -> Limits | None:
-        asked = [
-            name
-            for name, value in (
-                ("memory", config.memory_bytes),
-                ("pids", config.pids),
-                ("cpu", config.cpu_millis),
-            )
-            if value is not None
-        ]
+        """The cgroup limits of the sandbox (resolved by the service: none defaulted here)."""
+        asked = [name for name in ("memory", "pids", "cpu") if name in config.asked_limits]
+        if config.cpu_millis is not None and "cpu" not in asked:
+            asked.append("cpu")
         if not self._cgroups.available:
             if asked:
                 raise LimitsUnavailable(
@@ -823,9 +808,7 @@ class LocalRuntime(Runtime):
             if value is not None and value <= 0:
                 raise SpecRefused(f"{name} limit must be positive, got {value}")
         return Limits(
-            memory_bytes=config.memory_bytes or self._default_memory,
-            pids=config.pids or self._default_pids,
-            cpu_millis=config.cpu_millis,
+            memory_bytes=config.memory_bytes, pids=config.pids, cpu_millis=config.cpu_millis
         )
 
     def _check_create(self, config: SandboxConfig) -> None:
@@ -858,7 +841,7 @@ class LocalRuntime(Runtime):
             # The host image's layout is known without I/O (scanned once at start), so where a
             # mounted file or the working directory may go is checked now; other images only
             # once they are pulled, in create.
-            root = images.resolve_image(config.image, config.disk_bytes or self._default_disk)
+            root = images.resolve_image(config.image, config.disk_bytes)
             root.workdir_args(config.working_dir)
             root.file_mount_args([(path, "/dev/null") for path, _ in config.mounted_files])
 

@@ -272,8 +272,6 @@ def _build_placement(config: ServerConfig) -> Placement:
     runtime = LocalRuntime(
         config.state_dir,
         max_sandboxes=config.max_sandboxes or 1_000_000,
-        default_memory_bytes=config.default_memory_bytes,
-        default_disk_bytes=config.default_disk_bytes,
         cgroup_parent=config.cgroup_parent,
         parent_limits=ParentLimits.of_this_machine(config.cgroup_memory_bytes, config.cgroup_pids),
         insecure_registries=config.insecure_registries,

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aviato.images.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_ENTRIES, PullLimits
+from aviato.runtime.model import DEFAULT_DISK_BYTES, DEFAULT_MEMORY_BYTES, DEFAULT_PIDS
 from aviato.server.quotas import Quota
+from aviato.server.validation import SpecDefaults
 
 __all__ = [
     "DEFAULT_MAX_LIFETIME_SECONDS",
@@ -97,15 +99,13 @@ def host_memory_bytes() -> int:
     return _meminfo_bytes("MemTotal") or 0
 
 
-
-
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything `app.serve` needs. Paths are absolute.
 
     Capacity: `max_sandboxes` counts non-terminal sandboxes; `max_memory_bytes` bounds the sum of
     the memory limits of non-terminal sandboxes, where a sandbox that asks for none counts as
-    `default_memory_bytes` (the limit the runtime gives it). 0 means no bound. The bound is on
+    `default_memory_bytes` (the limit it gets). 0 means no bound. The bound is on
     limits, not on use: it cannot see memory that processes outside sandboxes take. That is what
     `min_free_memory_bytes` is for: while the host's MemAvailable is below it, creates are
     refused whatever the limits say (0: no floor). `min_free_disk_bytes` is the same for the
@@ -129,8 +129,10 @@ class ServerConfig:
     max_memory_bytes: int = 0
     min_free_memory_bytes: int = 0
     min_free_disk_bytes: int = DEFAULT_MIN_FREE_DISK_BYTES
-    default_memory_bytes: int = 1 << 30
-    default_disk_bytes: int = 1 << 30
+    # What a spec that names none gets (resolved once, at validation: `spec_defaults`).
+    default_memory_bytes: int = DEFAULT_MEMORY_BYTES
+    default_pids: int = DEFAULT_PIDS
+    default_disk_bytes: int = DEFAULT_DISK_BYTES
     owner_quota: Quota = field(default_factory=Quota)
     cgroup_parent: str = "aviato"
     cgroup_memory_bytes: int | None = 0
@@ -154,6 +156,16 @@ class ServerConfig:
     ray_node_state_dir: str = "/var/lib/aviato/node"
     placement_timeout_seconds: float = 300.0
     ray_node_lease_seconds: float = 10.0
+
+    def spec_defaults(self) -> SpecDefaults:
+        """The defaults that validation resolves in every sandbox spec."""
+        return SpecDefaults(
+            image=self.default_image,
+            memory_bytes=self.default_memory_bytes,
+            pids=self.default_pids,
+            disk_bytes=self.default_disk_bytes,
+            max_lifetime_seconds=self.default_max_lifetime_seconds,
+        )
 
     def image_limits(self) -> PullLimits:
         """What one pull may cost on a node (the free-disk floor applies to pulls too)."""

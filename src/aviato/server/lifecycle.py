@@ -49,8 +49,6 @@ from aviato.runtime.base import (
     SandboxHandle,
     SandboxRuntimeError,
 )
-from aviato.server import quantities
-from aviato.server import registry as reg
 from aviato.server.auth import LOCAL_OWNER
 from aviato.server.config import ServerConfig, available_memory_bytes, free_disk_bytes
 from aviato.server.errors import (
@@ -60,25 +58,26 @@ from aviato.server.errors import (
     NotFound,
 )
 from aviato.server.placement import Placement, UnknownNode
-from aviato.server.quotas import Charge, OwnerQuotas, format_bytes, host_cpu_millis
-from aviato.server.registry import LeaseRecord, Registry, SandboxRecord
-from aviato.server.validation import ValidSpec
+from aviato.server.quantities import format_bytes
+from aviato.server.quotas import Charge, OwnerQuotas, charge_of
+from aviato.server.records import (
+    ALL_STATUSES,
+    LIVE_STATUSES,
+    TERMINAL_STATUSES,
+    SandboxRecord,
+    SandboxStatus,
+    ValidSpec,
+    kept_config,
+)
+from aviato.server.registry import LeaseRecord, Registry
 
-__all__ = ["LeaseState", "Lifecycle", "classify_exit", "format_bytes", "status_name"]
-# format_bytes is re-exported from `quotas`, where it lives.
+__all__ = ["LeaseState", "Lifecycle", "classify_exit", "status_name"]
 
 log = logging.getLogger("aviato.server.lifecycle")
 
-PENDING, CREATING, RUNNING = reg.PENDING, reg.CREATING, reg.RUNNING
-COMPLETED, FAILED, TERMINATED = reg.COMPLETED, reg.FAILED, reg.TERMINATED
-_NAMES = {
-    PENDING: "PENDING",
-    CREATING: "CREATING",
-    RUNNING: "RUNNING",
-    COMPLETED: "COMPLETED",
-    FAILED: "FAILED",
-    TERMINATED: "TERMINATED",
-}
+PENDING, CREATING, RUNNING = SandboxStatus.PENDING, SandboxStatus.CREATING, SandboxStatus.RUNNING
+COMPLETED, FAILED = SandboxStatus.COMPLETED, SandboxStatus.FAILED
+TERMINATED = SandboxStatus.TERMINATED
 _STARTING = (PENDING, CREATING)
 _LEASE_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 DEFAULT_LEASE_TTL = 30.0
@@ -91,11 +90,11 @@ _LEASE_REASON = "lease expired"
 _DEADLINE_REASONS = (_LIFETIME_REASON, _LEASE_REASON)
 
 
-def status_name(status: int) -> str:
-    return _NAMES.get(status, str(status))
+def status_name(status: SandboxStatus) -> str:
+    return status.name
 
 
-def classify_exit(exit: MainExit, stop_reason: str) -> tuple[int, str]:
+def classify_exit(exit: MainExit, stop_reason: str) -> tuple[SandboxStatus, str]:
     """The terminal (status, reason) of a sandbox whose main process ended with `exit`."""
     if stop_reason:
         return TERMINATED, stop_reason
@@ -230,7 +229,7 @@ class Lifecycle:
         owner: str,
         *,
         tags: Sequence[str],
-        statuses: Sequence[int],
+        statuses: Sequence[SandboxStatus],
         include_terminated: bool,
         page_size: int,
         page_token: str,
@@ -239,15 +238,12 @@ class Lifecycle:
         if page_size < 0:
             raise InvalidArgument("page_size", "must not be negative")
         size = 100 if page_size == 0 else min(page_size, 1000)
-        for i, s in enumerate(statuses):
-            if s not in reg.ALL_STATUSES:
-                raise InvalidArgument(f"statuses[{i}]", f"{s} is not a sandbox status")
         if statuses:
             wanted = set(statuses)
         elif include_terminated:
-            wanted = set(reg.ALL_STATUSES)
+            wanted = set(ALL_STATUSES)
         else:
-            wanted = {PENDING, CREATING, RUNNING}
+            wanted = set(LIVE_STATUSES)
         records, token = self._registry.list_sandboxes(
             owner, statuses=wanted, tags=tags, limit=size, page_token=page_token
         )
@@ -293,8 +289,7 @@ class Lifecycle:
             return live.rec if live is not None else earlier
         if lease_id:
             self._check_lease_args(lease_id, lease_ttl_seconds, "lease_id", "lease_ttl_seconds")
-        cfg = valid.config
-        charge = self._charge(cfg.cpu_millis, cfg.memory_bytes, cfg.disk_bytes)
+        charge = charge_of(valid.config)
         self._quotas.check(owner, charge)
         self._check_capacity(owner, charge.memory_bytes)
 
@@ -303,20 +298,16 @@ class Lifecycle:
         node, runtime = self._placement.runtime_for_new(config)
         runtime.check(config)  # refused here, not accepted and then FAILED
         now = time.time_ns()
-        lifetime = valid.max_lifetime_seconds or self._config.default_max_lifetime_seconds
-        stored = type(valid.spec)()
-        stored.CopyFrom(valid.spec)
-        for mounted in stored.mounted_files:
-            mounted.content = b""  # not kept: a record must stay small; see api.sandbox_message
-        stored.ClearField("registry_auth")  # secrets are never stored or returned
+        lifetime = valid.max_lifetime_seconds
         rec = SandboxRecord(
             id=sandbox_id,
             owner=owner,
             request_id=request_id,
             status=PENDING,
-            spec=stored.SerializeToString(),
+            config=kept_config(config),
             created_ns=now,
             tags=valid.tags,
+            max_lifetime_seconds=lifetime,
             lease_id=lease_id,
             node=node,
             expires_ns=now + int(lifetime * 1e9) if lifetime > 0 else None,
@@ -329,17 +320,6 @@ class Lifecycle:
         live.task = asyncio.create_task(self._run_new(live), name=f"sandbox-{sandbox_id}")
         log.info("sandbox created id=%s owner=%s image=%s", sandbox_id, owner, config.image)
         return rec
-
-    def _charge(self, cpu_millis: int | None, memory: int | None, disk: int | None) -> Charge:
-        """What a sandbox with these limits (None: none asked for) counts as."""
-        return Charge(
-            cpu_millis=host_cpu_millis() if cpu_millis is None else cpu_millis,
-            memory_bytes=self._config.default_memory_bytes if memory is None else memory,
-            disk_bytes=self._config.default_disk_bytes if disk is None else disk,
-            cpu_default=cpu_millis is None,
-            memory_default=memory is None,
-            disk_default=disk is None,
-        )
 
     def _check_capacity(self, owner: str, memory: int) -> None:
         """Refuses a create the service as a whole has no room for.
@@ -402,7 +382,7 @@ class Lifecycle:
             if lease is not None:
                 lease.sandbox_count += 1
 
-    def _set_status(self, live: _Live, status: int) -> None:
+    def _set_status(self, live: _Live, status: SandboxStatus) -> None:
         rec = live.rec
         rec.status = status
         if status == RUNNING:
@@ -528,7 +508,7 @@ class Lifecycle:
         self._finish(live, status, reason, code, exit.ended_at_ns)
 
     def _finish(
-        self, live: _Live, status: int, reason: str, exit_code: int | None, ended_ns: int
+        self, live: _Live, status: SandboxStatus, reason: str, exit_code: int | None, ended_ns: int
     ) -> None:
         """Makes the sandbox terminal: record, waiters, log kept aside, runtime cleanup."""
         rec = live.rec
@@ -607,7 +587,7 @@ class Lifecycle:
 
         def reached() -> bool:
             status = live.rec.status
-            return status in reg.TERMINAL_STATUSES or (not terminal and status == RUNNING)
+            return status in TERMINAL_STATUSES or (not terminal and status == RUNNING)
 
         await self._wait_until(live, reached, limit)
         return live.rec
@@ -937,7 +917,7 @@ class Lifecycle:
             self._finish_record(rec, status, reason, code, attached.ended_at_ns)
             self._spawn(self._cleanup(runtime, rec.id))
             return
-        live = _Live(rec, runtime, None, self._charge(*_spec_limits(rec.spec)))
+        live = _Live(rec, runtime, None, charge_of(rec.config))
         live.handle = attached
         self._adopt(live)
         live.task = asyncio.create_task(self._watch(live), name=f"sandbox-{rec.id}")
@@ -945,32 +925,14 @@ class Lifecycle:
         log.info("re-attached sandbox id=%s", rec.id)
 
     def _finish_record(
-        self, rec: SandboxRecord, status: int, reason: str, code: int | None, ended_ns: int = 0
+        self,
+        rec: SandboxRecord,
+        status: SandboxStatus,
+        reason: str,
+        code: int | None,
+        ended_ns: int = 0,
     ) -> None:
         rec.status, rec.reason, rec.exit_code = status, reason, code
         rec.ended_ns = ended_ns or time.time_ns()
         self._registry.update_sandbox(rec)
         log.info("sandbox id=%s marked %s: %s", rec.id, status_name(status), reason)
-
-
-def _spec_limits(spec: bytes) -> tuple[int | None, int | None, int | None]:
-    """The (cpu millis, memory, disk) limits a stored spec asked for, None for those it did not
-    (for quota and capacity accounting after a restart)."""
-    from aviato.v1 import sandbox_pb2 as pb
-
-    try:
-        res = pb.SandboxSpec.FromString(spec).resources
-    except Exception:
-        return None, None, None
-
-    def parse(text: str, parser: Callable[[str], int]) -> int | None:
-        try:
-            return parser(text) if text else None
-        except quantities.QuantityError:
-            return None
-
-    return (
-        parse(res.cpu, quantities.parse_cpu_millis),
-        parse(res.memory, quantities.parse_bytes),
-        parse(res.disk, quantities.parse_bytes),
-    )

@@ -1,4 +1,5 @@
-"""Kubernetes resource quantities ("500m", "2", "256Mi", "1.5G", "1e3") as exact numbers.
+"""Kubernetes resource quantities ("500m", "2", "256Mi", "1.5G", "1e3"): parsed as exact numbers,
+and numbers written back as quantities (exactly, for answers; rounded, for messages).
 
 The grammar is Kubernetes' (`k8s.io/apimachinery/pkg/api/resource`): a signed decimal number,
 then a binary suffix (Ki Mi Gi Ti Pi Ei), a decimal suffix (m, k, M, G, T, P, E) or a decimal
@@ -16,7 +17,16 @@ import math
 import re
 from fractions import Fraction
 
-__all__ = ["QuantityError", "parse_bytes", "parse_cpu_millis", "parse_quantity"]
+__all__ = [
+    "QuantityError",
+    "bytes_quantity",
+    "cpu_quantity",
+    "format_bytes",
+    "format_cpu",
+    "parse_bytes",
+    "parse_cpu_millis",
+    "parse_quantity",
+]
 
 _MAX_TEXT = 64
 _MAX_EXPONENT = 30
@@ -89,3 +99,30 @@ def parse_bytes(text: str) -> int:
 def parse_cpu_millis(text: str) -> int:
     """A cpu quantity in millicores ("500m" → 500, "2" → 2000), rounded up. Negative refused."""
     return math.ceil(_non_negative(text) * 1000)
+
+
+def bytes_quantity(n: int) -> str:
+    """The exact quantity of `n` bytes, in the largest binary unit that divides it ("256Mi")."""
+    for unit, size in (("Ei", 2**60), ("Pi", 2**50), ("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20),
+                       ("Ki", 2**10)):  # fmt: skip
+        if n and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def cpu_quantity(millis: int) -> str:
+    """The exact quantity of `millis` millicores: "2" for whole cores, else "500m"."""
+    return str(millis // 1000) if millis % 1000 == 0 else f"{millis}m"
+
+
+def format_bytes(n: int) -> str:
+    """Bytes for a message, rounded to 4 digits: "1.5Gi", "300Mi", "12 bytes"."""
+    for unit, size in (("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.4g}{unit}"
+    return f"{n} bytes"
+
+
+def format_cpu(millis: int) -> str:
+    """Cores, as a user writes them: "2", "0.5", "1.25"."""
+    return f"{millis / 1000:.3f}".rstrip("0").rstrip(".")

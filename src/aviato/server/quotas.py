@@ -25,7 +25,9 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from aviato.runtime.model import SandboxConfig
 from aviato.server.errors import CapacityExceeded
+from aviato.server.quantities import format_bytes, format_cpu
 from aviato.server.registry import OwnerQuotaRecord, Registry
 
 __all__ = [
@@ -33,22 +35,11 @@ __all__ = [
     "OwnerQuotas",
     "Quota",
     "QuotaExceeded",
+    "charge_of",
     "format_bytes",
     "format_cpu",
     "host_cpu_millis",
 ]
-
-
-def format_bytes(n: int) -> str:
-    for unit, size in (("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.4g}{unit}"
-    return f"{n} bytes"
-
-
-def format_cpu(millis: int) -> str:
-    """Cores, as a user writes them: "2", "0.5", "1.25"."""
-    return f"{millis / 1000:.3f}".rstrip("0").rstrip(".")
 
 
 def host_cpu_millis() -> int:
@@ -100,6 +91,18 @@ class Charge:
     cpu_default: bool = False
     memory_default: bool = False
     disk_default: bool = False
+
+
+def charge_of(config: SandboxConfig) -> Charge:
+    """What a sandbox counts as: its resolved limits, all of the host's cores for no cpu limit."""
+    return Charge(
+        cpu_millis=host_cpu_millis() if config.cpu_millis is None else config.cpu_millis,
+        memory_bytes=config.memory_bytes,
+        disk_bytes=config.disk_bytes,
+        cpu_default=config.cpu_millis is None,
+        memory_default="memory" not in config.asked_limits,
+        disk_default="disk" not in config.asked_limits,
+    )
 
 
 @dataclass

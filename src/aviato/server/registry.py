@@ -13,23 +13,41 @@ lifecycle's state machine: it stores what it is told.
 
 Times are integers of nanoseconds since the Unix epoch. Page tokens are opaque to clients:
 url-safe base64 of "created_ns:id", the keyset position after the last returned row.
+
+A sandbox's row keeps its resolved model (`records.SandboxRecord`: the `SandboxConfig` with
+every default resolved, its tags and lifetime) as versioned JSON in the `model` column (see
+`_model_json`); statuses are `records.SandboxStatus` integers. Up to schema 2 the row kept the
+request's wire bytes instead; migration 3 converts such rows once (`codec.decode_stored_spec`).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aviato._private import open_private
+from aviato.runtime.model import SandboxConfig
+from aviato.server.codec import decode_stored_spec
 from aviato.server.errors import InvalidArgument
+from aviato.server.records import (
+    ALL_STATUSES,
+    TERMINAL_STATUSES,
+    SandboxRecord,
+    SandboxStatus,
+)
 
 __all__ = [
+    "ALL_STATUSES",
+    "MODEL_VERSION",
+    "TERMINAL_STATUSES",
     "ApiKeyRecord",
     "LeaseRecord",
     "OwnerQuotaRecord",
@@ -39,12 +57,81 @@ __all__ = [
     "encode_page_token",
 ]
 
-# SandboxStatus values of aviato.v1 (kept numerically identical to the proto enum).
-PENDING, CREATING, RUNNING, COMPLETED, FAILED, TERMINATED = 1, 2, 3, 4, 5, 6
-TERMINAL_STATUSES = frozenset({COMPLETED, FAILED, TERMINATED})
-ALL_STATUSES = frozenset({PENDING, CREATING, RUNNING, COMPLETED, FAILED, TERMINATED})
+PENDING, CREATING, RUNNING = SandboxStatus.PENDING, SandboxStatus.CREATING, SandboxStatus.RUNNING
+COMPLETED, FAILED = SandboxStatus.COMPLETED, SandboxStatus.FAILED
+TERMINATED = SandboxStatus.TERMINATED
 
-_MIGRATIONS: tuple[str, ...] = (
+# The version of the JSON in the `model` column; a reader refuses versions it does not know.
+MODEL_VERSION = 1
+
+
+def _model_json(config: SandboxConfig, tags: Sequence[str], lifetime: float) -> str:
+    """The `model` column: a record's resolved config (without sandbox id, file contents or
+    credentials, which a record never keeps), its tags and its lifetime."""
+    return json.dumps(
+        {
+            "version": MODEL_VERSION,
+            "image": config.image,
+            "command": list(config.command),
+            "env": config.env,
+            "working_dir": config.working_dir,
+            "cpu_millis": config.cpu_millis,
+            "memory_bytes": config.memory_bytes,
+            "pids": config.pids,
+            "disk_bytes": config.disk_bytes,
+            "asked_limits": sorted(config.asked_limits),
+            "mounted_paths": [path for path, _ in config.mounted_files],
+            "network": config.network,
+            "image_command": config.image_command,
+            "node_selector": [list(pair) for pair in config.node_selector],
+            "tags": list(tags),
+            "max_lifetime_seconds": lifetime,
+        },
+        separators=(",", ":"),
+        sort_keys=True,
+    )
+
+
+def _model_of(text: str, sandbox_id: str) -> tuple[SandboxConfig, tuple[str, ...], float]:
+    data: dict[str, Any] = json.loads(text)
+    if data.get("version") != MODEL_VERSION:
+        raise ValueError(f"sandbox {sandbox_id}: model version {data.get('version')!r} unknown")
+    cpu = data["cpu_millis"]
+    config = SandboxConfig(
+        sandbox_id=sandbox_id,
+        image=str(data["image"]),
+        command=tuple(str(a) for a in data["command"]),
+        env={str(k): str(v) for k, v in data["env"].items()},
+        working_dir=str(data["working_dir"]),
+        cpu_millis=None if cpu is None else int(cpu),
+        memory_bytes=int(data["memory_bytes"]),
+        pids=int(data["pids"]),
+        disk_bytes=int(data["disk_bytes"]),
+        asked_limits=frozenset(str(n) for n in data["asked_limits"]),
+        mounted_files=tuple((str(p), b"") for p in data["mounted_paths"]),
+        network=str(data["network"]),
+        image_command=bool(data["image_command"]),
+        node_selector=tuple((str(k), str(v)) for k, v in data["node_selector"]),
+    )
+    return config, tuple(str(t) for t in data["tags"]), float(data["max_lifetime_seconds"])
+
+
+def _store_models(db: sqlite3.Connection) -> None:
+    """Migration 3: every row's wire-format spec becomes its resolved model, decoded once."""
+    db.execute("ALTER TABLE sandboxes ADD COLUMN model TEXT NOT NULL DEFAULT ''")
+    rows = db.execute("SELECT id, spec, created_ns, expires_ns FROM sandboxes").fetchall()
+    for sandbox_id, spec, created_ns, expires_ns in rows:
+        config, tags, lifetime = decode_stored_spec(bytes(spec), int(created_ns), expires_ns)
+        db.execute(
+            "UPDATE sandboxes SET model=? WHERE id=?",
+            (_model_json(config, tags, lifetime), sandbox_id),
+        )
+    db.execute("ALTER TABLE sandboxes DROP COLUMN spec")
+
+
+# A migration is a script of statements or a function of the connection; each runs once, in
+# order, inside the one transaction that records it.
+_MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     # 1: the initial schema.
     """
     CREATE TABLE sandboxes (
@@ -98,31 +185,9 @@ _MIGRATIONS: tuple[str, ...] = (
         updated_ns INTEGER NOT NULL
     );
     """,
+    # 3: the resolved model instead of the request's wire bytes.
+    _store_models,
 )
-
-
-@dataclass(slots=True)
-class SandboxRecord:
-    """One row of `sandboxes`. Mutable: the lifecycle updates it, then calls `update_sandbox`."""
-
-    id: str
-    owner: str
-    request_id: str
-    status: int
-    spec: bytes  # a serialized aviato.v1.SandboxSpec (tags included)
-    created_ns: int
-    tags: tuple[str, ...] = ()
-    reason: str = ""
-    exit_code: int | None = None
-    lease_id: str = ""
-    node: str = ""
-    started_ns: int | None = None
-    ended_ns: int | None = None
-    expires_ns: int | None = None
-
-    @property
-    def terminal(self) -> bool:
-        return self.status in TERMINAL_STATUSES
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,28 +242,31 @@ def decode_page_token(token: str) -> tuple[int, str]:
 
 
 _SANDBOX_COLUMNS = (
-    "id, owner, request_id, status, reason, exit_code, spec, lease_id, node, "
+    "id, owner, request_id, status, reason, exit_code, model, lease_id, node, "
     "created_ns, started_ns, ended_ns, expires_ns"
 )
 
 
-def _sandbox(row: Sequence[object]) -> SandboxRecord:
-    (sid, owner, request_id, status, reason, exit_code, spec, lease_id, node,
+def _sandbox(row: Sequence[Any]) -> SandboxRecord:
+    (sid, owner, request_id, status, reason, exit_code, model, lease_id, node,
      created, started, ended, expires) = row  # fmt: skip
+    config, tags, lifetime = _model_of(str(model), str(sid))
     return SandboxRecord(
         id=str(sid),
         owner=str(owner),
         request_id=str(request_id),
-        status=int(status),  # type: ignore[call-overload]
+        status=SandboxStatus(int(status)),
         reason=str(reason),
-        exit_code=None if exit_code is None else int(exit_code),  # type: ignore[call-overload]
-        spec=bytes(spec),  # type: ignore[call-overload]
+        exit_code=None if exit_code is None else int(exit_code),
+        config=config,
+        tags=tags,
+        max_lifetime_seconds=lifetime,
         lease_id=str(lease_id),
         node=str(node),
-        created_ns=int(created),  # type: ignore[call-overload]
-        started_ns=None if started is None else int(started),  # type: ignore[call-overload]
-        ended_ns=None if ended is None else int(ended),  # type: ignore[call-overload]
-        expires_ns=None if expires is None else int(expires),  # type: ignore[call-overload]
+        created_ns=int(created),
+        started_ns=None if started is None else int(started),
+        ended_ns=None if ended is None else int(ended),
+        expires_ns=None if expires is None else int(expires),
     )
 
 
@@ -231,9 +299,12 @@ class Registry:
             for version, script in enumerate(_MIGRATIONS, start=1):
                 if version <= current:
                     continue
-                for statement in script.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+                if callable(script):
+                    script(db)
+                else:
+                    for statement in script.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
                 db.execute(
                     "INSERT INTO schema_migrations (version, applied_ns) VALUES (?, ?)",
                     (version, time.time_ns()),
@@ -258,9 +329,10 @@ class Registry:
         db = self._db
         db.execute("BEGIN")
         try:
-            values = (rec.id, rec.owner, rec.request_id, rec.status, rec.reason, rec.exit_code,
-                      rec.spec, rec.lease_id, rec.node, rec.created_ns, rec.started_ns,
-                      rec.ended_ns, rec.expires_ns)  # fmt: skip
+            model = _model_json(rec.config, rec.tags, rec.max_lifetime_seconds)
+            values = (rec.id, rec.owner, rec.request_id, int(rec.status), rec.reason,
+                      rec.exit_code, model, rec.lease_id, rec.node, rec.created_ns,
+                      rec.started_ns, rec.ended_ns, rec.expires_ns)  # fmt: skip
             db.execute(
                 f"INSERT INTO sandboxes ({_SANDBOX_COLUMNS}) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -277,7 +349,7 @@ class Registry:
 
     def update_sandbox(self, rec: SandboxRecord) -> None:
         """Writes the mutable fields (status, reason, exit code, node, times) of `rec`."""
-        values = (rec.status, rec.reason, rec.exit_code, rec.node, rec.started_ns,
+        values = (int(rec.status), rec.reason, rec.exit_code, rec.node, rec.started_ns,
                   rec.ended_ns, rec.expires_ns, rec.id)  # fmt: skip
         self._db.execute(
             "UPDATE sandboxes SET status=?, reason=?, exit_code=?, node=?, started_ns=?, "
@@ -302,8 +374,8 @@ class Registry:
         cur = self._db.execute("DELETE FROM sandboxes WHERE id=?", (sandbox_id,))
         return cur.rowcount > 0
 
-    def sandboxes_with_status(self, statuses: Iterable[int]) -> list[SandboxRecord]:
-        wanted = sorted(set(statuses))
+    def sandboxes_with_status(self, statuses: Iterable[SandboxStatus]) -> list[SandboxRecord]:
+        wanted = sorted({int(s) for s in statuses})
         marks = ",".join("?" * len(wanted))
         rows = self._db.execute(
             f"SELECT {_SANDBOX_COLUMNS} FROM sandboxes WHERE status IN ({marks}) "
@@ -319,7 +391,7 @@ class Registry:
         self,
         owner: str,
         *,
-        statuses: Iterable[int],
+        statuses: Iterable[SandboxStatus],
         tags: Sequence[str] = (),
         limit: int = 100,
         page_token: str = "",
@@ -330,10 +402,10 @@ class Registry:
         """
         sql = [f"SELECT {_SANDBOX_COLUMNS} FROM sandboxes WHERE owner=?"]
         args: list[object] = [owner]
-        wanted = sorted(set(statuses))
+        wanted = sorted({int(s) for s in statuses})
         if not wanted:
             return [], ""
-        if set(wanted) != ALL_STATUSES:
+        if set(wanted) != {int(s) for s in ALL_STATUSES}:
             sql.append(f"AND status IN ({','.join('?' * len(wanted))})")
             args.extend(wanted)
         if page_token:

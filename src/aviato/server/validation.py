@@ -1,9 +1,13 @@
-"""Turns request messages into validated runtime values; every refusal names the field.
+"""Validates request values and resolves every default, once; every refusal names the field.
 
-`validate_spec` maps a `SandboxSpec` to a `runtime.base.SandboxConfig` (with an empty sandbox id,
-filled in by `lifecycle`), `validate_exec_init` an `ExecInit` to an `ExecSpec`, and the small
-functions validate the other request fields. Each raises `errors.InvalidArgument` whose message
-starts with the field's path, e.g. "spec.resources.memory: '12Qi' is not a Kubernetes quantity".
+The functions take plain values (the codec, `codec.py`, takes them out of the request messages
+and assembles the model from the results), so this module knows nothing of the wire format.
+Each raises `errors.InvalidArgument` whose message starts with the field's path, e.g.
+"spec.resources.memory: '12Qi' is not a Kubernetes quantity".
+
+Defaults are resolved here and nowhere else: `SpecDefaults` holds the service's (image, memory,
+pids, disk, lifetime), and `validate_resources` and `validate_lifetime` return what the sandbox
+gets. The lifecycle's charge, the runtimes and the placements read resolved values.
 
 What validation cannot promise: that the values *work*. An image that names no image, a working
 directory that does not exist in it, a memory limit too small for the program: those are found
@@ -17,24 +21,37 @@ import posixpath
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from aviato.images.reference import InvalidReference, parse_reference
-from aviato.runtime.base import ExecSpec, RegistryCredentials, SandboxConfig
+from aviato.runtime.model import (
+    DEFAULT_DISK_BYTES,
+    DEFAULT_MEMORY_BYTES,
+    DEFAULT_PIDS,
+    RegistryCredentials,
+)
 from aviato.server import quantities
 from aviato.server.errors import InvalidArgument
-from aviato.v1 import sandbox_pb2 as pb
 
 __all__ = [
     "MAX_LIFETIME_SECONDS",
-    "ValidSpec",
-    "validate_exec_init",
+    "Limits",
+    "SpecDefaults",
+    "validate_argv",
+    "validate_env",
     "validate_file_mode",
     "validate_finite",
+    "validate_image",
+    "validate_lifetime",
+    "validate_mounted_files",
+    "validate_network",
+    "validate_node_selector",
     "validate_path",
     "validate_registry_auth",
     "validate_request_id",
-    "validate_spec",
+    "validate_resources",
     "validate_tags",
+    "validate_terminal_size",
 ]
 
 MiB = 1 << 20
@@ -70,17 +87,26 @@ _IMAGE = re.compile(
 
 
 @dataclass(frozen=True)
-class ValidSpec:
-    """A validated spec: the runtime config (sandbox_id still ""), plus what the service keeps.
+class SpecDefaults:
+    """The service's defaults for what a spec leaves out (server options; tests)."""
 
-    `spec` is the normalized message stored in the registry and returned to clients;
-    `max_lifetime_seconds` is 0 when the service default applies.
-    """
+    image: str = "host"
+    memory_bytes: int = DEFAULT_MEMORY_BYTES
+    pids: int = DEFAULT_PIDS
+    disk_bytes: int = DEFAULT_DISK_BYTES
+    max_lifetime_seconds: float = 3600.0
 
-    config: SandboxConfig
-    spec: pb.SandboxSpec
-    tags: tuple[str, ...]
-    max_lifetime_seconds: float
+
+@dataclass(frozen=True)
+class Limits:
+    """Resolved resource limits: `cpu_millis` None is no cpu limit; `asked` names the limits
+    the request gave (the others are the defaults)."""
+
+    cpu_millis: int | None
+    memory_bytes: int
+    pids: int
+    disk_bytes: int
+    asked: frozenset[str]
 
 
 def validate_finite(value: float, field: str, low: float, high: float) -> float:
@@ -209,7 +235,7 @@ def validate_file_mode(mode: int, field: str) -> int:
     return mode
 
 
-def _image(text: str, default: str = "host") -> str:
+def validate_image(text: str, default: str = "host") -> str:
     """`text` (or `default` when empty) if it is "host" or a valid image reference."""
     if not text:
         text = default or "host"
@@ -227,23 +253,34 @@ def _image(text: str, default: str = "host") -> str:
 MAX_CREDENTIAL_CHARS = 8192
 
 
-def validate_registry_auth(auth: pb.RegistryAuth, field: str) -> RegistryCredentials | None:
+class Credentials(Protocol):
+    """What a login is made of (the `RegistryAuth` message has these fields)."""
+
+    @property
+    def username(self) -> str: ...
+    @property
+    def password(self) -> str: ...
+    @property
+    def token(self) -> str: ...
+
+
+def validate_registry_auth(auth: Credentials, field: str) -> RegistryCredentials | None:
     """Credentials for a registry, or None when none are given."""
-    if not (auth.username or auth.password or auth.token):
+    username, password, token = auth.username, auth.password, auth.token
+    if not (username or password or token):
         return None
-    for name in ("username", "password", "token"):
-        value = getattr(auth, name)
+    for name, value in (("username", username), ("password", password), ("token", token)):
         if len(value) > MAX_CREDENTIAL_CHARS:
             raise InvalidArgument(f"{field}.{name}", f"longer than {MAX_CREDENTIAL_CHARS}")
         if "\x00" in value or "\n" in value or "\r" in value:
             raise InvalidArgument(f"{field}.{name}", "contains NUL or a line break")
-    if auth.token and (auth.username or auth.password):
+    if token and (username or password):
         raise InvalidArgument(field, "give either a token or a username and password, not both")
-    if auth.password and not auth.username:
+    if password and not username:
         raise InvalidArgument(f"{field}.username", "is required with a password")
-    if ":" in auth.username:
+    if ":" in username:
         raise InvalidArgument(f"{field}.username", "must not contain ':'")
-    return RegistryCredentials(username=auth.username, password=auth.password, token=auth.token)
+    return RegistryCredentials(username=username, password=password, token=token)
 
 
 def _bytes_quantity(text: str, field: str, low: int) -> int | None:
@@ -258,137 +295,99 @@ def _bytes_quantity(text: str, field: str, low: int) -> int | None:
     return value
 
 
-def _resources(res: pb.Resources) -> tuple[int | None, int | None, int | None, int | None]:
-    cpu: int | None = None
-    if res.cpu:
+def validate_resources(
+    cpu: str, memory: str, pids: int, disk: str, defaults: SpecDefaults, field: str
+) -> Limits:
+    """The limits of a sandbox: those given (quantities; pids a count, 0 none given), the
+    service's defaults for the others. No cpu given is no cpu limit."""
+    asked: set[str] = set()
+    cpu_millis: int | None = None
+    if cpu:
         try:
-            cpu = quantities.parse_cpu_millis(res.cpu)
+            cpu_millis = quantities.parse_cpu_millis(cpu)
         except quantities.QuantityError:
+            raise InvalidArgument(f"{field}.cpu", f"{cpu!r} is not a Kubernetes quantity") from None
+        if not 1 <= cpu_millis <= MAX_CPU_MILLIS:
             raise InvalidArgument(
-                "spec.resources.cpu", f"{res.cpu!r} is not a Kubernetes quantity"
-            ) from None
-        if not 1 <= cpu <= MAX_CPU_MILLIS:
-            raise InvalidArgument(
-                "spec.resources.cpu", f"{res.cpu!r} is outside [1m, {MAX_CPU_MILLIS // 1000}]"
+                f"{field}.cpu", f"{cpu!r} is outside [1m, {MAX_CPU_MILLIS // 1000}]"
             )
-    memory = _bytes_quantity(res.memory, "spec.resources.memory", MIN_MEMORY_BYTES)
-    disk = _bytes_quantity(res.disk, "spec.resources.disk", MiB)
-    pids: int | None = None
-    if res.pids:
-        if not 1 <= res.pids <= MAX_PIDS:
-            raise InvalidArgument("spec.resources.pids", f"{res.pids} is outside [1, {MAX_PIDS}]")
-        pids = res.pids
-    return cpu, memory, pids, disk
+        asked.add("cpu")
+    memory_bytes = _bytes_quantity(memory, f"{field}.memory", MIN_MEMORY_BYTES)
+    disk_bytes = _bytes_quantity(disk, f"{field}.disk", MiB)
+    if pids and not 1 <= pids <= MAX_PIDS:
+        raise InvalidArgument(f"{field}.pids", f"{pids} is outside [1, {MAX_PIDS}]")
+    for name, value in (("memory", memory_bytes), ("disk", disk_bytes), ("pids", pids or None)):
+        if value is not None:
+            asked.add(name)
+    return Limits(
+        cpu_millis=cpu_millis,
+        memory_bytes=defaults.memory_bytes if memory_bytes is None else memory_bytes,
+        pids=pids or defaults.pids,
+        disk_bytes=defaults.disk_bytes if disk_bytes is None else disk_bytes,
+        asked=frozenset(asked),
+    )
 
 
-def _mounted_files(files: Iterable[pb.MountedFile]) -> tuple[tuple[str, bytes], ...]:
+def validate_lifetime(seconds: float, defaults: SpecDefaults, field: str) -> float:
+    """The sandbox's lifetime: `seconds`, or the service's default for 0."""
+    value = validate_finite(seconds, field, 0.0, MAX_LIFETIME_SECONDS)
+    return value or defaults.max_lifetime_seconds
+
+
+def validate_network(mode: str, field: str) -> str:
+    if mode not in ("", "none"):
+        raise InvalidArgument(field, f"{mode!r} is not served (only 'none')")
+    return "none"
+
+
+def validate_mounted_files(
+    files: Iterable[tuple[str, bytes]], field: str
+) -> tuple[tuple[str, bytes], ...]:
+    """(path, content) pairs: absolute, distinct paths; bounded in number and bytes."""
     result: list[tuple[str, bytes]] = []
     seen: set[str] = set()
     total = 0
-    for i, item in enumerate(files):
-        field = f"spec.mounted_files[{i}]"
+    for i, (item_path, content) in enumerate(files):
+        item = f"{field}[{i}]"
         if i >= MAX_MOUNTED_FILES:
-            raise InvalidArgument("spec.mounted_files", f"more than {MAX_MOUNTED_FILES} files")
-        path = validate_path(item.path, f"{field}.path")
+            raise InvalidArgument(field, f"more than {MAX_MOUNTED_FILES} files")
+        path = validate_path(item_path, f"{item}.path")
         if path == "/":
-            raise InvalidArgument(f"{field}.path", "must name a file, not '/'")
+            raise InvalidArgument(f"{item}.path", "must name a file, not '/'")
         if path in seen:
-            raise InvalidArgument(f"{field}.path", f"{path!r} is mounted twice")
+            raise InvalidArgument(f"{item}.path", f"{path!r} is mounted twice")
         seen.add(path)
-        total += len(item.content)
+        total += len(content)
         if total > MAX_MOUNTED_BYTES:
-            raise InvalidArgument("spec.mounted_files", f"larger than {MAX_MOUNTED_BYTES} bytes")
-        result.append((path, item.content))
+            raise InvalidArgument(field, f"larger than {MAX_MOUNTED_BYTES} bytes")
+        result.append((path, content))
     return tuple(result)
 
 
-def validate_spec(spec: pb.SandboxSpec, *, default_image: str = "host") -> ValidSpec:
-    """Validates every field of `spec`; the first invalid one raises InvalidArgument.
-
-    An empty `spec.image` becomes `default_image` (the service's --default-image).
-    """
-    image = _image(spec.image, default_image)
-    command = validate_argv(spec.command, "spec.command", allow_empty=True)
-    registry_auth = validate_registry_auth(spec.registry_auth, "spec.registry_auth")
-    if spec.image_command and image == "host" and not command:
-        raise InvalidArgument("spec.image_command", "the 'host' image has no Entrypoint or Cmd")
-    env = validate_env(spec.env, "spec.env")
-    working_dir = validate_path(spec.working_dir, "spec.working_dir", allow_empty=True)
-    tags = validate_tags(spec.tags, "spec.tags")
-    node_selector = validate_node_selector(spec.node_selector, "spec.node_selector")
-    cpu, memory, pids, disk = _resources(spec.resources)
-    lifetime = validate_finite(
-        spec.max_lifetime_seconds, "spec.max_lifetime_seconds", 0.0, MAX_LIFETIME_SECONDS
-    )
-    mounted = _mounted_files(spec.mounted_files)
-    if spec.network not in ("", "none"):
-        raise InvalidArgument("spec.network", f"{spec.network!r} is not served (only 'none')")
-    config = SandboxConfig(
-        sandbox_id="",
-        image=image,
-        command=command,
-        env=env,
-        working_dir=working_dir,
-        cpu_millis=cpu,
-        memory_bytes=memory,
-        pids=pids,
-        disk_bytes=disk,
-        mounted_files=mounted,
-        network="none",
-        node_selector=node_selector,
-        registry_credentials=registry_auth,
-        image_command=spec.image_command,
-    )
-    normalized = pb.SandboxSpec()
-    normalized.CopyFrom(spec)
-    normalized.image = image
-    normalized.working_dir = working_dir
-    normalized.network = "none"
-    del normalized.tags[:]
-    normalized.tags.extend(tags)
-    for i, (path, _) in enumerate(mounted):
-        normalized.mounted_files[i].path = path
-    return ValidSpec(config=config, spec=normalized, tags=tags, max_lifetime_seconds=lifetime)
-
-
-def validate_exec_init(init: pb.ExecInit) -> ExecSpec:
-    """The ExecSpec for an ExecInit (the sandbox id is checked by the caller)."""
-    argv = validate_argv(init.argv, "init.argv", allow_empty=False)
-    cwd = validate_path(init.cwd, "init.cwd", allow_empty=True)
-    env = validate_env(init.env, "init.env")
-    timeout = validate_finite(
-        init.timeout_seconds, "init.timeout_seconds", 0.0, MAX_EXEC_TIMEOUT_SECONDS
-    )
-    if init.protected and init.tty:
-        # Any process of the sandbox's user could open the terminal and type or print into it.
-        raise InvalidArgument(
-            "init.tty", "a protected command cannot have a terminal (other processes could open it)"
-        )
-    rows, cols = 24, 80
-    if init.HasField("tty_size"):
-        rows = _terminal_dim(init.tty_size.rows, "init.tty_size.rows") or rows
-        cols = _terminal_dim(init.tty_size.cols, "init.tty_size.cols") or cols
-    return ExecSpec(
-        argv=argv,
-        cwd=cwd,
-        env=env,
-        timeout_seconds=timeout,
-        stdin=init.stdin,
-        tty=init.tty,
-        rows=rows,
-        cols=cols,
-        protected=init.protected,
-    )
-
-
-def _terminal_dim(value: int, field: str) -> int:
+def validate_terminal_dim(value: int, field: str) -> int:
+    """A terminal's rows or columns; 0 means the default."""
     if value > 0xFFFF:
         raise InvalidArgument(field, f"{value} is larger than 65535")
     return value
 
 
-def validate_terminal_size(size: pb.TerminalSize, field: str) -> tuple[int, int]:
-    """(rows, cols) of a resize frame; 0 keeps the default 24 rows or 80 columns."""
-    rows = _terminal_dim(size.rows, f"{field}.rows") or 24
-    cols = _terminal_dim(size.cols, f"{field}.cols") or 80
+def validate_terminal_size(rows: int, cols: int, field: str) -> tuple[int, int]:
+    """(rows, cols); 0 keeps the default 24 rows or 80 columns."""
+    rows = validate_terminal_dim(rows, f"{field}.rows") or 24
+    cols = validate_terminal_dim(cols, f"{field}.cols") or 80
     return rows, cols
+
+
+def validate_image_command(image_command: bool, image: str, command: tuple[str, ...]) -> bool:
+    if image_command and image == "host" and not command:
+        raise InvalidArgument("spec.image_command", "the 'host' image has no Entrypoint or Cmd")
+    return image_command
+
+
+def validate_protected(protected: bool, tty: bool) -> bool:
+    if protected and tty:
+        # Any process of the sandbox's user could open the terminal and type or print into it.
+        raise InvalidArgument(
+            "init.tty", "a protected command cannot have a terminal (other processes could open it)"
+        )
+    return protected

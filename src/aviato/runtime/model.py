@@ -1,0 +1,95 @@
+"""The one internal model of a sandbox spec and of an exec request.
+
+Everything past the public API speaks these types: the service's lifecycle and registry, the
+placements (local and Ray) and the runtimes. They are built once, by the service's codec
+(`aviato.server.codec`) when a request is validated, and by then every default is resolved:
+a `SandboxConfig` says the memory, pids and disk the sandbox gets, not what the request left
+out. No consumer applies a default of its own.
+
+The field defaults of these dataclasses are the platform's defaults, for code that builds a
+config directly (tests, tools); the service passes its configured values for every field.
+
+What the model cannot hold: facts only a node learns, such as an OCI image's own working
+directory or Entrypoint (`working_dir` "" and `image_command` say "the image's"), and secrets
+beyond the create (`registry_credentials` is never stored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = [
+    "DEFAULT_DISK_BYTES",
+    "DEFAULT_MEMORY_BYTES",
+    "DEFAULT_PIDS",
+    "LIMIT_NAMES",
+    "ExecSpec",
+    "RegistryCredentials",
+    "SandboxConfig",
+]
+
+DEFAULT_MEMORY_BYTES = 1 << 30
+DEFAULT_PIDS = 1024
+DEFAULT_DISK_BYTES = 1 << 30
+# The names of the limits a request may ask for (`SandboxConfig.asked_limits`).
+LIMIT_NAMES = ("cpu", "memory", "pids", "disk")
+
+
+@dataclass(frozen=True)
+class RegistryCredentials:
+    """How to log in to an image registry: a username and password, or a bearer token."""
+
+    username: str = ""
+    password: str = ""
+    token: str = ""
+
+    def __repr__(self) -> str:  # never print secrets in logs or tracebacks
+        return f"RegistryCredentials(username={self.username!r}, ...)"
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """A validated sandbox spec with every default resolved, in the units the runtime needs.
+
+    Limits: `memory_bytes`, `pids` and `disk_bytes` are what the sandbox gets; `cpu_millis`
+    None means no cpu limit (it may use every core). `asked_limits` names those of "cpu",
+    "memory", "pids", "disk" that the request asked for; the others are the service's
+    defaults. A node that cannot enforce limits refuses a sandbox that asked for one, and runs
+    one that asked for none without them (best effort, as the service's log says at start).
+    """
+
+    sandbox_id: str
+    image: str
+    command: tuple[str, ...]  # empty: keep-alive that exits 0 on SIGTERM
+    env: dict[str, str]
+    working_dir: str  # absolute; "" means the image's default
+    cpu_millis: int | None = None
+    memory_bytes: int = DEFAULT_MEMORY_BYTES
+    pids: int = DEFAULT_PIDS
+    disk_bytes: int = DEFAULT_DISK_BYTES
+    asked_limits: frozenset[str] = frozenset()
+    mounted_files: tuple[tuple[str, bytes], ...] = ()
+    network: str = "none"
+    # OCI images: credentials for pulling `image` (None: the service's Docker config or
+    # anonymous), and whether an empty `command` runs the image's Entrypoint + Cmd instead of
+    # the keep-alive.
+    registry_credentials: RegistryCredentials | None = None
+    image_command: bool = False
+    # Labels a cluster placement must find on the node (SandboxSpec.node_selector).
+    node_selector: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ExecSpec:
+    """A validated command: `cwd` "" is the sandbox's working directory, `timeout_seconds` 0
+    no limit, (`rows`, `cols`) the terminal's size when `tty`."""
+
+    argv: tuple[str, ...]
+    cwd: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    timeout_seconds: float = 0.0
+    stdin: bool = False
+    tty: bool = False
+    rows: int = 24
+    cols: int = 80
+    protected: bool = False  # nothing else in the sandbox can touch it (docs/security.md)

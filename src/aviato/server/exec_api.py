@@ -1,0 +1,262 @@
+"""The exec streams of aviato.v1.SandboxService: Exec (bidirectional) and RunCommand.
+
+Exec reports every failure after the first frame as an `ExecError` frame (so that a stream always
+ends with exactly one exit or error frame); only a missing or invalid credential ends it with a
+gRPC status. When the client goes away mid-exec, the command is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aviato.runtime.base import (
+    ExecExit,
+    ExecFailed,
+    ExecHandle,
+    ExecOutput,
+    ExecSpec,
+    SandboxRuntimeError,
+)
+from aviato.server import codec
+from aviato.server.errors import InvalidArgument, ServiceError
+from aviato.server.servicer import ServicerBase
+from aviato.v1 import sandbox_pb2 as pb
+
+if TYPE_CHECKING:
+    from aviato.server.servicer import Ctx
+
+__all__ = ["ExecStreams"]
+
+log = logging.getLogger("aviato.server.api")
+
+MAX_EXEC_INPUT_BYTES = 4 << 20  # ExecInit.input (a request message is at most 8 MiB)
+_INLINE_INPUT_BYTES = 64 * 1024  # RunCommand writes input this small before relaying output
+_refused = codec.encode_error  # a frame refusing the request
+_STARTED = pb.ExecResponse(started=pb.ExecStarted())
+# What a started command fails with when its sandbox goes away under it (see `_cut_off`).
+_CUT_OFF_CODES = frozenset({"UNAVAILABLE", "FAILED_PRECONDITION"})
+
+
+class ExecStreams(ServicerBase):
+    """Exec and RunCommand."""
+
+    async def Exec(self, request_iterator: AsyncIterator[pb.ExecRequest], context: Ctx) -> None:
+        # A coroutine writing with context.write() rather than an async generator: grpc.aio
+        # drives generators through an extra layer per frame, which costs ~0.2 ms per exec.
+        write = context.write
+        owner = await self._owner_or_abort(context)
+        requests = aiter(request_iterator)
+        try:
+            first = await anext(requests)
+        except StopAsyncIteration:
+            await write(
+                codec.encode_error(
+                    "INVALID_ARGUMENT", "init: the stream ended before an init frame"
+                )
+            )
+            return
+        if first.WhichOneof("msg") != "init":
+            await write(
+                codec.encode_error("INVALID_ARGUMENT", "init: the first frame must be init")
+            )
+            return
+        init = first.init
+        if init.input and not init.stdin:
+            await write(codec.encode_error("INVALID_ARGUMENT", "init.input: needs init.stdin"))
+            return
+        started = await self._start_exec(owner, init, write, stdin=init.stdin)
+        if started is None:
+            return
+        spec, proc = started
+        pump = asyncio.create_task(self._pump_exec(requests, proc, spec.stdin, init.input))
+        try:
+            await write(_STARTED)
+            await self._relay_exec(proc, write, pump, init.sandbox_id)
+        finally:
+            pump.cancel()
+
+    async def RunCommand(self, init: pb.ExecInit, context: Ctx) -> None:
+        """Exec without a request stream: stdin is `init.input` then EOF; no `started` frame.
+
+        Half the messages of an Exec and no input task, for the common command that takes no
+        interactive input. A cancelled call (the client gone) kills the command like Exec does.
+        """
+        write = context.write
+        owner = await self._owner_or_abort(context)
+        if init.tty:
+            await write(
+                codec.encode_error("INVALID_ARGUMENT", "init.tty: RunCommand has no terminal")
+            )
+            return
+        started = await self._start_exec(owner, init, write, stdin=bool(init.input))
+        if started is None:
+            return
+        _spec, proc = started
+        feed: asyncio.Task[None] | None = None
+        try:
+            if len(init.input) > _INLINE_INPUT_BYTES:
+                # In a task: a command that does not read its input must not stall its output.
+                feed = asyncio.create_task(self._feed_input(proc, init.input))
+            elif init.input:
+                await self._feed_input(proc, init.input)
+        except BaseException:  # cancelled while feeding it: nobody will read the command
+            with contextlib.suppress(Exception):
+                await asyncio.shield(proc.kill())
+            raise
+        try:
+            await self._relay_exec(proc, write, None, init.sandbox_id)
+        finally:
+            if feed is not None:
+                feed.cancel()
+
+    async def _start_exec(
+        self, owner: str, init: pb.ExecInit, write: Callable[[Any], Awaitable[None]], *, stdin: bool
+    ) -> tuple[ExecSpec, ExecHandle] | None:
+        """Validates `init` and starts its command; on failure writes the error frame and
+        returns None. `stdin` overrides init.stdin (RunCommand derives it from init.input)."""
+        try:
+            if len(init.input) > MAX_EXEC_INPUT_BYTES:
+                raise InvalidArgument(
+                    "init.input", f"{len(init.input)} bytes is more than {MAX_EXEC_INPUT_BYTES}"
+                )
+            spec = codec.decode_exec_init(init)
+            if spec.stdin != stdin:
+                spec = dataclasses.replace(spec, stdin=stdin)
+            handle = await self._lifecycle.running_handle(owner, init.sandbox_id)
+            return spec, await handle.exec(spec)
+        except (ServiceError, SandboxRuntimeError) as e:
+            await write(codec.encode_error(e.code, str(e)))
+        except Exception as e:
+            log.exception("exec could not start")
+            await write(codec.encode_error("INTERNAL", f"internal error: {e}"))
+        return None
+
+    def _cut_off(self, code: str, message: str, sandbox_id: str) -> tuple[str, str]:
+        """A started command's failure as reported to the client.
+
+        A command whose sandbox went away under it (stopped, its main process ended, its
+        supervisor died, its node was lost) fails with UNAVAILABLE or FAILED_PRECONDITION inside
+        the runtime. Reported as such, it reads as "try again", and a retry would run the command
+        a second time: it is reported as ABORTED ("cut off; it may have partly run"), which the
+        SDK raises as SandboxTerminatedError and never retries. This is the one place where that
+        happens. Other codes pass unchanged.
+        """
+        if code not in _CUT_OFF_CODES:
+            return code, message
+        how = self._lifecycle.how_it_ended(sandbox_id)
+        cut = f"the command was cut off: sandbox {sandbox_id} {how} while it ran"
+        return "ABORTED", cut + (f" ({message})" if message else "")
+
+    async def _relay_exec(
+        self,
+        proc: ExecHandle,
+        write: Callable[[Any], Awaitable[None]],
+        pump: asyncio.Task[str | None] | None,
+        sandbox_id: str,
+    ) -> None:
+        """Writes the command's output frames and exactly one terminal frame (exit or error).
+
+        When the client goes away (this coroutine is cancelled, or a write fails) the command is
+        killed: nobody can read it. When the input pump killed it (the request stream ended
+        without stdin_eof), the error frame says so. When the sandbox ended under the command,
+        the error is ABORTED (see `_cut_off`).
+        """
+        done = False
+        try:
+            async for event in proc.events():
+                if type(event) is ExecOutput:
+                    await write(codec.encode_output(event))
+                elif type(event) is ExecExit:
+                    done = True
+                    await write(codec.encode_exit(event))
+                    break
+                elif isinstance(event, ExecFailed):
+                    done = True
+                    message = event.message
+                    if pump is not None and pump.done() and not pump.cancelled():
+                        message = pump.result() or message
+                    await write(codec.encode_error(*self._cut_off(event.code, message, sandbox_id)))
+                    break
+            if not done:
+                done = True
+                await write(codec.encode_error(*self._cut_off("UNAVAILABLE", "", sandbox_id)))
+        except (SandboxRuntimeError, ServiceError) as e:
+            if not done:
+                done = True
+                await write(codec.encode_error(*self._cut_off(e.code, str(e), sandbox_id)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if not done:
+                log.exception("exec output failed")
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(proc.kill())
+                done = True
+                with contextlib.suppress(Exception):
+                    await write(codec.encode_error("INTERNAL", f"internal error: {e}"))
+        finally:
+            if not done:
+                # The client went away (or the stream broke): nobody can read the command.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(proc.kill())
+
+    @staticmethod
+    async def _feed_input(proc: ExecHandle, data: bytes) -> None:
+        try:
+            await proc.write_stdin(data)
+            await proc.close_stdin()
+        except (SandboxRuntimeError, ServiceError) as e:
+            log.debug("exec input ended: %s", e)  # the command is gone; its output side reports
+
+    @staticmethod
+    async def _pump_exec(
+        requests: AsyncIterator[pb.ExecRequest], proc: ExecHandle, stdin_wanted: bool, first: bytes
+    ) -> str | None:
+        """Forwards `first` (init.input), then stdin, EOF, resizes and signals.
+
+        The end of the command's input is explicit: only a stdin_eof frame closes its stdin. A
+        request stream that ends (or breaks) before it, while the command reads stdin, is a lost
+        client: the command is killed, never handed a possibly truncated input followed by EOF as
+        if it were complete. Returns the reason when it killed the command, else None.
+        """
+        eof_sent = False
+        try:
+            if first and stdin_wanted:
+                await proc.write_stdin(first)
+            async for req in requests:
+                kind = req.WhichOneof("msg")
+                if kind == "stdin":
+                    if stdin_wanted and not eof_sent:
+                        await proc.write_stdin(req.stdin)
+                elif kind == "stdin_eof":
+                    if stdin_wanted and not eof_sent:
+                        eof_sent = True
+                        await proc.close_stdin()
+                elif kind == "resize":
+                    rows, cols = codec.decode_resize(req.resize, "resize")
+                    await proc.resize(rows, cols)
+                elif kind == "signal" and 1 <= req.signal <= 64:
+                    await proc.signal(req.signal)
+            why = "the request stream ended before stdin_eof"
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the handler is done with this exec
+            # Raised by the interceptor's end-of-stream check: the client went away.
+            why = "the client went away before stdin_eof"
+        except (SandboxRuntimeError, ServiceError) as e:
+            log.debug("exec input ended: %s", e)
+            return None
+        except Exception:
+            log.debug("exec input pump ended", exc_info=True)
+            why = "the request stream broke before stdin_eof"
+        if not stdin_wanted or eof_sent:
+            return None
+        with contextlib.suppress(Exception):
+            await proc.kill()
+        return f"{why}: the command was killed (its input may be incomplete)"

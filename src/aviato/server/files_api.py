@@ -1,0 +1,126 @@
+"""The file streams of aviato.v1.SandboxService: ReadFile and WriteFile."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from aviato.runtime.base import SandboxRuntimeError
+from aviato.server import validation
+from aviato.server.errors import InvalidArgument, ServiceError
+from aviato.server.servicer import ServicerBase, grpc_status
+from aviato.server.streams import Resumable, drain_upload
+from aviato.v1 import sandbox_pb2 as pb
+
+if TYPE_CHECKING:
+    from aviato.server.servicer import Ctx
+
+__all__ = ["FileStreams"]
+
+log = logging.getLogger("aviato.server.api")
+
+FILE_CHUNK = 256 * 1024
+MAX_WRITE_BYTES = 2 << 30
+
+
+class FileStreams(ServicerBase):
+    """ReadFile and WriteFile."""
+
+    async def ReadFile(self, request: pb.ReadFileRequest, context: Ctx) -> None:
+        """The info frame, then the data. A coroutine writing with context.write() rather than
+        an async generator, so that a client that goes away mid-file (cancelled, or refusing the
+        size it was told) cancels it, and the read is closed at once: left open, its unread
+        chunks pile up on the sandbox's supervisor connection until that connection stops
+        reading, which stalls every command and transfer of the sandbox."""
+        owner = await self._owner_or_abort(context)
+        try:
+            path = validation.validate_path(request.path, "path")
+            handle = await self._lifecycle.running_handle(owner, request.sandbox_id)
+            info, chunks = await handle.read_file(path)
+        except (ServiceError, SandboxRuntimeError) as e:
+            await context.abort(grpc_status(e.code), str(e))
+            return
+        write = context.write
+        try:
+            await write(pb.ReadFileResponse(info=pb.FileInfo(size=info.size, mode=info.mode)))
+            async for chunk in chunks:
+                for i in range(0, len(chunk), FILE_CHUNK):
+                    await write(pb.ReadFileResponse(data=chunk[i : i + FILE_CHUNK]))
+        except (ServiceError, SandboxRuntimeError) as e:
+            await context.abort(grpc_status(e.code), str(e))
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+
+    async def WriteFile(
+        self,
+        request_iterator: AsyncIterator[pb.WriteFileRequest],
+        context: Ctx,
+    ) -> pb.WriteFileResponse:
+        owner = await self._owner_or_abort(context)
+        requests = Resumable(aiter(request_iterator))
+        problem: list[ServiceError] = []
+
+        async def chunks() -> AsyncIterator[bytes]:
+            """The data frames up to the end frame. The runtime keeps the file only when this
+            iterator finishes normally, so raising here (no end frame: the client died or gave
+            up mid-upload) discards what was written."""
+            total = 0
+            ended = False
+            async for req in requests:
+                kind = req.WhichOneof("msg")
+                if kind == "end" and req.end and not ended:
+                    ended = True
+                    continue
+                if ended or kind != "data":
+                    where = "after the end frame" if ended else "after the header"
+                    problem.append(InvalidArgument(kind or "msg", f"unexpected frame {where}"))
+                    raise problem[-1]
+                total += len(req.data)
+                if total > MAX_WRITE_BYTES:
+                    problem.append(InvalidArgument("data", "the file is larger than 2 GiB"))
+                    raise problem[-1]
+                if req.data:
+                    yield req.data
+            if not ended:
+                problem.append(
+                    InvalidArgument("end", "the stream ended before its end frame: nothing written")
+                )
+                raise problem[-1]
+
+        try:
+            try:
+                first = await anext(requests)
+            except StopAsyncIteration:
+                raise InvalidArgument("header", "the stream ended before a header") from None
+            if first.WhichOneof("msg") != "header":
+                raise InvalidArgument("header", "the first frame must be the header")
+            header = first.header
+            path = validation.validate_path(header.path, "header.path")
+            if path == "/":
+                raise InvalidArgument("header.path", "must name a file")
+            mode = validation.validate_file_mode(header.mode, "header.mode")
+            handle = await self._lifecycle.running_handle(owner, header.sandbox_id)
+            size = await handle.write_file(path, mode, header.make_parents, chunks())
+        except (ServiceError, SandboxRuntimeError) as e:
+            err: ServiceError | SandboxRuntimeError = problem[0] if problem else e
+            if not problem:
+                await drain_upload(requests, MAX_WRITE_BYTES)
+            await context.abort(grpc_status(err.code), str(err))
+            raise  # unreachable
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise  # AbortError: the call already has its status (e.g. a malformed frame)
+        except Exception:
+            if problem:
+                await context.abort(grpc_status(problem[0].code), str(problem[0]))
+            log.exception("WriteFile failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
+            raise
+        return pb.WriteFileResponse(size=size)

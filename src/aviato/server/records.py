@@ -1,0 +1,95 @@
+"""The service's model of a sandbox: what it keeps beside the runtime's `SandboxConfig`.
+
+`ValidSpec` is a validated create (the config with every default resolved, its tags and its
+lifetime), built by `codec.decode_spec`. `SandboxRecord` is one sandbox as the service knows it
+(owner, request id, status, lease, node, times) around the config it was created with; the
+registry persists it, the lifecycle mutates it, `codec.encode_sandbox` answers with it.
+
+`SandboxStatus` values are the registry's, stored as integers: they are this service's own and
+never assumed equal to the public proto's enum (the codec maps between the two explicitly).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+
+from aviato.runtime.model import SandboxConfig
+
+__all__ = [
+    "ALL_STATUSES",
+    "LIVE_STATUSES",
+    "TERMINAL_STATUSES",
+    "SandboxRecord",
+    "SandboxStatus",
+    "ValidSpec",
+    "kept_config",
+]
+
+
+class SandboxStatus(enum.IntEnum):
+    """The states of a sandbox: PENDING → CREATING → RUNNING → COMPLETED | FAILED | TERMINATED.
+    The integers are what the registry stores: never renumber them."""
+
+    PENDING = 1
+    CREATING = 2
+    RUNNING = 3
+    COMPLETED = 4
+    FAILED = 5
+    TERMINATED = 6
+
+
+TERMINAL_STATUSES = frozenset(
+    {SandboxStatus.COMPLETED, SandboxStatus.FAILED, SandboxStatus.TERMINATED}
+)
+LIVE_STATUSES = frozenset({SandboxStatus.PENDING, SandboxStatus.CREATING, SandboxStatus.RUNNING})
+ALL_STATUSES = frozenset(SandboxStatus)
+
+
+@dataclass(frozen=True)
+class ValidSpec:
+    """A validated create: the runtime config (sandbox_id still ""), its tags in the given
+    order without duplicates, and its lifetime in seconds (the service's default when the
+    request named none; 0: no lifetime)."""
+
+    config: SandboxConfig
+    tags: tuple[str, ...]
+    max_lifetime_seconds: float
+
+
+def kept_config(config: SandboxConfig) -> SandboxConfig:
+    """What a record keeps of a config: no mounted file contents (a record must stay small;
+    the paths are kept) and never the registry credentials."""
+    return replace(
+        config,
+        mounted_files=tuple((path, b"") for path, _ in config.mounted_files),
+        registry_credentials=None,
+    )
+
+
+@dataclass(slots=True)
+class SandboxRecord:
+    """One sandbox. Mutable: the lifecycle updates it, then calls `Registry.update_sandbox`.
+
+    `config` is the resolved config it was created with, as `kept_config` keeps it.
+    """
+
+    id: str
+    owner: str
+    request_id: str
+    status: SandboxStatus
+    config: SandboxConfig
+    created_ns: int
+    tags: tuple[str, ...] = ()
+    max_lifetime_seconds: float = 0.0
+    reason: str = ""
+    exit_code: int | None = None
+    lease_id: str = ""
+    node: str = ""
+    started_ns: int | None = None
+    ended_ns: int | None = None
+    expires_ns: int | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
