@@ -16,7 +16,7 @@ from pathlib import Path
 from aviato.images.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_ENTRIES, PullLimits
 from aviato.runtime.model import DEFAULT_DISK_BYTES, DEFAULT_MEMORY_BYTES, DEFAULT_PIDS
 from aviato.server.quotas import Quota
-from aviato.server.validation import SpecDefaults
+from aviato.server.validation import DEFAULT_MAX_LIFETIME_SECONDS, SpecDefaults
 
 __all__ = [
     "DEFAULT_MAX_LIFETIME_SECONDS",
@@ -31,7 +31,6 @@ __all__ = [
     "resolve_state_dir",
 ]
 
-DEFAULT_MAX_LIFETIME_SECONDS = 3600.0
 DEFAULT_MAX_SANDBOXES = 1000
 DEFAULT_MIN_FREE_DISK_BYTES = 256 << 20
 

@@ -34,6 +34,7 @@ from aviato.server import quantities
 from aviato.server.errors import InvalidArgument
 
 __all__ = [
+    "DEFAULT_MAX_LIFETIME_SECONDS",
     "MAX_LIFETIME_SECONDS",
     "Limits",
     "SpecDefaults",
@@ -65,6 +66,7 @@ MAX_PATH_BYTES = 4096
 MAX_MOUNTED_FILES = 1024
 MAX_MOUNTED_BYTES = 16 * MiB
 MAX_LIFETIME_SECONDS = 7 * 24 * 3600.0
+DEFAULT_MAX_LIFETIME_SECONDS = 3600.0
 MAX_EXEC_TIMEOUT_SECONDS = MAX_LIFETIME_SECONDS
 MAX_CPU_MILLIS = 1024 * 1000
 MIN_MEMORY_BYTES = 4 * MiB
@@ -94,7 +96,7 @@ class SpecDefaults:
     memory_bytes: int = DEFAULT_MEMORY_BYTES
     pids: int = DEFAULT_PIDS
     disk_bytes: int = DEFAULT_DISK_BYTES
-    max_lifetime_seconds: float = 3600.0
+    max_lifetime_seconds: float = DEFAULT_MAX_LIFETIME_SECONDS
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,389 @@
+"""Running sandboxes: the live map, driving a new sandbox to RUNNING, watching its end, stops,
+and the deadline each running sandbox is given (the lifecycle's core; see `lifecycle`).
+
+A new sandbox's task goes PENDING (placed, its image pulled) → CREATING (`runtime.create`) →
+RUNNING (its deadline given first) and then waits for its end; `_finish` makes it terminal
+exactly once: record, waiters, log kept aside, runtime cleanup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aviato._private import private_dir
+from aviato.runtime.base import (
+    MainExit,
+    Runtime,
+    SandboxGone,
+    SandboxHandle,
+    SandboxRuntimeError,
+)
+from aviato.server.admission import Admission
+from aviato.server.config import ServerConfig
+from aviato.server.errors import NotFound
+from aviato.server.placement import Placement
+from aviato.server.records import (
+    SandboxRecord,
+    SandboxStatus,
+)
+from aviato.server.registry import Registry
+from aviato.server.sandbox_states import (
+    LeaseState,
+    LiveSandbox,
+    classify_exit,
+    status_name,
+)
+
+__all__ = ["SandboxRuns"]
+
+log = logging.getLogger("aviato.server.lifecycle")
+
+PENDING = SandboxStatus.PENDING
+CREATING = SandboxStatus.CREATING
+RUNNING = SandboxStatus.RUNNING
+FAILED = SandboxStatus.FAILED
+TERMINATED = SandboxStatus.TERMINATED
+
+
+class SandboxRuns:
+    """The sandboxes of the service from creation to their end (the lifecycle's core state)."""
+
+    def __init__(self, registry: Registry, placement: Placement, config: ServerConfig) -> None:
+        self._registry = registry
+        self._placement = placement
+        self._config = config
+        self._live: dict[str, LiveSandbox] = {}
+        self._by_request: dict[tuple[str, str], LiveSandbox] = {}
+        self._leases: dict[tuple[str, str], LeaseState] = {}
+        self._admission = Admission(config, registry)
+        self._background: set[asyncio.Task[None]] = set()
+        self._reaper: asyncio.Task[None] | None = None
+        self._closing = False
+        private_dir(config.logs_dir)
+
+    def _adopt(self, live: LiveSandbox) -> None:
+        self._live[live.rec.id] = live
+        self._admission.take(live.rec.owner, live.charge)
+        self._by_request[(live.rec.owner, live.rec.request_id)] = live
+        if live.rec.lease_id:
+            lease = self._leases.get((live.rec.owner, live.rec.lease_id))
+            if lease is not None:
+                lease.sandbox_count += 1
+
+    def _forget(self, live: LiveSandbox) -> None:
+        rec = live.rec
+        if self._live.get(rec.id) is live:
+            del self._live[rec.id]
+            self._admission.give_back(rec.owner, live.charge)
+        self._by_request.pop((rec.owner, rec.request_id), None)
+        if rec.lease_id:
+            lease = self._leases.get((rec.owner, rec.lease_id))
+            if lease is not None and lease.sandbox_count > 0:
+                lease.sandbox_count -= 1
+
+    def _record(self, owner: str, sandbox_id: str) -> SandboxRecord:
+        live = self._live.get(sandbox_id)
+        if live is not None and live.rec.owner == owner:
+            return live.rec
+        rec = self._registry.get_sandbox(sandbox_id) if sandbox_id else None
+        if rec is None or rec.owner != owner:
+            raise NotFound(f"sandbox {sandbox_id!r} not found")
+        live = self._live.get(sandbox_id)
+        return live.rec if live is not None else rec
+
+    def _set_status(self, live: LiveSandbox, status: SandboxStatus) -> None:
+        rec = live.rec
+        rec.status = status
+        if status == RUNNING:
+            rec.started_ns = time.time_ns()
+        self._registry.update_sandbox(rec)
+        live.notify()
+
+    async def _run_new(self, live: LiveSandbox) -> None:
+        """Drives a new sandbox: CREATING, runtime.create, RUNNING, then watches its end."""
+        if live.stop_reason:  # stopped before it was created: nothing to create
+            self._finish(live, TERMINATED, live.stop_reason, None, time.time_ns())
+            return
+        if not live.rec.node and not await self._place(live):
+            return
+        if not await self._pull_image(live):
+            return
+        self._set_status(live, CREATING)
+        assert live.config is not None
+        try:
+            handle = await live.runtime.create(live.config)
+        except asyncio.CancelledError:
+            raise
+        except SandboxRuntimeError as e:
+            self._finish(live, FAILED, f"create failed: {e}", None, time.time_ns())
+            return
+        except Exception as e:
+            log.exception("runtime.create crashed for %s", live.rec.id)
+            self._finish(live, FAILED, f"create failed: internal error: {e}", None, time.time_ns())
+            return
+        live.handle = handle
+        if live.stop_reason:
+            try:
+                exit = await handle.kill()
+            except SandboxRuntimeError:
+                exit = MainExit(137, 9, time.time_ns(), "killed")
+            self._finish(live, TERMINATED, live.stop_reason, exit.exit_code, exit.ended_at_ns)
+            return
+        await self._send_deadline(live)  # before RUNNING: a crash before it leaves CREATING
+        self._set_status(live, RUNNING)
+        await self._watch(live)
+
+    async def _place(self, live: LiveSandbox) -> bool:
+        """Waits, PENDING with the placement's reason, until a node takes the sandbox.
+
+        Only for placements that defer the choice (`runtime_for_new` gave no node). False when
+        the sandbox ended meanwhile (stopped, or the placement gave up: FAILED with its reason).
+        """
+        assert live.config is not None
+
+        def waiting(reason: str) -> None:
+            if live.rec.reason != reason:
+                live.rec.reason = reason
+                self._registry.update_sandbox(live.rec)
+                live.notify()
+
+        try:
+            placed = await self._placement.place(
+                live.config, waiting, lambda: bool(live.stop_reason)
+            )
+        except SandboxRuntimeError as e:
+            self._finish(live, FAILED, str(e), None, time.time_ns())
+            return False
+        if placed is None:
+            self._finish(live, TERMINATED, live.stop_reason or "stopped", None, time.time_ns())
+            return False
+        live.rec.node, live.runtime = placed
+        live.rec.reason = ""
+        return True
+
+    async def _pull_image(self, live: LiveSandbox) -> bool:
+        """Waits, PENDING with reason "pulling image X", while the node pulls the sandbox's image.
+
+        False when the sandbox ended meanwhile (the pull failed: FAILED naming the image; or it
+        was stopped: the pull goes on for other users of the image, the sandbox does not wait).
+        """
+        config = live.config
+        assert config is not None
+        if live.runtime.image_ready(config.image):
+            return True
+        rec = live.rec
+        rec.reason = f"pulling image {config.image}"
+        self._registry.update_sandbox(rec)
+        live.notify()
+        pull = asyncio.ensure_future(
+            live.runtime.prepare_image(config.image, config.registry_credentials)
+        )
+        try:
+            while not pull.done():
+                await asyncio.wait({pull}, timeout=0.2)
+                if live.stop_reason and not pull.done():
+                    pull.cancel()
+                    self._finish(live, TERMINATED, live.stop_reason, None, time.time_ns())
+                    return False
+            pull.result()
+        except asyncio.CancelledError:
+            pull.cancel()
+            raise
+        except SandboxRuntimeError as e:
+            self._finish(live, FAILED, f"pulling image {config.image} failed: {e}", None,
+                         time.time_ns())  # fmt: skip
+            return False
+        except Exception as e:
+            log.exception("pulling image %s crashed for %s", config.image, rec.id)
+            self._finish(live, FAILED, f"pulling image {config.image} failed: internal error: {e}",
+                         None, time.time_ns())  # fmt: skip
+            return False
+        rec.reason = ""
+        return True
+
+    async def _watch(self, live: LiveSandbox) -> None:
+        assert live.handle is not None
+        try:
+            exit = await live.handle.wait_exit()
+        except asyncio.CancelledError:
+            raise
+        except SandboxRuntimeError as e:
+            exit = MainExit(-1, 0, time.time_ns(), f"lost: {e}")
+        except Exception as e:
+            log.exception("wait_exit crashed for %s", live.rec.id)
+            exit = MainExit(-1, 0, time.time_ns(), f"lost: internal error: {e}")
+        status, reason = classify_exit(exit, live.stop_reason)
+        code = exit.exit_code if exit.exit_code >= 0 else None
+        self._finish(live, status, reason, code, exit.ended_at_ns)
+
+    def _finish(
+        self,
+        live: LiveSandbox,
+        status: SandboxStatus,
+        reason: str,
+        exit_code: int | None,
+        ended_ns: int,
+    ) -> None:
+        """Makes the sandbox terminal: record, waiters, log kept aside, runtime cleanup."""
+        rec = live.rec
+        if rec.terminal:
+            return
+        rec.status, rec.reason, rec.exit_code = status, reason, exit_code
+        rec.ended_ns = ended_ns or time.time_ns()
+        self._registry.update_sandbox(rec)
+        self._forget(live)
+        live.notify()
+        log.info(
+            "sandbox ended id=%s status=%s reason=%r exit_code=%s",
+            rec.id, status_name(status), reason, exit_code,
+        )  # fmt: skip
+        handle_log = live.handle.log_path if live.handle is not None else None
+        self._keep_log(rec, handle_log)
+        self._spawn(self._cleanup(live.runtime, rec.id))
+
+    def _finish_record(
+        self,
+        rec: SandboxRecord,
+        status: SandboxStatus,
+        reason: str,
+        code: int | None,
+        ended_ns: int = 0,
+    ) -> None:
+        rec.status, rec.reason, rec.exit_code = status, reason, code
+        rec.ended_ns = ended_ns or time.time_ns()
+        self._registry.update_sandbox(rec)
+        log.info("sandbox id=%s marked %s: %s", rec.id, status_name(status), reason)
+
+    def _kept_log(self, sandbox_id: str) -> Path:
+        return self._config.logs_dir / f"{sandbox_id}.log"
+
+    def _keep_log(self, rec: SandboxRecord, path: Path | None) -> None:
+        """Moves the main log out of the runtime's directory so that cleanup cannot remove it."""
+        if path is None:
+            path = self._placement.main_log_path(rec.node, rec.id)
+        if path is None:
+            return
+        try:
+            os.replace(path, self._kept_log(rec.id))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("could not keep the log of %s: %s", rec.id, e)
+
+    async def _cleanup(self, runtime: Runtime, sandbox_id: str) -> None:
+        try:
+            await runtime.cleanup(sandbox_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("runtime.cleanup failed for %s", sandbox_id)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        async def run() -> None:
+            await coro
+
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    async def _wait_until(
+        live: LiveSandbox, predicate: Callable[[], bool], limit_seconds: float
+    ) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit_seconds
+        while not predicate():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(live.changed.wait(), remaining)
+        return True
+
+    async def _stop_live(self, live: LiveSandbox, grace: float, reason: str) -> None:
+        if live.stop_task is None:
+            live.stop_reason = reason
+            live.stop_task = asyncio.create_task(self._do_stop(live, grace))
+        await asyncio.shield(live.stop_task)
+
+    async def _do_stop(self, live: LiveSandbox, grace: float) -> None:
+        """Ends the sandbox; returns once its end is recorded.
+
+        The end is recorded by the watcher (or by _run_new, for a sandbox still being created),
+        not by the terminate call: once the record is terminal the stop is complete even if
+        that call has not returned (a remote node host's answer can come after the watcher's,
+        or not at all), and the call is then abandoned.
+        """
+        rec = live.rec
+        log.info("stopping sandbox id=%s reason=%r grace=%.1fs", rec.id, live.stop_reason, grace)
+        ending = None
+        if live.handle is not None:
+            ending = asyncio.create_task(self._terminate(live.handle, rec.id, grace))
+        try:
+            await self._wait_until(live, lambda: live.rec.terminal, math.inf)
+        finally:
+            if ending is not None and not ending.done():
+                ending.cancel()
+
+    @staticmethod
+    async def _terminate(handle: SandboxHandle, sandbox_id: str, grace: float) -> None:
+        try:
+            await handle.terminate(grace)
+        except SandboxGone:
+            pass
+        except SandboxRuntimeError as e:
+            log.warning("terminate failed for %s: %s; killing", sandbox_id, e)
+            with contextlib.suppress(SandboxRuntimeError):
+                await handle.kill()
+        except Exception:
+            log.exception("terminate crashed for %s", sandbox_id)
+
+    def _deadline_of(self, live: LiveSandbox) -> tuple[int, str]:
+        """(unix ns, why) at which the sandbox must end without the service: the earlier of its
+        lifetime's end ("lifetime") and its lease's expiry ("lease"); 0 for never."""
+        at, why = live.rec.expires_ns or 0, "lifetime"
+        if live.rec.lease_id:
+            lease = self._leases.get((live.rec.owner, live.rec.lease_id))
+            if lease is not None and (not at or lease.expires_ns < at):
+                at, why = lease.expires_ns, "lease"
+        return at, why
+
+    async def _send_deadline(self, live: LiveSandbox) -> None:
+        if live.handle is None or live.rec.terminal:
+            return
+        at, why = self._deadline_of(live)
+        try:
+            await live.handle.set_deadline(at, why, self._config.default_stop_grace_seconds)
+        except asyncio.CancelledError:
+            raise
+        except SandboxRuntimeError as e:  # gone or unreachable: its watcher will tell
+            log.debug("deadline not given to %s: %s", live.rec.id, e)
+        except Exception:
+            log.exception("set_deadline crashed for %s", live.rec.id)
+
+    def _push_deadline(self, live: LiveSandbox) -> None:
+        """Sends the sandbox's current deadline in the background: one sender per sandbox at a
+        time, which sends again while it changed meanwhile (so a late send never wins)."""
+        if live.handle is None or self._closing:
+            return
+        live.deadline_dirty = True
+        if live.deadline_pushing:
+            return
+        live.deadline_pushing = True
+
+        async def push() -> None:
+            try:
+                while live.deadline_dirty and not live.rec.terminal:
+                    live.deadline_dirty = False
+                    await self._send_deadline(live)
+            finally:
+                live.deadline_pushing = False
+
+        self._spawn(push())
