@@ -176,3 +176,16 @@ def test_api_keys(registry: Registry) -> None:
     assert not auth.revoke_key(registry, info.id)
     with pytest.raises(Unauthenticated, match="revoked"):
         a.owner_of("ipv4:127.0.0.1:5", [("authorization", f"Bearer {key}")])
+
+
+def test_a_model_field_added_later_reads_as_its_default(registry: Registry) -> None:
+    """A row written before a field joined the model reads with the field's default."""
+    registry.insert_sandbox(rec(7))
+    db = sqlite3.connect(registry.path)
+    db.execute(
+        "UPDATE sandboxes SET model = json_remove(model, '$.image_command', '$.node_selector')"
+    )
+    db.commit()
+    got = registry.get_sandbox("sbx-0007")
+    assert got is not None
+    assert got.config == dataclasses.replace(CONFIG, sandbox_id="sbx-0007", node_selector=())

@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import os
 import sqlite3
 import time
+import types
+import typing
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,54 +68,75 @@ TERMINATED = SandboxStatus.TERMINATED
 MODEL_VERSION = 1
 
 
+# Fields of a config that a record never keeps (`records.kept_config`); mounted files are kept
+# as their paths only.
+_NOT_KEPT = frozenset({"sandbox_id", "registry_credentials"})
+
+
+def _to_json(value: object) -> object:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, frozenset):
+        return sorted(_to_json(v) for v in value)  # type: ignore[type-var]
+    if isinstance(value, tuple | list):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    return value
+
+
+def _from_json(hint: Any, value: Any) -> Any:
+    """`value` (from JSON) as the type `hint` of a model field."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None:
+            return None
+        return _from_json(next(a for a in args if a is not type(None)), value)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_json(args[0], v) for v in value)
+        return tuple(_from_json(a, v) for a, v in zip(args, value, strict=True))
+    if origin is frozenset:
+        return frozenset(_from_json(args[0], v) for v in value)
+    if origin is dict:
+        return {_from_json(args[0], k): _from_json(args[1], v) for k, v in value.items()}
+    build: Any = hint  # a dataclass, or a scalar type (str, int, float, bool)
+    if dataclasses.is_dataclass(hint):
+        hints = typing.get_type_hints(hint)
+        return build(**{k: _from_json(hints[k], v) for k, v in value.items() if k in hints})
+    return build(value)
+
+
 def _model_json(config: SandboxConfig, tags: Sequence[str], lifetime: float) -> str:
-    """The `model` column: a record's resolved config (without sandbox id, file contents or
-    credentials, which a record never keeps), its tags and its lifetime."""
-    return json.dumps(
-        {
-            "version": MODEL_VERSION,
-            "image": config.image,
-            "command": list(config.command),
-            "env": config.env,
-            "working_dir": config.working_dir,
-            "cpu_millis": config.cpu_millis,
-            "memory_bytes": config.memory_bytes,
-            "pids": config.pids,
-            "disk_bytes": config.disk_bytes,
-            "asked_limits": sorted(config.asked_limits),
-            "mounted_paths": [path for path, _ in config.mounted_files],
-            "network": config.network,
-            "image_command": config.image_command,
-            "node_selector": [list(pair) for pair in config.node_selector],
-            "tags": list(tags),
-            "max_lifetime_seconds": lifetime,
-        },
-        separators=(",", ":"),
-        sort_keys=True,
-    )
+    """The `model` column: a record's resolved config (every field but those a record never
+    keeps, so that a new field of the model needs nothing here), its tags and its lifetime."""
+    data: dict[str, object] = {
+        "version": MODEL_VERSION,
+        "tags": list(tags),
+        "max_lifetime_seconds": lifetime,
+    }
+    for f in dataclasses.fields(SandboxConfig):
+        if f.name == "mounted_files":
+            data["mounted_paths"] = [path for path, _ in config.mounted_files]
+        elif f.name not in _NOT_KEPT:
+            data[f.name] = _to_json(getattr(config, f.name))
+    return json.dumps(data, separators=(",", ":"), sort_keys=True)
 
 
 def _model_of(text: str, sandbox_id: str) -> tuple[SandboxConfig, tuple[str, ...], float]:
+    """The inverse of `_model_json`. A field missing from the JSON (added to the model after
+    the row was written) takes the model's default."""
     data: dict[str, Any] = json.loads(text)
     if data.get("version") != MODEL_VERSION:
         raise ValueError(f"sandbox {sandbox_id}: model version {data.get('version')!r} unknown")
-    cpu = data["cpu_millis"]
-    config = SandboxConfig(
-        sandbox_id=sandbox_id,
-        image=str(data["image"]),
-        command=tuple(str(a) for a in data["command"]),
-        env={str(k): str(v) for k, v in data["env"].items()},
-        working_dir=str(data["working_dir"]),
-        cpu_millis=None if cpu is None else int(cpu),
-        memory_bytes=int(data["memory_bytes"]),
-        pids=int(data["pids"]),
-        disk_bytes=int(data["disk_bytes"]),
-        asked_limits=frozenset(str(n) for n in data["asked_limits"]),
-        mounted_files=tuple((str(p), b"") for p in data["mounted_paths"]),
-        network=str(data["network"]),
-        image_command=bool(data["image_command"]),
-        node_selector=tuple((str(k), str(v)) for k, v in data["node_selector"]),
-    )
+    hints = typing.get_type_hints(SandboxConfig)
+    fields: dict[str, Any] = {
+        f.name: _from_json(hints[f.name], data[f.name])
+        for f in dataclasses.fields(SandboxConfig)
+        if f.name in data and f.name not in _NOT_KEPT
+    }
+    fields["mounted_files"] = tuple((str(p), b"") for p in data.get("mounted_paths", ()))
+    config = SandboxConfig(sandbox_id=sandbox_id, **fields)
     return config, tuple(str(t) for t in data["tags"]), float(data["max_lifetime_seconds"])
 
 
