@@ -60,7 +60,7 @@ def test_kill9_with_50_sandboxes_and_a_streaming_exec(
         assert not not_running, not_running[:5]
         list(pool.map(lambda sb: c.write_file(sb.id, "/tmp/before", sb.id.encode()), created))
     ids = sorted(sb.id for sb in created)
-    rows_before = svc.rows("SELECT id, status, spec, created_ns FROM sandboxes ORDER BY id")
+    rows_before = svc.rows("SELECT id, status, model, created_ns FROM sandboxes ORDER BY id")
     assert len(rows_before) == N
 
     # A raw client streaming output from the first sandbox.
@@ -122,7 +122,7 @@ def test_kill9_with_50_sandboxes_and_a_streaming_exec(
     svc.start()
     c = svc.client()
     assert svc.rows("PRAGMA integrity_check") == [("ok",)]
-    rows_after = svc.rows("SELECT id, status, spec, created_ns FROM sandboxes ORDER BY id")
+    rows_after = svc.rows("SELECT id, status, model, created_ns FROM sandboxes ORDER BY id")
     assert rows_after == rows_before
     listed = sorted(sb.id for sb in c.list_all(include_terminated=True))
     assert listed == ids
