@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import posixpath
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,6 +39,7 @@ __all__ = [
     "Limits",
     "SpecDefaults",
     "validate_argv",
+    "validate_choice",
     "validate_env",
     "validate_file_mode",
     "validate_finite",
@@ -336,10 +337,18 @@ def validate_lifetime(seconds: float, defaults: SpecDefaults, field: str) -> flo
     return value or defaults.max_lifetime_seconds
 
 
+def validate_choice(value: str, field: str, served: Sequence[str], default: str) -> str:
+    """`value` if it is one of `served`, `default` when empty."""
+    if not value:
+        return default
+    if value not in served:
+        allowed = ", ".join(repr(v) for v in served)
+        raise InvalidArgument(field, f"{value!r} is not served (only {allowed})")
+    return value
+
+
 def validate_network(mode: str, field: str) -> str:
-    if mode not in ("", "none"):
-        raise InvalidArgument(field, f"{mode!r} is not served (only 'none')")
-    return "none"
+    return validate_choice(mode, field, ("none",), "none")
 
 
 def validate_mounted_files(
