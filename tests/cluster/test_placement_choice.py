@@ -34,7 +34,8 @@ def _config(
 ) -> SandboxConfig:
     return SandboxConfig(
         sandbox_id=sid, image="host", command=(), env={}, working_dir="",
-        memory_bytes=memory, cpu_millis=cpu, node_selector=tuple(sorted(selector.items())),
+        memory_bytes=GiB if memory is None else memory,  # the default a service resolves
+        cpu_millis=cpu, node_selector=tuple(sorted(selector.items())),
     )  # fmt: skip
 
 
