@@ -29,6 +29,8 @@ from aviato.runtime.base import (
 
 __all__ = [
     "VERSION",
+    "ProtocolMismatch",
+    "check_version",
     "decode_config",
     "decode_credentials",
     "decode_event",
@@ -50,6 +52,23 @@ __all__ = [
 ]
 
 VERSION: int = npb.VERSION_CURRENT
+
+
+class ProtocolMismatch(Exception):
+    """A node host speaks another version of the node protocol than this control plane."""
+
+
+def check_version(reported: object, node: str) -> None:
+    """Raises ProtocolMismatch unless a node host's reported version (its `start` facts'
+    "protocol"; absent in node hosts older than versioning) is this side's VERSION."""
+    if reported == VERSION:
+        return
+    theirs = f"version {reported}" if reported is not None else "a version before versioning"
+    raise ProtocolMismatch(
+        f"the node host on {node[:12]} speaks node protocol {theirs}, this control plane "
+        f"version {VERSION}: install the same aviato release on every node, then end the old "
+        f"node host (ray.kill of the actor aviato-nodehost-{node}) so that a new one starts"
+    )
 
 
 # --- sandboxes ---------------------------------------------------------------------------------

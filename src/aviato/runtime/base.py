@@ -281,7 +281,7 @@ class ImageService(abc.ABC):
         """Pulls `image` (always asking the registry, so a tag gets its newest image)."""
 
     @abc.abstractmethod
-    async def list(self) -> list[ImageInfo]: ...
+    async def list_images(self) -> list[ImageInfo]: ...
 
     @abc.abstractmethod
     async def remove(self, image: str) -> ImageInfo:

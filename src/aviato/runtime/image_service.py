@@ -7,6 +7,9 @@ run on the event loop as they did before this interface existed.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 from aviato.images.store import ImageStore, PullProgress, StoredImage
 from aviato.runtime.base import (
     ImageInfo,
@@ -16,7 +19,7 @@ from aviato.runtime.base import (
     RegistryCredentials,
 )
 
-__all__ = ["StoreImages", "image_info"]
+__all__ = ["StoreImages", "image_info", "pull_with_progress"]
 
 
 def image_info(image: StoredImage, in_use: set[str]) -> ImageInfo:
@@ -55,7 +58,7 @@ class StoreImages(ImageService):
         stored = await self._store.pull(image, credentials, report)
         return image_info(stored, self._store.in_use())
 
-    async def list(self) -> list[ImageInfo]:
+    async def list_images(self) -> list[ImageInfo]:
         in_use = self._store.in_use()
         return [image_info(image, in_use) for image in self._store.list_images()]
 
@@ -64,3 +67,27 @@ class StoreImages(ImageService):
 
     async def prune(self) -> list[ImageInfo]:
         return [image_info(image, set()) for image in self._store.prune()]
+
+
+async def pull_with_progress(
+    service: ImageService, image: str, credentials: RegistryCredentials | None = None
+) -> AsyncIterator[ImagePullProgress | ImageInfo]:
+    """Pulls `image`, yielding its progress as it comes and then the pulled image; the pull's
+    error is raised after the progress before it. Closing the iterator cancels the pull."""
+    queue: asyncio.Queue[ImagePullProgress] = asyncio.Queue()
+    pull = asyncio.ensure_future(service.pull(image, credentials, queue.put_nowait))
+    try:
+        while not pull.done() or not queue.empty():
+            if queue.empty():
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({pull, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    continue
+                yield getter.result()
+            else:
+                yield queue.get_nowait()
+        yield pull.result()
+    finally:
+        if not pull.done():
+            pull.cancel()

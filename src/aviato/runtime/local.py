@@ -98,6 +98,7 @@ from aviato.runtime.cgroups import (
     SandboxCgroup,
 )
 from aviato.runtime.image_service import StoreImages
+from aviato.runtime.images import ImageRoot
 from aviato.runtime.logs import read_log
 from aviato.runtime.supervisor import SupervisorConnection, supervisor_binary
 from aviato.runtime.userns import IdRange, IdRanges, RangesExhausted
@@ -766,7 +767,7 @@ class LocalRuntime(Runtime):
         if image and image not in images.known_images():
             await self.image_store.ensure(image, credentials)
 
-    async def _image_root(self, config: SandboxConfig) -> tuple[images.ImageRoot, SandboxConfig]:
+    async def _image_root(self, config: SandboxConfig) -> tuple[ImageRoot, SandboxConfig]:
         """The sandbox's root, and its config with the image's Entrypoint + Cmd when asked for.
 
         Built-in images resolve by name; any other name is an OCI image from the store, pulled

@@ -543,8 +543,7 @@ class Lifecycle:
             "sandbox ended id=%s status=%s reason=%r exit_code=%s",
             rec.id, status_name(status), reason, exit_code,
         )  # fmt: skip
-        handle_log = live.handle.log_path if live.handle is not None else None
-        self._keep_log(rec, handle_log)
+        self._keep_log(rec)
         self._spawn(self._cleanup(live.runtime, rec.id))
 
     def _forget(self, live: _Live) -> None:
@@ -562,10 +561,9 @@ class Lifecycle:
     def _kept_log(self, sandbox_id: str) -> Path:
         return self._config.logs_dir / f"{sandbox_id}.log"
 
-    def _keep_log(self, rec: SandboxRecord, path: Path | None) -> None:
+    def _keep_log(self, rec: SandboxRecord) -> None:
         """Moves the main log out of the runtime's directory so that cleanup cannot remove it."""
-        if path is None:
-            path = self._placement.main_log_path(rec.node, rec.id)
+        path = self._placement.main_log_path(rec.node, rec.id)
         if path is None:
             return
         try:
@@ -716,21 +714,17 @@ class Lifecycle:
             raise FailedPrecondition(f"sandbox {sandbox_id} is stopping")
         return live.handle
 
-    def log_source(self, owner: str, sandbox_id: str) -> tuple[Path | None, Callable[[], bool]]:
-        """Where the main log is now, and a function telling whether the sandbox has ended."""
+    def log_source(
+        self, owner: str, sandbox_id: str
+    ) -> tuple[SandboxHandle | None, Callable[[], bool]]:
+        """The handle to read the main log from while the sandbox runs (None while it starts
+        and once it ended: then its log is at `kept_log_path`), and a function telling whether
+        the sandbox has ended."""
         rec = self._record(owner, sandbox_id)
         live = self._live.get(sandbox_id)
         if live is None or rec.terminal:
-            kept = self._kept_log(sandbox_id)
-            if kept.exists():
-                return kept, lambda: True
-            return self._placement.main_log_path(rec.node, sandbox_id), lambda: True
-        path = (
-            live.handle.log_path
-            if live.handle is not None
-            else (self._placement.main_log_path(rec.node, sandbox_id))
-        )
-        return path, lambda: live.rec.terminal
+            return None, lambda: True
+        return live.handle, lambda: live.rec.terminal
 
     def kept_log_path(self, sandbox_id: str) -> Path:
         """Where the log of a terminal sandbox is kept (it moves there when the sandbox ends)."""
@@ -889,7 +883,7 @@ class Lifecycle:
                     # A terminal record whose runtime state was not cleaned up yet.
                     rec = self._registry.get_sandbox(sandbox_id)
                     if rec is not None:
-                        self._keep_log(rec, None)
+                        self._keep_log(rec)
                     await self._cleanup(runtime, sandbox_id)
                 else:
                     log.warning("sandbox %s on node %s has no record: killing it", sandbox_id, node)
@@ -916,7 +910,7 @@ class Lifecycle:
             self._finish_record(rec, FAILED, f"lost: node {rec.node!r} is unknown", None)
             return
         if rec.status in (PENDING, CREATING):
-            self._keep_log(rec, None)
+            self._keep_log(rec)
             await self._kill_and_cleanup(runtime, rec.id)
             self._finish_record(rec, FAILED, "interrupted by service restart", None)
             return
@@ -933,7 +927,7 @@ class Lifecycle:
             else:
                 status, reason = classify_exit(attached, "")
             code = attached.exit_code if attached.exit_code >= 0 else None
-            self._keep_log(rec, None)
+            self._keep_log(rec)
             self._finish_record(rec, status, reason, code, attached.ended_at_ns)
             self._spawn(self._cleanup(runtime, rec.id))
             return
