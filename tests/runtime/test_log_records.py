@@ -58,6 +58,11 @@ def test_large_log_tail_is_quick(tmp_path: Path) -> None:
     assert len(rest) == 2 and rest[-1].time_ns == 1_000 + 199_999
 
 
+def _append(path: Path, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+
+
 def test_follow_gives_new_records_until_ended(tmp_path: Path) -> None:
     path = tmp_path / "main.log"
     path.write_bytes(record(0, 1, b"first"))
@@ -73,12 +78,10 @@ def test_follow_gives_new_records_until_ended(tmp_path: Path) -> None:
 
         task = asyncio.create_task(follow())
         await asyncio.sleep(0.2)
-        with open(path, "ab") as f:
-            f.write(record(1, 2, b"second"))
+        _append(path, record(1, 2, b"second"))
         await asyncio.sleep(0.2)
         assert not task.done()
-        with open(path, "ab") as f:
-            f.write(record(2, 1, b"last"))
+        _append(path, record(2, 1, b"last"))
         ended = True
         await asyncio.wait_for(task, 5)
         return got
