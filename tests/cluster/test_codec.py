@@ -110,3 +110,13 @@ def test_an_unknown_event_is_ignored() -> None:
 
 def test_the_version_is_the_protos() -> None:
     assert codec.VERSION == npb.VERSION_CURRENT >= 1
+
+
+def test_a_node_host_of_another_version_is_refused_with_the_reason() -> None:
+    codec.check_version(codec.VERSION, "n" * 40)
+    for reported in (codec.VERSION + 1, None, "1"):
+        with pytest.raises(codec.ProtocolMismatch) as info:
+            codec.check_version(reported, "abcdef123456" + "0" * 28)
+        message = str(info.value)
+        assert "abcdef123456" in message and f"version {codec.VERSION}" in message
+        assert "same aviato release" in message
