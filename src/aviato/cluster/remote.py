@@ -177,43 +177,49 @@ class RemoteSandbox(SandboxHandle):
     def close(self) -> None:
         self._copying.cancel()
 
-    def _log_stream(self, request: npb.LogsRequest) -> AsyncIterator[Any]:
-        return self._link.stream("logs", request.SerializeToString())
+    async def _batches(
+        self, since_ns: int, tail: int, follow: bool
+    ) -> AsyncIterator[list[LogRecord]]:
+        """The node host's records in its batches. When the node host restarts meanwhile (it
+        "does not answer" for a while), asks again from the last record given on: records
+        stamped at or after its time, less those of that time already given."""
+        request = npb.LogsRequest(
+            sandbox_id=self.sandbox_id, since_ns=since_ns, tail=tail, follow=follow
+        )
+        while True:
+            try:
+                async for item in self._link.stream("logs", request.SerializeToString()):
+                    batch = [codec.decode_record(r) for r in npb.LogBatch.FromString(item).records]
+                    if batch:
+                        last = batch[-1].time_ns
+                        same = sum(1 for r in batch if r.time_ns == last)
+                        seen = request.skip + same if request.since_ns == last else same
+                        request.since_ns, request.tail, request.skip = last, -1, seen
+                    yield batch
+                return
+            except SandboxGone as e:
+                if "does not answer" not in str(e) or self._exit is not None:
+                    raise
+                await asyncio.sleep(WAIT_RETRY_SECONDS)
 
     async def logs(
         self, since_ns: int = 0, tail: int = -1, follow: bool = False
     ) -> AsyncIterator[LogRecord]:
-        request = npb.LogsRequest(
-            sandbox_id=self.sandbox_id, since_ns=since_ns, tail=tail, follow=follow
-        )
-        async for item in self._log_stream(request):
-            for record in npb.LogBatch.FromString(item).records:
-                yield codec.decode_record(record)
+        async for batch in self._batches(since_ns, tail, follow):
+            for record in batch:
+                yield record
 
     async def _copy_log(self) -> None:
-        """Copies the main log's records here until the sandbox ends; resumes after the last
-        record copied when the node host restarts meanwhile."""
+        """Copies the main log's records here until the sandbox ends (across restarts of the
+        node host), for the log the service keeps after the end."""
         private_dir(self._log_copy.parent)
-        copied = 0
         with os.fdopen(open_private(self._log_copy, os.O_WRONLY | os.O_APPEND), "ab") as f:
-            while self._exit is None and not self._link.lost:
-                request = npb.LogsRequest(
-                    sandbox_id=self.sandbox_id, tail=-1, follow=True, skip=copied
-                )
-                try:
-                    async for item in self._log_stream(request):
-                        batch = npb.LogBatch.FromString(item).records
-                        f.write(b"".join(encode_record(codec.decode_record(r)) for r in batch))
-                        f.flush()
-                        copied += len(batch)
-                    return  # the sandbox ended: the copy is complete
-                except SandboxGone as e:
-                    if "does not answer" not in str(e):
-                        return
-                    await asyncio.sleep(WAIT_RETRY_SECONDS)
-                except SandboxRuntimeError as e:
-                    log.debug("log copy of %s ended: %s", self.sandbox_id, e)
-                    return
+            try:
+                async for batch in self._batches(0, -1, follow=True):
+                    f.write(b"".join(encode_record(r) for r in batch))
+                    f.flush()
+            except SandboxRuntimeError as e:
+                log.debug("log copy of %s ended: %s", self.sandbox_id, e)
 
     async def exec(self, spec: ExecSpec) -> ExecHandle:
         return await start_exec(self._link, self.sandbox_id, spec)

@@ -9,9 +9,9 @@ lifecycle kept (`logs/<id>.log`, read by runtime/logs.py).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from aviato.runtime.base import LogRecord
+from aviato.runtime.base import LogRecord, SandboxRuntimeError
 from aviato.runtime.logs import read_log
 from aviato.server.lifecycle import Lifecycle
 from aviato.v1 import sandbox_pb2 as pb
@@ -19,6 +19,16 @@ from aviato.v1 import sandbox_pb2 as pb
 __all__ = ["log_entry", "sandbox_log_records"]
 
 WAIT_POLL_SECONDS = 0.05
+END_GRACE_SECONDS = 2.0
+
+
+async def _ends_soon(ended: Callable[[], bool]) -> bool:
+    """Whether `ended()` holds within END_GRACE_SECONDS."""
+    for _ in range(int(END_GRACE_SECONDS / WAIT_POLL_SECONDS)):
+        if ended():
+            return True
+        await asyncio.sleep(WAIT_POLL_SECONDS)
+    return ended()
 
 
 def log_entry(record: LogRecord) -> pb.LogEntry:
@@ -36,8 +46,14 @@ async def sandbox_log_records(
     while True:
         handle, ended = lifecycle.log_source(owner, sandbox_id)
         if handle is not None:
-            async for record in handle.logs(tail=tail, follow=follow):
-                yield record
+            try:
+                async for record in handle.logs(tail=tail, follow=follow):
+                    yield record
+            except SandboxRuntimeError:
+                # A runtime that fails while its sandbox ends (its node lost): the stream ends
+                # as the sandbox did; an error of a sandbox that goes on is the caller's.
+                if not await _ends_soon(ended):
+                    raise
             return
         try:
             async for record in read_log(lifecycle.kept_log_path(sandbox_id), tail=tail):
