@@ -306,6 +306,10 @@ def test_node_host_restart_reattaches(ray_cluster: RayCluster, stub: SandboxServ
     stopped = stub.StopSandbox(pb.StopSandboxRequest(sandbox_id=sb.id, grace_seconds=1), timeout=30)
     assert stopped.status == pb.SANDBOX_STATUS_TERMINATED
     assert not _sandbox_pids(sb.id)
+    # The copy kept on the control plane resumed exactly where it was: no tick lost or twice.
+    kept = stub.StreamLogs(pb.StreamLogsRequest(sandbox_id=sb.id, tail=-1), timeout=30)
+    ticks = b"".join(entry.data for entry in kept).decode().split()
+    assert ticks == [f"tick{i}" for i in range(len(ticks))] and len(ticks) > last
 
 
 KILL_NODE_HOST = """
