@@ -30,6 +30,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,12 @@ def netns_supported() -> str:
     return ""
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(list(argv), capture_output=True, text=True)
     if check and done.returncode != 0:
@@ -87,6 +94,9 @@ class RayCluster:
         self.namespaces = {"head": f"{self.prefix}h", **{w: f"{self.prefix}{w}" for w in WORKERS}}
         self.ips = {"head": self.head_ip}
         self.ips.update({w: f"{self.subnet}.{i + 2}" for i, w in enumerate(WORKERS)})
+        # Where a test's image registry may listen (on the bridge, which every node reaches);
+        # the control plane names it as an insecure registry, as an operator would.
+        self.registry_address = f"{self.subnet}.254:{_free_port()}"
         self.state_dir = self.dir / "cp"
         self.node_state_dir = self.dir / "nodes"
         self.placement_timeout = placement_timeout
@@ -181,7 +191,8 @@ class RayCluster:
                 "--ray-address", f"{self.head_ip}:6379",
                 "--ray-node-state-dir", str(self.node_state_dir),
                 "--placement-timeout", str(self.placement_timeout),
-                "--ray-node-lease", str(self.node_lease)]  # fmt: skip
+                "--ray-node-lease", str(self.node_lease),
+                "--insecure-registry", self.registry_address]  # fmt: skip
         self.server = subprocess.Popen(argv, stdout=log, stderr=log, env=self.env())
         log.close()
         deadline = time.monotonic() + 90

@@ -22,6 +22,7 @@ from raycluster import RayCluster
 
 import aviato
 from aviato import Sandbox, SandboxStatus
+from aviato.node.v1 import node_pb2 as npb
 from aviato.v1 import sandbox_pb2 as pb
 from aviato.v1.sandbox_pb2_grpc import SandboxServiceStub
 
@@ -201,11 +202,11 @@ def test_direct_channel_refuses_calls_without_the_token(ray_cluster: RayCluster)
         with grpc.insecure_channel(address) as channel:
             read = channel.unary_stream(
                 "/aviato.node.v1.NodeHost/ReadFile",
-                request_serializer=pb.ReadFileRequest.SerializeToString,
-                response_deserializer=pb.ReadFileResponse.FromString,
+                request_serializer=npb.ReadFileRequest.SerializeToString,
+                response_deserializer=npb.ReadFileResponse.FromString,
             )
             with pytest.raises(grpc.RpcError) as info:
-                list(read(pb.ReadFileRequest(sandbox_id="x", path="/etc/hostname"), timeout=10))
+                list(read(npb.ReadFileRequest(sandbox_id="x", path="/etc/hostname"), timeout=10))
             assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -305,6 +306,10 @@ def test_node_host_restart_reattaches(ray_cluster: RayCluster, stub: SandboxServ
     stopped = stub.StopSandbox(pb.StopSandboxRequest(sandbox_id=sb.id, grace_seconds=1), timeout=30)
     assert stopped.status == pb.SANDBOX_STATUS_TERMINATED
     assert not _sandbox_pids(sb.id)
+    # The copy kept on the control plane resumed exactly where it was: no tick lost or twice.
+    kept = stub.StreamLogs(pb.StreamLogsRequest(sandbox_id=sb.id, tail=-1), timeout=30)
+    ticks = b"".join(entry.data for entry in kept).decode().split()
+    assert ticks == [f"tick{i}" for i in range(len(ticks))] and len(ticks) > last
 
 
 KILL_NODE_HOST = """

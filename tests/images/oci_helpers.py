@@ -79,11 +79,15 @@ class Registry:
 
 
 @contextlib.contextmanager
-def run_registry(workdir: Path, *, htpasswd: tuple[str, str] | None = None) -> Iterator[Registry]:
-    """Starts docker-registry on a free port with filesystem storage in `workdir`."""
+def run_registry(
+    workdir: Path, *, htpasswd: tuple[str, str] | None = None, address: str = "127.0.0.1:0"
+) -> Iterator[Registry]:
+    """Starts docker-registry with filesystem storage in `workdir`, on `address` (port 0: a
+    free port of 127.0.0.1)."""
     storage = workdir / "storage"
     storage.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    ip, port_text = address.rsplit(":", 1)
+    port = int(port_text) or free_port()
     auth = ""
     if htpasswd is not None:
         import bcrypt
@@ -97,7 +101,7 @@ def run_registry(workdir: Path, *, htpasswd: tuple[str, str] | None = None) -> I
         "version: 0.1\n"
         "log:\n  level: info\n  accesslog:\n    disabled: false\n"
         f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n" + auth
+        f"http:\n  addr: {ip}:{port}\n" + auth
     )
     log = workdir / "registry.log"
     out = open(log, "wb")  # noqa: SIM115
@@ -106,7 +110,7 @@ def run_registry(workdir: Path, *, htpasswd: tuple[str, str] | None = None) -> I
         deadline = time.monotonic() + 20
         while True:
             try:
-                r = httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1)
+                r = httpx.get(f"http://{ip}:{port}/v2/", timeout=1)
                 if r.status_code in (200, 401):
                     break
             except httpx.HTTPError:
@@ -114,7 +118,7 @@ def run_registry(workdir: Path, *, htpasswd: tuple[str, str] | None = None) -> I
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("registry did not start: " + log.read_text()[-2000:])
             time.sleep(0.05)
-        yield Registry(f"127.0.0.1:{port}", storage, log, htpasswd)
+        yield Registry(f"{ip}:{port}", storage, log, htpasswd)
     finally:
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):

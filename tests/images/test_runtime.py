@@ -123,23 +123,23 @@ def test_two_sandboxes_share_one_root(registry: Registry, pusher: Pusher, workdi
 
     async def body(rt: LocalRuntime) -> None:
         a, b = await asyncio.gather(rt.create(config("sh-a", ref)), rt.create(config("sh-b", ref)))
-        stored = rt.images.find(ref)
+        stored = rt.image_store.find(ref)
         assert stored is not None
         host_ino = os.stat(stored.rootfs / "bin/busybox").st_ino
         _, ino_a, _ = await sh(a, "stat -c %i /bin/busybox; echo a > /workspace/mine")
         _, ino_b, _ = await sh(b, "stat -c %i /bin/busybox; ls /workspace")
         assert int(ino_a) == int(ino_b.splitlines()[0]) == host_ino
         assert ino_b.splitlines()[1:] == []  # each sandbox has its own writable layer
-        assert rt.images.unpacks == 1 and len(rt.images.list_images()) == 1
+        assert rt.image_store.unpacks == 1 and len(rt.image_store.list_images()) == 1
         # In use: neither prune nor remove touches it while they run.
-        assert rt.images.prune() == []
+        assert rt.image_store.prune() == []
         with pytest.raises(ImageError):
-            rt.images.remove(ref)
+            rt.image_store.remove(ref)
         await a.kill()
         await b.kill()
         await rt.cleanup("sh-a")
         await rt.cleanup("sh-b")
-        assert [i.digest for i in rt.images.prune()] == [stored.digest]
+        assert [i.digest for i in rt.image_store.prune()] == [stored.digest]
         assert not stored.rootfs.exists()
 
     run_with(workdir / "state", body)
@@ -155,7 +155,7 @@ def test_ten_concurrent_creates_pull_once(
         handles = await asyncio.gather(*(rt.create(config(f"c-{i}", ref)) for i in range(10)))
         outs = await asyncio.gather(*(sh(h, "cat /marker") for h in handles))
         assert [o[1] for o in outs] == ["m"] * 10
-        assert rt.images.blob_downloads == 1 and rt.images.unpacks == 1
+        assert rt.image_store.blob_downloads == 1 and rt.image_store.unpacks == 1
 
     run_with(workdir / "state", body)
     assert registry.blob_gets(pushed.layers[0]) == 1
@@ -191,11 +191,11 @@ def test_prune_spares_images_of_sandboxes_reattached_after_restart(
         try:
             handle = await rt.attach("rs-a")
             assert isinstance(handle, SandboxHandle)
-            assert rt.images.prune() == []
+            assert rt.image_store.prune() == []
             code, out, _ = await sh(handle, "cat /etc/group | head -1")
             assert (code, out) == (0, "root:x:0:\n")
             await rt.cleanup("rs-a")
-            assert [i.digest for i in rt.images.prune()] == [pushed.digest]
+            assert [i.digest for i in rt.image_store.prune()] == [pushed.digest]
         finally:
             for sid in rt.list_present():
                 await rt.cleanup(sid)

@@ -260,7 +260,7 @@ def test_ray_node_hosts_get_the_operators_names_and_limits(tmp_path: Path) -> No
             host = NodeHost(*node_host_args(config, f"node{len(settings)}" + "0" * 16))
             runtime = host._new_runtime()
             try:
-                await runtime.images.pull(ref)
+                await runtime.image_store.pull(ref)
             finally:
                 await runtime.close()
 

@@ -24,6 +24,7 @@ from aviato.runtime.base import (
     ExecSpec,
     FileInfo,
     FileNotFound,
+    LogRecord,
     MainExit,
     Runtime,
     SandboxConfig,
@@ -31,6 +32,7 @@ from aviato.runtime.base import (
     SandboxHandle,
     SandboxRuntimeError,
 )
+from aviato.runtime.logs import read_log
 
 
 class FakeExec(ExecHandle):
@@ -80,6 +82,11 @@ class FakeSandbox(SandboxHandle):
     @property
     def log_path(self) -> Path:
         return self._dir / "main.log"
+
+    def logs(
+        self, since_ns: int = 0, tail: int = -1, follow: bool = False
+    ) -> AsyncIterator[LogRecord]:
+        return read_log(self.log_path, since_ns, tail, follow, self.ended.done)
 
     def log(self, stream: int, data: bytes) -> None:
         with open(self.log_path, "ab") as f:

@@ -1,17 +1,18 @@
 """Running sandboxes on a Ray cluster (`aviato server --placement ray`).
 
-Four pieces, one module each:
-
 - `nodehost`: the `NodeHost` actor, one per Ray node (detached, named, pinned to its node,
   `num_cpus=0`). It runs a `LocalRuntime` there, owns that node's sandboxes, and fences itself
   (kills its sandboxes) when it loses the cluster for longer than its lease.
-- `remote`: `NodeRuntime`, the control plane's `Runtime` for one node: calls go to the node's
-  actor, exec and file transfers to its direct gRPC channel.
-- `execwire`: that direct channel (exec and files, the public API's messages, a per-host token).
+- `remote`: `NodeRuntime`, the control plane's `Runtime` for one node, and its sandbox handles;
+  `remote_exec` their exec handles, `node_images` the node's image store, `link` the calls to
+  the node host (Ray actor calls and the direct channel) raced against the node's loss.
+- `execwire`: the direct channel (exec and files over gRPC, a per-host token).
+- `codec`: the one conversion between the runtime's model and the node protocol
+  (`aviato.node.v1`, aviato/node/v1/node.proto), used by both sides; its version check.
 - `placement`: `RayPlacement`, which joins the cluster as a driver, starts node hosts on every
   node that can run sandboxes (and on nodes that join later), chooses a node by requested cpu,
   memory and node selector, and turns a dead node's sandboxes FAILED "node lost".
 
 Ray is an optional dependency (`pip install 'aviato[ray]'`): nothing here is imported unless the
-ray placement is chosen.
+ray placement is chosen. docs/internals/parts/cluster.md describes the protocol.
 """

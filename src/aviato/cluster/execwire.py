@@ -4,10 +4,10 @@ Exec is the hot path, and a Ray streaming generator costs more than a gRPC strea
 for a two-frame generator against 0.67 ms for the same frames over one persistent gRPC channel
 (`python -m benchmarks.cluster_transport`, docs/cluster.md); file transfers as one Ray object per
 MiB reached 46-71 MiB/s here, over gRPC 218-313 MiB/s. So each node host also serves
-`aviato.node.v1.NodeHost` on its node's IP (a port the kernel picks), reusing the public API's
-messages:
-- `Exec` (bidirectional): an `ExecRequest` with `init`, then stdin / stdin_eof / resize / signal
-  frames; answered with `ExecResponse` output frames and exactly one exit or error frame.
+`aviato.node.v1.NodeHost` on its node's IP (a port the kernel picks), in the node protocol's
+messages (aviato/node/v1/node.proto, converted by codec.py):
+- `Exec` (bidirectional): an `ExecRequest` with `start`, then stdin / stdin_eof / resize / signal
+  frames; answered with `ExecEvent` output events and exactly one exit or failed event.
   Cancelling the call kills the command.
 - `ReadFile`: a `ReadFileRequest`; answered with the info frame, then data frames of 1 MiB.
 - `WriteFile`: the header, data frames, then the end frame; a stream without the end frame
@@ -32,9 +32,9 @@ from typing import Any
 
 import grpc
 
+from aviato.cluster import codec
+from aviato.node.v1 import node_pb2 as npb
 from aviato.runtime.base import (
-    ExecEvent,
-    ExecExit,
     ExecFailed,
     ExecHandle,
     ExecOutput,
@@ -42,9 +42,8 @@ from aviato.runtime.base import (
     SandboxHandle,
     SandboxRuntimeError,
 )
-from aviato.v1 import sandbox_pb2 as pb
 
-__all__ = ["METHOD", "ExecServer", "open_exec", "read_file", "write_file"]
+__all__ = ["EOF", "METHOD", "ExecServer", "open_exec", "read_file", "start_frame", "write_file"]
 
 SERVICE = "aviato.node.v1.NodeHost"
 METHOD = f"/{SERVICE}/Exec"
@@ -52,86 +51,12 @@ READ_METHOD = f"/{SERVICE}/ReadFile"
 WRITE_METHOD = f"/{SERVICE}/WriteFile"
 FILE_CHUNK_BYTES = 1 << 20
 TOKEN_HEADER = "x-aviato-node-token"
-_CODES = {code.name: code.value[0] for code in grpc.StatusCode}
-_NAMES = {number: name for name, number in _CODES.items()}
+EOF: Any = getattr(grpc.aio, "EOF", None)  # what a call's read() returns after its last response
 
 
-# --- frames ------------------------------------------------------------------------------------
-
-
-def init_frame(sandbox_id: str, spec: ExecSpec) -> pb.ExecRequest:
-    return pb.ExecRequest(
-        init=pb.ExecInit(
-            sandbox_id=sandbox_id,
-            argv=list(spec.argv),
-            cwd=spec.cwd,
-            env=spec.env,
-            timeout_seconds=spec.timeout_seconds,
-            stdin=spec.stdin,
-            tty=spec.tty,
-            tty_size=pb.TerminalSize(rows=spec.rows, cols=spec.cols),
-            protected=spec.protected,
-        )
-    )
-
-
-def spec_of(init: pb.ExecInit) -> ExecSpec:
-    return ExecSpec(
-        argv=tuple(init.argv),
-        cwd=init.cwd,
-        env=dict(init.env),
-        timeout_seconds=init.timeout_seconds,
-        stdin=init.stdin,
-        tty=init.tty,
-        rows=init.tty_size.rows or 24,
-        cols=init.tty_size.cols or 80,
-        protected=init.protected,
-    )
-
-
-def frame_of(event: ExecEvent) -> pb.ExecResponse:
-    if isinstance(event, ExecOutput):
-        return pb.ExecResponse(output=pb.ExecOutput(stream=event.stream, data=event.data))  # type: ignore[arg-type]
-    if isinstance(event, ExecExit):
-        usage = pb.ResourceUsage(
-            cpu_user_seconds=event.cpu_user_seconds,
-            cpu_system_seconds=event.cpu_system_seconds,
-            peak_memory_bytes=event.peak_memory_bytes,
-            wall_seconds=event.wall_seconds,
-        )
-        return pb.ExecResponse(
-            exit=pb.ExecExit(
-                exit_code=event.exit_code,
-                signal=event.signal,
-                timed_out=event.timed_out,
-                oom_killed=event.oom_killed,
-                usage=usage,
-            )
-        )
-    return pb.ExecResponse(
-        error=pb.ExecError(code=_CODES.get(event.code, 13), message=event.message)
-    )
-
-
-def event_of(frame: pb.ExecResponse) -> ExecEvent | None:
-    kind = frame.WhichOneof("msg")
-    if kind == "output":
-        return ExecOutput(int(frame.output.stream), frame.output.data)
-    if kind == "exit":
-        e, u = frame.exit, frame.exit.usage
-        return ExecExit(
-            exit_code=e.exit_code,
-            signal=e.signal,
-            timed_out=e.timed_out,
-            cpu_user_seconds=u.cpu_user_seconds,
-            cpu_system_seconds=u.cpu_system_seconds,
-            peak_memory_bytes=u.peak_memory_bytes,
-            wall_seconds=u.wall_seconds,
-            oom_killed=e.oom_killed,
-        )
-    if kind == "error":
-        return ExecFailed(_NAMES.get(frame.error.code, "INTERNAL"), frame.error.message)
-    return None
+def start_frame(sandbox_id: str, spec: ExecSpec) -> npb.ExecRequest:
+    """The first frame of an exec call."""
+    return npb.ExecRequest(start=npb.ExecStart(sandbox_id=sandbox_id, spec=codec.encode_spec(spec)))
 
 
 # --- the node host's side ----------------------------------------------------------------------
@@ -152,18 +77,18 @@ class ExecServer:
         handlers = {
             "Exec": grpc.stream_stream_rpc_method_handler(
                 self._exec,
-                request_deserializer=pb.ExecRequest.FromString,
-                response_serializer=pb.ExecResponse.SerializeToString,
+                request_deserializer=npb.ExecRequest.FromString,
+                response_serializer=npb.ExecEvent.SerializeToString,
             ),
             "ReadFile": grpc.unary_stream_rpc_method_handler(
                 self._read_file,
-                request_deserializer=pb.ReadFileRequest.FromString,
-                response_serializer=pb.ReadFileResponse.SerializeToString,
+                request_deserializer=npb.ReadFileRequest.FromString,
+                response_serializer=npb.ReadFileResponse.SerializeToString,
             ),
             "WriteFile": grpc.stream_unary_rpc_method_handler(
                 self._write_file,
-                request_deserializer=pb.WriteFileRequest.FromString,
-                response_serializer=pb.WriteFileResponse.SerializeToString,
+                request_deserializer=npb.WriteFileRequest.FromString,
+                response_serializer=npb.WriteFileResponse.SerializeToString,
             ),
         }
         generic = grpc.method_handlers_generic_handler(SERVICE, handlers)
@@ -192,27 +117,27 @@ class ExecServer:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not the control plane")
 
     async def _read_file(
-        self, request: pb.ReadFileRequest, context: Any
-    ) -> AsyncIterator[pb.ReadFileResponse]:
+        self, request: npb.ReadFileRequest, context: Any
+    ) -> AsyncIterator[npb.ReadFileResponse]:
         await self._authorize(context)
         try:
             handle = await self._handle_of(request.sandbox_id)
             info, chunks = await handle.read_file(request.path)
         except SandboxRuntimeError as e:
             await context.abort(grpc.StatusCode[e.code], str(e))
-        yield pb.ReadFileResponse(info=pb.FileInfo(size=info.size, mode=info.mode))
+        yield npb.ReadFileResponse(info=npb.FileInfo(size=info.size, mode=info.mode))
         batch = bytearray()
         async for chunk in chunks:
             batch += chunk
             if len(batch) >= FILE_CHUNK_BYTES:
-                yield pb.ReadFileResponse(data=bytes(batch))
+                yield npb.ReadFileResponse(data=bytes(batch))
                 batch.clear()
         if batch:
-            yield pb.ReadFileResponse(data=bytes(batch))
+            yield npb.ReadFileResponse(data=bytes(batch))
 
     async def _write_file(
-        self, requests: AsyncIterator[pb.WriteFileRequest], context: Any
-    ) -> pb.WriteFileResponse:
+        self, requests: AsyncIterator[npb.WriteFileRequest], context: Any
+    ) -> npb.WriteFileResponse:
         await self._authorize(context)
         requests = aiter(requests)
         header = (await anext(requests)).header
@@ -221,7 +146,7 @@ class ExecServer:
         async def chunks() -> AsyncIterator[bytes]:
             nonlocal ended
             async for request in requests:
-                if request.WhichOneof("msg") == "end":
+                if request.WhichOneof("frame") == "end":
                     ended = True
                     return
                 yield request.data
@@ -233,25 +158,25 @@ class ExecServer:
             size = await handle.write_file(header.path, header.mode, header.make_parents, chunks())
         except SandboxRuntimeError as e:
             await context.abort(grpc.StatusCode[e.code], str(e))
-        return pb.WriteFileResponse(size=size)
+        return npb.WriteFileResponse(size=size)
 
     async def _exec(
-        self, requests: AsyncIterator[pb.ExecRequest], context: Any
-    ) -> AsyncIterator[pb.ExecResponse]:
+        self, requests: AsyncIterator[npb.ExecRequest], context: Any
+    ) -> AsyncIterator[npb.ExecEvent]:
         await self._authorize(context)
         requests = aiter(requests)
         first = await anext(requests)
         try:
-            handle = await self._handle_of(first.init.sandbox_id)
-            proc = await handle.exec(spec_of(first.init))
+            handle = await self._handle_of(first.start.sandbox_id)
+            proc = await handle.exec(codec.decode_spec(first.start.spec))
         except SandboxRuntimeError as e:
-            yield frame_of(ExecFailed(e.code, str(e)))
+            yield codec.encode_event(ExecFailed(e.code, str(e)))
             return
         pump = asyncio.create_task(_pump(requests, proc))
         done = False
         try:
             async for event in proc.events():
-                yield frame_of(event)
+                yield codec.encode_event(event)
                 if not isinstance(event, ExecOutput):
                     done = True
                     return
@@ -262,9 +187,9 @@ class ExecServer:
                     await asyncio.shield(proc.kill())
 
 
-async def _pump(requests: AsyncIterator[pb.ExecRequest], proc: ExecHandle) -> None:
+async def _pump(requests: AsyncIterator[npb.ExecRequest], proc: ExecHandle) -> None:
     async for request in requests:
-        kind = request.WhichOneof("msg")
+        kind = request.WhichOneof("frame")
         if kind == "stdin":
             await proc.write_stdin(request.stdin)
         elif kind == "stdin_eof":
@@ -279,11 +204,11 @@ async def _pump(requests: AsyncIterator[pb.ExecRequest], proc: ExecHandle) -> No
 
 
 def open_exec(channel: Any, token: str) -> Any:
-    """A new exec call on a node host's grpc.aio channel (write the init frame next)."""
+    """A new exec call on a node host's grpc.aio channel (write `start_frame` next)."""
     call: Any = channel.stream_stream(
         METHOD,
-        request_serializer=pb.ExecRequest.SerializeToString,
-        response_deserializer=pb.ExecResponse.FromString,
+        request_serializer=npb.ExecRequest.SerializeToString,
+        response_deserializer=npb.ExecEvent.FromString,
     )
     return call(metadata=((TOKEN_HEADER, token),))
 
@@ -292,11 +217,11 @@ def read_file(channel: Any, token: str, sandbox_id: str, path: str) -> Any:
     """A ReadFile call: its first response is the info, then data."""
     call: Any = channel.unary_stream(
         READ_METHOD,
-        request_serializer=pb.ReadFileRequest.SerializeToString,
-        response_deserializer=pb.ReadFileResponse.FromString,
+        request_serializer=npb.ReadFileRequest.SerializeToString,
+        response_deserializer=npb.ReadFileResponse.FromString,
     )
     return call(
-        pb.ReadFileRequest(sandbox_id=sandbox_id, path=path), metadata=((TOKEN_HEADER, token),)
+        npb.ReadFileRequest(sandbox_id=sandbox_id, path=path), metadata=((TOKEN_HEADER, token),)
     )
 
 
@@ -304,7 +229,7 @@ def write_file(channel: Any, token: str) -> Any:
     """A WriteFile call: write the header, data frames and the end frame, then await it."""
     call: Any = channel.stream_unary(
         WRITE_METHOD,
-        request_serializer=pb.WriteFileRequest.SerializeToString,
-        response_deserializer=pb.WriteFileResponse.FromString,
+        request_serializer=npb.WriteFileRequest.SerializeToString,
+        response_deserializer=npb.WriteFileResponse.FromString,
     )
     return call(metadata=((TOKEN_HEADER, token),))

@@ -3,10 +3,13 @@
 The control plane starts one per node (see `placement.py` for the actor options: detached, named
 `aviato-nodehost-<node id>`, hard node affinity, `num_cpus=0`, restarted by Ray on its node). It
 wraps a `LocalRuntime` whose state lives in `<node state dir>/<node id>`; calls name sandboxes by
-id, and the host keeps their handles. Exec and files normally travel over the host's direct
-gRPC channel (`execwire.py`); the streaming methods here (exec, read_file, follow_log: async
-generators the control plane calls with `num_returns="streaming"`) serve the main log always and
-exec and files when that channel could not start.
+id, and the host keeps their handles. Arguments and results of the runtime's model travel as
+`aviato.node.v1` messages serialized to bytes (codec.py), never as pickled Python objects, so
+that the protocol is versioned: `start` reports its version and the control plane refuses a
+node host of another. Exec and files normally travel over the host's direct gRPC channel
+(`execwire.py`); the streaming methods here (exec, read_file, logs, pull_image: async
+generators the control plane calls with `num_returns="streaming"`) serve the main log and image
+pulls always, and exec and files when that channel could not start.
 
 Restarts: Ray restarts a dead node host by running its constructor only; the first call that
 needs the runtime (or the control plane's `ping` after a failed call) runs `start`, which
@@ -38,26 +41,28 @@ from pathlib import Path
 from typing import Any
 
 from aviato._private import secure_tree, write_private
+from aviato.cluster import codec
 from aviato.images.limits import PullLimits
+from aviato.node.v1 import node_pb2 as npb
 from aviato.runtime.base import (
-    ExecEvent,
     ExecHandle,
-    ExecSpec,
-    FileInfo,
+    ImagePullProgress,
+    ImageService,
+    LogRecord,
     MainExit,
-    SandboxConfig,
     SandboxGone,
     SandboxHandle,
     SandboxRuntimeError,
+    Unsupported,
 )
+from aviato.runtime.image_service import pull_with_progress
 
 __all__ = ["NodeFenced", "NodeHost"]
 
 log = logging.getLogger("aviato.cluster.nodehost")
 
 FENCE_PROBE_INTERVAL_SECONDS = 1.0
-LOG_POLL_SECONDS = 0.05
-LOG_CHUNK_BYTES = 256 << 10
+LOG_BATCH_BYTES = 256 << 10
 EXEC_START_SECONDS = 30.0
 FILE_BATCH_BYTES = 1 << 20
 
@@ -136,6 +141,7 @@ class NodeHost:
                 self._fence_task = asyncio.create_task(self._fence_forever())
                 await self._serve_exec()
         return {
+            "protocol": codec.VERSION,
             "pid": os.getpid(),
             "exec_address": self._exec_address,
             "exec_token": self._exec_server.token if self._exec_address else "",
@@ -232,8 +238,9 @@ class NodeHost:
         self._handles[sandbox_id] = attached
         return attached
 
-    async def create(self, config: SandboxConfig, cpu: float, memory: float) -> str:
-        """Creates the sandbox; returns its main log's path on this node."""
+    async def create(self, config_message: bytes, cpu: float, memory: float) -> None:
+        """Creates the sandbox of an `npb.SandboxConfig`."""
+        config = codec.decode_config(npb.SandboxConfig.FromString(config_message))
         runtime = await self._ready()
         self._holdings[config.sandbox_id] = [cpu, memory]
         self._save_holdings()
@@ -244,30 +251,30 @@ class NodeHost:
             self._save_holdings()
             raise
         self._handles[config.sandbox_id] = handle
-        return str(handle.log_path)
 
-    async def attach(self, sandbox_id: str) -> MainExit | None:
-        """None when the sandbox runs here (and is now attached), else how it ended."""
+    async def attach(self, sandbox_id: str) -> bytes:
+        """An `npb.Attached`: without `ended` when the sandbox runs here (and is now attached)."""
         attached = await (await self._ready()).attach(sandbox_id)
         if isinstance(attached, MainExit):
-            return attached
+            return _bytes(npb.Attached(ended=codec.encode_main_exit(attached)))
         self._handles[sandbox_id] = attached
-        return None
+        return _bytes(npb.Attached())
 
-    async def wait_exit(self, sandbox_id: str) -> MainExit:
+    async def wait_exit(self, sandbox_id: str) -> bytes:
+        """How the sandbox ended (an `npb.MainExit`), once it has."""
         handle = self._handles.get(sandbox_id)
         if handle is None:
             attached = await (await self._ready()).attach(sandbox_id)
             if isinstance(attached, MainExit):
-                return attached
+                return _exit_bytes(attached)
             handle = self._handles[sandbox_id] = attached
-        return await handle.wait_exit()
+        return _exit_bytes(await handle.wait_exit())
 
-    async def terminate(self, sandbox_id: str, grace_seconds: float) -> MainExit:
-        return await (await self._handle(sandbox_id)).terminate(grace_seconds)
+    async def terminate(self, sandbox_id: str, grace_seconds: float) -> bytes:
+        return _exit_bytes(await (await self._handle(sandbox_id)).terminate(grace_seconds))
 
-    async def kill(self, sandbox_id: str) -> MainExit:
-        return await (await self._handle(sandbox_id)).kill()
+    async def kill(self, sandbox_id: str) -> bytes:
+        return _exit_bytes(await (await self._handle(sandbox_id)).kill())
 
     async def set_deadline(
         self, sandbox_id: str, at_ns: int, why: str, grace_seconds: float
@@ -286,21 +293,67 @@ class NodeHost:
     def list_present(self) -> list[str]:
         return [] if self._runtime is None else list(self._runtime.list_present())
 
-    async def prepare_image(self, image: str, credentials: Any) -> None:
-        """Pulls an OCI image into this node's store unless it is there already."""
+    async def prepare_image(self, image: str, credentials_message: bytes) -> None:
+        """Pulls an OCI image into this node's store unless it is there already (credentials:
+        an `npb.RegistryCredentials`, or empty for none)."""
+        credentials = (
+            codec.decode_credentials(npb.RegistryCredentials.FromString(credentials_message))
+            if credentials_message
+            else None
+        )
         await (await self._ready()).prepare_image(image, credentials)
+
+    # --- images ---
+
+    async def _images(self) -> ImageService:
+        images: ImageService | None = (await self._ready()).images
+        if images is None:
+            raise Unsupported("this node's runtime keeps no image store")
+        return images
+
+    async def pull_image(self, request_message: bytes) -> AsyncIterator[bytes]:
+        """Pulls an image (an `npb.PullImageRequest`): `npb.PullImageEvent`s, the pulled image
+        last."""
+        request = npb.PullImageRequest.FromString(request_message)
+        credentials = (
+            codec.decode_credentials(request.credentials)
+            if request.HasField("credentials")
+            else None
+        )
+        async for item in pull_with_progress(await self._images(), request.image, credentials):
+            if isinstance(item, ImagePullProgress):
+                yield _bytes(npb.PullImageEvent(progress=codec.encode_progress(item)))
+            else:
+                yield _bytes(npb.PullImageEvent(image=codec.encode_image(item)))
+
+    async def list_images(self) -> bytes:
+        """This node's images, an `npb.ImageList`."""
+        images = await (await self._images()).list_images()
+        return _bytes(npb.ImageList(images=[codec.encode_image(i) for i in images]))
+
+    async def remove_image(self, image: str) -> bytes:
+        """Removes one image unless a sandbox uses it; the removed image, an `npb.ImageInfo`."""
+        return _bytes(codec.encode_image(await (await self._images()).remove(image)))
+
+    async def prune_images(self) -> bytes:
+        """Removes every image no sandbox uses: an `npb.ImageList` of them."""
+        removed = await (await self._images()).prune()
+        return _bytes(npb.ImageList(images=[codec.encode_image(i) for i in removed]))
 
     # --- exec ---
 
-    async def exec(self, sandbox_id: str, exec_id: str, spec: ExecSpec) -> AsyncIterator[ExecEvent]:
-        """Runs a command; yields its events (the last is ExecExit or ExecFailed)."""
+    async def exec(
+        self, sandbox_id: str, exec_id: str, spec_message: bytes
+    ) -> AsyncIterator[bytes]:
+        """Runs the command of an `npb.ExecSpec`; yields its `npb.ExecEvent`s (the last an exit
+        or failed)."""
         started = self._exec_future(exec_id)
         try:
             handle = await self._handle(sandbox_id)
-            proc = await handle.exec(spec)
+            proc = await handle.exec(codec.decode_spec(npb.ExecSpec.FromString(spec_message)))
             started.set_result(proc)
             async for event in proc.events():
-                yield event
+                yield _bytes(codec.encode_event(event))
         finally:
             if not started.done():
                 started.cancel()
@@ -334,10 +387,11 @@ class NodeHost:
 
     # --- files ---
 
-    async def read_file(self, sandbox_id: str, path: str) -> AsyncIterator[FileInfo | bytes]:
+    async def read_file(self, sandbox_id: str, path: str) -> AsyncIterator[bytes]:
+        """`npb.FileInfo` bytes first, then the file's content in pieces."""
         handle = await self._handle(sandbox_id)
         info, chunks = await handle.read_file(path)
-        yield info
+        yield _bytes(codec.encode_file_info(info))
         # Each yield is a Ray object and a round trip's worth of overhead: send large pieces.
         batch = bytearray()
         async for chunk in chunks:
@@ -384,26 +438,19 @@ class NodeHost:
 
     # --- logs ---
 
-    async def follow_log(self, sandbox_id: str, offset: int) -> AsyncIterator[bytes]:
-        """Bytes of the main log from `offset` as they are written; ends after the sandbox has."""
-        handle = await self._handle(sandbox_id)
-        path = handle.log_path
-        with open(path, "rb") as f:  # noqa: ASYNC230 (a local file, opened once)
-            f.seek(offset)
-            done = asyncio.ensure_future(handle.wait_exit())
-            try:
-                while True:
-                    ended = done.done()
-                    data = f.read(LOG_CHUNK_BYTES)
-                    if data:
-                        yield data
-                        continue
-                    if ended:
-                        return
-                    await asyncio.wait({done}, timeout=LOG_POLL_SECONDS)
-            finally:
-                if not done.done():
-                    done.cancel()
+    async def logs(self, request_message: bytes) -> AsyncIterator[bytes]:
+        """The main log's records as `SandboxHandle.logs` gives them (an `npb.LogsRequest`), in
+        `npb.LogBatch`es of what is at hand, up to LOG_BATCH_BYTES each."""
+        request = npb.LogsRequest.FromString(request_message)
+        handle = await self._handle(request.sandbox_id)
+        records = handle.logs(request.since_ns, request.tail, request.follow)
+        skip = request.skip
+        async for batch in _batches(records, LOG_BATCH_BYTES):
+            if skip >= len(batch):
+                skip -= len(batch)
+                continue
+            batch, skip = batch[skip:], 0
+            yield _bytes(npb.LogBatch(records=[codec.encode_record(r) for r in batch]))
 
     # --- fencing ---
 
@@ -431,3 +478,42 @@ class NodeHost:
         self._fenced = True
         handles = list(self._handles.values())
         await asyncio.gather(*(h.kill() for h in handles), return_exceptions=True)
+
+
+def _bytes(message: Any) -> bytes:
+    data: bytes = message.SerializeToString()
+    return data
+
+
+def _exit_bytes(exit: MainExit) -> bytes:
+    return _bytes(codec.encode_main_exit(exit))
+
+
+async def _batches(records: AsyncIterator[LogRecord], limit: int) -> AsyncIterator[list[LogRecord]]:
+    """The records in lists: each holds what the source gives without waiting (up to `limit`
+    bytes of data), so that a burst travels as one Ray object and a trickle is not held back."""
+    source = aiter(records)
+    batch: list[LogRecord] = []
+    size = 0
+    following: asyncio.Future[LogRecord] = asyncio.ensure_future(anext(source))
+    try:
+        while True:
+            if batch and not following.done():
+                await asyncio.sleep(0)  # one step for a source that has more at hand
+                if not following.done():
+                    yield batch
+                    batch, size = [], 0
+            try:
+                record = await following
+            except StopAsyncIteration:
+                break
+            following = asyncio.ensure_future(anext(source))
+            batch.append(record)
+            size += len(record.data)
+            if size >= limit:
+                yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
+    finally:
+        following.cancel()

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from aviato._private import private_dir
+from aviato.cluster import codec
 from aviato.cluster.remote import NODE_HOST_LOST, NodeRuntime
 from aviato.runtime.base import MainExit, Runtime, SandboxConfig, SandboxHandle, SandboxRuntimeError
 from aviato.server.config import ServerConfig
@@ -81,6 +82,8 @@ class _Node:
     # Sandboxes of a node host given up on: the next node host kills what is left of them.
     orphans: set[str] = field(default_factory=set)
     checking: bool = False
+    # Why the node is not used although it lives (its node host speaks another protocol).
+    refused: str = ""
 
     def free(self) -> tuple[float, float]:
         cpu = self.cpu - sum(c for c, _ in self.held.values())
@@ -210,8 +213,8 @@ class RayPlacement(Placement):
             elif alive and node.runtime is None and node.starting is None:
                 node.starting = asyncio.create_task(self._start_host(node))
             elif alive and node.runtime is not None and not node.checking:
-                since = node.runtime.unanswered_since
-                if since is not None and not node.runtime.lost:
+                since = node.runtime.link.unanswered_since
+                if since is not None and not node.runtime.link.lost:
                     node.checking = True
                     try:
                         await self._check_host(node, node.runtime, since)
@@ -221,27 +224,31 @@ class RayPlacement(Placement):
     async def _check_host(self, node: _Node, runtime: NodeRuntime, since: float) -> None:
         """A node host that failed a call: given up on when Ray says it is dead for good (it
         restarts a crashed one by itself) or when it has been silent for too long."""
-        state = await asyncio.to_thread(self._actor_state, runtime.actor)
+        state = await asyncio.to_thread(self._actor_state, runtime.link.actor)
         silent = time.monotonic() - since
         bound = self._config.ray_node_lease_seconds + NODE_HOST_MARGIN_SECONDS
         if state == "DEAD":
             if not await asyncio.to_thread(self._node_alive, node.id):
                 return  # the node itself died: the next poll marks it lost ("node lost")
             why = "Ray reports its actor dead and will not restart it"
-        elif silent > bound and not await runtime.probe(PROBE_SECONDS):
+        elif silent > bound and not await runtime.link.probe(PROBE_SECONDS):
             # (a call pending since the failure, such as wait_exit, cannot tell that the host
             # answers again: the probe does)
             why = f"it has not answered for {silent:.0f} s (state {state or 'unknown'})"
         else:
             return
-        if node.runtime is not runtime or runtime.lost or runtime.unanswered_since is None:
+        if (
+            node.runtime is not runtime
+            or runtime.link.lost
+            or runtime.link.unanswered_since is None
+        ):
             return  # it answered meanwhile, or was replaced
         log.warning(
             "node host on %s (%s) is lost: %s; its sandboxes fail, a new node host starts",
             node.id, node.hostname, why,
         )  # fmt: skip
         node.orphans.update(runtime.sandbox_ids())
-        runtime.mark_lost(NODE_HOST_LOST)
+        runtime.link.mark_lost(NODE_HOST_LOST)
         node.runtime = None  # the next poll starts a new node host (same name, new actor)
         self._room.set()
 
@@ -265,7 +272,7 @@ class RayPlacement(Placement):
         log.warning("node %s (%s) left the cluster: its sandboxes are lost", node.id, node.hostname)
         node.alive = False
         if node.runtime is not None:
-            node.runtime.mark_lost()
+            node.runtime.link.mark_lost()
         if node.starting is not None:
             node.starting.cancel()
         self._room.set()
@@ -294,10 +301,18 @@ class RayPlacement(Placement):
             facts: dict[str, Any] = await asyncio.wait_for(
                 _await(actor.start.remote()), NODE_HOST_START_SECONDS
             )
+            codec.check_version(facts.get("protocol"), node.id)
             if node.orphans:
                 await self._kill_orphans(node, actor, facts)
         except asyncio.CancelledError:
             raise
+        except codec.ProtocolMismatch as e:
+            if not node.refused:
+                log.error("node %s is not used: %s", node.id, e)
+            node.refused = str(e)
+            await asyncio.sleep(NODE_HOST_START_SECONDS)  # asked again now and then
+            node.starting = None
+            return
         except Exception as e:
             log.warning("node host on %s did not start: %s", node.id, e)
             await asyncio.sleep(POLL_SECONDS * 4)
@@ -307,6 +322,7 @@ class RayPlacement(Placement):
             if str(sandbox_id) not in node.orphans:
                 node.held[str(sandbox_id)] = (float(cpu), float(memory))
         node.orphans.clear()
+        node.refused = ""
         node.runtime = NodeRuntime(
             node.id,
             actor,

@@ -12,9 +12,8 @@ backend-specific exceptions, so that the service can map them to gRPC codes in o
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 # The model of a sandbox spec and an exec request lives in `model`; re-exported here because
 # every runtime and placement works against these names.
@@ -30,16 +29,22 @@ __all__ = [
     "ExecSpec",
     "FileInfo",
     "FileNotFound",
+    "ImageInfo",
+    "ImagePullProgress",
+    "ImageService",
     "LimitsUnavailable",
+    "LogRecord",
     "MainExit",
     "PathRefused",
     "PermissionRefused",
+    "PullProgressFn",
     "RegistryCredentials",
     "Runtime",
     "SandboxConfig",
     "SandboxGone",
     "SandboxHandle",
     "SandboxRuntimeError",
+    "Unsupported",
 ]
 
 
@@ -76,6 +81,12 @@ class CapacityExhausted(SandboxRuntimeError):
 class LimitsUnavailable(SandboxRuntimeError):
     """The sandbox or command asks for what this host cannot give (limits without a cgroup
     delegation, a protected command without a user namespace of its own)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class Unsupported(SandboxRuntimeError):
+    """An operation this runtime does not offer (e.g. images on a runtime without a store)."""
 
     code = "FAILED_PRECONDITION"
 
@@ -154,6 +165,15 @@ class FileInfo:
     mode: int
 
 
+@dataclass(frozen=True)
+class LogRecord:
+    """One piece of the main process's output, as the runtime recorded it."""
+
+    stream: int  # 1 stdout, 2 stderr (0: unknown)
+    time_ns: int  # unix time it was read from the process
+    data: bytes
+
+
 class SandboxHandle(abc.ABC):
     sandbox_id: str
 
@@ -188,14 +208,80 @@ class SandboxHandle(abc.ABC):
         default (a runtime that cannot) does nothing, and the service's own reaper remains."""
         return None
 
-    @property
     @abc.abstractmethod
-    def log_path(self) -> Path:
-        """The main process's log, in the record format of docs/internals/supervisor-protocol.md."""
+    def logs(
+        self, since_ns: int = 0, tail: int = -1, follow: bool = False
+    ) -> AsyncIterator[LogRecord]:
+        """The main process's output records, oldest first: those stamped at or after
+        `since_ns`, of them only the last `tail` (negative: all); with `follow`, then the new
+        ones as they come, ending once the sandbox has ended and its last record was given.
+        How the runtime stores them is its own business."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """An image in a node's store."""
+
+    names: tuple[str, ...]  # e.g. "docker.io/library/python:3.11"
+    digest: str  # of the platform manifest, "sha256:..."
+    size: int  # compressed layers, bytes
+    pulled_ns: int
+    in_use: bool = False  # a sandbox of the node uses it now
+    node: str = ""  # the node holding it ("" until a placement names it)
+
+
+@dataclass(frozen=True)
+class ImagePullProgress:
+    """One step of a pull: "resolving", "downloading" (`current`/`total` bytes of the blob
+    `digest`), "cached" (a blob already stored), "unpacking" or "done"."""
+
+    phase: str
+    digest: str = ""
+    current: int = 0
+    total: int = 0
+    message: str = ""
+
+
+PullProgressFn = Callable[[ImagePullProgress], None]
+
+
+class ImageService(abc.ABC):
+    """The OCI image store of one node: the optional part of a `Runtime` (`Runtime.images`).
+
+    Names are image references ("python:3.11", "registry/repo@sha256:..."); `remove` also takes
+    a manifest digest. Errors are SandboxRuntimeError subclasses: NOT_FOUND for an image the
+    store does not have, FAILED_PRECONDITION for one a sandbox uses, the registry's failures as
+    the image errors of aviato.images.errors.
+    """
+
+    @abc.abstractmethod
+    async def pull(
+        self,
+        image: str,
+        credentials: RegistryCredentials | None = None,
+        progress: PullProgressFn | None = None,
+    ) -> ImageInfo:
+        """Pulls `image` (always asking the registry, so a tag gets its newest image)."""
+
+    @abc.abstractmethod
+    async def list_images(self) -> list[ImageInfo]: ...
+
+    @abc.abstractmethod
+    async def remove(self, image: str) -> ImageInfo:
+        """Removes one image unless a sandbox uses it."""
+
+    @abc.abstractmethod
+    async def prune(self) -> list[ImageInfo]:
+        """Removes every image no sandbox uses; returns them."""
 
 
 class Runtime(abc.ABC):
     """Creates and re-attaches sandboxes on one node. Its state lives under `state_dir`."""
+
+    @property
+    def images(self) -> ImageService | None:
+        """The node's image store; None for a runtime that has none (only built-in images)."""
+        return None
 
     @abc.abstractmethod
     async def create(self, config: SandboxConfig) -> SandboxHandle: ...

@@ -70,7 +70,9 @@ from aviato.runtime.base import (
     ExecHandle,
     ExecSpec,
     FileInfo,
+    ImageService,
     LimitsUnavailable,
+    LogRecord,
     MainExit,
     PathRefused,
     RegistryCredentials,
@@ -95,6 +97,9 @@ from aviato.runtime.cgroups import (
     ParentLimits,
     SandboxCgroup,
 )
+from aviato.runtime.image_service import StoreImages
+from aviato.runtime.images import ImageRoot
+from aviato.runtime.logs import read_log
 from aviato.runtime.supervisor import SupervisorConnection, supervisor_binary
 from aviato.runtime.userns import IdRange, IdRanges, RangesExhausted
 
@@ -411,7 +416,13 @@ class LocalSandbox(SandboxHandle):
 
     @property
     def log_path(self) -> Path:
+        """This runtime's file of the main log (runtime/logs.py reads it)."""
         return self._dir / "main.log"
+
+    def logs(
+        self, since_ns: int = 0, tail: int = -1, follow: bool = False
+    ) -> AsyncIterator[LogRecord]:
+        return read_log(self.log_path, since_ns, tail, follow, lambda: not self.running)
 
     @property
     def pid(self) -> int:
@@ -655,12 +666,17 @@ class LocalRuntime(Runtime):
         self._running: set[str] = set()
         self._creating: set[str] = set()
         # OCI images (docs/images.md): the node's store, and which image each sandbox uses.
-        self.images = ImageStore(
+        self.image_store = ImageStore(
             self._state_dir / "images", insecure_registries=insecure_registries,
             limits=image_limits,
         )  # fmt: skip
         self._image_of: dict[str, str] = {}
-        self.images.in_use = lambda: set(self._image_of.values())
+        self.image_store.in_use = lambda: set(self._image_of.values())
+        self._image_service = StoreImages(self.image_store)
+
+    @property
+    def images(self) -> ImageService:
+        return self._image_service
 
     @staticmethod
     def _launch_oom_adj() -> list[str]:
@@ -707,7 +723,7 @@ class LocalRuntime(Runtime):
             facts["bwrap_path"] = ""
             facts["bwrap_reason"] = str(self._bwrap_error)
         facts.update(images.host_image_facts())
-        facts.update(self.images.describe())
+        facts.update(self.image_store.describe())
         return facts
 
     def _describe_parent(self) -> str:
@@ -729,19 +745,19 @@ class LocalRuntime(Runtime):
     def image_ready(self, image: str) -> bool:
         if not image or image in images.known_images():
             return True
-        if self.images.pulling(image):
+        if self.image_store.pulling(image):
             return False
-        found = self.images.find(image)
+        found = self.image_store.find(image)
         # A private image is ready only once this create's access to it is checked.
-        return found is not None and not self.images.is_private(found)
+        return found is not None and not self.image_store.is_private(found)
 
     async def prepare_image(
         self, image: str, credentials: RegistryCredentials | None = None
     ) -> None:
         if image and image not in images.known_images():
-            await self.images.ensure(image, credentials)
+            await self.image_store.ensure(image, credentials)
 
-    async def _image_root(self, config: SandboxConfig) -> tuple[images.ImageRoot, SandboxConfig]:
+    async def _image_root(self, config: SandboxConfig) -> tuple[ImageRoot, SandboxConfig]:
         """The sandbox's root, and its config with the image's Entrypoint + Cmd when asked for.
 
         Built-in images resolve by name; any other name is an OCI image from the store, pulled
@@ -754,7 +770,7 @@ class LocalRuntime(Runtime):
             return images.resolve_image(config.image, disk), config
         if disk <= 0:
             raise PathRefused(f"disk size must be positive, got {disk}")
-        stored = await self.images.ensure(config.image, config.registry_credentials)
+        stored = await self.image_store.ensure(config.image, config.registry_credentials)
         self._image_of[config.sandbox_id] = stored.digest
         try:
             root = image_root(stored, disk)

@@ -290,21 +290,17 @@ class Lifecycle(LeaseKeeping, Reconciliation):
             raise FailedPrecondition(f"sandbox {sandbox_id} is stopping")
         return live.handle
 
-    def log_source(self, owner: str, sandbox_id: str) -> tuple[Path | None, Callable[[], bool]]:
-        """Where the main log is now, and a function telling whether the sandbox has ended."""
+    def log_source(
+        self, owner: str, sandbox_id: str
+    ) -> tuple[SandboxHandle | None, Callable[[], bool]]:
+        """The handle to read the main log from while the sandbox runs (None while it starts
+        and once it ended: then its log is at `kept_log_path`), and a function telling whether
+        the sandbox has ended."""
         rec = self._record(owner, sandbox_id)
         live = self._live.get(sandbox_id)
         if live is None or rec.terminal:
-            kept = self._kept_log(sandbox_id)
-            if kept.exists():
-                return kept, lambda: True
-            return self._placement.main_log_path(rec.node, sandbox_id), lambda: True
-        path = (
-            live.handle.log_path
-            if live.handle is not None
-            else (self._placement.main_log_path(rec.node, sandbox_id))
-        )
-        return path, lambda: live.rec.terminal
+            return None, lambda: True
+        return live.handle, lambda: live.rec.terminal
 
     def kept_log_path(self, sandbox_id: str) -> Path:
         """Where the log of a terminal sandbox is kept (it moves there when the sandbox ends)."""

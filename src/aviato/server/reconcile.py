@@ -66,7 +66,7 @@ class Reconciliation(SandboxRuns):
                     # A terminal record whose runtime state was not cleaned up yet.
                     rec = self._registry.get_sandbox(sandbox_id)
                     if rec is not None:
-                        self._keep_log(rec, None)
+                        self._keep_log(rec)
                     await self._cleanup(runtime, sandbox_id)
                 else:
                     log.warning("sandbox %s on node %s has no record: killing it", sandbox_id, node)
@@ -93,7 +93,7 @@ class Reconciliation(SandboxRuns):
             self._finish_record(rec, FAILED, f"lost: node {rec.node!r} is unknown", None)
             return
         if rec.status in (PENDING, CREATING):
-            self._keep_log(rec, None)
+            self._keep_log(rec)
             await self._kill_and_cleanup(runtime, rec.id)
             self._finish_record(rec, FAILED, "interrupted by service restart", None)
             return
@@ -110,7 +110,7 @@ class Reconciliation(SandboxRuns):
             else:
                 status, reason = classify_exit(attached, "")
             code = attached.exit_code if attached.exit_code >= 0 else None
-            self._keep_log(rec, None)
+            self._keep_log(rec)
             self._finish_record(rec, status, reason, code, attached.ended_at_ns)
             self._spawn(self._cleanup(runtime, rec.id))
             return

@@ -244,8 +244,7 @@ class SandboxRuns:
             "sandbox ended id=%s status=%s reason=%r exit_code=%s",
             rec.id, status_name(status), reason, exit_code,
         )  # fmt: skip
-        handle_log = live.handle.log_path if live.handle is not None else None
-        self._keep_log(rec, handle_log)
+        self._keep_log(rec)
         self._spawn(self._cleanup(live.runtime, rec.id))
 
     def _finish_record(
@@ -264,10 +263,9 @@ class SandboxRuns:
     def _kept_log(self, sandbox_id: str) -> Path:
         return self._config.logs_dir / f"{sandbox_id}.log"
 
-    def _keep_log(self, rec: SandboxRecord, path: Path | None) -> None:
+    def _keep_log(self, rec: SandboxRecord) -> None:
         """Moves the main log out of the runtime's directory so that cleanup cannot remove it."""
-        if path is None:
-            path = self._placement.main_log_path(rec.node, rec.id)
+        path = self._placement.main_log_path(rec.node, rec.id)
         if path is None:
             return
         try:
