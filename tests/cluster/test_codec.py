@@ -44,6 +44,7 @@ _VALUES: dict[Any, Callable[[str], Any]] = {
     tuple[tuple[str, bytes], ...]: lambda name: (("/a", b"\x00one"), ("/b", b"")),
     tuple[tuple[str, str], ...]: lambda name: (("zone", "b"), ("aviato.node", "n1")),
     RegistryCredentials | None: lambda name: RegistryCredentials("user", "secret", "tok"),
+    frozenset[str]: lambda name: frozenset({"memory", "pids"}),
 }
 
 
@@ -94,13 +95,14 @@ def test_every_field_survives_the_node_protocol(
     assert decode(_through_bytes(encode(model))) == model
 
 
-def test_unset_limits_stay_unset() -> None:
+def test_no_cpu_limit_stays_no_limit() -> None:
+    """cpu_millis None (no cpu limit) is not 0; the other limits are always resolved."""
     config = SandboxConfig(
         sandbox_id="s", image="", command=(), env={}, working_dir="", registry_credentials=None
     )
     back = codec.decode_config(_through_bytes(codec.encode_config(config)))
     assert back == config
-    assert (back.cpu_millis, back.memory_bytes, back.pids, back.disk_bytes) == (None,) * 4
+    assert back.cpu_millis is None
     assert back.registry_credentials is None
 
 
