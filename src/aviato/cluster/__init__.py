@@ -3,7 +3,7 @@
 Four pieces, one module each:
 
 - `nodehost`: the `NodeHost` actor, one per Ray node (detached, named, pinned to its node,
-  `num_cpus=0`). It runs a `LocalRuntime` there, owns that node's sandboxes, and fences itself
+  `num_cpus=0`). It runs a `BubblewrapRuntime` there, owns that node's sandboxes, and fences itself
   (kills its sandboxes) when it loses the cluster for longer than its lease.
 - `remote`: `NodeRuntime`, the control plane's `Runtime` for one node: calls go to the node's
   actor, exec and file transfers to its direct gRPC channel.

@@ -1,7 +1,7 @@
 """The gRPC servicer of aviato.v1.ImageService: pull, list, remove and prune images.
 
-The store belongs to each node's runtime (`LocalRuntime.images`); with the local placement there
-is one node. Images are shared by every owner of the service (as a Docker daemon's are): any
+The store belongs to each node's runtime (`BubblewrapRuntime.images`); with the local placement
+there is one node. Images are shared by every owner of the service (as a Docker daemon's are): any
 authenticated caller may pull, list, remove and prune, and removal never touches an image a
 sandbox uses. Credentials given to PullImage are used for that pull only and never stored.
 """
