@@ -37,7 +37,7 @@ class RawBwrapSystem(FloorSystem):
 
     def start(self) -> None:
         try:
-            from aviato.runtime import bwrap, images, seccomp
+            from aviato.runtime import bwrap, image_roots, seccomp
             from aviato.runtime.base import SandboxConfig
         except ImportError as exc:  # pragma: no cover - the checkout is always importable
             raise Skip(f"aviato.runtime is not importable: {exc}") from exc
@@ -47,7 +47,7 @@ class RawBwrapSystem(FloorSystem):
             raise Skip(f"no usable bwrap: {exc}") from exc
         config = SandboxConfig(sandbox_id="bench", image="host", command=(), env={},
                                working_dir="")  # fmt: skip
-        root = images.host_image(DISK_BYTES)
+        root = image_roots.host_image(DISK_BYTES)
         true = shutil.which("true", path=root.env[0][1]) or "/bin/true"
         argv = bwrap.build_argv(
             found.path,
@@ -57,7 +57,7 @@ class RawBwrapSystem(FloorSystem):
             seccomp_fd=-1,
             rootless=os.geteuid() != 0,
         )
-        tail = ["--", images.SUPERVISOR_PATH, "--keepalive"]
+        tail = ["--", image_roots.SUPERVISOR_PATH, "--keepalive"]
         if argv[-3:] != tail or "--chdir" not in argv:
             raise Skip("aviato.runtime.bwrap.build_argv changed shape; cannot reuse it")
         self._prefix = argv[:-3]

@@ -332,9 +332,9 @@ class NodeRuntime(Runtime):
     def image_ready(self, image: str) -> bool:
         # Whether the node has it cached is a question for the node: built-in images are ready,
         # any other goes through prepare_image (a no-op call when the node has it).
-        from aviato.runtime import images
+        from aviato.runtime import image_roots
 
-        return not image or image in images.known_images()
+        return not image or image in image_roots.known_images()
 
     async def prepare_image(
         self, image: str, credentials: RegistryCredentials | None = None

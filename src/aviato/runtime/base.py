@@ -16,11 +16,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class SandboxRuntimeError(Exception):
-    """Base of the runtime's errors. `code` is a grpc.StatusCode name such as "NOT_FOUND"."""
-
-    code = "INTERNAL"
+from aviato.coded_errors import SandboxRuntimeError as SandboxRuntimeError
+from aviato.images.credentials import RegistryCredentials as RegistryCredentials
 
 
 class FileNotFound(SandboxRuntimeError):
@@ -52,18 +49,6 @@ class LimitsUnavailable(SandboxRuntimeError):
     delegation, a protected command without a user namespace of its own)."""
 
     code = "FAILED_PRECONDITION"
-
-
-@dataclass(frozen=True)
-class RegistryCredentials:
-    """How to log in to an image registry: a username and password, or a bearer token."""
-
-    username: str = ""
-    password: str = ""
-    token: str = ""
-
-    def __repr__(self) -> str:  # never print secrets in logs or tracebacks
-        return f"RegistryCredentials(username={self.username!r}, ...)"
 
 
 @dataclass(frozen=True)

@@ -45,9 +45,8 @@ from typing import Any
 from aviato._private import private_dir
 from aviato.images.errors import ImageError
 from aviato.images.limits import PullLimits
-from aviato.images.root import image_root
 from aviato.images.store import ImageStore
-from aviato.runtime import images, seccomp
+from aviato.runtime import image_roots, seccomp
 from aviato.runtime.base import (
     CapacityExhausted,
     LimitsUnavailable,
@@ -100,6 +99,7 @@ from aviato.runtime.cgroups import (
     ParentLimits,
     SandboxCgroup,
 )
+from aviato.runtime.oci_image_root import image_root
 from aviato.runtime.supervisor import SupervisorConnection, supervisor_binary
 from aviato.runtime.userns import IdRange, IdRanges, RangesExhausted
 
@@ -210,7 +210,7 @@ class BubblewrapRuntime(Runtime):
         except seccomp.SeccompUnsupported as exc:
             self._seccomp_error = str(exc)
             log.error("sandboxes cannot start: %s", exc)
-        images.warm_up()
+        image_roots.warm_up()
         self._launcher = Launcher(
             self._supervisor, launch_oom_adj(), shutil.which("sh", path=LAUNCH_ENV["PATH"])
         )
@@ -265,7 +265,7 @@ class BubblewrapRuntime(Runtime):
         else:
             facts["bwrap_path"] = ""
             facts["bwrap_reason"] = str(self._bwrap_error)
-        facts.update(images.host_image_facts())
+        facts.update(image_roots.host_image_facts())
         facts.update(self.images.describe())
         return facts
 
@@ -286,7 +286,7 @@ class BubblewrapRuntime(Runtime):
     # --- OCI images ---
 
     def image_ready(self, image: str) -> bool:
-        if not image or image in images.known_images():
+        if not image or image in image_roots.known_images():
             return True
         if self.images.pulling(image):
             return False
@@ -297,20 +297,22 @@ class BubblewrapRuntime(Runtime):
     async def prepare_image(
         self, image: str, credentials: RegistryCredentials | None = None
     ) -> None:
-        if image and image not in images.known_images():
+        if image and image not in image_roots.known_images():
             await self.images.ensure(image, credentials)
 
-    async def _image_root(self, config: SandboxConfig) -> tuple[images.ImageRoot, SandboxConfig]:
+    async def _image_root(
+        self, config: SandboxConfig
+    ) -> tuple[image_roots.ImageRoot, SandboxConfig]:
         """The sandbox's root, and its config with the image's Entrypoint + Cmd when asked for.
 
         Built-in images resolve by name; any other name is an OCI image from the store, pulled
         first when missing. Records which image the sandbox uses (so prune keeps it).
         """
         disk = config.disk_bytes or self._default_disk
-        if not config.image or config.image in images.known_images():
+        if not config.image or config.image in image_roots.known_images():
             if config.image_command and not config.command:
                 raise SpecRefused(f"image {config.image or 'host'!r} has no Entrypoint or Cmd")
-            return images.resolve_image(config.image, disk), config
+            return image_roots.resolve_image(config.image, disk), config
         if disk <= 0:
             raise PathRefused(f"disk size must be positive, got {disk}")
         stored = await self.images.ensure(config.image, config.registry_credentials)
@@ -407,7 +409,7 @@ class BubblewrapRuntime(Runtime):
             # The host image's layout is known without I/O (scanned once at start), so where a
             # mounted file or the working directory may go is checked now; other images only
             # once they are pulled, in create.
-            root = images.resolve_image(config.image, config.disk_bytes or self._default_disk)
+            root = image_roots.resolve_image(config.image, config.disk_bytes or self._default_disk)
             root.workdir_args(config.working_dir)
             root.file_mount_args([(path, "/dev/null") for path, _ in config.mounted_files])
 

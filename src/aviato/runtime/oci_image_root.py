@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from aviato.images.config import resolve_user
+from aviato.images.image_config import resolve_user
 from aviato.images.store import StoredImage
-from aviato.runtime.images import AVIATO_BIN, DEFAULT_WORKDIR, ImageRoot, proc_args
+from aviato.runtime.image_roots import AVIATO_BIN, DEFAULT_WORKDIR, ImageRoot, proc_args
 
 __all__ = ["image_root"]
 
