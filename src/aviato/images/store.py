@@ -21,7 +21,8 @@ a pull refused for its size or for the disk leaves nothing behind: no partial ro
 
 A layer blob is downloaded once, whatever number of images use it. An image's layers are
 applied in order into one directory, once per image (not per sandbox): every sandbox of the
-image binds that directory read-only and gets its own writable layer (see `aviato.runtime.oci_image_root`).
+image binds that directory read-only and gets its own writable layer (see
+`aviato.runtime.oci_image_root`).
 
 Concurrency: the service's event loop is the only writer. `pull` is single-flight per image name
 (and each blob and each unpack per digest), so ten sandboxes created at once from an image not
