@@ -1,12 +1,12 @@
 """Raw bubblewrap: aviato's isolation without its service, one `bwrap` per command.
 
-The command line is aviato's own (`aviato.runtime.bwrap.build_argv` on the `host` image: new
-pid/ipc/uts/net/cgroup namespaces, `--cap-drop ALL`, the seccomp deny-list, the read-only host
-image with its secrets masked, a tmpfs root), with the supervisor replaced by the command itself.
-Differences from an aviato sandbox, on purpose: no cgroup (bwrap has no limits of its own), no
-supervisor, no service; a box's `/workspace` is a host directory bound in, so that files survive
-from one command to the next. An idle box is `bwrap ... sleep infinity` with `--die-with-parent`;
-`--info-fd` tells when its child runs and which pid to kill.
+The command line is aviato's own (`aviato.runtime.bubblewrap.command.build_argv` on the `host`
+image: new pid/ipc/uts/net/cgroup namespaces, `--cap-drop ALL`, the seccomp deny-list, the
+read-only host image with its secrets masked, a tmpfs root), with the supervisor replaced by the
+command itself. Differences from an aviato sandbox, on purpose: no cgroup (bwrap has no limits of
+its own), no supervisor, no service; a box's `/workspace` is a host directory bound in, so that
+files survive from one command to the next. An idle box is `bwrap ... sleep infinity` with
+`--die-with-parent`; `--info-fd` tells when its child runs and which pid to kill.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ class RawBwrapSystem(FloorSystem):
 
     def start(self) -> None:
         try:
-            from aviato.runtime import bwrap, image_roots, seccomp
+            from aviato.runtime import image_roots, seccomp
             from aviato.runtime.base import SandboxConfig
+            from aviato.runtime.bubblewrap import command as bwrap
         except ImportError as exc:  # pragma: no cover - the checkout is always importable
             raise Skip(f"aviato.runtime is not importable: {exc}") from exc
         try:
@@ -59,7 +60,9 @@ class RawBwrapSystem(FloorSystem):
         )
         tail = ["--", image_roots.SUPERVISOR_PATH, "--keepalive"]
         if argv[-3:] != tail or "--chdir" not in argv:
-            raise Skip("aviato.runtime.bwrap.build_argv changed shape; cannot reuse it")
+            raise Skip(
+                "aviato.runtime.bubblewrap.command.build_argv changed shape; cannot reuse it"
+            )
         self._prefix = argv[:-3]
         self._seccomp_at = self._prefix.index("--seccomp") + 1
         self._filter_fd = seccomp.filter_fd

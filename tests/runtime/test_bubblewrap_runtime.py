@@ -33,7 +33,7 @@ from aviato.runtime.base import (
     SandboxHandle,
 )
 from aviato.runtime.bubblewrap import BubblewrapRuntime, BubblewrapSandbox, SandboxStartFailed
-from aviato.runtime.bwrap import Bwrap, find_bwrap
+from aviato.runtime.bubblewrap.command import Bwrap, find_bwrap
 
 NATIVE = Path(__file__).parents[2] / "src/aviato/runtime/native"
 SOURCES = sorted(str(p) for p in NATIVE.glob("*.c"))

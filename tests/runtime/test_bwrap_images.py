@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from aviato.runtime import bwrap, image_roots
+from aviato.runtime import image_roots
 from aviato.runtime.base import PathRefused, SandboxConfig
-from aviato.runtime.bwrap import BwrapUnavailable, SpecRefused, build_argv, find_bwrap
+from aviato.runtime.bubblewrap import command as bwrap
+from aviato.runtime.bubblewrap.command import BwrapUnavailable, SpecRefused, build_argv, find_bwrap
 from aviato.runtime.image_roots import ImageNotFound, resolve_image, scan_secrets
 
 

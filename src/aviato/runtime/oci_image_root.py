@@ -10,7 +10,7 @@
 - `/dev` and `/proc` exactly as for `host` (bubblewrap's minimal /dev, masked /proc).
 - Environment: the image's `Env`, with `PATH` defaulting to the usual directories and `HOME`
   to the image user's home. Working directory: the image's `WorkingDir`, else `/workspace`.
-- `User`: the sandbox runs as that uid/gid inside its user namespace (see bwrap.py).
+- `User`: the sandbox runs as that uid/gid inside its user namespace (see bubblewrap/command.py).
 
 Writes into the image's read-only trees fail with EROFS; files that must change belong under
 `/workspace`, `/tmp` or `/root` (docs/images.md).

@@ -59,6 +59,14 @@ from aviato.runtime.base import (
     SandboxHandle,
     SandboxRuntimeError,
 )
+from aviato.runtime.bubblewrap.command import (
+    Bwrap,
+    BwrapUnavailable,
+    OwnUserns,
+    SpecRefused,
+    build_argv,
+    find_bwrap,
+)
 from aviato.runtime.bubblewrap.host_processes import (
     ProcessWatch,
     boot_id,
@@ -84,14 +92,6 @@ from aviato.runtime.bubblewrap.records import (
     write_record,
 )
 from aviato.runtime.bubblewrap.sandbox import BubblewrapSandbox
-from aviato.runtime.bwrap import (
-    Bwrap,
-    BwrapUnavailable,
-    OwnUserns,
-    SpecRefused,
-    build_argv,
-    find_bwrap,
-)
 from aviato.runtime.cgroups import (
     CgroupError,
     CgroupManager,
