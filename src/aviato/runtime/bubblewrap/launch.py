@@ -3,7 +3,7 @@ socket, main log, exit file, seccomp filter and runtime log on the descriptors t
 expects (docs/internals/supervisor-protocol.md), and reaching its control socket afterwards.
 
 ```
-service ──posix_spawn──► sh -c JOIN_SCRIPT            (cgroup v1: joins via `tasks`, see cgroups.py)
+service ──posix_spawn──► sh -c JOIN_SCRIPT            (cgroup v1: joins via `tasks`, see cgroups/)
           └─exec─► aviato-supervisor --launch         (v2: joins via cgroup.procs; setsid)
                             └─exec─► bwrap            (host-side monitor; stays until the end)
                                        └─► /.aviato/supervisor   PID 1 of the sandbox
@@ -153,7 +153,7 @@ class Launcher:
             launcher = [self.supervisor, "--launch", *self.oom_adj]
             if cgroup is not None and cgroup.thread_files and self.sh:
                 # v1: join by writing "0" to `tasks` from a shell that then becomes the launcher
-                # (see cgroups.py: 12 ms less after an idle spell than joining via cgroup.procs).
+                # (see cgroups/: 12 ms less after an idle spell than joining via cgroup.procs).
                 launcher = [self.sh, "-c", JOIN_SCRIPT, "sh", *cgroup.thread_files, "--",
                             *launcher]  # fmt: skip
                 program = self.sh
