@@ -1,6 +1,7 @@
 """Build step that pyproject.toml cannot express: compiling the sandbox supervisor.
 
-`src/aviato/runtime/native/*.c` (the supervisor and its credential handling) are compiled (static if the C library allows it) to
+`src/aviato/runtime/native/*.c` (the supervisor's modules: see native/supervisor.h) are compiled
+together, static if the C library allows it, into one program,
 `src/aviato/runtime/_bin/aviato-supervisor`, which serves editable installs, and copied into the
 build directory for wheels. The wheel is therefore platform-specific. Everything else about the
 package lives in pyproject.toml.
@@ -22,7 +23,6 @@ from setuptools.errors import CompileError
 
 ROOT = Path(__file__).resolve().parent
 NATIVE = Path("src/aviato/runtime/native")
-SOURCE = NATIVE / "supervisor.c"
 TARGET = Path("src/aviato/runtime/_bin/aviato-supervisor")
 IN_PACKAGE = Path("aviato/runtime/_bin/aviato-supervisor")
 CFLAGS = ["-std=c11", "-O2", "-Wall", "-Wextra", "-s"]
@@ -37,7 +37,7 @@ def find_compiler() -> list[str]:
             return [name]
     raise CompileError(
         "aviato needs a C compiler to build its sandbox supervisor "
-        f"({SOURCE}), and none was found (tried $CC, cc, gcc, clang). "
+        f"({NATIVE}/*.c), and none was found (tried $CC, cc, gcc, clang). "
         "Install one (Debian/Ubuntu: `apt-get install gcc libc6-dev`; "
         "Fedora: `dnf install gcc glibc-static`) and install aviato again."
     )

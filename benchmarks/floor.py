@@ -22,7 +22,7 @@ from typing import Any
 
 from benchmarks._system import DEFAULT_TIMEOUT, ExecOut, System
 
-# The PATH and environment of aviato's `host` image (aviato.runtime.images), copied so that the
+# The PATH and environment of aviato's `host` image (aviato.runtime.image_roots), copied so that the
 # floor does not depend on the runtime package.
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 WRITE_SCRIPT = 'exec cat > "$1"'

@@ -1,12 +1,12 @@
 """Raw bubblewrap: aviato's isolation without its service, one `bwrap` per command.
 
-The command line is aviato's own (`aviato.runtime.bwrap.build_argv` on the `host` image: new
-pid/ipc/uts/net/cgroup namespaces, `--cap-drop ALL`, the seccomp deny-list, the read-only host
-image with its secrets masked, a tmpfs root), with the supervisor replaced by the command itself.
-Differences from an aviato sandbox, on purpose: no cgroup (bwrap has no limits of its own), no
-supervisor, no service; a box's `/workspace` is a host directory bound in, so that files survive
-from one command to the next. An idle box is `bwrap ... sleep infinity` with `--die-with-parent`;
-`--info-fd` tells when its child runs and which pid to kill.
+The command line is aviato's own (`aviato.runtime.bubblewrap.command.build_argv` on the `host`
+image: new pid/ipc/uts/net/cgroup namespaces, `--cap-drop ALL`, the seccomp deny-list, the
+read-only host image with its secrets masked, a tmpfs root), with the supervisor replaced by the
+command itself. Differences from an aviato sandbox, on purpose: no cgroup (bwrap has no limits of
+its own), no supervisor, no service; a box's `/workspace` is a host directory bound in, so that
+files survive from one command to the next. An idle box is `bwrap ... sleep infinity` with
+`--die-with-parent`; `--info-fd` tells when its child runs and which pid to kill.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ class RawBwrapSystem(FloorSystem):
 
     def start(self) -> None:
         try:
-            from aviato.runtime import bwrap, images, seccomp
+            from aviato.runtime import image_roots, seccomp
             from aviato.runtime.base import SandboxConfig
+            from aviato.runtime.bubblewrap import command as bwrap
         except ImportError as exc:  # pragma: no cover - the checkout is always importable
             raise Skip(f"aviato.runtime is not importable: {exc}") from exc
         try:
@@ -47,7 +48,7 @@ class RawBwrapSystem(FloorSystem):
             raise Skip(f"no usable bwrap: {exc}") from exc
         config = SandboxConfig(sandbox_id="bench", image="host", command=(), env={},
                                working_dir="")  # fmt: skip
-        root = images.host_image(DISK_BYTES)
+        root = image_roots.host_image(DISK_BYTES)
         true = shutil.which("true", path=root.env[0][1]) or "/bin/true"
         argv = bwrap.build_argv(
             found.path,
@@ -57,9 +58,11 @@ class RawBwrapSystem(FloorSystem):
             seccomp_fd=-1,
             rootless=os.geteuid() != 0,
         )
-        tail = ["--", images.SUPERVISOR_PATH, "--keepalive"]
+        tail = ["--", image_roots.SUPERVISOR_PATH, "--keepalive"]
         if argv[-3:] != tail or "--chdir" not in argv:
-            raise Skip("aviato.runtime.bwrap.build_argv changed shape; cannot reuse it")
+            raise Skip(
+                "aviato.runtime.bubblewrap.command.build_argv changed shape; cannot reuse it"
+            )
         self._prefix = argv[:-3]
         self._seccomp_at = self._prefix.index("--seccomp") + 1
         self._filter_fd = seccomp.filter_fd

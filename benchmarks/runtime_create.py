@@ -1,9 +1,9 @@
-"""Sandbox start-up and idle density of `LocalRuntime`, measured directly (no service, no gRPC).
+"""Sandbox start-up and idle density of `BubblewrapRuntime`, measured directly (no service or gRPC).
 
     python benchmarks/runtime_create.py [--runs 200] [--idle 200] [--json OUT] [--supervisor BIN]
 
 Measures:
-- create → first exec: `LocalRuntime.create()` of a keep-alive sandbox, then `exec(["true"])`
+- create → first exec: `BubblewrapRuntime.create()` of a keep-alive sandbox, then `exec(["true"])`
   until its exit event; p50/p99 over `--runs` sandboxes created one after another (each is
   killed and cleaned up before the next, outside the timed span);
 - the same split into its two parts (create until the supervisor's HELLO; the first exec);
@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover
     sys.path.insert(0, str(ROOT / "src"))
 
 from aviato.runtime.base import ExecExit, ExecSpec, SandboxConfig  # noqa: E402
-from aviato.runtime.local import LocalRuntime  # noqa: E402
+from aviato.runtime.bubblewrap import BubblewrapRuntime  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -99,7 +99,7 @@ async def first_exec(handle: Any) -> None:
 
 
 async def bench_create(
-    rt: LocalRuntime, runs: int, warmup: int, gap: float = 0.0
+    rt: BubblewrapRuntime, runs: int, warmup: int, gap: float = 0.0
 ) -> dict[str, Any]:
     total: list[float] = []
     create: list[float] = []
@@ -132,7 +132,7 @@ async def settle() -> None:
     await asyncio.sleep(2.0)
 
 
-async def bench_idle(rt: LocalRuntime, count: int) -> dict[str, Any]:
+async def bench_idle(rt: BubblewrapRuntime, count: int) -> dict[str, Any]:
     await settle()
     before, rss_before = meminfo(), rss_kib()
     handles = []
@@ -176,7 +176,7 @@ async def main() -> None:
     parser.add_argument("--supervisor")
     args = parser.parse_args()
     state = Path(tempfile.mkdtemp(prefix="avbench-", dir="/tmp"))
-    rt = LocalRuntime(state, supervisor=supervisor_path(args.supervisor),
+    rt = BubblewrapRuntime(state, supervisor=supervisor_path(args.supervisor),
                       max_sandboxes=max(512, args.idle + 8))  # fmt: skip
     result: dict[str, Any] = {
         "benchmark": "runtime_create",

@@ -5,7 +5,7 @@ times N sequential execs (exec() until the ExecExit event) and N pings over one 
 
     python benchmarks/supervisor_roundtrip.py [--runs 1000] [--binary PATH]
 
-Without --binary it uses the installed binary, or compiles src/.../supervisor.c into a temporary
+Without --binary it uses the installed binary, or compiles src/.../native/*.c into a temporary
 directory when the package was not built.
 """
 

@@ -273,16 +273,16 @@ class RayCluster:
         return found
 
     def _clean_nodes(self) -> set[str]:
-        """Removes, through a LocalRuntime, what sandboxes left in every node's state (a killed
+        """Removes, through a BubblewrapRuntime, what sandboxes left in every node's state (a killed
         node leaves its sandboxes' cgroups); returns the ids it found."""
-        from aviato.runtime.local import LocalRuntime
+        from aviato.runtime.bubblewrap import BubblewrapRuntime
 
         found: set[str] = set()
         if not self.node_state_dir.is_dir():
             return found
 
         async def run(directory: Path) -> None:
-            runtime = LocalRuntime(directory)
+            runtime = BubblewrapRuntime(directory)
             for sid in runtime.list_present():
                 found.add(sid)
                 await runtime.cleanup(sid)

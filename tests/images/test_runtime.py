@@ -1,4 +1,4 @@
-"""Sandboxes from OCI images on a real LocalRuntime: config honoured, roots shared, exec works."""
+"""OCI images on a real BubblewrapRuntime: config honoured, roots shared, exec works."""
 
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ from aviato.runtime.base import (
     SandboxConfig,
     SandboxHandle,
 )
-from aviato.runtime.local import LocalRuntime
+from aviato.runtime.bubblewrap import BubblewrapRuntime
 
 T = TypeVar("T")
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these tests run sandboxes as root")
 
 
-def run_with(state: Path, body: Callable[[LocalRuntime], Awaitable[T]]) -> T:
+def run_with(state: Path, body: Callable[[BubblewrapRuntime], Awaitable[T]]) -> T:
     async def main() -> T:
-        rt = LocalRuntime(state, insecure_registries=LOCAL)
+        rt = BubblewrapRuntime(state, insecure_registries=LOCAL)
         try:
             return await asyncio.wait_for(body(rt), 120)
         finally:
@@ -69,7 +69,7 @@ def test_pull_and_exec_with_config_honoured(
     pusher.image("t/app", "v1", [busybox_layer()], env=env, working_dir="/app", user="app", cmd=cmd)
     ref = f"{registry.host}/t/app:v1"
 
-    async def body(rt: LocalRuntime) -> None:
+    async def body(rt: BubblewrapRuntime) -> None:
         assert not rt.image_ready(ref)
         h = await rt.create(config("img-a", ref, env={"EXTRA": "1"}))
         assert rt.image_ready(ref)
@@ -108,7 +108,7 @@ def test_entrypoint_plus_cmd_and_numeric_user(
                  entrypoint=["sh", "-c"], cmd=["id -u; id -g; exit 7"])  # fmt: skip
     ref = f"{registry.host}/t/ep:v1"
 
-    async def body(rt: LocalRuntime) -> None:
+    async def body(rt: BubblewrapRuntime) -> None:
         h = await rt.create(config("ep-a", ref, image_command=True))
         exit = await h.wait_exit()
         assert exit.exit_code == 7
@@ -121,7 +121,7 @@ def test_two_sandboxes_share_one_root(registry: Registry, pusher: Pusher, workdi
     pusher.image("t/bb", "v1", [busybox_layer()])
     ref = f"{registry.host}/t/bb:v1"
 
-    async def body(rt: LocalRuntime) -> None:
+    async def body(rt: BubblewrapRuntime) -> None:
         a, b = await asyncio.gather(rt.create(config("sh-a", ref)), rt.create(config("sh-b", ref)))
         stored = rt.image_store.find(ref)
         assert stored is not None
@@ -151,7 +151,7 @@ def test_ten_concurrent_creates_pull_once(
     pushed = pusher.image("t/bb", "v1", [busybox_layer([Entry("marker", data=b"m")])])
     ref = f"{registry.host}/t/bb:v1"
 
-    async def body(rt: LocalRuntime) -> None:
+    async def body(rt: BubblewrapRuntime) -> None:
         handles = await asyncio.gather(*(rt.create(config(f"c-{i}", ref)) for i in range(10)))
         outs = await asyncio.gather(*(sh(h, "cat /marker") for h in handles))
         assert [o[1] for o in outs] == ["m"] * 10
@@ -167,7 +167,7 @@ def test_unknown_user_fails_create_clearly(
     pusher.image("t/nouser", "v1", [busybox_layer()], user="ghost")
     ref = f"{registry.host}/t/nouser:v1"
 
-    async def body(rt: LocalRuntime) -> None:
+    async def body(rt: BubblewrapRuntime) -> None:
         with pytest.raises(ImageError, match=r"ghost.*passwd"):
             await rt.create(config("nu-a", ref))
 
@@ -182,12 +182,12 @@ def test_prune_spares_images_of_sandboxes_reattached_after_restart(
     state = workdir / "state"
 
     async def first() -> None:
-        rt = LocalRuntime(state, insecure_registries=LOCAL)
+        rt = BubblewrapRuntime(state, insecure_registries=LOCAL)
         await rt.create(config("rs-a", ref))
         await rt.close()  # the service goes away; the sandbox keeps running
 
     async def second() -> None:
-        rt = LocalRuntime(state, insecure_registries=LOCAL)
+        rt = BubblewrapRuntime(state, insecure_registries=LOCAL)
         try:
             handle = await rt.attach("rs-a")
             assert isinstance(handle, SandboxHandle)

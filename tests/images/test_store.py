@@ -12,7 +12,7 @@ import pytest
 from oci_helpers import LOCAL, Entry, Pusher, Registry, busybox_layer, layer, run_registry
 
 from aviato.images.errors import DigestMismatch, ImageNotPresent, RegistryDenied
-from aviato.images.registry import host_platform
+from aviato.images.registry_client import host_platform
 from aviato.images.store import ImageInUse, ImageStore, PullProgress
 from aviato.runtime.base import RegistryCredentials
 

@@ -504,10 +504,10 @@ def _runtime_cleanup(state_dir: Path, cgroup_parent: str = "aviato") -> None:
         return
     import asyncio
 
-    from aviato.runtime.local import LocalRuntime
+    from aviato.runtime.bubblewrap import BubblewrapRuntime
 
     async def run() -> None:
-        runtime = LocalRuntime(state_dir, cgroup_parent=cgroup_parent)
+        runtime = BubblewrapRuntime(state_dir, cgroup_parent=cgroup_parent)
         for sid in runtime.list_present():
             with contextlib.suppress(Exception):
                 await runtime.cleanup(sid)

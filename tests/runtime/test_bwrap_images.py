@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from aviato.runtime import bwrap, images
+from aviato.runtime import image_roots
 from aviato.runtime.base import PathRefused, SandboxConfig
-from aviato.runtime.bwrap import BwrapUnavailable, SpecRefused, build_argv, find_bwrap
-from aviato.runtime.images import ImageNotFound, resolve_image, scan_secrets
+from aviato.runtime.bubblewrap import command as bwrap
+from aviato.runtime.bubblewrap.command import BwrapUnavailable, SpecRefused, build_argv, find_bwrap
+from aviato.runtime.image_roots import ImageNotFound, resolve_image, scan_secrets
 
 
 def fake_bwrap(directory: Path, version: str) -> Path:
@@ -210,14 +211,14 @@ def test_workdir_args() -> None:
 def test_register_image() -> None:
     calls: list[int] = []
 
-    def factory(disk: int) -> images.ImageRoot:
+    def factory(disk: int) -> image_roots.ImageRoot:
         calls.append(disk)
-        return images.host_image(disk)
+        return image_roots.host_image(disk)
 
-    images.register_image("test-alias", factory)
+    image_roots.register_image("test-alias", factory)
     try:
         assert resolve_image("test-alias", 5 << 20).name == "host"
         assert calls == [5 << 20]
-        assert "test-alias" in images.known_images()
+        assert "test-alias" in image_roots.known_images()
     finally:
-        images._IMAGES.pop("test-alias")
+        image_roots._IMAGES.pop("test-alias")

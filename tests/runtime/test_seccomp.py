@@ -165,7 +165,7 @@ print("int80 survived")
 
 @pytest.mark.skipif(seccomp.host_arch() != "x86_64", reason="the probe uses x86_64 numbers")
 def test_filter_in_bwrap() -> None:
-    from aviato.runtime.bwrap import find_bwrap
+    from aviato.runtime.bubblewrap.command import find_bwrap
 
     fd = seccomp.filter_fd()
     try:

@@ -41,12 +41,12 @@ def _known_ids(state_dir: Path) -> set[str]:
 
 def _clean_up(state_dir: Path, cgroup_parent: str) -> set[str]:
     """Removes what the service left (through the runtime); returns the ids it knew."""
-    from aviato.runtime.local import LocalRuntime
+    from aviato.runtime.bubblewrap import BubblewrapRuntime
 
     ids = _known_ids(state_dir)
 
     async def run() -> None:
-        runtime = LocalRuntime(state_dir, cgroup_parent=cgroup_parent)
+        runtime = BubblewrapRuntime(state_dir, cgroup_parent=cgroup_parent)
         for sid in runtime.list_present():
             await runtime.cleanup(sid)
         await runtime.close()

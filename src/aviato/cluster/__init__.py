@@ -1,7 +1,7 @@
 """Running sandboxes on a Ray cluster (`aviato server --placement ray`).
 
 - `nodehost`: the `NodeHost` actor, one per Ray node (detached, named, pinned to its node,
-  `num_cpus=0`). It runs a `LocalRuntime` there, owns that node's sandboxes, and fences itself
+  `num_cpus=0`). It runs a `BubblewrapRuntime` there, owns that node's sandboxes, and fences itself
   (kills its sandboxes) when it loses the cluster for longer than its lease.
 - `remote`: `NodeRuntime`, the control plane's `Runtime` for one node, and its sandbox handles;
   `remote_exec` their exec handles, `node_images` the node's image store, `link` the calls to

@@ -2,10 +2,10 @@
 
 The control plane starts one per node (see `placement.py` for the actor options: detached, named
 `aviato-nodehost-<node id>`, hard node affinity, `num_cpus=0`, restarted by Ray on its node). It
-wraps a `LocalRuntime` whose state lives in `<node state dir>/<node id>`; calls name sandboxes by
-id, and the host keeps their handles. Arguments and results of the runtime's model travel as
-`aviato.node.v1` messages serialized to bytes (codec.py), never as pickled Python objects, so
-that the protocol is versioned: `start` reports its version and the control plane refuses a
+wraps a `BubblewrapRuntime` whose state lives in `<node state dir>/<node id>`; calls name
+sandboxes by id, and the host keeps their handles. Arguments and results of the runtime's model
+travel as `aviato.node.v1` messages serialized to bytes (codec.py), never as pickled Python
+objects, so that the protocol is versioned: `start` reports its version and the control plane refuses a
 node host of another. Exec and files normally travel over the host's direct gRPC channel
 (`execwire.py`); the streaming methods here (exec, read_file, logs, pull_image: async
 generators the control plane calls with `num_returns="streaming"`) serve the main log and image
@@ -106,7 +106,7 @@ class NodeHost:
         self._lease = lease_seconds
         self._max = max_sandboxes
         self._default_memory = default_memory_bytes
-        self._runtime: Any = None  # LocalRuntime, built in start() (it needs the event loop)
+        self._runtime: Any = None  # BubblewrapRuntime, built in start() (it needs the event loop)
         self._handles: dict[str, SandboxHandle] = {}
         # exec id → its handle; a future so that a control call that overtakes the exec's
         # start (they travel as separate actor calls) waits for it instead of being lost.
@@ -128,7 +128,7 @@ class NodeHost:
             self._start_lock = asyncio.Lock()
         async with self._start_lock:
             if self._runtime is None:
-                from aviato.runtime.local import raise_fd_limit
+                from aviato.runtime.bubblewrap import raise_fd_limit
 
                 raise_fd_limit()
                 self._runtime = self._new_runtime()
@@ -151,12 +151,12 @@ class NodeHost:
         }
 
     def _new_runtime(self) -> Any:
-        """This node's LocalRuntime, its state directory made private first (aviato._private)."""
+        """This node's BubblewrapRuntime, its state directory made private first (_private)."""
+        from aviato.runtime.bubblewrap import BubblewrapRuntime
         from aviato.runtime.cgroups import ParentLimits
-        from aviato.runtime.local import LocalRuntime
 
         secure_tree(self._state_dir)
-        return LocalRuntime(
+        return BubblewrapRuntime(
             self._state_dir,
             max_sandboxes=self._max,
             cgroup_parent=self._cgroup_parent,

@@ -36,7 +36,7 @@ from aviato.cluster.link import NODE_HOST_LOST, NODE_LOST, NodeLink, NodeLost
 from aviato.cluster.node_images import NodeImages
 from aviato.cluster.remote_exec import start_exec
 from aviato.node.v1 import node_pb2 as npb
-from aviato.runtime import images
+from aviato.runtime import image_roots
 from aviato.runtime.base import (
     ExecHandle,
     ExecSpec,
@@ -138,7 +138,7 @@ class NodeRuntime(Runtime):
     def image_ready(self, image: str) -> bool:
         # Whether the node has it cached is a question for the node: built-in images are ready,
         # any other goes through prepare_image (a no-op call when the node has it).
-        return not image or image in images.known_images()
+        return not image or image in image_roots.known_images()
 
     async def prepare_image(
         self, image: str, credentials: RegistryCredentials | None = None

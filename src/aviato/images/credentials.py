@@ -14,11 +14,23 @@ import base64
 import binascii
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from aviato.runtime.base import RegistryCredentials
+__all__ = ["RegistryCredentials", "docker_config_path", "from_docker_config"]
 
-__all__ = ["docker_config_path", "from_docker_config"]
+
+@dataclass(frozen=True)
+class RegistryCredentials:
+    """How to log in to an image registry: a username and password, or a bearer token."""
+
+    username: str = ""
+    password: str = ""
+    token: str = ""
+
+    def __repr__(self) -> str:  # never print secrets in logs or tracebacks
+        return f"RegistryCredentials(username={self.username!r}, ...)"
+
 
 _HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aviato.runtime.base import SandboxRuntimeError
+from aviato.coded_errors import SandboxRuntimeError
 
 __all__ = ["DigestMismatch", "ImageError", "ImageNotPresent", "PullFailed", "RegistryDenied"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from aviato.images.errors import ImageNotPresent, PullFailed
-from aviato.images.registry import Descriptor, host_platform, shown
+from aviato.images.registry_client import Descriptor, host_platform, shown
 
 __all__ = ["LAYER_TYPES", "choose_platform", "parse_manifest"]
 

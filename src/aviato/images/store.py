@@ -21,7 +21,8 @@ a pull refused for its size or for the disk leaves nothing behind: no partial ro
 
 A layer blob is downloaded once, whatever number of images use it. An image's layers are
 applied in order into one directory, once per image (not per sandbox): every sandbox of the
-image binds that directory read-only and gets its own writable layer (see `root.py`).
+image binds that directory read-only and gets its own writable layer (see
+`aviato.runtime.oci_image_root`).
 
 Concurrency: the service's event loop is the only writer. `pull` is single-flight per image name
 (and each blob and each unpack per digest), so ten sandboxes created at once from an image not
@@ -53,7 +54,7 @@ import httpx
 from aviato import _private
 from aviato.images import beneath
 from aviato.images import credentials as creds_mod
-from aviato.images.config import ImageConfig
+from aviato.images.credentials import RegistryCredentials
 from aviato.images.egress import Egress
 from aviato.images.errors import (
     DigestMismatch,
@@ -62,10 +63,11 @@ from aviato.images.errors import (
     PullFailed,
     RegistryDenied,
 )
+from aviato.images.image_config import ImageConfig
 from aviato.images.limits import DiskLow, ImageTooLarge, PullBudget, PullLimits
 from aviato.images.manifest import choose_platform, parse_manifest
 from aviato.images.reference import ImageRef, InvalidReference, parse_reference
-from aviato.images.registry import (
+from aviato.images.registry_client import (
     INDEX_TYPES,
     MANIFEST_TYPES,
     Descriptor,
@@ -73,7 +75,6 @@ from aviato.images.registry import (
     shown,
 )
 from aviato.images.unpack import UnsafeLayer, apply_layer
-from aviato.runtime.base import RegistryCredentials
 
 __all__ = ["ImageInUse", "ImageStore", "PullProgress", "StoredImage"]
 

@@ -47,11 +47,7 @@ __all__ = [
     "Unsupported",
 ]
 
-
-class SandboxRuntimeError(Exception):
-    """Base of the runtime's errors. `code` is a grpc.StatusCode name such as "NOT_FOUND"."""
-
-    code = "INTERNAL"
+from aviato.coded_errors import SandboxRuntimeError as SandboxRuntimeError
 
 
 class FileNotFound(SandboxRuntimeError):

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from aviato.images.credentials import RegistryCredentials
+
 __all__ = [
     "DEFAULT_DISK_BYTES",
     "DEFAULT_MEMORY_BYTES",
@@ -33,18 +35,6 @@ DEFAULT_PIDS = 1024
 DEFAULT_DISK_BYTES = 1 << 30
 # The names of the limits a request may ask for (`SandboxConfig.asked_limits`).
 LIMIT_NAMES = ("cpu", "memory", "pids", "disk")
-
-
-@dataclass(frozen=True)
-class RegistryCredentials:
-    """How to log in to an image registry: a username and password, or a bearer token."""
-
-    username: str = ""
-    password: str = ""
-    token: str = ""
-
-    def __repr__(self) -> str:  # never print secrets in logs or tracebacks
-        return f"RegistryCredentials(username={self.username!r}, ...)"
 
 
 @dataclass(frozen=True)

@@ -266,10 +266,10 @@ def _build_placement(config: ServerConfig) -> Placement:
         return RayPlacement(config)
     if config.placement != "local":
         raise StartupError(f"--placement: {config.placement!r} is not available")
+    from aviato.runtime.bubblewrap import BubblewrapRuntime
     from aviato.runtime.cgroups import ParentLimits
-    from aviato.runtime.local import LocalRuntime
 
-    runtime = LocalRuntime(
+    runtime = BubblewrapRuntime(
         config.state_dir,
         max_sandboxes=config.max_sandboxes or 1_000_000,
         cgroup_parent=config.cgroup_parent,

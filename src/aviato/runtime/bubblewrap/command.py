@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from functools import cache
 
 from aviato.runtime.base import PathRefused, SandboxConfig, SandboxRuntimeError
-from aviato.runtime.images import SUPERVISOR_PATH, ImageRoot
+from aviato.runtime.image_roots import SUPERVISOR_PATH, ImageRoot
 from aviato.runtime.userns import PROTECTED_ID
 
 MIN_VERSION = (0, 10, 0)

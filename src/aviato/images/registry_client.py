@@ -40,6 +40,7 @@ from typing import Any
 
 import httpx
 
+from aviato.images.credentials import RegistryCredentials
 from aviato.images.egress import Egress, RegistryRefused
 from aviato.images.errors import (
     DigestMismatch,
@@ -48,7 +49,6 @@ from aviato.images.errors import (
     RegistryDenied,
 )
 from aviato.images.reference import ImageRef
-from aviato.runtime.base import RegistryCredentials
 
 __all__ = [
     "INDEX_TYPES",

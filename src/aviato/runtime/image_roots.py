@@ -5,7 +5,7 @@ sandbox's root, its default environment and working directory, and the rules for
 files may go. Images are pluggable (`register_image`); `host` is the only registered one.
 
 OCI images (`python:3.11`) are not registered names: the runtime finds them in its image store and
-builds their `ImageRoot` with `aviato.images.root.image_root` (docs/images.md).
+builds their `ImageRoot` with `aviato.runtime.oci_image_root.image_root` (docs/images.md).
 
 The `host` image is this machine's own system, read-only, with its secrets hidden:
 

@@ -10,7 +10,7 @@
 - `/dev` and `/proc` exactly as for `host` (bubblewrap's minimal /dev, masked /proc).
 - Environment: the image's `Env`, with `PATH` defaulting to the usual directories and `HOME`
   to the image user's home. Working directory: the image's `WorkingDir`, else `/workspace`.
-- `User`: the sandbox runs as that uid/gid inside its user namespace (see bwrap.py).
+- `User`: the sandbox runs as that uid/gid inside its user namespace (see bubblewrap/command.py).
 
 Writes into the image's read-only trees fail with EROFS; files that must change belong under
 `/workspace`, `/tmp` or `/root` (docs/images.md).
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from aviato.images.config import resolve_user
+from aviato.images.image_config import resolve_user
 from aviato.images.store import StoredImage
-from aviato.runtime.images import AVIATO_BIN, DEFAULT_WORKDIR, ImageRoot, proc_args
+from aviato.runtime.image_roots import AVIATO_BIN, DEFAULT_WORKDIR, ImageRoot, proc_args
 
 __all__ = ["image_root"]
 

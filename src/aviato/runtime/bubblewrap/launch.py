@@ -1,0 +1,230 @@
+"""Starting a sandbox's host processes: launcher -> bwrap -> supervisor, with the control
+socket, main log, exit file, seccomp filter and runtime log on the descriptors the supervisor
+expects (docs/internals/supervisor-protocol.md), and reaching its control socket afterwards.
+
+```
+service ──posix_spawn──► sh -c JOIN_SCRIPT            (cgroup v1: joins via `tasks`, see cgroups/)
+          └─exec─► aviato-supervisor --launch         (v2: joins via cgroup.procs; setsid)
+                            └─exec─► bwrap            (host-side monitor; stays until the end)
+                                       └─► /.aviato/supervisor   PID 1 of the sandbox
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aviato._private import DIR_MODE, MOUNTED_FILE_MODE, SANDBOX_BINARY_MODE, private_dir
+from aviato.runtime import seccomp
+from aviato.runtime.base import PathRefused, SandboxConfig, SandboxGone, SandboxRuntimeError
+from aviato.runtime.cgroups import SandboxCgroup
+from aviato.runtime.supervisor import SupervisorConnection
+
+# Where the inherited descriptors land in the launcher, bwrap and the supervisor.
+FD_CONTROL, FD_LOG, FD_EXIT, FD_SECCOMP = 3, 4, 5, 6
+SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the NUL
+# Where a root service's launcher shows bwrap the id-mapped state directory (in a mount
+# namespace of the launcher's own; on the host it stays an empty directory).
+STAGE_AT = "/run/aviato/stage"
+OOM_SCORE_ADJ = 500  # sandboxes go before the service when the whole host runs out of memory
+LAUNCH_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+# Joins the cgroups given as arguments up to "--" by writing "0" to their `tasks` files, then
+# executes the rest (the supervisor's launcher). Paths travel as arguments, never in the script.
+JOIN_SCRIPT = 'while [ "$1" != -- ]; do echo 0 > "$1" || exit 125; shift; done; shift; exec "$@"'
+# Dispositions reset to default in the launcher: an ignored signal (SIGPIPE in every Python
+# process, SIGINT/SIGQUIT for a service started in the background) would stay ignored in bwrap,
+# the supervisor and the sandbox's processes.
+SIGDEF = tuple(
+    sorted(
+        int(s)
+        for s in signal.valid_signals()
+        if int(s) < 32 and s not in (signal.SIGKILL, signal.SIGSTOP)
+    )
+)
+
+
+def inheritable_fds() -> list[int]:
+    """Descriptors >= 3 of this process without close-on-exec (ours never are; a parent's or a
+    library's may be). The spawn closes them so that they cannot leak into a sandbox."""
+    found: list[int] = []
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return found
+    for name in names:
+        fd = int(name)
+        if fd < 3:
+            continue
+        try:
+            if not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
+                found.append(fd)
+        except OSError:
+            pass  # the listdir's own fd, or one closed meanwhile
+    return found
+
+
+def launch_oom_adj() -> list[str]:
+    # Raising oom_score_adj needs no privilege, lowering needs CAP_SYS_RESOURCE.
+    try:
+        current = int(Path("/proc/self/oom_score_adj").read_text())
+    except (OSError, ValueError):
+        return []
+    return ["--oom-score-adj", str(OOM_SCORE_ADJ)] if current < OOM_SCORE_ADJ else []
+
+
+def write_mounted_files(directory: Path, config: SandboxConfig) -> list[tuple[str, str]]:
+    """Writes the config's mounted files into `directory/files/`; (sandbox path, host path) each."""
+    if not config.mounted_files:
+        return []
+    files_dir = directory / "files"
+    files_dir.mkdir(mode=DIR_MODE)
+    out: list[tuple[str, str]] = []
+    for index, (path, data) in enumerate(config.mounted_files):
+        host = files_dir / str(index)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(host, flags, MOUNTED_FILE_MODE)
+        try:
+            os.fchmod(fd, MOUNTED_FILE_MODE)  # whatever the umask
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        out.append((path, str(host)))
+    return out
+
+
+@dataclass(frozen=True)
+class Launcher:
+    """How this runtime starts a sandbox's host processes: `supervisor` (its `--launch` mode
+    joins the cgroups and, for a root service, the user namespace), the launcher's
+    `--oom-score-adj` option (`launch_oom_adj()`) and `sh` (joins v1 cgroups via `tasks`)."""
+
+    supervisor: str
+    oom_adj: list[str]
+    sh: str | None
+
+    def spawn(
+        self,
+        directory: Path,
+        argv: list[str],
+        cgroup: SandboxCgroup | None,
+        launch: list[str],
+    ) -> int:
+        """Starts launcher → bwrap → supervisor with fds 3-6 in place; returns the host pid.
+
+        `launch`: more options of the launcher (its user namespace)."""
+        opened: list[int] = []
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with short_path(directory / "ctl.sock") as path:
+                sock.bind(path)
+                os.chmod(path, 0o600)
+            sock.listen(64)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+            opened.append(os.open(directory / "main.log", flags | os.O_APPEND, 0o600))
+            opened.append(os.open(directory / "exit", flags | os.O_TRUNC, 0o600))
+            opened.append(seccomp.filter_fd())
+            opened.append(os.open(directory / "runtime.log", flags | os.O_APPEND, 0o600))
+            # Copies at fd >= 10 so that no dup2 below overwrites a source it still needs.
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (sock.fileno(), *opened)]
+            opened += high
+            ctl, main_log, exit_file, filt, err = high
+            actions: list[tuple[Any, ...]] = [
+                (os.POSIX_SPAWN_CLOSE, fd) for fd in inheritable_fds()
+            ]
+            actions += [
+                (os.POSIX_SPAWN_DUP2, ctl, FD_CONTROL),
+                (os.POSIX_SPAWN_DUP2, main_log, FD_LOG),
+                (os.POSIX_SPAWN_DUP2, exit_file, FD_EXIT),
+                (os.POSIX_SPAWN_DUP2, filt, FD_SECCOMP),
+                (os.POSIX_SPAWN_DUP2, err, 1),
+                (os.POSIX_SPAWN_DUP2, err, 2),
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            ]
+            program = self.supervisor
+            launcher = [self.supervisor, "--launch", *self.oom_adj]
+            if cgroup is not None and cgroup.thread_files and self.sh:
+                # v1: join by writing "0" to `tasks` from a shell that then becomes the launcher
+                # (see cgroups/: 12 ms less after an idle spell than joining via cgroup.procs).
+                launcher = [self.sh, "-c", JOIN_SCRIPT, "sh", *cgroup.thread_files, "--",
+                            *launcher]  # fmt: skip
+                program = self.sh
+            elif cgroup is not None:
+                for procs in cgroup.procs_files:
+                    launcher += ["--cgroup-procs", procs]
+            launcher += [*launch, "--", *argv]
+            try:
+                return os.posix_spawn(
+                    program,
+                    launcher,
+                    LAUNCH_ENV,
+                    file_actions=actions,
+                    setsigdef=SIGDEF,
+                    setsigmask=(),
+                )
+            except OSError as exc:
+                raise SandboxRuntimeError(f"cannot start {self.supervisor}: {exc}") from exc
+        finally:
+            sock.close()
+            for fd in opened:
+                os.close(fd)
+
+
+async def connect_supervisor(directory: Path, sid: str, wait: float) -> SupervisorConnection:
+    """Connects to the supervisor of the sandbox with state `directory` (its ctl.sock)."""
+    try:
+        with short_path(directory / "ctl.sock") as path:
+            return await SupervisorConnection.connect(path, wait)
+    except SandboxRuntimeError:
+        raise
+    except (TimeoutError, OSError, EOFError) as exc:
+        raise SandboxGone(f"sandbox {sid}: cannot reach its supervisor: {exc!r}") from exc
+
+
+def private_copy(binary: Path, directory: Path) -> str:
+    """A copy of `binary` in `directory` (made or refreshed when it differs); its path.
+
+    Sandboxes of a root service start as an unprivileged host uid that cannot search paths
+    private to host root (a venv under /root), so the supervisor they run is taken from the
+    state directory, which the launcher shows them id-mapped. A copy also keeps running
+    sandboxes' binary apart from an upgrade of the package.
+    """
+    data = binary.read_bytes()
+    target = directory / binary.name
+    with contextlib.suppress(OSError):
+        if target.read_bytes() == data:
+            return str(target)
+    private_dir(directory)
+    tmp = directory / f".{binary.name}.{os.getpid()}"
+    tmp.write_bytes(data)
+    os.chmod(tmp, SANDBOX_BINARY_MODE)
+    os.replace(tmp, target)
+    return str(target)
+
+
+@contextlib.contextmanager
+def short_path(path: Path) -> Any:
+    """`path` as a string usable as a unix socket address (sun_path holds 107 bytes).
+
+    Longer paths are reached through /proc/self/fd/N of their open directory.
+    """
+    text = str(path)
+    if len(text.encode()) <= SOCKET_PATH_MAX:
+        yield text
+        return
+    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        short = f"/proc/self/fd/{dirfd}/{path.name}"
+        if len(short) > SOCKET_PATH_MAX:
+            raise PathRefused(f"socket path {text} is too long")
+        yield short
+    finally:
+        os.close(dirfd)

@@ -1,0 +1,244 @@
+"""`BubblewrapSandbox`: the runtime's handle of one sandbox on this machine (exec, files, deadline,
+terminate and kill, how it ended), over its supervisor connection, its bwrap process and its
+cgroup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Protocol
+
+from aviato.runtime.base import (
+    CapacityExhausted,
+    ExecHandle,
+    ExecSpec,
+    FileInfo,
+    LimitsUnavailable,
+    LogRecord,
+    MainExit,
+    SandboxGone,
+    SandboxHandle,
+    SandboxRuntimeError,
+)
+from aviato.runtime.bubblewrap.exit_record import main_exit
+from aviato.runtime.bubblewrap.host_processes import ProcessWatch, kill_sandbox
+from aviato.runtime.bubblewrap.launch import connect_supervisor
+from aviato.runtime.cgroups import SandboxCgroup
+from aviato.runtime.logs import read_log
+from aviato.runtime.supervisor import SupervisorConnection
+from aviato.runtime.userns import IdRange
+
+
+class SandboxOwner(Protocol):
+    """What a sandbox handle needs of its runtime (`BubblewrapRuntime`)."""
+
+    @property
+    def supports_protected(self) -> bool: ...
+
+    def release_ids(self, sandbox_id: str, ids: IdRange | None) -> None: ...
+
+
+# A file written into a sandbox lands on its writable layer, a tmpfs whose pages count against
+# the sandbox's memory limit: an upload may use the memory the sandbox has left, less this much
+# (bytes still in flight to the supervisor, and room for its processes), and is refused beyond.
+UPLOAD_MEMORY_MARGIN = 16 << 20
+_UPLOAD_RECHECK_BYTES = 32 << 20
+
+
+async def _within_memory(
+    cgroup: SandboxCgroup, path: str, chunks: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    """`chunks`, ended with the disk-full error before they would run the sandbox's memory out.
+
+    With a disk as large as the memory (the defaults), a full disk means full memory, and the
+    kernel's answer to a tmpfs write beyond the memory limit is the OOM killer, which takes the
+    sandbox down, not ENOSPC. Memory is re-read once the known room is used up (or every
+    32 MiB); what the sandbox's own processes take meanwhile is theirs to answer for.
+    """
+    room: int | None = None
+    since = 0
+    async for chunk in chunks:
+        if room is None or room < len(chunk) or since >= _UPLOAD_RECHECK_BYTES:
+            headroom = cgroup.memory_headroom()
+            room = None if headroom is None else headroom - UPLOAD_MEMORY_MARGIN
+            since = 0
+            if room is not None and room < len(chunk):
+                raise CapacityExhausted(
+                    f"{path}: No space left on device: the sandbox's files are kept in its "
+                    "memory, and its memory limit is reached (ask for more memory, or less disk)"
+                )
+        if room is not None:
+            room -= len(chunk)
+        since += len(chunk)
+        yield chunk
+
+
+class BubblewrapSandbox(SandboxHandle):
+    """A running (or finished) sandbox on this node."""
+
+    def __init__(
+        self,
+        runtime: SandboxOwner,
+        sandbox_id: str,
+        directory: Path,
+        watch: ProcessWatch,
+        cgroup: SandboxCgroup | None,
+        conn: SupervisorConnection | None,
+        ids: IdRange | None = None,
+    ) -> None:
+        self.sandbox_id = sandbox_id
+        self._ids = ids
+        self._runtime = runtime
+        self._dir = directory
+        self._watch = watch
+        self._cgroup = cgroup
+        self._conn = conn
+        self._killed = False
+        self._exit: MainExit | None = None
+        self._closed = False
+        self._reconnect_lock = asyncio.Lock()
+
+    # --- facts ---
+
+    @property
+    def log_path(self) -> Path:
+        """This runtime's file of the main log (runtime/logs.py reads it)."""
+        return self._dir / "main.log"
+
+    def logs(
+        self, since_ns: int = 0, tail: int = -1, follow: bool = False
+    ) -> AsyncIterator[LogRecord]:
+        return read_log(self.log_path, since_ns, tail, follow, lambda: not self.running)
+
+    @property
+    def pid(self) -> int:
+        """Host pid of the sandbox's bwrap process."""
+        return self._watch.pid
+
+    @property
+    def cgroup(self) -> SandboxCgroup | None:
+        return self._cgroup
+
+    @property
+    def running(self) -> bool:
+        return not self._watch.done.done()
+
+    # --- the supervisor connection ---
+
+    async def _connection(self) -> SupervisorConnection:
+        if not self.running:
+            raise SandboxGone(f"sandbox {self.sandbox_id} has ended")
+        if self._closed:
+            raise SandboxGone(f"sandbox {self.sandbox_id}: the runtime was closed")
+        conn = self._conn
+        if conn is not None and not conn.is_closed:
+            return conn
+        async with self._reconnect_lock:
+            if self._conn is None or self._conn.is_closed:
+                self._conn = await connect_supervisor(self._dir, self.sandbox_id, 5.0)
+            return self._conn
+
+    async def exec(self, spec: ExecSpec) -> ExecHandle:
+        if spec.protected and not self._runtime.supports_protected:
+            raise LimitsUnavailable(
+                "protected commands need a sandbox with a user namespace and host uid range of "
+                "its own, which this node gives only when its aviato service runs as root"
+            )
+        if spec.tty and "TERM" not in spec.env:
+            spec = replace(spec, env={**spec.env, "TERM": "xterm-256color"})
+        conn = await self._connection()
+        handle = await conn.exec(spec)
+        if self._cgroup is not None:  # read once the EXEC is on its way: overlaps its start
+            handle.oom_probe = (self._cgroup.oom_kills, self._cgroup.oom_kills())
+        return handle
+
+    async def read_file(self, path: str) -> tuple[FileInfo, AsyncIterator[bytes]]:
+        conn = await self._connection()
+        return await conn.read_file(path)
+
+    async def write_file(
+        self, path: str, mode: int, make_parents: bool, chunks: AsyncIterator[bytes]
+    ) -> int:
+        conn = await self._connection()
+        if self._cgroup is not None:
+            chunks = _within_memory(self._cgroup, path, chunks)
+        return await conn.write_file(path, mode, make_parents, chunks)
+
+    async def set_deadline(self, at_ns: int, why: str, grace_seconds: float) -> None:
+        conn = await self._connection()
+        conn.set_deadline(at_ns, grace_seconds, why)
+
+    # --- ending ---
+
+    def _compute_exit(self) -> MainExit:
+        oom_kills = self._cgroup.oom_kills if self._cgroup is not None else None
+        return main_exit(self._dir, oom_kills, self._killed)
+
+    async def _ended(self) -> MainExit:
+        await asyncio.shield(self._watch.done)
+        if self._exit is None:
+            # bwrap is gone, so the pid namespace is empty; anything left in the cgroup escaped
+            # it (impossible by design) or was a half-started launcher: make sure.
+            if self._cgroup is not None and self._cgroup.pids():
+                await self._cgroup.kill_all()
+            self._exit = self._compute_exit()
+            if self._conn is not None:
+                await self._conn.close()
+            self._runtime.release_ids(self.sandbox_id, self._ids)
+            self._ids = None
+        return self._exit
+
+    async def wait_exit(self) -> MainExit:
+        return await self._ended()
+
+    async def terminate(self, grace_seconds: float) -> MainExit:
+        if not self.running:
+            return await self._ended()
+        with contextlib.suppress(SandboxRuntimeError, OSError, asyncio.TimeoutError):
+            async with asyncio.timeout(max(grace_seconds, 0.1)):
+                await self._send_terminate()
+        if grace_seconds > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._watch.done), grace_seconds)
+        if not self.running:
+            return await self._ended()
+        return await self.kill()
+
+    async def _send_terminate(self) -> None:
+        """TERMINATE, never queued behind data: when the shared connection still has stdin or
+        file bytes on their way, it goes over a connection of its own."""
+        conn = await self._connection()
+        if not conn.write_backlog:
+            await conn.terminate(signal.SIGTERM)
+            return
+        own = await connect_supervisor(self._dir, self.sandbox_id, 5.0)
+        try:
+            await own.terminate(signal.SIGTERM)
+        finally:
+            await own.close()  # after the frame went out
+
+    async def kill(self) -> MainExit:
+        if not self.running:
+            return await self._ended()
+        self._killed = True
+        await self._kill_processes()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._watch.done), 10.0)
+        except TimeoutError:
+            self._watch.send(signal.SIGKILL)
+            await asyncio.wait_for(asyncio.shield(self._watch.done), 5.0)
+        return await self._ended()
+
+    async def _kill_processes(self) -> None:
+        await kill_sandbox(self._watch, self._cgroup)
+
+    async def _close(self) -> None:
+        """Forgets the sandbox without stopping it (runtime shutdown)."""
+        self._closed = True
+        self._watch.detach()
+        if self._conn is not None:
+            await self._conn.close()

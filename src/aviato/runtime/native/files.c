@@ -1,0 +1,309 @@
+/* File transfers: READ_FILE (streamed within its output window) and WRITE_BEGIN..END (a
+ * temporary file renamed into place), with paths resolved inside the sandbox and never through
+ * a /proc magic link. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "supervisor.h"
+
+static struct { dev_t dev; ino_t ino; } g_own_files[8]; /* see is_own_file */
+static int g_own_count;
+
+struct rfile **rfile_find(struct conn *c, uint32_t id) {
+    struct rfile **pp = &c->reads;
+    while (*pp && (*pp)->id != id) pp = &(*pp)->next;
+    return pp;
+}
+
+struct wfile **wfile_find(struct conn *c, uint32_t id) {
+    struct wfile **pp = &c->writes;
+    while (*pp && (*pp)->id != id) pp = &(*pp)->next;
+    return pp;
+}
+
+int id_in_use(struct conn *c, uint32_t id) {
+    return exec_find(c, id) || *rfile_find(c, id) || *wfile_find(c, id);
+}
+
+/* Streams pending file reads into the output queue: each read while its window has room (the
+ * service credits what it consumed), all of them until the socket's queue is full. */
+void conn_pump_reads(struct conn *c) {
+    struct rfile **pp = &c->reads;
+    while (*pp && !c->throttled && !c->dead) {
+        struct rfile *f = *pp;
+        if (f->unacked >= OUT_WINDOW) { /* its reader is behind: serve the others */
+            pp = &f->next;
+            continue;
+        }
+        /* A sized file ends after its announced size (a snapshot even while it grows); an
+         * unsized one (procfs, sysfs) ends at EOF, and is refused when it produces more than
+         * UNSIZED_FILE_MAX (/proc/<pid>/pagemap would stream hundreds of GiB). A probe read
+         * after the cap tells the two apart (a whole chunk: pagemap reads must be multiples of
+         * 8 bytes). */
+        size_t want = FILE_CHUNK;
+        if (f->left < want) want = f->left ? (size_t)f->left : (f->sized ? 0 : FILE_CHUNK);
+        ssize_t n = 0;
+        uint8_t *p = NULL;
+        if (want) {
+            p = frame_begin(c, want);
+            n = read(f->fd, p, want);
+        }
+        if (n < 0 && errno == EINTR) continue;
+        if (n > 0 && !f->sized && f->left == 0) {
+            send_error(c, f->id, EINVAL, "the file reports no size and produces more than %u "
+                       "MiB: it cannot be read as a file", UNSIZED_FILE_MAX >> 20);
+        } else if (n > 0) {
+            f->left -= (uint64_t)n;
+            f->unacked += (uint64_t)n;
+            frame_end(c, F_FILE_DATA, f->id, (size_t)n);
+            conn_check_throttle(c);
+            continue;
+        } else if (n == 0) {
+            send_frame(c, F_FILE_END, f->id, NULL, 0);
+        } else {
+            send_error(c, f->id, errno, "read failed: %s", strerror(errno));
+        }
+        *pp = f->next;
+        close(f->fd);
+        free(f);
+    }
+}
+
+/* ---- resolving paths ---- */
+
+#ifndef SYS_openat2
+#define SYS_openat2 437
+#endif
+struct how2 { uint64_t flags, mode, resolve; }; /* struct open_how */
+#define NO_MAGICLINKS 0x02                      /* RESOLVE_NO_MAGICLINKS */
+static int g_no_openat2;
+
+/* Whether `fd` is one of the supervisor's own host-side files (see remember_own_files). */
+static int is_own_file(int fd) {
+    struct stat st;
+    if (fstat(fd, &st) < 0) return 0;
+    for (int i = 0; i < g_own_count; i++)
+        if (g_own_files[i].dev == st.st_dev && g_own_files[i].ino == st.st_ino) return 1;
+    return 0;
+}
+
+/* The regular files among the inherited descriptors (stdout/stderr: the runtime log; 4: main
+ * log; 5: exit file) are host files: what the fallback of open_resolved refuses. */
+void remember_own_files(void) {
+    for (int fd = 0; fd <= 5 && g_own_count < 8; fd++) {
+        struct stat st;
+        if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode))
+            g_own_files[g_own_count].dev = st.st_dev, g_own_files[g_own_count++].ino = st.st_ino;
+    }
+}
+
+/* openat() for the file API, which must never follow a /proc "magic link" (/proc/<pid>/fd/N,
+ * exe, cwd, root, ...): those are not paths but handles, and /proc/self/fd/4 or /proc/1/fd/4 is
+ * the supervisor's own descriptor of a host file, reachable by any symlink planted in the
+ * sandbox. openat2(RESOLVE_NO_MAGICLINKS) refuses them (ELOOP) at every step of the path; plain
+ * symlinks and /proc/self itself still work. Kernels without openat2 (before 5.6): the file
+ * opened is refused when it is one of our own files (ELOOP too). */
+static int open_resolved(int dirfd, const char *path, int flags) {
+    if (!g_no_openat2) {
+        struct how2 how = {.flags = (uint64_t)flags, .mode = 0, .resolve = NO_MAGICLINKS};
+        int fd = (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+        if (fd >= 0 || (errno != ENOSYS && errno != E2BIG)) return fd;
+        g_no_openat2 = 1;
+    }
+    int fd = openat(dirfd, path, flags);
+    if (fd >= 0 && is_own_file(fd)) {
+        close(fd);
+        errno = ELOOP;
+        return -1;
+    }
+    return fd;
+}
+
+static const char *path_error(int err) {
+    return err == ELOOP ? "too many levels of symbolic links, or a link through /proc/<pid>/fd, "
+                          "exe, cwd or root (file transfers do not follow those)"
+                        : strerror(err);
+}
+
+/* Filesystems whose st_size says nothing about what a read returns (procfs: 0; sysfs: 4096). */
+static int size_is_meaningless(int fd) {
+    struct statfs sf;
+    if (fstatfs(fd, &sf) < 0) return 0;
+    switch ((unsigned long)sf.f_type) {
+    case 0x9fa0:     /* procfs */
+    case 0x62656572: /* sysfs */
+    case 0x64626720: /* debugfs */
+    case 0x74726163: /* tracefs */
+    case 0x73636673: /* securityfs */
+    case 0x27e0eb:   /* cgroup */
+    case 0x63677270: /* cgroup2 */
+    case 0x62656570: /* configfs */
+        return 1;
+    }
+    return 0;
+}
+
+/* READ_FILE: str path → FILE_INFO, FILE_DATA..., FILE_END (or ERROR). */
+void do_read_file(struct conn *c, uint32_t id, struct rd *r) {
+    int nul = 0;
+    char *path = rd_str(r, &nul);
+    if (r->bad) {
+        c->dead = -1;
+        return;
+    }
+    struct stat st;
+    int fd = -1;
+    if (id_in_use(c, id)) {
+        send_error(c, id, EEXIST, "id %u is already in use", id);
+    } else if (nul || !path[0]) {
+        send_error(c, id, EINVAL, "invalid path");
+    } else if ((fd = open_resolved(AT_FDCWD, path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK)) <
+                   0 ||
+               fstat(fd, &st) < 0) {
+        send_error(c, id, errno, "%s: %s", path, path_error(errno));
+    } else if (S_ISDIR(st.st_mode)) {
+        send_error(c, id, EISDIR, "%s: is a directory", path);
+    } else if (!S_ISREG(st.st_mode)) {
+        send_error(c, id, EINVAL, "%s: not a regular file", path);
+    } else {
+        off_t size = size_is_meaningless(fd) ? 0 : st.st_size;
+        uint8_t info[FILE_INFO_SIZE];
+        put64(info, (uint64_t)size);
+        put32(info + 8, st.st_mode & 07777);
+        send_frame(c, F_FILE_INFO, id, info, sizeof info);
+        struct rfile *f = xrealloc(NULL, sizeof *f);
+        *f = (struct rfile){.id = id, .fd = fd, .next = NULL, .sized = size > 0,
+                            .left = size > 0 ? (uint64_t)size : UNSIZED_FILE_MAX};
+        *rfile_find(c, id) = f; /* append */
+        fd = -1;
+        conn_pump_reads(c);
+    }
+    if (fd >= 0) close(fd);
+    free(path);
+}
+
+/* mkdir -p */
+static int make_dirs(const char *dir) {
+    char p[PATH_MAX];
+    size_t n = strlen(dir);
+    if (n >= sizeof p) return errno = ENAMETOOLONG, -1;
+    memcpy(p, dir, n + 1);
+    for (size_t i = 1; i <= n; i++) {
+        if (p[i] != '/' && p[i] != '\0') continue;
+        char saved = p[i];
+        p[i] = '\0';
+        if (mkdir(p, 0755) < 0 && errno != EEXIST) return -1;
+        p[i] = saved;
+    }
+    return 0;
+}
+
+void wfile_drop(struct conn *c, struct wfile **pp, int keep_tmp) {
+    struct wfile *f = *pp;
+    *pp = f->next;
+    if (f->fd >= 0) close(f->fd);
+    if (!keep_tmp) unlinkat(f->dirfd, f->tmp, 0);
+    close(f->dirfd);
+    free(f->path), free(f->base), free(f->tmp), free(f);
+    (void)c;
+}
+
+/* A new temporary file `.aviato-tmp-XXXXXX` in `dirfd` (mode 0600, never following a link). */
+static int tmp_create(int dirfd, char **name) {
+    static const char abc[] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    static uint64_t counter;
+    for (int attempt = 0; attempt < 100; attempt++) {
+        uint64_t v = now_real() ^ ((uint64_t)getpid() << 40) ^ (++counter * 0x9e3779b97f4a7c15ull);
+        char s[] = ".aviato-tmp-XXXXXX";
+        for (int i = 12; i < 18; i++) s[i] = abc[v % 62], v /= 62;
+        int fd = openat(dirfd, s, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+        if (fd >= 0) {
+            *name = strdup(s);
+            return fd;
+        }
+        if (errno != EEXIST) return -1;
+    }
+    errno = EEXIST;
+    return -1;
+}
+
+/* WRITE_BEGIN: u32 mode | u32 flags | str path. A temporary file next to the target, in the
+ * target's directory opened once (without magic links); the rename happens in that directory. */
+void do_write_begin(struct conn *c, uint32_t id, struct rd *r) {
+    int nul = 0;
+    uint32_t mode = rd_u32(r), flags = rd_u32(r);
+    char *path = rd_str(r, &nul);
+    if (r->bad) {
+        c->dead = -1;
+        return;
+    }
+    struct stat st;
+    size_t n = strlen(path);
+    char *slash = strrchr(path, '/');
+    char *dir = slash == path ? strdup("/") : slash ? strndup(path, (size_t)(slash - path))
+                                                    : strdup(".");
+    const char *base = slash ? slash + 1 : path;
+    char *tmp = NULL;
+    int fd = -1, dirfd = -1;
+    if (id_in_use(c, id)) {
+        send_error(c, id, EEXIST, "id %u is already in use", id);
+    } else if (nul || n == 0) {
+        send_error(c, id, EINVAL, "invalid path");
+    } else if (path[n - 1] == '/' || (stat(path, &st) == 0 && S_ISDIR(st.st_mode))) {
+        send_error(c, id, EISDIR, "%s: is a directory", path);
+    } else if ((flags & WRITE_MAKE_PARENTS) && make_dirs(dir) < 0) {
+        send_error(c, id, errno, "cannot create %s: %s", dir, strerror(errno));
+    } else if ((dirfd = open_resolved(AT_FDCWD, dir, O_PATH | O_DIRECTORY | O_CLOEXEC)) < 0) {
+        send_error(c, id, errno, "%s: %s", path, path_error(errno));
+    } else if ((fd = tmp_create(dirfd, &tmp)) < 0) {
+        send_error(c, id, errno, "%s: %s", path, strerror(errno));
+    } else if (fchmod(fd, mode & 07777) < 0) {
+        send_error(c, id, errno, "%s: %s", path, strerror(errno));
+        close(fd), unlinkat(dirfd, tmp, 0);
+    } else {
+        struct wfile *f = xrealloc(NULL, sizeof *f);
+        *f = (struct wfile){.id = id, .fd = fd, .dirfd = dirfd, .path = path,
+                            .base = strdup(base), .tmp = tmp, .next = c->writes};
+        c->writes = f;
+        path = tmp = NULL;
+        dirfd = -1;
+    }
+    if (dirfd >= 0) close(dirfd);
+    free(path), free(dir), free(tmp);
+}
+
+void do_write_data(struct conn *c, uint32_t id, const uint8_t *p, size_t n) {
+    struct wfile **pp = wfile_find(c, id);
+    if (!*pp) return;
+    if (write_all((*pp)->fd, p, n) < 0) {
+        send_error(c, id, errno, "%s: %s", (*pp)->path, strerror(errno));
+        wfile_drop(c, pp, 0);
+        return;
+    }
+    (*pp)->written += n;
+}
+
+void do_write_end(struct conn *c, uint32_t id) {
+    struct wfile **pp = wfile_find(c, id), *f = *pp;
+    if (!f) return;
+    int rc = close(f->fd);
+    f->fd = -1;
+    if (rc < 0 || renameat(f->dirfd, f->tmp, f->dirfd, f->base) < 0) {
+        send_error(c, id, errno, "%s: %s", f->path, strerror(errno));
+        wfile_drop(c, pp, 0);
+        return;
+    }
+    uint8_t v[8];
+    put64(v, f->written);
+    send_frame(c, F_WRITE_OK, id, v, 8);
+    wfile_drop(c, pp, 1);
+}

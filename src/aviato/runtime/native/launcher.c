@@ -1,0 +1,66 @@
+/* `--launch` (docs/internals/supervisor-protocol.md, "Command line"): runs on the host before
+ * bubblewrap, joins the sandbox's cgroups, sets oom_score_adj, starts a new session and, for a
+ * sandbox with a user namespace of its own, enters it (privileges.c); then executes PROG. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "supervisor.h"
+
+/* ---- Launcher mode (host side, before bubblewrap) -------------------------------------- */
+
+int launch(int argc, char **argv) {
+    int i = 2;
+    unsigned long ns_base = 0, ns_count = 0;
+    char *stage_from = NULL, *stage_at = NULL;
+    for (; i < argc && strcmp(argv[i], "--"); i++) {
+        if (!strcmp(argv[i], "--userns") && i + 1 < argc) {
+            char *end;
+            ns_base = strtoul(argv[++i], &end, 10);
+            if (*end != ':' || !(ns_count = strtoul(end + 1, &end, 10)) || *end)
+                die("--userns: expected BASE:COUNT, got '%s'", argv[i]);
+            continue;
+        }
+        if (!strcmp(argv[i], "--stage") && i + 1 < argc) {
+            stage_from = argv[++i];
+            char *colon = strrchr(stage_from, ':');
+            if (!colon || colon == stage_from || !colon[1])
+                die("--stage: expected FROM:AT, got '%s'", stage_from);
+            *colon = 0, stage_at = colon + 1;
+            continue;
+        }
+        if (!strcmp(argv[i], "--cgroup-procs") && i + 1 < argc) {
+            if (write_number_file(argv[++i], (long)getpid()) < 0)
+                die("cannot join cgroup via %s: %s", argv[i], strerror(errno));
+        } else if (!strcmp(argv[i], "--oom-score-adj") && i + 1 < argc) {
+            char *end;
+            long v = strtol(argv[++i], &end, 10);
+            if (*end || write_number_file("/proc/self/oom_score_adj", v) < 0)
+                die("cannot set oom_score_adj to %s: %s", argv[i], strerror(errno));
+        } else {
+            die("--launch: unknown or incomplete option '%s'", argv[i]);
+        }
+    }
+    if (i + 1 >= argc) die("--launch: missing '-- PROG ARGS...'");
+    setsid(); /* EPERM if already a group leader: fine */
+    char **prog = argv + i + 1;
+    if (ns_count) {
+        /* The program is opened now: as the namespace's root, host paths that only host root
+         * may search (a venv under /root) are out of reach. */
+        int fd = open(prog[0], O_PATH | O_CLOEXEC);
+        if (fd < 0) die("cannot open %s: %s", prog[0], strerror(errno));
+        if (priv_enter_userns(ns_base, ns_count, stage_from, stage_at) < 0) return 125;
+        syscall(SYS_execveat, fd, "", prog, environ, AT_EMPTY_PATH);
+        fprintf(stderr, "aviato-supervisor: cannot execute %s: %s\n", prog[0], strerror(errno));
+        return 127;
+    }
+    if (strchr(prog[0], '/')) execv(prog[0], prog);
+    else execvp(prog[0], prog);
+    fprintf(stderr, "aviato-supervisor: cannot execute %s: %s\n", prog[0], strerror(errno));
+    return 127;
+}

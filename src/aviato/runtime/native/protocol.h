@@ -1,0 +1,80 @@
+/*
+ * The supervisor protocol's numbers: frame layout, frame types, flags and limits
+ * (docs/internals/supervisor-protocol.md). This file is their single source: the service's
+ * side, src/aviato/runtime/supervisor/frames.py, holds the same names with the same values,
+ * and tests/runtime/test_protocol_agreement.py parses this file and fails when the two differ.
+ *
+ * Keep to the two forms that test reads: `#define NAME <integer expression>` and, inside an
+ * enum, `NAME = <integer expression>,` (every member with its value written out). Internal
+ * numbers of the supervisor that the service never sees belong in supervisor.h instead.
+ */
+#ifndef AVIATO_PROTOCOL_H
+#define AVIATO_PROTOCOL_H
+
+/* HELLO's version; the service refuses a supervisor that speaks another. */
+#define PROTOCOL_VERSION 2
+
+/* Every frame: u32 length (of what follows it) | u8 type | u32 id | payload. Little endian. */
+#define HDR 9                          /* bytes before the payload */
+#define MAX_FRAME (1024 * 1024 + 64)   /* largest allowed value of the length field */
+
+/* Flow control (per id). */
+#define OUT_WINDOW (2u << 20)          /* output of one exec/read the service has not credited */
+#define STDIN_WINDOW (1u << 20)        /* stdin of one exec the service may have unacknowledged */
+#define PIPE_CHUNK (64 * 1024)         /* one read of a command pipe = one STDOUT/STDERR frame */
+#define FILE_CHUNK (256 * 1024)        /* FILE_DATA size */
+#define DRAIN_MAX (4u << 20)           /* at most this much is drained from pipes at linger end */
+#define UNSIZED_FILE_MAX (16u << 20)   /* cap on a read of a file whose st_size is 0 */
+
+/* The main log (fd 4): records of u64 time_ns | u8 stream | u32 length | data. */
+#define LOG_HDR 13                     /* bytes before a record's data */
+#define LOG_LIMIT (64ull << 20)        /* main log size limit */
+enum { LOG_STDOUT = 1, LOG_STDERR = 2 };
+
+/* Frame types, service -> supervisor. */
+enum {
+    F_EXEC = 1,
+    F_STDIN = 2,
+    F_STDIN_EOF = 3,
+    F_RESIZE = 4,
+    F_SIGNAL = 5,
+    F_READ_FILE = 6,
+    F_WRITE_BEGIN = 7,
+    F_WRITE_DATA = 8,
+    F_WRITE_END = 9,
+    F_WRITE_ABORT = 10,                /* ABORT: drops a write or stops a read */
+    F_PING = 11,
+    F_TERMINATE = 12,
+    F_CREDIT = 13,
+    F_DEADLINE = 14,
+    F_KILL = 15,
+};
+
+/* Frame types, supervisor -> service. */
+enum {
+    F_HELLO = 64,
+    F_STARTED = 65,
+    F_STDOUT = 66,
+    F_STDERR = 67,
+    F_EXIT = 68,
+    F_ERROR = 69,
+    F_FILE_INFO = 70,
+    F_FILE_DATA = 71,
+    F_FILE_END = 72,
+    F_WRITE_OK = 73,
+    F_PONG = 74,
+    F_STDIN_ACK = 75,
+};
+
+/* EXEC's flags. */
+enum { EXEC_STDIN = 1, EXEC_TTY = 2, EXEC_PROTECTED = 4 };
+
+/* WRITE_BEGIN's flags. */
+enum { WRITE_MAKE_PARENTS = 1 };
+
+/* Payload sizes of the fixed-size frames. */
+#define EXIT_SIZE 41                   /* i32 code | i32 signal | u8 timed_out | 4 x u64 */
+#define FILE_INFO_SIZE 12              /* u64 size | u32 mode */
+#define HELLO_SIZE 8                   /* u32 version | u32 pid */
+
+#endif
