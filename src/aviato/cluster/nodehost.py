@@ -5,8 +5,8 @@ The control plane starts one per node (see `placement.py` for the actor options:
 wraps a `BubblewrapRuntime` whose state lives in `<node state dir>/<node id>`; calls name
 sandboxes by id, and the host keeps their handles. Arguments and results of the runtime's model
 travel as `aviato.node.v1` messages serialized to bytes (codec.py), never as pickled Python
-objects, so that the protocol is versioned: `start` reports its version and the control plane refuses a
-node host of another. Exec and files normally travel over the host's direct gRPC channel
+objects, so that the protocol is versioned: `start` reports its version and the control plane
+refuses a node host of another. Exec and files normally travel over the host's direct gRPC channel
 (`execwire.py`); the streaming methods here (exec, read_file, logs, pull_image: async
 generators the control plane calls with `num_returns="streaming"`) serve the main log and image
 pulls always, and exec and files when that channel could not start.
