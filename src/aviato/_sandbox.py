@@ -11,25 +11,26 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import functools
 import logging
 import math
 import os
 import shlex
 import time
-import uuid
 from collections.abc import Generator, Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self, Unpack
 
 from aviato import _defaults, _files
 from aviato._bridge import await_concurrent as _await_concurrent
 from aviato._bridge import get_bridge
 from aviato._client import Client, get_client
-from aviato._credentials import ImagePullCredentials, coerce_pull_credentials
-from aviato._defaults import DEFAULT_GRACEFUL_SHUTDOWN_SECONDS, NetworkOptions, SandboxDefaults
+from aviato._defaults import DEFAULT_GRACEFUL_SHUTDOWN_SECONDS, SandboxDefaults
 from aviato._files import FileStream
-from aviato._refs import ExecState, OperationRef, Process
+from aviato._operation import OperationRef
+from aviato._options import RunOptions, SandboxArgs, resolve
+from aviato._process import ExecState, Process
 from aviato._status import SandboxStatus
 from aviato.exceptions import (
     SandboxError,
@@ -38,12 +39,26 @@ from aviato.exceptions import (
     SandboxNotRunningError,
     SandboxTerminatedError,
     SandboxTimeoutError,
-    SandboxValidationError,
 )
 from aviato.v1 import sandbox_pb2 as pb
 
 if TYPE_CHECKING:
     from aviato._session import Session
+
+
+class SandboxOwner(Protocol):
+    """What a sandbox needs from the `Session` that owns it: its lease, a check that it is
+    still open, and being told when the sandbox was created and when it ended."""
+
+    _lease_id: str
+    _lease_ttl: float
+
+    def _check_open(self) -> None: ...
+
+    def _on_sandbox_created(self, sandbox: Sandbox) -> None: ...
+
+    def _forget(self, sandbox: Sandbox) -> None: ...
+
 
 __all__ = ["Sandbox"]
 
@@ -111,74 +126,18 @@ class Sandbox:
     def __init__(
         self,
         *,
-        command: str | None = None,
-        args: Sequence[str] | None = None,
         defaults: SandboxDefaults | None = None,
-        container_image: str | None = None,
-        tags: Sequence[str] | None = None,
-        base_url: str | None = None,
-        request_timeout_seconds: float | None = None,
-        max_lifetime_seconds: float | None = None,
-        resources: Mapping[str, str | int | float] | None = None,
-        mounted_files: Sequence[Mapping[str, Any]] | None = None,
-        network: NetworkOptions | Mapping[str, Any] | None = None,
-        environment_variables: Mapping[str, str] | None = None,
-        working_dir: str | None = None,
-        image_command: bool | None = None,
-        image_pull_credentials: ImagePullCredentials | Mapping[str, str] | None = None,
-        node_selector: Mapping[str, str] | None = None,
-        _session: Session | None = None,
+        _session: SandboxOwner | None = None,
+        **options: Unpack[SandboxArgs],
     ) -> None:
         d = defaults or SandboxDefaults()
         self._defaults = d
-        if image_command is not None and not isinstance(image_command, bool):
-            raise TypeError(f"image_command must be True, False or None, not {image_command!r}")
-        if image_command and command:
-            raise SandboxValidationError(
-                "image_command=True runs the image's Entrypoint + Cmd: give it or a command, "
-                f"not both (command={command!r})"
-            )
-        # the call's own choice of main process wins over the defaults' (command or image's)
-        if image_command is not None:
-            use_image_command = image_command
-        else:
-            use_image_command = d.image_command and not command
-        self._pull_credentials = (
-            coerce_pull_credentials(image_pull_credentials) or d.image_pull_credentials
-        )
-        cmd = command or (None if use_image_command else d.command)
-        if cmd:
-            argv = [cmd, *(list(args) if args is not None else list(d.args))]
-        else:
-            if args:
-                raise ValueError("args given without a command")
-            argv = []
-        net = _defaults.coerce_network(network) or d.network
-        wd = working_dir or d.working_dir
-        if wd is not None and not wd.startswith("/"):
-            raise ValueError(f"working_dir must be an absolute path: {wd!r}")
-        lifetime = (
-            max_lifetime_seconds if max_lifetime_seconds is not None else d.max_lifetime_seconds
-        )
-        spec = pb.SandboxSpec(
-            image=_defaults.resolve_image(container_image, d),
-            command=argv,
-            env=d.merge_environment_variables(environment_variables),
-            working_dir=wd or "",
-            tags=d.merge_tags(tags),
-            max_lifetime_seconds=float(lifetime or 0.0),
-            mounted_files=_defaults.mounted_files_to_proto(mounted_files),
-            network=net.to_spec_network() if net is not None else "none",
-            image_command=use_image_command,
-            node_selector=d.merge_node_selector(node_selector),
-        )
-        res = _defaults.resources_to_proto(resources if resources is not None else d.resources)
-        if res is not None:
-            spec.resources.CopyFrom(res)
-        self._spec = spec
-        self._base_url = _defaults.resolve_base_url(base_url, d)
-        self._request_timeout = float(request_timeout_seconds or d.request_timeout_seconds)
-        self._request_id = str(uuid.uuid4())
+        resolved = resolve(options, d)
+        self._spec = resolved.spec
+        self._pull_credentials = resolved.pull_credentials  # sent with the create, never kept
+        self._base_url = resolved.base_url
+        self._request_timeout = resolved.request_timeout_seconds
+        self._request_id = resolved.request_id
         self._session = _session
         # lifecycle state (changed only on the loop thread)
         self._sandbox_id: str | None = None
@@ -198,19 +157,7 @@ class Sandbox:
         cls,
         *command: str,
         defaults: SandboxDefaults | None = None,
-        container_image: str | None = None,
-        tags: Sequence[str] | None = None,
-        base_url: str | None = None,
-        request_timeout_seconds: float | None = None,
-        max_lifetime_seconds: float | None = None,
-        resources: Mapping[str, str | int | float] | None = None,
-        mounted_files: Sequence[Mapping[str, Any]] | None = None,
-        network: NetworkOptions | Mapping[str, Any] | None = None,
-        environment_variables: Mapping[str, str] | None = None,
-        working_dir: str | None = None,
-        image_command: bool | None = None,
-        image_pull_credentials: ImagePullCredentials | Mapping[str, str] | None = None,
-        node_selector: Mapping[str, str] | None = None,
+        **options: Unpack[RunOptions],
     ) -> Sandbox:
         """Creates and starts a sandbox; returns once the service accepted it (PENDING or later).
 
@@ -224,19 +171,7 @@ class Sandbox:
             command=command[0] if command else None,
             args=list(command[1:]) if command else None,
             defaults=defaults,
-            container_image=container_image,
-            tags=tags,
-            base_url=base_url,
-            request_timeout_seconds=request_timeout_seconds,
-            max_lifetime_seconds=max_lifetime_seconds,
-            resources=resources,
-            mounted_files=mounted_files,
-            network=network,
-            environment_variables=environment_variables,
-            working_dir=working_dir,
-            image_command=image_command,
-            image_pull_credentials=image_pull_credentials,
-            node_selector=node_selector,
+            **options,
         )
         sandbox.start().result()
         return sandbox
@@ -410,8 +345,10 @@ class Sandbox:
         if session is not None:
             request.lease_id = session._lease_id
             request.lease_ttl_seconds = session._lease_ttl
-        record = await client.unary(
-            "CreateSandbox", request, rpc_timeout=self._request_timeout, op="create sandbox"
+        # safe to repeat: the request id makes a retried create return the first sandbox
+        record = await client.with_retry(
+            lambda: client.transport.create_sandbox(request, call_timeout=self._request_timeout),
+            op="create sandbox",
         )
         self._apply(record)
         if session is not None:
@@ -502,16 +439,14 @@ class Sandbox:
                     sandbox_id=sandbox_id,
                 )
             slice_ = min(remaining, _WAIT_SLICE_SECONDS)
-            record = await client.unary(
-                "WaitSandbox",
-                pb.WaitSandboxRequest(
-                    sandbox_id=sandbox_id,
-                    condition=condition,
-                    timeout_seconds=slice_,
+            request = pb.WaitSandboxRequest(
+                sandbox_id=sandbox_id, condition=condition, timeout_seconds=slice_
+            )
+            record = await client.with_retry(
+                functools.partial(
+                    client.transport.wait_sandbox, request, call_timeout=slice_ + 30.0
                 ),
-                rpc_timeout=slice_ + 30.0,
                 op="wait",
-                sandbox_id=sandbox_id,
             )
             self._apply(record)
 
@@ -536,12 +471,9 @@ class Sandbox:
             await self._ensure_started()
         sandbox_id = self._require_id()
         client = await self._client()
-        record = await client.unary(
-            "GetSandbox",
-            pb.GetSandboxRequest(sandbox_id=sandbox_id),
-            rpc_timeout=self._request_timeout,
+        record = await client.with_retry(
+            lambda: client.transport.get_sandbox(sandbox_id, call_timeout=self._request_timeout),
             op="get sandbox",
-            sandbox_id=sandbox_id,
         )
         self._apply(record)
         assert self._status is not None
@@ -600,12 +532,11 @@ class Sandbox:
                 return
             sandbox_id = self._require_id()
             client = await self._client()
-            record = await client.unary(
-                "StopSandbox",
-                pb.StopSandboxRequest(sandbox_id=sandbox_id, grace_seconds=grace or 0.001),
-                rpc_timeout=grace + 60.0,
+            record = await client.with_retry(
+                lambda: client.transport.stop_sandbox(
+                    sandbox_id, grace or 0.001, call_timeout=grace + 60.0
+                ),
                 op="stop sandbox",
-                sandbox_id=sandbox_id,
             )
             self._apply(record)
             if not (self._status and self._status.is_terminal):
@@ -741,7 +672,7 @@ class Sandbox:
             await self._ensure_started()
             init.sandbox_id = self._require_id()
             client = await self._client()
-            return await state.drive(client, init, check=check)
+            return await state.drive(client.transport, init, check=check)
         except BaseException as err:
             state.finish(
                 err if isinstance(err, Exception) else SandboxError("the command was cancelled")
@@ -859,7 +790,8 @@ class Sandbox:
     ) -> None:
         await self._ensure_started()
         client = await self._client()
-        await client.write_file(
+        await _files.write_whole(
+            client,
             self._require_id(),
             filepath,
             data,
@@ -910,13 +842,13 @@ class Sandbox:
         if status is not None:
             request.statuses.append(status.to_proto())  # type: ignore[arg-type]
         found: builtins.list[Sandbox] = []
+        fetch = functools.partial(
+            client.transport.list_sandboxes,
+            request,
+            call_timeout=timeout_s or _defaults.DEFAULT_REQUEST_TIMEOUT_SECONDS,
+        )
         while True:
-            response = await client.unary(
-                "ListSandboxes",
-                request,
-                rpc_timeout=timeout_s or _defaults.DEFAULT_REQUEST_TIMEOUT_SECONDS,
-                op="list sandboxes",
-            )
+            response = await client.with_retry(fetch, op="list sandboxes")
             found.extend(cls._from_record(r, url, timeout_s) for r in response.sandboxes)
             if not response.next_page_token:
                 return found
@@ -939,12 +871,9 @@ class Sandbox:
     ) -> Sandbox:
         url = _defaults.resolve_base_url(base_url, None)
         client = await get_client(url)
-        record = await client.unary(
-            "GetSandbox",
-            pb.GetSandboxRequest(sandbox_id=sandbox_id),
-            rpc_timeout=timeout_s or _defaults.DEFAULT_REQUEST_TIMEOUT_SECONDS,
-            op="get sandbox",
-            sandbox_id=sandbox_id,
+        timeout = timeout_s or _defaults.DEFAULT_REQUEST_TIMEOUT_SECONDS
+        record = await client.with_retry(
+            lambda: client.transport.get_sandbox(sandbox_id, call_timeout=timeout), op="get sandbox"
         )
         return cls._from_record(record, url, timeout_s)
 
@@ -968,10 +897,8 @@ class Sandbox:
     ) -> None:
         client = await get_client(_defaults.resolve_base_url(base_url, None))
         with contextlib.suppress(SandboxNotFoundError) if missing_ok else contextlib.nullcontext():
-            await client.unary(
-                "DeleteSandbox",
-                pb.DeleteSandboxRequest(sandbox_id=sandbox_id),
-                rpc_timeout=timeout_s or _defaults.DEFAULT_REQUEST_TIMEOUT_SECONDS,
+            timeout = timeout_s or _defaults.DEFAULT_REQUEST_TIMEOUT_SECONDS
+            await client.with_retry(
+                lambda: client.transport.delete_sandbox(sandbox_id, call_timeout=timeout),
                 op="delete sandbox",
-                sandbox_id=sandbox_id,
             )

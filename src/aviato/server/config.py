@@ -97,8 +97,6 @@ def host_memory_bytes() -> int:
     return _meminfo_bytes("MemTotal") or 0
 
 
-
-
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything `app.serve` needs. Paths are absolute.
