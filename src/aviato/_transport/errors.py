@@ -80,10 +80,8 @@ _FILE_CODES = frozenset(
     }
 )
 _FILE_REASONS = frozenset({epb.FILE_NOT_FOUND, epb.PATH_INVALID, epb.FILE_PERMISSION_DENIED})
-# Reasons that say the failure is the sandbox's, not the file's.
-_SANDBOX_REASONS = frozenset(
-    {epb.SANDBOX_NOT_FOUND, epb.SANDBOX_NOT_RUNNING, epb.SANDBOX_TERMINATED}
-)
+# In a file operation, every problem is reported as the file's (as before the details existed),
+# except a sandbox that does not exist.
 
 
 def code_name(code: str | int) -> str:
@@ -115,7 +113,7 @@ def from_status(
     what = f"{op} failed: {text}"
 
     about_file = reason in _FILE_REASONS or (
-        filepath is not None and name in _FILE_CODES and reason not in _SANDBOX_REASONS
+        filepath is not None and name in _FILE_CODES and reason != epb.SANDBOX_NOT_FOUND
     )
     if about_file:
         path = (detail.path if detail is not None else "") or filepath
