@@ -1,8 +1,9 @@
 """The gRPC servicer of aviato.v1.SandboxService: validate, call the lifecycle, translate errors.
 
-Error translation happens here and only here: `errors.ServiceError` and
-`runtime.base.SandboxRuntimeError` carry a grpc status code name; anything else is a bug, logged
-with its traceback and reported as INTERNAL. No request can crash the service.
+Errors are translated by `errors.abort` / `errors.error_frame` (status code, message and
+ErrorDetail): `errors.ServiceError` and `runtime.base.SandboxRuntimeError` carry a status code
+name; anything else is a bug, logged with its traceback and reported as INTERNAL. No request can
+crash the service.
 
 Exec reports every failure after the first frame as an `ExecError` frame (so that a stream always
 ends with exactly one exit or error frame); only a missing or invalid credential ends it with a
@@ -36,7 +37,7 @@ from aviato.runtime.base import (
     ExecSpec,
     SandboxRuntimeError,
 )
-from aviato.server import validation
+from aviato.server import errors, validation
 from aviato.server.auth import LOCAL_OWNER, Authenticator
 from aviato.server.config import ServerConfig
 from aviato.server.errors import InvalidArgument, ServiceError
@@ -44,6 +45,7 @@ from aviato.server.lifecycle import Lifecycle
 from aviato.server.placement import Placement
 from aviato.server.registry import SandboxRecord
 from aviato.server.streams import Resumable, drain_upload
+from aviato.v1 import errors_pb2 as epb
 from aviato.v1 import sandbox_pb2 as pb
 
 __all__ = ["SandboxServicer", "parse_log_records", "sandbox_message"]
@@ -63,16 +65,6 @@ _STARTED = pb.ExecResponse(started=pb.ExecStarted())
 # What a started command fails with when its sandbox goes away under it (see `_cut_off`).
 _CUT_OFF_CODES = frozenset({"UNAVAILABLE", "FAILED_PRECONDITION"})
 _R = TypeVar("_R")
-
-
-def _status(code: str) -> grpc.StatusCode:
-    status: grpc.StatusCode = getattr(grpc.StatusCode, code, grpc.StatusCode.INTERNAL)
-    return status
-
-
-def _numeric_code(code: str) -> int:
-    value = _status(code).value
-    return int(value[0])
 
 
 def _version() -> str:
@@ -184,10 +176,6 @@ def _exit_frame(event: ExecExit) -> pb.ExecResponse:
     )
 
 
-def _error_frame(code: str, message: str) -> pb.ExecResponse:
-    return pb.ExecResponse(error=pb.ExecError(code=_numeric_code(code), message=message))
-
-
 class _Unary:
     """Decorator of unary handlers: resolves the owner and translates errors to statuses."""
 
@@ -203,7 +191,7 @@ class _Unary:
                 owner = obj.owner(context)
                 return await fn(obj, owner, request, context)
             except (ServiceError, SandboxRuntimeError) as e:
-                await context.abort(_status(e.code), str(e))
+                await errors.abort(context, e)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -235,8 +223,7 @@ class SandboxServicer:
         try:
             return self.owner(context)
         except ServiceError as e:
-            await context.abort(_status(e.code), str(e))
-            raise  # unreachable: abort raises
+            await errors.abort(context, e)
 
     # -- records ------------------------------------------------------------------------------
 
@@ -360,15 +347,19 @@ class SandboxServicer:
             first = await anext(requests)
         except StopAsyncIteration:
             await write(
-                _error_frame("INVALID_ARGUMENT", "init: the stream ended before an init frame")
+                errors.error_frame(
+                    "INVALID_ARGUMENT", "init: the stream ended before an init frame"
+                )
             )
             return
         if first.WhichOneof("msg") != "init":
-            await write(_error_frame("INVALID_ARGUMENT", "init: the first frame must be init"))
+            await write(
+                errors.error_frame("INVALID_ARGUMENT", "init: the first frame must be init")
+            )
             return
         init = first.init
         if init.input and not init.stdin:
-            await write(_error_frame("INVALID_ARGUMENT", "init.input: needs init.stdin"))
+            await write(errors.error_frame("INVALID_ARGUMENT", "init.input: needs init.stdin"))
             return
         started = await self._start_exec(owner, init, write, stdin=init.stdin)
         if started is None:
@@ -390,7 +381,9 @@ class SandboxServicer:
         write = context.write
         owner = await self._owner_or_abort(context)
         if init.tty:
-            await write(_error_frame("INVALID_ARGUMENT", "init.tty: RunCommand has no terminal"))
+            await write(
+                errors.error_frame("INVALID_ARGUMENT", "init.tty: RunCommand has no terminal")
+            )
             return
         started = await self._start_exec(owner, init, write, stdin=bool(init.input))
         if started is None:
@@ -429,13 +422,17 @@ class SandboxServicer:
             handle = await self._lifecycle.running_handle(owner, init.sandbox_id)
             return spec, await handle.exec(spec)
         except (ServiceError, SandboxRuntimeError) as e:
-            await write(_error_frame(e.code, str(e)))
+            await write(
+                errors.error_frame(e.code, str(e), errors.detail_of(e, sandbox_id=init.sandbox_id))
+            )
         except Exception as e:
             log.exception("exec could not start")
-            await write(_error_frame("INTERNAL", f"internal error: {e}"))
+            await write(errors.error_frame("INTERNAL", f"internal error: {e}"))
         return None
 
-    def _cut_off(self, code: str, message: str, sandbox_id: str) -> tuple[str, str]:
+    def _cut_off(
+        self, code: str, message: str, sandbox_id: str, detail: epb.ErrorDetail | None = None
+    ) -> tuple[str, str, epb.ErrorDetail | None]:
         """A started command's failure as reported to the client.
 
         A command whose sandbox went away under it (stopped, its main process ended, its
@@ -446,10 +443,11 @@ class SandboxServicer:
         happens. Other codes pass unchanged.
         """
         if code not in _CUT_OFF_CODES:
-            return code, message
+            return code, message, detail
         how = self._lifecycle.how_it_ended(sandbox_id)
         cut = f"the command was cut off: sandbox {sandbox_id} {how} while it ran"
-        return "ABORTED", cut + (f" ({message})" if message else "")
+        terminated = epb.ErrorDetail(reason=epb.SANDBOX_TERMINATED, sandbox_id=sandbox_id)
+        return "ABORTED", cut + (f" ({message})" if message else ""), terminated
 
     async def _relay_exec(
         self,
@@ -483,15 +481,16 @@ class SandboxServicer:
                     message = event.message
                     if pump is not None and pump.done() and not pump.cancelled():
                         message = pump.result() or message
-                    await write(_error_frame(*self._cut_off(event.code, message, sandbox_id)))
+                    await write(errors.error_frame(*self._cut_off(event.code, message, sandbox_id)))
                     break
             if not done:
                 done = True
-                await write(_error_frame(*self._cut_off("UNAVAILABLE", "", sandbox_id)))
+                await write(errors.error_frame(*self._cut_off("UNAVAILABLE", "", sandbox_id)))
         except (SandboxRuntimeError, ServiceError) as e:
             if not done:
                 done = True
-                await write(_error_frame(*self._cut_off(e.code, str(e), sandbox_id)))
+                detail = errors.detail_of(e, sandbox_id=sandbox_id)
+                await write(errors.error_frame(*self._cut_off(e.code, str(e), sandbox_id, detail)))
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -501,7 +500,7 @@ class SandboxServicer:
                     await asyncio.shield(proc.kill())
                 done = True
                 with contextlib.suppress(Exception):
-                    await write(_error_frame("INTERNAL", f"internal error: {e}"))
+                    await write(errors.error_frame("INTERNAL", f"internal error: {e}"))
         finally:
             if not done:
                 # The client went away (or the stream broke): nobody can read the command.
@@ -578,8 +577,7 @@ class SandboxServicer:
             handle = await self._lifecycle.running_handle(owner, request.sandbox_id)
             info, chunks = await handle.read_file(path)
         except (ServiceError, SandboxRuntimeError) as e:
-            await context.abort(_status(e.code), str(e))
-            return
+            await errors.abort(context, e, sandbox_id=request.sandbox_id, path=request.path)
         write = context.write
         try:
             await write(pb.ReadFileResponse(info=pb.FileInfo(size=info.size, mode=info.mode)))
@@ -587,7 +585,7 @@ class SandboxServicer:
                 for i in range(0, len(chunk), FILE_CHUNK):
                     await write(pb.ReadFileResponse(data=chunk[i : i + FILE_CHUNK]))
         except (ServiceError, SandboxRuntimeError) as e:
-            await context.abort(_status(e.code), str(e))
+            await errors.abort(context, e, sandbox_id=request.sandbox_id, path=request.path)
         finally:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
@@ -630,6 +628,7 @@ class SandboxServicer:
                 )
                 raise problem[-1]
 
+        header = pb.WriteFileHeader()
         try:
             try:
                 first = await anext(requests)
@@ -648,13 +647,12 @@ class SandboxServicer:
             err: ServiceError | SandboxRuntimeError = problem[0] if problem else e
             if not problem:
                 await drain_upload(requests, MAX_WRITE_BYTES)
-            await context.abort(_status(err.code), str(err))
-            raise  # unreachable
+            await errors.abort(context, err, sandbox_id=header.sandbox_id, path=header.path)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise  # AbortError: the call already has its status (e.g. a malformed frame)
         except Exception:
             if problem:
-                await context.abort(_status(problem[0].code), str(problem[0]))
+                await errors.abort(context, problem[0])
             log.exception("WriteFile failed")
             await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
             raise
@@ -669,7 +667,7 @@ class SandboxServicer:
         try:
             fd = await self._open_log(owner, request.sandbox_id, request.follow)
         except (ServiceError, SandboxRuntimeError) as e:
-            await context.abort(_status(e.code), str(e))
+            await errors.abort(context, e)
             return
         if fd is None:
             return

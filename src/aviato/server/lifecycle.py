@@ -58,11 +58,13 @@ from aviato.server.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    SandboxNotFound,
 )
 from aviato.server.placement import Placement, UnknownNode
 from aviato.server.quotas import Charge, OwnerQuotas, format_bytes, host_cpu_millis
 from aviato.server.registry import LeaseRecord, Registry, SandboxRecord
 from aviato.server.validation import ValidSpec
+from aviato.v1.errors_pb2 import LEASE_NOT_FOUND, SANDBOX_NOT_RUNNING, SERVICE_SHUTTING_DOWN
 
 __all__ = ["LeaseState", "Lifecycle", "classify_exit", "format_bytes", "status_name"]
 # format_bytes is re-exported from `quotas`, where it lives.
@@ -203,7 +205,7 @@ class Lifecycle:
             return live.rec
         rec = self._registry.get_sandbox(sandbox_id) if sandbox_id else None
         if rec is None or rec.owner != owner:
-            raise NotFound(f"sandbox {sandbox_id!r} not found")
+            raise SandboxNotFound(sandbox_id)
         live = self._live.get(sandbox_id)
         return live.rec if live is not None else rec
 
@@ -283,7 +285,7 @@ class Lifecycle:
         capacity check and the insert.
         """
         if self._closing:
-            raise FailedPrecondition("the service is shutting down")
+            raise FailedPrecondition("the service is shutting down", reason=SERVICE_SHUTTING_DOWN)
         live = self._by_request.get((owner, request_id))
         if live is not None:
             return live.rec
@@ -682,7 +684,7 @@ class Lifecycle:
         if not rec.terminal:
             rec = await self.stop(owner, sandbox_id, 0.0)
         if not self._registry.delete_sandbox(sandbox_id):
-            raise NotFound(f"sandbox {sandbox_id!r} not found")
+            raise SandboxNotFound(sandbox_id)
         with contextlib.suppress(FileNotFoundError):
             self._kept_log(sandbox_id).unlink()
         with contextlib.suppress(UnknownNode):
@@ -703,17 +705,25 @@ class Lifecycle:
             rec = self._record(owner, sandbox_id)
             raise FailedPrecondition(
                 f"sandbox {sandbox_id} is {status_name(rec.status)}"
-                + (f" ({rec.reason})" if rec.reason else "")
+                + (f" ({rec.reason})" if rec.reason else ""),
+                reason=SANDBOX_NOT_RUNNING,
+                sandbox_id=sandbox_id,
             )
         if live.rec.status != RUNNING:
             await self._wait_until(live, lambda: live.rec.status not in _STARTING, wait_seconds)
         if live.rec.status != RUNNING or live.handle is None:
             raise FailedPrecondition(
                 f"sandbox {sandbox_id} is {status_name(live.rec.status)}"
-                + (f" ({live.rec.reason})" if live.rec.reason else "")
+                + (f" ({live.rec.reason})" if live.rec.reason else ""),
+                reason=SANDBOX_NOT_RUNNING,
+                sandbox_id=sandbox_id,
             )
         if live.stop_task is not None:
-            raise FailedPrecondition(f"sandbox {sandbox_id} is stopping")
+            raise FailedPrecondition(
+                f"sandbox {sandbox_id} is stopping",
+                reason=SANDBOX_NOT_RUNNING,
+                sandbox_id=sandbox_id,
+            )
         return live.handle
 
     def log_source(self, owner: str, sandbox_id: str) -> tuple[Path | None, Callable[[], bool]]:
@@ -769,7 +779,9 @@ class Lifecycle:
         self._check_lease_args(lease_id, 0.0, "lease_id", "ttl_seconds")
         lease = self._leases.pop((owner, lease_id), None)
         if lease is None:
-            raise NotFound(f"lease {lease_id!r} not found")
+            raise NotFound(
+                f"lease {lease_id!r} not found", reason=LEASE_NOT_FOUND, lease_id=lease_id
+            )
         self._registry.delete_lease(owner, lease_id)
         lease.expires_ns = time.time_ns()
         if stop_sandboxes:

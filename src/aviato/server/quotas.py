@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from aviato.server.errors import CapacityExceeded
 from aviato.server.registry import OwnerQuotaRecord, Registry
+from aviato.v1.errors_pb2 import QUOTA_EXCEEDED
 
 __all__ = [
     "Charge",
@@ -58,6 +59,8 @@ def host_cpu_millis() -> int:
 
 class QuotaExceeded(CapacityExceeded):
     """An owner's quota would be exceeded. The message names only that owner's usage."""
+
+    reason = QUOTA_EXCEEDED
 
 
 @dataclass(frozen=True)
