@@ -7,10 +7,9 @@ import grpc
 import pytest
 
 from aviato import Sandbox, SandboxFileError, SandboxNotFoundError, SandboxValidationError
-from aviato.v1 import error_detail
+from aviato.v1 import error_detail, sandbox_pb2_grpc
 from aviato.v1 import errors_pb2 as epb
 from aviato.v1 import sandbox_pb2 as pb
-from aviato.v1 import sandbox_pb2_grpc
 
 from .conftest import TEST_TAG, state_dir
 
