@@ -66,12 +66,42 @@ class _Address(TypedDict, total=False):
     base_url: str | None
 
 
-class SandboxOptions(SandboxSettings, _MainProcess, total=False):
+class SandboxOptions(_MainProcess, SandboxSettings, total=False):
     """The settings and the main process: what `Session.sandbox` takes."""
 
 
 class SandboxArgs(SandboxOptions, _Address, total=False):
-    """Everything the `Sandbox` constructor takes besides `defaults`."""
+    """Everything the `Sandbox` constructor takes besides `defaults`:
+
+    command, args: The main process (`run(*command)` takes them positionally). Default: none,
+        i.e. the service's keep-alive, which runs until the sandbox is stopped.
+    container_image: Default `AVIATO_IMAGE`, else the service's default (``"host"``).
+        An OCI reference (``"python:3.11"``, ``"ghcr.io/org/app:1.4"``) is pulled on first
+        use; the sandbox is PENDING ("pulling image ...") meanwhile.
+    image_command: True: the main process is the image's own ``Entrypoint + Cmd`` instead
+        of the keep-alive; the sandbox ends when it exits, with its exit code (see
+        `returncode`). Cannot be combined with a command (`SandboxValidationError`). A call's
+        command or image_command overrides those of `defaults`.
+    image_pull_credentials: `ImagePullCredentials` (or ``{"username", "password"}`` /
+        ``{"token"}``) for the image's registry; used for this pull only, never stored by
+        the service. Default: `defaults.image_pull_credentials`, else the service's Docker
+        config, else anonymous.
+    tags: Added to the default tags.
+    environment_variables: Merged over the default environment.
+    resources: ``{"cpu", "memory", "pids", "disk"}`` (strings or numbers).
+    mounted_files: ``[{"path": "/abs", "content": b"..."}]`` (or the spelling
+        ``mount_path``/``file_content``): read-only files inside the sandbox.
+    network: `NetworkOptions` or dict; only isolated networking is available.
+    max_lifetime_seconds: The service stops the sandbox after this long (default: the
+        service's, 1 hour).
+    working_dir: Absolute directory for the main process and commands (default ``/workspace``).
+    node_selector: Node labels the sandbox's node must carry, ``{"pool": "gpu"}``, when the
+        service places sandboxes on a cluster (docs/cluster.md); merged over the default
+        selector. A selector no node matches leaves the sandbox PENDING until the service's
+        placement deadline, then FAILED. Ignored by the local placement.
+    base_url: The service (default `AVIATO_BASE_URL`, else `defaults.base_url`, else local).
+    request_timeout_seconds: Deadline of each request; default of `wait()` (300 s).
+    """
 
 
 class RunOptions(SandboxSettings, _Address, total=False):
@@ -80,7 +110,9 @@ class RunOptions(SandboxSettings, _Address, total=False):
 
 class FunctionOptions(SandboxSettings, total=False):
     """What ``@session.function(...)`` takes: the settings of its sandboxes (its
-    `environment_variables` apply per call, and `image_command` must stay False), and:"""
+    `environment_variables` apply per call, and `image_command` must stay False), and
+    `serialization` (JSON only), `temp_dir` (default: the session's), `timeout_seconds` (per
+    call; default none) and `reuse_sandboxes` (default True); see `RemoteFunction`."""
 
     serialization: Serialization | str
     temp_dir: str | None
