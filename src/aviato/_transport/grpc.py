@@ -367,6 +367,12 @@ class _GrpcExecCall(ExecCall):
         return call
 
     async def _send_init(self, call: Any) -> None:
+        """Sends the init (and, for an older service, the input as stdin frames). A failure
+        here is the call's: its reader reports it."""
+        with contextlib.suppress(Exception):
+            await self._write_init(call)
+
+    async def _write_init(self, call: Any) -> None:
         init = self._init
         async with self._write_lock:
             data = init.input if not init.stdin else b""
