@@ -42,7 +42,7 @@ from typing import Any, Generic, ParamSpec, Protocol, TypeVar, Unpack, cast
 
 from aviato._defaults import SandboxDefaults, Serialization
 from aviato._operation import OperationRef
-from aviato._options import FunctionOptions, SandboxOptions
+from aviato._options import FunctionOptions, SandboxOptions, check_keys
 from aviato._process import ExecState
 from aviato._sandbox import Sandbox
 from aviato.exceptions import (
@@ -266,6 +266,7 @@ class RemoteFunction(Generic[P, R]):
                 f"{getattr(fn, '__qualname__', fn)} is an async function; remote functions "
                 "must be plain `def` functions"
             )
+        check_keys(options, FunctionOptions.__optional_keys__, "@session.function")
         serialization = options.get("serialization", Serialization.JSON)
         temp_dir = options.get("temp_dir")
         timeout_seconds = options.get("timeout_seconds")

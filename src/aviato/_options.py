@@ -35,6 +35,7 @@ __all__ = [
     "SandboxArgs",
     "SandboxOptions",
     "SandboxSettings",
+    "check_keys",
     "resolve",
 ]
 
@@ -131,12 +132,18 @@ class ResolvedSandbox:
     request_id: str
 
 
+def check_keys(options: Mapping[str, object], allowed: frozenset[str], where: str) -> None:
+    """TypeError naming the keywords of `options` that `where` does not take (for callers whose
+    keywords were not checked by a type checker)."""
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(f"{where}: unexpected options: {', '.join(unknown)}")
+
+
 def resolve(options: SandboxArgs, defaults: SandboxDefaults) -> ResolvedSandbox:
     """Merges `options` over `defaults` (the one place where that happens) and validates them;
     errors name the option."""
-    unknown = sorted(set(options) - SandboxArgs.__optional_keys__)
-    if unknown:
-        raise TypeError(f"unexpected sandbox options: {', '.join(unknown)}")
+    check_keys(options, SandboxArgs.__optional_keys__, "Sandbox")
     d = defaults
     command = options.get("command")
     args = options.get("args")

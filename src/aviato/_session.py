@@ -39,7 +39,7 @@ from aviato._client import get_client
 from aviato._defaults import SandboxDefaults
 from aviato._function import RemoteFunction
 from aviato._operation import OperationRef
-from aviato._options import FunctionOptions, SandboxOptions
+from aviato._options import FunctionOptions, SandboxOptions, check_keys
 from aviato._sandbox import Sandbox
 from aviato._status import SandboxStatus
 from aviato.exceptions import SandboxError, SandboxNotFoundError
@@ -129,6 +129,7 @@ class Session:
         Entrypoint + Cmd, ``image_pull_credentials=`` for a private registry), except
         `base_url`: a session's sandboxes live on the session's service."""
         self._check_open()
+        check_keys(options, SandboxOptions.__optional_keys__, "Session.sandbox")
         sandbox = Sandbox(defaults=self.defaults, _session=self, **options)
         self._track(sandbox)
         return sandbox

@@ -180,5 +180,15 @@ def test_options_merge_once_with_the_defaults(svc: MemoryService) -> None:
     assert list(spec.tags) == ["a", "b"]
     assert dict(spec.env) == {"X": "1", "Y": "2"}
     assert dict(spec.node_selector) == {"pool": "cpu", "zone": "z"}
-    with pytest.raises(TypeError, match="unexpected sandbox options: colour"):
+    with pytest.raises(TypeError, match="unexpected options: colour"):
         Sandbox(colour="red")  # type: ignore[call-arg]
+    session = Session(defaults)
+    with pytest.raises(TypeError, match="Session.sandbox: unexpected options: base_url"):
+        session.sandbox(base_url="unix:///elsewhere.sock")  # type: ignore[call-arg]
+
+    def double(x: int) -> int:
+        return 2 * x
+
+    with pytest.raises(TypeError, match="unexpected options: colour"):
+        session.function(colour="red")(double)  # type: ignore[call-overload]
+    session.close().result(timeout=10)
