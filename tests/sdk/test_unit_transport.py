@@ -183,7 +183,7 @@ def test_options_merge_once_with_the_defaults(svc: MemoryService) -> None:
     with pytest.raises(TypeError, match="unexpected options: colour"):
         Sandbox(colour="red")  # type: ignore[call-arg]
     session = Session(defaults)
-    with pytest.raises(TypeError, match="Session.sandbox: unexpected options: base_url"):
+    with pytest.raises(TypeError, match=r"Session\.sandbox: unexpected options: base_url"):
         session.sandbox(base_url="unix:///elsewhere.sock")  # type: ignore[call-arg]
 
     def double(x: int) -> int:
