@@ -123,13 +123,10 @@ class AviatoSystem(System):
         try:
             from aviato._bridge import get_bridge
             from aviato._client import get_client  # the SDK's own channel
-            from aviato.v1 import sandbox_pb2 as pb
 
             async def info() -> Any:
                 client = await get_client(None)
-                return await client.unary(
-                    "GetServerInfo", pb.GetServerInfoRequest(), rpc_timeout=10, op="server info"
-                )
+                return await client.transport.server_info(call_timeout=10)
 
             got = get_bridge().run(info(), timeout=15)
             return {"runtime": str(got.runtime), "cgroups": str(got.cgroups)}

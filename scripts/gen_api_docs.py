@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import enum
 import inspect
+import re
 import sys
 import textwrap
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +141,36 @@ def _annotation(value: Any) -> str:
     return text.replace("builtins.", "")
 
 
+def unpacked_options(obj: Any) -> type | None:
+    """The TypedDict of a ``**options: Unpack[X]`` parameter of `obj` (PEP 692), if it has one."""
+    try:
+        hints = typing.get_type_hints(obj, include_extras=True)
+    except Exception:
+        return None
+    try:
+        params = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    for p in params:
+        if p.kind is p.VAR_KEYWORD and typing.get_origin(hints.get(p.name)) is typing.Unpack:
+            (options,) = typing.get_args(hints[p.name])
+            return options  # type: ignore[no-any-return]
+    return None
+
+
+def _expanded(params: list[inspect.Parameter], options: type) -> list[inspect.Parameter]:
+    """`params` with ``**options: Unpack[X]`` replaced by X's keys, keyword-only, default None."""
+    out = [p for p in params if p.kind is not p.VAR_KEYWORD]
+    for key, annotation in options.__annotations__.items():  # every key, base classes' first
+        text = getattr(annotation, "__forward_arg__", annotation)
+        # a TypedDict has no defaults: None where None is allowed, else the docstring's
+        default = None if "None" in str(text) else inspect.Parameter.empty
+        out.append(
+            inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=text)
+        )
+    return out
+
+
 def signature(obj: Any, *, drop_self: bool = True) -> str:
     try:
         sig = inspect.signature(obj)
@@ -149,6 +181,9 @@ def signature(obj: Any, *, drop_self: bool = True) -> str:
     params = list(sig.parameters.values())
     if drop_self and params and params[0].name in ("self", "cls"):
         params = params[1:]
+    options = unpacked_options(obj)
+    if options is not None:
+        params = _expanded(params, options)
     for i, p in enumerate(params):
         if p.name.startswith("_"):
             continue
@@ -187,8 +222,19 @@ def doc(obj: Any) -> str:
 
 
 def own_members(cls: type) -> list[tuple[str, Any]]:
+    """The members defined by `cls` and by its private base classes (the parts a public class
+    is assembled from, such as `Sandbox`'s `SandboxIO`), in definition order."""
     members = []
-    for name, value in cls.__dict__.items():
+    namespace: dict[str, Any] = {}
+    parts = [
+        b
+        for b in reversed(cls.__mro__[1:])
+        if b.__module__.startswith("aviato._") and b.__name__ not in aviato.__all__
+    ]
+    for part in [cls, *parts]:
+        for name, value in part.__dict__.items():
+            namespace.setdefault(name, value)
+    for name, value in namespace.items():
         if name.startswith("_") and name not in (
             "__await__",
             "__enter__",
@@ -212,7 +258,8 @@ def render_member(cls: type, name: str, value: Any) -> list[str]:
     elif isinstance(value, classmethod | staticmethod):
         func = value.__func__
         kind = "classmethod" if isinstance(value, classmethod) else "staticmethod"
-        out.append(f"#### `{cls.__name__}.{name}{signature(func)}` *({kind})*")
+        sig = re.sub(r"\bSelf\b", cls.__name__, signature(func))
+        out.append(f"#### `{cls.__name__}.{name}{sig}` *({kind})*")
         body = doc(func)
     elif inspect.isfunction(value):
         out.append(f"#### `{cls.__name__}.{name}{signature(value)}`")
@@ -238,13 +285,18 @@ def render_class(cls: type) -> list[str]:
     bases = [
         b.__name__
         for b in cls.__bases__
-        if b is not object and not b.__name__.startswith("Generic")
+        if b is not object
+        and not b.__name__.startswith("Generic")
+        and (b.__name__ in aviato.__all__ or not b.__module__.startswith("aviato._"))
     ]
     ctor = signature(cls.__init__)
     out.append(f"```python\n{cls.__name__}{ctor.split(' -> ')[0]}\n```")
     if bases:
         out.append(f"\nSubclass of {', '.join(f'`{b}`' for b in bases)}.")
     out += ["", doc(cls), ""]
+    options = unpacked_options(cls.__init__)
+    if options is not None and options.__doc__:
+        out += [f"**Options** (`{options.__name__}`):", "", doc(options), ""]
     if hasattr(cls, "__dataclass_fields__"):
         fields = cls.__dataclass_fields__  # type: ignore[attr-defined]
         out += ["| field | type |", "|---|---|"]

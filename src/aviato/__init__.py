@@ -26,14 +26,10 @@ from aviato._credentials import ImagePullCredentials
 from aviato._defaults import NetworkOptions, SandboxDefaults, Serialization
 from aviato._files import FileStream
 from aviato._function import RemoteFunction
-from aviato._refs import (
-    OperationRef,
-    Process,
-    ProcessResult,
-    ResourceUsage,
-    StreamReader,
-    StreamWriter,
-)
+from aviato._operation import OperationRef
+from aviato._output import StreamReader
+from aviato._process import Process, StreamWriter
+from aviato._results import ProcessResult, ResourceUsage
 from aviato._sandbox import Sandbox
 from aviato._session import Session
 from aviato._status import SandboxStatus

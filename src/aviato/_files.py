@@ -14,8 +14,11 @@ meanwhile. So:
   destination and renames it into place once complete: an interrupted download never leaves a
   partial file under the real name.
 
-Retries: a whole read is retried from its start on UNAVAILABLE (it is idempotent); a stream or a
-download only until its first frame arrived, never once chunks were handed out.
+Retries: a whole read or write is retried from its start while the service cannot be reached
+(it is idempotent); a stream or a download only until its first frame arrived, never once chunks
+were handed out. The wire is the transport's (`aviato._transport.base.FileReader`,
+`Transport.write_file`); this module holds what does not depend on it: caps, counting, local
+files.
 """
 
 from __future__ import annotations
@@ -27,21 +30,15 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
-
-import grpc
-import grpc.aio
+from typing import Self
 
 from aviato._bridge import await_concurrent, get_bridge
+from aviato._client import Client
+from aviato._transport.base import FileReader
 from aviato.exceptions import SandboxFileError
 from aviato.v1 import sandbox_pb2 as pb
 
-if TYPE_CHECKING:
-    from aviato._client import Client
-
-__all__ = ["FileStream", "download", "local_target", "open_read", "read_whole"]
-
-_EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
+__all__ = ["FileStream", "download", "local_target", "open_read", "read_whole", "write_whole"]
 
 
 def _size_text(n: int) -> str:
@@ -70,23 +67,27 @@ def too_large(path: str, sandbox_id: str, size: int | None, cap: int) -> Sandbox
 
 
 class _Reading:
-    """One ReadFile call whose info frame has arrived (loop-side only)."""
+    """One file read whose header has arrived, counting what arrives (loop-side only)."""
 
-    def __init__(self, call: Any, info: pb.FileInfo, sandbox_id: str, path: str) -> None:
-        self.call = call
-        self.size: int = info.size
-        self.mode: int = info.mode
+    def __init__(self, reader: FileReader, sandbox_id: str, path: str) -> None:
+        self.reader = reader
+        self.size: int = reader.size
+        self.mode: int = reader.mode
         self.sandbox_id = sandbox_id
         self.path = path
         self.received = 0
         self.ended = False
 
     async def next(self) -> bytes | None:
-        """The next chunk, or None at the end; gRPC errors are raised as they are."""
+        """The next chunk, or None at the end; a file shorter than announced raises."""
         if self.ended:
             return None
-        msg = await self.call.read()
-        if msg is _EOF:
+        try:
+            data = await self.reader.next()
+        except BaseException:
+            self.ended = True
+            raise
+        if data is None:
             self.ended = True
             # 0 is announced for files whose size is not known in advance (/proc, /sys): the
             # service then sends what it can read, up to its own bound
@@ -97,49 +98,28 @@ class _Reading:
                     sandbox_id=self.sandbox_id,
                 )
             return None
-        data: bytes = msg.data
         self.received += len(data)
         return data
 
     def cancel(self) -> None:
         if not self.ended:
             self.ended = True
-            self.call.cancel()
+        self.reader.cancel()
 
 
 async def _open_once(
     client: Client, sandbox_id: str, path: str, rpc_timeout: float | None
 ) -> _Reading:
-    """Starts a ReadFile call and waits for its info frame; gRPC errors are raised as they are."""
-    call = client.stub.ReadFile(
-        pb.ReadFileRequest(sandbox_id=sandbox_id, path=path),
-        timeout=rpc_timeout,
-        metadata=client.metadata,
-    )
-    try:
-        first = await call.read()
-    except BaseException:
-        call.cancel()
-        raise
-    if first is _EOF or first.WhichOneof("msg") != "info":
-        call.cancel()
-        raise SandboxFileError(
-            f"read of {path!r} failed: the service sent no file header",
-            filepath=path,
-            sandbox_id=sandbox_id,
-        )
-    return _Reading(call, first.info, sandbox_id, path)
+    reader = await client.transport.open_read(sandbox_id, path, call_timeout=rpc_timeout)
+    return _Reading(reader, sandbox_id, path)
 
 
 async def open_read(
     client: Client, sandbox_id: str, path: str, rpc_timeout: float | None
 ) -> _Reading:
-    """A ReadFile call whose info frame arrived (retried on UNAVAILABLE until then)."""
+    """A file read whose header arrived (retried while the service cannot be reached)."""
     return await client.with_retry(
-        lambda: _open_once(client, sandbox_id, path, rpc_timeout),
-        op="read file",
-        sandbox_id=sandbox_id,
-        filepath=path,
+        lambda: _open_once(client, sandbox_id, path, rpc_timeout), op="read file"
     )
 
 
@@ -162,14 +142,33 @@ async def read_whole(
         finally:
             reading.cancel()
 
-    return await client.with_retry(attempt, op="read file", sandbox_id=sandbox_id, filepath=path)
+    return await client.with_retry(attempt, op="read file")
 
 
-def _translate(err: BaseException, reading: _Reading | None, path: str) -> BaseException:
-    from aviato._client import translate_error
-
-    sandbox_id = reading.sandbox_id if reading is not None else None
-    return translate_error(err, op="read file", sandbox_id=sandbox_id, filepath=path)
+async def write_whole(
+    client: Client,
+    sandbox_id: str,
+    path: str,
+    data: memoryview,
+    *,
+    mode: int,
+    make_parents: bool,
+    rpc_timeout: float,
+) -> None:
+    """Writes a whole file (retried from the start while the service cannot be reached); a
+    short write raises SandboxFileError."""
+    header = pb.WriteFileHeader(
+        sandbox_id=sandbox_id, path=path, mode=mode, make_parents=make_parents
+    )
+    size = await client.with_retry(
+        lambda: client.transport.write_file(header, data, call_timeout=rpc_timeout), op="write file"
+    )
+    if size != len(data):
+        raise SandboxFileError(
+            f"write of {path!r} was incomplete: {size} of {len(data)} bytes",
+            filepath=path,
+            sandbox_id=sandbox_id,
+        )
 
 
 def local_target(local_path: str | os.PathLike[str]) -> Path:
@@ -222,12 +221,9 @@ async def download(open_: Callable[[], Awaitable[_Reading]], path: str, target: 
     part = await loop.run_in_executor(None, _PartFile, target)
     reading: _Reading | None = None
     try:
-        try:
-            reading = await open_()
-            while (chunk := await reading.next()) is not None:
-                await loop.run_in_executor(None, part.write, chunk)
-        except grpc.aio.AioRpcError as err:
-            raise _translate(err, reading, path) from None
+        reading = await open_()
+        while (chunk := await reading.next()) is not None:
+            await loop.run_in_executor(None, part.write, chunk)
         await loop.run_in_executor(None, part.commit, (reading.mode & 0o755) | 0o600)
         return reading.received
     except BaseException:
@@ -277,12 +273,7 @@ class FileStream:
             except BaseException:
                 self._closed = True
                 raise
-        reading = self._reading
-        try:
-            chunk = await reading.next()
-        except grpc.aio.AioRpcError as err:
-            reading.ended = True
-            raise _translate(err, reading, self.path) from None
+        chunk = await self._reading.next()
         if chunk is None:
             self._closed = True
         return chunk

@@ -37,11 +37,14 @@ import math
 import textwrap
 import types
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar, Unpack, cast
 
-from aviato._defaults import NetworkOptions, Serialization
-from aviato._refs import ExecState, OperationRef
+from aviato._defaults import SandboxDefaults, Serialization
+from aviato._operation import OperationRef
+from aviato._options import FunctionOptions, SandboxOptions, check_keys
+from aviato._process import ExecState
+from aviato._sandbox import Sandbox
 from aviato.exceptions import (
     AsyncFunctionError,
     FunctionSerializationError,
@@ -54,17 +57,28 @@ from aviato.exceptions import (
 )
 from aviato.v1 import sandbox_pb2 as pb
 
-if TYPE_CHECKING:
-    from aviato._sandbox import Sandbox
-    from aviato._session import Session
-
-__all__ = ["RemoteFunction"]
+__all__ = ["FunctionHost", "RemoteFunction"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 MAX_IDLE_SANDBOXES = 8
+# The options of a function that are not options of its sandboxes.
+_OWN_OPTIONS = frozenset(FunctionOptions.__optional_keys__ - SandboxOptions.__optional_keys__)
 DEFAULT_MAX_CONCURRENCY = 8
+
+
+class FunctionHost(Protocol):
+    """What a remote function needs from its `Session`: its defaults, whether it is closed, and
+    new sandboxes."""
+
+    defaults: SandboxDefaults
+
+    @property
+    def closed(self) -> bool: ...
+
+    def sandbox(self, **options: Unpack[SandboxOptions]) -> Sandbox: ...
+
 
 # The runner, executed as `python3 -c RUNNER <payload.json> <result.json>` inside the sandbox.
 RUNNER = r"""
@@ -221,11 +235,13 @@ class RemoteFunction(Generic[P, R]):
       `max_concurrency` running at a time;
     - ``f.local(*args, **kwargs) -> R``: the original function, in this process.
 
-    Options (decorator arguments): `container_image`, `resources`, `mounted_files`, `network`,
-    `max_lifetime_seconds` (the sandboxes'), `environment_variables` (held by reference and
-    applied per call, so changing the dict affects later calls), `temp_dir` (payload directory
-    in the sandbox; default: the session's, ``/tmp``), `timeout_seconds` (per call; default no
-    limit) and `reuse_sandboxes`. Only JSON serialization exists.
+    Options (decorator arguments): the options of its sandboxes as `Session.sandbox` takes them
+    (`container_image`, `resources`, `mounted_files`, `network`, `max_lifetime_seconds`, `tags`,
+    ...; not a command, nor ``image_command=True``: a function runs in a kept-alive sandbox),
+    except that `environment_variables` is held by reference and applied per call (changing
+    the dict affects later calls); and `temp_dir` (payload directory in the sandbox; default:
+    the session's, ``/tmp``), `timeout_seconds` (per call; default no limit) and
+    `reuse_sandboxes`. Only JSON serialization exists.
 
     How a call runs: the function's source (``@x.function`` decorators removed, line numbers
     kept) and the JSON-safe data it reads from closures and module globals are written into the
@@ -243,26 +259,26 @@ class RemoteFunction(Generic[P, R]):
     """
 
     def __init__(
-        self,
-        fn: Callable[P, R],
-        session: Session,
-        *,
-        container_image: str | None = None,
-        serialization: Serialization | str = Serialization.JSON,
-        temp_dir: str | None = None,
-        resources: Mapping[str, str | int | float] | None = None,
-        mounted_files: Sequence[Mapping[str, Any]] | None = None,
-        network: NetworkOptions | Mapping[str, Any] | None = None,
-        environment_variables: Mapping[str, str] | None = None,
-        max_lifetime_seconds: float | None = None,
-        timeout_seconds: float | None = None,
-        reuse_sandboxes: bool = True,
+        self, fn: Callable[P, R], session: FunctionHost, **options: Unpack[FunctionOptions]
     ) -> None:
         if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
             raise AsyncFunctionError(
                 f"{getattr(fn, '__qualname__', fn)} is an async function; remote functions "
                 "must be plain `def` functions"
             )
+        check_keys(options, FunctionOptions.__optional_keys__, "@session.function")
+        serialization = options.get("serialization", Serialization.JSON)
+        temp_dir = options.get("temp_dir")
+        timeout_seconds = options.get("timeout_seconds")
+        reuse_sandboxes = options.get("reuse_sandboxes", True)
+        environment_variables = options.get("environment_variables")
+        own: dict[str, object] = {
+            key: value
+            for key, value in options.items()
+            if key not in _OWN_OPTIONS and key != "environment_variables"
+        }
+        if own.get("image_command"):
+            raise ValueError("a remote function runs in a kept-alive sandbox: no image_command")
         if Serialization(serialization) != Serialization.JSON:
             raise FunctionSerializationError(
                 "only Serialization.JSON is supported: unpickling results produced by "
@@ -271,14 +287,9 @@ class RemoteFunction(Generic[P, R]):
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
         self._fn = fn
         self._session = session
-        self._sandbox_options: dict[str, Any] = {
-            "container_image": container_image,
-            "resources": resources,
-            "mounted_files": mounted_files,
-            "network": network,
-            "max_lifetime_seconds": max_lifetime_seconds,
-            "image_command": False,  # functions exec into a kept-alive sandbox
-        }
+        sandbox_options = cast(SandboxOptions, own)  # the settings: a subset of its keys
+        sandbox_options["image_command"] = False  # functions exec into a kept-alive sandbox
+        self._sandbox_options = sandbox_options
         self.environment_variables = environment_variables
         self._temp_dir = (temp_dir or session.defaults.temp_dir).rstrip("/") or "/"
         self._timeout = timeout_seconds

@@ -35,8 +35,8 @@ import grpc
 
 from aviato._private import open_private, private_dir
 from aviato.exceptions import AviatoConnectionError
+from aviato.v1 import endpoint, sandbox_pb2_grpc
 from aviato.v1 import sandbox_pb2 as pb
-from aviato.v1 import sandbox_pb2_grpc
 
 __all__ = ["ensure_local_service", "socket_path", "state_dir"]
 
@@ -46,19 +46,13 @@ _spawned: list[subprocess.Popen[bytes]] = []  # keep references: no "still runni
 
 
 def state_dir() -> Path:
-    """The local service's state directory (see the module docstring)."""
-    env = os.environ.get("AVIATO_STATE_DIR")
-    if env:
-        return Path(env).expanduser().absolute()
-    xdg = os.environ.get("XDG_STATE_HOME")
-    if xdg:
-        return Path(xdg).expanduser().absolute() / "aviato"
-    return Path.home() / ".local" / "state" / "aviato"
+    """The local service's state directory (`aviato.v1.endpoint.state_dir`)."""
+    return endpoint.state_dir()
 
 
 def socket_path(directory: str | os.PathLike[str] | None = None) -> Path:
     """The unix socket of the local service in `directory` (default: `state_dir()`)."""
-    return Path(directory or state_dir()).expanduser().absolute() / "aviato.sock"
+    return endpoint.socket_path(directory)
 
 
 def _connect_state(sock: Path) -> str:
@@ -122,7 +116,7 @@ def _child_env() -> dict[str, str]:
 
 
 def _spawn(directory: Path) -> subprocess.Popen[bytes]:
-    log = directory / "server.log"
+    log = directory / endpoint.LOG_NAME
     with os.fdopen(open_private(log, os.O_WRONLY | os.O_APPEND), "ab") as out:
         out.write(
             f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} started by pid {os.getpid()}\n".encode()
@@ -151,8 +145,8 @@ def ensure_local_service(
 
     Raises `AviatoConnectionError` (with the tail of ``server.log``) if it cannot be started.
     """
-    directory = Path(state_dir_path or state_dir()).expanduser().absolute()
-    sock = directory / "aviato.sock"
+    directory = endpoint.state_dir(state_dir_path)
+    sock = directory / endpoint.SOCKET_NAME
     if len(str(sock).encode()) > _MAX_UNIX_PATH:
         raise AviatoConnectionError(
             f"the state directory {directory} is too long for a unix socket path "
@@ -164,7 +158,7 @@ def ensure_local_service(
         private_dir(directory, ours=True)
     except OSError as e:
         raise AviatoConnectionError(f"cannot use the state directory {directory}: {e}") from e
-    with os.fdopen(open_private(directory / "server.lock"), "a+b") as lock:
+    with os.fdopen(open_private(directory / endpoint.LOCK_NAME), "a+b") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
             if _answers(sock):
@@ -189,13 +183,13 @@ def ensure_local_service(
                     raise AviatoConnectionError(
                         f"the local aviato service exited with code {proc.returncode} while "
                         f"starting (state dir {directory}). server.log:\n"
-                        f"{_log_tail(directory / 'server.log')}"
+                        f"{_log_tail(directory / endpoint.LOG_NAME)}"
                     )
                 time.sleep(delay)
                 delay = min(delay * 1.5, 0.25)
             raise AviatoConnectionError(
                 f"the local aviato service did not answer on {sock} within {timeout:.0f}s. "
-                f"server.log:\n{_log_tail(directory / 'server.log')}"
+                f"server.log:\n{_log_tail(directory / endpoint.LOG_NAME)}"
             )
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

@@ -1,7 +1,7 @@
 """The output streams of a command, in bounded memory: `StreamReader` and what feeds it.
 
 A command can write without end (``yes``), and its sandbox may be hostile: nothing here may grow
-with the size of the output. Each stream (stdout, stderr) of a command has one `_OutputBuffer`,
+with the size of the output. Each stream (stdout, stderr) of a command has one `OutputBuffer`,
 fed by the exec driver on the SDK's loop, and one `StreamReader`, read from any thread or loop:
 
 - the first `limit` bytes (``max_output_bytes``, 64 MiB by default) are kept for the
@@ -34,7 +34,7 @@ from aviato._bridge import await_concurrent, get_bridge
 from aviato._defaults import DEFAULT_MAX_OUTPUT_BYTES
 from aviato.exceptions import SandboxExecutionError
 
-__all__ = ["MAX_LINE_CHARS", "STREAM_WINDOW_BYTES", "LineIterator", "StreamReader"]
+__all__ = ["MAX_LINE_CHARS", "STREAM_WINDOW_BYTES", "LineIterator", "OutputBuffer", "StreamReader"]
 
 STREAM_WINDOW_BYTES = 4 * 1024 * 1024
 MAX_LINE_CHARS = 1024 * 1024  # longer lines come out of `lines()` in pieces of this size
@@ -51,7 +51,7 @@ async def _run_on_bridge(coro: Coroutine[Any, Any, T]) -> T:
     return await await_concurrent(get_bridge().submit(coro))
 
 
-class _OutputBuffer:
+class OutputBuffer:
     """One output stream of a command (see the module docstring). Loop-side only."""
 
     def __init__(self, limit: int = DEFAULT_MAX_OUTPUT_BYTES, name: str = "output") -> None:
@@ -189,7 +189,7 @@ class StreamReader:
     `SandboxExecutionError`. ``close()`` a reader you will not read again.
     """
 
-    def __init__(self, buffer: _OutputBuffer, name: str) -> None:
+    def __init__(self, buffer: OutputBuffer, name: str) -> None:
         self._buffer = buffer
         self.name = name
         self._pos = 0

@@ -10,40 +10,51 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
+import functools
 import logging
 import math
-import os
-import shlex
 import time
-import uuid
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self, Unpack
 
-from aviato import _defaults, _files
+from aviato import _defaults
 from aviato._bridge import await_concurrent as _await_concurrent
 from aviato._bridge import get_bridge
 from aviato._client import Client, get_client
-from aviato._credentials import ImagePullCredentials, coerce_pull_credentials
-from aviato._defaults import DEFAULT_GRACEFUL_SHUTDOWN_SECONDS, NetworkOptions, SandboxDefaults
-from aviato._files import FileStream
-from aviato._refs import ExecState, OperationRef, Process
+from aviato._defaults import DEFAULT_GRACEFUL_SHUTDOWN_SECONDS, SandboxDefaults
+from aviato._operation import OperationRef
+from aviato._options import RunOptions, SandboxArgs, resolve
+from aviato._sandbox_io import SandboxIO
+from aviato._sandbox_queries import SandboxQueries
 from aviato._status import SandboxStatus
 from aviato.exceptions import (
-    SandboxError,
     SandboxFailedError,
     SandboxNotFoundError,
     SandboxNotRunningError,
     SandboxTerminatedError,
     SandboxTimeoutError,
-    SandboxValidationError,
 )
 from aviato.v1 import sandbox_pb2 as pb
 
 if TYPE_CHECKING:
     from aviato._session import Session
+
+
+class SandboxOwner(Protocol):
+    """What a sandbox needs from the `Session` that owns it: its lease, a check that it is
+    still open, and being told when the sandbox was created and when it ended."""
+
+    _lease_id: str
+    _lease_ttl: float
+
+    def _check_open(self) -> None: ...
+
+    def _on_sandbox_created(self, sandbox: Sandbox) -> None: ...
+
+    def _forget(self, sandbox: Sandbox) -> None: ...
+
 
 __all__ = ["Sandbox"]
 
@@ -61,43 +72,16 @@ def _ts(record: pb.Sandbox, name: str) -> datetime | None:
     return stamp.ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
 
 
-class Sandbox:
+class Sandbox(SandboxQueries, SandboxIO):
     """A sandbox: an isolated environment that runs a main process and your commands.
 
     Make one with `Sandbox.run(...)` (create and start; returns once the service accepted the
     create, not when it is RUNNING), with the constructor (nothing is sent until first use or
     `start()`), or from a `Session`. Find existing ones with `Sandbox.list()` / `Sandbox.from_id()`.
 
-    Keyword arguments (constructor, `run`, `Session.sandbox`; the explicit value wins over
-    `defaults`, see `SandboxDefaults`):
-        command, args: The main process (`run(*command)` takes them positionally). Default: none,
-            i.e. the service's keep-alive, which runs until the sandbox is stopped.
-        container_image: Default `AVIATO_IMAGE`, else the service's default (``"host"``).
-            An OCI reference (``"python:3.11"``, ``"ghcr.io/org/app:1.4"``) is pulled on first
-            use; the sandbox is PENDING ("pulling image ...") meanwhile.
-        image_command: True: the main process is the image's own ``Entrypoint + Cmd`` instead
-            of the keep-alive; the sandbox ends when it exits, with its exit code (see
-            `returncode`). Cannot be combined with a command (`SandboxValidationError`). A call's
-            command or image_command overrides those of `defaults`.
-        image_pull_credentials: `ImagePullCredentials` (or ``{"username", "password"}`` /
-            ``{"token"}``) for the image's registry; used for this pull only, never stored by
-            the service. Default: `defaults.image_pull_credentials`, else the service's Docker
-            config, else anonymous.
-        tags: Added to the default tags.
-        environment_variables: Merged over the default environment.
-        resources: ``{"cpu", "memory", "pids", "disk"}`` (strings or numbers).
-        mounted_files: ``[{"path": "/abs", "content": b"..."}]`` (or the spelling
-            ``mount_path``/``file_content``): read-only files inside the sandbox.
-        network: `NetworkOptions` or dict; only isolated networking is available.
-        max_lifetime_seconds: The service stops the sandbox after this long (default: the
-            service's, 1 hour).
-        working_dir: Absolute directory for the main process and commands (default ``/workspace``).
-        node_selector: Node labels the sandbox's node must carry, ``{"pool": "gpu"}``, when the
-            service places sandboxes on a cluster (docs/cluster.md); merged over the default
-            selector. A selector no node matches leaves the sandbox PENDING until the service's
-            placement deadline, then FAILED. Ignored by the local placement.
-        base_url: The service (default `AVIATO_BASE_URL`, else `defaults.base_url`, else local).
-        request_timeout_seconds: Deadline of each request; default of `wait()` (300 s).
+    Options (the constructor's keywords; `run` takes the command positionally; `Session.sandbox`
+    takes all but `base_url`): they are declared once, in `aviato._options.SandboxArgs`, whose
+    list follows. The explicit value wins over `defaults` (see `SandboxDefaults`).
 
     Cleanup: a sandbox made by a `Session` is stopped when the session closes, at interpreter exit,
     on SIGTERM, and — if the process is killed outright — by the service when the session's lease
@@ -111,74 +95,18 @@ class Sandbox:
     def __init__(
         self,
         *,
-        command: str | None = None,
-        args: Sequence[str] | None = None,
         defaults: SandboxDefaults | None = None,
-        container_image: str | None = None,
-        tags: Sequence[str] | None = None,
-        base_url: str | None = None,
-        request_timeout_seconds: float | None = None,
-        max_lifetime_seconds: float | None = None,
-        resources: Mapping[str, str | int | float] | None = None,
-        mounted_files: Sequence[Mapping[str, Any]] | None = None,
-        network: NetworkOptions | Mapping[str, Any] | None = None,
-        environment_variables: Mapping[str, str] | None = None,
-        working_dir: str | None = None,
-        image_command: bool | None = None,
-        image_pull_credentials: ImagePullCredentials | Mapping[str, str] | None = None,
-        node_selector: Mapping[str, str] | None = None,
-        _session: Session | None = None,
+        _session: SandboxOwner | None = None,
+        **options: Unpack[SandboxArgs],
     ) -> None:
         d = defaults or SandboxDefaults()
         self._defaults = d
-        if image_command is not None and not isinstance(image_command, bool):
-            raise TypeError(f"image_command must be True, False or None, not {image_command!r}")
-        if image_command and command:
-            raise SandboxValidationError(
-                "image_command=True runs the image's Entrypoint + Cmd: give it or a command, "
-                f"not both (command={command!r})"
-            )
-        # the call's own choice of main process wins over the defaults' (command or image's)
-        if image_command is not None:
-            use_image_command = image_command
-        else:
-            use_image_command = d.image_command and not command
-        self._pull_credentials = (
-            coerce_pull_credentials(image_pull_credentials) or d.image_pull_credentials
-        )
-        cmd = command or (None if use_image_command else d.command)
-        if cmd:
-            argv = [cmd, *(list(args) if args is not None else list(d.args))]
-        else:
-            if args:
-                raise ValueError("args given without a command")
-            argv = []
-        net = _defaults.coerce_network(network) or d.network
-        wd = working_dir or d.working_dir
-        if wd is not None and not wd.startswith("/"):
-            raise ValueError(f"working_dir must be an absolute path: {wd!r}")
-        lifetime = (
-            max_lifetime_seconds if max_lifetime_seconds is not None else d.max_lifetime_seconds
-        )
-        spec = pb.SandboxSpec(
-            image=_defaults.resolve_image(container_image, d),
-            command=argv,
-            env=d.merge_environment_variables(environment_variables),
-            working_dir=wd or "",
-            tags=d.merge_tags(tags),
-            max_lifetime_seconds=float(lifetime or 0.0),
-            mounted_files=_defaults.mounted_files_to_proto(mounted_files),
-            network=net.to_spec_network() if net is not None else "none",
-            image_command=use_image_command,
-            node_selector=d.merge_node_selector(node_selector),
-        )
-        res = _defaults.resources_to_proto(resources if resources is not None else d.resources)
-        if res is not None:
-            spec.resources.CopyFrom(res)
-        self._spec = spec
-        self._base_url = _defaults.resolve_base_url(base_url, d)
-        self._request_timeout = float(request_timeout_seconds or d.request_timeout_seconds)
-        self._request_id = str(uuid.uuid4())
+        resolved = resolve(options, d)
+        self._spec = resolved.spec
+        self._pull_credentials = resolved.pull_credentials  # sent with the create, never kept
+        self._base_url = resolved.base_url
+        self._request_timeout = resolved.request_timeout_seconds
+        self._request_id = resolved.request_id
         self._session = _session
         # lifecycle state (changed only on the loop thread)
         self._sandbox_id: str | None = None
@@ -198,19 +126,7 @@ class Sandbox:
         cls,
         *command: str,
         defaults: SandboxDefaults | None = None,
-        container_image: str | None = None,
-        tags: Sequence[str] | None = None,
-        base_url: str | None = None,
-        request_timeout_seconds: float | None = None,
-        max_lifetime_seconds: float | None = None,
-        resources: Mapping[str, str | int | float] | None = None,
-        mounted_files: Sequence[Mapping[str, Any]] | None = None,
-        network: NetworkOptions | Mapping[str, Any] | None = None,
-        environment_variables: Mapping[str, str] | None = None,
-        working_dir: str | None = None,
-        image_command: bool | None = None,
-        image_pull_credentials: ImagePullCredentials | Mapping[str, str] | None = None,
-        node_selector: Mapping[str, str] | None = None,
+        **options: Unpack[RunOptions],
     ) -> Sandbox:
         """Creates and starts a sandbox; returns once the service accepted it (PENDING or later).
 
@@ -224,19 +140,7 @@ class Sandbox:
             command=command[0] if command else None,
             args=list(command[1:]) if command else None,
             defaults=defaults,
-            container_image=container_image,
-            tags=tags,
-            base_url=base_url,
-            request_timeout_seconds=request_timeout_seconds,
-            max_lifetime_seconds=max_lifetime_seconds,
-            resources=resources,
-            mounted_files=mounted_files,
-            network=network,
-            environment_variables=environment_variables,
-            working_dir=working_dir,
-            image_command=image_command,
-            image_pull_credentials=image_pull_credentials,
-            node_selector=node_selector,
+            **options,
         )
         sandbox.start().result()
         return sandbox
@@ -410,8 +314,10 @@ class Sandbox:
         if session is not None:
             request.lease_id = session._lease_id
             request.lease_ttl_seconds = session._lease_ttl
-        record = await client.unary(
-            "CreateSandbox", request, rpc_timeout=self._request_timeout, op="create sandbox"
+        # safe to repeat: the request id makes a retried create return the first sandbox
+        record = await client.with_retry(
+            lambda: client.transport.create_sandbox(request, call_timeout=self._request_timeout),
+            op="create sandbox",
         )
         self._apply(record)
         if session is not None:
@@ -502,16 +408,14 @@ class Sandbox:
                     sandbox_id=sandbox_id,
                 )
             slice_ = min(remaining, _WAIT_SLICE_SECONDS)
-            record = await client.unary(
-                "WaitSandbox",
-                pb.WaitSandboxRequest(
-                    sandbox_id=sandbox_id,
-                    condition=condition,
-                    timeout_seconds=slice_,
+            request = pb.WaitSandboxRequest(
+                sandbox_id=sandbox_id, condition=condition, timeout_seconds=slice_
+            )
+            record = await client.with_retry(
+                functools.partial(
+                    client.transport.wait_sandbox, request, call_timeout=slice_ + 30.0
                 ),
-                rpc_timeout=slice_ + 30.0,
                 op="wait",
-                sandbox_id=sandbox_id,
             )
             self._apply(record)
 
@@ -536,12 +440,9 @@ class Sandbox:
             await self._ensure_started()
         sandbox_id = self._require_id()
         client = await self._client()
-        record = await client.unary(
-            "GetSandbox",
-            pb.GetSandboxRequest(sandbox_id=sandbox_id),
-            rpc_timeout=self._request_timeout,
+        record = await client.with_retry(
+            lambda: client.transport.get_sandbox(sandbox_id, call_timeout=self._request_timeout),
             op="get sandbox",
-            sandbox_id=sandbox_id,
         )
         self._apply(record)
         assert self._status is not None
@@ -600,12 +501,11 @@ class Sandbox:
                 return
             sandbox_id = self._require_id()
             client = await self._client()
-            record = await client.unary(
-                "StopSandbox",
-                pb.StopSandboxRequest(sandbox_id=sandbox_id, grace_seconds=grace or 0.001),
-                rpc_timeout=grace + 60.0,
+            record = await client.with_retry(
+                lambda: client.transport.stop_sandbox(
+                    sandbox_id, grace or 0.001, call_timeout=grace + 60.0
+                ),
                 op="stop sandbox",
-                sandbox_id=sandbox_id,
             )
             self._apply(record)
             if not (self._status and self._status.is_terminal):
@@ -655,323 +555,3 @@ class Sandbox:
             if exc is None:
                 raise
             logger.warning("stopping sandbox %s failed", self._sandbox_id, exc_info=True)
-
-    # -- commands ------------------------------------------------------------------------------
-
-    def exec(
-        self,
-        command: Sequence[str],
-        *,
-        cwd: str | None = None,
-        env: Mapping[str, str] | None = None,
-        check: bool = False,
-        timeout_seconds: float | None = None,
-        stdin: bool = False,
-        input: bytes | str | None = None,
-        protected: bool = False,
-        max_output_bytes: int | None = None,
-    ) -> Process:
-        """Runs `command` (an argv list) in the sandbox; returns a `Process` at once.
-
-        If the sandbox is not running yet, the command waits for it (it is started if needed).
-        `cwd` must be absolute (default: the sandbox's working directory). `env` is added to the
-        sandbox's environment. `timeout_seconds` (default: no limit) is enforced by the service:
-        the command's process group is killed and `result()` raises `SandboxTimeoutError` (with
-        ``exec_result``). With `check`, a non-zero exit makes `result()` raise
-        `SandboxExecutionError` carrying ``exec_result`` (after the output is complete).
-
-        The command's stdin: with ``stdin=True``, ``process.stdin`` is a `StreamWriter` to feed
-        it while it runs; with ``input=`` (bytes, or text sent as UTF-8; at most 4 MiB), it is
-        that data followed by end-of-file, sent with the command in one message (as in
-        `subprocess.run`; the cheaper way when the input is known up front); otherwise it is empty.
-        The two cannot be combined.
-
-        Output: ``process.stdout``/``stderr`` stream it live, in bounded memory (a reader that
-        falls behind holds the command back). The `ProcessResult` keeps the first
-        `max_output_bytes` of each stream (default `SandboxDefaults.max_output_bytes`, 64 MiB) and
-        says when a stream was longer (``stdout_truncated``/``stderr_truncated``); the command
-        runs to its end and its exit code arrives either way.
-
-        With ``protected=True`` nothing else running in the sandbox (a process an earlier
-        command left behind, say) can read, write, signal or trace the command, open its
-        descriptors or memory, or change its output or exit status; it still reads and writes
-        the sandbox's files and reaches its servers as any command does. Meant for checks that
-        judge code running in the same sandbox; see docs/security.md for what it does not
-        promise. Needs a service running as root (else `SandboxError` says so).
-        """
-        if isinstance(command, str | bytes):
-            raise TypeError(
-                f"exec() takes a list of arguments, e.g. ['sh', '-c', {command!r}], not a string"
-            )
-        argv = [str(a) for a in command]
-        if not argv:
-            raise ValueError("exec() needs a non-empty command")
-        if cwd is not None and not cwd.startswith("/"):
-            raise ValueError(f"cwd must be an absolute path: {cwd!r}")
-        if timeout_seconds is not None and timeout_seconds <= 0:
-            raise ValueError("timeout_seconds must be positive")
-        if input is not None and stdin:
-            raise ValueError("exec() takes stdin=True or input=..., not both")
-        data = input.encode() if isinstance(input, str) else bytes(input or b"")
-        keep = (
-            self._defaults.max_output_bytes
-            if max_output_bytes is None
-            else _defaults.byte_count("max_output_bytes", max_output_bytes)
-        )
-        state = ExecState(argv, stdin=stdin, max_output_bytes=keep)
-        init = pb.ExecInit(
-            argv=argv,
-            cwd=cwd or "",
-            env=dict(env or {}),
-            timeout_seconds=float(timeout_seconds or 0.0),
-            stdin=stdin,
-            input=data,
-            protected=protected,
-        )
-        future = get_bridge().submit(self._exec(state, init, check))
-        return Process(future, state)
-
-    async def _exec(self, state: ExecState, init: pb.ExecInit, check: bool) -> Any:
-        try:
-            if self._stop_requested:
-                raise SandboxNotRunningError(
-                    f"cannot run {shlex.join(state.command)!r}: the sandbox was stopped",
-                    sandbox_id=self._sandbox_id,
-                )
-            await self._ensure_started()
-            init.sandbox_id = self._require_id()
-            client = await self._client()
-            return await state.drive(client, init, check=check)
-        except BaseException as err:
-            state.finish(
-                err if isinstance(err, Exception) else SandboxError("the command was cancelled")
-            )
-            raise
-
-    # -- files ---------------------------------------------------------------------------------
-
-    def read_file(
-        self,
-        filepath: str,
-        *,
-        timeout_seconds: float | None = None,
-        max_bytes: int | None = None,
-    ) -> OperationRef[bytes]:
-        """Reads a whole file of the sandbox into memory (streamed in 256 KiB chunks).
-
-        At most `max_bytes` (default `SandboxDefaults.max_read_file_bytes`, 64 MiB): a larger
-        file raises `SandboxFileError` naming its size and the cap, before any of it moves (and
-        a file that grows past the cap while read stops there). Read big files with
-        `read_file_streaming` (chunks) or `download_file` (into a local file), in bounded memory.
-        Raises `SandboxFileError` (with ``filepath``) if it is missing, a directory, or
-        unreadable. `timeout_seconds` defaults to `request_timeout_seconds`.
-        """
-        cap = None if max_bytes is None else _defaults.byte_count("max_bytes", max_bytes)
-        return OperationRef._of(self._read_file(filepath, timeout_seconds, cap))
-
-    async def _read_file(
-        self, filepath: str, timeout_s: float | None, max_bytes: int | None = None
-    ) -> bytes:
-        await self._ensure_started()
-        client = await self._client()
-        return await _files.read_whole(
-            client,
-            self._require_id(),
-            filepath,
-            timeout_s or self._request_timeout,
-            self._defaults.max_read_file_bytes if max_bytes is None else max_bytes,
-        )
-
-    def read_file_streaming(
-        self, filepath: str, *, timeout_seconds: float | None = None
-    ) -> FileStream:
-        """Reads a file of the sandbox as a stream of ``bytes`` chunks, in bounded memory.
-
-        Returns a `FileStream` at once: iterate it with ``for`` or ``async for``; each chunk is
-        fetched when asked for, so a file of any size costs a chunk (256 KiB) and the
-        connection's window, and a slow consumer holds the transfer back. ``close()`` it (or use
-        ``with``) to stop early. Errors (`SandboxFileError` with ``filepath``) are raised by the
-        iteration. `timeout_seconds` bounds the whole transfer (default: no limit).
-        """
-        return FileStream(filepath, lambda: self._open_read(filepath, timeout_seconds))
-
-    def download_file(
-        self,
-        filepath: str,
-        local_path: str | os.PathLike[str],
-        *,
-        timeout_seconds: float | None = None,
-    ) -> OperationRef[int]:
-        """Copies a file of the sandbox to `local_path` on this machine, in bounded memory;
-        resolves to the number of bytes written.
-
-        Chunks are written to a temporary file beside `local_path`, renamed into place once the
-        whole file arrived: an interrupted download leaves nothing under the real name. The file
-        gets the sandbox file's permission bits less set-id bits and group/other write.
-        `local_path` must name a file in an existing directory (else `IsADirectoryError` or
-        `FileNotFoundError`, raised here). `timeout_seconds` bounds the whole transfer (default:
-        no limit). Raises `SandboxFileError` as `read_file` does.
-        """
-        target = _files.local_target(local_path)
-        return OperationRef._of(
-            _files.download(lambda: self._open_read(filepath, timeout_seconds), filepath, target)
-        )
-
-    async def _open_read(self, filepath: str, timeout_s: float | None) -> Any:
-        await self._ensure_started()
-        client = await self._client()
-        return await _files.open_read(client, self._require_id(), filepath, timeout_s)
-
-    def write_file(
-        self,
-        filepath: str,
-        contents: bytes | bytearray | memoryview | str,
-        *,
-        mode: int | None = None,
-        make_parents: bool = True,
-        timeout_seconds: float | None = None,
-    ) -> OperationRef[None]:
-        """Writes (creates or replaces) a file in the sandbox; str contents are UTF-8 encoded.
-
-        Streamed in 256 KiB chunks, so any size works. `mode`: permission bits (default 0o644).
-        Missing parent directories are created unless `make_parents` is False. Raises
-        `SandboxFileError` (with ``filepath``) on failure.
-        """
-        data = contents.encode() if isinstance(contents, str) else contents
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise TypeError(
-                f"write_file() contents must be bytes or str, not {type(data).__name__}"
-            )
-        return OperationRef._of(
-            self._write_file(
-                filepath, memoryview(data).cast("B"), mode, make_parents, timeout_seconds
-            ),
-            finish_at_exit=True,
-        )
-
-    async def _write_file(
-        self,
-        filepath: str,
-        data: memoryview,
-        mode: int | None,
-        make_parents: bool,
-        timeout_s: float | None,
-    ) -> None:
-        await self._ensure_started()
-        client = await self._client()
-        await client.write_file(
-            self._require_id(),
-            filepath,
-            data,
-            mode=mode or 0,
-            make_parents=make_parents,
-            rpc_timeout=timeout_s or self._request_timeout,
-        )
-
-    # -- class-level queries -------------------------------------------------------------------
-
-    @classmethod
-    def list(
-        cls,
-        *,
-        tags: Sequence[str] | None = None,
-        status: str | SandboxStatus | None = None,
-        include_stopped: bool = False,
-        base_url: str | None = None,
-        timeout_seconds: float | None = None,
-    ) -> OperationRef[builtins.list[Sandbox]]:
-        """Finds sandboxes: those with all of `tags`, in `status` if given.
-
-        Terminal sandboxes are left out unless `include_stopped` or `status` is a terminal status.
-        All pages are fetched. The results are usable `Sandbox` objects.
-        """
-        tag_list = list(_defaults._as_str_tuple("tags", tags))
-        wanted = SandboxStatus.parse(status) if status is not None else None
-        return OperationRef._of(
-            cls._list(tag_list, wanted, include_stopped, base_url, timeout_seconds)
-        )
-
-    @classmethod
-    async def _list(
-        cls,
-        tags: builtins.list[str],
-        status: SandboxStatus | None,
-        include_stopped: bool,
-        base_url: str | None,
-        timeout_s: float | None,
-    ) -> builtins.list[Sandbox]:
-        url = _defaults.resolve_base_url(base_url, None)
-        client = await get_client(url)
-        request = pb.ListSandboxesRequest(
-            tags=tags,
-            include_terminated=include_stopped or bool(status and status.is_terminal),
-            page_size=1000,
-        )
-        if status is not None:
-            request.statuses.append(status.to_proto())  # type: ignore[arg-type]
-        found: builtins.list[Sandbox] = []
-        while True:
-            response = await client.unary(
-                "ListSandboxes",
-                request,
-                rpc_timeout=timeout_s or _defaults.DEFAULT_REQUEST_TIMEOUT_SECONDS,
-                op="list sandboxes",
-            )
-            found.extend(cls._from_record(r, url, timeout_s) for r in response.sandboxes)
-            if not response.next_page_token:
-                return found
-            request.page_token = response.next_page_token
-
-    @classmethod
-    def from_id(
-        cls,
-        sandbox_id: str,
-        *,
-        base_url: str | None = None,
-        timeout_seconds: float | None = None,
-    ) -> OperationRef[Sandbox]:
-        """Attaches to an existing sandbox (also a terminal one). Raises `SandboxNotFoundError`."""
-        return OperationRef._of(cls._from_id(sandbox_id, base_url, timeout_seconds))
-
-    @classmethod
-    async def _from_id(
-        cls, sandbox_id: str, base_url: str | None, timeout_s: float | None
-    ) -> Sandbox:
-        url = _defaults.resolve_base_url(base_url, None)
-        client = await get_client(url)
-        record = await client.unary(
-            "GetSandbox",
-            pb.GetSandboxRequest(sandbox_id=sandbox_id),
-            rpc_timeout=timeout_s or _defaults.DEFAULT_REQUEST_TIMEOUT_SECONDS,
-            op="get sandbox",
-            sandbox_id=sandbox_id,
-        )
-        return cls._from_record(record, url, timeout_s)
-
-    @classmethod
-    def delete(
-        cls,
-        sandbox_id: str,
-        *,
-        missing_ok: bool = False,
-        base_url: str | None = None,
-        timeout_seconds: float | None = None,
-    ) -> OperationRef[None]:
-        """Stops the sandbox if needed and removes its record. `missing_ok` ignores unknown ids."""
-        return OperationRef._of(
-            cls._delete(sandbox_id, missing_ok, base_url, timeout_seconds), finish_at_exit=True
-        )
-
-    @classmethod
-    async def _delete(
-        cls, sandbox_id: str, missing_ok: bool, base_url: str | None, timeout_s: float | None
-    ) -> None:
-        client = await get_client(_defaults.resolve_base_url(base_url, None))
-        with contextlib.suppress(SandboxNotFoundError) if missing_ok else contextlib.nullcontext():
-            await client.unary(
-                "DeleteSandbox",
-                pb.DeleteSandboxRequest(sandbox_id=sandbox_id),
-                rpc_timeout=timeout_s or _defaults.DEFAULT_REQUEST_TIMEOUT_SECONDS,
-                op="delete sandbox",
-                sandbox_id=sandbox_id,
-            )

@@ -32,20 +32,17 @@ import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
+from typing import Any, ParamSpec, Self, TypeVar, Unpack, overload
 
 from aviato import _bridge, _defaults
 from aviato._client import get_client
-from aviato._credentials import ImagePullCredentials
-from aviato._defaults import NetworkOptions, SandboxDefaults, Serialization
-from aviato._refs import OperationRef
+from aviato._defaults import SandboxDefaults
+from aviato._function import RemoteFunction
+from aviato._operation import OperationRef
+from aviato._options import FunctionOptions, SandboxOptions, check_keys
 from aviato._sandbox import Sandbox
 from aviato._status import SandboxStatus
 from aviato.exceptions import SandboxError, SandboxNotFoundError
-from aviato.v1 import sandbox_pb2 as pb
-
-if TYPE_CHECKING:
-    from aviato._function import RemoteFunction
 
 __all__ = ["Session"]
 
@@ -124,48 +121,16 @@ class Session:
         with self._lock:
             self._sandboxes.pop(id(sandbox), None)
 
-    def sandbox(
-        self,
-        *,
-        command: str | None = None,
-        args: Sequence[str] | None = None,
-        container_image: str | None = None,
-        tags: Sequence[str] | None = None,
-        resources: Mapping[str, str | int | float] | None = None,
-        mounted_files: Sequence[Mapping[str, Any]] | None = None,
-        network: NetworkOptions | Mapping[str, Any] | None = None,
-        environment_variables: Mapping[str, str] | None = None,
-        working_dir: str | None = None,
-        max_lifetime_seconds: float | None = None,
-        request_timeout_seconds: float | None = None,
-        image_command: bool | None = None,
-        image_pull_credentials: ImagePullCredentials | Mapping[str, str] | None = None,
-        node_selector: Mapping[str, str] | None = None,
-    ) -> Sandbox:
+    def sandbox(self, **options: Unpack[SandboxOptions]) -> Sandbox:
         """A new sandbox with the session's defaults; it starts on first use (exec, read_file,
         write_file, wait, await, start). Raises `SandboxError` if the session is closed.
 
         The options are `Sandbox`'s (e.g. ``image_command=True`` to run the image's
-        Entrypoint + Cmd, ``image_pull_credentials=`` for a private registry)."""
+        Entrypoint + Cmd, ``image_pull_credentials=`` for a private registry), except
+        `base_url`: a session's sandboxes live on the session's service."""
         self._check_open()
-        sandbox = Sandbox(
-            command=command,
-            args=args,
-            defaults=self.defaults,
-            container_image=container_image,
-            tags=tags,
-            resources=resources,
-            mounted_files=mounted_files,
-            network=network,
-            environment_variables=environment_variables,
-            working_dir=working_dir,
-            max_lifetime_seconds=max_lifetime_seconds,
-            request_timeout_seconds=request_timeout_seconds,
-            image_command=image_command,
-            image_pull_credentials=image_pull_credentials,
-            node_selector=node_selector,
-            _session=self,
-        )
+        check_keys(options, SandboxOptions.__optional_keys__, "Session.sandbox")
+        sandbox = Sandbox(defaults=self.defaults, _session=self, **options)
         self._track(sandbox)
         return sandbox
 
@@ -230,27 +195,14 @@ class Session:
 
     @overload
     def function(
-        self,
-        fn: None = None,
-        /,
-        *,
-        container_image: str | None = None,
-        serialization: Serialization = Serialization.JSON,
-        temp_dir: str | None = None,
-        resources: Mapping[str, str | int | float] | None = None,
-        mounted_files: Sequence[Mapping[str, Any]] | None = None,
-        network: NetworkOptions | Mapping[str, Any] | None = None,
-        environment_variables: Mapping[str, str] | None = None,
-        max_lifetime_seconds: float | None = None,
-        timeout_seconds: float | None = None,
-        reuse_sandboxes: bool = True,
+        self, fn: None = None, /, **options: Unpack[FunctionOptions]
     ) -> Callable[[Callable[P, R]], RemoteFunction[P, R]]: ...
 
     def function(
         self,
         fn: Callable[P, R] | None = None,
         /,
-        **options: Any,
+        **options: Unpack[FunctionOptions],
     ) -> RemoteFunction[P, R] | Callable[[Callable[P, R]], RemoteFunction[P, R]]:
         """Decorator: run a plain Python function in this session's sandboxes.
 
@@ -260,7 +212,6 @@ class Session:
         See `aviato.RemoteFunction` for the rules (JSON-safe arguments and results, captured
         variables, errors, sandbox reuse).
         """
-        from aviato._function import RemoteFunction
 
         def decorate(func: Callable[P, R]) -> RemoteFunction[P, R]:
             remote = RemoteFunction(func, self, **options)
@@ -287,12 +238,8 @@ class Session:
             if self._closed:
                 return
             try:
-                await client.unary(
-                    "RenewLease",
-                    pb.RenewLeaseRequest(lease_id=self._lease_id, ttl_seconds=self._lease_ttl),
-                    rpc_timeout=max(interval, 1.0),
-                    op="renew lease",
-                    retry=False,
+                await client.transport.renew_lease(
+                    self._lease_id, self._lease_ttl, call_timeout=max(interval, 1.0)
                 )
             except asyncio.CancelledError:
                 raise
@@ -327,10 +274,10 @@ class Session:
         if self._lease_used:
             with contextlib.suppress(Exception):
                 client = await get_client(self._base_url)
-                await client.unary(
-                    "ReleaseLease",
-                    pb.ReleaseLeaseRequest(lease_id=self._lease_id, stop_sandboxes=True),
-                    rpc_timeout=60.0,
+                await client.with_retry(
+                    lambda: client.transport.release_lease(
+                        self._lease_id, stop_sandboxes=True, call_timeout=60.0
+                    ),
                     op="release lease",
                 )
         with self._lock:

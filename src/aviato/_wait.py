@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from typing import Any, TypeVar, overload
 
 from aviato._bridge import get_bridge
-from aviato._refs import OperationRef, Process
+from aviato._operation import OperationRef
+from aviato._process import Process
 from aviato._sandbox import Sandbox
 
 __all__ = ["Waitable", "results", "wait"]

@@ -23,9 +23,10 @@ AviatoError                            .code (gRPC status name, when one applies
 ```
 
 Raw gRPC errors never reach user code: every failure of a call is translated into one of these
-in `aviato._client`. `OperationRef.result(timeout=...)` running out of time raises the standard
-`TimeoutError` (`concurrent.futures.TimeoutError`), not `SandboxTimeoutError`: the operation itself
-goes on and can be awaited again.
+by the transport, from the status code and the service's structured error detail, in one place
+(`aviato._transport.errors`). `OperationRef.result(timeout=...)` running out of time raises the
+standard `TimeoutError` (`concurrent.futures.TimeoutError`), not `SandboxTimeoutError`: the
+operation itself goes on and can be awaited again.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from aviato._refs import ProcessResult
+    from aviato._results import ProcessResult
 
 __all__ = [
     "AsyncFunctionError",

@@ -3,7 +3,7 @@
 A command whose sandbox ends while it runs (stopped by another client, or its supervisor killed
 from the host) must not look like a transient failure: an UNAVAILABLE (`AviatoConnectionError`)
 invites a retry, and a retried command runs a second time. The service reports such an exec as
-ABORTED, the SDK maps that (in one place, `aviato._client.error_from_status`) to
+ABORTED, the SDK maps that (in one place, `aviato._transport.errors.from_status`) to
 `SandboxTerminatedError`, and the SDK itself never re-sends a command once it was sent.
 """
 

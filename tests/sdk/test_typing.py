@@ -48,18 +48,18 @@ SNIPPET = textwrap.dedent(
 )
 
 EXPECTED = [
-    '"aviato._refs.ProcessResult"',
-    '"aviato._refs.Process"',
-    '"aviato._refs.OperationRef[builtins.bytes]"',
+    '"aviato._results.ProcessResult"',
+    '"aviato._process.Process"',
+    '"aviato._operation.OperationRef[builtins.bytes]"',
     '"builtins.list[aviato._sandbox.Sandbox]"',
     '"aviato._sandbox.Sandbox"',
     '"builtins.int | None"',
     '"builtins.str"',
-    '"aviato._refs.OperationRef[builtins.int]"',
-    '"builtins.list[aviato._refs.OperationRef[builtins.int]]"',
+    '"aviato._operation.OperationRef[builtins.int]"',
+    '"builtins.list[aviato._operation.OperationRef[builtins.int]]"',
     '"builtins.int"',
     '"builtins.int"',
-    '"aviato._refs.ProcessResult"',
+    '"aviato._results.ProcessResult"',
     '"aviato._sandbox.Sandbox"',
     '"builtins.list[aviato._sandbox.Sandbox]"',
 ]

@@ -14,6 +14,7 @@ from aviato import (
     Serialization,
     _defaults,
 )
+from aviato._options import SandboxArgs
 from aviato.v1 import sandbox_pb2 as pb
 
 
@@ -245,3 +246,10 @@ def test_node_selector_merge_and_validation() -> None:
         Sandbox(node_selector={"gpus": 1})  # type: ignore[dict-item]
     with pytest.raises(SandboxValidationError, match="node_selector: a label name is empty"):
         SandboxDefaults(node_selector={"": "x"})
+
+
+def test_every_sandbox_option_has_its_default_field() -> None:
+    """The options are declared once (`aviato._options`); `SandboxDefaults` holds a default for
+    each, so that a new option cannot be forgotten there (mounted files have none)."""
+    fields = {f.name for f in dataclasses.fields(SandboxDefaults)}
+    assert SandboxArgs.__optional_keys__ - {"mounted_files"} <= fields

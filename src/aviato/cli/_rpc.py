@@ -29,8 +29,8 @@ import grpc
 
 from aviato import _client, _defaults, _local
 from aviato.cli._output import CliError
+from aviato.v1 import endpoint, sandbox_pb2_grpc
 from aviato.v1 import sandbox_pb2 as pb
-from aviato.v1 import sandbox_pb2_grpc
 
 PREFLIGHT_SECONDS = 5.0
 
@@ -57,7 +57,7 @@ def local_socket(start: bool) -> Path:
     """The local service's socket; with `start`, the service is started if it is not running."""
     if start:
         return Path(_local.ensure_local_service(None))
-    return Path(_local.state_dir()) / "aviato.sock"
+    return endpoint.socket_path()
 
 
 def _channel(url: str) -> grpc.Channel:

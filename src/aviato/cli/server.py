@@ -33,11 +33,10 @@ from aviato.cli._output import CliError, print_error, print_fields
 from aviato.cli._params import listen_address
 from aviato.v1 import sandbox_pb2 as pb
 from aviato.v1 import sandbox_pb2_grpc
+from aviato.v1.endpoint import LOCK_NAME, LOG_NAME, SOCKET_NAME
+from aviato.v1.endpoint import state_dir as default_state_dir
 
-SOCKET_NAME = "aviato.sock"
 PID_NAME = "server.pid"
-LOG_NAME = "server.log"
-LOCK_NAME = "server.lock"
 START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 20.0
 NOT_RUNNING_STATUS = 3  # as `systemctl status` and LSB init scripts use for "not running"
@@ -61,7 +60,7 @@ class _Paths:
 
 
 def _resolve(state_dir: str | None) -> _Paths:
-    directory = Path(state_dir).expanduser().absolute() if state_dir else _local.state_dir()
+    directory = default_state_dir(state_dir)
     return _Paths(directory)
 
 

@@ -3,7 +3,7 @@
 `SandboxServicer` answers the unary calls (sandboxes, leases, server info) here; the streams live
 beside it, one concept each: `exec_api` (Exec, RunCommand), `files_api` (ReadFile, WriteFile),
 `logs_api` (StreamLogs). Requests are decoded and answers encoded by `codec` only; errors become
-statuses in `servicer.grpc_status` only.
+statuses (with their ErrorDetail) in `errors.abort` / `errors.error_frame` only.
 
 What this module does not do: hold state. Everything lives in `lifecycle`; the servicer can be
 rebuilt at any time.
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from aviato.runtime.base import SandboxRuntimeError
-from aviato.server import codec, validation
+from aviato.server import codec, errors, validation
 from aviato.server.auth import LOCAL_OWNER, Authenticator
 from aviato.server.config import ServerConfig
 from aviato.server.errors import InvalidArgument, ServiceError
@@ -29,7 +29,6 @@ from aviato.server.files_api import FileStreams
 from aviato.server.lifecycle import Lifecycle
 from aviato.server.logs_api import LogStreams
 from aviato.server.placement import Placement
-from aviato.server.servicer import grpc_status
 from aviato.v1 import sandbox_pb2 as pb
 
 if TYPE_CHECKING:
@@ -81,7 +80,7 @@ class _Unary:
                 owner = obj.owner(context)
                 return await fn(obj, owner, request, context)
             except (ServiceError, SandboxRuntimeError) as e:
-                await context.abort(grpc_status(e.code), str(e))
+                await errors.abort(context, e)
             except asyncio.CancelledError:
                 raise
             except Exception:

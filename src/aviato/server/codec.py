@@ -21,8 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import grpc
-
 from aviato.runtime.base import ExecExit, ExecOutput
 from aviato.runtime.model import (
     DEFAULT_DISK_BYTES,
@@ -44,7 +42,6 @@ __all__ = [
     "decode_spec",
     "decode_statuses",
     "decode_stored_spec",
-    "encode_error",
     "encode_exit",
     "encode_lease",
     "encode_output",
@@ -278,9 +275,3 @@ def encode_exit(event: ExecExit) -> pb.ExecResponse:
             ),
         )
     )
-
-
-def encode_error(code: str, message: str) -> pb.ExecResponse:
-    """An exec's error frame; `code` is a grpc.StatusCode name (unknown names: INTERNAL)."""
-    status: grpc.StatusCode = getattr(grpc.StatusCode, code, grpc.StatusCode.INTERNAL)
-    return pb.ExecResponse(error=pb.ExecError(code=int(status.value[0]), message=message))

@@ -17,6 +17,7 @@ from aviato.images.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_ENTR
 from aviato.runtime.model import DEFAULT_DISK_BYTES, DEFAULT_MEMORY_BYTES, DEFAULT_PIDS
 from aviato.server.quotas import Quota
 from aviato.server.validation import DEFAULT_MAX_LIFETIME_SECONDS, SpecDefaults
+from aviato.v1 import endpoint
 
 __all__ = [
     "DEFAULT_MAX_LIFETIME_SECONDS",
@@ -36,16 +37,8 @@ DEFAULT_MIN_FREE_DISK_BYTES = 256 << 20
 
 
 def resolve_state_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """The state directory, absolute; never created here."""
-    if explicit:
-        return Path(explicit).expanduser().absolute()
-    env = os.environ.get("AVIATO_STATE_DIR")
-    if env:
-        return Path(env).expanduser().absolute()
-    xdg = os.environ.get("XDG_STATE_HOME")
-    if xdg:
-        return (Path(xdg).expanduser() / "aviato").absolute()
-    return (Path.home() / ".local" / "state" / "aviato").absolute()
+    """The state directory, absolute (`aviato.v1.endpoint.state_dir`); never created here."""
+    return endpoint.state_dir(explicit)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -172,7 +165,7 @@ class ServerConfig:
 
     @property
     def socket_path(self) -> Path:
-        return self.state_dir / "aviato.sock"
+        return self.state_dir / endpoint.SOCKET_NAME
 
     @property
     def registry_path(self) -> Path:

@@ -22,9 +22,10 @@ from aviato.runtime.base import (
     ExecSpec,
     SandboxRuntimeError,
 )
-from aviato.server import codec
+from aviato.server import codec, errors
 from aviato.server.errors import InvalidArgument, ServiceError
 from aviato.server.servicer import ServicerBase
+from aviato.v1 import errors_pb2 as epb
 from aviato.v1 import sandbox_pb2 as pb
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ log = logging.getLogger("aviato.server.api")
 
 MAX_EXEC_INPUT_BYTES = 4 << 20  # ExecInit.input (a request message is at most 8 MiB)
 _INLINE_INPUT_BYTES = 64 * 1024  # RunCommand writes input this small before relaying output
-_refused = codec.encode_error  # a frame refusing the request
+_refused = errors.error_frame  # a frame refusing the request
 _STARTED = pb.ExecResponse(started=pb.ExecStarted())
 # What a started command fails with when its sandbox goes away under it (see `_cut_off`).
 _CUT_OFF_CODES = frozenset({"UNAVAILABLE", "FAILED_PRECONDITION"})
@@ -55,19 +56,19 @@ class ExecStreams(ServicerBase):
             first = await anext(requests)
         except StopAsyncIteration:
             await write(
-                codec.encode_error(
+                errors.error_frame(
                     "INVALID_ARGUMENT", "init: the stream ended before an init frame"
                 )
             )
             return
         if first.WhichOneof("msg") != "init":
             await write(
-                codec.encode_error("INVALID_ARGUMENT", "init: the first frame must be init")
+                errors.error_frame("INVALID_ARGUMENT", "init: the first frame must be init")
             )
             return
         init = first.init
         if init.input and not init.stdin:
-            await write(codec.encode_error("INVALID_ARGUMENT", "init.input: needs init.stdin"))
+            await write(errors.error_frame("INVALID_ARGUMENT", "init.input: needs init.stdin"))
             return
         started = await self._start_exec(owner, init, write, stdin=init.stdin)
         if started is None:
@@ -90,7 +91,7 @@ class ExecStreams(ServicerBase):
         owner = await self._owner_or_abort(context)
         if init.tty:
             await write(
-                codec.encode_error("INVALID_ARGUMENT", "init.tty: RunCommand has no terminal")
+                errors.error_frame("INVALID_ARGUMENT", "init.tty: RunCommand has no terminal")
             )
             return
         started = await self._start_exec(owner, init, write, stdin=bool(init.input))
@@ -130,13 +131,17 @@ class ExecStreams(ServicerBase):
             handle = await self._lifecycle.running_handle(owner, init.sandbox_id)
             return spec, await handle.exec(spec)
         except (ServiceError, SandboxRuntimeError) as e:
-            await write(codec.encode_error(e.code, str(e)))
+            await write(
+                errors.error_frame(e.code, str(e), errors.detail_of(e, sandbox_id=init.sandbox_id))
+            )
         except Exception as e:
             log.exception("exec could not start")
-            await write(codec.encode_error("INTERNAL", f"internal error: {e}"))
+            await write(errors.error_frame("INTERNAL", f"internal error: {e}"))
         return None
 
-    def _cut_off(self, code: str, message: str, sandbox_id: str) -> tuple[str, str]:
+    def _cut_off(
+        self, code: str, message: str, sandbox_id: str, detail: epb.ErrorDetail | None = None
+    ) -> tuple[str, str, epb.ErrorDetail | None]:
         """A started command's failure as reported to the client.
 
         A command whose sandbox went away under it (stopped, its main process ended, its
@@ -147,10 +152,11 @@ class ExecStreams(ServicerBase):
         happens. Other codes pass unchanged.
         """
         if code not in _CUT_OFF_CODES:
-            return code, message
+            return code, message, detail
         how = self._lifecycle.how_it_ended(sandbox_id)
         cut = f"the command was cut off: sandbox {sandbox_id} {how} while it ran"
-        return "ABORTED", cut + (f" ({message})" if message else "")
+        terminated = epb.ErrorDetail(reason=epb.SANDBOX_TERMINATED, sandbox_id=sandbox_id)
+        return "ABORTED", cut + (f" ({message})" if message else ""), terminated
 
     async def _relay_exec(
         self,
@@ -180,15 +186,16 @@ class ExecStreams(ServicerBase):
                     message = event.message
                     if pump is not None and pump.done() and not pump.cancelled():
                         message = pump.result() or message
-                    await write(codec.encode_error(*self._cut_off(event.code, message, sandbox_id)))
+                    await write(errors.error_frame(*self._cut_off(event.code, message, sandbox_id)))
                     break
             if not done:
                 done = True
-                await write(codec.encode_error(*self._cut_off("UNAVAILABLE", "", sandbox_id)))
+                await write(errors.error_frame(*self._cut_off("UNAVAILABLE", "", sandbox_id)))
         except (SandboxRuntimeError, ServiceError) as e:
             if not done:
                 done = True
-                await write(codec.encode_error(*self._cut_off(e.code, str(e), sandbox_id)))
+                detail = errors.detail_of(e, sandbox_id=sandbox_id)
+                await write(errors.error_frame(*self._cut_off(e.code, str(e), sandbox_id, detail)))
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -198,7 +205,7 @@ class ExecStreams(ServicerBase):
                     await asyncio.shield(proc.kill())
                 done = True
                 with contextlib.suppress(Exception):
-                    await write(codec.encode_error("INTERNAL", f"internal error: {e}"))
+                    await write(errors.error_frame("INTERNAL", f"internal error: {e}"))
         finally:
             if not done:
                 # The client went away (or the stream broke): nobody can read the command.

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 import grpc
 
 from aviato.runtime.base import SandboxRuntimeError
-from aviato.server import validation
+from aviato.server import errors, validation
 from aviato.server.errors import InvalidArgument, ServiceError
-from aviato.server.servicer import ServicerBase, grpc_status
+from aviato.server.servicer import ServicerBase
 from aviato.server.streams import Resumable, drain_upload
 from aviato.v1 import sandbox_pb2 as pb
 
@@ -43,8 +43,7 @@ class FileStreams(ServicerBase):
             handle = await self._lifecycle.running_handle(owner, request.sandbox_id)
             info, chunks = await handle.read_file(path)
         except (ServiceError, SandboxRuntimeError) as e:
-            await context.abort(grpc_status(e.code), str(e))
-            return
+            await errors.abort(context, e, sandbox_id=request.sandbox_id, path=request.path)
         write = context.write
         try:
             await write(pb.ReadFileResponse(info=pb.FileInfo(size=info.size, mode=info.mode)))
@@ -52,7 +51,7 @@ class FileStreams(ServicerBase):
                 for i in range(0, len(chunk), FILE_CHUNK):
                     await write(pb.ReadFileResponse(data=chunk[i : i + FILE_CHUNK]))
         except (ServiceError, SandboxRuntimeError) as e:
-            await context.abort(grpc_status(e.code), str(e))
+            await errors.abort(context, e, sandbox_id=request.sandbox_id, path=request.path)
         finally:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
@@ -95,6 +94,7 @@ class FileStreams(ServicerBase):
                 )
                 raise problem[-1]
 
+        header = pb.WriteFileHeader()
         try:
             try:
                 first = await anext(requests)
@@ -113,13 +113,12 @@ class FileStreams(ServicerBase):
             err: ServiceError | SandboxRuntimeError = problem[0] if problem else e
             if not problem:
                 await drain_upload(requests, MAX_WRITE_BYTES)
-            await context.abort(grpc_status(err.code), str(err))
-            raise  # unreachable
+            await errors.abort(context, err, sandbox_id=header.sandbox_id, path=header.path)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise  # AbortError: the call already has its status (e.g. a malformed frame)
         except Exception:
             if problem:
-                await context.abort(grpc_status(problem[0].code), str(problem[0]))
+                await errors.abort(context, problem[0])
             log.exception("WriteFile failed")
             await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
             raise

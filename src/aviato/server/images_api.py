@@ -31,6 +31,7 @@ from aviato.runtime.base import (
     SandboxRuntimeError,
 )
 from aviato.runtime.image_service import pull_with_progress
+from aviato.server import errors
 from aviato.server.auth import Authenticator
 from aviato.server.errors import FailedPrecondition, InvalidArgument, ServiceError
 from aviato.server.placement import Placement
@@ -43,11 +44,6 @@ log = logging.getLogger("aviato.server.images")
 
 if TYPE_CHECKING:
     Ctx = grpc.aio.ServicerContext[Any, Any]
-
-
-def _status(code: str) -> grpc.StatusCode:
-    status: grpc.StatusCode = getattr(grpc.StatusCode, code, grpc.StatusCode.INTERNAL)
-    return status
 
 
 def image_message(image: ImageInfo) -> ipb.Image:
@@ -165,11 +161,11 @@ class ImageServicer:
         try:
             self._auth.owner_of(context.peer(), context.invocation_metadata())
         except ServiceError as e:
-            await context.abort(_status(e.code), str(e))
+            await errors.abort(context, e)
 
     async def _fail(self, context: Ctx, exc: BaseException) -> None:
         if isinstance(exc, ServiceError | SandboxRuntimeError):
-            await context.abort(_status(exc.code), str(exc))
+            await errors.abort(context, exc)
         log.error("image call failed", exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
 

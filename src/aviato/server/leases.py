@@ -22,6 +22,7 @@ from aviato.server.sandbox_states import (
     LIFETIME_REASON,
     LeaseState,
 )
+from aviato.v1.errors_pb2 import LEASE_NOT_FOUND
 
 __all__ = ["DEFAULT_LEASE_TTL", "MAX_LEASE_TTL", "LeaseKeeping"]
 
@@ -67,7 +68,9 @@ class LeaseKeeping(SandboxRuns):
         self._check_lease_args(lease_id, 0.0, "lease_id", "ttl_seconds")
         lease = self._leases.pop((owner, lease_id), None)
         if lease is None:
-            raise NotFound(f"lease {lease_id!r} not found")
+            raise NotFound(
+                f"lease {lease_id!r} not found", reason=LEASE_NOT_FOUND, lease_id=lease_id
+            )
         self._registry.delete_lease(owner, lease_id)
         lease.expires_ns = time.time_ns()
         if stop_sandboxes:

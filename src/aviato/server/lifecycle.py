@@ -43,7 +43,7 @@ from pathlib import Path
 from aviato.runtime.base import (
     SandboxHandle,
 )
-from aviato.server.errors import FailedPrecondition, InvalidArgument, NotFound
+from aviato.server.errors import FailedPrecondition, InvalidArgument, SandboxNotFound
 from aviato.server.leases import LeaseKeeping
 from aviato.server.placement import UnknownNode
 from aviato.server.quotas import charge_of
@@ -63,6 +63,7 @@ from aviato.server.sandbox_states import (
     classify_exit,
     status_name,
 )
+from aviato.v1.errors_pb2 import SANDBOX_NOT_RUNNING, SERVICE_SHUTTING_DOWN
 
 __all__ = ["LeaseState", "Lifecycle", "classify_exit", "status_name"]
 
@@ -178,7 +179,7 @@ class Lifecycle(LeaseKeeping, Reconciliation):
         capacity check and the insert.
         """
         if self._closing:
-            raise FailedPrecondition("the service is shutting down")
+            raise FailedPrecondition("the service is shutting down", reason=SERVICE_SHUTTING_DOWN)
         live = self._by_request.get((owner, request_id))
         if live is not None:
             return live.rec
@@ -258,7 +259,7 @@ class Lifecycle(LeaseKeeping, Reconciliation):
         if not rec.terminal:
             rec = await self.stop(owner, sandbox_id, 0.0)
         if not self._registry.delete_sandbox(sandbox_id):
-            raise NotFound(f"sandbox {sandbox_id!r} not found")
+            raise SandboxNotFound(sandbox_id)
         with contextlib.suppress(FileNotFoundError):
             self._kept_log(sandbox_id).unlink()
         with contextlib.suppress(UnknownNode):
@@ -277,17 +278,25 @@ class Lifecycle(LeaseKeeping, Reconciliation):
             rec = self._record(owner, sandbox_id)
             raise FailedPrecondition(
                 f"sandbox {sandbox_id} is {status_name(rec.status)}"
-                + (f" ({rec.reason})" if rec.reason else "")
+                + (f" ({rec.reason})" if rec.reason else ""),
+                reason=SANDBOX_NOT_RUNNING,
+                sandbox_id=sandbox_id,
             )
         if live.rec.status != RUNNING:
             await self._wait_until(live, lambda: live.rec.status not in _STARTING, wait_seconds)
         if live.rec.status != RUNNING or live.handle is None:
             raise FailedPrecondition(
                 f"sandbox {sandbox_id} is {status_name(live.rec.status)}"
-                + (f" ({live.rec.reason})" if live.rec.reason else "")
+                + (f" ({live.rec.reason})" if live.rec.reason else ""),
+                reason=SANDBOX_NOT_RUNNING,
+                sandbox_id=sandbox_id,
             )
         if live.stop_task is not None:
-            raise FailedPrecondition(f"sandbox {sandbox_id} is stopping")
+            raise FailedPrecondition(
+                f"sandbox {sandbox_id} is stopping",
+                reason=SANDBOX_NOT_RUNNING,
+                sandbox_id=sandbox_id,
+            )
         return live.handle
 
     def log_source(

@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from aviato.runtime.base import SandboxRuntimeError
+from aviato.server import errors
 from aviato.server.errors import ServiceError
 from aviato.server.log_stream import log_entry, sandbox_log_records
-from aviato.server.servicer import ServicerBase, grpc_status
+from aviato.server.servicer import ServicerBase
 from aviato.v1 import sandbox_pb2 as pb
 
 if TYPE_CHECKING:
@@ -35,4 +36,4 @@ class LogStreams(ServicerBase):
             async for record in records:
                 yield log_entry(record)
         except (ServiceError, SandboxRuntimeError) as e:
-            await context.abort(grpc_status(e.code), str(e))
+            await errors.abort(context, e, sandbox_id=request.sandbox_id)

@@ -29,6 +29,7 @@ from aviato.runtime.model import SandboxConfig
 from aviato.server.errors import CapacityExceeded
 from aviato.server.quantities import format_bytes, format_cpu
 from aviato.server.registry import OwnerQuotaRecord, Registry
+from aviato.v1.errors_pb2 import QUOTA_EXCEEDED
 
 __all__ = [
     "Charge",
@@ -49,6 +50,8 @@ def host_cpu_millis() -> int:
 
 class QuotaExceeded(CapacityExceeded):
     """An owner's quota would be exceeded. The message names only that owner's usage."""
+
+    reason = QUOTA_EXCEEDED
 
 
 @dataclass(frozen=True)

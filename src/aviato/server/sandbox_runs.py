@@ -27,7 +27,7 @@ from aviato.runtime.base import (
 )
 from aviato.server.admission import Admission
 from aviato.server.config import ServerConfig
-from aviato.server.errors import NotFound
+from aviato.server.errors import SandboxNotFound
 from aviato.server.placement import Placement
 from aviato.server.records import (
     SandboxRecord,
@@ -94,7 +94,7 @@ class SandboxRuns:
             return live.rec
         rec = self._registry.get_sandbox(sandbox_id) if sandbox_id else None
         if rec is None or rec.owner != owner:
-            raise NotFound(f"sandbox {sandbox_id!r} not found")
+            raise SandboxNotFound(sandbox_id)
         live = self._live.get(sandbox_id)
         return live.rec if live is not None else rec
 

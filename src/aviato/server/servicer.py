@@ -1,9 +1,9 @@
-"""What the servicers of aviato.v1.SandboxService share: the lifecycle, the caller's owner, and
-the translation of errors into gRPC statuses.
+"""What the servicers of aviato.v1.SandboxService share: the lifecycle and the caller's owner.
 
-Error translation happens in `grpc_status` and only there: `errors.ServiceError` and
-`runtime.base.SandboxRuntimeError` carry a grpc status code name; anything else is a bug, logged
-with its traceback and reported as INTERNAL. No request can crash the service.
+Errors reach the wire through `errors.abort` / `errors.error_frame` only (status code, message
+and ErrorDetail): `errors.ServiceError` and `runtime.base.SandboxRuntimeError` carry a status
+code name; anything else is a bug, logged with its traceback and reported as INTERNAL. No
+request can crash the service.
 """
 
 from __future__ import annotations
@@ -12,20 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from aviato.server import errors
 from aviato.server.auth import Authenticator
 from aviato.server.errors import ServiceError
 from aviato.server.lifecycle import Lifecycle
 
-__all__ = ["Ctx", "ServicerBase", "grpc_status"]
+__all__ = ["Ctx", "ServicerBase"]
 
 if TYPE_CHECKING:
     Ctx = grpc.aio.ServicerContext[Any, Any]
-
-
-def grpc_status(code: str) -> grpc.StatusCode:
-    """The status of an error's code name (`ServiceError.code`, `SandboxRuntimeError.code`)."""
-    status: grpc.StatusCode = getattr(grpc.StatusCode, code, grpc.StatusCode.INTERNAL)
-    return status
 
 
 class ServicerBase:
@@ -42,5 +37,4 @@ class ServicerBase:
         try:
             return self.owner(context)
         except ServiceError as e:
-            await context.abort(grpc_status(e.code), str(e))
-            raise  # unreachable: abort raises
+            await errors.abort(context, e)

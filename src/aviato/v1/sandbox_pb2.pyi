@@ -1,5 +1,6 @@
 import datetime
 
+from aviato.v1 import errors_pb2 as _errors_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -302,12 +303,14 @@ class ExecExit(_message.Message):
     def __init__(self, exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., timed_out: _Optional[bool] = ..., usage: _Optional[_Union[ResourceUsage, _Mapping]] = ..., oom_killed: _Optional[bool] = ...) -> None: ...
 
 class ExecError(_message.Message):
-    __slots__ = ("code", "message")
+    __slots__ = ("code", "message", "detail")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    detail: _errors_pb2.ErrorDetail
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., detail: _Optional[_Union[_errors_pb2.ErrorDetail, _Mapping]] = ...) -> None: ...
 
 class ExecResponse(_message.Message):
     __slots__ = ("started", "output", "exit", "error")

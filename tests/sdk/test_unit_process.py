@@ -16,14 +16,14 @@ import pytest
 
 from aviato import ProcessResult, SandboxExecutionError
 from aviato._bridge import get_bridge
-from aviato._output import MAX_LINE_CHARS, STREAM_WINDOW_BYTES
-from aviato._refs import ExecState, Process, StreamReader, _OutputBuffer
+from aviato._output import MAX_LINE_CHARS, STREAM_WINDOW_BYTES, OutputBuffer, StreamReader
+from aviato._process import ExecState, Process
 
 T = TypeVar("T")
 
 
 def feed(
-    buffer: _OutputBuffer, chunks: list[bytes], delay: float, error: BaseException | None = None
+    buffer: OutputBuffer, chunks: list[bytes], delay: float, error: BaseException | None = None
 ) -> None:
     async def produce() -> None:
         for chunk in chunks:
@@ -35,7 +35,7 @@ def feed(
 
 
 def test_sync_iteration_is_live() -> None:
-    buf = _OutputBuffer()
+    buf = OutputBuffer()
     reader = StreamReader(buf, "stdout")
     feed(buf, [f"line{i}\n".encode() for i in range(5)], 0.1)
     stamps = []
@@ -48,7 +48,7 @@ def test_sync_iteration_is_live() -> None:
 
 
 def test_async_iteration_from_another_thread_and_loop() -> None:
-    buf = _OutputBuffer()
+    buf = OutputBuffer()
     reader = StreamReader(buf, "stdout")
     got: list[str] = []
 
@@ -64,7 +64,7 @@ def test_async_iteration_from_another_thread_and_loop() -> None:
 
 
 def test_utf8_split_across_chunks() -> None:
-    buf = _OutputBuffer()
+    buf = OutputBuffer()
     reader = StreamReader(buf, "stdout")
     data = "héllo wörld ✓\n".encode()
     feed(buf, [data[i : i + 1] for i in range(len(data))], 0.0)
@@ -72,12 +72,12 @@ def test_utf8_split_across_chunks() -> None:
 
 
 def test_lines_sync_and_async() -> None:
-    buf = _OutputBuffer()
+    buf = OutputBuffer()
     reader = StreamReader(buf, "stdout")
     feed(buf, [b"one\ntw", b"o\nthr", b"ee"], 0.02)
     assert list(reader.lines()) == ["one\n", "two\n", "three"]
 
-    buf2 = _OutputBuffer()
+    buf2 = OutputBuffer()
     reader2 = StreamReader(buf2, "stdout")
     feed(buf2, [b"x\ny", b"\n"], 0.02)
 
@@ -88,7 +88,7 @@ def test_lines_sync_and_async() -> None:
 
 
 def test_stream_error_is_raised_after_the_data() -> None:
-    buf = _OutputBuffer()
+    buf = OutputBuffer()
     reader = StreamReader(buf, "stdout")
     feed(buf, [b"partial"], 0.0, error=SandboxExecutionError("stream broke"))
     chunks = []
@@ -100,7 +100,7 @@ def test_stream_error_is_raised_after_the_data() -> None:
 
 
 def test_reader_close_stops_iteration() -> None:
-    buf = _OutputBuffer()
+    buf = OutputBuffer()
     reader = StreamReader(buf, "stdout")
 
     def closer() -> None:
@@ -219,19 +219,19 @@ def on_loop(fn: Callable[[], T]) -> T:
 
 
 def test_the_head_is_kept_and_the_rest_only_streamed() -> None:
-    buf = _OutputBuffer(4, "stdout")
+    buf = OutputBuffer(4, "stdout")
     reader = StreamReader(buf, "stdout")
     feed(buf, [b"ab", b"cdef", b"gh"], 0.0)
     assert reader.read() == "abcdefgh"
     assert on_loop(lambda: (bytes(buf.head), buf.total, buf.truncated)) == (b"abcd", 8, True)
-    exact = _OutputBuffer(4, "stdout")
+    exact = OutputBuffer(4, "stdout")
     feed(exact, [b"abcd"], 0.0)
     assert StreamReader(exact, "stdout").read() == "abcd"
     assert not on_loop(lambda: exact.truncated)
 
 
 def test_output_nobody_reads_is_dropped_past_the_window_and_a_late_reader_is_told() -> None:
-    buf = _OutputBuffer(0, "stdout")
+    buf = OutputBuffer(0, "stdout")
     chunk = b"x" * (1024 * 1024)
     feed(buf, [chunk] * (STREAM_WINDOW_BYTES // len(chunk) + 3), 0.0)
     reader = StreamReader(buf, "stdout")
@@ -245,7 +245,7 @@ def test_output_nobody_reads_is_dropped_past_the_window_and_a_late_reader_is_tol
 
 
 def test_an_open_loop_holds_the_producer_back_and_a_dropped_one_releases_it() -> None:
-    buf = _OutputBuffer(0, "stdout")
+    buf = OutputBuffer(0, "stdout")
     reader = StreamReader(buf, "stdout")
     loop = iter(reader)
     chunk = b"y" * STREAM_WINDOW_BYTES
@@ -265,7 +265,7 @@ def test_an_open_loop_holds_the_producer_back_and_a_dropped_one_releases_it() ->
 
 
 def test_a_line_without_end_comes_in_bounded_pieces() -> None:
-    buf = _OutputBuffer(0, "stdout")
+    buf = OutputBuffer(0, "stdout")
     reader = StreamReader(buf, "stdout")
     half = MAX_LINE_CHARS // 2
     feed(buf, [b"a" * half] * 5 + [b"\nb"], 0.0)

@@ -1,0 +1,201 @@
+"""The options of a sandbox, declared once, and the one function that merges them with defaults.
+
+`SandboxSettings` is the set of options every way of making a sandbox takes; the signatures
+compose it with PEP 692's ``**options: Unpack[...]``:
+
+- `Sandbox(...)` takes `SandboxArgs`: the settings, `command`/`args` and `base_url`;
+- `Sandbox.run(*command, ...)` takes `RunOptions`: the settings and `base_url`;
+- `Session.sandbox(...)` takes `SandboxOptions`: the settings and `command`/`args` (a
+  session's sandboxes live on its service);
+- ``@session.function(...)`` takes `FunctionOptions`: the settings and the function's own.
+
+`SandboxDefaults` (in `aviato._defaults`) holds a default for each setting; `resolve` applies
+the merge rules (explicit value > default; tags concatenated; environment and node selector
+merged) and produces what the create sends. A new option: a key here, a field of
+`SandboxDefaults` if it has a default, and its line in `resolve`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+from aviato import _defaults
+from aviato._credentials import ImagePullCredentials, coerce_pull_credentials
+from aviato._defaults import NetworkOptions, SandboxDefaults, Serialization
+from aviato.exceptions import SandboxValidationError
+from aviato.v1 import sandbox_pb2 as pb
+
+__all__ = [
+    "FunctionOptions",
+    "ResolvedSandbox",
+    "RunOptions",
+    "SandboxArgs",
+    "SandboxOptions",
+    "SandboxSettings",
+    "check_keys",
+    "resolve",
+]
+
+
+class SandboxSettings(TypedDict, total=False):
+    """Options of a sandbox (see `Sandbox` for what each means). None, or leaving one out,
+    means the default of `SandboxDefaults`."""
+
+    container_image: str | None
+    image_command: bool | None
+    image_pull_credentials: ImagePullCredentials | Mapping[str, str] | None
+    tags: Sequence[str] | None
+    environment_variables: Mapping[str, str] | None
+    resources: Mapping[str, str | int | float] | None
+    mounted_files: Sequence[Mapping[str, Any]] | None
+    network: NetworkOptions | Mapping[str, Any] | None
+    working_dir: str | None
+    max_lifetime_seconds: float | None
+    node_selector: Mapping[str, str] | None
+    request_timeout_seconds: float | None
+
+
+class _MainProcess(TypedDict, total=False):
+    command: str | None
+    args: Sequence[str] | None
+
+
+class _Address(TypedDict, total=False):
+    base_url: str | None
+
+
+class SandboxOptions(_MainProcess, SandboxSettings, total=False):
+    """The settings and the main process: what `Session.sandbox` takes."""
+
+
+class SandboxArgs(SandboxOptions, _Address, total=False):
+    """Everything the `Sandbox` constructor takes besides `defaults`:
+
+    command, args: The main process (`run(*command)` takes them positionally). Default: none,
+        i.e. the service's keep-alive, which runs until the sandbox is stopped.
+    container_image: Default `AVIATO_IMAGE`, else the service's default (``"host"``).
+        An OCI reference (``"python:3.11"``, ``"ghcr.io/org/app:1.4"``) is pulled on first
+        use; the sandbox is PENDING ("pulling image ...") meanwhile.
+    image_command: True: the main process is the image's own ``Entrypoint + Cmd`` instead
+        of the keep-alive; the sandbox ends when it exits, with its exit code (see
+        `returncode`). Cannot be combined with a command (`SandboxValidationError`). A call's
+        command or image_command overrides those of `defaults`.
+    image_pull_credentials: `ImagePullCredentials` (or ``{"username", "password"}`` /
+        ``{"token"}``) for the image's registry; used for this pull only, never stored by
+        the service. Default: `defaults.image_pull_credentials`, else the service's Docker
+        config, else anonymous.
+    tags: Added to the default tags.
+    environment_variables: Merged over the default environment.
+    resources: ``{"cpu", "memory", "pids", "disk"}`` (strings or numbers).
+    mounted_files: ``[{"path": "/abs", "content": b"..."}]`` (or the spelling
+        ``mount_path``/``file_content``): read-only files inside the sandbox.
+    network: `NetworkOptions` or dict; only isolated networking is available.
+    max_lifetime_seconds: The service stops the sandbox after this long (default: the
+        service's, 1 hour).
+    working_dir: Absolute directory for the main process and commands (default ``/workspace``).
+    node_selector: Node labels the sandbox's node must carry, ``{"pool": "gpu"}``, when the
+        service places sandboxes on a cluster (docs/cluster.md); merged over the default
+        selector. A selector no node matches leaves the sandbox PENDING until the service's
+        placement deadline, then FAILED. Ignored by the local placement.
+    base_url: The service (default `AVIATO_BASE_URL`, else `defaults.base_url`, else local).
+    request_timeout_seconds: Deadline of each request; default of `wait()` (300 s).
+    """
+
+
+class RunOptions(SandboxSettings, _Address, total=False):
+    """What `Sandbox.run` takes besides the positional command and `defaults`."""
+
+
+class FunctionOptions(SandboxSettings, total=False):
+    """What ``@session.function(...)`` takes: the settings of its sandboxes (its
+    `environment_variables` apply per call, and `image_command` must stay False), and
+    `serialization` (JSON only), `temp_dir` (default: the session's), `timeout_seconds` (per
+    call; default none) and `reuse_sandboxes` (default True); see `RemoteFunction`."""
+
+    serialization: Serialization | str
+    temp_dir: str | None
+    timeout_seconds: float | None
+    reuse_sandboxes: bool
+
+
+@dataclass(frozen=True)
+class ResolvedSandbox:
+    """What a sandbox's options resolve to: the spec to create, and where and how."""
+
+    spec: pb.SandboxSpec
+    base_url: str | None
+    request_timeout_seconds: float
+    pull_credentials: ImagePullCredentials | None
+    request_id: str
+
+
+def check_keys(options: Mapping[str, object], allowed: frozenset[str], where: str) -> None:
+    """TypeError naming the keywords of `options` that `where` does not take (for callers whose
+    keywords were not checked by a type checker)."""
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(f"{where}: unexpected options: {', '.join(unknown)}")
+
+
+def resolve(options: SandboxArgs, defaults: SandboxDefaults) -> ResolvedSandbox:
+    """Merges `options` over `defaults` (the one place where that happens) and validates them;
+    errors name the option."""
+    check_keys(options, SandboxArgs.__optional_keys__, "Sandbox")
+    d = defaults
+    command = options.get("command")
+    args = options.get("args")
+    image_command = options.get("image_command")
+    if image_command is not None and not isinstance(image_command, bool):
+        raise TypeError(f"image_command must be True, False or None, not {image_command!r}")
+    if image_command and command:
+        raise SandboxValidationError(
+            "image_command=True runs the image's Entrypoint + Cmd: give it or a command, "
+            f"not both (command={command!r})"
+        )
+    # the call's own choice of main process wins over the defaults' (command or image's)
+    use_image_command = (
+        image_command if image_command is not None else (d.image_command and not command)
+    )
+    cmd = command or (None if use_image_command else d.command)
+    if cmd:
+        argv = [cmd, *(list(args) if args is not None else list(d.args))]
+    else:
+        if args:
+            raise ValueError("args given without a command")
+        argv = []
+    net = _defaults.coerce_network(options.get("network")) or d.network
+    wd = options.get("working_dir") or d.working_dir
+    if wd is not None and not wd.startswith("/"):
+        raise ValueError(f"working_dir must be an absolute path: {wd!r}")
+    lifetime = options.get("max_lifetime_seconds")
+    if lifetime is None:
+        lifetime = d.max_lifetime_seconds
+    spec = pb.SandboxSpec(
+        image=_defaults.resolve_image(options.get("container_image"), d),
+        command=argv,
+        env=d.merge_environment_variables(options.get("environment_variables")),
+        working_dir=wd or "",
+        tags=d.merge_tags(options.get("tags")),
+        max_lifetime_seconds=float(lifetime or 0.0),
+        mounted_files=_defaults.mounted_files_to_proto(options.get("mounted_files")),
+        network=net.to_spec_network() if net is not None else "none",
+        image_command=use_image_command,
+        node_selector=d.merge_node_selector(options.get("node_selector")),
+    )
+    resources = options.get("resources")
+    res = _defaults.resources_to_proto(resources if resources is not None else d.resources)
+    if res is not None:
+        spec.resources.CopyFrom(res)
+    pull = coerce_pull_credentials(options.get("image_pull_credentials"))
+    return ResolvedSandbox(
+        spec=spec,
+        base_url=_defaults.resolve_base_url(options.get("base_url"), d),
+        request_timeout_seconds=float(
+            options.get("request_timeout_seconds") or d.request_timeout_seconds
+        ),
+        pull_credentials=pull or d.image_pull_credentials,
+        request_id=str(uuid.uuid4()),
+    )

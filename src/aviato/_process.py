@@ -1,0 +1,332 @@
+"""A command in a sandbox: `Process` (its handle), `StreamWriter` (its stdin) and the driver
+that moves its frames between a transport's `ExecCall` and the output buffers.
+
+A `Process`'s `stdout` and `stderr` are `StreamReader`s (`aviato._output`) that yield text as
+the output arrives, with ``for`` or ``async for``, from any thread or loop; ``.lines()`` yields
+whole lines. Its `stdin` is a `StreamWriter` (when ``exec(..., stdin=True)``). The first
+``max_output_bytes`` (64 MiB by default) of each stream are also kept for the `ProcessResult`,
+so reading the streams is optional; memory stays bounded whatever the command writes.
+
+Nothing here knows the wire: frames come from `aviato._transport.base.ExecCall`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import shlex
+from collections import deque
+
+from aviato._defaults import DEFAULT_MAX_OUTPUT_BYTES
+from aviato._operation import OperationRef
+from aviato._output import OutputBuffer, StreamReader
+from aviato._results import ProcessResult, ResourceUsage
+from aviato._transport.base import ExecCall, Transport
+from aviato.exceptions import SandboxExecutionError, SandboxTimeoutError
+from aviato.v1 import sandbox_pb2 as pb
+
+__all__ = ["ExecState", "Process", "StreamWriter"]
+
+STDIN_CHUNK_BYTES = 64 * 1024
+STDIN_MAX_BUFFERED_BYTES = 1024 * 1024
+
+
+# --- input stream -----------------------------------------------------------------------------
+
+
+class StreamWriter:
+    """The stdin of a command started with ``exec(..., stdin=True)``.
+
+    ``write(data)`` and ``writeline(text)`` return an `OperationRef` that completes when the data
+    is accepted; at most ~1 MiB is buffered in the SDK beyond what the service has taken, so a
+    writer that outpaces the command waits (backpressure: block on, or await, the returned refs).
+    Writes are delivered in the order they were made. ``close()`` sends end-of-file; it is
+    idempotent. Writing after ``close()``, or after the command exited, raises
+    `SandboxExecutionError`.
+    """
+
+    def __init__(self, *, max_buffered_bytes: int = STDIN_MAX_BUFFERED_BYTES) -> None:
+        self._max_buffered = max_buffered_bytes
+        self._closed = False
+        self._close_ref: OperationRef[None] | None = None
+        self._failed: BaseException | None = None
+        # loop-side state
+        self._chunks: deque[bytes] = deque()
+        self._eof = False
+        self._queued = 0
+        self._sent = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` was called."""
+        return self._closed
+
+    def write(self, data: bytes | bytearray | memoryview) -> OperationRef[None]:
+        """Queues `data` for the command's stdin (see the class docstring)."""
+        if isinstance(data, str):
+            raise TypeError("StreamWriter.write() takes bytes; use writeline() or encode the text")
+        if self._closed:
+            raise SandboxExecutionError("cannot write: the stdin stream is closed")
+        if self._failed is not None:
+            raise SandboxExecutionError(
+                f"cannot write: the stdin stream has failed ({self._failed})"
+            )
+        return OperationRef._of(self._write(bytes(data)))
+
+    def writeline(self, text: str, encoding: str = "utf-8") -> OperationRef[None]:
+        """Writes `text` followed by a newline."""
+        return self.write((text + "\n").encode(encoding))
+
+    def close(self) -> OperationRef[None]:
+        """Sends end-of-file after everything written so far. Idempotent."""
+        if self._close_ref is None:
+            self._closed = True
+            self._close_ref = OperationRef._of(self._close())
+        return self._close_ref
+
+    # loop-side
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def _wait(self) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        await fut
+
+    async def _write(self, data: bytes) -> None:
+        # Ordering: this runs up to its first await in the order the writes were made.
+        if self._failed is not None:
+            raise SandboxExecutionError(
+                f"cannot write: the stdin stream has failed ({self._failed})"
+            )
+        for i in range(0, len(data), STDIN_CHUNK_BYTES):
+            self._chunks.append(data[i : i + STDIN_CHUNK_BYTES])
+        self._queued += len(data)
+        end = self._queued
+        self._wake()
+        while self._failed is None and end - self._sent > self._max_buffered:
+            await self._wait()
+        if self._failed is not None and end > self._sent:
+            raise SandboxExecutionError(f"stdin stream has failed ({self._failed})")
+
+    async def _close(self) -> None:
+        self._eof = True
+        self._wake()
+
+    async def _next_item(self) -> bytes | None:
+        """For the exec driver: the next chunk to send, or None for end-of-file."""
+        while True:
+            if self._chunks:
+                return self._chunks.popleft()
+            if self._eof:
+                return None
+            await self._wait()
+
+    def _mark_sent(self, n: int) -> None:
+        self._sent += n
+        self._wake()
+
+    def _fail(self, reason: BaseException) -> None:
+        if self._failed is None:
+            self._failed = reason
+        self._chunks.clear()
+        self._wake()
+
+    def __repr__(self) -> str:
+        return f"<StreamWriter {'closed' if self._closed else 'open'}>"
+
+
+# --- the command driver -----------------------------------------------------------------------
+
+
+class ExecState:
+    """Everything a running command shares between its `Process` and its driver coroutine."""
+
+    def __init__(
+        self,
+        command: list[str],
+        *,
+        stdin: bool,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+    ) -> None:
+        self.command = command
+        self.stdout = OutputBuffer(max_output_bytes, "stdout")
+        self.stderr = OutputBuffer(max_output_bytes, "stderr")
+        self.writer = StreamWriter() if stdin else None
+        self._finished = False
+
+    def finish(self, error: BaseException | None) -> None:
+        """Ends both output streams (with `error` if the output was cut short). Idempotent."""
+        if self._finished:
+            return
+        self._finished = True
+        self.stdout.close(error)
+        self.stderr.close(error)
+        if self.writer is not None:
+            self.writer._fail(error or SandboxExecutionError("the command has exited"))
+
+    def _result(self, exit_msg: pb.ExecExit) -> ProcessResult:
+        out, err = self.stdout.freeze(), self.stderr.freeze()
+        u = exit_msg.usage
+        return ProcessResult(
+            stdout=out.decode("utf-8", errors="replace"),
+            stderr=err.decode("utf-8", errors="replace"),
+            returncode=exit_msg.exit_code,
+            stdout_bytes=out,
+            stderr_bytes=err,
+            command=list(self.command),
+            signal=exit_msg.signal,
+            timed_out=exit_msg.timed_out,
+            oom_killed=exit_msg.oom_killed,
+            usage=ResourceUsage(
+                cpu_user_seconds=u.cpu_user_seconds,
+                cpu_system_seconds=u.cpu_system_seconds,
+                peak_memory_bytes=u.peak_memory_bytes,
+                wall_seconds=u.wall_seconds,
+            )
+            if exit_msg.HasField("usage")
+            else None,
+            stdout_truncated=self.stdout.truncated,
+            stderr_truncated=self.stderr.truncated,
+        )
+
+    async def drive(self, transport: Transport, init: pb.ExecInit, *, check: bool) -> ProcessResult:
+        """Runs the command and returns its result once its exit frame arrived.
+
+        A stream that ends without an exit frame raises (never a silent exit code 0); an error
+        frame raises the mapped exception; cancellation kills the command. Never retried: a
+        command that started once must not run twice.
+        """
+        sandbox_id = init.sandbox_id
+        call_timeout = init.timeout_seconds + 60.0 if init.timeout_seconds > 0 else None
+        try:
+            exit_msg = await self._run(transport, init, call_timeout)
+            result = self._result(exit_msg)
+            self.finish(None)
+            if result.timed_out:
+                raise SandboxTimeoutError(
+                    f"command {shlex.join(self.command)!r} timed out after "
+                    f"{init.timeout_seconds:g}s",
+                    sandbox_id=sandbox_id,
+                    exec_result=result,
+                )
+            if check:
+                result.check_returncode()
+            return result
+        except asyncio.CancelledError:
+            self.finish(SandboxExecutionError("the command was cancelled", sandbox_id=sandbox_id))
+            raise
+        except BaseException as err:
+            self.finish(err)
+            raise
+
+    async def _run(
+        self, transport: Transport, init: pb.ExecInit, call_timeout: float | None
+    ) -> pb.ExecExit:
+        """Reads output frames into the buffers until the exit frame.
+
+        When a stream's reader has fallen a window behind, it stops reading until the reader
+        catches up: the call's flow control then holds the command back."""
+        call = await transport.exec(init, call_timeout=call_timeout)
+        pump: asyncio.Task[None] | None = None
+        if self.writer is not None:
+            pump = asyncio.create_task(_pump_stdin(call, self.writer))
+        try:
+            while True:
+                frame = await call.read()
+                if isinstance(frame, pb.ExecExit):
+                    call.release()
+                    return frame
+                target = self.stderr if frame.stream == pb.STREAM_STDERR else self.stdout
+                target.append(frame.data)
+                if target.full():
+                    await target.room()
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                await call.kill()
+            raise
+        finally:
+            if pump is not None and not pump.done():
+                pump.cancel()
+
+
+async def _pump_stdin(call: ExecCall, writer: StreamWriter) -> None:
+    """Feeds what the writer queued to the command, in order, then end-of-file."""
+    try:
+        while True:
+            item = await writer._next_item()
+            if item is None:
+                await call.close_stdin()
+                return
+            await call.write_stdin(item)
+            writer._mark_sent(len(item))
+    except asyncio.CancelledError:
+        raise
+    except Exception as err:  # the stream broke; the reader reports why
+        writer._fail(err)
+
+
+class Process(OperationRef[ProcessResult]):
+    """A command running in a sandbox (returned by `Sandbox.exec`); an `OperationRef` whose value
+    is the `ProcessResult`.
+
+    - ``stdout``/``stderr``: `StreamReader`s of the live output (sync or async iteration);
+    - ``stdin``: a `StreamWriter` with ``exec(..., stdin=True)``, else None;
+    - ``returncode``: None while running, then the exit code; ``poll()`` returns it without
+      blocking; ``wait(timeout)`` blocks and returns it;
+    - ``result()``/``await process``: the `ProcessResult` (raises `SandboxExecutionError` with
+      ``exec_result`` when ``check=True`` and the exit code is not 0);
+    - ``cancel()``: kills the command in the sandbox (SIGKILL to its process group).
+    """
+
+    __slots__ = ("_returncode", "_state", "command", "stderr", "stdin", "stdout")
+
+    def __init__(self, future: concurrent.futures.Future[ProcessResult], state: ExecState) -> None:
+        super().__init__(future)
+        self._state = state
+        self.command: list[str] = state.command
+        self.stdout = StreamReader(state.stdout, "stdout")
+        self.stderr = StreamReader(state.stderr, "stderr")
+        self.stdin: StreamWriter | None = state.writer
+        self._returncode: int | None = None
+        future.add_done_callback(self._on_done)
+
+    def _on_done(self, future: concurrent.futures.Future[ProcessResult]) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None:
+            self._returncode = future.result().returncode
+        else:
+            result = getattr(exc, "exec_result", None)
+            if isinstance(result, ProcessResult):
+                self._returncode = result.returncode
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code, or None while the command runs (or if it failed without one)."""
+        return self._returncode
+
+    def poll(self) -> int | None:
+        """The exit code if the command has finished, else None (never blocks)."""
+        return self._returncode if self._future.done() else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Blocks until the command exits and returns its exit code (also when ``check=True``
+        failed). Raises `TimeoutError` when `timeout` passes, and the command's error if it
+        produced no exit code."""
+        try:
+            return self.result(timeout).returncode
+        except (SandboxExecutionError, SandboxTimeoutError) as err:
+            if err.exec_result is not None:
+                return err.exec_result.returncode
+            raise
+
+    def __repr__(self) -> str:
+        state = "running" if not self._future.done() else f"returncode={self._returncode}"
+        return f"<Process {shlex.join(self.command)!r} {state}>"

@@ -1,0 +1,256 @@
+"""The commands and files of a sandbox: the part of `Sandbox` that works inside it.
+
+`SandboxIO` is a base class of `aviato.Sandbox`, not used alone: its methods start the sandbox
+if needed (`_ensure_started`), then run a command (`aviato._process`) or move a file
+(`aviato._files`) through the sandbox's client.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from aviato import _defaults, _files
+from aviato._bridge import get_bridge
+from aviato._client import Client
+from aviato._defaults import SandboxDefaults
+from aviato._files import FileStream
+from aviato._operation import OperationRef
+from aviato._process import ExecState, Process
+from aviato.exceptions import SandboxError, SandboxNotRunningError
+from aviato.v1 import sandbox_pb2 as pb
+
+__all__ = ["SandboxIO"]
+
+
+class SandboxIO:
+    """Commands and files (see the module docstring); `Sandbox` provides the state below."""
+
+    _defaults: SandboxDefaults
+    _request_timeout: float
+    _sandbox_id: str | None
+    _stop_requested: bool
+
+    async def _ensure_started(self) -> None:
+        raise NotImplementedError
+
+    async def _client(self) -> Client:
+        raise NotImplementedError
+
+    def _require_id(self) -> str:
+        raise NotImplementedError
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def exec(
+        self,
+        command: Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        check: bool = False,
+        timeout_seconds: float | None = None,
+        stdin: bool = False,
+        input: bytes | str | None = None,
+        protected: bool = False,
+        max_output_bytes: int | None = None,
+    ) -> Process:
+        """Runs `command` (an argv list) in the sandbox; returns a `Process` at once.
+
+        If the sandbox is not running yet, the command waits for it (it is started if needed).
+        `cwd` must be absolute (default: the sandbox's working directory). `env` is added to the
+        sandbox's environment. `timeout_seconds` (default: no limit) is enforced by the service:
+        the command's process group is killed and `result()` raises `SandboxTimeoutError` (with
+        ``exec_result``). With `check`, a non-zero exit makes `result()` raise
+        `SandboxExecutionError` carrying ``exec_result`` (after the output is complete).
+
+        The command's stdin: with ``stdin=True``, ``process.stdin`` is a `StreamWriter` to feed
+        it while it runs; with ``input=`` (bytes, or text sent as UTF-8; at most 4 MiB), it is
+        that data followed by end-of-file, sent with the command in one message (as in
+        `subprocess.run`; the cheaper way when the input is known up front); otherwise it is empty.
+        The two cannot be combined.
+
+        Output: ``process.stdout``/``stderr`` stream it live, in bounded memory (a reader that
+        falls behind holds the command back). The `ProcessResult` keeps the first
+        `max_output_bytes` of each stream (default `SandboxDefaults.max_output_bytes`, 64 MiB) and
+        says when a stream was longer (``stdout_truncated``/``stderr_truncated``); the command
+        runs to its end and its exit code arrives either way.
+
+        With ``protected=True`` nothing else running in the sandbox (a process an earlier
+        command left behind, say) can read, write, signal or trace the command, open its
+        descriptors or memory, or change its output or exit status; it still reads and writes
+        the sandbox's files and reaches its servers as any command does. Meant for checks that
+        judge code running in the same sandbox; see docs/security.md for what it does not
+        promise. Needs a service running as root (else `SandboxError` says so).
+        """
+        if isinstance(command, str | bytes):
+            raise TypeError(
+                f"exec() takes a list of arguments, e.g. ['sh', '-c', {command!r}], not a string"
+            )
+        argv = [str(a) for a in command]
+        if not argv:
+            raise ValueError("exec() needs a non-empty command")
+        if cwd is not None and not cwd.startswith("/"):
+            raise ValueError(f"cwd must be an absolute path: {cwd!r}")
+        if timeout_seconds is not None and timeout_seconds <= 0:
+            raise ValueError("timeout_seconds must be positive")
+        if input is not None and stdin:
+            raise ValueError("exec() takes stdin=True or input=..., not both")
+        data = input.encode() if isinstance(input, str) else bytes(input or b"")
+        keep = (
+            self._defaults.max_output_bytes
+            if max_output_bytes is None
+            else _defaults.byte_count("max_output_bytes", max_output_bytes)
+        )
+        state = ExecState(argv, stdin=stdin, max_output_bytes=keep)
+        init = pb.ExecInit(
+            argv=argv,
+            cwd=cwd or "",
+            env=dict(env or {}),
+            timeout_seconds=float(timeout_seconds or 0.0),
+            stdin=stdin,
+            input=data,
+            protected=protected,
+        )
+        future = get_bridge().submit(self._exec(state, init, check))
+        return Process(future, state)
+
+    async def _exec(self, state: ExecState, init: pb.ExecInit, check: bool) -> Any:
+        try:
+            if self._stop_requested:
+                raise SandboxNotRunningError(
+                    f"cannot run {shlex.join(state.command)!r}: the sandbox was stopped",
+                    sandbox_id=self._sandbox_id,
+                )
+            await self._ensure_started()
+            init.sandbox_id = self._require_id()
+            client = await self._client()
+            return await state.drive(client.transport, init, check=check)
+        except BaseException as err:
+            state.finish(
+                err if isinstance(err, Exception) else SandboxError("the command was cancelled")
+            )
+            raise
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def read_file(
+        self,
+        filepath: str,
+        *,
+        timeout_seconds: float | None = None,
+        max_bytes: int | None = None,
+    ) -> OperationRef[bytes]:
+        """Reads a whole file of the sandbox into memory (streamed in 256 KiB chunks).
+
+        At most `max_bytes` (default `SandboxDefaults.max_read_file_bytes`, 64 MiB): a larger
+        file raises `SandboxFileError` naming its size and the cap, before any of it moves (and
+        a file that grows past the cap while read stops there). Read big files with
+        `read_file_streaming` (chunks) or `download_file` (into a local file), in bounded memory.
+        Raises `SandboxFileError` (with ``filepath``) if it is missing, a directory, or
+        unreadable. `timeout_seconds` defaults to `request_timeout_seconds`.
+        """
+        cap = None if max_bytes is None else _defaults.byte_count("max_bytes", max_bytes)
+        return OperationRef._of(self._read_file(filepath, timeout_seconds, cap))
+
+    async def _read_file(
+        self, filepath: str, timeout_s: float | None, max_bytes: int | None = None
+    ) -> bytes:
+        await self._ensure_started()
+        client = await self._client()
+        return await _files.read_whole(
+            client,
+            self._require_id(),
+            filepath,
+            timeout_s or self._request_timeout,
+            self._defaults.max_read_file_bytes if max_bytes is None else max_bytes,
+        )
+
+    def read_file_streaming(
+        self, filepath: str, *, timeout_seconds: float | None = None
+    ) -> FileStream:
+        """Reads a file of the sandbox as a stream of ``bytes`` chunks, in bounded memory.
+
+        Returns a `FileStream` at once: iterate it with ``for`` or ``async for``; each chunk is
+        fetched when asked for, so a file of any size costs a chunk (256 KiB) and the
+        connection's window, and a slow consumer holds the transfer back. ``close()`` it (or use
+        ``with``) to stop early. Errors (`SandboxFileError` with ``filepath``) are raised by the
+        iteration. `timeout_seconds` bounds the whole transfer (default: no limit).
+        """
+        return FileStream(filepath, lambda: self._open_read(filepath, timeout_seconds))
+
+    def download_file(
+        self,
+        filepath: str,
+        local_path: str | os.PathLike[str],
+        *,
+        timeout_seconds: float | None = None,
+    ) -> OperationRef[int]:
+        """Copies a file of the sandbox to `local_path` on this machine, in bounded memory;
+        resolves to the number of bytes written.
+
+        Chunks are written to a temporary file beside `local_path`, renamed into place once the
+        whole file arrived: an interrupted download leaves nothing under the real name. The file
+        gets the sandbox file's permission bits less set-id bits and group/other write.
+        `local_path` must name a file in an existing directory (else `IsADirectoryError` or
+        `FileNotFoundError`, raised here). `timeout_seconds` bounds the whole transfer (default:
+        no limit). Raises `SandboxFileError` as `read_file` does.
+        """
+        target = _files.local_target(local_path)
+        return OperationRef._of(
+            _files.download(lambda: self._open_read(filepath, timeout_seconds), filepath, target)
+        )
+
+    async def _open_read(self, filepath: str, timeout_s: float | None) -> Any:
+        await self._ensure_started()
+        client = await self._client()
+        return await _files.open_read(client, self._require_id(), filepath, timeout_s)
+
+    def write_file(
+        self,
+        filepath: str,
+        contents: bytes | bytearray | memoryview | str,
+        *,
+        mode: int | None = None,
+        make_parents: bool = True,
+        timeout_seconds: float | None = None,
+    ) -> OperationRef[None]:
+        """Writes (creates or replaces) a file in the sandbox; str contents are UTF-8 encoded.
+
+        Streamed in 256 KiB chunks, so any size works. `mode`: permission bits (default 0o644).
+        Missing parent directories are created unless `make_parents` is False. Raises
+        `SandboxFileError` (with ``filepath``) on failure.
+        """
+        data = contents.encode() if isinstance(contents, str) else contents
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(
+                f"write_file() contents must be bytes or str, not {type(data).__name__}"
+            )
+        return OperationRef._of(
+            self._write_file(
+                filepath, memoryview(data).cast("B"), mode, make_parents, timeout_seconds
+            ),
+            finish_at_exit=True,
+        )
+
+    async def _write_file(
+        self,
+        filepath: str,
+        data: memoryview,
+        mode: int | None,
+        make_parents: bool,
+        timeout_s: float | None,
+    ) -> None:
+        await self._ensure_started()
+        client = await self._client()
+        await _files.write_whole(
+            client,
+            self._require_id(),
+            filepath,
+            data,
+            mode=mode or 0,
+            make_parents=make_parents,
+            rpc_timeout=timeout_s or self._request_timeout,
+        )

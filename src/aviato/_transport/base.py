@@ -1,0 +1,153 @@
+"""The transport interface: how the SDK reaches a service, one typed method per RPC it uses.
+
+Everything above this interface (`aviato._client`, the handles, `Sandbox`, `Session`) is free of
+any wire library: a transport takes and returns `aviato.v1` messages (the public protocol's
+models) and raises only `aviato.exceptions` types. A transport does not retry: a call that
+could not reach the service raises `AviatoConnectionError` with ``code == "UNAVAILABLE"``, and
+`aviato._client.Client.with_retry` decides whether the call may be repeated.
+
+Implementations: `aviato._transport.grpc` (the service over gRPC, unix socket or TCP+TLS) and
+`aviato._transport.memory` (a small service in pure Python, for tests of the SDK's own logic).
+
+Two RPCs are streams and have objects of their own:
+
+- `ExecCall`: one command. ``read()`` returns its output frames and finally its exit frame
+  (an error frame, or a stream that ends without one, raises). The command's stdin is fed with
+  ``write_stdin``/``close_stdin``. ``kill()`` ends the command (SIGKILL) and the call; after the
+  exit frame, ``release()`` lets the call end in the background.
+- `FileReader`: one file read whose header (size, mode) has arrived; ``next()`` returns the data
+  chunks, then None.
+"""
+
+from __future__ import annotations
+
+import abc
+
+from aviato.v1 import sandbox_pb2 as pb
+
+__all__ = ["ExecCall", "ExecFrame", "FileReader", "Transport"]
+
+#: What `ExecCall.read` returns: an output chunk, or the terminal exit frame.
+ExecFrame = pb.ExecOutput | pb.ExecExit
+
+
+class ExecCall(abc.ABC):
+    """One running command's stream (see the module docstring). Used from one event loop."""
+
+    @abc.abstractmethod
+    async def read(self) -> ExecFrame:
+        """The next output frame, or the exit frame (the last). Raises the mapped exception for
+        an error frame, `SandboxExecutionError` for a stream that ended without an exit frame.
+
+        Cancelling a pending read does not end the call: `kill()` does."""
+
+    @abc.abstractmethod
+    async def write_stdin(self, data: bytes) -> None:
+        """Sends `data` to the command's stdin (only for a command started with stdin)."""
+
+    @abc.abstractmethod
+    async def close_stdin(self) -> None:
+        """Sends end-of-file to the command's stdin."""
+
+    @abc.abstractmethod
+    async def kill(self) -> None:
+        """Kills the command (SIGKILL to its process group) and ends the call. Never raises."""
+
+    @abc.abstractmethod
+    def release(self) -> None:
+        """After the exit frame: lets the call end on its own (in the background)."""
+
+
+class FileReader(abc.ABC):
+    """One file being read: `size` and `mode` as announced by the service, then the chunks."""
+
+    size: int
+    mode: int
+
+    @abc.abstractmethod
+    async def next(self) -> bytes | None:
+        """The next chunk of data, or None once the service ended the stream."""
+
+    @abc.abstractmethod
+    def cancel(self) -> None:
+        """Ends the read early (idempotent)."""
+
+
+class Transport(abc.ABC):
+    """A connection to one service. Methods are called from one event loop; `call_timeout` is the
+    deadline of the call in seconds (None: no limit)."""
+
+    #: The address, as shown in messages (``unix:///...``, ``https://...``, ``memory://...``).
+    url: str
+
+    # -- sandbox records ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_sandbox(
+        self, request: pb.CreateSandboxRequest, *, call_timeout: float | None
+    ) -> pb.Sandbox: ...
+
+    @abc.abstractmethod
+    async def get_sandbox(self, sandbox_id: str, *, call_timeout: float | None) -> pb.Sandbox: ...
+
+    @abc.abstractmethod
+    async def list_sandboxes(
+        self, request: pb.ListSandboxesRequest, *, call_timeout: float | None
+    ) -> pb.ListSandboxesResponse: ...
+
+    @abc.abstractmethod
+    async def wait_sandbox(
+        self, request: pb.WaitSandboxRequest, *, call_timeout: float | None
+    ) -> pb.Sandbox: ...
+
+    @abc.abstractmethod
+    async def stop_sandbox(
+        self, sandbox_id: str, grace_seconds: float, *, call_timeout: float | None
+    ) -> pb.Sandbox: ...
+
+    @abc.abstractmethod
+    async def delete_sandbox(self, sandbox_id: str, *, call_timeout: float | None) -> None: ...
+
+    # -- leases -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def renew_lease(
+        self, lease_id: str, ttl_seconds: float, *, call_timeout: float | None
+    ) -> None: ...
+
+    @abc.abstractmethod
+    async def release_lease(
+        self, lease_id: str, *, stop_sandboxes: bool, call_timeout: float | None
+    ) -> None: ...
+
+    # -- commands and files -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def exec(self, init: pb.ExecInit, *, call_timeout: float | None) -> ExecCall:
+        """Starts a command. With ``init.stdin`` False its stdin is ``init.input`` then
+        end-of-file; with it True, what `ExecCall.write_stdin` sends."""
+
+    @abc.abstractmethod
+    async def open_read(
+        self, sandbox_id: str, path: str, *, call_timeout: float | None
+    ) -> FileReader:
+        """Starts a file read and waits for its header."""
+
+    @abc.abstractmethod
+    async def write_file(
+        self, header: pb.WriteFileHeader, data: memoryview, *, call_timeout: float | None
+    ) -> int:
+        """Writes a whole file; returns the size the service wrote."""
+
+    # -- the service --------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def server_info(self, *, call_timeout: float | None) -> pb.ServerInfo: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Closes the connection (idempotent); calls in flight fail."""
+
+    @property
+    @abc.abstractmethod
+    def closed(self) -> bool: ...

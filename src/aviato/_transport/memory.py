@@ -1,0 +1,326 @@
+"""An in-memory transport: a small service in pure Python, for tests of the SDK's own logic.
+
+`MemoryService` keeps sandboxes, leases and files in dicts and runs no process. Its commands
+are a tiny vocabulary: ``echo ARGS...``, ``exit N`` (writes ``bye`` to stderr), ``cat`` (copies
+stdin), ``yes`` (N lines of output given by ``yes N``), ``sleep S``. Every failure is reported
+the way a real service does, as a status code plus an `ErrorDetail`, and goes through the same
+mapping (`aviato._transport.errors.from_status`) as the gRPC transport's.
+
+A test scripts the failures a real service rarely shows on demand through `MemoryService.faults`
+(calls that find the service unreachable, a create whose answer is lost after it was committed,
+an exec stream without an exit frame, an error frame) and reads what happened in
+`MemoryService.calls`. Serve it with ``aviato._client.register_transport(url, svc.transport)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter
+from dataclasses import dataclass, field
+
+from aviato._transport.base import ExecCall, ExecFrame, FileReader, Transport
+from aviato._transport.errors import from_status
+from aviato.exceptions import AviatoError, SandboxExecutionError
+from aviato.v1 import errors_pb2 as epb
+from aviato.v1 import sandbox_pb2 as pb
+
+__all__ = ["Faults", "MemoryService", "MemoryTransport"]
+
+_CHUNK = 256 * 1024
+_RUNNING = pb.SANDBOX_STATUS_RUNNING
+_TERMINATED = pb.SANDBOX_STATUS_TERMINATED
+
+
+@dataclass
+class Faults:
+    """Failures to inject; counters go down as they fire."""
+
+    #: the next N calls find the service unreachable (before it did anything)
+    unavailable: int = 0
+    #: the next N creates are committed, then their answer is lost (UNAVAILABLE)
+    create_answer_lost: int = 0
+    #: exec streams end without an exit frame
+    drop_exit_frame: bool = False
+    #: exec answers with this error frame: (code, message, detail)
+    exec_error: tuple[str, str, epb.ErrorDetail | None] | None = None
+
+
+@dataclass
+class _Sandbox:
+    record: pb.Sandbox
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+class MemoryService:
+    """The state of one fake service (see the module docstring)."""
+
+    def __init__(self, name: str = "test") -> None:
+        self.url = f"memory://{name}"
+        self.faults = Faults()
+        self.calls: Counter[str] = Counter()
+        self.sandboxes: dict[str, _Sandbox] = {}
+        self.by_request: dict[str, str] = {}
+        self.leases: dict[str, float] = {}
+        self.signals: list[int] = []
+        self._ids = itertools.count(1)
+
+    def transport(self) -> MemoryTransport:
+        """A new connection to this service (what a transport factory returns)."""
+        return MemoryTransport(self)
+
+    # -- failures, as a real service reports them ---------------------------------------------
+
+    def _enter(self, name: str, op: str) -> None:
+        self.calls[name] += 1
+        if self.faults.unavailable > 0:
+            self.faults.unavailable -= 1
+            raise from_status("UNAVAILABLE", "connection refused", op=op)
+
+    def _sandbox(self, sandbox_id: str, op: str, *, running: bool = False) -> _Sandbox:
+        found = self.sandboxes.get(sandbox_id)
+        if found is None:
+            raise from_status(
+                "NOT_FOUND",
+                f"sandbox {sandbox_id!r} not found",
+                epb.ErrorDetail(reason=epb.SANDBOX_NOT_FOUND, sandbox_id=sandbox_id),
+                op=op,
+            )
+        if running and found.record.status != _RUNNING:
+            raise from_status(
+                "FAILED_PRECONDITION",
+                f"sandbox {sandbox_id} is {pb.SandboxStatus.Name(found.record.status)}",
+                epb.ErrorDetail(reason=epb.SANDBOX_NOT_RUNNING, sandbox_id=sandbox_id),
+                op=op,
+            )
+        return found
+
+    def stop(self, sandbox_id: str) -> None:
+        """Ends a sandbox as its lease or lifetime would (exit code 143)."""
+        record = self.sandboxes[sandbox_id].record
+        record.status = _TERMINATED
+        record.exit_code = 143
+
+
+class MemoryTransport(Transport):
+    """A connection to a `MemoryService`."""
+
+    def __init__(self, service: MemoryService) -> None:
+        self.service = service
+        self.url = service.url
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def close(self) -> None:
+        self._closed = True
+
+    async def create_sandbox(
+        self, request: pb.CreateSandboxRequest, *, call_timeout: float | None
+    ) -> pb.Sandbox:
+        svc = self.service
+        svc._enter("CreateSandbox", "create sandbox")
+        if not request.request_id:
+            raise from_status(
+                "INVALID_ARGUMENT",
+                "request_id: required",
+                epb.ErrorDetail(reason=epb.FIELD_INVALID, field="request_id"),
+                op="create sandbox",
+            )
+        sandbox_id = svc.by_request.get(request.request_id)
+        if sandbox_id is None:
+            sandbox_id = f"mem-{next(svc._ids)}"
+            record = pb.Sandbox(
+                id=sandbox_id, status=_RUNNING, spec=request.spec, lease_id=request.lease_id
+            )
+            svc.sandboxes[sandbox_id] = _Sandbox(record)
+            svc.by_request[request.request_id] = sandbox_id
+            if request.lease_id:
+                svc.leases[request.lease_id] = request.lease_ttl_seconds
+        if svc.faults.create_answer_lost > 0:
+            svc.faults.create_answer_lost -= 1
+            raise from_status("UNAVAILABLE", "the answer was lost", op="create sandbox")
+        return svc.sandboxes[sandbox_id].record
+
+    async def get_sandbox(self, sandbox_id: str, *, call_timeout: float | None) -> pb.Sandbox:
+        self.service._enter("GetSandbox", "get sandbox")
+        return self.service._sandbox(sandbox_id, "get sandbox").record
+
+    async def list_sandboxes(
+        self, request: pb.ListSandboxesRequest, *, call_timeout: float | None
+    ) -> pb.ListSandboxesResponse:
+        self.service._enter("ListSandboxes", "list sandboxes")
+        found = [
+            s.record
+            for s in self.service.sandboxes.values()
+            if set(request.tags) <= set(s.record.spec.tags)
+            and (request.include_terminated or s.record.status == _RUNNING)
+        ]
+        return pb.ListSandboxesResponse(sandboxes=found)
+
+    async def wait_sandbox(
+        self, request: pb.WaitSandboxRequest, *, call_timeout: float | None
+    ) -> pb.Sandbox:
+        self.service._enter("WaitSandbox", "wait")
+        return self.service._sandbox(request.sandbox_id, "wait").record
+
+    async def stop_sandbox(
+        self, sandbox_id: str, grace_seconds: float, *, call_timeout: float | None
+    ) -> pb.Sandbox:
+        self.service._enter("StopSandbox", "stop sandbox")
+        found = self.service._sandbox(sandbox_id, "stop sandbox")
+        if found.record.status == _RUNNING:
+            self.service.stop(sandbox_id)
+        return found.record
+
+    async def delete_sandbox(self, sandbox_id: str, *, call_timeout: float | None) -> None:
+        self.service._enter("DeleteSandbox", "delete sandbox")
+        self.service._sandbox(sandbox_id, "delete sandbox")
+        del self.service.sandboxes[sandbox_id]
+
+    async def renew_lease(
+        self, lease_id: str, ttl_seconds: float, *, call_timeout: float | None
+    ) -> None:
+        self.service._enter("RenewLease", "renew lease")
+        self.service.leases[lease_id] = ttl_seconds
+
+    async def release_lease(
+        self, lease_id: str, *, stop_sandboxes: bool, call_timeout: float | None
+    ) -> None:
+        svc = self.service
+        svc._enter("ReleaseLease", "release lease")
+        svc.leases.pop(lease_id, None)
+        if stop_sandboxes:
+            for sandbox_id, found in svc.sandboxes.items():
+                if found.record.lease_id == lease_id and found.record.status == _RUNNING:
+                    svc.stop(sandbox_id)
+
+    async def server_info(self, *, call_timeout: float | None) -> pb.ServerInfo:
+        self.service._enter("GetServerInfo", "get server info")
+        return pb.ServerInfo(version="memory", placement="memory")
+
+    async def exec(self, init: pb.ExecInit, *, call_timeout: float | None) -> ExecCall:
+        self.service._enter("Exec", "exec")
+        return _MemoryExecCall(self.service, init)
+
+    async def open_read(
+        self, sandbox_id: str, path: str, *, call_timeout: float | None
+    ) -> FileReader:
+        self.service._enter("ReadFile", "read file")
+        found = self.service._sandbox(sandbox_id, "read file", running=True)
+        data = found.files.get(path)
+        if data is None:
+            raise from_status(
+                "NOT_FOUND",
+                f"{path}: no such file",
+                epb.ErrorDetail(reason=epb.FILE_NOT_FOUND, sandbox_id=sandbox_id, path=path),
+                op="read file",
+                sandbox_id=sandbox_id,
+                filepath=path,
+            )
+        return _MemoryFileReader(data)
+
+    async def write_file(
+        self, header: pb.WriteFileHeader, data: memoryview, *, call_timeout: float | None
+    ) -> int:
+        self.service._enter("WriteFile", "write file")
+        found = self.service._sandbox(header.sandbox_id, "write file", running=True)
+        found.files[header.path] = bytes(data)
+        return len(data)
+
+
+class _MemoryFileReader(FileReader):
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._offset = 0
+        self.size = len(data)
+        self.mode = 0o644
+
+    async def next(self) -> bytes | None:
+        if self._offset >= len(self._data):
+            return None
+        chunk = self._data[self._offset : self._offset + _CHUNK]
+        self._offset += len(chunk)
+        return chunk
+
+    def cancel(self) -> None:
+        self._offset = len(self._data)
+
+
+class _MemoryExecCall(ExecCall):
+    """Runs one command of the vocabulary as a task that queues its frames."""
+
+    def __init__(self, service: MemoryService, init: pb.ExecInit) -> None:
+        self._service = service
+        self._init = init
+        self._frames: asyncio.Queue[ExecFrame | AviatoError | None] = asyncio.Queue()
+        self._stdin: asyncio.Queue[bytes | None] = asyncio.Queue()
+        if init.input:
+            self._stdin.put_nowait(init.input)
+        if not init.stdin:
+            self._stdin.put_nowait(None)
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        svc, init = self._service, self._init
+        out = self._frames.put_nowait
+        try:
+            svc._sandbox(init.sandbox_id, "exec", running=True)
+        except AviatoError as err:
+            out(err)
+            return
+        if svc.faults.exec_error is not None:
+            status, message, detail = svc.faults.exec_error
+            out(from_status(status, message, detail, op="exec", sandbox_id=init.sandbox_id))
+            return
+        argv = list(init.argv)
+        name, args = argv[0], argv[1:]
+        code = 0
+        if name == "echo":
+            out(pb.ExecOutput(stream=pb.STREAM_STDOUT, data=(" ".join(args) + "\n").encode()))
+        elif name == "exit":
+            out(pb.ExecOutput(stream=pb.STREAM_STDERR, data=b"bye\n"))
+            code = int(args[0])
+        elif name == "yes":
+            for _ in range(int(args[0])):
+                out(pb.ExecOutput(stream=pb.STREAM_STDOUT, data=b"y\n"))
+        elif name == "cat":
+            while (data := await self._stdin.get()) is not None:
+                out(pb.ExecOutput(stream=pb.STREAM_STDOUT, data=data))
+        elif name == "sleep":
+            await asyncio.sleep(float(args[0]))
+        else:
+            out(pb.ExecOutput(stream=pb.STREAM_STDERR, data=f"{name}: not found\n".encode()))
+            code = 127
+        if svc.faults.drop_exit_frame:
+            out(None)
+            return
+        out(pb.ExecExit(exit_code=code, usage=pb.ResourceUsage(wall_seconds=0.01)))
+
+    async def read(self) -> ExecFrame:
+        frame = await self._frames.get()
+        if frame is None:
+            raise SandboxExecutionError(
+                f"the output stream of {' '.join(self._init.argv)!r} ended without an exit "
+                "status (connection to the service lost?)",
+                sandbox_id=self._init.sandbox_id,
+            )
+        if isinstance(frame, AviatoError):
+            raise frame
+        return frame
+
+    async def write_stdin(self, data: bytes) -> None:
+        self._stdin.put_nowait(data)
+
+    async def close_stdin(self) -> None:
+        self._stdin.put_nowait(None)
+
+    async def kill(self) -> None:
+        if not self._task.done():
+            self._service.signals.append(9)
+            self._task.cancel()
+
+    def release(self) -> None:
+        pass
