@@ -1,0 +1,233 @@
+"""The house's boundaries, read from the code's own imports (docs/internals/architecture.md).
+
+Every rule here is one that a change could quietly break: an import that runs back up from the
+runtime to the service, a circle that a function-level import papers over, a module that grew
+past the size where one reader can hold it. Each failure names the files and the rule.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+PACKAGE = SRC / "aviato"
+MAX_LINES = 600
+# Generated code is not written by us; compiled-in C is held to the same size as Python.
+GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+
+
+@dataclass(frozen=True)
+class Import:
+    importer: str  # dotted module name, e.g. "aviato.server.api"
+    imported: str  # dotted name of the aviato module imported
+    line: int
+    in_function: bool  # deferred: inside a function body
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _sources() -> Iterator[Path]:
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if not path.name.endswith(GENERATED_SUFFIXES):
+            yield path
+
+
+MODULES = {_module_name(path): path for path in _sources()}
+
+
+def _resolve(name: str) -> str | None:
+    """The longest known module that `name` (a module or a name inside one) denotes."""
+    while name:
+        if name in MODULES:
+            return name
+        if "." not in name:
+            return None
+        name = name.rsplit(".", 1)[0]
+    return None
+
+
+def _is_type_checking_block(node: ast.AST) -> bool:
+    return (
+        isinstance(node, ast.If)
+        and isinstance(node.test, ast.Name | ast.Attribute)
+        and ast.unparse(node.test).endswith("TYPE_CHECKING")
+    )
+
+
+def _imports_of(module: str, path: Path) -> Iterator[Import]:
+    tree = ast.parse(path.read_text(), str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+
+    def visit(node: ast.AST, in_function: bool) -> Iterator[Import]:
+        for child in ast.iter_child_nodes(node):
+            nested = in_function or isinstance(
+                child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda
+            )
+            if isinstance(child, ast.Import):
+                for alias in child.names:
+                    target = _resolve(alias.name)
+                    if target:
+                        yield Import(module, target, child.lineno, in_function)
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    anchor = package.split(".")
+                    anchor = anchor[: len(anchor) - (child.level - 1)]
+                    base = ".".join([*anchor, base] if base else anchor)
+                for alias in child.names:
+                    target = _resolve(f"{base}.{alias.name}") or _resolve(base)
+                    if target and target != module:
+                        yield Import(module, target, child.lineno, in_function)
+            yield from visit(child, nested)
+
+    yield from visit(tree, False)
+
+
+IMPORTS = [imp for module, path in MODULES.items() for imp in _imports_of(module, path)]
+
+
+def _layer(module: str) -> str:
+    """The part of the house a module belongs to."""
+    parts = module.split(".")
+    if parts[1:2] == ["__main__"]:
+        return "entry"  # `python -m aviato`: the command line's door
+    if len(parts) == 1 or parts[1] == "exceptions" or parts[1].startswith("_"):
+        # `aviato._private` is the one helper both sides share (file modes of the state dir).
+        return "shared" if parts[1:2] == ["_private"] else "sdk"
+    if parts[1] in ("v1", "node"):
+        return "protocol"
+    return parts[1]  # server, runtime, images, cluster, cli
+
+
+# (importer part, imported part, why): no module of the first may import one of the second.
+NEVER = [
+    ("sdk", "server", "the SDK reaches the service through the protocol only"),
+    ("sdk", "runtime", "the SDK reaches the service through the protocol only"),
+    ("sdk", "cluster", "the SDK reaches the service through the protocol only"),
+    ("sdk", "images", "the SDK reaches the service through the protocol only"),
+    ("sdk", "cli", "the CLI is a client of the SDK, not the other way round"),
+    ("cli", "server", "the CLI is a client: it talks to the service, never runs its code"),
+    ("cli", "runtime", "the CLI is a client: it talks to the service, never runs its code"),
+    ("cli", "cluster", "the CLI is a client: it talks to the service, never runs its code"),
+    ("cli", "images", "the CLI is a client: it talks to the service, never runs its code"),
+    ("server", "sdk", "the service never imports the SDK; they share only the protocol"),
+    ("server", "cli", "the service knows no command line but its own"),
+    ("runtime", "server", "a node's runtime knows nothing of the control plane"),
+    ("runtime", "cluster", "a node's runtime knows nothing of placement"),
+    ("runtime", "sdk", "a node's runtime knows nothing of clients"),
+    ("images", "runtime", "the image store is used by runtimes, never the reverse"),
+    ("images", "server", "the image store knows nothing of the control plane"),
+    ("images", "cluster", "the image store knows nothing of placement"),
+    ("images", "sdk", "the image store knows nothing of clients"),
+    ("cluster", "sdk", "node traffic is service-internal"),
+]
+
+
+@pytest.mark.parametrize(("importer", "imported", "why"), NEVER)
+def test_no_import_crosses_a_boundary(importer: str, imported: str, why: str) -> None:
+    crossings = [
+        f"{imp.importer}:{imp.line} imports {imp.imported}"
+        for imp in IMPORTS
+        if _layer(imp.importer) == importer and _layer(imp.imported) == imported
+    ]
+    assert not crossings, f"{importer} -> {imported} is forbidden ({why}):\n" + "\n".join(crossings)
+
+
+def test_the_cluster_uses_the_service_only_through_the_placement_interface() -> None:
+    """The cluster is a placement backend: it implements `server.placement`'s interface and may
+    read the service's configuration, but never reaches into the lifecycle or the API."""
+    allowed = {"aviato.server.placement", "aviato.server.config"}
+    reaches = [
+        f"{imp.importer}:{imp.line} imports {imp.imported}"
+        for imp in IMPORTS
+        if _layer(imp.importer) == "cluster"
+        and _layer(imp.imported) == "server"
+        and imp.imported not in allowed
+    ]
+    assert not reaches, "\n".join(reaches)
+
+
+def test_node_traffic_has_a_protocol_of_its_own() -> None:
+    """The cluster's messages are `aviato.node.v1`, so the public API can change freely."""
+    public = [
+        f"{imp.importer}:{imp.line} imports {imp.imported}"
+        for imp in IMPORTS
+        if _layer(imp.importer) == "cluster" and imp.imported.startswith("aviato.v1")
+    ]
+    assert not public, "\n".join(public)
+
+
+def test_no_import_circle() -> None:
+    """Imports inside functions count: deferring an import hides a circle, it does not open it.
+    (Deferred imports stay allowed for what is heavy and optional, such as the Ray backend.)"""
+    graph: dict[str, set[str]] = {module: set() for module in MODULES}
+    for imp in IMPORTS:
+        graph[imp.importer].add(imp.imported)
+    circles = _strongly_connected(graph)
+    assert not circles, "import circles:\n" + "\n".join(" <-> ".join(c) for c in circles)
+
+
+def test_no_module_is_too_long_to_read() -> None:
+    paths = [*_sources(), *sorted((PACKAGE / "runtime" / "native").glob("*.[ch]"))]
+    long = [
+        f"{path.relative_to(SRC)}: {count} lines"
+        for path in paths
+        if (count := len(path.read_text().splitlines())) > MAX_LINES
+    ]
+    assert not long, f"modules over {MAX_LINES} lines (split them by concept):\n" + "\n".join(long)
+
+
+def _strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's algorithm, iteratively; returns the components of more than one module."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    found: list[list[str]] = []
+    counter = 0
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work: list[tuple[str, Iterator[str]]] = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
