@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from _system_tools import require_tools
 from clitools import Cli, assert_one_line_error, aviato_argv, ids_of, short_tempdir
 
 
@@ -117,8 +118,8 @@ def test_remote_clients_need_a_valid_key(remote: tuple[Cli, str]) -> None:
         shutil.rmtree(client_state, ignore_errors=True)
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_tls(idle_cli: Cli, tmp_path: Path) -> None:
+    require_tools("openssl")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _system_tools import require_tools
 
 import aviato
 
@@ -44,8 +45,9 @@ def _import_path() -> list[Path]:
 def _skip_reason() -> str | None:
     if os.geteuid() != 0:
         return "needs root to become an ordinary user"
-    if shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK):
-        return "needs setpriv and /usr/bin/python3"
+    require_tools("setpriv")
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        return f"needs {SYSTEM_PYTHON}"
     probe = subprocess.run(
         [SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
         capture_output=True,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from oci_helpers import LOCAL, Pusher, Registry, busybox_layer, have_tools, run_registry
+from oci_helpers import LOCAL, Pusher, Registry, busybox_layer, require_image_tools, run_registry
 
 from aviato.v1 import images_pb2 as ipb
 from aviato.v1 import images_pb2_grpc, sandbox_pb2_grpc
@@ -67,8 +67,7 @@ class Service:
 
 def running_service(prefix: str) -> Iterator[Service]:
     """A fixture body: a service on a new state directory, everything removed afterwards."""
-    if not have_tools():
-        pytest.skip("needs docker-registry and busybox-static")
+    require_image_tools()
     state = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     svc = Service(state)
     started = svc.cli("server", "start")
@@ -87,8 +86,7 @@ def service() -> Iterator[Service]:
 
 @pytest.fixture(scope="module")
 def shared_registry() -> Iterator[Registry]:
-    if not have_tools():
-        pytest.skip("needs docker-registry and busybox-static")
+    require_image_tools()
     work = Path(tempfile.mkdtemp(prefix="avisr-", dir="/tmp"))
     with run_registry(work) as reg:
         yield reg

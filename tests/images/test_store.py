@@ -9,7 +9,16 @@ import os
 from pathlib import Path
 
 import pytest
-from oci_helpers import LOCAL, Entry, Pusher, Registry, busybox_layer, layer, run_registry
+from oci_helpers import (
+    LOCAL,
+    Entry,
+    Pusher,
+    Registry,
+    busybox_layer,
+    layer,
+    require_image_tools,
+    run_registry,
+)
 
 from aviato.images.errors import DigestMismatch, ImageNotPresent, RegistryDenied
 from aviato.images.registry import host_platform
@@ -115,10 +124,7 @@ def test_missing_image_and_tag(registry: Registry, pusher: Pusher, workdir: Path
 
 
 def test_basic_auth(workdir: Path) -> None:
-    from oci_helpers import have_tools
-
-    if not have_tools():
-        pytest.skip("needs docker-registry and busybox-static")
+    require_image_tools()
     with run_registry(workdir / "reg", htpasswd=("alice", "s3cret")) as reg:
         pusher = Pusher(reg)
         pushed = pusher.image("t/private", "v1", [busybox_layer()])

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from oci_helpers import Entry, Pusher, Registry, busybox_layer, have_tools, run_registry
+from oci_helpers import Entry, Pusher, Registry, busybox_layer, require_image_tools, run_registry
 from test_service import ROOT, Service, aviato_argv, running_service
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these tests run sandboxes as root")
@@ -40,8 +40,7 @@ def service() -> Iterator[Service]:
 
 
 def _registry(prefix: str, htpasswd: tuple[str, str] | None = None) -> Iterator[Registry]:
-    if not have_tools():
-        pytest.skip("needs docker-registry and busybox-static")
+    require_image_tools()
     work = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     with run_registry(work, htpasswd=htpasswd) as reg:
         yield reg

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from _system_tools import require_tools
 
 from aviato.runtime.base import (
     ExecExit,
@@ -60,9 +61,10 @@ def binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     $AVIATO_SUPERVISOR (e.g. a build with -fsanitize=address,undefined)."""
     if os.environ.get("AVIATO_SUPERVISOR"):
         return Path(os.environ["AVIATO_SUPERVISOR"])
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = os.environ.get("CC")
     if not cc:
-        pytest.skip("no C compiler")
+        require_tools("cc")
+        cc = "cc"
     out = tmp_path_factory.mktemp("bin") / "aviato-supervisor"
     base = [cc, "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), *SOURCES]
     proc = subprocess.run([*base, "-static"], capture_output=True, text=True)

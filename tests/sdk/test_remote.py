@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from _system_tools import require_tools
 
 from .conftest import sandbox_processes
 
@@ -74,6 +75,7 @@ def _start(tls: bool) -> Iterator[Remote]:
     argv += ["--listen", f"127.0.0.1:{port}"]
     env = dict(os.environ)
     if tls:
+        require_tools("openssl")
         cert, key = state / "cert.pem", state / "key.pem"
         subprocess.run(
             ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",

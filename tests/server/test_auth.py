@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from _system_tools import require_tools
 from server_helpers import Client, ServerProcess, code_of, free_port
 
 from aviato.server import auth
@@ -83,11 +84,9 @@ def test_tcp_keys_and_owners(fresh_server: ServerProcess) -> None:
 
 
 def test_tls(fresh_server: ServerProcess, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import shutil
     import subprocess
 
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
+    require_tools("openssl")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
