@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 from _system_tools import require_tools
+from _wait import async_wait_until
 
 from aviato.images.errors import PullFailed
 from aviato.runtime.base import (
@@ -421,13 +422,13 @@ def test_daemon_dies_with_sandbox(state_dir: Path, supervisor_bin: Path) -> None
         h = await rt.create(config())
         code, _, err = await sh(h, f"setsid nohup sleep {marker} >/dev/null 2>&1 < /dev/null &")
         assert code == 0, err
-        for _ in range(100):
-            seen = host_pgrep(f"sleep {marker}")
-            if seen:
-                break
-            await asyncio.sleep(0.02)
+        seen = await async_wait_until(
+            lambda: host_pgrep(f"sleep {marker}"), "the escaped sleep to start", timeout=5
+        )
         await h.terminate(1.0)
-        await asyncio.sleep(0.1)
+        await async_wait_until(
+            lambda: not host_pgrep(f"sleep {marker}"), "the escaped sleep to die", timeout=5
+        )
         return seen, host_pgrep(f"sleep {marker}")
 
     before, after = run_with(state_dir, supervisor_bin, body)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _wait import wait_until
 
 from aviato.v1 import sandbox_pb2 as pb
 
@@ -134,8 +135,7 @@ def test_host_network_is_unreachable(host: Host) -> None:
     # Sanity: the host itself reaches its listener.
     with socket.create_connection(("127.0.0.1", ls.tcp_port), timeout=2):
         pass
-    time.sleep(0.3)
-    assert ls.hits, "the host listener does not work"
+    wait_until(lambda: ls.hits, "the host listener to see the host's own connection", 10)
     ls.hits.clear()
     r = host.run(host.attacker, "connect", *targets)
     _clean(r)

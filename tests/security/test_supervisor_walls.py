@@ -26,6 +26,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from _wait import wait_until
 from reliability.harness import Client, Service, sdk_env, service
 
 from aviato.v1 import sandbox_pb2 as pb
@@ -139,8 +140,7 @@ def test_timeout_kills_setsid_and_daemonized_children(svc: Service) -> None:
     sid = c.running().id
     r = c.sh(sid, SPAWNER.format(n=4711), timeout=1.5, deadline=30)
     assert r.terminal.exit.timed_out, r.frames
-    time.sleep(0.5)
-    assert processes_matching(c, sid, "sleep 4711") == []
+    wait_until(lambda: processes_matching(c, sid, "sleep 4711") == [], "the children to die", 5)
 
 
 def test_a_command_cannot_shed_its_lineage_mark(svc: Service) -> None:
@@ -163,8 +163,7 @@ def test_a_command_cannot_shed_its_lineage_mark(svc: Service) -> None:
                deadline=30)  # fmt: skip
     assert r.terminal.exit.timed_out, r.frames
     assert r.stdout.split(b"\n")[:3] == [b"refused", b"refused", b"escaped"], r.stdout
-    time.sleep(0.5)
-    assert processes_matching(c, sid, "sleep 4719") == []
+    wait_until(lambda: processes_matching(c, sid, "sleep 4719") == [], "the escapee to die", 5)
 
 
 def test_client_going_away_kills_setsid_and_daemonized_children(svc: Service) -> None:
@@ -181,8 +180,9 @@ def test_client_going_away_kills_setsid_and_daemonized_children(svc: Service) ->
     for frame in call:
         if frame.WhichOneof("msg") == "output" and b"ready" in frame.output.data:
             break
-    time.sleep(0.3)
-    assert len(processes_matching(c, sid, "sleep 4712")) == 4
+    wait_until(
+        lambda: len(processes_matching(c, sid, "sleep 4712")) == 4, "the four sleeps to start", 10
+    )
     call.cancel()  # the client goes away: the service kills the command
     release.set()
     deadline = time.monotonic() + 5
@@ -208,7 +208,9 @@ def test_service_death_kills_running_commands_lineage(fresh: Service) -> None:
     for frame in call:
         if frame.WhichOneof("msg") == "output" and b"ready" in frame.output.data:
             break
-    time.sleep(0.3)
+    wait_until(
+        lambda: len(processes_matching(c, sid, "sleep 4713")) == 4, "the four sleeps to start", 10
+    )
     fresh.kill9()
     release.set()
     time.sleep(1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+from _wait import wait_until
 from server_helpers import ServerProcess
 
 from aviato.v1 import sandbox_pb2 as pb
@@ -58,8 +59,11 @@ def test_logs_survive_until_delete(server: ServerProcess) -> None:
     c = server.client()
     sb = c.create(command=["/bin/echo", "kept"])
     c.wait(sb.id, terminal=True)
-    time.sleep(0.3)  # the runtime's cleanup has run by now
-    assert not (server.state_dir / "sandboxes" / sb.id).exists()
+    wait_until(
+        lambda: not (server.state_dir / "sandboxes" / sb.id).exists(),
+        "the runtime's cleanup of the ended sandbox's directory",
+        timeout=10,
+    )
     assert b"".join(e.data for e in c.logs(sb.id)) == b"kept\n"
     c.delete(sb.id)
     assert not (server.state_dir / "logs" / f"{sb.id}.log").exists()

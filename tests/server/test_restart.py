@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+from _wait import wait_until
 from server_helpers import SRC, S, ServerProcess
 
 
@@ -29,7 +30,12 @@ def test_kill9_and_restart_keeps_sandboxes(fresh_server: ServerProcess) -> None:
 
     fresh_server.kill9()
     os.kill(_bwrap_pid(fresh_server.state_dir, doomed.id), signal.SIGKILL)
-    time.sleep(1.5)  # `finishes` ends while the service is down
+    exit_file = fresh_server.state_dir / "sandboxes" / finishes.id / "exit"
+    wait_until(  # `finishes` ends while the service is down
+        lambda: exit_file.exists() and exit_file.read_text().strip(),
+        "the sandbox `finishes` to end (its exit file)",
+        timeout=15,
+    )
     c = fresh_server.start().client()
 
     got = c.get(alive.id)
