@@ -64,7 +64,7 @@ def test_tcp_keys_and_owners(fresh_server: ServerProcess) -> None:
     via_socket = Client(fresh_server.stub(), [("authorization", f"Bearer {alice_key}")])
     assert via_socket.get(sb.id).id == sb.id
 
-    # Revocation (by the CLI, on the registry file) takes effect on the next call.
+    # Revocation (here on the registry file) takes effect on the next call.
     assert auth.revoke_key(reg, alice_info.id)
     with pytest.raises(grpc.RpcError) as err:
         alice.get(sb.id)
