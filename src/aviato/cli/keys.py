@@ -30,7 +30,17 @@ from aviato.v1 import admin_pb2 as apb
 from aviato.v1 import admin_pb2_grpc
 
 # The Admin API's request fields that are options of these commands.
-_OPTION_OF_FIELD = {"owner": "--owner", "name": "--name", "quota.owner": "--owner"}
+_OPTION_OF_FIELD = {"owner": "--owner", "name": "--name", "quota.owner": "--owner", "key_id": "ID"}
+
+
+def _text(value: str, hint: str) -> str:
+    """`value`, refused as a usage error if it cannot travel as text (undecodable bytes)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        message = "must be text (it holds bytes that are not UTF-8)"
+        raise click.BadParameter(message, param_hint=hint) from None
+    return value
 
 
 def _user_words(exc: grpc.RpcError) -> str:
@@ -110,7 +120,8 @@ def create(owner: str, name: str, state_dir: str | None) -> None:
       export AVIATO_API_KEY=$(aviato keys create --owner ci)
     """
     with _admin(state_dir) as admin:
-        created = admin.CreateKey(apb.CreateKeyRequest(owner=owner, name=name))
+        request = apb.CreateKeyRequest(owner=_text(owner, "--owner"), name=_text(name, "--name"))
+        created = admin.CreateKey(request)
     click.echo(created.secret)
     click.echo(
         f"created {created.key.id} for owner {created.key.owner!r}; "
@@ -132,7 +143,8 @@ def list_(owner: str | None, as_json: bool, state_dir: str | None) -> None:
       aviato keys list --owner alice --json
     """
     with _admin(state_dir) as admin:
-        found = admin.ListKeys(apb.ListKeysRequest(owner=owner)).keys
+        request = apb.ListKeysRequest(owner=None if owner is None else _text(owner, "--owner"))
+        found = admin.ListKeys(request).keys
     if as_json:
         print_json(
             [
@@ -173,6 +185,9 @@ def revoke(key_ids: tuple[str, ...], state_dir: str | None) -> None:
     missing: list[str] = []
     with _admin(state_dir) as admin:
         for key_id in key_ids:
+            if not key_id.isprintable() or len(key_id) > 64:
+                missing.append(repr(key_id)[1:-1])  # no key has such an id
+                continue
             try:
                 admin.RevokeKey(apb.RevokeKeyRequest(key_id=key_id))
             except grpc.RpcError as exc:
