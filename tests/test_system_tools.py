@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each runs pytest in a subprocess
+
 HERE = Path(__file__).parent
 
 NEEDS_OPENSSL = """

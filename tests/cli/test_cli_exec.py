@@ -7,9 +7,11 @@ import signal
 import subprocess
 import time
 
+import pytest
 from clitools import Cli, assert_one_line_error, aviato_argv
 
 
+@pytest.mark.slow
 def test_output_streams_stay_apart(cli: Cli, sandbox: str) -> None:
     result = cli("exec", sandbox, "--", "sh", "-c", "echo out; echo err >&2")
     assert result.returncode == 0
@@ -17,6 +19,7 @@ def test_output_streams_stay_apart(cli: Cli, sandbox: str) -> None:
     assert result.stderr == "err\n"
 
 
+@pytest.mark.slow
 def test_exit_status_is_the_commands(cli: Cli, sandbox: str) -> None:
     assert cli("exec", sandbox, "--", "sh", "-c", "exit 7").returncode == 7
     assert cli("exec", sandbox, "--", "true").returncode == 0
@@ -37,6 +40,7 @@ def test_stdin_from_a_pipe_passes_through(cli: Cli, sandbox: str) -> None:
     assert result.stdout == "HELLO\nend\n"
 
 
+@pytest.mark.slow
 def test_no_stdin_means_eof_at_once(cli: Cli, sandbox: str) -> None:
     result = cli("exec", sandbox, "--", "cat")  # stdin is /dev/null here
     assert result.returncode == 0 and result.stdout == ""
@@ -51,6 +55,7 @@ def test_binary_output_is_exact(cli: Cli, sandbox: str) -> None:
     assert result.stdout == bytes(range(256)) * 4
 
 
+@pytest.mark.slow
 def test_large_stdin_round_trip(cli: Cli, sandbox: str) -> None:
     payload = os.urandom(3 * 1024 * 1024)
     result = cli.raw("exec", sandbox, "--", "cat", input=payload, timeout=120)
@@ -58,6 +63,7 @@ def test_large_stdin_round_trip(cli: Cli, sandbox: str) -> None:
     assert result.stdout == payload
 
 
+@pytest.mark.slow
 def test_options_cwd_env_and_timeout(cli: Cli, sandbox: str) -> None:
     out = cli.ok(
         "exec",
@@ -125,6 +131,7 @@ def test_ctrl_c_reaches_the_remote_command(cli: Cli, sandbox: str) -> None:
     assert out == "got-int\n"
 
 
+@pytest.mark.slow
 def test_stdout_closed_early_kills_the_remote_command(cli: Cli, sandbox: str) -> None:
     marker = "/tmp/yes-pipe-test"
     remote = f"sh -c 'echo $$ > {marker}; exec yes'"

@@ -11,9 +11,11 @@ import json
 import secrets
 from pathlib import Path
 
+import pytest
 from clitools import Cli, assert_one_line_error
 
 
+@pytest.mark.slow
 def test_keys_quota_sets_shows_and_resets(idle_cli: Cli) -> None:
     out = idle_cli.ok("keys", "quota", "--owner", "alice", "--max-sandboxes", "3",
                       "--max-memory", "2Gi").stdout  # fmt: skip
@@ -42,6 +44,7 @@ def test_keys_quota_sets_shows_and_resets(idle_cli: Cli) -> None:
     assert bad.returncode == 2 and "--owner" in bad.stderr
 
 
+@pytest.mark.slow
 def test_server_start_takes_the_limits(idle_cli: Cli) -> None:
     parent = f"aviato-test-{secrets.token_hex(4)}"
     try:

@@ -30,6 +30,7 @@ def test_status_of_the_running_service(cli: Cli) -> None:
     assert fields["version"]
 
 
+@pytest.mark.slow
 def test_status_start_stop_logs(idle_cli: Cli) -> None:
     result = idle_cli("server", "status")
     assert result.returncode == 3
@@ -51,6 +52,7 @@ def test_status_start_stop_logs(idle_cli: Cli) -> None:
     idle_cli.ok("rm", sandbox_id)
 
 
+@pytest.mark.slow
 def test_keys_start_the_service_and_speak_its_admin_api(idle_cli: Cli) -> None:
     created = idle_cli.ok("keys", "create", "--owner", "alice", "--name", "laptop")
     key = created.stdout.strip()
@@ -83,6 +85,7 @@ def remote(idle_cli: Cli) -> Iterator[tuple[Cli, str]]:
     idle_cli("rm", "--all", "-y")
 
 
+@pytest.mark.slow
 def test_remote_clients_need_a_valid_key(remote: tuple[Cli, str]) -> None:
     server, address = remote
     key = server.ok("keys", "create", "--owner", "bob").stdout.strip()
@@ -120,6 +123,7 @@ def test_remote_clients_need_a_valid_key(remote: tuple[Cli, str]) -> None:
         shutil.rmtree(client_state, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_tls(idle_cli: Cli, tmp_path: Path) -> None:
     require_tools("openssl")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -156,6 +160,7 @@ def test_tls(idle_cli: Cli, tmp_path: Path) -> None:
     assert_one_line_error(untrusted("ls", timeout=60))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("url", ["unix:///tmp/aviato-nothing-here.sock", "http://127.0.0.1:9"])
 def test_service_down_is_a_quick_one_line_error(idle_cli: Cli, url: str) -> None:
     down = idle_cli.with_env(AVIATO_BASE_URL=url)
@@ -174,6 +179,7 @@ def test_version_names_the_running_service(cli: Cli) -> None:
     assert str(cli.state_dir / "aviato.sock") in service_line
 
 
+@pytest.mark.slow
 def test_foreground_server_serves_until_sigterm(idle_cli: Cli) -> None:
     port = _free_port()
     server = subprocess.Popen(
@@ -203,6 +209,7 @@ def test_foreground_server_serves_until_sigterm(idle_cli: Cli) -> None:
     assert idle_cli("server", "status").returncode == 3
 
 
+@pytest.mark.slow
 def test_keys_list_json(idle_cli: Cli) -> None:
     idle_cli.ok("keys", "create", "--owner", "carol", "--name", "ci")
     records = json.loads(idle_cli.ok("keys", "list", "--json").stdout)

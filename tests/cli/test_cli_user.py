@@ -97,6 +97,7 @@ def _run(prefix: list[str], *args: str, input: str | None = None) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_an_ordinary_user_runs_sandboxes(as_user: list[str]) -> None:
     status = _run(as_user, "server", "start")
     assert "started" in status
@@ -110,6 +111,7 @@ def test_an_ordinary_user_runs_sandboxes(as_user: list[str]) -> None:
     _run(as_user, "rm", sandbox_id)
 
 
+@pytest.mark.slow
 def test_a_rootless_service_refuses_limits_it_cannot_apply(as_user: list[str]) -> None:
     """Without a delegated cgroup, a create asking for limits is refused at once, not accepted."""
     _run(as_user, "server", "start")

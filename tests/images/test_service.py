@@ -156,6 +156,7 @@ def test_pending_with_reason_while_pulling_then_stop(service: Service) -> None:
         assert stopped.status == S.SANDBOX_STATUS_TERMINATED
 
 
+@pytest.mark.slow
 def test_create_exec_and_cli_image_commands(service: Service, shared_registry: Registry) -> None:
     pusher = Pusher(shared_registry)
     pushed = pusher.image("t/svc", "v1", [busybox_layer()], env=["PATH=/bin", "X=from-image"])
@@ -210,6 +211,7 @@ def test_registry_auth_in_the_spec_is_used_and_not_kept(service: Service) -> Non
         shutil.rmtree(work, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_sdk_sandbox_run_with_container_image(service: Service, shared_registry: Registry) -> None:
     Pusher(shared_registry).image("t/sdk", "v1", [busybox_layer()], env=["PATH=/bin", "Y=sdk"])
     ref = f"{shared_registry.host}/t/sdk:v1"

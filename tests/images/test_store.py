@@ -93,6 +93,7 @@ def test_corrupted_blob_refused_and_not_kept(
     assert store.list_images() == []
 
 
+@pytest.mark.slow
 def test_multi_arch_index_picks_this_machine(
     registry: Registry, pusher: Pusher, workdir: Path
 ) -> None:
@@ -169,6 +170,7 @@ def test_remove_and_prune_keep_images_in_use(
     assert os.listdir(workdir / "images/blobs/sha256") == []
 
 
+@pytest.mark.slow
 def test_bearer_token_auth(registry: Registry, pusher: Pusher, workdir: Path) -> None:
     from oci_helpers import bearer_front
 

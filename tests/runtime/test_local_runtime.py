@@ -343,6 +343,7 @@ print((time.process_time() - c0) / (time.monotonic() - w0))
 """
 
 
+@pytest.mark.slow
 def test_cpu_quota_is_roughly_honoured(state_dir: Path, supervisor_bin: Path) -> None:
     async def body(rt: LocalRuntime) -> float:
         needs_cgroups(rt)
@@ -499,6 +500,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.slow
 def test_sandbox_survives_service_kill_9(state_dir: Path, supervisor_bin: Path) -> None:
     """The whole service process group gets SIGKILL; its sandbox runs on and is re-attached."""
     sid = new_id()

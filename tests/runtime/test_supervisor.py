@@ -512,6 +512,7 @@ def vm_hwm(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
+@pytest.mark.slow
 def test_output_backpressure_bounds_memory(sup: Supervisor) -> None:
     async def main() -> None:
         conn = await sup.connect()
@@ -537,6 +538,7 @@ def test_output_backpressure_bounds_memory(sup: Supervisor) -> None:
     run(main())
 
 
+@pytest.mark.slow
 def test_stdin_backpressure_bounds_memory(sup: Supervisor) -> None:
     async def main() -> None:
         conn = await sup.connect()
@@ -723,6 +725,7 @@ def test_unread_stdin_stalls_only_its_exec(sup: Supervisor, tmp_path: Path) -> N
     run(main())
 
 
+@pytest.mark.slow
 def test_unread_output_stalls_only_its_exec(sup: Supervisor, tmp_path: Path) -> None:
     """Nobody reads `cat /dev/zero` nor a big file read: each holds at most about its window
     here, and the same connection keeps serving everything else."""
@@ -812,6 +815,7 @@ async def gone(n: int, seconds: float = 5) -> bool:
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["timeout", "kill", "connection closed"])
 def test_kill_takes_the_whole_lineage(sup: Supervisor, how: str) -> None:
     n = 90000 + os.getpid() % 1000 * 10 + ["timeout", "kill", "connection closed"].index(how)
@@ -912,6 +916,7 @@ def test_deadline_terminates_main_then_kills_after_grace(start: StartSupervisor)
     assert (code, sig, why) == ("137", "9", "deadline:lifetime")
 
 
+@pytest.mark.slow
 def test_deadline_moved_later_and_removed(start: StartSupervisor) -> None:
     s = start("--keepalive")
 

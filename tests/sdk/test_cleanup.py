@@ -92,6 +92,7 @@ def test_sigterm_stops_the_sandboxes() -> None:
     assert statuses(ids) == [SandboxStatus.TERMINATED] * 2
 
 
+@pytest.mark.slow
 def test_sigint_stops_the_sandboxes() -> None:
     proc, ids = start_script("wait")
     proc.send_signal(signal.SIGINT)
@@ -100,6 +101,7 @@ def test_sigint_stops_the_sandboxes() -> None:
     assert statuses(ids) == [SandboxStatus.TERMINATED] * 2
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_cleanup_to_the_lease() -> None:
     ttl = 3.0
     proc, ids = start_script("wait", AVIATO_LEASE_TTL=str(ttl))

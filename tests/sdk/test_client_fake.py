@@ -124,6 +124,7 @@ def test_stop_is_terminal_and_wait_until_complete(fake_server: FakeServer) -> No
         sb.exec(["echo"]).result(timeout=10)
 
 
+@pytest.mark.slow
 def test_session_lease_is_passed_renewed_and_released(
     fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -136,6 +136,7 @@ def test_http_with_a_key(plain: Remote) -> None:
     assert out.stdout == "remote\ndata\n", out.stderr
 
 
+@pytest.mark.slow
 def test_https_with_a_key(tls: Remote) -> None:
     out = tls.run(ROUND_TRIP, tls.key())
     assert out.stdout == "remote\ndata\n", out.stderr
@@ -168,6 +169,7 @@ def test_missing_or_wrong_key_is_an_authentication_error(plain: Remote, key: str
     assert out.stdout.startswith("auth error: UNAUTHENTICATED"), out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_owners_do_not_see_each_other(plain: Remote) -> None:
     make = """
         from aviato import Sandbox

@@ -250,6 +250,7 @@ def maybe(strategy: st.SearchStrategy[Any], default: Any) -> st.SearchStrategy[A
     return st.one_of(st.just(default), st.just(default), strategy)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(
     image=maybe(HOSTILE_TEXT, ""),

@@ -48,6 +48,7 @@ def _victim_pids(host: Host) -> list[int]:
 # --- secrets ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_host_secrets_are_unreachable(host: Host) -> None:
     """The service's state (registry.db holds the canary), /root, /home, the rest of the host's
     filesystem that is not the read-only system, and /etc's secrets."""
@@ -229,6 +230,7 @@ def _host_still_fine(host: Host) -> None:
     assert time.monotonic() - t0 < 5, "the service or the other sandbox became slow"
 
 
+@pytest.mark.slow
 def test_fork_bomb(host: Host) -> None:
     sid = _bomb_sandbox(host, pids=64)
     t0 = time.monotonic()

@@ -177,6 +177,7 @@ def _peak_rss_kib(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
+@pytest.mark.slow
 def test_a_loopback_registry_not_named_is_refused_without_contact() -> None:
     with lab(name_registry=False) as env:
         ref = env.push("t/bb", [busybox_layer()])
@@ -242,6 +243,7 @@ def _v2_requests(log: Path) -> int:
     return sum(1 for line in text.splitlines() if '"GET /v2/' in line or '"HEAD /v2/' in line)
 
 
+@pytest.mark.slow
 def test_ray_node_hosts_get_the_operators_names_and_limits(tmp_path: Path) -> None:
     """The Ray placement builds each node host from the service's configuration: a node's
     pulls obey the same insecure registries and pull limits as a local service's."""
@@ -272,6 +274,7 @@ def test_ray_node_hosts_get_the_operators_names_and_limits(tmp_path: Path) -> No
         asyncio.run(pull_on_node(insecure_registries=(env.registry.host,), max_sandboxes=7))
 
 
+@pytest.mark.slow
 def test_the_command_line_takes_the_registry_names(tmp_path: Path) -> None:
     """`aviato server --insecure-registry` reaches the service's parser (a bad name is refused
     there, naming the flag); AVIATO_INSECURE_REGISTRIES is checked the same way."""

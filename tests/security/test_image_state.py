@@ -116,6 +116,7 @@ def test_everything_the_service_makes_is_private() -> None:
         assert _not_private(state) == []
 
 
+@pytest.mark.slow
 def test_nobody_else_can_read_the_store_or_the_registry() -> None:
     """As another host user (nobody): the state directory cannot be entered at all."""
     require_root_and_tools()

@@ -37,6 +37,7 @@ def climb(path: Path) -> str:
     return "../" * 40 + str(path).lstrip("/")
 
 
+@pytest.mark.slow
 def test_a_directory_swapped_for_a_symlink_never_chmods_the_host(env: Lab, canary: Canary) -> None:
     """The critical one: `x/` (mode 4777) then `x -> host file`; the directory modes applied at
     the end of the layer used to follow the symlink and chmod (and utime) the host's file."""
@@ -196,6 +197,7 @@ def _peak_rss_kib(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
+@pytest.mark.slow
 def test_a_huge_tar_header_is_refused_before_it_is_read(env: Lab) -> None:
     """A PAX header record claiming 2 GiB (2 MiB of gzip): tarfile reads a header whole."""
     header = tarfile.TarInfo("././@PaxHeader")
@@ -209,6 +211,7 @@ def test_a_huge_tar_header_is_refused_before_it_is_read(env: Lab) -> None:
     assert env.tmp_entries() == []
 
 
+@pytest.mark.slow
 def test_swaps_raced_by_concurrent_pulls_under_nice(env: Lab, canary: Canary) -> None:
     """The swap attacks as second layers, ten images pulled five at a time: unpack threads
     competing for the CPU (run the suite under `nice`, as the house does)."""
@@ -260,6 +263,7 @@ def test_set_id_bits_never_reach_the_hosts_disk(env: Lab) -> None:
     assert "NoNewPrivs:\t1" in r.stdout.decode(), r.stdout
 
 
+@pytest.mark.slow
 def test_a_layer_too_deep_is_refused(env: Lab) -> None:
     """A layer 600 directories deep is refused with a clear error: the walk holds one
     descriptor per level, so the depth is bounded."""
@@ -332,6 +336,7 @@ def _global_header(key: str, value: str) -> bytes:
     return info.tobuf(tarfile.USTAR_FORMAT) + payload + b"\0" * pad
 
 
+@pytest.mark.slow
 def test_chains_and_piles_of_tar_headers_are_refused(env: Lab) -> None:
     """5000 header records in a row (tarfile recursed once per record: a RecursionError, an
     internal error), and 200 global headers of 512 KiB kept for the whole layer (memory)."""

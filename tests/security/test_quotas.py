@@ -117,6 +117,7 @@ def test_owner_at_quota_is_refused_with_its_own_usage_only(world: World) -> None
         bob.delete(sb.id)
 
 
+@pytest.mark.slow
 def test_quota_holds_across_a_restart_and_ended_sandboxes_give_back(world: World) -> None:
     alice = world.client("alice")
     # Sandboxes that end by themselves, and one that fails while it is created, hold nothing.
@@ -142,6 +143,7 @@ def test_quota_holds_across_a_restart_and_ended_sandboxes_give_back(world: World
         alice.delete(sb.id)
 
 
+@pytest.mark.slow
 def test_concurrent_creates_never_exceed_the_quota() -> None:
     w = World("--owner-max-sandboxes", "5")
     try:
@@ -167,6 +169,7 @@ def test_concurrent_creates_never_exceed_the_quota() -> None:
         w.finish()
 
 
+@pytest.mark.slow
 def test_an_owners_own_quota_replaces_the_default(world: World) -> None:
     alice, bob = world.client("alice"), world.client("bob")
     reg = world.registry()

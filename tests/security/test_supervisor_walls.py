@@ -73,6 +73,7 @@ def processes_matching(c: Client, sandbox_id: str, needle: str) -> list[str]:
 # --- one stuck command must not stall the others ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_unread_stdin_and_output_stall_nothing_else(svc: Service) -> None:
     """`sleep` (never reads stdin) gets 8 MiB pushed at it; `yes` writes while nobody reads its
     output. Meanwhile other execs and a write/read of a file each finish well under a second,
@@ -135,6 +136,7 @@ SPAWNER = (
 )
 
 
+@pytest.mark.slow
 def test_timeout_kills_setsid_and_daemonized_children(svc: Service) -> None:
     c = svc.client()
     sid = c.running().id
@@ -143,6 +145,7 @@ def test_timeout_kills_setsid_and_daemonized_children(svc: Service) -> None:
     wait_until(lambda: processes_matching(c, sid, "sleep 4711") == [], "the children to die", 5)
 
 
+@pytest.mark.slow
 def test_a_command_cannot_shed_its_lineage_mark(svc: Service) -> None:
     """Hostile code that knows how its lineage is tracked (RLIMIT_RTTIME) tries to change it
     before escaping into a new session: the change is refused and the timeout still gets it."""
@@ -191,6 +194,7 @@ def test_client_going_away_kills_setsid_and_daemonized_children(svc: Service) ->
     assert processes_matching(c, sid, "sleep 4712") == []
 
 
+@pytest.mark.slow
 def test_service_death_kills_running_commands_lineage(fresh: Service) -> None:
     """The service dies: the supervisor sees its connection close and kills what each running
     command started; a server started earlier by a finished command keeps running."""
@@ -224,6 +228,7 @@ def test_service_death_kills_running_commands_lineage(fresh: Service) -> None:
 # --- lifetimes and leases hold while the service is down ---------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["lifetime", "lease"])
 def test_deadline_enforced_while_service_is_down(fresh: Service, how: str) -> None:
     c = fresh.client()
@@ -245,6 +250,7 @@ def test_deadline_enforced_while_service_is_down(fresh: Service, how: str) -> No
     assert (rec.status, rec.status_reason) == (S.SANDBOX_STATUS_TERMINATED, reason), rec
 
 
+@pytest.mark.slow
 def test_lease_renewal_moves_the_deadline(svc: Service) -> None:
     """The deadline follows renewals: a sandbox whose lease is renewed outlives the first TTL."""
     c = svc.client()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from _wait import wait_until
 from server_helpers import ServerProcess
 
@@ -32,6 +33,7 @@ def test_tail_and_history(server: ServerProcess) -> None:
     c.delete(sb.id)
 
 
+@pytest.mark.slow
 def test_follow_until_end(server: ServerProcess) -> None:
     c = server.client()
     sb = c.running(command=["/bin/sh", "-c", "echo start; sleep 1; echo middle; sleep 1; echo end"])

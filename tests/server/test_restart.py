@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from _wait import wait_until
 from server_helpers import SRC, S, ServerProcess
 
@@ -20,6 +21,7 @@ def _bwrap_pid(state_dir, sandbox_id: str) -> int:  # type: ignore[no-untyped-de
     )
 
 
+@pytest.mark.slow
 def test_kill9_and_restart_keeps_sandboxes(fresh_server: ServerProcess) -> None:
     c = fresh_server.start().client()
     alive = c.running(tags=["restart"])
@@ -76,6 +78,7 @@ def test_graceful_shutdown_does_not_stop_sandboxes(fresh_server: ServerProcess) 
     c.delete(sb.id)
 
 
+@pytest.mark.slow
 def test_orphan_runtime_state_is_killed(fresh_server: ServerProcess) -> None:
     """A sandbox on disk without a record (e.g. its record was lost) is killed on start."""
     import sqlite3
@@ -99,6 +102,7 @@ def test_orphan_runtime_state_is_killed(fresh_server: ServerProcess) -> None:
     assert not (fresh_server.state_dir / "sandboxes" / sb.id).exists()
 
 
+@pytest.mark.slow
 def test_creating_record_from_a_crash_is_failed(fresh_server: ServerProcess) -> None:
     import sqlite3
 

@@ -162,6 +162,7 @@ def test_stop_returns_once_the_end_is_recorded_even_if_terminate_does_not(
     run_service(tmp_path / "s", None, body)
 
 
+@pytest.mark.slow
 def test_lifetime_and_lease_reaping(tmp_path: Path) -> None:
     async def body(stub: pbg.SandboxServiceStub, rt: FakeRuntime) -> None:
         short = await create(stub, max_lifetime_seconds=0.2)
