@@ -27,6 +27,7 @@ def test_exit_status_is_the_commands(cli: Cli, sandbox: str) -> None:
     assert cli("exec", sandbox, "--", "sh", "-c", "kill -9 $$").returncode == 137
 
 
+@pytest.mark.slow
 def test_command_not_found_is_the_commands_failure(cli: Cli, sandbox: str) -> None:
     result = cli("exec", sandbox, "--", "no-such-program-here")
     assert result.returncode in (125, 127)
@@ -34,6 +35,7 @@ def test_command_not_found_is_the_commands_failure(cli: Cli, sandbox: str) -> No
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_stdin_from_a_pipe_passes_through(cli: Cli, sandbox: str) -> None:
     result = cli("exec", sandbox, "--", "sh", "-c", "tr a-z A-Z; echo end", input="hello\n")
     assert result.returncode == 0
@@ -98,6 +100,7 @@ def test_unknown_sandbox_exits_125(cli: Cli) -> None:
     assert_one_line_error(result, "sb-does-not-exist")
 
 
+@pytest.mark.slow
 def test_ended_sandbox_exits_125(cli: Cli) -> None:
     sandbox_id = cli.ok("run", "--tag", "cli-tests").stdout.strip()
     cli.ok("stop", "--grace", "0", sandbox_id)

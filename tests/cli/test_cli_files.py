@@ -42,6 +42,7 @@ def test_directory_targets_keep_the_file_name(cli: Cli, sandbox: str, tmp_path: 
     assert (out_dir / "notes.txt").read_text() == "hello\n"
 
 
+@pytest.mark.slow
 def test_stdin_and_stdout(cli: Cli, sandbox: str) -> None:
     cli.ok("cp", "-", f"{sandbox}:/workspace/from-stdin.txt", input="piped\n")
     assert cli.ok("cp", f"{sandbox}:/workspace/from-stdin.txt", "-").stdout == "piped\n"

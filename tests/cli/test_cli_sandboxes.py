@@ -50,6 +50,7 @@ def test_ls_filters_by_tag(cli: Cli) -> None:
         cli.ok("rm", "-y", a, b)
 
 
+@pytest.mark.slow
 def test_run_options_reach_the_sandbox(cli: Cli) -> None:
     sandbox_id = cli.ok(
         "run",

@@ -191,6 +191,7 @@ def test_create_exec_and_cli_image_commands(service: Service, shared_registry: R
     assert json.loads(service.cli("image", "ls", "--json").stdout) == []
 
 
+@pytest.mark.slow
 def test_registry_auth_in_the_spec_is_used_and_not_kept(service: Service) -> None:
     work = Path(tempfile.mkdtemp(prefix="avisa-", dir="/tmp"))
     try:

@@ -26,6 +26,7 @@ from aviato.images.store import ImageInUse, ImageStore, PullProgress
 from aviato.runtime.base import RegistryCredentials
 
 
+@pytest.mark.slow
 def test_pull_unpacks_and_records(registry: Registry, pusher: Pusher, workdir: Path) -> None:
     pushed = pusher.image("t/bb", "v1", [busybox_layer(), layer([Entry("app", kind="dir"),
                           Entry("app/hello", data=b"hi")])], working_dir="/srv/w")  # fmt: skip
@@ -50,6 +51,7 @@ def test_pull_unpacks_and_records(registry: Registry, pusher: Pusher, workdir: P
     assert again.find(f"{registry.host}/t/bb@{pushed.digest}") is not None
 
 
+@pytest.mark.slow
 def test_docker_v2_manifest(registry: Registry, pusher: Pusher, workdir: Path) -> None:
     pushed = pusher.image("t/docker", "v1", [busybox_layer()], docker=True)
     image = asyncio.run(
@@ -60,6 +62,7 @@ def test_docker_v2_manifest(registry: Registry, pusher: Pusher, workdir: Path) -
     assert image.digest == pushed.digest and (image.rootfs / "bin/sh").is_symlink()
 
 
+@pytest.mark.slow
 def test_ten_concurrent_first_uses_pull_once(
     registry: Registry, pusher: Pusher, workdir: Path
 ) -> None:
@@ -124,6 +127,7 @@ def test_missing_image_and_tag(registry: Registry, pusher: Pusher, workdir: Path
         asyncio.run(store.pull(f"{registry.host}/t/none:v1"))
 
 
+@pytest.mark.slow
 def test_basic_auth(workdir: Path) -> None:
     require_image_tools()
     with run_registry(workdir / "reg", htpasswd=("alice", "s3cret")) as reg:
@@ -147,6 +151,7 @@ def test_basic_auth(workdir: Path) -> None:
         assert asyncio.run(other.pull(ref)).digest == pushed.digest
 
 
+@pytest.mark.slow
 def test_remove_and_prune_keep_images_in_use(
     registry: Registry, pusher: Pusher, workdir: Path
 ) -> None:
@@ -187,6 +192,7 @@ def test_bearer_token_auth(registry: Registry, pusher: Pusher, workdir: Path) ->
         assert (image.rootfs / "bin/busybox").exists()
 
 
+@pytest.mark.slow
 def test_a_private_image_in_the_store_needs_access_on_every_use(workdir: Path) -> None:
     with run_registry(workdir / "private", htpasswd=("u", "pw")) as reg:
         pusher = Pusher(reg)

@@ -294,6 +294,7 @@ def test_cli_run_with_registry_credentials(service: Service, private_registry: R
             assert PASSWORD.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.slow
 def test_cli_help_shows_the_image_options(service: Service) -> None:
     helptext = service.cli("run", "--help").stdout
     for part in ("--image-command", "--username USER", "--password-stdin", "Entrypoint + Cmd"):

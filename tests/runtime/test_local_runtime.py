@@ -403,6 +403,7 @@ def test_terminate_keepalive_exits_zero(state_dir: Path, supervisor_bin: Path) -
     assert took < 2.0
 
 
+@pytest.mark.slow
 def test_terminate_kills_after_grace(state_dir: Path, supervisor_bin: Path) -> None:
     async def body(rt: LocalRuntime) -> tuple[MainExit, float]:
         h = await rt.create(config(None, "sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"))

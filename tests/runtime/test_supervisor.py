@@ -387,6 +387,7 @@ def test_exec_failures(sup: Supervisor, tmp_path: Path) -> None:
     run(main())
 
 
+@pytest.mark.slow
 def test_large_output_arrives_intact(sup: Supervisor, tmp_path: Path) -> None:
     blob = tmp_path / "blob"
     blob.write_bytes(os.urandom(50 * 1024 * 1024))

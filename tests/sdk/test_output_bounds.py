@@ -219,6 +219,7 @@ def test_closing_a_reader_releases_the_command(sandbox: Sandbox) -> None:
     assert list(loop) == []
 
 
+@pytest.mark.slow
 def test_streaming_stdout_while_stderr_floods_unread(sandbox: Sandbox) -> None:
     """Only stdout is read: the stderr flood must neither stall stdout (one call carries both)
     nor pile up in the client."""

@@ -131,6 +131,7 @@ ROUND_TRIP = """
 """
 
 
+@pytest.mark.slow
 def test_http_with_a_key(plain: Remote) -> None:
     out = plain.run(ROUND_TRIP, plain.key())
     assert out.stdout == "remote\ndata\n", out.stderr

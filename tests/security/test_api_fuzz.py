@@ -376,6 +376,7 @@ def test_stream_logs(target: Target, sandbox_id: str, tail: int, mine: bool) -> 
         _check_status(e, f"StreamLogs({req!r:.200})")
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(
     argv=st.lists(

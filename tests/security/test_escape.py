@@ -81,6 +81,7 @@ def test_host_secrets_are_unreachable(host: Host) -> None:
         _clean(host.run(host.attacker, "find_name", name, "/"))
 
 
+@pytest.mark.slow
 def test_host_proc_1_environ_and_service_environment(host: Host) -> None:
     """The canary is in the service's environment; /proc/1 is the sandbox's supervisor, and
     no /proc entry (environ, cmdline, the supervisor's fds) leaks the host's."""
@@ -122,6 +123,7 @@ def test_host_and_other_sandbox_processes_cannot_be_signalled(host: Host) -> Non
 # --- network ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_host_network_is_unreachable(host: Host) -> None:
     """The service's TCP port, a listener on every host address (TCP v4/v6, UDP), the host's
     abstract and path unix sockets, and the service's own unix socket."""

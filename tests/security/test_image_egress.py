@@ -139,6 +139,7 @@ def _pull(net: Net, repo: str) -> str:
     return detail
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("repo", ["realm-port", "realm-https", "realm-host"])
 def test_a_token_realm_elsewhere_is_never_contacted(net: Net, repo: str) -> None:
     detail = _pull(net, repo)
@@ -192,6 +193,7 @@ def test_a_loopback_registry_not_named_is_refused_without_contact() -> None:
         assert _v2_requests(env.registry.log) == before
 
 
+@pytest.mark.slow
 def test_a_named_registry_is_pulled_and_naming_is_exact() -> None:
     with lab() as env:  # names 127.0.0.1:PORT exactly
         ref = env.push("t/bb", [busybox_layer()])
@@ -202,6 +204,7 @@ def test_a_named_registry_is_pulled_and_naming_is_exact() -> None:
         assert not ok and "--insecure-registry" in detail, detail
 
 
+@pytest.mark.slow
 def test_no_port_of_an_internal_address_is_probed() -> None:
     """Error messages used to differ between an open and a closed internal port (a scanner).
     Without a name, nothing connects: a listener on that port sees no connection."""

@@ -98,6 +98,7 @@ def test_a_loose_state_directory_is_made_private_at_start() -> None:
         assert stat.S_IMODE(planted["tool"].stat().st_mode) == 0o755
 
 
+@pytest.mark.slow
 def test_everything_the_service_makes_is_private() -> None:
     with lab() as env:
         ref = env.push("state/bb", [busybox_layer()])

@@ -135,6 +135,7 @@ def _passwd_user(env: Lab, repo: str, passwd: Entry) -> str:
     return env.push(repo, [busybox_layer(), layer([passwd])], user="evil")
 
 
+@pytest.mark.slow
 def test_etc_passwd_as_a_symlink_to_a_host_file_is_read_inside(env: Lab, canary: Canary) -> None:
     host_passwd = canary.dir / "passwd"
     host_passwd.write_bytes(b"evil:x:4242:4242::/:/bin/sh\n")
@@ -157,6 +158,7 @@ def test_etc_passwd_as_a_fifo_fails_fast(env: Lab) -> None:
     assert time.monotonic() - start < 60
 
 
+@pytest.mark.slow
 def test_a_sparse_layer_entry_is_refused(env: Lab, canary: Canary) -> None:
     """A 10 GiB sparse /etc/passwd in 1 KiB of layer: tarfile would write its holes out as
     10 GiB of zeros onto the host's disk."""
@@ -242,6 +244,7 @@ def test_swaps_raced_by_concurrent_pulls_under_nice(env: Lab, canary: Canary) ->
     assert all(ok for ok, _ in results), results
 
 
+@pytest.mark.slow
 def test_set_id_bits_never_reach_the_hosts_disk(env: Lab) -> None:
     """A setuid-root binary in a layer is stored without its set-id bits (and inside a sandbox
     no_new_privs would make them inert: NoNewPrivs is checked too)."""

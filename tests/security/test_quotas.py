@@ -84,6 +84,7 @@ def refusal(fn: object) -> str:
     return details_of(err.value)
 
 
+@pytest.mark.slow
 def test_owner_at_quota_is_refused_with_its_own_usage_only(world: World) -> None:
     alice, bob = world.client("alice"), world.client("bob")
     mine = [alice.running(request_id=f"alice-{i}", resources=SMALL) for i in range(QUOTA)]
@@ -208,6 +209,7 @@ def test_an_owners_own_quota_replaces_the_default(world: World) -> None:
         bob.delete(sb.id)
 
 
+@pytest.mark.slow
 def test_global_refusal_does_not_tell_others_the_count() -> None:
     w = World("--max-sandboxes", "2")
     try:

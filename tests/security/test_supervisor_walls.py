@@ -407,6 +407,7 @@ def test_magic_links_do_not_reach_the_supervisors_files(svc: Service) -> None:
 HOG = "b = b'x' * (400 << 20); print(len(b))"
 
 
+@pytest.mark.slow
 def test_oom_killed_exec_is_flagged(svc: Service) -> None:
     c = svc.client()
     sid = c.running(resources={"memory": "64Mi"}).id
@@ -421,6 +422,7 @@ def test_oom_killed_exec_is_flagged(svc: Service) -> None:
     assert r.terminal.exit.timed_out and not r.terminal.exit.oom_killed, r.frames
 
 
+@pytest.mark.slow
 def test_cli_says_when_the_oom_killer_struck(svc: Service) -> None:
     c = svc.client()
     sid = c.running(resources={"memory": "64Mi"}).id

@@ -83,6 +83,7 @@ def test_tcp_keys_and_owners(fresh_server: ServerProcess) -> None:
     bob2.delete(b2.id)
 
 
+@pytest.mark.slow
 def test_tls(fresh_server: ServerProcess, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import subprocess
 

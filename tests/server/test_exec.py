@@ -23,6 +23,7 @@ def sandbox(server: ServerProcess) -> Iterator[str]:
     server.client().delete(sb.id)
 
 
+@pytest.mark.slow
 def test_exit_codes_and_usage(server: ServerProcess, sandbox: str) -> None:
     c = server.client()
     for code in (0, 1, 42, 255):

@@ -65,6 +65,7 @@ def test_kill9_and_restart_keeps_sandboxes(fresh_server: ServerProcess) -> None:
         c.delete(sb.id)
 
 
+@pytest.mark.slow
 def test_graceful_shutdown_does_not_stop_sandboxes(fresh_server: ServerProcess) -> None:
     c = fresh_server.start().client()
     sb = c.running()
