@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 FIGURES = ("create", "burst", "exec", "rl", "files", "density")
 MEASURED = ("aviato", "floor", "bwrap")
@@ -43,6 +45,7 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+@pytest.mark.slow
 def test_quick_run_measures_every_figure_without_errors(tmp_path: Path) -> None:
     doc = _run_quick(tmp_path)
     assert doc["meta"]["quick"] is True

@@ -7,9 +7,11 @@ import signal
 import subprocess
 import time
 
+import pytest
 from clitools import Cli, assert_one_line_error, aviato_argv
 
 
+@pytest.mark.slow
 def test_output_streams_stay_apart(cli: Cli, sandbox: str) -> None:
     result = cli("exec", sandbox, "--", "sh", "-c", "echo out; echo err >&2")
     assert result.returncode == 0
@@ -17,6 +19,7 @@ def test_output_streams_stay_apart(cli: Cli, sandbox: str) -> None:
     assert result.stderr == "err\n"
 
 
+@pytest.mark.slow
 def test_exit_status_is_the_commands(cli: Cli, sandbox: str) -> None:
     assert cli("exec", sandbox, "--", "sh", "-c", "exit 7").returncode == 7
     assert cli("exec", sandbox, "--", "true").returncode == 0
@@ -24,6 +27,7 @@ def test_exit_status_is_the_commands(cli: Cli, sandbox: str) -> None:
     assert cli("exec", sandbox, "--", "sh", "-c", "kill -9 $$").returncode == 137
 
 
+@pytest.mark.slow
 def test_command_not_found_is_the_commands_failure(cli: Cli, sandbox: str) -> None:
     result = cli("exec", sandbox, "--", "no-such-program-here")
     assert result.returncode in (125, 127)
@@ -31,12 +35,14 @@ def test_command_not_found_is_the_commands_failure(cli: Cli, sandbox: str) -> No
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_stdin_from_a_pipe_passes_through(cli: Cli, sandbox: str) -> None:
     result = cli("exec", sandbox, "--", "sh", "-c", "tr a-z A-Z; echo end", input="hello\n")
     assert result.returncode == 0
     assert result.stdout == "HELLO\nend\n"
 
 
+@pytest.mark.slow
 def test_no_stdin_means_eof_at_once(cli: Cli, sandbox: str) -> None:
     result = cli("exec", sandbox, "--", "cat")  # stdin is /dev/null here
     assert result.returncode == 0 and result.stdout == ""
@@ -51,6 +57,7 @@ def test_binary_output_is_exact(cli: Cli, sandbox: str) -> None:
     assert result.stdout == bytes(range(256)) * 4
 
 
+@pytest.mark.slow
 def test_large_stdin_round_trip(cli: Cli, sandbox: str) -> None:
     payload = os.urandom(3 * 1024 * 1024)
     result = cli.raw("exec", sandbox, "--", "cat", input=payload, timeout=120)
@@ -58,6 +65,7 @@ def test_large_stdin_round_trip(cli: Cli, sandbox: str) -> None:
     assert result.stdout == payload
 
 
+@pytest.mark.slow
 def test_options_cwd_env_and_timeout(cli: Cli, sandbox: str) -> None:
     out = cli.ok(
         "exec",
@@ -92,6 +100,7 @@ def test_unknown_sandbox_exits_125(cli: Cli) -> None:
     assert_one_line_error(result, "sb-does-not-exist")
 
 
+@pytest.mark.slow
 def test_ended_sandbox_exits_125(cli: Cli) -> None:
     sandbox_id = cli.ok("run", "--tag", "cli-tests").stdout.strip()
     cli.ok("stop", "--grace", "0", sandbox_id)
@@ -125,6 +134,7 @@ def test_ctrl_c_reaches_the_remote_command(cli: Cli, sandbox: str) -> None:
     assert out == "got-int\n"
 
 
+@pytest.mark.slow
 def test_stdout_closed_early_kills_the_remote_command(cli: Cli, sandbox: str) -> None:
     marker = "/tmp/yes-pipe-test"
     remote = f"sh -c 'echo $$ > {marker}; exec yes'"

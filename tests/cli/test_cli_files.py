@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from clitools import Cli, Terminal, assert_one_line_error, aviato_argv
 
 
+@pytest.mark.slow
 def test_round_trip_of_a_large_binary_file(cli: Cli, sandbox: str, tmp_path: Path) -> None:
     original = tmp_path / "blob.bin"
     original.write_bytes(os.urandom(6 * 1024 * 1024 + 7))  # several chunks, odd size
@@ -28,6 +30,7 @@ def test_round_trip_of_a_large_binary_file(cli: Cli, sandbox: str, tmp_path: Pat
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".back.bin")], "temp file left"
 
 
+@pytest.mark.slow
 def test_directory_targets_keep_the_file_name(cli: Cli, sandbox: str, tmp_path: Path) -> None:
     source = tmp_path / "notes.txt"
     source.write_text("hello\n")
@@ -39,11 +42,13 @@ def test_directory_targets_keep_the_file_name(cli: Cli, sandbox: str, tmp_path: 
     assert (out_dir / "notes.txt").read_text() == "hello\n"
 
 
+@pytest.mark.slow
 def test_stdin_and_stdout(cli: Cli, sandbox: str) -> None:
     cli.ok("cp", "-", f"{sandbox}:/workspace/from-stdin.txt", input="piped\n")
     assert cli.ok("cp", f"{sandbox}:/workspace/from-stdin.txt", "-").stdout == "piped\n"
 
 
+@pytest.mark.slow
 def test_parents_are_created_only_when_asked(cli: Cli, sandbox: str, tmp_path: Path) -> None:
     source = tmp_path / "x.txt"
     source.write_text("x")
@@ -52,6 +57,7 @@ def test_parents_are_created_only_when_asked(cli: Cli, sandbox: str, tmp_path: P
     assert cli.ok("exec", sandbox, "--", "cat", "/workspace/a/b/x.txt").stdout == "x"
 
 
+@pytest.mark.slow
 def test_errors(cli: Cli, sandbox: str, tmp_path: Path) -> None:
     assert_one_line_error(cli("cp", str(tmp_path / "missing"), f"{sandbox}:/tmp/x"), "missing")
     assert_one_line_error(cli("cp", str(tmp_path), f"{sandbox}:/tmp/x"), "directory")
@@ -65,6 +71,7 @@ def test_errors(cli: Cli, sandbox: str, tmp_path: Path) -> None:
     assert_one_line_error(cli("cp", "sb-nope:/etc/hostname", str(tmp_path / "z")), "sb-nope")
 
 
+@pytest.mark.slow
 def test_progress_bar_on_a_terminal_only(cli: Cli, sandbox: str, tmp_path: Path) -> None:
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(20 * 1024 * 1024))

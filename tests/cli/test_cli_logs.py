@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 
+import pytest
 from clitools import TAG, Cli, aviato_argv
 
 
@@ -17,6 +18,7 @@ def _wait_ended(cli: Cli, sandbox_id: str, timeout: float = 30) -> None:
     raise AssertionError(f"{sandbox_id} did not end")
 
 
+@pytest.mark.slow
 def test_logs_of_an_ended_sandbox(cli: Cli) -> None:
     script = "for i in 1 2 3; do echo line-$i; done; echo oops >&2"
     sandbox_id = cli.ok("run", "--tag", TAG, "--", "sh", "-c", script).stdout.strip()
@@ -31,6 +33,7 @@ def test_logs_of_an_ended_sandbox(cli: Cli) -> None:
         cli.ok("rm", "-y", sandbox_id)
 
 
+@pytest.mark.slow
 def test_follow_streams_until_the_sandbox_ends(cli: Cli) -> None:
     script = "echo first; sleep 2; echo second"
     sandbox_id = cli.ok("run", "--tag", TAG, "--", "sh", "-c", script).stdout.strip()

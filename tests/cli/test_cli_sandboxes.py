@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 from clitools import TAG, Cli, assert_one_line_error, ids_of
 
 
@@ -19,6 +20,7 @@ def test_run_prints_only_the_new_id(cli: Cli) -> None:
         cli.ok("rm", "-y", sandbox_id)
 
 
+@pytest.mark.slow
 def test_ls_table_json_and_quiet(cli: Cli, sandbox: str) -> None:
     table = cli.ok("ls").stdout
     header, *rows = table.splitlines()
@@ -36,6 +38,7 @@ def test_ls_table_json_and_quiet(cli: Cli, sandbox: str) -> None:
     assert sandbox in ids_of(cli.ok("ls", "-q", "--status", "running").stdout)
 
 
+@pytest.mark.slow
 def test_ls_filters_by_tag(cli: Cli) -> None:
     a = cli.ok("run", "--tag", TAG, "--tag", "filter-a").stdout.strip()
     b = cli.ok("run", "--tag", TAG, "--tag", "filter-b").stdout.strip()
@@ -47,6 +50,7 @@ def test_ls_filters_by_tag(cli: Cli) -> None:
         cli.ok("rm", "-y", a, b)
 
 
+@pytest.mark.slow
 def test_run_options_reach_the_sandbox(cli: Cli) -> None:
     sandbox_id = cli.ok(
         "run",
@@ -73,6 +77,7 @@ def test_run_options_reach_the_sandbox(cli: Cli) -> None:
         cli.ok("rm", "-y", sandbox_id)
 
 
+@pytest.mark.slow
 def test_run_node_selector_is_checked(cli: Cli) -> None:
     # The local placement ignores node_selector; the option's parsing and the service's
     # validation are what can be checked here (tests/cluster uses it on a cluster).
@@ -90,6 +95,7 @@ def test_run_node_selector_is_checked(cli: Cli) -> None:
     assert result.returncode != 0 and "spec.node_selector" in result.stderr, result
 
 
+@pytest.mark.slow
 def test_run_with_a_command_and_get(cli: Cli) -> None:
     sandbox_id = cli.ok("run", "--tag", TAG, "--", "sh", "-c", "echo done; exit 3").stdout.strip()
     try:
@@ -109,6 +115,7 @@ def test_run_with_a_command_and_get(cli: Cli) -> None:
         cli.ok("rm", "-y", sandbox_id)
 
 
+@pytest.mark.slow
 def test_stop_keeps_the_record_and_rm_removes_it(cli: Cli) -> None:
     sandbox_id = cli.ok("run", "--tag", TAG).stdout.strip()
     assert ids_of(cli.ok("stop", "--grace", "0", sandbox_id).stdout) == [sandbox_id]
@@ -119,6 +126,7 @@ def test_stop_keeps_the_record_and_rm_removes_it(cli: Cli) -> None:
     assert_one_line_error(cli("get", sandbox_id), "not found")
 
 
+@pytest.mark.slow
 def test_rm_by_tag_asks_before_deleting_many(cli: Cli) -> None:
     tag = "bulk-delete"
     ids = [cli.ok("run", "--tag", TAG, "--tag", tag).stdout.strip() for _ in range(6)]
@@ -133,6 +141,7 @@ def test_rm_by_tag_asks_before_deleting_many(cli: Cli) -> None:
         cli("rm", "-y", "--tag", tag)
 
 
+@pytest.mark.slow
 def test_unknown_ids_are_one_line_errors(cli: Cli, sandbox: str) -> None:
     for argv in (["get", "sb-nope"], ["stop", "sb-nope"], ["rm", "sb-nope"], ["logs", "sb-nope"]):
         assert_one_line_error(cli(*argv), "sb-nope")
@@ -143,6 +152,7 @@ def test_unknown_ids_are_one_line_errors(cli: Cli, sandbox: str) -> None:
     assert "sb-nope" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_sandbox_that_cannot_start_is_an_error(cli: Cli) -> None:
     result = cli("run", "--tag", TAG, "--image", "no-such-image:1")
     assert_one_line_error(result, "no-such-image:1")

@@ -23,6 +23,7 @@ def test_shell_runs_commands_and_exits_with_their_status(terminal: Terminal) -> 
     assert terminal.wait() == 7
 
 
+@pytest.mark.slow
 def test_shell_has_a_real_terminal_that_follows_resizes(terminal: Terminal) -> None:
     terminal.send("tty >/dev/null && echo is-a-tty; stty size | sed 's/ /x/'\n")
     terminal.expect("is-a-tty")
@@ -35,6 +36,7 @@ def test_shell_has_a_real_terminal_that_follows_resizes(terminal: Terminal) -> N
     assert terminal.wait() == 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_interrupts_the_remote_command_not_the_shell(terminal: Terminal) -> None:
     terminal.send("sleep 300\n")
     time.sleep(1.0)
@@ -47,6 +49,7 @@ def test_ctrl_c_interrupts_the_remote_command_not_the_shell(terminal: Terminal) 
     assert terminal.wait() == 0
 
 
+@pytest.mark.slow
 def test_sh_runs_a_given_command(cli: Cli, sandbox: str) -> None:
     term = Terminal(
         [
@@ -69,6 +72,7 @@ def test_sh_runs_a_given_command(cli: Cli, sandbox: str) -> None:
         term.close()
 
 
+@pytest.mark.slow
 def test_sh_without_a_terminal_is_refused(cli: Cli, sandbox: str) -> None:
     result = cli("sh", sandbox)
     assert result.returncode == 125

@@ -34,6 +34,7 @@ def test_top_level_help_lists_every_command(idle_cli: Cli) -> None:
     assert "AVIATO_BASE_URL" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv",
     [[c] for c in COMMANDS]

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _system_tools import require_tools
 
 import aviato
 
@@ -44,8 +45,9 @@ def _import_path() -> list[Path]:
 def _skip_reason() -> str | None:
     if os.geteuid() != 0:
         return "needs root to become an ordinary user"
-    if shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK):
-        return "needs setpriv and /usr/bin/python3"
+    require_tools("setpriv")
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        return f"needs {SYSTEM_PYTHON}"
     probe = subprocess.run(
         [SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
         capture_output=True,
@@ -95,6 +97,7 @@ def _run(prefix: list[str], *args: str, input: str | None = None) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_an_ordinary_user_runs_sandboxes(as_user: list[str]) -> None:
     status = _run(as_user, "server", "start")
     assert "started" in status
@@ -108,6 +111,7 @@ def test_an_ordinary_user_runs_sandboxes(as_user: list[str]) -> None:
     _run(as_user, "rm", sandbox_id)
 
 
+@pytest.mark.slow
 def test_a_rootless_service_refuses_limits_it_cannot_apply(as_user: list[str]) -> None:
     """Without a delegated cgroup, a create asking for limits is refused at once, not accepted."""
     _run(as_user, "server", "start")

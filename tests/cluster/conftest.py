@@ -22,6 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from _system_tools import require_tools
 from raycluster import RayCluster, netns_supported
 
 from aviato import Sandbox, SandboxDefaults, Session
@@ -47,16 +48,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items[:] = others[:first_index] + rest + last + others[first_index:]
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "breaks_cluster: leaves the test cluster damaged (runs last in tests/cluster)"
-    )
-    # tests/sdk/conftest.py registers it too; test_sdk_subset.py imports from test_files.py
-    config.addinivalue_line("markers", "slow: long-running (set AVIATO_SLOW_TESTS=1 to run)")
-
-
 @pytest.fixture(scope="package")
 def ray_cluster() -> Iterator[RayCluster]:
+    if os.geteuid() == 0:
+        require_tools("ip", "nsenter")
     reason = netns_supported()
     if reason:
         pytest.skip(f"cluster tests: {reason}")

@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _system_tools import missing_reason
+
 WORKERS = ("w1", "w2")
 WORKER_CPUS = 2
 WORKER_MEMORY = 4 << 30
@@ -52,10 +54,9 @@ def netns_supported() -> str:
     """'' when this process can build the cluster, else why not."""
     if os.geteuid() != 0:
         return "needs root (network namespaces)"
-    if shutil.which("ip") is None:
-        return "needs iproute2's `ip`"
-    if shutil.which("nsenter") is None:
-        return "needs util-linux's `nsenter`"
+    missing = missing_reason("ip", "nsenter")
+    if missing:
+        return missing
     probe = f"avrprobe{os.getpid() % 10000}"
     done = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if done.returncode != 0:

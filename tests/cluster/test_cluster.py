@@ -28,6 +28,8 @@ from aviato.v1.sandbox_pb2_grpc import SandboxServiceStub
 
 from .conftest import PLACEMENT_TIMEOUT
 
+pytestmark = pytest.mark.slow  # every test here runs on the Ray cluster of network namespaces
+
 TAG = f"cluster-{uuid.uuid4().hex[:8]}"
 
 

@@ -89,6 +89,8 @@ from sdk.test_session import (
     test_stopped_sandboxes_leave_the_session,
 )
 
+pytestmark = pytest.mark.slow  # every test here runs on the Ray cluster of network namespaces
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _on_the_cluster(ray_cluster: RayCluster) -> None:

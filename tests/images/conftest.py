@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from oci_helpers import Pusher, Registry, have_tools, run_registry
+from oci_helpers import Pusher, Registry, require_image_tools, run_registry
 
 
 @pytest.fixture
@@ -29,8 +29,7 @@ def workdir() -> Iterator[Path]:
 
 @pytest.fixture
 def registry(workdir: Path) -> Iterator[Registry]:
-    if not have_tools():
-        pytest.skip("needs docker-registry and busybox-static (apt-get install them)")
+    require_image_tools()
     with run_registry(workdir / "registry") as reg:
         yield reg
 

@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _system_tools import require_tools
 
 REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
@@ -39,8 +39,9 @@ CONFIG = "application/vnd.oci.image.config.v1+json"
 LOCAL = ("127.0.0.1",)
 
 
-def have_tools() -> bool:
-    return os.path.exists(REGISTRY_BIN) and os.path.exists(BUSYBOX)
+def require_image_tools() -> None:
+    """Skips (or fails, in CI) a test that needs the registry and the static busybox."""
+    require_tools("docker-registry", "busybox")
 
 
 def sha(data: bytes) -> str:

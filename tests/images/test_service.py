@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from oci_helpers import LOCAL, Pusher, Registry, busybox_layer, have_tools, run_registry
+from oci_helpers import LOCAL, Pusher, Registry, busybox_layer, require_image_tools, run_registry
 
 from aviato.v1 import images_pb2 as ipb
 from aviato.v1 import images_pb2_grpc, sandbox_pb2_grpc
@@ -67,8 +67,7 @@ class Service:
 
 def running_service(prefix: str) -> Iterator[Service]:
     """A fixture body: a service on a new state directory, everything removed afterwards."""
-    if not have_tools():
-        pytest.skip("needs docker-registry and busybox-static")
+    require_image_tools()
     state = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     svc = Service(state)
     started = svc.cli("server", "start")
@@ -87,8 +86,7 @@ def service() -> Iterator[Service]:
 
 @pytest.fixture(scope="module")
 def shared_registry() -> Iterator[Registry]:
-    if not have_tools():
-        pytest.skip("needs docker-registry and busybox-static")
+    require_image_tools()
     work = Path(tempfile.mkdtemp(prefix="avisr-", dir="/tmp"))
     with run_registry(work) as reg:
         yield reg
@@ -158,6 +156,7 @@ def test_pending_with_reason_while_pulling_then_stop(service: Service) -> None:
         assert stopped.status == S.SANDBOX_STATUS_TERMINATED
 
 
+@pytest.mark.slow
 def test_create_exec_and_cli_image_commands(service: Service, shared_registry: Registry) -> None:
     pusher = Pusher(shared_registry)
     pushed = pusher.image("t/svc", "v1", [busybox_layer()], env=["PATH=/bin", "X=from-image"])
@@ -192,6 +191,7 @@ def test_create_exec_and_cli_image_commands(service: Service, shared_registry: R
     assert json.loads(service.cli("image", "ls", "--json").stdout) == []
 
 
+@pytest.mark.slow
 def test_registry_auth_in_the_spec_is_used_and_not_kept(service: Service) -> None:
     work = Path(tempfile.mkdtemp(prefix="avisa-", dir="/tmp"))
     try:
@@ -212,6 +212,7 @@ def test_registry_auth_in_the_spec_is_used_and_not_kept(service: Service) -> Non
         shutil.rmtree(work, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_sdk_sandbox_run_with_container_image(service: Service, shared_registry: Registry) -> None:
     Pusher(shared_registry).image("t/sdk", "v1", [busybox_layer()], env=["PATH=/bin", "Y=sdk"])
     ref = f"{shared_registry.host}/t/sdk:v1"

@@ -9,7 +9,16 @@ import os
 from pathlib import Path
 
 import pytest
-from oci_helpers import LOCAL, Entry, Pusher, Registry, busybox_layer, layer, run_registry
+from oci_helpers import (
+    LOCAL,
+    Entry,
+    Pusher,
+    Registry,
+    busybox_layer,
+    layer,
+    require_image_tools,
+    run_registry,
+)
 
 from aviato.images.errors import DigestMismatch, ImageNotPresent, RegistryDenied
 from aviato.images.registry_client import host_platform
@@ -17,6 +26,7 @@ from aviato.images.store import ImageInUse, ImageStore, PullProgress
 from aviato.runtime.base import RegistryCredentials
 
 
+@pytest.mark.slow
 def test_pull_unpacks_and_records(registry: Registry, pusher: Pusher, workdir: Path) -> None:
     pushed = pusher.image("t/bb", "v1", [busybox_layer(), layer([Entry("app", kind="dir"),
                           Entry("app/hello", data=b"hi")])], working_dir="/srv/w")  # fmt: skip
@@ -41,6 +51,7 @@ def test_pull_unpacks_and_records(registry: Registry, pusher: Pusher, workdir: P
     assert again.find(f"{registry.host}/t/bb@{pushed.digest}") is not None
 
 
+@pytest.mark.slow
 def test_docker_v2_manifest(registry: Registry, pusher: Pusher, workdir: Path) -> None:
     pushed = pusher.image("t/docker", "v1", [busybox_layer()], docker=True)
     image = asyncio.run(
@@ -51,6 +62,7 @@ def test_docker_v2_manifest(registry: Registry, pusher: Pusher, workdir: Path) -
     assert image.digest == pushed.digest and (image.rootfs / "bin/sh").is_symlink()
 
 
+@pytest.mark.slow
 def test_ten_concurrent_first_uses_pull_once(
     registry: Registry, pusher: Pusher, workdir: Path
 ) -> None:
@@ -84,6 +96,7 @@ def test_corrupted_blob_refused_and_not_kept(
     assert store.list_images() == []
 
 
+@pytest.mark.slow
 def test_multi_arch_index_picks_this_machine(
     registry: Registry, pusher: Pusher, workdir: Path
 ) -> None:
@@ -114,11 +127,9 @@ def test_missing_image_and_tag(registry: Registry, pusher: Pusher, workdir: Path
         asyncio.run(store.pull(f"{registry.host}/t/none:v1"))
 
 
+@pytest.mark.slow
 def test_basic_auth(workdir: Path) -> None:
-    from oci_helpers import have_tools
-
-    if not have_tools():
-        pytest.skip("needs docker-registry and busybox-static")
+    require_image_tools()
     with run_registry(workdir / "reg", htpasswd=("alice", "s3cret")) as reg:
         pusher = Pusher(reg)
         pushed = pusher.image("t/private", "v1", [busybox_layer()])
@@ -140,6 +151,7 @@ def test_basic_auth(workdir: Path) -> None:
         assert asyncio.run(other.pull(ref)).digest == pushed.digest
 
 
+@pytest.mark.slow
 def test_remove_and_prune_keep_images_in_use(
     registry: Registry, pusher: Pusher, workdir: Path
 ) -> None:
@@ -163,6 +175,7 @@ def test_remove_and_prune_keep_images_in_use(
     assert os.listdir(workdir / "images/blobs/sha256") == []
 
 
+@pytest.mark.slow
 def test_bearer_token_auth(registry: Registry, pusher: Pusher, workdir: Path) -> None:
     from oci_helpers import bearer_front
 
@@ -179,6 +192,7 @@ def test_bearer_token_auth(registry: Registry, pusher: Pusher, workdir: Path) ->
         assert (image.rootfs / "bin/busybox").exists()
 
 
+@pytest.mark.slow
 def test_a_private_image_in_the_store_needs_access_on_every_use(workdir: Path) -> None:
     with run_registry(workdir / "private", htpasswd=("u", "pw")) as reg:
         pusher = Pusher(reg)

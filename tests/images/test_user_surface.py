@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from oci_helpers import Entry, Pusher, Registry, busybox_layer, have_tools, run_registry
+from oci_helpers import Entry, Pusher, Registry, busybox_layer, require_image_tools, run_registry
 from test_service import ROOT, Service, aviato_argv, running_service
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these tests run sandboxes as root")
@@ -40,8 +40,7 @@ def service() -> Iterator[Service]:
 
 
 def _registry(prefix: str, htpasswd: tuple[str, str] | None = None) -> Iterator[Registry]:
-    if not have_tools():
-        pytest.skip("needs docker-registry and busybox-static")
+    require_image_tools()
     work = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     with run_registry(work, htpasswd=htpasswd) as reg:
         yield reg
@@ -75,6 +74,7 @@ def last_json(out: subprocess.CompletedProcess[str]) -> dict[str, object]:
 # --- SDK ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sdk_private_registry_needs_and_uses_image_pull_credentials(
     service: Service, private_registry: Registry
 ) -> None:
@@ -173,6 +173,7 @@ def test_sdk_invalid_credentials_and_options_are_clear_errors(service: Service) 
     assert host.startswith("SandboxValidationError") and "spec.image_command" in host, host
 
 
+@pytest.mark.slow
 def test_sdk_image_command_runs_the_images_entrypoint_and_cmd(
     service: Service, open_registry: Registry
 ) -> None:
@@ -224,6 +225,7 @@ def test_sdk_image_command_runs_the_images_entrypoint_and_cmd(
 # --- CLI ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_run_image_command(service: Service, open_registry: Registry) -> None:
     pusher = Pusher(open_registry)
     pusher.image("t/clijob", "v1", [busybox_layer()], cmd=["sh", "-c", "echo hi from $0; exit 3"])
@@ -249,6 +251,7 @@ def test_cli_run_image_command(service: Service, open_registry: Registry) -> Non
     assert host.stderr.strip().count("\n") == 0, host.stderr
 
 
+@pytest.mark.slow
 def test_cli_run_with_registry_credentials(service: Service, private_registry: Registry) -> None:
     pusher = Pusher(private_registry)
     pusher.image("t/cli-priv", "v1", [busybox_layer()], env=["PATH=/bin", "WHO=cli"])
@@ -291,6 +294,7 @@ def test_cli_run_with_registry_credentials(service: Service, private_registry: R
             assert PASSWORD.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.slow
 def test_cli_help_shows_the_image_options(service: Service) -> None:
     helptext = service.cli("run", "--help").stdout
     for part in ("--image-command", "--username USER", "--password-stdin", "Entrypoint + Cmd"):
@@ -347,6 +351,7 @@ def run_in_pty(
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 
 
+@pytest.mark.slow
 def test_image_pull_draws_a_progress_bar_on_a_terminal(
     service: Service, open_registry: Registry
 ) -> None:
@@ -379,6 +384,7 @@ def test_image_pull_draws_a_progress_bar_on_a_terminal(
     assert plain.stdout == pushed.digest + "\n"
 
 
+@pytest.mark.slow
 def test_sdk_private_image_in_the_store_needs_credentials_on_every_use(
     service: Service, private_registry: Registry
 ) -> None:

@@ -14,10 +14,6 @@ import pytest
 from .harness import Service, service
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: long-running (set AVIATO_SLOW_TESTS=1 to run)")
-
-
 @pytest.fixture(scope="module")
 def svc() -> Iterator[Service]:
     with service() as running:

@@ -24,6 +24,7 @@ from .harness import RUNNING, Service, code_of, details_of, read_until, spawn_sd
 LIMIT = 5
 
 
+@pytest.mark.slow
 def test_burst_beyond_count_and_memory_capacity(make_service: Callable[..., Service]) -> None:
     svc = make_service("--max-sandboxes", str(LIMIT), "--max-memory", "2Gi")
     c = svc.client()

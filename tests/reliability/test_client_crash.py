@@ -17,6 +17,8 @@ import json
 import signal
 import time
 
+import pytest
+
 from .harness import ALL_STATUSES, RUNNING, TERMINAL, Service, read_until, spawn_sdk_script
 
 LEASE_TTL = 3.0
@@ -85,6 +87,7 @@ def _assert_stopped_by_lease(svc: Service, lease_id: str, took: float, n: int) -
     _check_registry_consistent(svc)
 
 
+@pytest.mark.slow
 def test_killed_mid_create(svc: Service) -> None:
     """SIGKILL while several CreateSandbox calls are in flight, at a few different instants."""
     n = 4
@@ -117,6 +120,7 @@ time.sleep(600)
         _assert_stopped_by_lease(svc, lease, took, len(rows))
 
 
+@pytest.mark.slow
 def test_killed_mid_exec_while_streaming(svc: Service) -> None:
     proc = spawn_sdk_script(
         svc,
@@ -153,6 +157,7 @@ for chunk in p.stdout:
     _assert_stopped_by_lease(svc, lease, took, 1)
 
 
+@pytest.mark.slow
 def test_killed_mid_upload(svc: Service) -> None:
     size = 512 << 20
     proc = spawn_sdk_script(
@@ -219,6 +224,7 @@ stub.WriteFile(frames(), timeout=600)
 """
 
 
+@pytest.mark.slow
 def test_killed_with_an_unfinished_upload_stream(svc: Service) -> None:
     """Deterministic: a raw client sends a header and 16 MiB, never ends its stream, and is
     SIGKILLed (right away, or after its data surely reached the sandbox). No file appears."""
@@ -279,6 +285,7 @@ for _ in stub.Exec(frames(), timeout=600):
 """
 
 
+@pytest.mark.slow
 def test_killed_while_feeding_stdin(svc: Service) -> None:
     """A client killed while it feeds an exec's stdin: the command must not see a clean end of
     its input (it would take a half-sent input for the whole); it is killed instead."""

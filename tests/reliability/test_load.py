@@ -73,6 +73,7 @@ def _check(result: dict[str, object], sandboxes: int, execs: int) -> None:
     assert result["ok"] is True, summary
 
 
+@pytest.mark.slow
 def test_100_sandboxes_1000_execs_no_errors_no_leaks(tmp_path: Path) -> None:
     _check(run_load(tmp_path, 100, 1000), 100, 1000)
 

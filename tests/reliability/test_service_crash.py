@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import pytest
 
 from aviato.v1 import sandbox_pb2 as pb
 from aviato.v1 import sandbox_pb2_grpc as pbg
@@ -46,6 +47,7 @@ except BaseException as e:
 """
 
 
+@pytest.mark.slow
 def test_kill9_with_50_sandboxes_and_a_streaming_exec(
     make_service: Callable[..., Service],
 ) -> None:

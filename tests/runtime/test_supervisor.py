@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from _system_tools import require_tools
 
 from aviato.runtime.base import (
     ExecExit,
@@ -60,9 +61,10 @@ def binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     $AVIATO_SUPERVISOR (e.g. a build with -fsanitize=address,undefined)."""
     if os.environ.get("AVIATO_SUPERVISOR"):
         return Path(os.environ["AVIATO_SUPERVISOR"])
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = os.environ.get("CC")
     if not cc:
-        pytest.skip("no C compiler")
+        require_tools("cc")
+        cc = "cc"
     out = tmp_path_factory.mktemp("bin") / "aviato-supervisor"
     base = [cc, "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), *SOURCES]
     proc = subprocess.run([*base, "-static"], capture_output=True, text=True)
@@ -385,6 +387,7 @@ def test_exec_failures(sup: Supervisor, tmp_path: Path) -> None:
     run(main())
 
 
+@pytest.mark.slow
 def test_large_output_arrives_intact(sup: Supervisor, tmp_path: Path) -> None:
     blob = tmp_path / "blob"
     blob.write_bytes(os.urandom(50 * 1024 * 1024))
@@ -510,6 +513,7 @@ def vm_hwm(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
+@pytest.mark.slow
 def test_output_backpressure_bounds_memory(sup: Supervisor) -> None:
     async def main() -> None:
         conn = await sup.connect()
@@ -535,6 +539,7 @@ def test_output_backpressure_bounds_memory(sup: Supervisor) -> None:
     run(main())
 
 
+@pytest.mark.slow
 def test_stdin_backpressure_bounds_memory(sup: Supervisor) -> None:
     async def main() -> None:
         conn = await sup.connect()
@@ -721,6 +726,7 @@ def test_unread_stdin_stalls_only_its_exec(sup: Supervisor, tmp_path: Path) -> N
     run(main())
 
 
+@pytest.mark.slow
 def test_unread_output_stalls_only_its_exec(sup: Supervisor, tmp_path: Path) -> None:
     """Nobody reads `cat /dev/zero` nor a big file read: each holds at most about its window
     here, and the same connection keeps serving everything else."""
@@ -810,6 +816,7 @@ async def gone(n: int, seconds: float = 5) -> bool:
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["timeout", "kill", "connection closed"])
 def test_kill_takes_the_whole_lineage(sup: Supervisor, how: str) -> None:
     n = 90000 + os.getpid() % 1000 * 10 + ["timeout", "kill", "connection closed"].index(how)
@@ -910,6 +917,7 @@ def test_deadline_terminates_main_then_kills_after_grace(start: StartSupervisor)
     assert (code, sig, why) == ("137", "9", "deadline:lifetime")
 
 
+@pytest.mark.slow
 def test_deadline_moved_later_and_removed(start: StartSupervisor) -> None:
     s = start("--keepalive")
 

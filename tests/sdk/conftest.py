@@ -41,7 +41,6 @@ _STATE_DIR: Path | None = None
 
 def pytest_configure(config: pytest.Config) -> None:
     global _STATE_DIR
-    config.addinivalue_line("markers", "slow: long-running (set AVIATO_SLOW_TESTS=1 to run)")
     _STATE_DIR = Path(tempfile.mkdtemp(prefix="avt", dir="/tmp"))
     os.environ["AVIATO_STATE_DIR"] = str(_STATE_DIR)
     os.environ.pop("AVIATO_BASE_URL", None)

@@ -35,6 +35,10 @@ SCRIPT = textwrap.dedent(
 )
 
 
+def _sigint_by_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_script(mode: str, **env: str) -> tuple[subprocess.Popen[str], list[str]]:
     proc = subprocess.Popen(
         [sys.executable, "-c", SCRIPT, mode],
@@ -43,6 +47,9 @@ def start_script(mode: str, **env: str) -> tuple[subprocess.Popen[str], list[str
         stdin=subprocess.DEVNULL,
         text=True,
         env={**os.environ, **env},
+        # A user's script at a terminal: pytest run in the background of a shell inherits an
+        # ignored SIGINT, and Python would then not turn SIGINT into KeyboardInterrupt.
+        preexec_fn=_sigint_by_default,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -85,6 +92,7 @@ def test_sigterm_stops_the_sandboxes() -> None:
     assert statuses(ids) == [SandboxStatus.TERMINATED] * 2
 
 
+@pytest.mark.slow
 def test_sigint_stops_the_sandboxes() -> None:
     proc, ids = start_script("wait")
     proc.send_signal(signal.SIGINT)
@@ -93,6 +101,7 @@ def test_sigint_stops_the_sandboxes() -> None:
     assert statuses(ids) == [SandboxStatus.TERMINATED] * 2
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_cleanup_to_the_lease() -> None:
     ttl = 3.0
     proc, ids = start_script("wait", AVIATO_LEASE_TTL=str(ttl))

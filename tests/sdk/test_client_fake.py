@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import pytest
+from _wait import wait_until
 
 import aviato
 from aviato import Sandbox, SandboxStatus, Session, _client
@@ -82,7 +83,7 @@ def test_api_key_is_sent(fake_server: FakeServer, monkeypatch: pytest.MonkeyPatc
 def test_cancel_kills_the_remote_command(fake_server: FakeServer) -> None:
     sb = Sandbox.run(base_url=fake_server.url)
     process = sb.exec(["sleep", "30"])
-    time.sleep(0.3)
+    wait_until(lambda: fake_server.service.state.calls["Exec"], "the exec to reach the service", 10)
     assert process.cancel()
     deadline = time.monotonic() + 5
     while not fake_server.service.state.signals and time.monotonic() < deadline:
@@ -123,6 +124,7 @@ def test_stop_is_terminal_and_wait_until_complete(fake_server: FakeServer) -> No
         sb.exec(["echo"]).result(timeout=10)
 
 
+@pytest.mark.slow
 def test_session_lease_is_passed_renewed_and_released(
     fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -54,6 +54,7 @@ def _assert_spread(stamps: list[float], lines: list[str]) -> None:
     assert stamps[-1] - stamps[0] > 1.2, "output arrived all at once: not streamed"
 
 
+@pytest.mark.slow
 def test_streaming_is_live_sync(sandbox: Sandbox) -> None:
     process = sandbox.exec(["sh", "-c", TEN_LINES])
     stamps, lines = [], []
@@ -64,6 +65,7 @@ def test_streaming_is_live_sync(sandbox: Sandbox) -> None:
     assert process.result().stdout == "".join(lines)
 
 
+@pytest.mark.slow
 def test_streaming_is_live_async(sandbox: Sandbox) -> None:
     async def main() -> tuple[list[float], list[str]]:
         process = sandbox.exec(["sh", "-c", TEN_LINES])
@@ -102,6 +104,7 @@ def test_async_for_from_other_threads_and_loops(sandbox: Sandbox) -> None:
     assert out == {"stdout": "1\n2\n3\n", "stderr": "e1\ne2\ne3\n"}
 
 
+@pytest.mark.slow
 def test_large_output_in_order(sandbox: Sandbox) -> None:
     process = sandbox.exec(["sh", "-c", "seq 1 20000"])
     lines = list(process.stdout.lines())
@@ -165,6 +168,7 @@ def test_stdin_eof_and_interaction(sandbox: Sandbox) -> None:
         shell.stdin.write(b"echo after exit\n")
 
 
+@pytest.mark.slow
 def test_stdin_backpressure_and_large_input(sandbox: Sandbox) -> None:
     # `sleep` first: nothing reads stdin for a while, so the writer must wait, not buffer 64 MiB.
     process = sandbox.exec(["sh", "-c", "sleep 1; wc -c"], stdin=True)
@@ -192,6 +196,7 @@ def test_stdin_async(sandbox: Sandbox) -> None:
     assert asyncio.run(main()) == "from async\n"
 
 
+@pytest.mark.slow
 def test_exec_timeout_kills_the_command(sandbox: Sandbox) -> None:
     t0 = time.monotonic()
     process = sandbox.exec(["sh", "-c", "echo started; sleep 30"], timeout_seconds=1)
@@ -211,6 +216,7 @@ def test_result_timeout_is_standard_and_retriable(sandbox: Sandbox) -> None:
     assert process.result(timeout=30).returncode == 0
 
 
+@pytest.mark.slow
 def test_cancel_kills_the_remote_command(sandbox: Sandbox) -> None:
     marker = f"/tmp/cancel-{time.monotonic_ns()}"
     process = sandbox.exec(["sh", "-c", f"sleep 2 && touch {marker}"])
@@ -271,6 +277,7 @@ def test_100_execs_over_10_sandboxes_run_concurrently() -> None:
             ref.result(timeout=60)
 
 
+@pytest.mark.slow
 def test_aviato_wait_and_results(sandbox: Sandbox) -> None:
     fast = sandbox.exec(["echo", "fast"])
     slow = sandbox.exec(["sleep", "3"])

@@ -15,6 +15,8 @@ import textwrap
 import time
 import uuid
 
+import pytest
+
 from aviato import Sandbox, SandboxNotFoundError, SandboxStatus
 
 from .conftest import TEST_TAG
@@ -102,6 +104,7 @@ def test_deletes_and_writes_fired_at_exit_complete() -> None:
     keeper.stop(graceful_shutdown_seconds=0).result(timeout=60)
 
 
+@pytest.mark.slow
 def test_the_exit_wait_is_bounded() -> None:
     """A stop that takes its whole grace (the main process ignores SIGTERM) holds the exit for
     at most the SDK's bound (10 s); the service, which received it, completes it anyway."""

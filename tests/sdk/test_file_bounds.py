@@ -129,6 +129,7 @@ def test_a_file_of_unknown_size_is_read_and_cannot_outgrow_the_cap(big: Sandbox)
     assert info.value.filepath == "/proc/self/status"
 
 
+@pytest.mark.slow
 def test_read_file_streaming_sync_and_async_in_bounded_memory(big: Sandbox) -> None:
     report = run_child(
         big.sandbox_id or "",
@@ -151,6 +152,7 @@ def test_read_file_streaming_sync_and_async_in_bounded_memory(big: Sandbox) -> N
     assert report["peak"] - report["base"] < 48 * MiB, (report["peak"] - report["base"]) / MiB
 
 
+@pytest.mark.slow
 def test_download_file_in_bounded_memory(big: Sandbox, tmp_path: Path) -> None:
     target = tmp_path / "dense.bin"
     report = run_child(
@@ -224,6 +226,7 @@ def _cli_peak(args: list[str], stdout: Any) -> tuple[int, int]:
     return proc.returncode, peak
 
 
+@pytest.mark.slow
 def test_aviato_cp_streams_in_bounded_memory(big: Sandbox, tmp_path: Path) -> None:
     baseline_code, baseline = _cli_peak(["version"], subprocess.DEVNULL)
     assert baseline_code == 0

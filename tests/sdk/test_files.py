@@ -61,6 +61,7 @@ def _round_trip(sandbox: Sandbox, size: int) -> float:
     return elapsed
 
 
+@pytest.mark.slow
 def test_100_mib_round_trip(sandbox: Sandbox) -> None:
     _round_trip(sandbox, 100 * 1024 * 1024)
 

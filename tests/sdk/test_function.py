@@ -101,6 +101,7 @@ def test_environment_variables_are_applied_per_call(session: Session) -> None:
     assert mode.remote().result(timeout=60) == "second"
 
 
+@pytest.mark.slow
 def test_map_concurrency_limit_and_sandbox_reuse() -> None:
     with Session(SandboxDefaults(tags=(TEST_TAG,))) as session:
 

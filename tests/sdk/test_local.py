@@ -38,6 +38,7 @@ def _server_pid(directory: Path) -> int:
     return int((directory / "server.pid").read_text().split()[0])
 
 
+@pytest.mark.slow
 def test_many_processes_start_exactly_one_service(fresh_dir: Path) -> None:
     code = textwrap.dedent(
         """
@@ -104,6 +105,7 @@ def test_state_dir_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _local.state_dir() == Path.home() / ".local/state/aviato"
 
 
+@pytest.mark.slow
 def test_the_sdk_restarts_a_service_that_died(fresh_dir: Path) -> None:
     code = textwrap.dedent(
         """

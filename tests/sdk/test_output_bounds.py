@@ -93,6 +93,7 @@ def _figures(name: str, report: dict[str, Any]) -> None:
     print(f"{name}: base {report['base'] / MiB:.0f} MiB, peak {report['peak'] / MiB:.0f} MiB")
 
 
+@pytest.mark.slow
 def test_streaming_yes_for_seconds_sync_runs_in_bounded_memory() -> None:
     report = run_client(
         """
@@ -121,6 +122,7 @@ def test_streaming_yes_for_seconds_sync_runs_in_bounded_memory() -> None:
     assert growth(report) < 3 * DEFAULT_CAP + 64 * MiB, growth(report) / MiB
 
 
+@pytest.mark.slow
 def test_streaming_512_mib_async_runs_in_bounded_memory() -> None:
     report = run_client(
         """
@@ -141,6 +143,7 @@ def test_streaming_512_mib_async_runs_in_bounded_memory() -> None:
     assert growth(report) < 64 * MiB, growth(report) / MiB
 
 
+@pytest.mark.slow
 def test_result_of_a_flood_keeps_the_cap_and_says_so() -> None:
     report = run_client(
         """
@@ -176,6 +179,7 @@ def test_the_cap_is_configurable_per_call_and_in_the_defaults(sandbox: Sandbox) 
             SandboxDefaults(max_output_bytes=bad)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_a_slow_reader_holds_the_command_back_and_loses_nothing(sandbox: Sandbox) -> None:
     process = sandbox.exec(["head", "-c", "200M", "/dev/zero"], max_output_bytes=MiB)
     loop = iter(process.stdout)
@@ -215,6 +219,7 @@ def test_closing_a_reader_releases_the_command(sandbox: Sandbox) -> None:
     assert list(loop) == []
 
 
+@pytest.mark.slow
 def test_streaming_stdout_while_stderr_floods_unread(sandbox: Sandbox) -> None:
     """Only stdout is read: the stderr flood must neither stall stdout (one call carries both)
     nor pile up in the client."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from _system_tools import require_tools
 
 from .conftest import sandbox_processes
 
@@ -74,6 +75,7 @@ def _start(tls: bool) -> Iterator[Remote]:
     argv += ["--listen", f"127.0.0.1:{port}"]
     env = dict(os.environ)
     if tls:
+        require_tools("openssl")
         cert, key = state / "cert.pem", state / "key.pem"
         subprocess.run(
             ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
@@ -129,11 +131,13 @@ ROUND_TRIP = """
 """
 
 
+@pytest.mark.slow
 def test_http_with_a_key(plain: Remote) -> None:
     out = plain.run(ROUND_TRIP, plain.key())
     assert out.stdout == "remote\ndata\n", out.stderr
 
 
+@pytest.mark.slow
 def test_https_with_a_key(tls: Remote) -> None:
     out = tls.run(ROUND_TRIP, tls.key())
     assert out.stdout == "remote\ndata\n", out.stderr
@@ -166,6 +170,7 @@ def test_missing_or_wrong_key_is_an_authentication_error(plain: Remote, key: str
     assert out.stdout.startswith("auth error: UNAUTHENTICATED"), out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_owners_do_not_see_each_other(plain: Remote) -> None:
     make = """
         from aviato import Sandbox

@@ -87,6 +87,7 @@ def test_main_process_exit_codes() -> None:
     assert failed.status == SandboxStatus.FAILED
 
 
+@pytest.mark.slow
 def test_wait_until_complete_timeout_and_unlimited() -> None:
     sb = Sandbox.run("sleep", "1.5", tags=[TEST_TAG])
     with pytest.raises(aviato.SandboxTimeoutError):

@@ -128,6 +128,7 @@ def test_jupyter_cells_split() -> None:
     ]
 
 
+@pytest.mark.slow
 def test_jupyter_notebook_in_a_real_kernel() -> None:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

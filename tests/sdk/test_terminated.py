@@ -54,6 +54,7 @@ def supervisor_pid(sandbox_id: str) -> int:
     raise AssertionError(f"no supervisor process found for {sandbox_id}")
 
 
+@pytest.mark.slow
 def test_exec_cut_off_by_a_stop_from_another_client() -> None:
     with Sandbox.run(tags=[TEST_TAG]) as sb:
         sb.wait()
@@ -94,6 +95,7 @@ def test_exec_cut_off_by_the_supervisors_death() -> None:
         assert "ended" in str(info.value), str(info.value)
 
 
+@pytest.mark.slow
 def test_a_started_exec_is_never_sent_again() -> None:
     """The service dies while a command runs: the command is cut off (the supervisor kills what
     its connection ran) and reported as an error, and neither the SDK's retries (which restart the

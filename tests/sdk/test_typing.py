@@ -65,6 +65,7 @@ EXPECTED = [
 ]
 
 
+@pytest.mark.slow
 def test_reveal_types(tmp_path: Path) -> None:
     pytest.importorskip("mypy")
     snippet = tmp_path / "snippet.py"

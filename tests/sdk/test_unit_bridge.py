@@ -178,6 +178,7 @@ def test_exit_hooks_run_in_order_then_loop_stops() -> None:
         bridge.submit(_value(1))
 
 
+@pytest.mark.slow
 def test_a_blocked_caller_wakes_before_the_loop_runs_other_ready_work() -> None:
     # The result is handed over by the coroutine's own task, not by a callback queued behind
     # whatever else the loop has ready (here: a callback that holds the loop for 1 s).

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
+from _wait import wait_until
 
 from aviato import ProcessResult, SandboxExecutionError
 from aviato._bridge import get_bridge
@@ -233,9 +234,12 @@ def test_the_head_is_kept_and_the_rest_only_streamed() -> None:
 def test_output_nobody_reads_is_dropped_past_the_window_and_a_late_reader_is_told() -> None:
     buf = OutputBuffer(0, "stdout")
     chunk = b"x" * (1024 * 1024)
-    feed(buf, [chunk] * (STREAM_WINDOW_BYTES // len(chunk) + 3), 0.0)
+    chunks = STREAM_WINDOW_BYTES // len(chunk) + 3
+    feed(buf, [chunk] * chunks, 0.0)
     reader = StreamReader(buf, "stdout")
-    time.sleep(0.3)  # all of it arrived before any loop
+    wait_until(  # all of it arrived before any loop
+        lambda: on_loop(lambda: buf.total) == chunks * len(chunk), "all the output to arrive", 10
+    )
     got = 0
     with pytest.raises(SandboxExecutionError, match=f"from byte {STREAM_WINDOW_BYTES} on"):
         for text in reader:
@@ -259,8 +263,7 @@ def test_an_open_loop_holds_the_producer_back_and_a_dropped_one_releases_it() ->
     assert not on_loop(buf.full)
     assert get_bridge().run(produce())
     del loop  # the loop is dropped (as after `break`): nobody holds the command back
-    time.sleep(0.1)
-    assert not on_loop(buf.full)
+    wait_until(lambda: not on_loop(buf.full), "the dropped loop to release the buffer", 5)
     assert on_loop(lambda: buf.loops) == 0
 
 

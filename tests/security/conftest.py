@@ -47,10 +47,6 @@ ATTEMPTS = (HERE / "attempts.py").read_bytes()
 MODES = ["root", "rootless"]
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: long-running (set AVIATO_SLOW_TESTS=1 to run)")
-
-
 def local_addresses() -> list[str]:
     """Every address of this host: IPv4 from /proc/net/fib_trie, IPv6 from if_inet6."""
     found: set[str] = set()

@@ -39,8 +39,8 @@ from oci_helpers import (
     Pusher,
     Registry,
     busybox_layer,
-    have_tools,
     layer,
+    require_image_tools,
     run_registry,
     sha,
 )
@@ -65,8 +65,7 @@ __all__ = [
 def require_root_and_tools() -> None:
     if os.geteuid() != 0:
         pytest.skip("the image attacks run the service as root, where they would do most harm")
-    if not have_tools():
-        pytest.skip("needs docker-registry and busybox-static (apt-get install them)")
+    require_image_tools()
 
 
 @dataclass

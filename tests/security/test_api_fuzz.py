@@ -250,6 +250,7 @@ def maybe(strategy: st.SearchStrategy[Any], default: Any) -> st.SearchStrategy[A
     return st.one_of(st.just(default), st.just(default), strategy)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(
     image=maybe(HOSTILE_TEXT, ""),
@@ -375,6 +376,7 @@ def test_stream_logs(target: Target, sandbox_id: str, tail: int, mine: bool) -> 
         _check_status(e, f"StreamLogs({req!r:.200})")
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(
     argv=st.lists(

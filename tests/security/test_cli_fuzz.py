@@ -181,6 +181,7 @@ def command_lines(draw: st.DrawFn, sandbox_id: str) -> list[str]:
 EXIT_OF_ITS_OWN = {0, 1, 2, 124, 125}
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(data=st.data())
 def test_hostile_command_lines(cli: Cli, data: st.DataObject) -> None:
@@ -207,6 +208,7 @@ def test_hostile_command_lines(cli: Cli, data: st.DataObject) -> None:
     assert cli.svc.running()
 
 
+@pytest.mark.slow
 def test_non_utf8_argv_as_a_real_process(cli: Cli, tmp_path: Path) -> None:
     """Real argv bytes that are not UTF-8 (what a shell can pass), through the console script."""
     import subprocess

@@ -88,6 +88,7 @@ def _disk_full(outcome: str) -> bool:
     return kind == "SandboxFileError" and code == "RESOURCE_EXHAUSTED" and DISK_FULL in message
 
 
+@pytest.mark.slow
 def test_filling_the_disk_always_says_disk_full(svc: Service) -> None:
     proc = spawn_sdk_script(svc, SCRIPT, "15")
     out, err = proc.communicate(timeout=600)

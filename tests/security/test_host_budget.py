@@ -66,6 +66,7 @@ def budget() -> Iterator[Service]:
         svc.finish()
 
 
+@pytest.mark.slow
 def test_parent_limits_are_written_and_shown(budget: Service) -> None:
     memory = parent_file(budget, "memory", "memory.limit_in_bytes", "memory.max")
     pids = parent_file(budget, "pids", "pids.max", "pids.max")
@@ -133,6 +134,7 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[round(q * (len(ordered) - 1))]
 
 
+@pytest.mark.slow
 def test_forty_hostile_sandboxes_stay_within_the_budget(budget: Service) -> None:
     c = budget.client()
     memory = parent_file(budget, "memory", "memory.max_usage_in_bytes", "memory.peak")

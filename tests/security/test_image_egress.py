@@ -139,6 +139,7 @@ def _pull(net: Net, repo: str) -> str:
     return detail
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("repo", ["realm-port", "realm-https", "realm-host"])
 def test_a_token_realm_elsewhere_is_never_contacted(net: Net, repo: str) -> None:
     detail = _pull(net, repo)
@@ -177,6 +178,7 @@ def _peak_rss_kib(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
+@pytest.mark.slow
 def test_a_loopback_registry_not_named_is_refused_without_contact() -> None:
     with lab(name_registry=False) as env:
         ref = env.push("t/bb", [busybox_layer()])
@@ -191,6 +193,7 @@ def test_a_loopback_registry_not_named_is_refused_without_contact() -> None:
         assert _v2_requests(env.registry.log) == before
 
 
+@pytest.mark.slow
 def test_a_named_registry_is_pulled_and_naming_is_exact() -> None:
     with lab() as env:  # names 127.0.0.1:PORT exactly
         ref = env.push("t/bb", [busybox_layer()])
@@ -201,6 +204,7 @@ def test_a_named_registry_is_pulled_and_naming_is_exact() -> None:
         assert not ok and "--insecure-registry" in detail, detail
 
 
+@pytest.mark.slow
 def test_no_port_of_an_internal_address_is_probed() -> None:
     """Error messages used to differ between an open and a closed internal port (a scanner).
     Without a name, nothing connects: a listener on that port sees no connection."""
@@ -242,6 +246,7 @@ def _v2_requests(log: Path) -> int:
     return sum(1 for line in text.splitlines() if '"GET /v2/' in line or '"HEAD /v2/' in line)
 
 
+@pytest.mark.slow
 def test_ray_node_hosts_get_the_operators_names_and_limits(tmp_path: Path) -> None:
     """The Ray placement builds each node host from the service's configuration: a node's
     pulls obey the same insecure registries and pull limits as a local service's."""
@@ -272,6 +277,7 @@ def test_ray_node_hosts_get_the_operators_names_and_limits(tmp_path: Path) -> No
         asyncio.run(pull_on_node(insecure_registries=(env.registry.host,), max_sandboxes=7))
 
 
+@pytest.mark.slow
 def test_the_command_line_takes_the_registry_names(tmp_path: Path) -> None:
     """`aviato server --insecure-registry` reaches the service's parser (a bad name is refused
     there, naming the flag); AVIATO_INSECURE_REGISTRIES is checked the same way."""

@@ -41,6 +41,7 @@ def bounded() -> Iterator[Lab]:
         yield env
 
 
+@pytest.mark.slow
 def test_a_gzip_bomb_is_refused_with_the_image_and_the_bound(bounded: Lab) -> None:
     blob, diff_id = zeros_layer(_file_header("bomb", 64 << 20), 64 << 20)
     assert len(blob) < 80 << 10  # a few KiB to 64 KiB of gzip, 64 MiB unpacked
@@ -117,6 +118,7 @@ def small_disk() -> Iterator[Lab]:
             yield env
 
 
+@pytest.mark.slow
 def test_a_pull_that_would_cross_the_floor_fails_before_downloading(small_disk: Lab) -> None:
     ref = small_disk.push("disk/big", [layer([Entry("noise", data=os.urandom(40 << 20))])])
     gets = small_disk.registry.blob_gets()

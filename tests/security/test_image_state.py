@@ -98,6 +98,7 @@ def test_a_loose_state_directory_is_made_private_at_start() -> None:
         assert stat.S_IMODE(planted["tool"].stat().st_mode) == 0o755
 
 
+@pytest.mark.slow
 def test_everything_the_service_makes_is_private() -> None:
     with lab() as env:
         ref = env.push("state/bb", [busybox_layer()])
@@ -116,6 +117,7 @@ def test_everything_the_service_makes_is_private() -> None:
         assert _not_private(state) == []
 
 
+@pytest.mark.slow
 def test_nobody_else_can_read_the_store_or_the_registry() -> None:
     """As another host user (nobody): the state directory cannot be entered at all."""
     require_root_and_tools()

@@ -37,6 +37,7 @@ def climb(path: Path) -> str:
     return "../" * 40 + str(path).lstrip("/")
 
 
+@pytest.mark.slow
 def test_a_directory_swapped_for_a_symlink_never_chmods_the_host(env: Lab, canary: Canary) -> None:
     """The critical one: `x/` (mode 4777) then `x -> host file`; the directory modes applied at
     the end of the layer used to follow the symlink and chmod (and utime) the host's file."""
@@ -134,6 +135,7 @@ def _passwd_user(env: Lab, repo: str, passwd: Entry) -> str:
     return env.push(repo, [busybox_layer(), layer([passwd])], user="evil")
 
 
+@pytest.mark.slow
 def test_etc_passwd_as_a_symlink_to_a_host_file_is_read_inside(env: Lab, canary: Canary) -> None:
     host_passwd = canary.dir / "passwd"
     host_passwd.write_bytes(b"evil:x:4242:4242::/:/bin/sh\n")
@@ -156,6 +158,7 @@ def test_etc_passwd_as_a_fifo_fails_fast(env: Lab) -> None:
     assert time.monotonic() - start < 60
 
 
+@pytest.mark.slow
 def test_a_sparse_layer_entry_is_refused(env: Lab, canary: Canary) -> None:
     """A 10 GiB sparse /etc/passwd in 1 KiB of layer: tarfile would write its holes out as
     10 GiB of zeros onto the host's disk."""
@@ -196,6 +199,7 @@ def _peak_rss_kib(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
+@pytest.mark.slow
 def test_a_huge_tar_header_is_refused_before_it_is_read(env: Lab) -> None:
     """A PAX header record claiming 2 GiB (2 MiB of gzip): tarfile reads a header whole."""
     header = tarfile.TarInfo("././@PaxHeader")
@@ -209,6 +213,7 @@ def test_a_huge_tar_header_is_refused_before_it_is_read(env: Lab) -> None:
     assert env.tmp_entries() == []
 
 
+@pytest.mark.slow
 def test_swaps_raced_by_concurrent_pulls_under_nice(env: Lab, canary: Canary) -> None:
     """The swap attacks as second layers, ten images pulled five at a time: unpack threads
     competing for the CPU (run the suite under `nice`, as the house does)."""
@@ -239,6 +244,7 @@ def test_swaps_raced_by_concurrent_pulls_under_nice(env: Lab, canary: Canary) ->
     assert all(ok for ok, _ in results), results
 
 
+@pytest.mark.slow
 def test_set_id_bits_never_reach_the_hosts_disk(env: Lab) -> None:
     """A setuid-root binary in a layer is stored without its set-id bits (and inside a sandbox
     no_new_privs would make them inert: NoNewPrivs is checked too)."""
@@ -260,6 +266,7 @@ def test_set_id_bits_never_reach_the_hosts_disk(env: Lab) -> None:
     assert "NoNewPrivs:\t1" in r.stdout.decode(), r.stdout
 
 
+@pytest.mark.slow
 def test_a_layer_too_deep_is_refused(env: Lab) -> None:
     """A layer 600 directories deep is refused with a clear error: the walk holds one
     descriptor per level, so the depth is bounded."""
@@ -332,6 +339,7 @@ def _global_header(key: str, value: str) -> bytes:
     return info.tobuf(tarfile.USTAR_FORMAT) + payload + b"\0" * pad
 
 
+@pytest.mark.slow
 def test_chains_and_piles_of_tar_headers_are_refused(env: Lab) -> None:
     """5000 header records in a row (tarfile recursed once per record: a RecursionError, an
     internal error), and 200 global headers of 512 KiB kept for the whole layer (memory)."""

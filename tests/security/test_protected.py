@@ -88,6 +88,7 @@ def _root_only(host: Host) -> None:
         pytest.skip("protected commands and uid ranges need a service running as root")
 
 
+@pytest.mark.slow
 def test_a_left_behind_daemon_forges_an_ordinary_command(host: Host) -> None:
     """The attack works on an ordinary command: the test can tell a wall from no wall."""
     _root_only(host)
@@ -99,6 +100,7 @@ def test_a_left_behind_daemon_forges_an_ordinary_command(host: Host) -> None:
     assert b"FORGED" in result.stdout  # type: ignore[attr-defined]
 
 
+@pytest.mark.slow
 def test_a_left_behind_daemon_cannot_touch_a_protected_command(host: Host) -> None:
     _root_only(host)
     sid = host.sandbox()

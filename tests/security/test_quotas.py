@@ -84,6 +84,7 @@ def refusal(fn: object) -> str:
     return details_of(err.value)
 
 
+@pytest.mark.slow
 def test_owner_at_quota_is_refused_with_its_own_usage_only(world: World) -> None:
     alice, bob = world.client("alice"), world.client("bob")
     mine = [alice.running(request_id=f"alice-{i}", resources=SMALL) for i in range(QUOTA)]
@@ -117,6 +118,7 @@ def test_owner_at_quota_is_refused_with_its_own_usage_only(world: World) -> None
         bob.delete(sb.id)
 
 
+@pytest.mark.slow
 def test_quota_holds_across_a_restart_and_ended_sandboxes_give_back(world: World) -> None:
     alice = world.client("alice")
     # Sandboxes that end by themselves, and one that fails while it is created, hold nothing.
@@ -142,6 +144,7 @@ def test_quota_holds_across_a_restart_and_ended_sandboxes_give_back(world: World
         alice.delete(sb.id)
 
 
+@pytest.mark.slow
 def test_concurrent_creates_never_exceed_the_quota() -> None:
     w = World("--owner-max-sandboxes", "5")
     try:
@@ -167,6 +170,7 @@ def test_concurrent_creates_never_exceed_the_quota() -> None:
         w.finish()
 
 
+@pytest.mark.slow
 def test_an_owners_own_quota_replaces_the_default(world: World) -> None:
     alice, bob = world.client("alice"), world.client("bob")
     reg = world.registry()
@@ -205,6 +209,7 @@ def test_an_owners_own_quota_replaces_the_default(world: World) -> None:
         bob.delete(sb.id)
 
 
+@pytest.mark.slow
 def test_global_refusal_does_not_tell_others_the_count() -> None:
     w = World("--max-sandboxes", "2")
     try:

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from _wait import wait_until
 from reliability.harness import Client, Service, sdk_env, service
 
 from aviato.v1 import sandbox_pb2 as pb
@@ -72,6 +73,7 @@ def processes_matching(c: Client, sandbox_id: str, needle: str) -> list[str]:
 # --- one stuck command must not stall the others ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_unread_stdin_and_output_stall_nothing_else(svc: Service) -> None:
     """`sleep` (never reads stdin) gets 8 MiB pushed at it; `yes` writes while nobody reads its
     output. Meanwhile other execs and a write/read of a file each finish well under a second,
@@ -134,15 +136,16 @@ SPAWNER = (
 )
 
 
+@pytest.mark.slow
 def test_timeout_kills_setsid_and_daemonized_children(svc: Service) -> None:
     c = svc.client()
     sid = c.running().id
     r = c.sh(sid, SPAWNER.format(n=4711), timeout=1.5, deadline=30)
     assert r.terminal.exit.timed_out, r.frames
-    time.sleep(0.5)
-    assert processes_matching(c, sid, "sleep 4711") == []
+    wait_until(lambda: processes_matching(c, sid, "sleep 4711") == [], "the children to die", 5)
 
 
+@pytest.mark.slow
 def test_a_command_cannot_shed_its_lineage_mark(svc: Service) -> None:
     """Hostile code that knows how its lineage is tracked (RLIMIT_RTTIME) tries to change it
     before escaping into a new session: the change is refused and the timeout still gets it."""
@@ -163,8 +166,7 @@ def test_a_command_cannot_shed_its_lineage_mark(svc: Service) -> None:
                deadline=30)  # fmt: skip
     assert r.terminal.exit.timed_out, r.frames
     assert r.stdout.split(b"\n")[:3] == [b"refused", b"refused", b"escaped"], r.stdout
-    time.sleep(0.5)
-    assert processes_matching(c, sid, "sleep 4719") == []
+    wait_until(lambda: processes_matching(c, sid, "sleep 4719") == [], "the escapee to die", 5)
 
 
 def test_client_going_away_kills_setsid_and_daemonized_children(svc: Service) -> None:
@@ -181,8 +183,9 @@ def test_client_going_away_kills_setsid_and_daemonized_children(svc: Service) ->
     for frame in call:
         if frame.WhichOneof("msg") == "output" and b"ready" in frame.output.data:
             break
-    time.sleep(0.3)
-    assert len(processes_matching(c, sid, "sleep 4712")) == 4
+    wait_until(
+        lambda: len(processes_matching(c, sid, "sleep 4712")) == 4, "the four sleeps to start", 10
+    )
     call.cancel()  # the client goes away: the service kills the command
     release.set()
     deadline = time.monotonic() + 5
@@ -191,6 +194,7 @@ def test_client_going_away_kills_setsid_and_daemonized_children(svc: Service) ->
     assert processes_matching(c, sid, "sleep 4712") == []
 
 
+@pytest.mark.slow
 def test_service_death_kills_running_commands_lineage(fresh: Service) -> None:
     """The service dies: the supervisor sees its connection close and kills what each running
     command started; a server started earlier by a finished command keeps running."""
@@ -208,7 +212,9 @@ def test_service_death_kills_running_commands_lineage(fresh: Service) -> None:
     for frame in call:
         if frame.WhichOneof("msg") == "output" and b"ready" in frame.output.data:
             break
-    time.sleep(0.3)
+    wait_until(
+        lambda: len(processes_matching(c, sid, "sleep 4713")) == 4, "the four sleeps to start", 10
+    )
     fresh.kill9()
     release.set()
     time.sleep(1.0)
@@ -222,6 +228,7 @@ def test_service_death_kills_running_commands_lineage(fresh: Service) -> None:
 # --- lifetimes and leases hold while the service is down ---------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["lifetime", "lease"])
 def test_deadline_enforced_while_service_is_down(fresh: Service, how: str) -> None:
     c = fresh.client()
@@ -243,6 +250,7 @@ def test_deadline_enforced_while_service_is_down(fresh: Service, how: str) -> No
     assert (rec.status, rec.status_reason) == (S.SANDBOX_STATUS_TERMINATED, reason), rec
 
 
+@pytest.mark.slow
 def test_lease_renewal_moves_the_deadline(svc: Service) -> None:
     """The deadline follows renewals: a sandbox whose lease is renewed outlives the first TTL."""
     c = svc.client()
@@ -399,6 +407,7 @@ def test_magic_links_do_not_reach_the_supervisors_files(svc: Service) -> None:
 HOG = "b = b'x' * (400 << 20); print(len(b))"
 
 
+@pytest.mark.slow
 def test_oom_killed_exec_is_flagged(svc: Service) -> None:
     c = svc.client()
     sid = c.running(resources={"memory": "64Mi"}).id
@@ -413,6 +422,7 @@ def test_oom_killed_exec_is_flagged(svc: Service) -> None:
     assert r.terminal.exit.timed_out and not r.terminal.exit.oom_killed, r.frames
 
 
+@pytest.mark.slow
 def test_cli_says_when_the_oom_killer_struck(svc: Service) -> None:
     c = svc.client()
     sid = c.running(resources={"memory": "64Mi"}).id

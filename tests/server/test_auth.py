@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from _system_tools import require_tools
 from server_helpers import Client, ServerProcess, code_of, free_port
 
 from aviato.server import auth
@@ -63,7 +64,7 @@ def test_tcp_keys_and_owners(fresh_server: ServerProcess) -> None:
     via_socket = Client(fresh_server.stub(), [("authorization", f"Bearer {alice_key}")])
     assert via_socket.get(sb.id).id == sb.id
 
-    # Revocation (by the CLI, on the registry file) takes effect on the next call.
+    # Revocation (here on the registry file) takes effect on the next call.
     assert auth.revoke_key(reg, alice_info.id)
     with pytest.raises(grpc.RpcError) as err:
         alice.get(sb.id)
@@ -82,12 +83,11 @@ def test_tcp_keys_and_owners(fresh_server: ServerProcess) -> None:
     bob2.delete(b2.id)
 
 
+@pytest.mark.slow
 def test_tls(fresh_server: ServerProcess, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import shutil
     import subprocess
 
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
+    require_tools("openssl")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from _wait import wait_until
 from server_helpers import ExecResult, S, ServerProcess, stdin_stream
 
 from aviato.v1 import sandbox_pb2 as pb
@@ -22,6 +23,7 @@ def sandbox(server: ServerProcess) -> Iterator[str]:
     server.client().delete(sb.id)
 
 
+@pytest.mark.slow
 def test_exit_codes_and_usage(server: ServerProcess, sandbox: str) -> None:
     c = server.client()
     for code in (0, 1, 42, 255):
@@ -154,10 +156,13 @@ def test_client_going_away_kills_the_command(server: ServerProcess, sandbox: str
         stdin=True))  # fmt: skip
     call = c.stub.Exec(reqs, timeout=30)
     assert next(call).WhichOneof("msg") == "started"
-    time.sleep(0.3)
+    pid = wait_until(
+        lambda: c.exec(sandbox, ["/bin/cat", marker]).stdout.strip().decode(),
+        "the command to write its pid",
+        timeout=10,
+    )
     call.cancel()
     q.put(None)
-    pid = c.exec(sandbox, ["/bin/cat", marker]).stdout.strip().decode()
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         alive = c.sh(sandbox, f"kill -0 {pid} 2>/dev/null").exit_code == 0

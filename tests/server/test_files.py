@@ -37,6 +37,7 @@ def test_round_trip_binary_and_mode(server: ServerProcess, sandbox: str) -> None
     assert got == b"" and info.size == 0 and info.mode & 0o777 == 0o644
 
 
+@pytest.mark.slow
 def test_50_mib(server: ServerProcess, sandbox: str) -> None:
     c = server.client()
     data = os.urandom(50 << 20)

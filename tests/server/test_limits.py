@@ -12,6 +12,7 @@ from server_helpers import S, ServerProcess, code_of
 from aviato.v1 import sandbox_pb2 as pb
 
 
+@pytest.mark.slow
 def test_lease_expiry_stops_sandboxes(server: ServerProcess) -> None:
     c = server.client()
     lease = f"lease-{uuid.uuid4()}"
@@ -57,6 +58,7 @@ def test_release_lease(server: ServerProcess) -> None:
         c.delete(sb.id)
 
 
+@pytest.mark.slow
 def test_max_lifetime(server: ServerProcess) -> None:
     c = server.client()
     sb = c.running(max_lifetime_seconds=1.0)
@@ -97,6 +99,7 @@ def test_oom_in_exec_leaves_sandbox_running(server: ServerProcess) -> None:
     c.delete(sb.id)
 
 
+@pytest.mark.slow
 def test_fork_bomb_is_capped(server: ServerProcess) -> None:
     c = server.client()
     info = c.stub.GetServerInfo(pb.GetServerInfoRequest())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+from _wait import wait_until
 from server_helpers import ServerProcess
 
 from aviato.v1 import sandbox_pb2 as pb
@@ -31,6 +33,7 @@ def test_tail_and_history(server: ServerProcess) -> None:
     c.delete(sb.id)
 
 
+@pytest.mark.slow
 def test_follow_until_end(server: ServerProcess) -> None:
     c = server.client()
     sb = c.running(command=["/bin/sh", "-c", "echo start; sleep 1; echo middle; sleep 1; echo end"])
@@ -58,8 +61,11 @@ def test_logs_survive_until_delete(server: ServerProcess) -> None:
     c = server.client()
     sb = c.create(command=["/bin/echo", "kept"])
     c.wait(sb.id, terminal=True)
-    time.sleep(0.3)  # the runtime's cleanup has run by now
-    assert not (server.state_dir / "sandboxes" / sb.id).exists()
+    wait_until(
+        lambda: not (server.state_dir / "sandboxes" / sb.id).exists(),
+        "the runtime's cleanup of the ended sandbox's directory",
+        timeout=10,
+    )
     assert b"".join(e.data for e in c.logs(sb.id)) == b"kept\n"
     c.delete(sb.id)
     assert not (server.state_dir / "logs" / f"{sb.id}.log").exists()

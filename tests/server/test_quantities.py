@@ -92,6 +92,7 @@ def test_decimal_numbers_are_exact(d: object) -> None:
     assert parse_quantity(str(d)) == Fraction(str(d))
 
 
+@pytest.mark.slow
 @given(st.text(max_size=20))
 def test_any_text_parses_or_raises_quantity_error(text: str) -> None:
     try:

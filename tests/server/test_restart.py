@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+from _wait import wait_until
 from server_helpers import SRC, S, ServerProcess
 
 
@@ -19,6 +21,7 @@ def _bwrap_pid(state_dir, sandbox_id: str) -> int:  # type: ignore[no-untyped-de
     )
 
 
+@pytest.mark.slow
 def test_kill9_and_restart_keeps_sandboxes(fresh_server: ServerProcess) -> None:
     c = fresh_server.start().client()
     alive = c.running(tags=["restart"])
@@ -29,7 +32,12 @@ def test_kill9_and_restart_keeps_sandboxes(fresh_server: ServerProcess) -> None:
 
     fresh_server.kill9()
     os.kill(_bwrap_pid(fresh_server.state_dir, doomed.id), signal.SIGKILL)
-    time.sleep(1.5)  # `finishes` ends while the service is down
+    exit_file = fresh_server.state_dir / "sandboxes" / finishes.id / "exit"
+    wait_until(  # `finishes` ends while the service is down
+        lambda: exit_file.exists() and exit_file.read_text().strip(),
+        "the sandbox `finishes` to end (its exit file)",
+        timeout=15,
+    )
     c = fresh_server.start().client()
 
     got = c.get(alive.id)
@@ -57,6 +65,7 @@ def test_kill9_and_restart_keeps_sandboxes(fresh_server: ServerProcess) -> None:
         c.delete(sb.id)
 
 
+@pytest.mark.slow
 def test_graceful_shutdown_does_not_stop_sandboxes(fresh_server: ServerProcess) -> None:
     c = fresh_server.start().client()
     sb = c.running()
@@ -70,6 +79,7 @@ def test_graceful_shutdown_does_not_stop_sandboxes(fresh_server: ServerProcess) 
     c.delete(sb.id)
 
 
+@pytest.mark.slow
 def test_orphan_runtime_state_is_killed(fresh_server: ServerProcess) -> None:
     """A sandbox on disk without a record (e.g. its record was lost) is killed on start."""
     import sqlite3
@@ -93,6 +103,7 @@ def test_orphan_runtime_state_is_killed(fresh_server: ServerProcess) -> None:
     assert not (fresh_server.state_dir / "sandboxes" / sb.id).exists()
 
 
+@pytest.mark.slow
 def test_creating_record_from_a_crash_is_failed(fresh_server: ServerProcess) -> None:
     import sqlite3
 

@@ -223,6 +223,7 @@ def wait_ready(c: Client, sandbox_id: str) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_stop_grace_then_sigkill(server: ServerProcess) -> None:
     c = server.client()
     # A main process that ignores SIGTERM: stop must SIGKILL it after the grace.
@@ -248,6 +249,7 @@ def test_stop_grace_then_sigkill(server: ServerProcess) -> None:
         c.delete(s.id)
 
 
+@pytest.mark.slow
 def test_concurrent_stops_coalesce(server: ServerProcess) -> None:
     c = server.client()
     sb = c.running(command=IGNORES_TERM)

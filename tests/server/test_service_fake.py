@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
+from _wait import async_wait_until
 from fake_runtime import FakeRuntime
 
 from aviato.runtime.base import MainExit
@@ -84,8 +85,7 @@ def test_lifecycle_basics(tmp_path: Path) -> None:
         assert logs[0].data == f"hello from {sb.id}\n".encode()
         stopped = await stub.StopSandbox(pb.StopSandboxRequest(sandbox_id=sb.id))
         assert (stopped.status, stopped.status_reason) == (S.SANDBOX_STATUS_TERMINATED, "stopped")
-        await asyncio.sleep(0.05)
-        assert sb.id in rt.cleaned
+        await async_wait_until(lambda: sb.id in rt.cleaned, "the runtime's cleanup", timeout=5)
         logs = [e async for e in stub.StreamLogs(pb.StreamLogsRequest(sandbox_id=sb.id, tail=-1))]
         assert logs and logs[0].data.startswith(b"hello")
         await stub.DeleteSandbox(pb.DeleteSandboxRequest(sandbox_id=sb.id))
@@ -162,6 +162,7 @@ def test_stop_returns_once_the_end_is_recorded_even_if_terminate_does_not(
     run_service(tmp_path / "s", None, body)
 
 
+@pytest.mark.slow
 def test_lifetime_and_lease_reaping(tmp_path: Path) -> None:
     async def body(stub: pbg.SandboxServiceStub, rt: FakeRuntime) -> None:
         short = await create(stub, max_lifetime_seconds=0.2)

@@ -186,6 +186,7 @@ def test_exec_init_maps_to_spec() -> None:
     assert (e.rows, e.cols) == (50, 80)
 
 
+@pytest.mark.slow
 def test_small_validators() -> None:
     assert validate_path("/a//b/", "path") == "/a/b"
     for bad in ("", "rel", "/a/../../etc", "/x\x00"):

@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 
 from aviato._private import open_private, secure_tree
+from aviato.server.admin import AdminServicer
 from aviato.server.api import SandboxServicer
 from aviato.server.auth import Authenticator
 from aviato.server.config import ServerConfig, parse_listen
@@ -38,7 +39,7 @@ from aviato.server.images_api import ImageServicer
 from aviato.server.lifecycle import Lifecycle
 from aviato.server.placement import LocalPlacement, Placement
 from aviato.server.registry import Registry
-from aviato.v1 import images_pb2_grpc, sandbox_pb2_grpc
+from aviato.v1 import admin_pb2_grpc, images_pb2_grpc, sandbox_pb2_grpc
 
 __all__ = ["AlreadyRunning", "StartupError", "configure_logging", "serve"]
 
@@ -340,6 +341,7 @@ async def serve(
         images_pb2_grpc.add_ImageServiceServicer_to_server(  # type: ignore[no-untyped-call]
             ImageServicer(Authenticator(registry), placement), server
         )
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(registry), server)  # type: ignore[no-untyped-call]
         _bind(server, config)
         await server.start()
         log.info(

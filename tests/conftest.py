@@ -1,0 +1,27 @@
+"""What every test directory shares: the system tools (`_system_tools.py`), and this directory
+on `sys.path` so that `_system_tools` and `_wait` import from any test module.
+
+The header of a run names the tools that are missing (their tests skip, with the install
+command). Under AVIATO_REQUIRE_ALL_TOOLS=1, as in CI, a missing tool stops the run before the
+first test instead.
+"""
+
+from __future__ import annotations
+
+import pytest
+from _system_tools import REQUIRE_ALL_ENV, TOOLS, describe, missing_tools, require_all
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    missing = missing_tools(*TOOLS)
+    if not missing:
+        return "system tools: all present"
+    return f"system tools: missing {describe(missing)} (the tests that need them skip)"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    missing = missing_tools(*TOOLS)
+    if missing and require_all():
+        raise pytest.UsageError(
+            f"{REQUIRE_ALL_ENV} is set and tools are missing: {describe(missing)}"
+        )
