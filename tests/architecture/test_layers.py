@@ -25,6 +25,8 @@ GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 class Import:
     importer: str  # dotted module name, e.g. "aviato.server.api"
     imported: str  # dotted name of the aviato module imported
+    written: str  # the name as the import statement spells it (generated modules resolve to
+    # their package, since they are not ours to measure)
     line: int
     in_function: bool  # deferred: inside a function body
 
@@ -77,7 +79,7 @@ def _imports_of(module: str, path: Path) -> Iterator[Import]:
                 for alias in child.names:
                     target = _resolve(alias.name)
                     if target:
-                        yield Import(module, target, child.lineno, in_function)
+                        yield Import(module, target, alias.name, child.lineno, in_function)
             elif isinstance(child, ast.ImportFrom):
                 base = child.module or ""
                 if child.level:
@@ -85,9 +87,10 @@ def _imports_of(module: str, path: Path) -> Iterator[Import]:
                     anchor = anchor[: len(anchor) - (child.level - 1)]
                     base = ".".join([*anchor, base] if base else anchor)
                 for alias in child.names:
-                    target = _resolve(f"{base}.{alias.name}") or _resolve(base)
+                    written = f"{base}.{alias.name}"
+                    target = _resolve(written) or _resolve(base)
                     if target and target != module:
-                        yield Import(module, target, child.lineno, in_function)
+                        yield Import(module, target, written, child.lineno, in_function)
             yield from visit(child, nested)
 
     yield from visit(tree, False)
@@ -158,11 +161,14 @@ def test_the_cluster_uses_the_service_only_through_the_placement_interface() -> 
 
 
 def test_node_traffic_has_a_protocol_of_its_own() -> None:
-    """The cluster's messages are `aviato.node.v1`, so the public API can change freely."""
+    """The cluster's messages are `aviato.node.v1`, so the public API can change freely. (The
+    public protocol's shared grammar, such as `aviato.v1.quantities`, is not a message.)"""
     public = [
-        f"{imp.importer}:{imp.line} imports {imp.imported}"
+        f"{imp.importer}:{imp.line} imports {imp.written}"
         for imp in IMPORTS
-        if _layer(imp.importer) == "cluster" and imp.imported.startswith("aviato.v1")
+        if _layer(imp.importer) == "cluster"
+        and imp.written.startswith("aviato.v1")
+        and "_pb2" in imp.written
     ]
     assert not public, "\n".join(public)
 

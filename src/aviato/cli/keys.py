@@ -24,10 +24,9 @@ import grpc
 from aviato import _local
 from aviato.cli._output import CliError, age, iso, print_json, print_table
 from aviato.exceptions import AviatoError
-from aviato.server import quantities
-from aviato.server.quotas import format_bytes, format_cpu
 from aviato.v1 import admin_pb2 as apb
-from aviato.v1 import admin_pb2_grpc
+from aviato.v1 import admin_pb2_grpc, quantities
+from aviato.v1.quantities import format_bytes, format_cpu
 
 # The Admin API's request fields that are options of these commands.
 _OPTION_OF_FIELD = {"owner": "--owner", "name": "--name", "quota.owner": "--owner", "key_id": "ID"}

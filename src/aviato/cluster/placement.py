@@ -46,7 +46,7 @@ from aviato.cluster.remote import NODE_HOST_LOST, NodeRuntime
 from aviato.runtime.base import MainExit, Runtime, SandboxConfig, SandboxHandle, SandboxRuntimeError
 from aviato.server.config import ServerConfig
 from aviato.server.placement import Placement, UnknownNode
-from aviato.server.quantities import format_bytes
+from aviato.v1.quantities import format_bytes
 
 __all__ = ["PlacementTimeout", "RayPlacement", "RayUnavailable"]
 

@@ -20,7 +20,6 @@ from typing import Any
 from aviato.images.egress import parse_registry_name
 from aviato.images.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_ENTRIES
 from aviato.images.reference import InvalidReference, parse_reference
-from aviato.server import quantities
 from aviato.server.app import StartupError, configure_logging, serve
 from aviato.server.config import (
     DEFAULT_MAX_LIFETIME_SECONDS,
@@ -32,6 +31,7 @@ from aviato.server.config import (
     resolve_state_dir,
 )
 from aviato.server.quotas import Quota
+from aviato.v1 import quantities
 
 
 def _memory(text: str) -> int:

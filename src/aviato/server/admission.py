@@ -14,9 +14,9 @@ from __future__ import annotations
 from aviato.server.auth import LOCAL_OWNER
 from aviato.server.config import ServerConfig, available_memory_bytes, free_disk_bytes
 from aviato.server.errors import CapacityExceeded
-from aviato.server.quantities import format_bytes
 from aviato.server.quotas import Charge, OwnerQuotas
 from aviato.server.registry import Registry
+from aviato.v1.quantities import format_bytes
 
 __all__ = ["Admission"]
 

@@ -29,10 +29,11 @@ from aviato.runtime.model import (
     ExecSpec,
     SandboxConfig,
 )
-from aviato.server import quantities, validation
+from aviato.server import validation
 from aviato.server.errors import InvalidArgument
 from aviato.server.records import SandboxRecord, SandboxStatus, ValidSpec
 from aviato.server.validation import SpecDefaults
+from aviato.v1 import quantities
 from aviato.v1 import sandbox_pb2 as pb
 
 __all__ = [

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 
 from aviato.runtime.model import SandboxConfig
 from aviato.server.errors import CapacityExceeded
-from aviato.server.quantities import format_bytes, format_cpu
 from aviato.server.registry import OwnerQuotaRecord, Registry
 from aviato.v1.errors_pb2 import QUOTA_EXCEEDED
+from aviato.v1.quantities import format_bytes, format_cpu
 
 __all__ = [
     "Charge",

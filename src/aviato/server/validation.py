@@ -30,8 +30,8 @@ from aviato.runtime.model import (
     DEFAULT_PIDS,
     RegistryCredentials,
 )
-from aviato.server import quantities
 from aviato.server.errors import InvalidArgument
+from aviato.v1 import quantities
 
 __all__ = [
     "DEFAULT_MAX_LIFETIME_SECONDS",

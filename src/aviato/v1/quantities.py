@@ -1,6 +1,9 @@
 """Kubernetes resource quantities ("500m", "2", "256Mi", "1.5G", "1e3"): parsed as exact numbers,
 and numbers written back as quantities (exactly, for answers; rounded, for messages).
 
+Part of the public protocol's contract (`SandboxSpec.resources` and quotas speak quantities), so
+it lives beside the protos: the service, the cluster and the CLI share this one grammar.
+
 The grammar is Kubernetes' (`k8s.io/apimachinery/pkg/api/resource`): a signed decimal number,
 then a binary suffix (Ki Mi Gi Ti Pi Ei), a decimal suffix (m, k, M, G, T, P, E) or a decimal
 exponent (e3, E-2). Values are computed exactly with `fractions.Fraction` and rounded *up* to the
