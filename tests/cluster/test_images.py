@@ -15,7 +15,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from images.oci_helpers import Pusher, Registry, busybox_layer, have_tools, run_registry
+from images.oci_helpers import (
+    Pusher,
+    Registry,
+    busybox_layer,
+    require_image_tools,
+    run_registry,
+)
 from raycluster import WORKERS, RayCluster
 
 from aviato.v1 import images_pb2 as ipb
@@ -28,8 +34,7 @@ from .test_cluster import TAG, _create, _wait
 
 @pytest.fixture(scope="module")
 def registry(ray_cluster: RayCluster) -> Iterator[Registry]:
-    if not have_tools():
-        pytest.skip("needs docker-registry and busybox-static (apt-get install ...)")
+    require_image_tools()
     with (
         tempfile.TemporaryDirectory(prefix="avr-registry") as work,
         run_registry(Path(work), address=ray_cluster.registry_address) as registry,
