@@ -36,10 +36,9 @@ from typing import Any, ParamSpec, Self, TypeVar, Unpack, overload
 
 from aviato import _bridge, _defaults
 from aviato._client import get_client
-from aviato._defaults import SandboxDefaults
 from aviato._function import RemoteFunction
 from aviato._operation import OperationRef
-from aviato._options import FunctionOptions, SandboxOptions, check_keys
+from aviato._options import FunctionOptions, SandboxDefaults, SandboxOptions, check_keys
 from aviato._sandbox import Sandbox
 from aviato._status import SandboxStatus
 from aviato.exceptions import SandboxError, SandboxNotFoundError
