@@ -21,13 +21,10 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aviato.exceptions import SandboxValidationError
 from aviato.v1 import sandbox_pb2 as pb
-
-if TYPE_CHECKING:
-    from aviato._options import SandboxDefaults
 
 __all__ = [
     "DEFAULT_IMAGE",
@@ -154,26 +151,29 @@ def coerce_network(value: NetworkOptions | Mapping[str, Any] | None) -> NetworkO
 # --- environment ------------------------------------------------------------------------------
 
 
-def resolve_base_url(explicit: str | None, defaults: SandboxDefaults | None) -> str | None:
-    """explicit > `AVIATO_BASE_URL` > `defaults.base_url`; None means the local service."""
-    for candidate in (explicit, os.environ.get(ENV_BASE_URL), defaults and defaults.base_url):
+def resolve_base_url(explicit: str | None, default: str | None = None) -> str | None:
+    """explicit > `AVIATO_BASE_URL` > `default` (`SandboxDefaults.base_url`); None means the
+    local service."""
+    for candidate in (explicit, os.environ.get(ENV_BASE_URL), default):
         if candidate:
             return candidate.rstrip("/")
     return None
 
 
-def resolve_image(explicit: str | None, defaults: SandboxDefaults) -> str:
-    """explicit > `defaults.container_image` > `AVIATO_IMAGE` > "" (the service's default)."""
-    return explicit or defaults.container_image or os.environ.get(ENV_IMAGE) or ""
+def resolve_image(explicit: str | None, default: str | None) -> str:
+    """explicit > `default` (`SandboxDefaults.container_image`) > `AVIATO_IMAGE` > "" (the
+    service's default)."""
+    return explicit or default or os.environ.get(ENV_IMAGE) or ""
 
 
 def api_key() -> str | None:
     return os.environ.get(ENV_API_KEY) or None
 
 
-def lease_ttl_seconds(defaults: SandboxDefaults | None = None) -> float:
-    """`defaults.lease_ttl_seconds` > `AVIATO_LEASE_TTL` > 30 s (clamped to 1..3600)."""
-    value: float | None = defaults.lease_ttl_seconds if defaults else None
+def lease_ttl_seconds(configured: float | None = None) -> float:
+    """`configured` (`SandboxDefaults.lease_ttl_seconds`) > `AVIATO_LEASE_TTL` > 30 s (clamped
+    to 1..3600)."""
+    value = configured
     if value is None:
         raw = os.environ.get(ENV_LEASE_TTL)
         if raw:

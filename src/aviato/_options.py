@@ -306,7 +306,7 @@ def resolve(options: SandboxArgs, defaults: SandboxDefaults) -> ResolvedSandbox:
     if lifetime is None:
         lifetime = d.max_lifetime_seconds
     spec = pb.SandboxSpec(
-        image=_defaults.resolve_image(options.get("container_image"), d),
+        image=_defaults.resolve_image(options.get("container_image"), d.container_image),
         command=argv,
         env=d.merge_environment_variables(options.get("environment_variables")),
         working_dir=wd or "",
@@ -324,7 +324,7 @@ def resolve(options: SandboxArgs, defaults: SandboxDefaults) -> ResolvedSandbox:
     pull = coerce_pull_credentials(options.get("image_pull_credentials"))
     return ResolvedSandbox(
         spec=spec,
-        base_url=_defaults.resolve_base_url(options.get("base_url"), d),
+        base_url=_defaults.resolve_base_url(options.get("base_url"), d.base_url),
         request_timeout_seconds=float(
             options.get("request_timeout_seconds") or d.request_timeout_seconds
         ),

@@ -77,8 +77,8 @@ class Session:
             raise TypeError("defaults must be SandboxDefaults, a dict or None")
         self.defaults: SandboxDefaults = defaults
         self._lease_id = f"lease-{uuid.uuid4()}"
-        self._lease_ttl = _defaults.lease_ttl_seconds(defaults)
-        self._base_url = _defaults.resolve_base_url(None, defaults)
+        self._lease_ttl = _defaults.lease_ttl_seconds(defaults.lease_ttl_seconds)
+        self._base_url = _defaults.resolve_base_url(None, defaults.base_url)
         self._lock = threading.Lock()
         self._sandboxes: dict[int, Sandbox] = {}
         self._closed = False
