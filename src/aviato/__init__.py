@@ -31,8 +31,7 @@ from aviato._options import SandboxDefaults
 from aviato._output import StreamReader
 from aviato._process import Process, StreamWriter
 from aviato._results import ProcessResult, ResourceUsage
-from aviato._sandbox import Sandbox
-from aviato._session import Session
+from aviato._sandbox import Sandbox, Session
 from aviato._status import SandboxStatus
 from aviato._wait import Waitable, results, wait
 from aviato.exceptions import (

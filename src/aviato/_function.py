@@ -44,7 +44,7 @@ from aviato._defaults import Serialization
 from aviato._operation import OperationRef
 from aviato._options import FunctionOptions, SandboxDefaults, SandboxOptions, check_keys
 from aviato._process import ExecState
-from aviato._sandbox import Sandbox
+from aviato._sandbox_core import SandboxCore
 from aviato.exceptions import (
     AsyncFunctionError,
     FunctionSerializationError,
@@ -77,7 +77,7 @@ class FunctionHost(Protocol):
     @property
     def closed(self) -> bool: ...
 
-    def sandbox(self, **options: Unpack[SandboxOptions]) -> Sandbox: ...
+    def sandbox(self, **options: Unpack[SandboxOptions]) -> SandboxCore: ...
 
 
 # The runner, executed as `python3 -c RUNNER <payload.json> <result.json>` inside the sandbox.
@@ -295,7 +295,7 @@ class RemoteFunction(Generic[P, R]):
         self._timeout = timeout_seconds
         self._reuse = reuse_sandboxes
         self._source: tuple[str, str] | None = None
-        self._idle: list[Sandbox] = []  # loop-side
+        self._idle: list[SandboxCore] = []  # loop-side
 
     def __repr__(self) -> str:
         return f"<RemoteFunction {getattr(self._fn, '__qualname__', self._fn)}>"
@@ -366,7 +366,7 @@ class RemoteFunction(Generic[P, R]):
                     self._release(sandbox, healthy)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _acquire(self) -> tuple[Sandbox, bool]:
+    async def _acquire(self) -> tuple[SandboxCore, bool]:
         while self._idle:
             sandbox = self._idle.pop()
             if sandbox.status is not None and not sandbox.status.is_terminal:
@@ -376,7 +376,7 @@ class RemoteFunction(Generic[P, R]):
         await sandbox._ensure_started()
         return sandbox, False
 
-    def _release(self, sandbox: Sandbox, healthy: bool) -> None:
+    def _release(self, sandbox: SandboxCore, healthy: bool) -> None:
         if (
             healthy
             and self._reuse
@@ -388,7 +388,7 @@ class RemoteFunction(Generic[P, R]):
             task = asyncio.ensure_future(sandbox._stop(0.5, True))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    async def _run_in(self, sandbox: Sandbox, payload: bytes) -> R:
+    async def _run_in(self, sandbox: SandboxCore, payload: bytes) -> R:
         """Runs one call in `sandbox`; returns the value or raises."""
         base = f"{self._temp_dir}/aviato-fn-{uuid.uuid4().hex}"
         inp, out = f"{base}.in.json", f"{base}.out.json"

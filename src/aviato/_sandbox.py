@@ -1,78 +1,64 @@
-"""`Sandbox`: one isolated environment, its lifecycle, commands and files.
+"""The public `Sandbox`, and `Session`: a group of sandboxes sharing defaults, cleaned up together.
 
-Every method returns at once (except the few documented as blocking: `run`, `wait`,
-`get_status` and the sync context manager): the work runs on the SDK's background loop and the
-method returns an `OperationRef` or a `Process`. All mutable state of a Sandbox object is changed
-only on that loop, so one object may be used from many threads.
+The two classes name each other (`Sandbox.session()` makes a Session; a Session makes
+Sandboxes), so they live in one module and neither module imports the other. `Sandbox` adds
+only `session()` to `SandboxCore` (`aviato._sandbox_core`), which holds everything a sandbox is
+and does.
+
+A session owns the sandboxes it makes (`session.sandbox()`, its remote functions) and those it
+adopts (`adopt`, `from_id`, `list(adopt=True)`), and stops them all:
+
+- when it is closed (`close()`, or leaving ``with``/``async with``): concurrently;
+- at interpreter exit (an atexit hook on the SDK's loop);
+- on SIGTERM (and SIGINT) when that signal would otherwise kill the process without running
+  atexit: handlers are installed lazily by the first Session created in the main thread, chain to
+  the previous handlers, and are not installed for signals that are ignored. Python's default
+  SIGINT handler raises KeyboardInterrupt, which unwinds through ``with`` blocks and atexit, so a
+  Ctrl-C in a notebook interrupts the cell but does not stop your sandboxes;
+- when the process dies without any of that (SIGKILL, OOM, power loss): each session has a lease
+  that the service created with its first sandbox and that the SDK's loop renews every ttl/3
+  (ttl: `AVIATO_LEASE_TTL`, default 30 s). When renewals stop, the service stops the lease's
+  sandboxes after the ttl (status TERMINATED, reason "lease expired").
+
+Sandboxes adopted from elsewhere are stopped on close/exit/signal, but are not under this
+session's lease.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import functools
 import logging
-import math
-import time
-from collections.abc import Generator, Mapping
-from datetime import UTC, datetime
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, Self, Unpack
+import os
+import signal
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from types import FrameType, TracebackType
+from typing import Any, ParamSpec, Self, TypeVar, Unpack, overload
 
-from aviato import _defaults
-from aviato._bridge import await_concurrent as _await_concurrent
-from aviato._bridge import get_bridge
-from aviato._client import Client, get_client
-from aviato._defaults import DEFAULT_GRACEFUL_SHUTDOWN_SECONDS
+from aviato import _bridge, _defaults
+from aviato._client import get_client
+from aviato._function import RemoteFunction
 from aviato._operation import OperationRef
-from aviato._options import RunOptions, SandboxArgs, SandboxDefaults, resolve
-from aviato._sandbox_io import SandboxIO
-from aviato._sandbox_queries import SandboxQueries
+from aviato._options import FunctionOptions, SandboxDefaults, SandboxOptions, check_keys
+from aviato._sandbox_core import SandboxCore
 from aviato._status import SandboxStatus
-from aviato.exceptions import (
-    SandboxFailedError,
-    SandboxNotFoundError,
-    SandboxNotRunningError,
-    SandboxTerminatedError,
-    SandboxTimeoutError,
-)
-from aviato.v1 import sandbox_pb2 as pb
+from aviato.exceptions import SandboxError, SandboxNotFoundError
 
-if TYPE_CHECKING:
-    from aviato._session import Session
-
-
-class SandboxOwner(Protocol):
-    """What a sandbox needs from the `Session` that owns it: its lease, a check that it is
-    still open, and being told when the sandbox was created and when it ended."""
-
-    _lease_id: str
-    _lease_ttl: float
-
-    def _check_open(self) -> None: ...
-
-    def _on_sandbox_created(self, sandbox: Sandbox) -> None: ...
-
-    def _forget(self, sandbox: Sandbox) -> None: ...
-
-
-__all__ = ["Sandbox"]
+__all__ = ["Sandbox", "Session"]
 
 logger = logging.getLogger("aviato")
 
-_STARTED = pb.WaitSandboxRequest.CONDITION_STARTED
-_TERMINAL = pb.WaitSandboxRequest.CONDITION_TERMINAL
-_WAIT_SLICE_SECONDS = 60.0  # the service's cap per WaitSandbox call
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_CLEANUP_TIMEOUT_SECONDS = 30.0
 
 
-def _ts(record: pb.Sandbox, name: str) -> datetime | None:
-    if not record.HasField(name):
-        return None
-    stamp = getattr(record, name)
-    return stamp.ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
-
-
-class Sandbox(SandboxQueries, SandboxIO):
+class Sandbox(SandboxCore):
     """A sandbox: an isolated environment that runs a main process and your commands.
 
     Make one with `Sandbox.run(...)` (create and start; returns once the service accepted the
@@ -92,437 +78,249 @@ class Sandbox(SandboxQueries, SandboxIO):
     the service completes a stop it has received even if that wait ends first).
     """
 
-    def __init__(
-        self,
-        *,
-        defaults: SandboxDefaults | None = None,
-        _session: SandboxOwner | None = None,
-        **options: Unpack[SandboxArgs],
-    ) -> None:
-        d = defaults or SandboxDefaults()
-        self._defaults = d
-        resolved = resolve(options, d)
-        self._spec = resolved.spec
-        self._pull_credentials = resolved.pull_credentials  # sent with the create, never kept
-        self._base_url = resolved.base_url
-        self._request_timeout = resolved.request_timeout_seconds
-        self._request_id = resolved.request_id
-        self._session = _session
-        # lifecycle state (changed only on the loop thread)
-        self._sandbox_id: str | None = None
-        self._record: pb.Sandbox | None = None
-        self._status: SandboxStatus | None = None
-        self._status_updated_at: datetime | None = None
-        self._start_task: asyncio.Task[None] | None = None
-        self._stop_task: asyncio.Task[None] | None = None
-        self._stop_requested = False
-        # The client of the service this sandbox lives on, and the loop it belongs to.
-        self._bound: tuple[asyncio.AbstractEventLoop, Client] | None = None
-
-    # -- construction helpers ------------------------------------------------------------------
-
-    @classmethod
-    def run(
-        cls,
-        *command: str,
-        defaults: SandboxDefaults | None = None,
-        **options: Unpack[RunOptions],
-    ) -> Sandbox:
-        """Creates and starts a sandbox; returns once the service accepted it (PENDING or later).
-
-        ``Sandbox.run("python", "train.py")`` runs that as the main process; ``Sandbox.run()``
-        runs the keep-alive; ``Sandbox.run(container_image="org/app:1", image_command=True)``
-        runs the image's own Entrypoint + Cmd. Errors of the create (bad options, no service)
-        are raised here; a failed image pull shows later, as a FAILED sandbox.
-        This call blocks briefly (one request); everything after it is non-blocking.
-        """
-        sandbox = cls(
-            command=command[0] if command else None,
-            args=list(command[1:]) if command else None,
-            defaults=defaults,
-            **options,
-        )
-        sandbox.start().result()
-        return sandbox
-
     @classmethod
     def session(cls, defaults: SandboxDefaults | Mapping[str, Any] | None = None) -> Session:
         """A new `Session` with these defaults (same as ``Session(defaults)``)."""
-        from aviato._session import Session
-
         return Session(defaults)
 
-    @classmethod
-    def _from_record(
-        cls, record: pb.Sandbox, base_url: str | None, timeout: float | None
-    ) -> Sandbox:
-        sandbox = cls(base_url=base_url, request_timeout_seconds=timeout)
-        sandbox._spec = record.spec
-        sandbox._apply(record)
-        return sandbox
 
-    # -- properties ----------------------------------------------------------------------------
+class Session:
+    """A group of sandboxes with shared `SandboxDefaults`, stopped together.
 
-    @property
-    def sandbox_id(self) -> str | None:
-        """The sandbox's id; None until it has been created."""
-        return self._sandbox_id
+    ``Session(defaults)`` sends nothing; `sandbox()` returns sandboxes that start on first use.
+    Use it as a context manager (``with``/``async with``), or call `close()`.
 
-    @property
-    def status(self) -> SandboxStatus | None:
-        """The last known status (no request is made); None if never started."""
-        return self._status
+    The session stops the sandboxes it made or adopted: on `close()` (concurrently), at
+    interpreter exit, and on SIGTERM/SIGINT when the signal would end the process (handlers are
+    installed lazily from the main thread and chain to the previous ones; a Ctrl-C that only
+    interrupts a notebook cell stops nothing). If the process is killed outright (SIGKILL), the
+    service stops them once the session's lease is no longer renewed: the SDK renews it every
+    ttl/3 from its background loop (ttl: `defaults.lease_ttl_seconds`, else `AVIATO_LEASE_TTL`,
+    else 30 s). Adopted sandboxes are stopped on close/exit/signal but are not under the lease.
+    """
 
-    @property
-    def status_reason(self) -> str | None:
-        """Why the sandbox is in its status (e.g. ``"stopped"``, ``"lease expired"``)."""
-        return (self._record.status_reason or None) if self._record is not None else None
-
-    @property
-    def status_updated_at(self) -> datetime | None:
-        """When `status` was last confirmed by the service."""
-        return self._status_updated_at
-
-    @property
-    def returncode(self) -> int | None:
-        """Exit code of the main process once the sandbox is terminal, else None."""
-        rec = self._record
-        if rec is None or not rec.HasField("exit_code"):
-            return None
-        return rec.exit_code
-
-    @property
-    def created_at(self) -> datetime | None:
-        """When the service accepted the create (UTC)."""
-        return _ts(self._record, "created_at") if self._record is not None else None
-
-    @property
-    def started_at(self) -> datetime | None:
-        """When the sandbox became RUNNING (UTC), if it has."""
-        return _ts(self._record, "started_at") if self._record is not None else None
-
-    @property
-    def ended_at(self) -> datetime | None:
-        """When the sandbox became terminal (UTC), if it has."""
-        return _ts(self._record, "ended_at") if self._record is not None else None
-
-    @property
-    def expires_at(self) -> datetime | None:
-        """The deadline set by the max lifetime."""
-        return _ts(self._record, "expires_at") if self._record is not None else None
-
-    @property
-    def tags(self) -> builtins.list[str]:
-        """The sandbox's tags (defaults first)."""
-        return list(self._spec.tags)
-
-    @property
-    def container_image(self) -> str:
-        """The image the sandbox runs (the service's default when none was named)."""
-        if self._record is not None and self._record.spec.image:
-            return self._record.spec.image
-        return self._spec.image or _defaults.DEFAULT_IMAGE
-
-    @property
-    def node(self) -> str | None:
-        """The node that runs the sandbox (``"local"`` for the embedded service)."""
-        return (self._record.node or None) if self._record is not None else None
-
-    @property
-    def node_selector(self) -> dict[str, str]:
-        """The node labels the sandbox asked for (empty: any node)."""
-        return dict(self._spec.node_selector)
+    def __init__(self, defaults: SandboxDefaults | Mapping[str, Any] | None = None) -> None:
+        if defaults is None:
+            defaults = SandboxDefaults()
+        elif isinstance(defaults, Mapping):
+            defaults = SandboxDefaults.from_dict(defaults)
+        elif not isinstance(defaults, SandboxDefaults):
+            raise TypeError("defaults must be SandboxDefaults, a dict or None")
+        self.defaults: SandboxDefaults = defaults
+        self._lease_id = f"lease-{uuid.uuid4()}"
+        self._lease_ttl = _defaults.lease_ttl_seconds(defaults.lease_ttl_seconds)
+        self._base_url = _defaults.resolve_base_url(None, defaults.base_url)
+        self._lock = threading.Lock()
+        self._sandboxes: dict[int, SandboxCore] = {}
+        self._closed = False
+        self._close_ref: OperationRef[None] | None = None
+        self._lease_used = False
+        self._renew_task: asyncio.Task[None] | None = None
+        self._functions: builtins.list[RemoteFunction[Any, Any]] = []
+        self._pid = os.getpid()
+        _register(self)
 
     def __repr__(self) -> str:
-        status = self._status.value if self._status else "not started"
-        return f"<Sandbox id={self._sandbox_id} status={status}>"
+        state = "closed" if self._closed else "open"
+        return f"<Session {state} sandboxes={self.sandbox_count}>"
 
-    # -- internals -----------------------------------------------------------------------------
+    # -- sandboxes -----------------------------------------------------------------------------
 
-    async def _client(self) -> Client:
-        """The client of this sandbox's service, resolved on first use and then kept: the
-        sandbox stays on the service it was created on even if AVIATO_STATE_DIR changes later.
-        (Resolved again on another loop, as in a forked child, or once the client closed.)"""
-        bound = self._bound
-        loop = asyncio.get_running_loop()
-        if bound is not None and bound[0] is loop and not bound[1].closed:
-            return bound[1]
-        client = await get_client(self._base_url)
-        self._bound = (loop, client)
-        return client
+    @property
+    def sandbox_count(self) -> int:
+        """Number of sandboxes this session tracks (made or adopted, and not yet stopped)."""
+        with self._lock:
+            return len(self._sandboxes)
 
-    def _apply(self, record: pb.Sandbox) -> None:
-        """Takes a record from the service; the status is monotonic (never leaves terminal)."""
-        new = SandboxStatus.from_proto(record.status)
-        if self._sandbox_id is None:
-            self._sandbox_id = record.id
-        if self._status is not None and self._status.is_terminal and not new.is_terminal:
-            return
-        self._record = record
-        self._status = new
-        self._status_updated_at = datetime.now(UTC)
+    @property
+    def closed(self) -> bool:
+        """True once `close()` was called."""
+        return self._closed
 
-    def _timeout(self, timeout: float | None) -> float:
-        """None → the request timeout (300 s by default); math.inf → no limit."""
-        if timeout is None:
-            return self._request_timeout
-        if timeout < 0:
-            raise ValueError("timeout must not be negative")
-        return timeout
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SandboxError("the session is closed")
 
-    def _require_id(self) -> str:
-        if self._sandbox_id is None:  # pragma: no cover - guarded by _ensure_started
-            raise SandboxNotRunningError("the sandbox has not been started")
-        return self._sandbox_id
+    def _track(self, sandbox: SandboxCore) -> None:
+        with self._lock:
+            self._check_open()
+            sandbox._session = self
+            self._sandboxes[id(sandbox)] = sandbox
 
-    # -- lifecycle -----------------------------------------------------------------------------
+    def _forget(self, sandbox: SandboxCore) -> None:
+        with self._lock:
+            self._sandboxes.pop(id(sandbox), None)
 
-    def start(self) -> OperationRef[None]:
-        """Sends the create (once; later calls share it). Resolves when the service accepted it.
+    def sandbox(self, **options: Unpack[SandboxOptions]) -> Sandbox:
+        """A new sandbox with the session's defaults; it starts on first use (exec, read_file,
+        write_file, wait, await, start). Raises `SandboxError` if the session is closed.
 
-        The create carries a request id, so a retried create never makes a second sandbox.
+        The options are `Sandbox`'s (e.g. ``image_command=True`` to run the image's
+        Entrypoint + Cmd, ``image_pull_credentials=`` for a private registry), except
+        `base_url`: a session's sandboxes live on the session's service."""
+        self._check_open()
+        check_keys(options, SandboxOptions.__optional_keys__, "Session.sandbox")
+        sandbox = Sandbox(defaults=self.defaults, _session=self, **options)
+        self._track(sandbox)
+        return sandbox
+
+    def adopt(self, sandbox: Sandbox) -> None:
+        """Makes the session responsible for stopping `sandbox` (e.g. one from `Sandbox.from_id`).
+
+        Raises `SandboxError` if the session is closed, ValueError if the sandbox has no id.
         """
-        return OperationRef._of(self._ensure_started())
+        self._check_open()
+        if sandbox.sandbox_id is None:
+            raise ValueError("only a started sandbox (one with a sandbox_id) can be adopted")
+        self._track(sandbox)
 
-    async def _ensure_started(self) -> None:
-        if self._sandbox_id is not None:
-            return
-        if self._stop_requested:
-            raise SandboxNotRunningError("the sandbox was stopped before it started")
-        if self._start_task is None:
-            self._start_task = asyncio.ensure_future(self._create())
-        task = self._start_task
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.cancelled():
-                self._start_task = None
-            raise
-        except Exception:
-            if self._start_task is task:
-                self._start_task = None  # a later call may retry (same request id)
-            raise
-
-    async def _create(self) -> None:
-        session = self._session
-        if session is not None:
-            session._check_open()
-        client = await self._client()
-        request = pb.CreateSandboxRequest(spec=self._spec, request_id=self._request_id)
-        if self._pull_credentials is not None:  # only on the wire, never kept in self._spec
-            request.spec.registry_auth.CopyFrom(self._pull_credentials._to_proto())
-        if session is not None:
-            request.lease_id = session._lease_id
-            request.lease_ttl_seconds = session._lease_ttl
-        # safe to repeat: the request id makes a retried create return the first sandbox
-        record = await client.with_retry(
-            lambda: client.transport.create_sandbox(request, call_timeout=self._request_timeout),
-            op="create sandbox",
-        )
-        self._apply(record)
-        if session is not None:
-            session._on_sandbox_created(self)
-
-    def wait(self, timeout: float | None = None) -> Sandbox:
-        """Blocks until the sandbox is RUNNING (starting it if needed); returns it.
-
-        `timeout`: None means `request_timeout_seconds` (300 s by default, as in the aviato SDK);
-        ``float("inf")`` waits without limit. Raises `SandboxTimeoutError` when it passes,
-        `SandboxFailedError` if the sandbox failed, `SandboxTerminatedError` if it was terminated
-        and `SandboxNotRunningError` if you stopped it. Returns as well if the main process has
-        already completed. In async code use ``await sandbox`` instead.
-        """
-        get_bridge().run(self._wait_started(timeout))
-        return self
-
-    async def _wait_started(self, wait_seconds: float | None) -> Sandbox:
-        await self._wait_for(_STARTED, self._timeout(wait_seconds))
-        status = self._status
-        if self._stop_requested:
-            raise SandboxNotRunningError("the sandbox was stopped", sandbox_id=self._sandbox_id)
-        self._raise_for_terminal(status, raise_on_termination=True)
-        return self
-
-    def wait_until_complete(
-        self, timeout: float | None = None, *, raise_on_termination: bool = True
-    ) -> OperationRef[Sandbox]:
-        """Resolves to the sandbox once it is terminal (its main process ended, or it was stopped).
-
-        `timeout` as in `wait()` (None: 300 s; ``float("inf")``: no limit). A FAILED sandbox raises
-        `SandboxFailedError`; a TERMINATED one raises `SandboxTerminatedError` unless
-        `raise_on_termination` is False (a sandbox you stopped counts as terminated).
-        """
-        return OperationRef._of(self._wait_complete(timeout, raise_on_termination))
-
-    async def _wait_complete(self, timeout_s: float | None, raise_on_termination: bool) -> Sandbox:
-        await self._wait_for(_TERMINAL, self._timeout(timeout_s))
-        status = self._status
-        if self._stop_requested and raise_on_termination and status != SandboxStatus.FAILED:
-            raise SandboxTerminatedError(
-                f"sandbox {self._sandbox_id} was stopped",
-                sandbox_id=self._sandbox_id,
-                status_reason=self.status_reason,
-            )
-        self._raise_for_terminal(status, raise_on_termination=raise_on_termination)
-        return self
-
-    def _raise_for_terminal(
-        self, status: SandboxStatus | None, *, raise_on_termination: bool
-    ) -> None:
-        if status == SandboxStatus.FAILED:
-            raise SandboxFailedError(
-                f"sandbox {self._sandbox_id} failed"
-                + (f": {self.status_reason}" if self.status_reason else ""),
-                sandbox_id=self._sandbox_id,
-                status_reason=self.status_reason,
-                returncode=self.returncode,
-            )
-        if status == SandboxStatus.TERMINATED and raise_on_termination:
-            raise SandboxTerminatedError(
-                f"sandbox {self._sandbox_id} was terminated"
-                + (f": {self.status_reason}" if self.status_reason else ""),
-                sandbox_id=self._sandbox_id,
-                status_reason=self.status_reason,
-            )
-
-    async def _wait_for(self, condition: pb.WaitSandboxRequest.Condition, timeout_s: float) -> None:
-        """Long-polls WaitSandbox (server-side) until `condition` holds or `timeout_s` passes."""
-        await self._ensure_started()
-        sandbox_id = self._require_id()
-        client = await self._client()
-        deadline = time.monotonic() + timeout_s if math.isfinite(timeout_s) else math.inf
-
-        def satisfied() -> bool:
-            s = self._status
-            if s is None:
-                return False
-            return s.is_terminal or (condition == _STARTED and s.is_running)
-
-        while not satisfied():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise SandboxTimeoutError(
-                    f"sandbox {sandbox_id} did not become "
-                    f"{'running' if condition == _STARTED else 'terminal'} within {timeout_s:g}s "
-                    f"(status: {self._status})",
-                    sandbox_id=sandbox_id,
-                )
-            slice_ = min(remaining, _WAIT_SLICE_SECONDS)
-            request = pb.WaitSandboxRequest(
-                sandbox_id=sandbox_id, condition=condition, timeout_seconds=slice_
-            )
-            record = await client.with_retry(
-                functools.partial(
-                    client.transport.wait_sandbox, request, call_timeout=slice_ + 30.0
-                ),
-                op="wait",
-            )
-            self._apply(record)
-
-    def __await__(self) -> Generator[Any, None, Sandbox]:
-        """``await sandbox``: starts it if needed and waits until RUNNING (as `wait()`)."""
-        return _await_concurrent(get_bridge().submit(self._wait_started(None))).__await__()
-
-    def get_status(self) -> SandboxStatus:
-        """Blocks for one request and returns the fresh status.
-
-        A terminal status is final and answered from the cache. Raises `SandboxNotRunningError`
-        for a sandbox that was never started (it does not start it).
-        """
-        return get_bridge().run(self._get_status())
-
-    async def _get_status(self) -> SandboxStatus:
-        if self._status is not None and self._status.is_terminal:
-            return self._status
-        if self._sandbox_id is None:
-            if self._start_task is None:
-                raise SandboxNotRunningError("the sandbox has not been started")
-            await self._ensure_started()
-        sandbox_id = self._require_id()
-        client = await self._client()
-        record = await client.with_retry(
-            lambda: client.transport.get_sandbox(sandbox_id, call_timeout=self._request_timeout),
-            op="get sandbox",
-        )
-        self._apply(record)
-        assert self._status is not None
-        return self._status
-
-    def stop(
+    def list(
         self,
         *,
-        graceful_shutdown_seconds: float = DEFAULT_GRACEFUL_SHUTDOWN_SECONDS,
-        missing_ok: bool = False,
-        snapshot_on_stop: bool = False,
-    ) -> OperationRef[None]:
-        """Stops the sandbox; resolves once it is terminal.
+        tags: Sequence[str] | None = None,
+        status: str | SandboxStatus | None = None,
+        include_stopped: bool = False,
+        adopt: bool = False,
+    ) -> OperationRef[builtins.list[Sandbox]]:
+        """`Sandbox.list` filtered by the session's default tags plus `tags`.
 
-        The main process gets SIGTERM, then every process SIGKILL after
-        `graceful_shutdown_seconds` (default 10; 0 means at once). Idempotent: concurrent and
-        repeated calls share one stop; stopping a terminal sandbox does nothing; stopping one that
-        was never started just marks it stopped. `missing_ok` turns "not found" into success.
-        `snapshot_on_stop` is not supported by this service (ValueError). Fire and forget is
-        fine: the interpreter's exit waits (up to 10 s) for a stop in flight.
+        With `adopt`, the non-terminal results are adopted by the session.
         """
-        if snapshot_on_stop:
-            raise ValueError("snapshot_on_stop is not supported by this service")
-        if graceful_shutdown_seconds < 0:
-            raise ValueError("graceful_shutdown_seconds must not be negative")
-        return OperationRef._of(
-            self._stop(graceful_shutdown_seconds, missing_ok), finish_at_exit=True
+        merged = self.defaults.merge_tags(tags)
+        wanted = SandboxStatus.parse(status) if status is not None else None
+        return OperationRef._of(self._list(merged, wanted, include_stopped, adopt))
+
+    async def _list(
+        self,
+        tags: builtins.list[str],
+        status: SandboxStatus | None,
+        include_stopped: bool,
+        adopt: bool,
+    ) -> builtins.list[Sandbox]:
+        found = await Sandbox._list(
+            tags, status, include_stopped, self._base_url, self.defaults.request_timeout_seconds
         )
+        if adopt:
+            for sandbox in found:
+                if sandbox.status is None or not sandbox.status.is_terminal:
+                    self._track(sandbox)
+        return found
 
-    async def _stop(self, grace: float, missing_ok: bool) -> None:
-        if self._stop_task is None:
-            self._stop_task = asyncio.ensure_future(self._do_stop(grace))
-        task = self._stop_task
-        try:
-            await asyncio.shield(task)
-        except SandboxNotFoundError:
-            if not missing_ok:
-                raise
-        except Exception:
-            if self._stop_task is task:
-                self._stop_task = None  # let a later stop() try again
-            raise
+    def from_id(self, sandbox_id: str, *, adopt: bool = True) -> OperationRef[Sandbox]:
+        """`Sandbox.from_id`, adopting the sandbox into the session unless `adopt` is False."""
+        return OperationRef._of(self._from_id(sandbox_id, adopt))
 
-    async def _do_stop(self, grace: float) -> None:
-        if self._status is None or not self._status.is_terminal:
-            self._stop_requested = True  # (an already-ended sandbox was not stopped by us)
-        try:
-            if self._sandbox_id is None:
-                if self._start_task is None:
-                    return  # never started: nothing to stop
-                try:
-                    await asyncio.shield(self._start_task)
-                except Exception:
-                    return  # the create failed: nothing to stop
-            if self._status is not None and self._status.is_terminal:
+    async def _from_id(self, sandbox_id: str, adopt: bool) -> Sandbox:
+        sandbox = await Sandbox._from_id(
+            sandbox_id, self._base_url, self.defaults.request_timeout_seconds
+        )
+        if adopt:
+            self._track(sandbox)
+        return sandbox
+
+    # -- remote functions ----------------------------------------------------------------------
+
+    @overload
+    def function(self, fn: Callable[P, R], /) -> RemoteFunction[P, R]: ...
+
+    @overload
+    def function(
+        self, fn: None = None, /, **options: Unpack[FunctionOptions]
+    ) -> Callable[[Callable[P, R]], RemoteFunction[P, R]]: ...
+
+    def function(
+        self,
+        fn: Callable[P, R] | None = None,
+        /,
+        **options: Unpack[FunctionOptions],
+    ) -> RemoteFunction[P, R] | Callable[[Callable[P, R]], RemoteFunction[P, R]]:
+        """Decorator: run a plain Python function in this session's sandboxes.
+
+        ``@session.function()`` (or ``@session.function``) turns ``def f(...)`` into a
+        `RemoteFunction` with ``f.remote(*args, **kwargs) -> OperationRef``,
+        ``f.map(items, max_concurrency=8) -> list[OperationRef]`` and ``f.local(...)``.
+        See `aviato.RemoteFunction` for the rules (JSON-safe arguments and results, captured
+        variables, errors, sandbox reuse).
+        """
+
+        def decorate(func: Callable[P, R]) -> RemoteFunction[P, R]:
+            remote = RemoteFunction(func, self, **options)
+            self._functions.append(remote)
+            return remote
+
+        if fn is not None:
+            return decorate(fn)
+        return decorate
+
+    # -- lease ---------------------------------------------------------------------------------
+
+    def _on_sandbox_created(self, sandbox: SandboxCore) -> None:
+        """Loop-side: a sandbox was created under the lease; keep the lease renewed."""
+        self._lease_used = True
+        if self._renew_task is None and not self._closed:
+            self._renew_task = asyncio.ensure_future(self._renew_lease())
+
+    async def _renew_lease(self) -> None:
+        interval = self._lease_ttl / 3.0
+        client = await get_client(self._base_url)
+        while not self._closed:
+            await asyncio.sleep(interval)
+            if self._closed:
                 return
-            sandbox_id = self._require_id()
-            client = await self._client()
-            record = await client.with_retry(
-                lambda: client.transport.stop_sandbox(
-                    sandbox_id, grace or 0.001, call_timeout=grace + 60.0
-                ),
-                op="stop sandbox",
-            )
-            self._apply(record)
-            if not (self._status and self._status.is_terminal):
-                await self._wait_for(_TERMINAL, grace + 60.0)
-        finally:
-            if self._session is not None:
-                self._session._forget(self)
+            try:
+                await client.transport.renew_lease(
+                    self._lease_id, self._lease_ttl, call_timeout=max(interval, 1.0)
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                logger.warning("aviato: renewing session lease %s failed: %s", self._lease_id, err)
 
-    # -- context managers ----------------------------------------------------------------------
+    # -- closing -------------------------------------------------------------------------------
+
+    def close(self) -> OperationRef[None]:
+        """Stops every sandbox of the session concurrently, then ends its lease. Idempotent.
+
+        Raises `SandboxError` (from an ExceptionGroup of the failures) if some could not be
+        stopped; sandboxes already gone count as stopped.
+        """
+        with self._lock:
+            if self._close_ref is None:
+                self._close_ref = OperationRef._of(self._close(), finish_at_exit=True)
+            return self._close_ref
+
+    async def _close(self) -> None:
+        with self._lock:
+            self._closed = True
+            sandboxes = list(self._sandboxes.values())
+        _unregister(self)
+        if self._renew_task is not None:
+            self._renew_task.cancel()
+        results = await asyncio.gather(
+            *(sb._stop(_defaults.DEFAULT_GRACEFUL_SHUTDOWN_SECONDS, True) for sb in sandboxes),
+            return_exceptions=True,
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if self._lease_used:
+            with contextlib.suppress(Exception):
+                client = await get_client(self._base_url)
+                await client.with_retry(
+                    lambda: client.transport.release_lease(
+                        self._lease_id, stop_sandboxes=True, call_timeout=60.0
+                    ),
+                    op="release lease",
+                )
+        with self._lock:
+            self._sandboxes.clear()
+        failures = [e for e in errors if not isinstance(e, SandboxNotFoundError)]
+        if failures:
+            group = BaseExceptionGroup("failures while stopping sandboxes", failures)
+            raise SandboxError(
+                f"session close: {len(failures)} of {len(sandboxes)} sandboxes could not be stopped"
+            ) from group
 
     def __enter__(self) -> Self:
-        """``with sandbox:`` starts it (without waiting for RUNNING) and stops it at the end.
-
-        A failure to stop is raised, unless an exception is already propagating (then it is
-        logged, so the original error is not masked).
-        """
-        self.start().result()
+        """``with Session(...) as session:`` closes the session (stops its sandboxes) at the end."""
         return self
 
     def __exit__(
@@ -531,16 +329,10 @@ class Sandbox(SandboxQueries, SandboxIO):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        try:
-            self.stop().result()
-        except Exception:
-            if exc is None:
-                raise
-            logger.warning("stopping sandbox %s failed", self._sandbox_id, exc_info=True)
+        self.close().result()
 
     async def __aenter__(self) -> Self:
-        """``async with sandbox:``: as ``with``, awaiting start and stop."""
-        await self.start()
+        """``async with Session(...) as session:``: as ``with``, awaiting the close."""
         return self
 
     async def __aexit__(
@@ -549,9 +341,86 @@ class Sandbox(SandboxQueries, SandboxIO):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        await self.close()
+
+
+# --- process-wide cleanup: atexit and signals ---------------------------------------------------
+
+_open_sessions: set[Session] = set()
+_registry_lock = threading.Lock()
+_exit_hook_installed = False
+_signals_installed = False
+_cleaning_up = False
+
+
+def _register(session: Session) -> None:
+    global _exit_hook_installed
+    with _registry_lock:
+        _open_sessions.add(session)
+        if not _exit_hook_installed:
+            _exit_hook_installed = True
+            _bridge.get_bridge().add_exit_hook(
+                _close_all_sessions, order=_bridge.EXIT_ORDER_SESSIONS
+            )
+    _install_signal_handlers()
+
+
+def _unregister(session: Session) -> None:
+    with _registry_lock:
+        _open_sessions.discard(session)
+
+
+async def _close_all_sessions() -> None:
+    """Closes every open session of this process (after a fork, only the child's own)."""
+    with _registry_lock:
+        sessions = [s for s in _open_sessions if s._pid == os.getpid()]
+    if not sessions:
+        return
+    closes = [asyncio.ensure_future(s.close()) for s in sessions]
+    done, pending = await asyncio.wait(closes, timeout=_CLEANUP_TIMEOUT_SECONDS)
+    for task in pending:
+        task.cancel()
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("aviato: closing a session at exit failed: %s", task.exception())
+
+
+def _cleanup_now() -> None:
+    """Blocking cleanup from a signal handler (main thread)."""
+    bridge = _bridge.get_bridge()
+    if not bridge.started or bridge.in_loop_thread():
+        return
+    with contextlib.suppress(BaseException):
+        bridge.run(_close_all_sessions(), timeout=_CLEANUP_TIMEOUT_SECONDS + 5)
+
+
+def _on_signal(previous: Any, signum: int, frame: FrameType | None) -> None:
+    global _cleaning_up
+    if previous is signal.SIG_DFL:
+        # This signal would end the process without atexit: stop the sessions' sandboxes first,
+        # then die of the same signal (so the exit status is the usual one).
+        if not _cleaning_up:
+            _cleaning_up = True
+            _cleanup_now()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    if callable(previous):
+        # A Python handler (e.g. the default SIGINT one raising KeyboardInterrupt): chain to it.
+        # If it ends the program, atexit stops the sandboxes.
+        previous(signum, frame)
+
+
+def _install_signal_handlers() -> None:
+    global _signals_installed
+    if _signals_installed or threading.current_thread() is not threading.main_thread():
+        return
+    _signals_installed = True
+    for sig in (signal.SIGTERM, signal.SIGINT):
         try:
-            await self.stop()
-        except Exception:
-            if exc is None:
-                raise
-            logger.warning("stopping sandbox %s failed", self._sandbox_id, exc_info=True)
+            previous = signal.getsignal(sig)
+            if previous is signal.SIG_IGN or previous is None:
+                continue  # ignored on purpose, or owned by non-Python code
+            signal.signal(sig, functools.partial(_on_signal, previous))
+        except (ValueError, OSError):  # pragma: no cover - e.g. not allowed in this context
+            continue

@@ -10,13 +10,13 @@ from typing import Any, TypeVar, overload
 from aviato._bridge import get_bridge
 from aviato._operation import OperationRef
 from aviato._process import Process
-from aviato._sandbox import Sandbox
+from aviato._sandbox_core import SandboxCore
 
 __all__ = ["Waitable", "results", "wait"]
 
 T = TypeVar("T")
 
-Waitable = Sandbox | OperationRef[Any] | Process
+Waitable = SandboxCore | OperationRef[Any] | Process
 """What `aviato.wait` accepts: sandboxes (ready when RUNNING) and operation handles."""
 
 
@@ -33,7 +33,7 @@ def wait(
     they became ready and at most `num_returns` long. `timeout=None` waits without limit.
     """
     items: list[Waitable] = (
-        [waitables] if isinstance(waitables, Sandbox | OperationRef) else list(waitables)
+        [waitables] if isinstance(waitables, SandboxCore | OperationRef) else list(waitables)
     )
     if num_returns is None:
         num_returns = len(items)
@@ -44,7 +44,7 @@ def wait(
     internal: list[concurrent.futures.Future[Any]] = []
     by_future: dict[concurrent.futures.Future[Any], list[int]] = {}
     for index, item in enumerate(items):
-        if isinstance(item, Sandbox):
+        if isinstance(item, SandboxCore):
             future: concurrent.futures.Future[Any] = get_bridge().submit(
                 item._wait_started(math.inf)
             )

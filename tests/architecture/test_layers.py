@@ -177,41 +177,18 @@ def test_node_traffic_has_a_protocol_of_its_own() -> None:
     assert not public, "\n".join(public)
 
 
-# Deferred imports of our own modules that close a loop, each with why the loop is the lesser
-# evil. Every other deferred import must be one that a top-level import could replace.
-DEFERRED_LOOPS = {
-    ("aviato._sandbox", "aviato._session"): (
-        "Sandbox.session() (a contract of the original SDK) returns a Session, and a Session "
-        "makes Sandboxes: the two public classes name each other. Cutting the loop needs a "
-        "registration hook or one 950-line module; one documented deferred import reads better."
-    ),
-}
-
-
 def test_no_import_circle() -> None:
-    """Imports inside functions count: deferring an import hides a circle, it does not open it
-    (see DEFERRED_LOOPS for the one kept on purpose). Imports under `if TYPE_CHECKING:` do not
+    """Imports inside functions count: deferring an import hides a circle, it does not open it.
+    Imports under `if TYPE_CHECKING:` do not
     count: nothing runs them, so they order nothing at import time; they are how two types
     that name each other (an error carrying a result that raises it) stay typed.
     Deferred imports stay allowed for what is heavy and optional, such as the Ray backend."""
     graph: dict[str, set[str]] = {module: set() for module in MODULES}
     for imp in IMPORTS:
-        if not imp.type_only and (imp.importer, imp.imported) not in DEFERRED_LOOPS:
+        if not imp.type_only:
             graph[imp.importer].add(imp.imported)
     circles = _strongly_connected(graph)
     assert not circles, "import circles:\n" + "\n".join(" <-> ".join(c) for c in circles)
-
-
-def test_each_kept_loop_is_still_deferred() -> None:
-    """A loop kept on purpose must stay a deferred import (a top-level one would fail at import
-    time in one order and not the other), and must still exist (else strike it from the list)."""
-    deferred = {(imp.importer, imp.imported) for imp in IMPORTS if imp.in_function}
-    top_level = {
-        (imp.importer, imp.imported) for imp in IMPORTS if not (imp.in_function or imp.type_only)
-    }
-    for edge in DEFERRED_LOOPS:
-        assert edge in deferred, f"{edge}: no longer imported inside a function; strike it"
-        assert edge not in top_level, f"{edge}: imported at top level too"
 
 
 def test_no_module_is_too_long_to_read() -> None:
