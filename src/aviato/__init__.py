@@ -30,7 +30,6 @@ from aviato._operation import OperationRef
 from aviato._options import SandboxDefaults
 from aviato._output import StreamReader
 from aviato._process import Process, StreamWriter
-from aviato._results import ProcessResult, ResourceUsage
 from aviato._sandbox import Sandbox, Session
 from aviato._status import SandboxStatus
 from aviato._wait import Waitable, results, wait
@@ -41,7 +40,9 @@ from aviato.exceptions import (
     AviatoError,
     FunctionError,
     FunctionSerializationError,
+    ProcessResult,
     RemoteFunctionError,
+    ResourceUsage,
     SandboxError,
     SandboxExecutionError,
     SandboxFailedError,

@@ -21,9 +21,13 @@ from collections import deque
 from aviato._defaults import DEFAULT_MAX_OUTPUT_BYTES
 from aviato._operation import OperationRef
 from aviato._output import OutputBuffer, StreamReader
-from aviato._results import ProcessResult, ResourceUsage
 from aviato._transport.base import ExecCall, Transport
-from aviato.exceptions import SandboxExecutionError, SandboxTimeoutError
+from aviato.exceptions import (
+    ProcessResult,
+    ResourceUsage,
+    SandboxExecutionError,
+    SandboxTimeoutError,
+)
 from aviato.v1 import sandbox_pb2 as pb
 
 __all__ = ["ExecState", "Process", "StreamWriter"]

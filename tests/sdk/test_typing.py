@@ -48,7 +48,7 @@ SNIPPET = textwrap.dedent(
 )
 
 EXPECTED = [
-    '"aviato._results.ProcessResult"',
+    '"aviato.exceptions.ProcessResult"',
     '"aviato._process.Process"',
     '"aviato._operation.OperationRef[builtins.bytes]"',
     '"builtins.list[aviato._sandbox.Sandbox]"',
@@ -59,7 +59,7 @@ EXPECTED = [
     '"builtins.list[aviato._operation.OperationRef[builtins.int]]"',
     '"builtins.int"',
     '"builtins.int"',
-    '"aviato._results.ProcessResult"',
+    '"aviato.exceptions.ProcessResult"',
     '"aviato._sandbox.Sandbox"',
     '"builtins.list[aviato._sandbox.Sandbox]"',
 ]
