@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
+from _wait import wait_until
 from clitools import Cli, Terminal, assert_one_line_error, aviato_argv
 
 
@@ -29,7 +29,12 @@ def test_shell_has_a_real_terminal_that_follows_resizes(terminal: Terminal) -> N
     terminal.expect("is-a-tty")
     terminal.expect("30x90")
     terminal.resize(40, 100)
-    time.sleep(0.5)
+    # The new size reaches the remote terminal asynchronously: the shell waits for it (bounded by
+    # expect's timeout); the typed line cannot match "resized-2", only its output can.
+    terminal.send(
+        """while [ "$(stty size)" != '40 100' ]; do sleep 0.05; done; echo resized-$((1+1))\n"""
+    )
+    terminal.expect("resized-2")
     terminal.send("stty size | sed 's/ /x/'\n")
     terminal.expect("40x100")
     terminal.send("exit\n")
@@ -37,9 +42,16 @@ def test_shell_has_a_real_terminal_that_follows_resizes(terminal: Terminal) -> N
 
 
 @pytest.mark.slow
-def test_ctrl_c_interrupts_the_remote_command_not_the_shell(terminal: Terminal) -> None:
+def test_ctrl_c_interrupts_the_remote_command_not_the_shell(
+    terminal: Terminal, cli: Cli, sandbox: str
+) -> None:
     terminal.send("sleep 300\n")
-    time.sleep(1.0)
+    # Ctrl-C must reach `sleep`, not the shell while it is still handing the terminal to it:
+    # wait until the sleep runs (it has the terminal's foreground by the time it is exec'd).
+    wait_until(
+        lambda: cli("exec", sandbox, "--", "pgrep", "-x", "sleep").returncode == 0,
+        "the remote sleep to start",
+    )
     terminal.send("\x03")  # raw mode: Ctrl-C is a byte for the remote terminal
     terminal.send("echo sleep-ended-$?\n")
     terminal.expect("sleep-ended-130")

@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from _wait import wait_until
 from raycluster import RayCluster
 
 import aviato
@@ -102,6 +103,12 @@ def test_main_exit_and_logs(ray_cluster: RayCluster, stub: SandboxServiceStub) -
     stub.DeleteSandbox(pb.DeleteSandboxRequest(sandbox_id=sb.id), timeout=30)
 
 
+def _pending_for_room(stub: SandboxServiceStub, sandbox_id: str) -> pb.Sandbox | None:
+    """The sandbox's record once the placement says it waits for room on its node."""
+    record = stub.GetSandbox(pb.GetSandboxRequest(sandbox_id=sandbox_id), timeout=10)
+    return record if "waiting for room" in record.status_reason else None
+
+
 def test_placement_follows_requested_memory(
     ray_cluster: RayCluster, stub: SandboxServiceStub
 ) -> None:
@@ -112,8 +119,9 @@ def test_placement_follows_requested_memory(
     first = _wait(stub, first.id, terminal=False, timeout=30)
     assert first.status == pb.SANDBOX_STATUS_RUNNING
     second = _create(stub, node_selector=pin, resources=big)
-    time.sleep(1.5)
-    waiting = stub.GetSandbox(pb.GetSandboxRequest(sandbox_id=second.id), timeout=10)
+    waiting = wait_until(
+        lambda: _pending_for_room(stub, second.id), "the second sandbox to wait for room"
+    )
     assert waiting.status == pb.SANDBOX_STATUS_PENDING
     assert "waiting for room" in waiting.status_reason and "2.5Gi" in waiting.status_reason
     stub.StopSandbox(pb.StopSandboxRequest(sandbox_id=first.id, grace_seconds=1), timeout=30)
@@ -233,8 +241,9 @@ def test_control_plane_restart_keeps_sandboxes_and_reservations(
     assert sb.exec(["echo", "after"]).result(timeout=30).stdout == "after\n"
     # The node host kept the reservation: a second big sandbox on w1 still has to wait.
     second = _create(stub, node_selector=pin, resources=big)
-    time.sleep(1.0)
-    pending = stub.GetSandbox(pb.GetSandboxRequest(sandbox_id=second.id), timeout=10)
+    pending = wait_until(
+        lambda: _pending_for_room(stub, second.id), "the second sandbox to wait for room"
+    )
     assert pending.status == pb.SANDBOX_STATUS_PENDING
     sb.stop(graceful_shutdown_seconds=1).result(timeout=30)
     assert _wait(stub, second.id, terminal=False, timeout=30).status == (pb.SANDBOX_STATUS_RUNNING)
@@ -301,10 +310,16 @@ def test_node_host_restart_reattaches(ray_cluster: RayCluster, stub: SandboxServ
     assert stub.GetSandbox(pb.GetSandboxRequest(sandbox_id=sb.id), timeout=10).status == (
         pb.SANDBOX_STATUS_RUNNING
     )
-    time.sleep(1.0)  # the log mirror resumes after the restart
-    logs = list(stub.StreamLogs(pb.StreamLogsRequest(sandbox_id=sb.id, tail=1), timeout=30))
-    last = int(logs[-1].data.decode().strip().removeprefix("tick"))
-    assert last >= (time.monotonic() - t0) / 0.2 * 0.5, f"log stopped at tick{last}"
+
+    def last_tick() -> int:
+        logs = list(stub.StreamLogs(pb.StreamLogsRequest(sandbox_id=sb.id, tail=1), timeout=30))
+        return int(logs[-1].data.decode().strip().removeprefix("tick")) if logs else -1
+
+    # The log mirror resumes after the restart: it catches up with the ticks (one each 0.2 s).
+    wait_until(
+        lambda: last_tick() >= (time.monotonic() - t0) / 0.2 * 0.5,
+        "the log mirror to resume after the node host's restart",
+    )
     stopped = stub.StopSandbox(pb.StopSandboxRequest(sandbox_id=sb.id, grace_seconds=1), timeout=30)
     assert stopped.status == pb.SANDBOX_STATUS_TERMINATED
     assert not _sandbox_pids(sb.id)
