@@ -320,6 +320,7 @@ def test_node_host_restart_reattaches(ray_cluster: RayCluster, stub: SandboxServ
         lambda: last_tick() >= (time.monotonic() - t0) / 0.2 * 0.5,
         "the log mirror to resume after the node host's restart",
     )
+    last = last_tick()
     stopped = stub.StopSandbox(pb.StopSandboxRequest(sandbox_id=sb.id, grace_seconds=1), timeout=30)
     assert stopped.status == pb.SANDBOX_STATUS_TERMINATED
     assert not _sandbox_pids(sb.id)
