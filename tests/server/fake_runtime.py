@@ -191,6 +191,10 @@ class FakeRuntime(Runtime):
         handle.ended = asyncio.get_running_loop().create_future()
         return handle
 
+    def keep_log(self, sandbox_id: str, into: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.dir / sandbox_id / "main.log", into)
+
     async def cleanup(self, sandbox_id: str) -> None:
         handle = self.handles.pop(sandbox_id, None)
         if handle is not None:

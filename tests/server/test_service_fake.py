@@ -36,7 +36,7 @@ def run_service(state: Path, runtime: FakeRuntime | None, body: Body, **kw: Any)
 
     async def main() -> None:
         stop = asyncio.Event()
-        task = asyncio.create_task(serve(config, stop, LocalPlacement(rt, state)))
+        task = asyncio.create_task(serve(config, stop, LocalPlacement(rt)))
         for _ in range(200):
             if config.socket_path.exists() or task.done():
                 break

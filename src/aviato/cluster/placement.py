@@ -426,8 +426,11 @@ class RayPlacement(Placement):
     def nodes(self) -> dict[str, Runtime]:
         return {n.id: n.runtime for n in self._nodes.values() if n.runtime is not None}
 
-    def main_log_path(self, node: str, sandbox_id: str) -> Path | None:
-        return self._log_dir / f"{sandbox_id}.log"
+    def keep_log(self, node: str, sandbox_id: str, into: Path) -> None:
+        # The control plane's copy of the node's log (remote.py), kept whatever became of the
+        # node.
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self._log_dir / f"{sandbox_id}.log", into)
 
     async def close(self) -> None:
         if self._watcher is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 # The model of a sandbox spec and an exec request lives in `model`; re-exported here because
 # every runtime and placement works against these names.
@@ -295,6 +296,12 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def attach(self, sandbox_id: str) -> SandboxHandle | MainExit:
         """Re-attaches to a sandbox after a service restart, or says how it ended meanwhile."""
+
+    def keep_log(self, sandbox_id: str, into: Path) -> None:
+        """Moves the main log of a sandbox whose state still exists to `into` (a file of the
+        caller's, in the records of `runtime.logs`), so that `cleanup` does not remove it.
+        Nothing when there is none (the default: a runtime that keeps no log)."""
+        return None
 
     @abc.abstractmethod
     async def cleanup(self, sandbox_id: str) -> None:

@@ -57,8 +57,10 @@ class Placement(abc.ABC):
         """Every node with its runtime (for reconciliation and server info)."""
 
     @abc.abstractmethod
-    def main_log_path(self, node: str, sandbox_id: str) -> Path | None:
-        """Where the main log of a sandbox lives while its runtime state exists (None: unknown)."""
+    def keep_log(self, node: str, sandbox_id: str, into: Path) -> None:
+        """Moves the main log of a sandbox that ended to `into` (the service keeps it there for
+        StreamLogs until the record is deleted), before its runtime state is cleaned up.
+        Nothing when there is no log; OSError when it cannot be moved."""
 
     async def start(self) -> None:
         """Connects to whatever the placement needs (a cluster); before the lifecycle starts."""
@@ -76,9 +78,8 @@ class LocalPlacement(Placement):
     name = "local"
     NODE = "local"
 
-    def __init__(self, runtime: Runtime, state_dir: Path) -> None:
+    def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
-        self._state_dir = state_dir
 
     def runtime_for_new(self, config: SandboxConfig) -> tuple[str, Runtime]:
         return self.NODE, self._runtime
@@ -91,6 +92,5 @@ class LocalPlacement(Placement):
     def nodes(self) -> dict[str, Runtime]:
         return {self.NODE: self._runtime}
 
-    def main_log_path(self, node: str, sandbox_id: str) -> Path | None:
-        # The layout of docs/internals/layout.md: <state>/sandboxes/<id>/main.log.
-        return self._state_dir / "sandboxes" / sandbox_id / "main.log"
+    def keep_log(self, node: str, sandbox_id: str, into: Path) -> None:
+        self.runtime_of(node).keep_log(sandbox_id, into)

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -28,7 +27,7 @@ from aviato.runtime.base import (
 from aviato.server.admission import Admission
 from aviato.server.config import ServerConfig
 from aviato.server.errors import SandboxNotFound
-from aviato.server.placement import Placement
+from aviato.server.placement import Placement, UnknownNode
 from aviato.server.records import (
     SandboxRecord,
     SandboxStatus,
@@ -265,14 +264,11 @@ class SandboxRuns:
 
     def _keep_log(self, rec: SandboxRecord) -> None:
         """Moves the main log out of the runtime's directory so that cleanup cannot remove it."""
-        path = self._placement.main_log_path(rec.node, rec.id)
-        if path is None:
-            return
         try:
-            os.replace(path, self._kept_log(rec.id))
-        except FileNotFoundError:
+            self._placement.keep_log(rec.node, rec.id, self._kept_log(rec.id))
+        except UnknownNode:
             pass
-        except OSError as e:
+        except (OSError, SandboxRuntimeError) as e:
             log.warning("could not keep the log of %s: %s", rec.id, e)
 
     async def _cleanup(self, runtime: Runtime, sandbox_id: str) -> None:

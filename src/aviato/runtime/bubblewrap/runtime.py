@@ -538,6 +538,12 @@ class BubblewrapRuntime(Runtime):
             return await handle.kill()
         return handle
 
+    def keep_log(self, sandbox_id: str, into: Path) -> None:
+        if not SANDBOX_ID.match(sandbox_id):
+            raise SpecRefused(f"invalid sandbox id {sandbox_id!r}")
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self._sandboxes / sandbox_id / "main.log", into)
+
     async def cleanup(self, sandbox_id: str) -> None:
         if not SANDBOX_ID.match(sandbox_id):
             raise SpecRefused(f"invalid sandbox id {sandbox_id!r}")
