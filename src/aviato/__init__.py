@@ -23,10 +23,11 @@ _os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from aviato import exceptions
 from aviato._credentials import ImagePullCredentials
-from aviato._defaults import NetworkOptions, SandboxDefaults, Serialization
+from aviato._defaults import NetworkOptions, Serialization
 from aviato._files import FileStream
 from aviato._function import RemoteFunction
 from aviato._operation import OperationRef
+from aviato._options import SandboxDefaults
 from aviato._output import StreamReader
 from aviato._process import Process, StreamWriter
 from aviato._results import ProcessResult, ResourceUsage

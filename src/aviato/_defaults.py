@@ -1,4 +1,6 @@
-"""Configuration: `SandboxDefaults`, `NetworkOptions`, `Serialization` and environment variables.
+"""Configuration: `NetworkOptions`, `Serialization`, the SDK's default values, the environment
+variables, and the conversions of option values to the wire. (`SandboxDefaults` lives with the
+options it holds defaults for, in `aviato._options`.)
 
 Environment variables read by the SDK (each read when it is needed, never at import):
 
@@ -14,15 +16,13 @@ Environment variables read by the SDK (each read when it is needed, never at imp
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from aviato._credentials import ImagePullCredentials, coerce_pull_credentials
 from aviato.exceptions import SandboxValidationError
 from aviato.v1 import sandbox_pb2 as pb
 
@@ -33,7 +33,6 @@ __all__ = [
     "DEFAULT_MAX_READ_FILE_BYTES",
     "DEFAULT_REQUEST_TIMEOUT_SECONDS",
     "NetworkOptions",
-    "SandboxDefaults",
     "Serialization",
 ]
 
@@ -98,7 +97,7 @@ class NetworkOptions:
         )
 
 
-def _as_str_tuple(name: str, value: Iterable[str] | None) -> tuple[str, ...]:
+def as_str_tuple(name: str, value: Iterable[str] | None) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str | bytes):
@@ -149,147 +148,32 @@ def coerce_network(value: NetworkOptions | Mapping[str, Any] | None) -> NetworkO
     raise TypeError(f"network must be NetworkOptions, a dict or None, not {type(value).__name__}")
 
 
-@dataclass(frozen=True, kw_only=True)
-class SandboxDefaults:
-    """Defaults applied to every sandbox made with them (by `Sandbox(defaults=...)` or a Session).
-
-    Merge rules when a sandbox is made: an explicit argument wins over the default; `tags` are
-    concatenated (defaults first); `environment_variables` and `node_selector` are merged,
-    explicit keys winning.
-
-    Fields:
-        container_image: The image: ``"host"`` (the host's system, read-only, secrets hidden) or
-            an OCI reference such as ``"python:3.11"``, pulled on first use (docs/images.md).
-            None means `AVIATO_IMAGE`, else the service's default (``"host"`` unless configured).
-        command, args: The main process. None means the service's keep-alive (a process that
-            waits and exits 0 on SIGTERM), so the sandbox runs until stopped.
-        image_command: True: the main process is the image's own ``Entrypoint + Cmd`` (an OCI
-            image's program) instead of the keep-alive. Not together with `command`.
-        image_pull_credentials: `ImagePullCredentials` (or a dict of them) for the registry of
-            `container_image`; None means the service's Docker config, else anonymous.
-        base_url: The service address. `AVIATO_BASE_URL` wins over this field when it is set
-            (as in the aviato SDK); None means the embedded local service.
-        request_timeout_seconds: Deadline of each request to the service (default 300 s), and the
-            default timeout of `Sandbox.wait()` / `wait_until_complete()`.
-        max_lifetime_seconds: Server-side lifetime; None means the service default (1 hour).
-        temp_dir: Directory in the sandbox for `@session.function` payloads (default ``/tmp``).
-        tags: Tags given to every sandbox (and the filter of `Session.list`).
-        resources: ``{"cpu": "500m", "memory": "256Mi", "pids": 256, "disk": "1Gi"}``; strings in
-            Kubernetes quantity form or numbers (cpu in cores, memory and disk in bytes).
-        network: `NetworkOptions` (isolated only).
-        environment_variables: Environment of the main process and of every command.
-        working_dir: Working directory inside the sandbox; None means the image's (``/workspace``).
-        lease_ttl_seconds: A Session's lease time-to-live; None means `AVIATO_LEASE_TTL`, else 30.
-        node_selector: Node labels the sandbox's node must carry (``{"pool": "gpu"}``), for a
-            service placed on a cluster (docs/cluster.md); the key ``aviato.node`` matches a node
-            id or hostname. Ignored by the local placement.
-        max_output_bytes: How much of each output stream (stdout, stderr) of a command its
-            `ProcessResult` keeps: the first 64 MiB by default (then ``stdout_truncated`` /
-            ``stderr_truncated`` say so). Streaming ``process.stdout`` is not limited by it.
-            Overridden per call by ``exec(max_output_bytes=...)``.
-        max_read_file_bytes: The largest file `read_file` reads into memory (64 MiB by
-            default); a larger one raises `SandboxFileError`: use `read_file_streaming` or
-            `download_file`. Overridden per call by ``read_file(max_bytes=...)``.
-    """
-
-    container_image: str | None = None
-    command: str | None = None
-    args: tuple[str, ...] = ()
-    base_url: str | None = None
-    request_timeout_seconds: float = DEFAULT_REQUEST_TIMEOUT_SECONDS
-    max_lifetime_seconds: float | None = None
-    temp_dir: str = "/tmp"
-    tags: tuple[str, ...] = ()
-    resources: Mapping[str, str | int | float] | None = None
-    network: NetworkOptions | None = None
-    environment_variables: Mapping[str, str] = field(default_factory=dict)
-    working_dir: str | None = None
-    lease_ttl_seconds: float | None = None
-    image_command: bool = False
-    image_pull_credentials: ImagePullCredentials | None = None
-    node_selector: Mapping[str, str] = field(default_factory=dict)
-    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
-    max_read_file_bytes: int = DEFAULT_MAX_READ_FILE_BYTES
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "tags", _as_str_tuple("tags", self.tags))
-        object.__setattr__(self, "args", _as_str_tuple("args", self.args))
-        object.__setattr__(self, "network", coerce_network(self.network))
-        object.__setattr__(
-            self, "image_pull_credentials", coerce_pull_credentials(self.image_pull_credentials)
-        )
-        if not isinstance(self.image_command, bool):
-            raise TypeError(f"image_command must be True or False, not {self.image_command!r}")
-        if self.image_command and self.command:
-            raise SandboxValidationError(
-                "image_command=True runs the image's Entrypoint + Cmd: give it or a command, "
-                f"not both (command={self.command!r})"
-            )
-        object.__setattr__(self, "environment_variables", dict(self.environment_variables))
-        object.__setattr__(self, "node_selector", coerce_node_selector(self.node_selector))
-        if self.resources is not None:
-            object.__setattr__(self, "resources", dict(self.resources))
-            resources_to_proto(self.resources)  # validate early
-        if self.request_timeout_seconds <= 0:
-            raise ValueError("request_timeout_seconds must be positive")
-        byte_count("max_output_bytes", self.max_output_bytes)
-        byte_count("max_read_file_bytes", self.max_read_file_bytes)
-        if self.base_url is not None:
-            object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
-
-    def merge_tags(self, tags: Iterable[str] | None) -> list[str]:
-        """The default tags followed by `tags` (concatenated, not de-duplicated)."""
-        return [*self.tags, *_as_str_tuple("tags", tags)]
-
-    def merge_environment_variables(self, env: Mapping[str, str] | None) -> dict[str, str]:
-        """The default environment updated with `env` (explicit keys win)."""
-        merged = dict(self.environment_variables)
-        merged.update(env or {})
-        return merged
-
-    def merge_node_selector(self, selector: Mapping[str, str] | None) -> dict[str, str]:
-        """The default node selector updated with `selector` (explicit labels win)."""
-        merged = dict(self.node_selector)
-        merged.update(coerce_node_selector(selector))
-        return merged
-
-    def with_overrides(self, **overrides: Any) -> SandboxDefaults:
-        """A copy with some fields replaced (`dataclasses.replace`)."""
-        return dataclasses.replace(self, **overrides)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SandboxDefaults:
-        """Builds defaults from a mapping (e.g. a loaded config file); unknown keys raise."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TypeError(f"unknown SandboxDefaults fields: {', '.join(unknown)}")
-        return cls(**dict(data))
-
-
 # --- environment ------------------------------------------------------------------------------
 
 
-def resolve_base_url(explicit: str | None, defaults: SandboxDefaults | None) -> str | None:
-    """explicit > `AVIATO_BASE_URL` > `defaults.base_url`; None means the local service."""
-    for candidate in (explicit, os.environ.get(ENV_BASE_URL), defaults and defaults.base_url):
+def resolve_base_url(explicit: str | None, default: str | None = None) -> str | None:
+    """explicit > `AVIATO_BASE_URL` > `default` (`SandboxDefaults.base_url`); None means the
+    local service."""
+    for candidate in (explicit, os.environ.get(ENV_BASE_URL), default):
         if candidate:
             return candidate.rstrip("/")
     return None
 
 
-def resolve_image(explicit: str | None, defaults: SandboxDefaults) -> str:
-    """explicit > `defaults.container_image` > `AVIATO_IMAGE` > "" (the service's default)."""
-    return explicit or defaults.container_image or os.environ.get(ENV_IMAGE) or ""
+def resolve_image(explicit: str | None, default: str | None) -> str:
+    """explicit > `default` (`SandboxDefaults.container_image`) > `AVIATO_IMAGE` > "" (the
+    service's default)."""
+    return explicit or default or os.environ.get(ENV_IMAGE) or ""
 
 
 def api_key() -> str | None:
     return os.environ.get(ENV_API_KEY) or None
 
 
-def lease_ttl_seconds(defaults: SandboxDefaults | None = None) -> float:
-    """`defaults.lease_ttl_seconds` > `AVIATO_LEASE_TTL` > 30 s (clamped to 1..3600)."""
-    value: float | None = defaults.lease_ttl_seconds if defaults else None
+def lease_ttl_seconds(configured: float | None = None) -> float:
+    """`configured` (`SandboxDefaults.lease_ttl_seconds`) > `AVIATO_LEASE_TTL` > 30 s (clamped
+    to 1..3600)."""
+    value = configured
     if value is None:
         raw = os.environ.get(ENV_LEASE_TTL)
         if raw:

@@ -40,9 +40,9 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, Unpack, cast
 
-from aviato._defaults import SandboxDefaults, Serialization
+from aviato._defaults import Serialization
 from aviato._operation import OperationRef
-from aviato._options import FunctionOptions, SandboxOptions, check_keys
+from aviato._options import FunctionOptions, SandboxDefaults, SandboxOptions, check_keys
 from aviato._process import ExecState
 from aviato._sandbox import Sandbox
 from aviato.exceptions import (

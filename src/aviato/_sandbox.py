@@ -23,9 +23,9 @@ from aviato import _defaults
 from aviato._bridge import await_concurrent as _await_concurrent
 from aviato._bridge import get_bridge
 from aviato._client import Client, get_client
-from aviato._defaults import DEFAULT_GRACEFUL_SHUTDOWN_SECONDS, SandboxDefaults
+from aviato._defaults import DEFAULT_GRACEFUL_SHUTDOWN_SECONDS
 from aviato._operation import OperationRef
-from aviato._options import RunOptions, SandboxArgs, resolve
+from aviato._options import RunOptions, SandboxArgs, SandboxDefaults, resolve
 from aviato._sandbox_io import SandboxIO
 from aviato._sandbox_queries import SandboxQueries
 from aviato._status import SandboxStatus

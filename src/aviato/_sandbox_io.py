@@ -15,9 +15,9 @@ from typing import Any
 from aviato import _defaults, _files
 from aviato._bridge import get_bridge
 from aviato._client import Client
-from aviato._defaults import SandboxDefaults
 from aviato._files import FileStream
 from aviato._operation import OperationRef
+from aviato._options import SandboxDefaults
 from aviato._process import ExecState, Process
 from aviato.exceptions import SandboxError, SandboxNotRunningError
 from aviato.v1 import sandbox_pb2 as pb

@@ -46,7 +46,7 @@ class SandboxQueries:
         Terminal sandboxes are left out unless `include_stopped` or `status` is a terminal status.
         All pages are fetched. The results are usable `Sandbox` objects.
         """
-        tag_list = list(_defaults._as_str_tuple("tags", tags))
+        tag_list = list(_defaults.as_str_tuple("tags", tags))
         wanted = SandboxStatus.parse(status) if status is not None else None
         return OperationRef._of(
             cls._list(tag_list, wanted, include_stopped, base_url, timeout_seconds)

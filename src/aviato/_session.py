@@ -36,10 +36,9 @@ from typing import Any, ParamSpec, Self, TypeVar, Unpack, overload
 
 from aviato import _bridge, _defaults
 from aviato._client import get_client
-from aviato._defaults import SandboxDefaults
 from aviato._function import RemoteFunction
 from aviato._operation import OperationRef
-from aviato._options import FunctionOptions, SandboxOptions, check_keys
+from aviato._options import FunctionOptions, SandboxDefaults, SandboxOptions, check_keys
 from aviato._sandbox import Sandbox
 from aviato._status import SandboxStatus
 from aviato.exceptions import SandboxError, SandboxNotFoundError
@@ -78,8 +77,8 @@ class Session:
             raise TypeError("defaults must be SandboxDefaults, a dict or None")
         self.defaults: SandboxDefaults = defaults
         self._lease_id = f"lease-{uuid.uuid4()}"
-        self._lease_ttl = _defaults.lease_ttl_seconds(defaults)
-        self._base_url = _defaults.resolve_base_url(None, defaults)
+        self._lease_ttl = _defaults.lease_ttl_seconds(defaults.lease_ttl_seconds)
+        self._base_url = _defaults.resolve_base_url(None, defaults.base_url)
         self._lock = threading.Lock()
         self._sandboxes: dict[int, Sandbox] = {}
         self._closed = False

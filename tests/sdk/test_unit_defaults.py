@@ -12,6 +12,7 @@ from aviato import (
     SandboxDefaults,
     SandboxValidationError,
     Serialization,
+    Session,
     _defaults,
 )
 from aviato._options import SandboxArgs
@@ -99,10 +100,10 @@ def test_base_url_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     d = SandboxDefaults(base_url="http://defaults:1/")
     monkeypatch.delenv("AVIATO_BASE_URL", raising=False)
     assert _defaults.resolve_base_url(None, None) is None
-    assert _defaults.resolve_base_url(None, d) == "http://defaults:1"
+    assert Sandbox(defaults=d)._base_url == "http://defaults:1"
     monkeypatch.setenv("AVIATO_BASE_URL", "http://env:2")
-    assert _defaults.resolve_base_url(None, d) == "http://env:2"  # env wins over defaults
-    assert _defaults.resolve_base_url("unix:///x.sock", d) == "unix:///x.sock"
+    assert Sandbox(defaults=d)._base_url == "http://env:2"  # env wins over defaults
+    assert Sandbox(defaults=d, base_url="unix:///x.sock")._base_url == "unix:///x.sock"
 
 
 def test_lease_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -110,7 +111,7 @@ def test_lease_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _defaults.lease_ttl_seconds() == 30
     monkeypatch.setenv("AVIATO_LEASE_TTL", "3")
     assert _defaults.lease_ttl_seconds() == 3
-    assert _defaults.lease_ttl_seconds(SandboxDefaults(lease_ttl_seconds=7)) == 7
+    assert Session(SandboxDefaults(lease_ttl_seconds=7))._lease_ttl == 7
     monkeypatch.setenv("AVIATO_LEASE_TTL", "0.1")
     assert _defaults.lease_ttl_seconds() == 1.0  # clamped to the service's minimum
     monkeypatch.setenv("AVIATO_LEASE_TTL", "soon")
