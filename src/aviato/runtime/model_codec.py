@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import functools
 import types
 import typing
 from typing import Any
@@ -118,13 +117,18 @@ def _dataclass(cls: type[Any], value: object, *, exact: bool) -> Any:
         raise ModelDecodeError(f"{cls.__name__}: {e}") from None
 
 
-@functools.cache
+# Per dataclass: its field names and their resolved types. Resolving them costs tens of
+# microseconds, more than the rest of a decode; the model has a handful of dataclasses.
+_FIELDS: dict[type[Any], tuple[frozenset[str], dict[str, Any]]] = {}
+
+
 def _fields_of(cls: type[Any]) -> tuple[frozenset[str], dict[str, Any]]:
-    """A dataclass's field names and their resolved types (resolving them costs tens of
-    microseconds, more than the rest of a decode)."""
-    hints = typing.get_type_hints(cls)
-    names = frozenset(f.name for f in dataclasses.fields(cls))
-    return names, {name: hints[name] for name in names}
+    known = _FIELDS.get(cls)
+    if known is None:
+        hints = typing.get_type_hints(cls)
+        names = frozenset(f.name for f in dataclasses.fields(cls))
+        known = _FIELDS[cls] = (names, {name: hints[name] for name in names})
+    return known
 
 
 def _list(value: object, hint: Any) -> list[object]:
