@@ -66,13 +66,13 @@ __all__ = [
 
 VERSION: int = npb.VERSION_CURRENT
 
-MiB = 1 << 20
+_MIB = 1 << 20
 # The largest model payloads read. A create is at most the service's 8 MiB request
 # (server/app.py; mounted files at most 16 MiB by server/validation.py); JSON writes bytes as
 # base64 (4/3) and a control character of a string as six, so 8 MiB of request could become
 # 48 MiB of payload at worst. An exec's argv and env are at most 1 MiB each: 12 MiB at worst.
-MAX_CONFIG_PAYLOAD = 64 * MiB
-MAX_SPEC_PAYLOAD = 16 * MiB
+MAX_CONFIG_PAYLOAD = 64 * _MIB
+MAX_SPEC_PAYLOAD = 16 * _MIB
 
 
 class ProtocolMismatch(Exception):
