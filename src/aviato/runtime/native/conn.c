@@ -1,4 +1,4 @@
-/* Service connections, the bottom layer under the frame handlers: accepting them (each gets
+/* Service connections, the layer under the frame handlers: accepting them (each gets
  * HELLO), their epoll interest, and their output's pace: throttling while the output queue is
  * full, which pauses the producers that fill it (command pipes, pending file reads) and resumes
  * them. It calls no handler: reading, dispatching and closing a connection are dispatch.c's. */
