@@ -47,6 +47,7 @@ TOOLS: dict[str, SystemTool] = {
         SystemTool("setpriv", "util-linux"),  # tests/cli: aviato as an ordinary user
         SystemTool("pgrep", "procps"),
         SystemTool("cc", "gcc"),  # test programs compiled for the supervisor's tests
+        SystemTool("nm", "binutils"),  # the supervisor's modules: who calls whom
         SystemTool(
             "linux-headers", "linux-libc-dev", path="/usr/include/asm-generic/unistd.h"
         ),  # the seccomp table is checked against the kernel's syscall numbers

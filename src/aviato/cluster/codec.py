@@ -1,15 +1,21 @@
 """The one codec of the node protocol: the runtime's model (runtime/base.py) <-> `aviato.node.v1`.
 
 Both sides of the cluster use it: the control plane (`remote.py`, `execwire.py`'s client) and
-the node host (`nodehost.py`, `execwire.py`'s server). Every function is a field-by-field copy;
-tests/cluster/test_codec.py fails when a field of a model dataclass is not carried, so that a
-field added to the model cannot silently stay behind on the control plane.
+the node host (`nodehost.py`, `execwire.py`'s server).
 
-Optional numbers (`int | None`) travel as proto3 `optional` fields: unset is None, so a limit of
-0 and no limit stay apart.
+`SandboxConfig` and `ExecSpec`, the model's two request types, travel as a model payload: the
+JSON of the whole dataclass from `runtime.model_codec`, which derives it field by field from the
+dataclass, so a field added to either needs no line here. A payload is read exactly (no unknown
+or missing field) and only up to a size (`MAX_CONFIG_PAYLOAD`, `MAX_SPEC_PAYLOAD`); what does
+not fit raises `BadModelPayload`. Everything else (events, exits, files, logs, images) is a
+field-by-field copy into typed messages. tests/cluster/test_codec.py fails when any field of a
+model dataclass is not carried.
 """
 
 from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
 
 from aviato.node.v1 import node_pb2 as npb
 from aviato.runtime.base import (
@@ -25,10 +31,15 @@ from aviato.runtime.base import (
     MainExit,
     RegistryCredentials,
     SandboxConfig,
+    SandboxRuntimeError,
 )
+from aviato.runtime.model_codec import ModelDecodeError, from_plain, to_plain
 
 __all__ = [
+    "MAX_CONFIG_PAYLOAD",
+    "MAX_SPEC_PAYLOAD",
     "VERSION",
+    "BadModelPayload",
     "ProtocolMismatch",
     "check_version",
     "decode_config",
@@ -37,6 +48,7 @@ __all__ = [
     "decode_file_info",
     "decode_image",
     "decode_main_exit",
+    "decode_model",
     "decode_progress",
     "decode_record",
     "decode_spec",
@@ -46,12 +58,21 @@ __all__ = [
     "encode_file_info",
     "encode_image",
     "encode_main_exit",
+    "encode_model",
     "encode_progress",
     "encode_record",
     "encode_spec",
 ]
 
 VERSION: int = npb.VERSION_CURRENT
+
+_MIB = 1 << 20
+# The largest model payloads read. A create is at most the service's 8 MiB request
+# (server/app.py; mounted files at most 16 MiB by server/validation.py); JSON writes bytes as
+# base64 (4/3) and a control character of a string as six, so 8 MiB of request could become
+# 48 MiB of payload at worst. An exec's argv and env are at most 1 MiB each: 12 MiB at worst.
+MAX_CONFIG_PAYLOAD = 64 * _MIB
+MAX_SPEC_PAYLOAD = 16 * _MIB
 
 
 class ProtocolMismatch(Exception):
@@ -71,6 +92,39 @@ def check_version(reported: object, node: str) -> None:
     )
 
 
+class BadModelPayload(SandboxRuntimeError):
+    """A model payload too large, not JSON, or not of the model this side knows: a defect or a
+    control plane and node host of different releases, never the user's input (INTERNAL)."""
+
+
+# --- model payloads ----------------------------------------------------------------------------
+
+_Model = TypeVar("_Model")
+
+
+def encode_model(model: object) -> bytes:
+    """A model dataclass as its payload: compact UTF-8 JSON of its plain form."""
+    return json.dumps(to_plain(model), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def decode_model(cls: type[_Model], payload: bytes, limit: int) -> _Model:
+    """The inverse of `encode_model`, refusing a payload over `limit` bytes before reading it."""
+    if len(payload) > limit:
+        raise BadModelPayload(
+            f"a {cls.__name__} of {len(payload)} bytes is over the node protocol's limit of "
+            f"{limit} bytes"
+        )
+    try:
+        plain: Any = json.loads(payload)
+        model: _Model = from_plain(cls, plain, exact=True)
+    except (ModelDecodeError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadModelPayload(
+            f"a {cls.__name__} this node protocol cannot read ({e}); the control plane and "
+            "the node hosts must run the same aviato release"
+        ) from None
+    return model
+
+
 # --- sandboxes ---------------------------------------------------------------------------------
 
 
@@ -87,51 +141,11 @@ def decode_credentials(message: npb.RegistryCredentials) -> RegistryCredentials:
 
 
 def encode_config(config: SandboxConfig) -> npb.SandboxConfig:
-    message = npb.SandboxConfig(
-        sandbox_id=config.sandbox_id,
-        image=config.image,
-        command=list(config.command),
-        env=config.env,
-        working_dir=config.working_dir,
-        mounted_files=[npb.MountedFile(path=p, content=c) for p, c in config.mounted_files],
-        network=config.network,
-        image_command=config.image_command,
-        node_selector=[npb.Label(key=k, value=v) for k, v in config.node_selector],
-        memory_bytes=config.memory_bytes,
-        pids=config.pids,
-        disk_bytes=config.disk_bytes,
-        asked_limits=sorted(config.asked_limits),
-    )
-    if config.cpu_millis is not None:
-        message.cpu_millis = config.cpu_millis
-    if config.registry_credentials is not None:
-        message.registry_credentials.CopyFrom(encode_credentials(config.registry_credentials))
-    return message
+    return npb.SandboxConfig(model=encode_model(config))
 
 
 def decode_config(message: npb.SandboxConfig) -> SandboxConfig:
-    credentials = (
-        decode_credentials(message.registry_credentials)
-        if message.HasField("registry_credentials")
-        else None
-    )
-    return SandboxConfig(
-        sandbox_id=message.sandbox_id,
-        image=message.image,
-        command=tuple(message.command),
-        env=dict(message.env),
-        working_dir=message.working_dir,
-        cpu_millis=message.cpu_millis if message.HasField("cpu_millis") else None,
-        memory_bytes=message.memory_bytes,
-        pids=message.pids,
-        disk_bytes=message.disk_bytes,
-        asked_limits=frozenset(message.asked_limits),
-        mounted_files=tuple((f.path, f.content) for f in message.mounted_files),
-        network=message.network,
-        registry_credentials=credentials,
-        image_command=message.image_command,
-        node_selector=tuple((label.key, label.value) for label in message.node_selector),
-    )
+    return decode_model(SandboxConfig, message.model, MAX_CONFIG_PAYLOAD)
 
 
 def encode_main_exit(exit: MainExit) -> npb.MainExit:
@@ -156,31 +170,11 @@ def decode_main_exit(message: npb.MainExit) -> MainExit:
 
 
 def encode_spec(spec: ExecSpec) -> npb.ExecSpec:
-    return npb.ExecSpec(
-        argv=list(spec.argv),
-        cwd=spec.cwd,
-        env=spec.env,
-        timeout_seconds=spec.timeout_seconds,
-        stdin=spec.stdin,
-        tty=spec.tty,
-        rows=spec.rows,
-        cols=spec.cols,
-        protected=spec.protected,
-    )
+    return npb.ExecSpec(model=encode_model(spec))
 
 
 def decode_spec(message: npb.ExecSpec) -> ExecSpec:
-    return ExecSpec(
-        argv=tuple(message.argv),
-        cwd=message.cwd,
-        env=dict(message.env),
-        timeout_seconds=message.timeout_seconds,
-        stdin=message.stdin,
-        tty=message.tty,
-        rows=message.rows,
-        cols=message.cols,
-        protected=message.protected,
-    )
+    return decode_model(ExecSpec, message.model, MAX_SPEC_PAYLOAD)
 
 
 def encode_event(event: ExecEvent) -> npb.ExecEvent:

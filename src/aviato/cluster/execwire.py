@@ -94,7 +94,9 @@ class ExecServer:
         generic = grpc.method_handlers_generic_handler(SERVICE, handlers)
         self._server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", 8 << 20),
+                # The largest frame received is an exec's start: its spec payload (JSON: a
+                # 2 MiB argv and env may take 12 MiB) and a sandbox id.
+                ("grpc.max_receive_message_length", codec.MAX_SPEC_PAYLOAD + (64 << 10)),
                 ("grpc.max_send_message_length", 8 << 20),
             ]
         )

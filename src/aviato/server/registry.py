@@ -29,7 +29,6 @@ import json
 import os
 import sqlite3
 import time
-import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import Any
 
 from aviato._private import open_private
 from aviato.runtime.model import SandboxConfig
+from aviato.runtime.model_codec import from_plain, to_plain
 from aviato.server.codec import decode_stored_spec
 from aviato.server.errors import InvalidArgument
 from aviato.server.records import (
@@ -73,40 +73,6 @@ MODEL_VERSION = 1
 _NOT_KEPT = frozenset({"sandbox_id", "registry_credentials"})
 
 
-def _to_json(value: object) -> object:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, frozenset):
-        return sorted(_to_json(v) for v in value)  # type: ignore[type-var]
-    if isinstance(value, tuple | list):
-        return [_to_json(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _to_json(v) for k, v in value.items()}
-    return value
-
-
-def _from_json(hint: Any, value: Any) -> Any:
-    """`value` (from JSON) as the type `hint` of a model field."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (types.UnionType, typing.Union):
-        if value is None:
-            return None
-        return _from_json(next(a for a in args if a is not type(None)), value)
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_from_json(args[0], v) for v in value)
-        return tuple(_from_json(a, v) for a, v in zip(args, value, strict=True))
-    if origin is frozenset:
-        return frozenset(_from_json(args[0], v) for v in value)
-    if origin is dict:
-        return {_from_json(args[0], k): _from_json(args[1], v) for k, v in value.items()}
-    build: Any = hint  # a dataclass, or a scalar type (str, int, float, bool)
-    if dataclasses.is_dataclass(hint):
-        hints = typing.get_type_hints(hint)
-        return build(**{k: _from_json(hints[k], v) for k, v in value.items() if k in hints})
-    return build(value)
-
-
 def _model_json(config: SandboxConfig, tags: Sequence[str], lifetime: float) -> str:
     """The `model` column: a record's resolved config (every field but those a record never
     keeps, so that a new field of the model needs nothing here), its tags and its lifetime."""
@@ -119,7 +85,7 @@ def _model_json(config: SandboxConfig, tags: Sequence[str], lifetime: float) -> 
         if f.name == "mounted_files":
             data["mounted_paths"] = [path for path, _ in config.mounted_files]
         elif f.name not in _NOT_KEPT:
-            data[f.name] = _to_json(getattr(config, f.name))
+            data[f.name] = to_plain(getattr(config, f.name))
     return json.dumps(data, separators=(",", ":"), sort_keys=True)
 
 
@@ -131,7 +97,7 @@ def _model_of(text: str, sandbox_id: str) -> tuple[SandboxConfig, tuple[str, ...
         raise ValueError(f"sandbox {sandbox_id}: model version {data.get('version')!r} unknown")
     hints = typing.get_type_hints(SandboxConfig)
     fields: dict[str, Any] = {
-        f.name: _from_json(hints[f.name], data[f.name])
+        f.name: from_plain(hints[f.name], data[f.name])
         for f in dataclasses.fields(SandboxConfig)
         if f.name in data and f.name not in _NOT_KEPT
     }

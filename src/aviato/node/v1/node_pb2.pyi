@@ -24,62 +24,11 @@ class RegistryCredentials(_message.Message):
     token: str
     def __init__(self, username: _Optional[str] = ..., password: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
 
-class MountedFile(_message.Message):
-    __slots__ = ("path", "content")
-    PATH_FIELD_NUMBER: _ClassVar[int]
-    CONTENT_FIELD_NUMBER: _ClassVar[int]
-    path: str
-    content: bytes
-    def __init__(self, path: _Optional[str] = ..., content: _Optional[bytes] = ...) -> None: ...
-
-class Label(_message.Message):
-    __slots__ = ("key", "value")
-    KEY_FIELD_NUMBER: _ClassVar[int]
-    VALUE_FIELD_NUMBER: _ClassVar[int]
-    key: str
-    value: str
-    def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
-
 class SandboxConfig(_message.Message):
-    __slots__ = ("sandbox_id", "image", "command", "env", "working_dir", "cpu_millis", "memory_bytes", "pids", "disk_bytes", "mounted_files", "network", "registry_credentials", "image_command", "node_selector", "asked_limits")
-    class EnvEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
-    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
-    IMAGE_FIELD_NUMBER: _ClassVar[int]
-    COMMAND_FIELD_NUMBER: _ClassVar[int]
-    ENV_FIELD_NUMBER: _ClassVar[int]
-    WORKING_DIR_FIELD_NUMBER: _ClassVar[int]
-    CPU_MILLIS_FIELD_NUMBER: _ClassVar[int]
-    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
-    PIDS_FIELD_NUMBER: _ClassVar[int]
-    DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
-    MOUNTED_FILES_FIELD_NUMBER: _ClassVar[int]
-    NETWORK_FIELD_NUMBER: _ClassVar[int]
-    REGISTRY_CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
-    IMAGE_COMMAND_FIELD_NUMBER: _ClassVar[int]
-    NODE_SELECTOR_FIELD_NUMBER: _ClassVar[int]
-    ASKED_LIMITS_FIELD_NUMBER: _ClassVar[int]
-    sandbox_id: str
-    image: str
-    command: _containers.RepeatedScalarFieldContainer[str]
-    env: _containers.ScalarMap[str, str]
-    working_dir: str
-    cpu_millis: int
-    memory_bytes: int
-    pids: int
-    disk_bytes: int
-    mounted_files: _containers.RepeatedCompositeFieldContainer[MountedFile]
-    network: str
-    registry_credentials: RegistryCredentials
-    image_command: bool
-    node_selector: _containers.RepeatedCompositeFieldContainer[Label]
-    asked_limits: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, sandbox_id: _Optional[str] = ..., image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., cpu_millis: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., pids: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., mounted_files: _Optional[_Iterable[_Union[MountedFile, _Mapping]]] = ..., network: _Optional[str] = ..., registry_credentials: _Optional[_Union[RegistryCredentials, _Mapping]] = ..., image_command: _Optional[bool] = ..., node_selector: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., asked_limits: _Optional[_Iterable[str]] = ...) -> None: ...
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: bytes
+    def __init__(self, model: _Optional[bytes] = ...) -> None: ...
 
 class MainExit(_message.Message):
     __slots__ = ("exit_code", "signal", "ended_at_ns", "reason")
@@ -100,33 +49,10 @@ class Attached(_message.Message):
     def __init__(self, ended: _Optional[_Union[MainExit, _Mapping]] = ...) -> None: ...
 
 class ExecSpec(_message.Message):
-    __slots__ = ("argv", "cwd", "env", "timeout_seconds", "stdin", "tty", "rows", "cols", "protected")
-    class EnvEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
-    ARGV_FIELD_NUMBER: _ClassVar[int]
-    CWD_FIELD_NUMBER: _ClassVar[int]
-    ENV_FIELD_NUMBER: _ClassVar[int]
-    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
-    STDIN_FIELD_NUMBER: _ClassVar[int]
-    TTY_FIELD_NUMBER: _ClassVar[int]
-    ROWS_FIELD_NUMBER: _ClassVar[int]
-    COLS_FIELD_NUMBER: _ClassVar[int]
-    PROTECTED_FIELD_NUMBER: _ClassVar[int]
-    argv: _containers.RepeatedScalarFieldContainer[str]
-    cwd: str
-    env: _containers.ScalarMap[str, str]
-    timeout_seconds: float
-    stdin: bool
-    tty: bool
-    rows: int
-    cols: int
-    protected: bool
-    def __init__(self, argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[float] = ..., stdin: _Optional[bool] = ..., tty: _Optional[bool] = ..., rows: _Optional[int] = ..., cols: _Optional[int] = ..., protected: _Optional[bool] = ...) -> None: ...
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: bytes
+    def __init__(self, model: _Optional[bytes] = ...) -> None: ...
 
 class ExecOutput(_message.Message):
     __slots__ = ("stream", "data")

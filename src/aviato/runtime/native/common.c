@@ -12,6 +12,8 @@
 
 #include "supervisor.h"
 
+int g_ep = -1; /* the epoll set of every watch */
+
 void die(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);

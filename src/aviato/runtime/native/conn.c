@@ -1,104 +1,24 @@
-/* Service connections: accepting them (each gets HELLO), reading and dispatching their frames,
- * flushing their output queues, throttling command pipes and file reads while a queue is full,
- * and closing them (which kills their execs and drops their transfers). */
+/* Service connections, the layer under the frame handlers: accepting them (each gets
+ * HELLO), their epoll interest, and their output's pace: throttling while the output queue is
+ * full, which pauses the producers that fill it (command pipes, pending file reads) and resumes
+ * them. It calls no handler: reading, dispatching and closing a connection are dispatch.c's. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
-#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include "supervisor.h"
 
 struct conn *g_conns, *g_dead_conns;
-
-/* ---- frame dispatch ---- */
-
-static void handle_frame(struct conn *c, uint8_t type, uint32_t id, const uint8_t *p, size_t n) {
-    struct rd r = {p, n, 0};
-    struct exec *e = (type >= F_STDIN && type <= F_SIGNAL) || type == F_CREDIT || type == F_KILL
-                         ? exec_find(c, id) : NULL;
-    switch (type) {
-    case F_EXEC: do_exec(c, id, &r); break;
-    case F_STDIN: if (e) exec_stdin(e, p, n); break;
-    case F_STDIN_EOF: if (e) exec_stdin_eof(e); break;
-    case F_RESIZE: {
-        struct winsize ws = {0};
-        ws.ws_row = rd_u16(&r);
-        ws.ws_col = rd_u16(&r);
-        if (!r.bad && e && e->tty && e->w_in.fd >= 0) ioctl(e->w_in.fd, TIOCSWINSZ, &ws);
-        break;
-    }
-    case F_SIGNAL: {
-        uint32_t sig = rd_u32(&r);
-        if (!r.bad && e && sig < 65) exec_kill(e, (int)sig);
-        break;
-    }
-    case F_READ_FILE: do_read_file(c, id, &r); break;
-    case F_WRITE_BEGIN: do_write_begin(c, id, &r); break;
-    case F_WRITE_DATA: do_write_data(c, id, p, n); break;
-    case F_WRITE_END: do_write_end(c, id); break;
-    case F_WRITE_ABORT: { /* ABORT: drops a write (no file left) or stops a read */
-        struct wfile **pp = wfile_find(c, id);
-        struct rfile **rp = rfile_find(c, id), *f = *rp;
-        if (*pp) wfile_drop(c, pp, 0);
-        else if (f) *rp = f->next, close(f->fd), free(f);
-        break;
-    }
-    case F_PING: send_frame(c, F_PONG, id, NULL, 0); break;
-    case F_TERMINATE: {
-        uint32_t sig = rd_u32(&r);
-        if (!r.bad && sig < 65) terminate((int)sig, 0);
-        break;
-    }
-    case F_CREDIT: {
-        uint32_t k = rd_u32(&r);
-        if (r.bad) break;
-        if (e) {
-            e->unacked = k < e->unacked ? e->unacked - k : 0;
-            exec_update_streams(e);
-        } else {
-            struct rfile *f = *rfile_find(c, id);
-            if (f) f->unacked = k < f->unacked ? f->unacked - k : 0, conn_pump_reads(c);
-        }
-        break;
-    }
-    case F_KILL: if (e) exec_kill_tree(e); break;
-    case F_DEADLINE: do_deadline(&r); break;
-    default: r.bad = 1; /* unknown frame type: protocol error */
-    }
-    if (r.bad) c->dead = -1;
-}
+struct watch g_listen = {-1, 0, W_LISTEN, NULL};
+uint64_t g_listen_resume;
 
 /* ---- Connections ----------------------------------------------------------------------- */
 
-static void conn_close(struct conn *c) {
-    if (c->dead > 0) return;
-    c->dead = 1;
-    watch_close(&c->w);
-    while (c->execs) { /* nobody can read them any more */
-        exec_kill_tree(c->execs);
-        exec_free(c->execs);
-    }
-    while (c->reads) {
-        struct rfile *f = c->reads;
-        c->reads = f->next;
-        close(f->fd);
-        free(f);
-    }
-    while (c->writes) wfile_drop(c, &c->writes, 0);
-    for (struct conn **pp = &g_conns; *pp; pp = &(*pp)->next)
-        if (*pp == c) {
-            *pp = c->next;
-            break;
-        }
-    c->gnext = g_dead_conns; /* freed at the end of this loop iteration */
-    g_dead_conns = c;
-}
-
-static void conn_update_events(struct conn *c) {
+void conn_update_events(struct conn *c) {
     uint32_t ev = EPOLLIN | (c->blocked ? EPOLLOUT : 0);
     watch_set(&c->w, ev);
 }
@@ -115,77 +35,60 @@ void conn_check_throttle(struct conn *c) {
     else if (c->throttled && q < OUT_LOW) conn_set_throttle(c, 0);
 }
 
-/* Sends as much queued output as the socket takes; EPOLLOUT is watched while some is left. */
-void conn_flush(struct conn *c) {
-    for (int round = 0;; round++) {
-        c->blocked = 0;
-        while (buf_pending(&c->out)) {
-            ssize_t n = send(c->w.fd, c->out.d + c->out.off, buf_pending(&c->out),
-                             MSG_NOSIGNAL | MSG_DONTWAIT);
-            if (n > 0) c->out.off += (size_t)n;
-            else if (n < 0 && errno == EINTR) continue;
-            else if (n < 0 && errno == EAGAIN) {
-                c->blocked = 1;
-                break;
-            } else {
-                conn_close(c);
-                return;
-            }
-        }
-        conn_check_throttle(c); /* may refill the queue from pending file reads */
-        if (c->blocked || !buf_pending(&c->out)) break;
-        if (round == 3) { /* give other fds a turn; EPOLLOUT brings us back */
-            c->blocked = 1;
-            break;
-        }
-    }
-    conn_update_events(c);
+/* ---- What the throttle paces ------------------------------------------------------------ */
+
+/* Pipes are read while the command runs, its output window has room and the socket keeps up. */
+void exec_update_streams(struct exec *e) {
+    uint32_t ev = (e->running && !e->c->throttled && e->unacked < OUT_WINDOW) ? EPOLLIN : 0;
+    watch_set(&e->w_out, ev);
+    watch_set(&e->w_err, ev);
 }
 
-/* Parses and handles complete frames in the input buffer (not while stdin is backed up). */
-static void conn_process(struct conn *c) {
-    size_t pos = 0;
-    while (!c->dead && c->in_len - pos >= 4) {
-        uint32_t len = get32(c->in + pos);
-        if (len < 5 || len > MAX_FRAME) {
-            c->dead = -1;
-            break;
+/* Streams pending file reads into the output queue: each read while its window has room (the
+ * service credits what it consumed), all of them until the socket's queue is full. */
+void conn_pump_reads(struct conn *c) {
+    struct rfile **pp = &c->reads;
+    while (*pp && !c->throttled && !c->dead) {
+        struct rfile *f = *pp;
+        if (f->unacked >= OUT_WINDOW) { /* its reader is behind: serve the others */
+            pp = &f->next;
+            continue;
         }
-        if (c->in_len - pos < 4 + (size_t)len) {
-            if (c->in_cap < 4 + (size_t)len) { /* make room for the whole frame */
-                memmove(c->in, c->in + pos, c->in_len - pos);
-                c->in_len -= pos, pos = 0;
-                c->in_cap = 4 + (size_t)len;
-                c->in = xrealloc(c->in, c->in_cap);
-            }
-            break;
+        /* A sized file ends after its announced size (a snapshot even while it grows); an
+         * unsized one (procfs, sysfs) ends at EOF, and is refused when it produces more than
+         * UNSIZED_FILE_MAX (/proc/<pid>/pagemap would stream hundreds of GiB). A probe read
+         * after the cap tells the two apart (a whole chunk: pagemap reads must be multiples of
+         * 8 bytes). */
+        size_t want = FILE_CHUNK;
+        if (f->left < want) want = f->left ? (size_t)f->left : (f->sized ? 0 : FILE_CHUNK);
+        ssize_t n = 0;
+        uint8_t *p = NULL;
+        if (want) {
+            p = frame_begin(c, want);
+            n = read(f->fd, p, want);
         }
-        const uint8_t *f = c->in + pos;
-        pos += 4 + (size_t)len;
-        handle_frame(c, f[4], get32(f + 5), f + HDR, len - 5);
+        if (n < 0 && errno == EINTR) continue;
+        if (n > 0 && !f->sized && f->left == 0) {
+            send_error(c, f->id, EINVAL, "the file reports no size and produces more than %u "
+                       "MiB: it cannot be read as a file", UNSIZED_FILE_MAX >> 20);
+        } else if (n > 0) {
+            f->left -= (uint64_t)n;
+            f->unacked += (uint64_t)n;
+            frame_end(c, F_FILE_DATA, f->id, (size_t)n);
+            conn_check_throttle(c);
+            continue;
+        } else if (n == 0) {
+            send_frame(c, F_FILE_END, f->id, NULL, 0);
+        } else {
+            send_error(c, f->id, errno, "read failed: %s", strerror(errno));
+        }
+        *pp = f->next;
+        close(f->fd);
+        free(f);
     }
-    if (c->dead < 0) { /* malformed frame */
-        conn_close(c);
-        return;
-    }
-    if (c->dead) return;
-    memmove(c->in, c->in + pos, c->in_len - pos);
-    c->in_len -= pos;
 }
 
-void conn_read(struct conn *c) {
-    if (c->in_len == c->in_cap) {
-        conn_process(c);
-        return;
-    }
-    ssize_t n = read(c->w.fd, c->in + c->in_len, c->in_cap - c->in_len);
-    if (n > 0) {
-        c->in_len += (size_t)n;
-        conn_process(c);
-    } else if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
-        conn_close(c);
-    }
-}
+/* ---- Accepting --------------------------------------------------------------------------- */
 
 void accept_conns(void) {
     for (int i = 0; i < 16; i++) {

@@ -1,10 +1,10 @@
 /* One command (EXEC): its pipes or pty, its stdin queue and acknowledgements, its output and
- * output window, its start (STARTED or ERROR) and its end (EXIT), and killing it. How the child
- * process itself is started is spawn.c's; its lineage mark is lineage.c's. */
+ * output window, its start (STARTED or ERROR) and its end (EXIT). How the child process itself
+ * is started is spawn.c's; its lineage mark and killing it are lineage.c's; pausing its pipes
+ * while the connection is throttled is conn.c's; finding it by id is ids.c's. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,37 +18,11 @@
 
 struct exec *g_dead_execs;
 
-struct exec *exec_find(struct conn *c, uint32_t id) {
-    for (struct exec *e = c->execs; e; e = e->next)
-        if (e->id == id) return e;
-    return NULL;
-}
-
 struct exec *exec_by_pid(pid_t pid) {
     for (struct conn *c = g_conns; c; c = c->next)
         for (struct exec *e = c->execs; e; e = e->next)
             if (e->pid == pid) return e;
     return NULL;
-}
-
-/* SIGKILL (or another signal) to the command's process group, and to the child itself in case
- * it has not called setsid() yet. */
-void exec_kill(struct exec *e, int sig) {
-    if (e->pid <= 0) return;
-    if (kill(-e->pid, sig) < 0 && !e->reaped) kill(e->pid, sig);
-}
-
-/* Kills everything the command started (timeout, KILL, its connection closing). */
-void exec_kill_tree(struct exec *e) {
-    exec_kill(e, SIGKILL);
-    if (e->mark) kill_marked(e->mark);
-}
-
-/* Pipes are read while the command runs, its output window has room and the socket keeps up. */
-void exec_update_streams(struct exec *e) {
-    uint32_t ev = (e->running && !e->c->throttled && e->unacked < OUT_WINDOW) ? EPOLLIN : 0;
-    watch_set(&e->w_out, ev);
-    watch_set(&e->w_err, ev);
 }
 
 void exec_free(struct exec *e) {

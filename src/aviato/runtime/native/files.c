@@ -1,6 +1,6 @@
-/* File transfers: READ_FILE (streamed within its output window) and WRITE_BEGIN..END (a
- * temporary file renamed into place), with paths resolved inside the sandbox and never through
- * a /proc magic link. */
+/* File transfers: READ_FILE (opened here, then streamed within its output window by conn.c's
+ * conn_pump_reads) and WRITE_BEGIN..END (a temporary file renamed into place), with paths
+ * resolved inside the sandbox and never through a /proc magic link. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -17,66 +17,6 @@
 
 static struct { dev_t dev; ino_t ino; } g_own_files[8]; /* see is_own_file */
 static int g_own_count;
-
-struct rfile **rfile_find(struct conn *c, uint32_t id) {
-    struct rfile **pp = &c->reads;
-    while (*pp && (*pp)->id != id) pp = &(*pp)->next;
-    return pp;
-}
-
-struct wfile **wfile_find(struct conn *c, uint32_t id) {
-    struct wfile **pp = &c->writes;
-    while (*pp && (*pp)->id != id) pp = &(*pp)->next;
-    return pp;
-}
-
-int id_in_use(struct conn *c, uint32_t id) {
-    return exec_find(c, id) || *rfile_find(c, id) || *wfile_find(c, id);
-}
-
-/* Streams pending file reads into the output queue: each read while its window has room (the
- * service credits what it consumed), all of them until the socket's queue is full. */
-void conn_pump_reads(struct conn *c) {
-    struct rfile **pp = &c->reads;
-    while (*pp && !c->throttled && !c->dead) {
-        struct rfile *f = *pp;
-        if (f->unacked >= OUT_WINDOW) { /* its reader is behind: serve the others */
-            pp = &f->next;
-            continue;
-        }
-        /* A sized file ends after its announced size (a snapshot even while it grows); an
-         * unsized one (procfs, sysfs) ends at EOF, and is refused when it produces more than
-         * UNSIZED_FILE_MAX (/proc/<pid>/pagemap would stream hundreds of GiB). A probe read
-         * after the cap tells the two apart (a whole chunk: pagemap reads must be multiples of
-         * 8 bytes). */
-        size_t want = FILE_CHUNK;
-        if (f->left < want) want = f->left ? (size_t)f->left : (f->sized ? 0 : FILE_CHUNK);
-        ssize_t n = 0;
-        uint8_t *p = NULL;
-        if (want) {
-            p = frame_begin(c, want);
-            n = read(f->fd, p, want);
-        }
-        if (n < 0 && errno == EINTR) continue;
-        if (n > 0 && !f->sized && f->left == 0) {
-            send_error(c, f->id, EINVAL, "the file reports no size and produces more than %u "
-                       "MiB: it cannot be read as a file", UNSIZED_FILE_MAX >> 20);
-        } else if (n > 0) {
-            f->left -= (uint64_t)n;
-            f->unacked += (uint64_t)n;
-            frame_end(c, F_FILE_DATA, f->id, (size_t)n);
-            conn_check_throttle(c);
-            continue;
-        } else if (n == 0) {
-            send_frame(c, F_FILE_END, f->id, NULL, 0);
-        } else {
-            send_error(c, f->id, errno, "read failed: %s", strerror(errno));
-        }
-        *pp = f->next;
-        close(f->fd);
-        free(f);
-    }
-}
 
 /* ---- resolving paths ---- */
 

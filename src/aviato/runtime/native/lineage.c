@@ -1,4 +1,5 @@
-/* Lineage marks: how the supervisor tells which processes a command started. */
+/* Lineage marks: how the supervisor tells which processes a command started; and killing a
+ * command, its process group and (exec_kill_tree) everything that carries its mark. */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>
@@ -107,3 +108,17 @@ void kill_marked(uint64_t mark) {
     }
 }
 
+/* ---- Killing a command ----------------------------------------------------------------- */
+
+/* SIGKILL (or another signal) to the command's process group, and to the child itself in case
+ * it has not called setsid() yet. */
+void exec_kill(struct exec *e, int sig) {
+    if (e->pid <= 0) return;
+    if (kill(-e->pid, sig) < 0 && !e->reaped) kill(e->pid, sig);
+}
+
+/* Kills everything the command started (timeout, KILL, its connection closing). */
+void exec_kill_tree(struct exec *e) {
+    exec_kill(e, SIGKILL);
+    if (e->mark) kill_marked(e->mark);
+}

@@ -15,9 +15,7 @@
 
 #include "supervisor.h"
 
-int g_ep = -1;
-struct watch g_listen = {-1, 0, W_LISTEN, NULL}, g_sig = {-1, 0, W_SIGNAL, NULL};
-uint64_t g_listen_resume;
+struct watch g_sig = {-1, 0, W_SIGNAL, NULL};
 
 static void reap_children(void) {
     for (;;) {

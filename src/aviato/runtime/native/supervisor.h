@@ -2,16 +2,23 @@
  * aviato-supervisor's insides, shared by its modules. The program and its protocol are described
  * in docs/internals/supervisor-protocol.md; the protocol's numbers are in protocol.h.
  *
- * The modules, by concern:
+ * The modules, by concern, top to bottom: a module calls only modules below it (checked by
+ * tests/runtime/test_supervisor_layers.py), and the frame handlers never call each other.
  *   main.c          start-up: command line, inherited descriptors, signals; then the loop
  *   loop.c          the single-threaded epoll loop: readiness dispatch, reaping, timers
- *   conn.c          service connections: accept, read and dispatch frames, flush, throttle
- *   frames.c        the frame codec: building outgoing frames, reading incoming payloads
+ *   dispatch.c      a connection's input: read, cut into frames, hand each to its handler;
+ *                   flush (a failed send closes), close (reaches every handler)
+ *   -- the frame handlers --
  *   exec.c          one command (EXEC): its pipes or pty, stdin, output, start and exit
- *   spawn.c         starting a process: session, stdio, credentials, PATH search, vfork
- *   lineage.c       the mark every command's descendants inherit, and killing by it
  *   files.c         READ_FILE and WRITE_BEGIN..END, path resolution without magic links
  *   main_process.c  the sandbox's main process, its log, deadline, and the supervisor's exit
+ *   -- below the handlers --
+ *   ids.c           a connection's ids: the exec, file read or file write an id names
+ *   conn.c          connections: accept, epoll interest, throttling the output queue and the
+ *                   producers it paces (command pipes, pending file reads)
+ *   frames.c        the frame codec: building outgoing frames, reading incoming payloads
+ *   spawn.c         starting a process: session, stdio, credentials, PATH search, vfork
+ *   lineage.c       the mark every command's descendants inherit; killing a command by it
  *   launcher.c      `--launch`: the host-side step before bubblewrap
  *   privileges.c    credentials: the user namespace, the sandbox's user, protected commands
  *   common.c        small helpers: errors, memory, descriptors, epoll watches, byte queues
@@ -151,12 +158,14 @@ struct main_process {
 
 /* ---- Global state (single-threaded), by the module that owns it ------------------------ */
 
-/* loop.c */
+/* common.c */
 extern int g_ep;
-extern struct watch g_listen, g_sig;
-extern uint64_t g_listen_resume;
+/* loop.c */
+extern struct watch g_sig;
 /* conn.c */
 extern struct conn *g_conns, *g_dead_conns;
+extern struct watch g_listen;
+extern uint64_t g_listen_resume;     /* when to watch g_listen again after running out of fds */
 /* exec.c */
 extern struct exec *g_dead_execs;
 /* spawn.c */
@@ -172,6 +181,8 @@ extern int g_keepalive;
 extern struct sandbox_deadline g_deadline;
 extern char g_end_reason[64];        /* 4th field of the exit record; empty: a plain exit */
 extern struct main_process g_main;
+
+/* Functions, by the module that defines them, bottom layer first. */
 
 /* ---- common.c --------------------------------------------------------------------------- */
 
@@ -221,18 +232,33 @@ void strlist_free(char **v);
 
 /* ---- conn.c ----------------------------------------------------------------------------- */
 
+void conn_update_events(struct conn *c);
 void conn_check_throttle(struct conn *c);
-void conn_flush(struct conn *c);
-void conn_read(struct conn *c);
+void exec_update_streams(struct exec *e);
+void conn_pump_reads(struct conn *c);
 void accept_conns(void);
+
+/* ---- ids.c ------------------------------------------------------------------------------ */
+
+struct exec *exec_find(struct conn *c, uint32_t id);
+struct rfile **rfile_find(struct conn *c, uint32_t id);
+struct wfile **wfile_find(struct conn *c, uint32_t id);
+int id_in_use(struct conn *c, uint32_t id);
+
+/* ---- lineage.c -------------------------------------------------------------------------- */
+
+void mark_lineage(void);
+void kill_marked(uint64_t mark);
+void exec_kill(struct exec *e, int sig);
+void exec_kill_tree(struct exec *e);
+
+/* ---- spawn.c ---------------------------------------------------------------------------- */
+
+pid_t spawn(struct child_spec *s);
 
 /* ---- exec.c ----------------------------------------------------------------------------- */
 
-struct exec *exec_find(struct conn *c, uint32_t id);
 struct exec *exec_by_pid(pid_t pid);
-void exec_kill(struct exec *e, int sig);
-void exec_kill_tree(struct exec *e);
-void exec_update_streams(struct exec *e);
 void exec_free(struct exec *e);
 void exec_flush_stdin(struct exec *e);
 void exec_stdin(struct exec *e, const uint8_t *p, size_t n);
@@ -243,21 +269,8 @@ void exec_drain_and_finish(struct exec *e);
 void exec_check_start(struct exec *e, int force);
 void do_exec(struct conn *c, uint32_t id, struct rd *r);
 
-/* ---- spawn.c ---------------------------------------------------------------------------- */
-
-pid_t spawn(struct child_spec *s);
-
-/* ---- lineage.c -------------------------------------------------------------------------- */
-
-void mark_lineage(void);
-void kill_marked(uint64_t mark);
-
 /* ---- files.c ---------------------------------------------------------------------------- */
 
-struct rfile **rfile_find(struct conn *c, uint32_t id);
-struct wfile **wfile_find(struct conn *c, uint32_t id);
-int id_in_use(struct conn *c, uint32_t id);
-void conn_pump_reads(struct conn *c);
 void remember_own_files(void);
 void do_read_file(struct conn *c, uint32_t id, struct rd *r);
 void wfile_drop(struct conn *c, struct wfile **pp, int keep_tmp);
@@ -273,6 +286,11 @@ void main_read(struct watch *w);
 void main_start(char **argv);
 void terminate(int sig, int from_inside);
 void do_deadline(struct rd *r);
+
+/* ---- dispatch.c ------------------------------------------------------------------------- */
+
+void conn_flush(struct conn *c);
+void conn_read(struct conn *c);
 
 /* ---- loop.c ----------------------------------------------------------------------------- */
 
