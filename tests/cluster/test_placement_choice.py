@@ -10,9 +10,9 @@ import pytest
 
 pytest.importorskip("ray")
 
-from aviato.cluster.placement import PlacementTimeout, RayPlacement, _Node
 from aviato.runtime.base import SandboxConfig
 from aviato.server.config import ServerConfig
+from aviato.server.ray_placement import PlacementTimeout, RayPlacement, _Node
 
 GiB = 1 << 30
 
@@ -88,8 +88,8 @@ def test_each_node_host_bounds_all_its_sandboxes(tmp_path: Path) -> None:
     from reliability.harness import remove_cgroup_parent
 
     from aviato.cluster.nodehost import NodeHost
-    from aviato.cluster.placement import node_host_args
     from aviato.runtime.cgroups import default_parent_memory_bytes
+    from aviato.server.ray_placement import node_host_args
 
     if os.geteuid() != 0:
         pytest.skip("writing cgroup limits needs root here")

@@ -251,10 +251,10 @@ def test_ray_node_hosts_get_the_operators_names_and_limits(tmp_path: Path) -> No
     """The Ray placement builds each node host from the service's configuration: a node's
     pulls obey the same insecure registries and pull limits as a local service's."""
     from aviato.cluster.nodehost import NodeHost
-    from aviato.cluster.placement import node_host_args
     from aviato.images.egress import RegistryRefused
     from aviato.images.limits import ImageTooLarge
     from aviato.server.config import ServerConfig
+    from aviato.server.ray_placement import node_host_args
 
     with lab() as env:
         ref = env.push("t/bb", [busybox_layer()])

@@ -9,9 +9,10 @@
 - `execwire`: the direct channel (exec and files over gRPC, a per-host token).
 - `codec`: the one conversion between the runtime's model and the node protocol
   (`aviato.node.v1`, aviato/node/v1/node.proto), used by both sides; its version check.
-- `placement`: `RayPlacement`, which joins the cluster as a driver, starts node hosts on every
-  node that can run sandboxes (and on nodes that join later), chooses a node by requested cpu,
-  memory and node selector, and turns a dead node's sandboxes FAILED "node lost".
+
+The placement itself, `RayPlacement` (joins the cluster as a driver, starts node hosts on every
+node that can run sandboxes, chooses a node, turns a dead node's sandboxes FAILED "node lost"),
+is the service's: `aviato/server/ray_placement.py`. Nothing here imports the service.
 
 Ray is an optional dependency (`pip install 'aviato[ray]'`): nothing here is imported unless the
 ray placement is chosen. docs/internals/parts/cluster.md describes the protocol.

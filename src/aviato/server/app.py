@@ -262,7 +262,7 @@ def _remove_stale_socket(path: Path) -> None:
 
 def _build_placement(config: ServerConfig) -> Placement:
     if config.placement == "ray":
-        from aviato.cluster.placement import RayPlacement
+        from aviato.server.ray_placement import RayPlacement
 
         return RayPlacement(config)
     if config.placement != "local":

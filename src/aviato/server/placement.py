@@ -2,7 +2,7 @@
 
 The lifecycle asks `runtime_for_new(config)` when it creates a sandbox, records the returned node
 name, and later asks `runtime_of(node)` (after a restart too). `LocalPlacement` has one node,
-"local", served by one runtime on this machine. `aviato.cluster.placement.RayPlacement` maps
+"local", served by one runtime on this machine. `aviato.server.ray_placement.RayPlacement` maps
 Ray node ids to runtimes living in node-host actors, and defers the choice of a node (node "")
 to `place`, which the lifecycle awaits while the sandbox is PENDING.
 
