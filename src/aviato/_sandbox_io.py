@@ -25,6 +25,20 @@ from aviato.v1 import sandbox_pb2 as pb
 __all__ = ["SandboxIO"]
 
 
+DEFAULT_TTY_SIZE = (24, 80)
+
+
+def _terminal_size(size: tuple[int, int] | None) -> tuple[int, int]:
+    """`tty_size` checked: (rows, cols), each 1 to 65535; None is 24 x 80."""
+    if size is None:
+        return DEFAULT_TTY_SIZE
+    if not (isinstance(size, tuple | list) and len(size) == 2) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and 0 < n < 65536 for n in size
+    ):
+        raise ValueError(f"tty_size must be (rows, cols), each from 1 to 65535, not {size!r}")
+    return int(size[0]), int(size[1])
+
+
 class SandboxIO:
     """Commands and files (see the module docstring); `Sandbox` provides the state below."""
 
@@ -56,6 +70,8 @@ class SandboxIO:
         input: bytes | str | None = None,
         protected: bool = False,
         max_output_bytes: int | None = None,
+        tty: bool = False,
+        tty_size: tuple[int, int] | None = None,
     ) -> Process:
         """Runs `command` (an argv list) in the sandbox; returns a `Process` at once.
 
@@ -78,6 +94,13 @@ class SandboxIO:
         says when a stream was longer (``stdout_truncated``/``stderr_truncated``); the command
         runs to its end and its exit code arrives either way.
 
+        With ``tty=True`` the command runs on a pseudo-terminal of `tty_size` (rows, cols;
+        default 24 x 80), as in a terminal window: ``process.stdin`` takes raw bytes (keys,
+        ``b"\\x03"`` for Ctrl-C), the terminal's output arrives on ``stdout`` (stderr stays
+        empty), ``process.resize(rows, cols)`` follows a window's size and
+        ``process.send_signal(signum)`` signals the command. For agents that drive ``bash``,
+        ``python`` or an editor; ``stdin=True`` is implied.
+
         With ``protected=True`` nothing else running in the sandbox (a process an earlier
         command left behind, say) can read, write, signal or trace the command, open its
         descriptors or memory, or change its output or exit status; it still reads and writes
@@ -96,15 +119,17 @@ class SandboxIO:
             raise ValueError(f"cwd must be an absolute path: {cwd!r}")
         if timeout_seconds is not None and timeout_seconds <= 0:
             raise ValueError("timeout_seconds must be positive")
-        if input is not None and stdin:
-            raise ValueError("exec() takes stdin=True or input=..., not both")
+        if input is not None and (stdin or tty):
+            raise ValueError("exec() takes stdin=True (or tty=True) or input=..., not both")
+        rows, cols = _terminal_size(tty_size) if tty else (0, 0)
+        stdin = stdin or tty
         data = input.encode() if isinstance(input, str) else bytes(input or b"")
         keep = (
             self._defaults.max_output_bytes
             if max_output_bytes is None
             else _defaults.byte_count("max_output_bytes", max_output_bytes)
         )
-        state = ExecState(argv, stdin=stdin, max_output_bytes=keep)
+        state = ExecState(argv, stdin=stdin, tty=tty, max_output_bytes=keep)
         init = pb.ExecInit(
             argv=argv,
             cwd=cwd or "",
@@ -113,6 +138,8 @@ class SandboxIO:
             stdin=stdin,
             input=data,
             protected=protected,
+            tty=tty,
+            tty_size=pb.TerminalSize(rows=rows, cols=cols) if tty else None,
         )
         future = get_bridge().submit(self._exec(state, init, check))
         return Process(future, state)

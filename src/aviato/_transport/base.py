@@ -13,8 +13,10 @@ Two RPCs are streams and have objects of their own:
 
 - `ExecCall`: one command. ``read()`` returns its output frames and finally its exit frame
   (an error frame, or a stream that ends without one, raises). The command's stdin is fed with
-  ``write_stdin``/``close_stdin``. ``kill()`` ends the command (SIGKILL) and the call; after the
-  exit frame, ``release()`` lets the call end in the background.
+  ``write_stdin``/``close_stdin``; a terminal is resized with ``resize``; ``send_signal`` signals
+  its process group (both only for a command started with stdin or a tty). ``kill()`` ends the
+  command (SIGKILL) and the call; after the exit frame, ``release()`` lets the call end in the
+  background.
 - `FileReader`: one file read whose header (size, mode) has arrived; ``next()`` returns the data
   chunks, then None.
 """
@@ -48,6 +50,15 @@ class ExecCall(abc.ABC):
     @abc.abstractmethod
     async def close_stdin(self) -> None:
         """Sends end-of-file to the command's stdin."""
+
+    @abc.abstractmethod
+    async def resize(self, rows: int, cols: int) -> None:
+        """Resizes the command's terminal (only for a command started with ``init.tty``)."""
+
+    @abc.abstractmethod
+    async def send_signal(self, signum: int) -> None:
+        """Sends `signum` to the command's process group (only for a command started with stdin
+        or a tty)."""
 
     @abc.abstractmethod
     async def kill(self) -> None:
@@ -125,7 +136,8 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def exec(self, init: pb.ExecInit, *, call_timeout: float | None) -> ExecCall:
         """Starts a command. With ``init.stdin`` False its stdin is ``init.input`` then
-        end-of-file; with it True, what `ExecCall.write_stdin` sends."""
+        end-of-file; with it True, what `ExecCall.write_stdin` sends. With ``init.tty`` it runs
+        on a pseudo-terminal of ``init.tty_size`` (all output arrives as stdout)."""
 
     @abc.abstractmethod
     async def open_read(

@@ -8,7 +8,8 @@
   through `aviato._transport.errors.from_status` with the `ErrorDetail` of the status's trailing
   metadata. Nothing above this module sees a grpc type.
 - Exec: a command without interactive stdin runs over RunCommand (one request, then output
-  frames); one with stdin over an Exec stream (init, stdin frames, ``stdin_eof``, ``signal``).
+  frames); one with stdin or a tty over an Exec stream (init, stdin frames, ``stdin_eof``,
+  ``resize``, ``signal``).
   A service older than RunCommand answers UNIMPLEMENTED before the command started: the call is
   then made again over Exec (input sent as stdin frames), and so are all later ones.
 """
@@ -352,7 +353,7 @@ class _GrpcExecCall(ExecCall):
         self._write_lock = asyncio.Lock()
         self._pending: asyncio.Future[Any] | None = None
         self._exited = False
-        self._streaming = init.stdin or not transport.run_command
+        self._streaming = init.stdin or init.tty or not transport.run_command
         self._opened: asyncio.Task[None] | None = None
         if self._streaming:
             self._call: Any = self._open_stream()
@@ -458,6 +459,12 @@ class _GrpcExecCall(ExecCall):
 
     async def close_stdin(self) -> None:
         await self._write(pb.ExecRequest(stdin_eof=True))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self._write(pb.ExecRequest(resize=pb.TerminalSize(rows=rows, cols=cols)))
+
+    async def send_signal(self, signum: int) -> None:
+        await self._write(pb.ExecRequest(signal=signum))
 
     async def kill(self) -> None:
         call = self._call

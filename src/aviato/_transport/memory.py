@@ -2,9 +2,10 @@
 
 `MemoryService` keeps sandboxes, leases and files in dicts and runs no process. Its commands
 are a tiny vocabulary: ``echo ARGS...``, ``exit N`` (writes ``bye`` to stderr), ``cat`` (copies
-stdin), ``yes`` (N lines of output given by ``yes N``), ``sleep S``. Every failure is reported
-the way a real service does, as a status code plus an `ErrorDetail`, and goes through the same
-mapping (`aviato._transport.errors.from_status`) as the gRPC transport's.
+stdin), ``yes`` (N lines of output given by ``yes N``), ``sleep S``, ``winsize`` (a terminal
+program: answers each input chunk with its window size, ``ROWS COLS``; see `resizes`). Every
+failure is reported the way a real service does, as a status code plus an `ErrorDetail`, and
+goes through the same mapping (`aviato._transport.errors.from_status`) as the gRPC transport's.
 
 A test scripts the failures a real service rarely shows on demand through `MemoryService.faults`
 (calls that find the service unreachable, a create whose answer is lost after it was committed,
@@ -63,6 +64,8 @@ class MemoryService:
         self.by_request: dict[str, str] = {}
         self.leases: dict[str, float] = {}
         self.signals: list[int] = []
+        #: the terminal sizes (rows, cols) that commands were resized to, in order
+        self.resizes: list[tuple[int, int]] = []
         self._ids = itertools.count(1)
 
     def transport(self) -> MemoryTransport:
@@ -261,6 +264,7 @@ class _MemoryExecCall(ExecCall):
             self._stdin.put_nowait(init.input)
         if not init.stdin:
             self._stdin.put_nowait(None)
+        self._size = (init.tty_size.rows, init.tty_size.cols)
         self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
@@ -289,6 +293,9 @@ class _MemoryExecCall(ExecCall):
         elif name == "cat":
             while (data := await self._stdin.get()) is not None:
                 out(pb.ExecOutput(stream=pb.STREAM_STDOUT, data=data))
+        elif name == "winsize":  # a terminal program: its window size for each input chunk
+            while await self._stdin.get() is not None:
+                out(pb.ExecOutput(stream=pb.STREAM_STDOUT, data=b"%d %d\r\n" % self._size))
         elif name == "sleep":
             await asyncio.sleep(float(args[0]))
         else:
@@ -316,6 +323,24 @@ class _MemoryExecCall(ExecCall):
 
     async def close_stdin(self) -> None:
         self._stdin.put_nowait(None)
+
+    def _require_stream(self, what: str) -> None:
+        if not (self._init.stdin or self._init.tty):
+            raise SandboxExecutionError(f"cannot {what}: the command was started without stdin")
+
+    async def resize(self, rows: int, cols: int) -> None:
+        self._require_stream("resize")
+        self._size = (rows, cols)
+        self._service.resizes.append(self._size)
+
+    async def send_signal(self, signum: int) -> None:
+        """Records the signal; a command still running dies of it (exit 128 + signum)."""
+        self._require_stream("signal")
+        self._service.signals.append(signum)
+        if not self._task.done():
+            self._task.cancel()
+            exit_frame = pb.ExecExit(exit_code=128 + signum, signal=signum)
+            self._frames.put_nowait(exit_frame)
 
     async def kill(self) -> None:
         if not self._task.done():
