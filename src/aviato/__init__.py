@@ -26,6 +26,7 @@ from aviato._credentials import ImagePullCredentials
 from aviato._defaults import NetworkOptions, SandboxDefaults, Serialization
 from aviato._files import FileStream
 from aviato._function import RemoteFunction
+from aviato._logs import LogRecord, LogStream
 from aviato._operation import OperationRef
 from aviato._output import StreamReader
 from aviato._process import Process, StreamWriter
@@ -76,6 +77,8 @@ __all__ = [
     "FunctionError",
     "FunctionSerializationError",
     "ImagePullCredentials",
+    "LogRecord",
+    "LogStream",
     "NetworkOptions",
     "OperationRef",
     "Process",

@@ -17,8 +17,10 @@ from aviato._bridge import get_bridge
 from aviato._client import Client
 from aviato._defaults import SandboxDefaults
 from aviato._files import FileStream
+from aviato._logs import LogStream
 from aviato._operation import OperationRef
 from aviato._process import ExecState, Process
+from aviato._transport.base import LogReader
 from aviato.exceptions import SandboxError, SandboxNotRunningError
 from aviato.v1 import sandbox_pb2 as pb
 
@@ -160,6 +162,31 @@ class SandboxIO:
                 err if isinstance(err, Exception) else SandboxError("the command was cancelled")
             )
             raise
+
+    # -- the main process's log -----------------------------------------------------------------
+
+    def stream_logs(
+        self, *, follow: bool = False, tail: int | None = None, timeout_seconds: float | None = None
+    ) -> LogStream:
+        """The output of the sandbox's main process as `LogRecord`s (time, stream, data).
+
+        Returns a `LogStream` at once: iterate it with ``for`` or ``async for``. `tail` keeps
+        only the last N records written so far (None: all). With `follow` the iteration goes on
+        as the process writes and ends when the sandbox ends (or on ``close()``); without, it
+        ends with what was written so far. Works on ended sandboxes too (their log is kept).
+        `timeout_seconds` bounds the whole stream (default: no limit).
+        """
+        if tail is not None:
+            tail = _defaults.byte_count("tail", tail)  # a count of records: a whole number >= 0
+        request = pb.StreamLogsRequest(tail=-1 if tail is None else tail, follow=follow)
+
+        async def open_() -> LogReader:
+            await self._ensure_started()  # a sandbox not started yet is started (as exec does)
+            request.sandbox_id = self._require_id()
+            client = await self._client()
+            return await client.transport.open_logs(request, call_timeout=timeout_seconds)
+
+        return LogStream(open_)
 
     # -- files ---------------------------------------------------------------------------------
 

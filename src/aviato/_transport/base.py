@@ -19,6 +19,8 @@ Two RPCs are streams and have objects of their own:
   background.
 - `FileReader`: one file read whose header (size, mode) has arrived; ``next()`` returns the data
   chunks, then None.
+- `LogReader`: one log stream of a sandbox's main process; ``next()`` returns its entries, then
+  None (at once without ``follow``; once the sandbox ended with it).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import abc
 
 from aviato.v1 import sandbox_pb2 as pb
 
-__all__ = ["ExecCall", "ExecFrame", "FileReader", "Transport"]
+__all__ = ["ExecCall", "ExecFrame", "FileReader", "LogReader", "Transport"]
 
 #: What `ExecCall.read` returns: an output chunk, or the terminal exit frame.
 ExecFrame = pb.ExecOutput | pb.ExecExit
@@ -82,6 +84,18 @@ class FileReader(abc.ABC):
     @abc.abstractmethod
     def cancel(self) -> None:
         """Ends the read early (idempotent)."""
+
+
+class LogReader(abc.ABC):
+    """One log stream of a sandbox's main process (see the module docstring)."""
+
+    @abc.abstractmethod
+    async def next(self) -> pb.LogEntry | None:
+        """The next entry, or None once the service ended the stream."""
+
+    @abc.abstractmethod
+    def cancel(self) -> None:
+        """Ends the stream early (idempotent)."""
 
 
 class Transport(abc.ABC):
@@ -150,6 +164,12 @@ class Transport(abc.ABC):
         self, header: pb.WriteFileHeader, data: memoryview, *, call_timeout: float | None
     ) -> int:
         """Writes a whole file; returns the size the service wrote."""
+
+    @abc.abstractmethod
+    async def open_logs(
+        self, request: pb.StreamLogsRequest, *, call_timeout: float | None
+    ) -> LogReader:
+        """Starts a log stream; errors (an unknown sandbox) are raised by `LogReader.next`."""
 
     # -- the service --------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ import grpc
 import grpc.aio
 
 from aviato._defaults import ENV_TLS_CA
-from aviato._transport.base import ExecCall, ExecFrame, FileReader, Transport
+from aviato._transport.base import ExecCall, ExecFrame, FileReader, LogReader, Transport
 from aviato._transport.errors import from_status
 from aviato.exceptions import AviatoConnectionError, AviatoError, SandboxExecutionError
 from aviato.v1 import error_detail, sandbox_pb2_grpc
@@ -301,6 +301,12 @@ class GrpcTransport(Transport):
         size: int = response.size
         return size
 
+    async def open_logs(
+        self, request: pb.StreamLogsRequest, *, call_timeout: float | None
+    ) -> LogReader:
+        call = self._stub.StreamLogs(request, timeout=call_timeout, metadata=self.metadata)
+        return _GrpcLogReader(call, request.sandbox_id)
+
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -330,6 +336,32 @@ class _GrpcFileReader(FileReader):
             return None
         data: bytes = msg.data
         return data
+
+    def cancel(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._call.cancel()
+
+
+class _GrpcLogReader(LogReader):
+    def __init__(self, call: Any, sandbox_id: str) -> None:
+        self._call = call
+        self._sandbox_id = sandbox_id
+        self._ended = False
+
+    async def next(self) -> pb.LogEntry | None:
+        if self._ended:
+            return None
+        try:
+            msg = await self._call.read()
+        except grpc.RpcError as err:
+            self._ended = True
+            raise _mapped(err, "stream logs", self._sandbox_id) from None
+        if msg is _EOF:
+            self._ended = True
+            return None
+        entry: pb.LogEntry = msg
+        return entry
 
     def cancel(self) -> None:
         if not self._ended:

@@ -20,7 +20,7 @@ import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 
-from aviato._transport.base import ExecCall, ExecFrame, FileReader, Transport
+from aviato._transport.base import ExecCall, ExecFrame, FileReader, LogReader, Transport
 from aviato._transport.errors import from_status
 from aviato.exceptions import AviatoError, SandboxExecutionError
 from aviato.v1 import errors_pb2 as epb
@@ -51,6 +51,7 @@ class Faults:
 class _Sandbox:
     record: pb.Sandbox
     files: dict[str, bytes] = field(default_factory=dict)
+    logs: list[pb.LogEntry] = field(default_factory=list)
 
 
 class MemoryService:
@@ -97,6 +98,13 @@ class MemoryService:
                 op=op,
             )
         return found
+
+    def log(self, sandbox_id: str, data: bytes, *, stderr: bool = False) -> None:
+        """Appends an entry to the main process's log (call from the SDK's loop while a follow
+        is open, e.g. through ``get_bridge().call_soon``)."""
+        entry = pb.LogEntry(stream=pb.STREAM_STDERR if stderr else pb.STREAM_STDOUT, data=data)
+        entry.time.GetCurrentTime()
+        self.sandboxes[sandbox_id].logs.append(entry)
 
     def stop(self, sandbox_id: str) -> None:
         """Ends a sandbox as its lease or lifetime would (exit code 143)."""
@@ -225,6 +233,12 @@ class MemoryTransport(Transport):
             )
         return _MemoryFileReader(data)
 
+    async def open_logs(
+        self, request: pb.StreamLogsRequest, *, call_timeout: float | None
+    ) -> LogReader:
+        self.service._enter("StreamLogs", "stream logs")
+        return _MemoryLogReader(self.service, request)
+
     async def write_file(
         self, header: pb.WriteFileHeader, data: memoryview, *, call_timeout: float | None
     ) -> int:
@@ -232,6 +246,35 @@ class MemoryTransport(Transport):
         found = self.service._sandbox(header.sandbox_id, "write file", running=True)
         found.files[header.path] = bytes(data)
         return len(data)
+
+
+class _MemoryLogReader(LogReader):
+    """The entries logged so far (the last `tail`); with `follow`, then those logged until the
+    sandbox ends (checked every few milliseconds: a fake has no events to wait on)."""
+
+    def __init__(self, service: MemoryService, request: pb.StreamLogsRequest) -> None:
+        self._service = service
+        self._request = request
+        self._next: int | None = None
+        self._ended = False
+
+    async def next(self) -> pb.LogEntry | None:
+        found = self._service._sandbox(self._request.sandbox_id, "stream logs")
+        if self._next is None:
+            tail = self._request.tail
+            self._next = max(0, len(found.logs) - tail) if tail >= 0 else 0
+        while not self._ended:
+            if self._next < len(found.logs):
+                self._next += 1
+                return found.logs[self._next - 1]
+            if not self._request.follow or found.record.status != _RUNNING:
+                break
+            await asyncio.sleep(0.005)
+        self._ended = True
+        return None
+
+    def cancel(self) -> None:
+        self._ended = True
 
 
 class _MemoryFileReader(FileReader):
