@@ -103,3 +103,46 @@ def test_raw_bytes_are_relayed_undecoded_and_async(svc: MemoryService) -> None:
 
     assert asyncio.run(collect()) == b"\xff\xfe\x00binary"
     assert process.result(timeout=10).stdout_bytes == b""  # nothing kept with 0
+
+
+# --- the main process's log ------------------------------------------------------------------
+
+
+def test_logs_tail_and_follow_until_the_sandbox_ends(svc: MemoryService) -> None:
+    sb = Sandbox.run(base_url=svc.url)
+    sandbox_id = sb.wait().sandbox_id
+    assert sandbox_id is not None
+    for line in (b"one\n", b"two\n"):
+        svc.log(sandbox_id, line)
+    svc.log(sandbox_id, b"oops\n", stderr=True)
+    records = list(sb.stream_logs())
+    assert [(r.stream, r.data) for r in records] == [
+        ("stdout", b"one\n"),
+        ("stdout", b"two\n"),
+        ("stderr", b"oops\n"),
+    ]
+    assert records[0].text == "one\n" and records[0].time is not None
+    assert [r.text for r in sb.stream_logs(tail=1)] == ["oops\n"]
+    assert list(sb.stream_logs(tail=0)) == []
+
+    async def follow() -> list[str]:
+        seen: list[str] = []
+        async for record in sb.stream_logs(follow=True, tail=1):
+            seen.append(record.text)
+            if record.text == "oops\n":
+                svc.log(sandbox_id, b"late\n")  # written while the follow waits
+            else:
+                svc.stop(sandbox_id)  # the follow ends with the sandbox
+        return seen
+
+    assert asyncio.run(follow()) == ["oops\n", "late\n"]
+    with pytest.raises(ValueError, match="tail"):
+        sb.stream_logs(tail=-1)
+
+
+def test_logs_of_an_unknown_sandbox_raise_not_found(svc: MemoryService) -> None:
+    sb = Sandbox.run(base_url=svc.url).wait()
+    assert sb.sandbox_id is not None
+    del svc.sandboxes[sb.sandbox_id]
+    with pytest.raises(aviato.SandboxNotFoundError):
+        list(sb.stream_logs())
