@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import os
 import shlex
+import stat
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 from aviato import _defaults, _files
 from aviato._bridge import get_bridge
 from aviato._client import Client
 from aviato._defaults import SandboxDefaults
-from aviato._files import FileStream
+from aviato._files import FileStream, Progress
 from aviato._logs import LogStream
 from aviato._operation import OperationRef
 from aviato._process import ExecState, Process
@@ -28,6 +29,17 @@ __all__ = ["SandboxIO"]
 
 
 DEFAULT_TTY_SIZE = (24, 80)
+
+
+def _regular_file_size_and_mode(source: BinaryIO) -> tuple[int | None, int | None]:
+    """The size and permission bits of a file object that is a regular file, else None."""
+    try:
+        info = os.fstat(source.fileno())
+    except (OSError, AttributeError, ValueError):
+        return None, None
+    if not stat.S_ISREG(info.st_mode):
+        return None, None
+    return info.st_size, stat.S_IMODE(info.st_mode)
 
 
 def _terminal_size(size: tuple[int, int] | None) -> tuple[int, int]:
@@ -241,6 +253,7 @@ class SandboxIO:
         local_path: str | os.PathLike[str],
         *,
         timeout_seconds: float | None = None,
+        progress: Progress | None = None,
     ) -> OperationRef[int]:
         """Copies a file of the sandbox to `local_path` on this machine, in bounded memory;
         resolves to the number of bytes written.
@@ -251,11 +264,91 @@ class SandboxIO:
         `local_path` must name a file in an existing directory (else `IsADirectoryError` or
         `FileNotFoundError`, raised here). `timeout_seconds` bounds the whole transfer (default:
         no limit). Raises `SandboxFileError` as `read_file` does.
+
+        `progress`, when given, is called as ``progress(done, total)`` (bytes written so far, the
+        file's size or None when the service does not know it in advance) once at the start and
+        after each chunk, on the SDK's background thread: keep it quick (update a bar).
         """
         target = _files.local_target(local_path)
         return OperationRef._of(
-            _files.download(lambda: self._open_read(filepath, timeout_seconds), filepath, target)
+            _files.download(
+                lambda: self._open_read(filepath, timeout_seconds), filepath, target, progress
+            )
         )
+
+    def upload_file(
+        self,
+        source: str | os.PathLike[str] | BinaryIO,
+        filepath: str,
+        *,
+        mode: int | None = None,
+        make_parents: bool = True,
+        timeout_seconds: float | None = None,
+        progress: Progress | None = None,
+    ) -> OperationRef[int]:
+        """Copies `source` (a local path, or a binary file object such as ``sys.stdin.buffer``)
+        to `filepath` in the sandbox, in bounded memory; resolves to the number of bytes written.
+
+        The data streams in chunks as it is read, so a file or a pipe of any size costs a chunk
+        and the connection's window. `mode`: permission bits (default: the local file's, or
+        0o644 for a file object). Missing parent directories are created unless `make_parents`
+        is False. A file object is read to its end but not closed. A local path that is missing
+        or a directory raises `FileNotFoundError` or `IsADirectoryError` here.
+        `timeout_seconds` bounds the whole transfer (default: no limit). `progress` is called as
+        ``progress(done, total)`` (total: the size of a regular file, else None), as in
+        `download_file`. Raises `SandboxFileError` (with ``filepath``) on failure; never retried
+        (a stream cannot be read twice).
+        """
+        if isinstance(source, str | os.PathLike):
+            path = os.fspath(source)
+            if os.path.isdir(path):
+                raise IsADirectoryError(f"upload_file: {path!r} is a directory")
+            opened: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by the upload
+            owned = True
+        elif hasattr(source, "read"):
+            opened, owned = source, False
+        else:
+            raise TypeError(
+                f"upload_file: source must be a path or a binary file, not {type(source).__name__}"
+            )
+        total, local_mode = _regular_file_size_and_mode(opened)
+        if mode is None:
+            mode = local_mode if owned else None
+        return OperationRef._of(
+            self._upload(
+                opened, owned, filepath, mode, make_parents, total, progress, timeout_seconds
+            ),
+            finish_at_exit=True,
+        )
+
+    async def _upload(
+        self,
+        source: BinaryIO,
+        owned: bool,
+        filepath: str,
+        mode: int | None,
+        make_parents: bool,
+        total: int | None,
+        progress: Progress | None,
+        timeout_s: float | None,
+    ) -> int:
+        try:
+            await self._ensure_started()
+            client = await self._client()
+            return await _files.upload(
+                client,
+                self._require_id(),
+                filepath,
+                source,
+                mode=mode or 0,
+                make_parents=make_parents,
+                total=total,
+                progress=progress,
+                rpc_timeout=timeout_s,
+            )
+        finally:
+            if owned:
+                source.close()
 
     async def _open_read(self, filepath: str, timeout_s: float | None) -> Any:
         await self._ensure_started()

@@ -26,6 +26,7 @@ Two RPCs are streams and have objects of their own:
 from __future__ import annotations
 
 import abc
+from collections.abc import AsyncIterator
 
 from aviato.v1 import sandbox_pb2 as pb
 
@@ -164,6 +165,17 @@ class Transport(abc.ABC):
         self, header: pb.WriteFileHeader, data: memoryview, *, call_timeout: float | None
     ) -> int:
         """Writes a whole file; returns the size the service wrote."""
+
+    @abc.abstractmethod
+    async def write_file_chunks(
+        self,
+        header: pb.WriteFileHeader,
+        chunks: AsyncIterator[bytes],
+        *,
+        call_timeout: float | None,
+    ) -> int:
+        """Writes a file from `chunks` as they come (each sent before the next is asked for);
+        returns the size the service wrote. A stream that ends early leaves no file."""
 
     @abc.abstractmethod
     async def open_logs(

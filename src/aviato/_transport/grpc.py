@@ -301,6 +301,29 @@ class GrpcTransport(Transport):
         size: int = response.size
         return size
 
+    async def write_file_chunks(
+        self,
+        header: pb.WriteFileHeader,
+        chunks: AsyncIterator[bytes],
+        *,
+        call_timeout: float | None,
+    ) -> int:
+        async def frames() -> AsyncIterator[pb.WriteFileRequest]:
+            yield pb.WriteFileRequest(header=header)
+            async for chunk in chunks:
+                for i in range(0, len(chunk), FILE_CHUNK_BYTES):
+                    yield pb.WriteFileRequest(data=chunk[i : i + FILE_CHUNK_BYTES])
+            yield pb.WriteFileRequest(end=True)  # without it the service keeps nothing
+
+        try:
+            response = await self._stub.WriteFile(
+                frames(), timeout=call_timeout, metadata=self.metadata
+            )
+        except grpc.RpcError as err:
+            raise _mapped(err, "write file", header.sandbox_id, header.path) from None
+        size: int = response.size
+        return size
+
     async def open_logs(
         self, request: pb.StreamLogsRequest, *, call_timeout: float | None
     ) -> LogReader:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from aviato._transport.base import ExecCall, ExecFrame, FileReader, LogReader, Transport
@@ -232,6 +233,19 @@ class MemoryTransport(Transport):
                 filepath=path,
             )
         return _MemoryFileReader(data)
+
+    async def write_file_chunks(
+        self,
+        header: pb.WriteFileHeader,
+        chunks: AsyncIterator[bytes],
+        *,
+        call_timeout: float | None,
+    ) -> int:
+        self.service._enter("WriteFile", "write file")
+        found = self.service._sandbox(header.sandbox_id, "write file", running=True)
+        data = b"".join([chunk async for chunk in chunks])
+        found.files[header.path] = data
+        return len(data)
 
     async def open_logs(
         self, request: pb.StreamLogsRequest, *, call_timeout: float | None
