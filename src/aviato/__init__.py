@@ -32,6 +32,7 @@ from aviato._output import StreamReader
 from aviato._process import Process, StreamWriter
 from aviato._results import ProcessResult, ResourceUsage
 from aviato._sandbox import Sandbox
+from aviato._service import ServerInfo, server_info
 from aviato._session import Session
 from aviato._status import SandboxStatus
 from aviato._wait import Waitable, results, wait
@@ -100,6 +101,7 @@ __all__ = [
     "SandboxTimeoutError",
     "SandboxValidationError",
     "Serialization",
+    "ServerInfo",
     "Session",
     "StreamReader",
     "StreamWriter",
@@ -108,5 +110,6 @@ __all__ = [
     "__version__",
     "exceptions",
     "results",
+    "server_info",
     "wait",
 ]

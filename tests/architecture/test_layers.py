@@ -184,7 +184,6 @@ CLI_NOT_YET_ON_THE_SDK = {
     "aviato.cli.images",
     "aviato.cli.keys",
     "aviato.cli.server",
-    "aviato.cli.version",
 }
 
 

@@ -34,6 +34,7 @@ import click
 from aviato import Process, ProcessResult, Sandbox, SandboxStatus
 from aviato.cli._output import CliError, describe
 from aviato.cli._params import duration, env_option
+from aviato.cli._reach import preflight
 from aviato.cli._stream import OutputRelay, pump_fd, write_all
 from aviato.exceptions import (
     AviatoError,
@@ -232,6 +233,7 @@ def exec_command(
         raise click.UsageError("no command given: aviato exec ID -- CMD ...")
     pass_stdin = stdin_is_passable() if stdin is None else stdin
     try:
+        preflight()
         sandbox = ensure_running(sandbox_id)
         code = run_command(
             sandbox,

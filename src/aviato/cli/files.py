@@ -30,6 +30,7 @@ from rich.progress import (
 from aviato import Sandbox
 from aviato.cli._output import CliError, stderr_console
 from aviato.cli._params import Endpoint, parse_endpoint
+from aviato.cli._reach import preflight
 
 PROGRESS_MIN_BYTES = 4 * 1024 * 1024
 
@@ -149,6 +150,7 @@ def cp(src: str, dst: str, parents: bool, quiet: bool) -> None:
         raise click.UsageError("both SRC and DST are in sandboxes; copy through the host")
     if not source.sandbox_id and not target.sandbox_id:
         raise click.UsageError("one of SRC and DST must be ID:/path")
+    preflight()
     if target.sandbox_id:
         _upload(source, target, parents, quiet)
     else:

@@ -12,6 +12,7 @@ import sys
 import click
 
 from aviato import Sandbox
+from aviato.cli._reach import preflight
 
 
 @click.command()
@@ -34,6 +35,7 @@ def logs(sandbox_id: str, follow: bool, tail: int | None) -> None:
       aviato logs sb-1a2b3c
       aviato logs -f --tail 20 sb-1a2b3c
     """
+    preflight()
     sandbox = Sandbox.from_id(sandbox_id).result()
     with sandbox.stream_logs(follow=follow, tail=tail) as records:
         for record in records:

@@ -25,14 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
-import grpc
 
-from aviato import _local
+from aviato import AviatoError, ServerInfo, _local, server_info
 from aviato._private import open_private, private_dir
 from aviato.cli._output import CliError, print_error, print_fields
 from aviato.cli._params import listen_address
-from aviato.v1 import sandbox_pb2 as pb
-from aviato.v1 import sandbox_pb2_grpc
 from aviato.v1.endpoint import LOCK_NAME, LOG_NAME, SOCKET_NAME
 from aviato.v1.endpoint import state_dir as default_state_dir
 
@@ -64,17 +61,12 @@ def _resolve(state_dir: str | None) -> _Paths:
     return _Paths(directory)
 
 
-def _server_info(paths: _Paths, timeout: float = 3.0) -> pb.ServerInfo | None:
+def _server_info(paths: _Paths, timeout: float = 3.0) -> ServerInfo | None:
     """The service's answer on its socket, or None when nothing answers there."""
-    if not paths.socket.exists():
+    try:
+        return server_info(start_local=False, state_dir=paths.state_dir, timeout_seconds=timeout)
+    except AviatoError:
         return None
-    with grpc.insecure_channel(f"unix://{paths.socket}") as channel:
-        stub = sandbox_pb2_grpc.SandboxServiceStub(channel)  # type: ignore[no-untyped-call]
-        try:
-            info: pb.ServerInfo = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout)
-        except grpc.RpcError:
-            return None
-    return info
 
 
 def _read_pid(paths: _Paths) -> int | None:

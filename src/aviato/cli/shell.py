@@ -29,6 +29,7 @@ import click
 from aviato import AviatoError, Process, Sandbox
 from aviato.cli._output import CliError, describe
 from aviato.cli._params import env_option
+from aviato.cli._reach import preflight
 from aviato.cli._stream import STDIN_CHUNK_BYTES, send_stdin, write_all
 from aviato.cli.exec_ import EXEC_FAILED, ensure_running
 
@@ -152,6 +153,7 @@ def sh(
     if argv and argv[0] == "--":
         argv = argv[1:]
     try:
+        preflight()
         sandbox = ensure_running(sandbox_id)
         sys.stdout.flush()
         code = _TerminalBridge(0, 1).run(sandbox, argv or list(DEFAULT_SHELL), cwd, variables)
