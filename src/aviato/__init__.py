@@ -26,6 +26,7 @@ from aviato._credentials import ImagePullCredentials
 from aviato._defaults import NetworkOptions, SandboxDefaults, Serialization
 from aviato._files import FileStream
 from aviato._function import RemoteFunction
+from aviato._image_store import Image, Images, PullProgress
 from aviato._logs import LogRecord, LogStream
 from aviato._operation import OperationRef
 from aviato._output import StreamReader
@@ -77,13 +78,16 @@ __all__ = [
     "FileStream",
     "FunctionError",
     "FunctionSerializationError",
+    "Image",
     "ImagePullCredentials",
+    "Images",
     "LogRecord",
     "LogStream",
     "NetworkOptions",
     "OperationRef",
     "Process",
     "ProcessResult",
+    "PullProgress",
     "RemoteFunction",
     "RemoteFunctionError",
     "ResourceUsage",

@@ -19,6 +19,8 @@ Two RPCs are streams and have objects of their own:
   background.
 - `FileReader`: one file read whose header (size, mode) has arrived; ``next()`` returns the data
   chunks, then None.
+- `PullReader`: one image pull; ``next()`` returns its progress messages (the last one has
+  ``image`` set), then None.
 - `LogReader`: one log stream of a sandbox's main process; ``next()`` returns its entries, then
   None (at once without ``follow``; once the sandbox ended with it).
 """
@@ -28,9 +30,10 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 
+from aviato.v1 import images_pb2 as ipb
 from aviato.v1 import sandbox_pb2 as pb
 
-__all__ = ["ExecCall", "ExecFrame", "FileReader", "LogReader", "Transport"]
+__all__ = ["ExecCall", "ExecFrame", "FileReader", "LogReader", "PullReader", "Transport"]
 
 #: What `ExecCall.read` returns: an output chunk, or the terminal exit frame.
 ExecFrame = pb.ExecOutput | pb.ExecExit
@@ -97,6 +100,18 @@ class LogReader(abc.ABC):
     @abc.abstractmethod
     def cancel(self) -> None:
         """Ends the stream early (idempotent)."""
+
+
+class PullReader(abc.ABC):
+    """One image pull (see the module docstring)."""
+
+    @abc.abstractmethod
+    async def next(self) -> ipb.PullImageProgress | None:
+        """The next progress message, or None once the service ended the stream."""
+
+    @abc.abstractmethod
+    def cancel(self) -> None:
+        """Ends the stream early (idempotent); the service may finish the pull for others."""
 
 
 class Transport(abc.ABC):
@@ -182,6 +197,23 @@ class Transport(abc.ABC):
         self, request: pb.StreamLogsRequest, *, call_timeout: float | None
     ) -> LogReader:
         """Starts a log stream; errors (an unknown sandbox) are raised by `LogReader.next`."""
+
+    # -- images --------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def pull_image(
+        self, request: ipb.PullImageRequest, *, call_timeout: float | None
+    ) -> PullReader:
+        """Starts a pull; errors are raised by `PullReader.next`."""
+
+    @abc.abstractmethod
+    async def list_images(self, *, call_timeout: float | None) -> list[ipb.Image]: ...
+
+    @abc.abstractmethod
+    async def remove_image(self, image: str, *, call_timeout: float | None) -> ipb.Image: ...
+
+    @abc.abstractmethod
+    async def prune_images(self, *, call_timeout: float | None) -> list[ipb.Image]: ...
 
     # -- the service --------------------------------------------------------------------------
 

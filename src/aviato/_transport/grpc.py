@@ -4,7 +4,7 @@
   ``https://host[:port]`` (TLS with the system roots, or the CA bundle named by `AVIATO_TLS_CA`;
   port 443 by default). `parse_base_url` checks them.
 - `AVIATO_API_KEY` travels as ``authorization: Bearer <key>`` metadata on every call.
-- Errors: this module is where gRPC failures become `aviato.exceptions` (`_map_rpc_error`),
+- Errors: gRPC failures become `aviato.exceptions` in one place, `grpc_errors.translate_error`,
   through `aviato._transport.errors.from_status` with the `ErrorDetail` of the status's trailing
   metadata. Nothing above this module sees a grpc type.
 - Exec: a command without interactive stdin runs over RunCommand (one request, then output
@@ -29,10 +29,20 @@ import grpc
 import grpc.aio
 
 from aviato._defaults import ENV_TLS_CA
-from aviato._transport.base import ExecCall, ExecFrame, FileReader, LogReader, Transport
+from aviato._transport.base import (
+    ExecCall,
+    ExecFrame,
+    FileReader,
+    LogReader,
+    PullReader,
+    Transport,
+)
 from aviato._transport.errors import from_status
-from aviato.exceptions import AviatoConnectionError, AviatoError, SandboxExecutionError
-from aviato.v1 import error_detail, sandbox_pb2_grpc
+from aviato._transport.grpc_errors import mapped as _mapped
+from aviato._transport.grpc_errors import translate_error
+from aviato.exceptions import AviatoError, SandboxExecutionError
+from aviato.v1 import images_pb2 as ipb
+from aviato.v1 import images_pb2_grpc, sandbox_pb2_grpc
 from aviato.v1 import sandbox_pb2 as pb
 
 __all__ = ["GrpcTransport", "Target", "parse_base_url", "translate_error"]
@@ -83,48 +93,6 @@ def parse_base_url(url: str) -> Target:
     )
 
 
-# --- errors -----------------------------------------------------------------------------------
-
-
-def translate_error(
-    err: BaseException,
-    *,
-    op: str,
-    sandbox_id: str | None = None,
-    filepath: str | None = None,
-) -> BaseException:
-    """A gRPC failure as an `AviatoError` (other exceptions are returned unchanged). Also used
-    by the CLI's blocking calls, so both print the same message."""
-    if not isinstance(err, grpc.RpcError):
-        return err
-    code_fn = getattr(err, "code", None)
-    details_fn = getattr(err, "details", None)
-    trailers_fn = getattr(err, "trailing_metadata", None)
-    code = code_fn() if callable(code_fn) else None
-    details = (details_fn() if callable(details_fn) else None) or ""
-    trailers = trailers_fn() if callable(trailers_fn) else None
-    name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-    if name == "UNAVAILABLE" and _is_tls_failure(details):
-        # not transient (no code, so never retried): the certificate will not change
-        return AviatoConnectionError(
-            f"{op} failed: the TLS handshake failed ({details}); if the service uses a "
-            f"private CA, set {ENV_TLS_CA} to its certificate bundle"
-        )
-    detail = error_detail.from_metadata(trailers)
-    return from_status(name, details, detail, op=op, sandbox_id=sandbox_id, filepath=filepath)
-
-
-def _is_tls_failure(details: str) -> bool:
-    """gRPC's own words for a failed handshake (the service never got to answer)."""
-    return "handshake failed" in details.lower() or "CERTIFICATE_VERIFY_FAILED" in details
-
-
-def _mapped(
-    err: grpc.RpcError, op: str, sandbox_id: str | None = None, filepath: str | None = None
-) -> BaseException:
-    return translate_error(err, op=op, sandbox_id=sandbox_id, filepath=filepath)
-
-
 # --- the transport ----------------------------------------------------------------------------
 
 
@@ -148,6 +116,7 @@ class GrpcTransport(Transport):
         else:
             self._channel = grpc.aio.insecure_channel(target.target, options=_CHANNEL_OPTIONS)
         self._stub = sandbox_pb2_grpc.SandboxServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._images = images_pb2_grpc.ImageServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._closed = False
         #: False once the service answered RunCommand with UNIMPLEMENTED (an older service).
         self.run_command = True
@@ -328,7 +297,35 @@ class GrpcTransport(Transport):
         self, request: pb.StreamLogsRequest, *, call_timeout: float | None
     ) -> LogReader:
         call = self._stub.StreamLogs(request, timeout=call_timeout, metadata=self.metadata)
-        return _GrpcLogReader(call, request.sandbox_id)
+        return _GrpcStreamReader(call, "stream logs", request.sandbox_id)
+
+    async def pull_image(
+        self, request: ipb.PullImageRequest, *, call_timeout: float | None
+    ) -> PullReader:
+        call = self._images.PullImage(request, timeout=call_timeout, metadata=self.metadata)
+        return _GrpcStreamReader(call, f"pull {request.image}")
+
+    async def list_images(self, *, call_timeout: float | None) -> list[ipb.Image]:
+        response = await self._unary(
+            self._images.ListImages, ipb.ListImagesRequest(), call_timeout, "list images"
+        )
+        return list(response.images)
+
+    async def remove_image(self, image: str, *, call_timeout: float | None) -> ipb.Image:
+        response = await self._unary(
+            self._images.RemoveImage,
+            ipb.RemoveImageRequest(image=image),
+            call_timeout,
+            f"remove {image}",
+        )
+        removed: ipb.Image = response.image
+        return removed
+
+    async def prune_images(self, *, call_timeout: float | None) -> list[ipb.Image]:
+        response = await self._unary(
+            self._images.PruneImages, ipb.PruneImagesRequest(), call_timeout, "prune images"
+        )
+        return list(response.removed)
 
     async def close(self) -> None:
         if not self._closed:
@@ -366,25 +363,27 @@ class _GrpcFileReader(FileReader):
             self._call.cancel()
 
 
-class _GrpcLogReader(LogReader):
-    def __init__(self, call: Any, sandbox_id: str) -> None:
+class _GrpcStreamReader(LogReader, PullReader):
+    """A server stream's messages (logs, pull progress), its errors mapped."""
+
+    def __init__(self, call: Any, op: str, sandbox_id: str | None = None) -> None:
         self._call = call
+        self._op = op
         self._sandbox_id = sandbox_id
         self._ended = False
 
-    async def next(self) -> pb.LogEntry | None:
+    async def next(self) -> Any:
         if self._ended:
             return None
         try:
             msg = await self._call.read()
         except grpc.RpcError as err:
             self._ended = True
-            raise _mapped(err, "stream logs", self._sandbox_id) from None
+            raise _mapped(err, self._op, self._sandbox_id) from None
         if msg is _EOF:
             self._ended = True
             return None
-        entry: pb.LogEntry = msg
-        return entry
+        return msg
 
     def cancel(self) -> None:
         if not self._ended:

@@ -16,15 +16,24 @@ an exec stream without an exit frame, an error frame) and reads what happened in
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from aviato._transport.base import ExecCall, ExecFrame, FileReader, LogReader, Transport
+from aviato._transport.base import (
+    ExecCall,
+    ExecFrame,
+    FileReader,
+    LogReader,
+    PullReader,
+    Transport,
+)
 from aviato._transport.errors import from_status
 from aviato.exceptions import AviatoError, SandboxExecutionError
 from aviato.v1 import errors_pb2 as epb
+from aviato.v1 import images_pb2 as ipb
 from aviato.v1 import sandbox_pb2 as pb
 
 __all__ = ["Faults", "MemoryService", "MemoryTransport"]
@@ -68,6 +77,8 @@ class MemoryService:
         self.signals: list[int] = []
         #: the terminal sizes (rows, cols) that commands were resized to, in order
         self.resizes: list[tuple[int, int]] = []
+        #: the image store, by digest: `pull` adds, `remove`/`prune` take away
+        self.images: dict[str, ipb.Image] = {}
         self._ids = itertools.count(1)
 
     def transport(self) -> MemoryTransport:
@@ -247,6 +258,40 @@ class MemoryTransport(Transport):
         found.files[header.path] = data
         return len(data)
 
+    async def pull_image(
+        self, request: ipb.PullImageRequest, *, call_timeout: float | None
+    ) -> PullReader:
+        self.service._enter("PullImage", f"pull {request.image}")
+        digest = "sha256:" + hashlib.sha256(request.image.encode()).hexdigest()
+        image = ipb.Image(names=[request.image], digest=digest, size=1024, node="local")
+        image.pulled_at.GetCurrentTime()
+        self.service.images[digest] = image
+        return _MemoryPullReader(
+            [
+                ipb.PullImageProgress(phase="resolving"),
+                ipb.PullImageProgress(phase="downloading", digest=digest, current=1024, total=1024),
+                ipb.PullImageProgress(phase="done", digest=digest, image=image),
+            ]
+        )
+
+    async def list_images(self, *, call_timeout: float | None) -> list[ipb.Image]:
+        self.service._enter("ListImages", "list images")
+        return list(self.service.images.values())
+
+    async def remove_image(self, image: str, *, call_timeout: float | None) -> ipb.Image:
+        self.service._enter("RemoveImage", f"remove {image}")
+        for digest, found in self.service.images.items():
+            if image == digest or image in found.names:
+                return self.service.images.pop(digest)
+        raise from_status("NOT_FOUND", f"no image {image!r}", op=f"remove {image}")
+
+    async def prune_images(self, *, call_timeout: float | None) -> list[ipb.Image]:
+        self.service._enter("PruneImages", "prune images")
+        unused = [image for image in self.service.images.values() if not image.in_use]
+        for image in unused:
+            del self.service.images[image.digest]
+        return unused
+
     async def open_logs(
         self, request: pb.StreamLogsRequest, *, call_timeout: float | None
     ) -> LogReader:
@@ -260,6 +305,17 @@ class MemoryTransport(Transport):
         found = self.service._sandbox(header.sandbox_id, "write file", running=True)
         found.files[header.path] = bytes(data)
         return len(data)
+
+
+class _MemoryPullReader(PullReader):
+    def __init__(self, messages: list[ipb.PullImageProgress]) -> None:
+        self._messages = messages
+
+    async def next(self) -> ipb.PullImageProgress | None:
+        return self._messages.pop(0) if self._messages else None
+
+    def cancel(self) -> None:
+        self._messages.clear()
 
 
 class _MemoryLogReader(LogReader):

@@ -1,5 +1,5 @@
-"""Terminal commands (`exec(..., tty=True)`), signals and raw output over the in-memory
-transport: the frames the SDK sends and the checks it makes before sending anything."""
+"""The SDK surface the command line is built on, over the in-memory transport: terminal
+commands (`exec(..., tty=True)`), signals, raw output, log streams and the image store."""
 
 from __future__ import annotations
 
@@ -146,3 +146,23 @@ def test_logs_of_an_unknown_sandbox_raise_not_found(svc: MemoryService) -> None:
     del svc.sandboxes[sb.sandbox_id]
     with pytest.raises(aviato.SandboxNotFoundError):
         list(sb.stream_logs())
+
+
+# --- the image store -------------------------------------------------------------------------
+
+
+def test_images_pull_list_remove_prune(svc: MemoryService) -> None:
+    steps: list[str] = []
+    pulled = aviato.Images.pull(
+        "python:3.11", base_url=svc.url, progress=lambda p: steps.append(p.phase)
+    )
+    assert steps == ["resolving", "downloading", "done"]
+    assert pulled.names == ["python:3.11"] and pulled.digest.startswith("sha256:")
+    assert pulled.pulled_at is not None
+    aviato.Images.pull("busybox", base_url=svc.url)
+    assert {i.digest for i in aviato.Images.list(base_url=svc.url)} == set(svc.images)
+    assert aviato.Images.remove("python:3.11", base_url=svc.url).digest == pulled.digest
+    with pytest.raises(aviato.AviatoError, match="no image"):
+        aviato.Images.remove("python:3.11", base_url=svc.url)
+    assert [i.names for i in aviato.Images.prune(base_url=svc.url)] == [["busybox"]]
+    assert aviato.Images.list(base_url=svc.url) == []
