@@ -55,7 +55,7 @@ value:
 | `sandbox.read_file_streaming(path)` | `FileStream` | no |
 | `sandbox.upload_file(source, path)` | `OperationRef[int]` | no |
 | `sandbox.stream_logs(follow=..., tail=...)` | `LogStream` (of `LogRecord`) | no |
-| `Images.pull()`, `.list()`, `.remove()`, `.prune()`, `aviato.server_info()` | `Image`, `list[Image]`, `ServerInfo` | yes |
+| `Images.pull()`, `.list()`, `.remove()`, `.prune()`, `aviato.server_info()`, `Admin().create_key()` ... | `Image`, `list[Image]`, `ServerInfo`, `CreatedKey` ... | yes |
 | `Sandbox.list()`, `Sandbox.from_id()`, `Sandbox.delete()` | `OperationRef[...]` | no |
 | `session.list()`, `session.from_id()`, `session.close()` | `OperationRef[...]` | no |
 | `fn.remote(...)`, `fn.map(...)` | `OperationRef[R]`, `list[OperationRef[R]]` | no |

@@ -22,6 +22,7 @@ import os as _os
 _os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from aviato import exceptions
+from aviato._admin import Admin, ApiKey, CreatedKey, OwnerQuota
 from aviato._credentials import ImagePullCredentials
 from aviato._defaults import NetworkOptions, SandboxDefaults, Serialization
 from aviato._files import FileStream
@@ -71,10 +72,13 @@ def _version() -> str:
 __version__ = _version()
 
 __all__ = [
+    "Admin",
+    "ApiKey",
     "AsyncFunctionError",
     "AviatoAuthenticationError",
     "AviatoConnectionError",
     "AviatoError",
+    "CreatedKey",
     "FileStream",
     "FunctionError",
     "FunctionSerializationError",
@@ -85,6 +89,7 @@ __all__ = [
     "LogStream",
     "NetworkOptions",
     "OperationRef",
+    "OwnerQuota",
     "Process",
     "ProcessResult",
     "PullProgress",

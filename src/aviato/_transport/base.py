@@ -30,6 +30,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 
+from aviato.v1 import admin_pb2 as apb
 from aviato.v1 import images_pb2 as ipb
 from aviato.v1 import sandbox_pb2 as pb
 
@@ -214,6 +215,31 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def prune_images(self, *, call_timeout: float | None) -> list[ipb.Image]: ...
+
+    # -- administration (the Admin API: served on the local socket only) ------------------------
+
+    @abc.abstractmethod
+    async def create_key(
+        self, request: apb.CreateKeyRequest, *, call_timeout: float | None
+    ) -> apb.CreateKeyResponse: ...
+
+    @abc.abstractmethod
+    async def list_keys(
+        self, request: apb.ListKeysRequest, *, call_timeout: float | None
+    ) -> list[apb.ApiKey]: ...
+
+    @abc.abstractmethod
+    async def revoke_key(self, key_id: str, *, call_timeout: float | None) -> None: ...
+
+    @abc.abstractmethod
+    async def get_owner_quotas(
+        self, owner: str | None, *, call_timeout: float | None
+    ) -> list[apb.OwnerQuota]: ...
+
+    @abc.abstractmethod
+    async def set_owner_quota(
+        self, quota: apb.OwnerQuota, *, call_timeout: float | None
+    ) -> apb.OwnerQuota: ...
 
     # -- the service --------------------------------------------------------------------------
 

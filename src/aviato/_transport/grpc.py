@@ -21,14 +21,13 @@ import contextlib
 import os
 import shlex
 from collections.abc import AsyncIterator, Coroutine
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import grpc
 import grpc.aio
 
 from aviato._defaults import ENV_TLS_CA
+from aviato._transport.address import Target, parse_base_url
 from aviato._transport.base import (
     ExecCall,
     ExecFrame,
@@ -41,8 +40,9 @@ from aviato._transport.errors import from_status
 from aviato._transport.grpc_errors import mapped as _mapped
 from aviato._transport.grpc_errors import translate_error
 from aviato.exceptions import AviatoError, SandboxExecutionError
+from aviato.v1 import admin_pb2 as apb
+from aviato.v1 import admin_pb2_grpc, images_pb2_grpc, sandbox_pb2_grpc
 from aviato.v1 import images_pb2 as ipb
-from aviato.v1 import images_pb2_grpc, sandbox_pb2_grpc
 from aviato.v1 import sandbox_pb2 as pb
 
 __all__ = ["GrpcTransport", "Target", "parse_base_url", "translate_error"]
@@ -56,41 +56,6 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.enable_retries", 0),
 ]
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
-
-
-@dataclass(frozen=True)
-class Target:
-    """A parsed base URL: the gRPC target string and whether TLS is used."""
-
-    url: str
-    target: str
-    secure: bool
-
-
-def parse_base_url(url: str) -> Target:
-    """Parses ``unix:///path``, ``http://host:port`` or ``https://host:port``."""
-    url = url.strip().rstrip("/")
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "unix":
-        path = url[len("unix:") :]
-        path = "/" + path.lstrip("/")
-        if path == "/":
-            raise ValueError(f"base URL {url!r}: a unix URL needs an absolute socket path")
-        return Target(url, f"unix://{path}", secure=False)
-    if scheme in ("http", "https"):
-        if not parts.hostname:
-            raise ValueError(f"base URL {url!r} has no host")
-        if parts.path not in ("", "/") or parts.query:
-            raise ValueError(f"base URL {url!r} must not have a path or query")
-        port = parts.port or (443 if scheme == "https" else 80)
-        host = parts.hostname
-        if ":" in host:  # IPv6 literal
-            host = f"[{host}]"
-        return Target(url, f"{host}:{port}", secure=scheme == "https")
-    raise ValueError(
-        f"base URL {url!r}: expected unix:///path.sock, http://host:port or https://host:port"
-    )
 
 
 # --- the transport ----------------------------------------------------------------------------
@@ -117,6 +82,7 @@ class GrpcTransport(Transport):
             self._channel = grpc.aio.insecure_channel(target.target, options=_CHANNEL_OPTIONS)
         self._stub = sandbox_pb2_grpc.SandboxServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._images = images_pb2_grpc.ImageServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._admin = admin_pb2_grpc.AdminStub(self._channel)  # type: ignore[no-untyped-call]
         self._closed = False
         #: False once the service answered RunCommand with UNIMPLEMENTED (an older service).
         self.run_command = True
@@ -292,6 +258,42 @@ class GrpcTransport(Transport):
             raise _mapped(err, "write file", header.sandbox_id, header.path) from None
         size: int = response.size
         return size
+
+    async def create_key(
+        self, request: apb.CreateKeyRequest, *, call_timeout: float | None
+    ) -> apb.CreateKeyResponse:
+        created: apb.CreateKeyResponse = await self._unary(
+            self._admin.CreateKey, request, call_timeout, "create key"
+        )
+        return created
+
+    async def list_keys(
+        self, request: apb.ListKeysRequest, *, call_timeout: float | None
+    ) -> list[apb.ApiKey]:
+        response = await self._unary(self._admin.ListKeys, request, call_timeout, "list keys")
+        return list(response.keys)
+
+    async def revoke_key(self, key_id: str, *, call_timeout: float | None) -> None:
+        request = apb.RevokeKeyRequest(key_id=key_id)
+        await self._unary(self._admin.RevokeKey, request, call_timeout, "revoke key")
+
+    async def get_owner_quotas(
+        self, owner: str | None, *, call_timeout: float | None
+    ) -> list[apb.OwnerQuota]:
+        request = apb.GetOwnerQuotasRequest(owner=owner)
+        response = await self._unary(
+            self._admin.GetOwnerQuotas, request, call_timeout, "get quotas"
+        )
+        return list(response.quotas)
+
+    async def set_owner_quota(
+        self, quota: apb.OwnerQuota, *, call_timeout: float | None
+    ) -> apb.OwnerQuota:
+        request = apb.SetOwnerQuotaRequest(quota=quota)
+        stored: apb.OwnerQuota = await self._unary(
+            self._admin.SetOwnerQuota, request, call_timeout, "set quota"
+        )
+        return stored
 
     async def open_logs(
         self, request: pb.StreamLogsRequest, *, call_timeout: float | None

@@ -32,6 +32,7 @@ from aviato._transport.base import (
 )
 from aviato._transport.errors import from_status
 from aviato.exceptions import AviatoError, SandboxExecutionError
+from aviato.v1 import admin_pb2 as apb
 from aviato.v1 import errors_pb2 as epb
 from aviato.v1 import images_pb2 as ipb
 from aviato.v1 import sandbox_pb2 as pb
@@ -79,6 +80,9 @@ class MemoryService:
         self.resizes: list[tuple[int, int]] = []
         #: the image store, by digest: `pull` adds, `remove`/`prune` take away
         self.images: dict[str, ipb.Image] = {}
+        #: the Admin API's keys (by id) and owners' quotas (by owner)
+        self.keys: dict[str, apb.ApiKey] = {}
+        self.quotas: dict[str, apb.OwnerQuota] = {}
         self._ids = itertools.count(1)
 
     def transport(self) -> MemoryTransport:
@@ -291,6 +295,47 @@ class MemoryTransport(Transport):
         for image in unused:
             del self.service.images[image.digest]
         return unused
+
+    async def create_key(
+        self, request: apb.CreateKeyRequest, *, call_timeout: float | None
+    ) -> apb.CreateKeyResponse:
+        self.service._enter("CreateKey", "create key")
+        if not request.owner:
+            raise from_status("INVALID_ARGUMENT", "owner: must not be empty", op="create key")
+        key = apb.ApiKey(id=f"key_{next(self.service._ids):012x}", owner=request.owner,
+                         name=request.name)  # fmt: skip
+        key.created_at.GetCurrentTime()
+        self.service.keys[key.id] = key
+        return apb.CreateKeyResponse(key=key, secret=f"avt_memory_{key.id}")
+
+    async def list_keys(
+        self, request: apb.ListKeysRequest, *, call_timeout: float | None
+    ) -> list[apb.ApiKey]:
+        self.service._enter("ListKeys", "list keys")
+        wanted = request.owner if request.HasField("owner") else None
+        return [k for k in self.service.keys.values() if wanted in (None, k.owner)]
+
+    async def revoke_key(self, key_id: str, *, call_timeout: float | None) -> None:
+        self.service._enter("RevokeKey", "revoke key")
+        key = self.service.keys.get(key_id)
+        if key is None or key.revoked:
+            raise from_status("NOT_FOUND", f"no active key {key_id!r}", op="revoke key")
+        key.revoked = True
+
+    async def get_owner_quotas(
+        self, owner: str | None, *, call_timeout: float | None
+    ) -> list[apb.OwnerQuota]:
+        self.service._enter("GetOwnerQuotas", "get quotas")
+        if owner is not None:
+            return [self.service.quotas.get(owner, apb.OwnerQuota(owner=owner))]
+        return [self.service.quotas[o] for o in sorted(self.service.quotas)]
+
+    async def set_owner_quota(
+        self, quota: apb.OwnerQuota, *, call_timeout: float | None
+    ) -> apb.OwnerQuota:
+        self.service._enter("SetOwnerQuota", "set quota")
+        self.service.quotas[quota.owner] = quota
+        return quota
 
     async def open_logs(
         self, request: pb.StreamLogsRequest, *, call_timeout: float | None
