@@ -129,8 +129,18 @@ SECTIONS: list[tuple[str, list[str]]] = [
         ],
     ),
     (
-        "The service and its images",
-        ["server_info", "ServerInfo", "Images", "Image", "PullProgress"],
+        "The service, its images and its administration",
+        [
+            "server_info",
+            "ServerInfo",
+            "Images",
+            "Image",
+            "PullProgress",
+            "Admin",
+            "ApiKey",
+            "CreatedKey",
+            "OwnerQuota",
+        ],
     ),
     ("Sessions and remote functions", ["Session", "RemoteFunction"]),
     (
