@@ -246,6 +246,8 @@ def exec_command(
         )
     except CliError as exc:
         raise CliError(exc.message, EXEC_FAILED if exc.exit_code == 1 else exc.exit_code) from None
+    except UnicodeEncodeError:
+        raise  # text that cannot be sent at all: a usage problem (exit 1), not a failed run
     except (AviatoError, ValueError) as exc:
         raise CliError(describe(exc), EXEC_FAILED) from None
     raise SystemExit(code)

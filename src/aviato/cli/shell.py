@@ -159,6 +159,8 @@ def sh(
         code = _TerminalBridge(0, 1).run(sandbox, argv or list(DEFAULT_SHELL), cwd, variables)
     except CliError as exc:
         raise CliError(exc.message, EXEC_FAILED) from None
+    except UnicodeEncodeError:
+        raise  # text that cannot be sent at all: a usage problem (exit 1), not a failed run
     except (AviatoError, ValueError) as exc:
         raise CliError(describe(exc), EXEC_FAILED) from None
     raise SystemExit(code)
