@@ -133,6 +133,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
         [
             "server_info",
             "ServerInfo",
+            "start_local_service",
             "Images",
             "Image",
             "PullProgress",

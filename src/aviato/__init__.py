@@ -28,6 +28,7 @@ from aviato._defaults import NetworkOptions, SandboxDefaults, Serialization
 from aviato._files import FileStream
 from aviato._function import RemoteFunction
 from aviato._image_store import Image, Images, PullProgress
+from aviato._local import start_local_service
 from aviato._logs import LogRecord, LogStream
 from aviato._operation import OperationRef
 from aviato._output import StreamReader
@@ -120,5 +121,6 @@ __all__ = [
     "exceptions",
     "results",
     "server_info",
+    "start_local_service",
     "wait",
 ]
