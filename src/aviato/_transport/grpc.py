@@ -501,6 +501,10 @@ class _GrpcExecCall(ExecCall):
             await self._opened
         try:
             async with self._write_lock:
+                if self._call.done() and request.WhichOneof("msg") != "stdin":
+                    # The command is over: an end-of-file, resize or signal has nothing left to
+                    # reach, and writing to a finished call can fail it after the fact.
+                    return
                 await self._call.write(request)
         except grpc.RpcError as err:
             raise self._error(err) from None
