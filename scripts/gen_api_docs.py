@@ -53,6 +53,9 @@ value:
 | `sandbox.start()`, `.stop()`, `.read_file()`, `.write_file()`, `.download_file()`, `.wait_until_complete()` | `OperationRef[...]` | no |
 | `sandbox.exec(argv, ...)` | `Process` | no |
 | `sandbox.read_file_streaming(path)` | `FileStream` | no |
+| `sandbox.upload_file(source, path)` | `OperationRef[int]` | no |
+| `sandbox.stream_logs(follow=..., tail=...)` | `LogStream` (of `LogRecord`) | no |
+| `Images.pull()`, `.list()`, `.remove()`, `.prune()`, `aviato.server_info()`, `Admin().create_key()` ... | `Image`, `list[Image]`, `ServerInfo`, `CreatedKey` ... | yes |
 | `Sandbox.list()`, `Sandbox.from_id()`, `Sandbox.delete()` | `OperationRef[...]` | no |
 | `session.list()`, `session.from_id()`, `session.close()` | `OperationRef[...]` | no |
 | `fn.remote(...)`, `fn.map(...)` | `OperationRef[R]`, `list[OperationRef[R]]` | no |
@@ -121,6 +124,23 @@ SECTIONS: list[tuple[str, list[str]]] = [
             "StreamReader",
             "StreamWriter",
             "FileStream",
+            "LogStream",
+            "LogRecord",
+        ],
+    ),
+    (
+        "The service, its images and its administration",
+        [
+            "server_info",
+            "ServerInfo",
+            "start_local_service",
+            "Images",
+            "Image",
+            "PullProgress",
+            "Admin",
+            "ApiKey",
+            "CreatedKey",
+            "OwnerQuota",
         ],
     ),
     ("Sessions and remote functions", ["Session", "RemoteFunction"]),

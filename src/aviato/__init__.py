@@ -22,15 +22,20 @@ import os as _os
 _os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from aviato import exceptions
+from aviato._admin import Admin, ApiKey, CreatedKey, OwnerQuota
 from aviato._credentials import ImagePullCredentials
 from aviato._defaults import NetworkOptions, Serialization
 from aviato._files import FileStream
 from aviato._function import RemoteFunction
+from aviato._image_store import Image, Images, PullProgress
+from aviato._local import start_local_service
+from aviato._logs import LogRecord, LogStream
 from aviato._operation import OperationRef
 from aviato._options import SandboxDefaults
 from aviato._output import StreamReader
 from aviato._process import Process, StreamWriter
 from aviato._sandbox import Sandbox, Session
+from aviato._service import ServerInfo, server_info
 from aviato._status import SandboxStatus
 from aviato._wait import Waitable, results, wait
 from aviato.exceptions import (
@@ -69,18 +74,27 @@ def _version() -> str:
 __version__ = _version()
 
 __all__ = [
+    "Admin",
+    "ApiKey",
     "AsyncFunctionError",
     "AviatoAuthenticationError",
     "AviatoConnectionError",
     "AviatoError",
+    "CreatedKey",
     "FileStream",
     "FunctionError",
     "FunctionSerializationError",
+    "Image",
     "ImagePullCredentials",
+    "Images",
+    "LogRecord",
+    "LogStream",
     "NetworkOptions",
     "OperationRef",
+    "OwnerQuota",
     "Process",
     "ProcessResult",
+    "PullProgress",
     "RemoteFunction",
     "RemoteFunctionError",
     "ResourceUsage",
@@ -98,6 +112,7 @@ __all__ = [
     "SandboxTimeoutError",
     "SandboxValidationError",
     "Serialization",
+    "ServerInfo",
     "Session",
     "StreamReader",
     "StreamWriter",
@@ -106,5 +121,7 @@ __all__ = [
     "__version__",
     "exceptions",
     "results",
+    "server_info",
+    "start_local_service",
     "wait",
 ]

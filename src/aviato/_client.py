@@ -108,7 +108,7 @@ class Client:
     async def _revive_local_service(self) -> BaseException | None:
         """The local service may have died: start it again (a no-op when it answers)."""
         try:
-            await _ensure_local_service(self.local_state_dir)
+            await ensure_local_service(self.local_state_dir)
         except Exception as err:
             return err
         return None
@@ -117,7 +117,7 @@ class Client:
         await self.transport.close()
 
 
-async def _ensure_local_service(state_dir: str | None) -> str:
+async def ensure_local_service(state_dir: str | None) -> str:
     """`_local.ensure_local_service` (blocking) in a thread of its own, never the loop's default
     executor: that one refuses work once the interpreter has begun to exit, and a stop fired at
     the end of a script may still have to reach (or start) the local service then."""
@@ -165,7 +165,7 @@ async def get_client(base_url: str | None) -> Client:
             return client
         if base_url is None:
             assert state_dir is not None
-            socket_path = await _ensure_local_service(state_dir)
+            socket_path = await ensure_local_service(state_dir)
             client = Client(
                 GrpcTransport(f"unix://{socket_path}", api_key=_defaults.api_key()),
                 local_state_dir=state_dir,

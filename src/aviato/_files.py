@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import BinaryIO, Self
 
 from aviato._bridge import await_concurrent, get_bridge
 from aviato._client import Client
@@ -171,6 +171,53 @@ async def write_whole(
         )
 
 
+#: ``progress(done, total)``: bytes moved so far, and the file's size when known (else None).
+Progress = Callable[[int, int | None], object]
+
+UPLOAD_CHUNK_BYTES = 256 * 1024
+
+
+async def upload(
+    client: Client,
+    sandbox_id: str,
+    path: str,
+    source: BinaryIO,
+    *,
+    mode: int,
+    make_parents: bool,
+    total: int | None,
+    progress: Progress | None,
+    rpc_timeout: float | None,
+) -> int:
+    """Streams `source` into the sandbox's `path`; returns the size written. Chunks are read in
+    a worker thread (a slow disk or a pipe must not stall the SDK's loop), one at a time: memory
+    stays at a chunk and the connection's window. Never retried (a stream cannot be rewound)."""
+    loop = asyncio.get_running_loop()
+    sent = 0
+
+    async def chunks() -> AsyncIterator[bytes]:
+        nonlocal sent
+        while chunk := await loop.run_in_executor(None, source.read, UPLOAD_CHUNK_BYTES):
+            yield chunk
+            sent += len(chunk)
+            if progress is not None:
+                progress(sent, total)
+
+    header = pb.WriteFileHeader(
+        sandbox_id=sandbox_id, path=path, mode=mode, make_parents=make_parents
+    )
+    if progress is not None:
+        progress(0, total)
+    size = await client.transport.write_file_chunks(header, chunks(), call_timeout=rpc_timeout)
+    if size != sent:
+        raise SandboxFileError(
+            f"write of {path!r} was incomplete: {size} of {sent} bytes",
+            filepath=path,
+            sandbox_id=sandbox_id,
+        )
+    return size
+
+
 def local_target(local_path: str | os.PathLike[str]) -> Path:
     """`local_path` as the file a download may create: not a directory, in one that exists."""
     if isinstance(local_path, bytes) or not isinstance(local_path, str | os.PathLike):
@@ -213,7 +260,12 @@ class _PartFile:
             os.unlink(self.name)
 
 
-async def download(open_: Callable[[], Awaitable[_Reading]], path: str, target: Path) -> int:
+async def download(
+    open_: Callable[[], Awaitable[_Reading]],
+    path: str,
+    target: Path,
+    progress: Progress | None = None,
+) -> int:
     """Streams the file into `target` (see the module); returns its size. The local file gets
     the sandbox file's permission bits, less set-id bits and write for group and others. File
     I/O runs in worker threads: a slow disk must not stall the SDK's loop."""
@@ -222,8 +274,13 @@ async def download(open_: Callable[[], Awaitable[_Reading]], path: str, target: 
     reading: _Reading | None = None
     try:
         reading = await open_()
+        total = reading.size if reading.size > 0 else None
+        if progress is not None:
+            progress(0, total)
         while (chunk := await reading.next()) is not None:
             await loop.run_in_executor(None, part.write, chunk)
+            if progress is not None:
+                progress(reading.received, total)
         await loop.run_in_executor(None, part.commit, (reading.mode & 0o755) | 0o600)
         return reading.received
     except BaseException:

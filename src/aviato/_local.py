@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -38,7 +39,7 @@ from aviato.exceptions import AviatoConnectionError
 from aviato.v1 import endpoint, sandbox_pb2_grpc
 from aviato.v1 import sandbox_pb2 as pb
 
-__all__ = ["ensure_local_service", "socket_path", "state_dir"]
+__all__ = ["ensure_local_service", "socket_path", "start_local_service", "state_dir"]
 
 START_TIMEOUT_SECONDS = 15.0
 _MAX_UNIX_PATH = 107
@@ -115,7 +116,7 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _spawn(directory: Path) -> subprocess.Popen[bytes]:
+def _spawn(directory: Path, server_args: Sequence[str] = ()) -> subprocess.Popen[bytes]:
     log = directory / endpoint.LOG_NAME
     with os.fdopen(open_private(log, os.O_WRONLY | os.O_APPEND), "ab") as out:
         out.write(
@@ -123,7 +124,7 @@ def _spawn(directory: Path) -> subprocess.Popen[bytes]:
         )
         out.flush()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "aviato.server", "--state-dir", str(directory)],
+            [sys.executable, "-m", "aviato.server", "--state-dir", str(directory), *server_args],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -140,11 +141,16 @@ def ensure_local_service(
     state_dir_path: str | os.PathLike[str] | None = None,
     *,
     timeout: float = START_TIMEOUT_SECONDS,
+    server_args: Sequence[str] = (),
 ) -> str:
     """Returns the socket path of a local service that answers, starting one if needed.
 
-    Raises `AviatoConnectionError` (with the tail of ``server.log``) if it cannot be started.
+    With `server_args` (arguments of ``aviato server``, e.g. ``["--listen", "127.0.0.1:7080"]``)
+    a new service is started with them, and one that already answers is an error: it would not
+    have them. Raises `AviatoConnectionError` (with the tail of ``server.log``) if it cannot be
+    started.
     """
+    server_args = [str(arg) for arg in server_args]
     directory = endpoint.state_dir(state_dir_path)
     sock = directory / endpoint.SOCKET_NAME
     if len(str(sock).encode()) > _MAX_UNIX_PATH:
@@ -152,7 +158,7 @@ def ensure_local_service(
             f"the state directory {directory} is too long for a unix socket path "
             f"({len(str(sock))} > {_MAX_UNIX_PATH} bytes); set AVIATO_STATE_DIR to a shorter path"
         )
-    if _answers(sock):
+    if _answers(sock) and not server_args:
         return str(sock)
     try:
         private_dir(directory, ours=True)
@@ -162,6 +168,11 @@ def ensure_local_service(
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
             if _answers(sock):
+                if server_args:
+                    raise AviatoConnectionError(
+                        f"a service already runs for {directory}; stop it first to start one "
+                        f"with {' '.join(server_args)}"
+                    )
                 return str(sock)
             # A service that accepts connections but does not answer yet is still starting.
             deadline = time.monotonic() + timeout
@@ -173,7 +184,7 @@ def ensure_local_service(
             if _connect_state(sock) == "refused":
                 with contextlib.suppress(FileNotFoundError):
                     sock.unlink()
-            proc = _spawn(directory)
+            proc = _spawn(directory, server_args)
             deadline = time.monotonic() + timeout
             delay = 0.02
             while time.monotonic() < deadline:
@@ -193,3 +204,17 @@ def ensure_local_service(
             )
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def start_local_service(
+    state_dir: str | os.PathLike[str] | None = None, *, server_args: Sequence[str] = ()
+) -> str:
+    """Starts the local service of `state_dir` (default: `AVIATO_STATE_DIR`, else the user's)
+    if it is not running, in the background with its log in ``server.log``, and returns its
+    socket's path once it answers. SDK calls do this by themselves on first use; this is for
+    starting it ahead of time, or with `server_args` (the options of ``aviato server``, such as
+    ``["--listen", "127.0.0.1:7080"]``), in which case a service already running is an error
+    (`AviatoConnectionError`). The start takes the state directory's lock, so that concurrent
+    starters wait for one service instead of racing.
+    """
+    return ensure_local_service(state_dir, server_args=server_args)

@@ -28,7 +28,7 @@ import codecs
 import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from aviato._bridge import await_concurrent, get_bridge
 from aviato._defaults import DEFAULT_MAX_OUTPUT_BYTES
@@ -40,6 +40,7 @@ STREAM_WINDOW_BYTES = 4 * 1024 * 1024
 MAX_LINE_CHARS = 1024 * 1024  # longer lines come out of `lines()` in pieces of this size
 _MAX_READ_CHUNK = 1024 * 1024
 T = TypeVar("T")
+ItemT = TypeVar("ItemT", str, bytes)
 
 
 def _mib(n: int) -> str:
@@ -199,10 +200,8 @@ class StreamReader:
         self._finished = False
 
     # loop-side
-    async def _next_chunk(self) -> str | None:
-        if self._pending:
-            text, self._pending = self._pending, ""
-            return text
+    async def _next_bytes(self) -> bytes | None:
+        """The next raw chunk as it arrived, or None at the end of the stream."""
         buf = self._buffer
         while True:
             if self._closed or self._finished:
@@ -217,20 +216,30 @@ class StreamReader:
                 raw = b""
             if raw:
                 self._pos += len(raw)
-                text = self._decoder.decode(raw)
-                if text:
-                    return text
-                continue
+                return raw
             if buf.lost_at is not None and self._pos >= buf.lost_at:
                 self._finished = True
                 raise buf.lost_error()
             if buf.closed:
                 self._finished = True
-                tail = self._decoder.decode(b"", final=True)
                 if buf.error is not None:
                     raise buf.error
-                return tail or None
+                return None
             await buf.wait()
+
+    async def _next_chunk(self) -> str | None:
+        if self._pending:
+            text, self._pending = self._pending, ""
+            return text
+        while True:
+            if self._finished or self._closed:
+                return None
+            raw = await self._next_bytes()
+            if raw is None:
+                return self._decoder.decode(b"", final=True) or None
+            text = self._decoder.decode(raw)
+            if text:
+                return text
 
     async def _next_line(self) -> str | None:
         parts: list[str] = []
@@ -284,6 +293,12 @@ class StreamReader:
             raise StopAsyncIteration
         return chunk
 
+    def iter_bytes(self) -> _ReadLoop[bytes]:
+        """Iterates (``for``/``async for``) over the raw bytes as they arrived, undecoded (for
+        binary output, or a terminal's bytes relayed as they are). Do not mix with text
+        iteration on the same reader: a character split across the switch would be lost."""
+        return _ReadLoop(self, self._next_bytes)
+
     def lines(self) -> LineIterator:
         """Iterates (``for``/``async for``) over whole lines, each ending in ``"\\n"`` except
         possibly the last. A line longer than 1 MiB (of text) comes in pieces of 1 MiB, only
@@ -306,15 +321,15 @@ class StreamReader:
         return f"<StreamReader {self.name}>"
 
 
-class _ReadLoop:
+class _ReadLoop(Generic[ItemT]):
     """One ``for``/``async for`` over a reader: open (holding the command back when it falls
     behind) from its creation until it ends or is dropped."""
 
     def __init__(
-        self, reader: StreamReader, step: Callable[[], Coroutine[Any, Any, str | None]]
+        self, reader: StreamReader, step: Callable[[], Coroutine[Any, Any, ItemT | None]]
     ) -> None:
         self._reader = reader
-        self._step = step
+        self._step: Callable[[], Coroutine[Any, Any, ItemT | None]] = step
         self._open = True
         reader._loop_opened()
 
@@ -323,10 +338,10 @@ class _ReadLoop:
             self._open = False
             self._reader._loop_closed()
 
-    def __iter__(self) -> _ReadLoop:
+    def __iter__(self) -> _ReadLoop[ItemT]:
         return self
 
-    def __next__(self) -> str:
+    def __next__(self) -> ItemT:
         try:
             item = get_bridge().run(self._step())
         except BaseException:
@@ -337,10 +352,10 @@ class _ReadLoop:
             raise StopIteration
         return item
 
-    def __aiter__(self) -> _ReadLoop:
+    def __aiter__(self) -> _ReadLoop[ItemT]:
         return self
 
-    async def __anext__(self) -> str:
+    async def __anext__(self) -> ItemT:
         try:
             item = await _run_on_bridge(self._step())
         except BaseException:
@@ -356,7 +371,7 @@ class _ReadLoop:
             self._end()
 
 
-class LineIterator(_ReadLoop):
+class LineIterator(_ReadLoop[str]):
     """Lines of a `StreamReader`, sync or async (see `StreamReader.lines`)."""
 
     def __init__(self, reader: StreamReader) -> None:

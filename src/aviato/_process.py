@@ -17,6 +17,7 @@ import concurrent.futures
 import contextlib
 import shlex
 from collections import deque
+from collections.abc import Awaitable, Callable
 
 from aviato._defaults import DEFAULT_MAX_OUTPUT_BYTES
 from aviato._operation import OperationRef
@@ -156,9 +157,14 @@ class ExecState:
         command: list[str],
         *,
         stdin: bool,
+        tty: bool = False,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
     ) -> None:
         self.command = command
+        self.tty = tty
+        self.interactive = stdin or tty  # a stream that takes control frames
+        self._call: ExecCall | None = None
+        self._call_waiters: list[asyncio.Future[ExecCall | None]] = []
         self.stdout = OutputBuffer(max_output_bytes, "stdout")
         self.stderr = OutputBuffer(max_output_bytes, "stderr")
         self.writer = StreamWriter() if stdin else None
@@ -169,10 +175,34 @@ class ExecState:
         if self._finished:
             return
         self._finished = True
+        self._set_call(None)
         self.stdout.close(error)
         self.stderr.close(error)
         if self.writer is not None:
             self.writer._fail(error or SandboxExecutionError("the command has exited"))
+
+    def _set_call(self, call: ExecCall | None) -> None:
+        self._call = call
+        waiters, self._call_waiters = self._call_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(call)
+
+    async def control(self, what: str, send: Callable[[ExecCall], Awaitable[None]]) -> None:
+        """Sends a control frame (resize, signal) once the call is open; one sent after the
+        command ended is dropped (there is nothing left to resize or signal)."""
+        call = self._call
+        if call is None and not self._finished:
+            waiter: asyncio.Future[ExecCall | None] = asyncio.get_running_loop().create_future()
+            self._call_waiters.append(waiter)
+            call = await waiter
+        if call is not None:
+            try:
+                await send(call)
+            except SandboxExecutionError:
+                if not self._finished:
+                    raise
+                # the command exited meanwhile: nothing to {what}
 
     def _result(self, exit_msg: pb.ExecExit) -> ProcessResult:
         out, err = self.stdout.freeze(), self.stderr.freeze()
@@ -237,6 +267,7 @@ class ExecState:
         When a stream's reader has fallen a window behind, it stops reading until the reader
         catches up: the call's flow control then holds the command back."""
         call = await transport.exec(init, call_timeout=call_timeout)
+        self._set_call(call)
         pump: asyncio.Task[None] | None = None
         if self.writer is not None:
             pump = asyncio.create_task(_pump_stdin(call, self.writer))
@@ -285,7 +316,14 @@ class Process(OperationRef[ProcessResult]):
       blocking; ``wait(timeout)`` blocks and returns it;
     - ``result()``/``await process``: the `ProcessResult` (raises `SandboxExecutionError` with
       ``exec_result`` when ``check=True`` and the exit code is not 0);
-    - ``cancel()``: kills the command in the sandbox (SIGKILL to its process group).
+    - ``cancel()``: kills the command in the sandbox (SIGKILL to its process group);
+    - ``send_signal(signum)``: signals its process group (with ``stdin=True`` or ``tty=True``);
+    - ``resize(rows, cols)``: resizes its terminal (with ``tty=True``).
+
+    With ``exec(..., tty=True)`` the command runs on a pseudo-terminal: ``stdin`` takes raw
+    bytes (keys, control characters such as ``b"\\x03"`` for Ctrl-C), everything the terminal
+    shows arrives on ``stdout`` (use ``stdout.iter_bytes()`` to relay it undecoded), ``stderr``
+    stays empty.
     """
 
     __slots__ = ("_returncode", "_state", "command", "stderr", "stdin", "stdout")
@@ -310,6 +348,36 @@ class Process(OperationRef[ProcessResult]):
             result = getattr(exc, "exec_result", None)
             if isinstance(result, ProcessResult):
                 self._returncode = result.returncode
+
+    @property
+    def tty(self) -> bool:
+        """True when the command runs on a pseudo-terminal (``exec(..., tty=True)``)."""
+        return self._state.tty
+
+    def resize(self, rows: int, cols: int) -> OperationRef[None]:
+        """Resizes the command's terminal to `rows` x `cols` (each 1 to 65535); the command gets
+        SIGWINCH. Only for ``exec(..., tty=True)``. After the command exited, does nothing.
+        Safe to call from a signal handler (e.g. on the local terminal's SIGWINCH)."""
+        if not self._state.tty:
+            raise SandboxExecutionError("resize() needs a command started with tty=True")
+        for name, value in (("rows", rows), ("cols", cols)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+                raise ValueError(f"{name} must be a whole number from 1 to 65535, not {value!r}")
+        return OperationRef._of(self._state.control("resize", lambda call: call.resize(rows, cols)))
+
+    def send_signal(self, signum: int) -> OperationRef[None]:
+        """Sends signal `signum` (e.g. ``signal.SIGINT``) to the command's process group, so it
+        can clean up (`cancel()` kills it outright). Only for a command started with
+        ``stdin=True`` or ``tty=True``. After the command exited, does nothing."""
+        if not self._state.interactive:
+            raise SandboxExecutionError(
+                "send_signal() needs a command started with stdin=True or tty=True"
+            )
+        if isinstance(signum, bool) or not isinstance(signum, int) or not 0 < signum < 65:
+            raise ValueError(f"signum must be a signal number from 1 to 64, not {signum!r}")
+        return OperationRef._of(
+            self._state.control("signal", lambda call: call.send_signal(int(signum)))
+        )
 
     @property
     def returncode(self) -> int | None:

@@ -9,20 +9,48 @@ from __future__ import annotations
 
 import os
 import shlex
+import stat
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 from aviato import _defaults, _files
 from aviato._bridge import get_bridge
 from aviato._client import Client
-from aviato._files import FileStream
+from aviato._files import FileStream, Progress
+from aviato._logs import LogStream
 from aviato._operation import OperationRef
 from aviato._options import SandboxDefaults
 from aviato._process import ExecState, Process
+from aviato._transport.base import LogReader
 from aviato.exceptions import SandboxError, SandboxNotRunningError
 from aviato.v1 import sandbox_pb2 as pb
 
 __all__ = ["SandboxIO"]
+
+
+DEFAULT_TTY_SIZE = (24, 80)
+
+
+def _regular_file_size_and_mode(source: BinaryIO) -> tuple[int | None, int | None]:
+    """The size and permission bits of a file object that is a regular file, else None."""
+    try:
+        info = os.fstat(source.fileno())
+    except (OSError, AttributeError, ValueError):
+        return None, None
+    if not stat.S_ISREG(info.st_mode):
+        return None, None
+    return info.st_size, stat.S_IMODE(info.st_mode)
+
+
+def _terminal_size(size: tuple[int, int] | None) -> tuple[int, int]:
+    """`tty_size` checked: (rows, cols), each 1 to 65535; None is 24 x 80."""
+    if size is None:
+        return DEFAULT_TTY_SIZE
+    if not (isinstance(size, tuple | list) and len(size) == 2) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and 0 < n < 65536 for n in size
+    ):
+        raise ValueError(f"tty_size must be (rows, cols), each from 1 to 65535, not {size!r}")
+    return int(size[0]), int(size[1])
 
 
 class SandboxIO:
@@ -56,6 +84,8 @@ class SandboxIO:
         input: bytes | str | None = None,
         protected: bool = False,
         max_output_bytes: int | None = None,
+        tty: bool = False,
+        tty_size: tuple[int, int] | None = None,
     ) -> Process:
         """Runs `command` (an argv list) in the sandbox; returns a `Process` at once.
 
@@ -78,6 +108,13 @@ class SandboxIO:
         says when a stream was longer (``stdout_truncated``/``stderr_truncated``); the command
         runs to its end and its exit code arrives either way.
 
+        With ``tty=True`` the command runs on a pseudo-terminal of `tty_size` (rows, cols;
+        default 24 x 80), as in a terminal window: ``process.stdin`` takes raw bytes (keys,
+        ``b"\\x03"`` for Ctrl-C), the terminal's output arrives on ``stdout`` (stderr stays
+        empty), ``process.resize(rows, cols)`` follows a window's size and
+        ``process.send_signal(signum)`` signals the command. For agents that drive ``bash``,
+        ``python`` or an editor; ``stdin=True`` is implied.
+
         With ``protected=True`` nothing else running in the sandbox (a process an earlier
         command left behind, say) can read, write, signal or trace the command, open its
         descriptors or memory, or change its output or exit status; it still reads and writes
@@ -96,15 +133,17 @@ class SandboxIO:
             raise ValueError(f"cwd must be an absolute path: {cwd!r}")
         if timeout_seconds is not None and timeout_seconds <= 0:
             raise ValueError("timeout_seconds must be positive")
-        if input is not None and stdin:
-            raise ValueError("exec() takes stdin=True or input=..., not both")
+        if input is not None and (stdin or tty):
+            raise ValueError("exec() takes stdin=True (or tty=True) or input=..., not both")
+        rows, cols = _terminal_size(tty_size) if tty else (0, 0)
+        stdin = stdin or tty
         data = input.encode() if isinstance(input, str) else bytes(input or b"")
         keep = (
             self._defaults.max_output_bytes
             if max_output_bytes is None
             else _defaults.byte_count("max_output_bytes", max_output_bytes)
         )
-        state = ExecState(argv, stdin=stdin, max_output_bytes=keep)
+        state = ExecState(argv, stdin=stdin, tty=tty, max_output_bytes=keep)
         init = pb.ExecInit(
             argv=argv,
             cwd=cwd or "",
@@ -113,6 +152,8 @@ class SandboxIO:
             stdin=stdin,
             input=data,
             protected=protected,
+            tty=tty,
+            tty_size=pb.TerminalSize(rows=rows, cols=cols) if tty else None,
         )
         future = get_bridge().submit(self._exec(state, init, check))
         return Process(future, state)
@@ -133,6 +174,31 @@ class SandboxIO:
                 err if isinstance(err, Exception) else SandboxError("the command was cancelled")
             )
             raise
+
+    # -- the main process's log -----------------------------------------------------------------
+
+    def stream_logs(
+        self, *, follow: bool = False, tail: int | None = None, timeout_seconds: float | None = None
+    ) -> LogStream:
+        """The output of the sandbox's main process as `LogRecord`s (time, stream, data).
+
+        Returns a `LogStream` at once: iterate it with ``for`` or ``async for``. `tail` keeps
+        only the last N records written so far (None: all). With `follow` the iteration goes on
+        as the process writes and ends when the sandbox ends (or on ``close()``); without, it
+        ends with what was written so far. Works on ended sandboxes too (their log is kept).
+        `timeout_seconds` bounds the whole stream (default: no limit).
+        """
+        if tail is not None:
+            tail = _defaults.byte_count("tail", tail)  # a count of records: a whole number >= 0
+        request = pb.StreamLogsRequest(tail=-1 if tail is None else tail, follow=follow)
+
+        async def open_() -> LogReader:
+            await self._ensure_started()  # a sandbox not started yet is started (as exec does)
+            request.sandbox_id = self._require_id()
+            client = await self._client()
+            return await client.transport.open_logs(request, call_timeout=timeout_seconds)
+
+        return LogStream(open_)
 
     # -- files ---------------------------------------------------------------------------------
 
@@ -187,6 +253,7 @@ class SandboxIO:
         local_path: str | os.PathLike[str],
         *,
         timeout_seconds: float | None = None,
+        progress: Progress | None = None,
     ) -> OperationRef[int]:
         """Copies a file of the sandbox to `local_path` on this machine, in bounded memory;
         resolves to the number of bytes written.
@@ -197,11 +264,91 @@ class SandboxIO:
         `local_path` must name a file in an existing directory (else `IsADirectoryError` or
         `FileNotFoundError`, raised here). `timeout_seconds` bounds the whole transfer (default:
         no limit). Raises `SandboxFileError` as `read_file` does.
+
+        `progress`, when given, is called as ``progress(done, total)`` (bytes written so far, the
+        file's size or None when the service does not know it in advance) once at the start and
+        after each chunk, on the SDK's background thread: keep it quick (update a bar).
         """
         target = _files.local_target(local_path)
         return OperationRef._of(
-            _files.download(lambda: self._open_read(filepath, timeout_seconds), filepath, target)
+            _files.download(
+                lambda: self._open_read(filepath, timeout_seconds), filepath, target, progress
+            )
         )
+
+    def upload_file(
+        self,
+        source: str | os.PathLike[str] | BinaryIO,
+        filepath: str,
+        *,
+        mode: int | None = None,
+        make_parents: bool = True,
+        timeout_seconds: float | None = None,
+        progress: Progress | None = None,
+    ) -> OperationRef[int]:
+        """Copies `source` (a local path, or a binary file object such as ``sys.stdin.buffer``)
+        to `filepath` in the sandbox, in bounded memory; resolves to the number of bytes written.
+
+        The data streams in chunks as it is read, so a file or a pipe of any size costs a chunk
+        and the connection's window. `mode`: permission bits (default: the local file's, or
+        0o644 for a file object). Missing parent directories are created unless `make_parents`
+        is False. A file object is read to its end but not closed. A local path that is missing
+        or a directory raises `FileNotFoundError` or `IsADirectoryError` here.
+        `timeout_seconds` bounds the whole transfer (default: no limit). `progress` is called as
+        ``progress(done, total)`` (total: the size of a regular file, else None), as in
+        `download_file`. Raises `SandboxFileError` (with ``filepath``) on failure; never retried
+        (a stream cannot be read twice).
+        """
+        if isinstance(source, str | os.PathLike):
+            path = os.fspath(source)
+            if os.path.isdir(path):
+                raise IsADirectoryError(f"upload_file: {path!r} is a directory")
+            opened: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by the upload
+            owned = True
+        elif hasattr(source, "read"):
+            opened, owned = source, False
+        else:
+            raise TypeError(
+                f"upload_file: source must be a path or a binary file, not {type(source).__name__}"
+            )
+        total, local_mode = _regular_file_size_and_mode(opened)
+        if mode is None:
+            mode = local_mode if owned else None
+        return OperationRef._of(
+            self._upload(
+                opened, owned, filepath, mode, make_parents, total, progress, timeout_seconds
+            ),
+            finish_at_exit=True,
+        )
+
+    async def _upload(
+        self,
+        source: BinaryIO,
+        owned: bool,
+        filepath: str,
+        mode: int | None,
+        make_parents: bool,
+        total: int | None,
+        progress: Progress | None,
+        timeout_s: float | None,
+    ) -> int:
+        try:
+            await self._ensure_started()
+            client = await self._client()
+            return await _files.upload(
+                client,
+                self._require_id(),
+                filepath,
+                source,
+                mode=mode or 0,
+                make_parents=make_parents,
+                total=total,
+                progress=progress,
+                rpc_timeout=timeout_s,
+            )
+        finally:
+            if owned:
+                source.close()
 
     async def _open_read(self, filepath: str, timeout_s: float | None) -> Any:
         await self._ensure_started()

@@ -13,19 +13,28 @@ Two RPCs are streams and have objects of their own:
 
 - `ExecCall`: one command. ``read()`` returns its output frames and finally its exit frame
   (an error frame, or a stream that ends without one, raises). The command's stdin is fed with
-  ``write_stdin``/``close_stdin``. ``kill()`` ends the command (SIGKILL) and the call; after the
-  exit frame, ``release()`` lets the call end in the background.
+  ``write_stdin``/``close_stdin``; a terminal is resized with ``resize``; ``send_signal`` signals
+  its process group (both only for a command started with stdin or a tty). ``kill()`` ends the
+  command (SIGKILL) and the call; after the exit frame, ``release()`` lets the call end in the
+  background.
 - `FileReader`: one file read whose header (size, mode) has arrived; ``next()`` returns the data
   chunks, then None.
+- `PullReader`: one image pull; ``next()`` returns its progress messages (the last one has
+  ``image`` set), then None.
+- `LogReader`: one log stream of a sandbox's main process; ``next()`` returns its entries, then
+  None (at once without ``follow``; once the sandbox ended with it).
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import AsyncIterator
 
+from aviato.v1 import admin_pb2 as apb
+from aviato.v1 import images_pb2 as ipb
 from aviato.v1 import sandbox_pb2 as pb
 
-__all__ = ["ExecCall", "ExecFrame", "FileReader", "Transport"]
+__all__ = ["ExecCall", "ExecFrame", "FileReader", "LogReader", "PullReader", "Transport"]
 
 #: What `ExecCall.read` returns: an output chunk, or the terminal exit frame.
 ExecFrame = pb.ExecOutput | pb.ExecExit
@@ -50,6 +59,15 @@ class ExecCall(abc.ABC):
         """Sends end-of-file to the command's stdin."""
 
     @abc.abstractmethod
+    async def resize(self, rows: int, cols: int) -> None:
+        """Resizes the command's terminal (only for a command started with ``init.tty``)."""
+
+    @abc.abstractmethod
+    async def send_signal(self, signum: int) -> None:
+        """Sends `signum` to the command's process group (only for a command started with stdin
+        or a tty)."""
+
+    @abc.abstractmethod
     async def kill(self) -> None:
         """Kills the command (SIGKILL to its process group) and ends the call. Never raises."""
 
@@ -71,6 +89,30 @@ class FileReader(abc.ABC):
     @abc.abstractmethod
     def cancel(self) -> None:
         """Ends the read early (idempotent)."""
+
+
+class LogReader(abc.ABC):
+    """One log stream of a sandbox's main process (see the module docstring)."""
+
+    @abc.abstractmethod
+    async def next(self) -> pb.LogEntry | None:
+        """The next entry, or None once the service ended the stream."""
+
+    @abc.abstractmethod
+    def cancel(self) -> None:
+        """Ends the stream early (idempotent)."""
+
+
+class PullReader(abc.ABC):
+    """One image pull (see the module docstring)."""
+
+    @abc.abstractmethod
+    async def next(self) -> ipb.PullImageProgress | None:
+        """The next progress message, or None once the service ended the stream."""
+
+    @abc.abstractmethod
+    def cancel(self) -> None:
+        """Ends the stream early (idempotent); the service may finish the pull for others."""
 
 
 class Transport(abc.ABC):
@@ -125,7 +167,8 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def exec(self, init: pb.ExecInit, *, call_timeout: float | None) -> ExecCall:
         """Starts a command. With ``init.stdin`` False its stdin is ``init.input`` then
-        end-of-file; with it True, what `ExecCall.write_stdin` sends."""
+        end-of-file; with it True, what `ExecCall.write_stdin` sends. With ``init.tty`` it runs
+        on a pseudo-terminal of ``init.tty_size`` (all output arrives as stdout)."""
 
     @abc.abstractmethod
     async def open_read(
@@ -138,6 +181,65 @@ class Transport(abc.ABC):
         self, header: pb.WriteFileHeader, data: memoryview, *, call_timeout: float | None
     ) -> int:
         """Writes a whole file; returns the size the service wrote."""
+
+    @abc.abstractmethod
+    async def write_file_chunks(
+        self,
+        header: pb.WriteFileHeader,
+        chunks: AsyncIterator[bytes],
+        *,
+        call_timeout: float | None,
+    ) -> int:
+        """Writes a file from `chunks` as they come (each sent before the next is asked for);
+        returns the size the service wrote. A stream that ends early leaves no file."""
+
+    @abc.abstractmethod
+    async def open_logs(
+        self, request: pb.StreamLogsRequest, *, call_timeout: float | None
+    ) -> LogReader:
+        """Starts a log stream; errors (an unknown sandbox) are raised by `LogReader.next`."""
+
+    # -- images --------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def pull_image(
+        self, request: ipb.PullImageRequest, *, call_timeout: float | None
+    ) -> PullReader:
+        """Starts a pull; errors are raised by `PullReader.next`."""
+
+    @abc.abstractmethod
+    async def list_images(self, *, call_timeout: float | None) -> list[ipb.Image]: ...
+
+    @abc.abstractmethod
+    async def remove_image(self, image: str, *, call_timeout: float | None) -> ipb.Image: ...
+
+    @abc.abstractmethod
+    async def prune_images(self, *, call_timeout: float | None) -> list[ipb.Image]: ...
+
+    # -- administration (the Admin API: served on the local socket only) ------------------------
+
+    @abc.abstractmethod
+    async def create_key(
+        self, request: apb.CreateKeyRequest, *, call_timeout: float | None
+    ) -> apb.CreateKeyResponse: ...
+
+    @abc.abstractmethod
+    async def list_keys(
+        self, request: apb.ListKeysRequest, *, call_timeout: float | None
+    ) -> list[apb.ApiKey]: ...
+
+    @abc.abstractmethod
+    async def revoke_key(self, key_id: str, *, call_timeout: float | None) -> None: ...
+
+    @abc.abstractmethod
+    async def get_owner_quotas(
+        self, owner: str | None, *, call_timeout: float | None
+    ) -> list[apb.OwnerQuota]: ...
+
+    @abc.abstractmethod
+    async def set_owner_quota(
+        self, quota: apb.OwnerQuota, *, call_timeout: float | None
+    ) -> apb.OwnerQuota: ...
 
     # -- the service --------------------------------------------------------------------------
 

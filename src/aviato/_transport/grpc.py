@@ -4,11 +4,12 @@
   ``https://host[:port]`` (TLS with the system roots, or the CA bundle named by `AVIATO_TLS_CA`;
   port 443 by default). `parse_base_url` checks them.
 - `AVIATO_API_KEY` travels as ``authorization: Bearer <key>`` metadata on every call.
-- Errors: this module is where gRPC failures become `aviato.exceptions` (`_map_rpc_error`),
+- Errors: gRPC failures become `aviato.exceptions` in one place, `grpc_errors.translate_error`,
   through `aviato._transport.errors.from_status` with the `ErrorDetail` of the status's trailing
   metadata. Nothing above this module sees a grpc type.
 - Exec: a command without interactive stdin runs over RunCommand (one request, then output
-  frames); one with stdin over an Exec stream (init, stdin frames, ``stdin_eof``, ``signal``).
+  frames); one with stdin or a tty over an Exec stream (init, stdin frames, ``stdin_eof``,
+  ``resize``, ``signal``).
   A service older than RunCommand answers UNIMPLEMENTED before the command started: the call is
   then made again over Exec (input sent as stdin frames), and so are all later ones.
 """
@@ -20,18 +21,28 @@ import contextlib
 import os
 import shlex
 from collections.abc import AsyncIterator, Coroutine
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import grpc
 import grpc.aio
 
 from aviato._defaults import ENV_TLS_CA
-from aviato._transport.base import ExecCall, ExecFrame, FileReader, Transport
+from aviato._transport.address import Target, parse_base_url
+from aviato._transport.base import (
+    ExecCall,
+    ExecFrame,
+    FileReader,
+    LogReader,
+    PullReader,
+    Transport,
+)
 from aviato._transport.errors import from_status
-from aviato.exceptions import AviatoConnectionError, AviatoError, SandboxExecutionError
-from aviato.v1 import error_detail, sandbox_pb2_grpc
+from aviato._transport.grpc_errors import mapped as _mapped
+from aviato._transport.grpc_errors import translate_error
+from aviato.exceptions import AviatoError, SandboxExecutionError
+from aviato.v1 import admin_pb2 as apb
+from aviato.v1 import admin_pb2_grpc, images_pb2_grpc, sandbox_pb2_grpc
+from aviato.v1 import images_pb2 as ipb
 from aviato.v1 import sandbox_pb2 as pb
 
 __all__ = ["GrpcTransport", "Target", "parse_base_url", "translate_error"]
@@ -45,83 +56,6 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.enable_retries", 0),
 ]
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
-
-
-@dataclass(frozen=True)
-class Target:
-    """A parsed base URL: the gRPC target string and whether TLS is used."""
-
-    url: str
-    target: str
-    secure: bool
-
-
-def parse_base_url(url: str) -> Target:
-    """Parses ``unix:///path``, ``http://host:port`` or ``https://host:port``."""
-    url = url.strip().rstrip("/")
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "unix":
-        path = url[len("unix:") :]
-        path = "/" + path.lstrip("/")
-        if path == "/":
-            raise ValueError(f"base URL {url!r}: a unix URL needs an absolute socket path")
-        return Target(url, f"unix://{path}", secure=False)
-    if scheme in ("http", "https"):
-        if not parts.hostname:
-            raise ValueError(f"base URL {url!r} has no host")
-        if parts.path not in ("", "/") or parts.query:
-            raise ValueError(f"base URL {url!r} must not have a path or query")
-        port = parts.port or (443 if scheme == "https" else 80)
-        host = parts.hostname
-        if ":" in host:  # IPv6 literal
-            host = f"[{host}]"
-        return Target(url, f"{host}:{port}", secure=scheme == "https")
-    raise ValueError(
-        f"base URL {url!r}: expected unix:///path.sock, http://host:port or https://host:port"
-    )
-
-
-# --- errors -----------------------------------------------------------------------------------
-
-
-def translate_error(
-    err: BaseException,
-    *,
-    op: str,
-    sandbox_id: str | None = None,
-    filepath: str | None = None,
-) -> BaseException:
-    """A gRPC failure as an `AviatoError` (other exceptions are returned unchanged). Also used
-    by the CLI's blocking calls, so both print the same message."""
-    if not isinstance(err, grpc.RpcError):
-        return err
-    code_fn = getattr(err, "code", None)
-    details_fn = getattr(err, "details", None)
-    trailers_fn = getattr(err, "trailing_metadata", None)
-    code = code_fn() if callable(code_fn) else None
-    details = (details_fn() if callable(details_fn) else None) or ""
-    trailers = trailers_fn() if callable(trailers_fn) else None
-    name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-    if name == "UNAVAILABLE" and _is_tls_failure(details):
-        # not transient (no code, so never retried): the certificate will not change
-        return AviatoConnectionError(
-            f"{op} failed: the TLS handshake failed ({details}); if the service uses a "
-            f"private CA, set {ENV_TLS_CA} to its certificate bundle"
-        )
-    detail = error_detail.from_metadata(trailers)
-    return from_status(name, details, detail, op=op, sandbox_id=sandbox_id, filepath=filepath)
-
-
-def _is_tls_failure(details: str) -> bool:
-    """gRPC's own words for a failed handshake (the service never got to answer)."""
-    return "handshake failed" in details.lower() or "CERTIFICATE_VERIFY_FAILED" in details
-
-
-def _mapped(
-    err: grpc.RpcError, op: str, sandbox_id: str | None = None, filepath: str | None = None
-) -> BaseException:
-    return translate_error(err, op=op, sandbox_id=sandbox_id, filepath=filepath)
 
 
 # --- the transport ----------------------------------------------------------------------------
@@ -147,6 +81,8 @@ class GrpcTransport(Transport):
         else:
             self._channel = grpc.aio.insecure_channel(target.target, options=_CHANNEL_OPTIONS)
         self._stub = sandbox_pb2_grpc.SandboxServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._images = images_pb2_grpc.ImageServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._admin = admin_pb2_grpc.AdminStub(self._channel)  # type: ignore[no-untyped-call]
         self._closed = False
         #: False once the service answered RunCommand with UNIMPLEMENTED (an older service).
         self.run_command = True
@@ -300,6 +236,99 @@ class GrpcTransport(Transport):
         size: int = response.size
         return size
 
+    async def write_file_chunks(
+        self,
+        header: pb.WriteFileHeader,
+        chunks: AsyncIterator[bytes],
+        *,
+        call_timeout: float | None,
+    ) -> int:
+        async def frames() -> AsyncIterator[pb.WriteFileRequest]:
+            yield pb.WriteFileRequest(header=header)
+            async for chunk in chunks:
+                for i in range(0, len(chunk), FILE_CHUNK_BYTES):
+                    yield pb.WriteFileRequest(data=chunk[i : i + FILE_CHUNK_BYTES])
+            yield pb.WriteFileRequest(end=True)  # without it the service keeps nothing
+
+        try:
+            response = await self._stub.WriteFile(
+                frames(), timeout=call_timeout, metadata=self.metadata
+            )
+        except grpc.RpcError as err:
+            raise _mapped(err, "write file", header.sandbox_id, header.path) from None
+        size: int = response.size
+        return size
+
+    async def create_key(
+        self, request: apb.CreateKeyRequest, *, call_timeout: float | None
+    ) -> apb.CreateKeyResponse:
+        created: apb.CreateKeyResponse = await self._unary(
+            self._admin.CreateKey, request, call_timeout, "create key"
+        )
+        return created
+
+    async def list_keys(
+        self, request: apb.ListKeysRequest, *, call_timeout: float | None
+    ) -> list[apb.ApiKey]:
+        response = await self._unary(self._admin.ListKeys, request, call_timeout, "list keys")
+        return list(response.keys)
+
+    async def revoke_key(self, key_id: str, *, call_timeout: float | None) -> None:
+        request = apb.RevokeKeyRequest(key_id=key_id)
+        await self._unary(self._admin.RevokeKey, request, call_timeout, "revoke key")
+
+    async def get_owner_quotas(
+        self, owner: str | None, *, call_timeout: float | None
+    ) -> list[apb.OwnerQuota]:
+        request = apb.GetOwnerQuotasRequest(owner=owner)
+        response = await self._unary(
+            self._admin.GetOwnerQuotas, request, call_timeout, "get quotas"
+        )
+        return list(response.quotas)
+
+    async def set_owner_quota(
+        self, quota: apb.OwnerQuota, *, call_timeout: float | None
+    ) -> apb.OwnerQuota:
+        request = apb.SetOwnerQuotaRequest(quota=quota)
+        stored: apb.OwnerQuota = await self._unary(
+            self._admin.SetOwnerQuota, request, call_timeout, "set quota"
+        )
+        return stored
+
+    async def open_logs(
+        self, request: pb.StreamLogsRequest, *, call_timeout: float | None
+    ) -> LogReader:
+        call = self._stub.StreamLogs(request, timeout=call_timeout, metadata=self.metadata)
+        return _GrpcStreamReader(call, "stream logs", request.sandbox_id)
+
+    async def pull_image(
+        self, request: ipb.PullImageRequest, *, call_timeout: float | None
+    ) -> PullReader:
+        call = self._images.PullImage(request, timeout=call_timeout, metadata=self.metadata)
+        return _GrpcStreamReader(call, f"pull {request.image}")
+
+    async def list_images(self, *, call_timeout: float | None) -> list[ipb.Image]:
+        response = await self._unary(
+            self._images.ListImages, ipb.ListImagesRequest(), call_timeout, "list images"
+        )
+        return list(response.images)
+
+    async def remove_image(self, image: str, *, call_timeout: float | None) -> ipb.Image:
+        response = await self._unary(
+            self._images.RemoveImage,
+            ipb.RemoveImageRequest(image=image),
+            call_timeout,
+            f"remove {image}",
+        )
+        removed: ipb.Image = response.image
+        return removed
+
+    async def prune_images(self, *, call_timeout: float | None) -> list[ipb.Image]:
+        response = await self._unary(
+            self._images.PruneImages, ipb.PruneImagesRequest(), call_timeout, "prune images"
+        )
+        return list(response.removed)
+
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -336,6 +365,34 @@ class _GrpcFileReader(FileReader):
             self._call.cancel()
 
 
+class _GrpcStreamReader(LogReader, PullReader):
+    """A server stream's messages (logs, pull progress), its errors mapped."""
+
+    def __init__(self, call: Any, op: str, sandbox_id: str | None = None) -> None:
+        self._call = call
+        self._op = op
+        self._sandbox_id = sandbox_id
+        self._ended = False
+
+    async def next(self) -> Any:
+        if self._ended:
+            return None
+        try:
+            msg = await self._call.read()
+        except grpc.RpcError as err:
+            self._ended = True
+            raise _mapped(err, self._op, self._sandbox_id) from None
+        if msg is _EOF:
+            self._ended = True
+            return None
+        return msg
+
+    def cancel(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._call.cancel()
+
+
 # --- exec -------------------------------------------------------------------------------------
 
 
@@ -352,7 +409,7 @@ class _GrpcExecCall(ExecCall):
         self._write_lock = asyncio.Lock()
         self._pending: asyncio.Future[Any] | None = None
         self._exited = False
-        self._streaming = init.stdin or not transport.run_command
+        self._streaming = init.stdin or init.tty or not transport.run_command
         self._opened: asyncio.Task[None] | None = None
         if self._streaming:
             self._call: Any = self._open_stream()
@@ -444,6 +501,10 @@ class _GrpcExecCall(ExecCall):
             await self._opened
         try:
             async with self._write_lock:
+                if self._call.done() and request.WhichOneof("msg") != "stdin":
+                    # The command is over: an end-of-file, resize or signal has nothing left to
+                    # reach, and writing to a finished call can fail it after the fact.
+                    return
                 await self._call.write(request)
         except grpc.RpcError as err:
             raise self._error(err) from None
@@ -458,6 +519,12 @@ class _GrpcExecCall(ExecCall):
 
     async def close_stdin(self) -> None:
         await self._write(pb.ExecRequest(stdin_eof=True))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self._write(pb.ExecRequest(resize=pb.TerminalSize(rows=rows, cols=cols)))
+
+    async def send_signal(self, signum: int) -> None:
+        await self._write(pb.ExecRequest(signal=signum))
 
     async def kill(self) -> None:
         call = self._call

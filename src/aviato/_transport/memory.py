@@ -2,9 +2,10 @@
 
 `MemoryService` keeps sandboxes, leases and files in dicts and runs no process. Its commands
 are a tiny vocabulary: ``echo ARGS...``, ``exit N`` (writes ``bye`` to stderr), ``cat`` (copies
-stdin), ``yes`` (N lines of output given by ``yes N``), ``sleep S``. Every failure is reported
-the way a real service does, as a status code plus an `ErrorDetail`, and goes through the same
-mapping (`aviato._transport.errors.from_status`) as the gRPC transport's.
+stdin), ``yes`` (N lines of output given by ``yes N``), ``sleep S``, ``winsize`` (a terminal
+program: answers each input chunk with its window size, ``ROWS COLS``; see `resizes`). Every
+failure is reported the way a real service does, as a status code plus an `ErrorDetail`, and
+goes through the same mapping (`aviato._transport.errors.from_status`) as the gRPC transport's.
 
 A test scripts the failures a real service rarely shows on demand through `MemoryService.faults`
 (calls that find the service unreachable, a create whose answer is lost after it was committed,
@@ -15,14 +16,25 @@ an exec stream without an exit frame, an error frame) and reads what happened in
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from aviato._transport.base import ExecCall, ExecFrame, FileReader, Transport
+from aviato._transport.base import (
+    ExecCall,
+    ExecFrame,
+    FileReader,
+    LogReader,
+    PullReader,
+    Transport,
+)
 from aviato._transport.errors import from_status
 from aviato.exceptions import AviatoError, SandboxExecutionError
+from aviato.v1 import admin_pb2 as apb
 from aviato.v1 import errors_pb2 as epb
+from aviato.v1 import images_pb2 as ipb
 from aviato.v1 import sandbox_pb2 as pb
 
 __all__ = ["Faults", "MemoryService", "MemoryTransport"]
@@ -50,6 +62,7 @@ class Faults:
 class _Sandbox:
     record: pb.Sandbox
     files: dict[str, bytes] = field(default_factory=dict)
+    logs: list[pb.LogEntry] = field(default_factory=list)
 
 
 class MemoryService:
@@ -63,6 +76,13 @@ class MemoryService:
         self.by_request: dict[str, str] = {}
         self.leases: dict[str, float] = {}
         self.signals: list[int] = []
+        #: the terminal sizes (rows, cols) that commands were resized to, in order
+        self.resizes: list[tuple[int, int]] = []
+        #: the image store, by digest: `pull` adds, `remove`/`prune` take away
+        self.images: dict[str, ipb.Image] = {}
+        #: the Admin API's keys (by id) and owners' quotas (by owner)
+        self.keys: dict[str, apb.ApiKey] = {}
+        self.quotas: dict[str, apb.OwnerQuota] = {}
         self._ids = itertools.count(1)
 
     def transport(self) -> MemoryTransport:
@@ -94,6 +114,13 @@ class MemoryService:
                 op=op,
             )
         return found
+
+    def log(self, sandbox_id: str, data: bytes, *, stderr: bool = False) -> None:
+        """Appends an entry to the main process's log (call from the SDK's loop while a follow
+        is open, e.g. through ``get_bridge().call_soon``)."""
+        entry = pb.LogEntry(stream=pb.STREAM_STDERR if stderr else pb.STREAM_STDOUT, data=data)
+        entry.time.GetCurrentTime()
+        self.sandboxes[sandbox_id].logs.append(entry)
 
     def stop(self, sandbox_id: str) -> None:
         """Ends a sandbox as its lease or lifetime would (exit code 143)."""
@@ -222,6 +249,100 @@ class MemoryTransport(Transport):
             )
         return _MemoryFileReader(data)
 
+    async def write_file_chunks(
+        self,
+        header: pb.WriteFileHeader,
+        chunks: AsyncIterator[bytes],
+        *,
+        call_timeout: float | None,
+    ) -> int:
+        self.service._enter("WriteFile", "write file")
+        found = self.service._sandbox(header.sandbox_id, "write file", running=True)
+        data = b"".join([chunk async for chunk in chunks])
+        found.files[header.path] = data
+        return len(data)
+
+    async def pull_image(
+        self, request: ipb.PullImageRequest, *, call_timeout: float | None
+    ) -> PullReader:
+        self.service._enter("PullImage", f"pull {request.image}")
+        digest = "sha256:" + hashlib.sha256(request.image.encode()).hexdigest()
+        image = ipb.Image(names=[request.image], digest=digest, size=1024, node="local")
+        image.pulled_at.GetCurrentTime()
+        self.service.images[digest] = image
+        return _MemoryPullReader(
+            [
+                ipb.PullImageProgress(phase="resolving"),
+                ipb.PullImageProgress(phase="downloading", digest=digest, current=1024, total=1024),
+                ipb.PullImageProgress(phase="done", digest=digest, image=image),
+            ]
+        )
+
+    async def list_images(self, *, call_timeout: float | None) -> list[ipb.Image]:
+        self.service._enter("ListImages", "list images")
+        return list(self.service.images.values())
+
+    async def remove_image(self, image: str, *, call_timeout: float | None) -> ipb.Image:
+        self.service._enter("RemoveImage", f"remove {image}")
+        for digest, found in self.service.images.items():
+            if image == digest or image in found.names:
+                return self.service.images.pop(digest)
+        raise from_status("NOT_FOUND", f"no image {image!r}", op=f"remove {image}")
+
+    async def prune_images(self, *, call_timeout: float | None) -> list[ipb.Image]:
+        self.service._enter("PruneImages", "prune images")
+        unused = [image for image in self.service.images.values() if not image.in_use]
+        for image in unused:
+            del self.service.images[image.digest]
+        return unused
+
+    async def create_key(
+        self, request: apb.CreateKeyRequest, *, call_timeout: float | None
+    ) -> apb.CreateKeyResponse:
+        self.service._enter("CreateKey", "create key")
+        if not request.owner:
+            raise from_status("INVALID_ARGUMENT", "owner: must not be empty", op="create key")
+        key = apb.ApiKey(id=f"key_{next(self.service._ids):012x}", owner=request.owner,
+                         name=request.name)  # fmt: skip
+        key.created_at.GetCurrentTime()
+        self.service.keys[key.id] = key
+        return apb.CreateKeyResponse(key=key, secret=f"avt_memory_{key.id}")
+
+    async def list_keys(
+        self, request: apb.ListKeysRequest, *, call_timeout: float | None
+    ) -> list[apb.ApiKey]:
+        self.service._enter("ListKeys", "list keys")
+        wanted = request.owner if request.HasField("owner") else None
+        return [k for k in self.service.keys.values() if wanted in (None, k.owner)]
+
+    async def revoke_key(self, key_id: str, *, call_timeout: float | None) -> None:
+        self.service._enter("RevokeKey", "revoke key")
+        key = self.service.keys.get(key_id)
+        if key is None or key.revoked:
+            raise from_status("NOT_FOUND", f"no active key {key_id!r}", op="revoke key")
+        key.revoked = True
+
+    async def get_owner_quotas(
+        self, owner: str | None, *, call_timeout: float | None
+    ) -> list[apb.OwnerQuota]:
+        self.service._enter("GetOwnerQuotas", "get quotas")
+        if owner is not None:
+            return [self.service.quotas.get(owner, apb.OwnerQuota(owner=owner))]
+        return [self.service.quotas[o] for o in sorted(self.service.quotas)]
+
+    async def set_owner_quota(
+        self, quota: apb.OwnerQuota, *, call_timeout: float | None
+    ) -> apb.OwnerQuota:
+        self.service._enter("SetOwnerQuota", "set quota")
+        self.service.quotas[quota.owner] = quota
+        return quota
+
+    async def open_logs(
+        self, request: pb.StreamLogsRequest, *, call_timeout: float | None
+    ) -> LogReader:
+        self.service._enter("StreamLogs", "stream logs")
+        return _MemoryLogReader(self.service, request)
+
     async def write_file(
         self, header: pb.WriteFileHeader, data: memoryview, *, call_timeout: float | None
     ) -> int:
@@ -229,6 +350,46 @@ class MemoryTransport(Transport):
         found = self.service._sandbox(header.sandbox_id, "write file", running=True)
         found.files[header.path] = bytes(data)
         return len(data)
+
+
+class _MemoryPullReader(PullReader):
+    def __init__(self, messages: list[ipb.PullImageProgress]) -> None:
+        self._messages = messages
+
+    async def next(self) -> ipb.PullImageProgress | None:
+        return self._messages.pop(0) if self._messages else None
+
+    def cancel(self) -> None:
+        self._messages.clear()
+
+
+class _MemoryLogReader(LogReader):
+    """The entries logged so far (the last `tail`); with `follow`, then those logged until the
+    sandbox ends (checked every few milliseconds: a fake has no events to wait on)."""
+
+    def __init__(self, service: MemoryService, request: pb.StreamLogsRequest) -> None:
+        self._service = service
+        self._request = request
+        self._next: int | None = None
+        self._ended = False
+
+    async def next(self) -> pb.LogEntry | None:
+        found = self._service._sandbox(self._request.sandbox_id, "stream logs")
+        if self._next is None:
+            tail = self._request.tail
+            self._next = max(0, len(found.logs) - tail) if tail >= 0 else 0
+        while not self._ended:
+            if self._next < len(found.logs):
+                self._next += 1
+                return found.logs[self._next - 1]
+            if not self._request.follow or found.record.status != _RUNNING:
+                break
+            await asyncio.sleep(0.005)
+        self._ended = True
+        return None
+
+    def cancel(self) -> None:
+        self._ended = True
 
 
 class _MemoryFileReader(FileReader):
@@ -261,6 +422,7 @@ class _MemoryExecCall(ExecCall):
             self._stdin.put_nowait(init.input)
         if not init.stdin:
             self._stdin.put_nowait(None)
+        self._size = (init.tty_size.rows, init.tty_size.cols)
         self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
@@ -289,6 +451,9 @@ class _MemoryExecCall(ExecCall):
         elif name == "cat":
             while (data := await self._stdin.get()) is not None:
                 out(pb.ExecOutput(stream=pb.STREAM_STDOUT, data=data))
+        elif name == "winsize":  # a terminal program: its window size for each input chunk
+            while await self._stdin.get() is not None:
+                out(pb.ExecOutput(stream=pb.STREAM_STDOUT, data=b"%d %d\r\n" % self._size))
         elif name == "sleep":
             await asyncio.sleep(float(args[0]))
         else:
@@ -316,6 +481,24 @@ class _MemoryExecCall(ExecCall):
 
     async def close_stdin(self) -> None:
         self._stdin.put_nowait(None)
+
+    def _require_stream(self, what: str) -> None:
+        if not (self._init.stdin or self._init.tty):
+            raise SandboxExecutionError(f"cannot {what}: the command was started without stdin")
+
+    async def resize(self, rows: int, cols: int) -> None:
+        self._require_stream("resize")
+        self._size = (rows, cols)
+        self._service.resizes.append(self._size)
+
+    async def send_signal(self, signum: int) -> None:
+        """Records the signal; a command still running dies of it (exit 128 + signum)."""
+        self._require_stream("signal")
+        self._service.signals.append(signum)
+        if not self._task.done():
+            self._task.cancel()
+            exit_frame = pb.ExecExit(exit_code=128 + signum, signal=signum)
+            self._frames.put_nowait(exit_frame)
 
     async def kill(self) -> None:
         if not self._task.done():

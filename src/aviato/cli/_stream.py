@@ -1,91 +1,23 @@
-"""The request side of one Exec stream, fed from several threads, for `exec` and `sh`.
+"""Relaying a command's bytes between this process's file descriptors and an SDK `Process`, for
+`exec` and `sh`.
 
-grpc's blocking API takes the requests of a bidirectional stream as an iterator, which it drains
-on a thread of its own. `ExecRequests` is that iterator: the init frame first, then whatever the
-command's threads `send()` — stdin chunks, resizes, signals — until `close()`.
-
-Backpressure: stdin chunks count against a semaphore that is released only once grpc has taken
-the chunk, so a fast local producer (`cat big.iso | aviato exec ...`) blocks instead of filling
-memory. Control frames (signals, resizes) bypass it, so that a signal handler never blocks.
+The SDK runs the command's stream on its own background loop; these helpers are the blocking
+ends a command line needs: `OutputRelay` copies a stream's raw bytes (`iter_bytes`, undecoded)
+to a descriptor on a thread of its own, `pump_fd` copies a descriptor into the command's stdin
+and waits on each write, so that a fast local producer (`cat big.iso | aviato exec ...`) is held
+back by the SDK's bounded stdin buffer instead of filling memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 
-from aviato.v1 import sandbox_pb2 as pb
+from aviato import AviatoError, Process, StreamReader
 
-MAX_STDIN_CHUNKS_IN_FLIGHT = 16
 STDIN_CHUNK_BYTES = 64 * 1024
-
-
-class ExecRequests:
-    """An iterator of ExecRequest frames that other threads append to."""
-
-    def __init__(self, init: pb.ExecInit) -> None:
-        self._init: pb.ExecInit | None = init
-        self._queue: queue.SimpleQueue[pb.ExecRequest | None] = queue.SimpleQueue()
-        self._stdin_slots = threading.Semaphore(MAX_STDIN_CHUNKS_IN_FLIGHT)
-        self._closed = threading.Event()
-
-    def __iter__(self) -> Iterator[pb.ExecRequest]:
-        if self._init is not None:
-            init, self._init = self._init, None
-            yield pb.ExecRequest(init=init)
-        while (request := self._queue.get()) is not None:
-            if request.WhichOneof("msg") == "stdin":
-                self._stdin_slots.release()
-            yield request
-
-    def send_stdin(self, data: bytes) -> bool:
-        """Queue a stdin chunk, blocking while too many are in flight; False once closed."""
-        while not self._stdin_slots.acquire(timeout=0.5):
-            if self._closed.is_set():
-                return False
-        if self._closed.is_set():
-            return False
-        self._queue.put(pb.ExecRequest(stdin=data))
-        return True
-
-    def send_eof(self) -> None:
-        self._queue.put(pb.ExecRequest(stdin_eof=True))
-
-    def send_signal(self, signum: int) -> None:
-        """Signal the command's process group; safe to call from a signal handler."""
-        self._queue.put(pb.ExecRequest(signal=signum))
-
-    def send_resize(self, size: pb.TerminalSize) -> None:
-        self._queue.put(pb.ExecRequest(resize=size))
-
-    def close(self) -> None:
-        """End the request stream; senders blocked on backpressure return False."""
-        self._closed.set()
-        self._queue.put(None)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
-
-
-def pump_fd(fd: int, requests: ExecRequests) -> None:
-    """Copy `fd` into the stream as stdin chunks until EOF (then send EOF) or close.
-
-    Meant for a daemon thread: a read that never returns (a pipe nobody closes) only keeps the
-    thread waiting, never the command's exit.
-    """
-    while not requests.closed:
-        try:
-            data = os.read(fd, STDIN_CHUNK_BYTES)
-        except OSError:
-            data = b""
-        if not data:
-            requests.send_eof()
-            return
-        if not requests.send_stdin(data):
-            return
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -94,3 +26,64 @@ def write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+class OutputRelay:
+    """A thread that writes a stream's bytes to a descriptor as they arrive, until it ends.
+
+    When the descriptor is closed under it (``aviato exec ... | head``), the copy stops,
+    `on_broken` runs (the command line kills the command: nobody reads its output any more) and
+    `broken` keeps the error. `join()` to know every byte is out."""
+
+    def __init__(self, reader: StreamReader, fd: int, on_broken: Callable[[], object]) -> None:
+        self.broken: OSError | None = None
+        self._reader = reader
+        self._fd = fd
+        self._on_broken = on_broken
+        self._thread = threading.Thread(target=self._copy, name=f"aviato-relay-{fd}", daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        # A cut stream, or the SDK shutting down as we exit: the command's result says what
+        # matters, never a thread's traceback.
+        with contextlib.suppress(Exception):
+            for chunk in self._reader.iter_bytes():
+                try:
+                    write_all(self._fd, chunk)
+                except OSError as exc:
+                    self.broken = exc
+                    self._reader.close()
+                    self._on_broken()
+                    return
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+
+def send_stdin(process: Process, data: bytes) -> bool:
+    """Writes `data` to the command's stdin and waits until the SDK took it; False once the
+    command no longer takes input."""
+    assert process.stdin is not None
+    try:
+        process.stdin.write(data).result()
+    except AviatoError:
+        return False
+    return True
+
+
+def pump_fd(fd: int, process: Process) -> None:
+    """Copies `fd` into the command's stdin until EOF (then closes its stdin) or until the
+    command stops taking input. Meant for a daemon thread: a read that never returns (a pipe
+    nobody closes) only keeps the thread waiting, never the command's exit."""
+    assert process.stdin is not None
+    while True:
+        try:
+            data = os.read(fd, STDIN_CHUNK_BYTES)
+        except OSError:
+            data = b""
+        if not data:
+            with contextlib.suppress(AviatoError):
+                process.stdin.close()
+            return
+        if not send_stdin(process, data):
+            return

@@ -5,9 +5,9 @@ passed through when it is not a terminal (a pipe or a file), and the exit status
 command's. Ctrl-C (and SIGTERM) are forwarded to the command's process group, so it can clean up;
 a third Ctrl-C gives up and kills it.
 
-Why not `Sandbox.exec` of the SDK: its `Process` decodes output as text (binary output would be
-altered) and keeps the whole output for `ProcessResult` (`cat` of a large file would fill
-memory). A command line relays bytes and keeps nothing, so this speaks the Exec stream directly.
+The command runs through the SDK (`Sandbox.exec`) with its stdin open (so that signals can be
+forwarded) and ``max_output_bytes=0``: the output is relayed as raw bytes (`iter_bytes`) and
+nothing is kept, so `cat` of a large file does not fill memory.
 
 A command killed by the out-of-memory killer gets one line on stderr saying so (its exit status
 stays its own, usually 137).
@@ -19,21 +19,29 @@ does, so that scripts can tell "the command failed" from "it could not be run".
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping
+from concurrent.futures import CancelledError
+from concurrent.futures import TimeoutError as FutureTimeout
 from types import FrameType
 
 import click
-import grpc
 
+from aviato import Process, ProcessResult, Sandbox, SandboxStatus
 from aviato.cli._output import CliError, describe
 from aviato.cli._params import duration, env_option
-from aviato.cli._rpc import Connection, connection, wait_started
-from aviato.cli._stream import ExecRequests, pump_fd, write_all
-from aviato.exceptions import AviatoError
-from aviato.v1 import sandbox_pb2 as pb
+from aviato.cli._reach import preflight
+from aviato.cli._stream import OutputRelay, pump_fd, write_all
+from aviato.exceptions import (
+    AviatoError,
+    SandboxFailedError,
+    SandboxTerminatedError,
+    SandboxTimeoutError,
+)
 
 EXEC_FAILED = 125
 TIMED_OUT = 124
@@ -42,23 +50,22 @@ _OOM_LINE = (
     b"aviato: the command was killed by the out-of-memory killer: the sandbox reached its "
     b"memory limit\n"
 )
-TERMINAL_STATUSES = (
-    pb.SANDBOX_STATUS_COMPLETED,
-    pb.SANDBOX_STATUS_FAILED,
-    pb.SANDBOX_STATUS_TERMINATED,
-)
+_WAIT_STARTED_SECONDS = 120.0
+_POLL_SECONDS = 0.25  # how often the main thread wakes to run signal handlers
 
 
-def status_word(status: int) -> str:
-    return pb.SandboxStatus.Name(status).removeprefix("SANDBOX_STATUS_").lower()
+def ensure_running(sandbox_id: str) -> Sandbox:
+    """The sandbox, once it runs; fails with one line if it has already ended.
 
-
-def ensure_running(conn: Connection, sandbox_id: str) -> None:
-    """Wait for a starting sandbox; fail with one line if it has already ended."""
-    record = wait_started(conn, sandbox_id)
-    if record.status in TERMINAL_STATUSES:
-        reason = f": {record.status_reason}" if record.status_reason else ""
-        raise CliError(f"sandbox {sandbox_id} has ended ({status_word(record.status)}{reason})")
+    A sandbox just made by `aviato run` may still be pending: wait for it to start."""
+    sandbox = Sandbox.from_id(sandbox_id).result()
+    with contextlib.suppress(SandboxFailedError, SandboxTerminatedError):
+        sandbox.wait(_WAIT_STARTED_SECONDS)
+    status = sandbox.status
+    if status is not None and status.is_terminal:
+        reason = f": {sandbox.status_reason}" if sandbox.status_reason else ""
+        raise CliError(f"sandbox {sandbox_id} has ended ({SandboxStatus(status).value}{reason})")
+    return sandbox
 
 
 def stdin_is_passable() -> bool:
@@ -73,8 +80,8 @@ def stdin_is_passable() -> bool:
 class _SignalForwarder:
     """While installed, SIGINT and SIGTERM go to the remote command instead of killing us."""
 
-    def __init__(self, requests: ExecRequests) -> None:
-        self.requests = requests
+    def __init__(self, process: Process) -> None:
+        self.process = process
         self.interrupts = 0
         self.previous: dict[int, object] = {}
 
@@ -83,7 +90,7 @@ class _SignalForwarder:
             self.interrupts += 1
             if self.interrupts >= _GIVE_UP_AFTER_INTERRUPTS:
                 raise KeyboardInterrupt
-        self.requests.send_signal(signum)
+        self.process.send_signal(signum)  # queued on the SDK's loop; never blocks
 
     def __enter__(self) -> _SignalForwarder:
         if threading.current_thread() is threading.main_thread():
@@ -96,43 +103,77 @@ class _SignalForwarder:
             signal.signal(signum, handler)  # type: ignore[arg-type]
 
 
-def run_command(conn: Connection, init: pb.ExecInit, pass_stdin: bool) -> int:
+def wait_for_exit(process: Process) -> ProcessResult:
+    """The command's result, waking often enough for signal handlers to run here."""
+    while True:
+        try:
+            return process.result(timeout=_POLL_SECONDS)
+        except FutureTimeout:
+            continue
+
+
+def run_command(
+    sandbox: Sandbox,
+    argv: list[str],
+    *,
+    cwd: str | None,
+    env: Mapping[str, str],
+    timeout: float | None,
+    pass_stdin: bool,
+    protected: bool,
+) -> int:
     """Relay one command; returns its exit status (see the module docstring)."""
-    requests = ExecRequests(init)
-    if pass_stdin:
-        threading.Thread(
-            target=pump_fd, args=(0, requests), name="aviato-stdin", daemon=True
-        ).start()
-    responses = conn.stub.Exec(iter(requests), metadata=conn.metadata)
-    finished = False
     sys.stdout.flush()
     sys.stderr.flush()
+    process = sandbox.exec(
+        argv,
+        cwd=cwd,
+        env=env,
+        timeout_seconds=timeout,
+        stdin=True,
+        protected=protected,
+        max_output_bytes=0,
+    )
+    assert process.stdin is not None
+    if pass_stdin:
+        threading.Thread(
+            target=pump_fd, args=(0, process), name="aviato-stdin", daemon=True
+        ).start()
+    else:
+        process.stdin.close()
+    relays = [OutputRelay(process.stdout, 1, process.cancel)]
+    relays.append(OutputRelay(process.stderr, 2, process.cancel))
+    finished = False
     try:
-        with _SignalForwarder(requests):
-            for response in responses:
-                kind = response.WhichOneof("msg")
-                if kind == "output":
-                    fd = 2 if response.output.stream == pb.STREAM_STDERR else 1
-                    write_all(fd, response.output.data)
-                elif kind == "exit":
-                    finished = True
-                    if response.exit.oom_killed:
-                        write_all(2, _OOM_LINE)
-                    if response.exit.timed_out:
-                        limit = f" after {init.timeout_seconds:g}s" if init.timeout_seconds else ""
-                        raise CliError(f"the command timed out{limit} and was killed", TIMED_OUT)
-                    return int(response.exit.exit_code)
-                elif kind == "error":
-                    finished = True
-                    raise CliError(response.error.message or "the command failed to start")
-        raise CliError("the connection ended before the command's exit status arrived")
+        with _SignalForwarder(process):
+            try:
+                result = wait_for_exit(process)
+            except CancelledError:
+                # only a relay cancels: our stdout or stderr was closed under us
+                for relay in relays:
+                    relay.join(timeout=5.0)
+                broken = next(relay.broken for relay in relays if relay.broken is not None)
+                raise broken from None
+            except SandboxTimeoutError as exc:
+                finished = True
+                limit = f" after {timeout:g}s" if timeout else ""
+                if exc.exec_result is not None:
+                    _finish_output(relays, exc.exec_result)
+                raise CliError(f"the command timed out{limit} and was killed", TIMED_OUT) from None
+            finished = True
+            _finish_output(relays, result)
+            return result.returncode
     finally:
         if not finished:
             # Leaving early (Ctrl-C, a closed stdout): do not leave the command running.
-            requests.send_signal(signal.SIGKILL)
-        requests.close()
-        if not finished:
-            responses.cancel()
+            process.cancel()
+
+
+def _finish_output(relays: list[OutputRelay], result: ProcessResult) -> None:
+    for relay in relays:
+        relay.join()
+    if result.oom_killed:
+        write_all(2, _OOM_LINE)
 
 
 @click.command(
@@ -191,21 +232,22 @@ def exec_command(
     if not argv:
         raise click.UsageError("no command given: aviato exec ID -- CMD ...")
     pass_stdin = stdin_is_passable() if stdin is None else stdin
-    init = pb.ExecInit(
-        sandbox_id=sandbox_id,
-        argv=argv,
-        cwd=cwd or "",
-        env=dict(env),
-        timeout_seconds=timeout or 0.0,
-        stdin=pass_stdin,
-        protected=protected,
-    )
     try:
-        with connection() as conn:
-            ensure_running(conn, sandbox_id)
-            code = run_command(conn, init, pass_stdin)
+        preflight()
+        sandbox = ensure_running(sandbox_id)
+        code = run_command(
+            sandbox,
+            argv,
+            cwd=cwd,
+            env=dict(env),
+            timeout=timeout,
+            pass_stdin=pass_stdin,
+            protected=protected,
+        )
     except CliError as exc:
         raise CliError(exc.message, EXEC_FAILED if exc.exit_code == 1 else exc.exit_code) from None
-    except (grpc.RpcError, AviatoError) as exc:
+    except UnicodeEncodeError:
+        raise  # text that cannot be sent at all: a usage problem (exit 1), not a failed run
+    except (AviatoError, ValueError) as exc:
         raise CliError(describe(exc), EXEC_FAILED) from None
     raise SystemExit(code)

@@ -1,19 +1,18 @@
 """`aviato cp`: copy one file between the host and a sandbox, in either direction.
 
-Files move in chunks over the ReadFile and WriteFile streams, so their size is not bounded by a
-gRPC message. A download is written to a temporary file beside the destination and renamed into
+Files move through the SDK's streaming transfers (`Sandbox.upload_file`, `download_file`,
+`read_file_streaming`), in chunks, so their size is not bounded by a message and memory stays
+at a chunk. A download is written to a temporary file beside the destination and renamed into
 place at the end: an interrupted copy never leaves a truncated file under the real name. The
-progress bar appears only on a terminal, and only for files of a size worth watching.
+progress bar appears only on a terminal, and only for files of a size worth watching; it is fed
+by the SDK's ``progress(done, total)`` callback, which runs on the SDK's thread (rich's bar is
+made for updates from other threads).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import stat
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -22,44 +21,63 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 
+from aviato import Sandbox
 from aviato.cli._output import CliError, stderr_console
 from aviato.cli._params import Endpoint, parse_endpoint
-from aviato.cli._rpc import Connection, connection
-from aviato.v1 import sandbox_pb2 as pb
+from aviato.cli._reach import preflight
 
-CHUNK_BYTES = 1024 * 1024
 PROGRESS_MIN_BYTES = 4 * 1024 * 1024
 
 
-def _progress(total: int | None, quiet: bool) -> Progress | None:
-    big = total is None or total >= PROGRESS_MIN_BYTES
-    if quiet or not big or not sys.stderr.isatty():
-        return None
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=stderr_console(),
-        transient=True,
-    )
+class _ProgressBar:
+    """A transfer's bar, made on the first report once the size is known (big or unknown
+    sizes only, on a terminal only, never with --quiet); a callable for the SDK's `progress`."""
+
+    def __init__(self, name: str, quiet: bool) -> None:
+        self.name = name
+        self.enabled = not quiet and sys.stderr.isatty()
+        self.bar: Progress | None = None
+        self.task: TaskID | None = None
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            if total is not None and total < PROGRESS_MIN_BYTES:
+                self.enabled = False
+                return
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=stderr_console(),
+                transient=True,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task(self.name, total=total)
+        assert self.task is not None
+        self.bar.update(self.task, completed=done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
-def _upload(conn: Connection, src: Endpoint, dst: Endpoint, parents: bool, quiet: bool) -> None:
+def _upload(src: Endpoint, dst: Endpoint, parents: bool, quiet: bool) -> None:
     assert dst.sandbox_id is not None
     remote = dst.path
-    size: int | None = None
-    mode = 0o644
     if src.is_stdio:
         if remote.endswith("/"):
             raise CliError("copying from stdin: name the file, e.g. ID:/workspace/data.bin")
-        source: BinaryIO = sys.stdin.buffer
+        source: BinaryIO | Path = sys.stdin.buffer
     else:
         local = Path(src.path)
         try:
@@ -68,33 +86,15 @@ def _upload(conn: Connection, src: Endpoint, dst: Endpoint, parents: bool, quiet
             raise CliError(f"{src}: {exc.strerror}") from exc
         if stat.S_ISDIR(info.st_mode):
             raise CliError(f"{src} is a directory; aviato cp copies single files")
-        size, mode = info.st_size, stat.S_IMODE(info.st_mode)
         if remote.endswith("/"):
             remote = str(PurePosixPath(remote) / local.name)
-        source = local.open("rb")
-    # Built here, not in frames(): a bad value (a path that is not UTF-8) must fail in this
-    # thread with its own message, not inside grpc's request thread.
+        source = local
+    sandbox = Sandbox.from_id(dst.sandbox_id).result()
+    bar = _ProgressBar(Path(src.path).name, quiet)
     try:
-        header = pb.WriteFileHeader(
-            sandbox_id=dst.sandbox_id, path=remote, mode=mode, make_parents=parents
-        )
-    except BaseException:
-        if not src.is_stdio:
-            source.close()
-        raise
-    bar = _progress(size, quiet)
-
-    def frames() -> Iterator[pb.WriteFileRequest]:
-        yield pb.WriteFileRequest(header=header)
-        task = bar.add_task(Path(src.path).name, total=size) if bar else None
-        while chunk := source.read(CHUNK_BYTES):
-            if bar is not None and task is not None:
-                bar.advance(task, len(chunk))
-            yield pb.WriteFileRequest(data=chunk)
-        yield pb.WriteFileRequest(end=True)  # without it the service keeps nothing
-
-    with source, bar or contextlib.nullcontext():
-        conn.stub.WriteFile(frames(), metadata=conn.metadata)
+        sandbox.upload_file(source, remote, make_parents=parents, progress=bar).result()
+    finally:
+        bar.close()
 
 
 def _local_target(dst: Endpoint, remote: str) -> Path:
@@ -108,36 +108,21 @@ def _local_target(dst: Endpoint, remote: str) -> Path:
     return target
 
 
-def _download(conn: Connection, src: Endpoint, dst: Endpoint, quiet: bool) -> None:
+def _download(src: Endpoint, dst: Endpoint, quiet: bool) -> None:
     assert src.sandbox_id is not None
-    request = pb.ReadFileRequest(sandbox_id=src.sandbox_id, path=src.path)
-    stream = conn.stub.ReadFile(request, metadata=conn.metadata)
-    first = next(stream, None)
-    if first is None or first.WhichOneof("msg") != "info":
-        raise CliError(f"{src}: the service sent no file header")
-    size, mode = first.info.size, first.info.mode & 0o777
+    sandbox = Sandbox.from_id(src.sandbox_id).result()
     if dst.is_stdio:
-        for frame in stream:
-            sys.stdout.buffer.write(frame.data)
+        with sandbox.read_file_streaming(src.path) as chunks:
+            for chunk in chunks:
+                sys.stdout.buffer.write(chunk)
         sys.stdout.buffer.flush()
         return
     target = _local_target(dst, src.path)
-    bar = _progress(size, quiet)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    bar = _ProgressBar(PurePosixPath(src.path).name, quiet)
     try:
-        with os.fdopen(fd, "wb") as out, bar or contextlib.nullcontext():
-            task = bar.add_task(PurePosixPath(src.path).name, total=size) if bar else None
-            for frame in stream:
-                out.write(frame.data)
-                if bar is not None and task is not None:
-                    bar.advance(task, len(frame.data))
-        # the sandbox's bits, but never set-id or writable by group and others on this host
-        os.chmod(temp_name, (mode & 0o755) | 0o600 if mode else 0o644)
-        os.replace(temp_name, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_name)
-        raise
+        sandbox.download_file(src.path, target, progress=bar).result()
+    finally:
+        bar.close()
 
 
 @click.command()
@@ -165,8 +150,8 @@ def cp(src: str, dst: str, parents: bool, quiet: bool) -> None:
         raise click.UsageError("both SRC and DST are in sandboxes; copy through the host")
     if not source.sandbox_id and not target.sandbox_id:
         raise click.UsageError("one of SRC and DST must be ID:/path")
-    with connection() as conn:
-        if target.sandbox_id:
-            _upload(conn, source, target, parents, quiet)
-        else:
-            _download(conn, source, target, quiet)
+    preflight()
+    if target.sandbox_id:
+        _upload(source, target, parents, quiet)
+    else:
+        _download(source, target, quiet)

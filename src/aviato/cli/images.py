@@ -1,36 +1,46 @@
 """`aviato image`: pull, list, remove and prune the service's OCI images.
 
-These speak aviato.v1.ImageService over the same connection as the other raw commands
-(`_rpc.connection`). Sandboxes pull their image by themselves on first use; `pull` is for doing
-it ahead of time (or fetching a newer image for a tag), with a progress bar on a terminal.
+These use the SDK's `aviato.Images`. Sandboxes pull their image by themselves on first use;
+`pull` is for doing it ahead of time (or fetching a newer image for a tag), with a progress bar
+on a terminal.
 Registry credentials come from the service's Docker config, or from `--username` with the
 password on stdin (`--password-stdin`) so that it never shows in `ps` or shell history.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
-import grpc
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TransferSpeedColumn,
+)
 
-from aviato import ImagePullCredentials, SandboxValidationError
-from aviato.cli import _rpc
+from aviato import (
+    AviatoError,
+    Image,
+    ImagePullCredentials,
+    Images,
+    PullProgress,
+    SandboxValidationError,
+)
 from aviato.cli._output import (
     CliError,
     age,
+    describe,
     human_bytes,
     iso,
     print_json,
     print_table,
     stderr_console,
 )
-from aviato.v1 import images_pb2 as ipb
-from aviato.v1 import images_pb2_grpc
-from aviato.v1 import sandbox_pb2 as pb
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -69,22 +79,12 @@ def read_credentials(username: str, password_stdin: bool) -> ImagePullCredential
         raise CliError(f"{option}: {str(exc).split(': ', 1)[-1]}") from None
 
 
-def _stub(conn: _rpc.Connection) -> images_pb2_grpc.ImageServiceStub:
-    return images_pb2_grpc.ImageServiceStub(conn.channel)  # type: ignore[no-untyped-call]
-
-
-def _when(image: ipb.Image) -> dt.datetime | None:
-    if not image.HasField("pulled_at"):
-        return None
-    return image.pulled_at.ToDatetime(tzinfo=dt.UTC)
-
-
-def _as_dict(image: ipb.Image) -> dict[str, Any]:
+def _as_dict(image: Image) -> dict[str, Any]:
     return {
-        "names": list(image.names),
+        "names": image.names,
         "digest": image.digest,
         "size": image.size,
-        "pulled_at": iso(_when(image)),
+        "pulled_at": iso(image.pulled_at),
         "node": image.node,
         "in_use": image.in_use,
     }
@@ -121,69 +121,61 @@ def pull(reference: str, username: str, password_stdin: bool, quiet: bool) -> No
       echo "$TOKEN" | aviato image pull --password-stdin registry.example.com/team/app:2
     """
     creds = read_credentials(username, password_stdin)
-    auth = creds._to_proto() if creds is not None else pb.RegistryAuth()
-    request = ipb.PullImageRequest(image=reference, registry_auth=auth)
     show = sys.stderr.isatty() and not quiet
-    with _rpc.connection() as conn:
-        stream = _stub(conn).PullImage(request, metadata=conn.metadata)
-        try:
-            final = _follow(stream, show)
-        except grpc.RpcError as exc:
-            raise CliError(f"pulling {reference}: {exc.details() or exc.code().name}") from None
-    if final is None:
-        raise CliError(f"pulling {reference}: the service ended the pull without a result")
-    sys.stdout.write(final.image.digest + "\n")
+    try:
+        if show:
+            with _PullBars() as bars:
+                pulled = Images.pull(reference, credentials=creds, progress=bars.update)
+        else:
+            pulled = Images.pull(reference, credentials=creds)
+    except AviatoError as exc:
+        message = describe(exc)
+        if not message.startswith("pulling "):
+            message = f"pulling {reference}: {message}"
+        raise CliError(message) from None
+    sys.stdout.write(pulled.digest + "\n")
 
 
-def _follow(stream: Any, show: bool) -> ipb.PullImageProgress | None:
-    """Consumes the progress stream (drawing bars when `show`); returns the last message."""
-    final: ipb.PullImageProgress | None = None
-    if not show:
-        for event in stream:
-            if event.phase == "done":
-                final = event
-        return final
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TransferSpeedColumn,
-    )
+class _PullBars:
+    """A bar per layer on stderr (the terminal `show` checked), so that
+    `digest=$(aviato image pull X)` gets the digest alone; fed from the SDK's thread."""
 
-    tasks: dict[str, Any] = {}
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-               TransferSpeedColumn())  # fmt: skip
-    # on stderr (the terminal `show` checked), so that `digest=$(aviato image pull X)` gets the
-    # digest alone
-    with Progress(*columns, console=stderr_console(), transient=False) as bars:
-        status = bars.add_task("resolving", total=None)
-        for event in stream:
-            if event.phase in ("downloading", "cached"):
-                task = tasks.get(event.digest)
-                if task is None:
-                    short = event.digest.split(":", 1)[-1][:12]
-                    task = bars.add_task(short, total=event.total or None)
-                    tasks[event.digest] = task
-                label = event.digest.split(":", 1)[-1][:12]
-                if event.phase == "cached":
-                    label += " (cached)"
-                bars.update(task, completed=event.current, description=label)
-            elif event.phase == "done":
-                final = event
-                bars.update(status, description="done", total=1, completed=1)
-            else:
-                bars.update(status, description=event.phase)
-    return final
+    def __init__(self) -> None:
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                   TransferSpeedColumn())  # fmt: skip
+        self.bars = Progress(*columns, console=stderr_console(), transient=False)
+        self.status = self.bars.add_task("resolving", total=None)
+        self.tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> _PullBars:
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bars.stop()
+
+    def update(self, event: PullProgress) -> None:
+        if event.phase in ("downloading", "cached"):
+            label = event.digest.split(":", 1)[-1][:12]
+            task = self.tasks.get(event.digest)
+            if task is None:
+                task = self.tasks[event.digest] = self.bars.add_task(
+                    label, total=event.total or None
+                )
+            if event.phase == "cached":
+                label += " (cached)"
+            self.bars.update(task, completed=event.current, description=label)
+        elif event.phase == "done":
+            self.bars.update(self.status, description="done", total=1, completed=1)
+        else:
+            self.bars.update(self.status, description=event.phase)
 
 
 @image.command("ls")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def ls(as_json: bool) -> None:
     """List the images in the service's store."""
-    with _rpc.connection() as conn:
-        response = _stub(conn).ListImages(ipb.ListImagesRequest(), metadata=conn.metadata)
-    images = list(response.images)
+    images = Images.list()
     if as_json:
         print_json([_as_dict(i) for i in images])
         return
@@ -192,7 +184,7 @@ def ls(as_json: bool) -> None:
             ", ".join(i.names) or "<none>",
             i.digest.split(":", 1)[-1][:12],
             human_bytes(i.size),
-            age(_when(i)),
+            age(i.pulled_at),
             "yes" if i.in_use else "no",
         ]
         for i in images
@@ -205,18 +197,14 @@ def ls(as_json: bool) -> None:
 def rm(references: tuple[str, ...]) -> None:
     """Remove images by name or digest (refused for an image a sandbox uses)."""
     failed = False
-    with _rpc.connection() as conn:
-        stub = _stub(conn)
-        for ref in references:
-            try:
-                removed = stub.RemoveImage(
-                    ipb.RemoveImageRequest(image=ref), metadata=conn.metadata
-                )
-            except grpc.RpcError as exc:
-                sys.stderr.write(f"aviato: error: {ref}: {exc.details() or exc.code().name}\n")
-                failed = True
-                continue
-            sys.stdout.write(removed.image.digest + "\n")
+    for ref in references:
+        try:
+            removed = Images.remove(ref)
+        except AviatoError as exc:
+            sys.stderr.write(f"aviato: error: {ref}: {_reason(exc)}\n")
+            failed = True
+            continue
+        sys.stdout.write(removed.digest + "\n")
     if failed:
         raise click.exceptions.Exit(1)
 
@@ -227,10 +215,16 @@ def prune(yes: bool) -> None:
     """Remove every image that no sandbox uses."""
     if not yes and not click.confirm("Remove every image no sandbox uses?", err=True):
         raise CliError("nothing removed")
-    with _rpc.connection() as conn:
-        response = _stub(conn).PruneImages(ipb.PruneImagesRequest(), metadata=conn.metadata)
+    pruned = Images.prune()
     total = 0
-    for removed in response.removed:
+    for removed in pruned:
         total += removed.size
         sys.stdout.write(f"{removed.digest}  {', '.join(removed.names) or '<none>'}\n")
-    sys.stderr.write(f"removed {len(response.removed)} image(s), {human_bytes(total)}\n")
+    sys.stderr.write(f"removed {len(pruned)} image(s), {human_bytes(total)}\n")
+
+
+def _reason(exc: AviatoError) -> str:
+    """The service's reason, without the SDK's "remove X failed: " lead (the line names X)."""
+    text = describe(exc)
+    head, sep, rest = text.partition(" failed: ")
+    return rest if sep and head.startswith("remove ") else text

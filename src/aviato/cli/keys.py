@@ -8,24 +8,20 @@ the state directory (`--state-dir`), never to AVIATO_BASE_URL, and start it ther
 running, as every command does. A key's plaintext is shown once, at creation; the registry
 keeps only its hash.
 
-`_admin` is the one place that reaches the service.
+They use the SDK's `aviato.Admin`; `_admin` is the one place that turns its errors into lines.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import click
-import grpc
 
-from aviato import _local
+from aviato import Admin, OwnerQuota
 from aviato.cli._output import CliError, age, iso, print_json, print_table
 from aviato.exceptions import AviatoError
-from aviato.v1 import admin_pb2 as apb
-from aviato.v1 import admin_pb2_grpc, quantities
+from aviato.v1 import quantities
 from aviato.v1.quantities import format_bytes, format_cpu
 
 # The Admin API's request fields that are options of these commands.
@@ -42,9 +38,11 @@ def _text(value: str, hint: str) -> str:
     return value
 
 
-def _user_words(exc: grpc.RpcError) -> str:
+def _user_words(exc: AviatoError) -> str:
     """The service's message, with a request field named as the option that set it."""
-    details = exc.details() or str(exc.code())
+    text = str(exc).splitlines()[0] if str(exc) else (exc.code or "the service refused")
+    _, sep, reason = text.partition(" failed: ")  # the SDK's "<operation> failed: " lead
+    details = reason if sep else text
     field, sep, problem = details.partition(": ")
     if sep and field in _OPTION_OF_FIELD:
         return f"{_OPTION_OF_FIELD[field]}: {problem}"
@@ -52,25 +50,13 @@ def _user_words(exc: grpc.RpcError) -> str:
 
 
 @contextlib.contextmanager
-def _admin(state_dir: str | None) -> Iterator[Any]:
-    """The Admin API of the state directory's service (started if it is not running).
-
-    Yields an `aviato.v1.Admin` stub; a failed call leaves the block as a CliError.
-    """
+def _admin(state_dir: str | None) -> Iterator[Admin]:
+    """The Admin API of the state directory's service (started if it is not running); a failed
+    call leaves the block as a CliError."""
     try:
-        socket = _local.ensure_local_service(state_dir)
+        yield Admin(state_dir)
     except AviatoError as exc:
-        raise CliError(str(exc)) from exc
-    with grpc.insecure_channel(f"unix://{socket}") as channel:
-        try:
-            yield admin_pb2_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]
-        except grpc.RpcError as exc:
-            raise CliError(_user_words(exc)) from None
-
-
-def _when(created: Any) -> dt.datetime:
-    when: dt.datetime = created.ToDatetime(tzinfo=dt.UTC)
-    return when
+        raise CliError(_user_words(exc)) from None
 
 
 state_dir_option = click.option(
@@ -119,8 +105,7 @@ def create(owner: str, name: str, state_dir: str | None) -> None:
       export AVIATO_API_KEY=$(aviato keys create --owner ci)
     """
     with _admin(state_dir) as admin:
-        request = apb.CreateKeyRequest(owner=_text(owner, "--owner"), name=_text(name, "--name"))
-        created = admin.CreateKey(request)
+        created = admin.create_key(_text(owner, "--owner"), _text(name, "--name"))
     click.echo(created.secret)
     click.echo(
         f"created {created.key.id} for owner {created.key.owner!r}; "
@@ -142,8 +127,7 @@ def list_(owner: str | None, as_json: bool, state_dir: str | None) -> None:
       aviato keys list --owner alice --json
     """
     with _admin(state_dir) as admin:
-        request = apb.ListKeysRequest(owner=None if owner is None else _text(owner, "--owner"))
-        found = admin.ListKeys(request).keys
+        found = admin.list_keys(None if owner is None else _text(owner, "--owner"))
     if as_json:
         print_json(
             [
@@ -151,7 +135,7 @@ def list_(owner: str | None, as_json: bool, state_dir: str | None) -> None:
                     "id": k.id,
                     "owner": k.owner,
                     "name": k.name,
-                    "created_at": iso(_when(k.created_at)),
+                    "created_at": iso(k.created_at),
                     "revoked": k.revoked,
                 }
                 for k in found
@@ -163,7 +147,7 @@ def list_(owner: str | None, as_json: bool, state_dir: str | None) -> None:
             k.id,
             k.owner,
             k.name or "-",
-            age(_when(k.created_at)),
+            age(k.created_at),
             "revoked" if k.revoked else "active",
         ]
         for k in found
@@ -188,9 +172,9 @@ def revoke(key_ids: tuple[str, ...], state_dir: str | None) -> None:
                 missing.append(repr(key_id)[1:-1])  # no key has such an id
                 continue
             try:
-                admin.RevokeKey(apb.RevokeKeyRequest(key_id=key_id))
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                admin.revoke_key(key_id)
+            except AviatoError as exc:
+                if exc.code != "NOT_FOUND":
                     raise
                 missing.append(key_id)
             else:
@@ -283,22 +267,30 @@ def quota(
         raise click.BadParameter("must be 1 to 128 printable characters", param_hint="--owner")
     with _admin(state_dir) as admin:
         if changing:
-            current = admin.GetOwnerQuotas(apb.GetOwnerQuotasRequest(owner=owner)).quotas[0]
-            quota = apb.OwnerQuota(owner=owner)
+            assert owner is not None
+            current = admin.owner_quotas(owner)[0]
+            values: dict[str, int | None] = {}
             for name, new in asked.items():
-                kept = None if reset or not current.HasField(name) else getattr(current, name)
-                value = kept if new is None else (None if new == _DEFAULT else new)
-                if value is not None:
-                    setattr(quota, name, value)
-            admin.SetOwnerQuota(apb.SetOwnerQuotaRequest(quota=quota))
-        rows = admin.GetOwnerQuotas(apb.GetOwnerQuotasRequest(owner=owner)).quotas
+                kept = None if reset else getattr(current, name)
+                values[name] = kept if new is None else (None if new == _DEFAULT else new)
+            admin.set_owner_quota(
+                OwnerQuota(
+                    owner=owner,
+                    max_sandboxes=values["max_sandboxes"],
+                    max_cpu_millis=values["max_cpu_millis"],
+                    max_memory_bytes=values["max_memory_bytes"],
+                    max_disk_bytes=values["max_disk_bytes"],
+                )
+            )
+        rows = admin.owner_quotas(owner)
     # (the JSON keys predate the Admin API's field names: they stay as scripts read them)
     kinds = (("sandboxes", "max_sandboxes", "count"), ("cpu_millis", "max_cpu_millis", "cpu"),
              ("memory_bytes", "max_memory_bytes", "bytes"),
              ("disk_bytes", "max_disk_bytes", "bytes"))  # fmt: skip
 
-    def value_of(row: Any, field: str) -> int | None:
-        return getattr(row, field) if row.HasField(field) else None
+    def value_of(row: OwnerQuota, field: str) -> int | None:
+        value: int | None = getattr(row, field)
+        return value
 
     if as_json:
         print_json([{"owner": r.owner, **{key: value_of(r, f) for key, f, _ in kinds}}

@@ -11,8 +11,8 @@ import sys
 
 import click
 
-from aviato.cli._rpc import connection
-from aviato.v1 import sandbox_pb2 as pb
+from aviato import Sandbox
+from aviato.cli._reach import preflight
 
 
 @click.command()
@@ -35,12 +35,11 @@ def logs(sandbox_id: str, follow: bool, tail: int | None) -> None:
       aviato logs sb-1a2b3c
       aviato logs -f --tail 20 sb-1a2b3c
     """
-    request = pb.StreamLogsRequest(
-        sandbox_id=sandbox_id, tail=-1 if tail is None else min(tail, 2**63 - 1), follow=follow
-    )
-    with connection() as conn:
-        for entry in conn.stub.StreamLogs(request, metadata=conn.metadata):
-            out = sys.stderr if entry.stream == pb.STREAM_STDERR else sys.stdout
+    preflight()
+    sandbox = Sandbox.from_id(sandbox_id).result()
+    with sandbox.stream_logs(follow=follow, tail=tail) as records:
+        for record in records:
+            out = sys.stderr if record.stream == "stderr" else sys.stdout
             out.flush()
-            out.buffer.write(entry.data)
+            out.buffer.write(record.data)
             out.buffer.flush()

@@ -30,7 +30,7 @@ from aviato.cli._output import (
     print_table,
 )
 from aviato.cli._params import duration, duration_or_zero, env_option, label_pairs
-from aviato.cli._rpc import preflight
+from aviato.cli._reach import preflight
 from aviato.cli.images import credential_options, read_credentials
 
 STATUS_CHOICES = [

@@ -6,18 +6,15 @@ AVIATO_STATE_DIR, else the XDG default), through its unix socket and its files (
 
 - `aviato server [--listen ...]` runs the service in the foreground (`python -m aviato.server`),
   the form for a terminal, a container or a process supervisor.
-- `aviato server start` starts it detached. Without `--listen` this is exactly what the SDK does
-  on first use (`aviato._local.ensure_local_service`), so both agree on locking and logging.
+- `aviato server start` starts it detached through the SDK's `aviato.start_local_service`, what
+  the SDK does on first use (with the options given), so both agree on locking and logging.
 - `stop` sends SIGTERM and waits; sandboxes keep running and are re-attached on the next start.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -25,19 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
-import grpc
 
-from aviato import _local
-from aviato._private import open_private, private_dir
+from aviato import AviatoError, ServerInfo, server_info, start_local_service
 from aviato.cli._output import CliError, print_error, print_fields
 from aviato.cli._params import listen_address
-from aviato.v1 import sandbox_pb2 as pb
-from aviato.v1 import sandbox_pb2_grpc
-from aviato.v1.endpoint import LOCK_NAME, LOG_NAME, SOCKET_NAME
+from aviato.v1.endpoint import LOG_NAME, SOCKET_NAME
 from aviato.v1.endpoint import state_dir as default_state_dir
 
 PID_NAME = "server.pid"
-START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 20.0
 NOT_RUNNING_STATUS = 3  # as `systemctl status` and LSB init scripts use for "not running"
 
@@ -64,17 +56,12 @@ def _resolve(state_dir: str | None) -> _Paths:
     return _Paths(directory)
 
 
-def _server_info(paths: _Paths, timeout: float = 3.0) -> pb.ServerInfo | None:
+def _server_info(paths: _Paths, timeout: float = 3.0) -> ServerInfo | None:
     """The service's answer on its socket, or None when nothing answers there."""
-    if not paths.socket.exists():
+    try:
+        return server_info(start_local=False, state_dir=paths.state_dir, timeout_seconds=timeout)
+    except AviatoError:
         return None
-    with grpc.insecure_channel(f"unix://{paths.socket}") as channel:
-        stub = sandbox_pb2_grpc.SandboxServiceStub(channel)  # type: ignore[no-untyped-call]
-        try:
-            info: pb.ServerInfo = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout)
-        except grpc.RpcError:
-            return None
-    return info
 
 
 def _read_pid(paths: _Paths) -> int | None:
@@ -90,10 +77,9 @@ def _read_pid(paths: _Paths) -> int | None:
     return pid if b"aviato" in cmdline else None
 
 
-def _server_argv(
-    paths: _Paths, listen: str | None, tls_cert: str | None, tls_key: str | None
-) -> list[str]:
-    argv = [sys.executable, "-m", "aviato.server", "--state-dir", str(paths.state_dir)]
+def _server_args(listen: str | None, tls_cert: str | None, tls_key: str | None) -> list[str]:
+    """The options of `aviato server` that a background start passes on."""
+    argv: list[str] = []
     if listen:
         argv += ["--listen", listen]
     if tls_cert and tls_key:
@@ -107,54 +93,6 @@ def _check_tls(listen: str | None, tls_cert: str | None, tls_key: str | None) ->
         raise click.UsageError("--tls-cert and --tls-key go together")
     if tls_cert and not listen:
         raise click.UsageError("--tls-cert/--tls-key need --listen (the unix socket has no TLS)")
-
-
-def _last_log_line(paths: _Paths) -> str:
-    try:
-        lines = paths.log.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return lines[-1] if lines else ""
-
-
-def _start_detached(paths: _Paths, argv: list[str]) -> None:
-    """Start the service in its own session with output to server.log; wait until it answers.
-
-    Takes `server.lock` as `aviato._local` does, so that an SDK starting the plain service at
-    the same moment waits for this one instead of racing it.
-    """
-    try:
-        private_dir(paths.state_dir, ours=True)
-    except OSError as e:
-        raise CliError(f"cannot use the state directory {paths.state_dir}: {e}") from e
-    with os.fdopen(open_private(paths.state_dir / LOCK_NAME), "a+b") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        if _server_info(paths) is not None:
-            raise CliError(f"a service started meanwhile for {paths.state_dir}; stop it first")
-        with contextlib.suppress(FileNotFoundError):
-            paths.socket.unlink()
-        with os.fdopen(open_private(paths.log, os.O_WRONLY | os.O_APPEND), "ab") as log:
-            log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} aviato server start\n".encode())
-            log.flush()
-            process = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                cwd="/",
-            )
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            if _server_info(paths, timeout=1.0) is not None:
-                return
-            if process.poll() is not None:
-                detail = _last_log_line(paths) or f"see {paths.log}"
-                raise CliError(f"the service exited while starting: {detail}")
-            time.sleep(0.1)
-    raise CliError(
-        f"the service did not answer within {START_TIMEOUT_SECONDS:.0f}s; see {paths.log}"
-    )
 
 
 listen_option = click.option(
@@ -289,7 +227,8 @@ def server(
             f"a service already runs for {paths.state_dir} (pid {_read_pid(paths) or '?'}); "
             "stop it first with 'aviato server stop'"
         )
-    argv = _server_argv(paths, listen, tls_cert, tls_key)
+    argv = [sys.executable, "-m", "aviato.server", "--state-dir", str(paths.state_dir)]
+    argv += _server_args(listen, tls_cert, tls_key)
     if placement != "local":
         argv += ["--placement", placement]
     if ray_address:
@@ -341,11 +280,9 @@ def start(
             )
         click.echo(f"already running (pid {_read_pid(paths) or '?'}, socket {paths.socket})")
         return
-    extra = _limit_argv(limits)
-    if listen or extra:
-        _start_detached(paths, _server_argv(paths, listen, tls_cert, tls_key) + extra)
-    else:
-        _local.ensure_local_service(paths.state_dir)
+    start_local_service(
+        paths.state_dir, server_args=_server_args(listen, tls_cert, tls_key) + _limit_argv(limits)
+    )
     where = f", listening on {listen}" if listen else ""
     click.echo(f"started (pid {_read_pid(paths) or '?'}, socket {paths.socket}{where})")
 

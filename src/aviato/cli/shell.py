@@ -5,9 +5,11 @@ the remote terminal untouched and the remote side does echo and line editing. SI
 into a resize frame, so full-screen programs follow the window. The terminal's settings are
 restored however the session ends, including on an error or a dropped connection.
 
-Threads: the main thread prints what the stream delivers and runs the SIGWINCH handler, which
-only appends a resize frame to the request queue (a non-blocking, reentrant put). One daemon
-thread turns keystrokes into stdin frames; a pipe tells it when the session is over, since a read
+The terminal is the SDK's: `Sandbox.exec(..., tty=True)`, with `Process.resize` on SIGWINCH.
+
+Threads: the main thread prints what the terminal shows (raw bytes, `iter_bytes`) and runs the
+SIGWINCH handler, which only queues a resize on the SDK's loop (it never blocks). One daemon
+thread turns keystrokes into stdin writes; a pipe tells it when the session is over, since a read
 of a terminal cannot otherwise be interrupted.
 """
 
@@ -23,15 +25,13 @@ import tty
 from types import FrameType
 
 import click
-import grpc
 
+from aviato import AviatoError, Process, Sandbox
 from aviato.cli._output import CliError, describe
 from aviato.cli._params import env_option
-from aviato.cli._rpc import Connection, connection
-from aviato.cli._stream import STDIN_CHUNK_BYTES, ExecRequests, write_all
+from aviato.cli._reach import preflight
+from aviato.cli._stream import STDIN_CHUNK_BYTES, send_stdin, write_all
 from aviato.cli.exec_ import EXEC_FAILED, ensure_running
-from aviato.exceptions import AviatoError
-from aviato.v1 import sandbox_pb2 as pb
 
 # bash when the image has it, else sh; as a login-less interactive shell.
 DEFAULT_SHELL = (
@@ -41,28 +41,32 @@ DEFAULT_SHELL = (
 )
 
 
-def _terminal_size(fd: int) -> pb.TerminalSize:
+def _terminal_size(fd: int) -> tuple[int, int]:
+    """(rows, cols) of the terminal on `fd`; 24 x 80 when it has none."""
     try:
         size = os.get_terminal_size(fd)
     except OSError:
-        return pb.TerminalSize(rows=24, cols=80)
-    return pb.TerminalSize(rows=size.lines, cols=size.columns)
+        return (24, 80)
+    return (size.lines or 24, size.columns or 80)
 
 
 class _TerminalBridge:
-    """Joins the local terminal (fds in/out) to one remote TTY exec stream."""
+    """Joins the local terminal (fds in/out) to one remote terminal command."""
 
-    def __init__(self, fd_in: int, fd_out: int, init: pb.ExecInit) -> None:
+    def __init__(self, fd_in: int, fd_out: int) -> None:
         self.fd_in = fd_in
         self.fd_out = fd_out
-        self.requests = ExecRequests(init)
         self.quit_r, self.quit_w = os.pipe()
+        self.process: Process | None = None
 
     def _on_winch(self, signum: int, frame: FrameType | None) -> None:
-        self.requests.send_resize(_terminal_size(self.fd_out))
+        if self.process is not None:
+            rows, cols = _terminal_size(self.fd_out)
+            self.process.resize(rows, cols)
 
-    def _pump_stdin(self) -> None:
-        """Keys to the stream until the session ends (the quit pipe becomes readable)."""
+    def _pump_stdin(self, process: Process) -> None:
+        """Keys to the command until the session ends (the quit pipe becomes readable)."""
+        assert process.stdin is not None
         with selectors.DefaultSelector() as selector:
             selector.register(self.fd_in, selectors.EVENT_READ)
             selector.register(self.quit_r, selectors.EVENT_READ)
@@ -75,42 +79,45 @@ class _TerminalBridge:
                     except OSError:
                         data = b""
                     if not data:
-                        self.requests.send_eof()
+                        process.stdin.close()
                         selector.unregister(self.fd_in)
-                    elif not self.requests.send_stdin(data):
+                    elif not send_stdin(process, data):
                         return
 
-    def run(self, conn: Connection) -> int:
+    def run(self, sandbox: Sandbox, argv: list[str], cwd: str | None, env: dict[str, str]) -> int:
         """Relay until the remote command exits; returns its exit code."""
         saved = termios.tcgetattr(self.fd_in)
         previous = signal.signal(signal.SIGWINCH, self._on_winch)
-        pump = threading.Thread(target=self._pump_stdin, name="aviato-sh-stdin", daemon=True)
-        responses = conn.stub.Exec(iter(self.requests), metadata=conn.metadata)
         finished = False
+        process: Process | None = None
+        pump: threading.Thread | None = None
         try:
+            process = self.process = sandbox.exec(
+                argv,
+                cwd=cwd,
+                env=env,
+                tty=True,
+                tty_size=_terminal_size(self.fd_out),
+                max_output_bytes=0,
+            )
             tty.setraw(self.fd_in, termios.TCSANOW)
+            pump = threading.Thread(
+                target=self._pump_stdin, args=(process,), name="aviato-sh-stdin", daemon=True
+            )
             pump.start()
-            for response in responses:
-                kind = response.WhichOneof("msg")
-                if kind == "output":
-                    write_all(self.fd_out, response.output.data)
-                elif kind == "exit":
-                    finished = True
-                    return int(response.exit.exit_code)
-                elif kind == "error":
-                    finished = True
-                    raise CliError(response.error.message or "the shell failed to start")
-            raise CliError("the connection ended before the shell exited")
+            for chunk in process.stdout.iter_bytes():
+                write_all(self.fd_out, chunk)
+            code = process.wait()
+            finished = True
+            return code
         finally:
             termios.tcsetattr(self.fd_in, termios.TCSADRAIN, saved)
             signal.signal(signal.SIGWINCH, previous)
-            if not finished:
-                self.requests.send_signal(signal.SIGKILL)
-            self.requests.close()
-            if not finished:
-                responses.cancel()
+            if process is not None and not finished:
+                process.cancel()
             os.write(self.quit_w, b"q")
-            pump.join(timeout=1.0)
+            if pump is not None:
+                pump.join(timeout=1.0)
             os.close(self.quit_r)
             os.close(self.quit_w)
 
@@ -146,21 +153,14 @@ def sh(
     if argv and argv[0] == "--":
         argv = argv[1:]
     try:
-        with connection() as conn:
-            ensure_running(conn, sandbox_id)
-            init = pb.ExecInit(
-                sandbox_id=sandbox_id,
-                argv=argv or list(DEFAULT_SHELL),
-                cwd=cwd or "",
-                env=variables,
-                stdin=True,
-                tty=True,
-                tty_size=_terminal_size(1),
-            )
-            sys.stdout.flush()
-            code = _TerminalBridge(0, 1, init).run(conn)
+        preflight()
+        sandbox = ensure_running(sandbox_id)
+        sys.stdout.flush()
+        code = _TerminalBridge(0, 1).run(sandbox, argv or list(DEFAULT_SHELL), cwd, variables)
     except CliError as exc:
         raise CliError(exc.message, EXEC_FAILED) from None
-    except (grpc.RpcError, AviatoError) as exc:
+    except UnicodeEncodeError:
+        raise  # text that cannot be sent at all: a usage problem (exit 1), not a failed run
+    except (AviatoError, ValueError) as exc:
         raise CliError(describe(exc), EXEC_FAILED) from None
     raise SystemExit(code)

@@ -10,35 +10,28 @@ import platform
 import sys
 
 import click
-import grpc
 
-from aviato.cli import _rpc
+from aviato import AviatoError, __version__, server_info
 from aviato.cli._output import describe
-from aviato.v1 import sandbox_pb2 as pb
+from aviato.cli._reach import base_url
+from aviato.v1 import endpoint
 
 _SERVER_DEADLINE_SECONDS = 2.0
 
 
 def package_version() -> str:
-    from aviato import __version__
-
     return __version__
 
 
 def _server_line() -> str:
-    remote = _rpc.base_url() is not None
-    if not remote and not _rpc.local_socket(start=False).exists():
+    remote = base_url() is not None
+    if not remote and not endpoint.socket_path().exists():
         return "not running (it starts on first use)"
     try:
-        with _rpc.connection(start_local=False) as conn:
-            info = conn.stub.GetServerInfo(
-                pb.GetServerInfoRequest(),
-                metadata=conn.metadata,
-                timeout=_SERVER_DEADLINE_SECONDS,
-            )
-            return f"{info.version} at {conn.target}"
-    except grpc.RpcError as exc:
+        info = server_info(start_local=False, timeout_seconds=_SERVER_DEADLINE_SECONDS)
+    except (AviatoError, ValueError) as exc:
         return f"unreachable: {describe(exc)}"
+    return f"{info.version} at {info.url}"
 
 
 @click.command()
