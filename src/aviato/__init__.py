@@ -28,7 +28,7 @@ from aviato._defaults import NetworkOptions, Serialization
 from aviato._files import FileStream
 from aviato._function import RemoteFunction
 from aviato._image_store import Image, Images, PullProgress
-from aviato._local import start_local_service
+from aviato._local_service import start_local_service
 from aviato._logs import LogRecord, LogStream
 from aviato._operation import OperationRef
 from aviato._options import SandboxDefaults

@@ -3,7 +3,7 @@
 - `get_client(base_url)` returns the `Client` of the running event loop for that address,
   created on first use and shared: one per (event loop, address), in practice one per address
   on the SDK's background loop. None means the embedded local service, found or started by
-  `aviato._local.ensure_local_service` (in a worker thread, so the loop never blocks).
+  `aviato._local_service.ensure_local_service` (in a worker thread, so the loop never blocks).
 - The transport of an address is the gRPC one (`aviato._transport.grpc`), unless a factory was
   registered for that exact address with `register_transport` (how tests plug in the in-memory
   transport of `aviato._transport.memory`).
@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from aviato import _bridge, _defaults, _local
+from aviato import _bridge, _defaults, _local_service
 from aviato._transport.base import Transport
 from aviato._transport.errors import is_transient
 from aviato._transport.grpc import GrpcTransport, parse_base_url, translate_error
@@ -118,14 +118,14 @@ class Client:
 
 
 async def ensure_local_service(state_dir: str | None) -> str:
-    """`_local.ensure_local_service` (blocking) in a thread of its own, never the loop's default
-    executor: that one refuses work once the interpreter has begun to exit, and a stop fired at
-    the end of a script may still have to reach (or start) the local service then."""
+    """`_local_service.ensure_local_service` (blocking) in a thread of its own, never the loop's
+    default executor: that one refuses work once the interpreter has begun to exit, and a stop
+    fired at the end of a script may still have to reach (or start) the local service then."""
     future: concurrent.futures.Future[str] = concurrent.futures.Future()
 
     def work() -> None:
         try:
-            future.set_result(_local.ensure_local_service(state_dir))
+            future.set_result(_local_service.ensure_local_service(state_dir))
         except BaseException as err:
             future.set_exception(err)
 
@@ -183,13 +183,14 @@ _state_dirs: dict[tuple[str | None, str | None, str | None], str] = {}
 
 
 def _local_state_dir() -> str:
-    """`_local.state_dir()`, remembered per value of the variables it depends on: it is asked on
-    every call (every exec), and resolving it with pathlib each time was 1-2 % of an exec."""
+    """`_local_service.state_dir()`, remembered per value of the variables it depends on: it is
+    asked on every call (every exec), and resolving it with pathlib each time was 1-2 % of an
+    exec."""
     env = os.environ
     key = (env.get("AVIATO_STATE_DIR"), env.get("XDG_STATE_HOME"), env.get("HOME"))
     found = _state_dirs.get(key)
     if found is None:
-        found = str(_local.state_dir())
+        found = str(_local_service.state_dir())
         if all(v is None or v.startswith(("/", "~")) for v in key[:2]):  # else it needs the cwd
             _state_dirs[key] = found
     return found

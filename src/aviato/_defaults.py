@@ -11,7 +11,7 @@ Environment variables read by the SDK (each read when it is needed, never at imp
 - `AVIATO_IMAGE`: the image when neither the call nor the defaults name one (default: the
   service's default image, "host" unless the service is started with --default-image).
 - `AVIATO_LEASE_TTL`: a Session's lease time-to-live in seconds (default 30).
-- `AVIATO_STATE_DIR`: the local service's state directory (see `aviato._local`).
+- `AVIATO_STATE_DIR`: the local service's state directory (see `aviato._local_service`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Finding and starting the embedded local service (`aviato._local`)."""
+"""Finding and starting the embedded local service (`aviato._local_service`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from aviato import AviatoConnectionError, _local
+from aviato import AviatoConnectionError, _local_service
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def test_many_processes_start_exactly_one_service(fresh_dir: Path) -> None:
     code = textwrap.dedent(
         """
         import sys
-        from aviato._local import ensure_local_service
+        from aviato._local_service import ensure_local_service
         print(ensure_local_service(sys.argv[1]))
         """
     )
@@ -59,7 +59,7 @@ def test_many_processes_start_exactly_one_service(fresh_dir: Path) -> None:
     log = (fresh_dir / "server.log").read_text()
     assert log.count("started by pid") == 1, log
     pid = _server_pid(fresh_dir)
-    assert _local.ensure_local_service(fresh_dir) == str(fresh_dir / "aviato.sock")
+    assert _local_service.ensure_local_service(fresh_dir) == str(fresh_dir / "aviato.sock")
     assert _server_pid(fresh_dir) == pid  # answered: nothing new started
 
 
@@ -70,9 +70,9 @@ def test_stale_socket_is_replaced(fresh_dir: Path) -> None:
     s.close()  # the file stays, nobody listens: connection refused
     assert stale.exists()
     t0 = time.monotonic()
-    assert _local.ensure_local_service(fresh_dir) == str(stale)
+    assert _local_service.ensure_local_service(fresh_dir) == str(stale)
     assert time.monotonic() - t0 < 15
-    assert _local._answers(stale)
+    assert _local_service._answers(stale)
 
 
 def test_a_service_that_cannot_start_reports_its_log(
@@ -84,7 +84,7 @@ def test_a_service_that_cannot_start_reports_its_log(
     monkeypatch.setattr(sys, "executable", str(fake_python))
     t0 = time.monotonic()
     with pytest.raises(AviatoConnectionError) as info:
-        _local.ensure_local_service(fresh_dir)
+        _local_service.ensure_local_service(fresh_dir)
     assert time.monotonic() - t0 < 10
     assert "exited with code 3" in str(info.value)
     assert "boom: cannot start the service" in str(info.value)
@@ -92,17 +92,17 @@ def test_a_service_that_cannot_start_reports_its_log(
 
 def test_too_long_socket_path() -> None:
     with pytest.raises(AviatoConnectionError, match="too long"):
-        _local.ensure_local_service("/tmp/" + "x" * 120)
+        _local_service.ensure_local_service("/tmp/" + "x" * 120)
 
 
 def test_state_dir_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AVIATO_STATE_DIR", "/tmp/a")
-    assert _local.state_dir() == Path("/tmp/a")
+    assert _local_service.state_dir() == Path("/tmp/a")
     monkeypatch.delenv("AVIATO_STATE_DIR")
     monkeypatch.setenv("XDG_STATE_HOME", "/tmp/xdg")
-    assert _local.state_dir() == Path("/tmp/xdg/aviato")
+    assert _local_service.state_dir() == Path("/tmp/xdg/aviato")
     monkeypatch.delenv("XDG_STATE_HOME")
-    assert _local.state_dir() == Path.home() / ".local/state/aviato"
+    assert _local_service.state_dir() == Path.home() / ".local/state/aviato"
 
 
 @pytest.mark.slow

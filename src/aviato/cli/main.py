@@ -16,7 +16,7 @@ from typing import NoReturn
 
 import click
 
-from aviato.cli import exec_, files, images, keys, logs, sandboxes, server, shell, version
+from aviato.cli import exec_command, files, images, keys, logs, sandboxes, server, shell, version
 from aviato.cli._output import CliError, debug_enabled, describe, print_error
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -53,7 +53,7 @@ for _command in (
     sandboxes.run,
     sandboxes.ls,
     sandboxes.get,
-    exec_.exec_command,
+    exec_command.exec_command,
     shell.sh,
     logs.logs,
     files.cp,

@@ -31,7 +31,7 @@ from aviato.cli._output import CliError, describe
 from aviato.cli._params import env_option
 from aviato.cli._reach import preflight
 from aviato.cli._stream import STDIN_CHUNK_BYTES, send_stdin, write_all
-from aviato.cli.exec_ import EXEC_FAILED, ensure_running
+from aviato.cli.exec_command import EXEC_FAILED, ensure_running
 
 # bash when the image has it, else sh; as a login-less interactive shell.
 DEFAULT_SHELL = (
