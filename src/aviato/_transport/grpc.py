@@ -499,14 +499,20 @@ class _GrpcExecCall(ExecCall):
             raise SandboxExecutionError("this command was started without stdin")
         if self._opened is not None:
             await self._opened
+        control = request.WhichOneof("msg") != "stdin"
         try:
             async with self._write_lock:
-                if self._call.done() and request.WhichOneof("msg") != "stdin":
+                if self._call.done() and control:
                     # The command is over: an end-of-file, resize or signal has nothing left to
                     # reach, and writing to a finished call can fail it after the fact.
                     return
                 await self._call.write(request)
         except grpc.RpcError as err:
+            if control and (self._exited or self._call.done()):
+                # The call ended while the frame was on its way (a command that exits at once
+                # while its stdin's end-of-file is written): the gRPC core fails the write
+                # ("Internal error from Core"), but nothing was lost.
+                return
             raise self._error(err) from None
         except AviatoError:
             raise
