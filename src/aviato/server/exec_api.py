@@ -43,6 +43,31 @@ _STARTED = pb.ExecResponse(started=pb.ExecStarted())
 _CUT_OFF_CODES = frozenset({"UNAVAILABLE", "FAILED_PRECONDITION"})
 
 
+# How long an Exec stream stays open after its terminal frame, for the client to half-close it.
+HALF_CLOSE_LINGER_SECONDS = 2.0
+
+
+async def _linger_until_half_close(
+    requests: AsyncIterator[pb.ExecRequest], pump: asyncio.Task[str | None] | None = None
+) -> None:
+    """Keeps a finished Exec stream open until the client half-closes it (the SDK does as soon
+    as it reads the terminal frame), for at most HALF_CLOSE_LINGER_SECONDS.
+
+    A client may be writing an end-of-file, a resize or a signal just as its command ends (a
+    command that fails to start while `aviato exec` forwards an empty stdin). Had the service
+    already ended the call, the client's gRPC core would fail that write and with it the whole
+    call ("Internal error from Core"), losing the exit status it had received. Frames that
+    arrive now are read and dropped.
+    """
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(HALF_CLOSE_LINGER_SECONDS):
+            if pump is not None:
+                with contextlib.suppress(Exception):
+                    await pump  # it reads the requests until they end, unless it stopped early
+            async for _ in requests:
+                pass
+
+
 class ExecStreams(ServicerBase):
     """Exec and RunCommand."""
 
@@ -72,12 +97,14 @@ class ExecStreams(ServicerBase):
             return
         started = await self._start_exec(owner, init, write, stdin=init.stdin)
         if started is None:
+            await _linger_until_half_close(requests)
             return
         spec, proc = started
         pump = asyncio.create_task(self._pump_exec(requests, proc, spec.stdin, init.input))
         try:
             await write(_STARTED)
             await self._relay_exec(proc, write, pump, init.sandbox_id)
+            await _linger_until_half_close(requests, pump)
         finally:
             pump.cancel()
 
