@@ -117,7 +117,8 @@ async def _reply(
             fds.extend(received)
             if not chunk:
                 raise SandboxGone(
-                    f"sandbox {sandbox}: its supervisor closed the connection before answering"
+                    f"sandbox {sandbox}: its supervisor closed the connection before answering "
+                    "(a supervisor started before this service's version cannot connect to ports)"
                 )
             data += chunk
     finally:
