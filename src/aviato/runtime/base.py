@@ -12,6 +12,7 @@ backend-specific exceptions, so that the service can map them to gRPC codes in o
 from __future__ import annotations
 
 import abc
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ __all__ = [
     "MainExit",
     "PathRefused",
     "PermissionRefused",
+    "PortRefused",
+    "PortUnreachable",
     "PullProgressFn",
     "RegistryCredentials",
     "Runtime",
@@ -63,6 +66,18 @@ class PathRefused(SandboxRuntimeError):
 
 class PermissionRefused(SandboxRuntimeError):
     code = "PERMISSION_DENIED"
+
+
+class PortRefused(SandboxRuntimeError):
+    """A port number that no server can listen on (ports are 1 to 65535)."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class PortUnreachable(SandboxRuntimeError):
+    """Nothing in the sandbox accepted a connection on the port (refused, or not in time)."""
+
+    code = "UNAVAILABLE"
 
 
 class SandboxGone(SandboxRuntimeError):
@@ -204,6 +219,14 @@ class SandboxHandle(abc.ABC):
         says `why` ("lifetime" or "lease"). Replaces the previous deadline. Best effort: the
         default (a runtime that cannot) does nothing, and the service's own reaper remains."""
         return None
+
+    async def connect_port(self, port: int) -> socket.socket:
+        """A TCP connection to `port` on the sandbox's own loopback (127.0.0.1, or ::1), as a
+        connected socket in blocking mode that the caller owns and relays bytes over; the
+        sandbox's network is never joined to anything else. Raises PortRefused (not 1 to
+        65535), PortUnreachable (refused: nothing listens; or no answer in time), SandboxGone.
+        The default (a runtime that cannot) raises Unsupported."""
+        raise Unsupported("this runtime cannot connect to ports inside its sandboxes")
 
     @abc.abstractmethod
     def logs(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -26,10 +27,11 @@ from aviato.runtime.base import (
 )
 from aviato.runtime.bubblewrap.exit_record import main_exit
 from aviato.runtime.bubblewrap.host_processes import ProcessWatch, kill_sandbox
-from aviato.runtime.bubblewrap.launch import connect_supervisor
+from aviato.runtime.bubblewrap.launch import connect_supervisor, short_path
 from aviato.runtime.cgroups import SandboxCgroup
 from aviato.runtime.logs import read_log
 from aviato.runtime.supervisor import SupervisorConnection
+from aviato.runtime.supervisor.port_connect import check_port, connect_port
 from aviato.runtime.userns import IdRange
 
 
@@ -167,6 +169,15 @@ class BubblewrapSandbox(SandboxHandle):
         if self._cgroup is not None:
             chunks = _within_memory(self._cgroup, path, chunks)
         return await conn.write_file(path, mode, make_parents, chunks)
+
+    async def connect_port(self, port: int) -> socket.socket:
+        """Made by the supervisor in the sandbox's network namespace, over a control connection
+        of its own (supervisor/port_connect.py says why)."""
+        check_port(port)
+        if not self.running:
+            raise SandboxGone(f"sandbox {self.sandbox_id} has ended")
+        with short_path(self._dir / "ctl.sock") as path:
+            return await connect_port(path, port, self.sandbox_id)
 
     async def set_deadline(self, at_ns: int, why: str, grace_seconds: float) -> None:
         conn = await self._connection()

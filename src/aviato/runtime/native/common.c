@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "supervisor.h"
@@ -63,6 +64,22 @@ int write_number_file(const char *path, long v) {
     close(fd);
     errno = e;
     return r;
+}
+
+/* send() of n bytes with `fd` attached (SCM_RIGHTS: the peer receives a descriptor of the same
+ * open file, with the first byte sent). Never blocks, never raises SIGPIPE. */
+ssize_t send_with_fd(int sock, const void *p, size_t n, int fd) {
+    union { struct cmsghdr h; char room[CMSG_SPACE(sizeof(int))]; } ctl;
+    memset(&ctl, 0, sizeof ctl);
+    struct iovec iov = {.iov_base = (void *)p, .iov_len = n};
+    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1,
+                       .msg_control = ctl.room, .msg_controllen = sizeof ctl.room};
+    struct cmsghdr *h = CMSG_FIRSTHDR(&m);
+    h->cmsg_level = SOL_SOCKET;
+    h->cmsg_type = SCM_RIGHTS;
+    h->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(h), &fd, sizeof(int));
+    return sendmsg(sock, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
 }
 
 /* epoll registration: add, modify or remove so that `ev` is what is watched. */

@@ -88,6 +88,23 @@ void conn_pump_reads(struct conn *c) {
     }
 }
 
+/* ---- Descriptors that ride on frames ----------------------------------------------------- */
+
+/* Queues `fd` to be sent with the next frame queued on `c` (call it just before queueing that
+ * frame); conn_flush sends it with that frame's first byte and closes it. Returns -1 (fd not
+ * taken) when PORT_CONNECTS_MAX are queued already. */
+int conn_queue_fd(struct conn *c, int fd) {
+    if (c->npass >= PORT_CONNECTS_MAX) return -1;
+    c->pass[c->npass].at = c->out_sent + buf_pending(&c->out);
+    c->pass[c->npass++].fd = fd;
+    return 0;
+}
+
+/* Closes the descriptors still queued (the connection is closing). */
+void conn_drop_fds(struct conn *c) {
+    while (c->npass) close(c->pass[--c->npass].fd);
+}
+
 /* ---- Accepting --------------------------------------------------------------------------- */
 
 void accept_conns(void) {

@@ -1,7 +1,8 @@
 /* The top of a connection's life: reading its input, cutting it into frames and handing each to
- * its handler (handle_frame: exec.c, files.c, main_process.c); flushing its output queue; and
- * closing it, which reaches every handler (its execs are killed, its transfers dropped). Flushing
- * is here because a failed send closes the connection. The loop calls conn_read and conn_flush;
+ * its handler (handle_frame: exec.c, files.c, main_process.c, ports.c); flushing its output queue; and
+ * closing it, which reaches every handler (its execs are killed, its transfers and port connects
+ * dropped). Flushing is here because a failed send closes the connection; it also sends the
+ * descriptors queued to ride on frames (conn_queue_fd). The loop calls conn_read and conn_flush;
  * nothing below calls back up here. */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -66,6 +67,7 @@ static void handle_frame(struct conn *c, uint8_t type, uint32_t id, const uint8_
     }
     case F_KILL: if (e) exec_kill_tree(e); break;
     case F_DEADLINE: do_deadline(&r); break;
+    case F_CONNECT_PORT: do_connect_port(c, id, &r); break;
     default: r.bad = 1; /* unknown frame type: protocol error */
     }
     if (r.bad) c->dead = -1;
@@ -88,6 +90,8 @@ static void conn_close(struct conn *c) {
         free(f);
     }
     while (c->writes) wfile_drop(c, &c->writes, 0);
+    while (c->ports) port_drop(c, &c->ports);
+    conn_drop_fds(c);
     for (struct conn **pp = &g_conns; *pp; pp = &(*pp)->next)
         if (*pp == c) {
             *pp = c->next;
@@ -97,15 +101,31 @@ static void conn_close(struct conn *c) {
     g_dead_conns = c;
 }
 
-/* Sends as much queued output as the socket takes; EPOLLOUT is watched while some is left. */
+/* Sends as much queued output as the socket takes; EPOLLOUT is watched while some is left. A
+ * queued descriptor goes with the first byte of its frame (the bytes before it are sent
+ * without), and is closed here once sent. */
 void conn_flush(struct conn *c) {
     for (int round = 0;; round++) {
         c->blocked = 0;
         while (buf_pending(&c->out)) {
-            ssize_t n = send(c->w.fd, c->out.d + c->out.off, buf_pending(&c->out),
-                             MSG_NOSIGNAL | MSG_DONTWAIT);
-            if (n > 0) c->out.off += (size_t)n;
-            else if (n < 0 && errno == EINTR) continue;
+            size_t want = buf_pending(&c->out);
+            int fd = -1;
+            if (c->npass) {
+                uint64_t before = c->pass[0].at - c->out_sent; /* bytes ahead of its frame */
+                if (!before) fd = c->pass[0].fd;
+                else if (before < want) want = (size_t)before;
+            }
+            const uint8_t *p = c->out.d + c->out.off;
+            ssize_t n = fd < 0 ? send(c->w.fd, p, want, MSG_NOSIGNAL | MSG_DONTWAIT)
+                               : send_with_fd(c->w.fd, p, want, fd);
+            if (n > 0) {
+                c->out.off += (size_t)n;
+                c->out_sent += (uint64_t)n;
+                if (fd >= 0) { /* the peer has it now */
+                    close(fd);
+                    memmove(c->pass, c->pass + 1, --c->npass * sizeof c->pass[0]);
+                }
+            } else if (n < 0 && errno == EINTR) continue;
             else if (n < 0 && errno == EAGAIN) {
                 c->blocked = 1;
                 break;

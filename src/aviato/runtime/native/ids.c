@@ -1,6 +1,6 @@
-/* A connection's ids: which exec, file read or file write an id of that connection names, and
- * whether an id is taken (by any of the three: ids are shared). Shared by the frame handlers
- * (exec.c, files.c) and the dispatch, below them all. */
+/* A connection's ids: which exec, file read, file write or port connect an id of that
+ * connection names, and whether an id is taken (by any of them: ids are shared). Shared by the
+ * frame handlers (exec.c, files.c, ports.c) and the dispatch, below them all. */
 #define _GNU_SOURCE
 #include <stddef.h>
 
@@ -24,6 +24,12 @@ struct wfile **wfile_find(struct conn *c, uint32_t id) {
     return pp;
 }
 
+struct port_connect **port_find(struct conn *c, uint32_t id) {
+    struct port_connect **pp = &c->ports;
+    while (*pp && (*pp)->id != id) pp = &(*pp)->next;
+    return pp;
+}
+
 int id_in_use(struct conn *c, uint32_t id) {
-    return exec_find(c, id) || *rfile_find(c, id) || *wfile_find(c, id);
+    return exec_find(c, id) || *rfile_find(c, id) || *wfile_find(c, id) || *port_find(c, id);
 }

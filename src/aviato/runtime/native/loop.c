@@ -1,6 +1,7 @@
 /* The event loop: one epoll set for the listening socket, the signalfd, connections, command
- * pipes and the main process's pipes; reaping children; exec timeouts, linger ends and the
- * sandbox's deadline as epoll_wait timeouts. */
+ * pipes, the main process's pipes and connecting port sockets; reaping children; exec
+ * timeouts, linger ends, port connect timeouts and the sandbox's deadline as epoll_wait
+ * timeouts. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <signal.h>
@@ -104,6 +105,8 @@ static int handle_deadlines(void) {
             if (e->deadline && e->deadline < next) next = e->deadline;
             if (e->linger && e->linger < next) next = e->linger;
         }
+        uint64_t port_next = port_check_timeouts(c, now);
+        if (port_next < next) next = port_next;
     }
     if (next == UINT64_MAX) return -1;
     uint64_t ms = (next - now + 999999) / 1000000;
@@ -128,6 +131,7 @@ static void dispatch(struct watch *w, uint32_t ev) {
     case W_STDIN: exec_flush_stdin(w->obj); break;
     case W_MAIN_OUT:
     case W_MAIN_ERR: main_read(w); break;
+    case W_PORT: port_connect_ready(w->obj); break;
     }
 }
 
@@ -145,6 +149,11 @@ void loop(void) {
             buf_free(&c->out);
             free(c->in);
             free(c);
+        }
+        while (g_dead_ports) {
+            struct port_connect *p = g_dead_ports;
+            g_dead_ports = p->next;
+            free(p);
         }
         while (g_dead_execs) {
             struct exec *e = g_dead_execs;

@@ -48,6 +48,7 @@ enum {
     F_CREDIT = 13,
     F_DEADLINE = 14,
     F_KILL = 15,
+    F_CONNECT_PORT = 16,               /* u16 port: a TCP connection to the sandbox's loopback */
 };
 
 /* Frame types, supervisor -> service. */
@@ -64,6 +65,7 @@ enum {
     F_WRITE_OK = 73,
     F_PONG = 74,
     F_STDIN_ACK = 75,
+    F_PORT_CONNECTED = 76,             /* empty; the connected socket rides on it (SCM_RIGHTS) */
 };
 
 /* EXEC's flags. */
@@ -76,5 +78,9 @@ enum { WRITE_MAKE_PARENTS = 1 };
 #define EXIT_SIZE 41                   /* i32 code | i32 signal | u8 timed_out | 4 x u64 */
 #define FILE_INFO_SIZE 12              /* u64 size | u32 mode */
 #define HELLO_SIZE 8                   /* u32 version | u32 pid */
+#define CONNECT_PORT_SIZE 2            /* u16 port */
+
+/* CONNECT_PORT: a connect that has not completed by then fails (ETIMEDOUT). */
+#define PORT_CONNECT_TIMEOUT_MS 5000
 
 #endif

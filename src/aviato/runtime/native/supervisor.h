@@ -12,10 +12,12 @@
  *   exec.c          one command (EXEC): its pipes or pty, stdin, output, start and exit
  *   files.c         READ_FILE and WRITE_BEGIN..END, path resolution without magic links
  *   main_process.c  the sandbox's main process, its log, deadline, and the supervisor's exit
+ *   ports.c         CONNECT_PORT: a TCP connection to the sandbox's loopback, handed over
  *   -- below the handlers --
  *   ids.c           a connection's ids: the exec, file read or file write an id names
  *   conn.c          connections: accept, epoll interest, throttling the output queue and the
- *                   producers it paces (command pipes, pending file reads)
+ *                   producers it paces (command pipes, pending file reads); descriptors
+ *                   queued to ride on an outgoing frame
  *   frames.c        the frame codec: building outgoing frames, reading incoming payloads
  *   spawn.c         starting a process: session, stdio, credentials, PATH search, vfork
  *   lineage.c       the mark every command's descendants inherit; killing a command by it
@@ -46,11 +48,13 @@
 #define KILL_ROUNDS 64                 /* rounds of kill_marked before giving up */
 #define LINGER_NS (100ull * 1000000)   /* wait this long for pipe EOF after a process exited */
 #define NS 1000000000ull
+#define PORT_CONNECTS_MAX 32           /* per connection: CONNECT_PORTs connecting or queued */
 
 enum { STAGE_SETUP = 1, STAGE_CWD = 2, STAGE_EXEC = 3 }; /* where a child failed before exec */
 
 /* What an epoll registration refers to. */
-enum wkind { W_LISTEN, W_SIGNAL, W_CONN, W_OUT, W_ERR, W_START, W_STDIN, W_MAIN_OUT, W_MAIN_ERR };
+enum wkind { W_LISTEN, W_SIGNAL, W_CONN, W_OUT, W_ERR, W_START, W_STDIN, W_MAIN_OUT, W_MAIN_ERR,
+             W_PORT };
 
 /* ---- Data structures ------------------------------------------------------------------- */
 
@@ -109,6 +113,21 @@ struct wfile {                     /* a WRITE_BEGIN..END in progress */
     struct wfile *next;
 };
 
+struct port_connect {               /* a CONNECT_PORT whose connect() is in progress */
+    uint32_t id;
+    uint16_t port;
+    int ipv6;                      /* 0: trying 127.0.0.1; 1: trying ::1 (127.0.0.1 refused) */
+    struct watch w;                /* the connecting socket (EPOLLOUT: connect finished) */
+    uint64_t deadline;             /* monotonic ns: fail with ETIMEDOUT */
+    struct conn *c;
+    struct port_connect *next;
+};
+
+struct passed_fd {                 /* a descriptor that rides on an outgoing frame */
+    uint64_t at;                   /* the frame's first byte, counted from the stream's start */
+    int fd;
+};
+
 struct conn {
     struct watch w;
     int dead;
@@ -120,6 +139,11 @@ struct conn {
     struct exec *execs;
     struct rfile *reads;
     struct wfile *writes;
+    struct port_connect *ports;
+    unsigned nports;               /* in `ports` */
+    struct passed_fd pass[PORT_CONNECTS_MAX]; /* queued, oldest first (see conn_queue_fd) */
+    unsigned npass;
+    uint64_t out_sent;             /* bytes of output sent so far */
     struct conn *next, *gnext;
 };
 
@@ -174,6 +198,8 @@ extern struct sandbox_user g_user;
 /* lineage.c */
 extern uint64_t g_spawn_mark;        /* read by the vfork child in child_run: 0 for no mark */
 extern uint64_t g_mark_next;         /* the next exec's mark */
+/* ports.c */
+extern struct port_connect *g_dead_ports; /* dropped this loop iteration, chained by `next` */
 /* main_process.c */
 extern int g_log_fd, g_exit_fd;
 extern uint64_t g_log_size;
@@ -194,6 +220,7 @@ uint64_t clock_ns(clockid_t id);
 int set_nonblock(int fd);
 int write_all(int fd, const void *p, size_t n);
 int write_number_file(const char *path, long v);
+ssize_t send_with_fd(int sock, const void *p, size_t n, int fd);
 void watch_set(struct watch *w, uint32_t ev);
 void watch_close(struct watch *w);
 void watch_init(struct watch *w, int fd, enum wkind kind, void *obj);
@@ -237,12 +264,15 @@ void conn_check_throttle(struct conn *c);
 void exec_update_streams(struct exec *e);
 void conn_pump_reads(struct conn *c);
 void accept_conns(void);
+int conn_queue_fd(struct conn *c, int fd);
+void conn_drop_fds(struct conn *c);
 
 /* ---- ids.c ------------------------------------------------------------------------------ */
 
 struct exec *exec_find(struct conn *c, uint32_t id);
 struct rfile **rfile_find(struct conn *c, uint32_t id);
 struct wfile **wfile_find(struct conn *c, uint32_t id);
+struct port_connect **port_find(struct conn *c, uint32_t id);
 int id_in_use(struct conn *c, uint32_t id);
 
 /* ---- lineage.c -------------------------------------------------------------------------- */
@@ -286,6 +316,13 @@ void main_read(struct watch *w);
 void main_start(char **argv);
 void terminate(int sig, int from_inside);
 void do_deadline(struct rd *r);
+
+/* ---- ports.c ---------------------------------------------------------------------------- */
+
+void do_connect_port(struct conn *c, uint32_t id, struct rd *r);
+void port_connect_ready(struct port_connect *p);
+uint64_t port_check_timeouts(struct conn *c, uint64_t now);
+void port_drop(struct conn *c, struct port_connect **pp);
 
 /* ---- dispatch.c ------------------------------------------------------------------------- */
 

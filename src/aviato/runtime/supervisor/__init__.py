@@ -4,7 +4,8 @@
 - `streams`: what execs and transfers share (output windows, the connection's side of them);
 - `exec_handle`: `SupervisorExec`, one command; `file_transfers`: file reads and writes;
 - `connection`: `SupervisorConnection`, the asyncio client of one sandbox's control socket;
-- `binary`: `supervisor_binary()`, where the compiled `aviato-supervisor` is.
+- `binary`: `supervisor_binary()`, where the compiled `aviato-supervisor` is;
+- `port_connect`: `connect_port`, a TCP connection to a port inside the sandbox (CONNECT_PORT).
 """
 
 from aviato.runtime.supervisor.binary import SupervisorMissing, supervisor_binary

@@ -50,6 +50,7 @@ F_TERMINATE = 12
 F_CREDIT = 13
 F_DEADLINE = 14
 F_KILL = 15
+F_CONNECT_PORT = 16  # u16 port: a TCP connection to the sandbox's loopback
 # Frame types, supervisor -> service.
 F_HELLO = 64
 F_STARTED = 65
@@ -63,6 +64,7 @@ F_FILE_END = 72
 F_WRITE_OK = 73
 F_PONG = 74
 F_STDIN_ACK = 75
+F_PORT_CONNECTED = 76  # empty; the connected socket rides on it (SCM_RIGHTS)
 
 EXEC_STDIN = 1
 EXEC_TTY = 2
@@ -72,6 +74,9 @@ WRITE_MAKE_PARENTS = 1
 EXIT_SIZE = 41
 FILE_INFO_SIZE = 12
 HELLO_SIZE = 8
+CONNECT_PORT_SIZE = 2
+
+PORT_CONNECT_TIMEOUT_MS = 5000  # CONNECT_PORT: a connect not done by then fails
 
 # ---- codec ----
 
@@ -85,6 +90,7 @@ _EXIT_BODY = struct.Struct("<iiBQQQQ")
 _ERROR_HEAD = struct.Struct("<iI")
 _FILE_INFO_BODY = struct.Struct("<QI")
 _DEADLINE_HEAD = struct.Struct("<QI")
+_U16 = struct.Struct("<H")
 LOG_RECORD_HEAD = struct.Struct("<QBI")  # a main log record's header (LOG_HDR bytes)
 
 unpack_header = _HDR.unpack_from  # (buffer, offset) -> (length, type, id)
@@ -146,6 +152,11 @@ def encode_write_begin(mode: int, flags: int, path: str) -> bytes:
 
 def encode_deadline(at_ns: int, grace_ms: int, why: str) -> bytes:
     return _DEADLINE_HEAD.pack(at_ns, grace_ms) + encode_str(why)
+
+
+def encode_connect_port(port: int) -> bytes:
+    """CONNECT_PORT: u16 port (the caller checks that it is 1 to 65535)."""
+    return _U16.pack(port)
 
 
 def decode_exit(view: memoryview) -> ExecExit:
