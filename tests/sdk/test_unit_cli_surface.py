@@ -81,14 +81,14 @@ def test_bad_terminal_arguments_are_refused_before_anything_runs(svc: MemoryServ
         plain.resize(10, 10)
     with pytest.raises(aviato.SandboxExecutionError, match="stdin=True or tty=True"):
         plain.send_signal(signal.SIGINT)
+    assert plain.result(timeout=10).stdout == "hi\n"
+    assert svc.calls["Exec"] == 1  # the refused calls never reached the service
     process = sb.exec(["winsize"], tty=True)
     with pytest.raises(ValueError, match="rows must be"):
         process.resize(0, 10)
     with pytest.raises(ValueError, match="signum must be"):
         process.send_signal(99)
     process.cancel()
-    assert plain.result(timeout=10).stdout == "hi\n"
-    assert svc.calls["Exec"] == 2
 
 
 def test_raw_bytes_are_relayed_undecoded_and_async(svc: MemoryService) -> None:
