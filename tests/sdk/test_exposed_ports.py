@@ -121,9 +121,9 @@ def test_refusals_name_the_option(network: dict[str, object], words: str) -> Non
 
 
 def test_wrong_types_are_refused() -> None:
-    with pytest.raises(TypeError, match="network.exposed_ports"):
+    with pytest.raises(TypeError, match=r"network\.exposed_ports"):
         NetworkOptions(exposed_ports=8080)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="network.exposed_ports"):
+    with pytest.raises(TypeError, match=r"network\.exposed_ports"):
         NetworkOptions(exposed_ports=["8080"])  # type: ignore[list-item]
     assert NetworkOptions(ingress_mode="local", exposed_ports=[1]).to_spec_ports() == [1]
 
