@@ -128,6 +128,42 @@ def test_wrong_types_are_refused() -> None:
     assert NetworkOptions(ingress_mode="local", exposed_ports=[1]).to_spec_ports() == [1]
 
 
+ANSWER_AFTER_EOF = """
+import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 7001))
+s.listen()
+conn, _ = s.accept()
+asked = b""
+while data := conn.recv(65536):
+    asked += data
+conn.sendall(asked * ((4 << 20) // len(asked)))
+conn.close()
+"""
+
+
+def test_a_half_close_is_passed_on_and_the_answer_arrives_whole() -> None:
+    with Sandbox.run(
+        "python3", "-c", ANSWER_AFTER_EOF, tags=[TEST_TAG], network={"exposed_ports": [7001]}
+    ) as sb:
+        sb.wait()
+        host, _, port = dict(sb.exposed_ports)[7001].rpartition(":")
+        deadline = time.monotonic() + 30
+        while True:  # until the server listens: the forwarder closes earlier connections
+            conn = socket.create_connection((host, int(port)), timeout=10)
+            conn.sendall(b"ping")
+            conn.shutdown(socket.SHUT_WR)  # the server answers only after our end-of-file
+            time.sleep(1)  # the answer waits in the relay's buffers meanwhile
+            chunks = []
+            with conn:
+                while data := conn.recv(1 << 16):
+                    chunks.append(data)
+            if chunks or time.monotonic() > deadline:
+                break
+        answer = b"".join(chunks)
+        assert len(answer) == 4 << 20 and answer[:8] == b"pingping"
+
+
 def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

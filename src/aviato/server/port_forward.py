@@ -16,7 +16,8 @@ write buffer (writing waits while the socket's send buffer is above asyncio's hi
 An end-of-file from one side is passed on as a half-close (`write_eof`), so request/response
 protocols that half-close work; an error on either side (reset, broken pipe) closes both. A
 refused connect (nothing listens in the sandbox, the sandbox is gone) closes the client's
-connection at once. `close` (the sandbox ended) closes its listeners and every connection.
+connection at once. When the sandbox ends its listeners close at once; its connections get
+`FLUSH_SECONDS` to deliver what the sandbox sent before it ended, then are closed.
 
 Addresses: `open` may be given the addresses a previous run of the service used (after a
 restart); each is bound again if it can be, else a new ephemeral port is taken.
@@ -35,13 +36,14 @@ from dataclasses import dataclass, field
 
 from aviato.runtime.base import SandboxHandle, SandboxRuntimeError
 
-__all__ = ["CHUNK", "HOST", "MAX_CONNECTIONS", "PortForwarder"]
+__all__ = ["CHUNK", "FLUSH_SECONDS", "HOST", "MAX_CONNECTIONS", "PortForwarder"]
 
 log = logging.getLogger("aviato.server.port_forward")
 
 HOST = "127.0.0.1"
 CHUNK = 64 * 1024
 MAX_CONNECTIONS = 64
+FLUSH_SECONDS = 10.0
 
 
 @dataclass
@@ -87,17 +89,23 @@ class PortForwarder:
             raise
         return tuple(pairs)
 
-    async def close(self, sandbox_id: str) -> None:
-        """Closes the listeners and connections of `sandbox_id` (nothing if none are open)."""
+    async def close(self, sandbox_id: str, grace_seconds: float = 0.0) -> None:
+        """Closes the listeners of `sandbox_id` at once (nothing if none are open) and its
+        connections after at most `grace_seconds`: what the sandbox sent before it ended is
+        still in the kernel's buffers and the relays' and reaches a client that reads it."""
         exposed = self._sandboxes.pop(sandbox_id, None)
         if exposed is None:
             return
         for server in exposed.servers:
             server.close()
-        for task in list(exposed.connections):
-            task.cancel()
-        if exposed.connections:
-            await asyncio.gather(*exposed.connections, return_exceptions=True)
+        try:
+            if exposed.connections and grace_seconds > 0:
+                await asyncio.wait(set(exposed.connections), timeout=grace_seconds)
+        finally:  # also when cancelled (the service shutting down)
+            for task in list(exposed.connections):
+                task.cancel()
+            if exposed.connections:
+                await asyncio.gather(*exposed.connections, return_exceptions=True)
         for server in exposed.servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
@@ -134,6 +142,8 @@ class PortForwarder:
             client_writer.transport.abort()
             return
         exposed.connections.add(task)
+        inner_writer: asyncio.StreamWriter | None = None
+        clean = False
         try:
             try:
                 sock = await exposed.handle.connect_port(port)
@@ -146,13 +156,13 @@ class PortForwarder:
             except OSError:
                 sock.close()
                 return
-            try:
-                await _relay(client_reader, client_writer, inner_reader, inner_writer)
-            finally:
-                inner_writer.transport.abort()
+            clean = await _relay(client_reader, client_writer, inner_reader, inner_writer)
         finally:
-            client_writer.transport.abort()
-            exposed.connections.discard(task)
+            try:
+                writers = [w for w in (inner_writer, client_writer) if w is not None]
+                await asyncio.gather(*(_close(writer, clean) for writer in writers))
+            finally:
+                exposed.connections.discard(task)
 
 
 async def _relay(
@@ -160,8 +170,9 @@ async def _relay(
     a_writer: asyncio.StreamWriter,
     b_reader: asyncio.StreamReader,
     b_writer: asyncio.StreamWriter,
-) -> None:
-    """Copies a → b and b → a until both have ended; an error in either ends both."""
+) -> bool:
+    """Copies a → b and b → a until both have ended (True); an error in either ends both
+    (False)."""
     pumps = [
         asyncio.ensure_future(_pump(a_reader, b_writer)),
         asyncio.ensure_future(_pump(b_reader, a_writer)),
@@ -171,11 +182,25 @@ async def _relay(
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             if any(not t.cancelled() and t.exception() is not None for t in done):
-                break
+                return False
+        return True
     finally:
         for pump in pumps:
             pump.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
+
+
+async def _close(writer: asyncio.StreamWriter, flush: bool) -> None:
+    """Closes a side: with `flush`, once what is still buffered for it has been sent (for at
+    most FLUSH_SECONDS: a peer that stopped reading does not hold the connection longer);
+    without, or when cancelled, at once."""
+    try:
+        if flush:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), FLUSH_SECONDS)
+    finally:
+        writer.transport.abort()
 
 
 async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:

@@ -28,7 +28,7 @@ from aviato.server.admission import Admission
 from aviato.server.config import ServerConfig
 from aviato.server.errors import SandboxNotFound
 from aviato.server.placement import Placement, UnknownNode
-from aviato.server.port_forward import PortForwarder
+from aviato.server.port_forward import FLUSH_SECONDS, PortForwarder
 from aviato.server.records import (
     SandboxRecord,
     SandboxStatus,
@@ -266,7 +266,7 @@ class SandboxRuns:
         if rec.port_addresses:
             rec.port_addresses = ()
             self._registry.set_port_addresses(rec.id, ())
-        self._spawn(self._ports.close(rec.id))
+        self._spawn(self._ports.close(rec.id, grace_seconds=FLUSH_SECONDS))
         self._forget(live)
         live.notify()
         log.info(
