@@ -62,14 +62,29 @@ class Serialization(enum.StrEnum):
     PICKLE = "pickle"
 
 
+# The ingress modes this service serves (`NetworkOptions.ingress_mode`); None means "local" when
+# ports are exposed, "none" otherwise.
+INGRESS_MODES = ("local", "none")
+_ISOLATED = (None, "", "none", "isolated")
+MAX_EXPOSED_PORTS = 16
+
+
 @dataclass(frozen=True)
 class NetworkOptions:
-    """Network settings of a sandbox (kept for compatibility with aviato-era code).
+    """Network settings of a sandbox, in the aviato-era names.
 
-    This service runs every sandbox with loopback only. `NetworkOptions()` and
-    `NetworkOptions(egress_mode="isolated")` (or `"none"`) are accepted; anything that asks for
-    ingress, exposed ports or egress raises `SandboxValidationError` (a ValueError) when the
-    sandbox is constructed.
+    egress_mode: None, ``"none"`` or ``"isolated"``: the sandbox has loopback only (the only
+        egress served yet; other modes raise `SandboxValidationError`, which says so).
+    exposed_ports: TCP ports (1-65535, distinct, at most 16) of servers the sandbox runs on
+        its loopback (127.0.0.1 or ::1). While it runs, the local service relays each one from
+        an address on 127.0.0.1 of its own host: see `Sandbox.exposed_ports` and
+        `Sandbox.service_address`. Any user of that host can reach those addresses.
+    ingress_mode: ``"local"`` (the default when ports are exposed: the addresses are on the
+        service host's 127.0.0.1) or ``"none"`` (no exposed ports). ``"public"`` and
+        ``"internal"`` are not served by the local service.
+
+    Invalid values raise `SandboxValidationError` (a ValueError) when the sandbox is
+    constructed.
     """
 
     ingress_mode: str | None = None
@@ -79,22 +94,58 @@ class NetworkOptions:
     def __post_init__(self) -> None:
         ports = self.exposed_ports
         if ports is not None:
-            ports_t = tuple(int(p) for p in ports)
+            if isinstance(ports, int | str | bytes):
+                raise TypeError(
+                    f"network.exposed_ports must be a list of port numbers, not {ports!r}"
+                )
+            ports_t = tuple(ports)
+            for port in ports_t:
+                if isinstance(port, bool) or not isinstance(port, int):
+                    raise TypeError(
+                        f"network.exposed_ports must contain port numbers, got {port!r}"
+                    )
             object.__setattr__(self, "exposed_ports", ports_t or None)
 
     def to_spec_network(self) -> str:
         """The `SandboxSpec.network` value; raises SandboxValidationError for unsupported modes."""
-        isolated = (None, "", "none", "isolated")
-        if (
-            self.ingress_mode in isolated
-            and self.egress_mode in isolated
-            and not self.exposed_ports
-        ):
-            return "none"
-        raise SandboxValidationError(
-            f"network: {self!r} is not supported; this service runs sandboxes without network "
-            "access (loopback only). Use NetworkOptions() or egress_mode='isolated'."
-        )
+        if self.egress_mode not in _ISOLATED:
+            raise SandboxValidationError(
+                f"network: egress_mode={self.egress_mode!r} is not supported yet; this service "
+                "runs sandboxes without outbound network access (loopback only). Use "
+                "NetworkOptions() or egress_mode='isolated'."
+            )
+        return "none"
+
+    def to_spec_ports(self) -> list[int]:
+        """The `SandboxSpec.exposed_ports`; raises SandboxValidationError naming the option."""
+        ports = list(self.exposed_ports or ())
+        mode = self.ingress_mode or None
+        if mode not in (None, *INGRESS_MODES):
+            raise SandboxValidationError(
+                f"network: ingress_mode={mode!r} is not supported; the local service serves "
+                "'local' (exposed ports reachable at addresses on its host's 127.0.0.1) and "
+                "'none'"
+            )
+        if mode == "none" and ports:
+            raise SandboxValidationError(
+                "network: ingress_mode='none' cannot expose ports; use ingress_mode='local' "
+                f"or leave it out (exposed_ports={ports!r})"
+            )
+        if len(ports) > MAX_EXPOSED_PORTS:
+            raise SandboxValidationError(
+                f"network.exposed_ports: at most {MAX_EXPOSED_PORTS} ports, got {len(ports)}"
+            )
+        for port in ports:
+            if not 1 <= port <= 65535:
+                raise SandboxValidationError(
+                    f"network.exposed_ports: {port} is not a TCP port (1 to 65535)"
+                )
+        duplicates = sorted({port for port in ports if ports.count(port) > 1})
+        if duplicates:
+            raise SandboxValidationError(
+                f"network.exposed_ports: port {duplicates[0]} is listed twice"
+            )
+        return ports
 
 
 def as_str_tuple(name: str, value: Iterable[str] | None) -> tuple[str, ...]:

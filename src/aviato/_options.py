@@ -81,7 +81,7 @@ class SandboxDefaults:
         tags: Tags given to every sandbox (and the filter of `Session.list`).
         resources: ``{"cpu": "500m", "memory": "256Mi", "pids": 256, "disk": "1Gi"}``; strings in
             Kubernetes quantity form or numbers (cpu in cores, memory and disk in bytes).
-        network: `NetworkOptions` (isolated only).
+        network: `NetworkOptions` (loopback only; exposed ports on the local service).
         environment_variables: Environment of the main process and of every command.
         working_dir: Working directory inside the sandbox; None means the image's (``/workspace``).
         lease_ttl_seconds: A Session's lease time-to-live; None means `AVIATO_LEASE_TTL`, else 30.
@@ -224,7 +224,9 @@ class SandboxArgs(SandboxOptions, _Address, total=False):
     resources: ``{"cpu", "memory", "pids", "disk"}`` (strings or numbers).
     mounted_files: ``[{"path": "/abs", "content": b"..."}]`` (or the spelling
         ``mount_path``/``file_content``): read-only files inside the sandbox.
-    network: `NetworkOptions` or dict; only isolated networking is available.
+    network: `NetworkOptions` or dict: ``NetworkOptions(exposed_ports=[8080])`` relays
+        servers of the sandbox from addresses on the local service's 127.0.0.1 (see
+        `exposed_ports`); no outbound network is available (egress_mode "isolated" only).
     max_lifetime_seconds: The service stops the sandbox after this long (default: the
         service's, 1 hour).
     working_dir: Absolute directory for the main process and commands (default ``/workspace``).
@@ -314,6 +316,7 @@ def resolve(options: SandboxArgs, defaults: SandboxDefaults) -> ResolvedSandbox:
         max_lifetime_seconds=float(lifetime or 0.0),
         mounted_files=_defaults.mounted_files_to_proto(options.get("mounted_files")),
         network=net.to_spec_network() if net is not None else "none",
+        exposed_ports=net.to_spec_ports() if net is not None else [],
         image_command=use_image_command,
         node_selector=d.merge_node_selector(options.get("node_selector")),
     )

@@ -18,6 +18,7 @@ COMMANDS = [
     "exec",
     "sh",
     "logs",
+    "port",
     "cp",
     "stop",
     "rm",

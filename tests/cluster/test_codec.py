@@ -45,6 +45,7 @@ _VALUES: dict[Any, Callable[[str], Any]] = {
     bytes: lambda name: b"\x00\xff" + name.encode(),
     int | None: lambda name: 0,  # a limit of zero is not "no limit"
     tuple[str, ...]: lambda name: (f"{name}-a", "", f"{name}-b"),
+    tuple[int, ...]: lambda name: (8080, 1, 65535),
     dict[str, str]: lambda name: {f"{name}-k": "v", "EMPTY": ""},
     tuple[tuple[str, bytes], ...]: lambda name: (("/a", b"\x00one"), ("/b", b"")),
     tuple[tuple[str, str], ...]: lambda name: (("zone", "b"), ("aviato.node", "n1")),

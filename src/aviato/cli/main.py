@@ -16,7 +16,18 @@ from typing import NoReturn
 
 import click
 
-from aviato.cli import exec_command, files, images, keys, logs, sandboxes, server, shell, version
+from aviato.cli import (
+    exec_command,
+    files,
+    images,
+    keys,
+    logs,
+    ports,
+    sandboxes,
+    server,
+    shell,
+    version,
+)
 from aviato.cli._output import CliError, debug_enabled, describe, print_error
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -56,6 +67,7 @@ for _command in (
     exec_command.exec_command,
     shell.sh,
     logs.logs,
+    ports.port,
     files.cp,
     sandboxes.stop,
     sandboxes.rm,

@@ -65,6 +65,7 @@ def _as_dict(sb: Sandbox) -> dict[str, Any]:
         "image": sb.container_image,
         "tags": sb.tags,
         "node": sb.node,
+        "exposed_ports": {str(port): address for port, address in sb.exposed_ports},
         "created_at": iso(sb.created_at),
         "started_at": iso(sb.started_at),
         "ended_at": iso(sb.ended_at),
@@ -115,6 +116,16 @@ def _resources(cpu: str | None, memory: str | None) -> dict[str, str] | None:
     "cluster only (docs/cluster.md).",
 )
 @click.option(
+    "-p",
+    "--port",
+    "ports",
+    multiple=True,
+    type=click.IntRange(1, 65535),
+    metavar="PORT",
+    help="Expose this TCP port of the sandbox's loopback at an address on this host's "
+    "127.0.0.1 (repeatable; see `aviato port`).",
+)
+@click.option(
     "--wait/--no-wait",
     default=True,
     show_default=True,
@@ -133,6 +144,7 @@ def run(
     lifetime: float | None,
     workdir: str | None,
     node_selector: dict[str, str],
+    ports: tuple[int, ...],
     wait: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -155,6 +167,7 @@ def run(
       id=$(aviato run --image ghcr.io/org/job:1.4 --image-command); aviato logs -f "$id"
       aviato run --image 127.0.0.1:5000/team/app:1 --username bob --password-stdin <pw.txt
       aviato run --node-selector pool=gpu --memory 8Gi
+      id=$(aviato run -p 8080 -- python3 -m http.server 8080); aviato port "$id" 8080
     """
     argv = list(command)
     if argv and argv[0] == "--":
@@ -174,6 +187,7 @@ def run(
         image_command=image_command or None,
         image_pull_credentials=credentials,
         node_selector=node_selector or None,
+        network={"exposed_ports": list(ports)} if ports else None,
     )
     if wait:
         try:
@@ -265,8 +279,14 @@ def get(sandbox_id: str, as_json: bool) -> None:
             ("started", record["started_at"] or "-"),
             ("ended", record["ended_at"] or "-"),
             ("expires", record["expires_at"] or "-"),
+            ("ports", _ports_text(sb)),
         ]
     )
+
+
+def _ports_text(sb: Sandbox) -> str:
+    """``8080 -> 127.0.0.1:41234, ...``; "-" when nothing is exposed or it is not running."""
+    return ", ".join(f"{port} -> {address}" for port, address in sb.exposed_ports) or "-"
 
 
 def _report(outcomes: Sequence[tuple[str, BaseException | None]]) -> None:

@@ -60,6 +60,8 @@ class SandboxConfig:
     asked_limits: frozenset[str] = frozenset()
     mounted_files: tuple[tuple[str, bytes], ...] = ()
     network: str = "none"
+    # TCP ports of the sandbox's loopback that the service relays clients to (distinct).
+    exposed_ports: tuple[int, ...] = ()
     # OCI images: credentials for pulling `image` (None: the service's Docker config or
     # anonymous), and whether an empty `command` runs the image's Entrypoint + Cmd instead of
     # the keep-alive.

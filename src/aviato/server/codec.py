@@ -85,6 +85,7 @@ def decode_spec(spec: pb.SandboxSpec, defaults: SpecDefaults) -> ValidSpec:
         ((item.path, item.content) for item in spec.mounted_files), "spec.mounted_files"
     )
     network = validation.validate_network(spec.network, "spec.network")
+    exposed_ports = validation.validate_exposed_ports(spec.exposed_ports, "spec.exposed_ports")
     config = SandboxConfig(
         sandbox_id="",
         image=image,
@@ -98,6 +99,7 @@ def decode_spec(spec: pb.SandboxSpec, defaults: SpecDefaults) -> ValidSpec:
         asked_limits=limits.asked,
         mounted_files=mounted,
         network=network,
+        exposed_ports=exposed_ports,
         registry_credentials=credentials,
         image_command=image_command,
         node_selector=node_selector,
@@ -222,13 +224,15 @@ def _encode_spec(rec: SandboxRecord) -> pb.SandboxSpec:
         max_lifetime_seconds=rec.max_lifetime_seconds,
         mounted_files=[pb.MountedFile(path=path) for path, _ in config.mounted_files],
         network=config.network,
+        exposed_ports=config.exposed_ports,
         node_selector=dict(config.node_selector),
         image_command=config.image_command,
     )
 
 
 def encode_sandbox(rec: SandboxRecord) -> pb.Sandbox:
-    """The answer of a record. Mounted files are listed without their content."""
+    """The answer of a record. Mounted files are listed without their content; the exposed
+    ports' addresses only while the sandbox is RUNNING (none are served otherwise)."""
     msg = pb.Sandbox(
         id=rec.id,
         status=STATUS_TO_PROTO[rec.status],
@@ -237,6 +241,10 @@ def encode_sandbox(rec: SandboxRecord) -> pb.Sandbox:
         node=rec.node,
         spec=_encode_spec(rec),
     )
+    if rec.status == SandboxStatus.RUNNING:
+        msg.exposed_ports.extend(
+            pb.ExposedPort(port=port, address=address) for port, address in rec.port_addresses
+        )
     if rec.exit_code is not None:
         msg.exit_code = rec.exit_code
     msg.created_at.FromNanoseconds(rec.created_ns)

@@ -107,6 +107,7 @@ class Lifecycle(LeaseKeeping, Reconciliation):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._ports.close_all()  # the sandboxes' addresses stay recorded for a restart
 
     def how_it_ended(self, sandbox_id: str) -> str:
         """How a sandbox is ending or ended, for the message of a command it cut off: "was

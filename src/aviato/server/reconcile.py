@@ -117,6 +117,8 @@ class Reconciliation(SandboxRuns):
         live = LiveSandbox(rec, runtime, None, charge_of(rec.config))
         live.handle = attached
         self._adopt(live)
+        if not await self._expose_ports(live):
+            return
         live.task = asyncio.create_task(self._watch(live), name=f"sandbox-{rec.id}")
         self._push_deadline(live)  # its lease was extended by the restart
         log.info("re-attached sandbox id=%s", rec.id)

@@ -89,6 +89,9 @@ class SandboxRecord:
     started_ns: int | None = None
     ended_ns: int | None = None
     expires_ns: int | None = None
+    # Where clients reach config.exposed_ports while RUNNING: (port, "127.0.0.1:N") pairs set
+    # by the port forwarder (kept in the registry's sandbox_ports table, not in the model).
+    port_addresses: tuple[tuple[int, str], ...] = ()
 
     @property
     def terminal(self) -> bool:

@@ -177,6 +177,16 @@ _MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     """,
     # 3: the resolved model instead of the request's wire bytes.
     _store_models,
+    # 4: where the service relays each exposed port of a running sandbox (port_forward.py), so
+    # that a restarted service binds the same addresses again when it can.
+    """
+    CREATE TABLE sandbox_ports (
+        sandbox_id TEXT NOT NULL REFERENCES sandboxes (id) ON DELETE CASCADE,
+        port INTEGER NOT NULL,
+        address TEXT NOT NULL,
+        PRIMARY KEY (sandbox_id, port)
+    );
+    """,
 )
 
 
@@ -373,6 +383,28 @@ class Registry:
             wanted,
         ).fetchall()
         return [_sandbox(r) for r in rows]
+
+    def set_port_addresses(self, sandbox_id: str, pairs: Iterable[tuple[int, str]]) -> None:
+        """Replaces the (port, address) pairs recorded for `sandbox_id` (none: forgets them)."""
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            db.execute("DELETE FROM sandbox_ports WHERE sandbox_id=?", (sandbox_id,))
+            db.executemany(
+                "INSERT INTO sandbox_ports (sandbox_id, port, address) VALUES (?, ?, ?)",
+                [(sandbox_id, port, address) for port, address in pairs],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def port_addresses(self, sandbox_id: str) -> dict[int, str]:
+        """The recorded address of each exposed port of `sandbox_id`."""
+        rows = self._db.execute(
+            "SELECT port, address FROM sandbox_ports WHERE sandbox_id=?", (sandbox_id,)
+        )
+        return {int(port): str(address) for port, address in rows}
 
     def all_sandbox_ids(self) -> set[str]:
         return {str(r[0]) for r in self._db.execute("SELECT id FROM sandboxes")}

@@ -28,6 +28,7 @@ from aviato.server.admission import Admission
 from aviato.server.config import ServerConfig
 from aviato.server.errors import SandboxNotFound
 from aviato.server.placement import Placement, UnknownNode
+from aviato.server.port_forward import FLUSH_SECONDS, PortForwarder
 from aviato.server.records import (
     SandboxRecord,
     SandboxStatus,
@@ -65,6 +66,7 @@ class SandboxRuns:
         self._background: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self._closing = False
+        self._ports = PortForwarder()
         private_dir(config.logs_dir)
 
     def _adopt(self, live: LiveSandbox) -> None:
@@ -136,8 +138,32 @@ class SandboxRuns:
             self._finish(live, TERMINATED, live.stop_reason, exit.exit_code, exit.ended_at_ns)
             return
         await self._send_deadline(live)  # before RUNNING: a crash before it leaves CREATING
+        if not await self._expose_ports(live):
+            return
         self._set_status(live, RUNNING)
         await self._watch(live)
+
+    async def _expose_ports(self, live: LiveSandbox) -> bool:
+        """Opens the listeners of the sandbox's exposed ports and records their addresses
+        (again at the addresses of `previous` when free); False when that failed and the
+        sandbox was ended for it."""
+        rec = live.rec
+        if not rec.config.exposed_ports or live.handle is None:
+            return True
+        previous = self._registry.port_addresses(rec.id)
+        try:
+            pairs = await self._ports.open(rec.id, live.handle, rec.config.exposed_ports, previous)
+        except OSError as e:
+            log.warning("sandbox %s: cannot listen for its exposed ports: %s", rec.id, e)
+            with contextlib.suppress(SandboxRuntimeError):
+                await live.handle.kill()
+            self._finish(live, FAILED, f"exposing ports failed: {e}", None, time.time_ns())
+            return False
+        rec.port_addresses = pairs
+        self._registry.set_port_addresses(rec.id, pairs)
+        log.info("sandbox %s exposes %s", rec.id,
+                 ", ".join(f"{port} at {address}" for port, address in pairs))  # fmt: skip
+        return True
 
     async def _place(self, live: LiveSandbox) -> bool:
         """Waits, PENDING with the placement's reason, until a node takes the sandbox.
@@ -237,6 +263,10 @@ class SandboxRuns:
         rec.status, rec.reason, rec.exit_code = status, reason, exit_code
         rec.ended_ns = ended_ns or time.time_ns()
         self._registry.update_sandbox(rec)
+        if rec.port_addresses:
+            rec.port_addresses = ()
+            self._registry.set_port_addresses(rec.id, ())
+        self._spawn(self._ports.close(rec.id, grace_seconds=FLUSH_SECONDS))
         self._forget(live)
         live.notify()
         log.info(
@@ -257,6 +287,7 @@ class SandboxRuns:
         rec.status, rec.reason, rec.exit_code = status, reason, code
         rec.ended_ns = ended_ns or time.time_ns()
         self._registry.update_sandbox(rec)
+        self._registry.set_port_addresses(rec.id, ())
         log.info("sandbox id=%s marked %s: %s", rec.id, status_name(status), reason)
 
     def _kept_log(self, sandbox_id: str) -> Path:

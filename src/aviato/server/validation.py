@@ -41,6 +41,7 @@ __all__ = [
     "validate_argv",
     "validate_choice",
     "validate_env",
+    "validate_exposed_ports",
     "validate_file_mode",
     "validate_finite",
     "validate_image",
@@ -65,6 +66,7 @@ MAX_TAGS = 64
 MAX_TAG_CHARS = 128
 MAX_PATH_BYTES = 4096
 MAX_MOUNTED_FILES = 1024
+MAX_EXPOSED_PORTS = 16  # each is a listener of the service while the sandbox runs
 MAX_MOUNTED_BYTES = 16 * MiB
 MAX_LIFETIME_SECONDS = 7 * 24 * 3600.0
 DEFAULT_MAX_LIFETIME_SECONDS = 3600.0
@@ -349,6 +351,20 @@ def validate_choice(value: str, field: str, served: Sequence[str], default: str)
 
 def validate_network(mode: str, field: str) -> str:
     return validate_choice(mode, field, ("none",), "none")
+
+
+def validate_exposed_ports(ports: Iterable[int], field: str) -> tuple[int, ...]:
+    """TCP ports to expose: each 1-65535, distinct, at most MAX_EXPOSED_PORTS."""
+    result: list[int] = []
+    for i, port in enumerate(ports):
+        if i >= MAX_EXPOSED_PORTS:
+            raise InvalidArgument(field, f"more than {MAX_EXPOSED_PORTS} ports")
+        if not 1 <= port <= 65535:
+            raise InvalidArgument(f"{field}[{i}]", f"{port} is not a TCP port (1 to 65535)")
+        if port in result:
+            raise InvalidArgument(f"{field}[{i}]", f"port {port} is listed twice")
+        result.append(port)
+    return tuple(result)
 
 
 def validate_mounted_files(

@@ -58,7 +58,7 @@ class MountedFile(_message.Message):
     def __init__(self, path: _Optional[str] = ..., content: _Optional[bytes] = ...) -> None: ...
 
 class SandboxSpec(_message.Message):
-    __slots__ = ("image", "command", "env", "working_dir", "tags", "resources", "max_lifetime_seconds", "mounted_files", "network", "node_selector", "registry_auth", "image_command")
+    __slots__ = ("image", "command", "env", "working_dir", "tags", "resources", "max_lifetime_seconds", "mounted_files", "network", "exposed_ports", "node_selector", "registry_auth", "image_command")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,7 @@ class SandboxSpec(_message.Message):
     MAX_LIFETIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MOUNTED_FILES_FIELD_NUMBER: _ClassVar[int]
     NETWORK_FIELD_NUMBER: _ClassVar[int]
+    EXPOSED_PORTS_FIELD_NUMBER: _ClassVar[int]
     NODE_SELECTOR_FIELD_NUMBER: _ClassVar[int]
     REGISTRY_AUTH_FIELD_NUMBER: _ClassVar[int]
     IMAGE_COMMAND_FIELD_NUMBER: _ClassVar[int]
@@ -94,10 +95,11 @@ class SandboxSpec(_message.Message):
     max_lifetime_seconds: float
     mounted_files: _containers.RepeatedCompositeFieldContainer[MountedFile]
     network: str
+    exposed_ports: _containers.RepeatedScalarFieldContainer[int]
     node_selector: _containers.ScalarMap[str, str]
     registry_auth: RegistryAuth
     image_command: bool
-    def __init__(self, image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., max_lifetime_seconds: _Optional[float] = ..., mounted_files: _Optional[_Iterable[_Union[MountedFile, _Mapping]]] = ..., network: _Optional[str] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., registry_auth: _Optional[_Union[RegistryAuth, _Mapping]] = ..., image_command: _Optional[bool] = ...) -> None: ...
+    def __init__(self, image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., max_lifetime_seconds: _Optional[float] = ..., mounted_files: _Optional[_Iterable[_Union[MountedFile, _Mapping]]] = ..., network: _Optional[str] = ..., exposed_ports: _Optional[_Iterable[int]] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., registry_auth: _Optional[_Union[RegistryAuth, _Mapping]] = ..., image_command: _Optional[bool] = ...) -> None: ...
 
 class RegistryAuth(_message.Message):
     __slots__ = ("username", "password", "token")
@@ -110,7 +112,7 @@ class RegistryAuth(_message.Message):
     def __init__(self, username: _Optional[str] = ..., password: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
 
 class Sandbox(_message.Message):
-    __slots__ = ("id", "status", "status_reason", "exit_code", "spec", "created_at", "started_at", "ended_at", "lease_id", "expires_at", "node")
+    __slots__ = ("id", "status", "status_reason", "exit_code", "spec", "created_at", "started_at", "ended_at", "lease_id", "expires_at", "node", "exposed_ports")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     STATUS_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +124,7 @@ class Sandbox(_message.Message):
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
+    EXPOSED_PORTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     status: SandboxStatus
     status_reason: str
@@ -133,7 +136,16 @@ class Sandbox(_message.Message):
     lease_id: str
     expires_at: _timestamp_pb2.Timestamp
     node: str
-    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[SandboxStatus, str]] = ..., status_reason: _Optional[str] = ..., exit_code: _Optional[int] = ..., spec: _Optional[_Union[SandboxSpec, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_id: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node: _Optional[str] = ...) -> None: ...
+    exposed_ports: _containers.RepeatedCompositeFieldContainer[ExposedPort]
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[SandboxStatus, str]] = ..., status_reason: _Optional[str] = ..., exit_code: _Optional[int] = ..., spec: _Optional[_Union[SandboxSpec, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_id: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node: _Optional[str] = ..., exposed_ports: _Optional[_Iterable[_Union[ExposedPort, _Mapping]]] = ...) -> None: ...
+
+class ExposedPort(_message.Message):
+    __slots__ = ("port", "address")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    address: str
+    def __init__(self, port: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
 
 class CreateSandboxRequest(_message.Message):
     __slots__ = ("spec", "request_id", "lease_id", "lease_ttl_seconds")
