@@ -269,7 +269,33 @@ def own_members(cls: type) -> list[tuple[str, Any]]:
     return members
 
 
+def type_arguments(cls: type) -> dict[str, str]:
+    """The type variables of `cls`'s generic private bases, bound to what `cls` gives them
+    (`FileStream(BridgedStream[_Reading, bytes])`: T -> bytes), so that inherited members read
+    in the public class's own types."""
+    bound: dict[str, str] = {}
+    for klass in cls.__mro__:
+        for base in getattr(klass, "__orig_bases__", ()):
+            origin = typing.get_origin(base)
+            params = getattr(origin, "__parameters__", ())
+            for param, arg in zip(params, typing.get_args(base), strict=False):
+                shown = arg.__name__ if isinstance(arg, type) else _annotation(arg)
+                bound.setdefault(param.__name__, shown)
+    return bound
+
+
+def in_own_types(cls: type, text: str) -> str:
+    for name, arg in type_arguments(cls).items():
+        text = re.sub(rf"\b{re.escape(name)}\b", arg, text)
+    return text
+
+
 def render_member(cls: type, name: str, value: Any) -> list[str]:
+    out = [in_own_types(cls, line) for line in _render_member(cls, name, value)]
+    return out
+
+
+def _render_member(cls: type, name: str, value: Any) -> list[str]:
     out: list[str] = []
     if isinstance(value, property):
         ann = _annotation(inspect.signature(value.fget).return_annotation) if value.fget else ""
@@ -309,7 +335,7 @@ def render_class(cls: type) -> list[str]:
         and not b.__name__.startswith("Generic")
         and (b.__name__ in aviato.__all__ or not b.__module__.startswith("aviato._"))
     ]
-    ctor = signature(cls.__init__)
+    ctor = in_own_types(cls, signature(cls.__init__))
     out.append(f"```python\n{cls.__name__}{ctor.split(' -> ')[0]}\n```")
     if bases:
         out.append(f"\nSubclass of {', '.join(f'`{b}`' for b in bases)}.")

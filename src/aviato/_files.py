@@ -27,12 +27,11 @@ import asyncio
 import contextlib
 import os
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from types import TracebackType
-from typing import BinaryIO, Self
+from typing import BinaryIO
 
-from aviato._bridge import await_concurrent, get_bridge
+from aviato._bridged_stream import BridgedStream
 from aviato._client import Client
 from aviato._transport.base import FileReader
 from aviato.exceptions import SandboxFileError
@@ -291,7 +290,7 @@ async def download(
             reading.cancel()
 
 
-class FileStream:
+class FileStream(BridgedStream[_Reading, bytes]):
     """The contents of a file in a sandbox, chunk by chunk (`Sandbox.read_file_streaming`).
 
     Iterate with ``for chunk in stream`` or ``async for chunk in stream`` (from any thread or
@@ -304,97 +303,18 @@ class FileStream:
     """
 
     def __init__(self, path: str, open_: Callable[[], Awaitable[_Reading]]) -> None:
+        super().__init__(open_)
         self.path = path
-        self._opened = get_bridge().submit(self._open(open_))
-        self._reading: _Reading | None = None
-        self._closed = False
-
-    @staticmethod
-    async def _open(open_: Callable[[], Awaitable[_Reading]]) -> _Reading:
-        return await open_()
 
     @property
     def size(self) -> int | None:
         """The file's size as announced by the service; None until the first chunk was asked
         for, and for files whose size is not known in advance (as in /proc)."""
-        reading = self._reading
+        reading = self._source
         return reading.size if reading is not None and reading.size > 0 else None
 
-    # loop-side
-    async def _next(self) -> bytes | None:
-        if self._closed:
-            return None
-        if self._reading is None:
-            try:
-                self._reading = await asyncio.wrap_future(self._opened)
-            except BaseException:
-                self._closed = True
-                raise
-        chunk = await self._reading.next()
-        if chunk is None:
-            self._closed = True
-        return chunk
-
-    def _cancel(self) -> None:
-        self._closed = True
-        if self._reading is not None:
-            self._reading.cancel()
-        elif not self._opened.done():
-            self._opened.cancel()
-        else:
-            with contextlib.suppress(BaseException):
-                self._opened.result().cancel()
-
-    def __iter__(self) -> Iterator[bytes]:
-        return self
-
-    def __next__(self) -> bytes:
-        chunk = get_bridge().run(self._next())
-        if chunk is None:
-            raise StopIteration
-        return chunk
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self
-
-    async def __anext__(self) -> bytes:
-        chunk = await await_concurrent(get_bridge().submit(self._next()))
-        if chunk is None:
-            raise StopAsyncIteration
-        return chunk
-
-    def close(self) -> None:
-        """Ends the transfer (idempotent); iteration then stops."""
-        bridge = get_bridge()
-        if bridge.started:
-            with contextlib.suppress(RuntimeError):
-                bridge.call_soon(self._cancel)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
+    def _item(self, raw: bytes) -> bytes:
+        return raw
 
     def __repr__(self) -> str:
         return f"<FileStream {self.path!r}>"

@@ -3,15 +3,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Literal, Self
+from typing import Literal
 
-from aviato._bridge import await_concurrent, get_bridge
+from aviato._bridged_stream import BridgedStream
 from aviato._transport.base import LogReader
 from aviato.v1 import sandbox_pb2 as pb
 
@@ -41,7 +37,7 @@ class LogRecord:
         return cls(time=time, stream=stream, data=entry.data)
 
 
-class LogStream:
+class LogStream(BridgedStream[LogReader, LogRecord]):
     """The records of a sandbox's main process log (`Sandbox.stream_logs`), in order.
 
     Iterate with ``for record in logs`` or ``async for record in logs`` (from any thread or event
@@ -51,95 +47,8 @@ class LogStream:
     ``close()`` (or leaving ``with``/``async with``) ends it early. Iterate it once.
     """
 
-    def __init__(self, open_: Callable[[], Awaitable[LogReader]]) -> None:
-        self._opened = get_bridge().submit(self._open(open_))
-        self._reader: LogReader | None = None
-        self._closed = False
-
-    @staticmethod
-    async def _open(open_: Callable[[], Awaitable[LogReader]]) -> LogReader:
-        return await open_()
-
-    # loop-side
-    async def _next(self) -> LogRecord | None:
-        if self._closed:
-            return None
-        if self._reader is None:
-            try:
-                self._reader = await asyncio.wrap_future(self._opened)
-            except BaseException:
-                self._closed = True
-                raise
-        try:
-            entry = await self._reader.next()
-        except BaseException:
-            self._closed = True
-            raise
-        if entry is None:
-            self._closed = True
-            return None
-        return LogRecord._of(entry)
-
-    def _cancel(self) -> None:
-        self._closed = True
-        if self._reader is not None:
-            self._reader.cancel()
-        elif not self._opened.done():
-            self._opened.cancel()
-        else:
-            with contextlib.suppress(BaseException):
-                self._opened.result().cancel()
-
-    def __iter__(self) -> Iterator[LogRecord]:
-        return self
-
-    def __next__(self) -> LogRecord:
-        record = get_bridge().run(self._next())
-        if record is None:
-            raise StopIteration
-        return record
-
-    def __aiter__(self) -> AsyncIterator[LogRecord]:
-        return self
-
-    async def __anext__(self) -> LogRecord:
-        record = await await_concurrent(get_bridge().submit(self._next()))
-        if record is None:
-            raise StopAsyncIteration
-        return record
-
-    def close(self) -> None:
-        """Ends the stream (idempotent); iteration then stops."""
-        bridge = get_bridge()
-        if bridge.started:
-            with contextlib.suppress(RuntimeError):
-                bridge.call_soon(self._cancel)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
+    def _item(self, raw: pb.LogEntry) -> LogRecord:
+        return LogRecord._of(raw)
 
     def __repr__(self) -> str:
         return f"<LogStream {'closed' if self._closed else 'open'}>"
