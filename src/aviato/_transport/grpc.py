@@ -508,11 +508,6 @@ class _GrpcExecCall(ExecCall):
                     return
                 await self._call.write(request)
         except grpc.RpcError as err:
-            if control and (self._exited or self._call.done()):
-                # The call ended while the frame was on its way (a command that exits at once
-                # while its stdin's end-of-file is written): the gRPC core fails the write
-                # ("Internal error from Core"), but nothing was lost.
-                return
             raise self._error(err) from None
         except AviatoError:
             raise

@@ -263,10 +263,10 @@ class SandboxRuns:
         rec.status, rec.reason, rec.exit_code = status, reason, exit_code
         rec.ended_ns = ended_ns or time.time_ns()
         self._registry.update_sandbox(rec)
-        if rec.port_addresses:
+        if rec.config.exposed_ports:  # nothing to close or forget for most sandboxes
             rec.port_addresses = ()
             self._registry.set_port_addresses(rec.id, ())
-        self._spawn(self._ports.close(rec.id, grace_seconds=FLUSH_SECONDS))
+            self._spawn(self._ports.close(rec.id, grace_seconds=FLUSH_SECONDS))
         self._forget(live)
         live.notify()
         log.info(
@@ -287,7 +287,8 @@ class SandboxRuns:
         rec.status, rec.reason, rec.exit_code = status, reason, code
         rec.ended_ns = ended_ns or time.time_ns()
         self._registry.update_sandbox(rec)
-        self._registry.set_port_addresses(rec.id, ())
+        if rec.config.exposed_ports:
+            self._registry.set_port_addresses(rec.id, ())
         log.info("sandbox id=%s marked %s: %s", rec.id, status_name(status), reason)
 
     def _kept_log(self, sandbox_id: str) -> Path:
