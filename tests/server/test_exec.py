@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from _wait import wait_until
 from server_helpers import ExecResult, S, ServerProcess, stdin_stream
 
 from aviato.v1 import sandbox_pb2 as pb
+from aviato.v1 import sandbox_pb2_grpc as pbg
 
 NOT_FOUND, FAILED_PRECONDITION, INVALID_ARGUMENT = 5, 9, 3
 
@@ -282,3 +284,27 @@ def test_stream_ending_without_stdin_eof_kills_the_command(
     # Without stdin there is nothing to end: a half-close right after init is normal.
     r = c.exec(sandbox, ["/bin/echo", "ok"])
     assert r.exit_code == 0 and r.stdout == b"ok\n"
+
+
+def test_a_frame_sent_as_the_command_ends_does_not_fail_the_call(
+    server: ServerProcess, sandbox: str
+) -> None:
+    """A client's end-of-file that arrives after its command ended (here: failed to start) lands
+    in an open stream: the service keeps a finished Exec stream until the client half-closes.
+    Were the stream already over, the client's gRPC core would fail that write and, with it, the
+    whole call ("Internal error from Core"), losing the status it had been sent."""
+
+    async def body() -> grpc.StatusCode:
+        async with grpc.aio.insecure_channel(f"unix://{server.socket_path}") as channel:
+            call = pbg.SandboxServiceStub(channel).Exec(timeout=30)
+            init = pb.ExecInit(sandbox_id=sandbox, argv=["no-such-program-here"], stdin=True)
+            await call.write(pb.ExecRequest(init=init))
+            while (await call.read()).WhichOneof("msg") not in ("exit", "error"):
+                pass  # started, and the shell's "cannot start" on stderr
+            await asyncio.sleep(0.3)  # a client slower than the service to send its end-of-file
+            await call.write(pb.ExecRequest(stdin_eof=True))
+            await call.done_writing()
+            code: grpc.StatusCode = await call.code()
+            return code
+
+    assert asyncio.run(body()) == grpc.StatusCode.OK
