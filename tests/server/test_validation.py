@@ -125,7 +125,7 @@ def test_valid_spec_maps_to_config() -> None:
     assert c.working_dir == "/workspace/x"
     assert (c.cpu_millis, c.memory_bytes, c.pids, c.disk_bytes) == (500, 256 * MiB, 64, 1 << 30)
     assert c.mounted_files == (("/etc/app.conf", b"k=v"),)
-    assert c.network == "none"
+    assert c.egress.isolated
     assert valid.tags == ("a", "b")
     assert valid.max_lifetime_seconds == 60
     assert c.asked_limits == {"cpu", "memory", "pids", "disk"}

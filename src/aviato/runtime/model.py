@@ -25,6 +25,8 @@ __all__ = [
     "DEFAULT_MEMORY_BYTES",
     "DEFAULT_PIDS",
     "LIMIT_NAMES",
+    "EgressPolicy",
+    "EgressRule",
     "ExecSpec",
     "RegistryCredentials",
     "SandboxConfig",
@@ -35,6 +37,40 @@ DEFAULT_PIDS = 1024
 DEFAULT_DISK_BYTES = 1 << 30
 # The names of the limits a request may ask for (`SandboxConfig.asked_limits`).
 LIMIT_NAMES = ("cpu", "memory", "pids", "disk")
+
+
+@dataclass(frozen=True)
+class EgressRule:
+    """One entry of an egress allow-list, validated and normalized: exactly one of `dns_name`
+    (a host name in lower case without a trailing dot, or "*.suffix" for every name under
+    suffix but not suffix itself) and `cidr` (a network in its canonical text, "10.8.0.0/16").
+    """
+
+    dns_name: str = ""
+    cidr: str = ""
+
+
+@dataclass(frozen=True)
+class EgressPolicy:
+    """What a sandbox may reach outside itself. The default (no internet, no rules) is
+    loopback only. `internet`: every public address (never the host's own, its loopback or
+    the special ranges of docs/networking.md) plus `rules`; without it only what `rules`
+    allow. A name rule admits a connection by that name (never by address) to the addresses
+    the name resolves to, if each is public or inside a CIDR rule."""
+
+    internet: bool = False
+    rules: tuple[EgressRule, ...] = ()
+
+    @property
+    def isolated(self) -> bool:
+        return not self.internet and not self.rules
+
+    @property
+    def mode(self) -> str:
+        """One of "isolated", "allowlist", "internet": the public `applied_egress_mode`."""
+        if self.internet:
+            return "internet"
+        return "allowlist" if self.rules else "isolated"
 
 
 @dataclass(frozen=True)
@@ -59,7 +95,7 @@ class SandboxConfig:
     disk_bytes: int = DEFAULT_DISK_BYTES
     asked_limits: frozenset[str] = frozenset()
     mounted_files: tuple[tuple[str, bytes], ...] = ()
-    network: str = "none"
+    egress: EgressPolicy = EgressPolicy()
     # TCP ports of the sandbox's loopback that the service relays clients to (distinct).
     exposed_ports: tuple[int, ...] = ()
     # OCI images: credentials for pulling `image` (None: the service's Docker config or

@@ -84,7 +84,7 @@ def decode_spec(spec: pb.SandboxSpec, defaults: SpecDefaults) -> ValidSpec:
     mounted = validation.validate_mounted_files(
         ((item.path, item.content) for item in spec.mounted_files), "spec.mounted_files"
     )
-    network = validation.validate_network(spec.network, "spec.network")
+    validation.validate_network(spec.network, "spec.network")
     exposed_ports = validation.validate_exposed_ports(spec.exposed_ports, "spec.exposed_ports")
     config = SandboxConfig(
         sandbox_id="",
@@ -98,7 +98,6 @@ def decode_spec(spec: pb.SandboxSpec, defaults: SpecDefaults) -> ValidSpec:
         disk_bytes=limits.disk_bytes,
         asked_limits=limits.asked,
         mounted_files=mounted,
-        network=network,
         exposed_ports=exposed_ports,
         registry_credentials=credentials,
         image_command=image_command,
@@ -197,7 +196,6 @@ def decode_stored_spec(
         disk_bytes=DEFAULT_DISK_BYTES if disk is None else disk,
         asked_limits=frozenset(asked),
         mounted_files=tuple((m.path, b"") for m in spec.mounted_files),
-        network=spec.network or "none",
         image_command=spec.image_command,
         node_selector=tuple(sorted(spec.node_selector.items())),
     )
@@ -223,7 +221,7 @@ def _encode_spec(rec: SandboxRecord) -> pb.SandboxSpec:
         ),
         max_lifetime_seconds=rec.max_lifetime_seconds,
         mounted_files=[pb.MountedFile(path=path) for path, _ in config.mounted_files],
-        network=config.network,
+        network="none" if config.egress.isolated else config.egress.mode,
         exposed_ports=config.exposed_ports,
         node_selector=dict(config.node_selector),
         image_command=config.image_command,

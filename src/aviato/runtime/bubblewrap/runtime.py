@@ -382,10 +382,6 @@ class BubblewrapRuntime(Runtime):
                 f"invalid sandbox id {config.sandbox_id!r} (letters, digits, '_', '.', '-'; "
                 "at most 128)"
             )
-        if config.network not in ("", "none"):
-            raise SpecRefused(
-                f"network mode {config.network!r} is not supported; only 'none' (loopback)"
-            )
         if config.sandbox_id in self._handles or config.sandbox_id in self._creating:
             raise SandboxExists(f"sandbox {config.sandbox_id} already exists on this node")
         if len(self._running) + len(self._creating) >= self._max:
