@@ -24,7 +24,7 @@ _os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from aviato import exceptions
 from aviato._admin import Admin, ApiKey, CreatedKey, OwnerQuota
 from aviato._credentials import ImagePullCredentials
-from aviato._defaults import NetworkOptions, Serialization
+from aviato._defaults import EgressRule, NetworkOptions, Serialization
 from aviato._files import FileStream
 from aviato._function import RemoteFunction
 from aviato._image_store import Image, Images, PullProgress
@@ -35,6 +35,7 @@ from aviato._options import SandboxDefaults
 from aviato._output import StreamReader
 from aviato._process import Process, StreamWriter
 from aviato._sandbox import Sandbox, Session
+from aviato._sandbox_network import NetworkUsage
 from aviato._service import ServerInfo, server_info
 from aviato._status import SandboxStatus
 from aviato._wait import Waitable, results, wait
@@ -81,6 +82,7 @@ __all__ = [
     "AviatoConnectionError",
     "AviatoError",
     "CreatedKey",
+    "EgressRule",
     "FileStream",
     "FunctionError",
     "FunctionSerializationError",
@@ -90,6 +92,7 @@ __all__ = [
     "LogRecord",
     "LogStream",
     "NetworkOptions",
+    "NetworkUsage",
     "OperationRef",
     "OwnerQuota",
     "Process",

@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_MAX_OUTPUT_BYTES",
     "DEFAULT_MAX_READ_FILE_BYTES",
     "DEFAULT_REQUEST_TIMEOUT_SECONDS",
+    "EgressRule",
     "NetworkOptions",
     "Serialization",
 ]
@@ -65,16 +66,57 @@ class Serialization(enum.StrEnum):
 # The ingress modes this service serves (`NetworkOptions.ingress_mode`); None means "local" when
 # ports are exposed, "none" otherwise.
 INGRESS_MODES = ("local", "none")
-_ISOLATED = (None, "", "none", "isolated")
+# The egress modes (`NetworkOptions.egress_mode`); None, "none" and "isolated" are the same.
+EGRESS_MODES = ("isolated", "none", "allowlist", "internet")
 MAX_EXPOSED_PORTS = 16
+
+
+@dataclass(frozen=True, kw_only=True)
+class EgressRule:
+    """One entry of an egress allow-list: exactly one of
+
+    dns_name: a host name (``"pypi.org"``), or ``"*.example.com"`` for every name under
+        example.com (not example.com itself). A name admits connections made by that name
+        (through the sandbox's proxy: `docs/networking.md`), never by address, and only to
+        addresses that are public or inside a `cidr` rule.
+    cidr: a network (``"10.8.0.0/16"``, ``"2001:db8::/32"``) or one address.
+
+    The service checks the value itself (a bad name or network raises
+    `SandboxValidationError` when the sandbox is created).
+    """
+
+    dns_name: str | None = None
+    cidr: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [(name, v) for name, v in (("dns_name", self.dns_name), ("cidr", self.cidr))
+                 if v is not None]  # fmt: skip
+        if len(given) != 1:
+            raise ValueError(
+                "EgressRule takes exactly one of dns_name and cidr, e.g. "
+                "EgressRule(dns_name='pypi.org') or EgressRule(cidr='10.8.0.0/16')"
+            )
+        name, value = given[0]
+        if not isinstance(value, str):
+            raise TypeError(f"EgressRule.{name} must be a string, not {value!r}")
+
+    def to_proto(self) -> pb.EgressRule:
+        if self.dns_name is not None:
+            return pb.EgressRule(dns_name=self.dns_name)
+        return pb.EgressRule(cidr=self.cidr or "")
 
 
 @dataclass(frozen=True)
 class NetworkOptions:
-    """Network settings of a sandbox, in the aviato-era names.
+    """Network settings of a sandbox (docs/networking.md), in the original SDK's names.
 
-    egress_mode: None, ``"none"`` or ``"isolated"``: the sandbox has loopback only (the only
-        egress served yet; other modes raise `SandboxValidationError`, which says so).
+    egress_mode: None, ``"none"`` or ``"isolated"`` (the default): loopback only, unless
+        `egress` lists rules; ``"internet"``: every public address, plus what `egress` lists
+        (never the service's host nor its loopback services). ``"allowlist"`` says explicitly
+        what a non-empty `egress` implies.
+    egress: `EgressRule`s (or dicts of their fields): the names and networks the sandbox may
+        reach; everything else is refused, at once.
+    deny_egress: True is ``egress_mode="isolated"`` with no rules (the newer SDK's name).
     exposed_ports: TCP ports (1-65535, distinct, at most 16) of servers the sandbox runs on
         its loopback (127.0.0.1 or ::1). While it runs, the local service relays each one from
         an address on 127.0.0.1 of its own host: see `Sandbox.exposed_ports` and
@@ -82,14 +124,20 @@ class NetworkOptions:
     ingress_mode: ``"local"`` (the default when ports are exposed: the addresses are on the
         service host's 127.0.0.1) or ``"none"`` (no exposed ports). ``"public"`` and
         ``"internal"`` are not served by the local service.
+    deny_ingress: True is ``ingress_mode="none"``.
 
-    Invalid values raise `SandboxValidationError` (a ValueError) when the sandbox is
-    constructed.
+    Egress is through an HTTP(S) proxy of the service that the sandbox's processes find in
+    HTTP_PROXY and HTTPS_PROXY (pip, npm, curl, git, requests use it); a program that connects
+    by itself gets "Network is unreachable". Invalid values raise `SandboxValidationError` (a
+    ValueError) or TypeError when the sandbox is constructed.
     """
 
     ingress_mode: str | None = None
     exposed_ports: tuple[int, ...] | None = None
     egress_mode: str | None = None
+    egress: tuple[EgressRule, ...] | None = None
+    deny_egress: bool | None = None
+    deny_ingress: bool | None = None
 
     def __post_init__(self) -> None:
         ports = self.exposed_ports
@@ -105,21 +153,56 @@ class NetworkOptions:
                         f"network.exposed_ports must contain port numbers, got {port!r}"
                     )
             object.__setattr__(self, "exposed_ports", ports_t or None)
+        if self.egress is not None:
+            object.__setattr__(self, "egress", _coerce_rules(self.egress) or None)
+        for name in ("egress_mode", "ingress_mode"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"network.{name} must be a string, not {value!r}")
+        for name in ("deny_egress", "deny_ingress"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"network.{name} must be True or False, not {value!r}")
 
-    def to_spec_network(self) -> str:
-        """The `SandboxSpec.network` value; raises SandboxValidationError for unsupported modes."""
-        if self.egress_mode not in _ISOLATED:
+    def to_spec_egress(self) -> tuple[str, list[pb.EgressRule]]:
+        """The `SandboxSpec.egress_mode` and `.egress`; raises SandboxValidationError for a
+        mode that is not served or options that contradict each other."""
+        mode = self.egress_mode or None
+        rules = [rule.to_proto() for rule in self.egress or ()]
+        if mode not in (None, *EGRESS_MODES):
+            served = ", ".join(repr(m) for m in EGRESS_MODES)
             raise SandboxValidationError(
-                f"network: egress_mode={self.egress_mode!r} is not supported yet; this service "
-                "runs sandboxes without outbound network access (loopback only). Use "
-                "NetworkOptions() or egress_mode='isolated'."
+                f"network: egress_mode={mode!r} is not served; use one of {served}"
             )
-        return "none"
+        if self.deny_egress:
+            if rules or mode in ("internet", "allowlist"):
+                raise SandboxValidationError(
+                    "network: deny_egress=True cannot be combined with egress rules or "
+                    f"egress_mode={mode!r}"
+                )
+            return "isolated", []
+        if mode in ("isolated", "none") and rules:
+            raise SandboxValidationError(
+                f"network: egress_mode={mode!r} means no egress, but egress rules are given; "
+                "leave egress_mode out (or use 'allowlist') to allow what they list"
+            )
+        if mode == "allowlist" and not rules:
+            raise SandboxValidationError(
+                "network: egress_mode='allowlist' needs egress rules, e.g. "
+                "egress=[EgressRule(dns_name='pypi.org')]"
+            )
+        return ("internet" if mode == "internet" else ""), rules
 
     def to_spec_ports(self) -> list[int]:
         """The `SandboxSpec.exposed_ports`; raises SandboxValidationError naming the option."""
         ports = list(self.exposed_ports or ())
         mode = self.ingress_mode or None
+        if self.deny_ingress:
+            if ports:
+                raise SandboxValidationError(
+                    f"network: deny_ingress=True cannot expose ports (exposed_ports={ports!r})"
+                )
+            mode = "none"
         if mode not in (None, *INGRESS_MODES):
             raise SandboxValidationError(
                 f"network: ingress_mode={mode!r} is not supported; the local service serves "
@@ -146,6 +229,23 @@ class NetworkOptions:
                 f"network.exposed_ports: port {duplicates[0]} is listed twice"
             )
         return ports
+
+
+def _coerce_rules(value: object) -> tuple[EgressRule, ...]:
+    """Egress rules given as `EgressRule`s or dicts of their fields, in a list or tuple."""
+    if isinstance(value, EgressRule | Mapping | str | bytes) or not isinstance(value, Iterable):
+        raise TypeError(
+            "network.egress must be a list of EgressRule, such as "
+            f"[EgressRule(dns_name='pypi.org')], not {value!r}"
+        )
+    rules: list[EgressRule] = []
+    for item in value:
+        if isinstance(item, Mapping):
+            item = EgressRule(**dict(item))
+        if not isinstance(item, EgressRule):
+            raise TypeError(f"network.egress must contain EgressRule, got {item!r}")
+        rules.append(item)
+    return tuple(rules)
 
 
 def as_str_tuple(name: str, value: Iterable[str] | None) -> tuple[str, ...]:

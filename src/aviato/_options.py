@@ -81,7 +81,7 @@ class SandboxDefaults:
         tags: Tags given to every sandbox (and the filter of `Session.list`).
         resources: ``{"cpu": "500m", "memory": "256Mi", "pids": 256, "disk": "1Gi"}``; strings in
             Kubernetes quantity form or numbers (cpu in cores, memory and disk in bytes).
-        network: `NetworkOptions` (loopback only; exposed ports on the local service).
+        network: `NetworkOptions` (egress by policy, exposed ports; loopback only by default).
         environment_variables: Environment of the main process and of every command.
         working_dir: Working directory inside the sandbox; None means the image's (``/workspace``).
         lease_ttl_seconds: A Session's lease time-to-live; None means `AVIATO_LEASE_TTL`, else 30.
@@ -224,9 +224,10 @@ class SandboxArgs(SandboxOptions, _Address, total=False):
     resources: ``{"cpu", "memory", "pids", "disk"}`` (strings or numbers).
     mounted_files: ``[{"path": "/abs", "content": b"..."}]`` (or the spelling
         ``mount_path``/``file_content``): read-only files inside the sandbox.
-    network: `NetworkOptions` or dict: ``NetworkOptions(exposed_ports=[8080])`` relays
-        servers of the sandbox from addresses on the local service's 127.0.0.1 (see
-        `exposed_ports`); no outbound network is available (egress_mode "isolated" only).
+    network: `NetworkOptions` or dict: ``NetworkOptions(egress=[EgressRule(dns_name=
+        "pypi.org")])`` or ``egress_mode="internet"`` opens egress (loopback only by default);
+        ``NetworkOptions(exposed_ports=[8080])`` relays servers of the sandbox from addresses
+        on the local service's 127.0.0.1 (see `exposed_ports`).
     max_lifetime_seconds: The service stops the sandbox after this long (default: the
         service's, 1 hour).
     working_dir: Absolute directory for the main process and commands (default ``/workspace``).
@@ -307,6 +308,7 @@ def resolve(options: SandboxArgs, defaults: SandboxDefaults) -> ResolvedSandbox:
     lifetime = options.get("max_lifetime_seconds")
     if lifetime is None:
         lifetime = d.max_lifetime_seconds
+    egress_mode, egress = net.to_spec_egress() if net is not None else ("", [])
     spec = pb.SandboxSpec(
         image=_defaults.resolve_image(options.get("container_image"), d.container_image),
         command=argv,
@@ -315,7 +317,8 @@ def resolve(options: SandboxArgs, defaults: SandboxDefaults) -> ResolvedSandbox:
         tags=d.merge_tags(options.get("tags")),
         max_lifetime_seconds=float(lifetime or 0.0),
         mounted_files=_defaults.mounted_files_to_proto(options.get("mounted_files")),
-        network=net.to_spec_network() if net is not None else "none",
+        egress_mode=egress_mode,
+        egress=egress,
         exposed_ports=net.to_spec_ports() if net is not None else [],
         image_command=use_image_command,
         node_selector=d.merge_node_selector(options.get("node_selector")),

@@ -28,6 +28,7 @@ from aviato._defaults import DEFAULT_GRACEFUL_SHUTDOWN_SECONDS
 from aviato._operation import OperationRef
 from aviato._options import RunOptions, SandboxArgs, SandboxDefaults, resolve
 from aviato._sandbox_io import SandboxIO
+from aviato._sandbox_network import SandboxNetwork
 from aviato._sandbox_queries import SandboxQueries
 from aviato._status import SandboxStatus
 from aviato.exceptions import (
@@ -70,7 +71,7 @@ def _ts(record: pb.Sandbox, name: str) -> datetime | None:
     return stamp.ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
 
 
-class SandboxCore(SandboxQueries, SandboxIO):
+class SandboxCore(SandboxQueries, SandboxNetwork, SandboxIO):
     """Everything a `Sandbox` is and does but `Sandbox.session()`: its record, its lifecycle,
     and (through its bases) its commands, files and queries. Users see it as `aviato.Sandbox`,
     the subclass that `aviato._sandbox` defines beside `Session` (see that module for why)."""
@@ -206,34 +207,6 @@ class SandboxCore(SandboxQueries, SandboxIO):
     def node_selector(self) -> dict[str, str]:
         """The node labels the sandbox asked for (empty: any node)."""
         return dict(self._spec.node_selector)
-
-    @property
-    def exposed_ports(self) -> tuple[tuple[int, str], ...]:
-        """Where a client reaches each exposed port (``network=NetworkOptions(exposed_ports=
-        [8080])``) while the sandbox runs: (port, address) pairs such as
-        ``((8080, "127.0.0.1:41234"),)``, in the order asked; ``dict(sb.exposed_ports)[8080]``
-        is the address of port 8080. Empty until RUNNING and once ended. Known as of the last
-        answer of the service (`wait`, `get_status`, `from_id`)."""
-        if self._record is None:
-            return ()
-        return tuple((item.port, item.address) for item in self._record.exposed_ports)
-
-    @property
-    def service_address(self) -> str | None:
-        """The address ("127.0.0.1:41234") of the first exposed port while the sandbox runs."""
-        ports = self.exposed_ports
-        return ports[0][1] if ports else None
-
-    @property
-    def applied_ingress_mode(self) -> str:
-        """``"local"`` when the sandbox exposes ports (at addresses on the local service's
-        host), else ``"none"``."""
-        return "local" if self._spec.exposed_ports else "none"
-
-    @property
-    def applied_egress_mode(self) -> str:
-        """``"isolated"``: the sandbox has loopback only (no other egress is served yet)."""
-        return "isolated"
 
     def __repr__(self) -> str:
         status = self._status.value if self._status else "not started"

@@ -133,6 +133,11 @@ class Transport(abc.ABC):
     async def get_sandbox(self, sandbox_id: str, *, call_timeout: float | None) -> pb.Sandbox: ...
 
     @abc.abstractmethod
+    async def set_network(
+        self, request: pb.SetNetworkRequest, *, call_timeout: float | None
+    ) -> pb.Sandbox: ...
+
+    @abc.abstractmethod
     async def list_sandboxes(
         self, request: pb.ListSandboxesRequest, *, call_timeout: float | None
     ) -> pb.ListSandboxesResponse: ...

@@ -125,6 +125,14 @@ class GrpcTransport(Transport):
         )
         return record
 
+    async def set_network(
+        self, request: pb.SetNetworkRequest, *, call_timeout: float | None
+    ) -> pb.Sandbox:
+        record: pb.Sandbox = await self._unary(
+            self._stub.SetNetwork, request, call_timeout, "set network", request.sandbox_id
+        )
+        return record
+
     async def list_sandboxes(
         self, request: pb.ListSandboxesRequest, *, call_timeout: float | None
     ) -> pb.ListSandboxesResponse:

@@ -175,6 +175,16 @@ class MemoryTransport(Transport):
         self.service._enter("GetSandbox", "get sandbox")
         return self.service._sandbox(sandbox_id, "get sandbox").record
 
+    async def set_network(
+        self, request: pb.SetNetworkRequest, *, call_timeout: float | None
+    ) -> pb.Sandbox:
+        self.service._enter("SetNetwork", "set network")
+        box = self.service._sandbox(request.sandbox_id, "set network")
+        box.record.spec.egress_mode = request.egress_mode
+        del box.record.spec.egress[:]
+        box.record.spec.egress.extend(request.egress)
+        return box.record
+
     async def list_sandboxes(
         self, request: pb.ListSandboxesRequest, *, call_timeout: float | None
     ) -> pb.ListSandboxesResponse:

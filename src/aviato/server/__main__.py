@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -74,6 +75,17 @@ def _listen(text: str) -> str:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
+
+def _addresses(text: str) -> tuple[str, ...]:
+    """A comma-separated list of IP addresses (DNS servers)."""
+    out: list[str] = []
+    for item in text.split(","):
+        try:
+            out.append(str(ipaddress.ip_address(item.strip())))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item.strip()!r} is not an IP address") from None
+    return tuple(out)
 
 
 def _count(text: str) -> int:
@@ -155,6 +167,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                    help="a node cut off this long stops its sandboxes")  # fmt: skip
     p.add_argument("--placement-timeout", type=_positive_float, default=300.0,
                    metavar="SECONDS", help="a sandbox without a node this long fails")  # fmt: skip
+    p.add_argument("--egress-dns", type=_addresses, default=(), metavar="ADDR[,ADDR]",
+                   help="DNS servers the egress proxy resolves sandboxes' names with "
+                        "(default: the host's /etc/resolv.conf)")  # fmt: skip
     p.add_argument("--max-sandboxes", type=int, default=DEFAULT_MAX_SANDBOXES,
                    help="live sandboxes at most (0: no bound)")  # fmt: skip
     p.add_argument("--max-memory", type=_memory, default=0, metavar="QUANTITY",
@@ -254,6 +269,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         tls_key=args.tls_key.absolute() if args.tls_key else None,
         placement=args.placement,
         max_sandboxes=args.max_sandboxes,
+        egress_dns=args.egress_dns,
         max_memory_bytes=args.max_memory,
         min_free_disk_bytes=args.min_free_disk,
         min_free_memory_bytes=(

@@ -38,6 +38,13 @@ __all__ = ["SandboxServicer"]
 
 log = logging.getLogger("aviato.server.api")
 
+# How a sandbox reaches the network when its egress allows it (docs/networking.md says why
+# this is the one path: a name allow-list holds only where names are seen).
+EGRESS_PATH = (
+    "proxy (HTTP and HTTPS, and any TCP through CONNECT, via the service's egress proxy, which "
+    "sandboxes find in HTTP_PROXY and HTTPS_PROXY; no packet path)"
+)
+
 _R = TypeVar("_R")
 
 
@@ -170,6 +177,15 @@ class SandboxServicer(ExecStreams, FileStreams, LogStreams):
         return codec.encode_sandbox(rec)
 
     @_Unary
+    async def SetNetwork(
+        self, owner: str, request: pb.SetNetworkRequest, context: Ctx
+    ) -> pb.Sandbox:
+        egress = codec.decode_egress(request.egress_mode, request.egress, "egress_mode", "egress")
+        return codec.encode_sandbox(
+            await self._lifecycle.set_network(owner, request.sandbox_id, egress)
+        )
+
+    @_Unary
     async def DeleteSandbox(
         self, owner: str, request: pb.DeleteSandboxRequest, context: Ctx
     ) -> pb.DeleteSandboxResponse:
@@ -210,4 +226,5 @@ class SandboxServicer(ExecStreams, FileStreams, LogStreams):
             max_sandboxes=self._config.max_sandboxes,
             sandbox_limits=facts.get("sandbox_limits", "") if operator else "",
             quota=self._lifecycle.quota_text(owner),
+            egress=EGRESS_PATH,
         )

@@ -26,6 +26,7 @@ from aviato.runtime.model import (
     DEFAULT_DISK_BYTES,
     DEFAULT_MEMORY_BYTES,
     DEFAULT_PIDS,
+    EgressPolicy,
     ExecSpec,
     SandboxConfig,
 )
@@ -85,6 +86,7 @@ def decode_spec(spec: pb.SandboxSpec, defaults: SpecDefaults) -> ValidSpec:
         ((item.path, item.content) for item in spec.mounted_files), "spec.mounted_files"
     )
     validation.validate_network(spec.network, "spec.network")
+    egress = decode_egress(spec.egress_mode, spec.egress, "spec.egress_mode", "spec.egress")
     exposed_ports = validation.validate_exposed_ports(spec.exposed_ports, "spec.exposed_ports")
     config = SandboxConfig(
         sandbox_id="",
@@ -98,12 +100,25 @@ def decode_spec(spec: pb.SandboxSpec, defaults: SpecDefaults) -> ValidSpec:
         disk_bytes=limits.disk_bytes,
         asked_limits=limits.asked,
         mounted_files=mounted,
+        egress=egress,
         exposed_ports=exposed_ports,
         registry_credentials=credentials,
         image_command=image_command,
         node_selector=node_selector,
     )
     return ValidSpec(config=config, tags=tags, max_lifetime_seconds=lifetime)
+
+
+def decode_egress(
+    mode: str, rules: Iterable[pb.EgressRule], mode_field: str, rules_field: str
+) -> EgressPolicy:
+    """An egress mode and rules of a request (a create's spec or a SetNetwork) as the model."""
+    pairs = [
+        (kind or "", getattr(rule, kind) if kind else "")
+        for rule in rules
+        for kind in [rule.WhichOneof("target")]
+    ]
+    return validation.validate_egress(mode, pairs, mode_field, rules_field)
 
 
 def decode_exec_init(init: pb.ExecInit) -> ExecSpec:
@@ -221,7 +236,12 @@ def _encode_spec(rec: SandboxRecord) -> pb.SandboxSpec:
         ),
         max_lifetime_seconds=rec.max_lifetime_seconds,
         mounted_files=[pb.MountedFile(path=path) for path, _ in config.mounted_files],
-        network="none" if config.egress.isolated else config.egress.mode,
+        network="none",
+        egress_mode="internet" if config.egress.internet else "",
+        egress=[
+            pb.EgressRule(dns_name=r.dns_name) if r.dns_name else pb.EgressRule(cidr=r.cidr)
+            for r in config.egress.rules
+        ],
         exposed_ports=config.exposed_ports,
         node_selector=dict(config.node_selector),
         image_command=config.image_command,
@@ -243,6 +263,15 @@ def encode_sandbox(rec: SandboxRecord) -> pb.Sandbox:
         msg.exposed_ports.extend(
             pb.ExposedPort(port=port, address=address) for port, address in rec.port_addresses
         )
+    usage = rec.network_usage
+    msg.network_usage.CopyFrom(
+        pb.NetworkUsage(
+            bytes_sent=usage.bytes_sent,
+            bytes_received=usage.bytes_received,
+            connections=usage.connections,
+            refused=usage.refused,
+        )
+    )
     if rec.exit_code is not None:
         msg.exit_code = rec.exit_code
     msg.created_at.FromNanoseconds(rec.created_ns)

@@ -132,6 +132,8 @@ class ServerConfig:
     default_max_lifetime_seconds: float = DEFAULT_MAX_LIFETIME_SECONDS
     default_stop_grace_seconds: float = 10.0
     reaper_interval_seconds: float = 0.5
+    # The DNS servers the egress proxy asks (addresses); empty: the host's /etc/resolv.conf.
+    egress_dns: tuple[str, ...] = ()
     log_level: str = "INFO"
     # The image of a sandbox whose spec names none ("host", or an OCI reference such as
     # "python:3.11"); the registries that may be spoken to over plain HTTP and on loopback or

@@ -40,9 +40,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from aviato.runtime.base import (
-    SandboxHandle,
-)
+from aviato.runtime.base import SandboxHandle, SandboxRuntimeError
+from aviato.runtime.model import EgressPolicy
 from aviato.server.errors import FailedPrecondition, InvalidArgument, SandboxNotFound
 from aviato.server.leases import LeaseKeeping
 from aviato.server.placement import UnknownNode
@@ -108,6 +107,7 @@ class Lifecycle(LeaseKeeping, Reconciliation):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._ports.close_all()  # the sandboxes' addresses stay recorded for a restart
+        await self._egress.close_all()  # their listeners stay in the sandboxes for a restart
 
     def how_it_ended(self, sandbox_id: str) -> str:
         """How a sandbox is ending or ended, for the message of a command it cut off: "was
@@ -125,7 +125,14 @@ class Lifecycle(LeaseKeeping, Reconciliation):
         return "ended (its main process exited or its supervisor died)"
 
     def get(self, owner: str, sandbox_id: str) -> SandboxRecord:
-        return self._record(owner, sandbox_id)
+        return self._with_usage(self._record(owner, sandbox_id))
+
+    def _with_usage(self, rec: SandboxRecord) -> SandboxRecord:
+        """`rec` with the live figures of its egress, while it is served."""
+        usage = self._egress.usage(rec.id)
+        if usage is not None:
+            rec.network_usage = usage
+        return rec
 
     def list(
         self,
@@ -151,7 +158,9 @@ class Lifecycle(LeaseKeeping, Reconciliation):
             owner, statuses=wanted, tags=tags, limit=size, page_token=page_token
         )
         # Live entries are fresher than rows only in identity, but keep one object per sandbox.
-        return [self._live[r.id].rec if r.id in self._live else r for r in records], token
+        live = [self._with_usage(self._live[r.id].rec) if r.id in self._live else r
+                for r in records]  # fmt: skip
+        return live, token
 
     def running_count(self, owner: str | None = None) -> int:
         """RUNNING sandboxes: all of them, or only `owner`'s."""
@@ -253,6 +262,37 @@ class Lifecycle(LeaseKeeping, Reconciliation):
             return rec
         await self._stop_live(live, min(grace, 3600.0), reason)
         return live.rec
+
+    async def set_network(self, owner: str, sandbox_id: str, egress: EgressPolicy) -> SandboxRecord:
+        """Replaces the sandbox's egress (see SetNetwork): recorded at once; a running
+        sandbox's proxy applies it to new requests and closes the connections it no longer
+        admits; one not yet running starts with it."""
+        rec = self._record(owner, sandbox_id)
+        live = self._live.get(sandbox_id)
+        if live is None or rec.terminal:
+            raise FailedPrecondition(
+                f"sandbox {sandbox_id} has ended; its network cannot change",
+                reason=SANDBOX_NOT_RUNNING,
+            )
+        async with self._network_change:
+            if rec.status == RUNNING and live.handle is not None:
+                if self._egress.serving(rec.id):
+                    self._egress.update(rec.id, egress)
+                elif not egress.isolated:
+                    try:
+                        await self._egress.open(rec.id, live.handle, egress)
+                    except (SandboxRuntimeError, OSError) as e:
+                        raise FailedPrecondition(
+                            f"sandbox {sandbox_id}: cannot open its egress: {e}",
+                            reason=SANDBOX_NOT_RUNNING,
+                        ) from e
+                    rec.egress_listener = True
+                    self._registry.update_sandbox(rec)
+            rec.config = replace(rec.config, egress=egress)
+            if live.config is not None:
+                live.config = replace(live.config, egress=egress)
+            self._registry.update_config(rec)
+        return self._with_usage(rec)
 
     async def delete(self, owner: str, sandbox_id: str) -> None:
         """Stops the sandbox if needed, then removes its record, its kept log and its state."""

@@ -117,7 +117,7 @@ class Reconciliation(SandboxRuns):
         live = LiveSandbox(rec, runtime, None, charge_of(rec.config))
         live.handle = attached
         self._adopt(live)
-        if not await self._expose_ports(live):
+        if not await self._open_network(live):
             return
         live.task = asyncio.create_task(self._watch(live), name=f"sandbox-{rec.id}")
         self._push_deadline(live)  # its lease was extended by the restart

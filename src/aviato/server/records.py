@@ -20,6 +20,7 @@ __all__ = [
     "ALL_STATUSES",
     "LIVE_STATUSES",
     "TERMINAL_STATUSES",
+    "NetworkUsage",
     "SandboxRecord",
     "SandboxStatus",
     "ValidSpec",
@@ -67,6 +68,17 @@ def kept_config(config: SandboxConfig) -> SandboxConfig:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class NetworkUsage:
+    """What went through a sandbox's egress: bytes it sent and received on the connections it
+    was allowed, those connections, and the connections refused."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    connections: int = 0
+    refused: int = 0
+
+
 @dataclass(slots=True)
 class SandboxRecord:
     """One sandbox. Mutable: the lifecycle updates it, then calls `Registry.update_sandbox`.
@@ -92,6 +104,11 @@ class SandboxRecord:
     # Where clients reach config.exposed_ports while RUNNING: (port, "127.0.0.1:N") pairs set
     # by the port forwarder (kept in the registry's sandbox_ports table, not in the model).
     port_addresses: tuple[tuple[int, str], ...] = ()
+    # Through its egress: live while it runs (from the egress gateway), final once it ended.
+    network_usage: NetworkUsage = NetworkUsage()
+    # The sandbox has an egress proxy listener (opened at create or by SetNetwork), which the
+    # service serves for the rest of its life, even while its policy refuses everything.
+    egress_listener: bool = False
 
     @property
     def terminal(self) -> bool:

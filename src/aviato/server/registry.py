@@ -43,6 +43,7 @@ from aviato.server.errors import InvalidArgument
 from aviato.server.records import (
     ALL_STATUSES,
     TERMINAL_STATUSES,
+    NetworkUsage,
     SandboxRecord,
     SandboxStatus,
 )
@@ -187,6 +188,15 @@ _MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
         PRIMARY KEY (sandbox_id, port)
     );
     """,
+    # 5: what went through a sandbox's egress (written when it ends; live figures come from
+    # the egress gateway while it runs), and whether it has an egress listener to serve.
+    """
+    ALTER TABLE sandboxes ADD COLUMN egress_bytes_sent INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sandboxes ADD COLUMN egress_bytes_received INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sandboxes ADD COLUMN egress_connections INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sandboxes ADD COLUMN egress_refused INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sandboxes ADD COLUMN egress_listener INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 
@@ -243,13 +253,15 @@ def decode_page_token(token: str) -> tuple[int, str]:
 
 _SANDBOX_COLUMNS = (
     "id, owner, request_id, status, reason, exit_code, model, lease_id, node, "
-    "created_ns, started_ns, ended_ns, expires_ns"
+    "created_ns, started_ns, ended_ns, expires_ns, "
+    "egress_bytes_sent, egress_bytes_received, egress_connections, egress_refused, "
+    "egress_listener"
 )
 
 
 def _sandbox(row: Sequence[Any]) -> SandboxRecord:
     (sid, owner, request_id, status, reason, exit_code, model, lease_id, node,
-     created, started, ended, expires) = row  # fmt: skip
+     created, started, ended, expires, *usage, egress_listener) = row  # fmt: skip
     config, tags, lifetime = _model_of(str(model), str(sid))
     return SandboxRecord(
         id=str(sid),
@@ -267,6 +279,8 @@ def _sandbox(row: Sequence[Any]) -> SandboxRecord:
         started_ns=None if started is None else int(started),
         ended_ns=None if ended is None else int(ended),
         expires_ns=None if expires is None else int(expires),
+        network_usage=NetworkUsage(*(int(n) for n in usage)),
+        egress_listener=bool(egress_listener),
     )
 
 
@@ -332,10 +346,12 @@ class Registry:
             model = _model_json(rec.config, rec.tags, rec.max_lifetime_seconds)
             values = (rec.id, rec.owner, rec.request_id, int(rec.status), rec.reason,
                       rec.exit_code, model, rec.lease_id, rec.node, rec.created_ns,
-                      rec.started_ns, rec.ended_ns, rec.expires_ns)  # fmt: skip
+                      rec.started_ns, rec.ended_ns, rec.expires_ns,
+                      *dataclasses.astuple(rec.network_usage),
+                      int(rec.egress_listener))  # fmt: skip
             db.execute(
                 f"INSERT INTO sandboxes ({_SANDBOX_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"VALUES ({', '.join('?' * len(values))})",
                 values,
             )
             db.executemany(
@@ -348,14 +364,24 @@ class Registry:
             raise
 
     def update_sandbox(self, rec: SandboxRecord) -> None:
-        """Writes the mutable fields (status, reason, exit code, node, times) of `rec`."""
+        """Writes the mutable fields (status, reason, exit code, node, times, network usage,
+        egress listener) of `rec`."""
+        u = rec.network_usage
         values = (int(rec.status), rec.reason, rec.exit_code, rec.node, rec.started_ns,
-                  rec.ended_ns, rec.expires_ns, rec.id)  # fmt: skip
+                  rec.ended_ns, rec.expires_ns, u.bytes_sent, u.bytes_received, u.connections,
+                  u.refused, int(rec.egress_listener), rec.id)  # fmt: skip
         self._db.execute(
             "UPDATE sandboxes SET status=?, reason=?, exit_code=?, node=?, started_ns=?, "
-            "ended_ns=?, expires_ns=? WHERE id=?",
+            "ended_ns=?, expires_ns=?, egress_bytes_sent=?, egress_bytes_received=?, "
+            "egress_connections=?, egress_refused=?, egress_listener=? WHERE id=?",
             values,
         )
+
+    def update_config(self, rec: SandboxRecord) -> None:
+        """Writes `rec.config`: for the few fields that may change after the create, such as
+        the egress policy."""
+        model = _model_json(rec.config, rec.tags, rec.max_lifetime_seconds)
+        self._db.execute("UPDATE sandboxes SET model=? WHERE id=?", (model, rec.id))
 
     def get_sandbox(self, sandbox_id: str) -> SandboxRecord | None:
         row = self._db.execute(

@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aviato._private import private_dir
+from aviato.egress.gateway import EgressGateway
+from aviato.egress.resolver import Resolver
 from aviato.runtime.base import (
     MainExit,
     Runtime,
@@ -34,6 +36,7 @@ from aviato.server.records import (
     SandboxStatus,
 )
 from aviato.server.registry import Registry
+from aviato.server.sandbox_egress import SandboxEgress
 from aviato.server.sandbox_states import (
     LeaseState,
     LiveSandbox,
@@ -67,6 +70,8 @@ class SandboxRuns:
         self._reaper: asyncio.Task[None] | None = None
         self._closing = False
         self._ports = PortForwarder()
+        self._egress = SandboxEgress(EgressGateway(Resolver(config.egress_dns or None)))
+        self._network_change = asyncio.Lock()  # one SetNetwork at a time
         private_dir(config.logs_dir)
 
     def _adopt(self, live: LiveSandbox) -> None:
@@ -138,10 +143,32 @@ class SandboxRuns:
             self._finish(live, TERMINATED, live.stop_reason, exit.exit_code, exit.ended_at_ns)
             return
         await self._send_deadline(live)  # before RUNNING: a crash before it leaves CREATING
-        if not await self._expose_ports(live):
+        if not await self._open_network(live):
             return
         self._set_status(live, RUNNING)
         await self._watch(live)
+
+    async def _open_network(self, live: LiveSandbox) -> bool:
+        """Opens the sandbox's exposed ports and serves its egress proxy; False when that
+        failed and the sandbox was ended for it."""
+        return await self._expose_ports(live) and await self._serve_egress(live)
+
+    async def _serve_egress(self, live: LiveSandbox) -> bool:
+        rec = live.rec
+        if live.handle is None or (rec.config.egress.isolated and not rec.egress_listener):
+            return True
+        try:
+            await self._egress.open(rec.id, live.handle, rec.config.egress)
+        except (SandboxRuntimeError, OSError) as e:
+            log.warning("sandbox %s: cannot serve its egress: %s", rec.id, e)
+            with contextlib.suppress(SandboxRuntimeError):
+                await live.handle.kill()
+            self._finish(live, FAILED, f"egress failed: {e}", None, time.time_ns())
+            return False
+        if not rec.egress_listener:
+            rec.egress_listener = True
+            self._registry.update_sandbox(rec)
+        return True
 
     async def _expose_ports(self, live: LiveSandbox) -> bool:
         """Opens the listeners of the sandbox's exposed ports and records their addresses
@@ -262,6 +289,10 @@ class SandboxRuns:
             return
         rec.status, rec.reason, rec.exit_code = status, reason, exit_code
         rec.ended_ns = ended_ns or time.time_ns()
+        usage = self._egress.usage(rec.id)
+        if usage is not None:  # final figures (what moves while it closes is not counted)
+            rec.network_usage = usage
+            self._spawn(self._close_egress(rec.id))
         self._registry.update_sandbox(rec)
         if rec.config.exposed_ports:  # nothing to close or forget for most sandboxes
             rec.port_addresses = ()
@@ -275,6 +306,9 @@ class SandboxRuns:
         )  # fmt: skip
         self._keep_log(rec)
         self._spawn(self._cleanup(live.runtime, rec.id))
+
+    async def _close_egress(self, sandbox_id: str) -> None:
+        await self._egress.close(sandbox_id)
 
     def _finish_record(
         self,

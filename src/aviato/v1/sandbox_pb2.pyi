@@ -58,7 +58,7 @@ class MountedFile(_message.Message):
     def __init__(self, path: _Optional[str] = ..., content: _Optional[bytes] = ...) -> None: ...
 
 class SandboxSpec(_message.Message):
-    __slots__ = ("image", "command", "env", "working_dir", "tags", "resources", "max_lifetime_seconds", "mounted_files", "network", "exposed_ports", "node_selector", "registry_auth", "image_command")
+    __slots__ = ("image", "command", "env", "working_dir", "tags", "resources", "max_lifetime_seconds", "mounted_files", "network", "exposed_ports", "node_selector", "registry_auth", "image_command", "egress_mode", "egress")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,8 @@ class SandboxSpec(_message.Message):
     NODE_SELECTOR_FIELD_NUMBER: _ClassVar[int]
     REGISTRY_AUTH_FIELD_NUMBER: _ClassVar[int]
     IMAGE_COMMAND_FIELD_NUMBER: _ClassVar[int]
+    EGRESS_MODE_FIELD_NUMBER: _ClassVar[int]
+    EGRESS_FIELD_NUMBER: _ClassVar[int]
     image: str
     command: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
@@ -99,7 +101,17 @@ class SandboxSpec(_message.Message):
     node_selector: _containers.ScalarMap[str, str]
     registry_auth: RegistryAuth
     image_command: bool
-    def __init__(self, image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., max_lifetime_seconds: _Optional[float] = ..., mounted_files: _Optional[_Iterable[_Union[MountedFile, _Mapping]]] = ..., network: _Optional[str] = ..., exposed_ports: _Optional[_Iterable[int]] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., registry_auth: _Optional[_Union[RegistryAuth, _Mapping]] = ..., image_command: _Optional[bool] = ...) -> None: ...
+    egress_mode: str
+    egress: _containers.RepeatedCompositeFieldContainer[EgressRule]
+    def __init__(self, image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., max_lifetime_seconds: _Optional[float] = ..., mounted_files: _Optional[_Iterable[_Union[MountedFile, _Mapping]]] = ..., network: _Optional[str] = ..., exposed_ports: _Optional[_Iterable[int]] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., registry_auth: _Optional[_Union[RegistryAuth, _Mapping]] = ..., image_command: _Optional[bool] = ..., egress_mode: _Optional[str] = ..., egress: _Optional[_Iterable[_Union[EgressRule, _Mapping]]] = ...) -> None: ...
+
+class EgressRule(_message.Message):
+    __slots__ = ("dns_name", "cidr")
+    DNS_NAME_FIELD_NUMBER: _ClassVar[int]
+    CIDR_FIELD_NUMBER: _ClassVar[int]
+    dns_name: str
+    cidr: str
+    def __init__(self, dns_name: _Optional[str] = ..., cidr: _Optional[str] = ...) -> None: ...
 
 class RegistryAuth(_message.Message):
     __slots__ = ("username", "password", "token")
@@ -112,7 +124,7 @@ class RegistryAuth(_message.Message):
     def __init__(self, username: _Optional[str] = ..., password: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
 
 class Sandbox(_message.Message):
-    __slots__ = ("id", "status", "status_reason", "exit_code", "spec", "created_at", "started_at", "ended_at", "lease_id", "expires_at", "node", "exposed_ports")
+    __slots__ = ("id", "status", "status_reason", "exit_code", "spec", "created_at", "started_at", "ended_at", "lease_id", "expires_at", "node", "exposed_ports", "network_usage")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     STATUS_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +137,7 @@ class Sandbox(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     EXPOSED_PORTS_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_USAGE_FIELD_NUMBER: _ClassVar[int]
     id: str
     status: SandboxStatus
     status_reason: str
@@ -137,7 +150,20 @@ class Sandbox(_message.Message):
     expires_at: _timestamp_pb2.Timestamp
     node: str
     exposed_ports: _containers.RepeatedCompositeFieldContainer[ExposedPort]
-    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[SandboxStatus, str]] = ..., status_reason: _Optional[str] = ..., exit_code: _Optional[int] = ..., spec: _Optional[_Union[SandboxSpec, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_id: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node: _Optional[str] = ..., exposed_ports: _Optional[_Iterable[_Union[ExposedPort, _Mapping]]] = ...) -> None: ...
+    network_usage: NetworkUsage
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[SandboxStatus, str]] = ..., status_reason: _Optional[str] = ..., exit_code: _Optional[int] = ..., spec: _Optional[_Union[SandboxSpec, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_id: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node: _Optional[str] = ..., exposed_ports: _Optional[_Iterable[_Union[ExposedPort, _Mapping]]] = ..., network_usage: _Optional[_Union[NetworkUsage, _Mapping]] = ...) -> None: ...
+
+class NetworkUsage(_message.Message):
+    __slots__ = ("bytes_sent", "bytes_received", "connections", "refused")
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    bytes_sent: int
+    bytes_received: int
+    connections: int
+    refused: int
+    def __init__(self, bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., connections: _Optional[int] = ..., refused: _Optional[int] = ...) -> None: ...
 
 class ExposedPort(_message.Message):
     __slots__ = ("port", "address")
@@ -439,7 +465,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "placement", "runtime", "cgroups", "state_dir", "sandboxes_running", "max_sandboxes", "sandbox_limits", "quota")
+    __slots__ = ("version", "placement", "runtime", "cgroups", "state_dir", "sandboxes_running", "max_sandboxes", "sandbox_limits", "quota", "egress")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
@@ -449,6 +475,7 @@ class ServerInfo(_message.Message):
     MAX_SANDBOXES_FIELD_NUMBER: _ClassVar[int]
     SANDBOX_LIMITS_FIELD_NUMBER: _ClassVar[int]
     QUOTA_FIELD_NUMBER: _ClassVar[int]
+    EGRESS_FIELD_NUMBER: _ClassVar[int]
     version: str
     placement: str
     runtime: str
@@ -458,4 +485,15 @@ class ServerInfo(_message.Message):
     max_sandboxes: int
     sandbox_limits: str
     quota: str
-    def __init__(self, version: _Optional[str] = ..., placement: _Optional[str] = ..., runtime: _Optional[str] = ..., cgroups: _Optional[str] = ..., state_dir: _Optional[str] = ..., sandboxes_running: _Optional[int] = ..., max_sandboxes: _Optional[int] = ..., sandbox_limits: _Optional[str] = ..., quota: _Optional[str] = ...) -> None: ...
+    egress: str
+    def __init__(self, version: _Optional[str] = ..., placement: _Optional[str] = ..., runtime: _Optional[str] = ..., cgroups: _Optional[str] = ..., state_dir: _Optional[str] = ..., sandboxes_running: _Optional[int] = ..., max_sandboxes: _Optional[int] = ..., sandbox_limits: _Optional[str] = ..., quota: _Optional[str] = ..., egress: _Optional[str] = ...) -> None: ...
+
+class SetNetworkRequest(_message.Message):
+    __slots__ = ("sandbox_id", "egress_mode", "egress")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    EGRESS_MODE_FIELD_NUMBER: _ClassVar[int]
+    EGRESS_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    egress_mode: str
+    egress: _containers.RepeatedCompositeFieldContainer[EgressRule]
+    def __init__(self, sandbox_id: _Optional[str] = ..., egress_mode: _Optional[str] = ..., egress: _Optional[_Iterable[_Union[EgressRule, _Mapping]]] = ...) -> None: ...

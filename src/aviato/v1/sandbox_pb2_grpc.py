@@ -104,6 +104,11 @@ class SandboxServiceStub:
                 request_serializer=aviato_dot_v1_dot_sandbox__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=aviato_dot_v1_dot_sandbox__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.SetNetwork = channel.unary_unary(
+                '/aviato.v1.SandboxService/SetNetwork',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.SetNetworkRequest.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.Sandbox.FromString,
+                _registered_method=True)
 
 
 class SandboxServiceServicer:
@@ -206,6 +211,14 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetNetwork(self, request, context):
+        """Replaces a running (or not yet running) sandbox's egress: new connections follow the new
+        policy at once, and open ones it no longer admits are closed. Exposed ports do not change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -278,6 +291,11 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=aviato_dot_v1_dot_sandbox__pb2.GetServerInfoRequest.FromString,
                     response_serializer=aviato_dot_v1_dot_sandbox__pb2.ServerInfo.SerializeToString,
+            ),
+            'SetNetwork': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetNetwork,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.SetNetworkRequest.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.Sandbox.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -658,6 +676,33 @@ class SandboxService:
             '/aviato.v1.SandboxService/GetServerInfo',
             aviato_dot_v1_dot_sandbox__pb2.GetServerInfoRequest.SerializeToString,
             aviato_dot_v1_dot_sandbox__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetNetwork(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aviato.v1.SandboxService/SetNetwork',
+            aviato_dot_v1_dot_sandbox__pb2.SetNetworkRequest.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.Sandbox.FromString,
             options,
             channel_credentials,
             insecure,
