@@ -135,7 +135,7 @@ class NetworkOptions:
     ingress_mode: str | None = None
     exposed_ports: tuple[int, ...] | None = None
     egress_mode: str | None = None
-    egress: tuple[EgressRule, ...] | None = None
+    egress: Sequence[EgressRule] | None = None
     deny_egress: bool | None = None
     deny_ingress: bool | None = None
 
@@ -191,7 +191,7 @@ class NetworkOptions:
                 "network: egress_mode='allowlist' needs egress rules, e.g. "
                 "egress=[EgressRule(dns_name='pypi.org')]"
             )
-        return ("internet" if mode == "internet" else ""), rules
+        return ("isolated" if mode == "none" else mode or ""), rules
 
     def to_spec_ports(self) -> list[int]:
         """The `SandboxSpec.exposed_ports`; raises SandboxValidationError naming the option."""

@@ -45,6 +45,8 @@ class ServerInfo:
     sandbox_limits: str
     #: the caller's quota and what its live sandboxes hold
     quota: str
+    #: how sandboxes reach the network when their egress allows it (docs/networking.md)
+    egress: str = ""
 
     @classmethod
     def _of(cls, url: str, info: pb.ServerInfo) -> ServerInfo:
@@ -59,6 +61,7 @@ class ServerInfo:
             max_sandboxes=info.max_sandboxes,
             sandbox_limits=info.sandbox_limits,
             quota=info.quota,
+            egress=info.egress,
         )
 
 

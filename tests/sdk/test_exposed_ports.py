@@ -111,7 +111,7 @@ def test_after_stop_the_address_refuses_connections() -> None:
         ({"exposed_ports": list(range(1, 18))}, "network.exposed_ports: at most 16 ports"),
         ({"ingress_mode": "public", "exposed_ports": [80]}, "ingress_mode='public'"),
         ({"ingress_mode": "none", "exposed_ports": [80]}, "ingress_mode='none' cannot expose"),
-        ({"egress_mode": "internet"}, "egress_mode='internet' is not supported yet"),
+        ({"egress_mode": "org"}, "egress_mode='org' is not served"),
     ],
 )
 def test_refusals_name_the_option(network: dict[str, object], words: str) -> None:

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from aviato import (
+    EgressRule,
     NetworkOptions,
     Sandbox,
     SandboxDefaults,
@@ -78,7 +79,7 @@ def test_sandbox_spec_merges_defaults_and_explicit_values() -> None:
     assert spec.working_dir == "/work"
     assert spec.resources.memory == str(256 * 1024 * 1024) and spec.resources.pids == 64
     assert spec.resources.cpu == ""  # explicit resources replace the default dict
-    assert spec.network == "none"
+    assert spec.network == "" and spec.egress_mode == "" and not spec.egress
     assert sb.sandbox_id is None and sb.status is None  # nothing sent
 
 
@@ -146,11 +147,34 @@ def test_resources_conversion() -> None:
 
 
 def test_network_options() -> None:
-    assert NetworkOptions().to_spec_network() == "none"
-    assert NetworkOptions(egress_mode="isolated").to_spec_network() == "none"
-    assert Sandbox(network={"egress_mode": "none"})._spec.network == "none"
-    with pytest.raises(SandboxValidationError, match="not supported"):
-        Sandbox(network=NetworkOptions(egress_mode="internet"))
+    assert NetworkOptions().to_spec_egress() == ("", [])
+    assert NetworkOptions(egress_mode="isolated").to_spec_egress() == ("isolated", [])
+    assert NetworkOptions(deny_egress=True).to_spec_egress() == ("isolated", [])
+    assert Sandbox(network={"egress_mode": "none"})._spec.egress_mode == "isolated"
+    spec = Sandbox(network=NetworkOptions(egress_mode="internet"))._spec
+    assert spec.egress_mode == "internet" and not spec.egress
+    rules = [EgressRule(dns_name="pypi.org"), {"cidr": "10.8.0.0/16"}]
+    spec = Sandbox(network={"egress": rules})._spec
+    assert spec.egress_mode == "" and [r.WhichOneof("target") for r in spec.egress] == [
+        "dns_name",
+        "cidr",
+    ]
+    for bad in (
+        NetworkOptions(egress_mode="org"),
+        NetworkOptions(deny_egress=True, egress=[EgressRule(dns_name="a.b")]),
+        NetworkOptions(egress_mode="isolated", egress=[EgressRule(dns_name="a.b")]),
+        NetworkOptions(egress_mode="allowlist"),
+    ):
+        with pytest.raises(SandboxValidationError, match="network: "):
+            Sandbox(network=bad)
+    with pytest.raises(ValueError, match="exactly one of dns_name and cidr"):
+        EgressRule()
+    with pytest.raises(ValueError, match="exactly one of dns_name and cidr"):
+        EgressRule(dns_name="a", cidr="10.0.0.0/8")
+    with pytest.raises(TypeError, match=r"network\.egress must be a list"):
+        NetworkOptions(egress=EgressRule(dns_name="a"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"network\.deny_egress"):
+        NetworkOptions(deny_egress="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         Sandbox(network=NetworkOptions(ingress_mode="public", exposed_ports=[8080]))
     with pytest.raises(TypeError):

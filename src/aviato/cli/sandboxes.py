@@ -12,13 +12,15 @@ hour; `--lifetime` changes it).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import click
 
-from aviato import Sandbox, SandboxFailedError, SandboxStatus
+from aviato import NetworkOptions, Sandbox, SandboxFailedError, SandboxStatus
+from aviato.cli import network as network_cli
 from aviato.cli._output import (
     CliError,
     age,
@@ -66,11 +68,21 @@ def _as_dict(sb: Sandbox) -> dict[str, Any]:
         "tags": sb.tags,
         "node": sb.node,
         "exposed_ports": {str(port): address for port, address in sb.exposed_ports},
+        "egress_mode": sb.applied_egress_mode,
+        "egress": [rule.dns_name or rule.cidr for rule in sb.egress_rules],
+        "network_usage": dataclasses.asdict(sb.network_usage),
         "created_at": iso(sb.created_at),
         "started_at": iso(sb.started_at),
         "ended_at": iso(sb.ended_at),
         "expires_at": iso(sb.expires_at),
     }
+
+
+def _network(ports: Sequence[int], internet: bool, allow: Sequence[str]) -> NetworkOptions | None:
+    egress = network_cli.egress_options(internet, allow)
+    if not ports:
+        return egress
+    return dataclasses.replace(egress or NetworkOptions(), exposed_ports=tuple(ports))
 
 
 def _resources(cpu: str | None, memory: str | None) -> dict[str, str] | None:
@@ -125,6 +137,8 @@ def _resources(cpu: str | None, memory: str | None) -> dict[str, str] | None:
     help="Expose this TCP port of the sandbox's loopback at an address on this host's "
     "127.0.0.1 (repeatable; see `aviato port`).",
 )
+@click.option("--internet", is_flag=True, help=network_cli.INTERNET_HELP)
+@click.option("--allow", multiple=True, metavar="NAME|CIDR", help=network_cli.ALLOW_HELP)
 @click.option(
     "--wait/--no-wait",
     default=True,
@@ -145,6 +159,8 @@ def run(
     workdir: str | None,
     node_selector: dict[str, str],
     ports: tuple[int, ...],
+    internet: bool,
+    allow: tuple[str, ...],
     wait: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -168,6 +184,7 @@ def run(
       aviato run --image 127.0.0.1:5000/team/app:1 --username bob --password-stdin <pw.txt
       aviato run --node-selector pool=gpu --memory 8Gi
       id=$(aviato run -p 8080 -- python3 -m http.server 8080); aviato port "$id" 8080
+      aviato run --allow pypi.org --allow files.pythonhosted.org -- pip install requests
     """
     argv = list(command)
     if argv and argv[0] == "--":
@@ -187,7 +204,7 @@ def run(
         image_command=image_command or None,
         image_pull_credentials=credentials,
         node_selector=node_selector or None,
-        network={"exposed_ports": list(ports)} if ports else None,
+        network=_network(ports, internet, allow),
     )
     if wait:
         try:
@@ -280,6 +297,8 @@ def get(sandbox_id: str, as_json: bool) -> None:
             ("ended", record["ended_at"] or "-"),
             ("expires", record["expires_at"] or "-"),
             ("ports", _ports_text(sb)),
+            ("egress", network_cli.egress_text(sb)),
+            ("traffic", network_cli.usage_text(sb)),
         ]
     )
 

@@ -362,6 +362,7 @@ def status(paths: _Paths) -> None:
             ("all sandboxes", info.sandbox_limits or "-"),
             ("sandboxes", f"{info.sandboxes_running} running{limit}"),
             ("quota (local)", info.quota or "-"),
+            ("egress", info.egress or "-"),
         ]
     )
 
