@@ -121,6 +121,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
             "Process",
             "ProcessResult",
             "ResourceUsage",
+            "NetworkUsage",
             "StreamReader",
             "StreamWriter",
             "FileStream",
@@ -146,7 +147,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
     ("Sessions and remote functions", ["Session", "RemoteFunction"]),
     (
         "Configuration objects",
-        ["SandboxDefaults", "ImagePullCredentials", "NetworkOptions", "Serialization"],
+        ["SandboxDefaults", "ImagePullCredentials", "NetworkOptions", "EgressRule", "Serialization"],
     ),
     ("Module functions", ["wait", "results", "Waitable"]),
 ]
