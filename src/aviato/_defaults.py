@@ -65,7 +65,7 @@ class Serialization(enum.StrEnum):
 
 # The ingress modes this service serves (`NetworkOptions.ingress_mode`); None means "local" when
 # ports are exposed, "none" otherwise.
-INGRESS_MODES = ("local", "none")
+INGRESS_MODES = ("local", "none", "public", "internal")
 # The egress modes (`NetworkOptions.egress_mode`); None, "none" and "isolated" are the same.
 EGRESS_MODES = ("isolated", "none", "allowlist", "internet")
 MAX_EXPOSED_PORTS = 16
@@ -122,8 +122,10 @@ class NetworkOptions:
         an address on 127.0.0.1 of its own host: see `Sandbox.exposed_ports` and
         `Sandbox.service_address`. Any user of that host can reach those addresses.
     ingress_mode: ``"local"`` (the default when ports are exposed: the addresses are on the
-        service host's 127.0.0.1) or ``"none"`` (no exposed ports). ``"public"`` and
-        ``"internal"`` are not served by the local service.
+        service host's 127.0.0.1) or ``"none"`` (no exposed ports). The original SDK's
+        ``"public"`` and ``"internal"`` are served as ``"local"``: this service exposes ports
+        on its host's 127.0.0.1 and, for remote clients, through itself with their API key
+        (`applied_ingress_mode` says ``"local"``).
     deny_ingress: True is ``ingress_mode="none"``.
 
     Egress is through an HTTP(S) proxy of the service that the sandbox's processes find in
@@ -204,10 +206,9 @@ class NetworkOptions:
                 )
             mode = "none"
         if mode not in (None, *INGRESS_MODES):
+            served = ", ".join(repr(m) for m in INGRESS_MODES)
             raise SandboxValidationError(
-                f"network: ingress_mode={mode!r} is not supported; the local service serves "
-                "'local' (exposed ports reachable at addresses on its host's 127.0.0.1) and "
-                "'none'"
+                f"network: ingress_mode={mode!r} is not served; use one of {served}"
             )
         if mode == "none" and ports:
             raise SandboxValidationError(

@@ -109,7 +109,7 @@ def test_after_stop_the_address_refuses_connections() -> None:
         ({"exposed_ports": [70000]}, "70000 is not a TCP port (1 to 65535)"),
         ({"exposed_ports": [80, 80]}, "network.exposed_ports: port 80 is listed twice"),
         ({"exposed_ports": list(range(1, 18))}, "network.exposed_ports: at most 16 ports"),
-        ({"ingress_mode": "public", "exposed_ports": [80]}, "ingress_mode='public'"),
+        ({"ingress_mode": "world", "exposed_ports": [80]}, "ingress_mode='world' is not served"),
         ({"ingress_mode": "none", "exposed_ports": [80]}, "ingress_mode='none' cannot expose"),
         ({"egress_mode": "org"}, "egress_mode='org' is not served"),
     ],

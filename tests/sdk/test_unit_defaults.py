@@ -176,7 +176,9 @@ def test_network_options() -> None:
     with pytest.raises(TypeError, match=r"network\.deny_egress"):
         NetworkOptions(deny_egress="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        Sandbox(network=NetworkOptions(ingress_mode="public", exposed_ports=[8080]))
+        Sandbox(network=NetworkOptions(ingress_mode="world", exposed_ports=[8080]))
+    # the original SDK's names are served as the local ingress
+    assert Sandbox(network=NetworkOptions(ingress_mode="public", exposed_ports=[8080]))._spec
     with pytest.raises(TypeError):
         Sandbox(network="internet")  # type: ignore[arg-type]
     assert NetworkOptions(exposed_ports=[]).exposed_ports is None
