@@ -50,7 +50,9 @@ static int export_proxy(uint16_t port) {
 }
 
 /* Makes the listening socket and exports the proxy variables, once; later calls do nothing.
- * Returns 0 or the errno of a failure (nothing kept: a later call tries again). */
+ * Returns 0 or the errno of a failure: the socket is not kept and a later call tries again (a
+ * setenv that failed, ENOMEM only, may have left some variables naming a closed port: a
+ * connection to it is refused at once). */
 int egress_open(void) {
     if (g_egress_fd >= 0) return 0;
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
