@@ -107,6 +107,12 @@ def test_python_layouts_have_the_sizes_the_header_gives() -> None:
         frames.decode_exit(exit_payload[:-1])
     assert frames.decode_file_info(memoryview(bytes(frames.FILE_INFO_SIZE))) == (0, 0)
     assert frames.decode_hello(memoryview(bytes(frames.HELLO_SIZE))) == (0, 0)
+    assert len(frames.encode_connect_port(1)) == frames.CONNECT_PORT_SIZE
+    listener = memoryview(bytes([0x39, 0x30]))  # u16 little endian
+    assert len(listener) == frames.EGRESS_LISTENER_SIZE
+    assert frames.decode_egress_listener(listener) == 0x3039
+    with pytest.raises(struct.error):
+        frames.decode_egress_listener(listener[:-1])
 
 
 def test_the_parser_reads_the_forms_and_refuses_others() -> None:

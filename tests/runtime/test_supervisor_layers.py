@@ -21,7 +21,7 @@ from _system_tools import require_tools
 
 ROOT = Path(__file__).resolve().parents[2]
 NATIVE = ROOT / "src/aviato/runtime/native"
-HANDLERS = ("exec.c", "files.c", "main_process.c", "ports.c")
+HANDLERS = ("exec.c", "files.c", "main_process.c", "ports.c", "egress.c")
 
 # module -> module it uses -> the symbols it uses there
 Graph = dict[str, dict[str, list[str]]]

@@ -228,6 +228,20 @@ class SandboxHandle(abc.ABC):
         The default (a runtime that cannot) raises Unsupported."""
         raise Unsupported("this runtime cannot connect to ports inside its sandboxes")
 
+    async def egress_listener(self) -> socket.socket:
+        """The sandbox's egress listening socket: TCP on 127.0.0.1:PORT inside the sandbox,
+        in blocking mode, owned by the caller, who accepts on it and serves each connection as
+        the sandbox's HTTP(S) proxy (nothing inside the sandbox accepts on it). The same socket
+        and port on every call, also after the service restarted (the sandbox keeps its own
+        copy: closing the returned one does not close the port). From the first call on, or
+        from the start for a sandbox whose egress is not isolated, every process the sandbox
+        starts has HTTP_PROXY, HTTPS_PROXY, http_proxy and https_proxy set to
+        http://127.0.0.1:PORT (and NO_PROXY, no_proxy to localhost,127.0.0.1,::1 unless its
+        environment has them); processes already running keep the environment they had, and a
+        program may still set its own. Raises SandboxGone, SandboxRuntimeError. The default (a
+        runtime that cannot) raises Unsupported."""
+        raise Unsupported("this runtime cannot give its sandboxes egress")
+
     @abc.abstractmethod
     def logs(
         self, since_ns: int = 0, tail: int = -1, follow: bool = False

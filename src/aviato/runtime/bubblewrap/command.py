@@ -175,15 +175,21 @@ def sandbox_env(config: SandboxConfig, root: ImageRoot) -> dict[str, str]:
     return env
 
 
-def supervisor_argv(command: Sequence[str], *, user: tuple[int, int] | None = None) -> list[str]:
+def supervisor_argv(
+    command: Sequence[str], *, user: tuple[int, int] | None = None, egress: bool = False
+) -> list[str]:
     """How bwrap starts the supervisor: keep-alive without a command, else `-- ARGV`.
 
     `user` (uid, gid): the supervisor starts every process as that user itself (own user
-    namespace); None: they run as the supervisor does.
+    namespace); None: they run as the supervisor does. `egress`: the supervisor opens the
+    sandbox's egress listener before the main process starts, so that the main process has the
+    proxy variables too (without it, the first `egress_listener()` opens it).
     """
     head = [SUPERVISOR_PATH]
     if user is not None:
         head += ["--user", f"{user[0]}:{user[1]}", "--protected-id", str(PROTECTED_ID)]
+    if egress:
+        head.append("--egress")
     if not command:
         return [*head, "--keepalive"]
     if not command[0]:
@@ -283,5 +289,5 @@ def build_argv(
     argv += mounts if userns is None else _restage(mounts, userns)
     argv += ["--chdir", working_dir, "--"]
     user = None if userns is None else (root.uid or 0, root.gid or 0)
-    argv += supervisor_argv(config.command, user=user)
+    argv += supervisor_argv(config.command, user=user, egress=not config.egress.isolated)
     return argv

@@ -31,6 +31,7 @@ from aviato.runtime.bubblewrap.launch import connect_supervisor, short_path
 from aviato.runtime.cgroups import SandboxCgroup
 from aviato.runtime.logs import read_log
 from aviato.runtime.supervisor import SupervisorConnection
+from aviato.runtime.supervisor.egress_listen import egress_listen
 from aviato.runtime.supervisor.port_connect import check_port, connect_port
 from aviato.runtime.userns import IdRange
 
@@ -178,6 +179,14 @@ class BubblewrapSandbox(SandboxHandle):
             raise SandboxGone(f"sandbox {self.sandbox_id} has ended")
         with short_path(self._dir / "ctl.sock") as path:
             return await connect_port(path, port, self.sandbox_id)
+
+    async def egress_listener(self) -> socket.socket:
+        """Made (once) and kept by the supervisor in the sandbox's network namespace; asked
+        for over a control connection of its own (supervisor/egress_listen.py)."""
+        if not self.running:
+            raise SandboxGone(f"sandbox {self.sandbox_id} has ended")
+        with short_path(self._dir / "ctl.sock") as path:
+            return await egress_listen(path, self.sandbox_id)
 
     async def set_deadline(self, at_ns: int, why: str, grace_seconds: float) -> None:
         conn = await self._connection()

@@ -1,7 +1,7 @@
 /* The top of a connection's life: reading its input, cutting it into frames and handing each to
- * its handler (handle_frame: exec.c, files.c, main_process.c, ports.c); flushing its output queue; and
- * closing it, which reaches every handler (its execs are killed, its transfers and port connects
- * dropped). Flushing is here because a failed send closes the connection; it also sends the
+ * its handler (handle_frame: exec.c, files.c, main_process.c, ports.c, egress.c); flushing its
+ * output queue; and closing it, which reaches every handler (its execs are killed, its
+ * transfers and port connects dropped). Flushing is here because a failed send closes the connection; it also sends the
  * descriptors queued to ride on frames (conn_queue_fd). The loop calls conn_read and conn_flush;
  * nothing below calls back up here. */
 #define _GNU_SOURCE
@@ -68,6 +68,7 @@ static void handle_frame(struct conn *c, uint8_t type, uint32_t id, const uint8_
     case F_KILL: if (e) exec_kill_tree(e); break;
     case F_DEADLINE: do_deadline(&r); break;
     case F_CONNECT_PORT: do_connect_port(c, id, &r); break;
+    case F_EGRESS_LISTEN: do_egress_listen(c, id, &r); break;
     default: r.bad = 1; /* unknown frame type: protocol error */
     }
     if (r.bad) c->dead = -1;

@@ -59,8 +59,16 @@ int main(int argc, char **argv) {
     char **main_argv = NULL;
     int a = 1;
     g_user.protected_id = 65536;
-    for (; a + 1 < argc; a += 2) { /* privileged mode: --user UID:GID [--protected-id N] */
+    int egress = 0;
+    /* Options before `--keepalive` or `--`: --egress (no value); privileged mode:
+     * --user UID:GID [--protected-id N]. */
+    while (a + 1 < argc) {
         char *end;
+        if (!strcmp(argv[a], "--egress")) {
+            egress = 1;
+            a += 1;
+            continue;
+        }
         if (!strcmp(argv[a], "--user")) {
             g_user.uid = (uid_t)strtoul(argv[a + 1], &end, 10);
             if (*end != ':') break;
@@ -73,11 +81,12 @@ int main(int argc, char **argv) {
         } else {
             break;
         }
+        a += 2;
     }
     if (argc == a + 1 && !strcmp(argv[a], "--keepalive")) g_keepalive = 1;
     else if (argc >= a + 2 && !strcmp(argv[a], "--")) main_argv = argv + a + 1;
     else {
-        fprintf(stderr, "usage: aviato-supervisor [--user UID:GID [--protected-id N]] "
+        fprintf(stderr, "usage: aviato-supervisor [--user UID:GID [--protected-id N]] [--egress] "
                         "[--keepalive | -- ARGV...]\n"
                         "       aviato-supervisor --launch [--cgroup-procs FILE]... "
                         "[--oom-score-adj N] [--userns BASE:COUNT [--stage FROM:AT]] "
@@ -128,6 +137,9 @@ int main(int argc, char **argv) {
         set_nonblock(g_listen.fd);
         watch_set(&g_listen, EPOLLIN);
     }
+    /* --egress: the proxy variables must be in the environment the main process starts with. */
+    int egress_err = egress ? egress_open() : 0;
+    if (egress_err) die("cannot open the sandbox's egress listener: %s", strerror(egress_err));
     if (main_argv) main_start(main_argv);
     loop();
     return 0;

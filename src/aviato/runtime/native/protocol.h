@@ -49,6 +49,7 @@ enum {
     F_DEADLINE = 14,
     F_KILL = 15,
     F_CONNECT_PORT = 16,               /* u16 port: a TCP connection to the sandbox's loopback */
+    F_EGRESS_LISTEN = 17,              /* empty: the sandbox's egress listening socket */
 };
 
 /* Frame types, supervisor -> service. */
@@ -66,6 +67,7 @@ enum {
     F_PONG = 74,
     F_STDIN_ACK = 75,
     F_PORT_CONNECTED = 76,             /* empty; the connected socket rides on it (SCM_RIGHTS) */
+    F_EGRESS_LISTENER = 77,            /* u16 port; the listening socket rides on it (SCM_RIGHTS) */
 };
 
 /* EXEC's flags. */
@@ -79,8 +81,13 @@ enum { WRITE_MAKE_PARENTS = 1 };
 #define FILE_INFO_SIZE 12              /* u64 size | u32 mode */
 #define HELLO_SIZE 8                   /* u32 version | u32 pid */
 #define CONNECT_PORT_SIZE 2            /* u16 port */
+#define EGRESS_LISTENER_SIZE 2         /* u16 port */
 
 /* CONNECT_PORT: a connect that has not completed by then fails (ETIMEDOUT). */
 #define PORT_CONNECT_TIMEOUT_MS 5000
+
+/* EGRESS_LISTEN: the listen() backlog of the egress socket (connections from the sandbox that
+ * the service has not accepted yet). */
+#define EGRESS_BACKLOG 128
 
 #endif

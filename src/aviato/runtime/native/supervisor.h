@@ -13,6 +13,7 @@
  *   files.c         READ_FILE and WRITE_BEGIN..END, path resolution without magic links
  *   main_process.c  the sandbox's main process, its log, deadline, and the supervisor's exit
  *   ports.c         CONNECT_PORT: a TCP connection to the sandbox's loopback, handed over
+ *   egress.c        EGRESS_LISTEN: the sandbox's egress listening socket and proxy variables
  *   -- below the handlers --
  *   ids.c           a connection's ids: the exec, file read or file write an id names
  *   conn.c          connections: accept, epoll interest, throttling the output queue and the
@@ -323,6 +324,11 @@ void do_connect_port(struct conn *c, uint32_t id, struct rd *r);
 void port_connect_ready(struct port_connect *p);
 uint64_t port_check_timeouts(struct conn *c, uint64_t now);
 void port_drop(struct conn *c, struct port_connect **pp);
+
+/* ---- egress.c --------------------------------------------------------------------------- */
+
+int egress_open(void);
+void do_egress_listen(struct conn *c, uint32_t id, struct rd *r);
 
 /* ---- dispatch.c ------------------------------------------------------------------------- */
 

@@ -51,6 +51,7 @@ F_CREDIT = 13
 F_DEADLINE = 14
 F_KILL = 15
 F_CONNECT_PORT = 16  # u16 port: a TCP connection to the sandbox's loopback
+F_EGRESS_LISTEN = 17  # empty: the sandbox's egress listening socket
 # Frame types, supervisor -> service.
 F_HELLO = 64
 F_STARTED = 65
@@ -65,6 +66,7 @@ F_WRITE_OK = 73
 F_PONG = 74
 F_STDIN_ACK = 75
 F_PORT_CONNECTED = 76  # empty; the connected socket rides on it (SCM_RIGHTS)
+F_EGRESS_LISTENER = 77  # u16 port; the listening socket rides on it (SCM_RIGHTS)
 
 EXEC_STDIN = 1
 EXEC_TTY = 2
@@ -75,8 +77,10 @@ EXIT_SIZE = 41
 FILE_INFO_SIZE = 12
 HELLO_SIZE = 8
 CONNECT_PORT_SIZE = 2
+EGRESS_LISTENER_SIZE = 2
 
 PORT_CONNECT_TIMEOUT_MS = 5000  # CONNECT_PORT: a connect not done by then fails
+EGRESS_BACKLOG = 128  # EGRESS_LISTEN: listen() backlog of the egress socket
 
 # ---- codec ----
 
@@ -157,6 +161,12 @@ def encode_deadline(at_ns: int, grace_ms: int, why: str) -> bytes:
 def encode_connect_port(port: int) -> bytes:
     """CONNECT_PORT: u16 port (the caller checks that it is 1 to 65535)."""
     return _U16.pack(port)
+
+
+def decode_egress_listener(view: memoryview) -> int:
+    """EGRESS_LISTENER: u16 port (of the listening socket riding on the frame)."""
+    (port,) = _U16.unpack_from(view)
+    return int(port)
 
 
 def decode_exit(view: memoryview) -> ExecExit:

@@ -1,0 +1,153 @@
+"""One request to a supervisor whose answer carries a descriptor (SCM_RIGHTS), on a control
+connection of its own: CONNECT_PORT (port_connect.py) and EGRESS_LISTEN (egress_listen.py).
+
+Each request uses a connection of its own, opened and closed around it: the shared
+`SupervisorConnection` is an asyncio transport, which reads with `recv_into` and so cannot
+receive descriptors (the kernel would discard them), and a reply there would queue behind
+whatever exec output is in flight. A dedicated connection costs one accept and one HELLO.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable
+
+from aviato.runtime.base import SandboxGone, SandboxRuntimeError
+from aviato.runtime.supervisor import frames
+from aviato.runtime.supervisor.frames import F_ERROR, F_HELLO, HDR, PROTOCOL_VERSION
+
+REQUEST_ID = 1  # the id of the one request on such a connection
+# HELLO and one reply (an ERROR's message is at most 1 KiB): anything longer is not a supervisor.
+_REPLY_MAX = 4096
+_FDS_MAX = 4  # room for descriptors in one receive; more are closed by the kernel
+
+
+async def request_descriptor(
+    ctl_path: str,
+    request: bytes,
+    reply_type: int,
+    *,
+    sandbox: str,
+    what: str,
+    answer_within: float,
+    refusal: Callable[[int, str], SandboxRuntimeError],
+    too_old: str,
+) -> tuple[int, bytes]:
+    """Sends `request` (a whole frame with id REQUEST_ID) to the supervisor listening at
+    `ctl_path` and waits at most `answer_within` seconds for its `reply_type` frame; returns the
+    descriptor that rode on it (close-on-exec, the caller's to close) and the frame's payload.
+
+    An ERROR reply raises `refusal(errno, message)`. SandboxGone: no answer in time, the
+    supervisor unreachable, or the connection closed before the answer (`too_old` then says why
+    that may be: a supervisor older than the frame closes on an unknown frame type).
+    SandboxRuntimeError: anything else a supervisor would not send. `sandbox` and `what` (e.g.
+    "a port connection") are for messages.
+    """
+    loop = asyncio.get_running_loop()
+    ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    ctl.setblocking(False)
+    try:
+        async with asyncio.timeout(answer_within):
+            await loop.sock_connect(ctl, ctl_path)
+            await loop.sock_sendall(ctl, request)
+            return await _reply(loop, ctl, reply_type, sandbox, what, refusal, too_old)
+    except TimeoutError as e:
+        raise SandboxGone(f"sandbox {sandbox}: its supervisor did not answer in time") from e
+    except OSError as e:
+        raise SandboxGone(f"sandbox {sandbox}: cannot reach its supervisor: {e}") from e
+    finally:
+        ctl.close()
+
+
+async def _reply(
+    loop: asyncio.AbstractEventLoop,
+    ctl: socket.socket,
+    reply_type: int,
+    sandbox: str,
+    what: str,
+    refusal: Callable[[int, str], SandboxRuntimeError],
+    too_old: str,
+) -> tuple[int, bytes]:
+    """Reads HELLO and the reply; returns the descriptor it carried and its payload. Every other
+    descriptor received is closed."""
+    data = bytearray()
+    fds: list[int] = []
+    hello = False
+    try:
+        while True:
+            while len(data) >= HDR:
+                length, ftype, fid = frames.unpack_header(data, 0)
+                if len(data) < 4 + length:
+                    break
+                body = bytes(data[HDR : 4 + length])
+                del data[: 4 + length]
+                if ftype == F_HELLO and fid == 0 and not hello:
+                    version, _ = frames.decode_hello(memoryview(body))
+                    if version != PROTOCOL_VERSION:
+                        raise SandboxRuntimeError(
+                            f"sandbox {sandbox}: its supervisor speaks protocol {version}, "
+                            f"this service speaks {PROTOCOL_VERSION}"
+                        )
+                    hello = True
+                elif ftype == reply_type and fid == REQUEST_ID and hello and fds:
+                    return fds.pop(0), body
+                elif ftype == F_ERROR and fid == REQUEST_ID and hello:
+                    code, message = frames.decode_error(memoryview(body))
+                    raise refusal(code, message)
+                else:
+                    raise SandboxRuntimeError(
+                        f"sandbox {sandbox}: unexpected answer from its supervisor to {what} "
+                        f"(frame type {ftype}, id {fid})"
+                    )
+            if len(data) > _REPLY_MAX:
+                raise SandboxRuntimeError(f"sandbox {sandbox}: its supervisor's answer is too long")
+            chunk, received = await _receive(loop, ctl)
+            fds.extend(received)
+            if not chunk:
+                raise SandboxGone(
+                    f"sandbox {sandbox}: its supervisor closed the connection before answering "
+                    f"({too_old})"
+                )
+            data += chunk
+    finally:
+        for fd in fds:
+            _close_fd(fd)
+
+
+async def _receive(loop: asyncio.AbstractEventLoop, ctl: socket.socket) -> tuple[bytes, list[int]]:
+    """One recvmsg on the non-blocking `ctl` once it is readable: (bytes, descriptors)."""
+    space = socket.CMSG_SPACE(_FDS_MAX * array.array("i").itemsize)
+    while True:
+        try:
+            chunk, ancillary, _, _ = ctl.recvmsg(_REPLY_MAX, space, socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            await _readable(loop, ctl)
+            continue
+        fds = array.array("i")
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                whole = len(payload) - len(payload) % fds.itemsize
+                fds.frombytes(payload[:whole])
+        return chunk, list(fds)
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+def _close_fd(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        socket.close(fd)
