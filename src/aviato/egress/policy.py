@@ -153,13 +153,15 @@ def parse_address(host: str) -> IPAddress | None:
     Only the standard forms count: "127.1" or "0x7f.0.0.1" are not addresses here (and are
     refused as names, their last label being numeric), so no client library's lenient parsing
     can turn a name into an address behind the policy's back."""
-    text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    bracketed = host.startswith("[") and host.endswith("]")
+    text = host[1:-1] if bracketed else host
     if "%" in text:  # an IPv6 zone ("fe80::1%eth0") names an interface of the host
         return None
     try:
-        return ipaddress.ip_address(text)
+        address = ipaddress.ip_address(text)
     except ValueError:
         return None
+    return None if bracketed and address.version == 4 else address
 
 
 def allows_name(policy: EgressPolicy, host: str) -> bool:
