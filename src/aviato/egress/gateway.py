@@ -45,7 +45,7 @@ import h11
 
 from aviato.egress.forward import forward
 from aviato.egress.host_addresses import HostAddresses
-from aviato.egress.policy import IPAddress, address_verdict, allows_name
+from aviato.egress.policy import IPAddress, address_text, address_verdict, allows_name
 from aviato.egress.proxy_http import (
     MAX_HEAD,
     Destination,
@@ -251,9 +251,6 @@ class EgressGateway:
             log.info("sandbox %s: egress refused: %s", sandbox.sandbox_id, refusal.message)
             await _answer(writer, reader, refusal)
             clean = True
-        except TunnelMismatch as mismatch:
-            sandbox.counters.refused += 1
-            log.info("sandbox %s: tunnel closed: %s", sandbox.sandbox_id, mismatch)
         except (OSError, h11.ProtocolError) as e:
             log.debug("sandbox %s: egress connection ended: %s", sandbox.sandbox_id, e)
         finally:
@@ -364,7 +361,7 @@ class EgressGateway:
             if not verdict.allowed:
                 raise Refusal(
                     ProxyError.DESTINATION_IP_PROHIBITED,
-                    f"{destination.host} resolves to {ip}, refused: {verdict.reason}",
+                    f"{destination.host} resolves to {address_text(ip)}, refused: {verdict.reason}",
                 )
         return addresses
 
@@ -378,23 +375,31 @@ class EgressGateway:
     ) -> None:
         """The client's side of a tunnel: its first bytes are held until they show a TLS
         server name or HTTP Host that matches `destination` (or neither), then everything is
-        relayed. Raises TunnelMismatch."""
+        relayed. A mismatch (or first bytes that do not complete in time) is counted as a
+        refusal and raised, which ends the tunnel."""
         data = first
         deadline: float | None = None
         loop = asyncio.get_running_loop()
         while True:
-            if data and first_bytes_verdict(destination, data):
-                break
+            try:
+                if data and first_bytes_verdict(destination, data):
+                    break
+            except TunnelMismatch as mismatch:
+                sandbox.counters.refused += 1
+                log.info("sandbox %s: tunnel closed: %s", sandbox.sandbox_id, mismatch)
+                raise
             if data and deadline is None:
                 deadline = loop.time() + self._head_timeout
             try:
                 async with asyncio.timeout_at(deadline):
                     chunk = await reader.read(CHUNK)
             except TimeoutError:
-                raise TunnelMismatch(
-                    f"the first bytes through the tunnel to {destination} did not complete "
-                    f"within {self._head_timeout:g} s"
-                ) from None
+                sandbox.counters.refused += 1
+                log.info(
+                    "sandbox %s: tunnel to %s closed: its first bytes did not complete in %g s",
+                    sandbox.sandbox_id, destination, self._head_timeout,
+                )  # fmt: skip
+                raise
             if not chunk:
                 break
             data += chunk

@@ -43,6 +43,7 @@ __all__ = [
     "SPECIAL_NETWORKS",
     "IPAddress",
     "Verdict",
+    "address_text",
     "address_verdict",
     "allows_name",
     "check_rules",
@@ -192,26 +193,35 @@ def address_verdict(
     name that allows_name admitted (a name rule never admits an IP literal). `is_host_address`
     tells whether an address is one of the host's own (host_addresses.HostAddresses)."""
     candidates = [ip, *embedded_ipv4(ip)]
-    for candidate in candidates:
-        never = _never_reason(candidate, is_host_address)
-        if never:
-            return Verdict(False, f"{ip} is {never}, which a sandbox may never reach")
+    text = address_text(ip)
+    never = next(filter(None, (_never_kind(c) for c in candidates)), "")
+    if not never and any(is_host_address(c) for c in candidates):
+        never = "an address of the service's own host"
+    if never:
+        return Verdict(False, f"{text} is {never}, which a sandbox may never reach")
     for candidate in candidates:
         if _special(candidate) and not _in_cidr_rule(policy, candidate):
             return Verdict(
                 False,
-                f"{ip} is a private or special-purpose address, reachable only through a "
+                f"{text} is a private or special-purpose address, reachable only through a "
                 "cidr rule that contains it",
             )
     if any(_in_cidr_rule(policy, candidate) for candidate in candidates):
-        return Verdict(True, f"{ip} is inside a cidr rule")
+        return Verdict(True, f"{text} is inside a cidr rule")
     if policy.internet:
-        return Verdict(True, f"{ip} is a public address and the internet is allowed")
+        return Verdict(True, f"{text} is a public address and the internet is allowed")
     if by_name:
-        return Verdict(True, f"{ip} is a public address of an allowed name")
+        return Verdict(True, f"{text} is a public address of an allowed name")
     return Verdict(
-        False, f"{ip} is not inside a cidr rule (a name rule admits connections by name only)"
+        False, f"{text} is not inside a cidr rule (a name rule admits connections by name only)"
     )
+
+
+def address_text(ip: IPAddress) -> str:
+    """An address as people write it: IPv4-mapped IPv6 as "::ffff:127.0.0.1"."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return f"::ffff:{ip.ipv4_mapped}"
+    return str(ip)
 
 
 def embedded_ipv4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
@@ -232,7 +242,7 @@ def embedded_ipv4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
     return found
 
 
-def _never_reason(ip: IPAddress, is_host_address: Callable[[IPAddress], bool]) -> str:
+def _never_kind(ip: IPAddress) -> str:
     if ip.is_loopback:
         return "a loopback address"
     if ip.is_unspecified:
@@ -241,8 +251,6 @@ def _never_reason(ip: IPAddress, is_host_address: Callable[[IPAddress], bool]) -
         return "a multicast address"
     if any(ip in network for network in NEVER_NETWORKS if network.version == ip.version):
         return "a broadcast address"
-    if is_host_address(ip):
-        return "an address of the service's own host"
     return ""
 
 
