@@ -5,7 +5,9 @@ inside its host namespace (gateway_driver.py). Root only: the tests skip, saying
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,8 +37,12 @@ def small_internet() -> Iterator[SmallInternet]:
 
 @pytest.fixture(scope="session")
 def gateway(small_internet: SmallInternet) -> Iterator[GatewayDriver]:
-    driver = GatewayDriver(small_internet, "--dns-timeout", "1", "--max-connections", "32")
+    directory = Path(tempfile.mkdtemp(prefix="aviato-egress-driver-"))
+    driver = GatewayDriver(
+        small_internet, directory, "--dns-timeout", "1", "--max-connections", "32"
+    )
     try:
         yield driver
     finally:
         driver.stop()
+        shutil.rmtree(directory, ignore_errors=True)

@@ -4,8 +4,9 @@
 line in is a command, each line out its answer:
 
   {"op": "serve", "sandbox": "s1", "policy": {"internet": false, "rules": [{"dns_name": ...}]}}
-      -> {"port": N}: a listener on 127.0.0.1:N (made here, handed to the gateway as the
-         supervisor's socket would be) served under that policy
+      -> {"port": N}: the listening socket the test hands over on the unix socket `--handoff`
+         (SCM_RIGHTS, as the supervisor hands a sandbox's listener to the service: it is bound
+         in the sandbox's namespace, not this one) served under that policy
   {"op": "update", "sandbox": "s1", "policy": {...}}   -> {}
   {"op": "usage", "sandbox": "s1"}                     -> {"bytes_sent": ..., ...}
   {"op": "close", "sandbox": "s1"}                     -> the final usage
@@ -51,12 +52,22 @@ def rss_kib() -> int:
     return 0
 
 
-async def handle(gateway: EgressGateway, command: dict[str, Any]) -> dict[str, Any]:
+def receive_listener(handoff: socket.socket) -> socket.socket:
+    connection, _ = handoff.accept()
+    with connection:
+        connection.settimeout(10)
+        _, fds, _, _ = socket.recv_fds(connection, 16, 1)
+    if len(fds) != 1:
+        raise RuntimeError("no listener was handed over")
+    return socket.socket(fileno=fds[0])
+
+
+async def handle(
+    gateway: EgressGateway, handoff: socket.socket, command: dict[str, Any]
+) -> dict[str, Any]:
     op = command["op"]
     if op == "serve":
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(128)
+        listener = await asyncio.to_thread(receive_listener, handoff)
         port = listener.getsockname()[1]
         await gateway.serve(command["sandbox"], listener, policy_of(command["policy"]))
         return {"port": port}
@@ -76,6 +87,7 @@ async def handle(gateway: EgressGateway, command: dict[str, Any]) -> dict[str, A
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dns", required=True)
+    parser.add_argument("--handoff", required=True, help="unix socket path for listeners")
     parser.add_argument("--dns-timeout", type=float, default=5.0)
     parser.add_argument("--connect-timeout", type=float, default=10.0)
     parser.add_argument("--max-connections", type=int, default=256)
@@ -85,6 +97,10 @@ async def main() -> None:
         connect_timeout=args.connect_timeout,
         max_connections_per_sandbox=args.max_connections,
     )
+    handoff = socket.socket(socket.AF_UNIX)
+    handoff.bind(args.handoff)
+    handoff.listen(1)
+    handoff.settimeout(10)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -92,7 +108,7 @@ async def main() -> None:
     try:
         while line := await reader.readline():
             try:
-                answer = await handle(gateway, json.loads(line))
+                answer = await handle(gateway, handoff, json.loads(line))
             except Exception as e:
                 answer = {"error": f"{type(e).__name__}: {e}"}
             print(json.dumps(answer), flush=True)
@@ -103,20 +119,16 @@ async def main() -> None:
 class GatewayDriver:
     """An EgressGateway in the host namespace; `call` sends a command, returns its answer."""
 
-    def __init__(self, internet: SmallInternet, *options: str) -> None:
+    def __init__(self, internet: SmallInternet, directory: Path, *options: str) -> None:
+        self.internet = internet
+        self.handoff = directory / "handoff.sock"
         self.process = subprocess.Popen(
-            [
-                *internet.enter("host"),
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "--dns",
-                internet.dns,
-                *options,
-            ],
+            [*internet.enter("host"), sys.executable, str(Path(__file__).resolve()),
+             "--dns", internet.dns, "--handoff", str(self.handoff), *options],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-        )
+        )  # fmt: skip
         assert json.loads(self._line()) == {"ready": True}
 
     def _line(self) -> str:
@@ -134,11 +146,21 @@ class GatewayDriver:
         return answer
 
     def serve(self, sandbox: str, internet: bool = False, **rules: list[str]) -> int:
-        policy = {
-            "internet": internet,
-            "rules": [{kind: value} for kind, values in rules.items() for value in values],
-        }
-        return int(self.call("serve", sandbox=sandbox, policy=policy)["port"])
+        """Serves a sandbox whose listener is bound on 127.0.0.1 of the sandbox namespace;
+        returns its port there."""
+        listener = self.internet.socket_in("sandbox")
+        with listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(128)
+            with socket.socket(socket.AF_UNIX) as handing:
+                handing.connect(str(self.handoff))
+                socket.send_fds(handing, [b"L"], [listener.fileno()])
+            policy = {
+                "internet": internet,
+                "rules": [{kind: value} for kind, values in rules.items() for value in values],
+            }
+            answer = self.call("serve", sandbox=sandbox, policy=policy)
+        return int(answer["port"])
 
     def rss_kib(self) -> int:
         return int(self.call("rss")["rss_kib"])

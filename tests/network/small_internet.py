@@ -1,6 +1,8 @@
 """A small internet on this machine, for egress tests: two network namespaces and their servers.
 
 ```
+ netns avn<pid>s ("sandbox"): loopback only, where a sandbox's programs and the listener of
+                              its egress gateway live (as in a real sandbox)
  netns avn<pid>i ("internet")                      netns avn<pid>h ("host")
    eth0 192.0.2.1/24  DNS (UDP+TCP 53)  <-- veth -->  eth0 192.0.2.2/24, default via 192.0.2.1
         198.51.100.10  "pypi"    HTTP 80, HTTPS 443,    lo 127.0.0.1: "host-loopback" HTTP 80
@@ -22,10 +24,10 @@ have certificates from a throw-away CA (`ca_file`) for every name in the table. 
 servers answer JSON: which server ("pypi", ...), the Host header and the TLS server name seen.
 
 Use: `SmallInternet().start()` (root only), then `enter("host")` is an argv prefix that runs a
-program in the host namespace (`nsenter --net=/run/netns/NAME --`), `host_socket()` makes a
-socket there from this process, `dns` is the nameserver's address. `stop()` kills every
-process of both namespaces and deletes them; namespaces left by a process that died are
-removed by the next `start()` (their names carry the pid).
+program in the host namespace (`nsenter --net=/run/netns/NAME --`), `socket_in("sandbox")`
+makes a socket in a namespace from this process, `dns` is the nameserver's address.
+`stop()` kills every process of the namespaces and deletes them; namespaces left by a
+process that died are removed by the next `start()` (their names carry the pid).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ DNS = {
 }
 SILENT_NAMES = ["blackhole.test"]
 PREFIX = "avn"
-_NAME = re.compile(rf"^{PREFIX}(\d+)[ih]$")
+_NAME = re.compile(rf"^{PREFIX}(\d+)[ihs]$")
 _CLONE_NEWNET = 0x40000000
 _HERE = Path(__file__).resolve().parent
 
@@ -120,7 +122,11 @@ def remove_stale() -> list[str]:
 class SmallInternet:
     def __init__(self) -> None:
         pid = os.getpid()
-        self.namespaces = {"internet": f"{PREFIX}{pid}i", "host": f"{PREFIX}{pid}h"}
+        self.namespaces = {
+            "internet": f"{PREFIX}{pid}i",
+            "host": f"{PREFIX}{pid}h",
+            "sandbox": f"{PREFIX}{pid}s",
+        }
         self.dns = DNS_ADDRESS
         self.host_address = HOST_ADDRESS
         self.servers = dict(SERVERS)
@@ -133,17 +139,17 @@ class SmallInternet:
         """The argv prefix that runs a program in a namespace ("host" or "internet")."""
         return ["nsenter", f"--net=/run/netns/{self.namespaces[role]}", "--"]
 
-    def host_socket(
-        self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM
+    def socket_in(
+        self, role: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM
     ) -> socket.socket:
-        """A new socket in the host namespace (made on a thread that joins the namespace; a
-        socket keeps its namespace wherever it is used)."""
+        """A new socket in a namespace ("host", "sandbox", "internet"), made on a thread that
+        joins it (a socket keeps its namespace wherever it is used)."""
         made: list[socket.socket] = []
         failed: list[BaseException] = []
 
         def make() -> None:
             libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{self.namespaces['host']}", os.O_RDONLY)
+            fd = os.open(f"/run/netns/{self.namespaces[role]}", os.O_RDONLY)
             try:
                 if libc.setns(fd, _CLONE_NEWNET) != 0:
                     raise OSError(ctypes.get_errno(), "setns")
@@ -160,8 +166,11 @@ class SmallInternet:
             raise failed[0]
         return made[0]
 
-    def host_connect(self, address: tuple[str, int], timeout: float = 10.0) -> socket.socket:
-        sock = self.host_socket()
+    def connect_from(
+        self, role: str, address: tuple[str, int], timeout: float = 10.0
+    ) -> socket.socket:
+        """A TCP connection to `address` made from a namespace."""
+        sock = self.socket_in(role)
         sock.settimeout(timeout)
         try:
             sock.connect(address)
@@ -169,6 +178,9 @@ class SmallInternet:
             sock.close()
             raise
         return sock
+
+    def host_connect(self, address: tuple[str, int], timeout: float = 10.0) -> socket.socket:
+        return self.connect_from("host", address, timeout)
 
     def start(self) -> None:
         remove_stale()
@@ -209,8 +221,9 @@ class SmallInternet:
 
     def _network(self) -> None:
         internet, host = self.namespaces["internet"], self.namespaces["host"]
-        _run("ip", "netns", "add", internet)
-        _run("ip", "netns", "add", host)
+        for name in self.namespaces.values():
+            _run("ip", "netns", "add", name)
+        _run("ip", "-n", self.namespaces["sandbox"], "link", "set", "lo", "up")
         # Created inside the internet namespace, its peer inside the host's: never in root's.
         _run("ip", "-n", internet, "link", "add", "eth0", "type", "veth",
              "peer", "name", "eth0", "netns", host)  # fmt: skip

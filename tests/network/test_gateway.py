@@ -1,7 +1,9 @@
 """The egress gateway, driven for real in the small internet's host namespace (conftest.py).
 
-Each test serves a sandbox of its own (a listener on the host namespace's 127.0.0.1 handed to
-the gateway) under a policy, and talks to it as a sandbox's programs would: a CONNECT tunnel
+Each test serves a sandbox of its own under a policy: a listener bound on 127.0.0.1 of the
+sandbox namespace (loopback only) is handed to the gateway, which runs in the host namespace,
+as the supervisor hands it to the service. Clients in the sandbox namespace talk to it as a
+sandbox's programs would: a CONNECT tunnel
 with TLS on top, or an absolute-form HTTP request. The servers answer which server they are and
 which Host and TLS server name they saw, so each test proves where a request really went.
 """
@@ -32,7 +34,7 @@ class Client:
         self.sandbox = sandbox
 
     def connect(self, timeout: float = 10.0) -> socket.socket:
-        return self.internet.host_connect(("127.0.0.1", self.port), timeout)
+        return self.internet.connect_from("sandbox", ("127.0.0.1", self.port), timeout)
 
     def exchange(self, data: bytes, timeout: float = 10.0) -> Response:
         with self.connect(timeout) as sock:
@@ -132,6 +134,15 @@ def test_the_host_services_are_there_to_be_refused(small_internet: SmallInternet
         with small_internet.host_connect((address, 80)) as sock:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             assert json.loads(parse(read_all(sock))[2])["server"] == name
+
+
+def test_a_program_that_ignores_the_proxy_is_unreachable_at_once(
+    small_internet: SmallInternet,
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(OSError, match="unreachable"):
+        small_internet.connect_from("sandbox", ("198.51.100.10", 80))
+    assert time.monotonic() - started < 0.5
 
 
 def test_an_allowed_name_over_https_and_http(serve: Any) -> None:
