@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 import socket
 import ssl
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -406,6 +410,51 @@ def test_connections_beyond_the_limit_are_refused(serve: Any, gateway: GatewayDr
     finally:
         for sock in idle:
             sock.close()
+
+
+URLLIB_FETCH = """
+import sys, urllib.request, urllib.error
+try:
+    print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())
+except urllib.error.URLError as e:
+    print("refused:", e)
+"""
+
+
+def test_programs_that_honour_the_proxy_variables(
+    serve: Any, small_internet: SmallInternet
+) -> None:
+    """curl and Python's urllib in the sandbox namespace, with only HTTP(S)_PROXY set, as the
+    supervisor will set it for a sandbox's processes."""
+    client = serve(dns_name=["pypi.test"])
+    proxy = f"http://127.0.0.1:{client.port}"
+    env = {
+        **os.environ,
+        "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy, "https_proxy": proxy,
+        "SSL_CERT_FILE": str(small_internet.ca_file),
+    }  # fmt: skip
+    sandbox = small_internet.enter("sandbox")
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*sandbox, *argv], env=env, capture_output=True, text=True, timeout=30
+        )
+
+    for url, server in (("https://pypi.test/simple/", "pypi"), ("http://pypi.test/x", "pypi")):
+        done = run(sys.executable, "-c", URLLIB_FETCH, url)
+        assert json.loads(done.stdout)["server"] == server, done
+    done = run(sys.executable, "-c", URLLIB_FETCH, "https://evil.test/")
+    assert "Tunnel connection failed: 403 Forbidden" in done.stdout, done
+    if shutil.which("curl") is None:
+        return
+    done = run("curl", "-sS", "--cacert", str(small_internet.ca_file), "https://pypi.test/")
+    assert json.loads(done.stdout)["sni"] == "pypi.test", done
+    started = time.monotonic()
+    done = run("curl", "-sS", "https://evil.test/")
+    assert done.returncode != 0 and "403" in done.stderr, done
+    assert time.monotonic() - started < 1.0
+    done = run("curl", "-sS", "-i", "http://evil.test/")
+    assert "aviato egress: evil.test is not in this sandbox's allow-list" in done.stdout, done
 
 
 @pytest.mark.slow
