@@ -127,8 +127,10 @@ class GatewayDriver:
              "--dns", internet.dns, "--handoff", str(self.handoff), *options],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=(directory / "driver.log").open("w"),
             text=True,
         )  # fmt: skip
+        self.log = directory / "driver.log"
         assert json.loads(self._line()) == {"ready": True}
 
     def _line(self) -> str:

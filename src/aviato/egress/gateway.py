@@ -118,6 +118,12 @@ class _Sandbox:
     counters: _Counters = field(default_factory=_Counters)
     connections: set[asyncio.Task[None]] = field(default_factory=set)
     admitted: dict[asyncio.Task[None], _Admitted] = field(default_factory=dict)
+    # Connections the gateway itself ended (update, close): their cancellation is expected.
+    ended: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def end(self, task: asyncio.Task[None]) -> None:
+        self.ended.add(task)
+        task.cancel()
 
 
 class EgressGateway:
@@ -168,7 +174,7 @@ class EgressGateway:
                 log.info(
                     "sandbox %s: closing %s (no longer allowed)", sandbox_id, admitted.destination
                 )
-                task.cancel()
+                sandbox.end(task)
 
     def usage(self, sandbox_id: str) -> EgressUsage:
         """The counters of a served sandbox. KeyError if not served."""
@@ -187,7 +193,7 @@ class EgressGateway:
         if sandbox.server is not None:
             sandbox.server.close()
         for task in list(sandbox.connections):
-            task.cancel()
+            sandbox.end(task)
         if sandbox.connections:
             await asyncio.gather(*sandbox.connections, return_exceptions=True)
         if sandbox.server is not None:
@@ -218,6 +224,26 @@ class EgressGateway:
             writer.transport.abort()
             return
         sandbox.connections.add(task)
+        try:
+            await self._handle(sandbox, task, reader, writer)
+        except asyncio.CancelledError:
+            if task not in sandbox.ended:
+                raise
+            task.uncancel()  # ended on purpose: finish quietly (asyncio logs a cancelled handler)
+        finally:
+            writer.transport.abort()  # nothing if closed already
+            sandbox.connections.discard(task)
+            sandbox.admitted.pop(task, None)
+            sandbox.ended.discard(task)
+
+    async def _handle(
+        self,
+        sandbox: _Sandbox,
+        task: asyncio.Task[None],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        """One request of one connection: refused in words, or connected and relayed."""
         upstream: asyncio.StreamWriter | None = None
         clean = False
         try:
@@ -254,12 +280,8 @@ class EgressGateway:
         except (OSError, h11.ProtocolError) as e:
             log.debug("sandbox %s: egress connection ended: %s", sandbox.sandbox_id, e)
         finally:
-            try:
-                sides = [w for w in (upstream, writer) if w is not None]
-                await asyncio.gather(*(close_side(side, clean) for side in sides))
-            finally:
-                sandbox.connections.discard(task)
-                sandbox.admitted.pop(task, None)
+            sides = [w for w in (upstream, writer) if w is not None]
+            await asyncio.gather(*(close_side(side, clean) for side in sides))
 
     async def _read_request(
         self, reader: asyncio.StreamReader
