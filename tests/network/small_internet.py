@@ -254,19 +254,22 @@ class SmallInternet:
 
 
 def main() -> int:
-    """`python small_internet.py`: builds it, prints how to use it, tears down on Ctrl-C."""
+    """`python small_internet.py`: builds it, prints how to use it (one JSON line), tears
+    down on Ctrl-C or SIGTERM."""
     reason = unsupported_reason()
     if reason:
         print(reason, file=sys.stderr)
         return 1
     internet = SmallInternet()
     internet.start()
-    print(json.dumps({
+    print(json.dumps({  # one line, for programs that start this script
         "enter_host": " ".join(internet.enter("host")),
+        "enter_sandbox": " ".join(internet.enter("sandbox")),
         "dns": internet.dns,
         "ca_file": str(internet.ca_file),
         "names": internet.names,
-    }, indent=1), flush=True)  # fmt: skip
+        "servers": internet.servers,
+    }), flush=True)  # fmt: skip
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     try:
