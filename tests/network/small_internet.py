@@ -70,6 +70,7 @@ DNS = {
     "hostself.test": [HOST_ADDRESS],
     "mixed.test": ["198.51.100.10", "127.0.0.1"],
     "mapped.test": ["198.51.100.10", "::ffff:127.0.0.1"],
+    "many.test": [f"203.0.113.{100 + i}" for i in range(40)],
 }
 SILENT_NAMES = ["blackhole.test"]
 PREFIX = "avn"
