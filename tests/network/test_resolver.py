@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from small_internet import SmallInternet
 
 RESOLVE = """
@@ -26,6 +27,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.slow  # a DNS timeout of 1 s
 def test_the_resolver_answers_bounded_and_in_words(small_internet: SmallInternet) -> None:
     names = ["pypi.test", "PyPI.test", "mapped.test", "many.test", "nosuch.test", "blackhole.test"]
     done = subprocess.run(
