@@ -41,7 +41,7 @@ TOOLS: dict[str, SystemTool] = {
         SystemTool("docker-registry", "docker-registry"),  # tests/images: a registry on 127.0.0.1
         # the image tests copy it into their images, so it must be the static build
         SystemTool("busybox", "busybox-static"),
-        SystemTool("ip", "iproute2"),  # tests/cluster: a network namespace per Ray node
+        SystemTool("ip", "iproute2"),  # tests/cluster (a netns per Ray node), tests/network
         SystemTool("nsenter", "util-linux"),
         SystemTool("openssl", "openssl"),  # a self-signed certificate for the TLS tests
         SystemTool("setpriv", "util-linux"),  # tests/cli: aviato as an ordinary user

@@ -113,7 +113,7 @@ def _layer(module: str) -> str:
         return "shared" if parts[1:2] == ["_private"] else "sdk"
     if parts[1] in ("v1", "node"):
         return "protocol"
-    return parts[1]  # server, runtime, images, cluster, cli
+    return parts[1]  # server, runtime, images, cluster, cli, egress
 
 
 # (importer part, imported part, why): no module of the first may import one of the second.
@@ -143,7 +143,30 @@ NEVER = [
         "the cluster is the node side of the Ray placement (server/ray_placement)",
     ),
     ("cluster", "cli", "node traffic is service-internal"),
+    ("egress", "server", "the egress gateway is a library of the service, not a part of it"),
+    ("egress", "cluster", "the egress gateway is a library of the service and the node hosts"),
+    ("egress", "sdk", "the egress gateway knows nothing of clients"),
+    ("egress", "cli", "the egress gateway knows nothing of clients"),
+    ("egress", "images", "the egress gateway knows nothing of images"),
+    ("sdk", "egress", "the SDK reaches the service through the protocol only"),
+    ("cli", "egress", "the CLI is a client: it talks to the service, never runs its code"),
+    ("runtime", "egress", "the runtime is below the egress gateway (which reads its model)"),
+    ("images", "egress", "the image store knows nothing of networking"),
 ]
+
+# What the egress gateway may take from the runtime: its model (EgressPolicy), nothing else.
+EGRESS_MAY_IMPORT_FROM_RUNTIME = {"aviato.runtime.model"}
+
+
+def test_egress_reads_only_the_runtime_model() -> None:
+    crossings = [
+        f"{imp.importer}:{imp.line} imports {imp.imported}"
+        for imp in IMPORTS
+        if _layer(imp.importer) == "egress"
+        and _layer(imp.imported) == "runtime"
+        and imp.imported not in EGRESS_MAY_IMPORT_FROM_RUNTIME
+    ]
+    assert not crossings, "egress may import only aviato.runtime.model:\n" + "\n".join(crossings)
 
 
 @pytest.mark.parametrize(("importer", "imported", "why"), NEVER)

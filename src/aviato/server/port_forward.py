@@ -7,11 +7,10 @@ supervisor connects inside the sandbox's network namespace and hands the socket 
 relays bytes both ways until both directions have ended. Nothing else is reachable through a
 listener: the port is fixed when the listener opens, and the handle can reach only its sandbox.
 
-Bounds (a sandbox that floods, or a client that never reads, must not grow the service): each
-direction holds at most one read buffer (`CHUNK` bytes, reading pauses above twice that) and one
-write buffer (writing waits while the socket's send buffer is above asyncio's high-water mark,
-64 KiB), so a connection costs under 0.5 MiB whatever the peers do; a sandbox has at most
-`MAX_CONNECTIONS` relayed connections at once (more are closed as soon as they are accepted).
+Bounds (a sandbox that floods, or a client that never reads, must not grow the service): the
+relay of aviato.egress.relay, under 0.5 MiB a connection whatever the peers do; a sandbox has
+at most `MAX_CONNECTIONS` relayed connections at once (more are closed as soon as they are
+accepted).
 
 An end-of-file from one side is passed on as a half-close (`write_eof`), so request/response
 protocols that half-close work; an error on either side (reset, broken pipe) closes both. A
@@ -34,6 +33,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from aviato.egress.relay import CHUNK, FLUSH_SECONDS, close_side, relay
 from aviato.runtime.base import SandboxHandle, SandboxRuntimeError
 
 __all__ = ["CHUNK", "FLUSH_SECONDS", "HOST", "MAX_CONNECTIONS", "PortForwarder"]
@@ -41,9 +41,7 @@ __all__ = ["CHUNK", "FLUSH_SECONDS", "HOST", "MAX_CONNECTIONS", "PortForwarder"]
 log = logging.getLogger("aviato.server.port_forward")
 
 HOST = "127.0.0.1"
-CHUNK = 64 * 1024
 MAX_CONNECTIONS = 64
-FLUSH_SECONDS = 10.0
 
 
 @dataclass
@@ -156,64 +154,13 @@ class PortForwarder:
             except OSError:
                 sock.close()
                 return
-            clean = await _relay(client_reader, client_writer, inner_reader, inner_writer)
+            clean = await relay(client_reader, client_writer, inner_reader, inner_writer)
         finally:
             try:
                 writers = [w for w in (inner_writer, client_writer) if w is not None]
-                await asyncio.gather(*(_close(writer, clean) for writer in writers))
+                await asyncio.gather(*(close_side(writer, clean) for writer in writers))
             finally:
                 exposed.connections.discard(task)
-
-
-async def _relay(
-    a_reader: asyncio.StreamReader,
-    a_writer: asyncio.StreamWriter,
-    b_reader: asyncio.StreamReader,
-    b_writer: asyncio.StreamWriter,
-) -> bool:
-    """Copies a → b and b → a until both have ended (True); an error in either ends both
-    (False)."""
-    pumps = [
-        asyncio.ensure_future(_pump(a_reader, b_writer)),
-        asyncio.ensure_future(_pump(b_reader, a_writer)),
-    ]
-    try:
-        pending: set[asyncio.Future[None]] = set(pumps)
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            if any(not t.cancelled() and t.exception() is not None for t in done):
-                return False
-        return True
-    finally:
-        for pump in pumps:
-            pump.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)
-
-
-async def _close(writer: asyncio.StreamWriter, flush: bool) -> None:
-    """Closes a side: with `flush`, once what is still buffered for it has been sent (for at
-    most FLUSH_SECONDS: a peer that stopped reading does not hold the connection longer);
-    without, or when cancelled, at once."""
-    try:
-        if flush:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), FLUSH_SECONDS)
-    finally:
-        writer.transport.abort()
-
-
-async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-    """Copies until end-of-file, which is passed on as a half-close; waits for the sink to
-    drain after each chunk, so at most a chunk and the sink's buffer are held."""
-    while True:
-        data = await source.read(CHUNK)
-        if not data:
-            if sink.can_write_eof() and not sink.transport.is_closing():
-                sink.write_eof()
-            return
-        sink.write(data)
-        await sink.drain()
 
 
 def _port_of(address: str | None) -> int:
