@@ -80,9 +80,9 @@ def test_newest_names_and_set_network() -> None:
         assert sb.applied_egress_mode == "internet"
         with pytest.raises(ValueError, match="egress only"):
             sb.set_network(exposed_ports=[80])
-        with pytest.raises(SandboxValidationError, match="not a host name"):
+        with pytest.raises(SandboxValidationError, match="may hold only letters"):
             sb.set_network(egress=[EgressRule(dns_name="bad_name!")]).result()
-    with pytest.raises(SandboxValidationError, match="is loopback"):
+    with pytest.raises(SandboxValidationError, match="holds only loopback"):
         Sandbox.run(tags=[TEST_TAG], network={"egress": [{"cidr": "127.0.0.0/8"}]}).wait()
 
 

@@ -16,7 +16,6 @@ by the runtime when the sandbox is created, and end as a FAILED sandbox with the
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import posixpath
 import re
@@ -24,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from aviato.egress import policy as egress_policy
 from aviato.images.reference import InvalidReference, parse_reference
 from aviato.runtime.model import (
     DEFAULT_DISK_BYTES,
@@ -357,30 +357,28 @@ def validate_network(mode: str, field: str) -> str:
     return validate_choice(mode, field, ("none",), "none")
 
 
-MAX_EGRESS_RULES = 256
 EGRESS_MODES = ("isolated", "none", "allowlist", "internet")
-_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
 def validate_egress(
     mode: str, rules: Sequence[tuple[str, str]], mode_field: str, rules_field: str
 ) -> EgressPolicy:
     """An egress mode and its rules, each rule a (kind, value) pair with kind "dns_name",
-    "cidr" or "" (neither set), as one `EgressPolicy` with normalized rules."""
+    "cidr" or "" (neither set), as one `EgressPolicy` with normalized rules (the grammar is
+    the egress gateway's own, `egress.policy.parse_rule`)."""
     if mode and mode not in EGRESS_MODES:
         served = ", ".join(repr(m) for m in EGRESS_MODES)
         raise InvalidArgument(mode_field, f"{mode!r} is not an egress mode ({served})")
-    if len(rules) > MAX_EGRESS_RULES:
-        raise InvalidArgument(rules_field, f"more than {MAX_EGRESS_RULES} rules")
+    if len(rules) > egress_policy.MAX_RULES:
+        raise InvalidArgument(rules_field, f"more than {egress_policy.MAX_RULES} rules")
     normalized: list[EgressRule] = []
     for i, (kind, value) in enumerate(rules):
-        item = f"{rules_field}[{i}]"
-        if kind == "dns_name":
-            rule = EgressRule(dns_name=validate_dns_name(value, f"{item}.dns_name"))
-        elif kind == "cidr":
-            rule = EgressRule(cidr=validate_cidr(value, f"{item}.cidr"))
-        else:
-            raise InvalidArgument(item, "a rule needs a dns_name or a cidr")
+        if kind not in ("dns_name", "cidr"):
+            raise InvalidArgument(f"{rules_field}[{i}]", "a rule needs a dns_name or a cidr")
+        try:
+            rule = egress_policy.parse_rule(**{kind: value})
+        except ValueError as e:
+            raise InvalidArgument(f"{rules_field}[{i}].{kind}", str(e)) from None
         if rule not in normalized:
             normalized.append(rule)
     if mode in ("isolated", "none") and normalized:
@@ -388,53 +386,6 @@ def validate_egress(
     if mode == "allowlist" and not normalized:
         raise InvalidArgument(rules_field, "egress mode 'allowlist' needs at least one rule")
     return EgressPolicy(internet=mode == "internet", rules=tuple(normalized))
-
-
-def validate_dns_name(name: str, field: str) -> str:
-    """A host name, or "*." and a name, in lower case (IDNA names as their ASCII form) without
-    a trailing dot."""
-    text = name.strip().rstrip(".")
-    wildcard = text.startswith("*.")
-    if wildcard:
-        text = text[2:]
-    try:
-        ascii_name = text.encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        raise InvalidArgument(field, f"{name!r} is not a host name") from None
-    if not ascii_name or len(ascii_name) > 253:
-        raise InvalidArgument(field, f"{name!r} is not a host name (1 to 253 characters)")
-    if "*" in ascii_name:
-        raise InvalidArgument(
-            field,
-            f"{name!r}: '*' may only begin a name, as in '*.example.com' (for every name, use "
-            "egress mode 'internet')",
-        )
-    if not all(_LABEL.fullmatch(label) for label in ascii_name.split(".")):
-        raise InvalidArgument(
-            field, f"{name!r} is not a host name (letters, digits, '-' and '.' only)"
-        )
-    try:
-        ipaddress.ip_address(ascii_name)
-    except ValueError:
-        return f"*.{ascii_name}" if wildcard else ascii_name
-    raise InvalidArgument(field, f"{name!r} is an address; give it as a cidr rule")
-
-
-def validate_cidr(text: str, field: str) -> str:
-    """A network or one address, in its canonical form ("10.8.0.0/16"); host bits are
-    cleared. Refuses networks that lie wholly where egress never goes (loopback, multicast,
-    the unspecified address)."""
-    try:
-        network = ipaddress.ip_network(text.strip(), strict=False)
-    except ValueError:
-        raise InvalidArgument(
-            field, f"{text!r} is not a network (such as '10.8.0.0/16' or '2001:db8::/32')"
-        ) from None
-    if network.is_loopback or network.is_multicast or network.is_unspecified:
-        raise InvalidArgument(
-            field, f"{text!r} is loopback, multicast or unspecified, which a sandbox never reaches"
-        )
-    return str(network)
 
 
 def validate_exposed_ports(ports: Iterable[int], field: str) -> tuple[int, ...]:
