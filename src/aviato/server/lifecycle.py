@@ -107,6 +107,11 @@ class Lifecycle(LeaseKeeping, Reconciliation):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._ports.close_all()  # the sandboxes' addresses stay recorded for a restart
+        for live in self._live.values():  # a restarted service counts on from these
+            usage = self._egress.usage(live.rec.id)
+            if usage is not None:
+                live.rec.network_usage = usage
+                self._registry.update_sandbox(live.rec)
         await self._egress.close_all()  # their listeners stay in the sandboxes for a restart
 
     def how_it_ended(self, sandbox_id: str) -> str:
@@ -280,7 +285,7 @@ class Lifecycle(LeaseKeeping, Reconciliation):
                     self._egress.update(rec.id, egress)
                 elif not egress.isolated:
                     try:
-                        await self._egress.open(rec.id, live.handle, egress)
+                        await self._egress.open(rec.id, live.handle, egress, rec.network_usage)
                     except (SandboxRuntimeError, OSError) as e:
                         raise FailedPrecondition(
                             f"sandbox {sandbox_id}: cannot open its egress: {e}",

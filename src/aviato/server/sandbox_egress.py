@@ -27,12 +27,12 @@ __all__ = ["SandboxEgress"]
 log = logging.getLogger("aviato.server.egress")
 
 
-def _as_record_usage(usage: EgressUsage) -> NetworkUsage:
+def _added(base: NetworkUsage, usage: EgressUsage) -> NetworkUsage:
     return NetworkUsage(
-        bytes_sent=usage.bytes_sent,
-        bytes_received=usage.bytes_received,
-        connections=usage.connections,
-        refused=usage.refused,
+        bytes_sent=base.bytes_sent + usage.bytes_sent,
+        bytes_received=base.bytes_received + usage.bytes_received,
+        connections=base.connections + usage.connections,
+        refused=base.refused + usage.refused,
     )
 
 
@@ -41,14 +41,22 @@ class SandboxEgress:
 
     def __init__(self, gateway: EgressGateway) -> None:
         self._gateway = gateway
-        self._served: set[str] = set()
+        # sandbox id -> what an earlier run of the service counted (the gateway counts anew)
+        self._served: dict[str, NetworkUsage] = {}
 
     def serving(self, sandbox_id: str) -> bool:
         return sandbox_id in self._served
 
-    async def open(self, sandbox_id: str, handle: SandboxHandle, policy: EgressPolicy) -> None:
+    async def open(
+        self,
+        sandbox_id: str,
+        handle: SandboxHandle,
+        policy: EgressPolicy,
+        counted: NetworkUsage = NetworkUsage(),
+    ) -> None:
         """Serves the sandbox's proxy listener (created by its supervisor if it has none yet)
-        under `policy`. Raises the handle's SandboxRuntimeError when it cannot give one."""
+        under `policy`; `counted` is what earlier runs of the service counted for it, which its
+        figures start from. Raises the handle's SandboxRuntimeError when it cannot give one."""
         if sandbox_id in self._served:
             self._gateway.update(sandbox_id, policy)
             return
@@ -58,7 +66,7 @@ class SandboxEgress:
         except BaseException:
             listener.close()
             raise
-        self._served.add(sandbox_id)
+        self._served[sandbox_id] = counted
         log.info("sandbox %s: egress %s", sandbox_id, policy.mode)
 
     def update(self, sandbox_id: str, policy: EgressPolicy) -> None:
@@ -69,17 +77,18 @@ class SandboxEgress:
 
     def usage(self, sandbox_id: str) -> NetworkUsage | None:
         """The live figures of a served sandbox; None for one not served."""
-        if sandbox_id not in self._served:
+        counted = self._served.get(sandbox_id)
+        if counted is None:
             return None
-        return _as_record_usage(self._gateway.usage(sandbox_id))
+        return _added(counted, self._gateway.usage(sandbox_id))
 
     async def close(self, sandbox_id: str) -> NetworkUsage | None:
         """Stops serving the sandbox (its connections are closed); its final figures."""
-        if sandbox_id not in self._served:
+        counted = self._served.pop(sandbox_id, None)
+        if counted is None:
             return None
-        self._served.discard(sandbox_id)
         usage = await self._gateway.close(sandbox_id)
-        return None if usage is None else _as_record_usage(usage)
+        return counted if usage is None else _added(counted, usage)
 
     async def close_all(self) -> None:
         self._served.clear()

@@ -158,7 +158,7 @@ class SandboxRuns:
         if live.handle is None or (rec.config.egress.isolated and not rec.egress_listener):
             return True
         try:
-            await self._egress.open(rec.id, live.handle, rec.config.egress)
+            await self._egress.open(rec.id, live.handle, rec.config.egress, rec.network_usage)
         except (SandboxRuntimeError, OSError) as e:
             log.warning("sandbox %s: cannot serve its egress: %s", rec.id, e)
             with contextlib.suppress(SandboxRuntimeError):
