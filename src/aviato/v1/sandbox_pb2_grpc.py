@@ -104,6 +104,11 @@ class SandboxServiceStub:
                 request_serializer=aviato_dot_v1_dot_sandbox__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=aviato_dot_v1_dot_sandbox__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.ForwardPort = channel.stream_stream(
+                '/aviato.v1.SandboxService/ForwardPort',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.PortData.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.PortData.FromString,
+                _registered_method=True)
 
 
 class SandboxServiceServicer:
@@ -206,6 +211,18 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForwardPort(self, request_iterator, context):
+        """One TCP connection to an exposed port of a running sandbox, relayed through the service
+        (for clients that cannot reach the service host's 127.0.0.1 addresses). The first client
+        message names sandbox_id and port (one of the sandbox's exposed ports; a sandbox of another
+        owner is NOT_FOUND); then bytes flow both ways as `data`, an `eof` passes a half-close on,
+        and each side returns credit with `consumed` (see PortData). The call ends OK once both
+        directions have ended; a failure (nothing listens, a reset) ends it with an error status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -278,6 +295,11 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=aviato_dot_v1_dot_sandbox__pb2.GetServerInfoRequest.FromString,
                     response_serializer=aviato_dot_v1_dot_sandbox__pb2.ServerInfo.SerializeToString,
+            ),
+            'ForwardPort': grpc.stream_stream_rpc_method_handler(
+                    servicer.ForwardPort,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.PortData.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.PortData.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -658,6 +680,33 @@ class SandboxService:
             '/aviato.v1.SandboxService/GetServerInfo',
             aviato_dot_v1_dot_sandbox__pb2.GetServerInfoRequest.SerializeToString,
             aviato_dot_v1_dot_sandbox__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardPort(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/aviato.v1.SandboxService/ForwardPort',
+            aviato_dot_v1_dot_sandbox__pb2.PortData.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.PortData.FromString,
             options,
             channel_credentials,
             insecure,
