@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
 from typing import Any, Self
@@ -52,6 +53,7 @@ HOST = "127.0.0.1"
 MAX_CONNECTIONS = 64
 _WATCH_SLICE_SECONDS = 60.0
 _FLUSH_SECONDS = 10.0
+_MIN_POLL_SECONDS = 1.0
 
 #: Resolves the sandbox's client and id (starting the sandbox if it was not).
 Resolver = Callable[[], Awaitable[tuple[Client, str]]]
@@ -126,7 +128,6 @@ class PortForward:
     async def _open(self, local_port: int) -> None:
         client, sandbox_id = await self._resolve()
         self._sandbox_id = sandbox_id
-        self._ended = asyncio.get_running_loop().create_future()
         record = await client.with_retry(
             lambda: client.transport.get_sandbox(sandbox_id, call_timeout=60.0), op="forward port"
         )
@@ -160,6 +161,10 @@ class PortForward:
                 sandbox_id=sandbox_id,
             ) from None
         self._local_port = int(self._server.sockets[0].getsockname()[1])
+        if self._closed:  # closed while it started to listen
+            self._server.close()
+            return
+        self._ended = asyncio.get_running_loop().create_future()
         self._watch = asyncio.ensure_future(self._watch_sandbox(client, sandbox_id))
 
     def close(self) -> OperationRef[None]:
@@ -213,6 +218,7 @@ class PortForward:
             timeout_seconds=_WATCH_SLICE_SECONDS,
         )
         while True:
+            asked = time.monotonic()
             try:
                 record = await client.with_retry(
                     lambda: client.transport.wait_sandbox(
@@ -228,16 +234,19 @@ class PortForward:
                 await asyncio.sleep(5.0)
                 continue
             status = SandboxStatus.from_proto(record.status)
-            if status.is_terminal:
-                await self._close(
-                    SandboxNotRunningError(
-                        f"sandbox {sandbox_id} is {status.value}: forwarding of port "
-                        f"{self._port} stopped",
-                        sandbox_id=sandbox_id,
-                    ),
-                    grace_seconds=_FLUSH_SECONDS,
-                )
-                return
+            if not status.is_terminal:
+                # A service that answers before its timeout must not make this a busy loop.
+                await asyncio.sleep(max(0.0, _MIN_POLL_SECONDS - (time.monotonic() - asked)))
+                continue
+            await self._close(
+                SandboxNotRunningError(
+                    f"sandbox {sandbox_id} is {status.value}: forwarding of port "
+                    f"{self._port} stopped",
+                    sandbox_id=sandbox_id,
+                ),
+                grace_seconds=_FLUSH_SECONDS,
+            )
+            return
 
     # -- one connection -------------------------------------------------------------------------
 
