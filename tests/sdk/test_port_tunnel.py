@@ -272,7 +272,16 @@ async def _window_and_cap(
         details = await one_more.details() or ""
         for call in calls:
             call.cancel()
-        return greedy_code, refused, details
+        await asyncio.sleep(2)  # the service sees them go and gives their places back
+        again = stub.ForwardPort(metadata=metadata, timeout=60)
+        await again.write(header)
+        try:
+            await asyncio.wait_for(asyncio.shield(again.code()), 3)
+            accepted = f"ended: {(await again.code()).name}"
+        except TimeoutError:
+            accepted = "open"  # connected and relaying: not refused
+        again.cancel()
+        return greedy_code, refused, details + "|" + accepted
 
 
 def test_a_client_past_its_window_is_cut_off_and_the_calls_per_sandbox_are_capped(
@@ -292,8 +301,10 @@ def test_a_client_past_its_window_is_cut_off_and_the_calls_per_sandbox_are_cappe
             _window_and_cap(tls, Path(tls.env["AVIATO_TLS_CA"]).read_bytes(), alice, sandbox_id)
         )
     assert greedy == "INVALID_ARGUMENT"
+    details, accepted = details.rsplit("|", 1)
     assert refused == "RESOURCE_EXHAUSTED", details
     assert f"{MAX_TUNNELS} forwarded connections open already" in details
+    assert accepted == "open"  # once those calls went, a new one has a place
 
 
 def test_two_sandboxes_with_the_same_port_reach_only_their_own(tls: Remote) -> None:
@@ -468,6 +479,16 @@ def test_cli_port_forwards_in_the_foreground_against_a_remote_service(tls: Remot
             if cli.poll() is None:
                 cli.kill()
                 cli.wait()
+        # without PORT: the addresses, as before, and where they are
+        listed = subprocess.run(
+            [sys.executable, "-m", "aviato", "port", sandbox_id],
+            capture_output=True,
+            text=True,
+            env=_env(tls, alice),
+            timeout=60,
+        )
+        assert listed.stdout.startswith("8080 -> 127.0.0.1:"), listed.stderr
+        assert "addresses on the service's host" in listed.stderr
         # a port the sandbox does not expose: one clear line, no forwarder
         refused = subprocess.run(
             [sys.executable, "-m", "aviato", "port", sandbox_id, "9999"],

@@ -61,6 +61,12 @@ def port(sandbox_id: str, port: int | None, local_port: int | None) -> None:
     if port is None:
         for number, address in exposed.items():
             click.echo(f"{number} -> {address}")
+        if base_url() is not None and exposed:
+            click.echo(
+                "(addresses on the service's host; from here: aviato port "
+                f"{sandbox_id} PORT forwards one)",
+                err=True,
+            )
         return
     if port not in exposed:
         asked = ", ".join(str(p) for p in exposed) or "none"
