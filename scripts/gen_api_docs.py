@@ -55,6 +55,7 @@ value:
 | `sandbox.read_file_streaming(path)` | `FileStream` | no |
 | `sandbox.upload_file(source, path)` | `OperationRef[int]` | no |
 | `sandbox.stream_logs(follow=..., tail=...)` | `LogStream` (of `LogRecord`) | no |
+| `sandbox.forward_port(port, local_port=0)` | `PortForward` (`.address` blocks until it listens) | no |
 | `Images.pull()`, `.list()`, `.remove()`, `.prune()`, `aviato.server_info()`, `Admin().create_key()` ... | `Image`, `list[Image]`, `ServerInfo`, `CreatedKey` ... | yes |
 | `Sandbox.list()`, `Sandbox.from_id()`, `Sandbox.delete()` | `OperationRef[...]` | no |
 | `session.list()`, `session.from_id()`, `session.close()` | `OperationRef[...]` | no |
@@ -127,6 +128,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
             "FileStream",
             "LogStream",
             "LogRecord",
+            "PortForward",
         ],
     ),
     (

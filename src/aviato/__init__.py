@@ -33,6 +33,7 @@ from aviato._logs import LogRecord, LogStream
 from aviato._operation import OperationRef
 from aviato._options import SandboxDefaults
 from aviato._output import StreamReader
+from aviato._port_forward import PortForward
 from aviato._process import Process, StreamWriter
 from aviato._sandbox import Sandbox, Session
 from aviato._sandbox_network import NetworkUsage
@@ -95,6 +96,7 @@ __all__ = [
     "NetworkUsage",
     "OperationRef",
     "OwnerQuota",
+    "PortForward",
     "Process",
     "ProcessResult",
     "PullProgress",

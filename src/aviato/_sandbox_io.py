@@ -2,7 +2,7 @@
 
 `SandboxIO` is a base class of `aviato.Sandbox`, not used alone: its methods start the sandbox
 if needed (`_ensure_started`), then run a command (`aviato._process`) or move a file
-(`aviato._files`) through the sandbox's client.
+(`aviato._files`) through the sandbox's client, or forwards a port (`aviato._port_forward`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from aviato._files import FileStream, Progress
 from aviato._logs import LogStream
 from aviato._operation import OperationRef
 from aviato._options import SandboxDefaults
+from aviato._port_forward import PortForward
 from aviato._process import ExecState, Process
 from aviato._transport.base import LogReader
 from aviato.exceptions import SandboxError, SandboxNotRunningError
@@ -174,6 +175,25 @@ class SandboxIO:
                 err if isinstance(err, Exception) else SandboxError("the command was cancelled")
             )
             raise
+
+    # -- exposed ports -------------------------------------------------------------------------
+
+    def forward_port(self, port: int, *, local_port: int = 0) -> PortForward:
+        """Reaches exposed `port` of the sandbox on this machine's 127.0.0.1:`local_port` (0: a
+        free port), through the service, as `kubectl port-forward` does: works with a remote
+        service (TLS, API key) as with the local one. Returns a `PortForward` at once; it
+        listens soon after (``with``/``async with``/``await`` wait for it; ``.address`` is
+        ``"127.0.0.1:N"``; ``.close()`` ends it). Raises, when waited for,
+        `SandboxValidationError` for a port the sandbox does not expose and
+        `SandboxNotRunningError` for a sandbox that has ended. A sandbox not started yet is
+        started. See docs/networking.md.
+        """
+
+        async def resolve() -> tuple[Client, str]:
+            await self._ensure_started()
+            return await self._client(), self._require_id()
+
+        return PortForward(resolve, port, local_port)
 
     # -- the main process's log -----------------------------------------------------------------
 

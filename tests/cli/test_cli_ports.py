@@ -1,13 +1,17 @@
-"""`aviato run -p PORT`, `aviato port ID [PORT]` and the ports of `aviato get`."""
+"""`aviato run -p PORT`, `aviato port ID [PORT]` (and its `--forward`) and the ports of
+`aviato get`."""
 
 from __future__ import annotations
 
 import json
+import signal
+import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
 
-from clitools import TAG, Cli, assert_one_line_error, ids_of
+from clitools import TAG, Cli, assert_one_line_error, aviato_argv, ids_of
 
 
 def _fetch(address: str, timeout: float = 30.0) -> bytes:
@@ -45,3 +49,45 @@ def test_port_prints_the_address_of_an_exposed_port(cli: Cli) -> None:
         assert_one_line_error(cli("port", sandbox_id, "8080"), "reachable only while it runs")
     finally:
         cli("rm", "-y", sandbox_id)
+
+
+def test_port_forward_relays_through_the_local_service_until_ctrl_c(cli: Cli) -> None:
+    server = ["python3", "-m", "http.server", "8080", "--bind", "127.0.0.1", "--directory", "/etc"]
+    sandbox_id = ids_of(cli.ok("run", "--tag", TAG, "-p", "8080", "--", *server).stdout)[0]
+    try:
+        listed = cli.ok("port", sandbox_id, "8080").stdout.strip()  # printed, as before
+        wanted = _free_port()
+        forward = subprocess.Popen(
+            [*aviato_argv(), "port", "--forward", str(wanted), sandbox_id, "8080"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli.env,
+        )
+        assert forward.stdout is not None and forward.stderr is not None
+        try:
+            line = forward.stdout.readline().strip()
+            address = f"127.0.0.1:{wanted}"
+            assert line == f"Forwarding {address} -> {sandbox_id}:8080 (Ctrl-C to stop)", (
+                line + forward.stderr.read()
+            )
+            assert address != listed
+            assert b"hostname" in _fetch(address) or b"passwd" in _fetch(address)
+            forward.send_signal(signal.SIGINT)
+            assert forward.wait(30) == 0, forward.stderr.read()
+        finally:
+            if forward.poll() is None:
+                forward.kill()
+                forward.wait()
+        assert cli("port", "--forward", sandbox_id).returncode == 2  # needs the PORT
+        assert_one_line_error(
+            cli("port", "--forward", "0", sandbox_id, "8081"), "does not expose port 8081"
+        )
+    finally:
+        cli("rm", "-y", sandbox_id)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

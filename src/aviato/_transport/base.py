@@ -23,6 +23,12 @@ Two RPCs are streams and have objects of their own:
   ``image`` set), then None.
 - `LogReader`: one log stream of a sandbox's main process; ``next()`` returns its entries, then
   None (at once without ``follow``; once the sandbox ended with it).
+- `PortStream`: one TCP connection to an exposed port of a sandbox, carried by the service
+  (ForwardPort). ``read()`` returns the bytes the sandbox sent, then None at its half-close;
+  ``write``/``write_eof`` send the other way; ``finish()`` ends the call once both directions
+  are over (raising what broke it); ``cancel()`` drops it. The credit of `aviato.v1.port_window`
+  stays inside: ``write`` waits while the window is full, and calling ``read()`` again says the
+  previous chunk was delivered.
 """
 
 from __future__ import annotations
@@ -34,7 +40,15 @@ from aviato.v1 import admin_pb2 as apb
 from aviato.v1 import images_pb2 as ipb
 from aviato.v1 import sandbox_pb2 as pb
 
-__all__ = ["ExecCall", "ExecFrame", "FileReader", "LogReader", "PullReader", "Transport"]
+__all__ = [
+    "ExecCall",
+    "ExecFrame",
+    "FileReader",
+    "LogReader",
+    "PortStream",
+    "PullReader",
+    "Transport",
+]
 
 #: What `ExecCall.read` returns: an output chunk, or the terminal exit frame.
 ExecFrame = pb.ExecOutput | pb.ExecExit
@@ -113,6 +127,34 @@ class PullReader(abc.ABC):
     @abc.abstractmethod
     def cancel(self) -> None:
         """Ends the stream early (idempotent); the service may finish the pull for others."""
+
+
+class PortStream(abc.ABC):
+    """One forwarded connection (see the module docstring). Used from one event loop: one task
+    may read while another writes."""
+
+    @abc.abstractmethod
+    async def read(self) -> bytes | None:
+        """The next bytes from the sandbox's port (at most 64 KiB), or None once it half-closed.
+        Calling it again gives credit for what it returned before (the caller delivered it).
+        Raises the mapped exception when the service refused or broke the connection."""
+
+    @abc.abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Sends `data` to the sandbox's port, waiting while the window is full."""
+
+    @abc.abstractmethod
+    async def write_eof(self) -> None:
+        """Half-closes the way to the sandbox (its server reads end-of-file)."""
+
+    @abc.abstractmethod
+    async def finish(self) -> None:
+        """After `read` returned None and `write_eof`: ends the call and waits for its status
+        (raises it if it is an error)."""
+
+    @abc.abstractmethod
+    def cancel(self) -> None:
+        """Ends the call at once (the service closes the sandbox's side). Idempotent."""
 
 
 class Transport(abc.ABC):
@@ -203,6 +245,14 @@ class Transport(abc.ABC):
         self, request: pb.StreamLogsRequest, *, call_timeout: float | None
     ) -> LogReader:
         """Starts a log stream; errors (an unknown sandbox) are raised by `LogReader.next`."""
+
+    @abc.abstractmethod
+    async def forward_port(
+        self, sandbox_id: str, port: int, *, call_timeout: float | None
+    ) -> PortStream:
+        """Opens one connection to `port` of the sandbox through the service (ForwardPort);
+        refusals (unknown sandbox, port not exposed, not running) are raised by
+        `PortStream.read`."""
 
     # -- images --------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@
 - Errors: gRPC failures become `aviato.exceptions` in one place, `grpc_errors.translate_error`,
   through `aviato._transport.errors.from_status` with the `ErrorDetail` of the status's trailing
   metadata. Nothing above this module sees a grpc type.
+- ForwardPort: `aviato._transport.grpc_port` (a forwarded connection and its credit).
 - Exec: a command without interactive stdin runs over RunCommand (one request, then output
   frames); one with stdin or a tty over an Exec stream (init, stdin frames, ``stdin_eof``,
   ``resize``, ``signal``).
@@ -33,12 +34,14 @@ from aviato._transport.base import (
     ExecFrame,
     FileReader,
     LogReader,
+    PortStream,
     PullReader,
     Transport,
 )
 from aviato._transport.errors import from_status
 from aviato._transport.grpc_errors import mapped as _mapped
 from aviato._transport.grpc_errors import translate_error
+from aviato._transport.grpc_port import GrpcPortStream
 from aviato.exceptions import AviatoError, SandboxExecutionError
 from aviato.v1 import admin_pb2 as apb
 from aviato.v1 import admin_pb2_grpc, images_pb2_grpc, sandbox_pb2_grpc
@@ -308,6 +311,18 @@ class GrpcTransport(Transport):
     ) -> LogReader:
         call = self._stub.StreamLogs(request, timeout=call_timeout, metadata=self.metadata)
         return _GrpcStreamReader(call, "stream logs", request.sandbox_id)
+
+    async def forward_port(
+        self, sandbox_id: str, port: int, *, call_timeout: float | None
+    ) -> PortStream:
+        call = self._stub.ForwardPort(metadata=self.metadata, timeout=call_timeout)
+        stream = GrpcPortStream(call, sandbox_id, port)
+        try:
+            await stream.open()
+        except BaseException:
+            stream.cancel()
+            raise
+        return stream
 
     async def pull_image(
         self, request: ipb.PullImageRequest, *, call_timeout: float | None

@@ -4,6 +4,8 @@
 are a tiny vocabulary: ``echo ARGS...``, ``exit N`` (writes ``bye`` to stderr), ``cat`` (copies
 stdin), ``yes`` (N lines of output given by ``yes N``), ``sleep S``, ``winsize`` (a terminal
 program: answers each input chunk with its window size, ``ROWS COLS``; see `resizes`). Every
+exposed port of a running sandbox is an echo server (`forward_port`: what is written is read
+back, and a half-close is answered with one). Every
 failure is reported the way a real service does, as a status code plus an `ErrorDetail`, and
 goes through the same mapping (`aviato._transport.errors.from_status`) as the gRPC transport's.
 
@@ -27,6 +29,7 @@ from aviato._transport.base import (
     ExecFrame,
     FileReader,
     LogReader,
+    PortStream,
     PullReader,
     Transport,
 )
@@ -272,6 +275,20 @@ class MemoryTransport(Transport):
         found.files[header.path] = data
         return len(data)
 
+    async def forward_port(
+        self, sandbox_id: str, port: int, *, call_timeout: float | None
+    ) -> PortStream:
+        self.service._enter("ForwardPort", "forward port")
+        found = self.service._sandbox(sandbox_id, "forward port", running=True)
+        if port not in found.record.spec.exposed_ports:
+            raise from_status(
+                "INVALID_ARGUMENT",
+                f"sandbox {sandbox_id} does not expose port {port}",
+                epb.ErrorDetail(reason=epb.FIELD_INVALID, sandbox_id=sandbox_id, field="port"),
+                op="forward port",
+            )
+        return _MemoryEchoPort()
+
     async def pull_image(
         self, request: ipb.PullImageRequest, *, call_timeout: float | None
     ) -> PullReader:
@@ -360,6 +377,28 @@ class MemoryTransport(Transport):
         found = self.service._sandbox(header.sandbox_id, "write file", running=True)
         found.files[header.path] = bytes(data)
         return len(data)
+
+
+class _MemoryEchoPort(PortStream):
+    """An echo server's connection: the bytes written are read back; eof answers eof."""
+
+    def __init__(self) -> None:
+        self._echo: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=4)
+
+    async def read(self) -> bytes | None:
+        return await self._echo.get()
+
+    async def write(self, data: bytes) -> None:
+        await self._echo.put(data)
+
+    async def write_eof(self) -> None:
+        await self._echo.put(None)
+
+    async def finish(self) -> None:
+        return None
+
+    def cancel(self) -> None:
+        return None
 
 
 class _MemoryPullReader(PullReader):

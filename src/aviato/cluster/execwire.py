@@ -12,6 +12,8 @@ messages (aviato/node/v1/node.proto, converted by codec.py):
 - `ReadFile`: a `ReadFileRequest`; answered with the info frame, then data frames of 1 MiB.
 - `WriteFile`: the header, data frames, then the end frame; a stream without the end frame
   leaves no file.
+- `ConnectPort` (bidirectional): one TCP connection to a port inside a sandbox, relayed
+  (port_relay.py).
 Runtime errors end the call with their gRPC code (NOT_FOUND, PERMISSION_DENIED, ...).
 
 Who may call: the node host makes a random token when it starts and hands it (with the address)
@@ -33,6 +35,7 @@ from typing import Any
 import grpc
 
 from aviato.cluster import codec
+from aviato.cluster.port_relay import serve_connect_port
 from aviato.node.v1 import node_pb2 as npb
 from aviato.runtime.base import (
     ExecFailed,
@@ -43,12 +46,22 @@ from aviato.runtime.base import (
     SandboxRuntimeError,
 )
 
-__all__ = ["EOF", "METHOD", "ExecServer", "open_exec", "read_file", "start_frame", "write_file"]
+__all__ = [
+    "EOF",
+    "METHOD",
+    "ExecServer",
+    "open_connect_port",
+    "open_exec",
+    "read_file",
+    "start_frame",
+    "write_file",
+]
 
 SERVICE = "aviato.node.v1.NodeHost"
 METHOD = f"/{SERVICE}/Exec"
 READ_METHOD = f"/{SERVICE}/ReadFile"
 WRITE_METHOD = f"/{SERVICE}/WriteFile"
+CONNECT_PORT_METHOD = f"/{SERVICE}/ConnectPort"
 FILE_CHUNK_BYTES = 1 << 20
 TOKEN_HEADER = "x-aviato-node-token"
 EOF: Any = getattr(grpc.aio, "EOF", None)  # what a call's read() returns after its last response
@@ -90,6 +103,11 @@ class ExecServer:
                 request_deserializer=npb.WriteFileRequest.FromString,
                 response_serializer=npb.WriteFileResponse.SerializeToString,
             ),
+            "ConnectPort": grpc.stream_stream_rpc_method_handler(
+                self._connect_port,
+                request_deserializer=npb.PortFrame.FromString,
+                response_serializer=npb.PortFrame.SerializeToString,
+            ),
         }
         generic = grpc.method_handlers_generic_handler(SERVICE, handlers)
         self._server = grpc.aio.server(
@@ -117,6 +135,10 @@ class ExecServer:
         metadata = dict(context.invocation_metadata() or ())
         if not hmac.compare_digest(str(metadata.get(TOKEN_HEADER, "")), self.token):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not the control plane")
+
+    async def _connect_port(self, requests: AsyncIterator[npb.PortFrame], context: Any) -> None:
+        await self._authorize(context)
+        await serve_connect_port(self._handle_of, requests, context)
 
     async def _read_file(
         self, request: npb.ReadFileRequest, context: Any
@@ -225,6 +247,16 @@ def read_file(channel: Any, token: str, sandbox_id: str, path: str) -> Any:
     return call(
         npb.ReadFileRequest(sandbox_id=sandbox_id, path=path), metadata=((TOKEN_HEADER, token),)
     )
+
+
+def open_connect_port(channel: Any, token: str) -> Any:
+    """A ConnectPort call (port_relay.py): write the first frame, then relay."""
+    call: Any = channel.stream_stream(
+        CONNECT_PORT_METHOD,
+        request_serializer=npb.PortFrame.SerializeToString,
+        response_deserializer=npb.PortFrame.FromString,
+    )
+    return call(metadata=((TOKEN_HEADER, token),))
 
 
 def write_file(channel: Any, token: str) -> Any:

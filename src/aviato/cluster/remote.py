@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -34,6 +35,7 @@ from aviato._private import open_private, private_dir
 from aviato.cluster import codec, execwire
 from aviato.cluster.link import NODE_HOST_LOST, NODE_LOST, NodeLink, NodeLost
 from aviato.cluster.node_images import NodeImages
+from aviato.cluster.port_relay import connect_remote_port
 from aviato.cluster.remote_exec import start_exec
 from aviato.node.v1 import node_pb2 as npb
 from aviato.runtime import image_roots
@@ -50,6 +52,7 @@ from aviato.runtime.base import (
     SandboxGone,
     SandboxHandle,
     SandboxRuntimeError,
+    Unsupported,
 )
 from aviato.runtime.logs import encode_record
 
@@ -173,9 +176,31 @@ class RemoteSandbox(SandboxHandle):
         self._exit: MainExit | None = None
         self._log_copy = runtime.log_copy_path(sandbox_id)
         self._copying = asyncio.ensure_future(self._copy_log())
+        self._port_relays: set[asyncio.Task[None]] = set()
 
     def close(self) -> None:
         self._copying.cancel()
+        for relay in list(self._port_relays):
+            relay.cancel()
+
+    async def connect_port(self, port: int) -> socket.socket:
+        """A socketpair end whose peer is relayed to `port` on the sandbox's loopback over the
+        node host's direct channel (port_relay.py); needs that channel."""
+        channel = self._link.exec_channel()
+        if channel is None:
+            raise Unsupported(
+                f"sandbox {self.sandbox_id}: its node has no direct channel, which port "
+                "connections need"
+            )
+        call = execwire.open_connect_port(channel, self._link.exec_token)
+        try:
+            return await connect_remote_port(
+                call, self.sandbox_id, port, self._link.race, self._port_relays
+            )
+        except SandboxGone as e:
+            if "does not answer" in str(e):
+                self._link.channel_failed()
+            raise
 
     async def _batches(
         self, since_ns: int, tail: int, follow: bool

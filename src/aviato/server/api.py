@@ -2,8 +2,9 @@
 
 `SandboxServicer` answers the unary calls (sandboxes, leases, server info) here; the streams live
 beside it, one concept each: `exec_api` (Exec, RunCommand), `files_api` (ReadFile, WriteFile),
-`logs_api` (StreamLogs). Requests are decoded and answers encoded by `codec` only; errors become
-statuses (with their ErrorDetail) in `errors.abort` / `errors.error_frame` only.
+`logs_api` (StreamLogs), `port_tunnel` (ForwardPort). Requests are decoded and answers encoded
+by `codec` only; errors become statuses (with their ErrorDetail) in `errors.abort` /
+`errors.error_frame` only.
 
 What this module does not do: hold state. Everything lives in `lifecycle`; the servicer can be
 rebuilt at any time.
@@ -29,6 +30,7 @@ from aviato.server.files_api import FileStreams
 from aviato.server.lifecycle import Lifecycle
 from aviato.server.logs_api import LogStreams
 from aviato.server.placement import Placement
+from aviato.server.port_tunnel import PortTunnels
 from aviato.v1 import sandbox_pb2 as pb
 
 if TYPE_CHECKING:
@@ -97,7 +99,7 @@ class _Unary:
         return handler
 
 
-class SandboxServicer(ExecStreams, FileStreams, LogStreams):
+class SandboxServicer(ExecStreams, FileStreams, LogStreams, PortTunnels):
     """Implements every RPC of aviato.v1.SandboxService on top of a Lifecycle."""
 
     def __init__(

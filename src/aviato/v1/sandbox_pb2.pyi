@@ -497,3 +497,17 @@ class SetNetworkRequest(_message.Message):
     egress_mode: str
     egress: _containers.RepeatedCompositeFieldContainer[EgressRule]
     def __init__(self, sandbox_id: _Optional[str] = ..., egress_mode: _Optional[str] = ..., egress: _Optional[_Iterable[_Union[EgressRule, _Mapping]]] = ...) -> None: ...
+
+class PortData(_message.Message):
+    __slots__ = ("sandbox_id", "port", "data", "eof", "consumed")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    EOF_FIELD_NUMBER: _ClassVar[int]
+    CONSUMED_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    port: int
+    data: bytes
+    eof: bool
+    consumed: int
+    def __init__(self, sandbox_id: _Optional[str] = ..., port: _Optional[int] = ..., data: _Optional[bytes] = ..., eof: _Optional[bool] = ..., consumed: _Optional[int] = ...) -> None: ...

@@ -109,6 +109,11 @@ class SandboxServiceStub:
                 request_serializer=aviato_dot_v1_dot_sandbox__pb2.SetNetworkRequest.SerializeToString,
                 response_deserializer=aviato_dot_v1_dot_sandbox__pb2.Sandbox.FromString,
                 _registered_method=True)
+        self.ForwardPort = channel.stream_stream(
+                '/aviato.v1.SandboxService/ForwardPort',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.PortData.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.PortData.FromString,
+                _registered_method=True)
 
 
 class SandboxServiceServicer:
@@ -219,6 +224,18 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForwardPort(self, request_iterator, context):
+        """One TCP connection to an exposed port of a running sandbox, relayed through the service
+        (for clients that cannot reach the service host's 127.0.0.1 addresses). The first client
+        message names sandbox_id and port (one of the sandbox's exposed ports; a sandbox of another
+        owner is NOT_FOUND); then bytes flow both ways as `data`, an `eof` passes a half-close on,
+        and each side returns credit with `consumed` (see PortData). The call ends OK once both
+        directions have ended; a failure (nothing listens, a reset) ends it with an error status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -296,6 +313,11 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.SetNetwork,
                     request_deserializer=aviato_dot_v1_dot_sandbox__pb2.SetNetworkRequest.FromString,
                     response_serializer=aviato_dot_v1_dot_sandbox__pb2.Sandbox.SerializeToString,
+            ),
+            'ForwardPort': grpc.stream_stream_rpc_method_handler(
+                    servicer.ForwardPort,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.PortData.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.PortData.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -703,6 +725,33 @@ class SandboxService:
             '/aviato.v1.SandboxService/SetNetwork',
             aviato_dot_v1_dot_sandbox__pb2.SetNetworkRequest.SerializeToString,
             aviato_dot_v1_dot_sandbox__pb2.Sandbox.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardPort(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/aviato.v1.SandboxService/ForwardPort',
+            aviato_dot_v1_dot_sandbox__pb2.PortData.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.PortData.FromString,
             options,
             channel_credentials,
             insecure,

@@ -263,3 +263,21 @@ class PullImageEvent(_message.Message):
     progress: ImagePullProgress
     image: ImageInfo
     def __init__(self, progress: _Optional[_Union[ImagePullProgress, _Mapping]] = ..., image: _Optional[_Union[ImageInfo, _Mapping]] = ...) -> None: ...
+
+class PortFrame(_message.Message):
+    __slots__ = ("sandbox_id", "port", "data", "eof", "consumed", "error_code", "error_message")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    EOF_FIELD_NUMBER: _ClassVar[int]
+    CONSUMED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    port: int
+    data: bytes
+    eof: bool
+    consumed: int
+    error_code: str
+    error_message: str
+    def __init__(self, sandbox_id: _Optional[str] = ..., port: _Optional[int] = ..., data: _Optional[bytes] = ..., eof: _Optional[bool] = ..., consumed: _Optional[int] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ...) -> None: ...

@@ -53,6 +53,11 @@ class NodeHostStub:
                 request_serializer=aviato_dot_node_dot_v1_dot_node__pb2.WriteFileRequest.SerializeToString,
                 response_deserializer=aviato_dot_node_dot_v1_dot_node__pb2.WriteFileResponse.FromString,
                 _registered_method=True)
+        self.ConnectPort = channel.stream_stream(
+                '/aviato.node.v1.NodeHost/ConnectPort',
+                request_serializer=aviato_dot_node_dot_v1_dot_node__pb2.PortFrame.SerializeToString,
+                response_deserializer=aviato_dot_node_dot_v1_dot_node__pb2.PortFrame.FromString,
+                _registered_method=True)
 
 
 class NodeHostServicer:
@@ -82,6 +87,20 @@ class NodeHostServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConnectPort(self, request_iterator, context):
+        """One TCP connection to a port on a sandbox's own loopback (runtime.base.SandboxHandle.
+        connect_port), relayed as PortFrames: the control plane's first frame names sandbox_id and
+        port; the node host answers with one frame: empty once connected, else with the runtime's
+        error (error_code UNAVAILABLE: nothing listens; FAILED_PRECONDITION: the sandbox is gone;
+        then the call ends), so that a status of the channel itself (UNAVAILABLE: the node host
+        does not answer) is never mistaken for the sandbox's answer. Then bytes flow both ways
+        under the credit of aviato.v1.PortData (256 KiB in flight, 64 KiB a frame). The call ends
+        OK once both directions have ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeHostServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -99,6 +118,11 @@ def add_NodeHostServicer_to_server(servicer, server):
                     servicer.WriteFile,
                     request_deserializer=aviato_dot_node_dot_v1_dot_node__pb2.WriteFileRequest.FromString,
                     response_serializer=aviato_dot_node_dot_v1_dot_node__pb2.WriteFileResponse.SerializeToString,
+            ),
+            'ConnectPort': grpc.stream_stream_rpc_method_handler(
+                    servicer.ConnectPort,
+                    request_deserializer=aviato_dot_node_dot_v1_dot_node__pb2.PortFrame.FromString,
+                    response_serializer=aviato_dot_node_dot_v1_dot_node__pb2.PortFrame.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -186,6 +210,33 @@ class NodeHost:
             '/aviato.node.v1.NodeHost/WriteFile',
             aviato_dot_node_dot_v1_dot_node__pb2.WriteFileRequest.SerializeToString,
             aviato_dot_node_dot_v1_dot_node__pb2.WriteFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConnectPort(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/aviato.node.v1.NodeHost/ConnectPort',
+            aviato_dot_node_dot_v1_dot_node__pb2.PortFrame.SerializeToString,
+            aviato_dot_node_dot_v1_dot_node__pb2.PortFrame.FromString,
             options,
             channel_credentials,
             insecure,
