@@ -52,7 +52,7 @@ class SandboxEgress:
         sandbox_id: str,
         handle: SandboxHandle,
         policy: EgressPolicy,
-        counted: NetworkUsage = NetworkUsage(),
+        counted: NetworkUsage,
     ) -> None:
         """Serves the sandbox's proxy listener (created by its supervisor if it has none yet)
         under `policy`; `counted` is what earlier runs of the service counted for it, which its
