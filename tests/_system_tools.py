@@ -44,6 +44,7 @@ TOOLS: dict[str, SystemTool] = {
         SystemTool("ip", "iproute2"),  # tests/cluster (a netns per Ray node), tests/network
         SystemTool("nsenter", "util-linux"),
         SystemTool("openssl", "openssl"),  # a self-signed certificate for the TLS tests
+        SystemTool("curl", "curl"),  # tests/runtime: a real client honours HTTP(S)_PROXY
         SystemTool("setpriv", "util-linux"),  # tests/cli: aviato as an ordinary user
         SystemTool("pgrep", "procps"),
         SystemTool("cc", "gcc"),  # test programs compiled for the supervisor's tests

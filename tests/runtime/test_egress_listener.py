@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from _system_tools import require_tools
 from _wait import async_wait_until
 
 from aviato.runtime.base import (
@@ -356,8 +357,7 @@ def test_a_program_that_connects_to_the_proxy_reaches_the_holder_of_the_socket(
 @as_root
 def test_curl_sends_its_request_to_the_proxy(state_dir: Path) -> None:
     """A real client honours the variables: curl asks the proxy with CONNECT for an https URL."""
-    if shutil.which("curl") is None:
-        pytest.skip("curl is not installed on this host (the host image runs the host's)")
+    require_tools("curl")  # the host image runs the host's curl
 
     async def body(rt: BubblewrapRuntime) -> tuple[bytes, str]:
         h = await rt.create(config("sleep", "600", egress=INTERNET))
