@@ -6,6 +6,11 @@ at most `MAX_ADDRESSES` addresses, IPv4 first, in the order received. Only DNS i
 /etc/hosts, mDNS and the search domains of resolv.conf are not (the name is absolute), so
 "localhost" or a name in the host's /etc/hosts means nothing special here.
 
+Answers are cached (dnspython's LRU cache, `CACHE_ENTRIES` answers at most, each for its
+record's TTL): a name asked for again within its TTL costs no round trip, which is about a
+millisecond of every proxied request to a name otherwise (docs/benchmarks.md). The cache holds
+answers, not verdicts: every address is judged again on every connection.
+
 Errors are one exception, ResolveError, with a message in words ("evil.test: no such name").
 What this cannot do: tell a lying nameserver from an honest one. Every address it returns is
 judged by policy.address_verdict before anything connects to it.
@@ -27,6 +32,7 @@ __all__ = ["DEFAULT_TIMEOUT", "MAX_ADDRESSES", "ResolveError", "Resolver"]
 
 DEFAULT_TIMEOUT = 5.0
 MAX_ADDRESSES = 16
+CACHE_ENTRIES = 4096
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -60,6 +66,7 @@ class Resolver:
             self._resolver = dns.asyncresolver.Resolver(configure=False)
             self._resolver.nameservers = list(nameservers)
         self._resolver.port = port
+        self._resolver.cache = dns.resolver.LRUCache(CACHE_ENTRIES)
         self._resolver.search = []
         self._resolver.use_search_by_default = False
         self._resolver.lifetime = timeout
