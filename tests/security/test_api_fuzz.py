@@ -244,6 +244,16 @@ def _unary(target: Target, name: str, request: Any) -> Any:
 # --- one property per RPC ---------------------------------------------------------------------
 
 
+# Egress rules: real-looking names and networks beside hostile text, a rule with neither field.
+EGRESS_RULES = st.one_of(
+    st.builds(lambda n: pb.EgressRule(dns_name=n), HOSTILE_TEXT | st.sampled_from(
+        ["pypi.org", "*.example.com", "*", "*.", "1.2.3.4", "a..b", "xn--", "ü.example"])),
+    st.builds(lambda c: pb.EgressRule(cidr=c), HOSTILE_TEXT | st.sampled_from(
+        ["10.0.0.0/8", "0.0.0.0/0", "127.0.0.1", "::/0", "::ffff:127.0.0.1/128", "1.2.3.4/33"])),
+    st.just(pb.EgressRule()),
+)  # fmt: skip
+
+
 def maybe(strategy: st.SearchStrategy[Any], default: Any) -> st.SearchStrategy[Any]:
     """The default (a valid value) in about 2 of 3 draws: one hostile field at a time is
     more telling than a request where every field is wrong."""
@@ -264,6 +274,8 @@ def maybe(strategy: st.SearchStrategy[Any], default: Any) -> st.SearchStrategy[A
     pids=maybe(INT64, 0),
     lifetime=maybe(DOUBLES, 0.0),
     network=maybe(HOSTILE_TEXT, ""),
+    egress_mode=maybe(st.sampled_from(["internet", "allowlist", "isolated"]) | HOSTILE_TEXT, ""),
+    egress=maybe(st.lists(EGRESS_RULES, max_size=4), []),
     mounted=maybe(st.lists(st.tuples(HOSTILE_TEXT, st.binary(max_size=64)), max_size=2), []),
     request_id=maybe(HOSTILE_TEXT, "fuzz-request"),
     lease_id=maybe(HOSTILE_TEXT, ""),
@@ -282,6 +294,8 @@ def test_create_sandbox(
     pids: int,
     lifetime: float,
     network: str,
+    egress_mode: str,
+    egress: list[pb.EgressRule],
     mounted: list[tuple[str, bytes]],
     request_id: str,
     lease_id: str,
@@ -295,6 +309,8 @@ def test_create_sandbox(
         tags=tags,
         max_lifetime_seconds=lifetime,
         network=network,
+        egress_mode=egress_mode,
+        egress=egress,
         resources=pb.Resources(cpu=cpu, memory=memory, pids=pids, disk=disk),
         mounted_files=[pb.MountedFile(path=p, content=c) for p, c in mounted],
     )
@@ -306,6 +322,24 @@ def test_create_sandbox(
     sb = _unary(target, "CreateSandbox", req)
     if sb is not None:  # valid by chance: it is a real sandbox; remove it
         target.svc.client().delete(sb.id)
+
+
+@SETTINGS
+@given(
+    egress_mode=st.sampled_from(["internet", "allowlist", "isolated", ""]) | HOSTILE_TEXT,
+    egress=st.lists(EGRESS_RULES, max_size=6),
+    mine=maybe(st.booleans(), True),
+    sandbox_id=ID_TEXT,
+)
+def test_set_network(
+    target: Target, egress_mode: str, egress: list[pb.EgressRule], mine: bool, sandbox_id: str
+) -> None:
+    request = pb.SetNetworkRequest(
+        sandbox_id=target.sandbox_id if mine else sandbox_id,
+        egress_mode=egress_mode,
+        egress=egress,
+    )
+    _unary(target, "SetNetwork", request)
 
 
 @SETTINGS
@@ -499,6 +533,7 @@ UNARY = [
     "RenewLease",
     "ReleaseLease",
     "GetServerInfo",
+    "SetNetwork",
 ]
 
 
@@ -586,7 +621,7 @@ def test_non_utf8_strings_are_invalid_argument(
 
 @SETTINGS
 @given(
-    method=st.sampled_from([*UNARY, "ReadFile", "StreamLogs", "WriteFile", "Exec"]),
+    method=st.sampled_from([*UNARY, "ReadFile", "StreamLogs", "WriteFile", "Exec", "ForwardPort"]),
     frames=st.lists(st.binary(max_size=64), min_size=1, max_size=3),
 )
 def test_arbitrary_bytes(target: Target, method: str, frames: list[bytes]) -> None:
