@@ -111,6 +111,16 @@ def _calls(stub: pbg.SandboxServiceStub, sandbox_id: str) -> dict[str, Callable[
         "GetServerInfo": lambda md: stub.GetServerInfo(
             pb.GetServerInfoRequest(), metadata=md, timeout=10
         ),
+        "SetNetwork": lambda md: stub.SetNetwork(
+            pb.SetNetworkRequest(sandbox_id=sandbox_id, egress_mode="internet"),
+            metadata=md,
+            timeout=10,
+        ),
+        "ForwardPort": lambda md: list(
+            stub.ForwardPort(
+                iter([pb.PortData(sandbox_id=sandbox_id, port=8080)]), metadata=md, timeout=10
+            )
+        ),
     }
 
 
@@ -164,6 +174,11 @@ def test_owner_b_cannot_touch_owner_a(world: World) -> None:
             "read": lambda i: bob.read_file(i, "/workspace/secret"),
             "write": lambda i: bob.write_file(i, "/workspace/secret", b"bob was here"),
             "logs": lambda i: bob.logs(i),
+            "network": lambda i: world.stub.SetNetwork(
+                pb.SetNetworkRequest(sandbox_id=i, egress_mode="internet"),
+                metadata=world.md("bob"),
+                timeout=10,
+            ),
             "stop": lambda i: bob.stop(i),
             "delete": lambda i: bob.delete(i),
         }
@@ -213,7 +228,9 @@ def test_owner_b_cannot_touch_owner_a(world: World) -> None:
     not_found(lambda: local.get(sb.id), sb.id)
 
     # Alice's sandbox is untouched.
-    assert alice.get(sb.id).status == pb.SANDBOX_STATUS_RUNNING
+    again = alice.get(sb.id)
+    assert again.status == pb.SANDBOX_STATUS_RUNNING
+    assert again.spec.egress_mode == "" and not again.spec.egress  # bob opened nothing
     assert alice.read_file(sb.id, "/workspace/secret")[1] == b"alice's data"
     for s in (sb, ended):
         alice.delete(s.id)
