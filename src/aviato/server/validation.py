@@ -375,6 +375,11 @@ def validate_egress(
     for i, (kind, value) in enumerate(rules):
         if kind not in ("dns_name", "cidr"):
             raise InvalidArgument(f"{rules_field}[{i}]", "a rule needs a dns_name or a cidr")
+        if kind == "dns_name" and value.strip() in ("*", "*."):
+            raise InvalidArgument(
+                f"{rules_field}[{i}].dns_name",
+                "'*' is every name: use egress mode 'internet' (every public address) instead",
+            )
         try:
             rule = egress_policy.parse_rule(**{kind: value})
         except ValueError as e:
