@@ -45,6 +45,7 @@ TOOLS: dict[str, SystemTool] = {
         SystemTool("nsenter", "util-linux"),
         SystemTool("openssl", "openssl"),  # a self-signed certificate for the TLS tests
         SystemTool("curl", "curl"),  # tests/runtime: a real client honours HTTP(S)_PROXY
+        SystemTool("pip3", "python3-pip"),  # tests/network: pip installs through the proxy
         SystemTool("setpriv", "util-linux"),  # tests/cli: aviato as an ordinary user
         SystemTool("pgrep", "procps"),
         SystemTool("cc", "gcc"),  # test programs compiled for the supervisor's tests

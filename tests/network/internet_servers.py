@@ -43,11 +43,37 @@ def server_names(config: dict[str, Any]) -> dict[str, str]:
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     names: dict[str, str] = {}
+    # A package index (PEP 503) under /simple/ and its files under /packages/, from
+    # CONFIG_DIR/index (small_internet.py writes one wheel there), on every server.
+    index: Path | None = None
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
+    def _index_file(self) -> bool:
+        """Serves the request from the package index when its path is there."""
+        path = self.path.split("?", 1)[0]
+        if self.index is None or not path.startswith(("/simple/", "/packages/")):
+            return False
+        target = (self.index / path.lstrip("/")).resolve()
+        if target.is_dir():
+            target = target / "index.html"
+        if not target.is_file() or self.index.resolve() not in target.parents:
+            self.send_error(404)
+            return True
+        data = target.read_bytes()
+        self.send_response(200)
+        kind = "text/html" if target.suffix == ".html" else "application/octet-stream"
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        return True
+
     def _answer(self) -> None:
+        if self.command in ("GET", "HEAD") and self._index_file():
+            return
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         local = self.connection.getsockname()[0]
@@ -217,6 +243,7 @@ def main() -> int:
     role, config_dir = sys.argv[1], Path(sys.argv[2])
     config = json.loads((config_dir / "config.json").read_text())
     if role == "internet":
+        Handler.index = config_dir / "index"
         names = server_names(config)
         context = tls_context(config_dir)
         serve_dns({k: list(v) for k, v in config["dns"].items()}, set(config["silent_names"]))

@@ -32,8 +32,10 @@ process that died are removed by the next `start()` (their names carry the pid).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
+import hashlib
 import json
 import os
 import re
@@ -45,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import trustme
@@ -118,6 +121,44 @@ def remove_stale() -> list[str]:
             _run("ip", "netns", "delete", name, check=False)
             removed.append(name)
     return removed
+
+
+# The one package of the small internet's index (served by every server under /simple/).
+PACKAGE, PACKAGE_VERSION = "avtdemo", "1.0"
+
+
+def write_index(root: Path) -> None:
+    """A PEP 503 index with one pure-Python wheel, `avtdemo` 1.0 (`import avtdemo;
+    avtdemo.ANSWER == 42`), for a real `pip install` through the egress proxy."""
+    wheel_name = f"{PACKAGE}-{PACKAGE_VERSION}-py3-none-any.whl"
+    info = f"{PACKAGE}-{PACKAGE_VERSION}.dist-info"
+    files = {
+        f"{PACKAGE}/__init__.py": b"ANSWER = 42\n",
+        f"{info}/METADATA": (
+            f"Metadata-Version: 2.1\nName: {PACKAGE}\nVersion: {PACKAGE_VERSION}\n"
+        ).encode(),
+        f"{info}/WHEEL": (
+            b"Wheel-Version: 1.0\nGenerator: aviato-tests\nRoot-Is-Purelib: true\n"
+            b"Tag: py3-none-any\n"
+        ),
+    }
+    record = "".join(f"{name},sha256={_digest(data)},{len(data)}\n" for name, data in files.items())
+    files[f"{info}/RECORD"] = (record + f"{info}/RECORD,,\n").encode()
+    (root / "packages").mkdir(parents=True)
+    wheel = root / "packages" / wheel_name
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    (root / "simple" / PACKAGE).mkdir(parents=True)
+    (root / "simple" / "index.html").write_text(f'<a href="{PACKAGE}/">{PACKAGE}</a>\n')
+    (root / "simple" / PACKAGE / "index.html").write_text(
+        f'<a href="/packages/{wheel_name}#sha256={sha}">{wheel_name}</a>\n'
+    )
+
+
+def _digest(data: bytes) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
 class SmallInternet:
@@ -203,9 +244,7 @@ class SmallInternet:
         for name in self.namespaces.values():
             _kill_namespace(name)
             _run("ip", "netns", "delete", name, check=False)
-        for path in self._directory.iterdir():
-            path.unlink()
-        self._directory.rmdir()
+        shutil.rmtree(self._directory, ignore_errors=True)
 
     def _certificates(self) -> None:
         ca = trustme.CA()
@@ -219,6 +258,7 @@ class SmallInternet:
             "silent_names": SILENT_NAMES,
         }
         (self._directory / "config.json").write_text(json.dumps(config))
+        write_index(self._directory / "index")
 
     def _network(self) -> None:
         internet, host = self.namespaces["internet"], self.namespaces["host"]

@@ -151,16 +151,16 @@ def test_a_program_that_ignores_the_proxy_is_unreachable_at_once(
 
 def test_an_allowed_name_over_https_and_http(serve: Any) -> None:
     client = serve(dns_name=["pypi.test"])
-    answer = client.https("pypi.test:443", path="/simple/")
+    answer = client.https("pypi.test:443", path="/project/")
     assert (answer["server"], answer["sni"], answer["host"]) == ("pypi", "pypi.test", "pypi.test")
     status, _, body = client.get(
-        "http://PyPI.test/simple/?x=1", extra="Proxy-Authorization: Basic eA==\r\nKeep-Alive: 5\r\n"
+        "http://PyPI.test/project/?x=1", extra="Proxy-Authorization: Basic eA==\r\nKeep-Alive: 5\r\n"
     )
     assert status == 200
     answer = json.loads(body)
     assert (answer["server"], answer["path"], answer["host"]) == (
         "pypi",
-        "/simple/?x=1",
+        "/project/?x=1",
         "PyPI.test",
     )
     assert answer["proxy_headers"] == [] and answer["connection"] == "close"
@@ -463,7 +463,7 @@ def test_programs_that_honour_the_proxy_variables(
             [*sandbox, *argv], env=env, capture_output=True, text=True, timeout=30
         )
 
-    for url, server in (("https://pypi.test/simple/", "pypi"), ("http://pypi.test/x", "pypi")):
+    for url, server in (("https://pypi.test/project/", "pypi"), ("http://pypi.test/x", "pypi")):
         done = run(sys.executable, "-c", URLLIB_FETCH, url)
         assert json.loads(done.stdout)["server"] == server, done
     done = run(sys.executable, "-c", URLLIB_FETCH, "https://evil.test/")

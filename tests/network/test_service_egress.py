@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _system_tools import require_tools
 from small_internet import SmallInternet
 
 from aviato import EgressRule, NetworkOptions, Sandbox, server_info
@@ -125,9 +126,9 @@ def test_the_default_reaches_nothing(service: Service) -> None:
 def test_an_allow_list_admits_its_names_and_refuses_the_rest_at_once(service: Service) -> None:
     rules = [EgressRule(dns_name="pypi.test"), EgressRule(dns_name="*.files.test")]
     with service.sandbox(NetworkOptions(egress=rules)) as sb:
-        answer = probe(sb, "get", "https://pypi.test/simple/")
+        answer = probe(sb, "get", "https://pypi.test/project/")
         assert answer["ok"] and answer["body"]["server"] == "pypi", answer
-        assert answer["body"]["sni"] == "pypi.test" and answer["body"]["path"] == "/simple/"
+        assert answer["body"]["sni"] == "pypi.test" and answer["body"]["path"] == "/project/"
         plain = probe(sb, "get", "http://pypi.test/x")
         assert plain["ok"] and plain["body"]["host"] == "pypi.test", plain
         assert plain["body"]["proxy_headers"] == []  # nothing of the proxy reaches the server
@@ -227,6 +228,29 @@ def test_egress_survives_a_restart_of_the_service(service: Service) -> None:
         sb.stop(graceful_shutdown_seconds=0).result()
     ended = Sandbox.from_id(sb.sandbox_id or "", base_url=service.url).result()
     assert ended.network_usage.connections >= 2 and ended.network_usage.refused >= 1
+
+
+def test_pip_installs_from_an_allowed_index_through_the_proxy(service: Service) -> None:
+    """What evaluation set-ups do first: pip (the host image's, Debian's) finds the proxy in
+    its environment and installs from the index of an allowed name; the same install from a
+    name outside the allow-list fails at once, with the proxy's reason."""
+    require_tools("pip3")  # the host image runs the host's pip
+    pip = ["python3", "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
+           "--cert", "/workspace/.aviato-test/ca.pem", "--target", "/workspace/lib",
+           "--retries", "0", "--timeout", "10"]  # fmt: skip
+    with service.sandbox(NetworkOptions(egress=[EgressRule(dns_name="pypi.test")])) as sb:
+        done = sb.exec([*pip, "--index-url", "https://pypi.test/simple/", "avtdemo"]).result()
+        assert done.returncode == 0, done.stdout + done.stderr
+        answer = sb.exec(
+            ["python3", "-c", "import avtdemo; print(avtdemo.ANSWER)"],
+            env={"PYTHONPATH": "/workspace/lib"},
+        ).result()
+        assert answer.stdout == "42\n", answer
+        before = sb.network_usage.refused if sb.get_status() else 0
+        refused = sb.exec([*pip, "--index-url", "https://evil.test/simple/", "avtdemo"]).result()
+        assert refused.returncode != 0 and refused.usage.wall_seconds < 5, refused
+        assert "No matching distribution" in refused.stderr, refused
+        assert sb.get_status() and sb.network_usage.refused > before
 
 
 def test_the_service_says_how_egress_goes(service: Service) -> None:
