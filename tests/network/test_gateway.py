@@ -154,7 +154,8 @@ def test_an_allowed_name_over_https_and_http(serve: Any) -> None:
     answer = client.https("pypi.test:443", path="/project/")
     assert (answer["server"], answer["sni"], answer["host"]) == ("pypi", "pypi.test", "pypi.test")
     status, _, body = client.get(
-        "http://PyPI.test/project/?x=1", extra="Proxy-Authorization: Basic eA==\r\nKeep-Alive: 5\r\n"
+        "http://PyPI.test/project/?x=1",
+        extra="Proxy-Authorization: Basic eA==\r\nKeep-Alive: 5\r\n",
     )
     assert status == 200
     answer = json.loads(body)
