@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
 from aviato._private import write_private
 from aviato.cluster import codec
 from aviato.egress.gateway import EgressGateway, EgressUsage
+from aviato.egress.host import ListenerSource
 from aviato.egress.resolver import Resolver
 from aviato.egress.sandboxes import InProcessEgressHost
 from aviato.node.v1 import node_pb2 as npb
-from aviato.runtime.base import SandboxHandle, SandboxRuntimeError
+from aviato.runtime.base import SandboxRuntimeError
 
 __all__ = ["NodeEgress"]
 
@@ -45,7 +46,7 @@ class NodeEgress:
         self._kept: dict[str, tuple[str, EgressUsage]] = {}
 
     async def open(
-        self, request_message: bytes, handle_of: Callable[[str], Awaitable[SandboxHandle]]
+        self, request_message: bytes, handle_of: Callable[[str], Awaitable[ListenerSource]]
     ) -> None:
         """Serves the sandbox's listener under the policy of an `npb.OpenEgressRequest`."""
         request = npb.OpenEgressRequest.FromString(request_message)
@@ -94,7 +95,7 @@ class NodeEgress:
             answer.usage[sandbox_id].CopyFrom(codec.encode_egress_usage(usage))
         return answer.SerializeToString()
 
-    async def restore(self, handles: dict[str, SandboxHandle]) -> None:
+    async def restore(self, handles: Mapping[str, ListenerSource]) -> None:
         """Serves again, at the node host's start, the listeners of the sandboxes an earlier
         node host served that still run here (`handles`); forgets the others."""
         try:
