@@ -7,7 +7,8 @@ through its proxy by a CIDR rule (the cluster's addresses are private: only a CI
 w1's own address (admitted by a rule, but "the host's own" for w1's proxy), the head's
 (outside the rules) and an address nowhere are refused at once with 403; the proxy is served
 again by a node host that Ray restarted; `set_network(deny_egress=True)` refuses from then on;
-the figures count, live and final.
+the figures count, live and final; and the proxy goes on serving while the control plane
+restarts, and is driven by the restarted one.
 """
 
 from __future__ import annotations
@@ -115,6 +116,12 @@ def test_egress_of_a_sandbox_on_a_worker_node(ray_cluster: RayCluster) -> None:
 
         answer = _get(sb, f"http://{on_w2}/who.txt")
         assert answer["status"] == 200 and answer["body"] == "on w2\n", answer
+        t0 = time.perf_counter()
+        for _ in range(20):
+            sb.get_status()  # one actor call to w1's node host each for the figures
+        print(
+            f"GetSandbox of a sandbox served on w1: {(time.perf_counter() - t0) / 20 * 1e3:.2f} ms"
+        )
         own = on_w2.replace(ips["w2"], ips["w1"])
         for url in (f"http://{own}/who.txt", f"http://{on_head}/who.txt", "http://198.51.100.7/"):
             report = _get(sb, url)
@@ -165,3 +172,65 @@ def test_egress_of_a_sandbox_on_a_worker_node(ray_cluster: RayCluster) -> None:
         "the final figures of the ended sandbox",
     )
     assert ended.network_usage.refused >= live.refused
+
+
+# The sandbox's main process: a GET through its proxy every 0.2 s, each answer's time and status
+# appended to a file (the proxy variables are in its environment: it was created with egress).
+FETCH_FOREVER = """
+import sys, time, urllib.error, urllib.request
+while True:
+    try:
+        with urllib.request.urlopen(sys.argv[1], timeout=5) as answer:
+            status = answer.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except OSError:
+        status = 0
+    with open("/tmp/fetches", "a") as out:
+        out.write(f"{time.time()} {status}\\n")
+    time.sleep(0.2)
+"""
+
+
+def _fetches(sb: Sandbox) -> list[tuple[float, int]]:
+    try:
+        lines = sb.read_file("/tmp/fetches").result(timeout=30).decode().splitlines()
+    except aviato.SandboxFileError:  # none yet
+        return []
+    return [(float(t), int(s)) for t, s in (line.split() for line in lines if " " in line)]
+
+
+@pytest.mark.slow
+def test_egress_goes_on_while_the_control_plane_restarts(ray_cluster: RayCluster) -> None:
+    ips = ray_cluster.ips
+    with _http_server(ray_cluster, "w2") as on_w2:
+        sb = Sandbox.run(
+            "python3", "-c", FETCH_FOREVER, f"http://{on_w2}/who.txt",
+            tags=[TAG],
+            node_selector={"aviato-test": "w1"},
+            network=NetworkOptions(egress=[EgressRule(cidr=f"{ips['w2']}/32")]),
+        )  # fmt: skip
+        assert sb.sandbox_id is not None
+        try:
+            sb.wait(timeout=60)
+            wait_until(lambda: any(s == 200 for _, s in _fetches(sb)), "a first fetch")
+            ray_cluster.stop_server()
+            down = time.time()
+            time.sleep(2)
+            up = time.time()
+            ray_cluster.start_server()
+            sb = Sandbox.from_id(sb.sandbox_id).result(timeout=30)
+            fetches = _fetches(sb)
+            while_down = [s for t, s in fetches if down < t < up]
+            assert while_down and set(while_down) == {200}, fetches[-30:]
+            # The restarted control plane drives the node's proxy again (found by `open`).
+            sb.get_status()
+            assert sb.network_usage.connections >= len(while_down)
+            sb.set_network(deny_egress=True).result(timeout=30)
+            denied = time.time()
+            wait_until(
+                lambda: any(t > denied and s == 403 for t, s in _fetches(sb)), "a refused fetch"
+            )
+            assert {s for t, s in _fetches(sb) if t > denied + 1} <= {403}
+        finally:
+            sb.stop(graceful_shutdown_seconds=0).result(timeout=30)

@@ -62,14 +62,14 @@ class NodeEgressHost(EgressHost):
             policy=codec.encode_policy(policy),
             counted=codec.encode_egress_usage(counted),
         )
-        await self._link.call("open_egress", request.SerializeToString())
+        await self._call("open_egress", request.SerializeToString())
         self._known.setdefault(sandbox_id, counted)
 
     async def update(self, sandbox_id: str, policy: EgressPolicy) -> None:
         if sandbox_id not in self._known:
             return
         request = npb.UpdateEgressRequest(sandbox_id=sandbox_id, policy=codec.encode_policy(policy))
-        await self._link.call("update_egress", request.SerializeToString())
+        await self._call("update_egress", request.SerializeToString())
 
     async def usage(self, sandbox_id: str, *, max_age: float = 0.0) -> EgressUsage | None:
         if sandbox_id not in self._known:
@@ -91,7 +91,7 @@ class NodeEgressHost(EgressHost):
             return None
         try:
             answer = npb.EgressUsages.FromString(
-                await asyncio.wait_for(self._link.call("close_egress", sandbox_id), CLOSE_SECONDS)
+                await asyncio.wait_for(self._call("close_egress", sandbox_id), CLOSE_SECONDS)
             )
         except (SandboxRuntimeError, TimeoutError) as e:
             log.info("sandbox %s: its node did not give its final egress figures: %s",
@@ -103,6 +103,16 @@ class NodeEgressHost(EgressHost):
     async def close_all(self) -> None:
         self._known.clear()
 
+    async def _call(self, method: str, *args: object) -> bytes:
+        try:
+            answer: bytes = await self._link.call(method, *args)
+        except AttributeError:  # a node host of a release without egress
+            raise SandboxRuntimeError(
+                f"the node host on {self._link.node_id[:12]} cannot serve egress (an older "
+                "aviato release): run the same release on every node"
+            ) from None
+        return answer
+
     async def _ask_all(self) -> None:
         self._all_asked_at = time.monotonic()
         await self._ask(list(self._known))
@@ -112,7 +122,7 @@ class NodeEgressHost(EgressHost):
         request = npb.EgressUsageRequest(sandbox_ids=sandbox_ids).SerializeToString()
         try:
             answer = npb.EgressUsages.FromString(
-                await asyncio.wait_for(self._link.call("egress_usage", request), USAGE_SECONDS)
+                await asyncio.wait_for(self._call("egress_usage", request), USAGE_SECONDS)
             )
         except (SandboxRuntimeError, TimeoutError) as e:
             log.debug("egress figures of node %s: %s", self._link.node_id[:12], e)

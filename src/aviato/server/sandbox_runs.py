@@ -178,6 +178,13 @@ class SandboxRuns:
                 await live.handle.kill()
             self._finish(live, FAILED, f"egress failed: {e}", None, time.time_ns())
             return False
+        except Exception as e:
+            log.exception("serving the egress of %s crashed", rec.id)
+            with contextlib.suppress(SandboxRuntimeError):
+                await live.handle.kill()
+            self._finish(live, FAILED, f"egress failed: internal error: {e}", None,
+                         time.time_ns())  # fmt: skip
+            return False
         if not rec.egress_listener:
             rec.egress_listener = True
             self._registry.update_sandbox(rec)
