@@ -40,10 +40,16 @@ class NodeEgress:
     """The served egress of the sandboxes of this node (use from the node host's loop)."""
 
     def __init__(self, state_dir: Path, nameservers: Sequence[str]) -> None:
-        self._host = InProcessEgressHost(EgressGateway(Resolver(tuple(nameservers) or None)))
+        self._resolver = Resolver(tuple(nameservers) or None)
+        self._host = InProcessEgressHost(EgressGateway(self._resolver))
         self._path = state_dir / "egress.json"
         # sandbox id -> (policy payload, counted at open): what a restarted node host serves.
         self._kept: dict[str, tuple[str, EgressUsage]] = {}
+
+    @property
+    def nameservers(self) -> tuple[str, ...]:
+        """The DNS servers the proxies ask."""
+        return self._resolver.nameservers
 
     async def open(
         self, request_message: bytes, handle_of: Callable[[str], Awaitable[ListenerSource]]
