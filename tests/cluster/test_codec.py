@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from aviato.cluster import codec
+from aviato.egress.gateway import EgressUsage
 from aviato.node.v1 import node_pb2 as npb
 from aviato.runtime import model_codec
 from aviato.runtime.base import (
@@ -96,6 +97,12 @@ CASES: list[tuple[Any, Callable[[Any], Any], Callable[[Any], Any]]] = [
     (_filled(ExecOutput), codec.encode_event, codec.decode_event),
     (_filled(ExecExit), codec.encode_event, codec.decode_event),
     (_filled(ExecFailed), codec.encode_event, codec.decode_event),
+    (_filled(EgressUsage), codec.encode_egress_usage, codec.decode_egress_usage),
+    (
+        _filled(EgressPolicy, rules=(EgressRule(dns_name="*.pypi.org"), EgressRule(cidr="::/0"))),
+        codec.encode_policy,
+        codec.decode_policy,
+    ),
 ]
 
 

@@ -114,3 +114,15 @@ def test_each_node_host_bounds_all_its_sandboxes(tmp_path: Path) -> None:
         remove_cgroup_parent(parent)
     assert pids == 1234
     assert memory is not None and abs(memory - default_parent_memory_bytes()) < 1 << 20
+
+
+def test_node_hosts_resolve_egress_names_with_the_services_dns(tmp_path: Path) -> None:
+    """The service's --egress-dns reaches every node host (node_host_args); without it a node
+    asks its own /etc/resolv.conf's servers."""
+    from aviato.cluster.nodehost import NodeHost
+    from aviato.server.ray_placement import node_host_args
+
+    config = ServerConfig(state_dir=tmp_path / "cp", ray_node_state_dir=str(tmp_path),
+                          egress_dns=("192.0.2.53", "2001:db8::53"))  # fmt: skip
+    host = NodeHost(*node_host_args(config, "n" * 16))
+    assert host._egress.nameservers == ("192.0.2.53", "2001:db8::53")

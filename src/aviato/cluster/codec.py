@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any, TypeVar
 
+from aviato.egress.gateway import EgressUsage
 from aviato.node.v1 import node_pb2 as npb
 from aviato.runtime.base import (
     ExecEvent,
@@ -33,10 +34,12 @@ from aviato.runtime.base import (
     SandboxConfig,
     SandboxRuntimeError,
 )
+from aviato.runtime.model import EgressPolicy
 from aviato.runtime.model_codec import ModelDecodeError, from_plain, to_plain
 
 __all__ = [
     "MAX_CONFIG_PAYLOAD",
+    "MAX_POLICY_PAYLOAD",
     "MAX_SPEC_PAYLOAD",
     "VERSION",
     "BadModelPayload",
@@ -44,21 +47,25 @@ __all__ = [
     "check_version",
     "decode_config",
     "decode_credentials",
+    "decode_egress_usage",
     "decode_event",
     "decode_file_info",
     "decode_image",
     "decode_main_exit",
     "decode_model",
+    "decode_policy",
     "decode_progress",
     "decode_record",
     "decode_spec",
     "encode_config",
     "encode_credentials",
+    "encode_egress_usage",
     "encode_event",
     "encode_file_info",
     "encode_image",
     "encode_main_exit",
     "encode_model",
+    "encode_policy",
     "encode_progress",
     "encode_record",
     "encode_spec",
@@ -73,6 +80,9 @@ _MIB = 1 << 20
 # 48 MiB of payload at worst. An exec's argv and env are at most 1 MiB each: 12 MiB at worst.
 MAX_CONFIG_PAYLOAD = 64 * _MIB
 MAX_SPEC_PAYLOAD = 16 * _MIB
+# An egress policy is at most egress.policy.MAX_RULES (256) rules of a name (253 characters) or
+# a CIDR: under 100 KiB of JSON.
+MAX_POLICY_PAYLOAD = 1 * _MIB
 
 
 class ProtocolMismatch(Exception):
@@ -146,6 +156,32 @@ def encode_config(config: SandboxConfig) -> npb.SandboxConfig:
 
 def decode_config(message: npb.SandboxConfig) -> SandboxConfig:
     return decode_model(SandboxConfig, message.model, MAX_CONFIG_PAYLOAD)
+
+
+def encode_policy(policy: EgressPolicy) -> npb.EgressPolicy:
+    return npb.EgressPolicy(model=encode_model(policy))
+
+
+def decode_policy(message: npb.EgressPolicy) -> EgressPolicy:
+    return decode_model(EgressPolicy, message.model, MAX_POLICY_PAYLOAD)
+
+
+def encode_egress_usage(usage: EgressUsage) -> npb.EgressUsage:
+    return npb.EgressUsage(
+        bytes_sent=usage.bytes_sent,
+        bytes_received=usage.bytes_received,
+        connections=usage.connections,
+        refused=usage.refused,
+    )
+
+
+def decode_egress_usage(message: npb.EgressUsage) -> EgressUsage:
+    return EgressUsage(
+        bytes_sent=message.bytes_sent,
+        bytes_received=message.bytes_received,
+        connections=message.connections,
+        refused=message.refused,
+    )
 
 
 def encode_main_exit(exit: MainExit) -> npb.MainExit:

@@ -18,7 +18,8 @@ worker) exactly as the local service does after its restart.
 
 State that must survive the actor, in its state directory: the runtime's per-sandbox state,
 `holdings.json` (the cpu and memory each sandbox was placed with, so that a restarted control
-plane can account for them again) and `channel.json` (the direct channel's port and token, so
+plane can account for them again), `egress.json` (the egress policy of each sandbox whose proxy
+this host serves, node_egress.py) and `channel.json` (the direct channel's port and token, so
 that the control plane's channel reconnects to a restarted host by itself).
 
 Fencing: a background task asks the GCS for a key every second. When no answer came for longer
@@ -42,6 +43,7 @@ from typing import Any
 
 from aviato._private import secure_tree, write_private
 from aviato.cluster import codec
+from aviato.cluster.node_egress import NodeEgress
 from aviato.images.limits import PullLimits
 from aviato.node.v1 import node_pb2 as npb
 from aviato.runtime.base import (
@@ -97,8 +99,10 @@ class NodeHost:
         cgroup_parent: str = "aviato",
         parent_memory_bytes: int | None = 0,
         parent_pids: int | None = 0,
+        egress_dns: tuple[str, ...] = (),
     ) -> None:
         self._state_dir = Path(state_dir)
+        self._egress = NodeEgress(self._state_dir, egress_dns)
         self._cgroup_parent = cgroup_parent
         self._parent_limits = (parent_memory_bytes, parent_pids)
         self._insecure_registries = tuple(insecure_registries)
@@ -138,6 +142,7 @@ class NodeHost:
                         attached = await self._runtime.attach(sandbox_id)
                         if not isinstance(attached, MainExit):
                             self._handles[sandbox_id] = attached
+                await self._egress.restore(dict(self._handles))
                 self._fence_task = asyncio.create_task(self._fence_forever())
                 await self._serve_exec()
         return {
@@ -284,6 +289,7 @@ class NodeHost:
         await (await self._handle(sandbox_id)).set_deadline(at_ns, why, grace_seconds)
 
     async def cleanup(self, sandbox_id: str) -> None:
+        await self._egress.close(sandbox_id)
         self._handles.pop(sandbox_id, None)
         if self._holdings.pop(sandbox_id, None) is not None:
             self._save_holdings()
@@ -451,6 +457,25 @@ class NodeHost:
                 continue
             batch, skip = batch[skip:], 0
             yield _bytes(npb.LogBatch(records=[codec.encode_record(r) for r in batch]))
+
+    # --- egress (node_egress.py; node.proto's egress block) ---
+
+    async def open_egress(self, request_message: bytes) -> None:
+        """Serves a sandbox's egress proxy here (an `npb.OpenEgressRequest`)."""
+        await self._ready()
+        await self._egress.open(request_message, self._handle)
+
+    async def update_egress(self, request_message: bytes) -> None:
+        """Applies a new policy (an `npb.UpdateEgressRequest`) to a served sandbox."""
+        await self._egress.update(request_message)
+
+    def egress_usage(self, request_message: bytes) -> bytes:
+        """The figures of served sandboxes (`npb.EgressUsageRequest` -> `npb.EgressUsages`)."""
+        return self._egress.usage(request_message)
+
+    async def close_egress(self, sandbox_id: str) -> bytes:
+        """Stops serving a sandbox's egress: its final figures (an `npb.EgressUsages`)."""
+        return await self._egress.close(sandbox_id)
 
     # --- fencing ---
 

@@ -12,6 +12,10 @@ returns a `MainExit` with reason "node lost" (or "node host lost"), which the li
 as FAILED. Until then, a node host that does not answer (its worker is restarting) is retried by
 `wait_exit` and reported as `SandboxGone` elsewhere.
 
+Egress: a sandbox's proxy runs in its node host (node_egress.py), driven through `egress`
+(remote_egress.py); `RemoteSandbox.egress_listener` stays Unsupported (a socket does not cross
+nodes).
+
 The main log is copied: each sandbox handle copies its records from the node into
 `<control plane state>/cluster-logs/<id>.log` (the supervisor's format, runtime/logs.py) as
 they are written, because the service keeps a sandbox's log after its end, when the node has
@@ -36,6 +40,7 @@ from aviato.cluster import codec, execwire
 from aviato.cluster.link import NODE_HOST_LOST, NODE_LOST, NodeLink, NodeLost
 from aviato.cluster.node_images import NodeImages
 from aviato.cluster.port_relay import connect_remote_port
+from aviato.cluster.remote_egress import NodeEgressHost
 from aviato.cluster.remote_exec import start_exec
 from aviato.node.v1 import node_pb2 as npb
 from aviato.runtime import image_roots
@@ -85,6 +90,8 @@ class NodeRuntime(Runtime):
     ) -> None:
         self.node_id = node_id
         self.link = NodeLink(node_id, actor, facts)
+        # The sandboxes' egress proxies, which run in the node host (remote_egress.py).
+        self.egress = NodeEgressHost(self.link)
         self._present: list[str] = list(facts.get("present", []))
         self._describe: dict[str, str] = dict(facts.get("describe", {}))
         self._log_dir = log_dir

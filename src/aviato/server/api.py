@@ -135,7 +135,7 @@ class SandboxServicer(ExecStreams, FileStreams, LogStreams, PortTunnels):
     async def GetSandbox(
         self, owner: str, request: pb.GetSandboxRequest, context: Ctx
     ) -> pb.Sandbox:
-        return codec.encode_sandbox(self._lifecycle.get(owner, request.sandbox_id))
+        return codec.encode_sandbox(await self._lifecycle.get(owner, request.sandbox_id))
 
     @_Unary
     async def ListSandboxes(
@@ -143,7 +143,7 @@ class SandboxServicer(ExecStreams, FileStreams, LogStreams, PortTunnels):
     ) -> pb.ListSandboxesResponse:
         tags = validation.validate_tags(request.tags, "tags")
         statuses = codec.decode_statuses(request.statuses, "statuses")
-        records, token = self._lifecycle.list(
+        records, token = await self._lifecycle.list(
             owner,
             tags=tags,
             statuses=statuses,

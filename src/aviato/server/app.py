@@ -278,7 +278,7 @@ def _build_placement(config: ServerConfig) -> Placement:
         insecure_registries=config.insecure_registries,
         image_limits=config.image_limits(),
     )
-    return LocalPlacement(runtime)
+    return LocalPlacement(runtime, config.egress_dns)
 
 
 def _bind(server: grpc.aio.Server, config: ServerConfig) -> None:

@@ -76,6 +76,8 @@ _STARTING = (PENDING, CREATING)
 DEFAULT_WAIT = 60.0
 MAX_WAIT = 3600.0
 _CREATE_DRAIN_SECONDS = 10.0
+# How old the egress figures of a listing may be (a Ray node is asked at most once in this time).
+LIST_USAGE_AGE = 1.0
 
 
 class Lifecycle(LeaseKeeping, Reconciliation):
@@ -108,11 +110,15 @@ class Lifecycle(LeaseKeeping, Reconciliation):
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._ports.close_all()  # the sandboxes' addresses stay recorded for a restart
         for live in self._live.values():  # a restarted service counts on from these
-            usage = self._egress.usage(live.rec.id)
+            egress = self._egress_of(live.rec)
+            usage = egress.known_usage(live.rec.id) if egress is not None else None
             if usage is not None:
                 live.rec.network_usage = usage
                 self._registry.update_sandbox(live.rec)
-        await self._egress.close_all()  # their listeners stay in the sandboxes for a restart
+        # Their listeners stay in the sandboxes for a restart (a node host keeps serving).
+        for node in self._placement.nodes():
+            with contextlib.suppress(UnknownNode):
+                await self._placement.egress(node).close_all()
 
     def how_it_ended(self, sandbox_id: str) -> str:
         """How a sandbox is ending or ended, for the message of a command it cut off: "was
@@ -129,17 +135,28 @@ class Lifecycle(LeaseKeeping, Reconciliation):
             return f"ended ({rec.reason or 'its main process exited'})"
         return "ended (its main process exited or its supervisor died)"
 
-    def get(self, owner: str, sandbox_id: str) -> SandboxRecord:
-        return self._with_usage(self._record(owner, sandbox_id))
+    def record(self, owner: str, sandbox_id: str) -> SandboxRecord:
+        """The sandbox's record as it is (egress figures as last refreshed); NotFound for a
+        sandbox the owner does not have."""
+        return self._record(owner, sandbox_id)
 
-    def _with_usage(self, rec: SandboxRecord) -> SandboxRecord:
-        """`rec` with the live figures of its egress, while it is served."""
-        usage = self._egress.usage(rec.id)
-        if usage is not None:
+    async def get(self, owner: str, sandbox_id: str) -> SandboxRecord:
+        return await self._with_usage(self._record(owner, sandbox_id))
+
+    async def _with_usage(self, rec: SandboxRecord, max_age: float = 0.0) -> SandboxRecord:
+        """`rec` with the figures of its egress while it is served, at most `max_age` seconds
+        old (in process they are always live; a remote node is asked)."""
+        if rec.terminal:
+            return rec
+        egress = self._egress_of(rec)
+        if egress is None or not egress.serving(rec.id):
+            return rec
+        usage = await egress.usage(rec.id, max_age=max_age)
+        if usage is not None and not rec.terminal:
             rec.network_usage = usage
         return rec
 
-    def list(
+    async def list(
         self,
         owner: str,
         *,
@@ -163,9 +180,14 @@ class Lifecycle(LeaseKeeping, Reconciliation):
             owner, statuses=wanted, tags=tags, limit=size, page_token=page_token
         )
         # Live entries are fresher than rows only in identity, but keep one object per sandbox.
-        live = [self._with_usage(self._live[r.id].rec) if r.id in self._live else r
-                for r in records]  # fmt: skip
-        return live, token
+        # Their egress figures may be up to LIST_USAGE_AGE old: a Ray node is asked for all of
+        # its sandboxes' figures in one call, at most once in that time.
+        live = await asyncio.gather(*(
+            self._with_usage(self._live[r.id].rec, LIST_USAGE_AGE) if r.id in self._live
+            else _as_is(r)
+            for r in records
+        ))  # fmt: skip
+        return list(live), token
 
     def running_count(self, owner: str | None = None) -> int:
         """RUNNING sandboxes: all of them, or only `owner`'s."""
@@ -281,23 +303,34 @@ class Lifecycle(LeaseKeeping, Reconciliation):
             )
         async with self._network_change:
             if rec.status == RUNNING and live.handle is not None:
-                if self._egress.serving(rec.id):
-                    self._egress.update(rec.id, egress)
-                elif not egress.isolated:
-                    try:
-                        await self._egress.open(rec.id, live.handle, egress, rec.network_usage)
-                    except (SandboxRuntimeError, OSError) as e:
-                        raise FailedPrecondition(
-                            f"sandbox {sandbox_id}: cannot open its egress: {e}",
-                            reason=SANDBOX_NOT_RUNNING,
-                        ) from e
-                    rec.egress_listener = True
-                    self._registry.update_sandbox(rec)
+                await self._apply_egress(rec, live.handle, egress)
             rec.config = replace(rec.config, egress=egress)
             if live.config is not None:
                 live.config = replace(live.config, egress=egress)
             self._registry.update_config(rec)
-        return self._with_usage(rec)
+        return await self._with_usage(rec)
+
+    async def _apply_egress(
+        self, rec: SandboxRecord, handle: SandboxHandle, egress: EgressPolicy
+    ) -> None:
+        """Gives a running sandbox's proxy `egress` (opening it when it has none and egress
+        is no longer isolated); FailedPrecondition when its egress host cannot."""
+        try:
+            host = self._placement.egress(rec.node)
+            if host.serving(rec.id):
+                await host.update(rec.id, egress)
+            elif not egress.isolated:
+                await host.open(rec.id, handle, egress, rec.network_usage)
+                rec.egress_listener = True
+                self._registry.update_sandbox(rec)
+        except UnknownNode as e:
+            raise FailedPrecondition(
+                f"sandbox {rec.id}: its node {e} is unknown", reason=SANDBOX_NOT_RUNNING
+            ) from e
+        except (SandboxRuntimeError, OSError) as e:
+            raise FailedPrecondition(
+                f"sandbox {rec.id}: cannot change its egress: {e}", reason=SANDBOX_NOT_RUNNING
+            ) from e
 
     async def delete(self, owner: str, sandbox_id: str) -> None:
         """Stops the sandbox if needed, then removes its record, its kept log and its state."""
@@ -360,3 +393,7 @@ class Lifecycle(LeaseKeeping, Reconciliation):
     def kept_log_path(self, sandbox_id: str) -> Path:
         """Where the log of a terminal sandbox is kept (it moves there when the sandbox ends)."""
         return self._kept_log(sandbox_id)
+
+
+async def _as_is(rec: SandboxRecord) -> SandboxRecord:
+    return rec

@@ -4,7 +4,9 @@ The lifecycle asks `runtime_for_new(config)` when it creates a sandbox, records 
 name, and later asks `runtime_of(node)` (after a restart too). `LocalPlacement` has one node,
 "local", served by one runtime on this machine. `aviato.server.ray_placement.RayPlacement` maps
 Ray node ids to runtimes living in node-host actors, and defers the choice of a node (node "")
-to `place`, which the lifecycle awaits while the sandbox is PENDING.
+to `place`, which the lifecycle awaits while the sandbox is PENDING. `egress(node)` is where
+the egress proxies of a node's sandboxes run (aviato.egress.host): in this process for
+"local", in the node's node host under Ray.
 
 What a placement does not do: capacity accounting (the lifecycle does that) and retries on
 another node when a runtime refuses.
@@ -13,9 +15,13 @@ another node when a runtime refuses.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from aviato.egress.gateway import EgressGateway
+from aviato.egress.host import EgressHost
+from aviato.egress.resolver import Resolver
+from aviato.egress.sandboxes import InProcessEgressHost
 from aviato.runtime.base import Runtime, SandboxConfig
 
 __all__ = ["LocalPlacement", "Placement", "UnknownNode"]
@@ -53,6 +59,11 @@ class Placement(abc.ABC):
         """The runtime of a node named in a record; UnknownNode if there is none."""
 
     @abc.abstractmethod
+    def egress(self, node: str) -> EgressHost:
+        """Where the egress proxies of the sandboxes of a node named in a record run;
+        UnknownNode if there is none."""
+
+    @abc.abstractmethod
     def nodes(self) -> dict[str, Runtime]:
         """Every node with its runtime (for reconciliation and server info)."""
 
@@ -78,8 +89,12 @@ class LocalPlacement(Placement):
     name = "local"
     NODE = "local"
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, egress_dns: Sequence[str] = ()) -> None:
+        """`egress_dns`: the DNS servers the egress proxy asks (addresses; empty: this
+        machine's /etc/resolv.conf)."""
         self._runtime = runtime
+        self._egress_dns = tuple(egress_dns)
+        self._egress: InProcessEgressHost | None = None
 
     def runtime_for_new(self, config: SandboxConfig) -> tuple[str, Runtime]:
         return self.NODE, self._runtime
@@ -88,6 +103,13 @@ class LocalPlacement(Placement):
         if node not in (self.NODE, ""):
             raise UnknownNode(node)
         return self._runtime
+
+    def egress(self, node: str) -> EgressHost:
+        self.runtime_of(node)  # UnknownNode for another node
+        if self._egress is None:
+            resolver = Resolver(self._egress_dns or None)
+            self._egress = InProcessEgressHost(EgressGateway(resolver))
+        return self._egress
 
     def nodes(self) -> dict[str, Runtime]:
         return {self.NODE: self._runtime}

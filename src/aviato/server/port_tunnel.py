@@ -135,7 +135,7 @@ class PortTunnels(ServicerBase):
         not expose."""
         if not sandbox_id:
             raise InvalidArgument("sandbox_id", "the first message must name the sandbox")
-        rec = self._lifecycle.get(owner, sandbox_id)
+        rec = self._lifecycle.record(owner, sandbox_id)
         if not 1 <= port <= 65535:
             raise InvalidArgument("port", f"{port} is not a TCP port (1 to 65535)")
         exposed = rec.config.exposed_ports

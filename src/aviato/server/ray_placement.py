@@ -43,6 +43,7 @@ from typing import Any
 from aviato._private import private_dir
 from aviato.cluster import codec
 from aviato.cluster.remote import NODE_HOST_LOST, NodeRuntime
+from aviato.egress.host import EgressHost
 from aviato.runtime.base import MainExit, Runtime, SandboxConfig, SandboxHandle, SandboxRuntimeError
 from aviato.server.config import ServerConfig
 from aviato.server.placement import Placement, UnknownNode
@@ -136,6 +137,7 @@ def node_host_args(config: ServerConfig, node_id: str) -> tuple[Any, ...]:
         config.cgroup_parent,
         config.cgroup_memory_bytes,
         config.cgroup_pids,
+        config.egress_dns,
     )
 
 
@@ -422,6 +424,12 @@ class RayPlacement(Placement):
         if found is None or found.runtime is None:
             raise UnknownNode(node)
         return found.runtime
+
+    def egress(self, node: str) -> EgressHost:
+        found = self._nodes.get(node)
+        if found is None or found.runtime is None:
+            raise UnknownNode(node)
+        return found.runtime.egress
 
     def nodes(self) -> dict[str, Runtime]:
         return {n.id: n.runtime for n in self._nodes.values() if n.runtime is not None}

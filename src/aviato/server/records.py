@@ -12,15 +12,15 @@ never assumed equal to the public proto's enum (the codec maps between the two e
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
+from aviato.egress.gateway import EgressUsage
 from aviato.runtime.model import SandboxConfig
 
 __all__ = [
     "ALL_STATUSES",
     "LIVE_STATUSES",
     "TERMINAL_STATUSES",
-    "NetworkUsage",
     "SandboxRecord",
     "SandboxStatus",
     "ValidSpec",
@@ -68,17 +68,6 @@ def kept_config(config: SandboxConfig) -> SandboxConfig:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class NetworkUsage:
-    """What went through a sandbox's egress: bytes it sent and received on the connections it
-    was allowed, those connections, and the connections refused."""
-
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    connections: int = 0
-    refused: int = 0
-
-
 @dataclass(slots=True)
 class SandboxRecord:
     """One sandbox. Mutable: the lifecycle updates it, then calls `Registry.update_sandbox`.
@@ -105,7 +94,7 @@ class SandboxRecord:
     # by the port forwarder (kept in the registry's sandbox_ports table, not in the model).
     port_addresses: tuple[tuple[int, str], ...] = ()
     # Through its egress: live while it runs (from the egress gateway), final once it ended.
-    network_usage: NetworkUsage = NetworkUsage()
+    network_usage: EgressUsage = field(default_factory=EgressUsage)
     # The sandbox has an egress proxy listener (opened at create or by SetNetwork), which the
     # service serves for the rest of its life, even while its policy refuses everything.
     egress_listener: bool = False

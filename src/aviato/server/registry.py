@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from aviato._private import open_private
+from aviato.egress.gateway import EgressUsage
 from aviato.runtime.model import SandboxConfig
 from aviato.runtime.model_codec import from_plain, to_plain
 from aviato.server.codec import decode_stored_spec
@@ -43,7 +44,6 @@ from aviato.server.errors import InvalidArgument
 from aviato.server.records import (
     ALL_STATUSES,
     TERMINAL_STATUSES,
-    NetworkUsage,
     SandboxRecord,
     SandboxStatus,
 )
@@ -279,7 +279,7 @@ def _sandbox(row: Sequence[Any]) -> SandboxRecord:
         started_ns=None if started is None else int(started),
         ended_ns=None if ended is None else int(ended),
         expires_ns=None if expires is None else int(expires),
-        network_usage=NetworkUsage(*(int(n) for n in usage)),
+        network_usage=EgressUsage(*(int(n) for n in usage)),
         egress_listener=bool(egress_listener),
     )
 

@@ -17,8 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aviato._private import private_dir
-from aviato.egress.gateway import EgressGateway
-from aviato.egress.resolver import Resolver
+from aviato.egress.host import EgressHost
 from aviato.runtime.base import (
     MainExit,
     Runtime,
@@ -36,7 +35,6 @@ from aviato.server.records import (
     SandboxStatus,
 )
 from aviato.server.registry import Registry
-from aviato.server.sandbox_egress import SandboxEgress
 from aviato.server.sandbox_states import (
     LeaseState,
     LiveSandbox,
@@ -53,6 +51,8 @@ CREATING = SandboxStatus.CREATING
 RUNNING = SandboxStatus.RUNNING
 FAILED = SandboxStatus.FAILED
 TERMINATED = SandboxStatus.TERMINATED
+# How long an ended sandbox's egress may take to close (a remote node's answer).
+EGRESS_CLOSE_SECONDS = 10.0
 
 
 class SandboxRuns:
@@ -70,7 +70,6 @@ class SandboxRuns:
         self._reaper: asyncio.Task[None] | None = None
         self._closing = False
         self._ports = PortForwarder()
-        self._egress = SandboxEgress(EgressGateway(Resolver(config.egress_dns or None)))
         self._network_change = asyncio.Lock()  # one SetNetwork at a time
         private_dir(config.logs_dir)
 
@@ -153,17 +152,38 @@ class SandboxRuns:
         failed and the sandbox was ended for it."""
         return await self._expose_ports(live) and await self._serve_egress(live)
 
+    def _egress_of(self, rec: SandboxRecord) -> EgressHost | None:
+        """Where the sandbox's egress proxy runs; None when its node is unknown (lost)."""
+        try:
+            return self._placement.egress(rec.node)
+        except UnknownNode:
+            return None
+
     async def _serve_egress(self, live: LiveSandbox) -> bool:
         rec = live.rec
         if live.handle is None or (rec.config.egress.isolated and not rec.egress_listener):
             return True
         try:
-            await self._egress.open(rec.id, live.handle, rec.config.egress, rec.network_usage)
+            host = self._placement.egress(rec.node)
+            await host.open(rec.id, live.handle, rec.config.egress, rec.network_usage)
+        except UnknownNode as e:  # the node left since the sandbox was placed
+            log.warning("sandbox %s: cannot serve its egress: node %s is unknown", rec.id, e)
+            with contextlib.suppress(SandboxRuntimeError):
+                await live.handle.kill()
+            self._finish(live, FAILED, f"egress failed: node {e} is unknown", None, time.time_ns())
+            return False
         except (SandboxRuntimeError, OSError) as e:
             log.warning("sandbox %s: cannot serve its egress: %s", rec.id, e)
             with contextlib.suppress(SandboxRuntimeError):
                 await live.handle.kill()
             self._finish(live, FAILED, f"egress failed: {e}", None, time.time_ns())
+            return False
+        except Exception as e:
+            log.exception("serving the egress of %s crashed", rec.id)
+            with contextlib.suppress(SandboxRuntimeError):
+                await live.handle.kill()
+            self._finish(live, FAILED, f"egress failed: internal error: {e}", None,
+                         time.time_ns())  # fmt: skip
             return False
         if not rec.egress_listener:
             rec.egress_listener = True
@@ -289,10 +309,12 @@ class SandboxRuns:
             return
         rec.status, rec.reason, rec.exit_code = status, reason, exit_code
         rec.ended_ns = ended_ns or time.time_ns()
-        usage = self._egress.usage(rec.id)
-        if usage is not None:  # final figures (what moves while it closes is not counted)
-            rec.network_usage = usage
-            self._spawn(self._close_egress(rec.id))
+        egress = self._egress_of(rec)
+        if egress is not None and egress.serving(rec.id):
+            usage = egress.known_usage(rec.id)  # at once; the final ones once it is closed
+            if usage is not None:
+                rec.network_usage = usage
+            self._spawn(self._close_egress(egress, rec))
         self._registry.update_sandbox(rec)
         if rec.config.exposed_ports:  # nothing to close or forget for most sandboxes
             rec.port_addresses = ()
@@ -307,8 +329,17 @@ class SandboxRuns:
         self._keep_log(rec)
         self._spawn(self._cleanup(live.runtime, rec.id))
 
-    async def _close_egress(self, sandbox_id: str) -> None:
-        await self._egress.close(sandbox_id)
+    async def _close_egress(self, egress: EgressHost, rec: SandboxRecord) -> None:
+        """Stops serving an ended sandbox's egress and records its final figures (a remote
+        node's answer can come after the end was recorded with the last figures known)."""
+        try:
+            usage = await asyncio.wait_for(egress.close(rec.id), EGRESS_CLOSE_SECONDS)
+        except (SandboxRuntimeError, TimeoutError) as e:
+            log.info("sandbox %s: its egress did not close cleanly: %s", rec.id, e)
+            return
+        if usage is not None and usage != rec.network_usage:
+            rec.network_usage = usage
+            self._registry.update_sandbox(rec)
 
     def _finish_record(
         self,

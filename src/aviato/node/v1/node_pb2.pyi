@@ -281,3 +281,58 @@ class PortFrame(_message.Message):
     error_code: str
     error_message: str
     def __init__(self, sandbox_id: _Optional[str] = ..., port: _Optional[int] = ..., data: _Optional[bytes] = ..., eof: _Optional[bool] = ..., consumed: _Optional[int] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ...) -> None: ...
+
+class EgressPolicy(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: bytes
+    def __init__(self, model: _Optional[bytes] = ...) -> None: ...
+
+class EgressUsage(_message.Message):
+    __slots__ = ("bytes_sent", "bytes_received", "connections", "refused")
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    bytes_sent: int
+    bytes_received: int
+    connections: int
+    refused: int
+    def __init__(self, bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., connections: _Optional[int] = ..., refused: _Optional[int] = ...) -> None: ...
+
+class OpenEgressRequest(_message.Message):
+    __slots__ = ("sandbox_id", "policy", "counted")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    COUNTED_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    policy: EgressPolicy
+    counted: EgressUsage
+    def __init__(self, sandbox_id: _Optional[str] = ..., policy: _Optional[_Union[EgressPolicy, _Mapping]] = ..., counted: _Optional[_Union[EgressUsage, _Mapping]] = ...) -> None: ...
+
+class UpdateEgressRequest(_message.Message):
+    __slots__ = ("sandbox_id", "policy")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    policy: EgressPolicy
+    def __init__(self, sandbox_id: _Optional[str] = ..., policy: _Optional[_Union[EgressPolicy, _Mapping]] = ...) -> None: ...
+
+class EgressUsageRequest(_message.Message):
+    __slots__ = ("sandbox_ids",)
+    SANDBOX_IDS_FIELD_NUMBER: _ClassVar[int]
+    sandbox_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sandbox_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class EgressUsages(_message.Message):
+    __slots__ = ("usage",)
+    class UsageEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: EgressUsage
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[EgressUsage, _Mapping]] = ...) -> None: ...
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    usage: _containers.MessageMap[str, EgressUsage]
+    def __init__(self, usage: _Optional[_Mapping[str, EgressUsage]] = ...) -> None: ...
