@@ -19,6 +19,7 @@ from typing import TypeVar
 import pytest
 from _system_tools import require_tools
 from _wait import async_wait_until
+from supervisor_descriptors import open_fds, settled_fds, supervisor_pid
 
 from aviato.runtime.base import (
     ExecExit,
@@ -29,7 +30,6 @@ from aviato.runtime.base import (
 )
 from aviato.runtime.bubblewrap import BubblewrapRuntime, BubblewrapSandbox
 from aviato.runtime.bubblewrap.command import build_argv
-from aviato.runtime.bubblewrap.host_processes import children
 from aviato.runtime.image_roots import resolve_image
 from aviato.runtime.model import EgressPolicy, EgressRule
 from aviato.runtime.supervisor import frames, supervisor_binary
@@ -123,35 +123,6 @@ async def main_output(h: SandboxHandle) -> str:
         if b"end\n" in out:
             break
     return out.decode()
-
-
-def supervisor_pid(h: BubblewrapSandbox) -> int:
-    """Host pid of the sandbox's supervisor: the descendant of bwrap that is pid 1 inside."""
-    todo = [h.pid]
-    while todo:
-        pid = todo.pop()
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("NSpid:") and len(line.split()) > 2 and line.split()[-1] == "1":
-                    return pid
-        todo.extend(children(pid))
-    raise AssertionError("no supervisor found under bwrap")
-
-
-def open_fds(pid: int | str) -> list[str]:
-    return sorted(os.listdir(f"/proc/{pid}/fd"))
-
-
-async def settled_fds(pid: int) -> list[str]:
-    """The descriptors of `pid` once they stay the same for 0.2 s (the supervisor closes its end
-    of a control connection when it reads the close, a moment after it)."""
-    previous = open_fds(pid)
-    while True:
-        await asyncio.sleep(0.2)
-        now = open_fds(pid)
-        if now == previous:
-            return now
-        previous = now
 
 
 def accept_and_answer(listener: socket.socket, answer: bytes) -> bytes:

@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import pytest
 from _wait import async_wait_until
+from supervisor_descriptors import open_fds, settled_fds, supervisor_pid
 
 from aviato.runtime.base import (
     ExecExit,
@@ -31,7 +32,6 @@ from aviato.runtime.base import (
     SandboxHandle,
 )
 from aviato.runtime.bubblewrap import BubblewrapRuntime, BubblewrapSandbox
-from aviato.runtime.bubblewrap.host_processes import children
 from aviato.runtime.supervisor import frames, supervisor_binary
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these tests run sandboxes as root")
@@ -122,35 +122,6 @@ def receive_all(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         data += chunk
     return bytes(data)
-
-
-def supervisor_pid(h: BubblewrapSandbox) -> int:
-    """Host pid of the sandbox's supervisor: the descendant of bwrap that is pid 1 inside."""
-    todo = [h.pid]
-    while todo:
-        pid = todo.pop()
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("NSpid:") and len(line.split()) > 2 and line.split()[-1] == "1":
-                    return pid
-        todo.extend(children(pid))
-    raise AssertionError("no supervisor found under bwrap")
-
-
-def open_fds(pid: int | str) -> list[str]:
-    return sorted(os.listdir(f"/proc/{pid}/fd"))
-
-
-async def settled_fds(pid: int) -> list[str]:
-    """The descriptors of `pid` once they stay the same for 0.2 s: the supervisor closes its
-    end of a control connection when it reads the service's close, a moment after it."""
-    previous = open_fds(pid)
-    while True:
-        await asyncio.sleep(0.2)
-        now = open_fds(pid)
-        if now == previous:
-            return now
-        previous = now
 
 
 # --- reaching a server --------------------------------------------------------------------
