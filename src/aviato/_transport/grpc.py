@@ -136,6 +136,30 @@ class GrpcTransport(Transport):
         )
         return record
 
+    async def pause_sandbox(
+        self, request: pb.PauseSandboxRequest, *, call_timeout: float | None
+    ) -> pb.Sandbox:
+        record: pb.Sandbox = await self._unary(
+            self._stub.PauseSandbox, request, call_timeout, "pause sandbox", request.sandbox_id
+        )
+        return record
+
+    async def resume_sandbox(
+        self, request: pb.ResumeSandboxRequest, *, call_timeout: float | None
+    ) -> pb.Sandbox:
+        record: pb.Sandbox = await self._unary(
+            self._stub.ResumeSandbox, request, call_timeout, "resume sandbox", request.sandbox_id
+        )
+        return record
+
+    async def extend_sandbox(
+        self, request: pb.ExtendSandboxRequest, *, call_timeout: float | None
+    ) -> pb.Sandbox:
+        record: pb.Sandbox = await self._unary(
+            self._stub.ExtendSandbox, request, call_timeout, "extend sandbox", request.sandbox_id
+        )
+        return record
+
     async def list_sandboxes(
         self, request: pb.ListSandboxesRequest, *, call_timeout: float | None
     ) -> pb.ListSandboxesResponse:
