@@ -182,7 +182,7 @@ def test_idle_timeout_stops_an_idle_sandbox_and_not_a_busy_one(server: ServerPro
     # One long command in flight (3 s, twice the timeout), then a file transfer and a
     # command every half second for 3 s: it never becomes idle.
     assert c.sh(busy.id, "sleep 3; echo ok").stdout == b"ok\n"
-    for i in range(6):
+    for _ in range(6):
         c.write_file(busy.id, "/tmp/f", b"x")
         c.exec(busy.id, ["/bin/true"])
         time.sleep(0.5)
