@@ -77,6 +77,8 @@ class SandboxDefaults:
         request_timeout_seconds: Deadline of each request to the service (default 300 s), and the
             default timeout of `Sandbox.wait()` / `wait_until_complete()`.
         max_lifetime_seconds: Server-side lifetime; None means the service default (1 hour).
+        idle_timeout_seconds: The service stops the sandbox (reason "idle") once no command
+            has run and no file has moved for this long; None means never.
         temp_dir: Directory in the sandbox for `@session.function` payloads (default ``/tmp``).
         tags: Tags given to every sandbox (and the filter of `Session.list`).
         resources: ``{"cpu": "500m", "memory": "256Mi", "pids": 256, "disk": "1Gi"}``; strings in
@@ -103,6 +105,7 @@ class SandboxDefaults:
     base_url: str | None = None
     request_timeout_seconds: float = DEFAULT_REQUEST_TIMEOUT_SECONDS
     max_lifetime_seconds: float | None = None
+    idle_timeout_seconds: float | None = None
     temp_dir: str = "/tmp"
     tags: tuple[str, ...] = ()
     resources: Mapping[str, str | int | float] | None = None
@@ -186,6 +189,7 @@ class SandboxSettings(TypedDict, total=False):
     network: NetworkOptions | Mapping[str, Any] | None
     working_dir: str | None
     max_lifetime_seconds: float | None
+    idle_timeout_seconds: float | None
     node_selector: Mapping[str, str] | None
     request_timeout_seconds: float | None
 
@@ -230,6 +234,9 @@ class SandboxArgs(SandboxOptions, _Address, total=False):
         on the local service's 127.0.0.1 (see `exposed_ports`).
     max_lifetime_seconds: The service stops the sandbox after this long (default: the
         service's, 1 hour).
+    idle_timeout_seconds: The service stops the sandbox (reason "idle") once it has run no
+        command and moved no file for this long (exec and file transfers count; logs and port
+        traffic do not; a paused sandbox is never idle). Default: never.
     working_dir: Absolute directory for the main process and commands (default ``/workspace``).
     node_selector: Node labels the sandbox's node must carry, ``{"pool": "gpu"}``, when the
         service places sandboxes on a cluster (docs/cluster.md); merged over the default
@@ -308,6 +315,9 @@ def resolve(options: SandboxArgs, defaults: SandboxDefaults) -> ResolvedSandbox:
     lifetime = options.get("max_lifetime_seconds")
     if lifetime is None:
         lifetime = d.max_lifetime_seconds
+    idle = options.get("idle_timeout_seconds")
+    if idle is None:
+        idle = d.idle_timeout_seconds
     egress_mode, egress = net.to_spec_egress() if net is not None else ("", [])
     spec = pb.SandboxSpec(
         image=_defaults.resolve_image(options.get("container_image"), d.container_image),
@@ -322,6 +332,7 @@ def resolve(options: SandboxArgs, defaults: SandboxDefaults) -> ResolvedSandbox:
         exposed_ports=net.to_spec_ports() if net is not None else [],
         image_command=use_image_command,
         node_selector=d.merge_node_selector(options.get("node_selector")),
+        idle_timeout_seconds=float(idle or 0.0),
     )
     resources = options.get("resources")
     res = _defaults.resources_to_proto(resources if resources is not None else d.resources)

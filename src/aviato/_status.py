@@ -14,11 +14,13 @@ class SandboxStatus(enum.StrEnum):
 
     ```
     PENDING → CREATING → RUNNING → COMPLETED   (the main process exited 0)
-                  │          ├───→ FAILED      (it exited non-zero, was OOM-killed, ...)
-                  └──────────┴───→ TERMINATED  (stopped by a client, a lease, or the lifetime)
+                  │        ⇅ ├───→ FAILED      (it exited non-zero, was OOM-killed, ...)
+                  │      PAUSED ─→ TERMINATED  (stopped by a client, a lease, the lifetime,
+                  └──────────┴───→ TERMINATED   or idle_timeout)
     ```
 
-    `PAUSED` and `UNSPECIFIED` exist for compatibility; this service reports neither.
+    PAUSED: frozen by `Sandbox.pause` until `Sandbox.resume`. `UNSPECIFIED` exists for
+    compatibility; this service never reports it.
     """
 
     PENDING = "pending"
@@ -51,7 +53,7 @@ class SandboxStatus(enum.StrEnum):
         return _FROM_PROTO.get(value, cls.UNSPECIFIED)
 
     def to_proto(self) -> int:
-        """The `aviato.v1.SandboxStatus` number of this status (PAUSED has none: UNSPECIFIED)."""
+        """The `aviato.v1.SandboxStatus` number of this status."""
         return _TO_PROTO.get(self, pb.SANDBOX_STATUS_UNSPECIFIED)
 
     @classmethod
@@ -77,6 +79,7 @@ _TO_PROTO: dict[SandboxStatus, int] = {
     SandboxStatus.COMPLETED: pb.SANDBOX_STATUS_COMPLETED,
     SandboxStatus.FAILED: pb.SANDBOX_STATUS_FAILED,
     SandboxStatus.TERMINATED: pb.SANDBOX_STATUS_TERMINATED,
+    SandboxStatus.PAUSED: pb.SANDBOX_STATUS_PAUSED,
     SandboxStatus.UNSPECIFIED: pb.SANDBOX_STATUS_UNSPECIFIED,
 }
 _FROM_PROTO: dict[int, SandboxStatus] = {v: k for k, v in _TO_PROTO.items()}

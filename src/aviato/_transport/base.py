@@ -180,6 +180,21 @@ class Transport(abc.ABC):
     ) -> pb.Sandbox: ...
 
     @abc.abstractmethod
+    async def pause_sandbox(
+        self, request: pb.PauseSandboxRequest, *, call_timeout: float | None
+    ) -> pb.Sandbox: ...
+
+    @abc.abstractmethod
+    async def resume_sandbox(
+        self, request: pb.ResumeSandboxRequest, *, call_timeout: float | None
+    ) -> pb.Sandbox: ...
+
+    @abc.abstractmethod
+    async def extend_sandbox(
+        self, request: pb.ExtendSandboxRequest, *, call_timeout: float | None
+    ) -> pb.Sandbox: ...
+
+    @abc.abstractmethod
     async def list_sandboxes(
         self, request: pb.ListSandboxesRequest, *, call_timeout: float | None
     ) -> pb.ListSandboxesResponse: ...

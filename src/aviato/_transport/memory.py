@@ -45,6 +45,7 @@ __all__ = ["Faults", "MemoryService", "MemoryTransport"]
 _CHUNK = 256 * 1024
 _RUNNING = pb.SANDBOX_STATUS_RUNNING
 _TERMINATED = pb.SANDBOX_STATUS_TERMINATED
+_PAUSED = pb.SANDBOX_STATUS_PAUSED
 
 
 @dataclass
@@ -187,6 +188,40 @@ class MemoryTransport(Transport):
         del box.record.spec.egress[:]
         box.record.spec.egress.extend(request.egress)
         return box.record
+
+    async def pause_sandbox(
+        self, request: pb.PauseSandboxRequest, *, call_timeout: float | None
+    ) -> pb.Sandbox:
+        self.service._enter("PauseSandbox", "pause sandbox")
+        found = self.service._sandbox(request.sandbox_id, "pause sandbox")
+        if found.record.status not in (_RUNNING, _PAUSED):
+            raise from_status(
+                "FAILED_PRECONDITION",
+                f"sandbox {request.sandbox_id} has ended; only a live sandbox can be paused",
+                epb.ErrorDetail(reason=epb.SANDBOX_NOT_RUNNING, sandbox_id=request.sandbox_id),
+                op="pause sandbox",
+            )
+        found.record.status = _PAUSED
+        return found.record
+
+    async def resume_sandbox(
+        self, request: pb.ResumeSandboxRequest, *, call_timeout: float | None
+    ) -> pb.Sandbox:
+        self.service._enter("ResumeSandbox", "resume sandbox")
+        found = self.service._sandbox(request.sandbox_id, "resume sandbox")
+        if found.record.status == _PAUSED:
+            found.record.status = _RUNNING
+        return found.record
+
+    async def extend_sandbox(
+        self, request: pb.ExtendSandboxRequest, *, call_timeout: float | None
+    ) -> pb.Sandbox:
+        self.service._enter("ExtendSandbox", "extend sandbox")
+        found = self.service._sandbox(request.sandbox_id, "extend sandbox")
+        if found.record.HasField("expires_at"):
+            ns = found.record.expires_at.ToNanoseconds() + int(request.seconds * 1e9)
+            found.record.expires_at.FromNanoseconds(ns)
+        return found.record
 
     async def list_sandboxes(
         self, request: pb.ListSandboxesRequest, *, call_timeout: float | None

@@ -1,4 +1,5 @@
-"""`aviato run | ls | get | stop | rm`: sandboxes as records, through the public SDK.
+"""`aviato run | ls | get | stop | rm`: sandboxes as records, through the public SDK (pause,
+resume and extend are in pausing.py).
 
 These commands are plain uses of `aviato.Sandbox` (run, list, from_id, stop, delete), so that
 what the command line shows is what a Python user of the SDK gets. Operations on several
@@ -35,9 +36,7 @@ from aviato.cli._params import duration, duration_or_zero, env_option, label_pai
 from aviato.cli._reach import preflight
 from aviato.cli.images import credential_options, read_credentials
 
-STATUS_CHOICES = [
-    s.value for s in SandboxStatus if s not in (SandboxStatus.PAUSED, SandboxStatus.UNSPECIFIED)
-]
+STATUS_CHOICES = [s.value for s in SandboxStatus if s is not SandboxStatus.UNSPECIFIED]
 START_TIMEOUT_SECONDS = 120.0
 STATUS_WIDTH = 48  # `ls` cuts long failure reasons; `get` shows them whole
 CONFIRM_ABOVE = 5  # rm asks before deleting more than this many (or with --all)
@@ -117,6 +116,14 @@ def _resources(cpu: str | None, memory: str | None) -> dict[str, str] | None:
     callback=duration,
     help="Stop it after this long: 90s, 30m, 8h [default: 1h].",
 )
+@click.option(
+    "--idle-timeout",
+    "idle_timeout",
+    metavar="DURATION",
+    callback=duration,
+    help="Stop it once it has run no command and moved no file for this long: 10m, 1h "
+    "[default: never].",
+)
 @click.option("-w", "--workdir", metavar="DIR", help="Working directory [default: /workspace].")
 @click.option(
     "--node-selector",
@@ -156,6 +163,7 @@ def run(
     cpu: str | None,
     memory: str | None,
     lifetime: float | None,
+    idle_timeout: float | None,
     workdir: str | None,
     node_selector: dict[str, str],
     ports: tuple[int, ...],
@@ -200,6 +208,7 @@ def run(
         environment_variables=dict(env) or None,
         resources=_resources(cpu, memory),
         max_lifetime_seconds=lifetime,
+        idle_timeout_seconds=idle_timeout,
         working_dir=workdir,
         image_command=image_command or None,
         image_pull_credentials=credentials,

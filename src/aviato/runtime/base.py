@@ -220,6 +220,27 @@ class SandboxHandle(abc.ABC):
         default (a runtime that cannot) does nothing, and the service's own reaper remains."""
         return None
 
+    async def pause(self) -> None:
+        """Freezes every process of the sandbox where it is, its supervisor included, and
+        returns once all are frozen: they use no CPU and see nothing of it (no signal, no
+        stopped state) until `resume`. Their memory stays theirs. Calls that need the
+        supervisor wait until the sandbox is resumed, so the caller must not make them
+        meanwhile; `set_deadline` is kept and given at `resume`, and `terminate` and `kill`
+        work (they resume it first). Idempotent. Raises SandboxGone (it ended), Unsupported
+        (the node cannot freeze: the default), SandboxRuntimeError (a process would not
+        freeze in time; the sandbox is left running)."""
+        raise Unsupported("this node cannot pause sandboxes")
+
+    async def resume(self) -> None:
+        """Lets a paused sandbox run on from where it was. Idempotent; raises SandboxGone
+        (it ended) and, by default, Unsupported."""
+        raise Unsupported("this node cannot pause sandboxes")
+
+    async def paused(self) -> bool:
+        """Whether the sandbox is paused now, as the node's kernel says (so it holds after a
+        restart of the service). The default: never."""
+        return False
+
     async def connect_port(self, port: int) -> socket.socket:
         """A TCP connection to `port` on the sandbox's own loopback (127.0.0.1, or ::1), as a
         connected socket in blocking mode that the caller owns and relays bytes over; the

@@ -105,6 +105,9 @@ class SandboxConfig:
     image_command: bool = False
     # Labels a cluster placement must find on the node (SandboxSpec.node_selector).
     node_selector: tuple[tuple[str, str], ...] = ()
+    # Stop the sandbox ("idle") after this many seconds without a command or file transfer
+    # (0: never). The service's reaper enforces it; a runtime ignores it.
+    idle_timeout_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -188,6 +188,25 @@ class SandboxServicer(ExecStreams, FileStreams, LogStreams, PortTunnels):
         )
 
     @_Unary
+    async def PauseSandbox(
+        self, owner: str, request: pb.PauseSandboxRequest, context: Ctx
+    ) -> pb.Sandbox:
+        return codec.encode_sandbox(await self._lifecycle.pause(owner, request.sandbox_id))
+
+    @_Unary
+    async def ResumeSandbox(
+        self, owner: str, request: pb.ResumeSandboxRequest, context: Ctx
+    ) -> pb.Sandbox:
+        return codec.encode_sandbox(await self._lifecycle.resume(owner, request.sandbox_id))
+
+    @_Unary
+    async def ExtendSandbox(
+        self, owner: str, request: pb.ExtendSandboxRequest, context: Ctx
+    ) -> pb.Sandbox:
+        rec = await self._lifecycle.extend(owner, request.sandbox_id, request.seconds)
+        return codec.encode_sandbox(rec)
+
+    @_Unary
     async def DeleteSandbox(
         self, owner: str, request: pb.DeleteSandboxRequest, context: Ctx
     ) -> pb.DeleteSandboxResponse:

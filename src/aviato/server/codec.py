@@ -57,6 +57,7 @@ STATUS_TO_PROTO: dict[SandboxStatus, pb.SandboxStatus] = {
     SandboxStatus.COMPLETED: pb.SANDBOX_STATUS_COMPLETED,
     SandboxStatus.FAILED: pb.SANDBOX_STATUS_FAILED,
     SandboxStatus.TERMINATED: pb.SANDBOX_STATUS_TERMINATED,
+    SandboxStatus.PAUSED: pb.SANDBOX_STATUS_PAUSED,
 }
 _STATUS_FROM_PROTO = {wire: status for status, wire in STATUS_TO_PROTO.items()}
 
@@ -88,6 +89,9 @@ def decode_spec(spec: pb.SandboxSpec, defaults: SpecDefaults) -> ValidSpec:
     validation.validate_network(spec.network, "spec.network")
     egress = decode_egress(spec.egress_mode, spec.egress, "spec.egress_mode", "spec.egress")
     exposed_ports = validation.validate_exposed_ports(spec.exposed_ports, "spec.exposed_ports")
+    idle_timeout = validation.validate_finite(
+        spec.idle_timeout_seconds, "spec.idle_timeout_seconds", 0.0, validation.MAX_LIFETIME_SECONDS
+    )
     config = SandboxConfig(
         sandbox_id="",
         image=image,
@@ -105,6 +109,7 @@ def decode_spec(spec: pb.SandboxSpec, defaults: SpecDefaults) -> ValidSpec:
         registry_credentials=credentials,
         image_command=image_command,
         node_selector=node_selector,
+        idle_timeout_seconds=idle_timeout,
     )
     return ValidSpec(config=config, tags=tags, max_lifetime_seconds=lifetime)
 
@@ -245,6 +250,7 @@ def _encode_spec(rec: SandboxRecord) -> pb.SandboxSpec:
         exposed_ports=config.exposed_ports,
         node_selector=dict(config.node_selector),
         image_command=config.image_command,
+        idle_timeout_seconds=config.idle_timeout_seconds,
     )
 
 
@@ -259,7 +265,7 @@ def encode_sandbox(rec: SandboxRecord) -> pb.Sandbox:
         node=rec.node,
         spec=_encode_spec(rec),
     )
-    if rec.status == SandboxStatus.RUNNING:
+    if rec.status in (SandboxStatus.RUNNING, SandboxStatus.PAUSED):
         msg.exposed_ports.extend(
             pb.ExposedPort(port=port, address=address) for port, address in rec.port_addresses
         )

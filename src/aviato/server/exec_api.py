@@ -102,8 +102,9 @@ class ExecStreams(ServicerBase):
         spec, proc = started
         pump = asyncio.create_task(self._pump_exec(requests, proc, spec.stdin, init.input))
         try:
-            await write(_STARTED)
-            await self._relay_exec(proc, write, pump, init.sandbox_id)
+            with self._lifecycle.activity(init.sandbox_id):  # for idle_timeout
+                await write(_STARTED)
+                await self._relay_exec(proc, write, pump, init.sandbox_id)
             await _linger_until_half_close(requests, pump)
         finally:
             pump.cancel()
@@ -125,22 +126,23 @@ class ExecStreams(ServicerBase):
         if started is None:
             return
         _spec, proc = started
-        feed: asyncio.Task[None] | None = None
-        try:
-            if len(init.input) > _INLINE_INPUT_BYTES:
-                # In a task: a command that does not read its input must not stall its output.
-                feed = asyncio.create_task(self._feed_input(proc, init.input))
-            elif init.input:
-                await self._feed_input(proc, init.input)
-        except BaseException:  # cancelled while feeding it: nobody will read the command
-            with contextlib.suppress(Exception):
-                await asyncio.shield(proc.kill())
-            raise
-        try:
-            await self._relay_exec(proc, write, None, init.sandbox_id)
-        finally:
-            if feed is not None:
-                feed.cancel()
+        with self._lifecycle.activity(init.sandbox_id):  # for idle_timeout
+            feed: asyncio.Task[None] | None = None
+            try:
+                if len(init.input) > _INLINE_INPUT_BYTES:
+                    # In a task: a command that does not read its input must not stall its output.
+                    feed = asyncio.create_task(self._feed_input(proc, init.input))
+                elif init.input:
+                    await self._feed_input(proc, init.input)
+            except BaseException:  # cancelled while feeding it: nobody will read the command
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(proc.kill())
+                raise
+            try:
+                await self._relay_exec(proc, write, None, init.sandbox_id)
+            finally:
+                if feed is not None:
+                    feed.cancel()
 
     async def _start_exec(
         self, owner: str, init: pb.ExecInit, write: Callable[[Any], Awaitable[None]], *, stdin: bool

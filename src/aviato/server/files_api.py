@@ -45,18 +45,19 @@ class FileStreams(ServicerBase):
         except (ServiceError, SandboxRuntimeError) as e:
             await errors.abort(context, e, sandbox_id=request.sandbox_id, path=request.path)
         write = context.write
-        try:
-            await write(pb.ReadFileResponse(info=pb.FileInfo(size=info.size, mode=info.mode)))
-            async for chunk in chunks:
-                for i in range(0, len(chunk), FILE_CHUNK):
-                    await write(pb.ReadFileResponse(data=chunk[i : i + FILE_CHUNK]))
-        except (ServiceError, SandboxRuntimeError) as e:
-            await errors.abort(context, e, sandbox_id=request.sandbox_id, path=request.path)
-        finally:
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                with contextlib.suppress(Exception):
-                    await aclose()
+        with self._lifecycle.activity(request.sandbox_id):  # for idle_timeout
+            try:
+                await write(pb.ReadFileResponse(info=pb.FileInfo(size=info.size, mode=info.mode)))
+                async for chunk in chunks:
+                    for i in range(0, len(chunk), FILE_CHUNK):
+                        await write(pb.ReadFileResponse(data=chunk[i : i + FILE_CHUNK]))
+            except (ServiceError, SandboxRuntimeError) as e:
+                await errors.abort(context, e, sandbox_id=request.sandbox_id, path=request.path)
+            finally:
+                aclose = getattr(chunks, "aclose", None)
+                if aclose is not None:
+                    with contextlib.suppress(Exception):
+                        await aclose()
 
     async def WriteFile(
         self,
@@ -108,7 +109,8 @@ class FileStreams(ServicerBase):
                 raise InvalidArgument("header.path", "must name a file")
             mode = validation.validate_file_mode(header.mode, "header.mode")
             handle = await self._lifecycle.running_handle(owner, header.sandbox_id)
-            size = await handle.write_file(path, mode, header.make_parents, chunks())
+            with self._lifecycle.activity(header.sandbox_id):  # for idle_timeout
+                size = await handle.write_file(path, mode, header.make_parents, chunks())
         except (ServiceError, SandboxRuntimeError) as e:
             err: ServiceError | SandboxRuntimeError = problem[0] if problem else e
             if not problem:

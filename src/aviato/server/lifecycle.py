@@ -1,8 +1,10 @@
 """The lifecycle of sandboxes: the service's operations on them (create, get, list, wait, stop,
 delete, the running handle) over its parts: `sandbox_runs` (driving and ending sandboxes),
-`leases` (leases and the reaper), `reconcile` (restarts), `admission` (capacity and quotas).
+`leases` (leases and the reaper), `pausing` (pause, resume, extend, idle), `reconcile`
+(restarts), `admission` (capacity and quotas).
 
-States: PENDING → CREATING → RUNNING → COMPLETED | FAILED | TERMINATED. Each sandbox that is not
+States: PENDING → CREATING → RUNNING → COMPLETED | FAILED | TERMINATED, and RUNNING ⇄ PAUSED
+(`pausing`: pause, resume, extend, idle_timeout). Each sandbox that is not
 terminal has one `LiveSandbox` entry in memory (its record, its runtime handle, one task that
 drives it from creation to its end) and is mirrored in the registry at every state change.
 Terminal records live only in the registry. The hot paths (exec, files) read only the in-memory map.
@@ -43,7 +45,7 @@ from pathlib import Path
 from aviato.runtime.base import SandboxHandle, SandboxRuntimeError
 from aviato.runtime.model import EgressPolicy
 from aviato.server.errors import FailedPrecondition, InvalidArgument, SandboxNotFound
-from aviato.server.leases import LeaseKeeping
+from aviato.server.pausing import Pausing
 from aviato.server.placement import UnknownNode
 from aviato.server.quotas import charge_of
 from aviato.server.reconcile import Reconciliation
@@ -72,6 +74,7 @@ PENDING = SandboxStatus.PENDING
 CREATING = SandboxStatus.CREATING
 RUNNING = SandboxStatus.RUNNING
 TERMINATED = SandboxStatus.TERMINATED
+PAUSED = SandboxStatus.PAUSED
 _STARTING = (PENDING, CREATING)
 DEFAULT_WAIT = 60.0
 MAX_WAIT = 3600.0
@@ -80,7 +83,7 @@ _CREATE_DRAIN_SECONDS = 10.0
 LIST_USAGE_AGE = 1.0
 
 
-class Lifecycle(LeaseKeeping, Reconciliation):
+class Lifecycle(Pausing, Reconciliation):
     """All sandbox operations of the service. Use from the event loop thread only."""
 
     async def start(self) -> None:
@@ -271,7 +274,7 @@ class Lifecycle(LeaseKeeping, Reconciliation):
 
         def reached() -> bool:
             status = live.rec.status
-            return status in TERMINAL_STATUSES or (not terminal and status == RUNNING)
+            return status in TERMINAL_STATUSES or (not terminal and status in (RUNNING, PAUSED))
 
         await self._wait_until(live, reached, limit)
         return live.rec
@@ -304,6 +307,14 @@ class Lifecycle(LeaseKeeping, Reconciliation):
         async with self._network_change:
             if rec.status == RUNNING and live.handle is not None:
                 await self._apply_egress(rec, live.handle, egress)
+            elif rec.status == PAUSED and live.handle is not None and not live.egress_deferred:
+                # Its proxy takes the new policy at once; one not yet opened opens at resume
+                # (its frozen supervisor cannot hand over a listener now).
+                served = self._egress_of(rec)
+                if served is not None and served.serving(rec.id):
+                    await self._apply_egress(rec, live.handle, egress)
+                elif not egress.isolated:
+                    live.egress_deferred = True
             rec.config = replace(rec.config, egress=egress)
             if live.config is not None:
                 live.config = replace(live.config, egress=egress)
@@ -363,6 +374,13 @@ class Lifecycle(LeaseKeeping, Reconciliation):
             )
         if live.rec.status != RUNNING:
             await self._wait_until(live, lambda: live.rec.status not in _STARTING, wait_seconds)
+        if live.rec.status == PAUSED:
+            raise FailedPrecondition(
+                f"sandbox {sandbox_id} is paused: resume it first (Sandbox.resume, or "
+                f"`aviato resume {sandbox_id}`)",
+                reason=SANDBOX_NOT_RUNNING,
+                sandbox_id=sandbox_id,
+            )
         if live.rec.status != RUNNING or live.handle is None:
             raise FailedPrecondition(
                 f"sandbox {sandbox_id} is {status_name(live.rec.status)}"

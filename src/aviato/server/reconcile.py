@@ -1,6 +1,7 @@
 """Reconciling the registry with the runtimes when the service starts.
 
-Every RUNNING record is re-attached (or its end, meanwhile, recorded); records left PENDING or
+Every RUNNING or PAUSED record is re-attached (or its end, meanwhile, recorded), PAUSED or
+RUNNING as the node's freezer says; records left PENDING or
 CREATING by a crash become FAILED "interrupted by service restart"; runtime state without a
 record is killed and removed; every lease gets at least one full TTL, since its clients could
 not renew while the service was down.
@@ -37,6 +38,7 @@ log = logging.getLogger("aviato.server.lifecycle")
 PENDING = SandboxStatus.PENDING
 CREATING = SandboxStatus.CREATING
 RUNNING = SandboxStatus.RUNNING
+PAUSED = SandboxStatus.PAUSED
 FAILED = SandboxStatus.FAILED
 
 
@@ -50,7 +52,7 @@ class Reconciliation(SandboxRuns):
             self._leases[(lease.owner, lease.id)] = LeaseState(
                 lease.owner, lease.id, lease.ttl_seconds, expires
             )
-        records = self._registry.sandboxes_with_status((PENDING, CREATING, RUNNING))
+        records = self._registry.sandboxes_with_status((PENDING, CREATING, RUNNING, PAUSED))
         await asyncio.gather(*(self._reconcile_one(rec) for rec in records))
         known = self._registry.all_sandbox_ids()
         for node, runtime in self._placement.nodes().items():
@@ -74,6 +76,20 @@ class Reconciliation(SandboxRuns):
         log.info(
             "reconciled: %d sandboxes re-attached, %d leases", len(self._live), len(self._leases)
         )
+
+    async def _recall_pause(self, live: LiveSandbox) -> None:
+        """Records a re-attached sandbox PAUSED or RUNNING as its node's kernel has it (the
+        freezer's state outranks the record: the service may have died between the two)."""
+        assert live.handle is not None
+        try:
+            paused = await live.handle.paused()
+        except SandboxRuntimeError as e:
+            log.info("sandbox %s: cannot tell whether it is paused (%s)", live.rec.id, e)
+            return
+        status = PAUSED if paused else RUNNING
+        if live.rec.status != status:
+            live.rec.status = status
+            self._registry.update_sandbox(live.rec)
 
     async def _kill_and_cleanup(self, runtime: Runtime, sandbox_id: str) -> None:
         try:
@@ -117,7 +133,12 @@ class Reconciliation(SandboxRuns):
         live = LiveSandbox(rec, runtime, None, charge_of(rec.config))
         live.handle = attached
         self._adopt(live)
-        if not await self._open_network(live):
+        await self._recall_pause(live)
+        if live.rec.status == PAUSED:  # its proxy opens at resume (pausing.py says why)
+            live.egress_deferred = True
+            if not await self._expose_ports(live):
+                return
+        elif not await self._open_network(live):
             return
         live.task = asyncio.create_task(self._watch(live), name=f"sandbox-{rec.id}")
         self._push_deadline(live)  # its lease was extended by the restart

@@ -29,7 +29,8 @@ __all__ = [
 
 
 class SandboxStatus(enum.IntEnum):
-    """The states of a sandbox: PENDING → CREATING → RUNNING → COMPLETED | FAILED | TERMINATED.
+    """The states of a sandbox: PENDING → CREATING → RUNNING → COMPLETED | FAILED | TERMINATED,
+    and RUNNING ⇄ PAUSED (frozen by PauseSandbox; it ends from PAUSED as from RUNNING).
     The integers are what the registry stores: never renumber them."""
 
     PENDING = 1
@@ -38,12 +39,15 @@ class SandboxStatus(enum.IntEnum):
     COMPLETED = 4
     FAILED = 5
     TERMINATED = 6
+    PAUSED = 7
 
 
 TERMINAL_STATUSES = frozenset(
     {SandboxStatus.COMPLETED, SandboxStatus.FAILED, SandboxStatus.TERMINATED}
 )
-LIVE_STATUSES = frozenset({SandboxStatus.PENDING, SandboxStatus.CREATING, SandboxStatus.RUNNING})
+LIVE_STATUSES = frozenset(
+    {SandboxStatus.PENDING, SandboxStatus.CREATING, SandboxStatus.RUNNING, SandboxStatus.PAUSED}
+)
 ALL_STATUSES = frozenset(SandboxStatus)
 
 

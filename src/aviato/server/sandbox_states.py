@@ -8,6 +8,7 @@ handle once created, the task that drives it, its waiters' event).
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 from aviato.runtime.base import MainExit, Runtime, SandboxConfig, SandboxHandle
@@ -15,6 +16,7 @@ from aviato.server.quotas import Charge
 from aviato.server.records import SandboxRecord, SandboxStatus
 
 __all__ = [
+    "IDLE_REASON",
     "LEASE_REASON",
     "LIFETIME_REASON",
     "LeaseState",
@@ -24,9 +26,11 @@ __all__ = [
 ]
 
 PENDING, CREATING, RUNNING = SandboxStatus.PENDING, SandboxStatus.CREATING, SandboxStatus.RUNNING
+PAUSED = SandboxStatus.PAUSED
 COMPLETED, FAILED = SandboxStatus.COMPLETED, SandboxStatus.FAILED
 TERMINATED = SandboxStatus.TERMINATED
 LIFETIME_REASON = "max lifetime exceeded"
+IDLE_REASON = "idle"
 LEASE_REASON = "lease expired"
 _DEADLINE_REASONS = (LIFETIME_REASON, LEASE_REASON)
 
@@ -69,7 +73,8 @@ class LiveSandbox:
     `config` is the whole config (mounted file contents, credentials) until the sandbox is
     created; None for one re-attached after a restart (its record keeps what a record keeps)."""
 
-    __slots__ = ("changed", "charge", "config", "deadline_dirty", "deadline_pushing", "handle",
+    __slots__ = ("active_calls", "changed", "charge", "config", "deadline_dirty",
+                 "deadline_pushing", "egress_deferred", "handle", "last_active_ns", "pause_lock",
                  "rec", "runtime", "stop_reason", "stop_task", "task")  # fmt: skip
 
     def __init__(
@@ -87,6 +92,14 @@ class LiveSandbox:
         self.task: asyncio.Task[None] | None = None
         self.deadline_dirty = False  # the runtime's copy of the deadline is out of date
         self.deadline_pushing = False
+        # Pause and idle_timeout (see `pausing`): execs and file transfers in flight, when the
+        # last one started or ended (or the sandbox started, resumed or was re-attached), one
+        # pause or resume at a time, and an egress proxy left to open at resume (a sandbox
+        # re-attached while paused: its frozen supervisor cannot hand over its listener).
+        self.active_calls = 0
+        self.last_active_ns = time.time_ns()
+        self.pause_lock = asyncio.Lock()
+        self.egress_deferred = False
 
     def notify(self) -> None:
         self.changed.set()

@@ -20,6 +20,7 @@ class SandboxStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SANDBOX_STATUS_COMPLETED: _ClassVar[SandboxStatus]
     SANDBOX_STATUS_FAILED: _ClassVar[SandboxStatus]
     SANDBOX_STATUS_TERMINATED: _ClassVar[SandboxStatus]
+    SANDBOX_STATUS_PAUSED: _ClassVar[SandboxStatus]
 
 class Stream(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -33,6 +34,7 @@ SANDBOX_STATUS_RUNNING: SandboxStatus
 SANDBOX_STATUS_COMPLETED: SandboxStatus
 SANDBOX_STATUS_FAILED: SandboxStatus
 SANDBOX_STATUS_TERMINATED: SandboxStatus
+SANDBOX_STATUS_PAUSED: SandboxStatus
 STREAM_UNSPECIFIED: Stream
 STREAM_STDOUT: Stream
 STREAM_STDERR: Stream
@@ -58,7 +60,7 @@ class MountedFile(_message.Message):
     def __init__(self, path: _Optional[str] = ..., content: _Optional[bytes] = ...) -> None: ...
 
 class SandboxSpec(_message.Message):
-    __slots__ = ("image", "command", "env", "working_dir", "tags", "resources", "max_lifetime_seconds", "mounted_files", "network", "exposed_ports", "node_selector", "registry_auth", "image_command", "egress_mode", "egress")
+    __slots__ = ("image", "command", "env", "working_dir", "tags", "resources", "max_lifetime_seconds", "mounted_files", "network", "exposed_ports", "node_selector", "registry_auth", "image_command", "egress_mode", "egress", "idle_timeout_seconds")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +90,7 @@ class SandboxSpec(_message.Message):
     IMAGE_COMMAND_FIELD_NUMBER: _ClassVar[int]
     EGRESS_MODE_FIELD_NUMBER: _ClassVar[int]
     EGRESS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     image: str
     command: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
@@ -103,7 +106,8 @@ class SandboxSpec(_message.Message):
     image_command: bool
     egress_mode: str
     egress: _containers.RepeatedCompositeFieldContainer[EgressRule]
-    def __init__(self, image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., max_lifetime_seconds: _Optional[float] = ..., mounted_files: _Optional[_Iterable[_Union[MountedFile, _Mapping]]] = ..., network: _Optional[str] = ..., exposed_ports: _Optional[_Iterable[int]] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., registry_auth: _Optional[_Union[RegistryAuth, _Mapping]] = ..., image_command: _Optional[bool] = ..., egress_mode: _Optional[str] = ..., egress: _Optional[_Iterable[_Union[EgressRule, _Mapping]]] = ...) -> None: ...
+    idle_timeout_seconds: float
+    def __init__(self, image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., max_lifetime_seconds: _Optional[float] = ..., mounted_files: _Optional[_Iterable[_Union[MountedFile, _Mapping]]] = ..., network: _Optional[str] = ..., exposed_ports: _Optional[_Iterable[int]] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., registry_auth: _Optional[_Union[RegistryAuth, _Mapping]] = ..., image_command: _Optional[bool] = ..., egress_mode: _Optional[str] = ..., egress: _Optional[_Iterable[_Union[EgressRule, _Mapping]]] = ..., idle_timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class EgressRule(_message.Message):
     __slots__ = ("dns_name", "cidr")
@@ -511,3 +515,23 @@ class PortData(_message.Message):
     eof: bool
     consumed: int
     def __init__(self, sandbox_id: _Optional[str] = ..., port: _Optional[int] = ..., data: _Optional[bytes] = ..., eof: _Optional[bool] = ..., consumed: _Optional[int] = ...) -> None: ...
+
+class PauseSandboxRequest(_message.Message):
+    __slots__ = ("sandbox_id",)
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    def __init__(self, sandbox_id: _Optional[str] = ...) -> None: ...
+
+class ResumeSandboxRequest(_message.Message):
+    __slots__ = ("sandbox_id",)
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    def __init__(self, sandbox_id: _Optional[str] = ...) -> None: ...
+
+class ExtendSandboxRequest(_message.Message):
+    __slots__ = ("sandbox_id", "seconds")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    seconds: float
+    def __init__(self, sandbox_id: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...

@@ -114,6 +114,21 @@ class SandboxServiceStub:
                 request_serializer=aviato_dot_v1_dot_sandbox__pb2.PortData.SerializeToString,
                 response_deserializer=aviato_dot_v1_dot_sandbox__pb2.PortData.FromString,
                 _registered_method=True)
+        self.PauseSandbox = channel.unary_unary(
+                '/aviato.v1.SandboxService/PauseSandbox',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.PauseSandboxRequest.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.Sandbox.FromString,
+                _registered_method=True)
+        self.ResumeSandbox = channel.unary_unary(
+                '/aviato.v1.SandboxService/ResumeSandbox',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.ResumeSandboxRequest.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.Sandbox.FromString,
+                _registered_method=True)
+        self.ExtendSandbox = channel.unary_unary(
+                '/aviato.v1.SandboxService/ExtendSandbox',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.ExtendSandboxRequest.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.Sandbox.FromString,
+                _registered_method=True)
 
 
 class SandboxServiceServicer:
@@ -236,6 +251,31 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PauseSandbox(self, request, context):
+        """Pause and resume. PauseSandbox freezes every process of a RUNNING sandbox where it is (it
+        uses no CPU and keeps its memory; status PAUSED); commands, file transfers and port
+        connections are refused while it is paused (FAILED_PRECONDITION), and its lifetime and
+        lease keep running. Idempotent. A node without a cgroup freezer refuses it in words.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeSandbox(self, request, context):
+        """Lets a PAUSED sandbox run on from where it was (status RUNNING). Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExtendSandbox(self, request, context):
+        """Moves a live sandbox's expires_at `seconds` later; refused (INVALID_ARGUMENT) when its
+        whole lifetime would pass the service's maximum, with how much is left to give.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -318,6 +358,21 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.ForwardPort,
                     request_deserializer=aviato_dot_v1_dot_sandbox__pb2.PortData.FromString,
                     response_serializer=aviato_dot_v1_dot_sandbox__pb2.PortData.SerializeToString,
+            ),
+            'PauseSandbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseSandbox,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.PauseSandboxRequest.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.Sandbox.SerializeToString,
+            ),
+            'ResumeSandbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSandbox,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.ResumeSandboxRequest.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.Sandbox.SerializeToString,
+            ),
+            'ExtendSandbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExtendSandbox,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.ExtendSandboxRequest.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.Sandbox.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -752,6 +807,87 @@ class SandboxService:
             '/aviato.v1.SandboxService/ForwardPort',
             aviato_dot_v1_dot_sandbox__pb2.PortData.SerializeToString,
             aviato_dot_v1_dot_sandbox__pb2.PortData.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseSandbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aviato.v1.SandboxService/PauseSandbox',
+            aviato_dot_v1_dot_sandbox__pb2.PauseSandboxRequest.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.Sandbox.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSandbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aviato.v1.SandboxService/ResumeSandbox',
+            aviato_dot_v1_dot_sandbox__pb2.ResumeSandboxRequest.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.Sandbox.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExtendSandbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aviato.v1.SandboxService/ExtendSandbox',
+            aviato_dot_v1_dot_sandbox__pb2.ExtendSandboxRequest.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.Sandbox.FromString,
             options,
             channel_credentials,
             insecure,

@@ -514,8 +514,10 @@ class BubblewrapRuntime(Runtime):
             return dead._compute_exit()
         pid, pidfd, is_child = opened
         watch_live = ProcessWatch(pid, pidfd, is_child)
+        conn: SupervisorConnection | None = None
         try:
-            conn: SupervisorConnection | None = await connect_supervisor(directory, sandbox_id, 5.0)
+            if cgroup is None or not cgroup.frozen():  # a paused one answers once resumed
+                conn = await connect_supervisor(directory, sandbox_id, 5.0)
         except SandboxRuntimeError as exc:
             log.warning(
                 "sandbox %s runs but its supervisor does not answer (%s): killing it",
@@ -530,7 +532,7 @@ class BubblewrapRuntime(Runtime):
                 ids = self._ranges.adopt(sandbox_id, slot)
         handle = BubblewrapSandbox(self, sandbox_id, directory, watch_live, cgroup, conn, ids)
         self._register(handle)
-        if conn is None:
+        if conn is None and not await handle.paused():
             return await handle.kill()
         return handle
 

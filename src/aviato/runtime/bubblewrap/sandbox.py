@@ -1,6 +1,13 @@
 """`BubblewrapSandbox`: the runtime's handle of one sandbox on this machine (exec, files, deadline,
-terminate and kill, how it ended), over its supervisor connection, its bwrap process and its
-cgroup."""
+pause and resume, terminate and kill, how it ended), over its supervisor connection, its bwrap
+process and its cgroup.
+
+Pausing freezes the sandbox's cgroup, its supervisor (the sandbox's PID 1) with the rest: the
+connection to it stays open and what is sent on it waits in the kernel's socket buffers until
+the thaw. The deadline is the supervisor's to enforce, so a frozen one cannot: a deadline given
+while paused and without a connection (after a restart of the service) is kept here and given
+at `resume`; the service's own reaper ends a paused sandbox whose lifetime or lease ran out
+(`terminate` thaws it first, so that its main process gets its SIGTERM and grace)."""
 
 from __future__ import annotations
 
@@ -21,14 +28,16 @@ from aviato.runtime.base import (
     LimitsUnavailable,
     LogRecord,
     MainExit,
+    PortUnreachable,
     SandboxGone,
     SandboxHandle,
     SandboxRuntimeError,
+    Unsupported,
 )
 from aviato.runtime.bubblewrap.exit_record import main_exit
 from aviato.runtime.bubblewrap.host_processes import ProcessWatch, kill_sandbox
 from aviato.runtime.bubblewrap.launch import connect_supervisor, short_path
-from aviato.runtime.cgroups import SandboxCgroup
+from aviato.runtime.cgroups import CgroupError, SandboxCgroup
 from aviato.runtime.logs import read_log
 from aviato.runtime.supervisor import SupervisorConnection
 from aviato.runtime.supervisor.egress_listen import egress_listen
@@ -104,6 +113,8 @@ class BubblewrapSandbox(SandboxHandle):
         self._exit: MainExit | None = None
         self._closed = False
         self._reconnect_lock = asyncio.Lock()
+        # (at_ns, why, grace) given while frozen with no connection: sent at `resume`.
+        self._pending_deadline: tuple[int, str, float] | None = None
 
     # --- facts ---
 
@@ -177,6 +188,8 @@ class BubblewrapSandbox(SandboxHandle):
         check_port(port)
         if not self.running:
             raise SandboxGone(f"sandbox {self.sandbox_id} has ended")
+        if self._cgroup is not None and self._cgroup.frozen():  # nothing in it could answer
+            raise PortUnreachable(f"sandbox {self.sandbox_id} is paused")
         with short_path(self._dir / "ctl.sock") as path:
             return await connect_port(path, port, self.sandbox_id)
 
@@ -189,8 +202,50 @@ class BubblewrapSandbox(SandboxHandle):
             return await egress_listen(path, self.sandbox_id)
 
     async def set_deadline(self, at_ns: int, why: str, grace_seconds: float) -> None:
+        if (self._conn is None or self._conn.is_closed) and await self.paused():
+            self._pending_deadline = (at_ns, why, grace_seconds)  # a frozen one cannot answer
+            return
         conn = await self._connection()
+        self._pending_deadline = None
         conn.set_deadline(at_ns, grace_seconds, why)
+
+    # --- pausing ---
+
+    def _freezer(self) -> SandboxCgroup:
+        cgroup = self._cgroup
+        if cgroup is None or not cgroup.has_freezer:
+            raise Unsupported(
+                f"sandbox {self.sandbox_id} cannot be paused: this node runs it without a cgroup "
+                "freezer (its service can manage cgroups only as root or with a delegated "
+                "cgroup subtree)"
+            )
+        if not self.running:
+            raise SandboxGone(f"sandbox {self.sandbox_id} has ended")
+        return cgroup
+
+    async def pause(self) -> None:
+        cgroup = self._freezer()
+        try:
+            await cgroup.freeze()
+        except CgroupError as e:
+            if not self.running:
+                raise SandboxGone(f"sandbox {self.sandbox_id} has ended") from e
+            raise SandboxRuntimeError(f"sandbox {self.sandbox_id} could not be paused: {e}") from e
+
+    async def resume(self) -> None:
+        cgroup = self._freezer()
+        try:
+            cgroup.thaw()
+        except CgroupError as e:
+            if not self.running:
+                raise SandboxGone(f"sandbox {self.sandbox_id} has ended") from e
+            raise SandboxRuntimeError(f"sandbox {self.sandbox_id} could not be resumed: {e}") from e
+        pending, self._pending_deadline = self._pending_deadline, None
+        if pending is not None:
+            await self.set_deadline(*pending)
+
+    async def paused(self) -> bool:
+        return self.running and self._cgroup is not None and self._cgroup.frozen()
 
     # --- ending ---
 
@@ -218,6 +273,9 @@ class BubblewrapSandbox(SandboxHandle):
     async def terminate(self, grace_seconds: float) -> MainExit:
         if not self.running:
             return await self._ended()
+        if self._cgroup is not None and self._cgroup.frozen():  # its SIGTERM needs it running
+            with contextlib.suppress(CgroupError):
+                self._cgroup.thaw()
         with contextlib.suppress(SandboxRuntimeError, OSError, asyncio.TimeoutError):
             async with asyncio.timeout(max(grace_seconds, 0.1)):
                 await self._send_terminate()

@@ -1,5 +1,5 @@
 """`SandboxCgroup`: the cgroups of one sandbox (its directory in each hierarchy): limits, OOM
-and memory accounting, killing everything in it, removing it."""
+and memory accounting, pausing (the freezer), killing everything in it, removing it."""
 
 from __future__ import annotations
 
@@ -194,6 +194,69 @@ class SandboxCgroup:
         if freezer is not None:
             with contextlib.suppress(OSError):
                 write_file(freezer[0], freezer[2])
+
+    # -- pausing: the freezer holds every process of the sandbox where it is -------------------
+
+    @property
+    def has_freezer(self) -> bool:
+        """Whether the sandbox can be frozen (v2 always; v1 with the freezer hierarchy)."""
+        return self.version == 2 or self._dir("freezer") is not None
+
+    def frozen(self) -> bool:
+        """Whether the freezer holds the sandbox now (v1: FROZEN or still FREEZING; the kernel
+        keeps this across a restart of the service). False without a freezer or a cgroup."""
+        if not self.has_freezer:
+            return False
+        try:
+            if self.version == 2:
+                directory = next(iter(self.dirs.values()))
+                return read_file(os.path.join(directory, "cgroup.freeze")).strip() == "1"
+            freezer = self._dir("freezer")
+            assert freezer is not None
+            return read_file(os.path.join(freezer, "freezer.state")).strip() != "THAWED"
+        except OSError:
+            return False
+
+    async def freeze(self, max_wait: float = 5.0) -> None:
+        """Freezes every process of the sandbox and waits until the kernel says all are.
+
+        Raises CgroupError without a freezer, or when some process did not freeze within
+        `max_wait` seconds (one in an uninterruptible wait, e.g. on a slow disk): the sandbox is
+        thawed again then, never left half frozen."""
+        freezer = self._freeze_file()
+        if freezer is None:
+            raise CgroupError("this sandbox has no cgroup freezer")
+        try:
+            write_file(freezer[0], freezer[1])
+        except OSError as exc:
+            raise CgroupError(f"cannot freeze ({freezer[0]}): {exc.strerror}") from exc
+        deadline = time.monotonic() + max_wait
+        delay = 0.001
+        while True:
+            try:
+                if self._is_frozen():
+                    return
+            except OSError as exc:
+                raise CgroupError(f"cannot read the freezer: {exc.strerror}") from exc
+            if time.monotonic() > deadline:
+                self._thaw()
+                raise CgroupError(
+                    f"not every process froze within {max_wait:g} s (one is in an "
+                    "uninterruptible wait); the sandbox was left running"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def thaw(self) -> None:
+        """Lets every process of the sandbox run again. Raises CgroupError when the kernel
+        refuses (the cgroup is gone: the sandbox ended)."""
+        freezer = self._freeze_file()
+        if freezer is None:
+            raise CgroupError("this sandbox has no cgroup freezer")
+        try:
+            write_file(freezer[0], freezer[2])
+        except OSError as exc:
+            raise CgroupError(f"cannot thaw ({freezer[0]}): {exc.strerror}") from exc
 
     async def kill_all(self, max_wait: float = 5.0, spare: Collection[int] = ()) -> bool:
         """SIGKILLs every process in the sandbox's cgroups, except `spare`, until none is left.
