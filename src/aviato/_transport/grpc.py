@@ -346,6 +346,20 @@ class GrpcTransport(Transport):
         removed: ipb.Image = response.image
         return removed
 
+    async def list_volumes(self, *, call_timeout: float | None) -> list[pb.Volume]:
+        response = await self._unary(
+            self._stub.ListVolumes, pb.ListVolumesRequest(), call_timeout, "list volumes"
+        )
+        return list(response.volumes)
+
+    async def delete_volume(self, name: str, *, call_timeout: float | None) -> None:
+        await self._unary(
+            self._stub.DeleteVolume,
+            pb.DeleteVolumeRequest(name=name),
+            call_timeout,
+            f"delete volume {name}",
+        )
+
     async def prune_images(self, *, call_timeout: float | None) -> list[ipb.Image]:
         response = await self._unary(
             self._images.PruneImages, ipb.PruneImagesRequest(), call_timeout, "prune images"

@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_MEMORY_BYTES",
     "DEFAULT_PIDS",
     "LIMIT_NAMES",
+    "DirectoryMount",
     "EgressPolicy",
     "EgressRule",
     "ExecSpec",
@@ -74,6 +75,23 @@ class EgressPolicy:
 
 
 @dataclass(frozen=True)
+class DirectoryMount:
+    """A host directory bound into the sandbox at `path` (absolute, validated).
+
+    Either a named volume of the sandbox's owner (`volume` its name) or an operator-approved
+    host directory (`host_path` as asked; always read-only). `source` is the host directory
+    that is bound: the volume's directory, or the host path with every symlink resolved and
+    re-checked against the allowed trees. The service fills it in at create (the request
+    cannot name it); a runtime binds `source` and nothing else."""
+
+    path: str
+    volume: str = ""
+    host_path: str = ""
+    read_only: bool = False
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class SandboxConfig:
     """A validated sandbox spec with every default resolved, in the units the runtime needs.
 
@@ -105,6 +123,8 @@ class SandboxConfig:
     image_command: bool = False
     # Labels a cluster placement must find on the node (SandboxSpec.node_selector).
     node_selector: tuple[tuple[str, str], ...] = ()
+    # Volumes and host directories bound into the sandbox (docs/volumes.md).
+    mounts: tuple[DirectoryMount, ...] = ()
 
 
 @dataclass(frozen=True)
