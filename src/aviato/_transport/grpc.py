@@ -347,18 +347,12 @@ class GrpcTransport(Transport):
         return removed
 
     async def list_volumes(self, *, call_timeout: float | None) -> list[pb.Volume]:
-        response = await self._unary(
-            self._stub.ListVolumes, pb.ListVolumesRequest(), call_timeout, "list volumes"
-        )
-        return list(response.volumes)
+        request, op = pb.ListVolumesRequest(), "list volumes"
+        return list((await self._unary(self._stub.ListVolumes, request, call_timeout, op)).volumes)
 
     async def delete_volume(self, name: str, *, call_timeout: float | None) -> None:
-        await self._unary(
-            self._stub.DeleteVolume,
-            pb.DeleteVolumeRequest(name=name),
-            call_timeout,
-            f"delete volume {name}",
-        )
+        request, op = pb.DeleteVolumeRequest(name=name), f"delete volume {name}"
+        await self._unary(self._stub.DeleteVolume, request, call_timeout, op)
 
     async def prune_images(self, *, call_timeout: float | None) -> list[ipb.Image]:
         response = await self._unary(

@@ -28,6 +28,7 @@ from aviato.cli import (
     server,
     shell,
     version,
+    volumes,
 )
 from aviato.cli._output import CliError, debug_enabled, describe, print_error
 
@@ -74,6 +75,7 @@ for _command in (
     sandboxes.stop,
     sandboxes.rm,
     images.image,
+    volumes.volume,
     server.server,
     keys.keys,
     version.version,

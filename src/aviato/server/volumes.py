@@ -142,25 +142,27 @@ class HostMounts:
         """The real path to bind for `host_path`: it and every symlink in it resolved, and
         the result under an allowed tree; a refusal says which rule, never what is there."""
         if not self.allowed:
-            raise FailedPrecondition(
-                f"{field}: this service allows no host directories to be mounted (the operator "
-                "allows some with `aviato server --allow-host-mount DIR`)"
+            raise InvalidArgument(
+                field,
+                "this service allows no host directories to be mounted (the operator "
+                "allows some with `aviato server --allow-host-mount DIR`)",
             )
         asked_under = any(_under(host_path, root) for root in self.allowed)
         real = os.path.realpath(host_path)
         if not asked_under or not any(_under(real, root) for root in self.allowed):
             where = ", ".join(self.allowed)
             if asked_under:
-                raise FailedPrecondition(
-                    f"{field}: {host_path!r} leads through a symlink out of the allowed "
-                    f"directories ({where})"
+                raise InvalidArgument(
+                    field,
+                    f"{host_path!r} leads through a symlink out of the allowed directories "
+                    f"({where})",
                 )
-            raise FailedPrecondition(
-                f"{field}: {host_path!r} is not under a directory the operator allows to "
-                f"mount ({where})"
+            raise InvalidArgument(
+                field,
+                f"{host_path!r} is not under a directory the operator allows to mount ({where})",
             )
         if not os.path.isdir(real):
-            raise FailedPrecondition(f"{field}: {host_path!r} is not a directory on the host")
+            raise InvalidArgument(field, f"{host_path!r} is not a directory on the host")
         return real
 
 
