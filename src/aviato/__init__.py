@@ -39,6 +39,7 @@ from aviato._sandbox import Sandbox, Session
 from aviato._sandbox_network import NetworkUsage
 from aviato._service import ServerInfo, server_info
 from aviato._status import SandboxStatus
+from aviato._volumes import HostMount, Volume, VolumeInfo, Volumes
 from aviato._wait import Waitable, results, wait
 from aviato.exceptions import (
     AsyncFunctionError,
@@ -87,6 +88,7 @@ __all__ = [
     "FileStream",
     "FunctionError",
     "FunctionSerializationError",
+    "HostMount",
     "Image",
     "ImagePullCredentials",
     "Images",
@@ -121,6 +123,9 @@ __all__ = [
     "Session",
     "StreamReader",
     "StreamWriter",
+    "Volume",
+    "VolumeInfo",
+    "Volumes",
     "Waitable",
     "WandbAuthError",
     "__version__",

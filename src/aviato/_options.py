@@ -38,6 +38,7 @@ from aviato._defaults import (
     coerce_node_selector,
     resources_to_proto,
 )
+from aviato._volumes import HostMount, Volume, mounts_to_proto
 from aviato.exceptions import SandboxValidationError
 from aviato.v1 import sandbox_pb2 as pb
 
@@ -94,6 +95,9 @@ class SandboxDefaults:
             `ProcessResult` keeps: the first 64 MiB by default (then ``stdout_truncated`` /
             ``stderr_truncated`` say so). Streaming ``process.stdout`` is not limited by it.
             Overridden per call by ``exec(max_output_bytes=...)``.
+        volumes: ``{"/cache": Volume("cache"), "/data": HostMount("/data/sets")}``: directories
+            mounted at those sandbox paths (docs/volumes.md); a call's own ``volumes`` are
+            merged over these, its paths winning.
         max_read_file_bytes: The largest file `read_file` reads into memory (64 MiB by
             default); a larger one raises `SandboxFileError`: use `read_file_streaming` or
             `download_file`. Overridden per call by ``read_file(max_bytes=...)``.
@@ -118,6 +122,7 @@ class SandboxDefaults:
     node_selector: Mapping[str, str] = field(default_factory=dict)
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
     max_read_file_bytes: int = DEFAULT_MAX_READ_FILE_BYTES
+    volumes: Mapping[str, Volume | HostMount] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tags", as_str_tuple("tags", self.tags))
@@ -135,6 +140,8 @@ class SandboxDefaults:
             )
         object.__setattr__(self, "environment_variables", dict(self.environment_variables))
         object.__setattr__(self, "node_selector", coerce_node_selector(self.node_selector))
+        object.__setattr__(self, "volumes", dict(self.volumes))
+        mounts_to_proto(self.volumes)  # validate early
         if self.resources is not None:
             object.__setattr__(self, "resources", dict(self.resources))
             resources_to_proto(self.resources)  # validate early
@@ -160,6 +167,14 @@ class SandboxDefaults:
         merged = dict(self.node_selector)
         merged.update(coerce_node_selector(selector))
         return merged
+
+    def merge_volumes(
+        self, volumes: Mapping[str, Volume | HostMount] | None
+    ) -> list[pb.DirectoryMount]:
+        """The default volumes updated with `volumes` (explicit paths win), as the spec's."""
+        merged = dict(self.volumes)
+        merged.update(volumes or {})
+        return mounts_to_proto(merged)
 
     def with_overrides(self, **overrides: Any) -> SandboxDefaults:
         """A copy with some fields replaced (`dataclasses.replace`)."""
@@ -192,6 +207,7 @@ class SandboxSettings(TypedDict, total=False):
     idle_timeout_seconds: float | None
     node_selector: Mapping[str, str] | None
     request_timeout_seconds: float | None
+    volumes: Mapping[str, Volume | HostMount] | None
 
 
 class _MainProcess(TypedDict, total=False):
@@ -242,6 +258,11 @@ class SandboxArgs(SandboxOptions, _Address, total=False):
         service places sandboxes on a cluster (docs/cluster.md); merged over the default
         selector. A selector no node matches leaves the sandbox PENDING until the service's
         placement deadline, then FAILED. Ignored by the local placement.
+    volumes: ``{"/cache": Volume("cache"), "/data": Volume("ds", read_only=True),
+        "/datasets": HostMount("/data/datasets/imagenet")}``: the caller's named volumes
+        (created on first use, persistent, shareable between sandboxes) and host directories
+        the operator allowed (read-only), at absolute sandbox paths (docs/volumes.md). Merged
+        over the default volumes.
     base_url: The service (default `AVIATO_BASE_URL`, else `defaults.base_url`, else local).
     request_timeout_seconds: Deadline of each request; default of `wait()` (300 s).
     """
@@ -333,6 +354,7 @@ def resolve(options: SandboxArgs, defaults: SandboxDefaults) -> ResolvedSandbox:
         image_command=use_image_command,
         node_selector=d.merge_node_selector(options.get("node_selector")),
         idle_timeout_seconds=float(idle or 0.0),
+        mounts=d.merge_volumes(options.get("volumes")),
     )
     resources = options.get("resources")
     res = _defaults.resources_to_proto(resources if resources is not None else d.resources)

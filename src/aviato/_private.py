@@ -46,7 +46,11 @@ DIR_MODE = 0o700
 FILE_MODE = 0o600
 # Directories (relative to the state directory, fnmatch patterns) whose *contents* keep the
 # modes they have: an unpacked image root must keep its files' modes (a sandbox runs them).
-KEEP_MODES_BELOW = ("images/roots/*/rootfs", "images/tmp/*/rootfs")
+# Volumes keep their files' modes (docs/volumes.md): their owners' directories are made
+# private, never what sandboxes put in them.
+KEEP_MODES_BELOW = (
+    "images/roots/*/rootfs", "images/tmp/*/rootfs", "volumes/*", "volumes-deleted",
+)  # fmt: skip
 # Files that sandboxes use, through the launcher's id-mapped view of the state directory (a root
 # service; see runtime/native/privileges.c), in which host root's files belong to the sandbox's
 # uid 0 and every other uid of the sandbox is "other": the supervisor binary it runs (as its

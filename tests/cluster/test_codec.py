@@ -36,7 +36,7 @@ from aviato.runtime.base import (
     RegistryCredentials,
     SandboxConfig,
 )
-from aviato.runtime.model import EgressPolicy, EgressRule
+from aviato.runtime.model import DirectoryMount, EgressPolicy, EgressRule
 
 # A value unlike any default, per annotated type (as the dataclasses spell them).
 _VALUES: dict[Any, Callable[[str], Any]] = {
@@ -53,6 +53,10 @@ _VALUES: dict[Any, Callable[[str], Any]] = {
     tuple[tuple[str, str], ...]: lambda name: (("zone", "b"), ("aviato.node", "n1")),
     RegistryCredentials | None: lambda name: RegistryCredentials("user", "secret", "tok"),
     frozenset[str]: lambda name: frozenset({"memory", "pids"}),
+    tuple[DirectoryMount, ...]: lambda name: (
+        DirectoryMount("/cache", volume="cache", source="/s/volumes/k/cache"),
+        DirectoryMount("/d", host_path="/data/d", read_only=True, source="/data/real"),
+    ),
     EgressPolicy: lambda name: EgressPolicy(
         internet=True, rules=(EgressRule(dns_name="*.pypi.org"), EgressRule(cidr="10.8.0.0/16"))
     ),

@@ -286,6 +286,14 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def prune_images(self, *, call_timeout: float | None) -> list[ipb.Image]: ...
 
+    # -- volumes -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def list_volumes(self, *, call_timeout: float | None) -> list[pb.Volume]: ...
+
+    @abc.abstractmethod
+    async def delete_volume(self, name: str, *, call_timeout: float | None) -> None: ...
+
     # -- administration (the Admin API: served on the local socket only) ------------------------
 
     @abc.abstractmethod

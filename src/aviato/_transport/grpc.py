@@ -347,6 +347,14 @@ class GrpcTransport(GrpcPauseCalls, Transport):
         removed: ipb.Image = response.image
         return removed
 
+    async def list_volumes(self, *, call_timeout: float | None) -> list[pb.Volume]:
+        request, op = pb.ListVolumesRequest(), "list volumes"
+        return list((await self._unary(self._stub.ListVolumes, request, call_timeout, op)).volumes)
+
+    async def delete_volume(self, name: str, *, call_timeout: float | None) -> None:
+        request, op = pb.DeleteVolumeRequest(name=name), f"delete volume {name}"
+        await self._unary(self._stub.DeleteVolume, request, call_timeout, op)
+
     async def prune_images(self, *, call_timeout: float | None) -> list[ipb.Image]:
         response = await self._unary(
             self._images.PruneImages, ipb.PruneImagesRequest(), call_timeout, "prune images"

@@ -84,6 +84,8 @@ class MemoryService:
         self.resizes: list[tuple[int, int]] = []
         #: the image store, by digest: `pull` adds, `remove`/`prune` take away
         self.images: dict[str, ipb.Image] = {}
+        #: the caller's volumes (by name)
+        self.volumes: dict[str, pb.Volume] = {}
         #: the Admin API's keys (by id) and owners' quotas (by owner)
         self.keys: dict[str, apb.ApiKey] = {}
         self.quotas: dict[str, apb.OwnerQuota] = {}
@@ -350,6 +352,15 @@ class MemoryTransport(Transport):
             if image == digest or image in found.names:
                 return self.service.images.pop(digest)
         raise from_status("NOT_FOUND", f"no image {image!r}", op=f"remove {image}")
+
+    async def list_volumes(self, *, call_timeout: float | None) -> list[pb.Volume]:
+        self.service._enter("ListVolumes", "list volumes")
+        return list(self.service.volumes.values())
+
+    async def delete_volume(self, name: str, *, call_timeout: float | None) -> None:
+        self.service._enter("DeleteVolume", f"delete volume {name}")
+        if self.service.volumes.pop(name, None) is None:
+            raise from_status("NOT_FOUND", f"volume {name!r} not found", op=f"delete volume {name}")
 
     async def prune_images(self, *, call_timeout: float | None) -> list[ipb.Image]:
         self.service._enter("PruneImages", "prune images")

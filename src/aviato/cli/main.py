@@ -29,6 +29,7 @@ from aviato.cli import (
     server,
     shell,
     version,
+    volumes,
 )
 from aviato.cli._output import CliError, debug_enabled, describe, print_error
 
@@ -78,6 +79,7 @@ for _command in (
     pausing.extend,
     sandboxes.rm,
     images.image,
+    volumes.volume,
     server.server,
     keys.keys,
     version.version,

@@ -35,6 +35,7 @@ from aviato.cli._output import (
 from aviato.cli._params import duration, duration_or_zero, env_option, label_pairs
 from aviato.cli._reach import preflight
 from aviato.cli.images import credential_options, read_credentials
+from aviato.cli.volumes import parse_volume_options
 
 STATUS_CHOICES = [s.value for s in SandboxStatus if s is not SandboxStatus.UNSPECIFIED]
 START_TIMEOUT_SECONDS = 120.0
@@ -147,6 +148,15 @@ def _resources(cpu: str | None, memory: str | None) -> dict[str, str] | None:
 @click.option("--internet", is_flag=True, help=network_cli.INTERNET_HELP)
 @click.option("--allow", multiple=True, metavar="NAME|CIDR", help=network_cli.ALLOW_HELP)
 @click.option(
+    "-v",
+    "--volume",
+    "volume_options",
+    multiple=True,
+    metavar="NAME:/PATH[:ro]",
+    help="Mount your volume NAME at /PATH (created on first use; :ro read-only), or a host "
+    "directory the operator allows, /HOST/DIR:/PATH (read-only). Repeatable.",
+)
+@click.option(
     "--wait/--no-wait",
     default=True,
     show_default=True,
@@ -169,6 +179,7 @@ def run(
     ports: tuple[int, ...],
     internet: bool,
     allow: tuple[str, ...],
+    volume_options: tuple[str, ...],
     wait: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -193,6 +204,7 @@ def run(
       aviato run --node-selector pool=gpu --memory 8Gi
       id=$(aviato run -p 8080 -- python3 -m http.server 8080); aviato port "$id" 8080
       aviato run --allow pypi.org --allow files.pythonhosted.org -- pip install requests
+      aviato run -v cache:/cache -v /data/datasets/imagenet:/datasets
     """
     argv = list(command)
     if argv and argv[0] == "--":
@@ -200,6 +212,7 @@ def run(
     if image_command and argv:
         raise CliError("--image-command runs the image's Entrypoint + Cmd: give it or a CMD")
     credentials = read_credentials(username, password_stdin)
+    mounts = parse_volume_options(volume_options)
     preflight()
     sandbox = Sandbox.run(
         *argv,
@@ -214,6 +227,7 @@ def run(
         image_pull_credentials=credentials,
         node_selector=node_selector or None,
         network=_network(ports, internet, allow),
+        volumes=mounts,
     )
     if wait:
         try:

@@ -175,6 +175,19 @@ def _limit_argv(values: Mapping[str, str | None]) -> list[str]:
     metavar="N",
     help="Refuse images whose layers hold more entries than this [default 1000000].",
 )
+@click.option(
+    "--allow-host-mount",
+    "host_mounts",
+    multiple=True,
+    metavar="DIR",
+    help="Sandboxes may mount this host directory, or one below it, read-only (repeatable; "
+    "docs/volumes.md).",
+)
+@click.option(
+    "--volume-max-size",
+    metavar="QUANTITY",
+    help="A volume holding this much can no longer be mounted read-write [default 10Gi].",
+)
 @limit_options
 @click.pass_context
 def server(
@@ -189,6 +202,8 @@ def server(
     insecure_registries: tuple[str, ...] = (),
     max_image_size: str | None = None,
     max_image_files: str | None = None,
+    host_mounts: tuple[str, ...] = (),
+    volume_max_size: str | None = None,
     **limits: str | None,
 ) -> None:
     """Run or manage the aviato service on this machine.
@@ -215,10 +230,11 @@ def server(
                 f"put --listen/--tls-*/limits after the subcommand: "
                 f"aviato server {ctx.invoked_subcommand} --listen ..."
             )
-        if insecure_registries or max_image_size or max_image_files:
+        if insecure_registries or max_image_size or max_image_files or host_mounts:
             raise click.UsageError(
-                "--insecure-registry and --max-image-* apply to the service run in the "
-                "foreground (aviato server ...); for 'start', set AVIATO_INSECURE_REGISTRIES"
+                "--insecure-registry, --max-image-* and --allow-host-mount apply to the service "
+                "run in the foreground (aviato server ...); for 'start', set "
+                "AVIATO_INSECURE_REGISTRIES"
             )
         return
     _check_tls(listen, tls_cert, tls_key)
@@ -240,6 +256,10 @@ def server(
         argv += ["--max-image-size", max_image_size]
     if max_image_files:
         argv += ["--max-image-files", max_image_files]
+    for directory in host_mounts:
+        argv += ["--allow-host-mount", directory]
+    if volume_max_size:
+        argv += ["--volume-max-size", volume_max_size]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(argv[0], argv)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from functools import cache
 
 from aviato.runtime.base import PathRefused
+from aviato.runtime.model import DirectoryMount
 
 SUPERVISOR_PATH = "/.aviato/supervisor"
 AVIATO_BIN = "/.aviato/bin"
@@ -180,6 +181,31 @@ class ImageRoot:
             else:
                 args += self._dir_args(os.path.dirname(path))
             args += ["--ro-bind", host_file, path]
+        return args
+
+    def directory_mount_args(
+        self, mounts: Sequence[DirectoryMount], mounted_files: Sequence[str] = ()
+    ) -> list[str]:
+        """Binds of host directories (each mount's `source`) at sandbox paths: `--bind` for a
+        read-write volume, `--ro-bind` otherwise. bubblewrap makes every bind nosuid and
+        nodev. A path may not be '/', reserved, hidden, behind an image symlink, inside or
+        around another mount or a mounted file, nor new inside a read-only tree of the image
+        (an existing directory there may be covered)."""
+        args: list[str] = []
+        taken = [*mounted_files]
+        for mount in mounts:
+            path = self.check_path(mount.path, "mount")
+            if not mount.source:
+                raise PathRefused(f"mount {path!r} has no host directory (not resolved)")
+            for other in taken:
+                if other == path or other.startswith(path + "/") or path.startswith(other + "/"):
+                    raise PathRefused(f"mount {path!r} overlaps {other!r}; keep them apart")
+            taken.append(path)
+            if self._tree_of(path) is not None:
+                self._readonly_ancestor_ok(path, "mount", want_dir=True)
+            else:
+                args += self._dir_args(path)
+            args += ["--ro-bind" if mount.read_only else "--bind", mount.source, path]
         return args
 
 

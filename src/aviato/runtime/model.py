@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_MEMORY_BYTES",
     "DEFAULT_PIDS",
     "LIMIT_NAMES",
+    "DirectoryMount",
     "EgressPolicy",
     "EgressRule",
     "ExecSpec",
@@ -74,6 +75,23 @@ class EgressPolicy:
 
 
 @dataclass(frozen=True)
+class DirectoryMount:
+    """A host directory bound into the sandbox at `path` (absolute, validated).
+
+    Either a named volume of the sandbox's owner (`volume` its name) or an operator-approved
+    host directory (`host_path` as asked; always read-only). `source` is the host directory
+    that is bound: the volume's directory, or the host path with every symlink resolved and
+    re-checked against the allowed trees. The service fills it in at create (the request
+    cannot name it); a runtime binds `source` and nothing else."""
+
+    path: str
+    volume: str = ""
+    host_path: str = ""
+    read_only: bool = False
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class SandboxConfig:
     """A validated sandbox spec with every default resolved, in the units the runtime needs.
 
@@ -108,6 +126,8 @@ class SandboxConfig:
     # Stop the sandbox ("idle") after this many seconds without a command or file transfer
     # (0: never). The service's reaper enforces it; a runtime ignores it.
     idle_timeout_seconds: float = 0.0
+    # Volumes and host directories bound into the sandbox (docs/volumes.md).
+    mounts: tuple[DirectoryMount, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,18 @@ _env("cgroup_memory", "AVIATO_CGROUP_MEMORY", _memory, None)  # None: derived fr
 _env("cgroup_pids", "AVIATO_CGROUP_PIDS", _count, None)
 
 
+def _host_dir(text: str) -> str:
+    """--allow-host-mount: an existing absolute directory, kept as its real path."""
+    if not os.path.isabs(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an absolute path")
+    real = os.path.realpath(text)
+    if not os.path.isdir(real):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory")
+    if real == "/":
+        raise argparse.ArgumentTypeError("the whole host ('/') cannot be allowed")
+    return real
+
+
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p = argparse.ArgumentParser(prog="python -m aviato.server", description=__doc__)
     p.add_argument("--state-dir", help="state directory (default: $AVIATO_STATE_DIR, "
@@ -244,6 +256,20 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                    metavar="N",
                    help="refuse images whose layers hold more entries than this (default "
                         f"{DEFAULT_MAX_IMAGE_ENTRIES}; 0: no bound)")  # fmt: skip
+    vol = p.add_argument_group("volumes", "named volumes and host directories (docs/volumes.md)")
+    vol.add_argument(
+        "--allow-host-mount", action="append", default=[], metavar="DIR", type=_host_dir,
+        help="sandboxes may mount this host directory, or one below it, read-only; repeatable",
+    )  # fmt: skip
+    vol.add_argument(
+        "--volume-max-size", type=_memory, default=10 << 30, metavar="QUANTITY",
+        help="a volume holding this much can no longer be mounted read-write (default 10Gi; "
+             "0: no bound)",
+    )  # fmt: skip
+    vol.add_argument(
+        "--owner-max-volumes", type=_count, default=64, metavar="N",
+        help="volumes per owner (default 64; 0: no bound)",
+    )  # fmt: skip
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning",
                             "error"])  # fmt: skip
@@ -297,6 +323,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         ray_node_state_dir=args.ray_node_state_dir,
         ray_node_lease_seconds=args.ray_node_lease,
         placement_timeout_seconds=args.placement_timeout,
+        volume_max_bytes=args.volume_max_size,
+        owner_max_volumes=args.owner_max_volumes,
+        allow_host_mounts=tuple(dict.fromkeys(args.allow_host_mount)),
     )
 
 

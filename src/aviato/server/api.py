@@ -213,6 +213,22 @@ class SandboxServicer(ExecStreams, FileStreams, LogStreams, PortTunnels):
         await self._lifecycle.delete(owner, request.sandbox_id)
         return pb.DeleteSandboxResponse()
 
+    # -- volumes (docs/volumes.md) ------------------------------------------------------------
+
+    @_Unary
+    async def ListVolumes(
+        self, owner: str, request: pb.ListVolumesRequest, context: Ctx
+    ) -> pb.ListVolumesResponse:
+        volumes = await self._lifecycle.volumes.of_owner(owner, self._lifecycle.volume_users(owner))
+        return pb.ListVolumesResponse(volumes=[codec.encode_volume(v) for v in volumes])
+
+    @_Unary
+    async def DeleteVolume(
+        self, owner: str, request: pb.DeleteVolumeRequest, context: Ctx
+    ) -> pb.DeleteVolumeResponse:
+        self._lifecycle.delete_volume(owner, request.name)
+        return pb.DeleteVolumeResponse()
+
     # -- leases and info ----------------------------------------------------------------------
 
     @_Unary

@@ -34,6 +34,7 @@ from aviato.server import validation
 from aviato.server.errors import InvalidArgument
 from aviato.server.records import SandboxRecord, SandboxStatus, ValidSpec
 from aviato.server.validation import SpecDefaults
+from aviato.server.volumes import VolumeInfo, validate_mounts
 from aviato.v1 import quantities
 from aviato.v1 import sandbox_pb2 as pb
 
@@ -48,6 +49,7 @@ __all__ = [
     "encode_lease",
     "encode_output",
     "encode_sandbox",
+    "encode_volume",
 ]
 
 STATUS_TO_PROTO: dict[SandboxStatus, pb.SandboxStatus] = {
@@ -92,6 +94,9 @@ def decode_spec(spec: pb.SandboxSpec, defaults: SpecDefaults) -> ValidSpec:
     idle_timeout = validation.validate_finite(
         spec.idle_timeout_seconds, "spec.idle_timeout_seconds", 0.0, validation.MAX_LIFETIME_SECONDS
     )
+    mounts = validate_mounts(
+        ((m.path, m.volume, m.host_path, m.read_only) for m in spec.mounts), "spec.mounts"
+    )
     config = SandboxConfig(
         sandbox_id="",
         image=image,
@@ -110,6 +115,7 @@ def decode_spec(spec: pb.SandboxSpec, defaults: SpecDefaults) -> ValidSpec:
         image_command=image_command,
         node_selector=node_selector,
         idle_timeout_seconds=idle_timeout,
+        mounts=mounts,
     )
     return ValidSpec(config=config, tags=tags, max_lifetime_seconds=lifetime)
 
@@ -251,6 +257,12 @@ def _encode_spec(rec: SandboxRecord) -> pb.SandboxSpec:
         node_selector=dict(config.node_selector),
         image_command=config.image_command,
         idle_timeout_seconds=config.idle_timeout_seconds,
+        mounts=[
+            pb.DirectoryMount(
+                path=m.path, volume=m.volume, host_path=m.host_path, read_only=m.read_only
+            )
+            for m in config.mounts
+        ],
     )
 
 
@@ -317,3 +329,15 @@ def encode_exit(event: ExecExit) -> pb.ExecResponse:
             ),
         )
     )
+
+
+def encode_volume(volume: VolumeInfo) -> pb.Volume:
+    """The answer of one of the caller's volumes (its host directory is never shown)."""
+    msg = pb.Volume(
+        name=volume.name,
+        size_bytes=volume.size_bytes,
+        max_size_bytes=volume.max_size_bytes,
+        used_by=volume.used_by,
+    )
+    msg.created_at.FromNanoseconds(volume.created_ns)
+    return msg

@@ -150,6 +150,12 @@ class ServerConfig:
     ray_node_state_dir: str = "/var/lib/aviato/node"
     placement_timeout_seconds: float = 300.0
     ray_node_lease_seconds: float = 10.0
+    # Volumes (docs/volumes.md): the bound on each volume's size (a read-write mount of a volume
+    # that holds this much is refused; 0: no bound), how many volumes each owner may have (0: no
+    # bound), and the host directories sandboxes may mount read-only (resolved at start).
+    volume_max_bytes: int = 10 << 30
+    owner_max_volumes: int = 64
+    allow_host_mounts: tuple[str, ...] = ()
 
     def spec_defaults(self) -> SpecDefaults:
         """The defaults that validation resolves in every sandbox spec."""

@@ -33,6 +33,7 @@ runtime's exit record says.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import math
@@ -233,7 +234,7 @@ class Lifecycle(Pausing, Reconciliation):
         self._admission.check(owner, charge, len(self._live))
 
         sandbox_id = "sbx-" + secrets.token_hex(6)
-        config = replace(valid.config, sandbox_id=sandbox_id)
+        config = self.volumes.resolve(owner, replace(valid.config, sandbox_id=sandbox_id))
         node, runtime = self._placement.runtime_for_new(config)
         runtime.check(config)  # refused here, not accepted and then FAILED
         now = time.time_ns()
@@ -259,6 +260,20 @@ class Lifecycle(Pausing, Reconciliation):
         live.task = asyncio.create_task(self._run_new(live), name=f"sandbox-{sandbox_id}")
         log.info("sandbox created id=%s owner=%s image=%s", sandbox_id, owner, config.image)
         return rec
+
+    def volume_users(self, owner: str) -> dict[str, builtins.list[str]]:
+        """The owner's volumes that live sandboxes mount now: name -> sandbox ids."""
+        users: dict[str, builtins.list[str]] = {}
+        for live in self._live.values():
+            if live.rec.owner == owner:
+                for mount in live.rec.config.mounts:
+                    if mount.volume:
+                        users.setdefault(mount.volume, []).append(live.rec.id)
+        return users
+
+    def delete_volume(self, owner: str, name: str) -> None:
+        """Deletes the owner's volume `name`; refused while a live sandbox mounts it."""
+        self.volumes.delete(owner, name, self.volume_users(owner).get(name, []))
 
     async def wait(
         self, owner: str, sandbox_id: str, terminal: bool, wait_seconds: float

@@ -47,6 +47,7 @@ from aviato.server.records import (
     SandboxRecord,
     SandboxStatus,
 )
+from aviato.server.volumes import VOLUMES_MIGRATION, VolumeRecords
 
 __all__ = [
     "ALL_STATUSES",
@@ -197,6 +198,8 @@ _MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     ALTER TABLE sandboxes ADD COLUMN egress_refused INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE sandboxes ADD COLUMN egress_listener INTEGER NOT NULL DEFAULT 0;
     """,
+    # 6: named volumes (server/volumes.py): owner, name, last measured size, creation time.
+    VOLUMES_MIGRATION,
 )
 
 
@@ -335,6 +338,11 @@ class Registry:
 
     def close(self) -> None:
         self._db.close()
+
+    @property
+    def volumes(self) -> VolumeRecords:
+        """The `volumes` table (server/volumes.py)."""
+        return VolumeRecords(self._db)
 
     # -- sandboxes ----------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from aviato.server.sandbox_states import (
     classify_exit,
     status_name,
 )
+from aviato.server.volumes import HostMounts, Volumes
 
 __all__ = ["SandboxRuns"]
 
@@ -72,6 +73,15 @@ class SandboxRuns:
         self._ports = PortForwarder()
         self._network_change = asyncio.Lock()  # one SetNetwork at a time
         private_dir(config.logs_dir)
+        self.volumes = Volumes(
+            config.state_dir,
+            registry.volumes,
+            max_bytes=config.volume_max_bytes,
+            owner_max_volumes=config.owner_max_volumes,
+            host_mounts=HostMounts(config.allow_host_mounts),
+            placement=placement.name,
+        )
+        self.volumes.clear_trash()
 
     def _adopt(self, live: LiveSandbox) -> None:
         self._live[live.rec.id] = live

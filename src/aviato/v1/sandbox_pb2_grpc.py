@@ -129,6 +129,16 @@ class SandboxServiceStub:
                 request_serializer=aviato_dot_v1_dot_sandbox__pb2.ExtendSandboxRequest.SerializeToString,
                 response_deserializer=aviato_dot_v1_dot_sandbox__pb2.Sandbox.FromString,
                 _registered_method=True)
+        self.ListVolumes = channel.unary_unary(
+                '/aviato.v1.SandboxService/ListVolumes',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.ListVolumesRequest.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.ListVolumesResponse.FromString,
+                _registered_method=True)
+        self.DeleteVolume = channel.unary_unary(
+                '/aviato.v1.SandboxService/DeleteVolume',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.DeleteVolumeRequest.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.DeleteVolumeResponse.FromString,
+                _registered_method=True)
 
 
 class SandboxServiceServicer:
@@ -276,6 +286,20 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListVolumes(self, request, context):
+        """The caller's named volumes (docs/volumes.md); a volume is created by the first sandbox
+        that mounts it. Deleting one that a live sandbox mounts is refused (FAILED_PRECONDITION).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteVolume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -373,6 +397,16 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.ExtendSandbox,
                     request_deserializer=aviato_dot_v1_dot_sandbox__pb2.ExtendSandboxRequest.FromString,
                     response_serializer=aviato_dot_v1_dot_sandbox__pb2.Sandbox.SerializeToString,
+            ),
+            'ListVolumes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVolumes,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.ListVolumesRequest.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.ListVolumesResponse.SerializeToString,
+            ),
+            'DeleteVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteVolume,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.DeleteVolumeRequest.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.DeleteVolumeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -888,6 +922,60 @@ class SandboxService:
             '/aviato.v1.SandboxService/ExtendSandbox',
             aviato_dot_v1_dot_sandbox__pb2.ExtendSandboxRequest.SerializeToString,
             aviato_dot_v1_dot_sandbox__pb2.Sandbox.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVolumes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aviato.v1.SandboxService/ListVolumes',
+            aviato_dot_v1_dot_sandbox__pb2.ListVolumesRequest.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.ListVolumesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aviato.v1.SandboxService/DeleteVolume',
+            aviato_dot_v1_dot_sandbox__pb2.DeleteVolumeRequest.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.DeleteVolumeResponse.FromString,
             options,
             channel_credentials,
             insecure,

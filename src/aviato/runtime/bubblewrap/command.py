@@ -212,8 +212,16 @@ class OwnUserns:
 
     stage_from: str
     stage_at: str
+    # The service's volumes (below stage_from), staged writable at volumes_at when a sandbox
+    # mounts one (the launcher's --stage-volumes).
+    volumes_from: str = ""
+    volumes_at: str = ""
 
     def host_path(self, path: str) -> str:
+        if self.volumes_from and (
+            path == self.volumes_from or path.startswith(self.volumes_from + "/")
+        ):
+            return self.volumes_at + path[len(self.volumes_from) :]
         if path == self.stage_from:
             return self.stage_at
         if path.startswith(self.stage_from + "/"):
@@ -286,6 +294,7 @@ def build_argv(
     working_dir = config.working_dir or root.working_dir
     mounts += root.workdir_args(working_dir)
     mounts += root.file_mount_args(mounted_files)
+    mounts += root.directory_mount_args(config.mounts, [path for path, _ in mounted_files])
     argv += mounts if userns is None else _restage(mounts, userns)
     argv += ["--chdir", working_dir, "--"]
     user = None if userns is None else (root.uid or 0, root.gid or 0)

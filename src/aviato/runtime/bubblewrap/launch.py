@@ -33,6 +33,8 @@ SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the NUL
 # Where a root service's launcher shows bwrap the id-mapped state directory (in a mount
 # namespace of the launcher's own; on the host it stays an empty directory).
 STAGE_AT = "/run/aviato/stage"
+# Where it shows the volumes directory, writable (docs/volumes.md), to sandboxes that mount one.
+VOLUMES_AT = "/run/aviato/volumes"
 OOM_SCORE_ADJ = 500  # sandboxes go before the service when the whole host runs out of memory
 LAUNCH_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 # Joins the cgroups given as arguments up to "--" by writing "0" to their `tasks` files, then

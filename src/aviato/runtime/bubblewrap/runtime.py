@@ -80,6 +80,7 @@ from aviato.runtime.bubblewrap.launch import (
     FD_SECCOMP,
     LAUNCH_ENV,
     STAGE_AT,
+    VOLUMES_AT,
     Launcher,
     connect_supervisor,
     launch_oom_adj,
@@ -180,8 +181,11 @@ class BubblewrapRuntime(Runtime):
         self._ranges: IdRanges | None = None
         if not self._rootless:
             self._ranges = IdRanges(self._state_dir, sandbox_running)
-            self._userns = OwnUserns(str(self._state_dir), STAGE_AT)
-            os.makedirs(STAGE_AT, mode=0o755, exist_ok=True)
+            self._userns = OwnUserns(
+                str(self._state_dir), STAGE_AT, str(self._state_dir / "volumes"), VOLUMES_AT
+            )
+            for mount_point in (STAGE_AT, VOLUMES_AT):
+                os.makedirs(mount_point, mode=0o755, exist_ok=True)
             if self._supervisor:
                 self._supervisor = private_copy(Path(self._supervisor), self._state_dir / "bin")
         self._cgroups = CgroupManager(cgroup_parent)
@@ -399,6 +403,10 @@ class BubblewrapRuntime(Runtime):
             root = image_roots.resolve_image(config.image, config.disk_bytes)
             root.workdir_args(config.working_dir)
             root.file_mount_args([(path, "/dev/null") for path, _ in config.mounted_files])
+            root.directory_mount_args(
+                [replace(m, source=m.source or "/") for m in config.mounts],
+                [path for path, _ in config.mounted_files],
+            )
 
     async def create(self, config: SandboxConfig) -> SandboxHandle:
         self._check_create(config)
@@ -436,6 +444,9 @@ class BubblewrapRuntime(Runtime):
                     raise CapacityExhausted(f"sandbox {sid}: {exc.strerror}") from exc
                 launch = [*ids.launcher_args(), "--stage",
                           f"{self._userns.stage_from}:{self._userns.stage_at}"]  # fmt: skip
+                if any(m.volume for m in config.mounts):
+                    staged = f"{self._userns.volumes_from}:{self._userns.volumes_at}"
+                    launch += ["--stage-volumes", staged]
             if limits is not None:
                 try:
                     cgroup = self._cgroups.create(sid, limits)

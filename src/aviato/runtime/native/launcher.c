@@ -17,7 +17,7 @@
 int launch(int argc, char **argv) {
     int i = 2;
     unsigned long ns_base = 0, ns_count = 0;
-    char *stage_from = NULL, *stage_at = NULL;
+    char *stage_from = NULL, *stage_at = NULL, *volumes_from = NULL, *volumes_at = NULL;
     for (; i < argc && strcmp(argv[i], "--"); i++) {
         if (!strcmp(argv[i], "--userns") && i + 1 < argc) {
             char *end;
@@ -32,6 +32,14 @@ int launch(int argc, char **argv) {
             if (!colon || colon == stage_from || !colon[1])
                 die("--stage: expected FROM:AT, got '%s'", stage_from);
             *colon = 0, stage_at = colon + 1;
+            continue;
+        }
+        if (!strcmp(argv[i], "--stage-volumes") && i + 1 < argc) {
+            volumes_from = argv[++i];
+            char *colon = strrchr(volumes_from, ':');
+            if (!colon || colon == volumes_from || !colon[1])
+                die("--stage-volumes: expected FROM:AT, got '%s'", volumes_from);
+            *colon = 0, volumes_at = colon + 1;
             continue;
         }
         if (!strcmp(argv[i], "--cgroup-procs") && i + 1 < argc) {
@@ -54,7 +62,8 @@ int launch(int argc, char **argv) {
          * may search (a venv under /root) are out of reach. */
         int fd = open(prog[0], O_PATH | O_CLOEXEC);
         if (fd < 0) die("cannot open %s: %s", prog[0], strerror(errno));
-        if (priv_enter_userns(ns_base, ns_count, stage_from, stage_at) < 0) return 125;
+        if (priv_enter_userns(ns_base, ns_count, stage_from, stage_at, volumes_from,
+                              volumes_at) < 0) return 125;
         syscall(SYS_execveat, fd, "", prog, environ, AT_EMPTY_PATH);
         fprintf(stderr, "aviato-supervisor: cannot execute %s: %s\n", prog[0], strerror(errno));
         return 127;
