@@ -205,7 +205,35 @@ class GrpcTransport(Transport):
     async def open_read(
         self, sandbox_id: str, path: str, *, call_timeout: float | None
     ) -> FileReader:
-        call = self._stub.ReadFile(
+        return await self._open_read(self._stub.ReadFile, sandbox_id, path, call_timeout)
+
+    async def open_tree_read(
+        self, sandbox_id: str, path: str, *, call_timeout: float | None
+    ) -> FileReader:
+        return await self._open_read(self._stub.DownloadTree, sandbox_id, path, call_timeout)
+
+    async def path_call(self, rpc: str, request: Any, *, call_timeout: float | None) -> Any:
+        path = getattr(request, "path", "") or getattr(request, "source", "")
+        try:
+            return await getattr(self._stub, rpc)(
+                request, timeout=call_timeout, metadata=self.metadata
+            )
+        except grpc.RpcError as err:
+            raise _mapped(err, _PATH_OPS[rpc], request.sandbox_id, path) from None
+
+    async def write_tree(
+        self,
+        header: pb.WriteFileHeader,
+        chunks: AsyncIterator[bytes],
+        *,
+        call_timeout: float | None,
+    ) -> int:
+        return await self._write_chunks(self._stub.UploadTree, header, chunks, call_timeout)
+
+    async def _open_read(
+        self, method: Any, sandbox_id: str, path: str, call_timeout: float | None
+    ) -> FileReader:
+        call = method(
             pb.ReadFileRequest(sandbox_id=sandbox_id, path=path),
             timeout=call_timeout,
             metadata=self.metadata,
@@ -254,6 +282,15 @@ class GrpcTransport(Transport):
         *,
         call_timeout: float | None,
     ) -> int:
+        return await self._write_chunks(self._stub.WriteFile, header, chunks, call_timeout)
+
+    async def _write_chunks(
+        self,
+        method: Any,
+        header: pb.WriteFileHeader,
+        chunks: AsyncIterator[bytes],
+        call_timeout: float | None,
+    ) -> int:
         async def frames() -> AsyncIterator[pb.WriteFileRequest]:
             yield pb.WriteFileRequest(header=header)
             async for chunk in chunks:
@@ -262,9 +299,7 @@ class GrpcTransport(Transport):
             yield pb.WriteFileRequest(end=True)  # without it the service keeps nothing
 
         try:
-            response = await self._stub.WriteFile(
-                frames(), timeout=call_timeout, metadata=self.metadata
-            )
+            response = await method(frames(), timeout=call_timeout, metadata=self.metadata)
         except grpc.RpcError as err:
             raise _mapped(err, "write file", header.sandbox_id, header.path) from None
         size: int = response.size
@@ -357,6 +392,15 @@ class GrpcTransport(Transport):
             self._closed = True
             with contextlib.suppress(Exception):
                 await self._channel.close(grace=None)
+
+
+_PATH_OPS = {
+    "StatPath": "stat",
+    "ListDir": "list directory",
+    "RemovePath": "remove",
+    "MakeDir": "make directory",
+    "RenamePath": "rename",
+}
 
 
 class _GrpcFileReader(FileReader):

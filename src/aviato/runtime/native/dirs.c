@@ -220,12 +220,13 @@ static int symlink_at(const char *target, struct place *pl) {
 static int make_dir_at(struct place *pl, uint32_t flags, uint32_t mode) {
     if (mkdirat(pl->dirfd, pl->name, 0700) < 0) {
         struct stat st;
-        if (errno != EEXIST || !(flags & FS_PARENTS) ||
-            fstatat(pl->dirfd, pl->name, &st, AT_SYMLINK_NOFOLLOW) < 0 || !S_ISDIR(st.st_mode))
-            return errno = errno == EEXIST || errno == 0 ? EEXIST : errno, -1;
-        if (!(flags & FS_SET_MODE)) return 0; /* an existing directory keeps its mode */
+        int err = errno;
+        if (err == EEXIST && (flags & FS_PARENTS) &&
+            fstatat(pl->dirfd, pl->name, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISDIR(st.st_mode))
+            return 0; /* as mkdir -p: an existing directory keeps its mode */
+        return errno = err, -1;
     }
-    return set_meta(pl, FS_SET_MODE, mode, 0);
+    return set_meta(pl, FS_SET_MODE, mode, 0); /* exactly `mode`, whatever the umask */
 }
 
 /* FS_OP: u8 op | u32 flags | u32 mode | u64 num | u32 limit | str path | str rel | str arg.
@@ -281,7 +282,7 @@ void do_fs_op(struct conn *c, uint32_t id, struct rd *r) {
     } else if (op == FS_REMOVE) {
         rc = remove_at(&pl, flags & FS_RECURSIVE);
     } else if (op == FS_MKDIR) {
-        rc = make_dir_at(&pl, flags | FS_SET_MODE * !(flags & FS_PARENTS), mode);
+        rc = make_dir_at(&pl, flags, mode);
     } else if (op == FS_RENAME) {
         if (resolve(beneath ? path : arg, beneath ? arg : "", beneath, 0, &dst) == 0) {
             if (!strcmp(dst.name, ".") || !strcmp(dst.name, "..")) errno = EINVAL;

@@ -238,8 +238,9 @@ def encode_fs_op(op: PathOp) -> bytes:
         | (FS_SET_MTIME if op.mtime_ns is not None else 0)
     )
     num = op.offset if op.kind == "list" else (op.mtime_ns or 0)
+    mode = op.mode if op.mode is not None else (0o755 if op.kind == "mkdir" else 0)
     head = _FS_OP_HEAD.pack(
-        _FS_KINDS[op.kind], flags, (op.mode or 0) & 0o7777, num, min(op.limit, FS_LIST_MAX)
+        _FS_KINDS[op.kind], flags, mode & 0o7777, num, min(op.limit, FS_LIST_MAX)
     )
     return head + encode_str(op.path) + encode_str(op.rel or "") + encode_str(op.arg)
 
