@@ -9,10 +9,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from test_supervisor import Supervisor, binary, run, start, sup  # noqa: F401 - fixtures
+import test_supervisor
+from test_supervisor import Supervisor, run
 
 from aviato.runtime.base import FileNotFound, PathOp, PathRefused
 from aviato.runtime.supervisor.frames import FS_LIST_MAX
+
+binary, start, sup = test_supervisor.binary, test_supervisor.start, test_supervisor.sup  # fixtures
 
 
 async def chunks_of(*parts: bytes) -> AsyncIterator[bytes]:
@@ -61,7 +64,7 @@ def test_stat_list_mkdir_rename_remove(sup: Supervisor, tmp_path: Path) -> None:
         await conn.path_op(PathOp("remove", str(tmp_path / "a"), recursive=True))
         assert not (tmp_path / "a").exists()
         await conn.path_op(PathOp("remove", str(tmp_path / "link")))  # the link, not /etc/hostname
-        assert Path("/etc/hostname").exists() and not (tmp_path / "link").is_symlink()
+        assert os.lstat("/etc/hostname") and "link" not in os.listdir(tmp_path)
         with pytest.raises(PathRefused, match="itself"):
             await conn.path_op(PathOp("remove", "/", recursive=True))
         with pytest.raises(FileNotFound):

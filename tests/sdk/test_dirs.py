@@ -74,7 +74,7 @@ def test_list_stat_make_rename_remove(sandbox: Sandbox) -> None:
     assert missing.value.filepath == "/tmp/pt"
     with pytest.raises(SandboxFileError, match="never removed"):
         sb.remove("/", recursive=True).result()
-    with pytest.raises(SandboxFileError, match="not a directory|Not a directory"):
+    with pytest.raises(SandboxFileError, match=r"not a directory|Not a directory"):
         sb.list_dir("/etc/hostname").result()
 
 

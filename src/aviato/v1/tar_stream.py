@@ -215,7 +215,12 @@ class TarParser:
         self._last = raw[:200]
         name = checked_name(raw)
         if "size" in pax:
-            size = _number(pax["size"].encode(), f"entry {name!r}: its size")
+            try:
+                size = int(pax["size"])  # PAX numbers are decimal
+            except ValueError:
+                raise TarError(f"entry {name!r}: a malformed size") from None
+            if size < 0:
+                raise TarError(f"entry {name!r}: a negative size")
         mode = _number(block[100:108], f"entry {name!r}: its mode") & 0o7777
         mtime_s = pax.get("mtime")
         try:
