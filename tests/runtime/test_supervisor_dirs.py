@@ -94,7 +94,8 @@ def test_a_listing_is_bounded_and_pages(sup: Supervisor, tmp_path: Path) -> None
 def test_beneath_follows_no_symlink(sup: Supervisor, tmp_path: Path) -> None:
     """A symlink planted under the root never redirects a write, a read, a mkdir or a remove."""
     root, outside = tmp_path / "root", tmp_path / "outside"
-    root.mkdir(), outside.mkdir()
+    root.mkdir()
+    outside.mkdir()
     (outside / "secret").write_bytes(b"s")
     (root / "planted").symlink_to(outside)
     (root / "file-link").symlink_to(outside / "secret")

@@ -130,3 +130,16 @@ def test_a_download_never_follows_what_the_sandbox_planted(
     sandbox.download_dir("/tmp/evil", local).result()
     assert not (outside / "victim").exists() and (local / "f").read_bytes() == b"x\n"
     sandbox.remove("/tmp/evil", recursive=True).result()
+
+
+@pytest.mark.slow
+def test_a_tree_of_ten_thousand_files_round_trips_byte_exact(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    _tree(src, 10_000)
+    sandbox.upload_dir(src, "/tmp/big-tree").result()
+    back = tmp_path / "back"
+    sandbox.download_dir("/tmp/big-tree", back).result()
+    assert _snapshot(back) == _snapshot(src)
+    sandbox.remove("/tmp/big-tree", recursive=True).result()
