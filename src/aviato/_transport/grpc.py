@@ -42,6 +42,7 @@ from aviato._transport.errors import from_status
 from aviato._transport.grpc_errors import mapped as _mapped
 from aviato._transport.grpc_errors import translate_error
 from aviato._transport.grpc_port import GrpcPortStream
+from aviato._transport.grpc_readers import PATH_OPS, GrpcFileReader, GrpcStreamReader
 from aviato.exceptions import AviatoError, SandboxExecutionError
 from aviato.v1 import admin_pb2 as apb
 from aviato.v1 import admin_pb2_grpc, images_pb2_grpc, sandbox_pb2_grpc
@@ -219,7 +220,7 @@ class GrpcTransport(Transport):
                 request, timeout=call_timeout, metadata=self.metadata
             )
         except grpc.RpcError as err:
-            raise _mapped(err, _PATH_OPS[rpc], request.sandbox_id, path) from None
+            raise _mapped(err, PATH_OPS[rpc], request.sandbox_id, path) from None
 
     async def write_tree(
         self,
@@ -255,7 +256,7 @@ class GrpcTransport(Transport):
                 sandbox_id=sandbox_id,
                 filepath=path,
             )
-        return _GrpcFileReader(call, first.info, sandbox_id, path)
+        return GrpcFileReader(call, first.info, sandbox_id, path)
 
     async def write_file(
         self, header: pb.WriteFileHeader, data: memoryview, *, call_timeout: float | None
@@ -345,7 +346,7 @@ class GrpcTransport(Transport):
         self, request: pb.StreamLogsRequest, *, call_timeout: float | None
     ) -> LogReader:
         call = self._stub.StreamLogs(request, timeout=call_timeout, metadata=self.metadata)
-        return _GrpcStreamReader(call, "stream logs", request.sandbox_id)
+        return GrpcStreamReader(call, "stream logs", request.sandbox_id)
 
     async def forward_port(
         self, sandbox_id: str, port: int, *, call_timeout: float | None
@@ -363,7 +364,7 @@ class GrpcTransport(Transport):
         self, request: ipb.PullImageRequest, *, call_timeout: float | None
     ) -> PullReader:
         call = self._images.PullImage(request, timeout=call_timeout, metadata=self.metadata)
-        return _GrpcStreamReader(call, f"pull {request.image}")
+        return GrpcStreamReader(call, f"pull {request.image}")
 
     async def list_images(self, *, call_timeout: float | None) -> list[ipb.Image]:
         response = await self._unary(
@@ -392,72 +393,6 @@ class GrpcTransport(Transport):
             self._closed = True
             with contextlib.suppress(Exception):
                 await self._channel.close(grace=None)
-
-
-_PATH_OPS = {
-    "StatPath": "stat",
-    "ListDir": "list directory",
-    "RemovePath": "remove",
-    "MakeDir": "make directory",
-    "RenamePath": "rename",
-}
-
-
-class _GrpcFileReader(FileReader):
-    def __init__(self, call: Any, info: pb.FileInfo, sandbox_id: str, path: str) -> None:
-        self._call = call
-        self.size = info.size
-        self.mode = info.mode
-        self._sandbox_id = sandbox_id
-        self._path = path
-        self._ended = False
-
-    async def next(self) -> bytes | None:
-        if self._ended:
-            return None
-        try:
-            msg = await self._call.read()
-        except grpc.RpcError as err:
-            self._ended = True
-            raise _mapped(err, "read file", self._sandbox_id, self._path) from None
-        if msg is _EOF:
-            self._ended = True
-            return None
-        data: bytes = msg.data
-        return data
-
-    def cancel(self) -> None:
-        if not self._ended:
-            self._ended = True
-            self._call.cancel()
-
-
-class _GrpcStreamReader(LogReader, PullReader):
-    """A server stream's messages (logs, pull progress), its errors mapped."""
-
-    def __init__(self, call: Any, op: str, sandbox_id: str | None = None) -> None:
-        self._call = call
-        self._op = op
-        self._sandbox_id = sandbox_id
-        self._ended = False
-
-    async def next(self) -> Any:
-        if self._ended:
-            return None
-        try:
-            msg = await self._call.read()
-        except grpc.RpcError as err:
-            self._ended = True
-            raise _mapped(err, self._op, self._sandbox_id) from None
-        if msg is _EOF:
-            self._ended = True
-            return None
-        return msg
-
-    def cancel(self) -> None:
-        if not self._ended:
-            self._ended = True
-            self._call.cancel()
 
 
 # --- exec -------------------------------------------------------------------------------------
