@@ -54,6 +54,8 @@ value:
 | `sandbox.exec(argv, ...)` | `Process` | no |
 | `sandbox.read_file_streaming(path)` | `FileStream` | no |
 | `sandbox.upload_file(source, path)` | `OperationRef[int]` | no |
+| `sandbox.list_dir(path)`, `.stat(path)`, `.remove(path)`, `.make_dir(path)`, `.rename(a, b)` | `OperationRef[DirListing]`, `OperationRef[FileEntry]`, `OperationRef[None]` | no |
+| `sandbox.upload_dir(local, remote)`, `.download_dir(remote, local)` | `OperationRef[int]` | no |
 | `sandbox.stream_logs(follow=..., tail=...)` | `LogStream` (of `LogRecord`) | no |
 | `sandbox.forward_port(port, local_port=0)` | `PortForward` (`.address` blocks until it listens) | no |
 | `Images.pull()`, `.list()`, `.remove()`, `.prune()`, `aviato.server_info()`, `Admin().create_key()` ... | `Image`, `list[Image]`, `ServerInfo`, `CreatedKey` ... | yes |
@@ -126,6 +128,8 @@ SECTIONS: list[tuple[str, list[str]]] = [
             "StreamReader",
             "StreamWriter",
             "FileStream",
+            "FileEntry",
+            "DirListing",
             "LogStream",
             "LogRecord",
             "PortForward",

@@ -37,6 +37,7 @@ from aviato._port_forward import PortForward
 from aviato._process import Process, StreamWriter
 from aviato._sandbox import Sandbox, Session
 from aviato._sandbox_network import NetworkUsage
+from aviato._sandbox_paths import DirListing, FileEntry
 from aviato._service import ServerInfo, server_info
 from aviato._status import SandboxStatus
 from aviato._volumes import HostMount, Volume, VolumeInfo, Volumes
@@ -84,7 +85,9 @@ __all__ = [
     "AviatoConnectionError",
     "AviatoError",
     "CreatedKey",
+    "DirListing",
     "EgressRule",
+    "FileEntry",
     "FileStream",
     "FunctionError",
     "FunctionSerializationError",

@@ -7,10 +7,11 @@ if needed (`_ensure_started`), then run a command (`aviato._process`) or move a 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
 from aviato import _defaults, _files
@@ -41,6 +42,13 @@ def _regular_file_size_and_mode(source: BinaryIO) -> tuple[int | None, int | Non
     if not stat.S_ISREG(info.st_mode):
         return None, None
     return info.st_size, stat.S_IMODE(info.st_mode)
+
+
+async def _threaded(items: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """`items`, each advanced on a worker thread."""
+    done = object()
+    while (item := await asyncio.to_thread(next, items, done)) is not done:
+        yield item  # type: ignore[misc]
 
 
 def _terminal_size(size: tuple[int, int] | None) -> tuple[int, int]:
@@ -369,6 +377,64 @@ class SandboxIO:
         finally:
             if owned:
                 source.close()
+
+    def write_file_streaming(
+        self,
+        filepath: str,
+        chunks: Iterable[bytes] | AsyncIterable[bytes],
+        *,
+        mode: int | None = None,
+        make_parents: bool = True,
+        timeout_seconds: float | None = None,
+        progress: Progress | None = None,
+    ) -> OperationRef[int]:
+        """Writes `filepath` in the sandbox from `chunks`, an iterable or async iterable of
+        ``bytes`` (a generator producing a file of any size), in bounded memory: each chunk is
+        sent before the next is asked for; resolves to the number of bytes written.
+
+        A plain iterable is advanced on a worker thread, so a generator that blocks (reading a
+        socket, a subprocess) holds up nothing else. The file appears only once `chunks` ends:
+        if it raises, or the transfer is cancelled, nothing is left under `filepath` and the
+        error is raised. `mode`: permission bits (default 0o644). `progress(done, None)` is
+        called after each chunk. Never retried (an iterator cannot be read twice).
+        """
+        return OperationRef._of(
+            self._write_streaming(filepath, chunks, mode, make_parents, timeout_seconds, progress),
+            finish_at_exit=True,
+        )
+
+    async def _write_streaming(
+        self,
+        filepath: str,
+        chunks: Iterable[bytes] | AsyncIterable[bytes],
+        mode: int | None,
+        make_parents: bool,
+        timeout_s: float | None,
+        progress: Progress | None,
+    ) -> int:
+        await self._ensure_started()
+        client = await self._client()
+        header = pb.WriteFileHeader(
+            sandbox_id=self._require_id(), path=filepath, mode=mode or 0, make_parents=make_parents
+        )
+
+        async def pieces() -> AsyncIterator[bytes]:
+            done = 0
+            if isinstance(chunks, AsyncIterable):
+                source: AsyncIterator[bytes] = aiter(chunks)
+            else:
+                source = _threaded(iter(chunks))
+            async for chunk in source:
+                if not isinstance(chunk, bytes | bytearray | memoryview):
+                    raise TypeError(
+                        f"write_file_streaming: chunks must be bytes, not {type(chunk).__name__}"
+                    )
+                yield bytes(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, None)
+
+        return await client.transport.write_file_chunks(header, pieces(), call_timeout=timeout_s)
 
     async def _open_read(self, filepath: str, timeout_s: float | None) -> Any:
         await self._ensure_started()

@@ -36,6 +36,14 @@ def test_tcp_keys_and_owners(fresh_server: ServerProcess) -> None:
         lambda: bob.stop(sb.id),
         lambda: bob.delete(sb.id),
         lambda: bob.read_file(sb.id, "/etc/hostname"),
+        lambda: bob.stub.StatPath(pb.PathRequest(sandbox_id=sb.id, path="/tmp"), metadata=bob.md),
+        lambda: bob.stub.ListDir(pb.ListDirRequest(sandbox_id=sb.id, path="/"), metadata=bob.md),
+        lambda: bob.stub.RemovePath(
+            pb.RemovePathRequest(sandbox_id=sb.id, path="/tmp", recursive=True), metadata=bob.md
+        ),
+        lambda: list(
+            bob.stub.DownloadTree(pb.ReadFileRequest(sandbox_id=sb.id, path="/"), metadata=bob.md)
+        ),
         lambda: local.get(sb.id),
     ]
     for call in calls:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aviato.v1 import admin_pb2 as apb
 from aviato.v1 import images_pb2 as ipb
@@ -254,6 +255,28 @@ class Transport(abc.ABC):
     ) -> int:
         """Writes a file from `chunks` as they come (each sent before the next is asked for);
         returns the size the service wrote. A stream that ends early leaves no file."""
+
+    # -- directories and trees (issue 17); not abstract: a transport without them refuses --
+
+    async def path_call(self, rpc: str, request: Any, *, call_timeout: float | None) -> Any:
+        """One of StatPath, ListDir, RemovePath, MakeDir, RenamePath: its answer."""
+        raise NotImplementedError(f"{type(self).__name__} has no directory operations")
+
+    async def open_tree_read(
+        self, sandbox_id: str, path: str, *, call_timeout: float | None
+    ) -> FileReader:
+        """Starts a DownloadTree (a tar stream) and waits for its header."""
+        raise NotImplementedError(f"{type(self).__name__} has no directory transfers")
+
+    async def write_tree(
+        self,
+        header: pb.WriteFileHeader,
+        chunks: AsyncIterator[bytes],
+        *,
+        call_timeout: float | None,
+    ) -> int:
+        """UploadTree from `chunks` (a tar stream); returns the file bytes the service wrote."""
+        raise NotImplementedError(f"{type(self).__name__} has no directory transfers")
 
     @abc.abstractmethod
     async def open_logs(

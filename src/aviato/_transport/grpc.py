@@ -37,6 +37,7 @@ from aviato._transport.grpc_errors import translate_error
 from aviato._transport.grpc_exec import GrpcExecCall
 from aviato._transport.grpc_pause import GrpcPauseCalls
 from aviato._transport.grpc_port import GrpcPortStream
+from aviato._transport.grpc_readers import PATH_OPS, GrpcFileReader, GrpcStreamReader
 from aviato.v1 import admin_pb2 as apb
 from aviato.v1 import admin_pb2_grpc, images_pb2_grpc, sandbox_pb2_grpc
 from aviato.v1 import images_pb2 as ipb
@@ -198,7 +199,35 @@ class GrpcTransport(GrpcPauseCalls, Transport):
     async def open_read(
         self, sandbox_id: str, path: str, *, call_timeout: float | None
     ) -> FileReader:
-        call = self._stub.ReadFile(
+        return await self._open_read(self._stub.ReadFile, sandbox_id, path, call_timeout)
+
+    async def open_tree_read(
+        self, sandbox_id: str, path: str, *, call_timeout: float | None
+    ) -> FileReader:
+        return await self._open_read(self._stub.DownloadTree, sandbox_id, path, call_timeout)
+
+    async def path_call(self, rpc: str, request: Any, *, call_timeout: float | None) -> Any:
+        path = getattr(request, "path", "") or getattr(request, "source", "")
+        try:
+            return await getattr(self._stub, rpc)(
+                request, timeout=call_timeout, metadata=self.metadata
+            )
+        except grpc.RpcError as err:
+            raise _mapped(err, PATH_OPS[rpc], request.sandbox_id, path) from None
+
+    async def write_tree(
+        self,
+        header: pb.WriteFileHeader,
+        chunks: AsyncIterator[bytes],
+        *,
+        call_timeout: float | None,
+    ) -> int:
+        return await self._write_chunks(self._stub.UploadTree, header, chunks, call_timeout)
+
+    async def _open_read(
+        self, method: Any, sandbox_id: str, path: str, call_timeout: float | None
+    ) -> FileReader:
+        call = method(
             pb.ReadFileRequest(sandbox_id=sandbox_id, path=path),
             timeout=call_timeout,
             metadata=self.metadata,
@@ -220,7 +249,7 @@ class GrpcTransport(GrpcPauseCalls, Transport):
                 sandbox_id=sandbox_id,
                 filepath=path,
             )
-        return _GrpcFileReader(call, first.info, sandbox_id, path)
+        return GrpcFileReader(call, first.info, sandbox_id, path)
 
     async def write_file(
         self, header: pb.WriteFileHeader, data: memoryview, *, call_timeout: float | None
@@ -247,6 +276,15 @@ class GrpcTransport(GrpcPauseCalls, Transport):
         *,
         call_timeout: float | None,
     ) -> int:
+        return await self._write_chunks(self._stub.WriteFile, header, chunks, call_timeout)
+
+    async def _write_chunks(
+        self,
+        method: Any,
+        header: pb.WriteFileHeader,
+        chunks: AsyncIterator[bytes],
+        call_timeout: float | None,
+    ) -> int:
         async def frames() -> AsyncIterator[pb.WriteFileRequest]:
             yield pb.WriteFileRequest(header=header)
             async for chunk in chunks:
@@ -255,9 +293,7 @@ class GrpcTransport(GrpcPauseCalls, Transport):
             yield pb.WriteFileRequest(end=True)  # without it the service keeps nothing
 
         try:
-            response = await self._stub.WriteFile(
-                frames(), timeout=call_timeout, metadata=self.metadata
-            )
+            response = await method(frames(), timeout=call_timeout, metadata=self.metadata)
         except grpc.RpcError as err:
             raise _mapped(err, "write file", header.sandbox_id, header.path) from None
         size: int = response.size
@@ -303,7 +339,7 @@ class GrpcTransport(GrpcPauseCalls, Transport):
         self, request: pb.StreamLogsRequest, *, call_timeout: float | None
     ) -> LogReader:
         call = self._stub.StreamLogs(request, timeout=call_timeout, metadata=self.metadata)
-        return _GrpcStreamReader(call, "stream logs", request.sandbox_id)
+        return GrpcStreamReader(call, "stream logs", request.sandbox_id)
 
     async def forward_port(
         self, sandbox_id: str, port: int, *, call_timeout: float | None
@@ -321,7 +357,7 @@ class GrpcTransport(GrpcPauseCalls, Transport):
         self, request: ipb.PullImageRequest, *, call_timeout: float | None
     ) -> PullReader:
         call = self._images.PullImage(request, timeout=call_timeout, metadata=self.metadata)
-        return _GrpcStreamReader(call, f"pull {request.image}")
+        return GrpcStreamReader(call, f"pull {request.image}")
 
     async def list_images(self, *, call_timeout: float | None) -> list[ipb.Image]:
         response = await self._unary(
@@ -358,60 +394,3 @@ class GrpcTransport(GrpcPauseCalls, Transport):
             self._closed = True
             with contextlib.suppress(Exception):
                 await self._channel.close(grace=None)
-
-
-class _GrpcFileReader(FileReader):
-    def __init__(self, call: Any, info: pb.FileInfo, sandbox_id: str, path: str) -> None:
-        self._call = call
-        self.size = info.size
-        self.mode = info.mode
-        self._sandbox_id = sandbox_id
-        self._path = path
-        self._ended = False
-
-    async def next(self) -> bytes | None:
-        if self._ended:
-            return None
-        try:
-            msg = await self._call.read()
-        except grpc.RpcError as err:
-            self._ended = True
-            raise _mapped(err, "read file", self._sandbox_id, self._path) from None
-        if msg is _EOF:
-            self._ended = True
-            return None
-        data: bytes = msg.data
-        return data
-
-    def cancel(self) -> None:
-        if not self._ended:
-            self._ended = True
-            self._call.cancel()
-
-
-class _GrpcStreamReader(LogReader, PullReader):
-    """A server stream's messages (logs, pull progress), its errors mapped."""
-
-    def __init__(self, call: Any, op: str, sandbox_id: str | None = None) -> None:
-        self._call = call
-        self._op = op
-        self._sandbox_id = sandbox_id
-        self._ended = False
-
-    async def next(self) -> Any:
-        if self._ended:
-            return None
-        try:
-            msg = await self._call.read()
-        except grpc.RpcError as err:
-            self._ended = True
-            raise _mapped(err, self._op, self._sandbox_id) from None
-        if msg is _EOF:
-            self._ended = True
-            return None
-        return msg
-
-    def cancel(self) -> None:
-        if not self._ended:
-            self._ended = True
-            self._call.cancel()

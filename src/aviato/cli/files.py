@@ -1,4 +1,5 @@
-"""`aviato cp`: copy one file between the host and a sandbox, in either direction.
+"""`aviato cp`: copy one file (or, with -r, a directory tree) between the host and a sandbox,
+in either direction.
 
 Files move through the SDK's streaming transfers (`Sandbox.upload_file`, `download_file`,
 `read_file_streaming`), in chunks, so their size is not bounded by a message and memory stays
@@ -85,7 +86,7 @@ def _upload(src: Endpoint, dst: Endpoint, parents: bool, quiet: bool) -> None:
         except OSError as exc:
             raise CliError(f"{src}: {exc.strerror}") from exc
         if stat.S_ISDIR(info.st_mode):
-            raise CliError(f"{src} is a directory; aviato cp copies single files")
+            raise CliError(f"{src} is a directory; copy it with aviato cp -r")
         if remote.endswith("/"):
             remote = str(PurePosixPath(remote) / local.name)
         source = local
@@ -125,6 +126,30 @@ def _download(src: Endpoint, dst: Endpoint, quiet: bool) -> None:
         bar.close()
 
 
+def _copy_tree(src: Endpoint, dst: Endpoint, quiet: bool) -> None:
+    if src.is_stdio or dst.is_stdio:
+        raise click.UsageError("-r copies directories; '-' (stdin/stdout) is for single files")
+    name = PurePosixPath(src.path.rstrip("/") or "/").name
+    target = dst.path
+    if target.endswith("/") and name:
+        target = target + name
+    bar = _ProgressBar(name or "/", quiet)
+    try:
+        if dst.sandbox_id:
+            if not Path(src.path).is_dir():
+                raise CliError(f"{src}: no such directory")
+            sandbox = Sandbox.from_id(dst.sandbox_id).result()
+            sandbox.upload_dir(src.path, target, progress=bar).result()
+        else:
+            assert src.sandbox_id is not None
+            if not Path(target).parent.is_dir():
+                raise CliError(f"{dst}: no such directory {Path(target).parent}")
+            sandbox = Sandbox.from_id(src.sandbox_id).result()
+            sandbox.download_dir(src.path, target, progress=bar).result()
+    finally:
+        bar.close()
+
+
 @click.command()
 @click.argument("src", metavar="SRC")
 @click.argument("dst", metavar="DST")
@@ -132,7 +157,8 @@ def _download(src: Endpoint, dst: Endpoint, quiet: bool) -> None:
     "-p", "--parents", is_flag=True, help="Create missing directories inside the sandbox."
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def cp(src: str, dst: str, parents: bool, quiet: bool) -> None:
+@click.option("-r", "--recursive", is_flag=True, help="Copy a directory tree.")
+def cp(src: str, dst: str, parents: bool, quiet: bool, recursive: bool) -> None:
     """Copy a file between the host and a sandbox.
 
     One of SRC and DST is ID:/path (a file in a sandbox), the other a host path, or `-` for
@@ -144,6 +170,11 @@ def cp(src: str, dst: str, parents: bool, quiet: bool) -> None:
       aviato cp data.csv sb-1a2b3c:/workspace/
       aviato cp sb-1a2b3c:/workspace/result.json ./result.json
       tar cz src | aviato cp - sb-1a2b3c:/tmp/src.tgz
+      aviato cp -r ./repo sb-1a2b3c:/workspace/repo
+      aviato cp -r sb-1a2b3c:/workspace/out ./out
+
+    With -r, the directory SRC's contents go to the directory DST (made if missing; ending in
+    `/`, DST receives the tree under SRC's name), modes, times and symlinks kept.
     """
     source, target = parse_endpoint(src), parse_endpoint(dst)
     if source.sandbox_id and target.sandbox_id:
@@ -151,7 +182,9 @@ def cp(src: str, dst: str, parents: bool, quiet: bool) -> None:
     if not source.sandbox_id and not target.sandbox_id:
         raise click.UsageError("one of SRC and DST must be ID:/path")
     preflight()
-    if target.sandbox_id:
+    if recursive:
+        _copy_tree(source, target, quiet)
+    elif target.sandbox_id:
         _upload(source, target, parents, quiet)
     else:
         _download(source, target, quiet)

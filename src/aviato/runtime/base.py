@@ -178,6 +178,45 @@ class FileInfo:
 
 
 @dataclass(frozen=True)
+class FileEntry:
+    """One entry of a sandbox's file system, as `lstat` sees it (a symlink is not followed)."""
+
+    name: str  # the last component (a listing's entry), or the name stat was asked about
+    type: str  # "file", "dir", "symlink" or "other" (device, FIFO, socket)
+    size: int
+    mode: int  # permission bits, 0o7777
+    mtime_ns: int
+    target: str = ""  # a symlink's target, as written
+
+
+@dataclass(frozen=True)
+class PathOp:
+    """One directory or metadata operation (`SandboxHandle.path_op`).
+
+    `rel` None: `path` is a sandbox path; its directory is resolved following ordinary symlinks
+    (never /proc magic links), its last component is acted on without being followed. `rel` a
+    string: `path` is a root directory and `rel` a plain relative name under it ("" the root
+    itself), resolved without following any symlink below the root; what tree transfers use."""
+
+    kind: str  # stat, list, remove, mkdir, rename, symlink, set_meta
+    path: str
+    rel: str | None = None
+    arg: str = ""  # rename: the destination (a path, or a rel under the same root); symlink: target
+    recursive: bool = False  # remove
+    parents: bool = False  # mkdir: missing parents made, an existing directory is no error
+    mode: int | None = None  # mkdir, set_meta
+    mtime_ns: int | None = None  # set_meta
+    offset: int = 0  # list: entries skipped (in the directory's own order)
+    limit: int = 0  # list: entries answered at most
+
+
+@dataclass(frozen=True)
+class PathOpResult:
+    entries: list[FileEntry]  # stat: one; list: up to its limit
+    truncated: bool = False  # list: more entries follow (ask again with a larger offset)
+
+
+@dataclass(frozen=True)
 class LogRecord:
     """One piece of the main process's output, as the runtime recorded it."""
 
@@ -200,6 +239,26 @@ class SandboxHandle(abc.ABC):
         self, path: str, mode: int, make_parents: bool, chunks: AsyncIterator[bytes]
     ) -> int:
         """Writes atomically (temporary file, then rename); returns the size written."""
+
+    async def path_op(self, op: PathOp) -> PathOpResult:
+        """A directory or metadata operation; the errors of `read_file`."""
+        raise Unsupported("directory operations are not available on this runtime")
+
+    async def read_file_at(self, root: str, rel: str) -> tuple[FileInfo, AsyncIterator[bytes]]:
+        """`read_file` of `rel` beneath the directory `root`, following no symlink below it."""
+        raise Unsupported("directory transfers are not available on this runtime")
+
+    async def write_file_at(
+        self,
+        root: str,
+        rel: str,
+        mode: int,
+        mtime_ns: int | None,
+        chunks: AsyncIterator[bytes],
+    ) -> int:
+        """`write_file` of `rel` beneath the directory `root` (missing directories made on the
+        way), following no symlink below it, and giving the file `mtime_ns` when not None."""
+        raise Unsupported("directory transfers are not available on this runtime")
 
     @abc.abstractmethod
     async def wait_exit(self) -> MainExit:

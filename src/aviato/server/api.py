@@ -29,8 +29,10 @@ from aviato.server.exec_api import ExecStreams
 from aviato.server.files_api import FileStreams
 from aviato.server.lifecycle import Lifecycle
 from aviato.server.logs_api import LogStreams
+from aviato.server.paths_api import PathCalls
 from aviato.server.placement import Placement
 from aviato.server.port_tunnel import PortTunnels
+from aviato.server.tree_api import TreeStreams
 from aviato.v1 import sandbox_pb2 as pb
 
 if TYPE_CHECKING:
@@ -99,7 +101,7 @@ class _Unary:
         return handler
 
 
-class SandboxServicer(ExecStreams, FileStreams, LogStreams, PortTunnels):
+class SandboxServicer(ExecStreams, FileStreams, LogStreams, PortTunnels, PathCalls, TreeStreams):
     """Implements every RPC of aviato.v1.SandboxService on top of a Lifecycle."""
 
     def __init__(

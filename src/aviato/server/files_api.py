@@ -25,7 +25,12 @@ __all__ = ["FileStreams"]
 log = logging.getLogger("aviato.server.api")
 
 FILE_CHUNK = 256 * 1024
-MAX_WRITE_BYTES = 2 << 30
+# One file's size through WriteFile. The real bound is where it lands (the writable layer's
+# disk limit, ENOSPC); this one only keeps a counter sane. 10 GiB must pass (issue 17).
+MAX_WRITE_BYTES = 1 << 40
+# What is read and dropped after a refused write, so that the client reads the status rather
+# than a reset; a client that keeps sending past it is cut off.
+DRAIN_BYTES = 64 << 20
 
 
 class FileStreams(ServicerBase):
@@ -85,7 +90,7 @@ class FileStreams(ServicerBase):
                     raise problem[-1]
                 total += len(req.data)
                 if total > MAX_WRITE_BYTES:
-                    problem.append(InvalidArgument("data", "the file is larger than 2 GiB"))
+                    problem.append(InvalidArgument("data", "the file is larger than 1 TiB"))
                     raise problem[-1]
                 if req.data:
                     yield req.data
@@ -114,7 +119,7 @@ class FileStreams(ServicerBase):
         except (ServiceError, SandboxRuntimeError) as e:
             err: ServiceError | SandboxRuntimeError = problem[0] if problem else e
             if not problem:
-                await drain_upload(requests, MAX_WRITE_BYTES)
+                await drain_upload(requests, DRAIN_BYTES)
             await errors.abort(context, err, sandbox_id=header.sandbox_id, path=header.path)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise  # AbortError: the call already has its status (e.g. a malformed frame)

@@ -583,3 +583,85 @@ class DeleteVolumeRequest(_message.Message):
 class DeleteVolumeResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class PathRequest(_message.Message):
+    __slots__ = ("sandbox_id", "path")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    path: str
+    def __init__(self, sandbox_id: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class FileEntry(_message.Message):
+    __slots__ = ("name", "type", "size", "mode", "mtime", "target")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    MTIME_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: str
+    size: int
+    mode: int
+    mtime: _timestamp_pb2.Timestamp
+    target: str
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., size: _Optional[int] = ..., mode: _Optional[int] = ..., mtime: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., target: _Optional[str] = ...) -> None: ...
+
+class ListDirRequest(_message.Message):
+    __slots__ = ("sandbox_id", "path", "offset", "limit")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    path: str
+    offset: int
+    limit: int
+    def __init__(self, sandbox_id: _Optional[str] = ..., path: _Optional[str] = ..., offset: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListDirResponse(_message.Message):
+    __slots__ = ("entries", "truncated", "next_offset")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[FileEntry]
+    truncated: bool
+    next_offset: int
+    def __init__(self, entries: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., truncated: _Optional[bool] = ..., next_offset: _Optional[int] = ...) -> None: ...
+
+class RemovePathRequest(_message.Message):
+    __slots__ = ("sandbox_id", "path", "recursive")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    RECURSIVE_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    path: str
+    recursive: bool
+    def __init__(self, sandbox_id: _Optional[str] = ..., path: _Optional[str] = ..., recursive: _Optional[bool] = ...) -> None: ...
+
+class MakeDirRequest(_message.Message):
+    __slots__ = ("sandbox_id", "path", "mode", "parents")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    path: str
+    mode: int
+    parents: bool
+    def __init__(self, sandbox_id: _Optional[str] = ..., path: _Optional[str] = ..., mode: _Optional[int] = ..., parents: _Optional[bool] = ...) -> None: ...
+
+class RenamePathRequest(_message.Message):
+    __slots__ = ("sandbox_id", "source", "destination")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    source: str
+    destination: str
+    def __init__(self, sandbox_id: _Optional[str] = ..., source: _Optional[str] = ..., destination: _Optional[str] = ...) -> None: ...
+
+class PathDone(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -139,6 +139,41 @@ class SandboxServiceStub:
                 request_serializer=aviato_dot_v1_dot_sandbox__pb2.DeleteVolumeRequest.SerializeToString,
                 response_deserializer=aviato_dot_v1_dot_sandbox__pb2.DeleteVolumeResponse.FromString,
                 _registered_method=True)
+        self.StatPath = channel.unary_unary(
+                '/aviato.v1.SandboxService/StatPath',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.PathRequest.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.FileEntry.FromString,
+                _registered_method=True)
+        self.ListDir = channel.unary_unary(
+                '/aviato.v1.SandboxService/ListDir',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.ListDirRequest.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.ListDirResponse.FromString,
+                _registered_method=True)
+        self.RemovePath = channel.unary_unary(
+                '/aviato.v1.SandboxService/RemovePath',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.RemovePathRequest.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.PathDone.FromString,
+                _registered_method=True)
+        self.MakeDir = channel.unary_unary(
+                '/aviato.v1.SandboxService/MakeDir',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.MakeDirRequest.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.PathDone.FromString,
+                _registered_method=True)
+        self.RenamePath = channel.unary_unary(
+                '/aviato.v1.SandboxService/RenamePath',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.RenamePathRequest.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.PathDone.FromString,
+                _registered_method=True)
+        self.UploadTree = channel.stream_unary(
+                '/aviato.v1.SandboxService/UploadTree',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.WriteFileRequest.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.WriteFileResponse.FromString,
+                _registered_method=True)
+        self.DownloadTree = channel.unary_stream(
+                '/aviato.v1.SandboxService/DownloadTree',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.ReadFileRequest.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.ReadFileResponse.FromString,
+                _registered_method=True)
 
 
 class SandboxServiceServicer:
@@ -300,6 +335,63 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StatPath(self, request, context):
+        """Directories and metadata (issue 17). Paths are the sandbox's, as for ReadFile: a directory
+        on the way is followed when it is a symlink, the last component never is (StatPath is an
+        lstat, RemovePath removes a link and not its target). A sandbox of another owner is
+        NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDir(self, request, context):
+        """At most `limit` entries (and at most 10,000, and about 3 MiB, per answer), in the
+        directory's own order; `truncated` and `next_offset` say where to go on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemovePath(self, request, context):
+        """Refuses "/" and the sandbox's working directory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MakeDir(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenamePath(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadTree(self, request_iterator, context):
+        """A directory tree into the sandbox: the header (path: the target directory, made if
+        missing; mode and make_parents ignored), then an uncompressed tar stream as `data`, then
+        `end`. Entries are checked one by one: regular files, directories and symlinks only, plain
+        relative names, nothing followed through a symlink; a refused entry fails the call with
+        INVALID_ARGUMENT naming it (entries before it stay written). `size`: the file bytes written.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadTree(self, request, context):
+        """A directory tree out of the sandbox as an uncompressed tar stream (PAX): the first frame's
+        info has size 0, then `data`. Symlinks are sent as symlinks; devices, FIFOs and sockets are
+        left out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -407,6 +499,41 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.DeleteVolume,
                     request_deserializer=aviato_dot_v1_dot_sandbox__pb2.DeleteVolumeRequest.FromString,
                     response_serializer=aviato_dot_v1_dot_sandbox__pb2.DeleteVolumeResponse.SerializeToString,
+            ),
+            'StatPath': grpc.unary_unary_rpc_method_handler(
+                    servicer.StatPath,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.PathRequest.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.FileEntry.SerializeToString,
+            ),
+            'ListDir': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDir,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.ListDirRequest.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.ListDirResponse.SerializeToString,
+            ),
+            'RemovePath': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemovePath,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.RemovePathRequest.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.PathDone.SerializeToString,
+            ),
+            'MakeDir': grpc.unary_unary_rpc_method_handler(
+                    servicer.MakeDir,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.MakeDirRequest.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.PathDone.SerializeToString,
+            ),
+            'RenamePath': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenamePath,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.RenamePathRequest.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.PathDone.SerializeToString,
+            ),
+            'UploadTree': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadTree,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.WriteFileRequest.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.WriteFileResponse.SerializeToString,
+            ),
+            'DownloadTree': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadTree,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.ReadFileRequest.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.ReadFileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -976,6 +1103,195 @@ class SandboxService:
             '/aviato.v1.SandboxService/DeleteVolume',
             aviato_dot_v1_dot_sandbox__pb2.DeleteVolumeRequest.SerializeToString,
             aviato_dot_v1_dot_sandbox__pb2.DeleteVolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StatPath(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aviato.v1.SandboxService/StatPath',
+            aviato_dot_v1_dot_sandbox__pb2.PathRequest.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.FileEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDir(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aviato.v1.SandboxService/ListDir',
+            aviato_dot_v1_dot_sandbox__pb2.ListDirRequest.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.ListDirResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemovePath(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aviato.v1.SandboxService/RemovePath',
+            aviato_dot_v1_dot_sandbox__pb2.RemovePathRequest.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.PathDone.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MakeDir(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aviato.v1.SandboxService/MakeDir',
+            aviato_dot_v1_dot_sandbox__pb2.MakeDirRequest.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.PathDone.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenamePath(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aviato.v1.SandboxService/RenamePath',
+            aviato_dot_v1_dot_sandbox__pb2.RenamePathRequest.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.PathDone.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadTree(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/aviato.v1.SandboxService/UploadTree',
+            aviato_dot_v1_dot_sandbox__pb2.WriteFileRequest.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.WriteFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadTree(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/aviato.v1.SandboxService/DownloadTree',
+            aviato_dot_v1_dot_sandbox__pb2.ReadFileRequest.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.ReadFileResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,6 +28,8 @@ from aviato.runtime.base import (
     LimitsUnavailable,
     LogRecord,
     MainExit,
+    PathOp,
+    PathOpResult,
     PortUnreachable,
     SandboxGone,
     SandboxHandle,
@@ -181,6 +183,27 @@ class BubblewrapSandbox(SandboxHandle):
         if self._cgroup is not None:
             chunks = _within_memory(self._cgroup, path, chunks)
         return await conn.write_file(path, mode, make_parents, chunks)
+
+    async def path_op(self, op: PathOp) -> PathOpResult:
+        conn = await self._connection()
+        return await conn.path_op(op)
+
+    async def read_file_at(self, root: str, rel: str) -> tuple[FileInfo, AsyncIterator[bytes]]:
+        conn = await self._connection()
+        return await conn.read_file_at(root, rel)
+
+    async def write_file_at(
+        self,
+        root: str,
+        rel: str,
+        mode: int,
+        mtime_ns: int | None,
+        chunks: AsyncIterator[bytes],
+    ) -> int:
+        conn = await self._connection()
+        if self._cgroup is not None:
+            chunks = _within_memory(self._cgroup, rel, chunks)
+        return await conn.write_file_at(root, rel, mode, mtime_ns, chunks)
 
     async def connect_port(self, port: int) -> socket.socket:
         """Made by the supervisor in the sandbox's network namespace, over a control connection

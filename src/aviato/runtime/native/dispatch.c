@@ -69,6 +69,9 @@ static void handle_frame(struct conn *c, uint8_t type, uint32_t id, const uint8_
     case F_DEADLINE: do_deadline(&r); break;
     case F_CONNECT_PORT: do_connect_port(c, id, &r); break;
     case F_EGRESS_LISTEN: do_egress_listen(c, id, &r); break;
+    case F_FS_OP: do_fs_op(c, id, &r); break;
+    case F_READ_AT: do_read_at(c, id, &r); break;
+    case F_WRITE_AT: do_write_at(c, id, &r); break;
     default: r.bad = 1; /* unknown frame type: protocol error */
     }
     if (r.bad) c->dead = -1;

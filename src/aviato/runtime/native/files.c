@@ -52,7 +52,7 @@ void remember_own_files(void) {
  * sandbox. openat2(RESOLVE_NO_MAGICLINKS) refuses them (ELOOP) at every step of the path; plain
  * symlinks and /proc/self itself still work. Kernels without openat2 (before 5.6): the file
  * opened is refused when it is one of our own files (ELOOP too). */
-static int open_resolved(int dirfd, const char *path, int flags) {
+int open_resolved(int dirfd, const char *path, int flags) {
     if (!g_no_openat2) {
         struct how2 how = {.flags = (uint64_t)flags, .mode = 0, .resolve = NO_MAGICLINKS};
         int fd = (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
@@ -68,7 +68,7 @@ static int open_resolved(int dirfd, const char *path, int flags) {
     return fd;
 }
 
-static const char *path_error(int err) {
+const char *path_error(int err) {
     return err == ELOOP ? "too many levels of symbolic links, or a link through /proc/<pid>/fd, "
                           "exe, cwd or root (file transfers do not follow those)"
                         : strerror(err);
@@ -100,16 +100,27 @@ void do_read_file(struct conn *c, uint32_t id, struct rd *r) {
         c->dead = -1;
         return;
     }
-    struct stat st;
     int fd = -1;
     if (id_in_use(c, id)) {
         send_error(c, id, EEXIST, "id %u is already in use", id);
     } else if (nul || !path[0]) {
         send_error(c, id, EINVAL, "invalid path");
     } else if ((fd = open_resolved(AT_FDCWD, path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK)) <
-                   0 ||
-               fstat(fd, &st) < 0) {
+               0) {
         send_error(c, id, errno, "%s: %s", path, path_error(errno));
+    } else {
+        read_opened(c, id, fd, path);
+        fd = -1;
+    }
+    if (fd >= 0) close(fd);
+    free(path);
+}
+
+/* Starts sending the file opened as `fd` (taken over) as FILE_INFO, FILE_DATA..., FILE_END. */
+void read_opened(struct conn *c, uint32_t id, int fd, const char *path) {
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        send_error(c, id, errno, "%s: %s", path, strerror(errno));
     } else if (S_ISDIR(st.st_mode)) {
         send_error(c, id, EISDIR, "%s: is a directory", path);
     } else if (!S_ISREG(st.st_mode)) {
@@ -124,15 +135,14 @@ void do_read_file(struct conn *c, uint32_t id, struct rd *r) {
         *f = (struct rfile){.id = id, .fd = fd, .next = NULL, .sized = size > 0,
                             .left = size > 0 ? (uint64_t)size : UNSIZED_FILE_MAX};
         *rfile_find(c, id) = f; /* append */
-        fd = -1;
         conn_pump_reads(c);
+        return;
     }
-    if (fd >= 0) close(fd);
-    free(path);
+    close(fd);
 }
 
 /* mkdir -p */
-static int make_dirs(const char *dir) {
+int make_dirs(const char *dir) {
     char p[PATH_MAX];
     size_t n = strlen(dir);
     if (n >= sizeof p) return errno = ENAMETOOLONG, -1;
@@ -158,7 +168,7 @@ void wfile_drop(struct conn *c, struct wfile **pp, int keep_tmp) {
 }
 
 /* A new temporary file `.aviato-tmp-XXXXXX` in `dirfd` (mode 0600, never following a link). */
-static int tmp_create(int dirfd, char **name) {
+int tmp_create(int dirfd, char **name) {
     static const char abc[] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
     static uint64_t counter;
     for (int attempt = 0; attempt < 100; attempt++) {
@@ -235,6 +245,12 @@ void do_write_data(struct conn *c, uint32_t id, const uint8_t *p, size_t n) {
 void do_write_end(struct conn *c, uint32_t id) {
     struct wfile **pp = wfile_find(c, id), *f = *pp;
     if (!f) return;
+    if (f->set_mtime) {
+        struct timespec ts[2] = {{.tv_nsec = UTIME_OMIT},
+                                 {.tv_sec = (time_t)(f->mtime_ns / 1000000000u),
+                                  .tv_nsec = (long)(f->mtime_ns % 1000000000u)}};
+        (void)futimens(f->fd, ts); /* a time the file system cannot keep is not an error */
+    }
     int rc = close(f->fd);
     f->fd = -1;
     if (rc < 0 || renameat(f->dirfd, f->tmp, f->dirfd, f->base) < 0) {

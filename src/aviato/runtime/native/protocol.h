@@ -50,6 +50,9 @@ enum {
     F_KILL = 15,
     F_CONNECT_PORT = 16,               /* u16 port: a TCP connection to the sandbox's loopback */
     F_EGRESS_LISTEN = 17,              /* empty: the sandbox's egress listening socket */
+    F_FS_OP = 18,                      /* a directory or metadata operation (dirs.c) */
+    F_READ_AT = 19,                    /* str root | str rel: READ_FILE beneath a root */
+    F_WRITE_AT = 20,                   /* u32 mode | u32 flags | u64 mtime | str root | str rel */
 };
 
 /* Frame types, supervisor -> service. */
@@ -68,13 +71,24 @@ enum {
     F_STDIN_ACK = 75,
     F_PORT_CONNECTED = 76,             /* empty; the connected socket rides on it (SCM_RIGHTS) */
     F_EGRESS_LISTENER = 77,            /* u16 port; the listening socket rides on it (SCM_RIGHTS) */
+    F_FS_ENTRIES = 78,                 /* entries of a STAT or LIST, packed (see dirs.c) */
+    F_FS_DONE = 79,                    /* u8 truncated: the FS_OP succeeded */
 };
 
 /* EXEC's flags. */
 enum { EXEC_STDIN = 1, EXEC_TTY = 2, EXEC_PROTECTED = 4 };
 
-/* WRITE_BEGIN's flags. */
-enum { WRITE_MAKE_PARENTS = 1 };
+/* WRITE_BEGIN's flags (and WRITE_AT's). */
+enum { WRITE_MAKE_PARENTS = 1, WRITE_SET_MTIME = 2 };
+
+/* FS_OP: u8 op | u32 flags | u32 mode | u64 num | u32 limit | str path | str rel | str arg. */
+enum { FS_STAT = 1, FS_LIST = 2, FS_REMOVE = 3, FS_MKDIR = 4, FS_RENAME = 5, FS_SYMLINK = 6,
+       FS_SET_META = 7 };
+enum { FS_BENEATH = 1, FS_RECURSIVE = 2, FS_PARENTS = 4, FS_SET_MODE = 8, FS_SET_MTIME = 16 };
+/* Entry types of FS_ENTRIES: u8 type | u32 mode | u64 size | u64 mtime_ns | str name | str target */
+enum { ENTRY_FILE = 1, ENTRY_DIR = 2, ENTRY_SYMLINK = 3, ENTRY_OTHER = 4 };
+#define FS_LIST_MAX 10000              /* entries one LIST answers at most */
+#define FS_DEPTH_MAX 256               /* directories deep a recursive remove goes */
 
 /* Payload sizes of the fixed-size frames. */
 #define EXIT_SIZE 41                   /* i32 code | i32 signal | u8 timed_out | 4 x u64 */

@@ -111,6 +111,8 @@ struct wfile {                     /* a WRITE_BEGIN..END in progress */
     int fd, dirfd;                 /* the temporary file and its directory */
     uint64_t written;
     char *path, *base, *tmp;       /* path for messages; target and temporary names in dirfd */
+    int set_mtime;                 /* WRITE_AT with WRITE_SET_MTIME: give the file `mtime_ns` */
+    uint64_t mtime_ns;
     struct wfile *next;
 };
 
@@ -308,6 +310,16 @@ void wfile_drop(struct conn *c, struct wfile **pp, int keep_tmp);
 void do_write_begin(struct conn *c, uint32_t id, struct rd *r);
 void do_write_data(struct conn *c, uint32_t id, const uint8_t *p, size_t n);
 void do_write_end(struct conn *c, uint32_t id);
+/* files.c, shared with dirs.c */
+int open_resolved(int dirfd, const char *path, int flags);
+const char *path_error(int err);
+int tmp_create(int dirfd, char **name);
+int make_dirs(const char *dir);
+void read_opened(struct conn *c, uint32_t id, int fd, const char *path);
+/* dirs.c: FS_OP, READ_AT, WRITE_AT */
+void do_fs_op(struct conn *c, uint32_t id, struct rd *r);
+void do_read_at(struct conn *c, uint32_t id, struct rd *r);
+void do_write_at(struct conn *c, uint32_t id, struct rd *r);
 
 /* ---- main_process.c --------------------------------------------------------------------- */
 

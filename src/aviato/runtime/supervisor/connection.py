@@ -16,22 +16,33 @@ import signal
 import struct
 from collections.abc import AsyncIterator
 
-from aviato.runtime.base import ExecFailed, ExecSpec, FileInfo, SandboxGone, SandboxRuntimeError
+from aviato.runtime.base import (
+    ExecFailed,
+    ExecSpec,
+    FileInfo,
+    PathOp,
+    PathOpResult,
+    SandboxGone,
+    SandboxRuntimeError,
+)
 from aviato.runtime.supervisor import frames
 from aviato.runtime.supervisor.exec_handle import SupervisorExec
-from aviato.runtime.supervisor.file_transfers import FileRead, FileWrite
+from aviato.runtime.supervisor.file_transfers import FileRead, FileWrite, PathCall
 from aviato.runtime.supervisor.frames import (
     EXEC_PROTECTED,
     EXEC_STDIN,
     EXEC_TTY,
     F_DEADLINE,
     F_EXEC,
+    F_FS_OP,
     F_HELLO,
     F_PING,
     F_PONG,
+    F_READ_AT,
     F_READ_FILE,
     F_TERMINATE,
     F_WRITE_ABORT,
+    F_WRITE_AT,
     F_WRITE_BEGIN,
     F_WRITE_DATA,
     F_WRITE_END,
@@ -141,10 +152,13 @@ class SupervisorConnection(asyncio.BufferedProtocol):
     async def read_file(self, path: str) -> tuple[FileInfo, AsyncIterator[bytes]]:
         """Opens a regular file in the sandbox. Raises FileNotFound, PathRefused (directory, not
         a regular file), PermissionRefused, SandboxGone."""
+        return await self._read(F_READ_FILE, frames.encode_str(path))
+
+    async def _read(self, ftype: int, payload: bytes) -> tuple[FileInfo, AsyncIterator[bytes]]:
         self._check_open()
         r = FileRead(self, self._new_id())
         self._streams[r.id] = r
-        self._send(F_READ_FILE, r.id, frames.encode_str(path))
+        self._send(ftype, r.id, payload)
         try:
             while r.info is None and not r._done:
                 await r._wait()
@@ -161,14 +175,41 @@ class SupervisorConnection(asyncio.BufferedProtocol):
     ) -> int:
         """Writes a file atomically (temporary file + rename). Returns the size written. If
         `chunks` raises or the caller is cancelled, the write is aborted and leaves no file."""
+        flags = WRITE_MAKE_PARENTS if make_parents else 0
+        return await self._write(
+            F_WRITE_BEGIN, frames.encode_write_begin(mode, flags, path), chunks
+        )
+
+    async def write_file_at(
+        self, root: str, rel: str, mode: int, mtime_ns: int | None, chunks: AsyncIterator[bytes]
+    ) -> int:
+        """`write_file` of `rel` beneath `root`, following no symlink below it (WRITE_AT)."""
+        payload = frames.encode_write_at(mode, WRITE_MAKE_PARENTS, mtime_ns, root, rel)
+        return await self._write(F_WRITE_AT, payload, chunks)
+
+    async def read_file_at(self, root: str, rel: str) -> tuple[FileInfo, AsyncIterator[bytes]]:
+        """`read_file` of `rel` beneath `root`, following no symlink below it (READ_AT)."""
+        return await self._read(F_READ_AT, frames.encode_read_at(root, rel))
+
+    async def path_op(self, op: PathOp) -> PathOpResult:
+        """A directory or metadata operation (FS_OP)."""
+        self._check_open()
+        call = PathCall(self, self._new_id())
+        self._streams[call.id] = call
+        self._send(F_FS_OP, call.id, frames.encode_fs_op(op))
+        try:
+            await call.done
+        finally:
+            self._streams.pop(call.id, None)
+        if call.error is not None:
+            raise call.error
+        return PathOpResult(call.entries, call.truncated)
+
+    async def _write(self, ftype: int, payload: bytes, chunks: AsyncIterator[bytes]) -> int:
         self._check_open()
         w = FileWrite(self, self._new_id())
         self._streams[w.id] = w
-        self._send(
-            F_WRITE_BEGIN,
-            w.id,
-            frames.encode_write_begin(mode, WRITE_MAKE_PARENTS if make_parents else 0, path),
-        )
+        self._send(ftype, w.id, payload)
         ok = False
         try:
             it = aiter(chunks)

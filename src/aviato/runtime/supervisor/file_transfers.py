@@ -1,6 +1,6 @@
 """File transfers through the supervisor: a READ_FILE (`FileRead`, an async iterator of the
-file's bytes within its output window) and a WRITE_BEGIN..END (`FileWrite`), and how their
-errors map to the runtime's exceptions."""
+file's bytes within its output window), a WRITE_BEGIN..END (`FileWrite`), a directory or
+metadata operation (`PathCall`, FS_OP), and how their errors map to the runtime's exceptions."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import errno
 
 from aviato.runtime.base import (
     CapacityExhausted,
+    FileEntry,
     FileInfo,
     FileNotFound,
     PathRefused,
@@ -23,6 +24,8 @@ from aviato.runtime.supervisor.frames import (
     F_FILE_DATA,
     F_FILE_END,
     F_FILE_INFO,
+    F_FS_DONE,
+    F_FS_ENTRIES,
     F_WRITE_ABORT,
     F_WRITE_OK,
 )
@@ -49,6 +52,8 @@ def file_error(err: int, message: str) -> SandboxRuntimeError:
         return PathRefused(message)
     if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return CapacityExhausted(message)
+    if err in (errno.EEXIST, errno.ENOTEMPTY):
+        return PathRefused(message)
     return SandboxRuntimeError(message)
 
 
@@ -168,6 +173,43 @@ class FileWrite(Stream):
             self._end(file_error(*frames.decode_error(view)))
         else:
             raise ValueError(f"unexpected frame type {ftype} for a file write")
+
+    def _lost(self) -> None:
+        self._end(SandboxGone(LOST))
+
+
+class PathCall(Stream):
+    """An FS_OP in progress: its entries (STAT, LIST), then FS_DONE or ERROR. A LIST answers at
+    most FS_LIST_MAX entries, so what it gathers here is bounded."""
+
+    __slots__ = ("_conn", "done", "entries", "error", "id", "truncated")
+
+    def __init__(self, conn: StreamOwner, fid: int) -> None:
+        self._conn = conn
+        self.id = fid
+        self.done: asyncio.Future[None] = conn._loop.create_future()
+        self.entries: list[FileEntry] = []
+        self.error: SandboxRuntimeError | None = None
+        self.truncated = False
+
+    def _end(self, error: SandboxRuntimeError | None) -> None:
+        self._conn._streams.pop(self.id, None)
+        self.error = error
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def _frame(self, ftype: int, view: memoryview) -> None:
+        if ftype == F_FS_ENTRIES:
+            if len(self.entries) > frames.FS_LIST_MAX:
+                raise ValueError("more entries than a listing answers")
+            frames.decode_entries(view, self.entries)
+        elif ftype == F_FS_DONE:
+            self.truncated = bool(view[0]) if len(view) else False
+            self._end(None)
+        elif ftype == F_ERROR:
+            self._end(file_error(*frames.decode_error(view)))
+        else:
+            raise ValueError(f"unexpected frame type {ftype} for a file operation")
 
     def _lost(self) -> None:
         self._end(SandboxGone(LOST))

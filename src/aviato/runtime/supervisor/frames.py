@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 
-from aviato.runtime.base import ExecExit
+from aviato.runtime.base import ExecExit, FileEntry, PathOp
 
 # ---- mirrored from protocol.h ----
 
@@ -52,6 +52,9 @@ F_DEADLINE = 14
 F_KILL = 15
 F_CONNECT_PORT = 16  # u16 port: a TCP connection to the sandbox's loopback
 F_EGRESS_LISTEN = 17  # empty: the sandbox's egress listening socket
+F_FS_OP = 18  # a directory or metadata operation
+F_READ_AT = 19  # str root | str rel: READ_FILE beneath a root
+F_WRITE_AT = 20  # u32 mode | u32 flags | u64 mtime | str root | str rel
 # Frame types, supervisor -> service.
 F_HELLO = 64
 F_STARTED = 65
@@ -67,11 +70,33 @@ F_PONG = 74
 F_STDIN_ACK = 75
 F_PORT_CONNECTED = 76  # empty; the connected socket rides on it (SCM_RIGHTS)
 F_EGRESS_LISTENER = 77  # u16 port; the listening socket rides on it (SCM_RIGHTS)
+F_FS_ENTRIES = 78  # entries of a STAT or LIST, packed
+F_FS_DONE = 79  # u8 truncated: the FS_OP succeeded
 
 EXEC_STDIN = 1
 EXEC_TTY = 2
 EXEC_PROTECTED = 4
 WRITE_MAKE_PARENTS = 1
+WRITE_SET_MTIME = 2
+
+FS_STAT = 1
+FS_LIST = 2
+FS_REMOVE = 3
+FS_MKDIR = 4
+FS_RENAME = 5
+FS_SYMLINK = 6
+FS_SET_META = 7
+FS_BENEATH = 1
+FS_RECURSIVE = 2
+FS_PARENTS = 4
+FS_SET_MODE = 8
+FS_SET_MTIME = 16
+ENTRY_FILE = 1
+ENTRY_DIR = 2
+ENTRY_SYMLINK = 3
+ENTRY_OTHER = 4
+FS_LIST_MAX = 10000  # entries one LIST answers at most
+FS_DEPTH_MAX = 256  # directories deep a recursive remove goes
 
 EXIT_SIZE = 41
 FILE_INFO_SIZE = 12
@@ -93,6 +118,9 @@ _EXEC_HEAD = struct.Struct("<IIHH")
 _EXIT_BODY = struct.Struct("<iiBQQQQ")
 _ERROR_HEAD = struct.Struct("<iI")
 _FILE_INFO_BODY = struct.Struct("<QI")
+_FS_OP_HEAD = struct.Struct("<BIIQI")
+_ENTRY_HEAD = struct.Struct("<BIQQI")
+_WRITE_AT_HEAD = struct.Struct("<IIQ")
 _DEADLINE_HEAD = struct.Struct("<QI")
 _U16 = struct.Struct("<H")
 LOG_RECORD_HEAD = struct.Struct("<QBI")  # a main log record's header (LOG_HDR bytes)
@@ -192,3 +220,53 @@ def decode_hello(view: memoryview) -> tuple[int, int]:
     """HELLO: (protocol version, supervisor pid)."""
     version, pid = _II.unpack_from(view)
     return version, pid
+
+
+_FS_KINDS = {"stat": FS_STAT, "list": FS_LIST, "remove": FS_REMOVE, "mkdir": FS_MKDIR,
+             "rename": FS_RENAME, "symlink": FS_SYMLINK, "set_meta": FS_SET_META}  # fmt: skip
+_ENTRY_TYPES = {ENTRY_FILE: "file", ENTRY_DIR: "dir", ENTRY_SYMLINK: "symlink"}
+
+
+def encode_fs_op(op: PathOp) -> bytes:
+    """FS_OP: u8 op | u32 flags | u32 mode | u64 num | u32 limit | str path | str rel | str arg
+    (num: the entries a LIST skips, or the mtime SET_META gives)."""
+    flags = (
+        (FS_BENEATH if op.rel is not None else 0)
+        | (FS_RECURSIVE if op.recursive else 0)
+        | (FS_PARENTS if op.parents else 0)
+        | (FS_SET_MODE if op.mode is not None else 0)
+        | (FS_SET_MTIME if op.mtime_ns is not None else 0)
+    )
+    num = op.offset if op.kind == "list" else (op.mtime_ns or 0)
+    mode = op.mode if op.mode is not None else (0o755 if op.kind == "mkdir" else 0)
+    head = _FS_OP_HEAD.pack(
+        _FS_KINDS[op.kind], flags, mode & 0o7777, num, min(op.limit, FS_LIST_MAX)
+    )
+    return head + encode_str(op.path) + encode_str(op.rel or "") + encode_str(op.arg)
+
+
+def decode_entries(view: memoryview, into: list[FileEntry]) -> None:
+    """FS_ENTRIES: entries, each u8 type | u32 mode | u64 size | u64 mtime_ns | str name | str
+    target (a symlink's; empty otherwise)."""
+    pos, end = 0, len(view)
+    while pos < end:
+        kind, mode, size, mtime_ns, n = _ENTRY_HEAD.unpack_from(view, pos)
+        pos += _ENTRY_HEAD.size
+        name = bytes(view[pos : pos + n]).decode("utf-8", "surrogateescape")
+        pos += n
+        (tn,) = _U32.unpack_from(view, pos)
+        target = bytes(view[pos + 4 : pos + 4 + tn]).decode("utf-8", "surrogateescape")
+        pos += 4 + tn
+        if pos > end:
+            raise ValueError("a truncated FS_ENTRIES frame")
+        into.append(FileEntry(name, _ENTRY_TYPES.get(kind, "other"), size, mode, mtime_ns, target))
+
+
+def encode_read_at(root: str, rel: str) -> bytes:
+    return encode_str(root) + encode_str(rel)
+
+
+def encode_write_at(mode: int, flags: int, mtime_ns: int | None, root: str, rel: str) -> bytes:
+    flags |= WRITE_SET_MTIME if mtime_ns is not None else 0
+    head = _WRITE_AT_HEAD.pack(mode & 0o7777, flags, mtime_ns or 0)
+    return head + encode_str(root) + encode_str(rel)
