@@ -105,6 +105,10 @@ class SandboxConfig:
     image_command: bool = False
     # Labels a cluster placement must find on the node (SandboxSpec.node_selector).
     node_selector: tuple[tuple[str, str], ...] = ()
+    # Where the writable layer lives: "memory" (a tmpfs) or "disk" (a filesystem of the disk
+    # size under the node's state directory); and the snapshot it starts from ("" none).
+    writable_layer: str = "memory"
+    snapshot_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from aviato.runtime.model import (
 )
 from aviato.server import validation
 from aviato.server.errors import InvalidArgument
-from aviato.server.records import SandboxRecord, SandboxStatus, ValidSpec
+from aviato.server.records import SandboxRecord, SandboxStatus, SnapshotRecord, ValidSpec
 from aviato.server.validation import SpecDefaults
 from aviato.v1 import quantities
 from aviato.v1 import sandbox_pb2 as pb
@@ -48,6 +48,7 @@ __all__ = [
     "encode_lease",
     "encode_output",
     "encode_sandbox",
+    "encode_snapshot",
 ]
 
 STATUS_TO_PROTO: dict[SandboxStatus, pb.SandboxStatus] = {
@@ -88,6 +89,10 @@ def decode_spec(spec: pb.SandboxSpec, defaults: SpecDefaults) -> ValidSpec:
     validation.validate_network(spec.network, "spec.network")
     egress = decode_egress(spec.egress_mode, spec.egress, "spec.egress_mode", "spec.egress")
     exposed_ports = validation.validate_exposed_ports(spec.exposed_ports, "spec.exposed_ports")
+    writable_layer = validation.validate_choice(
+        spec.writable_layer, "spec.writable_layer", ("memory", "disk"), defaults.writable_layer
+    )
+    snapshot_id = validation.validate_snapshot_id(spec.snapshot_id, "spec.snapshot_id")
     config = SandboxConfig(
         sandbox_id="",
         image=image,
@@ -105,6 +110,8 @@ def decode_spec(spec: pb.SandboxSpec, defaults: SpecDefaults) -> ValidSpec:
         registry_credentials=credentials,
         image_command=image_command,
         node_selector=node_selector,
+        writable_layer=writable_layer,
+        snapshot_id=snapshot_id,
     )
     return ValidSpec(config=config, tags=tags, max_lifetime_seconds=lifetime)
 
@@ -213,6 +220,8 @@ def decode_stored_spec(
         mounted_files=tuple((m.path, b"") for m in spec.mounted_files),
         image_command=spec.image_command,
         node_selector=tuple(sorted(spec.node_selector.items())),
+        writable_layer=spec.writable_layer or "memory",
+        snapshot_id=spec.snapshot_id,
     )
     return config, tuple(spec.tags), lifetime
 
@@ -245,7 +254,18 @@ def _encode_spec(rec: SandboxRecord) -> pb.SandboxSpec:
         exposed_ports=config.exposed_ports,
         node_selector=dict(config.node_selector),
         image_command=config.image_command,
+        writable_layer=config.writable_layer,
+        snapshot_id=config.snapshot_id,
     )
+
+
+def encode_snapshot(snap: SnapshotRecord) -> pb.Snapshot:
+    msg = pb.Snapshot(
+        id=snap.id, source_sandbox_id=snap.source_sandbox_id, image=snap.image,
+        size_bytes=snap.size_bytes, entries=snap.entries, skipped_entries=snap.skipped,
+    )  # fmt: skip
+    msg.created_at.FromNanoseconds(snap.created_ns)
+    return msg
 
 
 def encode_sandbox(rec: SandboxRecord) -> pb.Sandbox:

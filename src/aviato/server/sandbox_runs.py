@@ -73,6 +73,10 @@ class SandboxRuns:
         self._network_change = asyncio.Lock()  # one SetNetwork at a time
         private_dir(config.logs_dir)
 
+    @property
+    def registry(self) -> Registry:
+        return self._registry
+
     def _adopt(self, live: LiveSandbox) -> None:
         self._live[live.rec.id] = live
         self._admission.take(live.rec.owner, live.charge)

@@ -24,12 +24,15 @@ from aviato.runtime.base import (
     SandboxGone,
     SandboxHandle,
     SandboxRuntimeError,
+    SnapshotFacts,
 )
 from aviato.runtime.bubblewrap.exit_record import main_exit
 from aviato.runtime.bubblewrap.host_processes import ProcessWatch, kill_sandbox
 from aviato.runtime.bubblewrap.launch import connect_supervisor, short_path
+from aviato.runtime.bubblewrap.snapshots import take_snapshot
 from aviato.runtime.cgroups import SandboxCgroup
 from aviato.runtime.logs import read_log
+from aviato.runtime.snapshot_store import SnapshotStore
 from aviato.runtime.supervisor import SupervisorConnection
 from aviato.runtime.supervisor.egress_listen import egress_listen
 from aviato.runtime.supervisor.port_connect import check_port, connect_port
@@ -43,6 +46,9 @@ class SandboxOwner(Protocol):
     def supports_protected(self) -> bool: ...
 
     def release_ids(self, sandbox_id: str, ids: IdRange | None) -> None: ...
+
+    @property
+    def snapshots(self) -> SnapshotStore: ...
 
 
 # A file written into a sandbox lands on its writable layer, a tmpfs whose pages count against
@@ -187,6 +193,12 @@ class BubblewrapSandbox(SandboxHandle):
             raise SandboxGone(f"sandbox {self.sandbox_id} has ended")
         with short_path(self._dir / "ctl.sock") as path:
             return await egress_listen(path, self.sandbox_id)
+
+    async def snapshot(self, snapshot_id: str, max_bytes: int) -> SnapshotFacts:
+        if not self.running:
+            raise SandboxGone(f"sandbox {self.sandbox_id} has ended")
+        return await take_snapshot(self._runtime.snapshots, snapshot_id, self.pid, self._cgroup,
+                                   self._ids, max_bytes)  # fmt: skip
 
     async def set_deadline(self, at_ns: int, why: str, grace_seconds: float) -> None:
         conn = await self._connection()

@@ -18,10 +18,14 @@ struct sandbox_user {
  * host's base..base+count-1, as its uid 0 with every capability in it. With `stage_from` set,
  * first gives this process a private mount namespace in which `stage_from` (a directory of the
  * service's, typically private to host root) is visible read-only at `stage_at`, id-mapped so
- * that the sandbox's root owns what host root owns there. Returns 0, or -1 with a message on
- * stderr. */
+ * that the sandbox's root owns what host root owns there. With `layer_from` set too (a mount
+ * point: the sandbox's writable-layer filesystem, mounted by the service), that mount is staged
+ * the same way at `layer_at`, but writable (still nosuid, nodev). `detach` (with `stage_from`):
+ * a mount point unmounted (lazily) in that mount namespace afterwards. Returns 0, or -1 with a
+ * message on stderr. */
 int priv_enter_userns(unsigned long base, unsigned long count, const char *stage_from,
-                      const char *stage_at);
+                      const char *stage_at, const char *layer_from, const char *layer_at,
+                      const char *detach);
 
 /* Supervisor, once at start in privileged mode: checks and narrows its capabilities (keeps
  * only what starting commands as other users needs; only CAP_KILL stays effective) and makes
