@@ -95,6 +95,7 @@ from aviato.runtime.bubblewrap.records import (
     write_record,
 )
 from aviato.runtime.bubblewrap.sandbox import BubblewrapSandbox
+from aviato.runtime.bubblewrap.snapshots import thaw_if_marked
 from aviato.runtime.cgroups import (
     CgroupError,
     CgroupManager,
@@ -521,6 +522,7 @@ class BubblewrapRuntime(Runtime):
                 await cgroup.kill_all()
             return dead._compute_exit()
         pid, pidfd, is_child = opened
+        thaw_if_marked(directory, cgroup)
         watch_live = ProcessWatch(pid, pidfd, is_child)
         try:
             conn: SupervisorConnection | None = await connect_supervisor(directory, sandbox_id, 5.0)

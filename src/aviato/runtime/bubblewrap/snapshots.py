@@ -5,25 +5,34 @@ for the whole copy, so no process of it writes meanwhile and the copy is the sta
 instant (what a process had in flight in a write() call that the freeze interrupted is either
 in the file or not, as after a crash). A sandbox that was already frozen (paused) stays frozen.
 Without a freezer (no cgroups) the copy is best effort while processes write.
+
+A service killed mid-copy would leave the sandbox frozen: the freeze is marked by the file
+`FREEZE_MARK` in the sandbox's state directory, and a service that re-attaches a sandbox with
+that mark thaws it (`thaw_if_marked`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+from pathlib import Path
 
 from aviato.runtime.base import LimitsUnavailable, SnapshotFacts
 from aviato.runtime.cgroups import SandboxCgroup
 from aviato.runtime.snapshot_store import SnapshotStore
 from aviato.runtime.userns import IdRange
 
-__all__ = ["take_snapshot"]
+__all__ = ["FREEZE_MARK", "take_snapshot", "thaw_if_marked"]
+
+FREEZE_MARK = "frozen-for-snapshot"
 
 _FREEZE_WAIT_S = 5.0
 
 
 async def take_snapshot(
     store: SnapshotStore,
+    directory: Path,
     snapshot_id: str,
     bwrap_pid: int,
     cgroup: SandboxCgroup | None,
@@ -39,10 +48,22 @@ async def take_snapshot(
         with contextlib.suppress(OSError, AssertionError):
             was_frozen = cgroup._is_frozen()
         if not was_frozen:
+            (directory / FREEZE_MARK).touch(0o600)
             frozen = await cgroup._freeze(_FREEZE_WAIT_S)
     try:
         tree = await asyncio.to_thread(store.capture, snapshot_id, bwrap_pid, ids.base, max_bytes)
     finally:
         if frozen and cgroup is not None:
             cgroup._thaw()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(directory / FREEZE_MARK)
     return SnapshotFacts(tree.size_bytes, tree.entries, tree.skipped)
+
+
+def thaw_if_marked(directory: Path, cgroup: SandboxCgroup | None) -> None:
+    """Thaws a sandbox that a service froze for a snapshot and did not live to thaw."""
+    mark = directory / FREEZE_MARK
+    if mark.exists():
+        if cgroup is not None:
+            cgroup._thaw()
+        mark.unlink(missing_ok=True)
