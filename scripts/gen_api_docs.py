@@ -115,6 +115,7 @@ value:
 
 SECTIONS: list[tuple[str, list[str]]] = [
     ("Sandboxes", ["Sandbox", "SandboxStatus"]),
+    ("Snapshots", ["Snapshot"]),
     (
         "Handles",
         [

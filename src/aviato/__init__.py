@@ -38,6 +38,7 @@ from aviato._process import Process, StreamWriter
 from aviato._sandbox import Sandbox, Session
 from aviato._sandbox_network import NetworkUsage
 from aviato._service import ServerInfo, server_info
+from aviato._snapshot import Snapshot
 from aviato._status import SandboxStatus
 from aviato._wait import Waitable, results, wait
 from aviato.exceptions import (
@@ -119,6 +120,7 @@ __all__ = [
     "Serialization",
     "ServerInfo",
     "Session",
+    "Snapshot",
     "StreamReader",
     "StreamWriter",
     "Waitable",

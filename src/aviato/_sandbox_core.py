@@ -30,6 +30,7 @@ from aviato._options import RunOptions, SandboxArgs, SandboxDefaults, resolve
 from aviato._sandbox_io import SandboxIO
 from aviato._sandbox_network import SandboxNetwork
 from aviato._sandbox_queries import SandboxQueries
+from aviato._sandbox_snapshots import SandboxSnapshots
 from aviato._status import SandboxStatus
 from aviato.exceptions import (
     SandboxFailedError,
@@ -71,7 +72,7 @@ def _ts(record: pb.Sandbox, name: str) -> datetime | None:
     return stamp.ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
 
 
-class SandboxCore(SandboxQueries, SandboxNetwork, SandboxIO):
+class SandboxCore(SandboxQueries, SandboxNetwork, SandboxSnapshots, SandboxIO):
     """Everything a `Sandbox` is and does but `Sandbox.session()`: its record, its lifecycle,
     and (through its bases) its commands, files and queries. Users see it as `aviato.Sandbox`,
     the subclass that `aviato._sandbox` defines beside `Session` (see that module for why)."""

@@ -42,6 +42,7 @@ from aviato._transport.errors import from_status
 from aviato._transport.grpc_errors import mapped as _mapped
 from aviato._transport.grpc_errors import translate_error
 from aviato._transport.grpc_port import GrpcPortStream
+from aviato._transport.grpc_snapshots import SnapshotCalls
 from aviato.exceptions import AviatoError, SandboxExecutionError
 from aviato.v1 import admin_pb2 as apb
 from aviato.v1 import admin_pb2_grpc, images_pb2_grpc, sandbox_pb2_grpc
@@ -64,7 +65,7 @@ _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 # --- the transport ----------------------------------------------------------------------------
 
 
-class GrpcTransport(Transport):
+class GrpcTransport(SnapshotCalls, Transport):
     """A grpc.aio channel to one address, bound to the event loop that made it."""
 
     def __init__(self, url: str, *, api_key: str | None = None) -> None:

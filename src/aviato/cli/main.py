@@ -27,6 +27,7 @@ from aviato.cli import (
     sandboxes,
     server,
     shell,
+    snapshots,
     version,
 )
 from aviato.cli._output import CliError, debug_enabled, describe, print_error
@@ -73,6 +74,7 @@ for _command in (
     files.cp,
     sandboxes.stop,
     sandboxes.rm,
+    snapshots.snapshot,
     images.image,
     server.server,
     keys.keys,

@@ -140,6 +140,11 @@ def _resources(cpu: str | None, memory: str | None) -> dict[str, str] | None:
 @click.option("--internet", is_flag=True, help=network_cli.INTERNET_HELP)
 @click.option("--allow", multiple=True, metavar="NAME|CIDR", help=network_cli.ALLOW_HELP)
 @click.option(
+    "--disk-layer", "disk_layer", flag_value="disk", default=None,
+    help="Keep its files on the service's disk (a filesystem of its disk size), not in memory.",
+)  # fmt: skip
+@click.option("--snapshot", metavar="SNAPSHOT", help="Start from this snapshot's files.")
+@click.option(
     "--wait/--no-wait",
     default=True,
     show_default=True,
@@ -161,6 +166,8 @@ def run(
     ports: tuple[int, ...],
     internet: bool,
     allow: tuple[str, ...],
+    disk_layer: str | None,
+    snapshot: str | None,
     wait: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -205,6 +212,8 @@ def run(
         image_pull_credentials=credentials,
         node_selector=node_selector or None,
         network=_network(ports, internet, allow),
+        writable_layer=disk_layer,
+        snapshot=snapshot,
     )
     if wait:
         try:

@@ -197,8 +197,10 @@ class BubblewrapSandbox(SandboxHandle):
     async def snapshot(self, snapshot_id: str, max_bytes: int) -> SnapshotFacts:
         if not self.running:
             raise SandboxGone(f"sandbox {self.sandbox_id} has ended")
-        return await take_snapshot(self._runtime.snapshots, self._dir, snapshot_id, self.pid, self._cgroup,
-                                   self._ids, max_bytes)  # fmt: skip
+        store = self._runtime.snapshots
+        return await take_snapshot(
+            store, self._dir, snapshot_id, self.pid, self._cgroup, self._ids, max_bytes
+        )
 
     async def set_deadline(self, at_ns: int, why: str, grace_seconds: float) -> None:
         conn = await self._connection()
