@@ -202,9 +202,13 @@ class WritableLayers:
             except OSError as exc:
                 raise LayerError(f"sandbox {sandbox_id}: {exc.strerror}") from exc
         with contextlib.suppress(FileNotFoundError):
+            os.unlink(image)  # its blocks go once the loop device lets go (autoclear)
+        try:
             os.rmdir(mount)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(image)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # still a mount point elsewhere a moment longer: harmless
+            raise LayerError(f"sandbox {sandbox_id}: {mount} stays: {exc.strerror}") from exc
 
     def launcher_args(self, layer: Layer | None) -> list[str]:
         """The launcher's options: stage `layer` (when given), and always detach the others."""
