@@ -117,6 +117,7 @@ value:
 
 SECTIONS: list[tuple[str, list[str]]] = [
     ("Sandboxes", ["Sandbox", "SandboxStatus"]),
+    ("Snapshots", ["Snapshot"]),
     (
         "Handles",
         [

@@ -39,6 +39,7 @@ from aviato._sandbox import Sandbox, Session
 from aviato._sandbox_network import NetworkUsage
 from aviato._sandbox_paths import DirListing, FileEntry
 from aviato._service import ServerInfo, server_info
+from aviato._snapshot import Snapshot
 from aviato._status import SandboxStatus
 from aviato._volumes import HostMount, Volume, VolumeInfo, Volumes
 from aviato._wait import Waitable, results, wait
@@ -124,6 +125,7 @@ __all__ = [
     "Serialization",
     "ServerInfo",
     "Session",
+    "Snapshot",
     "StreamReader",
     "StreamWriter",
     "Volume",

@@ -22,7 +22,7 @@ import dataclasses
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from aviato import _defaults
 from aviato._credentials import ImagePullCredentials, coerce_pull_credentials
@@ -41,6 +41,9 @@ from aviato._defaults import (
 from aviato._volumes import HostMount, Volume, mounts_to_proto
 from aviato.exceptions import SandboxValidationError
 from aviato.v1 import sandbox_pb2 as pb
+
+if TYPE_CHECKING:
+    from aviato._snapshot import Snapshot
 
 __all__ = [
     "FunctionOptions",
@@ -101,6 +104,10 @@ class SandboxDefaults:
         max_read_file_bytes: The largest file `read_file` reads into memory (64 MiB by
             default); a larger one raises `SandboxFileError`: use `read_file_streaming` or
             `download_file`. Overridden per call by ``read_file(max_bytes=...)``.
+        writable_layer: Where the sandbox's writable layer (its files outside the image)
+            lives: ``"memory"`` (a tmpfs, counted against the memory limit too) or ``"disk"``
+            (a filesystem of the sandbox's disk size on the service's disk). None means the
+            service's default (``aviato server --writable-layer``, ``"memory"`` unless set).
     """
 
     container_image: str | None = None
@@ -123,6 +130,7 @@ class SandboxDefaults:
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
     max_read_file_bytes: int = DEFAULT_MAX_READ_FILE_BYTES
     volumes: Mapping[str, Volume | HostMount] = field(default_factory=dict)
+    writable_layer: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tags", as_str_tuple("tags", self.tags))
@@ -149,6 +157,7 @@ class SandboxDefaults:
             raise ValueError("request_timeout_seconds must be positive")
         byte_count("max_output_bytes", self.max_output_bytes)
         byte_count("max_read_file_bytes", self.max_read_file_bytes)
+        check_writable_layer(self.writable_layer)
         if self.base_url is not None:
             object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
 
@@ -190,6 +199,23 @@ class SandboxDefaults:
         return cls(**dict(data))
 
 
+def check_writable_layer(value: str | None) -> str | None:
+    """`value` if it is None, "memory" or "disk"; else ValueError naming the option."""
+    if value is not None and value not in ("memory", "disk"):
+        raise ValueError(f"writable_layer must be 'memory' or 'disk', not {value!r}")
+    return value
+
+
+def snapshot_id_of(snapshot: Snapshot | str | None) -> str:
+    """The id of `snapshot` (a `Snapshot` or its id; None: "")."""
+    if snapshot is None:
+        return ""
+    found = snapshot if isinstance(snapshot, str) else getattr(snapshot, "id", None)
+    if not isinstance(found, str) or not found:
+        raise TypeError(f"snapshot must be a Snapshot or a snapshot id, not {snapshot!r}")
+    return found
+
+
 class SandboxSettings(TypedDict, total=False):
     """Options of a sandbox (see `Sandbox` for what each means). None, or leaving one out,
     means the default of `SandboxDefaults`."""
@@ -208,6 +234,8 @@ class SandboxSettings(TypedDict, total=False):
     node_selector: Mapping[str, str] | None
     request_timeout_seconds: float | None
     volumes: Mapping[str, Volume | HostMount] | None
+    writable_layer: str | None
+    snapshot: Snapshot | str | None
 
 
 class _MainProcess(TypedDict, total=False):
@@ -265,6 +293,10 @@ class SandboxArgs(SandboxOptions, _Address, total=False):
         over the default volumes.
     base_url: The service (default `AVIATO_BASE_URL`, else `defaults.base_url`, else local).
     request_timeout_seconds: Deadline of each request; default of `wait()` (300 s).
+    writable_layer: ``"memory"`` or ``"disk"`` (see `SandboxDefaults.writable_layer`).
+    snapshot: A `Snapshot` (or its id) to start from: the writable layer begins as the
+        snapshot's content, over the same image (another image is refused); an unknown id or
+        another owner's snapshot is `SandboxNotFoundError`.
     """
 
 
@@ -355,7 +387,11 @@ def resolve(options: SandboxArgs, defaults: SandboxDefaults) -> ResolvedSandbox:
         node_selector=d.merge_node_selector(options.get("node_selector")),
         idle_timeout_seconds=float(idle or 0.0),
         mounts=d.merge_volumes(options.get("volumes")),
+        writable_layer=check_writable_layer(options.get("writable_layer")) or "",
+        snapshot_id=snapshot_id_of(options.get("snapshot")),
     )
+    if spec.writable_layer == "" and d.writable_layer:
+        spec.writable_layer = d.writable_layer
     resources = options.get("resources")
     res = _defaults.resources_to_proto(resources if resources is not None else d.resources)
     if res is not None:

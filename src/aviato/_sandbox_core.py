@@ -32,6 +32,7 @@ from aviato._sandbox_network import SandboxNetwork
 from aviato._sandbox_paths import SandboxPaths
 from aviato._sandbox_pause import SandboxPausing
 from aviato._sandbox_queries import SandboxQueries
+from aviato._sandbox_snapshots import SandboxSnapshots
 from aviato._status import SandboxStatus
 from aviato.exceptions import (
     SandboxFailedError,
@@ -73,7 +74,9 @@ def _ts(record: pb.Sandbox, name: str) -> datetime | None:
     return stamp.ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
 
 
-class SandboxCore(SandboxQueries, SandboxNetwork, SandboxPausing, SandboxIO, SandboxPaths):
+class SandboxCore(
+    SandboxQueries, SandboxNetwork, SandboxPausing, SandboxSnapshots, SandboxIO, SandboxPaths
+):
     """Everything a `Sandbox` is and does but `Sandbox.session()`: its record, its lifecycle,
     and (through its bases) its commands, files and queries. Users see it as `aviato.Sandbox`,
     the subclass that `aviato._sandbox` defines beside `Session` (see that module for why)."""

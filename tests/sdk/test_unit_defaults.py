@@ -277,6 +277,7 @@ def test_node_selector_merge_and_validation() -> None:
 
 def test_every_sandbox_option_has_its_default_field() -> None:
     """The options are declared once (`aviato._options`); `SandboxDefaults` holds a default for
-    each, so that a new option cannot be forgotten there (mounted files have none)."""
+    each, so that a new option cannot be forgotten there (mounted files and the snapshot to
+    start from have none)."""
     fields = {f.name for f in dataclasses.fields(SandboxDefaults)}
-    assert SandboxArgs.__optional_keys__ - {"mounted_files"} <= fields
+    assert SandboxArgs.__optional_keys__ - {"mounted_files", "snapshot"} <= fields

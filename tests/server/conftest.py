@@ -8,6 +8,8 @@ removed through the runtime, and the test fails if any sandbox process or cgroup
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -60,6 +62,11 @@ def finish(server: ServerProcess) -> None:
     if server.proc is not None and server.proc.poll() is None:
         server.stop()
     ids = _clean_up(server.state_dir, server.cgroup_parent)
+    layers = server.state_dir / "layers"
+    if layers.is_dir():  # disk layers: every sandbox's is gone, the root bind goes too
+        assert not [p for p in layers.iterdir() if os.path.ismount(p)], "layer mounts remain"
+        while subprocess.run(["umount", "-l", str(layers)], capture_output=True).returncode == 0:
+            pass
     procs = sandbox_processes(ids)
     cgroups = sandbox_cgroups(ids, server.cgroup_parent)
     if not procs:

@@ -180,6 +180,27 @@ class Transport(abc.ABC):
         self, request: pb.SetNetworkRequest, *, call_timeout: float | None
     ) -> pb.Sandbox: ...
 
+    # Snapshots (docs/state-snapshots.md); a transport without them refuses.
+    async def create_snapshot(
+        self, request: pb.CreateSnapshotRequest, *, call_timeout: float | None
+    ) -> pb.Snapshot:
+        raise NotImplementedError("this transport has no snapshots")
+
+    async def list_snapshots(
+        self, request: pb.ListSnapshotsRequest, *, call_timeout: float | None
+    ) -> pb.ListSnapshotsResponse:
+        raise NotImplementedError("this transport has no snapshots")
+
+    async def delete_snapshot(
+        self, request: pb.DeleteSnapshotRequest, *, call_timeout: float | None
+    ) -> pb.DeleteSnapshotResponse:
+        raise NotImplementedError("this transport has no snapshots")
+
+    async def fork_sandbox(
+        self, request: pb.ForkSandboxRequest, *, call_timeout: float | None
+    ) -> pb.ForkSandboxResponse:
+        raise NotImplementedError("this transport has no forks")
+
     @abc.abstractmethod
     async def pause_sandbox(
         self, request: pb.PauseSandboxRequest, *, call_timeout: float | None

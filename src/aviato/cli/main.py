@@ -29,6 +29,7 @@ from aviato.cli import (
     sandboxes,
     server,
     shell,
+    snapshots,
     version,
     volumes,
 )
@@ -80,6 +81,7 @@ for _command in (
     pausing.resume,
     pausing.extend,
     sandboxes.rm,
+    snapshots.snapshot,
     images.image,
     volumes.volume,
     server.server,

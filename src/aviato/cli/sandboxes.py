@@ -157,6 +157,11 @@ def _resources(cpu: str | None, memory: str | None) -> dict[str, str] | None:
     "directory the operator allows, /HOST/DIR:/PATH (read-only). Repeatable.",
 )
 @click.option(
+    "--disk-layer", "disk_layer", flag_value="disk", default=None,
+    help="Keep its files on the service's disk (a filesystem of its disk size), not in memory.",
+)  # fmt: skip
+@click.option("--snapshot", metavar="SNAPSHOT", help="Start from this snapshot's files.")
+@click.option(
     "--wait/--no-wait",
     default=True,
     show_default=True,
@@ -180,6 +185,8 @@ def run(
     internet: bool,
     allow: tuple[str, ...],
     volume_options: tuple[str, ...],
+    disk_layer: str | None,
+    snapshot: str | None,
     wait: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -228,6 +235,8 @@ def run(
         node_selector=node_selector or None,
         network=_network(ports, internet, allow),
         volumes=mounts,
+        writable_layer=disk_layer,
+        snapshot=snapshot,
     )
     if wait:
         try:

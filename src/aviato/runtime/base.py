@@ -322,6 +322,13 @@ class SandboxHandle(abc.ABC):
         runtime that cannot) raises Unsupported."""
         raise Unsupported("this runtime cannot give its sandboxes egress")
 
+    async def snapshot(self, snapshot_id: str, max_bytes: int) -> SnapshotFacts:
+        """Copies the sandbox's writable layer into a new snapshot of this node named
+        `snapshot_id` (frozen meanwhile where the node can freeze it); it exists once this
+        returns and never before. Raises SandboxGone, SandboxRuntimeError (RESOURCE_EXHAUSTED
+        beyond `max_bytes` of data). The default (a runtime that cannot) raises Unsupported."""
+        raise Unsupported("this runtime cannot snapshot its sandboxes")
+
     @abc.abstractmethod
     def logs(
         self, since_ns: int = 0, tail: int = -1, follow: bool = False
@@ -330,6 +337,15 @@ class SandboxHandle(abc.ABC):
         `since_ns`, of them only the last `tail` (negative: all); with `follow`, then the new
         ones as they come, ending once the sandbox has ended and its last record was given.
         How the runtime stores them is its own business."""
+
+
+@dataclass(frozen=True)
+class SnapshotFacts:
+    """What a snapshot holds: data bytes (holes not counted), entries, entries left out."""
+
+    size_bytes: int
+    entries: int
+    skipped: int
 
 
 @dataclass(frozen=True)
@@ -441,6 +457,14 @@ class Runtime(abc.ABC):
     ) -> None:
         """Makes `image` available on this node, pulling it when needed. Runtimes without an
         image store have nothing to do; `create` reports an unknown image."""
+        return None
+
+    def snapshot_ids(self) -> list[str]:
+        """The snapshots this node holds (complete ones only; see `SandboxHandle.snapshot`)."""
+        return []
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        """Removes a snapshot of this node (nothing if it has none of that id)."""
         return None
 
     @abc.abstractmethod

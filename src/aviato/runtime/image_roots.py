@@ -36,7 +36,7 @@ import contextlib
 import os
 import stat
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 from aviato.runtime.base import PathRefused
@@ -65,6 +65,10 @@ PROC_MASK_DIRS = ("acpi", "asound", "scsi")
 PROC_READONLY = ("sys",)
 
 
+# Every image's mount arguments begin with `--size N --perms 0755 --tmpfs /`: its writable layer.
+_ROOT_TMPFS_ARGS = 6
+
+
 class ImageNotFound(PathRefused):
     """The sandbox names an image this node does not know."""
 
@@ -90,6 +94,14 @@ class ImageRoot:
     # The sandbox's uid and gid inside its user namespace (OCI images with a `User`); None: 0.
     uid: int | None = None
     gid: int | None = None
+
+    def on_layer(self, root_args: Sequence[str]) -> ImageRoot:
+        """This root with its writable layer made by `root_args` instead of the tmpfs at `/`
+        (a disk layer or an overlay on a snapshot: runtime/writable_layers.py)."""
+        head = self.mount_args[:_ROOT_TMPFS_ARGS]
+        if head[-2:] != ("--tmpfs", "/"):
+            raise PathRefused(f"image {self.name!r} has no writable layer at / to replace")
+        return replace(self, mount_args=(*root_args, *self.mount_args[_ROOT_TMPFS_ARGS:]))
 
     def _tree_of(self, path: str) -> str | None:
         for tree in self.readonly_trees:

@@ -128,6 +128,10 @@ class SandboxConfig:
     idle_timeout_seconds: float = 0.0
     # Volumes and host directories bound into the sandbox (docs/volumes.md).
     mounts: tuple[DirectoryMount, ...] = ()
+    # Where the writable layer lives: "memory" (a tmpfs) or "disk" (a filesystem of the disk
+    # size under the node's state directory); and the snapshot it starts from ("" none).
+    writable_layer: str = "memory"
+    snapshot_id: str = ""
 
 
 @dataclass(frozen=True)

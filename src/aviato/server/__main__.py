@@ -182,6 +182,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--egress-dns", type=_addresses, default=(), metavar="ADDR[,ADDR]",
                    help="DNS servers the egress proxy resolves sandboxes' names with "
                         "(default: the host's /etc/resolv.conf)")  # fmt: skip
+    p.add_argument("--writable-layer", choices=("memory", "disk"), default="memory",
+                   help="where a sandbox's writable layer lives unless its spec says: "
+                        "'memory' (a tmpfs; the default) or 'disk' (a filesystem of the "
+                        "sandbox's disk size under the state directory; needs root)")  # fmt: skip
     p.add_argument("--max-sandboxes", type=int, default=DEFAULT_MAX_SANDBOXES,
                    help="live sandboxes at most (0: no bound)")  # fmt: skip
     p.add_argument("--max-memory", type=_memory, default=0, metavar="QUANTITY",
@@ -315,6 +319,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         cgroup_pids=args.cgroup_pids,
         log_level=args.log_level.upper(),
         default_image=args.default_image,
+        default_writable_layer=args.writable_layer,
         insecure_registries=tuple(dict.fromkeys(insecure)),
         max_image_bytes=args.max_image_size,
         max_image_entries=args.max_image_files,

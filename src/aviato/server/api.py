@@ -32,6 +32,7 @@ from aviato.server.logs_api import LogStreams
 from aviato.server.paths_api import PathCalls
 from aviato.server.placement import Placement
 from aviato.server.port_tunnel import PortTunnels
+from aviato.server.snapshots import SnapshotService
 from aviato.server.tree_api import TreeStreams
 from aviato.v1 import sandbox_pb2 as pb
 
@@ -110,11 +111,13 @@ class SandboxServicer(ExecStreams, FileStreams, LogStreams, PortTunnels, PathCal
         auth: Authenticator,
         placement: Placement,
         config: ServerConfig,
+        snapshots: SnapshotService | None = None,
     ) -> None:
         super().__init__(lifecycle, auth)
         self._placement = placement
         self._config = config
         self._defaults = config.spec_defaults()
+        self._snapshots = snapshots or SnapshotService(lifecycle, lifecycle.registry, placement)
 
     # -- records ------------------------------------------------------------------------------
 
@@ -124,6 +127,7 @@ class SandboxServicer(ExecStreams, FileStreams, LogStreams, PortTunnels, PathCal
     ) -> pb.Sandbox:
         request_id = validation.validate_request_id(request.request_id)
         valid = codec.decode_spec(request.spec, self._defaults)
+        self._snapshots.check_start(owner, valid)
         rec = self._lifecycle.create(
             owner,
             request_id,
@@ -230,6 +234,36 @@ class SandboxServicer(ExecStreams, FileStreams, LogStreams, PortTunnels, PathCal
     ) -> pb.DeleteVolumeResponse:
         self._lifecycle.delete_volume(owner, request.name)
         return pb.DeleteVolumeResponse()
+
+    # -- snapshots and forks (server/snapshots.py) ---------------------------------------------
+
+    @_Unary
+    async def CreateSnapshot(
+        self, owner: str, request: pb.CreateSnapshotRequest, context: Ctx
+    ) -> pb.Snapshot:
+        return codec.encode_snapshot(await self._snapshots.create(owner, request.sandbox_id))
+
+    @_Unary
+    async def ListSnapshots(
+        self, owner: str, request: pb.ListSnapshotsRequest, context: Ctx
+    ) -> pb.ListSnapshotsResponse:
+        found = self._snapshots.owned_list(owner)
+        return pb.ListSnapshotsResponse(snapshots=[codec.encode_snapshot(s) for s in found])
+
+    @_Unary
+    async def DeleteSnapshot(
+        self, owner: str, request: pb.DeleteSnapshotRequest, context: Ctx
+    ) -> pb.DeleteSnapshotResponse:
+        await self._snapshots.delete(owner, request.snapshot_id)
+        return pb.DeleteSnapshotResponse()
+
+    @_Unary
+    async def ForkSandbox(
+        self, owner: str, request: pb.ForkSandboxRequest, context: Ctx
+    ) -> pb.ForkSandboxResponse:
+        tags = validation.validate_tags(request.tags, "tags")
+        forks = await self._snapshots.fork(owner, request.sandbox_id, request.count, tags)
+        return pb.ForkSandboxResponse(sandboxes=[codec.encode_sandbox(r) for r in forks])
 
     # -- leases and info ----------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from aviato.server.images_api import ImageServicer
 from aviato.server.lifecycle import Lifecycle
 from aviato.server.placement import LocalPlacement, Placement
 from aviato.server.registry import Registry
+from aviato.server.snapshots import SnapshotService
 from aviato.v1 import admin_pb2_grpc, images_pb2_grpc, sandbox_pb2_grpc
 
 __all__ = ["AlreadyRunning", "StartupError", "configure_logging", "serve"]
@@ -325,6 +326,7 @@ async def serve(
     pid_fd = _lock_pid_file(config.pid_path)
     registry: Registry | None = None
     lifecycle: Lifecycle | None = None
+    snapshots: SnapshotService | None = None
     server: grpc.aio.Server | None = None
     try:
         registry = Registry(config.registry_path)
@@ -335,8 +337,10 @@ async def serve(
             raise StartupError(f"placement {placement.name}: {e}") from e
         lifecycle = Lifecycle(registry, placement, config)
         await lifecycle.start()
+        snapshots = SnapshotService(lifecycle, registry, placement)
+        await snapshots.start()
         server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[_MalformedRequests()])
-        servicer = SandboxServicer(lifecycle, Authenticator(registry), placement, config)
+        servicer = SandboxServicer(lifecycle, Authenticator(registry), placement, config, snapshots)
         sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
         images_pb2_grpc.add_ImageServiceServicer_to_server(  # type: ignore[no-untyped-call]
             ImageServicer(Authenticator(registry), placement), server
@@ -353,6 +357,8 @@ async def serve(
     finally:
         if server is not None:
             await server.stop(SHUTDOWN_GRACE_SECONDS)
+        if snapshots is not None:
+            await snapshots.close()
         if lifecycle is not None:
             await lifecycle.close()
         if placement is not None:

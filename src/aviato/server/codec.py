@@ -32,7 +32,7 @@ from aviato.runtime.model import (
 )
 from aviato.server import validation
 from aviato.server.errors import InvalidArgument
-from aviato.server.records import SandboxRecord, SandboxStatus, ValidSpec
+from aviato.server.records import SandboxRecord, SandboxStatus, SnapshotRecord, ValidSpec
 from aviato.server.validation import SpecDefaults
 from aviato.server.volumes import VolumeInfo, validate_mounts
 from aviato.v1 import quantities
@@ -49,6 +49,7 @@ __all__ = [
     "encode_lease",
     "encode_output",
     "encode_sandbox",
+    "encode_snapshot",
     "encode_volume",
 ]
 
@@ -97,6 +98,10 @@ def decode_spec(spec: pb.SandboxSpec, defaults: SpecDefaults) -> ValidSpec:
     mounts = validate_mounts(
         ((m.path, m.volume, m.host_path, m.read_only) for m in spec.mounts), "spec.mounts"
     )
+    writable_layer = validation.validate_choice(
+        spec.writable_layer, "spec.writable_layer", ("memory", "disk"), defaults.writable_layer
+    )
+    snapshot_id = validation.validate_snapshot_id(spec.snapshot_id, "spec.snapshot_id")
     config = SandboxConfig(
         sandbox_id="",
         image=image,
@@ -116,6 +121,8 @@ def decode_spec(spec: pb.SandboxSpec, defaults: SpecDefaults) -> ValidSpec:
         node_selector=node_selector,
         idle_timeout_seconds=idle_timeout,
         mounts=mounts,
+        writable_layer=writable_layer,
+        snapshot_id=snapshot_id,
     )
     return ValidSpec(config=config, tags=tags, max_lifetime_seconds=lifetime)
 
@@ -224,6 +231,8 @@ def decode_stored_spec(
         mounted_files=tuple((m.path, b"") for m in spec.mounted_files),
         image_command=spec.image_command,
         node_selector=tuple(sorted(spec.node_selector.items())),
+        writable_layer=spec.writable_layer or "memory",
+        snapshot_id=spec.snapshot_id,
     )
     return config, tuple(spec.tags), lifetime
 
@@ -263,7 +272,18 @@ def _encode_spec(rec: SandboxRecord) -> pb.SandboxSpec:
             )
             for m in config.mounts
         ],
+        writable_layer=config.writable_layer,
+        snapshot_id=config.snapshot_id,
     )
+
+
+def encode_snapshot(snap: SnapshotRecord) -> pb.Snapshot:
+    msg = pb.Snapshot(
+        id=snap.id, source_sandbox_id=snap.source_sandbox_id, image=snap.image,
+        size_bytes=snap.size_bytes, entries=snap.entries, skipped_entries=snap.skipped,
+    )  # fmt: skip
+    msg.created_at.FromNanoseconds(snap.created_ns)
+    return msg
 
 
 def encode_sandbox(rec: SandboxRecord) -> pb.Sandbox:

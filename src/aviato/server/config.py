@@ -139,6 +139,8 @@ class ServerConfig:
     # "python:3.11"); the registries that may be spoken to over plain HTTP and on loopback or
     # private addresses (HOST or HOST:PORT; docs/images.md); what one pull may unpack.
     default_image: str = "host"
+    # Where a sandbox's writable layer lives when its spec does not say ("memory" or "disk").
+    default_writable_layer: str = "memory"
     insecure_registries: tuple[str, ...] = ()
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_image_entries: int = DEFAULT_MAX_IMAGE_ENTRIES
@@ -165,6 +167,7 @@ class ServerConfig:
             pids=self.default_pids,
             disk_bytes=self.default_disk_bytes,
             max_lifetime_seconds=self.default_max_lifetime_seconds,
+            writable_layer=self.default_writable_layer,
         )
 
     def image_limits(self) -> PullLimits:

@@ -52,6 +52,22 @@ ALL_STATUSES = frozenset(SandboxStatus)
 
 
 @dataclass(frozen=True)
+class SnapshotRecord:
+    """A snapshot of a sandbox's writable layer, kept on `node` (server/snapshots.py)."""
+
+    id: str
+    owner: str
+    source_sandbox_id: str
+    image: str
+    node: str
+    size_bytes: int
+    entries: int
+    skipped: int
+    created_ns: int
+    internal: bool = False
+
+
+@dataclass(frozen=True)
 class ValidSpec:
     """A validated create: the runtime config (sandbox_id still ""), its tags in the given
     order without duplicates, and its lifetime in seconds (the service's default when the

@@ -200,6 +200,22 @@ _MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     """,
     # 6: named volumes (server/volumes.py): owner, name, last measured size, creation time.
     VOLUMES_MIGRATION,
+    # 7: snapshots of writable layers (server/snapshots.py); `internal`: a fork's (not listed).
+    """
+    CREATE TABLE snapshots (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        source_sandbox_id TEXT NOT NULL,
+        image TEXT NOT NULL,
+        node TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        entries INTEGER NOT NULL,
+        skipped INTEGER NOT NULL,
+        created_ns INTEGER NOT NULL,
+        internal INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX snapshots_owner ON snapshots (owner, created_ns);
+    """,
 )
 
 
@@ -559,6 +575,11 @@ class Registry:
             "updated_ns=excluded.updated_ns",
             (quota.owner, *values, time.time_ns()),
         )
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The open database, for tables kept by their own module (server/snapshot_table.py)."""
+        return self._db
 
     def list_owner_quotas(self) -> list[OwnerQuotaRecord]:
         rows = self._db.execute(

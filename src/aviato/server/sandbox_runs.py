@@ -83,6 +83,10 @@ class SandboxRuns:
         )
         self.volumes.clear_trash()
 
+    @property
+    def registry(self) -> Registry:
+        return self._registry
+
     def _adopt(self, live: LiveSandbox) -> None:
         self._live[live.rec.id] = live
         self._admission.take(live.rec.owner, live.charge)

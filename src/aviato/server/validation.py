@@ -104,6 +104,7 @@ class SpecDefaults:
     pids: int = DEFAULT_PIDS
     disk_bytes: int = DEFAULT_DISK_BYTES
     max_lifetime_seconds: float = DEFAULT_MAX_LIFETIME_SECONDS
+    writable_layer: str = "memory"
 
 
 @dataclass(frozen=True)
@@ -350,6 +351,19 @@ def validate_choice(value: str, field: str, served: Sequence[str], default: str)
     if value not in served:
         allowed = ", ".join(repr(v) for v in served)
         raise InvalidArgument(field, f"{value!r} is not served (only {allowed})")
+    return value
+
+
+SNAPSHOT_ID = re.compile(r"^snap-[a-z0-9]{8,64}$")
+
+
+def validate_snapshot_id(value: str, field: str, *, allow_empty: bool = True) -> str:
+    """A snapshot id as the service makes them ("snap-" and 8 to 64 lower-case letters or
+    digits); "" when empty is allowed."""
+    if not value and allow_empty:
+        return ""
+    if not SNAPSHOT_ID.match(value):
+        raise InvalidArgument(field, f"{value[:80]!r} is not a snapshot id (snap-...)")
     return value
 
 

@@ -60,7 +60,7 @@ class MountedFile(_message.Message):
     def __init__(self, path: _Optional[str] = ..., content: _Optional[bytes] = ...) -> None: ...
 
 class SandboxSpec(_message.Message):
-    __slots__ = ("image", "command", "env", "working_dir", "tags", "resources", "max_lifetime_seconds", "mounted_files", "network", "exposed_ports", "node_selector", "registry_auth", "image_command", "egress_mode", "egress", "idle_timeout_seconds", "mounts")
+    __slots__ = ("image", "command", "env", "working_dir", "tags", "resources", "max_lifetime_seconds", "mounted_files", "network", "exposed_ports", "node_selector", "registry_auth", "image_command", "egress_mode", "egress", "idle_timeout_seconds", "mounts", "writable_layer", "snapshot_id")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,8 @@ class SandboxSpec(_message.Message):
     EGRESS_FIELD_NUMBER: _ClassVar[int]
     IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MOUNTS_FIELD_NUMBER: _ClassVar[int]
+    WRITABLE_LAYER_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
     image: str
     command: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
@@ -109,7 +111,9 @@ class SandboxSpec(_message.Message):
     egress: _containers.RepeatedCompositeFieldContainer[EgressRule]
     idle_timeout_seconds: float
     mounts: _containers.RepeatedCompositeFieldContainer[DirectoryMount]
-    def __init__(self, image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., max_lifetime_seconds: _Optional[float] = ..., mounted_files: _Optional[_Iterable[_Union[MountedFile, _Mapping]]] = ..., network: _Optional[str] = ..., exposed_ports: _Optional[_Iterable[int]] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., registry_auth: _Optional[_Union[RegistryAuth, _Mapping]] = ..., image_command: _Optional[bool] = ..., egress_mode: _Optional[str] = ..., egress: _Optional[_Iterable[_Union[EgressRule, _Mapping]]] = ..., idle_timeout_seconds: _Optional[float] = ..., mounts: _Optional[_Iterable[_Union[DirectoryMount, _Mapping]]] = ...) -> None: ...
+    writable_layer: str
+    snapshot_id: str
+    def __init__(self, image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., max_lifetime_seconds: _Optional[float] = ..., mounted_files: _Optional[_Iterable[_Union[MountedFile, _Mapping]]] = ..., network: _Optional[str] = ..., exposed_ports: _Optional[_Iterable[int]] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., registry_auth: _Optional[_Union[RegistryAuth, _Mapping]] = ..., image_command: _Optional[bool] = ..., egress_mode: _Optional[str] = ..., egress: _Optional[_Iterable[_Union[EgressRule, _Mapping]]] = ..., idle_timeout_seconds: _Optional[float] = ..., mounts: _Optional[_Iterable[_Union[DirectoryMount, _Mapping]]] = ..., writable_layer: _Optional[str] = ..., snapshot_id: _Optional[str] = ...) -> None: ...
 
 class EgressRule(_message.Message):
     __slots__ = ("dns_name", "cidr")
@@ -665,3 +669,63 @@ class RenamePathRequest(_message.Message):
 class PathDone(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class Snapshot(_message.Message):
+    __slots__ = ("id", "source_sandbox_id", "image", "size_bytes", "created_at", "entries", "skipped_entries")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    source_sandbox_id: str
+    image: str
+    size_bytes: int
+    created_at: _timestamp_pb2.Timestamp
+    entries: int
+    skipped_entries: int
+    def __init__(self, id: _Optional[str] = ..., source_sandbox_id: _Optional[str] = ..., image: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., entries: _Optional[int] = ..., skipped_entries: _Optional[int] = ...) -> None: ...
+
+class CreateSnapshotRequest(_message.Message):
+    __slots__ = ("sandbox_id",)
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    def __init__(self, sandbox_id: _Optional[str] = ...) -> None: ...
+
+class ListSnapshotsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSnapshotsResponse(_message.Message):
+    __slots__ = ("snapshots",)
+    SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    snapshots: _containers.RepeatedCompositeFieldContainer[Snapshot]
+    def __init__(self, snapshots: _Optional[_Iterable[_Union[Snapshot, _Mapping]]] = ...) -> None: ...
+
+class DeleteSnapshotRequest(_message.Message):
+    __slots__ = ("snapshot_id",)
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    snapshot_id: str
+    def __init__(self, snapshot_id: _Optional[str] = ...) -> None: ...
+
+class DeleteSnapshotResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ForkSandboxRequest(_message.Message):
+    __slots__ = ("sandbox_id", "count", "tags")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    count: int
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sandbox_id: _Optional[str] = ..., count: _Optional[int] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ForkSandboxResponse(_message.Message):
+    __slots__ = ("sandboxes",)
+    SANDBOXES_FIELD_NUMBER: _ClassVar[int]
+    sandboxes: _containers.RepeatedCompositeFieldContainer[Sandbox]
+    def __init__(self, sandboxes: _Optional[_Iterable[_Union[Sandbox, _Mapping]]] = ...) -> None: ...

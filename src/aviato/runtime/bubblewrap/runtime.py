@@ -68,6 +68,7 @@ from aviato.runtime.bubblewrap.command import (
     build_argv,
     find_bwrap,
 )
+from aviato.runtime.bubblewrap.facts import describe_parent
 from aviato.runtime.bubblewrap.host_processes import (
     ProcessWatch,
     boot_id,
@@ -87,6 +88,7 @@ from aviato.runtime.bubblewrap.launch import (
     private_copy,
     write_mounted_files,
 )
+from aviato.runtime.bubblewrap.layer_setup import check_layer, layer_root
 from aviato.runtime.bubblewrap.records import (
     open_process,
     read_record,
@@ -94,6 +96,7 @@ from aviato.runtime.bubblewrap.records import (
     write_record,
 )
 from aviato.runtime.bubblewrap.sandbox import BubblewrapSandbox
+from aviato.runtime.bubblewrap.snapshots import thaw_if_marked
 from aviato.runtime.cgroups import (
     CgroupError,
     CgroupManager,
@@ -103,8 +106,10 @@ from aviato.runtime.cgroups import (
 )
 from aviato.runtime.image_service import StoreImages
 from aviato.runtime.oci_image_root import image_root
+from aviato.runtime.snapshot_store import SnapshotStore
 from aviato.runtime.supervisor import SupervisorConnection, supervisor_binary
 from aviato.runtime.userns import IdRange, IdRanges, RangesExhausted
+from aviato.runtime.writable_layers import Layer, WritableLayers
 
 log = logging.getLogger("aviato.runtime")
 
@@ -120,13 +125,6 @@ class SandboxStartFailed(SandboxRuntimeError):
     """bwrap or the supervisor failed before the supervisor said HELLO."""
 
     code = "INTERNAL"
-
-
-def _show_bytes(n: int) -> str:
-    for unit, size in (("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.4g}{unit}"
-    return f"{n} bytes"
 
 
 class BubblewrapRuntime(Runtime):
@@ -188,6 +186,11 @@ class BubblewrapRuntime(Runtime):
                 os.makedirs(mount_point, mode=0o755, exist_ok=True)
             if self._supervisor:
                 self._supervisor = private_copy(Path(self._supervisor), self._state_dir / "bin")
+        self.layers: WritableLayers | None = (
+            None if self._rootless else WritableLayers(self._state_dir)
+        )
+        self._snapshots = SnapshotStore(self._state_dir / "snapshots")
+        self._snapshots.discard_partial()
         self._cgroups = CgroupManager(cgroup_parent)
         if not self._cgroups.available:
             log.warning(
@@ -255,7 +258,7 @@ class BubblewrapRuntime(Runtime):
         facts = {
             "isolation": isolation,
             "cgroups": self._cgroups.describe(),
-            "sandbox_limits": self._describe_parent(),
+            "sandbox_limits": describe_parent(self._cgroups, self._parent_problems),
             "seccomp": self._seccomp_error or seccomp.describe(),
             "supervisor": self._supervisor or str(self._supervisor_error),
             "state_dir": str(self._state_dir),
@@ -270,20 +273,6 @@ class BubblewrapRuntime(Runtime):
         facts.update(image_roots.host_image_facts())
         facts.update(self.image_store.describe())
         return facts
-
-    def _describe_parent(self) -> str:
-        """The bound on all sandboxes together, as the kernel has it now."""
-        if not self._cgroups.available:
-            return "none (no cgroups)"
-        memory, pids = self._cgroups.parent_limits()
-        text = (
-            f"memory {_show_bytes(memory) if memory is not None else 'no limit'}, "
-            f"pids {pids if pids is not None else 'no limit'} "
-            f"(parent cgroup {self._cgroups.parent})"
-        )
-        if self._parent_problems:
-            text += "; not set: " + "; ".join(self._parent_problems)
-        return text
 
     # --- OCI images ---
 
@@ -337,6 +326,16 @@ class BubblewrapRuntime(Runtime):
             return sorted(e.name for e in os.scandir(self._sandboxes) if e.is_dir())
         except OSError:
             return []
+
+    @property
+    def snapshots(self) -> SnapshotStore:
+        return self._snapshots
+
+    def snapshot_ids(self) -> list[str]:
+        return self._snapshots.ids()
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        await asyncio.to_thread(self._snapshots.delete, snapshot_id)
 
     @property
     def cgroups(self) -> CgroupManager:
@@ -396,6 +395,7 @@ class BubblewrapRuntime(Runtime):
     def check(self, config: SandboxConfig) -> None:
         self._check_create(config)
         self._limits_for(config)
+        check_layer(config, self.layers, self._snapshots)
         if config.image in ("", "host"):
             # The host image's layout is known without I/O (scanned once at start), so where a
             # mounted file or the working directory may go is checked now; other images only
@@ -411,6 +411,7 @@ class BubblewrapRuntime(Runtime):
     async def create(self, config: SandboxConfig) -> SandboxHandle:
         self._check_create(config)
         limits = self._limits_for(config)
+        check_layer(config, self.layers, self._snapshots)
         root, config = await self._image_root(config)
         sid = config.sandbox_id
         directory = self._sandboxes / sid
@@ -423,8 +424,12 @@ class BubblewrapRuntime(Runtime):
         cgroup: SandboxCgroup | None = None
         watch: ProcessWatch | None = None
         ids: IdRange | None = None
+        layer: Layer | None = None
         try:
             files = write_mounted_files(directory, config)
+            if self.layers is not None and self._userns is not None:
+                layer, root = await layer_root(config, root, self.layers, self._snapshots,
+                                               self._userns)  # fmt: skip
             assert self._bwrap is not None
             argv = build_argv(
                 self._bwrap.path,
@@ -447,6 +452,8 @@ class BubblewrapRuntime(Runtime):
                 if any(m.volume for m in config.mounts):
                     staged = f"{self._userns.volumes_from}:{self._userns.volumes_at}"
                     launch += ["--stage-volumes", staged]
+                if self.layers is not None:
+                    launch += self.layers.launcher_args(layer)
             if limits is not None:
                 try:
                     cgroup = self._cgroups.create(sid, limits)
@@ -468,6 +475,8 @@ class BubblewrapRuntime(Runtime):
         except BaseException as exc:
             self._image_of.pop(sid, None)
             await self._abort_create(directory, watch, cgroup)
+            if layer is not None and self.layers is not None:
+                await asyncio.to_thread(self.layers.remove, sid)
             self.release_ids(sid, ids)
             if out_of_descriptors(exc):
                 raise CapacityExhausted(
@@ -524,6 +533,7 @@ class BubblewrapRuntime(Runtime):
                 await cgroup.kill_all()
             return dead._compute_exit()
         pid, pidfd, is_child = opened
+        thaw_if_marked(directory, cgroup)
         watch_live = ProcessWatch(pid, pidfd, is_child)
         conn: SupervisorConnection | None = None
         try:
@@ -581,6 +591,11 @@ class BubblewrapRuntime(Runtime):
                 log.warning(
                     "sandbox %s: cgroup still busy, left behind: %s", sandbox_id, cgroup.unique_dirs
                 )
+        if self.layers is not None:
+            try:
+                await asyncio.to_thread(self.layers.remove, sandbox_id)
+            except SandboxRuntimeError as exc:
+                log.warning("sandbox %s: writable layer left behind: %s", sandbox_id, exc)
         shutil.rmtree(directory, ignore_errors=True)
 
     async def close(self) -> None:

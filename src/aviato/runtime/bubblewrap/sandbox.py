@@ -34,13 +34,16 @@ from aviato.runtime.base import (
     SandboxGone,
     SandboxHandle,
     SandboxRuntimeError,
+    SnapshotFacts,
     Unsupported,
 )
 from aviato.runtime.bubblewrap.exit_record import main_exit
 from aviato.runtime.bubblewrap.host_processes import ProcessWatch, kill_sandbox
 from aviato.runtime.bubblewrap.launch import connect_supervisor, short_path
+from aviato.runtime.bubblewrap.snapshots import take_snapshot
 from aviato.runtime.cgroups import CgroupError, SandboxCgroup
 from aviato.runtime.logs import read_log
+from aviato.runtime.snapshot_store import SnapshotStore
 from aviato.runtime.supervisor import SupervisorConnection
 from aviato.runtime.supervisor.egress_listen import egress_listen
 from aviato.runtime.supervisor.port_connect import check_port, connect_port
@@ -54,6 +57,9 @@ class SandboxOwner(Protocol):
     def supports_protected(self) -> bool: ...
 
     def release_ids(self, sandbox_id: str, ids: IdRange | None) -> None: ...
+
+    @property
+    def snapshots(self) -> SnapshotStore: ...
 
 
 # A file written into a sandbox lands on its writable layer, a tmpfs whose pages count against
@@ -223,6 +229,14 @@ class BubblewrapSandbox(SandboxHandle):
             raise SandboxGone(f"sandbox {self.sandbox_id} has ended")
         with short_path(self._dir / "ctl.sock") as path:
             return await egress_listen(path, self.sandbox_id)
+
+    async def snapshot(self, snapshot_id: str, max_bytes: int) -> SnapshotFacts:
+        if not self.running:
+            raise SandboxGone(f"sandbox {self.sandbox_id} has ended")
+        store = self._runtime.snapshots
+        return await take_snapshot(
+            store, self._dir, snapshot_id, self.pid, self._cgroup, self._ids, max_bytes
+        )
 
     async def set_deadline(self, at_ns: int, why: str, grace_seconds: float) -> None:
         if (self._conn is None or self._conn.is_closed) and await self.paused():

@@ -18,6 +18,7 @@ int launch(int argc, char **argv) {
     int i = 2;
     unsigned long ns_base = 0, ns_count = 0;
     char *stage_from = NULL, *stage_at = NULL, *volumes_from = NULL, *volumes_at = NULL;
+    char *layer_from = NULL, *layer_at = NULL, *detach = NULL;
     for (; i < argc && strcmp(argv[i], "--"); i++) {
         if (!strcmp(argv[i], "--userns") && i + 1 < argc) {
             char *end;
@@ -42,6 +43,18 @@ int launch(int argc, char **argv) {
             *colon = 0, volumes_at = colon + 1;
             continue;
         }
+        if (!strcmp(argv[i], "--layer") && i + 1 < argc) {
+            layer_from = argv[++i];
+            char *colon = strrchr(layer_from, ':');
+            if (!colon || colon == layer_from || !colon[1])
+                die("--layer: expected FROM:AT, got '%s'", layer_from);
+            *colon = 0, layer_at = colon + 1;
+            continue;
+        }
+        if (!strcmp(argv[i], "--detach") && i + 1 < argc) {
+            detach = argv[++i];
+            continue;
+        }
         if (!strcmp(argv[i], "--cgroup-procs") && i + 1 < argc) {
             if (write_number_file(argv[++i], (long)getpid()) < 0)
                 die("cannot join cgroup via %s: %s", argv[i], strerror(errno));
@@ -55,6 +68,8 @@ int launch(int argc, char **argv) {
         }
     }
     if (i + 1 >= argc) die("--launch: missing '-- PROG ARGS...'");
+    if ((volumes_from || layer_from || detach) && !stage_from)
+        die("--stage-volumes, --layer and --detach need --stage");
     setsid(); /* EPERM if already a group leader: fine */
     char **prog = argv + i + 1;
     if (ns_count) {
@@ -62,8 +77,9 @@ int launch(int argc, char **argv) {
          * may search (a venv under /root) are out of reach. */
         int fd = open(prog[0], O_PATH | O_CLOEXEC);
         if (fd < 0) die("cannot open %s: %s", prog[0], strerror(errno));
-        if (priv_enter_userns(ns_base, ns_count, stage_from, stage_at, volumes_from,
-                              volumes_at) < 0) return 125;
+        struct staging st = {stage_from, stage_at, volumes_from, volumes_at,
+                             layer_from, layer_at, detach};
+        if (priv_enter_userns(ns_base, ns_count, &st) < 0) return 125;
         syscall(SYS_execveat, fd, "", prog, environ, AT_EMPTY_PATH);
         fprintf(stderr, "aviato-supervisor: cannot execute %s: %s\n", prog[0], strerror(errno));
         return 127;

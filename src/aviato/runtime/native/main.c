@@ -89,7 +89,8 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: aviato-supervisor [--user UID:GID [--protected-id N]] [--egress] "
                         "[--keepalive | -- ARGV...]\n"
                         "       aviato-supervisor --launch [--cgroup-procs FILE]... "
-                        "[--oom-score-adj N] [--userns BASE:COUNT [--stage FROM:AT]] "
+                        "[--oom-score-adj N] "
+                        "[--userns BASE:COUNT [--stage FROM:AT [--layer FROM:AT] [--detach DIR]]] "
                         "-- PROG ARGS...\n");
         return 2;
     }

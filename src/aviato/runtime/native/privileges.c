@@ -183,33 +183,39 @@ static int write_text(const char *path, const char *text) {
     return n == (ssize_t)strlen(text) ? 0 : -1;
 }
 
-/* Attaches an id-mapped (through `userns`), nosuid, nodev clone of the mount at `from` at `at`,
- * with `extra` attributes (read-only for the state directory; none for the volumes). */
-static int stage(int userns, const char *from, const char *at, uint64_t extra,
-                 const char **what) {
-    *what = "cloning the state directory's mount (open_tree)";
+/* Attaches an id-mapped (through `userns`), nosuid, nodev clone of the mount at `from` at `at`:
+ * read-only (the state directory) or writable (the service's volumes; a sandbox's layer, a
+ * filesystem of its own mounted by the service). */
+static int stage_idmapped(int userns, const char *from, const char *at, int writable,
+                          const char **what) {
+    *what = "cloning a mount to stage (open_tree)";
     int tree = (int)syscall(SYS_open_tree, AT_FDCWD, from, OPEN_TREE_CLONE_ | O_CLOEXEC);
     if (tree < 0) return errno;
     struct mount_attr_ attr = {
-        .attr_set = MOUNT_ATTR_IDMAP_ | MOUNT_ATTR_NOSUID_ | MOUNT_ATTR_NODEV_ | extra,
+        .attr_set = MOUNT_ATTR_IDMAP_ | MOUNT_ATTR_NOSUID_ | MOUNT_ATTR_NODEV_ |
+                    (writable ? 0 : MOUNT_ATTR_RDONLY_),
         .userns_fd = (uint64_t)userns,
     };
-    *what = "id-mapping the state directory (mount_setattr; does its filesystem support "
+    *what = "id-mapping a staged mount (mount_setattr; does its filesystem support "
             "id-mapped mounts?)";
-    if (syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH, &attr, sizeof attr) < 0)
-        return errno;
-    *what = "attaching the id-mapped state directory (move_mount)";
-    if (syscall(SYS_move_mount, tree, "", AT_FDCWD, at, MOVE_MOUNT_F_EMPTY_PATH_) < 0)
-        return errno;
-    return 0;
+    if (syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH, &attr, sizeof attr) < 0) {
+        int err = errno;
+        close(tree);
+        return err;
+    }
+    *what = "attaching a staged mount (move_mount)";
+    int rc = syscall(SYS_move_mount, tree, "", AT_FDCWD, at, MOVE_MOUNT_F_EMPTY_PATH_) < 0
+                 ? errno : 0;
+    close(tree);
+    return rc;
 }
 
 /* In the helper (host root, in the launcher's mount namespace): maps the launcher's new user
- * namespace and stages the id-mapped view. Returns 0 or an errno, with `what` saying which
+ * namespace and stages the id-mapped views. Returns 0 or an errno, with `what` saying which
  * step failed. */
 static int map_and_stage(pid_t target, unsigned long base, unsigned long count,
-                         const char *from, const char *at, const char *volumes_from,
-                         const char *volumes_at, const char **what) {
+                         const struct staging *st, const char **what) {
+    const char *from = st->stage_from;
     char path[64], map[96];
     snprintf(map, sizeof map, "0 %lu %lu\n", base, count);
     snprintf(path, sizeof path, "/proc/%d/uid_map", (int)target);
@@ -223,9 +229,16 @@ static int map_and_stage(pid_t target, unsigned long base, unsigned long count,
     *what = "opening the user namespace";
     int userns = open(path, O_RDONLY | O_CLOEXEC);
     if (userns < 0) return errno;
-    int err = stage(userns, from, at, MOUNT_ATTR_RDONLY_, what);
-    if (!err && volumes_from) err = stage(userns, volumes_from, volumes_at, 0, what);
-    return err;
+    int rc = stage_idmapped(userns, from, st->stage_at, 0, what);
+    if (!rc && st->volumes_from)
+        rc = stage_idmapped(userns, st->volumes_from, st->volumes_at, 1, what);
+    if (!rc && st->layer_from) rc = stage_idmapped(userns, st->layer_from, st->layer_at, 1, what);
+    close(userns);
+    /* Every sandbox's layer is mounted under `detach`: without this, this mount namespace
+     * would keep a copy of each and pin it (and its loop device) until this sandbox ends. */
+    *what = "detaching the other sandboxes' layers";
+    if (!rc && st->detach && umount2(st->detach, MNT_DETACH) < 0 && errno != EINVAL) rc = errno;
+    return rc;
 }
 
 /* On the host, as root: becomes host uid and gid `base` (the sandbox's uid 0), keeping only
@@ -246,9 +259,8 @@ static int become_owner(unsigned long base, const char **what) {
     return 0;
 }
 
-int priv_enter_userns(unsigned long base, unsigned long count, const char *stage_from,
-                      const char *stage_at, const char *volumes_from, const char *volumes_at) {
-    if (stage_from) {
+int priv_enter_userns(unsigned long base, unsigned long count, const struct staging *st) {
+    if (st->stage_from) {
         if (unshare(CLONE_NEWNS) < 0) {
             fprintf(stderr, "aviato-supervisor: unshare(mount namespace): %s\n",
                     strerror(errno));
@@ -270,8 +282,7 @@ int priv_enter_userns(unsigned long base, unsigned long count, const char *stage
         int result = EPIPE;
         const char *what = "waiting for the launcher";
         if (read(go[0], &c, 1) == 1)
-            result = map_and_stage(self, base, count, stage_from, stage_at, volumes_from,
-                                   volumes_at, &what);
+            result = map_and_stage(self, base, count, st, &what);
         if (result)
             fprintf(stderr, "aviato-supervisor: %s: %s\n", what, strerror(result));
         _exit(result ? 1 : 0);

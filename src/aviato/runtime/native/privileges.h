@@ -18,11 +18,18 @@ struct sandbox_user {
  * host's base..base+count-1, as its uid 0 with every capability in it. With `stage_from` set,
  * first gives this process a private mount namespace in which `stage_from` (a directory of the
  * service's, typically private to host root) is visible read-only at `stage_at`, id-mapped so
- * that the sandbox's root owns what host root owns there. With `volumes_from` set too, that
- * directory (the service's volumes) is also visible at `volumes_at`, id-mapped the same way
- * but writable (still nosuid, nodev). Returns 0, or -1 with a message on stderr. */
-int priv_enter_userns(unsigned long base, unsigned long count, const char *stage_from,
-                      const char *stage_at, const char *volumes_from, const char *volumes_at);
+ * that the sandbox's root owns what host root owns there. The other views of `st` are staged the
+ * same way but writable (still nosuid, nodev): `volumes_from` (the service's volumes) at
+ * `volumes_at`, `layer_from` (a mount point: the sandbox's writable-layer filesystem, mounted by
+ * the service) at `layer_at`. `detach`: a mount point unmounted (lazily) in that mount namespace
+ * afterwards. Returns 0, or -1 with a message on stderr. */
+struct staging {
+    const char *stage_from, *stage_at;
+    const char *volumes_from, *volumes_at;
+    const char *layer_from, *layer_at;
+    const char *detach;
+};
+int priv_enter_userns(unsigned long base, unsigned long count, const struct staging *st);
 
 /* Supervisor, once at start in privileged mode: checks and narrows its capabilities (keeps
  * only what starting commands as other users needs; only CAP_KILL stays effective) and makes

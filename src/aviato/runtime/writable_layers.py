@@ -1,0 +1,218 @@
+"""Writable layers that live outside bubblewrap: a filesystem of the sandbox's own, mounted by
+the runtime under `<state>/layers/<sandbox id>/` and shown to the sandbox id-mapped.
+
+A sandbox's writable layer is one of:
+
+- **memory, plain** (the default): bubblewrap's `--size N --tmpfs /`; nothing here.
+- **disk**: an ext4 filesystem in a sparse image file `<state>/layers/<id>.img` of exactly the
+  sandbox's disk size, on a loop device, mounted at `<state>/layers/<id>/` (nosuid, nodev,
+  discard: space a sandbox frees goes back to the host). The size is a hard limit: a write past
+  it fails with ENOSPC inside the sandbox, and the host's disk holds at most that much for it.
+  The image is made at create (mke2fs with lazy inode tables and no journal: about 5 ms here,
+  the loop mount about 10 ms more; see docs/state-snapshots.md). No journal: a host crash may
+  lose the layer's last writes, which a layer that dies with its sandbox can afford.
+- **memory, from a snapshot**: a tmpfs of the disk size mounted at the same place (its pages are
+  charged to the memory cgroup of whoever writes them: the sandbox).
+
+Inside the mount: `upper/` (the layer's files, stored with the sandbox's own uids 0..65536, as
+the snapshots store them) and `work/` (overlayfs's work directory, when the layer is the upper
+of an overlay whose lower is a snapshot). The launcher (native/privileges.c, `--layer`) shows
+the mount to bwrap id-mapped and writable at `LAYER_AT`, in its own mount namespace, so that the
+sandbox's root owns what uid 0 owns on it; and it detaches `<state>/layers` there (`--detach`),
+so that a sandbox's mount namespace never pins another sandbox's layer.
+
+The mounts live in the host's mount namespace: they survive a restart of the service (a new
+service finds them by path) and are removed by `remove` when the sandbox is cleaned up.
+Needs host root (mount, loop devices): a rootless service has no layers of this kind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from aviato._private import private_dir
+from aviato.runtime.base import SandboxRuntimeError
+
+__all__ = ["LAYER_AT", "LAYER_KINDS", "Layer", "LayerError", "WritableLayers"]
+
+# Where a root service's launcher shows bwrap the sandbox's layer mount (in a mount namespace
+# of the launcher's own; on the host it stays an empty directory).
+LAYER_AT = "/run/aviato/layer"
+LAYER_KINDS = ("memory", "disk")
+_MOUNT_TIMEOUT_S = 30.0
+_MNT_DETACH = 2
+_MS_NOSUID, _MS_NODEV, _MS_BIND, _MS_PRIVATE = 2, 4, 4096, 1 << 18
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+class LayerError(SandboxRuntimeError):
+    """A writable layer could not be made or removed (no loop device, mke2fs failed, ...)."""
+
+
+def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    rc = _libc.mount(
+        source.encode(),
+        target.encode(),
+        None if fstype is None else fstype.encode(),
+        ctypes.c_ulong(flags),
+        None if data is None else data.encode(),
+    )
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {target}: {os.strerror(err)}")
+
+
+def _umount(target: str) -> None:
+    if _libc.umount2(target.encode(), _MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount {target}: {os.strerror(err)}")
+
+
+def _is_mount_point(path: Path) -> bool:
+    """Whether `path` is a mount point of this mount namespace (also a bind mount of a
+    directory onto itself, which `os.path.ismount` cannot see)."""
+    want = str(path).encode().replace(b"\\", b"\\134").replace(b" ", b"\\040")
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            return any(line.split()[4] == want for line in f)
+    except (OSError, IndexError):
+        return False
+
+
+def _run(argv: list[str], what: str) -> None:
+    try:
+        out = subprocess.run(
+            argv, capture_output=True, text=True, timeout=_MOUNT_TIMEOUT_S, check=False
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise LayerError(f"{what}: {exc}") from exc
+    if out.returncode != 0:
+        raise LayerError(f"{what}: {(out.stderr or out.stdout).strip()}")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A sandbox's layer mount: `upper` holds its files, `work` is overlayfs's scratch."""
+
+    sandbox_id: str
+    mount: Path
+    kind: str
+
+    @property
+    def upper(self) -> Path:
+        return self.mount / "upper"
+
+    @property
+    def work(self) -> Path:
+        return self.mount / "work"
+
+    def staged(self, path: Path) -> str:
+        """Where bwrap sees `path` (inside this layer's mount), through the launcher's stage."""
+        return LAYER_AT + "/" + str(path.relative_to(self.mount))
+
+
+class WritableLayers:
+    """The layer mounts of one runtime, under `state_dir/layers/` (itself a private bind mount,
+    so that a launcher can detach the whole subtree from its own mount namespace)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = private_dir(Path(state_dir) / "layers")
+        self.error = ""
+        self._mkfs = shutil.which("mke2fs", path="/usr/sbin:/sbin:/usr/bin:/bin")
+        if self._mkfs is None:
+            self.error = "mke2fs (e2fsprogs) is not installed"
+        # Made a mount point at the first layer (a service that never makes one leaves no mount
+        # behind); from then on it stays one, also across restarts of the service.
+        self._bound = _is_mount_point(self.root)
+
+    def _bind_root(self) -> None:
+        if self._bound:
+            return
+        try:
+            _mount(str(self.root), str(self.root), None, _MS_BIND, None)
+            _mount("none", str(self.root), None, _MS_PRIVATE, None)
+            os.makedirs(LAYER_AT, mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise LayerError(
+                f"cannot prepare {self.root} for layer mounts: {exc.strerror}"
+            ) from exc
+        self._bound = True
+
+    def _paths(self, sandbox_id: str) -> tuple[Path, Path]:
+        return self.root / sandbox_id, self.root / f"{sandbox_id}.img"
+
+    def present(self, sandbox_id: str) -> Layer | None:
+        """The sandbox's layer if it is mounted (after a restart too)."""
+        mount, image = self._paths(sandbox_id)
+        if not _is_mount_point(mount):
+            return None
+        return Layer(sandbox_id, mount, "disk" if image.exists() else "memory")
+
+    def make(self, sandbox_id: str, kind: str, size_bytes: int) -> Layer:
+        """Makes and mounts the layer of `kind` ("disk" or "memory") of `size_bytes`, with
+        empty `upper/` and `work/` owned by the sandbox's uid 0. Blocking (run it in a thread).
+        """
+        if self.error:
+            raise LayerError(f"this node cannot make a {kind} layer: {self.error}")
+        if kind not in LAYER_KINDS:
+            raise LayerError(f"unknown writable layer {kind!r}")
+        self._bind_root()
+        mount, image = self._paths(sandbox_id)
+        mount.mkdir(mode=0o700)
+        try:
+            if kind == "disk":
+                fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                try:
+                    os.ftruncate(fd, size_bytes)
+                finally:
+                    os.close(fd)
+                assert self._mkfs is not None
+                _run([self._mkfs, "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0",
+                      "-E", "lazy_itable_init=1,nodiscard", "-L", "aviato-layer", str(image)],
+                     f"sandbox {sandbox_id}: formatting its disk layer")  # fmt: skip
+                _run(["mount", "-t", "ext4", "-o", "loop,nosuid,nodev,discard,noatime",
+                      str(image), str(mount)],
+                     f"sandbox {sandbox_id}: mounting its disk layer")  # fmt: skip
+            else:
+                _mount("tmpfs", str(mount), "tmpfs", _MS_NOSUID | _MS_NODEV,
+                       f"size={size_bytes},mode=0755")  # fmt: skip
+            for sub in ("upper", "work"):
+                os.mkdir(mount / sub, 0o755)
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(mount / "lost+found")
+        except BaseException:
+            self.remove(sandbox_id)
+            raise
+        return Layer(sandbox_id, mount, kind)
+
+    def remove(self, sandbox_id: str) -> None:
+        """Unmounts and deletes the sandbox's layer (nothing when it has none). The loop device
+        goes with the last mount (autoclear)."""
+        mount, image = self._paths(sandbox_id)
+        if _is_mount_point(mount):
+            try:
+                _umount(str(mount))
+            except OSError as exc:
+                raise LayerError(f"sandbox {sandbox_id}: {exc.strerror}") from exc
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(image)  # its blocks go once the loop device lets go (autoclear)
+        try:
+            os.rmdir(mount)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # still a mount point elsewhere a moment longer: harmless
+            raise LayerError(f"sandbox {sandbox_id}: {mount} stays: {exc.strerror}") from exc
+
+    def launcher_args(self, layer: Layer | None) -> list[str]:
+        """The launcher's options: stage `layer` (when given), and always detach the others."""
+        args = ["--detach", str(self.root)] if self._bound else []
+        if layer is not None:
+            args += ["--layer", f"{layer.mount}:{LAYER_AT}"]
+        return args
