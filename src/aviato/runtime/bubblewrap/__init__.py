@@ -9,11 +9,8 @@
 """
 
 from aviato.runtime.bubblewrap.host_processes import raise_fd_limit
-from aviato.runtime.bubblewrap.runtime import (
-    BubblewrapRuntime,
-    SandboxExists,
-    SandboxStartFailed,
-)
+from aviato.runtime.bubblewrap.launch import SandboxExists, SandboxStartFailed
+from aviato.runtime.bubblewrap.runtime import BubblewrapRuntime
 from aviato.runtime.bubblewrap.sandbox import BubblewrapSandbox
 
 __all__ = [

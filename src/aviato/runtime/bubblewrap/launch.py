@@ -24,8 +24,11 @@ from typing import Any
 from aviato._private import DIR_MODE, MOUNTED_FILE_MODE, SANDBOX_BINARY_MODE, private_dir
 from aviato.runtime import seccomp
 from aviato.runtime.base import PathRefused, SandboxConfig, SandboxGone, SandboxRuntimeError
+from aviato.runtime.bubblewrap.command import OwnUserns
 from aviato.runtime.cgroups import SandboxCgroup
 from aviato.runtime.supervisor import SupervisorConnection
+from aviato.runtime.userns import IdRange
+from aviato.runtime.writable_layers import Layer, WritableLayers
 
 # Where the inherited descriptors land in the launcher, bwrap and the supervisor.
 FD_CONTROL, FD_LOG, FD_EXIT, FD_SECCOMP = 3, 4, 5, 6
@@ -79,6 +82,36 @@ def launch_oom_adj() -> list[str]:
     except (OSError, ValueError):
         return []
     return ["--oom-score-adj", str(OOM_SCORE_ADJ)] if current < OOM_SCORE_ADJ else []
+
+
+class SandboxExists(SandboxRuntimeError):
+    """A sandbox of that id has state on this node already."""
+
+    code = "ALREADY_EXISTS"
+
+
+class SandboxStartFailed(SandboxRuntimeError):
+    """bwrap or the supervisor failed before the supervisor said HELLO."""
+
+    code = "INTERNAL"
+
+
+def staged_launch(
+    ids: IdRange,
+    userns: OwnUserns,
+    config: SandboxConfig,
+    layers: WritableLayers | None,
+    layer: Layer | None,
+) -> list[str]:
+    """The launcher's arguments for a sandbox in its own uid range `ids`: the range, the state
+    directory staged read-only, and staged writable the volumes (when it mounts one) and its
+    writable layer (when the node keeps layers on disk)."""
+    launch = [*ids.launcher_args(), "--stage", f"{userns.stage_from}:{userns.stage_at}"]
+    if any(m.volume for m in config.mounts):
+        launch += ["--stage-volumes", f"{userns.volumes_from}:{userns.volumes_at}"]
+    if layers is not None:
+        launch += layers.launcher_args(layer)
+    return launch
 
 
 def write_mounted_files(directory: Path, config: SandboxConfig) -> list[tuple[str, str]]:

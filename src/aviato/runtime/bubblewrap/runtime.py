@@ -83,9 +83,12 @@ from aviato.runtime.bubblewrap.launch import (
     STAGE_AT,
     VOLUMES_AT,
     Launcher,
+    SandboxExists,
+    SandboxStartFailed,
     connect_supervisor,
     launch_oom_adj,
     private_copy,
+    staged_launch,
     write_mounted_files,
 )
 from aviato.runtime.bubblewrap.layer_setup import check_layer, layer_root
@@ -115,16 +118,6 @@ log = logging.getLogger("aviato.runtime")
 
 GiB = 1 << 30
 SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-
-class SandboxExists(SandboxRuntimeError):
-    code = "ALREADY_EXISTS"
-
-
-class SandboxStartFailed(SandboxRuntimeError):
-    """bwrap or the supervisor failed before the supervisor said HELLO."""
-
-    code = "INTERNAL"
 
 
 class BubblewrapRuntime(Runtime):
@@ -447,13 +440,7 @@ class BubblewrapRuntime(Runtime):
                     ids = self._ranges.claim(sid)
                 except RangesExhausted as exc:
                     raise CapacityExhausted(f"sandbox {sid}: {exc.strerror}") from exc
-                launch = [*ids.launcher_args(), "--stage",
-                          f"{self._userns.stage_from}:{self._userns.stage_at}"]  # fmt: skip
-                if any(m.volume for m in config.mounts):
-                    staged = f"{self._userns.volumes_from}:{self._userns.volumes_at}"
-                    launch += ["--stage-volumes", staged]
-                if self.layers is not None:
-                    launch += self.layers.launcher_args(layer)
+                launch = staged_launch(ids, self._userns, config, self.layers, layer)
             if limits is not None:
                 try:
                     cgroup = self._cgroups.create(sid, limits)
