@@ -4,7 +4,7 @@
 state). Paths are the sandbox's: a directory on the way is followed when it is a symlink, the
 last component never is (`stat` describes a link itself, `remove` removes a link and not what it
 points to). Trees travel as tar streams through the chunked file path (`_local_trees` is the
-local side, docs/state-dirs.md and docs/security.md the whole story).
+local side, docs/state.md and docs/security.md the whole story).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Snapshots and forks of a sandbox (docs/state-snapshots.md).
+"""Snapshots and forks of a sandbox (docs/state.md).
 
 `SandboxSnapshots` is a base class of `aviato.Sandbox`, not used alone: `SandboxCore` provides
 the state it names.

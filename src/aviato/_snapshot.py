@@ -1,4 +1,4 @@
-"""`Snapshot`: a saved copy of a sandbox's writable layer (docs/state-snapshots.md)."""
+"""`Snapshot`: a saved copy of a sandbox's writable layer (docs/state.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Disk-backed writable layers, snapshots of a layer and starts from a snapshot, on real
-sandboxes of `BubblewrapRuntime` (docs/state-snapshots.md)."""
+sandboxes of `BubblewrapRuntime` (docs/state.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Snapshots and forks through the real service (docs/state-snapshots.md): owned, listed, kept
+"""Snapshots and forks through the real service (docs/state.md): owned, listed, kept
 across a restart, refused while in use, never half-listed after a kill mid-copy; forks that share
 a prepared state and nothing else."""
 

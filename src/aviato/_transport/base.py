@@ -180,7 +180,7 @@ class Transport(abc.ABC):
         self, request: pb.SetNetworkRequest, *, call_timeout: float | None
     ) -> pb.Sandbox: ...
 
-    # Snapshots (docs/state-snapshots.md); a transport without them refuses.
+    # Snapshots (docs/state.md); a transport without them refuses.
     async def create_snapshot(
         self, request: pb.CreateSnapshotRequest, *, call_timeout: float | None
     ) -> pb.Snapshot:

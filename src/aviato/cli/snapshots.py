@@ -1,5 +1,5 @@
 """`aviato snapshot create|ls|rm`: snapshots of sandboxes' writable layers
-(docs/state-snapshots.md). `aviato run --snapshot ID` starts a sandbox from one."""
+(docs/state.md). `aviato run --snapshot ID` starts a sandbox from one."""
 
 from __future__ import annotations
 

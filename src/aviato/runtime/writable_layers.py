@@ -9,7 +9,7 @@ A sandbox's writable layer is one of:
   discard: space a sandbox frees goes back to the host). The size is a hard limit: a write past
   it fails with ENOSPC inside the sandbox, and the host's disk holds at most that much for it.
   The image is made at create (mke2fs with lazy inode tables and no journal: about 5 ms here,
-  the loop mount about 10 ms more; see docs/state-snapshots.md). No journal: a host crash may
+  the loop mount about 10 ms more; see docs/state.md). No journal: a host crash may
   lose the layer's last writes, which a layer that dies with its sandbox can afford.
 - **memory, from a snapshot**: a tmpfs of the disk size mounted at the same place (its pages are
   charged to the memory cgroup of whoever writes them: the sandbox).

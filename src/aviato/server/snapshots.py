@@ -1,4 +1,4 @@
-"""Snapshots and forks (docs/state-snapshots.md): the service's side.
+"""Snapshots and forks (docs/state.md): the service's side.
 
 A snapshot is a row of the registry (`snapshots`: owner, the sandbox and image it came from,
 the node that holds its tree) plus a tree on that node (runtime/snapshot_store.py). The row is

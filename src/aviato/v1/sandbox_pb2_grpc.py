@@ -413,7 +413,7 @@ class SandboxServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateSnapshot(self, request, context):
-        """Snapshots (docs/state-snapshots.md): a copy of a running sandbox's writable layer, owned by
+        """Snapshots (docs/state.md): a copy of a running sandbox's writable layer, owned by
         the caller, from which SandboxSpec.snapshot_id starts new sandboxes. The sandbox is frozen
         while its layer is copied. Another owner's sandbox or snapshot is NOT_FOUND.
         """

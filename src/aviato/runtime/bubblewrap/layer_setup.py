@@ -1,4 +1,4 @@
-"""The writable layer of a bubblewrap sandbox, as bwrap arguments (docs/state-snapshots.md).
+"""The writable layer of a bubblewrap sandbox, as bwrap arguments (docs/state.md).
 
 | config | the layer | bwrap makes `/` with |
 |---|---|---|
