@@ -534,6 +534,20 @@ UNARY = [
     "ReleaseLease",
     "GetServerInfo",
     "SetNetwork",
+    "PauseSandbox",
+    "ResumeSandbox",
+    "ExtendSandbox",
+    "ListVolumes",
+    "DeleteVolume",
+    "StatPath",
+    "ListDir",
+    "RemovePath",
+    "MakeDir",
+    "RenamePath",
+    "CreateSnapshot",
+    "ListSnapshots",
+    "DeleteSnapshot",
+    "ForkSandbox",
 ]
 
 
@@ -542,9 +556,9 @@ def _raw(target: Target, method: str, frames: Sequence[bytes]) -> tuple[str, Any
     try:
         if method in UNARY:
             return "ok", ch.unary_unary(METHOD + method)(frames[0], timeout=10)
-        if method in ("ReadFile", "StreamLogs"):
+        if method in ("ReadFile", "StreamLogs", "DownloadTree"):
             return "ok", list(ch.unary_stream(METHOD + method)(frames[0], timeout=10))
-        if method == "WriteFile":
+        if method in ("WriteFile", "UploadTree"):
             return "ok", ch.stream_unary(METHOD + method)(iter(frames), timeout=10)
         return "ok", list(ch.stream_stream(METHOD + method)(iter(frames), timeout=10))
     except grpc.RpcError as e:
@@ -621,7 +635,18 @@ def test_non_utf8_strings_are_invalid_argument(
 
 @SETTINGS
 @given(
-    method=st.sampled_from([*UNARY, "ReadFile", "StreamLogs", "WriteFile", "Exec", "ForwardPort"]),
+    method=st.sampled_from(
+        [
+            *UNARY,
+            "ReadFile",
+            "StreamLogs",
+            "WriteFile",
+            "Exec",
+            "ForwardPort",
+            "UploadTree",
+            "DownloadTree",
+        ]
+    ),
     frames=st.lists(st.binary(max_size=64), min_size=1, max_size=3),
 )
 def test_arbitrary_bytes(target: Target, method: str, frames: list[bytes]) -> None:

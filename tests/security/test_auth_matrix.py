@@ -121,6 +121,62 @@ def _calls(stub: pbg.SandboxServiceStub, sandbox_id: str) -> dict[str, Callable[
                 iter([pb.PortData(sandbox_id=sandbox_id, port=8080)]), metadata=md, timeout=10
             )
         ),
+        "PauseSandbox": lambda md: stub.PauseSandbox(
+            pb.PauseSandboxRequest(sandbox_id=sandbox_id), metadata=md, timeout=10
+        ),
+        "ResumeSandbox": lambda md: stub.ResumeSandbox(
+            pb.ResumeSandboxRequest(sandbox_id=sandbox_id), metadata=md, timeout=10
+        ),
+        "ExtendSandbox": lambda md: stub.ExtendSandbox(
+            pb.ExtendSandboxRequest(sandbox_id=sandbox_id, seconds=60), metadata=md, timeout=10
+        ),
+        "ListVolumes": lambda md: stub.ListVolumes(
+            pb.ListVolumesRequest(), metadata=md, timeout=10
+        ),
+        "DeleteVolume": lambda md: stub.DeleteVolume(
+            pb.DeleteVolumeRequest(name="cache"), metadata=md, timeout=10
+        ),
+        "StatPath": lambda md: stub.StatPath(
+            pb.PathRequest(sandbox_id=sandbox_id, path="/workspace"), metadata=md, timeout=10
+        ),
+        "ListDir": lambda md: stub.ListDir(
+            pb.ListDirRequest(sandbox_id=sandbox_id, path="/workspace"), metadata=md, timeout=10
+        ),
+        "RemovePath": lambda md: stub.RemovePath(
+            pb.RemovePathRequest(sandbox_id=sandbox_id, path="/workspace/x", recursive=True),
+            metadata=md,
+            timeout=10,
+        ),
+        "MakeDir": lambda md: stub.MakeDir(
+            pb.MakeDirRequest(sandbox_id=sandbox_id, path="/workspace/d"), metadata=md, timeout=10
+        ),
+        "RenamePath": lambda md: stub.RenamePath(
+            pb.RenamePathRequest(sandbox_id=sandbox_id, source="/workspace", destination="/w2"),
+            metadata=md,
+            timeout=10,
+        ),
+        "UploadTree": lambda md: stub.UploadTree(
+            iter([header, pb.WriteFileRequest(end=True)]), metadata=md, timeout=10
+        ),
+        "DownloadTree": lambda md: list(
+            stub.DownloadTree(
+                pb.ReadFileRequest(sandbox_id=sandbox_id, path="/workspace"),
+                metadata=md,
+                timeout=10,
+            )
+        ),
+        "CreateSnapshot": lambda md: stub.CreateSnapshot(
+            pb.CreateSnapshotRequest(sandbox_id=sandbox_id), metadata=md, timeout=10
+        ),
+        "ListSnapshots": lambda md: stub.ListSnapshots(
+            pb.ListSnapshotsRequest(), metadata=md, timeout=10
+        ),
+        "DeleteSnapshot": lambda md: stub.DeleteSnapshot(
+            pb.DeleteSnapshotRequest(snapshot_id="snap-0000"), metadata=md, timeout=10
+        ),
+        "ForkSandbox": lambda md: stub.ForkSandbox(
+            pb.ForkSandboxRequest(sandbox_id=sandbox_id, count=2), metadata=md, timeout=10
+        ),
     }
 
 

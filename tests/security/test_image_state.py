@@ -19,6 +19,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from _wait import wait_until
 
 from .image_support import Canary, busybox_layer, lab, require_root_and_tools
 
@@ -111,6 +112,10 @@ def test_everything_the_service_makes_is_private() -> None:
         other = client.running(image=ref)
         client.stop(other.id)  # its main log is kept under logs/
         state = env.svc.state_dir
+        # its directory is removed in the background after the stop: walk once it is gone
+        wait_until(
+            lambda: not (state / "sandboxes" / other.id).exists(), "the stopped sandbox cleaned up"
+        )
         made = {str(p.relative_to(state)) for p in state.rglob("*") if "rootfs" not in p.parts}
         assert {"registry.db", "registry.db-wal", "images/refs.json", "logs"} <= made, made
         assert any(p.startswith("sandboxes/") and p.endswith("files/0") for p in made), made
