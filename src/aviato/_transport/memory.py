@@ -21,7 +21,6 @@ import hashlib
 import itertools
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from aviato._transport.base import (
     ExecCall,
@@ -33,11 +32,13 @@ from aviato._transport.base import (
 )
 from aviato._transport.errors import from_status
 from aviato._transport.memory_streams import (
+    Faults,
     MemoryEchoPort,
     MemoryExecCall,
     MemoryFileReader,
     MemoryLogReader,
     MemoryPullReader,
+    MemorySandbox,
 )
 from aviato.v1 import admin_pb2 as apb
 from aviato.v1 import errors_pb2 as epb
@@ -52,27 +53,6 @@ _TERMINATED = pb.SANDBOX_STATUS_TERMINATED
 _PAUSED = pb.SANDBOX_STATUS_PAUSED
 
 
-@dataclass
-class Faults:
-    """Failures to inject; counters go down as they fire."""
-
-    #: the next N calls find the service unreachable (before it did anything)
-    unavailable: int = 0
-    #: the next N creates are committed, then their answer is lost (UNAVAILABLE)
-    create_answer_lost: int = 0
-    #: exec streams end without an exit frame
-    drop_exit_frame: bool = False
-    #: exec answers with this error frame: (code, message, detail)
-    exec_error: tuple[str, str, epb.ErrorDetail | None] | None = None
-
-
-@dataclass
-class _Sandbox:
-    record: pb.Sandbox
-    files: dict[str, bytes] = field(default_factory=dict)
-    logs: list[pb.LogEntry] = field(default_factory=list)
-
-
 class MemoryService:
     """The state of one fake service (see the module docstring)."""
 
@@ -80,7 +60,7 @@ class MemoryService:
         self.url = f"memory://{name}"
         self.faults = Faults()
         self.calls: Counter[str] = Counter()
-        self.sandboxes: dict[str, _Sandbox] = {}
+        self.sandboxes: dict[str, MemorySandbox] = {}
         self.by_request: dict[str, str] = {}
         self.leases: dict[str, float] = {}
         self.signals: list[int] = []
@@ -107,7 +87,7 @@ class MemoryService:
             self.faults.unavailable -= 1
             raise from_status("UNAVAILABLE", "connection refused", op=op)
 
-    def _sandbox(self, sandbox_id: str, op: str, *, running: bool = False) -> _Sandbox:
+    def _sandbox(self, sandbox_id: str, op: str, *, running: bool = False) -> MemorySandbox:
         found = self.sandboxes.get(sandbox_id)
         if found is None:
             raise from_status(
@@ -172,7 +152,7 @@ class MemoryTransport(Transport):
             record = pb.Sandbox(
                 id=sandbox_id, status=_RUNNING, spec=request.spec, lease_id=request.lease_id
             )
-            svc.sandboxes[sandbox_id] = _Sandbox(record)
+            svc.sandboxes[sandbox_id] = MemorySandbox(record)
             svc.by_request[request.request_id] = sandbox_id
             if request.lease_id:
                 svc.leases[request.lease_id] = request.lease_ttl_seconds

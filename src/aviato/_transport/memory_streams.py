@@ -4,7 +4,8 @@ echoes, pull progress, logs, a file being read, and a command of its tiny vocabu
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from aviato._transport.base import (
     ExecCall,
@@ -16,22 +17,56 @@ from aviato._transport.base import (
 )
 from aviato._transport.errors import from_status
 from aviato.exceptions import AviatoError, SandboxExecutionError
+from aviato.v1 import errors_pb2 as epb
 from aviato.v1 import images_pb2 as ipb
 from aviato.v1 import sandbox_pb2 as pb
 
-if TYPE_CHECKING:
-    from aviato._transport.memory import MemoryService
-
 __all__ = [
+    "Faults",
     "MemoryEchoPort",
     "MemoryExecCall",
     "MemoryFileReader",
     "MemoryLogReader",
     "MemoryPullReader",
+    "MemorySandbox",
+    "ServiceState",
 ]
 
 _CHUNK = 256 * 1024
 _RUNNING = pb.SANDBOX_STATUS_RUNNING
+
+
+@dataclass
+class Faults:
+    """Failures to inject; counters go down as they fire."""
+
+    #: the next N calls find the service unreachable (before it did anything)
+    unavailable: int = 0
+    #: the next N creates are committed, then their answer is lost (UNAVAILABLE)
+    create_answer_lost: int = 0
+    #: exec streams end without an exit frame
+    drop_exit_frame: bool = False
+    #: exec answers with this error frame: (code, message, detail)
+    exec_error: tuple[str, str, epb.ErrorDetail | None] | None = None
+
+
+@dataclass
+class MemorySandbox:
+    """One sandbox of the in-memory service: its record, files and log entries."""
+
+    record: pb.Sandbox
+    files: dict[str, bytes] = field(default_factory=dict)
+    logs: list[pb.LogEntry] = field(default_factory=list)
+
+
+class ServiceState(Protocol):
+    """What the streams use of the in-memory service (`memory.MemoryService`)."""
+
+    faults: Faults
+    resizes: list[tuple[int, int]]
+    signals: list[int]
+
+    def _sandbox(self, sandbox_id: str, op: str, *, running: bool = False) -> MemorySandbox: ...
 
 
 class MemoryEchoPort(PortStream):
@@ -71,7 +106,7 @@ class MemoryLogReader(LogReader):
     """The entries logged so far (the last `tail`); with `follow`, then those logged until the
     sandbox ends (checked every few milliseconds: a fake has no events to wait on)."""
 
-    def __init__(self, service: MemoryService, request: pb.StreamLogsRequest) -> None:
+    def __init__(self, service: ServiceState, request: pb.StreamLogsRequest) -> None:
         self._service = service
         self._request = request
         self._next: int | None = None
@@ -117,7 +152,7 @@ class MemoryFileReader(FileReader):
 class MemoryExecCall(ExecCall):
     """Runs one command of the vocabulary as a task that queues its frames."""
 
-    def __init__(self, service: MemoryService, init: pb.ExecInit) -> None:
+    def __init__(self, service: ServiceState, init: pb.ExecInit) -> None:
         self._service = service
         self._init = init
         self._frames: asyncio.Queue[ExecFrame | AviatoError | None] = asyncio.Queue()
