@@ -33,12 +33,6 @@ class NetworkUsage:
     refused: int = 0
 
 
-def _egress_mode(spec: pb.SandboxSpec) -> str:
-    if spec.egress_mode == "internet":
-        return "internet"
-    return "allowlist" if len(spec.egress) else "isolated"
-
-
 class SandboxNetwork:
     """Exposed ports and egress (see the module docstring); `Sandbox` provides the state."""
 
@@ -57,6 +51,10 @@ class SandboxNetwork:
 
     def _apply(self, record: pb.Sandbox) -> None:
         raise NotImplementedError
+
+    def _known_spec(self) -> pb.SandboxSpec:
+        """The spec as of the last answer of the service (egress changes), else as created."""
+        return self._record.spec if self._record is not None else self._spec
 
     @property
     def exposed_ports(self) -> tuple[tuple[int, str], ...]:
@@ -85,17 +83,18 @@ class SandboxNetwork:
     def applied_egress_mode(self) -> str:
         """``"isolated"`` (loopback only), ``"allowlist"`` (only what its `EgressRule`s list)
         or ``"internet"``, as of the last answer of the service (`set_network` changes it)."""
-        spec = self._record.spec if self._record is not None else self._spec
-        return _egress_mode(spec)
+        spec = self._known_spec()
+        if spec.egress_mode == "internet":
+            return "internet"
+        return "allowlist" if len(spec.egress) else "isolated"
 
     @property
     def egress_rules(self) -> tuple[EgressRule, ...]:
         """The sandbox's egress allow-list as of the last answer of the service."""
-        spec = self._record.spec if self._record is not None else self._spec
         return tuple(
             EgressRule(dns_name=r.dns_name) if r.WhichOneof("target") == "dns_name"
             else EgressRule(cidr=r.cidr)
-            for r in spec.egress
+            for r in self._known_spec().egress
         )  # fmt: skip
 
     @property

@@ -65,9 +65,7 @@ class GrpcTransport(GrpcPauseCalls, SnapshotCalls, Transport):
     def __init__(self, url: str, *, api_key: str | None = None) -> None:
         target = parse_base_url(url)
         self.url = target.url
-        self.metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        )
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         if target.secure:
             ca_file = os.environ.get(ENV_TLS_CA)
             root = None
@@ -91,19 +89,6 @@ class GrpcTransport(GrpcPauseCalls, SnapshotCalls, Transport):
     @property
     def closed(self) -> bool:
         return self._closed
-
-    async def _unary(
-        self,
-        method: Any,
-        request: Any,
-        call_timeout: float | None,
-        op: str,
-        sandbox_id: str | None = None,
-    ) -> Any:
-        try:
-            return await method(request, timeout=call_timeout, metadata=self.metadata)
-        except grpc.RpcError as err:
-            raise _mapped(err, op, sandbox_id) from None
 
     async def create_sandbox(
         self, request: pb.CreateSandboxRequest, *, call_timeout: float | None

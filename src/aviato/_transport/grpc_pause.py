@@ -1,29 +1,16 @@
 """The gRPC transport's calls that pause, resume and extend a sandbox (a base of
-`GrpcTransport`, which provides `_stub` and `_unary`)."""
+`GrpcTransport`; `_unary` is `grpc_unary`'s)."""
 
 from __future__ import annotations
 
-from typing import Any
-
+from aviato._transport.grpc_unary import UnaryCalls
 from aviato.v1 import sandbox_pb2 as pb
 
 __all__ = ["GrpcPauseCalls"]
 
 
-class GrpcPauseCalls:
+class GrpcPauseCalls(UnaryCalls):
     """PauseSandbox, ResumeSandbox, ExtendSandbox."""
-
-    _stub: Any
-
-    async def _unary(
-        self,
-        method: Any,
-        request: Any,
-        call_timeout: float | None,
-        op: str,
-        sandbox_id: str | None = None,
-    ) -> Any:
-        raise NotImplementedError
 
     async def pause_sandbox(
         self, request: pb.PauseSandboxRequest, *, call_timeout: float | None

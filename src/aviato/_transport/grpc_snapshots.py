@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from aviato._transport.grpc_unary import UnaryCalls
 from aviato.v1 import sandbox_pb2 as pb
 
 
-class SnapshotCalls:
+class SnapshotCalls(UnaryCalls):
     """CreateSnapshot, ListSnapshots, DeleteSnapshot and ForkSandbox over `_stub`."""
-
-    _stub: Any
-
-    async def _unary(
-        self,
-        method: Any,
-        request: Any,
-        call_timeout: float | None,
-        op: str,
-        sandbox_id: str | None = None,
-    ) -> Any:
-        raise NotImplementedError
 
     async def create_snapshot(
         self, request: pb.CreateSnapshotRequest, *, call_timeout: float | None

@@ -131,11 +131,8 @@ def decode_egress(
     mode: str, rules: Iterable[pb.EgressRule], mode_field: str, rules_field: str
 ) -> EgressPolicy:
     """An egress mode and rules of a request (a create's spec or a SetNetwork) as the model."""
-    pairs = [
-        (kind or "", getattr(rule, kind) if kind else "")
-        for rule in rules
-        for kind in [rule.WhichOneof("target")]
-    ]
+    # a oneof: the field that is not set reads as ""
+    pairs = [(rule.WhichOneof("target") or "", rule.dns_name or rule.cidr) for rule in rules]
     return validation.validate_egress(mode, pairs, mode_field, rules_field)
 
 
