@@ -15,6 +15,7 @@ import pytest
 from _system_tools import require_tools
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "server"))  # server_helpers.ServerProcess
 
 from gateway_driver import GatewayDriver
 from small_internet import SmallInternet, unsupported_reason

@@ -10,11 +10,7 @@ test_gateway.py; here each point of the issue is shown end to end.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,54 +19,32 @@ from typing import Any
 
 import pytest
 from _system_tools import require_tools
+from server_helpers import ServerProcess, remove_cgroup_parent
 from small_internet import SmallInternet
 
 from aviato import EgressRule, NetworkOptions, Sandbox, server_info
 
-SRC = Path(__file__).resolve().parents[2] / "src"
 PROBE = (Path(__file__).parent / "sandbox_probe.py").read_bytes()
 FAST = 1.0  # seconds: a refusal must be at least this fast (it is a few ms)
 
 
 class Service:
-    """`python -m aviato.server` in the small internet's host namespace."""
+    """The service (tests/server's `ServerProcess`) in the small internet's host namespace."""
 
     def __init__(self, internet: SmallInternet) -> None:
         self.internet = internet
         self.state = Path(tempfile.mkdtemp(prefix="avnet", dir="/tmp"))
-        self.url = f"unix://{self.state}/aviato.sock"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"unix://{self.state}/s/aviato.sock"
+        self.process = ServerProcess(
+            self.state / "s", "--egress-dns", internet.dns, prefix=internet.enter("host")
+        )
 
     def start(self) -> None:
-        env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-        with open(self.state / "service.out", "ab") as out:
-            self.proc = subprocess.Popen(
-                [*self.internet.enter("host"), sys.executable, "-m", "aviato.server",
-                 "--state-dir", str(self.state), "--egress-dns", self.internet.dns,
-                 "--cgroup-parent", f"aviato-nettest-{os.getpid()}"],
-                stdout=out, stderr=out, env=env, start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                server_info(self.url, timeout_seconds=2)
-                return
-            except Exception:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(self.log()) from None
-                time.sleep(0.1)
+        self.process.start()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(30)
-
-    def log(self) -> str:
-        return "".join(
-            p.read_text(errors="replace")[-6000:]
-            for p in (self.state / "service.out", self.state / "server.log")
-            if p.exists()
-        )
+        if self.process.proc is not None and self.process.proc.poll() is None:
+            self.process.stop()
 
     def sandbox(self, network: NetworkOptions | None = None) -> Sandbox:
         sb = Sandbox.run(
@@ -98,7 +72,8 @@ def service(small_internet: SmallInternet) -> Iterator[Service]:
         for sb in Sandbox.list(base_url=svc.url).result():
             sb.stop(graceful_shutdown_seconds=0).result()
         svc.stop()
-        log = svc.log()
+        log = svc.process.log_tail(10_000)
+        remove_cgroup_parent(svc.process.cgroup_parent)
         shutil.rmtree(svc.state, ignore_errors=True)
     assert "Traceback" not in log, log
 

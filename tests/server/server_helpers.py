@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -45,9 +45,12 @@ class ServerProcess:
     parent that other services on this machine share.
     """
 
-    def __init__(self, state_dir: Path, *args: str) -> None:
+    def __init__(self, state_dir: Path, *args: str, prefix: Sequence[str] = ()) -> None:
+        """`prefix`: an argv that runs the service elsewhere (`nsenter --net=... --`: in a
+        network namespace of a test's own)."""
         import secrets
 
+        self.prefix = list(prefix)
         self.state_dir = state_dir
         self.cgroup_parent = f"aviato-test-{secrets.token_hex(4)}"
         self.args = list(args)
@@ -64,8 +67,9 @@ class ServerProcess:
         env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
         log = open(self.log_path, "ab")  # noqa: SIM115 (handed to the child)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aviato.server", "--state-dir", str(self.state_dir),
-             "--log-level", "DEBUG", "--cgroup-parent", self.cgroup_parent, *self.args],
+            [*self.prefix, sys.executable, "-m", "aviato.server",
+             "--state-dir", str(self.state_dir), "--log-level", "DEBUG",
+             "--cgroup-parent", self.cgroup_parent, *self.args],
             stdout=log, stderr=log, env=env, start_new_session=True,
         )  # fmt: skip
         log.close()
