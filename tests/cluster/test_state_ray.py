@@ -1,0 +1,229 @@
+"""Issue 17 under Ray: directory calls, pause, snapshots and forks of sandboxes on cluster nodes,
+and a snapshot taken on one node started on another (docs/state.md, "Under Ray").
+
+The first tests need no cluster: the archive a snapshot moves in (cluster/snapshot_archive.py)
+round-trips a tree a hostile sandbox made, and the receiving side refuses crafted archives
+(`..`, absolute names, hard links out of the tree, archives beyond the snapshot's facts) and
+lands nothing outside its target, whatever symlinks earlier entries planted. The others run on
+the real three-node cluster (conftest.py) through the SDK.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from raycluster import RayCluster
+
+import aviato
+from aviato import Sandbox
+from aviato.cluster.snapshot_archive import (
+    ArchiveRefused,
+    Spool,
+    archive_bound,
+    unpack_archive,
+    write_archive,
+)
+from aviato.runtime.base import SnapshotFacts
+from aviato.runtime.snapshot_store import SnapshotStore
+
+TAG = f"cluster-state-{uuid.uuid4().hex[:8]}"
+SNAP = "snap-0123456789abcdef"
+
+
+# --- the archive, without a cluster ------------------------------------------------------------
+
+
+def _hostile_tree(tree: Path) -> None:
+    """What a sandbox can leave in its layer: links out and up, hard links, a fifo, set-id
+    bits, whiteout-like names, deep and odd names."""
+    (tree / "work").mkdir(parents=True)
+    (tree / "work" / "data.bin").write_bytes(os.urandom(3 << 20))
+    (tree / "work" / "secret").write_text("mine")
+    os.symlink("/etc/shadow", tree / "work" / "shadow")
+    os.symlink("../../../../..", tree / "work" / "up")
+    os.link(tree / "work" / "secret", tree / "work" / "secret-again")
+    os.mkfifo(tree / "work" / "pipe")
+    (tree / "work" / "setuid").write_text("#!/bin/sh\n")
+    os.chmod(tree / "work" / "setuid", 0o4755)
+    (tree / "work" / ".wh.secret").write_text("a file, not a whiteout")
+    (tree / "work" / "sp ace\nnewline").write_text("odd name")
+    deep = tree / "deep"
+    for i in range(40):
+        deep = deep / f"d{i}"
+    deep.mkdir(parents=True)
+    (deep / "bottom").write_text("down here")
+    os.chmod(tree / "work", 0o750)
+
+
+def _archive_of(tree: Path) -> bytes:
+    pieces: list[bytes] = []
+    write_archive(tree, pieces.append)
+    return b"".join(pieces)
+
+
+def _unpack(store: SnapshotStore, archive: bytes, facts: SnapshotFacts) -> None:
+    spool = Spool(store, SNAP, archive_bound(facts))
+    try:
+        for i in range(0, len(archive), 1 << 20):
+            spool.write(archive[i : i + (1 << 20)])
+    except BaseException:
+        spool.discard()
+        raise
+    unpack_archive(store, SNAP, spool, facts)
+
+
+def test_a_hostile_tree_round_trips_as_it_was(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    _hostile_tree(source)
+    archive = _archive_of(source)
+    store = SnapshotStore(tmp_path / "snapshots")
+    _unpack(store, archive, SnapshotFacts(3 << 20, 60, 0))
+    tree = store.tree(SNAP)
+    assert (tree / "work" / "data.bin").read_bytes() == (source / "work" / "data.bin").read_bytes()
+    assert os.readlink(tree / "work" / "shadow") == "/etc/shadow"
+    assert os.readlink(tree / "work" / "up") == "../../../../.."
+    a, b = (tree / "work" / "secret").stat(), (tree / "work" / "secret-again").stat()
+    assert a.st_ino == b.st_ino and (tree / "work" / "secret").read_text() == "mine"
+    assert stat.S_ISFIFO((tree / "work" / "pipe").lstat().st_mode)
+    assert not (tree / "work" / "setuid").stat().st_mode & 0o6000
+    assert (tree / "work" / ".wh.secret").read_text() == "a file, not a whiteout"
+    assert (tree / "work" / "sp ace\nnewline").read_text() == "odd name"
+    assert stat.S_IMODE((tree / "work").stat().st_mode) == 0o750
+    bottom = tree.joinpath("deep", *(f"d{i}" for i in range(40)), "bottom")
+    assert bottom.read_text() == "down here"
+    assert not list(store.root.glob(".partial-*"))  # the spool and the partial tree are gone
+
+
+def _tar(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            info.size = len(data) if info.type == tarfile.REGTYPE else 0
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    return out.getvalue()
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode = kind, link, 0o644
+    return info
+
+
+ESCAPES = {
+    "dot-dot": _tar((_member("../escaped"), b"x")),
+    "absolute": _tar((_member("/tmp/escaped-abs"), b"x")),
+    "hard link out": _tar((_member("h", tarfile.LNKTYPE, "../../../../etc/passwd"), b"")),
+    "hard link absolute": _tar((_member("h", tarfile.LNKTYPE, "/etc/passwd"), b"")),
+}
+
+
+@pytest.mark.parametrize("name", list(ESCAPES))
+def test_a_crafted_archive_is_refused_and_leaves_nothing(tmp_path: Path, name: str) -> None:
+    store = SnapshotStore(tmp_path / "snapshots")
+    with pytest.raises(ArchiveRefused):
+        _unpack(store, ESCAPES[name], SnapshotFacts(1 << 20, 10, 0))
+    assert not store.exists(SNAP)
+    assert not list(store.root.iterdir())  # no tree, no partial, no spool
+    assert not (tmp_path / "escaped").exists() and not Path("/tmp/escaped-abs").exists()
+
+
+def test_symlinks_planted_by_earlier_entries_lead_nowhere_outside(tmp_path: Path) -> None:
+    """A symlink to `/` or out with `..`, then entries through it: they land inside the tree
+    (resolved as the sandbox would see them), never on the node; devices are left out."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    device = _member("null", tarfile.CHRTYPE)
+    device.devmajor, device.devminor = 1, 3
+    archive = _tar(
+        (_member("root", tarfile.SYMTYPE, "/"), b""),
+        (_member("root/planted"), b"through a link to /"),
+        (_member("up", tarfile.SYMTYPE, "../../../../../../" + str(outside)), b""),
+        (_member("up/planted"), b"through a link up"),
+        (device, b""),
+    )
+    store = SnapshotStore(tmp_path / "snapshots")
+    _unpack(store, archive, SnapshotFacts(1 << 20, 10, 0))
+    tree = store.tree(SNAP)
+    assert (tree / "planted").read_text() == "through a link to /"
+    assert (tree / str(outside).lstrip("/") / "planted").read_text() == "through a link up"
+    assert not list(outside.iterdir())
+    assert not Path("/planted").exists()
+    assert not (tree / "null").exists()
+
+
+def test_an_archive_beyond_the_snapshots_facts_is_refused(tmp_path: Path) -> None:
+    """A sandbox's sparse file (holes written out) or a source lying about its size: the
+    receiver stops at the bound the facts give and keeps nothing."""
+    archive = _tar((_member("big"), bytes(4 << 20)))
+    store = SnapshotStore(tmp_path / "snapshots")
+    with pytest.raises(ArchiveRefused, match="sparse"):
+        _unpack(store, archive, SnapshotFacts(1 << 20, 1, 0))
+    assert not list(store.root.iterdir())
+
+
+# --- on the cluster ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def on_w1(ray_cluster: RayCluster) -> Iterator[Sandbox]:
+    """A sandbox on w1, the node of the snapshots below."""
+    with Sandbox.run(
+        "sleep", "infinity", tags=[TAG], node_selector={"aviato-test": "w1"}
+    ) as sb:  # fmt: skip
+        sb.wait(timeout=60)
+        assert sb.node and sb.node != "local"
+        yield sb
+
+
+def test_directory_calls_reach_a_sandbox_on_another_node(on_w1: Sandbox, tmp_path: Path) -> None:
+    sb = on_w1
+    sb.make_dir("/tmp/pt/a/b", parents=True, mode=0o750).result()
+    sb.write_file("/tmp/pt/a/f", b"hello").result()
+    sb.exec(["ln", "-s", "/etc/hostname", "/tmp/pt/a/link"]).result()
+    listing = sb.list_dir("/tmp/pt/a").result()
+    kinds = {e.name: (e.type, e.size if e.is_file else None) for e in listing}
+    assert kinds == {"b": ("dir", None), "f": ("file", 5), "link": ("symlink", None)}
+    assert sb.stat("/tmp/pt/a/b").result().mode == 0o750
+    assert sb.stat("/tmp/pt/a/link").result().target == "/etc/hostname"
+    sb.rename("/tmp/pt/a/f", "/tmp/pt/a/b/g").result()
+    assert sb.read_file("/tmp/pt/a/b/g").result() == b"hello"
+    with pytest.raises(aviato.SandboxFileError) as missing:  # the reason crosses the nodes
+        sb.stat("/tmp/pt/nothing").result()
+    assert missing.value.filepath == "/tmp/pt/nothing"
+    with pytest.raises(aviato.SandboxFileError, match="not empty"):
+        sb.remove("/tmp/pt/a").result()
+
+    local = tmp_path / "up"
+    (local / "sub").mkdir(parents=True)
+    (local / "sub" / "big.bin").write_bytes(os.urandom(5 << 20))  # several 1 MiB frames
+    (local / "x.sh").write_text("#!/bin/sh\necho x\n")
+    os.chmod(local / "x.sh", 0o755)
+    os.symlink("sub/big.bin", local / "ln")
+    assert sb.upload_dir(local, "/tmp/pt/tree").result() > 5 << 20
+    back = tmp_path / "back"
+    sb.download_dir("/tmp/pt/tree", back).result()
+    assert (back / "sub" / "big.bin").read_bytes() == (local / "sub" / "big.bin").read_bytes()
+    assert stat.S_IMODE((back / "x.sh").stat().st_mode) == 0o755
+    assert os.readlink(back / "ln") == "sub/big.bin"
+    sb.remove("/tmp/pt", recursive=True).result()
+    with pytest.raises(aviato.SandboxFileError):
+        sb.stat("/tmp/pt").result()
+
+
+def test_pause_and_resume_a_sandbox_on_another_node(on_w1: Sandbox) -> None:
+    sb = on_w1
+    sb.pause().result()
+    assert sb.get_status() == aviato.SandboxStatus.PAUSED
+    with pytest.raises(aviato.SandboxNotRunningError, match="paused"):
+        sb.exec(["/bin/true"]).result()
+    sb.extend(60).result()  # a paused sandbox can be extended (its deadline goes at resume)
+    sb.resume().result()
+    assert sb.get_status() == aviato.SandboxStatus.RUNNING
+    assert sb.exec(["echo", "on"]).result().stdout == "on\n"
