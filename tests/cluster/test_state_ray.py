@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import signal
 import stat
 import tarfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +25,7 @@ import pytest
 from raycluster import RayCluster
 
 import aviato
-from aviato import Sandbox
+from aviato import Sandbox, Snapshot
 from aviato.cluster.snapshot_archive import (
     ArchiveRefused,
     Spool,
@@ -227,3 +230,123 @@ def test_pause_and_resume_a_sandbox_on_another_node(on_w1: Sandbox) -> None:
     sb.resume().result()
     assert sb.get_status() == aviato.SandboxStatus.RUNNING
     assert sb.exec(["echo", "on"]).result().stdout == "on\n"
+
+
+# What the sandbox leaves for its snapshot: state, and what a hostile one would plant.
+PREPARE = """
+set -e
+mkdir -p /work
+echo ready > /work/state
+ln /work/state /work/state-again
+ln -s /etc/shadow /work/shadow
+ln -s ../../../../.. /work/up
+mkfifo /work/pipe
+echo plain > /work/.wh.state
+head -c 2097152 /dev/urandom > /work/random.bin
+"""
+CHECK = (
+    "cat /work/state; readlink /work/shadow /work/up; stat -c %h /work/state-again;"
+    " test -p /work/pipe && echo fifo; cat /work/.wh.state; sha256sum /work/random.bin"
+)
+
+
+def _copies(cluster: RayCluster, snapshot_id: str) -> int:
+    return cluster.server_log.read_text().count(f"snapshot copied id={snapshot_id} ")
+
+
+def _tree(cluster: RayCluster, node: str, snapshot_id: str) -> Path:
+    return cluster.node_state_dir / node[:16] / "snapshots" / snapshot_id
+
+
+def _started(sb: Sandbox) -> Sandbox:
+    sb.wait(timeout=90)
+    assert sb.get_status() == aviato.SandboxStatus.RUNNING, sb.status_reason
+    return sb
+
+
+def _run_from(snap: Snapshot, **selector: str) -> Sandbox:
+    return _started(
+        Sandbox.run("sleep", "infinity", tags=[TAG], snapshot=snap, node_selector=selector or None)
+    )
+
+
+def test_snapshots_forks_and_a_start_on_another_node(
+    ray_cluster: RayCluster, on_w1: Sandbox
+) -> None:
+    sb = on_w1
+    a = sb.node
+    assert a is not None
+    sb.exec(["sh", "-c", PREPARE]).result(timeout=60)
+    expected = sb.exec(["sh", "-c", CHECK]).result().stdout
+    snap = sb.snapshot().result(timeout=120)
+    assert snap.id in {s.id for s in Snapshot.list().result()}
+    assert _tree(ray_cluster, a, snap.id).is_dir()
+
+    # Forks go to their source's node, each with its own changes.
+    forks = sb.fork(2).result(timeout=120)
+    try:
+        assert {f.node for f in forks} == {a}
+        forks[0].exec(["sh", "-c", "echo changed > /work/state"]).result()
+        assert forks[1].exec(["cat", "/work/state"]).result().stdout == "ready\n"
+    finally:
+        for f in forks:
+            f.stop(graceful_shutdown_seconds=0).result(timeout=30)
+
+    # A plain start prefers the node that holds the snapshot (it has room): nothing copied.
+    here = _run_from(snap)
+    try:
+        assert here.node == a
+        assert here.exec(["sh", "-c", CHECK]).result().stdout == expected
+    finally:
+        here.stop(graceful_shutdown_seconds=0).result(timeout=30)
+    assert _copies(ray_cluster, snap.id) == 0
+
+    # Forced onto w2: copied there first (once), the same tree, the hostile entries as they were.
+    t0 = time.monotonic()
+    there = _run_from(snap, **{"aviato-test": "w2"})
+    print(f"first start on another node (copy included): {time.monotonic() - t0:.2f} s")
+    b = there.node
+    assert b is not None and b != a
+    try:
+        assert there.exec(["sh", "-c", CHECK]).result().stdout == expected
+        assert _copies(ray_cluster, snap.id) == 1
+        again = _run_from(snap, **{"aviato.node": b})  # cached on b: nothing copied
+        assert again.node == b
+        assert again.exec(["cat", "/work/state"]).result().stdout == "ready\n"
+        again.stop(graceful_shutdown_seconds=0).result(timeout=30)
+        assert _copies(ray_cluster, snap.id) == 1
+    finally:
+        there.stop(graceful_shutdown_seconds=0).result(timeout=30)
+    assert _tree(ray_cluster, b, snap.id).is_dir()
+
+    # Survives a restart of the control plane...
+    ray_cluster.stop_server()
+    ray_cluster.start_server()
+    assert snap.id in {s.id for s in Snapshot.list().result()}
+    on_b = _run_from(snap, **{"aviato.node": b})
+    on_b.stop(graceful_shutdown_seconds=0).result(timeout=30)
+    assert _copies(ray_cluster, snap.id) == 1
+
+    # ... and of the node host that holds it.
+    pids = re.findall(rf"node host ready on {a} .*?pid (\d+)", ray_cluster.server_log.read_text())
+    os.kill(int(pids[-1]), signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:  # calls fail while Ray restarts the actor
+        try:
+            sb.exec(["true"]).result(timeout=10)
+            break
+        except aviato.AviatoError:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    on_a = _run_from(snap, **{"aviato.node": a})
+    assert on_a.exec(["cat", "/work/state"]).result().stdout == "ready\n"
+    with pytest.raises(aviato.SandboxError, match="in use"):
+        Snapshot.delete(snap).result(timeout=30)
+    on_a.stop(graceful_shutdown_seconds=0).result(timeout=30)
+
+    # Deleted from every node that holds it.
+    Snapshot.delete(snap).result(timeout=60)
+    assert not _tree(ray_cluster, a, snap.id).exists()
+    assert not _tree(ray_cluster, b, snap.id).exists()
+    with pytest.raises(aviato.AviatoError):
+        Sandbox.run(tags=[TAG], snapshot=snap.id).wait(timeout=30)
