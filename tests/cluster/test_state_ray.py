@@ -10,6 +10,7 @@ the real three-node cluster (conftest.py) through the SDK.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import re
@@ -26,6 +27,7 @@ from raycluster import RayCluster
 
 import aviato
 from aviato import Sandbox, Snapshot
+from aviato.cluster import codec
 from aviato.cluster.snapshot_archive import (
     ArchiveRefused,
     Spool,
@@ -33,7 +35,8 @@ from aviato.cluster.snapshot_archive import (
     unpack_archive,
     write_archive,
 )
-from aviato.runtime.base import SnapshotFacts
+from aviato.node.v1 import node_pb2 as npb
+from aviato.runtime.base import FileEntry, PathOp, PathOpResult, SnapshotFacts
 from aviato.runtime.snapshot_store import SnapshotStore
 
 TAG = f"cluster-state-{uuid.uuid4().hex[:8]}"
@@ -171,6 +174,34 @@ def test_an_archive_beyond_the_snapshots_facts_is_refused(tmp_path: Path) -> Non
     assert not list(store.root.iterdir())
 
 
+def test_what_a_node_host_killed_mid_transfer_leaves_goes_at_its_next_start(
+    tmp_path: Path,
+) -> None:
+    store = SnapshotStore(tmp_path / "snapshots")
+    spool = Spool(store, SNAP, archive_bound(SnapshotFacts(1 << 20, 10, 0)))
+    spool.write(b"half an archive")  # ... and the node host dies here
+    assert list(store.root.iterdir()) and not store.exists(SNAP)
+    SnapshotStore(tmp_path / "snapshots").discard_partial()  # what the next runtime does
+    assert not list(store.root.iterdir())
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        PathOp("list", "/work", offset=3, limit=10),
+        PathOp("set_meta", "/r", rel="a/b", mode=0o640, mtime_ns=123456789012345),
+        PathOp("rename", "/r", rel="", arg="x", recursive=True, parents=True, mode=0),
+    ],
+)
+def test_directory_operations_cross_the_node_protocol_whole(op: PathOp) -> None:
+    assert codec.decode_path_op(codec.encode_path_op("sbx", op)) == op
+    result = PathOpResult([FileEntry("n", "symlink", 1, 0o777, 5, "t")], truncated=True)
+    assert codec.decode_path_result(codec.encode_path_result(result)) == result
+    assert {f.name for f in dataclasses.fields(PathOp)} <= {
+        f.name for f in npb.PathOpRequest.DESCRIPTOR.fields
+    }
+
+
 # --- on the cluster ----------------------------------------------------------------------------
 
 
@@ -230,6 +261,14 @@ def test_pause_and_resume_a_sandbox_on_another_node(on_w1: Sandbox) -> None:
     sb.resume().result()
     assert sb.get_status() == aviato.SandboxStatus.RUNNING
     assert sb.exec(["echo", "on"]).result().stdout == "on\n"
+
+
+def test_an_idle_sandbox_on_another_node_is_stopped(ray_cluster: RayCluster) -> None:
+    idle = Sandbox.run("sleep", "infinity", tags=[TAG], idle_timeout_seconds=1.0)
+    idle.wait(timeout=60)
+    assert idle.node not in (None, "local")
+    idle.wait_until_complete(timeout=30, raise_on_termination=False).result(timeout=40)
+    assert idle.status == aviato.SandboxStatus.TERMINATED and idle.status_reason == "idle"
 
 
 # What the sandbox leaves for its snapshot: state, and what a hostile one would plant.

@@ -9,14 +9,15 @@ tree (runtime/tree_copy.py leaves devices and sockets out).
 
 `unpack_archive` (on the node that receives it) treats the stream as hostile: a sandbox made
 every name, link text and byte of the tree. The archive is spooled to
-`snapshots/.partial-import-<id>.tar` while counting (at most the bound the source's facts give:
-its data bytes, plus a header allowance per entry), then applied with the image layers' unpacker
-(images/unpack.py: every entry made beneath the root's descriptor one component at a time,
-absolute names and `..` refused, symlinks never followed out of the root, hard links only to
-files inside it, devices skipped, set-id bits dropped, header records bounded) without
-whiteouts (a file named `.wh.x` in a sandbox is a file) into `snapshots/.partial-<id>/tree`,
-renamed to `snapshots/<id>/` once complete. A node host killed meanwhile leaves only
-`.partial-` names, which its runtime removes at the next start (snapshot_store.discard_partial).
+`snapshots/.partial-import-<id>/archive.tar` while counting (at most the bound the source's
+facts give: its data bytes, plus a header allowance per entry), then applied with the image
+layers' unpacker (images/unpack.py: every entry made beneath the root's descriptor one
+component at a time, absolute names and `..` refused, symlinks never followed out of the root,
+hard links only to files inside it, devices skipped, set-id bits dropped, header records
+bounded) without whiteouts (a file named `.wh.x` in a sandbox is a file) into
+`snapshots/.partial-<id>/tree`, renamed to `snapshots/<id>/` once complete. A node host killed
+meanwhile leaves only `.partial-` names, which its runtime removes at the next start
+(snapshot_store.discard_partial).
 
 Sparse files: the tree keeps holes, the archive does not (tarfile writes no sparse maps and the
 unpacker refuses them), so a snapshot whose files are mostly holes exceeds the bound of its data
@@ -237,10 +238,15 @@ class _Refused(ImageTooLarge):
 
 
 class Spool:
-    """The archive being received, in `snapshots/.partial-import-<id>.tar`, held to the bound."""
+    """The archive being received, in `snapshots/.partial-import-<id>/archive.tar` (a
+    directory, so that the runtime's discard_partial removes it after a crash), held to the
+    bound."""
 
     def __init__(self, store: SnapshotStore, snapshot_id: str, bound: Bound) -> None:
-        self.path = store.root / f"{_PARTIAL}import-{snapshot_id}-{os.getpid()}.tar"
+        self._dir = store.root / f"{_PARTIAL}import-{snapshot_id}"
+        shutil.rmtree(self._dir, ignore_errors=True)
+        os.mkdir(self._dir, 0o700)
+        self.path = self._dir / "archive.tar"
         self._bound = bound
         self._file = open(self.path, "wb")  # noqa: SIM115 (closed by close())
         self.size = 0
@@ -260,7 +266,7 @@ class Spool:
 
     def discard(self) -> None:
         self._file.close()
-        self.path.unlink(missing_ok=True)
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def unpack_archive(
