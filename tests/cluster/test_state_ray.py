@@ -389,3 +389,48 @@ def test_snapshots_forks_and_a_start_on_another_node(
     assert not _tree(ray_cluster, b, snap.id).exists()
     with pytest.raises(aviato.AviatoError):
         Sandbox.run(tags=[TAG], snapshot=snap.id).wait(timeout=30)
+
+
+def test_the_new_direct_channel_calls_refuse_calls_without_the_token(
+    ray_cluster: RayCluster,
+) -> None:
+    import grpc
+
+    addresses = set(
+        re.findall(r"exec channel ([0-9.]+:[0-9]+)", ray_cluster.server_log.read_text())
+    )
+    assert addresses
+    service = "/aviato.node.v1.NodeHost"
+    for address in addresses:
+        with grpc.insecure_channel(address) as channel:
+            calls = [
+                lambda c: c.unary_unary(f"{service}/PathOp")(
+                    npb.PathOpRequest(sandbox_id="x", kind="stat", path="/").SerializeToString(),
+                    timeout=10,
+                ),
+                lambda c: list(
+                    c.unary_stream(f"{service}/ReadFileAt")(
+                        npb.ReadFileAtRequest(
+                            sandbox_id="x", root="/", rel="etc/shadow"
+                        ).SerializeToString(),
+                        timeout=10,
+                        metadata=(("x-aviato-node-token", "guess"),),
+                    )
+                ),
+                lambda c: c.stream_unary(f"{service}/WriteFileAt")(
+                    iter([npb.WriteFileAtRequest(end=True).SerializeToString()]), timeout=10
+                ),
+                lambda c: list(
+                    c.unary_stream(f"{service}/ExportSnapshot")(
+                        npb.ExportSnapshotRequest(snapshot_id="snap-00000000").SerializeToString(),
+                        timeout=10,
+                    )
+                ),
+                lambda c: c.stream_unary(f"{service}/ImportSnapshot")(
+                    iter([npb.ImportSnapshotRequest(end=True).SerializeToString()]), timeout=10
+                ),
+            ]
+            for call in calls:
+                with pytest.raises(grpc.RpcError) as info:
+                    call(channel)
+                assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
