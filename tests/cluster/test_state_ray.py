@@ -358,10 +358,13 @@ def test_snapshots_forks_and_a_start_on_another_node(
         there.stop(graceful_shutdown_seconds=0).result(timeout=30)
     assert _tree(ray_cluster, b, snap.id).is_dir()
 
-    # Survives a restart of the control plane...
+    # Survives a restart of the control plane (as does a pause: the node's kernel has it)...
+    sb.pause().result()
     ray_cluster.stop_server()
     ray_cluster.start_server()
     assert snap.id in {s.id for s in Snapshot.list().result()}
+    assert sb.get_status() == aviato.SandboxStatus.PAUSED
+    sb.resume().result()
     on_b = _run_from(snap, **{"aviato.node": b})
     on_b.stop(graceful_shutdown_seconds=0).result(timeout=30)
     assert _copies(ray_cluster, snap.id) == 1

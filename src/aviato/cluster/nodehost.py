@@ -19,8 +19,9 @@ worker) exactly as the local service does after its restart.
 State that must survive the actor, in its state directory: the runtime's per-sandbox state,
 `holdings.json` (the cpu and memory each sandbox was placed with, so that a restarted control
 plane can account for them again), `egress.json` (the egress policy of each sandbox whose proxy
-this host serves, node_egress.py) and `channel.json` (the direct channel's port and token, so
-that the control plane's channel reconnects to a restarted host by itself).
+this host serves, node_egress.py), `channel.json` (the direct channel's port and token, so
+that the control plane's channel reconnects to a restarted host by itself) and the runtime's
+`snapshots/` (trees taken or copied here, with their facts: node_snapshots.py).
 
 Fencing: a background task asks the GCS for a key every second. When no answer came for longer
 than the lease, the node is cut off from the cluster: the GCS has (or will have) declared it dead,
