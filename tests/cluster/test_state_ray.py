@@ -10,6 +10,7 @@ the real three-node cluster (conftest.py) through the SDK.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import io
 import os
@@ -21,13 +22,17 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
+import grpc
 import pytest
 from raycluster import RayCluster
 
 import aviato
 from aviato import Sandbox, Snapshot
 from aviato.cluster import codec
+from aviato.cluster.execwire import ExecServer
+from aviato.cluster.node_snapshots import snapshot_handlers
 from aviato.cluster.snapshot_archive import (
     ArchiveRefused,
     Spool,
@@ -200,6 +205,63 @@ def test_directory_operations_cross_the_node_protocol_whole(op: PathOp) -> None:
     assert {f.name for f in dataclasses.fields(PathOp)} <= {
         f.name for f in npb.PathOpRequest.DESCRIPTOR.fields
     }
+
+
+def test_a_transfer_cut_mid_stream_leaves_nothing_on_the_receiving_node(tmp_path: Path) -> None:
+    """The control plane dies (or cancels) mid-copy: the receiving node host keeps no spool,
+    no partial tree and no snapshot; a whole transfer afterwards succeeds."""
+    store = SnapshotStore(tmp_path / "snapshots")
+    runtime = SimpleNamespace(snapshots=store)
+    source = tmp_path / "source"
+    _hostile_tree(source)
+    archive = _archive_of(source)
+    facts = SnapshotFacts(3 << 20, 60, 0)
+
+    async def runtime_of() -> object:
+        return runtime
+
+    async def handle_of(sandbox_id: str) -> object:
+        raise AssertionError("no sandbox call expected")
+
+    async def main() -> None:
+        server = ExecServer(handle_of, None, lambda s: snapshot_handlers(s, runtime_of, 0))  # type: ignore[arg-type]
+        address = await server.start("127.0.0.1", 0)
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                method = channel.stream_unary(
+                    "/aviato.node.v1.NodeHost/ImportSnapshot",
+                    request_serializer=npb.ImportSnapshotRequest.SerializeToString,
+                    response_deserializer=npb.SnapshotFacts.FromString,
+                )
+                header = npb.ImportSnapshotHeader(
+                    snapshot_id=SNAP, facts=npb.SnapshotFacts(size_bytes=3 << 20, entries=60)
+                )
+                call = method(metadata=(("x-aviato-node-token", server.token),))
+                await call.write(npb.ImportSnapshotRequest(header=header))
+                await call.write(npb.ImportSnapshotRequest(data=archive[: 1 << 20]))
+                await asyncio.sleep(0.3)
+                assert list(store.root.iterdir())  # the spool exists while it comes
+                call.cancel()
+                for _ in range(50):
+                    await asyncio.sleep(0.1)
+                    if not list(store.root.iterdir()):
+                        break
+                assert not list(store.root.iterdir()) and not store.exists(SNAP)
+
+                whole = method(metadata=(("x-aviato-node-token", server.token),))
+                await whole.write(npb.ImportSnapshotRequest(header=header))
+                for i in range(0, len(archive), 1 << 20):
+                    await whole.write(npb.ImportSnapshotRequest(data=archive[i : i + (1 << 20)]))
+                await whole.write(npb.ImportSnapshotRequest(end=True))
+                await whole.done_writing()
+                answer = await whole
+                assert codec.decode_snapshot_facts(answer) == facts
+                assert store.exists(SNAP)
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+    assert (store.tree(SNAP) / "work" / "secret").read_text() == "mine"
 
 
 # --- on the cluster ----------------------------------------------------------------------------
@@ -397,8 +459,6 @@ def test_snapshots_forks_and_a_start_on_another_node(
 def test_the_new_direct_channel_calls_refuse_calls_without_the_token(
     ray_cluster: RayCluster,
 ) -> None:
-    import grpc
-
     addresses = set(
         re.findall(r"exec channel ([0-9.]+:[0-9]+)", ray_cluster.server_log.read_text())
     )
