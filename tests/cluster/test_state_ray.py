@@ -17,6 +17,8 @@ import os
 import re
 import signal
 import stat
+import subprocess
+import sys
 import tarfile
 import time
 import uuid
@@ -308,6 +310,16 @@ def test_directory_calls_reach_a_sandbox_on_another_node(on_w1: Sandbox, tmp_pat
     assert (back / "sub" / "big.bin").read_bytes() == (local / "sub" / "big.bin").read_bytes()
     assert stat.S_IMODE((back / "x.sh").stat().st_mode) == 0o755
     assert os.readlink(back / "ln") == "sub/big.bin"
+    # The CLI's tree copy and listing take the same path (AVIATO_BASE_URL: the cluster).
+    cli = [sys.executable, "-m", "aviato"]
+    again = tmp_path / "again"
+    subprocess.run([*cli, "cp", "-r", f"{sb.sandbox_id}:/tmp/pt/tree", str(again)], check=True)
+    assert (again / "x.sh").read_text() == "#!/bin/sh\necho x\n"
+    listed = subprocess.run(
+        [*cli, "files", "ls", str(sb.sandbox_id), "/tmp/pt/tree"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    assert "x.sh" in listed and "sub" in listed
     sb.remove("/tmp/pt", recursive=True).result()
     with pytest.raises(aviato.SandboxFileError):
         sb.stat("/tmp/pt").result()
