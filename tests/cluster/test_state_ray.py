@@ -11,6 +11,7 @@ the real three-node cluster (conftest.py) through the SDK.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import os
@@ -466,6 +467,26 @@ def test_snapshots_forks_and_a_start_on_another_node(
     assert not _tree(ray_cluster, b, snap.id).exists()
     with pytest.raises(aviato.AviatoError):
         Sandbox.run(tags=[TAG], snapshot=snap.id).wait(timeout=30)
+
+
+def test_a_snapshot_of_sparse_files_is_refused_elsewhere_in_words(on_w1: Sandbox) -> None:
+    """Its holes would travel as zeros: beyond its data bytes, the receiving node refuses."""
+    sb = on_w1
+    sb.exec(["sh", "-c", "rm -rf /work && mkdir /work && truncate -s 1G /work/sparse"]).result()
+    snap = sb.snapshot().result(timeout=60)
+    assert snap.size_bytes < 1 << 20
+    try:
+        elsewhere = Sandbox.run(tags=[TAG], snapshot=snap, node_selector={"aviato-test": "w2"})
+        with pytest.raises(aviato.AviatoError):
+            elsewhere.wait(timeout=60)
+        assert "sparse" in (elsewhere.status_reason or ""), elsewhere.status_reason
+        here = _run_from(snap, **{"aviato.node": str(sb.node)})  # where it was taken: fine
+        assert here.exec(["stat", "-c", "%s", "/work/sparse"]).result().stdout == "1073741824\n"
+        here.stop(graceful_shutdown_seconds=0).result(timeout=30)
+    finally:
+        with contextlib.suppress(aviato.AviatoError):
+            elsewhere.stop().result(timeout=30)
+        Snapshot.delete(snap).result(timeout=60)
 
 
 def test_the_new_direct_channel_calls_refuse_calls_without_the_token(

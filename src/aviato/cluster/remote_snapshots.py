@@ -66,19 +66,30 @@ async def copy_snapshot(source: NodeLink, target: NodeLink, snapshot_id: str) ->
         response_deserializer=npb.SnapshotFacts.FromString,
     )(metadata=((TOKEN_HEADER, target.exec_token),))
     moved = 0
+
+    async def send(request: npb.ImportSnapshotRequest) -> bool:
+        """Whether the target still reads (False once it has answered: it held the snapshot
+        already, or refused; its answer is then awaited below)."""
+        if imported.done():
+            return False
+        try:
+            await _race(target, imported.write(request))
+        except Exception:
+            if not imported.done():
+                raise
+            return False
+        return True
+
     try:
         first = await _race(source, export.read())
         if first is EOF or first.WhichOneof("frame") != "facts":
             raise SandboxRuntimeError(f"snapshot {snapshot_id}: the source sent no facts")
         header = npb.ImportSnapshotHeader(snapshot_id=snapshot_id, facts=first.facts)
-        await _race(target, imported.write(npb.ImportSnapshotRequest(header=header)))
-        while (piece := await _race(source, export.read())) is not EOF:
-            if imported.done():
-                break  # the target had it already (it answered without reading), or refused
-            await _race(target, imported.write(npb.ImportSnapshotRequest(data=piece.data)))
+        reading = await send(npb.ImportSnapshotRequest(header=header))
+        while reading and (piece := await _race(source, export.read())) is not EOF:
+            reading = await send(npb.ImportSnapshotRequest(data=piece.data))
             moved += len(piece.data)
-        if not imported.done():
-            await _race(target, imported.write(npb.ImportSnapshotRequest(end=True)))
+        if reading and await send(npb.ImportSnapshotRequest(end=True)):
             await _race(target, imported.done_writing())
         facts = codec.decode_snapshot_facts(await _race(target, _await(imported)))
     finally:

@@ -248,6 +248,7 @@ class Spool:
         os.mkdir(self._dir, 0o700)
         self.path = self._dir / "archive.tar"
         self._bound = bound
+        self._snapshot_id = snapshot_id
         self._file = open(self.path, "wb")  # noqa: SIM115 (closed by close())
         self.size = 0
 
@@ -255,7 +256,8 @@ class Spool:
         self.size += len(data)
         if self.size > self._bound.tar_bytes:
             raise ArchiveRefused(
-                f"the archive is larger than the snapshot's data and headers may take "
+                f"snapshot {self._snapshot_id}: its archive is larger than its data and headers "
+                "may take "
                 f"({format_size(self._bound.tar_bytes)}); a snapshot of sparse files cannot "
                 "move to another node: start it on the node that holds it"
             )
