@@ -25,14 +25,18 @@ from aviato.runtime.base import (
     ExecFailed,
     ExecOutput,
     ExecSpec,
+    FileEntry,
     FileInfo,
     ImageInfo,
     ImagePullProgress,
     LogRecord,
     MainExit,
+    PathOp,
+    PathOpResult,
     RegistryCredentials,
     SandboxConfig,
     SandboxRuntimeError,
+    SnapshotFacts,
 )
 from aviato.runtime.model import EgressPolicy
 from aviato.runtime.model_codec import ModelDecodeError, from_plain, to_plain
@@ -53,9 +57,12 @@ __all__ = [
     "decode_image",
     "decode_main_exit",
     "decode_model",
+    "decode_path_op",
+    "decode_path_result",
     "decode_policy",
     "decode_progress",
     "decode_record",
+    "decode_snapshot_facts",
     "decode_spec",
     "encode_config",
     "encode_credentials",
@@ -65,9 +72,12 @@ __all__ = [
     "encode_image",
     "encode_main_exit",
     "encode_model",
+    "encode_path_op",
+    "encode_path_result",
     "encode_policy",
     "encode_progress",
     "encode_record",
+    "encode_snapshot_facts",
     "encode_spec",
 ]
 
@@ -315,4 +325,82 @@ def decode_progress(message: npb.ImagePullProgress) -> ImagePullProgress:
         current=message.current,
         total=message.total,
         message=message.message,
+    )
+
+
+# --- directories and snapshots -----------------------------------------------------------------
+
+
+def encode_path_op(sandbox_id: str, op: PathOp) -> npb.PathOpRequest:
+    message = npb.PathOpRequest(
+        sandbox_id=sandbox_id, kind=op.kind, path=op.path, arg=op.arg, recursive=op.recursive,
+        parents=op.parents, offset=op.offset, limit=op.limit,
+    )  # fmt: skip
+    if op.rel is not None:
+        message.rel = op.rel
+    if op.mode is not None:
+        message.mode = op.mode
+    if op.mtime_ns is not None:
+        message.mtime_ns = op.mtime_ns
+    return message
+
+
+def decode_path_op(message: npb.PathOpRequest) -> PathOp:
+    return PathOp(
+        kind=message.kind,
+        path=message.path,
+        rel=message.rel if message.HasField("rel") else None,
+        arg=message.arg,
+        recursive=message.recursive,
+        parents=message.parents,
+        mode=message.mode if message.HasField("mode") else None,
+        mtime_ns=message.mtime_ns if message.HasField("mtime_ns") else None,
+        offset=message.offset,
+        limit=message.limit,
+    )
+
+
+def encode_path_result(result: PathOpResult) -> npb.PathOpResponse:
+    return npb.PathOpResponse(
+        entries=[
+            npb.FileEntry(
+                name=e.name,
+                type=e.type,
+                size=e.size,
+                mode=e.mode,
+                mtime_ns=e.mtime_ns,
+                target=e.target,
+            )
+            for e in result.entries
+        ],
+        truncated=result.truncated,
+    )
+
+
+def decode_path_result(message: npb.PathOpResponse) -> PathOpResult:
+    return PathOpResult(
+        entries=[
+            FileEntry(
+                name=e.name,
+                type=e.type,
+                size=e.size,
+                mode=e.mode,
+                mtime_ns=e.mtime_ns,
+                target=e.target,
+            )
+            for e in message.entries
+        ],
+        truncated=message.truncated,
+    )
+
+
+def encode_snapshot_facts(facts: SnapshotFacts) -> npb.SnapshotFacts:
+    return npb.SnapshotFacts(
+        size_bytes=facts.size_bytes, entries=facts.entries, skipped=facts.skipped
+    )
+
+
+def decode_snapshot_facts(message: npb.SnapshotFacts) -> SnapshotFacts:
+    return SnapshotFacts(
+        size_bytes=message.size_bytes, entries=message.entries, skipped=message.skipped
     )

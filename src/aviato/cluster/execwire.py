@@ -14,6 +14,8 @@ messages (aviato/node/v1/node.proto, converted by codec.py):
   leaves no file.
 - `ConnectPort` (bidirectional): one TCP connection to a port inside a sandbox, relayed
   (port_relay.py).
+- `PathOp`, `ReadFileAt`, `WriteFileAt` (node_paths.py) and `ExportSnapshot`,
+  `ImportSnapshot` (node_snapshots.py), added by `more_handlers`.
 Runtime errors end the call with their gRPC code (NOT_FOUND, PERMISSION_DENIED, ...).
 
 Who may call: the node host makes a random token when it starts and hands it (with the address)
@@ -79,11 +81,17 @@ class ExecServer:
     """Serves the exec method for the sandboxes that `handle_of(sandbox_id)` finds."""
 
     def __init__(
-        self, handle_of: Callable[[str], Awaitable[SandboxHandle]], token: str | None = None
+        self,
+        handle_of: Callable[[str], Awaitable[SandboxHandle]],
+        token: str | None = None,
+        more_handlers: Callable[[ExecServer], dict[str, Any]] | None = None,
     ) -> None:
+        """`more_handlers(server)`: further methods of the service (node_paths.py,
+        node_snapshots.py), each of which calls `server.authorize` first."""
         self._handle_of = handle_of
         self.token = token or secrets.token_hex(32)
         self._server: Any = None
+        self._more_handlers = more_handlers
 
     async def start(self, host: str, port: int = 0) -> str:
         """Listens on host:port (0: a port the kernel picks); returns "host:port"."""
@@ -109,6 +117,8 @@ class ExecServer:
                 response_serializer=npb.PortFrame.SerializeToString,
             ),
         }
+        if self._more_handlers is not None:
+            handlers.update(self._more_handlers(self))
         generic = grpc.method_handlers_generic_handler(SERVICE, handlers)
         self._server = grpc.aio.server(
             options=[
@@ -130,6 +140,10 @@ class ExecServer:
     async def stop(self) -> None:
         if self._server is not None:
             await self._server.stop(1.0)
+
+    async def authorize(self, context: Any) -> None:
+        """Ends the call PERMISSION_DENIED unless it carries this node host's token."""
+        await self._authorize(context)
 
     async def _authorize(self, context: Any) -> None:
         metadata = dict(context.invocation_metadata() or ())

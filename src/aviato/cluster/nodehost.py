@@ -19,8 +19,9 @@ worker) exactly as the local service does after its restart.
 State that must survive the actor, in its state directory: the runtime's per-sandbox state,
 `holdings.json` (the cpu and memory each sandbox was placed with, so that a restarted control
 plane can account for them again), `egress.json` (the egress policy of each sandbox whose proxy
-this host serves, node_egress.py) and `channel.json` (the direct channel's port and token, so
-that the control plane's channel reconnects to a restarted host by itself).
+this host serves, node_egress.py), `channel.json` (the direct channel's port and token, so
+that the control plane's channel reconnects to a restarted host by itself) and the runtime's
+`snapshots/` (trees taken or copied here, with their facts: node_snapshots.py).
 
 Fencing: a background task asks the GCS for a key every second. When no answer came for longer
 than the lease, the node is cut off from the cluster: the GCS has (or will have) declared it dead,
@@ -44,6 +45,8 @@ from typing import Any
 from aviato._private import secure_tree, write_private
 from aviato.cluster import codec
 from aviato.cluster.node_egress import NodeEgress
+from aviato.cluster.node_paths import path_handlers
+from aviato.cluster.node_snapshots import NodeStateCalls, snapshot_handlers
 from aviato.images.limits import PullLimits
 from aviato.node.v1 import node_pb2 as npb
 from aviato.runtime.base import (
@@ -85,8 +88,9 @@ def _probe_gcs() -> None:
     client.internal_kv_get(b"aviato:fence-probe", b"aviato", timeout=2.0)
 
 
-class NodeHost:
-    """One node's sandboxes. Every public method is an actor method (the actor is async)."""
+class NodeHost(NodeStateCalls):
+    """One node's sandboxes. Every public method is an actor method (the actor is async);
+    pause and snapshots are NodeStateCalls' (node_snapshots.py)."""
 
     def __init__(
         self,
@@ -153,6 +157,7 @@ class NodeHost:
             "present": self._runtime.list_present(),
             "describe": self._runtime.describe(),
             "holdings": dict(self._holdings),
+            "snapshots": self._runtime.snapshot_ids(),
         }
 
     def _new_runtime(self) -> Any:
@@ -185,7 +190,15 @@ class NodeHost:
             port, token = int(saved["port"]), str(saved["token"])
         except (OSError, ValueError, KeyError, TypeError):
             port, token = 0, ""
-        self._exec_server = ExecServer(self._handle, token or None)
+        floor = self._image_limits.min_free_disk_bytes if self._image_limits else 0
+        self._exec_server = ExecServer(
+            self._handle,
+            token or None,
+            lambda server: {
+                **path_handlers(server, self._handle),
+                **snapshot_handlers(server, self._ready, floor),
+            },
+        )
         host: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         for candidate in dict.fromkeys((port, 0)):
             try:

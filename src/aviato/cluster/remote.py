@@ -39,6 +39,12 @@ from aviato._private import open_private, private_dir
 from aviato.cluster import codec, execwire
 from aviato.cluster.link import NODE_HOST_LOST, NODE_LOST, NodeLink, NodeLost
 from aviato.cluster.node_images import NodeImages
+from aviato.cluster.node_paths import (
+    remote_path_op,
+    remote_read_file_at,
+    remote_write_file_at,
+    typed,
+)
 from aviato.cluster.port_relay import connect_remote_port
 from aviato.cluster.remote_egress import NodeEgressHost
 from aviato.cluster.remote_exec import start_exec
@@ -51,12 +57,15 @@ from aviato.runtime.base import (
     ImageService,
     LogRecord,
     MainExit,
+    PathOp,
+    PathOpResult,
     RegistryCredentials,
     Runtime,
     SandboxConfig,
     SandboxGone,
     SandboxHandle,
     SandboxRuntimeError,
+    SnapshotFacts,
     Unsupported,
 )
 from aviato.runtime.logs import encode_record
@@ -77,6 +86,12 @@ class NodeRuntime(Runtime):
     `holding(sandbox_id)` gives the (cpu, memory) the placement reserved for a sandbox here (the
     node host persists it, for a restarted control plane); `release(sandbox_id)` is called when
     a sandbox's state is cleaned up, so that the placement returns them to the node.
+
+    Snapshots: the ids this node holds are known from the node host's start and kept up to date
+    by this runtime's own calls (`snapshot_ids` must answer without a call). A create from a
+    snapshot this node does not hold first has `bring_snapshot(id, self)` (the placement's:
+    remote_snapshots.copy_snapshot from a node that holds it) copy it here, once: concurrent
+    creates wait for the same copy.
     """
 
     def __init__(
@@ -87,6 +102,7 @@ class NodeRuntime(Runtime):
         log_dir: Path,
         holding: Callable[[str], tuple[float, float]],
         release: Callable[[str], None],
+        bring_snapshot: Callable[[str, NodeRuntime], Awaitable[None]] | None = None,
     ) -> None:
         self.node_id = node_id
         self.link = NodeLink(node_id, actor, facts)
@@ -99,6 +115,9 @@ class NodeRuntime(Runtime):
         self._release = release
         self._handles: dict[str, RemoteSandbox] = {}
         self._images = NodeImages(self.link)
+        self._snapshots: set[str] = {str(s) for s in facts.get("snapshots", [])}
+        self._bring_snapshot = bring_snapshot
+        self._bringing: dict[str, asyncio.Future[None]] = {}
 
     def sandbox_ids(self) -> list[str]:
         """The sandboxes this runtime has handles for."""
@@ -114,6 +133,8 @@ class NodeRuntime(Runtime):
         return self._images
 
     async def create(self, config: SandboxConfig) -> SandboxHandle:
+        if config.snapshot_id and config.snapshot_id not in self._snapshots:
+            await self._brought(config.snapshot_id)
         cpu, memory = self._holding(config.sandbox_id)
         message = codec.encode_config(config).SerializeToString()
         await self.link.call("create", message, cpu, memory)
@@ -163,11 +184,48 @@ class NodeRuntime(Runtime):
     def describe(self) -> dict[str, str]:
         return {**self._describe, "node": self.node_id}
 
+    # --- snapshots ---
+
+    def snapshot_ids(self) -> list[str]:
+        return sorted(self._snapshots)
+
+    def holds_snapshot(self, snapshot_id: str) -> bool:
+        return snapshot_id in self._snapshots
+
+    def note_snapshot(self, snapshot_id: str) -> None:
+        """The node holds this snapshot now (taken or copied here)."""
+        self._snapshots.add(snapshot_id)
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        try:
+            await self.link.call("delete_snapshot", snapshot_id)
+        except AttributeError:
+            raise typed(_older(), self.node_id) from None
+        self._snapshots.discard(snapshot_id)
+
+    async def _brought(self, snapshot_id: str) -> None:
+        """Copies the snapshot here unless a copy is under way already (then waits for it)."""
+        if self._bring_snapshot is None:
+            raise SandboxRuntimeError(f"snapshot {snapshot_id} is not on node {self.node_id[:12]}")
+        bringing = self._bringing.get(snapshot_id)
+        if bringing is None:
+            bringing = asyncio.ensure_future(self._bring_snapshot(snapshot_id, self))
+            self._bringing[snapshot_id] = bringing
+            bringing.add_done_callback(lambda _: self._bringing.pop(snapshot_id, None))
+        await asyncio.shield(bringing)
+        self._snapshots.add(snapshot_id)
+
     async def close(self) -> None:
         for handle in list(self._handles.values()):
             handle.close()
         self._handles.clear()
         await self.link.close()
+
+
+def _older() -> SandboxRuntimeError:
+    error = SandboxRuntimeError("no such call")
+    error.code = "UNIMPLEMENTED"
+    return error
 
 
 def _exit_of(message: bytes) -> MainExit:
@@ -179,6 +237,7 @@ class RemoteSandbox(SandboxHandle):
 
     def __init__(self, runtime: NodeRuntime, sandbox_id: str) -> None:
         self.sandbox_id = sandbox_id
+        self._runtime = runtime
         self._link = runtime.link
         self._exit: MainExit | None = None
         self._log_copy = runtime.log_copy_path(sandbox_id)
@@ -383,6 +442,44 @@ class RemoteSandbox(SandboxHandle):
 
     async def set_deadline(self, at_ns: int, why: str, grace_seconds: float) -> None:
         await self._link.call("set_deadline", self.sandbox_id, at_ns, why, grace_seconds)
+
+    # --- directories (node_paths.py), pause and snapshots (node_snapshots.py) ---
+
+    async def path_op(self, op: PathOp) -> PathOpResult:
+        return await remote_path_op(self._link, self.sandbox_id, op)
+
+    async def read_file_at(self, root: str, rel: str) -> tuple[FileInfo, AsyncIterator[bytes]]:
+        return await remote_read_file_at(self._link, self.sandbox_id, root, rel)
+
+    async def write_file_at(
+        self, root: str, rel: str, mode: int, mtime_ns: int | None, chunks: AsyncIterator[bytes]
+    ) -> int:
+        return await remote_write_file_at(
+            self._link, self.sandbox_id, root, rel, mode, mtime_ns, chunks
+        )
+
+    async def _state_call(self, method: str, *args: Any) -> Any:
+        try:
+            return await self._link.call(method, *args)
+        except AttributeError:  # a node host of a release without the call
+            raise typed(_older(), self._link.node_id) from None
+
+    async def pause(self) -> None:
+        await self._state_call("pause", self.sandbox_id)
+
+    async def resume(self) -> None:
+        await self._state_call("resume", self.sandbox_id)
+
+    async def paused(self) -> bool:
+        return bool(await self._state_call("paused", self.sandbox_id))
+
+    async def snapshot(self, snapshot_id: str, max_bytes: int) -> SnapshotFacts:
+        request = npb.TakeSnapshotRequest(
+            sandbox_id=self.sandbox_id, snapshot_id=snapshot_id, max_bytes=max_bytes
+        )
+        answer = await self._state_call("snapshot", request.SerializeToString())
+        self._runtime.note_snapshot(snapshot_id)
+        return codec.decode_snapshot_facts(npb.SnapshotFacts.FromString(answer))
 
 
 async def _await(ref: Any) -> Any:

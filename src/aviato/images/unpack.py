@@ -151,6 +151,7 @@ class _Layer:
     root_fd: int
     keep_owner: bool
     budget: PullBudget
+    whiteouts: bool = True
     created: set[str] = field(default_factory=set)  # real paths this layer made
     dir_modes: list[tuple[tuple[str, ...], int, float]] = field(default_factory=list)
     parent: At | None = None  # the last parent directory, kept while entries stay in it
@@ -176,18 +177,20 @@ def apply_layer(
     *,
     keep_owner: bool | None = None,
     budget: PullBudget | None = None,
+    whiteouts: bool = True,
 ) -> str:
     """Applies the layer in `blob` onto `root`; returns the digest of its uncompressed tar.
 
     `keep_owner` (default: when running as root) applies the entries' uid/gid. `budget` is the
-    pull's account (default: the default limits, for one layer).
+    pull's account (default: the default limits, for one layer). `whiteouts=False` makes
+    `.wh.` names plain entries (a snapshot's tree, cluster/snapshot_archive.py, is no layer).
     """
     if keep_owner is None:
         keep_owner = os.geteuid() == 0
     if budget is None:
         budget = PullBudget(blob.name, PullLimits(), root)
     root_fd = beneath.open_root(root)
-    state = _Layer(root_fd, keep_owner, budget)
+    state = _Layer(root_fd, keep_owner, budget, whiteouts)
     try:
         with _open_layer(blob, budget) as reader:
             try:
@@ -245,13 +248,13 @@ def _apply_member(tar: tarfile.TarFile, member: tarfile.TarInfo, state: _Layer) 
     parent_rel, name = posixpath.split(rel)
     parent = state.parent_of(parent_rel)
     real = "/".join((*parent.parts, name))
-    if name == OPAQUE:
+    if state.whiteouts and name == OPAQUE:
         for child in os.listdir(parent.fd):
             if "/".join((*parent.parts, child)) not in state.created:
                 beneath.remove(parent.fd, child)
         state.forget_parent()
         return
-    if name.startswith(WHITEOUT):
+    if state.whiteouts and name.startswith(WHITEOUT):
         target = name[len(WHITEOUT) :]
         if target in ("", ".", ".."):
             raise UnsafeLayer(f"entry {member.name!r} is a malformed whiteout")

@@ -26,6 +26,12 @@ A sandbox that fits nowhere stays PENDING, its reason saying what it needs and w
 have; it is placed as soon as room frees or a node joins, and fails after `placement_timeout`.
 `node_selector` pairs must all be among the node's Ray labels, where "aviato.node" also matches
 the node id or hostname.
+
+Snapshots (docs/state.md, "Under Ray"): a sandbox started from a snapshot goes, when one of the
+nodes that hold it (the node it was taken on, or one it was copied to) matches and has room,
+to that node (the same choice, asked first with `aviato.node=<holder>` added to its selector);
+else to any node, which first copies the snapshot from a holder (`bring_snapshot`,
+cluster/remote_snapshots.py) and keeps the copy.
 """
 
 from __future__ import annotations
@@ -36,13 +42,14 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from aviato._private import private_dir
 from aviato.cluster import codec
 from aviato.cluster.remote import NODE_HOST_LOST, NodeRuntime
+from aviato.cluster.remote_snapshots import copy_snapshot
 from aviato.egress.host import EgressHost
 from aviato.runtime.base import MainExit, Runtime, SandboxConfig, SandboxHandle, SandboxRuntimeError
 from aviato.server.config import ServerConfig
@@ -332,6 +339,7 @@ class RayPlacement(Placement):
             self._log_dir,
             holding=lambda sid: node.held.get(sid, (0.0, 0.0)),
             release=lambda sid: self._release(node, sid),
+            bring_snapshot=self._bring_snapshot,
         )
         node.starting = None
         self._room.set()
@@ -352,6 +360,44 @@ class RayPlacement(Placement):
         if left:
             log.info("node host on %s killed %d sandboxes of the lost one", node.id, len(left))
         facts["present"] = [s for s in facts.get("present", []) if str(s) not in node.orphans]
+
+    async def _bring_snapshot(self, snapshot_id: str, target: NodeRuntime) -> None:
+        """Copies a snapshot to `target`'s node from a live node that holds it (the first that
+        succeeds, most free memory first)."""
+        holders = sorted(
+            (n for n in self._nodes.values()
+             if n.alive and n.runtime is not None and n.runtime is not target
+             and n.runtime.holds_snapshot(snapshot_id)),
+            key=lambda n: -n.free()[1],
+        )  # fmt: skip
+        if not holders:
+            raise SandboxRuntimeError(
+                f"snapshot {snapshot_id} is on no node of the cluster that answers (its node "
+                "left or is restarting); try again once it is back"
+            )
+        failure: SandboxRuntimeError | None = None
+        for holder in holders:
+            assert holder.runtime is not None
+            try:
+                await copy_snapshot(holder.runtime.link, target.link, snapshot_id)
+                return
+            except SandboxRuntimeError as e:
+                log.warning("copying snapshot %s from %s failed: %s", snapshot_id, holder.id, e)
+                failure = e
+        assert failure is not None
+        raise failure
+
+    def _choose_near_snapshot(self, config: SandboxConfig) -> _Node | str:
+        """`choose`, asked first for a node that holds the sandbox's snapshot."""
+        if config.snapshot_id:
+            for node in self._nodes.values():
+                if node.runtime is None or not node.runtime.holds_snapshot(config.snapshot_id):
+                    continue
+                pinned = (*config.node_selector, (NODE_KEY, node.id))
+                chosen = self.choose(replace(config, node_selector=pinned))
+                if isinstance(chosen, _Node):
+                    return chosen
+        return self.choose(config)
 
     def _release(self, node: _Node, sandbox_id: str) -> None:
         if node.held.pop(sandbox_id, None) is not None:
@@ -402,7 +448,7 @@ class RayPlacement(Placement):
             if stopped():
                 return None
             self._room.clear()
-            chosen = self.choose(config)
+            chosen = self._choose_near_snapshot(config)
             if isinstance(chosen, _Node):
                 assert chosen.runtime is not None
                 return chosen.id, chosen.runtime

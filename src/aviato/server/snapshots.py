@@ -10,7 +10,14 @@ a sandbox starts from a snapshot only over the image the snapshot was taken over
 not deleted while a live sandbox starts from it (refused: its tree is that sandbox's lower
 layer). A fork takes an *internal* snapshot (not listed) and starts `count` sandboxes from it;
 the snapshot goes once none of them is live any more (`collect`, every `COLLECT_EVERY_S` and at
-start). Sandboxes and snapshots stay on their node: only the local placement has snapshots.
+start).
+
+Under Ray (docs/state.md, "Under Ray"): the row's node is where the snapshot was taken; other
+nodes may hold copies (made when a sandbox started from it there, server/ray_placement.py).
+Deleting removes it from every node that holds it; a node that did not answer then keeps a
+tree without a row, which `collect` removes once the node is back (trees of captures in flight
+excepted). A fork is pinned to its source's node (`node_selector` "aviato.node"), where its
+snapshot is.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from dataclasses import replace
 
 from aviato.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from aviato.server.lifecycle import Lifecycle
-from aviato.server.placement import Placement, UnknownNode
+from aviato.server.placement import LocalPlacement, Placement, UnknownNode
 from aviato.server.records import (
     LIVE_STATUSES,
     TERMINAL_STATUSES,
@@ -43,6 +50,9 @@ log = logging.getLogger("aviato.server.snapshots")
 
 MAX_FORKS = 64
 COLLECT_EVERY_S = 30.0
+# The node_selector key every placement with several nodes matches against a node's id
+# (server/ray_placement.py's NODE_KEY; not imported from there: Ray is optional).
+NODE_SELECTOR_KEY = "aviato.node"
 FORK_START_WAIT_S = 120.0
 
 
@@ -60,6 +70,7 @@ class SnapshotService:
         self._table = SnapshotTable(registry)
         self._placement = placement
         self._collector: asyncio.Task[None] | None = None
+        self._creating: set[str] = set()  # captures whose row is not written yet
 
     # -- start, stop, collection ------------------------------------------------------------
 
@@ -96,11 +107,21 @@ class SnapshotService:
                 log.exception("collecting fork snapshots failed")
 
     async def collect(self) -> None:
-        """Deletes fork snapshots that no live sandbox starts from any more."""
+        """Deletes fork snapshots that no live sandbox starts from any more, and trees of any
+        node that have no row (left by a delete while that node did not answer)."""
         used = self._in_use()
-        for snap in self._table.find():
+        rows = self._table.find()
+        for snap in rows:
             if snap.internal and snap.id not in used:
                 await self._remove(snap)
+        known = {s.id for s in rows} | self._creating
+        for node, runtime in self._placement.nodes().items():
+            for orphan in set(runtime.snapshot_ids()) - known:
+                if orphan in self._creating or self._table.find(snapshot_id=orphan):
+                    continue  # began (or even ended) meanwhile
+                log.info("snapshot tree %s on %s has no record: removing it", orphan, node)
+                with contextlib.suppress(Exception):
+                    await runtime.delete_snapshot(orphan)
 
     def _in_use(self) -> dict[str, list[str]]:
         users: dict[str, list[str]] = {}
@@ -110,10 +131,19 @@ class SnapshotService:
         return users
 
     async def _remove(self, snap: SnapshotRecord) -> None:
+        """Forgets the snapshot, then removes its tree from every node that holds it."""
         self._table.delete(snap.id)  # first: never listed without its tree
-        with contextlib.suppress(UnknownNode):
-            await self._placement.runtime_of(snap.node).delete_snapshot(snap.id)
-        log.info("snapshot deleted id=%s", snap.id)
+        holders = [
+            runtime
+            for node, runtime in self._placement.nodes().items()
+            if node == snap.node or snap.id in runtime.snapshot_ids()
+        ]
+        for runtime in holders:
+            try:
+                await runtime.delete_snapshot(snap.id)
+            except Exception as e:  # the node does not answer: `collect` removes it later
+                log.warning("snapshot %s: a node did not remove its tree: %s", snap.id, e)
+        log.info("snapshot deleted id=%s nodes=%d", snap.id, len(holders))
 
     # -- the API's operations ----------------------------------------------------------------
 
@@ -146,13 +176,18 @@ class SnapshotService:
             limit += base[0].size_bytes if base else 0
         snapshot_id = "snap-" + secrets.token_hex(8)
         started = time.monotonic()
-        facts = await handle.snapshot(snapshot_id, limit)
-        snap = SnapshotRecord(
-            id=snapshot_id, owner=owner, source_sandbox_id=sandbox_id, image=rec.config.image,
-            node=rec.node, size_bytes=facts.size_bytes, entries=facts.entries,
-            skipped=facts.skipped, created_ns=time.time_ns(), internal=internal,
-        )  # fmt: skip
-        self._table.insert(snap)
+        self._creating.add(snapshot_id)
+        try:
+            facts = await handle.snapshot(snapshot_id, limit)
+            snap = SnapshotRecord(
+                id=snapshot_id, owner=owner, source_sandbox_id=sandbox_id,
+                image=rec.config.image, node=rec.node, size_bytes=facts.size_bytes,
+                entries=facts.entries, skipped=facts.skipped, created_ns=time.time_ns(),
+                internal=internal,
+            )  # fmt: skip
+            self._table.insert(snap)
+        finally:
+            self._creating.discard(snapshot_id)
         log.info(
             "snapshot created id=%s sandbox=%s bytes=%d entries=%d in %.3fs",
             snapshot_id, sandbox_id, facts.size_bytes, facts.entries, time.monotonic() - started,
@@ -186,6 +221,10 @@ class SnapshotService:
             )
         snap = await self.create(owner, sandbox_id, internal=True)
         config = replace(source.config, sandbox_id="", snapshot_id=snap.id)
+        if not isinstance(self._placement, LocalPlacement) and snap.node:
+            # On the source's node, where the snapshot is (the placement's own selector key).
+            pinned = tuple(p for p in config.node_selector if p[0] != NODE_SELECTOR_KEY)
+            config = replace(config, node_selector=(*pinned, (NODE_SELECTOR_KEY, snap.node)))
         spec = ValidSpec(config=config, tags=tags or source.tags,
                          max_lifetime_seconds=source.max_lifetime_seconds)  # fmt: skip
         made: list[SandboxRecord] = []

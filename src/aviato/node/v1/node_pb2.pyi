@@ -336,3 +336,145 @@ class EgressUsages(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     usage: _containers.MessageMap[str, EgressUsage]
     def __init__(self, usage: _Optional[_Mapping[str, EgressUsage]] = ...) -> None: ...
+
+class PathOpRequest(_message.Message):
+    __slots__ = ("sandbox_id", "kind", "path", "rel", "arg", "recursive", "parents", "mode", "mtime_ns", "offset", "limit")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    REL_FIELD_NUMBER: _ClassVar[int]
+    ARG_FIELD_NUMBER: _ClassVar[int]
+    RECURSIVE_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    MTIME_NS_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    kind: str
+    path: str
+    rel: str
+    arg: str
+    recursive: bool
+    parents: bool
+    mode: int
+    mtime_ns: int
+    offset: int
+    limit: int
+    def __init__(self, sandbox_id: _Optional[str] = ..., kind: _Optional[str] = ..., path: _Optional[str] = ..., rel: _Optional[str] = ..., arg: _Optional[str] = ..., recursive: _Optional[bool] = ..., parents: _Optional[bool] = ..., mode: _Optional[int] = ..., mtime_ns: _Optional[int] = ..., offset: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class FileEntry(_message.Message):
+    __slots__ = ("name", "type", "size", "mode", "mtime_ns", "target")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    MTIME_NS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: str
+    size: int
+    mode: int
+    mtime_ns: int
+    target: str
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., size: _Optional[int] = ..., mode: _Optional[int] = ..., mtime_ns: _Optional[int] = ..., target: _Optional[str] = ...) -> None: ...
+
+class PathOpResponse(_message.Message):
+    __slots__ = ("entries", "truncated")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[FileEntry]
+    truncated: bool
+    def __init__(self, entries: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., truncated: _Optional[bool] = ...) -> None: ...
+
+class ReadFileAtRequest(_message.Message):
+    __slots__ = ("sandbox_id", "root", "rel")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    REL_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    root: str
+    rel: str
+    def __init__(self, sandbox_id: _Optional[str] = ..., root: _Optional[str] = ..., rel: _Optional[str] = ...) -> None: ...
+
+class WriteFileAtHeader(_message.Message):
+    __slots__ = ("sandbox_id", "root", "rel", "mode", "mtime_ns")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    REL_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    MTIME_NS_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    root: str
+    rel: str
+    mode: int
+    mtime_ns: int
+    def __init__(self, sandbox_id: _Optional[str] = ..., root: _Optional[str] = ..., rel: _Optional[str] = ..., mode: _Optional[int] = ..., mtime_ns: _Optional[int] = ...) -> None: ...
+
+class WriteFileAtRequest(_message.Message):
+    __slots__ = ("header", "data", "end")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    header: WriteFileAtHeader
+    data: bytes
+    end: bool
+    def __init__(self, header: _Optional[_Union[WriteFileAtHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., end: _Optional[bool] = ...) -> None: ...
+
+class SnapshotFacts(_message.Message):
+    __slots__ = ("size_bytes", "entries", "skipped")
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    size_bytes: int
+    entries: int
+    skipped: int
+    def __init__(self, size_bytes: _Optional[int] = ..., entries: _Optional[int] = ..., skipped: _Optional[int] = ...) -> None: ...
+
+class TakeSnapshotRequest(_message.Message):
+    __slots__ = ("sandbox_id", "snapshot_id", "max_bytes")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    snapshot_id: str
+    max_bytes: int
+    def __init__(self, sandbox_id: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+
+class SnapshotIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ExportSnapshotRequest(_message.Message):
+    __slots__ = ("snapshot_id",)
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    snapshot_id: str
+    def __init__(self, snapshot_id: _Optional[str] = ...) -> None: ...
+
+class SnapshotArchive(_message.Message):
+    __slots__ = ("facts", "data")
+    FACTS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    facts: SnapshotFacts
+    data: bytes
+    def __init__(self, facts: _Optional[_Union[SnapshotFacts, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ImportSnapshotHeader(_message.Message):
+    __slots__ = ("snapshot_id", "facts")
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    FACTS_FIELD_NUMBER: _ClassVar[int]
+    snapshot_id: str
+    facts: SnapshotFacts
+    def __init__(self, snapshot_id: _Optional[str] = ..., facts: _Optional[_Union[SnapshotFacts, _Mapping]] = ...) -> None: ...
+
+class ImportSnapshotRequest(_message.Message):
+    __slots__ = ("header", "data", "end")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    header: ImportSnapshotHeader
+    data: bytes
+    end: bool
+    def __init__(self, header: _Optional[_Union[ImportSnapshotHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., end: _Optional[bool] = ...) -> None: ...

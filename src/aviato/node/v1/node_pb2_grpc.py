@@ -58,6 +58,31 @@ class NodeHostStub:
                 request_serializer=aviato_dot_node_dot_v1_dot_node__pb2.PortFrame.SerializeToString,
                 response_deserializer=aviato_dot_node_dot_v1_dot_node__pb2.PortFrame.FromString,
                 _registered_method=True)
+        self.PathOp = channel.unary_unary(
+                '/aviato.node.v1.NodeHost/PathOp',
+                request_serializer=aviato_dot_node_dot_v1_dot_node__pb2.PathOpRequest.SerializeToString,
+                response_deserializer=aviato_dot_node_dot_v1_dot_node__pb2.PathOpResponse.FromString,
+                _registered_method=True)
+        self.ReadFileAt = channel.unary_stream(
+                '/aviato.node.v1.NodeHost/ReadFileAt',
+                request_serializer=aviato_dot_node_dot_v1_dot_node__pb2.ReadFileAtRequest.SerializeToString,
+                response_deserializer=aviato_dot_node_dot_v1_dot_node__pb2.ReadFileResponse.FromString,
+                _registered_method=True)
+        self.WriteFileAt = channel.stream_unary(
+                '/aviato.node.v1.NodeHost/WriteFileAt',
+                request_serializer=aviato_dot_node_dot_v1_dot_node__pb2.WriteFileAtRequest.SerializeToString,
+                response_deserializer=aviato_dot_node_dot_v1_dot_node__pb2.WriteFileResponse.FromString,
+                _registered_method=True)
+        self.ExportSnapshot = channel.unary_stream(
+                '/aviato.node.v1.NodeHost/ExportSnapshot',
+                request_serializer=aviato_dot_node_dot_v1_dot_node__pb2.ExportSnapshotRequest.SerializeToString,
+                response_deserializer=aviato_dot_node_dot_v1_dot_node__pb2.SnapshotArchive.FromString,
+                _registered_method=True)
+        self.ImportSnapshot = channel.stream_unary(
+                '/aviato.node.v1.NodeHost/ImportSnapshot',
+                request_serializer=aviato_dot_node_dot_v1_dot_node__pb2.ImportSnapshotRequest.SerializeToString,
+                response_deserializer=aviato_dot_node_dot_v1_dot_node__pb2.SnapshotFacts.FromString,
+                _registered_method=True)
 
 
 class NodeHostServicer:
@@ -101,6 +126,45 @@ class NodeHostServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PathOp(self, request, context):
+        """--- directories and snapshots (issue 17 under Ray; messages in the file's last block) ---
+        runtime.base.SandboxHandle.path_op: one directory or metadata operation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadFileAt(self, request, context):
+        """SandboxHandle.read_file_at: the info first, then the content (as ReadFile).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WriteFileAt(self, request_iterator, context):
+        """SandboxHandle.write_file_at: the header first, then data, then `end` (as WriteFile).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportSnapshot(self, request, context):
+        """A snapshot this node holds, as a tar stream: its facts first, then the archive's bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSnapshot(self, request_iterator, context):
+        """Makes a snapshot on this node from another node's export: the header (the id and the
+        source's facts, which bound what is accepted), the archive's bytes, then `end`; unpacked
+        with the walls of image layers, complete before the answer or not at all. A snapshot the
+        node already holds is answered at once (its facts) and the stream is not read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeHostServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +187,31 @@ def add_NodeHostServicer_to_server(servicer, server):
                     servicer.ConnectPort,
                     request_deserializer=aviato_dot_node_dot_v1_dot_node__pb2.PortFrame.FromString,
                     response_serializer=aviato_dot_node_dot_v1_dot_node__pb2.PortFrame.SerializeToString,
+            ),
+            'PathOp': grpc.unary_unary_rpc_method_handler(
+                    servicer.PathOp,
+                    request_deserializer=aviato_dot_node_dot_v1_dot_node__pb2.PathOpRequest.FromString,
+                    response_serializer=aviato_dot_node_dot_v1_dot_node__pb2.PathOpResponse.SerializeToString,
+            ),
+            'ReadFileAt': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadFileAt,
+                    request_deserializer=aviato_dot_node_dot_v1_dot_node__pb2.ReadFileAtRequest.FromString,
+                    response_serializer=aviato_dot_node_dot_v1_dot_node__pb2.ReadFileResponse.SerializeToString,
+            ),
+            'WriteFileAt': grpc.stream_unary_rpc_method_handler(
+                    servicer.WriteFileAt,
+                    request_deserializer=aviato_dot_node_dot_v1_dot_node__pb2.WriteFileAtRequest.FromString,
+                    response_serializer=aviato_dot_node_dot_v1_dot_node__pb2.WriteFileResponse.SerializeToString,
+            ),
+            'ExportSnapshot': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportSnapshot,
+                    request_deserializer=aviato_dot_node_dot_v1_dot_node__pb2.ExportSnapshotRequest.FromString,
+                    response_serializer=aviato_dot_node_dot_v1_dot_node__pb2.SnapshotArchive.SerializeToString,
+            ),
+            'ImportSnapshot': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportSnapshot,
+                    request_deserializer=aviato_dot_node_dot_v1_dot_node__pb2.ImportSnapshotRequest.FromString,
+                    response_serializer=aviato_dot_node_dot_v1_dot_node__pb2.SnapshotFacts.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -237,6 +326,141 @@ class NodeHost:
             '/aviato.node.v1.NodeHost/ConnectPort',
             aviato_dot_node_dot_v1_dot_node__pb2.PortFrame.SerializeToString,
             aviato_dot_node_dot_v1_dot_node__pb2.PortFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PathOp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aviato.node.v1.NodeHost/PathOp',
+            aviato_dot_node_dot_v1_dot_node__pb2.PathOpRequest.SerializeToString,
+            aviato_dot_node_dot_v1_dot_node__pb2.PathOpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadFileAt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/aviato.node.v1.NodeHost/ReadFileAt',
+            aviato_dot_node_dot_v1_dot_node__pb2.ReadFileAtRequest.SerializeToString,
+            aviato_dot_node_dot_v1_dot_node__pb2.ReadFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteFileAt(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/aviato.node.v1.NodeHost/WriteFileAt',
+            aviato_dot_node_dot_v1_dot_node__pb2.WriteFileAtRequest.SerializeToString,
+            aviato_dot_node_dot_v1_dot_node__pb2.WriteFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/aviato.node.v1.NodeHost/ExportSnapshot',
+            aviato_dot_node_dot_v1_dot_node__pb2.ExportSnapshotRequest.SerializeToString,
+            aviato_dot_node_dot_v1_dot_node__pb2.SnapshotArchive.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSnapshot(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/aviato.node.v1.NodeHost/ImportSnapshot',
+            aviato_dot_node_dot_v1_dot_node__pb2.ImportSnapshotRequest.SerializeToString,
+            aviato_dot_node_dot_v1_dot_node__pb2.SnapshotFacts.FromString,
             options,
             channel_credentials,
             insecure,
