@@ -44,6 +44,7 @@ from typing import Any
 from aviato._private import secure_tree, write_private
 from aviato.cluster import codec
 from aviato.cluster.node_egress import NodeEgress
+from aviato.cluster.node_volumes import NodeVolumes
 from aviato.images.limits import PullLimits
 from aviato.node.v1 import node_pb2 as npb
 from aviato.runtime.base import (
@@ -100,9 +101,11 @@ class NodeHost:
         parent_memory_bytes: int | None = 0,
         parent_pids: int | None = 0,
         egress_dns: tuple[str, ...] = (),
+        allow_host_mounts: tuple[str, ...] = (),
     ) -> None:
         self._state_dir = Path(state_dir)
         self._egress = NodeEgress(self._state_dir, egress_dns)
+        self._volumes = NodeVolumes(self._state_dir, tuple(allow_host_mounts))
         self._cgroup_parent = cgroup_parent
         self._parent_limits = (parent_memory_bytes, parent_pids)
         self._insecure_registries = tuple(insecure_registries)
@@ -143,6 +146,7 @@ class NodeHost:
                         if not isinstance(attached, MainExit):
                             self._handles[sandbox_id] = attached
                 await self._egress.restore(dict(self._handles))
+                await self._volumes.start()
                 self._fence_task = asyncio.create_task(self._fence_forever())
                 await self._serve_exec()
         return {
@@ -247,6 +251,7 @@ class NodeHost:
         """Creates the sandbox of an `npb.SandboxConfig`."""
         config = codec.decode_config(npb.SandboxConfig.FromString(config_message))
         runtime = await self._ready()
+        config = await self._volumes.resolve(config)
         self._holdings[config.sandbox_id] = [cpu, memory]
         self._save_holdings()
         try:
@@ -476,6 +481,18 @@ class NodeHost:
     async def close_egress(self, sandbox_id: str) -> bytes:
         """Stops serving a sandbox's egress: its final figures (an `npb.EgressUsages`)."""
         return await self._egress.close(sandbox_id)
+
+    # --- volumes (node_volumes.py; node.proto's volumes block) ---
+
+    async def volume_usage(self, request_message: bytes) -> bytes:
+        """What a volume takes of this node's disk (`npb.VolumeRef` -> `npb.VolumeUsage`)."""
+        await self._ready()
+        return await self._volumes.usage(request_message)
+
+    async def delete_volume(self, request_message: bytes) -> None:
+        """Removes a volume's files here (an `npb.VolumeRef`)."""
+        await self._ready()
+        await self._volumes.delete(request_message)
 
     # --- fencing ---
 

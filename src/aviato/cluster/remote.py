@@ -39,6 +39,7 @@ from aviato._private import open_private, private_dir
 from aviato.cluster import codec, execwire
 from aviato.cluster.link import NODE_HOST_LOST, NODE_LOST, NodeLink, NodeLost
 from aviato.cluster.node_images import NodeImages
+from aviato.cluster.node_volumes import RemoteVolumes
 from aviato.cluster.port_relay import connect_remote_port
 from aviato.cluster.remote_egress import NodeEgressHost
 from aviato.cluster.remote_exec import start_exec
@@ -99,6 +100,8 @@ class NodeRuntime(Runtime):
         self._release = release
         self._handles: dict[str, RemoteSandbox] = {}
         self._images = NodeImages(self.link)
+        # The volumes whose home is this node (node_volumes.py).
+        self.volumes = RemoteVolumes(self.link)
 
     def sandbox_ids(self) -> list[str]:
         """The sandboxes this runtime has handles for."""

@@ -45,6 +45,7 @@ from aviato.cluster import codec
 from aviato.cluster.remote import NODE_HOST_LOST, NodeRuntime
 from aviato.egress.host import EgressHost
 from aviato.runtime.base import MainExit, Runtime, SandboxConfig, SandboxHandle, SandboxRuntimeError
+from aviato.runtime.volume_store import VolumeHost
 from aviato.server.config import ServerConfig
 from aviato.server.placement import Placement, UnknownNode
 from aviato.v1.quantities import format_bytes
@@ -125,8 +126,9 @@ class _Unplaced(Runtime):
 def node_host_args(config: ServerConfig, node_id: str) -> tuple[Any, ...]:
     """The arguments of the node host on `node_id`: where its state lives, its lease, its
     bounds, what its image pulls may do (the operator's insecure registries and pull
-    limits hold on every node, as on a local service), and the bound on all of its sandboxes
-    together (the operator's values, or where none was given, each node's own default)."""
+    limits hold on every node, as on a local service), the bound on all of its sandboxes
+    together (the operator's values, or where none was given, each node's own default), and the
+    host directories sandboxes may mount there (checked on the node)."""
     return (
         os.path.join(config.ray_node_state_dir, node_id[:16]),
         config.ray_node_lease_seconds,
@@ -138,6 +140,7 @@ def node_host_args(config: ServerConfig, node_id: str) -> tuple[Any, ...]:
         config.cgroup_memory_bytes,
         config.cgroup_pids,
         config.egress_dns,
+        config.allow_host_mounts,
     )
 
 
@@ -433,6 +436,12 @@ class RayPlacement(Placement):
 
     def nodes(self) -> dict[str, Runtime]:
         return {n.id: n.runtime for n in self._nodes.values() if n.runtime is not None}
+
+    def volume_host(self, node: str) -> VolumeHost | None:
+        found = self._nodes.get(node)
+        if found is None or found.runtime is None or not found.alive:
+            return None
+        return found.runtime.volumes
 
     def keep_log(self, node: str, sandbox_id: str, into: Path) -> None:
         # The control plane's copy of the node's log (remote.py), kept whatever became of the

@@ -336,3 +336,17 @@ class EgressUsages(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     usage: _containers.MessageMap[str, EgressUsage]
     def __init__(self, usage: _Optional[_Mapping[str, EgressUsage]] = ...) -> None: ...
+
+class VolumeRef(_message.Message):
+    __slots__ = ("owner_key", "name")
+    OWNER_KEY_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    owner_key: str
+    name: str
+    def __init__(self, owner_key: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class VolumeUsage(_message.Message):
+    __slots__ = ("size_bytes",)
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    size_bytes: int
+    def __init__(self, size_bytes: _Optional[int] = ...) -> None: ...

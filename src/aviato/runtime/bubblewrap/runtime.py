@@ -89,6 +89,7 @@ from aviato.runtime.bubblewrap.launch import (
     launch_oom_adj,
     private_copy,
     staged_launch,
+    volume_stage_points,
     write_mounted_files,
 )
 from aviato.runtime.bubblewrap.layer_setup import check_layer, layer_root
@@ -112,6 +113,7 @@ from aviato.runtime.oci_image_root import image_root
 from aviato.runtime.snapshot_store import SnapshotStore
 from aviato.runtime.supervisor import SupervisorConnection, supervisor_binary
 from aviato.runtime.userns import IdRange, IdRanges, RangesExhausted
+from aviato.runtime.volume_store import VOLUME_MOUNTS
 from aviato.runtime.writable_layers import Layer, WritableLayers
 
 log = logging.getLogger("aviato.runtime")
@@ -173,9 +175,13 @@ class BubblewrapRuntime(Runtime):
         if not self._rootless:
             self._ranges = IdRanges(self._state_dir, sandbox_running)
             self._userns = OwnUserns(
-                str(self._state_dir), STAGE_AT, str(self._state_dir / "volumes"), VOLUMES_AT
+                str(self._state_dir),
+                STAGE_AT,
+                str(self._state_dir / "volumes"),
+                VOLUMES_AT,
+                str(self._state_dir / VOLUME_MOUNTS),
             )
-            for mount_point in (STAGE_AT, VOLUMES_AT):
+            for mount_point in (STAGE_AT, VOLUMES_AT, *volume_stage_points()):
                 os.makedirs(mount_point, mode=0o755, exist_ok=True)
             if self._supervisor:
                 self._supervisor = private_copy(Path(self._supervisor), self._state_dir / "bin")
@@ -420,9 +426,10 @@ class BubblewrapRuntime(Runtime):
         layer: Layer | None = None
         try:
             files = write_mounted_files(directory, config)
-            if self.layers is not None and self._userns is not None:
+            userns = None if self._userns is None else self._userns.for_config(config)
+            if self.layers is not None and userns is not None:
                 layer, root = await layer_root(config, root, self.layers, self._snapshots,
-                                               self._userns)  # fmt: skip
+                                               userns)  # fmt: skip
             assert self._bwrap is not None
             argv = build_argv(
                 self._bwrap.path,
@@ -432,15 +439,15 @@ class BubblewrapRuntime(Runtime):
                 mounted_files=files,
                 seccomp_fd=FD_SECCOMP,
                 rootless=self._rootless,
-                userns=self._userns,
+                userns=userns,
             )
             launch: list[str] = []
-            if self._ranges is not None and self._userns is not None:
+            if self._ranges is not None and userns is not None:
                 try:
                     ids = self._ranges.claim(sid)
                 except RangesExhausted as exc:
                     raise CapacityExhausted(f"sandbox {sid}: {exc.strerror}") from exc
-                launch = staged_launch(ids, self._userns, config, self.layers, layer)
+                launch = staged_launch(ids, userns, config, self.layers, layer)
             if limits is not None:
                 try:
                     cgroup = self._cgroups.create(sid, limits)
