@@ -288,6 +288,20 @@ class VolumeStore:
         for path in doomed:
             threading.Thread(target=_remove, args=(path,), daemon=True).start()
 
+    def unmount_all(self) -> None:
+        """Unmounts every sized volume and the mounts root (for tools that remove a state
+        directory: the files stay in their images)."""
+        below = str(self.mounts_root)
+        try:
+            with open("/proc/self/mountinfo", "rb") as f:
+                points = [line.split()[4].decode() for line in f]
+        except OSError:
+            return
+        for point in sorted(
+            (p for p in points if p == below or p.startswith(below + "/")), key=len, reverse=True
+        ):
+            _libc.umount2(point.encode(), _MNT_DETACH)
+
     def clear_trash(self) -> None:
         """Removes what deletes left behind (a service stopped during one)."""
         shutil.rmtree(self._trash, ignore_errors=True)
