@@ -7,7 +7,9 @@ control plane places those sandboxes there (server/volumes.py). The control plan
 sandbox's config with each volume named by owner key, name and size, and host directories by the
 path asked for; the node host fills in what to bind (`NodeVolumes.resolve`) before it creates
 the sandbox: volumes are made on first use, host directories checked against the operator's
-allowed trees on this node's own disk (`--allow-host-mount`, given to every node host).
+allowed trees on this node's own disk (`--allow-host-mount`: the control plane sends its list
+at each of its starts, `allow_host_mounts`; the node host keeps it in `host-mounts.json` for a
+restart of its own).
 
 What survives: the files and (for sized volumes) their mounts, across restarts of the node host
 and of the control plane; not a move of the node's state directory (a node whose Ray node id
@@ -17,9 +19,11 @@ changed starts with a new one: its volumes stay in the old one, unreachable).
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import replace
 from pathlib import Path
 
+from aviato._private import private_dir, write_private
 from aviato.cluster.link import NodeLink
 from aviato.node.v1 import node_pb2 as npb
 from aviato.runtime.base import SandboxConfig
@@ -32,9 +36,20 @@ __all__ = ["NodeVolumes", "RemoteVolumes"]
 class NodeVolumes:
     """This node's volumes and allowed host directories (use from the node host's loop)."""
 
-    def __init__(self, state_dir: Path, allowed_host_mounts: tuple[str, ...]) -> None:
+    def __init__(self, state_dir: Path) -> None:
         self.store = VolumeStore(state_dir)
-        self.host_mounts = HostMounts(allowed_host_mounts)
+        self._allowed_path = state_dir / "host-mounts.json"
+        try:
+            allowed = [str(p) for p in json.loads(self._allowed_path.read_text())]
+        except (OSError, ValueError, TypeError):
+            allowed = []
+        self.host_mounts = HostMounts(allowed)
+
+    def allow_host_mounts(self, paths: tuple[str, ...]) -> None:
+        """The host directories sandboxes may mount from now on (kept for a restart)."""
+        self.host_mounts = HostMounts(paths)
+        private_dir(self._allowed_path.parent)
+        write_private(self._allowed_path, json.dumps(list(paths)).encode())
 
     async def start(self) -> None:
         """Removes what deletes left behind when an earlier node host stopped during one."""

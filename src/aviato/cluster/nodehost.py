@@ -101,11 +101,10 @@ class NodeHost:
         parent_memory_bytes: int | None = 0,
         parent_pids: int | None = 0,
         egress_dns: tuple[str, ...] = (),
-        allow_host_mounts: tuple[str, ...] = (),
     ) -> None:
         self._state_dir = Path(state_dir)
         self._egress = NodeEgress(self._state_dir, egress_dns)
-        self._volumes = NodeVolumes(self._state_dir, tuple(allow_host_mounts))
+        self._volumes = NodeVolumes(self._state_dir)
         self._cgroup_parent = cgroup_parent
         self._parent_limits = (parent_memory_bytes, parent_pids)
         self._insecure_registries = tuple(insecure_registries)
@@ -483,6 +482,11 @@ class NodeHost:
         return await self._egress.close(sandbox_id)
 
     # --- volumes (node_volumes.py; node.proto's volumes block) ---
+
+    def allow_host_mounts(self, paths: list[str]) -> None:
+        """The host directories sandboxes may mount here (the control plane's
+        --allow-host-mount, sent at each of its starts; kept for a restarted node host)."""
+        self._volumes.allow_host_mounts(tuple(str(p) for p in paths))
 
     async def volume_usage(self, request_message: bytes) -> bytes:
         """What a volume takes of this node's disk (`npb.VolumeRef` -> `npb.VolumeUsage`)."""

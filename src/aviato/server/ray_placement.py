@@ -127,8 +127,11 @@ def node_host_args(config: ServerConfig, node_id: str) -> tuple[Any, ...]:
     """The arguments of the node host on `node_id`: where its state lives, its lease, its
     bounds, what its image pulls may do (the operator's insecure registries and pull
     limits hold on every node, as on a local service), the bound on all of its sandboxes
-    together (the operator's values, or where none was given, each node's own default), and the
-    host directories sandboxes may mount there (checked on the node)."""
+    together (the operator's values, or where none was given, each node's own default).
+
+    A node host that already runs keeps the arguments it was started with; what must follow
+    the control plane's options at each of its starts is sent after `start` (the host
+    directories sandboxes may mount: `allow_host_mounts`)."""
     return (
         os.path.join(config.ray_node_state_dir, node_id[:16]),
         config.ray_node_lease_seconds,
@@ -140,7 +143,6 @@ def node_host_args(config: ServerConfig, node_id: str) -> tuple[Any, ...]:
         config.cgroup_memory_bytes,
         config.cgroup_pids,
         config.egress_dns,
-        config.allow_host_mounts,
     )
 
 
@@ -307,6 +309,7 @@ class RayPlacement(Placement):
                 _await(actor.start.remote()), NODE_HOST_START_SECONDS
             )
             codec.check_version(facts.get("protocol"), node.id)
+            await _await(actor.allow_host_mounts.remote(list(self._config.allow_host_mounts)))
             if node.orphans:
                 await self._kill_orphans(node, actor, facts)
         except asyncio.CancelledError:
