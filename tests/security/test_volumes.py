@@ -22,6 +22,7 @@ What is proved here, each by a test that fails without its wall:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import stat
@@ -410,3 +411,12 @@ def test_the_cli_mounts_lists_and_removes_volumes(world: World) -> None:
     assert "clivol" not in aviato("volume", "ls").stdout
     bad = aviato("run", "-v", "../x:/c")
     assert bad.returncode == 2 and "volume name" in bad.stderr
+    sized = aviato("run", "-v", "clisized:/s:rw,size=2Mi", "--", "true")
+    assert sized.returncode == 0, sized.stderr
+    [listed] = [v for v in json.loads(aviato("volume", "ls", "--json").stdout)
+                if v["name"] == "clisized"]  # fmt: skip
+    assert listed["max_size_bytes"] == 2 * MiB and listed["size_enforced"]
+    assert aviato("volume", "rm", "clisized").returncode == 0
+    for option, words in (("size=ten", "is not a size"), ("ro,rw", "expected NAME")):
+        refused = aviato("run", "-v", f"x:/c:{option}")
+        assert refused.returncode == 2 and words in refused.stderr, refused.stderr

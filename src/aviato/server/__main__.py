@@ -267,8 +267,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     )  # fmt: skip
     vol.add_argument(
         "--volume-max-size", type=_memory, default=10 << 30, metavar="QUANTITY",
-        help="a volume holding this much can no longer be mounted read-write (default 10Gi; "
-             "0: no bound)",
+        help="the size of a new volume (a filesystem of its own: a hard bound) and the largest "
+             "one may ask for; an older (directory) volume holding this much can no longer be "
+             "mounted read-write (default 10Gi; 0: new volumes are unbounded directories)",
     )  # fmt: skip
     vol.add_argument(
         "--owner-max-volumes", type=_count, default=64, metavar="N",
