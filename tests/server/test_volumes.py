@@ -14,7 +14,7 @@ import pytest
 from aviato.runtime.base import PathRefused
 from aviato.runtime.host_mounts import HostMounts
 from aviato.runtime.model import DirectoryMount, SandboxConfig
-from aviato.runtime.volume_store import disk_usage
+from aviato.runtime.volume_store import VolumeStore, disk_usage
 from aviato.server.errors import CapacityExceeded, FailedPrecondition, InvalidArgument, NotFound
 from aviato.server.registry import Registry
 from aviato.server.volumes import Volumes, validate_mounts
@@ -140,3 +140,25 @@ def test_host_paths(tmp_path: Path) -> None:
         hosts.resolve(str(tmp_path / "allowed-not"))
     with pytest.raises(PathRefused, match="allows no host directories"):
         HostMounts([]).resolve(str(allowed))
+
+
+def test_what_a_killed_service_left_is_cleared_and_a_made_image_is_mounted_again(
+    tmp_path: Path,
+) -> None:
+    """Killed mid-format: the half-made image (a temporary name) is removed at the next start;
+    killed after the image was made but before it was mounted (or after a reboot): the next
+    use mounts it, with its files."""
+    store = VolumeStore(tmp_path)
+    key = "b" * 32
+    source = Path(store.ensure(key, "v", 2 << 20))
+    (source / "kept").write_text("yes")
+    store.unmount_all()  # as a reboot would
+    half = tmp_path / "volume-images" / key / ".w.img.123.tmp"
+    half.write_bytes(b"x" * 100)
+    store.clear_trash()
+    assert not half.exists()
+    again = Path(store.ensure(key, "v", 2 << 20))
+    assert again == source and (again / "kept").read_text() == "yes"
+    assert store.kind(key, "v") == "sized" and store.kind(key, "w") == ""
+    store.delete(key, "v")
+    assert store.kind(key, "v") == "" and not source.exists()

@@ -303,8 +303,15 @@ class VolumeStore:
             _libc.umount2(point.encode(), _MNT_DETACH)
 
     def clear_trash(self) -> None:
-        """Removes what deletes left behind (a service stopped during one)."""
+        """Removes what deletes left behind (a service stopped during one), and images whose
+        formatting a stopped service left unfinished (`.<name>.img.<pid>.tmp`)."""
         shutil.rmtree(self._trash, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            for owner in os.scandir(self._images):
+                with contextlib.suppress(OSError):
+                    for entry in os.scandir(owner.path):
+                        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                            os.unlink(entry.path)
 
 
 def _remove(path: Path) -> None:
