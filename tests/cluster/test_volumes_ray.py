@@ -73,18 +73,20 @@ def allowed(ray_cluster: RayCluster) -> Iterator[Path]:
     shutil.rmtree(base, ignore_errors=True)
 
 
+def restart_with(cluster: RayCluster, args: list[str]) -> None:
+    cluster.stop_server()
+    cluster.server_args = args
+    cluster.start_server()
+
+
 @pytest.fixture(scope="module")
 def world(ray_cluster: RayCluster, stub: SandboxServiceStub, allowed: Path) -> Iterator[World]:
     saved = list(ray_cluster.server_args)
-    ray_cluster.stop_server()
-    ray_cluster.server_args = ["--allow-host-mount", str(allowed), "--volume-max-size", "64Mi"]
-    ray_cluster.start_server()
+    restart_with(ray_cluster, ["--allow-host-mount", str(allowed), "--volume-max-size", "64Mi"])
     try:
         yield World(ray_cluster, stub)
     finally:
-        ray_cluster.stop_server()
-        ray_cluster.server_args = saved
-        ray_cluster.start_server()
+        restart_with(ray_cluster, saved)
 
 
 def vol(path: str, name: str, read_only: bool = False, size: int = 0) -> pb.DirectoryMount:
@@ -220,3 +222,33 @@ def test_a_volume_whose_node_is_gone_waits_for_it_and_can_still_be_deleted(
     assert "no ready node matches node_selector {aviato.node=" in reason, reason
     world.delete(world.alice, "orphan")
     assert "orphan" not in world.volumes(world.alice)
+
+
+def test_a_shared_volume_directory_serves_a_volume_on_every_node(world: World) -> None:
+    """With --ray-volume-dir (here a directory of this machine, which every node of the test
+    cluster shares), a new volume has no home: sandboxes on two nodes share it at once."""
+    cluster, alice = world.cluster, world.alice
+    shared = cluster.dir / "shared-volumes"
+    shared.mkdir(mode=0o700)
+    saved = list(cluster.server_args)
+    restart_with(cluster, [*saved, "--ray-volume-dir", str(shared)])
+    try:
+        one = run(alice, vol("/v", "everywhere"), node_selector={"aviato-test": "w1"})
+        two = run(alice, vol("/v", "everywhere"), node_selector={"aviato-test": "w2"})
+        assert one.node != two.node
+        assert sh(alice, one.id, "echo from-w1 > /v/f")[0] == 0
+        assert sh(alice, two.id, "cat /v/f; echo from-w2 >> /v/f") == (0, "from-w1\n")
+        assert sh(alice, one.id, "cat /v/f; stat -c %u /v/f") == (0, "from-w1\nfrom-w2\n0\n")
+        listed = world.volumes(alice)["everywhere"]
+        assert listed.node == "" and not listed.size_enforced and listed.size_bytes > 0
+        for sid in (one.id, two.id):
+            alice.stop(sid)
+        with pytest.raises(grpc.RpcError) as refused:
+            alice.create(mounts=[vol("/v", "sized", size=4 * MiB)], tags=[TAG])
+        assert "keeps volumes in a shared directory" in str(refused.value.details())
+        key = hashlib.sha256(b"local").hexdigest()[:32]
+        assert (shared / "volumes" / key / "everywhere" / "f").exists()
+        world.delete(alice, "everywhere")
+        assert not (shared / "volumes" / key / "everywhere").exists()
+    finally:
+        restart_with(cluster, saved)

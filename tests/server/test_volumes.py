@@ -30,7 +30,7 @@ def _unmount_below(tmp_path: Path) -> Iterator[None]:
         subprocess.run(["umount", "-l", point], check=False)
 
 
-def volumes(tmp_path: Path, placement: str = "local", **kw: int) -> Volumes:
+def volumes(tmp_path: Path, placement: str = "local", shared: str = "", **kw: int) -> Volumes:
     registry = Registry(tmp_path / "registry.db")
     return Volumes(
         tmp_path,
@@ -39,6 +39,7 @@ def volumes(tmp_path: Path, placement: str = "local", **kw: int) -> Volumes:
         owner_max_volumes=kw.get("owner_max_volumes", 2),
         host_mounts=HostMounts([str(tmp_path / "allowed")]),
         placement=placement,
+        shared_dir=shared,
     )
 
 
@@ -162,3 +163,28 @@ def test_what_a_killed_service_left_is_cleared_and_a_made_image_is_mounted_again
     assert store.kind(key, "v") == "sized" and store.kind(key, "w") == ""
     store.delete(key, "v")
     assert store.kind(key, "v") == "" and not source.exists()
+
+
+def test_with_a_shared_volume_directory_new_volumes_have_no_home(tmp_path: Path) -> None:
+    vols = volumes(tmp_path, "ray", shared=str(tmp_path / "shared"), owner_max_volumes=8)
+    homed = volumes(tmp_path, "ray", owner_max_volumes=8)  # as before --ray-volume-dir
+    old = homed.resolve("alice", config(DirectoryMount("/o", volume="old")))
+    homed.settle_homes("alice", old, "node-a")
+    made = vols.resolve("alice", config(DirectoryMount("/v", volume="v")))
+    source = Path(made.mounts[0].source)
+    assert source.is_dir() and source.is_relative_to(tmp_path / "shared" / "volumes")
+    assert made.node_selector == () and made.mounts[0].size_bytes == 0
+    vols.settle_homes("alice", made, "node-b")  # placed anywhere: it stays homeless
+    again = vols.resolve("alice", config(DirectoryMount("/v", volume="v")))
+    assert again.node_selector == () and again.mounts[0].source == str(source)
+    # a volume made before keeps its home
+    pinned = vols.resolve("alice", config(DirectoryMount("/o", volume="old")))
+    assert pinned.node_selector == (("aviato.node", "node-a"),)
+    with pytest.raises(InvalidArgument, match="keeps volumes in a shared directory"):
+        vols.resolve("alice", config(DirectoryMount("/s", volume="s", size_bytes=1 << 20)))
+    [listed] = [v for v in asyncio.run(vols.of_owner("alice", {})) if v.name == "v"]
+    assert listed.node == "" and not listed.size_enforced
+    with pytest.raises(FailedPrecondition, match="which this service no longer has"):
+        homed.resolve("alice", config(DirectoryMount("/v", volume="v")))
+    asyncio.run(vols.delete("alice", "v", []))
+    assert not source.exists()

@@ -8,8 +8,10 @@ sandbox's config with each volume named by owner key, name and size, and host di
 path asked for; the node host fills in what to bind (`NodeVolumes.resolve`) before it creates
 the sandbox: volumes are made on first use, host directories checked against the operator's
 allowed trees on this node's own disk (`--allow-host-mount`: the control plane sends its list
-at each of its starts, `allow_host_mounts`; the node host keeps it in `host-mounts.json` for a
-restart of its own).
+at each of its starts, `configure`; the node host keeps it in `mounts.json` for a restart of its
+own). A volume in the shared volume directory (`--ray-volume-dir`) comes with its directory
+named (`source`), made by the control plane on the same shared filesystem; the node host checks
+that it lies there, and binds it as any volume.
 
 What survives: the files and (for sized volumes) their mounts, across restarts of the node host
 and of the control plane; not a move of the node's state directory (a node whose Ray node id
@@ -20,13 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
 from aviato._private import private_dir, write_private
 from aviato.cluster.link import NodeLink
 from aviato.node.v1 import node_pb2 as npb
-from aviato.runtime.base import SandboxConfig
+from aviato.runtime.base import PathRefused, SandboxConfig
 from aviato.runtime.host_mounts import HostMounts
 from aviato.runtime.volume_store import VolumeStore
 
@@ -38,18 +41,39 @@ class NodeVolumes:
 
     def __init__(self, state_dir: Path) -> None:
         self.store = VolumeStore(state_dir)
-        self._allowed_path = state_dir / "host-mounts.json"
+        self._kept = state_dir / "mounts.json"
         try:
-            allowed = [str(p) for p in json.loads(self._allowed_path.read_text())]
-        except (OSError, ValueError, TypeError):
-            allowed = []
+            kept = json.loads(self._kept.read_text())
+            allowed, shared = [str(p) for p in kept["host_mounts"]], str(kept["volume_dir"])
+        except (OSError, ValueError, TypeError, KeyError):
+            allowed, shared = [], ""
         self.host_mounts = HostMounts(allowed)
+        self._shared = shared
 
-    def allow_host_mounts(self, paths: tuple[str, ...]) -> None:
-        """The host directories sandboxes may mount from now on (kept for a restart)."""
-        self.host_mounts = HostMounts(paths)
-        private_dir(self._allowed_path.parent)
-        write_private(self._allowed_path, json.dumps(list(paths)).encode())
+    def configure(self, host_mounts: tuple[str, ...], volume_dir: str) -> None:
+        """The host directories sandboxes may mount, and the shared volume directory ("" none),
+        from now on (kept for a restart)."""
+        self.host_mounts = HostMounts(host_mounts)
+        self._shared = volume_dir
+        private_dir(self._kept.parent)
+        plain = {"host_mounts": list(host_mounts), "volume_dir": volume_dir}
+        write_private(self._kept, json.dumps(plain).encode())
+
+    def _shared_source(self, source: str) -> str:
+        """A volume's directory in the shared volume directory, which the control plane made
+        and named: it must lie there (and be a directory on this node too)."""
+        below = os.path.join(self._shared, "volumes", "") if self._shared else ""
+        if not below or not source.startswith(below) or ".." in source.split("/"):
+            raise PathRefused(
+                f"{source!r} is not in this node's shared volume directory "
+                f"({self._shared or 'none'}); the control plane and its node hosts disagree"
+            )
+        if not os.path.isdir(source):
+            raise PathRefused(
+                f"the shared volume directory {self._shared} does not hold {source!r} on this "
+                "node: is it mounted here (the same filesystem as on the control plane)?"
+            )
+        return source
 
     async def start(self) -> None:
         """Removes what deletes left behind when an earlier node host stopped during one."""
@@ -64,6 +88,8 @@ class NodeVolumes:
         for mount in config.mounts:
             if mount.host_path:
                 source = self.host_mounts.resolve(mount.host_path)
+            elif mount.source:  # in the shared volume directory
+                source = self._shared_source(mount.source)
             else:
                 source = await asyncio.to_thread(
                     self.store.ensure, mount.volume_key, mount.volume, mount.size_bytes

@@ -483,10 +483,11 @@ class NodeHost:
 
     # --- volumes (node_volumes.py; node.proto's volumes block) ---
 
-    def allow_host_mounts(self, paths: list[str]) -> None:
-        """The host directories sandboxes may mount here (the control plane's
-        --allow-host-mount, sent at each of its starts; kept for a restarted node host)."""
-        self._volumes.allow_host_mounts(tuple(str(p) for p in paths))
+    def configure_mounts(self, host_mounts: list[str], volume_dir: str) -> None:
+        """The host directories sandboxes may mount here and the shared volume directory (the
+        control plane's --allow-host-mount and --ray-volume-dir, sent at each of its starts;
+        kept for a restarted node host)."""
+        self._volumes.configure(tuple(str(p) for p in host_mounts), str(volume_dir))
 
     async def volume_usage(self, request_message: bytes) -> bytes:
         """What a volume takes of this node's disk (`npb.VolumeRef` -> `npb.VolumeUsage`)."""

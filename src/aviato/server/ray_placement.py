@@ -131,7 +131,7 @@ def node_host_args(config: ServerConfig, node_id: str) -> tuple[Any, ...]:
 
     A node host that already runs keeps the arguments it was started with; what must follow
     the control plane's options at each of its starts is sent after `start` (the host
-    directories sandboxes may mount: `allow_host_mounts`)."""
+    directories sandboxes may mount and the shared volume directory: `configure_mounts`)."""
     return (
         os.path.join(config.ray_node_state_dir, node_id[:16]),
         config.ray_node_lease_seconds,
@@ -309,7 +309,11 @@ class RayPlacement(Placement):
                 _await(actor.start.remote()), NODE_HOST_START_SECONDS
             )
             codec.check_version(facts.get("protocol"), node.id)
-            await _await(actor.allow_host_mounts.remote(list(self._config.allow_host_mounts)))
+            await _await(
+                actor.configure_mounts.remote(
+                    list(self._config.allow_host_mounts), self._config.ray_volume_dir
+                )
+            )
             if node.orphans:
                 await self._kill_orphans(node, actor, facts)
         except asyncio.CancelledError:

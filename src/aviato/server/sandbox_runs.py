@@ -82,6 +82,7 @@ class SandboxRuns:
             host_mounts=HostMounts(config.allow_host_mounts),
             placement=placement.name,
             volume_host=placement.volume_host,
+            shared_dir=config.ray_volume_dir,
         )
         self.volumes.clear_trash()
 

@@ -18,8 +18,11 @@ Placement: locally the service's own store holds every volume. Under Ray a volum
 home node, the node of the first sandbox that mounted it (recorded after placement,
 `settle_homes`); every later sandbox that mounts it gets the node selector `aviato.node=<home>`
 added, and the node host makes the files and binds them. A sandbox whose volumes live on two
-nodes is refused. Host directories are checked here by their text (allowed trees) and, where
-they are bound, on the disk (runtime/host_mounts.py).
+nodes is refused. With a shared volume directory (`--ray-volume-dir`, the same shared filesystem
+on every node and here), new volumes are directory volumes there instead, usable from any node
+(their `node` is SHARED); this service makes, measures and deletes them itself. Host
+directories are checked here by their text (allowed trees) and, where they are bound, on the
+disk (runtime/host_mounts.py).
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ log = logging.getLogger("aviato.server.volumes")
 
 MAX_MOUNTS = 32
 NODE_KEY = "aviato.node"  # the node selector's key that ray_placement matches to a node id
+# The `node` of a volume in the shared volume directory (--ray-volume-dir): it has no home.
+SHARED = "(shared)"
 # How long a listing or a delete waits for a volume's node.
 NODE_CALL_SECONDS = 10.0
 MAX_VOLUME_NAME = 64
@@ -161,7 +166,8 @@ class Volumes:
     """The service's volumes: their records, sizes, homes, and who mounts them.
 
     `store`: the local placement's volumes (this machine's). `volume_host(node)`: the volumes
-    of a Ray node (None when the node is unknown: gone); None for the local placement."""
+    of a Ray node (None when the node is unknown: gone); None for the local placement.
+    `shared_dir`: under Ray, the shared volume directory ("" none)."""
 
     def __init__(
         self,
@@ -173,8 +179,12 @@ class Volumes:
         host_mounts: HostMounts,
         placement: str,
         volume_host: Callable[[str], VolumeHost | None] | None = None,
+        shared_dir: str = "",
     ) -> None:
         self.store = VolumeStore(state_dir)
+        self._shared = (
+            VolumeStore(Path(shared_dir)) if shared_dir and placement != "local" else None
+        )
         self._records = records
         self.max_bytes = max_bytes
         self.owner_max_volumes = owner_max_volumes
@@ -209,12 +219,23 @@ class Volumes:
                 continue
             row = self._ensure_record(owner, mount, field)
             mount = replace(mount, volume_key=key, size_bytes=row.max_bytes)
+            store = self.store
             if self._remote:
-                if row.node:
-                    homes.setdefault(row.node, mount.volume)
-                mounts.append(mount)
-                continue
-            mounts.append(replace(mount, source=self._local_source(owner, mount, row, field)))
+                if row.node == SHARED and self._shared is None:
+                    raise FailedPrecondition(
+                        f"{field}.volume: volume {mount.volume!r} lives in the shared volume "
+                        "directory, which this service no longer has (aviato server "
+                        "--ray-volume-dir)"
+                    )
+                if row.node != SHARED:
+                    if row.node:
+                        homes.setdefault(row.node, mount.volume)
+                    mounts.append(mount)
+                    continue
+                assert self._shared is not None  # refused above otherwise
+                store = self._shared
+            source = self._local_source(owner, mount, row, field, store)
+            mounts.append(replace(mount, source=source))
         config = replace(config, mounts=tuple(mounts))
         return self._pin_to_home(config, homes) if homes else config
 
@@ -253,7 +274,18 @@ class Volumes:
             size = asked or self.max_bytes
             if not self._remote and self.store.sized_error:
                 size = 0  # this machine cannot make sized volumes: a directory volume
+            if self._shared is not None:
+                if asked:
+                    raise InvalidArgument(
+                        f"{field}.size_bytes",
+                        f"volume {name!r}: this service keeps volumes in a shared directory "
+                        "(aviato server --ray-volume-dir), where it measures their sizes but "
+                        "cannot enforce them; ask for no size",
+                    )
+                size = 0
             self._records.insert(owner, name, _now_ns(), size)
+            if self._shared is not None:
+                self._records.settle_node(owner, name, SHARED)
             row = self._records.get(owner, name)
             assert row is not None
         elif asked and row.max_bytes and asked != row.max_bytes:
@@ -264,14 +296,18 @@ class Volumes:
             )
         return row
 
-    def _local_source(self, owner: str, mount: DirectoryMount, row: VolumeRow, field: str) -> str:
+    def _local_source(
+        self, owner: str, mount: DirectoryMount, row: VolumeRow, field: str, store: VolumeStore
+    ) -> str:
+        """The volume's files made (on first use) in `store`, which this machine reaches: the
+        local placement's, or the shared volume directory."""
         try:
-            source = self.store.ensure(mount.volume_key, mount.volume, row.max_bytes)
+            source = store.ensure(mount.volume_key, mount.volume, row.max_bytes)
         except SandboxRuntimeError as e:
             raise FailedPrecondition(f"{field}.volume: volume {mount.volume!r}: {e}") from None
         if not mount.read_only and self.max_bytes and not row.max_bytes:
             # A directory volume (made before sizes were enforced): its measured bound.
-            size = self.store.usage(mount.volume_key, mount.volume)
+            size = store.usage(mount.volume_key, mount.volume)
             self._records.set_size(owner, mount.volume, size)
             if size >= self.max_bytes:
                 raise CapacityExceeded(
@@ -312,7 +348,7 @@ class Volumes:
             if not mount.volume:
                 continue
             home = self._records.settle_node(owner, mount.volume, node)
-            if home and home != node:
+            if home and home not in (node, SHARED):
                 raise FailedPrecondition(
                     f"volume {mount.volume!r} was made on node {home[:12]} by another sandbox "
                     f"meanwhile, and this one was placed on {node[:12]}; create it again"
@@ -333,7 +369,8 @@ class Volumes:
             result.append(
                 VolumeInfo(
                     row.name, size, row.max_bytes or self.max_bytes, row.created_ns,
-                    tuple(used_by.get(row.name, ())), row.node, bool(row.max_bytes),
+                    tuple(used_by.get(row.name, ())), "" if row.node == SHARED else row.node,
+                    bool(row.max_bytes),
                 )
             )  # fmt: skip
         return result
@@ -341,6 +378,10 @@ class Volumes:
     async def _measure(self, key: str, row: VolumeRow) -> int:
         if not self._remote:
             return await asyncio.to_thread(self.store.usage, key, row.name)
+        if row.node == SHARED:
+            if self._shared is None:
+                return row.size_bytes
+            return await asyncio.to_thread(self._shared.usage, key, row.name)
         host = self._host_of(row.node)
         if host is None:
             return row.size_bytes
@@ -371,6 +412,14 @@ class Volumes:
         key = owner_key(owner)
         if not self._remote:
             await asyncio.to_thread(self.store.delete, key, name)
+        elif row.node == SHARED:
+            if self._shared is None:
+                log.warning(
+                    "volume %s of %s was in the shared volume directory, which this service "
+                    "no longer has (--ray-volume-dir): its files stay there", name, key,
+                )  # fmt: skip
+            else:
+                await asyncio.to_thread(self._shared.delete, key, name)
         elif row.node:
             host = self._host_of(row.node)
             if host is None:
@@ -391,6 +440,8 @@ class Volumes:
     def clear_trash(self) -> None:
         """Removes what deletes on this machine left behind (a service stopped during one)."""
         self.store.clear_trash()
+        if self._shared is not None:
+            self._shared.clear_trash()
 
 
 def _now_ns() -> int:

@@ -220,18 +220,22 @@ class OwnUserns:
     # mounts one (the launcher's --stage-volumes).
     volumes_from: str = ""
     volumes_at: str = ""
-    # Sized volumes (runtime/volume_store.py): filesystems mounted below `volume_mounts_from`,
-    # each staged on its own (the launcher's --volume) at `VOLUME_AT/<i>`; `staged` holds the
-    # (host mount, staged at) pairs of one sandbox (`for_config`).
+    # Every other volume (runtime/volume_store.py: a sized volume's filesystem, mounted below
+    # `volume_mounts_from`, or a directory in a shared volume directory) is staged on its own
+    # (the launcher's --volume) at `VOLUME_AT/<i>`; `staged` holds the (host directory, staged
+    # at) pairs of one sandbox (`for_config`).
     volume_mounts_from: str = ""
     staged: tuple[tuple[str, str], ...] = ()
 
     def for_config(self, config: SandboxConfig) -> OwnUserns:
-        """This namespace with the sized volumes that `config` mounts staged, one place each."""
-        if not self.volume_mounts_from:
-            return self
-        below = self.volume_mounts_from + "/"
-        sources = dict.fromkeys(m.source for m in config.mounts if m.source.startswith(below))
+        """This namespace with the volumes that `config` mounts staged, one place each, but
+        those below `volumes_from` (staged together)."""
+        below = self.volumes_from + "/"
+        sources = dict.fromkeys(
+            m.source
+            for m in config.mounts
+            if m.volume and m.source and not (self.volumes_from and m.source.startswith(below))
+        )
         staged = tuple((source, f"{VOLUME_AT}/{i}") for i, source in enumerate(sources))
         return replace(self, staged=staged)
 
