@@ -28,6 +28,7 @@ from aviato.runtime.bubblewrap.command import MAX_STAGED_VOLUMES, VOLUME_AT, Own
 from aviato.runtime.cgroups import SandboxCgroup
 from aviato.runtime.supervisor import SupervisorConnection
 from aviato.runtime.userns import IdRange
+from aviato.runtime.volume_store import VOLUME_MOUNTS
 from aviato.runtime.writable_layers import Layer, WritableLayers
 
 # Where the inherited descriptors land in the launcher, bwrap and the supervisor.
@@ -118,9 +119,13 @@ def staged_launch(
     return launch
 
 
-def volume_stage_points() -> list[str]:
-    """The host directories at which launchers stage sized volumes (empty on the host)."""
-    return [f"{VOLUME_AT}/{i}" for i in range(MAX_STAGED_VOLUMES)]
+def own_userns(state_dir: Path) -> OwnUserns:
+    """How a root service's launchers stage `state_dir` (read-only), its directory volumes and
+    each other volume (writable); makes the (empty) places on the host they stage at."""
+    for at in (STAGE_AT, VOLUMES_AT, *(f"{VOLUME_AT}/{i}" for i in range(MAX_STAGED_VOLUMES))):
+        os.makedirs(at, mode=0o755, exist_ok=True)
+    return OwnUserns(str(state_dir), STAGE_AT, str(state_dir / "volumes"), VOLUMES_AT,
+                     str(state_dir / VOLUME_MOUNTS))  # fmt: skip
 
 
 def write_mounted_files(directory: Path, config: SandboxConfig) -> list[tuple[str, str]]:

@@ -80,16 +80,14 @@ from aviato.runtime.bubblewrap.host_processes import (
 from aviato.runtime.bubblewrap.launch import (
     FD_SECCOMP,
     LAUNCH_ENV,
-    STAGE_AT,
-    VOLUMES_AT,
     Launcher,
     SandboxExists,
     SandboxStartFailed,
     connect_supervisor,
     launch_oom_adj,
+    own_userns,
     private_copy,
     staged_launch,
-    volume_stage_points,
     write_mounted_files,
 )
 from aviato.runtime.bubblewrap.layer_setup import check_layer, layer_root
@@ -113,7 +111,6 @@ from aviato.runtime.oci_image_root import image_root
 from aviato.runtime.snapshot_store import SnapshotStore
 from aviato.runtime.supervisor import SupervisorConnection, supervisor_binary
 from aviato.runtime.userns import IdRange, IdRanges, RangesExhausted
-from aviato.runtime.volume_store import VOLUME_MOUNTS
 from aviato.runtime.writable_layers import Layer, WritableLayers
 
 log = logging.getLogger("aviato.runtime")
@@ -174,15 +171,7 @@ class BubblewrapRuntime(Runtime):
         self._ranges: IdRanges | None = None
         if not self._rootless:
             self._ranges = IdRanges(self._state_dir, sandbox_running)
-            self._userns = OwnUserns(
-                str(self._state_dir),
-                STAGE_AT,
-                str(self._state_dir / "volumes"),
-                VOLUMES_AT,
-                str(self._state_dir / VOLUME_MOUNTS),
-            )
-            for mount_point in (STAGE_AT, VOLUMES_AT, *volume_stage_points()):
-                os.makedirs(mount_point, mode=0o755, exist_ok=True)
+            self._userns = own_userns(self._state_dir)
             if self._supervisor:
                 self._supervisor = private_copy(Path(self._supervisor), self._state_dir / "bin")
         self.layers: WritableLayers | None = (
