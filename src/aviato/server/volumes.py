@@ -358,12 +358,14 @@ class Volumes:
 
     async def of_owner(self, owner: str, used_by: dict[str, list[str]]) -> list[VolumeInfo]:
         """The owner's volumes, each measured now (locally in a thread; under Ray by its node,
-        or as last measured when the node does not answer). `used_by`: volume name -> the
-        live sandboxes that mount it."""
+        or as last measured when the node does not answer within NODE_CALL_SECONDS: all at
+        once, so a listing takes about that long at most). `used_by`: volume name -> the live
+        sandboxes that mount it."""
         key = owner_key(owner)
         result = []
-        for row in self._records.of_owner(owner):
-            size = await self._measure(key, row)
+        rows = self._records.of_owner(owner)
+        sizes = await asyncio.gather(*(self._measure(key, row) for row in rows))
+        for row, size in zip(rows, sizes, strict=True):
             if size != row.size_bytes:
                 self._records.set_size(owner, row.name, size)
             result.append(
