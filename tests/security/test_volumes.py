@@ -21,6 +21,7 @@ What is proved here, each by a test that fails without its wall:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -323,6 +324,47 @@ def test_a_sandbox_that_fills_a_volume_takes_no_more_of_the_hosts_disk_than_its_
     assert 2 * MiB < fill.size_bytes <= 4 * MiB  # its own metadata takes part of 4Mi
     world.delete("alice", "fill")
     assert not image.exists() and not world.volume_dir("alice", "fill").exists()
+
+
+def _host_pids_of(sandbox_id: str) -> list[int]:
+    """Host pids whose cgroup names the sandbox (its launcher's bwrap monitor among them)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if sandbox_id in Path(entry.path, "cgroup").read_text():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_sandbox_pins_only_the_volumes_it_mounts(world: World) -> None:
+    """Each launcher detaches the volume filesystems from its mount namespace: a sandbox that
+    started while another's volume was mounted holds no copy of it (which would keep its loop
+    device and its image's blocks after a delete)."""
+    alice = world.client("alice")
+    user = alice.running(mounts=[vol("/v", "pinned")]).id
+    bystander = alice.running().id
+    mounted = str(world.volume_dir("alice", "pinned"))
+    with open("/proc/self/mountinfo") as f:
+        [device] = [line.split()[2] for line in f if line.split()[4] == mounted]
+
+    def devices(sandbox_id: str) -> set[str]:
+        found: set[str] = set()
+        pids = _host_pids_of(sandbox_id)
+        assert pids
+        for pid in pids:
+            with contextlib.suppress(FileNotFoundError):
+                text = Path(f"/proc/{pid}/mountinfo").read_text()
+                found.update(line.split()[2] for line in text.splitlines())
+        return found
+
+    assert device in devices(user)  # its launcher stages it (and its sandbox binds it)
+    assert device not in devices(bystander)
+    for sid in (user, bystander):
+        alice.stop(sid)
+    world.delete("alice", "pinned")
 
 
 @pytest.mark.parametrize(
