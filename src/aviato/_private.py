@@ -50,6 +50,7 @@ FILE_MODE = 0o600
 # private, never what sandboxes put in them.
 KEEP_MODES_BELOW = (
     "images/roots/*/rootfs", "images/tmp/*/rootfs", "volumes/*", "volumes-deleted",
+    "volume-mounts/*",
 )  # fmt: skip
 # Files that sandboxes use, through the launcher's id-mapped view of the state directory (a root
 # service; see runtime/native/privileges.c), in which host root's files belong to the sandbox's

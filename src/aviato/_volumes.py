@@ -21,6 +21,7 @@ from aviato._bridge import get_bridge
 from aviato._client import get_client
 from aviato.exceptions import SandboxValidationError
 from aviato.v1 import sandbox_pb2 as pb
+from aviato.v1.quantities import QuantityError, parse_bytes
 
 __all__ = ["HostMount", "Volume", "VolumeInfo", "Volumes", "mounts_to_proto"]
 
@@ -30,10 +31,15 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 @dataclass(frozen=True, slots=True)
 class Volume:
     """The caller's volume `name` (letters, digits, '.', '_', '-'; at most 64), mounted
-    read-write, or read-only with ``read_only=True``. ``Volume.from_name(name)`` is the same."""
+    read-write, or read-only with ``read_only=True``. ``Volume.from_name(name)`` is the same.
+
+    ``size`` (bytes, or a quantity such as ``"10Gi"``): the size a new volume is made with, a
+    hard bound (a write past it fails with "No space left on device" in the sandbox); None: the
+    service's default. An existing volume keeps its size (another size is refused)."""
 
     name: str
     read_only: bool = False
+    size: int | str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
@@ -43,10 +49,38 @@ class Volume:
             )
         if not isinstance(self.read_only, bool):
             raise TypeError(f"Volume.read_only must be True or False, not {self.read_only!r}")
+        self.size_bytes  # noqa: B018 (refuses a nonsense size now, not at the create)
+
+    @property
+    def size_bytes(self) -> int:
+        """The size asked for in bytes (0: the service's default)."""
+        size = self.size
+        if size is None:
+            return 0
+        if isinstance(size, bool) or not isinstance(size, int | str):
+            raise TypeError(
+                f"Volume({self.name!r}): size must be bytes (an int) or a quantity such as "
+                f"'10Gi', not {type(size).__name__}"
+            )
+        if isinstance(size, str):
+            try:
+                size = parse_bytes(size)
+            except QuantityError:
+                raise SandboxValidationError(
+                    f"Volume({self.name!r}): size {self.size!r} is not a size; give bytes or a "
+                    "quantity such as '512Mi' or '10Gi'"
+                ) from None
+        if size <= 0:
+            raise SandboxValidationError(
+                f"Volume({self.name!r}): size must be positive, not {self.size!r}"
+            )
+        return size
 
     @classmethod
-    def from_name(cls, name: str, *, read_only: bool = False) -> Volume:
-        return cls(name, read_only)
+    def from_name(
+        cls, name: str, *, read_only: bool = False, size: int | str | None = None
+    ) -> Volume:
+        return cls(name, read_only, size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +112,12 @@ def mounts_to_proto(volumes: Mapping[str, Volume | HostMount] | None) -> list[pb
         if not isinstance(path, str) or not path.startswith("/"):
             raise SandboxValidationError(f"volumes: {path!r} is not an absolute sandbox path")
         if isinstance(item, Volume):
-            result.append(pb.DirectoryMount(path=path, volume=item.name, read_only=item.read_only))
+            result.append(
+                pb.DirectoryMount(
+                    path=path, volume=item.name, read_only=item.read_only,
+                    size_bytes=item.size_bytes,
+                )
+            )  # fmt: skip
         elif isinstance(item, HostMount):
             result.append(pb.DirectoryMount(path=path, host_path=item.host_path, read_only=True))
         else:
@@ -95,11 +134,16 @@ class VolumeInfo:
     name: str
     #: what its files take on disk, measured when listed
     size_bytes: int
-    #: once it holds this much it can be mounted read-only only (0: no bound)
+    #: its size: a hard bound when `size_enforced`; else (an older volume) once it holds this
+    #: much it can be mounted read-only only (0: no bound)
     max_size_bytes: int
     created_at: datetime | None
     #: ids of the live sandboxes that mount it (such a volume cannot be deleted)
     used_by: tuple[str, ...]
+    #: under Ray: the node that holds its files (sandboxes that mount it run there)
+    node: str = ""
+    #: whether `max_size_bytes` is a hard bound (a filesystem of that size) or only measured
+    size_enforced: bool = False
 
     @classmethod
     def _of(cls, volume: pb.Volume) -> VolumeInfo:
@@ -112,6 +156,8 @@ class VolumeInfo:
             max_size_bytes=volume.max_size_bytes,
             created_at=created,
             used_by=tuple(volume.used_by),
+            node=volume.node,
+            size_enforced=volume.size_enforced,
         )
 
 

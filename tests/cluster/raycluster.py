@@ -103,6 +103,8 @@ class RayCluster:
         self.placement_timeout = placement_timeout
         self.node_lease = node_lease
         self.server: subprocess.Popen[bytes] | None = None
+        # More options of the control plane (a test module may restart it with its own).
+        self.server_args: list[str] = []
         self.left_behind: set[str] = set()
         self.known_ids: set[str] = set()
         self._links: list[str] = []
@@ -193,7 +195,7 @@ class RayCluster:
                 "--ray-node-state-dir", str(self.node_state_dir),
                 "--placement-timeout", str(self.placement_timeout),
                 "--ray-node-lease", str(self.node_lease),
-                "--insecure-registry", self.registry_address]  # fmt: skip
+                "--insecure-registry", self.registry_address, *self.server_args]  # fmt: skip
         self.server = subprocess.Popen(argv, stdout=log, stderr=log, env=self.env())
         log.close()
         deadline = time.monotonic() + 90
@@ -277,12 +279,14 @@ class RayCluster:
         """Removes, through a BubblewrapRuntime, what sandboxes left in every node's state (a killed
         node leaves its sandboxes' cgroups); returns the ids it found."""
         from aviato.runtime.bubblewrap import BubblewrapRuntime
+        from aviato.runtime.volume_store import VolumeStore
 
         found: set[str] = set()
         if not self.node_state_dir.is_dir():
             return found
 
         async def run(directory: Path) -> None:
+            VolumeStore(directory).unmount_all()
             runtime = BubblewrapRuntime(directory)
             for sid in runtime.list_present():
                 found.add(sid)

@@ -499,7 +499,11 @@ class Service:
 
 
 def _runtime_cleanup(state_dir: Path, cgroup_parent: str = "aviato") -> None:
-    """Removes every sandbox the state directory still has, through the runtime itself."""
+    """Removes every sandbox the state directory still has, through the runtime itself, and
+    unmounts its sized volumes."""
+    from aviato.runtime.volume_store import VolumeStore
+
+    VolumeStore(state_dir).unmount_all()
     if not (state_dir / "sandboxes").is_dir():
         return
     import asyncio

@@ -12,17 +12,24 @@ What is proved here, each by a test that fails without its wall:
   what it chmods set-id lies in a directory only host root can enter;
 - names with '/', '..' or too long are refused, and so are mount paths the image cannot take;
 - host directories: only under an allowed tree, also after resolving symlinks; read-only;
-- a volume filled past its bound can no longer be mounted read-write (read-only still works);
+- a sized volume is a hard bound: a sandbox that fills it gets ENOSPC and the host's disk holds
+  at most its size for it; nonsense sizes are refused in words;
+- an older (directory) volume keeps its files; filled past the service's bound it can no longer
+  be mounted read-write (read-only still works);
 - deleting a volume in use is refused, naming the sandbox; `aviato volume ls|rm` and `-v`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import re
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,11 +114,15 @@ class World:
         self.svc.finish()
         subprocess.run(["rm", "-rf", str(self.allowed), str(self.outside)], check=False)
 
-    def volume_dir(self, owner: str, name: str) -> Path:
-        import hashlib
+    def key(self, owner: str) -> str:
+        return hashlib.sha256(owner.encode()).hexdigest()[:32]
 
+    def volume_dir(self, owner: str, name: str) -> Path:
+        """Where a volume's files are on the host: a sized volume's mounted filesystem, or an
+        older directory volume's directory."""
         key = hashlib.sha256(owner.encode()).hexdigest()[:32]
-        return self.svc.state_dir / "volumes" / key / name
+        mounted = self.svc.state_dir / "volume-mounts" / key / name
+        return mounted if mounted.exists() else self.svc.state_dir / "volumes" / key / name
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +233,7 @@ def test_no_device_nodes_and_set_id_files_stay_unreachable(world: World) -> None
     st = on_host.lstat()
     # The bit stays on the file (the sandbox's root owns it), but no host user other than root
     # can reach it: the owner's directory and everything above it are private to host root.
-    for directory in (on_host.parent.parent, world.svc.state_dir / "volumes", world.svc.state_dir):
+    for directory in (on_host.parent.parent, on_host.parent.parent.parent, world.svc.state_dir):
         mode = stat.S_IMODE(directory.stat().st_mode)
         assert mode & 0o077 == 0, (directory, oct(mode))
     nobody = subprocess.run(
@@ -293,11 +304,108 @@ def test_host_mounts_only_under_the_allowed_tree_and_read_only(world: World) -> 
         assert "host only" not in details_of(refused.value)
 
 
-def test_a_volume_past_its_bound_is_mounted_read_only_only(world: World) -> None:
+def test_a_sandbox_that_fills_a_volume_takes_no_more_of_the_hosts_disk_than_its_size(
+    world: World,
+) -> None:
     alice = world.client("alice")
-    sid = alice.running(mounts=[vol("/v", "full")]).id
-    assert sh(alice, sid, "head -c 6000000 /dev/urandom > /v/big && echo ok")[1] == "ok\n"
+    a = alice.running(mounts=[vol("/v", "fill")]).id
+    b = alice.running(mounts=[vol("/w", "fill")]).id  # two writers at once: one bound
+    code, out = sh(alice, a, "head -c 6000000 /dev/urandom > /v/big; echo rc=$?")
+    assert "No space left on device" in out and "rc=0" not in out, out
+    code, out = sh(alice, b, "head -c 100000 /dev/zero > /w/more")  # full for the other too
+    assert code != 0 and "No space left on device" in out, out
+    image = world.svc.state_dir / "volume-images" / world.key("alice") / "fill.img"
+    assert image.stat().st_size == 4 * MiB
+    assert image.stat().st_blocks * 512 <= 4 * MiB  # all the host's disk holds for it
+    for sid in (a, b):
+        alice.stop(sid)
+    [fill] = [v for v in world.volumes("alice") if v.name == "fill"]
+    assert fill.size_enforced and fill.max_size_bytes == 4 * MiB
+    assert 2 * MiB < fill.size_bytes <= 4 * MiB  # its own metadata takes part of 4Mi
+    world.delete("alice", "fill")
+    assert not image.exists() and not world.volume_dir("alice", "fill").exists()
+
+
+def _host_pids_of(sandbox_id: str) -> list[int]:
+    """Host pids whose cgroup names the sandbox (its launcher's bwrap monitor among them)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if sandbox_id in Path(entry.path, "cgroup").read_text():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_sandbox_pins_only_the_volumes_it_mounts(world: World) -> None:
+    """Each launcher detaches the volume filesystems from its mount namespace: a sandbox that
+    started while another's volume was mounted holds no copy of it (which would keep its loop
+    device and its image's blocks after a delete)."""
+    alice = world.client("alice")
+    user = alice.running(mounts=[vol("/v", "pinned")]).id
+    bystander = alice.running().id
+    mounted = str(world.volume_dir("alice", "pinned"))
+    with open("/proc/self/mountinfo") as f:
+        [device] = [line.split()[2] for line in f if line.split()[4] == mounted]
+
+    def devices(sandbox_id: str) -> set[str]:
+        found: set[str] = set()
+        pids = _host_pids_of(sandbox_id)
+        assert pids
+        for pid in pids:
+            with contextlib.suppress(FileNotFoundError):
+                text = Path(f"/proc/{pid}/mountinfo").read_text()
+                found.update(line.split()[2] for line in text.splitlines())
+        return found
+
+    assert device in devices(user)  # its launcher stages it (and its sandbox binds it)
+    assert device not in devices(bystander)
+    for sid in (user, bystander):
+        alice.stop(sid)
+    world.delete("alice", "pinned")
+
+
+@pytest.mark.parametrize(
+    ("size", "code", "words"),
+    [
+        (
+            5 * MiB,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "is more than this service allows a volume (4Mi",
+        ),
+        (1000, grpc.StatusCode.INVALID_ARGUMENT, "is too small; a volume has at least 1Mi"),
+        (-1, grpc.StatusCode.INVALID_ARGUMENT, "cannot be negative"),
+        (2 * MiB, grpc.StatusCode.FAILED_PRECONDITION, "exists with size 3Mi"),
+    ],
+)
+def test_nonsense_sizes_are_refused_in_words(
+    world: World, size: int, code: grpc.StatusCode, words: str
+) -> None:
+    alice = world.client("alice")
+    sid = alice.running(
+        mounts=[pb.DirectoryMount(path="/v", volume="sized", size_bytes=3 * MiB)]
+    ).id
     alice.stop(sid)
+    with pytest.raises(grpc.RpcError) as refused:
+        alice.create(mounts=[pb.DirectoryMount(path="/v", volume="sized", size_bytes=size)])
+    assert code_of(refused.value) == code, details_of(refused.value)
+    assert words in details_of(refused.value), details_of(refused.value)
+    assert "spec.mounts[0]" in details_of(refused.value)
+
+
+def test_an_older_directory_volume_keeps_its_files_and_its_measured_bound(world: World) -> None:
+    """A volume made before sizes were enforced (a directory, `max_bytes` 0 in its row) is
+    still mounted as it is; once it holds the service's bound it is mounted read-only only."""
+    legacy = world.svc.state_dir / "volumes" / world.key("alice") / "full"
+    legacy.mkdir(parents=True)
+    os.chmod(legacy.parent, 0o700)
+    (legacy / "big").write_bytes(os.urandom(6000000))
+    reg = Registry(world.svc.state_dir / "registry.db")
+    reg.volumes.insert("alice", "full", time.time_ns(), 0)
+    reg.close()
+    alice = world.client("alice")
     with pytest.raises(grpc.RpcError) as refused:
         alice.create(mounts=[vol("/v", "full")])
     assert code_of(refused.value) == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -345,3 +453,12 @@ def test_the_cli_mounts_lists_and_removes_volumes(world: World) -> None:
     assert "clivol" not in aviato("volume", "ls").stdout
     bad = aviato("run", "-v", "../x:/c")
     assert bad.returncode == 2 and "volume name" in bad.stderr
+    sized = aviato("run", "-v", "clisized:/s:rw,size=2Mi", "--", "true")
+    assert sized.returncode == 0, sized.stderr
+    [listed] = [v for v in json.loads(aviato("volume", "ls", "--json").stdout)
+                if v["name"] == "clisized"]  # fmt: skip
+    assert listed["max_size_bytes"] == 2 * MiB and listed["size_enforced"]
+    assert aviato("volume", "rm", "clisized").returncode == 0
+    for option, words in (("size=ten", "is not a size"), ("ro,rw", "expected NAME")):
+        refused = aviato("run", "-v", f"x:/c:{option}")
+        assert refused.returncode == 2 and words in refused.stderr, refused.stderr

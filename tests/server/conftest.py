@@ -26,6 +26,8 @@ from server_helpers import (
     sandbox_processes,
 )
 
+from aviato.runtime.volume_store import VolumeStore
+
 
 def _known_ids(state_dir: Path) -> set[str]:
     ids: set[str] = set()
@@ -62,6 +64,7 @@ def finish(server: ServerProcess) -> None:
     if server.proc is not None and server.proc.poll() is None:
         server.stop()
     ids = _clean_up(server.state_dir, server.cgroup_parent)
+    VolumeStore(server.state_dir).unmount_all()  # sized volumes stay mounted across restarts
     layers = server.state_dir / "layers"
     if layers.is_dir():  # disk layers: every sandbox's is gone, the root bind goes too
         assert not [p for p in layers.iterdir() if os.path.ismount(p)], "layer mounts remain"

@@ -15,26 +15,39 @@ from aviato.cli._output import age, describe, human_bytes, iso, print_json, prin
 
 
 def parse_volume_options(values: tuple[str, ...]) -> dict[str, Volume | HostMount] | None:
-    """`-v NAME:/path[:ro]` and `-v /host/dir:/path` (a host directory, always read-only) as
+    """`-v NAME:/path[:OPTIONS]` (OPTIONS: `ro` or `rw`, and `size=QUANTITY` for a new
+    volume, comma-separated) and `-v /host/dir:/path` (a host directory, always read-only) as
     the SDK's ``volumes``; a bad one is a usage error naming it."""
     mounts: dict[str, Volume | HostMount] = {}
+    expected = "expected NAME:/path[:ro][,size=10Gi] or /host/dir:/path"
     for value in values:
         parts = value.split(":")
-        mode = ""
-        if len(parts) == 3:
-            mode = parts.pop()
-        if len(parts) != 2 or not parts[0] or not parts[1] or mode not in ("", "ro", "rw"):
-            raise click.BadParameter(
-                f"{value!r}: expected NAME:/path[:ro] or /host/dir:/path", param_hint="-v"
-            )
+        options = parts.pop().split(",") if len(parts) == 3 else []
+        sizes = [o.removeprefix("size=") for o in options if o.startswith("size=")]
+        modes = [o for o in options if not o.startswith("size=")]
+        if (
+            len(parts) != 2
+            or not parts[0]
+            or not parts[1]
+            or len(sizes) > 1
+            or len(modes) > 1
+            or any(m not in ("ro", "rw") for m in modes)
+        ):
+            raise click.BadParameter(f"{value!r}: {expected}", param_hint="-v")
         source, path = parts
         if path in mounts:
             raise click.BadParameter(f"{path!r} is mounted twice", param_hint="-v")
         try:
             if source.startswith("/"):
+                if options:
+                    raise click.BadParameter(
+                        f"{value!r}: a host directory takes no options (it is read-only)",
+                        param_hint="-v",
+                    )
                 mounts[path] = HostMount(source)
             else:
-                mounts[path] = Volume(source, read_only=mode == "ro")
+                size = sizes[0] if sizes else None
+                mounts[path] = Volume(source, read_only=modes == ["ro"], size=size)
         except AviatoError as exc:
             raise click.BadParameter(str(exc), param_hint="-v") from None
     return mounts or None
@@ -65,6 +78,8 @@ def ls(as_json: bool) -> None:
                     "name": v.name,
                     "size_bytes": v.size_bytes,
                     "max_size_bytes": v.max_size_bytes,
+                    "size_enforced": v.size_enforced,
+                    "node": v.node,
                     "created_at": iso(v.created_at),
                     "used_by": list(v.used_by),
                 }
@@ -72,17 +87,27 @@ def ls(as_json: bool) -> None:
             ]
         )
         return
+    nodes = any(v.node for v in volumes)
     rows = [
         [
             v.name,
             human_bytes(v.size_bytes),
-            human_bytes(v.max_size_bytes) if v.max_size_bytes else "-",
+            _bound(v.max_size_bytes, v.size_enforced),
+            *([v.node[:12] or "-"] if nodes else []),
             age(v.created_at),
             ", ".join(v.used_by) or "-",
         ]
         for v in volumes
     ]
-    print_table(["NAME", "SIZE", "BOUND", "CREATED", "USED BY"], rows, wrap=["USED BY"])
+    heads = ["NAME", "USED", "SIZE", *(["NODE"] if nodes else []), "CREATED", "USED BY"]
+    print_table(heads, rows, wrap=["USED BY"])
+
+
+def _bound(max_size_bytes: int, enforced: bool) -> str:
+    """A sized volume's size; an older volume's measured bound, marked with "~"."""
+    if not max_size_bytes:
+        return "-"
+    return human_bytes(max_size_bytes) if enforced else "~" + human_bytes(max_size_bytes)
 
 
 @volume.command("rm")

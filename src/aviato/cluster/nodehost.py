@@ -47,6 +47,7 @@ from aviato.cluster import codec
 from aviato.cluster.node_egress import NodeEgress
 from aviato.cluster.node_paths import path_handlers
 from aviato.cluster.node_snapshots import NodeStateCalls, snapshot_handlers
+from aviato.cluster.node_volumes import NodeVolumes
 from aviato.images.limits import PullLimits
 from aviato.node.v1 import node_pb2 as npb
 from aviato.runtime.base import (
@@ -107,6 +108,7 @@ class NodeHost(NodeStateCalls):
     ) -> None:
         self._state_dir = Path(state_dir)
         self._egress = NodeEgress(self._state_dir, egress_dns)
+        self._volumes = NodeVolumes(self._state_dir)
         self._cgroup_parent = cgroup_parent
         self._parent_limits = (parent_memory_bytes, parent_pids)
         self._insecure_registries = tuple(insecure_registries)
@@ -147,6 +149,7 @@ class NodeHost(NodeStateCalls):
                         if not isinstance(attached, MainExit):
                             self._handles[sandbox_id] = attached
                 await self._egress.restore(dict(self._handles))
+                await self._volumes.start()
                 self._fence_task = asyncio.create_task(self._fence_forever())
                 await self._serve_exec()
         return {
@@ -260,6 +263,7 @@ class NodeHost(NodeStateCalls):
         """Creates the sandbox of an `npb.SandboxConfig`."""
         config = codec.decode_config(npb.SandboxConfig.FromString(config_message))
         runtime = await self._ready()
+        config = await self._volumes.resolve(config)
         self._holdings[config.sandbox_id] = [cpu, memory]
         self._save_holdings()
         try:
@@ -489,6 +493,24 @@ class NodeHost(NodeStateCalls):
     async def close_egress(self, sandbox_id: str) -> bytes:
         """Stops serving a sandbox's egress: its final figures (an `npb.EgressUsages`)."""
         return await self._egress.close(sandbox_id)
+
+    # --- volumes (node_volumes.py; node.proto's volumes block) ---
+
+    def configure_mounts(self, host_mounts: list[str], volume_dir: str) -> None:
+        """The host directories sandboxes may mount here and the shared volume directory (the
+        control plane's --allow-host-mount and --ray-volume-dir, sent at each of its starts;
+        kept for a restarted node host)."""
+        self._volumes.configure(tuple(str(p) for p in host_mounts), str(volume_dir))
+
+    async def volume_usage(self, request_message: bytes) -> bytes:
+        """What a volume takes of this node's disk (`npb.VolumeRef` -> `npb.VolumeUsage`)."""
+        await self._ready()
+        return await self._volumes.usage(request_message)
+
+    async def delete_volume(self, request_message: bytes) -> None:
+        """Removes a volume's files here (an `npb.VolumeRef`)."""
+        await self._ready()
+        await self._volumes.delete(request_message)
 
     # --- fencing ---
 

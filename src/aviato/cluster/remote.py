@@ -45,6 +45,7 @@ from aviato.cluster.node_paths import (
     remote_write_file_at,
     typed,
 )
+from aviato.cluster.node_volumes import RemoteVolumes
 from aviato.cluster.port_relay import connect_remote_port
 from aviato.cluster.remote_egress import NodeEgressHost
 from aviato.cluster.remote_exec import start_exec
@@ -118,6 +119,8 @@ class NodeRuntime(Runtime):
         self._snapshots: set[str] = {str(s) for s in facts.get("snapshots", [])}
         self._bring_snapshot = bring_snapshot
         self._bringing: dict[str, asyncio.Future[None]] = {}
+        # The volumes whose home is this node (node_volumes.py).
+        self.volumes = RemoteVolumes(self.link)
 
     def sandbox_ids(self) -> list[str]:
         """The sandboxes this runtime has handles for."""

@@ -82,13 +82,18 @@ class DirectoryMount:
     host directory (`host_path` as asked; always read-only). `source` is the host directory
     that is bound: the volume's directory, or the host path with every symlink resolved and
     re-checked against the allowed trees. The service fills it in at create (the request
-    cannot name it); a runtime binds `source` and nothing else."""
+    cannot name it); a runtime binds `source` and nothing else. Under Ray the node host of the
+    sandbox's node fills it in from `volume_key` (the owner's key, runtime/volume_store.py) and
+    `size_bytes` (the volume's enforced size; 0: a directory volume), or from `host_path`.
+    `size_bytes` of a request: the size a new volume is made with (0: the service's default)."""
 
     path: str
     volume: str = ""
     host_path: str = ""
     read_only: bool = False
     source: str = ""
+    volume_key: str = ""
+    size_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -267,12 +267,19 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     )  # fmt: skip
     vol.add_argument(
         "--volume-max-size", type=_memory, default=10 << 30, metavar="QUANTITY",
-        help="a volume holding this much can no longer be mounted read-write (default 10Gi; "
-             "0: no bound)",
+        help="the size of a new volume (a filesystem of its own: a hard bound) and the largest "
+             "one may ask for; an older (directory) volume holding this much can no longer be "
+             "mounted read-write (default 10Gi; 0: new volumes are unbounded directories)",
     )  # fmt: skip
     vol.add_argument(
         "--owner-max-volumes", type=_count, default=64, metavar="N",
         help="volumes per owner (default 64; 0: no bound)",
+    )  # fmt: skip
+    vol.add_argument(
+        "--ray-volume-dir", default="", metavar="DIR",
+        help="--placement ray: keep new volumes in DIR, a shared filesystem mounted at the same "
+             "path on every node and here (one that supports id-mapped mounts, e.g. CephFS; "
+             "not NFS), usable from any node; sizes are then measured, not enforced",
     )  # fmt: skip
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning",
@@ -292,6 +299,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         p.error("--tls-cert and --tls-key must be given together")
     if args.tls_cert and not args.listen:
         p.error("--tls-cert/--tls-key need --listen")
+    if args.ray_volume_dir and args.placement != "ray":
+        p.error("--ray-volume-dir needs --placement ray")
+    if args.ray_volume_dir and not os.path.isabs(args.ray_volume_dir):
+        p.error(f"--ray-volume-dir: {args.ray_volume_dir!r} is not an absolute path")
     return ServerConfig(
         state_dir=resolve_state_dir(args.state_dir),
         listen=args.listen,
@@ -331,6 +342,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         volume_max_bytes=args.volume_max_size,
         owner_max_volumes=args.owner_max_volumes,
         allow_host_mounts=tuple(dict.fromkeys(args.allow_host_mount)),
+        ray_volume_dir=args.ray_volume_dir,
     )
 
 

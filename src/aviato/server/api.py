@@ -232,7 +232,7 @@ class SandboxServicer(ExecStreams, FileStreams, LogStreams, PortTunnels, PathCal
     async def DeleteVolume(
         self, owner: str, request: pb.DeleteVolumeRequest, context: Ctx
     ) -> pb.DeleteVolumeResponse:
-        self._lifecycle.delete_volume(owner, request.name)
+        await self._lifecycle.delete_volume(owner, request.name)
         return pb.DeleteVolumeResponse()
 
     # -- snapshots and forks (server/snapshots.py) ---------------------------------------------

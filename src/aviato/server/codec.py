@@ -96,7 +96,8 @@ def decode_spec(spec: pb.SandboxSpec, defaults: SpecDefaults) -> ValidSpec:
         spec.idle_timeout_seconds, "spec.idle_timeout_seconds", 0.0, validation.MAX_LIFETIME_SECONDS
     )
     mounts = validate_mounts(
-        ((m.path, m.volume, m.host_path, m.read_only) for m in spec.mounts), "spec.mounts"
+        ((m.path, m.volume, m.host_path, m.read_only, m.size_bytes) for m in spec.mounts),
+        "spec.mounts",
     )
     writable_layer = validation.validate_choice(
         spec.writable_layer, "spec.writable_layer", ("memory", "disk"), defaults.writable_layer
@@ -265,7 +266,11 @@ def _encode_spec(rec: SandboxRecord) -> pb.SandboxSpec:
         idle_timeout_seconds=config.idle_timeout_seconds,
         mounts=[
             pb.DirectoryMount(
-                path=m.path, volume=m.volume, host_path=m.host_path, read_only=m.read_only
+                path=m.path,
+                volume=m.volume,
+                host_path=m.host_path,
+                read_only=m.read_only,
+                size_bytes=m.size_bytes,
             )
             for m in config.mounts
         ],
@@ -355,6 +360,8 @@ def encode_volume(volume: VolumeInfo) -> pb.Volume:
         size_bytes=volume.size_bytes,
         max_size_bytes=volume.max_size_bytes,
         used_by=volume.used_by,
+        node=volume.node,
+        size_enforced=volume.size_enforced,
     )
     msg.created_at.FromNanoseconds(volume.created_ns)
     return msg

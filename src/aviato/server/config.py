@@ -155,9 +155,12 @@ class ServerConfig:
     # Volumes (docs/volumes.md): the bound on each volume's size (a read-write mount of a volume
     # that holds this much is refused; 0: no bound), how many volumes each owner may have (0: no
     # bound), and the host directories sandboxes may mount read-only (resolved at start).
+    # Under Ray, `ray_volume_dir`: a directory mounted at the same path on every node and on the
+    # control plane's machine (shared storage), where new volumes live usable from any node.
     volume_max_bytes: int = 10 << 30
     owner_max_volumes: int = 64
     allow_host_mounts: tuple[str, ...] = ()
+    ray_volume_dir: str = ""
 
     def spec_defaults(self) -> SpecDefaults:
         """The defaults that validation resolves in every sandbox spec."""

@@ -271,9 +271,9 @@ class Lifecycle(Pausing, Reconciliation):
                         users.setdefault(mount.volume, []).append(live.rec.id)
         return users
 
-    def delete_volume(self, owner: str, name: str) -> None:
+    async def delete_volume(self, owner: str, name: str) -> None:
         """Deletes the owner's volume `name`; refused while a live sandbox mounts it."""
-        self.volumes.delete(owner, name, self.volume_users(owner).get(name, []))
+        await self.volumes.delete(owner, name, self.volume_users(owner).get(name, []))
 
     async def wait(
         self, owner: str, sandbox_id: str, terminal: bool, wait_seconds: float

@@ -23,6 +23,7 @@ from aviato.egress.host import EgressHost
 from aviato.egress.resolver import Resolver
 from aviato.egress.sandboxes import InProcessEgressHost
 from aviato.runtime.base import Runtime, SandboxConfig
+from aviato.runtime.volume_store import VolumeHost
 
 __all__ = ["LocalPlacement", "Placement", "UnknownNode"]
 
@@ -72,6 +73,11 @@ class Placement(abc.ABC):
         """Moves the main log of a sandbox that ended to `into` (the service keeps it there for
         StreamLogs until the record is deleted), before its runtime state is cleaned up.
         Nothing when there is no log; OSError when it cannot be moved."""
+
+    def volume_host(self, node: str) -> VolumeHost | None:
+        """The volumes of another machine's node (None: unknown, or the service's own store
+        holds them, as for the local placement)."""
+        return None
 
     async def start(self) -> None:
         """Connects to whatever the placement needs (a cluster); before the lifecycle starts."""

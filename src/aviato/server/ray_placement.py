@@ -52,6 +52,7 @@ from aviato.cluster.remote import NODE_HOST_LOST, NodeRuntime
 from aviato.cluster.remote_snapshots import copy_snapshot
 from aviato.egress.host import EgressHost
 from aviato.runtime.base import MainExit, Runtime, SandboxConfig, SandboxHandle, SandboxRuntimeError
+from aviato.runtime.volume_store import VolumeHost
 from aviato.server.config import ServerConfig
 from aviato.server.placement import Placement, UnknownNode
 from aviato.v1.quantities import format_bytes
@@ -132,8 +133,12 @@ class _Unplaced(Runtime):
 def node_host_args(config: ServerConfig, node_id: str) -> tuple[Any, ...]:
     """The arguments of the node host on `node_id`: where its state lives, its lease, its
     bounds, what its image pulls may do (the operator's insecure registries and pull
-    limits hold on every node, as on a local service), and the bound on all of its sandboxes
-    together (the operator's values, or where none was given, each node's own default)."""
+    limits hold on every node, as on a local service), the bound on all of its sandboxes
+    together (the operator's values, or where none was given, each node's own default).
+
+    A node host that already runs keeps the arguments it was started with; what must follow
+    the control plane's options at each of its starts is sent after `start` (the host
+    directories sandboxes may mount and the shared volume directory: `configure_mounts`)."""
     return (
         os.path.join(config.ray_node_state_dir, node_id[:16]),
         config.ray_node_lease_seconds,
@@ -311,6 +316,11 @@ class RayPlacement(Placement):
                 _await(actor.start.remote()), NODE_HOST_START_SECONDS
             )
             codec.check_version(facts.get("protocol"), node.id)
+            await _await(
+                actor.configure_mounts.remote(
+                    list(self._config.allow_host_mounts), self._config.ray_volume_dir
+                )
+            )
             if node.orphans:
                 await self._kill_orphans(node, actor, facts)
         except asyncio.CancelledError:
@@ -479,6 +489,12 @@ class RayPlacement(Placement):
 
     def nodes(self) -> dict[str, Runtime]:
         return {n.id: n.runtime for n in self._nodes.values() if n.runtime is not None}
+
+    def volume_host(self, node: str) -> VolumeHost | None:
+        found = self._nodes.get(node)
+        if found is None or found.runtime is None or not found.alive:
+            return None
+        return found.runtime.volumes
 
     def keep_log(self, node: str, sandbox_id: str, into: Path) -> None:
         # The control plane's copy of the node's log (remote.py), kept whatever became of the

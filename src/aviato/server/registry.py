@@ -47,7 +47,7 @@ from aviato.server.records import (
     SandboxRecord,
     SandboxStatus,
 )
-from aviato.server.volumes import VOLUMES_MIGRATION, VolumeRecords
+from aviato.server.volume_records import VOLUME_HOMES_MIGRATION, VOLUMES_MIGRATION, VolumeRecords
 
 __all__ = [
     "ALL_STATUSES",
@@ -216,6 +216,10 @@ _MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     );
     CREATE INDEX snapshots_owner ON snapshots (owner, created_ns);
     """,
+    # 8: reserved for another part of issue 17 (ray-snap); empty here.
+    "",
+    # 9: where each volume lives under Ray and its enforced size (server/volume_records.py).
+    VOLUME_HOMES_MIGRATION,
 )
 
 

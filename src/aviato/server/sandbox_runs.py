@@ -25,9 +25,10 @@ from aviato.runtime.base import (
     SandboxHandle,
     SandboxRuntimeError,
 )
+from aviato.runtime.host_mounts import HostMounts
 from aviato.server.admission import Admission
 from aviato.server.config import ServerConfig
-from aviato.server.errors import SandboxNotFound
+from aviato.server.errors import SandboxNotFound, ServiceError
 from aviato.server.placement import Placement, UnknownNode
 from aviato.server.port_forward import FLUSH_SECONDS, PortForwarder
 from aviato.server.records import (
@@ -41,7 +42,7 @@ from aviato.server.sandbox_states import (
     classify_exit,
     status_name,
 )
-from aviato.server.volumes import HostMounts, Volumes
+from aviato.server.volumes import Volumes
 
 __all__ = ["SandboxRuns"]
 
@@ -80,6 +81,8 @@ class SandboxRuns:
             owner_max_volumes=config.owner_max_volumes,
             host_mounts=HostMounts(config.allow_host_mounts),
             placement=placement.name,
+            volume_host=placement.volume_host,
+            shared_dir=config.ray_volume_dir,
         )
         self.volumes.clear_trash()
 
@@ -252,6 +255,11 @@ class SandboxRuns:
             return False
         live.rec.node, live.runtime = placed
         live.rec.reason = ""
+        try:  # a volume's first use makes this node its home
+            self.volumes.settle_homes(live.rec.owner, live.config, live.rec.node)
+        except ServiceError as e:
+            self._finish(live, FAILED, str(e), None, time.time_ns())
+            return False
         return True
 
     async def _pull_image(self, live: LiveSandbox) -> bool:

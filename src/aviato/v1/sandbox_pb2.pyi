@@ -543,30 +543,36 @@ class ExtendSandboxRequest(_message.Message):
     def __init__(self, sandbox_id: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class DirectoryMount(_message.Message):
-    __slots__ = ("path", "volume", "host_path", "read_only")
+    __slots__ = ("path", "volume", "host_path", "read_only", "size_bytes")
     PATH_FIELD_NUMBER: _ClassVar[int]
     VOLUME_FIELD_NUMBER: _ClassVar[int]
     HOST_PATH_FIELD_NUMBER: _ClassVar[int]
     READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     path: str
     volume: str
     host_path: str
     read_only: bool
-    def __init__(self, path: _Optional[str] = ..., volume: _Optional[str] = ..., host_path: _Optional[str] = ..., read_only: _Optional[bool] = ...) -> None: ...
+    size_bytes: int
+    def __init__(self, path: _Optional[str] = ..., volume: _Optional[str] = ..., host_path: _Optional[str] = ..., read_only: _Optional[bool] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class Volume(_message.Message):
-    __slots__ = ("name", "size_bytes", "max_size_bytes", "created_at", "used_by")
+    __slots__ = ("name", "size_bytes", "max_size_bytes", "created_at", "used_by", "node", "size_enforced")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     USED_BY_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_ENFORCED_FIELD_NUMBER: _ClassVar[int]
     name: str
     size_bytes: int
     max_size_bytes: int
     created_at: _timestamp_pb2.Timestamp
     used_by: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., max_size_bytes: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., used_by: _Optional[_Iterable[str]] = ...) -> None: ...
+    node: str
+    size_enforced: bool
+    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., max_size_bytes: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., used_by: _Optional[_Iterable[str]] = ..., node: _Optional[str] = ..., size_enforced: _Optional[bool] = ...) -> None: ...
 
 class ListVolumesRequest(_message.Message):
     __slots__ = ()

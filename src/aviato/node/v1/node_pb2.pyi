@@ -478,3 +478,17 @@ class ImportSnapshotRequest(_message.Message):
     data: bytes
     end: bool
     def __init__(self, header: _Optional[_Union[ImportSnapshotHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., end: _Optional[bool] = ...) -> None: ...
+
+class VolumeRef(_message.Message):
+    __slots__ = ("owner_key", "name")
+    OWNER_KEY_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    owner_key: str
+    name: str
+    def __init__(self, owner_key: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class VolumeUsage(_message.Message):
+    __slots__ = ("size_bytes",)
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    size_bytes: int
+    def __init__(self, size_bytes: _Optional[int] = ...) -> None: ...

@@ -29,7 +29,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 from aviato.runtime.base import PathRefused, SandboxConfig, SandboxRuntimeError
@@ -39,6 +39,10 @@ from aviato.runtime.userns import PROTECTED_ID
 MIN_VERSION = (0, 10, 0)
 ENV_OVERRIDE = "AVIATO_BWRAP"
 HOSTNAME = "sandbox"
+# Where a root service's launcher stages the sized volumes a sandbox mounts, one directory each
+# (0..MAX_STAGED_VOLUMES-1, made on the host at start, empty there).
+VOLUME_AT = "/run/aviato/volume"
+MAX_STAGED_VOLUMES = 32
 
 
 class BwrapUnavailable(SandboxRuntimeError):
@@ -216,8 +220,29 @@ class OwnUserns:
     # mounts one (the launcher's --stage-volumes).
     volumes_from: str = ""
     volumes_at: str = ""
+    # Every other volume (runtime/volume_store.py: a sized volume's filesystem, mounted below
+    # `volume_mounts_from`, or a directory in a shared volume directory) is staged on its own
+    # (the launcher's --volume) at `VOLUME_AT/<i>`; `staged` holds the (host directory, staged
+    # at) pairs of one sandbox (`for_config`).
+    volume_mounts_from: str = ""
+    staged: tuple[tuple[str, str], ...] = ()
+
+    def for_config(self, config: SandboxConfig) -> OwnUserns:
+        """This namespace with the volumes that `config` mounts staged, one place each, but
+        those below `volumes_from` (staged together)."""
+        below = self.volumes_from + "/"
+        sources = dict.fromkeys(
+            m.source
+            for m in config.mounts
+            if m.volume and m.source and not (self.volumes_from and m.source.startswith(below))
+        )
+        staged = tuple((source, f"{VOLUME_AT}/{i}") for i, source in enumerate(sources))
+        return replace(self, staged=staged)
 
     def host_path(self, path: str) -> str:
+        for source, at in self.staged:
+            if path == source or path.startswith(source + "/"):
+                return at + path[len(source) :]
         if self.volumes_from and (
             path == self.volumes_from or path.startswith(self.volumes_from + "/")
         ):

@@ -24,10 +24,11 @@ from typing import Any
 from aviato._private import DIR_MODE, MOUNTED_FILE_MODE, SANDBOX_BINARY_MODE, private_dir
 from aviato.runtime import seccomp
 from aviato.runtime.base import PathRefused, SandboxConfig, SandboxGone, SandboxRuntimeError
-from aviato.runtime.bubblewrap.command import OwnUserns
+from aviato.runtime.bubblewrap.command import MAX_STAGED_VOLUMES, VOLUME_AT, OwnUserns
 from aviato.runtime.cgroups import SandboxCgroup
 from aviato.runtime.supervisor import SupervisorConnection
 from aviato.runtime.userns import IdRange
+from aviato.runtime.volume_store import VOLUME_MOUNTS
 from aviato.runtime.writable_layers import Layer, WritableLayers
 
 # Where the inherited descriptors land in the launcher, bwrap and the supervisor.
@@ -107,11 +108,24 @@ def staged_launch(
     directory staged read-only, and staged writable the volumes (when it mounts one) and its
     writable layer (when the node keeps layers on disk)."""
     launch = [*ids.launcher_args(), "--stage", f"{userns.stage_from}:{userns.stage_at}"]
-    if any(m.volume for m in config.mounts):
+    if any(m.source.startswith(userns.volumes_from + "/") for m in config.mounts):
         launch += ["--stage-volumes", f"{userns.volumes_from}:{userns.volumes_at}"]
+    for source, at in userns.staged:
+        launch += ["--volume", f"{source}:{at}"]
     if layers is not None:
         launch += layers.launcher_args(layer)
+    if userns.volume_mounts_from and os.path.isdir(userns.volume_mounts_from):
+        launch += ["--detach", userns.volume_mounts_from]
     return launch
+
+
+def own_userns(state_dir: Path) -> OwnUserns:
+    """How a root service's launchers stage `state_dir` (read-only), its directory volumes and
+    each other volume (writable); makes the (empty) places on the host they stage at."""
+    for at in (STAGE_AT, VOLUMES_AT, *(f"{VOLUME_AT}/{i}" for i in range(MAX_STAGED_VOLUMES))):
+        os.makedirs(at, mode=0o755, exist_ok=True)
+    return OwnUserns(str(state_dir), STAGE_AT, str(state_dir / "volumes"), VOLUMES_AT,
+                     str(state_dir / VOLUME_MOUNTS))  # fmt: skip
 
 
 def write_mounted_files(directory: Path, config: SandboxConfig) -> list[tuple[str, str]]:

@@ -80,13 +80,12 @@ from aviato.runtime.bubblewrap.host_processes import (
 from aviato.runtime.bubblewrap.launch import (
     FD_SECCOMP,
     LAUNCH_ENV,
-    STAGE_AT,
-    VOLUMES_AT,
     Launcher,
     SandboxExists,
     SandboxStartFailed,
     connect_supervisor,
     launch_oom_adj,
+    own_userns,
     private_copy,
     staged_launch,
     write_mounted_files,
@@ -172,11 +171,7 @@ class BubblewrapRuntime(Runtime):
         self._ranges: IdRanges | None = None
         if not self._rootless:
             self._ranges = IdRanges(self._state_dir, sandbox_running)
-            self._userns = OwnUserns(
-                str(self._state_dir), STAGE_AT, str(self._state_dir / "volumes"), VOLUMES_AT
-            )
-            for mount_point in (STAGE_AT, VOLUMES_AT):
-                os.makedirs(mount_point, mode=0o755, exist_ok=True)
+            self._userns = own_userns(self._state_dir)
             if self._supervisor:
                 self._supervisor = private_copy(Path(self._supervisor), self._state_dir / "bin")
         self.layers: WritableLayers | None = (
@@ -420,9 +415,10 @@ class BubblewrapRuntime(Runtime):
         layer: Layer | None = None
         try:
             files = write_mounted_files(directory, config)
-            if self.layers is not None and self._userns is not None:
+            userns = None if self._userns is None else self._userns.for_config(config)
+            if self.layers is not None and userns is not None:
                 layer, root = await layer_root(config, root, self.layers, self._snapshots,
-                                               self._userns)  # fmt: skip
+                                               userns)  # fmt: skip
             assert self._bwrap is not None
             argv = build_argv(
                 self._bwrap.path,
@@ -432,15 +428,15 @@ class BubblewrapRuntime(Runtime):
                 mounted_files=files,
                 seccomp_fd=FD_SECCOMP,
                 rootless=self._rootless,
-                userns=self._userns,
+                userns=userns,
             )
             launch: list[str] = []
-            if self._ranges is not None and self._userns is not None:
+            if self._ranges is not None and userns is not None:
                 try:
                     ids = self._ranges.claim(sid)
                 except RangesExhausted as exc:
                     raise CapacityExhausted(f"sandbox {sid}: {exc.strerror}") from exc
-                launch = staged_launch(ids, self._userns, config, self.layers, layer)
+                launch = staged_launch(ids, userns, config, self.layers, layer)
             if limits is not None:
                 try:
                     cgroup = self._cgroups.create(sid, limits)

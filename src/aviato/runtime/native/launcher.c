@@ -18,7 +18,10 @@ int launch(int argc, char **argv) {
     int i = 2;
     unsigned long ns_base = 0, ns_count = 0;
     char *stage_from = NULL, *stage_at = NULL, *volumes_from = NULL, *volumes_at = NULL;
-    char *layer_from = NULL, *layer_at = NULL, *detach = NULL;
+    char *layer_from = NULL, *layer_at = NULL;
+    const char *volume_from[MAX_STAGED_VOLUMES], *volume_at[MAX_STAGED_VOLUMES];
+    const char *detach[MAX_DETACH];
+    int volumes = 0, detaches = 0;
     for (; i < argc && strcmp(argv[i], "--"); i++) {
         if (!strcmp(argv[i], "--userns") && i + 1 < argc) {
             char *end;
@@ -51,8 +54,20 @@ int launch(int argc, char **argv) {
             *colon = 0, layer_at = colon + 1;
             continue;
         }
+        if (!strcmp(argv[i], "--volume") && i + 1 < argc) {
+            char *from = argv[++i];
+            char *colon = strrchr(from, ':');
+            if (!colon || colon == from || !colon[1])
+                die("--volume: expected FROM:AT, got '%s'", from);
+            if (volumes == MAX_STAGED_VOLUMES)
+                die("--volume: more than %d volumes", MAX_STAGED_VOLUMES);
+            *colon = 0;
+            volume_from[volumes] = from, volume_at[volumes++] = colon + 1;
+            continue;
+        }
         if (!strcmp(argv[i], "--detach") && i + 1 < argc) {
-            detach = argv[++i];
+            if (detaches == MAX_DETACH) die("--detach: more than %d", MAX_DETACH);
+            detach[detaches++] = argv[++i];
             continue;
         }
         if (!strcmp(argv[i], "--cgroup-procs") && i + 1 < argc) {
@@ -68,8 +83,8 @@ int launch(int argc, char **argv) {
         }
     }
     if (i + 1 >= argc) die("--launch: missing '-- PROG ARGS...'");
-    if ((volumes_from || layer_from || detach) && !stage_from)
-        die("--stage-volumes, --layer and --detach need --stage");
+    if ((volumes_from || layer_from || volumes || detaches) && !stage_from)
+        die("--stage-volumes, --volume, --layer and --detach need --stage");
     setsid(); /* EPERM if already a group leader: fine */
     char **prog = argv + i + 1;
     if (ns_count) {
@@ -78,7 +93,8 @@ int launch(int argc, char **argv) {
         int fd = open(prog[0], O_PATH | O_CLOEXEC);
         if (fd < 0) die("cannot open %s: %s", prog[0], strerror(errno));
         struct staging st = {stage_from, stage_at, volumes_from, volumes_at,
-                             layer_from, layer_at, detach};
+                             layer_from, layer_at, volume_from, volume_at, volumes,
+                             detach, detaches};
         if (priv_enter_userns(ns_base, ns_count, &st) < 0) return 125;
         syscall(SYS_execveat, fd, "", prog, environ, AT_EMPTY_PATH);
         fprintf(stderr, "aviato-supervisor: cannot execute %s: %s\n", prog[0], strerror(errno));

@@ -233,11 +233,15 @@ static int map_and_stage(pid_t target, unsigned long base, unsigned long count,
     if (!rc && st->volumes_from)
         rc = stage_idmapped(userns, st->volumes_from, st->volumes_at, 1, what);
     if (!rc && st->layer_from) rc = stage_idmapped(userns, st->layer_from, st->layer_at, 1, what);
+    for (int i = 0; !rc && i < st->volumes; i++)
+        rc = stage_idmapped(userns, st->volume_from[i], st->volume_at[i], 1, what);
     close(userns);
-    /* Every sandbox's layer is mounted under `detach`: without this, this mount namespace
-     * would keep a copy of each and pin it (and its loop device) until this sandbox ends. */
-    *what = "detaching the other sandboxes' layers";
-    if (!rc && st->detach && umount2(st->detach, MNT_DETACH) < 0 && errno != EINVAL) rc = errno;
+    /* Every sandbox's layer (and every volume filesystem) is mounted under a `detach` tree:
+     * without this, this mount namespace would keep a copy of each and pin it (and its loop
+     * device) until this sandbox ends. */
+    if (!rc) *what = "detaching the other sandboxes' layers and volumes";
+    for (int i = 0; !rc && i < st->detaches; i++)
+        if (umount2(st->detach[i], MNT_DETACH) < 0 && errno != EINVAL) rc = errno;
     return rc;
 }
 

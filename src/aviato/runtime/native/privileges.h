@@ -21,13 +21,19 @@ struct sandbox_user {
  * that the sandbox's root owns what host root owns there. The other views of `st` are staged the
  * same way but writable (still nosuid, nodev): `volumes_from` (the service's volumes) at
  * `volumes_at`, `layer_from` (a mount point: the sandbox's writable-layer filesystem, mounted by
- * the service) at `layer_at`. `detach`: a mount point unmounted (lazily) in that mount namespace
- * afterwards. Returns 0, or -1 with a message on stderr. */
+ * the service) at `layer_at`, and each `volume_from[i]` (a mount point: a volume's own
+ * filesystem, mounted by the service) at `volume_at[i]`. `detach`: mount points unmounted
+ * (lazily) in that mount namespace afterwards. Returns 0, or -1 with a message on stderr. */
+#define MAX_STAGED_VOLUMES 32
+#define MAX_DETACH 4
 struct staging {
     const char *stage_from, *stage_at;
     const char *volumes_from, *volumes_at;
     const char *layer_from, *layer_at;
-    const char *detach;
+    const char *const *volume_from, *const *volume_at;
+    int volumes;
+    const char *const *detach;
+    int detaches;
 };
 int priv_enter_userns(unsigned long base, unsigned long count, const struct staging *st);
 
