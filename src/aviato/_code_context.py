@@ -120,6 +120,7 @@ class CodeContext:
         self._lock: asyncio.Lock | None = None
         self._ready: asyncio.Future[str] | None = None
         self._reader_task: asyncio.Task[None] | None = None
+        self._fatal: str | None = None
         self._started = get_bridge().submit(self._start(start))
 
     # -- the public surface --------------------------------------------------------------------
@@ -240,7 +241,9 @@ class CodeContext:
             code = None
             with contextlib.suppress(BaseException):
                 code = (await process).returncode
-            if code is not None and self._kernel is None:
+            if self._fatal is not None:
+                reason = f"the interpreter could not start: {self._fatal}"
+            elif code is not None and self._kernel is None:
                 reason = (
                     f"{self._python!r} could not run the interpreter in the sandbox (exit {code})"
                 )
@@ -252,6 +255,10 @@ class CodeContext:
 
     def _dispatch(self, frame: dict[str, Any], size: int) -> None:
         kind = frame.get("k")
+        if kind == "fatal":
+            message = frame.get("message")
+            self._fatal = message[:2000] if isinstance(message, str) else "unknown"
+            return
         if kind == "ready":
             kernel = frame.get("kernel")
             self._kernel = kernel if kernel in ("python", "ipython") else "python"

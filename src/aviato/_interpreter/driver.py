@@ -692,7 +692,11 @@ def main() -> None:
     if hello is None or hello.get("op") != "hello":
         return
     channel.token = bytes.fromhex(str(hello["token"]))
-    driver = Driver(channel, hello)
+    try:
+        driver = Driver(channel, hello)
+    except BaseException as err:  # e.g. kernel="ipython" without IPython: say why, then end
+        channel.send({"k": "fatal", "message": f"{_type_name(err)}: {err}"[:2000]})
+        raise SystemExit(1) from None
     state_holder.append(driver.state)
     with contextlib.suppress(Exception):
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
