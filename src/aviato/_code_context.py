@@ -1,8 +1,8 @@
 """`CodeContext`: a Python interpreter that keeps its state between runs, inside a sandbox.
 
 ``ctx = sandbox.code_context()`` starts one command in the sandbox, ``python3 -c BOOTSTRAP``,
-which reads our driver (`aviato/_interpreter/driver.py`, shipped in this package) from its
-stdin and runs it; the driver then answers requests on that same command's stdin/stdout (the
+which reads our driver (`aviato/_interpreter/`, shipped in this package) from its stdin and
+runs it; the driver then answers requests on that same command's stdin/stdout (the
 framing: `aviato._code_wire`; the driver's docstring says how user code is kept off the
 channel). ``ctx.run(code)`` sends one request and gathers the frames of that run into an
 `Execution` (`aviato._code_results`). Runs of one context are serialized; contexts are
@@ -30,9 +30,8 @@ from typing import Any, Self
 from aviato._bridge import get_bridge
 from aviato._code_results import Execution, RunCollector
 from aviato._code_wire import (
-    BOOTSTRAP,
     FrameReader,
-    driver_source,
+    driver_command,
     encode_request,
     new_token,
 )
@@ -200,8 +199,7 @@ class CodeContext:
         loop = asyncio.get_running_loop()
         self._lock = asyncio.Lock()
         self._ready = loop.create_future()
-        source = driver_source()
-        argv = [self._python, "-c", BOOTSTRAP, str(len(source))]
+        argv, source = driver_command(self._python)
         process = start(argv, self._env)
         self._process = process
         self._reader_task = asyncio.create_task(self._read_frames(process))

@@ -26,7 +26,8 @@ __all__ = [
     "MAGIC",
     "MAX_FRAME_BYTES",
     "FrameReader",
-    "driver_source",
+    "driver_command",
+    "driver_sources",
     "encode_request",
     "new_token",
 ]
@@ -40,21 +41,40 @@ MAX_FRAME_BYTES = 32 << 20
 #: The largest request the driver accepts.
 MAX_REQUEST_BYTES = 64 << 20
 
-#: Run as ``python3 -c BOOTSTRAP <length>``: reads the driver's text from stdin, runs it.
+#: The driver's modules, in the order they are loaded (each imports only earlier ones).
+DRIVER_MODULES = ("rich", "kernels", "driver")
+
+#: Run as ``python3 -c BOOTSTRAP name:length ...``: reads each module's text from stdin, makes
+#: it ``_aviato_driver.<name>``, then calls the last one's ``main()``.
 BOOTSTRAP = (
-    "import os,sys\n"
-    "n=int(sys.argv[1]);b=b''\n"
-    "while len(b)<n:\n"
-    " c=os.read(0,n-len(b))\n"
-    " if not c:raise SystemExit(3)\n"
-    " b+=c\n"
-    "exec(compile(b,'aviato-driver','exec'),{'__name__':'__aviato_driver__'})\n"
+    "import os,sys,types\n"
+    "def take(n):\n"
+    " b=b''\n"
+    " while len(b)<n:\n"
+    "  c=os.read(0,n-len(b))\n"
+    "  if not c:raise SystemExit(3)\n"
+    "  b+=c\n"
+    " return b\n"
+    "p=types.ModuleType('_aviato_driver');p.__path__=[];sys.modules['_aviato_driver']=p\n"
+    "for a in sys.argv[1:]:\n"
+    " k,n=a.split(':');m=types.ModuleType('_aviato_driver.'+k)\n"
+    " m.__package__='_aviato_driver';sys.modules[m.__name__]=m;setattr(p,k,m)\n"
+    " exec(compile(take(int(n)),'aviato-driver/'+k+'.py','exec'),m.__dict__)\n"
+    "m.main()\n"
 )
 
 
-def driver_source() -> bytes:
-    """The driver's text, as shipped inside the `aviato` package."""
-    return resources.files("aviato._interpreter").joinpath("driver.py").read_bytes()
+def driver_sources() -> list[tuple[str, bytes]]:
+    """The driver's modules as shipped inside the `aviato` package: (name, text), in order."""
+    package = resources.files("aviato._interpreter")
+    return [(name, package.joinpath(f"{name}.py").read_bytes()) for name in DRIVER_MODULES]
+
+
+def driver_command(python: str) -> tuple[list[str], bytes]:
+    """The argv that starts the driver with `python`, and what to send first on its stdin."""
+    sources = driver_sources()
+    argv = [python, "-c", BOOTSTRAP, *(f"{name}:{len(text)}" for name, text in sources)]
+    return argv, b"".join(text for _, text in sources)
 
 
 def new_token() -> bytes:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from aviato._code_results import Execution, RunCollector
-from aviato._code_wire import BOOTSTRAP, FrameReader, driver_source, encode_request, new_token
+from aviato._code_wire import FrameReader, driver_command, encode_request, new_token
 
 pytest.importorskip("IPython")
 
@@ -27,12 +27,12 @@ class LocalDriver:
     """The driver in a subprocess, spoken to as `CodeContext` speaks to it."""
 
     def __init__(self, kernel: str) -> None:
-        source = driver_source()
+        argv, source = driver_command(sys.executable)
         self.token = new_token()
         self.frames = FrameReader(self.token)
         env = {**os.environ, "MPLBACKEND": "Agg"}
         self.process = subprocess.Popen(
-            [sys.executable, "-c", BOOTSTRAP, str(len(source))],
+            argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,

@@ -1,7 +1,8 @@
 """The driver of a code context, run inside the sandbox by ``python3`` (3.8 or later).
 
-It is not imported by the SDK: `aviato._code_wire` sends this file's text over the command's
-stdin and the bootstrap line executes it. It imports the standard library only (and IPython
+It is not imported by the SDK: `aviato._code_wire` sends the text of this package's modules
+(`rich`, `kernels`, then this one) over the command's stdin, and its bootstrap makes them the
+package ``_aviato_driver`` and calls `main`. They import the standard library only (and IPython
 when asked for and present): nothing of `aviato` exists in the sandbox.
 
 The channel. At start the driver moves the command's stdin and stdout (the pipes to the SDK)
@@ -28,20 +29,11 @@ runs, so the driver itself is never interrupted between runs.
 
 from __future__ import annotations
 
-import ast
-import asyncio
-import base64
-import builtins
 import codecs
 import contextlib
 import fcntl
-import importlib
-import inspect
-import io
 import json
-import linecache
 import os
-import re
 import select
 import signal
 import struct
@@ -49,10 +41,10 @@ import sys
 import termios
 import threading
 import time
-import traceback
-import types
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from .kernels import RunState, make_kernel
+from .rich import error_frame, mime_bundle, plain_data, type_name
 
 MAGIC = b"\xffAVZ"
 FRAME_HEADER = struct.Struct(">4s16sI")
@@ -61,30 +53,9 @@ MAX_REQUEST_BYTES = 64 << 20
 MAX_FRAME_BYTES = 32 << 20
 CHANNEL_FD_FLOOR = 100
 OUTPUT_CHUNK_BYTES = 64 << 10
-MAX_TEXT_CHARS = 1 << 20
-MAX_ERROR_VALUE_CHARS = 64 << 10
-MAX_TRACEBACK_LINES = 200
-MAX_TRACEBACK_LINE_CHARS = 4096
-MAX_PLAIN_DATA_BYTES = 1 << 20
-MAX_PLAIN_DATA_ITEMS = 100_000
-MAX_PLAIN_DATA_DEPTH = 32
 MAX_DISPLAYS_PER_RUN = 256
 SETTLE_SECONDS = 2.0
 EX_CHANNEL_LOST = 70
-
-REPR_METHODS = (
-    ("image/png", "_repr_png_"),
-    ("image/jpeg", "_repr_jpeg_"),
-    ("image/svg+xml", "_repr_svg_"),
-    ("text/html", "_repr_html_"),
-    ("text/markdown", "_repr_markdown_"),
-    ("text/latex", "_repr_latex_"),
-    ("application/json", "_repr_json_"),
-)
-KNOWN_MIMES = frozenset(["text/plain"] + [mime for mime, _ in REPR_METHODS])
-BINARY_MIMES = frozenset(["image/png", "image/jpeg"])
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-THIS_FILE = (lambda: 0).__code__.co_filename
 
 
 def _high_dup(fd: int) -> int:
@@ -177,18 +148,6 @@ class Channel:
         return request if isinstance(request, dict) else None
 
 
-class RunState:
-    """The run in progress (None between runs), shared by the main thread and the readers."""
-
-    def __init__(self, max_output_bytes: int, max_display_bytes: int) -> None:
-        self.run: int | None = None
-        self.max_output_bytes = max_output_bytes
-        self.max_display_bytes = max_display_bytes
-        self.busy = False  # user code is running: SIGINT raises KeyboardInterrupt
-        self.displays = 0
-        self.dropped: list[str] = []
-
-
 class Capture:
     """fds 1 and 2 as pipes, read by one thread each into "out" frames of the current run."""
 
@@ -274,328 +233,6 @@ class Capture:
             if time.monotonic() > deadline:
                 return
             time.sleep(0.002)
-
-
-# --- rich output ------------------------------------------------------------------------------
-
-
-def bounded_repr(value: Any) -> str:
-    try:
-        text = repr(value)
-    except BaseException as err:  # a broken __repr__ must not end the run's report
-        text = f"<repr failed: {type(err).__name__}>"
-    if len(text) > MAX_TEXT_CHARS:
-        text = text[:MAX_TEXT_CHARS] + "..."
-    return text
-
-
-def _encoded(mime: str, data: Any) -> Any:
-    """`data` as a frame carries it: binary images as base64 text; None when unusable."""
-    if isinstance(data, tuple) and len(data) == 2:
-        data = data[0]  # (data, metadata)
-    if data is None:
-        return None
-    if mime in BINARY_MIMES:
-        if isinstance(data, (bytes, bytearray, memoryview)):
-            return base64.b64encode(bytes(data)).decode("ascii")
-        return data if isinstance(data, str) else None
-    if mime == "application/json":
-        if isinstance(data, (bytes, str)):
-            try:
-                return json.loads(data)
-            except ValueError:
-                return None
-        return data
-    return data if isinstance(data, str) else None
-
-
-def _figure_png(value: Any) -> str | None:
-    """A matplotlib figure as base64 PNG (None for anything else)."""
-    figure_module = sys.modules.get("matplotlib.figure")
-    if figure_module is None or not isinstance(value, figure_module.Figure):
-        return None
-    buffer = io.BytesIO()
-    value.savefig(buffer, format="png", bbox_inches="tight")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def mime_bundle(value: Any, limit: int, dropped: list[str]) -> dict[str, Any]:
-    """The formats of `value`: text/plain always, and each `_repr_*_` its class defines."""
-    bundle: dict[str, Any] = {"text/plain": bounded_repr(value)}
-    found: dict[str, Any] = {}
-    try:
-        if callable(getattr(type(value), "_repr_mimebundle_", None)):
-            result = value._repr_mimebundle_(include=None, exclude=None)
-            if isinstance(result, tuple):
-                result = result[0]
-            if isinstance(result, dict):
-                found.update((k, v) for k, v in result.items() if k in KNOWN_MIMES)
-        for mime, method in REPR_METHODS:
-            if mime not in found and callable(getattr(type(value), method, None)):
-                found[mime] = getattr(value, method)()
-        png = _figure_png(value)
-        if png is not None:
-            found["image/png"] = png
-    except Exception as err:
-        dropped.append(f"a _repr_*_ method raised {type(err).__name__}")
-    return add_formats(bundle, found, limit, dropped)
-
-
-def add_formats(
-    bundle: dict[str, Any], found: dict[str, Any], limit: int, dropped: list[str]
-) -> dict[str, Any]:
-    """Adds the known, encodable, small enough formats of `found` to `bundle`."""
-    budget = MAX_FRAME_BYTES - (1 << 20) - len(str(bundle.get("text/plain", "")))
-    for mime, data in found.items():
-        if mime not in KNOWN_MIMES:
-            continue
-        encoded = _encoded(mime, data)
-        if encoded is None:
-            continue
-        try:
-            size = len(json.dumps(encoded, ensure_ascii=True, allow_nan=False))
-        except (TypeError, ValueError):
-            dropped.append(f"{mime}: not JSON data")
-            continue
-        if size > limit or size > budget:
-            dropped.append(f"{mime} of {size} bytes (over max_display_bytes={limit})")
-            continue
-        budget -= size
-        bundle[mime] = encoded
-    return bundle
-
-
-def plain_data(value: Any) -> tuple[bool, Any]:
-    """(True, value) when `value` is JSON data within bounds, else (False, None)."""
-    items = [0]
-
-    def plain(item: Any, depth: int) -> bool:
-        items[0] += 1
-        if items[0] > MAX_PLAIN_DATA_ITEMS or depth > MAX_PLAIN_DATA_DEPTH:
-            return False
-        if item is None or isinstance(item, (bool, str)):
-            return True
-        if isinstance(item, int):
-            return abs(item) < 1 << 1000
-        if isinstance(item, float):
-            return item == item and item not in (float("inf"), float("-inf"))
-        if isinstance(item, (list, tuple)):
-            return all(plain(x, depth + 1) for x in item)
-        if isinstance(item, dict):
-            return all(isinstance(k, str) and plain(v, depth + 1) for k, v in item.items())
-        return False
-
-    try:
-        if not plain(value, 0):
-            return False, None
-        if len(json.dumps(value, ensure_ascii=True, allow_nan=False)) > MAX_PLAIN_DATA_BYTES:
-            return False, None
-    except (TypeError, ValueError, RecursionError):
-        return False, None
-    return True, value
-
-
-# --- errors -----------------------------------------------------------------------------------
-
-
-def _type_name(err: BaseException) -> str:
-    kind = type(err)
-    module = getattr(kind, "__module__", "builtins")
-    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
-
-
-def bounded_lines(text: str) -> list[str]:
-    lines = ANSI_ESCAPE.sub("", text).splitlines()
-    if len(lines) > MAX_TRACEBACK_LINES:
-        skipped = len(lines) - MAX_TRACEBACK_LINES
-        lines = [f"... ({skipped} lines left out)", *lines[-MAX_TRACEBACK_LINES:]]
-    return [line[:MAX_TRACEBACK_LINE_CHARS] for line in lines]
-
-
-def error_frame(run: int, err: BaseException, traceback_text: str) -> dict[str, Any]:
-    try:
-        value = str(err)
-    except Exception:
-        value = "<str() failed>"
-    return {
-        "k": "error",
-        "run": run,
-        "name": _type_name(err)[:200],
-        "value": value[:MAX_ERROR_VALUE_CHARS],
-        "traceback": bounded_lines(traceback_text),
-    }
-
-
-def user_traceback(err: BaseException) -> str:
-    """The traceback of `err` without the driver's own frames."""
-    tb = err.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename == THIS_FILE:
-        tb = tb.tb_next
-    if isinstance(err, SyntaxError):
-        return "".join(traceback.format_exception_only(type(err), err))
-    return "".join(traceback.format_exception(type(err), err, tb))
-
-
-# --- kernels ----------------------------------------------------------------------------------
-
-if TYPE_CHECKING:  # the driver runs on Python 3.8, where dict[...] cannot be evaluated
-    Display = Callable[[dict[str, Any]], None]
-
-
-class Outcome:
-    def __init__(self) -> None:
-        self.has_value = False
-        self.value: Any = None
-        self.bundle: dict[str, Any] | None = None
-        self.error: tuple[BaseException, str] | None = None
-        self.count = 0
-
-
-class PlainKernel:
-    """Python's own `exec`, REPL-like: the last expression statement is the run's value."""
-
-    name = "python"
-
-    def __init__(self, state: RunState, display: Display) -> None:
-        self.state = state
-        self.module = types.ModuleType("__main__")
-        self.module.__dict__["__builtins__"] = builtins
-        sys.modules["__main__"] = self.module
-        self.count = 0
-        self.loop = asyncio.new_event_loop()
-
-        def display_(*values: Any) -> None:
-            """Shows each value as a rich output of the current run."""
-            for value in values:
-                display(mime_bundle(value, state.max_display_bytes, state.dropped))
-
-        builtins.display = display_  # type: ignore[attr-defined]
-
-    def _evaluate(self, code: Any) -> Any:
-        result = eval(code, self.module.__dict__)
-        if code.co_flags & inspect.CO_COROUTINE:
-            result = self.loop.run_until_complete(result)
-        return result
-
-    def run(self, source: str) -> Outcome:
-        self.count += 1
-        outcome = Outcome()
-        outcome.count = self.count
-        filename = f"<cell-{self.count}>"
-        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        flags = getattr(ast, "PyCF_ALLOW_TOP_LEVEL_AWAIT", 0)
-        try:
-            self.state.busy = True
-            try:
-                tree = ast.parse(source, filename, "exec")
-                last = (
-                    tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-                )
-                self._evaluate(compile(tree, filename, "exec", flags=flags))
-                if isinstance(last, ast.Expr):
-                    expression = ast.Expression(last.value)
-                    value = self._evaluate(compile(expression, filename, "eval", flags=flags))
-                    if value is not None:
-                        outcome.has_value, outcome.value = True, value
-                        self.module.__dict__["_"] = value
-            finally:
-                self.state.busy = False
-        except BaseException as err:
-            self.state.busy = False
-            outcome.error = (err, user_traceback(err))
-        return outcome
-
-
-class IPythonKernel:
-    """IPython's InteractiveShell: magics, ``!cmd``, top-level await and IPython's display
-    system, with its display publisher and display hook replaced by ours."""
-
-    name = "ipython"
-
-    def __init__(self, state: RunState, display: Display) -> None:
-        shell_module = importlib.import_module("IPython.core.interactiveshell")
-        hook_module = importlib.import_module("IPython.core.displayhook")
-        publisher_module = importlib.import_module("IPython.core.displaypub")
-        kernel = self
-        self.state = state
-        self.outcome = Outcome()
-
-        class Publisher(publisher_module.DisplayPublisher):  # type: ignore[misc, name-defined]
-            def publish(self, data: Any, metadata: Any = None, *args: Any, **kwargs: Any) -> None:
-                if isinstance(data, dict):
-                    found = {k: v for k, v in data.items() if k != "text/plain"}
-                    plain = bounded_repr(data.get("text/plain", ""))
-                    if isinstance(data.get("text/plain"), str):
-                        plain = data["text/plain"][:MAX_TEXT_CHARS]
-                    bundle = add_formats(
-                        {"text/plain": plain}, found, state.max_display_bytes, state.dropped
-                    )
-                    display(bundle)
-
-            def clear_output(self, wait: bool = False) -> None:
-                pass
-
-        class Hook(hook_module.DisplayHook):  # type: ignore[misc, name-defined]
-            def __call__(self, result: Any = None) -> None:
-                self.check_for_underscore()
-                if result is None or self.quiet():
-                    return
-                format_dict, _ = self.compute_format_data(result)
-                self.update_user_ns(result)
-                self.fill_exec_result(result)
-                found = dict(format_dict or {})
-                found.pop("text/plain", None)
-                png = _figure_png(result)
-                if png is not None:
-                    found["image/png"] = png
-                plain = {"text/plain": bounded_repr(result)}
-                bundle = add_formats(plain, found, state.max_display_bytes, state.dropped)
-                kernel.outcome.has_value = True
-                kernel.outcome.value = result
-                kernel.outcome.bundle = bundle
-
-        shell_class = shell_module.InteractiveShell
-        self.shell = shell_class.instance(displayhook_class=Hook, display_pub_class=Publisher)
-        for scheme in ("nocolor", "NoColor"):
-            try:
-                self.shell.colors = scheme
-                break
-            except Exception:
-                continue
-
-        def show_traceback(etype: Any, evalue: Any, stb: Any) -> None:
-            text = "\n".join(stb) if isinstance(stb, list) else str(stb)
-            if isinstance(evalue, BaseException):
-                kernel.outcome.error = (evalue, text)
-
-        self.shell._showtraceback = show_traceback
-
-    def run(self, source: str) -> Outcome:
-        self.outcome = outcome = Outcome()
-        try:
-            self.state.busy = True
-            try:
-                result = self.shell.run_cell(source, store_history=True)
-            finally:
-                self.state.busy = False
-            outcome.count = int(getattr(result, "execution_count", 0) or 0)
-            failure = result.error_before_exec or result.error_in_exec
-            if failure is not None and outcome.error is None:
-                outcome.error = (failure, user_traceback(failure))
-        except BaseException as err:
-            self.state.busy = False
-            outcome.error = (err, user_traceback(err))
-        return outcome
-
-
-def make_kernel(wanted: str, state: RunState, display: Display) -> Any:
-    if wanted in ("auto", "ipython"):
-        try:
-            return IPythonKernel(state, display)
-        except ImportError:
-            if wanted == "ipython":
-                raise
-    return PlainKernel(state, display)
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -695,7 +332,7 @@ def main() -> None:
     try:
         driver = Driver(channel, hello)
     except BaseException as err:  # e.g. kernel="ipython" without IPython: say why, then end
-        channel.send({"k": "fatal", "message": f"{_type_name(err)}: {err}"[:2000]})
+        channel.send({"k": "fatal", "message": f"{type_name(err)}: {err}"[:2000]})
         raise SystemExit(1) from None
     state_holder.append(driver.state)
     with contextlib.suppress(Exception):
@@ -707,7 +344,3 @@ def main() -> None:
             return
         if request.get("op") == "run":
             driver.run(request)
-
-
-if __name__ in ("__main__", "__aviato_driver__"):
-    main()
