@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -287,3 +289,61 @@ def test_an_oversized_rich_output_is_left_out_with_a_note(sandbox: Sandbox) -> N
         assert execution.ok and execution.result is not None
         assert execution.result.png is None and execution.result.text is not None
         assert any("image/png" in note for note in execution.notes)
+
+
+def test_replacing_the_channel_ends_the_context_with_a_clear_error(sandbox: Sandbox) -> None:
+    ctx = sandbox.code_context()
+    ctx.run("before = 1").result(30)
+    code = (
+        "import os\nnull = os.open(os.devnull, os.O_WRONLY)\n"
+        "for fd in range(100, 1024):\n"
+        "    try:\n        os.fstat(fd)\n    except OSError:\n        continue\n"
+        "    os.dup2(null, fd)\n"
+    )
+    started = time.monotonic()
+    with pytest.raises(CodeContextError, match="closed or replaced the interpreter's channel"):
+        ctx.run(code).result(30)
+    assert time.monotonic() - started < 10
+
+
+COUNT_DRIVERS = (
+    "import os\n"
+    "mark = b'_aviato' + b'_driver'\n"
+    "def cmdline(pid):\n"
+    "    try:\n"
+    "        with open('/proc/%s/cmdline' % pid, 'rb') as f:\n"
+    "            return f.read()\n"
+    "    except OSError:\n"
+    "        return b''\n"
+    "print(sum(mark in cmdline(p) for p in os.listdir('/proc') if p.isdigit()))"
+)
+
+
+def _drivers_in(sandbox: Sandbox) -> int:
+    """How many code-context interpreters run in `sandbox`."""
+    return int(sandbox.exec(["python3", "-c", COUNT_DRIVERS]).result().stdout)
+
+
+def test_a_client_killed_mid_run_leaves_no_interpreter_behind(sandbox: Sandbox) -> None:
+    before = _drivers_in(sandbox)
+    script = (
+        "import sys, aviato\n"
+        f"sb = aviato.Sandbox.from_id({sandbox.sandbox_id!r}).result()\n"
+        "ctx = sb.code_context()\n"
+        "ctx.run('x = 1').result(30)\n"
+        "run = ctx.run('while True: pass')\n"
+        "print('running', flush=True)\n"
+        "run.result()\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "running\n"
+        assert _drivers_in(sandbox) == before + 1
+        time.sleep(0.3)
+    finally:
+        child.kill()
+        child.wait()
+    deadline = time.monotonic() + 20
+    while _drivers_in(sandbox) > before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _drivers_in(sandbox) == before

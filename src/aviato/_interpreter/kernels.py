@@ -115,6 +115,8 @@ class IPythonKernel:
         shell_module = importlib.import_module("IPython.core.interactiveshell")
         hook_module = importlib.import_module("IPython.core.displayhook")
         publisher_module = importlib.import_module("IPython.core.displaypub")
+        config = importlib.import_module("traitlets.config").Config()
+        config.HistoryManager.enabled = False  # no SQLite file in the sandbox's home
         kernel = self
         self.state = state
         self.outcome = Outcome()
@@ -154,7 +156,9 @@ class IPythonKernel:
                 kernel.outcome.bundle = bundle
 
         shell_class = shell_module.InteractiveShell
-        self.shell = shell_class.instance(displayhook_class=Hook, display_pub_class=Publisher)
+        self.shell = shell_class.instance(
+            config=config, displayhook_class=Hook, display_pub_class=Publisher
+        )
         for scheme in ("nocolor", "NoColor"):
             try:
                 self.shell.colors = scheme
