@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import signal
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -113,13 +114,18 @@ class CodeContext:
         self._kernel: str | None = None
         self._lost: CodeContextError | None = None
         self._closed = False
-        self._runs = 0
+        self._numbers = itertools.count(1)  # runs are numbered as they are asked for
+        self._last_number = 0
+        self._interrupt_upto = 0  # interrupt the next run to start if its number is <= this
         self._current: RunCollector | None = None
         self._run_done: asyncio.Future[None] | None = None
         self._lock: asyncio.Lock | None = None
         self._ready: asyncio.Future[str] | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._fatal: str | None = None
+        self._run_started = False  # the driver said the current run started (signals may go)
+        self._interrupt_wanted = False  # interrupt the current run once it has started
+        self._interrupt_task: asyncio.Task[None] | None = None
         self._started = get_bridge().submit(self._start(start))
 
     # -- the public surface --------------------------------------------------------------------
@@ -155,12 +161,14 @@ class CodeContext:
             or len(code.encode("utf-8", "surrogatepass")) > MAX_CODE_BYTES
         ):
             raise ValueError(f"the code is over {MAX_CODE_BYTES >> 20} MiB")
-        return OperationRef._of(self._run(code, _timeout(timeout)))
+        number = self._last_number = next(self._numbers)
+        return OperationRef._of(self._run(number, code, _timeout(timeout)))
 
     def interrupt(self) -> OperationRef[None]:
-        """Interrupts the run in progress, if any: its code gets `KeyboardInterrupt` (as Ctrl-C
-        in a notebook), the run returns with that error, and the context keeps its state."""
-        return OperationRef._of(self._interrupt())
+        """Interrupts the run in progress (or, if it has not started yet, the first run asked for
+        before this call): its code gets `KeyboardInterrupt` (as Ctrl-C in a notebook), the run
+        returns with that error, and the context keeps its state. Runs queued behind it go on."""
+        return OperationRef._of(self._interrupt(self._last_number))
 
     def close(self) -> OperationRef[None]:
         """Ends the interpreter (its state is gone); idempotent. A run in progress ends with
@@ -267,6 +275,10 @@ class CodeContext:
         if current is None or frame.get("run") != current.run:
             return  # an earlier run's (after its timeout) or not ours: ignored
         current.add(frame, size)
+        if kind == "start":
+            self._run_started = True
+            if self._interrupt_wanted:
+                self._interrupt_task = asyncio.create_task(self._signal())
         done = self._run_done
         if current.done is not None and done is not None and not done.done():
             done.set_result(None)
@@ -290,16 +302,19 @@ class CodeContext:
         if process is not None and not process.done():
             process.cancel()
 
-    async def _run(self, code: str, timeout: float | None) -> Execution:  # noqa: ASYNC109
+    async def _run(self, number: int, code: str, timeout: float | None) -> Execution:  # noqa: ASYNC109
         await self._wait_started()
         assert self._lock is not None
         async with self._lock:
             if self.closed:
                 raise self._usable_error()
-            self._runs += 1
-            collector = RunCollector(self._runs, self._max_output)
+            collector = RunCollector(number, self._max_output)
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._current, self._run_done = collector, done
+            self._run_started = False
+            self._interrupt_wanted = number <= self._interrupt_upto
+            if self._interrupt_wanted:
+                self._interrupt_upto = 0
             try:
                 await self._send({"op": "run", "run": collector.run, "code": code})
                 timed_out = False
@@ -307,7 +322,7 @@ class CodeContext:
                     await asyncio.wait_for(asyncio.shield(done), timeout)
                 except TimeoutError:
                     timed_out = True
-                    await self._signal()
+                    await self._interrupt_run()
                     try:
                         await asyncio.wait_for(asyncio.shield(done), INTERRUPT_GRACE_SECONDS)
                     except TimeoutError:
@@ -318,7 +333,7 @@ class CodeContext:
                         raise self._usable_error() from None
                 except asyncio.CancelledError:
                     with contextlib.suppress(Exception):
-                        await self._signal()
+                        await self._interrupt_run()
                     raise
             finally:
                 self._current, self._run_done = None, None
@@ -338,10 +353,22 @@ class CodeContext:
         if process is not None and not self.closed:
             await process.send_signal(signal.SIGINT)
 
-    async def _interrupt(self) -> None:
-        await asyncio.wrap_future(self._started)
-        if self._current is not None:
+    async def _interrupt_run(self) -> None:
+        """SIGINT for the current run: now if the driver said it started, else on its "start"
+        frame (a signal before the driver read the run would be taken for an earlier run's)."""
+        if self._run_started:
             await self._signal()
+        else:
+            self._interrupt_wanted = True
+
+    async def _interrupt(self, upto: int) -> None:
+        """Interrupts the run in progress; with none in progress, the next run to start among
+        those asked for before the interrupt (numbers up to `upto`)."""
+        await asyncio.wrap_future(self._started)
+        if self._current is not None and self._current.run <= upto:
+            await self._interrupt_run()
+        elif self._current is None:
+            self._interrupt_upto = upto
 
     async def _close(self) -> None:
         if self._closed:

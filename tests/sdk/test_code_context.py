@@ -151,6 +151,18 @@ def test_a_timeout_interrupts_and_keeps_the_context(ctx: CodeContext) -> None:
     assert ctx.run("y").result(30).value == "still here"
 
 
+def test_an_interrupt_sent_at_once_is_not_lost(ctx: CodeContext) -> None:
+    ctx.run("z = 3").result(30)
+    for _ in range(5):
+        execution = ctx.run("while True: pass", timeout=0.001).result(30)
+        assert execution.timed_out
+        run = ctx.run("while True: pass")
+        ctx.interrupt()
+        error = run.result(30).error
+        assert error is not None and error.name == "KeyboardInterrupt"
+        assert ctx.run("z").result(30).value == 3  # and no interrupt was left for a later run
+
+
 @pytest.mark.slow
 def test_code_that_ignores_the_interrupt_loses_the_context(sandbox: Sandbox) -> None:
     ctx = sandbox.code_context()

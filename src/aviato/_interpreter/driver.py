@@ -281,6 +281,8 @@ class Driver:
             self.state.dropped = []
             self.channel.sent_in_run = 0
             self.capture.begin()
+            # the SDK sends SIGINT for this run only after this frame: see RunState.interrupted
+            self.channel.send({"k": "start", "run": run})
         outcome = self.kernel.run(str(request["code"]))
         self._open_figures()
         self.capture.settle()
@@ -317,8 +319,8 @@ def main() -> None:
     state_holder: list[RunState] = []
 
     def on_interrupt(signum: int, frame: Any) -> None:
-        if state_holder and state_holder[0].busy:
-            raise KeyboardInterrupt
+        if state_holder:
+            state_holder[0].interrupted()
 
     signal.signal(signal.SIGINT, on_interrupt)
     channel = Channel(_high_dup(0), _high_dup(1))
@@ -343,4 +345,5 @@ def main() -> None:
         if request is None or request.get("op") == "close":
             return
         if request.get("op") == "run":
+            driver.state.pending_interrupt = False  # any earlier run's interrupt was seen
             driver.run(request)

@@ -37,6 +37,22 @@ class RunState:
         self.max_output_bytes = max_output_bytes
         self.max_display_bytes = max_display_bytes
         self.busy = False  # user code is running: SIGINT raises KeyboardInterrupt
+        self.pending_interrupt = False  # SIGINT came before the user code started
+
+    def interrupted(self) -> None:
+        """The SIGINT handler: interrupts user code, or keeps the interrupt for the code about
+        to start. The SDK signals a run only after its "start" frame, and sends the next request
+        only after the run's "done" frame and after any signal for it, so when `Driver` reads a
+        request every interrupt meant for an earlier run has been seen: it forgets them then."""
+        if self.busy:
+            raise KeyboardInterrupt
+        self.pending_interrupt = True
+
+    def enter_user_code(self) -> None:
+        self.busy = True
+        if self.pending_interrupt:
+            self.pending_interrupt = False
+            raise KeyboardInterrupt
         self.displays = 0
         self.dropped: list[str] = []
 
@@ -84,7 +100,7 @@ class PlainKernel:
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         flags = getattr(ast, "PyCF_ALLOW_TOP_LEVEL_AWAIT", 0)
         try:
-            self.state.busy = True
+            self.state.enter_user_code()
             try:
                 tree = ast.parse(source, filename, "exec")
                 last = (
@@ -176,7 +192,7 @@ class IPythonKernel:
     def run(self, source: str) -> Outcome:
         self.outcome = outcome = Outcome()
         try:
-            self.state.busy = True
+            self.state.enter_user_code()
             try:
                 result = self.shell.run_cell(source, store_history=True)
             finally:
