@@ -29,7 +29,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from aviato._bridge import get_bridge
-from aviato._code_results import Execution, RunCollector
+from aviato._code_results import Execution, RichOutput, RunCallbacks, RunCollector
 from aviato._code_wire import (
     FrameReader,
     driver_command,
@@ -145,15 +145,36 @@ class CodeContext:
         `CodeContextError` if it could not start)."""
         return OperationRef._of(self._wait_started())
 
-    def run(self, code: str, *, timeout: float | None = None) -> OperationRef[Execution]:
+    def run(
+        self,
+        code: str,
+        *,
+        timeout: float | None = None,
+        on_stdout: Callable[[str], object] | None = None,
+        on_stderr: Callable[[str], object] | None = None,
+        on_output: Callable[[RichOutput], object] | None = None,
+    ) -> OperationRef[Execution]:
         """Runs `code` in the context; completes with its `Execution` once it has finished.
 
         Python source, as in a notebook cell: statements, and a last expression whose value
         becomes ``execution.value``/``.text``. State (variables, imports, functions) stays for
-        the next run. `timeout` (seconds; default no limit): a run that passes it is
-        interrupted, and returns with ``timed_out=True`` and a ``TimeoutError`` error; the
-        context survives. Runs are serialized: a second ``run`` waits for the first.
+        the next run. `timeout` (seconds from the run's start; default no limit): a run that
+        passes it is interrupted, and returns with ``timed_out=True`` and a ``TimeoutError``
+        error; the context survives. Runs are serialized: a second ``run`` waits for the first.
+
+        `on_stdout`/`on_stderr` are called with each piece of text as the run writes it, and
+        `on_output` with each `RichOutput` as it is shown, live, on the SDK's background thread:
+        keep them quick. If one raises, no callback is called again for this run, the run goes
+        on to its end, and then its `OperationRef` raises that error.
         """
+        for name, callback in (
+            ("on_stdout", on_stdout),
+            ("on_stderr", on_stderr),
+            ("on_output", on_output),
+        ):
+            if callback is not None and not callable(callback):
+                raise TypeError(f"{name} must be a function, not {type(callback).__name__}")
+        callbacks = RunCallbacks(on_stdout, on_stderr, on_output)
         if not isinstance(code, str):
             raise TypeError(f"run() takes the code as a str, not {type(code).__name__}")
         if (
@@ -162,7 +183,7 @@ class CodeContext:
         ):
             raise ValueError(f"the code is over {MAX_CODE_BYTES >> 20} MiB")
         number = self._last_number = next(self._numbers)
-        return OperationRef._of(self._run(number, code, _timeout(timeout)))
+        return OperationRef._of(self._run(number, code, _timeout(timeout), callbacks))
 
     def interrupt(self) -> OperationRef[None]:
         """Interrupts the run in progress (or, if it has not started yet, the first run asked for
@@ -302,13 +323,15 @@ class CodeContext:
         if process is not None and not process.done():
             process.cancel()
 
-    async def _run(self, number: int, code: str, timeout: float | None) -> Execution:  # noqa: ASYNC109
+    async def _run(
+        self, number: int, code: str, time_limit: float | None, callbacks: RunCallbacks
+    ) -> Execution:
         await self._wait_started()
         assert self._lock is not None
         async with self._lock:
             if self.closed:
                 raise self._usable_error()
-            collector = RunCollector(number, self._max_output)
+            collector = RunCollector(number, self._max_output, callbacks)
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._current, self._run_done = collector, done
             self._run_started = False
@@ -319,7 +342,7 @@ class CodeContext:
                 await self._send({"op": "run", "run": collector.run, "code": code})
                 timed_out = False
                 try:
-                    await asyncio.wait_for(asyncio.shield(done), timeout)
+                    await asyncio.wait_for(asyncio.shield(done), time_limit)
                 except TimeoutError:
                     timed_out = True
                     await self._interrupt_run()
@@ -327,7 +350,7 @@ class CodeContext:
                         await asyncio.wait_for(asyncio.shield(done), INTERRUPT_GRACE_SECONDS)
                     except TimeoutError:
                         await self._lose(
-                            f"a run passed its timeout of {timeout:g} s and did not stop within "
+                            f"a run passed its timeout of {time_limit:g} s and did not stop within "
                             f"{INTERRUPT_GRACE_SECONDS:g} s of the interrupt, so it was killed"
                         )
                         raise self._usable_error() from None
@@ -337,7 +360,9 @@ class CodeContext:
                     raise
             finally:
                 self._current, self._run_done = None, None
-            return collector.execution(timed_out=timed_out, timeout=timeout)
+            if collector.callback_error is not None:
+                raise collector.callback_error
+            return collector.execution(timed_out=timed_out, timeout=time_limit)
 
     async def _send(self, request: dict[str, Any]) -> None:
         process = self._process

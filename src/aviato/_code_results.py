@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["CodeError", "Execution", "RichOutput", "RunCollector"]
+__all__ = ["CodeError", "Execution", "RichOutput", "RunCallbacks", "RunCollector"]
 
 TEXT_MIMES = (
     "text/plain",
@@ -155,6 +155,15 @@ class Execution:
         return next((o for o in self.outputs if o.is_result), None)
 
 
+@dataclass(frozen=True, slots=True)
+class RunCallbacks:
+    """What `CodeContext.run` calls as the run's output arrives (each may be None)."""
+
+    on_stdout: Callable[[str], object] | None = None
+    on_stderr: Callable[[str], object] | None = None
+    on_output: Callable[[RichOutput], object] | None = None
+
+
 def _text(value: object, limit: int) -> str:
     return value[:limit] if isinstance(value, str) else ""
 
@@ -166,8 +175,12 @@ def _count(value: object) -> int:
 class RunCollector:
     """Gathers the frames of one run (loop-side) into an `Execution`."""
 
-    def __init__(self, run: int, max_output_chars: int) -> None:
+    def __init__(
+        self, run: int, max_output_chars: int, callbacks: RunCallbacks | None = None
+    ) -> None:
         self.run = run
+        self._callbacks = callbacks or RunCallbacks()
+        self.callback_error: BaseException | None = None  # the first a callback raised
         self._limit = max_output_chars
         self._streams: dict[str, list[str]] = {"stdout": [], "stderr": []}
         self._sizes = {"stdout": 0, "stderr": 0}
@@ -215,6 +228,8 @@ class RunCollector:
         if text:
             self._streams[name].append(text)
             self._sizes[name] += len(text)
+            callbacks = self._callbacks
+            self._call(callbacks.on_stdout if name == "stdout" else callbacks.on_stderr, text)
 
     def _add_rich(self, frame: dict[str, Any], size: int, *, is_result: bool) -> None:
         data = frame.get("data")
@@ -232,9 +247,19 @@ class RunCollector:
             kept[JSON_MIME] = data[JSON_MIME]
         output = RichOutput(MappingProxyType(kept), is_result=is_result)
         self._outputs.append(output)
+        self._call(self._callbacks.on_output, output)
         if is_result:
             self._text = output.text
             self._value = frame.get("json")
+
+    def _call(self, callback: Callable[[Any], object] | None, item: object) -> None:
+        """Calls `callback(item)`; after one raised, none is called again (the error is kept)."""
+        if callback is None or self.callback_error is not None:
+            return
+        try:
+            callback(item)
+        except Exception as err:
+            self.callback_error = err
 
     def execution(self, *, timed_out: bool = False, timeout: float | None = None) -> Execution:
         done = self.done or {}

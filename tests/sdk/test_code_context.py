@@ -130,6 +130,35 @@ def test_matplotlib_figure_as_png(ctx: CodeContext) -> None:
     assert any((o.png or b"").startswith(b"\x89PNG") for o in execution.outputs)
 
 
+def test_output_streams_live_to_callbacks(ctx: CodeContext) -> None:
+    seen: list[tuple[float, str]] = []
+    shown: list[str | None] = []
+    code = (
+        "import sys, time\nprint('first')\ntime.sleep(0.5)\nprint('oops', file=sys.stderr)\n"
+        "display('shown')\n'value'"
+    )
+    run = ctx.run(
+        code,
+        on_stdout=lambda text: seen.append((time.monotonic(), text)),
+        on_stderr=lambda text: seen.append((time.monotonic(), "err:" + text)),
+        on_output=lambda output: shown.append(output.text),
+    )
+    execution = run.result(30)
+    finished = time.monotonic()
+    assert [text for _, text in seen] == ["first\n", "err:oops\n"]
+    assert finished - seen[0][0] > 0.3  # the first line arrived while the run went on
+    assert shown == ["'shown'", "'value'"] and execution.stdout == "first\n"
+
+
+def test_a_failing_callback_is_raised_after_the_run(ctx: CodeContext) -> None:
+    def fail(text: str) -> None:
+        raise RuntimeError("callback broke")
+
+    with pytest.raises(RuntimeError, match="callback broke"):
+        ctx.run("print('a'); after = 1", on_stdout=fail).result(30)
+    assert ctx.run("after").result(30).value == 1
+
+
 def test_an_interrupted_infinite_loop_keeps_the_context(ctx: CodeContext) -> None:
     ctx.run("x = 42").result(30)
     run = ctx.run("while True: pass")

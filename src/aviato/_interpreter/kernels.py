@@ -211,7 +211,7 @@ def make_kernel(wanted: str, state: RunState, display: Display) -> Any:
     if wanted in ("auto", "ipython"):
         try:
             return IPythonKernel(state, display)
-        except ImportError:
+        except Exception:  # absent, or an install that does not import: ours serves "auto"
             if wanted == "ipython":
                 raise
     return PlainKernel(state, display)
