@@ -34,8 +34,8 @@ REPR_METHODS = (
 KNOWN_MIMES = frozenset(["text/plain"] + [mime for mime, _ in REPR_METHODS])
 BINARY_MIMES = frozenset(["image/png", "image/jpeg"])
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-#: Frames of the driver's own modules are left out of the user's tracebacks.
-DRIVER_PACKAGE = __package__
+#: Frames of the driver's own modules (named so by the bootstrap) are left out of tracebacks.
+DRIVER_FILES = "aviato-driver/"
 
 
 def bounded_repr(value: Any) -> str:
@@ -185,11 +185,27 @@ def error_frame(run: int, err: BaseException, traceback_text: str) -> dict[str, 
     }
 
 
+def _without_driver(summary: traceback.TracebackException) -> None:
+    """Removes the driver's frames from `summary` and the exceptions chained to it."""
+    seen: set[int] = set()
+    current: traceback.TracebackException | None = summary
+    pending: list[traceback.TracebackException] = []
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        frames = [f for f in current.stack if not f.filename.startswith(DRIVER_FILES)]
+        current.stack = traceback.StackSummary.from_list(frames)
+        pending.extend(x for x in (current.__cause__, current.__context__) if x is not None)
+        current = pending.pop() if pending else None
+
+
 def user_traceback(err: BaseException) -> str:
-    """The traceback of `err` without the driver's own frames."""
-    tb = err.__traceback__
-    while tb is not None and tb.tb_frame.f_globals.get("__package__") == DRIVER_PACKAGE:
-        tb = tb.tb_next
+    """The traceback of `err` without the driver's own frames (the ones that ran the code, and
+    the SIGINT handler's that raised an interrupt)."""
     if isinstance(err, SyntaxError):
         return "".join(traceback.format_exception_only(type(err), err))
-    return "".join(traceback.format_exception(type(err), err, tb))
+    summary = traceback.TracebackException(type(err), err, err.__traceback__)
+    _without_driver(summary)
+    text = "".join(summary.format())
+    if not summary.stack:  # nothing of the user's: no empty header
+        text = text.replace("Traceback (most recent call last):\n", "", 1)
+    return text
