@@ -177,13 +177,16 @@ class CodeContext:
         callbacks = RunCallbacks(on_stdout, on_stderr, on_output)
         if not isinstance(code, str):
             raise TypeError(f"run() takes the code as a str, not {type(code).__name__}")
-        if (
-            len(code) > MAX_CODE_BYTES
-            or len(code.encode("utf-8", "surrogatepass")) > MAX_CODE_BYTES
-        ):
-            raise ValueError(f"the code is over {MAX_CODE_BYTES >> 20} MiB")
+        try:
+            size = len(code.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ValueError("the code is not valid text (it holds a lone surrogate)") from None
+        if size > MAX_CODE_BYTES:
+            raise ValueError(f"the code is {size} bytes, over {MAX_CODE_BYTES >> 20} MiB")
+        time_limit = _timeout(timeout)
         number = self._last_number = next(self._numbers)
-        return OperationRef._of(self._run(number, code, _timeout(timeout), callbacks))
+        request = encode_request({"op": "run", "run": number, "code": code})
+        return OperationRef._of(self._run(number, request, time_limit, callbacks))
 
     def interrupt(self) -> OperationRef[None]:
         """Interrupts the run in progress (or, if it has not started yet, the first run asked for
@@ -324,7 +327,7 @@ class CodeContext:
             process.cancel()
 
     async def _run(
-        self, number: int, code: str, time_limit: float | None, callbacks: RunCallbacks
+        self, number: int, request: bytes, time_limit: float | None, callbacks: RunCallbacks
     ) -> Execution:
         await self._wait_started()
         assert self._lock is not None
@@ -339,7 +342,7 @@ class CodeContext:
             if self._interrupt_wanted:
                 self._interrupt_upto = 0
             try:
-                await self._send({"op": "run", "run": collector.run, "code": code})
+                await self._send(request)
                 timed_out = False
                 try:
                     await asyncio.wait_for(asyncio.shield(done), time_limit)
@@ -364,11 +367,11 @@ class CodeContext:
                 raise collector.callback_error
             return collector.execution(timed_out=timed_out, timeout=time_limit)
 
-    async def _send(self, request: dict[str, Any]) -> None:
+    async def _send(self, request: bytes) -> None:
         process = self._process
         assert process is not None and process.stdin is not None
         try:
-            await process.stdin.write(encode_request(request))
+            await process.stdin.write(request)
         except Exception as err:
             await self._lose(f"its command stopped taking input ({err})")
             raise self._usable_error() from err

@@ -83,7 +83,7 @@ def new_token() -> bytes:
 
 def encode_request(request: dict[str, Any]) -> bytes:
     """One request for the driver; ValueError when it would be over `MAX_REQUEST_BYTES`."""
-    body = json.dumps(request, separators=(",", ":")).encode("utf-8")
+    body = json.dumps(request, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     if len(body) > MAX_REQUEST_BYTES:
         raise ValueError(f"the request is {len(body)} bytes, over {MAX_REQUEST_BYTES}")
     return REQUEST_HEADER.pack(len(body)) + body

@@ -246,6 +246,22 @@ def test_ipython_kernel_asked_for_but_missing_says_so(sandbox: Sandbox) -> None:
         ctx.ready().result(60)
 
 
+def test_a_sandbox_without_that_python_says_so(sandbox: Sandbox) -> None:
+    ctx = sandbox.code_context(python="no-such-python")
+    with pytest.raises(CodeContextError, match="'no-such-python' could not run"):
+        ctx.run("1").result(60)
+
+
+@pytest.mark.slow
+def test_a_stopped_sandbox_ends_its_contexts() -> None:
+    with Sandbox.run(tags=[TEST_TAG]) as sb:
+        ctx = sb.code_context()
+        ctx.run("x = 1").result(60)
+        sb.stop().result(60)
+        with pytest.raises(CodeContextError, match="gone"):
+            ctx.run("x").result(60)
+
+
 def test_bad_arguments_are_refused_in_the_callers_words(sandbox: Sandbox) -> None:
     with pytest.raises(ValueError, match="language='python'"):
         sandbox.code_context("ruby")
@@ -258,6 +274,11 @@ def test_bad_arguments_are_refused_in_the_callers_words(sandbox: Sandbox) -> Non
             ctx.run("1", timeout=-1)
         with pytest.raises(TypeError, match="as a str"):
             ctx.run(b"1")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="over 16 MiB"):
+            ctx.run("#" * (17 << 20))
+        with pytest.raises(ValueError, match="not valid text"):
+            ctx.run("'\ud800'")
+        assert ctx.run("'still fine'").result(30).value == "still fine"
 
 
 # --- attacks on the channel -------------------------------------------------------------------

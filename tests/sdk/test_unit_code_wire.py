@@ -3,6 +3,7 @@ forged frames and lying lengths; `RunCollector` against frames that break their 
 
 from __future__ import annotations
 
+import ast
 import json
 import struct
 
@@ -11,7 +12,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aviato._code_results import MAX_DISPLAYS_PER_RUN, RunCollector
-from aviato._code_wire import MAGIC, FrameReader, encode_request, new_token
+from aviato._code_wire import (
+    DRIVER_MODULES,
+    MAGIC,
+    FrameReader,
+    driver_sources,
+    encode_request,
+    new_token,
+)
 
 TOKEN = bytes(range(16))
 
@@ -106,3 +114,18 @@ def test_collector_reports_frames_lost_on_the_way() -> None:
     collector.add({"k": "out", "run": 3, "name": "stdout", "text": "a"}, 10)
     collector.add({"k": "done", "run": 3, "frames": 3}, 10)
     assert any("damaged" in note for note in collector.execution().notes)
+
+
+@pytest.mark.parametrize("name", DRIVER_MODULES)
+def test_the_driver_is_python_3_8(name: str) -> None:
+    """The driver runs on the sandbox's Python, which may be older than ours."""
+    source = dict(driver_sources())[name].decode()
+    ast.parse(source, f"{name}.py", feature_version=(3, 8))
+    tree = ast.parse(source)
+    imported = {
+        (node.module or "").split(".")[0] if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    assert "aviato" not in imported  # nothing of aviato exists in the sandbox
