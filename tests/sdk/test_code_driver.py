@@ -139,6 +139,7 @@ def test_ipython_interrupt_keeps_the_state(ipython: LocalDriver) -> None:
     ipython.process.send_signal(signal.SIGINT)
     execution = ipython.finish(collector, timeout=30)
     assert execution.error is not None and execution.error.name == "KeyboardInterrupt"
+    assert not any("aviato-driver" in line for line in execution.error.traceback)
     assert ipython.run("kept").value == "yes"
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .rich import (
+    DRIVER_FILES,
     MAX_TEXT_CHARS,
     add_formats,
     bounded_repr,
@@ -183,7 +184,9 @@ class IPythonKernel:
                 continue
 
         def show_traceback(etype: Any, evalue: Any, stb: Any) -> None:
-            text = "\n".join(stb) if isinstance(stb, list) else str(stb)
+            # one entry per frame: the driver's (the SIGINT handler's) are left out
+            entries = stb if isinstance(stb, list) else [str(stb)]
+            text = "\n".join(str(e) for e in entries if DRIVER_FILES not in str(e))
             if isinstance(evalue, BaseException):
                 kernel.outcome.error = (evalue, text)
 
