@@ -126,6 +126,7 @@ class CodeContext:
         self._run_started = False  # the driver said the current run started (signals may go)
         self._interrupt_wanted = False  # interrupt the current run once it has started
         self._interrupt_task: asyncio.Task[None] | None = None
+        self._abandoned: int | None = None  # a cancelled run to interrupt when it starts
         self._started = get_bridge().submit(self._start(start))
 
     # -- the public surface --------------------------------------------------------------------
@@ -295,6 +296,9 @@ class CodeContext:
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(self._kernel)
             return
+        if kind == "start" and frame.get("run") == self._abandoned:
+            self._abandoned = None  # its caller cancelled it before it started: stop it now
+            self._interrupt_task = asyncio.create_task(self._signal())
         current = self._current
         if current is None or frame.get("run") != current.run:
             return  # an earlier run's (after its timeout) or not ours: ignored
@@ -341,10 +345,10 @@ class CodeContext:
             self._interrupt_wanted = number <= self._interrupt_upto
             if self._interrupt_wanted:
                 self._interrupt_upto = 0
+            timed_out = False
             try:
-                await self._send(request)
-                timed_out = False
                 try:
+                    await self._send(request)
                     await asyncio.wait_for(asyncio.shield(done), time_limit)
                 except TimeoutError:
                     timed_out = True
@@ -358,6 +362,8 @@ class CodeContext:
                         )
                         raise self._usable_error() from None
                 except asyncio.CancelledError:
+                    if not self._run_started:
+                        self._abandoned = number
                     with contextlib.suppress(Exception):
                         await self._interrupt_run()
                     raise

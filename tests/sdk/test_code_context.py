@@ -193,6 +193,14 @@ def test_an_interrupt_sent_at_once_is_not_lost(ctx: CodeContext) -> None:
         assert ctx.run("z").result(30).value == 3  # and no interrupt was left for a later run
 
 
+def test_a_cancelled_run_is_interrupted(ctx: CodeContext) -> None:
+    ctx.run("w = 5").result(30)
+    for _ in range(3):
+        run = ctx.run("while True: pass")
+        run.cancel()
+    assert ctx.run("w").result(30).value == 5  # not stuck behind a loop nobody waits for
+
+
 @pytest.mark.slow
 def test_code_that_ignores_the_interrupt_loses_the_context(sandbox: Sandbox) -> None:
     ctx = sandbox.code_context()
