@@ -195,8 +195,9 @@ class RunCollector:
         self.done: dict[str, Any] | None = None
 
     def note(self, text: str) -> None:
-        if len(self._notes) < MAX_NOTES:
-            self._notes.append(text[:400])
+        text = text[:400]
+        if len(self._notes) < MAX_NOTES and text not in self._notes:
+            self._notes.append(text)
 
     def add(self, frame: dict[str, Any], size: int) -> None:
         """Takes one frame of this run (`size`: its length on the wire)."""

@@ -418,3 +418,30 @@ def test_a_client_killed_mid_run_leaves_no_interpreter_behind(sandbox: Sandbox) 
     while _drivers_in(sandbox) > before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _drivers_in(sandbox) == before
+
+
+THIEF = r"""
+import gc
+channel = next(o for o in gc.get_objects() if hasattr(o, "token") and hasattr(o, "fd_out"))
+run = RUN
+for _ in range(2):
+    channel.send({"k": "out", "run": run, "name": "stdout", "text": "x" * (8 << 20)})
+for i in range(300):
+    channel.send({"k": "display", "run": run, "data": {"text/plain": str(i), "x/evil": "y"}})
+channel.send({"k": "error", "run": run, "name": "E" * 10000, "value": "v" * (1 << 20),
+              "traceback": ["t" * 20000] * 300})
+"""
+
+
+@pytest.mark.slow
+def test_a_driver_whose_token_was_stolen_is_still_parsed_with_bounds(sandbox: Sandbox) -> None:
+    with sandbox.code_context(max_output_bytes=1 << 20) as ctx:
+        execution = ctx.run(THIEF.replace("RUN", "1")).result(120)
+        assert len(execution.stdout) == 1 << 20 and execution.stdout_truncated
+        assert len(execution.outputs) == 256
+        assert all(o.formats == ["text/plain"] for o in execution.outputs)
+        assert execution.error is not None and len(execution.error.name) == 200
+        assert len(execution.error.traceback) == 200
+        assert all(len(line) <= 4096 for line in execution.error.traceback)
+        assert len(execution.notes) == len(set(execution.notes))
+        assert ctx.run("'after'").result(30).value == "after"
