@@ -325,9 +325,10 @@ def test_forged_frames_on_stdout_and_on_the_channel_change_nothing(ctx: CodeCont
 
 
 def test_closing_stdout_and_stderr_is_survived(ctx: CodeContext) -> None:
-    ctx.run("import os\nos.close(1)\nos.close(2)").result(30)
+    ctx.run("import os\nos.close(0)\nos.close(1)\nos.close(2)").result(30)
     execution = ctx.run("print('back'); 7").result(30)
     assert (execution.stdout, execution.value) == ("back\n", 7)
+    assert ctx.run("os.read(0, 10)").result(30).text == "b''"  # /dev/null again: end of file
 
 
 def test_closing_every_descriptor_ends_the_context_with_a_clear_error(sandbox: Sandbox) -> None:

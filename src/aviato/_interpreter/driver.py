@@ -160,6 +160,9 @@ class Capture:
         self.write_ends: list[int] = []
         self.totals = [0, 0]
         self.decoders = [self._decoder(), self._decoder()]
+        null = os.open(os.devnull, os.O_RDONLY)
+        self.null = _high_dup(null)
+        os.close(null)
         for _ in range(2):
             read_end, write_end = os.pipe()
             self.read_ends.append(_high_dup(read_end))
@@ -177,7 +180,9 @@ class Capture:
         return codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def restore(self) -> None:
-        """Puts the capture pipes back on fds 1 and 2 (user code may have closed them)."""
+        """Puts /dev/null back on fd 0 and the capture pipes on fds 1 and 2 (user code may have
+        closed or replaced them)."""
+        os.dup2(self.null, 0, inheritable=True)
         for index, write_end in enumerate(self.write_ends):
             os.dup2(write_end, index + 1, inheritable=True)
 
@@ -324,9 +329,6 @@ def main() -> None:
 
     signal.signal(signal.SIGINT, on_interrupt)
     channel = Channel(_high_dup(0), _high_dup(1))
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
     hello = channel.read_request()
     if hello is None or hello.get("op") != "hello":
         return
