@@ -155,3 +155,17 @@ def test_matplotlib_figures_become_png(kernel: str) -> None:
         assert driver.run("plt.get_fignums()").value == []  # shown figures are closed
     finally:
         driver.close()
+
+
+def test_a_request_the_driver_cannot_run_ends_that_run_only() -> None:
+    driver = LocalDriver("python")
+    try:
+        driver.runs += 1
+        collector = RunCollector(driver.runs, 1 << 20)
+        driver._send_raw(encode_request({"op": "run", "run": driver.runs}))  # no code
+        execution = driver.finish(collector)
+        assert execution.error is not None and execution.error.name == "InterpreterError"
+        assert execution.notes == ()
+        assert driver.run("6 * 7").value == 42
+    finally:
+        driver.close()

@@ -276,6 +276,17 @@ class Driver:
         except Exception as err:
             self.state.dropped.append(f"open figures: {type(err).__name__}")
 
+    def fail(self, request: dict[str, Any], err: BaseException) -> None:
+        """Ends the run `request` with an error of the driver's own (it is not the code's)."""
+        run = request.get("run")
+        value = f"the interpreter failed: {type_name(err)}: {err}"[:2000]
+        with self.channel.lock:
+            self.state.run = None
+            error = {"k": "error", "run": run, "name": "InterpreterError", "value": value}
+            self.channel.send({**error, "traceback": []})
+            sent = self.channel.sent_in_run
+            self.channel.send({"k": "done", "run": run, "count": 0, "frames": sent})
+
     def run(self, request: dict[str, Any]) -> None:
         run = int(request["run"])
         self.capture.restore()
@@ -348,4 +359,7 @@ def main() -> None:
             return
         if request.get("op") == "run":
             driver.state.pending_interrupt = False  # any earlier run's interrupt was seen
-            driver.run(request)
+            try:
+                driver.run(request)
+            except Exception as err:  # the driver's own failure: this run ends, the context lives
+                driver.fail(request, err)
