@@ -28,6 +28,8 @@ TEXT_MIMES = (
     "image/jpeg",
 )
 JSON_MIME = "application/json"
+#: What `RichOutput` hands to the user's own notebook to render (no markup: see there).
+SAFE_TO_RENDER = ("image/png", "image/jpeg", "text/plain")
 MAX_DISPLAY_BYTES_PER_RUN = 64 << 20
 MAX_DISPLAYS_PER_RUN = 256
 MAX_TRACEBACK_LINES = 200
@@ -71,6 +73,14 @@ class RichOutput:
             return base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             return None
+
+    def _repr_mimebundle_(self, include: object = None, exclude: object = None) -> dict[str, Any]:
+        """Shows the output in your own notebook (``display(execution.result)``): its PNG or
+        JPEG image, else its text. HTML, SVG and Markdown are left out on purpose: rendered in
+        your notebook, markup written by the sandbox's code could run script there, with your
+        notebook's access to your machine. Render them yourself where you trust the code."""
+        shown = {m: self.data[m] for m in SAFE_TO_RENDER if isinstance(self.data.get(m), str)}
+        return shown or {"text/plain": ""}
 
     @property
     def formats(self) -> list[str]:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aviato._code_results import MAX_DISPLAYS_PER_RUN, RunCollector
+from aviato._code_results import MAX_DISPLAYS_PER_RUN, RichOutput, RunCollector
 from aviato._code_wire import (
     DRIVER_MODULES,
     MAGIC,
@@ -129,3 +129,13 @@ def test_the_driver_is_python_3_8(name: str) -> None:
         for alias in node.names
     }
     assert "aviato" not in imported  # nothing of aviato exists in the sandbox
+
+
+def test_a_rich_output_shows_in_the_users_notebook_without_markup() -> None:
+    output = RichOutput(
+        {"text/plain": "<Fig>", "image/png": "iVBORw0=", "text/html": "<script>x</script>"}
+    )
+    assert output._repr_mimebundle_() == {"text/plain": "<Fig>", "image/png": "iVBORw0="}
+    assert RichOutput({"image/svg+xml": "<svg onload=x/>"})._repr_mimebundle_() == {
+        "text/plain": ""
+    }
