@@ -153,6 +153,9 @@ def test_matplotlib_figures_become_png(kernel: str) -> None:
         (figure,) = execution.outputs
         assert (figure.png or b"").startswith(b"\x89PNG")
         assert driver.run("plt.get_fignums()").value == []  # shown figures are closed
+        shown = driver.run("figure = plt.figure()\nplt.close(figure)\ndisplay(figure)")
+        assert shown.ok, shown.error
+        assert [(o.png or b"")[:4] for o in shown.outputs] == [b"\x89PNG"]
     finally:
         driver.close()
 

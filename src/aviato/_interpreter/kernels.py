@@ -176,6 +176,9 @@ class IPythonKernel:
         self.shell = shell_class.instance(
             config=config, displayhook_class=Hook, display_pub_class=Publisher
         )
+        # as `%matplotlib inline` does: a figure shown by IPython's display() is a PNG too
+        png_formatter = self.shell.display_formatter.formatters["image/png"]
+        png_formatter.for_type_by_name("matplotlib.figure", "Figure", figure_png)
         for scheme in ("nocolor", "NoColor"):
             try:
                 self.shell.colors = scheme
