@@ -58,6 +58,7 @@ value:
 | `sandbox.upload_dir(local, remote)`, `.download_dir(remote, local)` | `OperationRef[int]` | no |
 | `sandbox.stream_logs(follow=..., tail=...)` | `LogStream` (of `LogRecord`) | no |
 | `sandbox.forward_port(port, local_port=0)` | `PortForward` (`.address` blocks until it listens) | no |
+| `sandbox.code_context()`; `ctx.run(code)`, `ctx.interrupt()`, `ctx.close()` | `CodeContext`; `OperationRef[Execution]`, `OperationRef[None]` | no |
 | `Images.pull()`, `.list()`, `.remove()`, `.prune()`, `aviato.server_info()`, `Admin().create_key()` ... | `Image`, `list[Image]`, `ServerInfo`, `CreatedKey` ... | yes |
 | `Sandbox.list()`, `Sandbox.from_id()`, `Sandbox.delete()` | `OperationRef[...]` | no |
 | `session.list()`, `session.from_id()`, `session.close()` | `OperationRef[...]` | no |
@@ -156,6 +157,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
         ],
     ),
     ("Sessions and remote functions", ["Session", "RemoteFunction"]),
+    ("Code contexts", ["CodeContext", "Execution", "RichOutput", "CodeError"]),
     (
         "Configuration objects",
         ["SandboxDefaults", "ImagePullCredentials", "NetworkOptions", "EgressRule", "Serialization"],

@@ -23,6 +23,8 @@ _os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from aviato import exceptions
 from aviato._admin import Admin, ApiKey, CreatedKey, OwnerQuota
+from aviato._code_context import CodeContext
+from aviato._code_results import CodeError, Execution, RichOutput
 from aviato._credentials import ImagePullCredentials
 from aviato._defaults import EgressRule, NetworkOptions, Serialization
 from aviato._files import FileStream
@@ -48,6 +50,7 @@ from aviato.exceptions import (
     AviatoAuthenticationError,
     AviatoConnectionError,
     AviatoError,
+    CodeContextError,
     FunctionError,
     FunctionSerializationError,
     ProcessResult,
@@ -85,9 +88,13 @@ __all__ = [
     "AviatoAuthenticationError",
     "AviatoConnectionError",
     "AviatoError",
+    "CodeContext",
+    "CodeContextError",
+    "CodeError",
     "CreatedKey",
     "DirListing",
     "EgressRule",
+    "Execution",
     "FileEntry",
     "FileStream",
     "FunctionError",
@@ -109,6 +116,7 @@ __all__ = [
     "RemoteFunction",
     "RemoteFunctionError",
     "ResourceUsage",
+    "RichOutput",
     "Sandbox",
     "SandboxDefaults",
     "SandboxError",

@@ -16,7 +16,9 @@ AviatoError                            .code (gRPC status name, when one applies
 │   ├── SandboxResourceExhaustedError  the service is at capacity
 │   ├── SandboxExecutionError          .exec_result, .exception_type, .exception_message
 │   │   └── RemoteFunctionError        a @session.function raised (also a FunctionError)
-│   └── SandboxFileError               .filepath
+│   ├── SandboxFileError               .filepath
+│   └── CodeContextError               a code context's interpreter is gone (closed, killed,
+│                                      crashed, or its sandbox ended); its state is lost
 └── FunctionError
     ├── AsyncFunctionError             @session.function applied to an `async def`
     └── FunctionSerializationError     a value is not JSON-safe (also a TypeError)
@@ -44,6 +46,7 @@ __all__ = [
     "AviatoAuthenticationError",
     "AviatoConnectionError",
     "AviatoError",
+    "CodeContextError",
     "FunctionError",
     "FunctionSerializationError",
     "RemoteFunctionError",
@@ -213,6 +216,13 @@ class SandboxFileError(SandboxError):
     ) -> None:
         super().__init__(message, sandbox_id=sandbox_id, code=code)
         self.filepath = filepath
+
+
+class CodeContextError(SandboxError):
+    """A `CodeContext` cannot run code: it was closed, its interpreter could not start or is
+    gone (killed after a run ignored its interrupt, crashed, or its sandbox ended). Its state is
+    lost; make a new context. An error of the code itself is never raised: it is the run's
+    ``Execution.error``."""
 
 
 class FunctionError(AviatoError):

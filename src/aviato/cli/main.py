@@ -17,6 +17,7 @@ from typing import NoReturn
 import click
 
 from aviato.cli import (
+    code,
     exec_command,
     files,
     images,
@@ -71,6 +72,7 @@ for _command in (
     sandboxes.get,
     exec_command.exec_command,
     shell.sh,
+    code.run_code,
     logs.logs,
     ports.port,
     network.network,
