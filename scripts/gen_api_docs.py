@@ -118,6 +118,7 @@ value:
 SECTIONS: list[tuple[str, list[str]]] = [
     ("Sandboxes", ["Sandbox", "SandboxStatus"]),
     ("Snapshots", ["Snapshot"]),
+    ("Secrets", ["Secret"]),
     (
         "Handles",
         [

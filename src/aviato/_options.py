@@ -38,6 +38,7 @@ from aviato._defaults import (
     coerce_node_selector,
     resources_to_proto,
 )
+from aviato._secrets import secret_names
 from aviato._volumes import HostMount, Volume, mounts_to_proto
 from aviato.exceptions import SandboxValidationError
 from aviato.v1 import sandbox_pb2 as pb
@@ -86,7 +87,8 @@ class SandboxDefaults:
         temp_dir: Directory in the sandbox for `@session.function` payloads (default ``/tmp``).
         tags: Tags given to every sandbox (and the filter of `Session.list`).
         resources: ``{"cpu": "500m", "memory": "256Mi", "pids": 256, "disk": "1Gi"}``; strings in
-            Kubernetes quantity form or numbers (cpu in cores, memory and disk in bytes).
+            Kubernetes quantity form ("512Mi", "2G", "500m") or numbers (cpu in cores, memory
+            and disk in bytes).
         network: `NetworkOptions` (egress by policy, exposed ports; loopback only by default).
         environment_variables: Environment of the main process and of every command.
         working_dir: Working directory inside the sandbox; None means the image's (``/workspace``).
@@ -108,6 +110,9 @@ class SandboxDefaults:
             lives: ``"memory"`` (a tmpfs, counted against the memory limit too) or ``"disk"``
             (a filesystem of the sandbox's disk size on the service's disk). None means the
             service's default (``aviato server --writable-layer``, ``"memory"`` unless set).
+        secrets: Names of your secrets (`Secret.create`) that every sandbox gets as
+            environment variables of the same names (docs/secrets.md); a call's own
+            ``secrets`` are added to these.
     """
 
     container_image: str | None = None
@@ -131,8 +136,10 @@ class SandboxDefaults:
     max_read_file_bytes: int = DEFAULT_MAX_READ_FILE_BYTES
     volumes: Mapping[str, Volume | HostMount] = field(default_factory=dict)
     writable_layer: str | None = None
+    secrets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "secrets", tuple(secret_names(self.secrets)))
         object.__setattr__(self, "tags", as_str_tuple("tags", self.tags))
         object.__setattr__(self, "args", as_str_tuple("args", self.args))
         object.__setattr__(self, "network", coerce_network(self.network))
@@ -236,6 +243,7 @@ class SandboxSettings(TypedDict, total=False):
     volumes: Mapping[str, Volume | HostMount] | None
     writable_layer: str | None
     snapshot: Snapshot | str | None
+    secrets: Sequence[str] | None
 
 
 class _MainProcess(TypedDict, total=False):
@@ -297,6 +305,11 @@ class SandboxArgs(SandboxOptions, _Address, total=False):
     snapshot: A `Snapshot` (or its id) to start from: the writable layer begins as the
         snapshot's content, over the same image (another image is refused); an unknown id or
         another owner's snapshot is `SandboxNotFoundError`.
+    secrets: ``["OPENAI_API_KEY"]``: names of your secrets (`Secret.create`), each put into
+        the environment of the main process and of every command under its own name; added to
+        the default secrets. A name you have no secret of, or also in
+        `environment_variables`, is refused when the sandbox is created
+        (`SandboxValidationError`). Answers and `aviato get` show the names, never values.
     """
 
 
@@ -389,6 +402,7 @@ def resolve(options: SandboxArgs, defaults: SandboxDefaults) -> ResolvedSandbox:
         mounts=d.merge_volumes(options.get("volumes")),
         writable_layer=check_writable_layer(options.get("writable_layer")) or "",
         snapshot_id=snapshot_id_of(options.get("snapshot")),
+        secrets=secret_names([*d.secrets, *secret_names(options.get("secrets"))]),
     )
     if spec.writable_layer == "" and d.writable_layer:
         spec.writable_layer = d.writable_layer

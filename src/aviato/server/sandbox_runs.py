@@ -41,6 +41,7 @@ from aviato.server.sandbox_states import (
     classify_exit,
     status_name,
 )
+from aviato.server.secret_store import KEY_FILE, SecretStore
 from aviato.server.volumes import HostMounts, Volumes
 
 __all__ = ["SandboxRuns"]
@@ -82,6 +83,7 @@ class SandboxRuns:
             placement=placement.name,
         )
         self.volumes.clear_trash()
+        self.secrets = SecretStore(registry.connection, config.state_dir / KEY_FILE)
 
     @property
     def registry(self) -> Registry:
