@@ -55,6 +55,7 @@ __all__ = [
     "SandboxOptions",
     "SandboxSettings",
     "check_keys",
+    "check_original_only",
     "resolve",
 ]
 
@@ -209,7 +210,7 @@ class SandboxDefaults:
 def check_writable_layer(value: str | None) -> str | None:
     """`value` if it is None, "memory" or "disk"; else ValueError naming the option."""
     if value is not None and value not in ("memory", "disk"):
-        raise ValueError(f"writable_layer must be 'memory' or 'disk', not {value!r}")
+        raise SandboxValidationError(f"writable_layer must be 'memory' or 'disk', not {value!r}")
     return value
 
 
@@ -340,10 +341,35 @@ class ResolvedSandbox:
     request_id: str
 
 
+# Options of the original aviato SDK that this one does not take, and what to do instead.
+# Empty placement pins are accepted and ignored, so that code written for the original runs.
+ORIGINAL_ONLY: dict[str, str] = {
+    "ports": "expose a port with network=NetworkOptions(exposed_ports=[8080])",
+    "s3_mount": "mount a volume (volumes={'/data': Volume('data')}) or copy the data in",
+    "max_timeout_seconds": "use max_lifetime_seconds",
+    "runway_ids": "the service places sandboxes itself (node_selector picks nodes by label)",
+    "tower_ids": "the service places sandboxes itself (node_selector picks nodes by label)",
+}
+PLACEMENT_PINS = frozenset({"runway_ids", "tower_ids"})
+
+
+def check_original_only(name: str, value: object, where: str) -> None:
+    """`SandboxValidationError` for an option of the original SDK that this one does not take
+    (`ORIGINAL_ONLY`), naming it and what to use; an empty placement pin passes."""
+    if name in PLACEMENT_PINS and not value:
+        return
+    raise SandboxValidationError(
+        f"{where}: {name}= is not supported by this SDK: {ORIGINAL_ONLY[name]}"
+    )
+
+
 def check_keys(options: Mapping[str, object], allowed: frozenset[str], where: str) -> None:
     """TypeError naming the keywords of `options` that `where` does not take (for callers whose
-    keywords were not checked by a type checker)."""
-    unknown = sorted(set(options) - allowed)
+    keywords were not checked by a type checker); `SandboxValidationError` for those of the
+    original SDK that this one does not support (`ORIGINAL_ONLY`)."""
+    for name in sorted(set(options) & ORIGINAL_ONLY.keys()):
+        check_original_only(name, options[name], where)
+    unknown = sorted(set(options) - allowed - ORIGINAL_ONLY.keys())
     if unknown:
         raise TypeError(f"{where}: unexpected options: {', '.join(unknown)}")
 
@@ -372,12 +398,12 @@ def resolve(options: SandboxArgs, defaults: SandboxDefaults) -> ResolvedSandbox:
         argv = [cmd, *(list(args) if args is not None else list(d.args))]
     else:
         if args:
-            raise ValueError("args given without a command")
+            raise SandboxValidationError("args given without a command: give the command too")
         argv = []
     net = _defaults.coerce_network(options.get("network")) or d.network
     wd = options.get("working_dir") or d.working_dir
     if wd is not None and not wd.startswith("/"):
-        raise ValueError(f"working_dir must be an absolute path: {wd!r}")
+        raise SandboxValidationError(f"working_dir must be an absolute path, not {wd!r}")
     lifetime = options.get("max_lifetime_seconds")
     if lifetime is None:
         lifetime = d.max_lifetime_seconds

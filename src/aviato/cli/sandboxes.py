@@ -32,7 +32,15 @@ from aviato.cli._output import (
     print_json,
     print_table,
 )
-from aviato.cli._params import duration, duration_or_zero, env_option, label_pairs
+from aviato.cli._params import (
+    absolute_path,
+    cpus,
+    duration,
+    duration_or_zero,
+    env_option,
+    label_pairs,
+    size,
+)
 from aviato.cli._reach import preflight
 from aviato.cli.images import credential_options, read_credentials
 from aviato.cli.volumes import parse_volume_options
@@ -112,8 +120,8 @@ def _resources(cpu: str | None, memory: str | None) -> dict[str, str] | None:
     help="Tag it (repeatable); ls and rm select by tag.",
 )
 @env_option("Set a variable for every process (repeatable).")
-@click.option("--cpu", metavar="CPUS", help="CPU limit: 0.5, 500m, 2.")
-@click.option("--memory", metavar="SIZE", help="Memory limit: 512Mi, 2Gi.")
+@click.option("--cpu", metavar="CPUS", callback=cpus, help="CPU limit: 0.5, 500m, 2.")
+@click.option("--memory", metavar="SIZE", callback=size, help="Memory limit: 512Mi, 2Gi.")
 @click.option(
     "--lifetime",
     metavar="DURATION",
@@ -128,7 +136,10 @@ def _resources(cpu: str | None, memory: str | None) -> dict[str, str] | None:
     help="Stop it once it has run no command and moved no file for this long: 10m, 1h "
     "[default: never].",
 )
-@click.option("-w", "--workdir", metavar="DIR", help="Working directory [default: /workspace].")
+@click.option(
+    "-w", "--workdir", metavar="DIR", callback=absolute_path,
+    help="Working directory [default: /workspace].",
+)  # fmt: skip
 @click.option(
     "--node-selector",
     "node_selector",
@@ -321,8 +332,8 @@ def get(sandbox_id: str, as_json: bool) -> None:
 
     \b
     Examples:
-      aviato get sb-1a2b3c
-      aviato get --json sb-1a2b3c
+      aviato get sbx-1a2b3c4d5e6f
+      aviato get --json sbx-1a2b3c4d5e6f
     """
     preflight()
     sb = Sandbox.from_id(sandbox_id).result()
@@ -412,7 +423,7 @@ def stop(sandbox_ids: tuple[str, ...], grace: float) -> None:
 
     \b
     Examples:
-      aviato stop sb-1a2b3c
+      aviato stop sbx-1a2b3c4d5e6f
       aviato ls -q --tag eval | xargs aviato stop --grace 0
     """
     preflight()
@@ -464,7 +475,7 @@ def rm(sandbox_ids: tuple[str, ...], tags: tuple[str, ...], everything: bool, ye
 
     \b
     Examples:
-      aviato rm sb-1a2b3c sb-4d5e6f
+      aviato rm sbx-1a2b3c4d5e6f sbx-4d5e6f7a8b9c
       aviato rm --tag eval -y
     """
     if sandbox_ids and (tags or everything):

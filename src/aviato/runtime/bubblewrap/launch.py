@@ -27,6 +27,7 @@ from aviato.runtime.base import PathRefused, SandboxConfig, SandboxGone, Sandbox
 from aviato.runtime.bubblewrap.command import FD_SECRETS, OwnUserns
 from aviato.runtime.cgroups import SandboxCgroup
 from aviato.runtime.supervisor import SupervisorConnection
+from aviato.runtime.supervisor.connection import failure_words
 from aviato.runtime.userns import IdRange
 from aviato.runtime.writable_layers import Layer, WritableLayers
 
@@ -243,7 +244,9 @@ async def connect_supervisor(directory: Path, sid: str, wait: float) -> Supervis
     except SandboxRuntimeError:
         raise
     except (TimeoutError, OSError, EOFError) as exc:
-        raise SandboxGone(f"sandbox {sid}: cannot reach its supervisor: {exc!r}") from exc
+        raise SandboxGone(
+            f"sandbox {sid}: cannot reach its supervisor: {failure_words(exc)}"
+        ) from exc
 
 
 def private_copy(binary: Path, directory: Path) -> str:
