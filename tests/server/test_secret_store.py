@@ -95,6 +95,16 @@ def test_a_damaged_key_is_refused_never_replaced(store: SecretStore, tmp_path: P
     assert key.read_bytes() == b"short"
 
 
+def test_a_key_file_planted_as_a_symlink_is_refused(tmp_path: Path) -> None:
+    chosen = tmp_path / "chosen"
+    chosen.write_bytes(b"k" * 32)  # someone else's key, of the right size
+    (tmp_path / "secrets.key").symlink_to(chosen)
+    store = SecretStore(Registry(tmp_path / "registry.db").connection, tmp_path / "secrets.key")
+    with pytest.raises(FailedPrecondition, match="damaged"):
+        store.create("alice", "TOKEN", VALUE, replace_value=False)
+    assert store.list("alice") == []
+
+
 def test_names_values_and_bounds(store: SecretStore) -> None:
     for bad in ("", "1X", "A-B", "A B", "x" * 129, VALUE):
         with pytest.raises(InvalidArgument) as err:

@@ -25,9 +25,11 @@ with (their processes have it), until they end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sqlite3
+import stat
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -149,26 +151,42 @@ class SecretStore:
         return self._aead
 
     def _load_or_make_key(self) -> bytes:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(self._key_path, flags, FILE_MODE)
-        except FileExistsError:
+        """The key file's key; made whole or not at all: written and synced under a temporary
+        name, then linked into place (a service killed meanwhile leaves no partial key, and
+        of two services making one at once the second reads the first's)."""
+        if os.path.lexists(self._key_path):
             return self._read_key()
         key = AESGCM.generate_key(bit_length=8 * _KEY_BYTES)
+        tmp = self._key_path.with_name(f".{self._key_path.name}.{os.getpid()}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # left by a process of this pid that was killed
+        fd = os.open(tmp, flags, FILE_MODE)
         try:
             os.fchmod(fd, FILE_MODE)
             os.write(fd, key)
             os.fsync(fd)
         finally:
             os.close(fd)
+        try:
+            os.link(tmp, self._key_path)  # never replaces: an existing key wins
+        except FileExistsError:
+            return self._read_key()
+        finally:
+            tmp.unlink()
         return key
 
     def _read_key(self) -> bytes:
-        fd = os.open(self._key_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        """The key, from a regular file of exactly 32 bytes (never through a symlink)."""
         try:
-            key = os.read(fd, _KEY_BYTES + 1)
-        finally:
-            os.close(fd)
+            fd = os.open(self._key_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            key = b""
+        else:
+            try:
+                key = os.read(fd, _KEY_BYTES + 1) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+            finally:
+                os.close(fd)
         if len(key) != _KEY_BYTES:
             # The operator's to repair: never a new key, which would lose every value.
             raise FailedPrecondition(
