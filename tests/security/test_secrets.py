@@ -15,6 +15,7 @@ Against a real service over TCP with two owners' API keys and real sandboxes:
 from __future__ import annotations
 
 import os
+import pwd
 import secrets
 import sqlite3
 from collections.abc import Iterator
@@ -22,7 +23,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from reliability.harness import Client, Service, code_of, details_of, free_port
+from reliability.harness import (
+    Client,
+    Service,
+    code_of,
+    details_of,
+    free_port,
+    interpreter_for,
+)
 
 from aviato.server import auth
 from aviato.server.registry import Registry
@@ -59,14 +67,29 @@ class Owners:
         )
 
 
-@pytest.fixture
-def owners() -> Iterator[Owners]:
+@pytest.fixture(params=["root", "rootless"])
+def owners(request: pytest.FixtureRequest) -> Iterator[Owners]:
+    """A service over TCP with keys of alice and bob: as root, and as an unprivileged user
+    (nobody) whose sandboxes get a user namespace from bwrap itself."""
+    user = None
+    if request.param == "rootless":
+        if os.geteuid() != 0:
+            pytest.skip("the rootless service runs as nobody: the tests must run as root")
+        try:
+            interpreter_for("nobody")
+        except LookupError as e:
+            pytest.skip(f"rootless mode: {e}")
+        user = "nobody"
     port = free_port()
-    svc = Service("--listen", f"127.0.0.1:{port}")
+    svc = Service("--listen", f"127.0.0.1:{port}", user=user)
     svc.state_dir.mkdir(mode=0o700)
     reg = Registry(svc.state_dir / "registry.db")
     keys = {name: auth.create_key(reg, name, "secrets")[1] for name in ("alice", "bob")}
     reg.close()
+    if user is not None:
+        pw = pwd.getpwnam(user)
+        for path in (svc.state_dir, *svc.state_dir.iterdir()):
+            os.chown(path, pw.pw_uid, pw.pw_gid)
     try:
         svc.start()
         world = Owners(svc, port, keys)
