@@ -63,8 +63,16 @@ def test_errors_in_the_users_words(cli: Cli, sandbox: str) -> None:
     assert_one_line_error(empty, "the command is empty")
     missing = cli("run", "--tag", TAG, "--memory", "1Ki")
     assert_one_line_error(missing, 'resources["memory"]', "is outside")
-    for result in (stop, empty, missing):
+    too_long = cli("extend", sandbox, "99999d")
+    assert_one_line_error(too_long, "8639913600 more seconds would make the lifetime")
+    assert "e+" not in too_long.stderr
+    workdir = cli("exec", "-w", "relative", sandbox, "--", "true")
+    assert_one_line_error(workdir, "cwd must be an absolute path, not 'relative'")
+    snapshot = cli("snapshot", "rm", "nonsense")
+    assert_one_line_error(snapshot, "'nonsense' is not a snapshot id (snap-")
+    for result in (stop, empty, missing, too_long, workdir, snapshot):
         assert not INTERNALS.search(result.stderr), result.stderr
+        assert "ValueError" not in result.stderr and "snapshot_id:" not in result.stderr
 
 
 def test_get_shows_limits_network_and_mounts(cli: Cli) -> None:

@@ -47,6 +47,8 @@ _WORDS: tuple[tuple[str, str], ...] = (
     ("init.protected", "protected"),
     ("request_id", ""),
     ("page_token", ""),
+    ("snapshot_id", ""),
+    ("seconds", ""),
 )
 # Parts of a path the user never wrote: a mount's index (volumes are a dict by path).
 _DROP_REST = frozenset({"volumes", "secrets", "the sandbox's options"})
