@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import secrets
 
-from clitools import TAG, Cli, assert_one_line_error
+from clitools import TAG, Cli, Terminal, assert_one_line_error, aviato_argv
 
 
 def test_a_secret_from_stdin_to_a_sandbox(cli: Cli) -> None:
@@ -50,3 +50,18 @@ def test_values_never_come_from_arguments_and_refusals_are_words(cli: Cli) -> No
     assert_one_line_error(missing, "secrets: you have no secret named CLI_NOBODY")
     assert "spec." not in missing.stderr
     cli.ok("secret", "rm", "CLI_ENV")
+
+
+def test_on_a_terminal_the_value_is_asked_for_hidden(cli: Cli) -> None:
+    term = Terminal([*aviato_argv(), "secret", "create", "CLI_TTY"], cli.env, 24, 80)
+    try:
+        term.expect("Value (hidden): ")
+        term.send("typed-in-value\r")
+        assert term.wait() == 0, term.seen
+        assert b"typed-in-value" not in term.seen  # not echoed
+        sid = cli.ok("run", "--tag", TAG, "--secret", "CLI_TTY").stdout.strip()
+        assert cli.ok("exec", sid, "--", "printenv", "CLI_TTY").stdout == "typed-in-value\n"
+        cli("rm", "-y", sid)
+    finally:
+        term.close()
+        cli("secret", "rm", "CLI_TTY")
