@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -204,3 +205,4 @@ def test_sigterm_after_the_service_stopped_does_not_start_one() -> None:
         _aviato(state, "server", "start")
         _aviato(state, "rm", "--all", "-y")
         _aviato(state, "server", "stop")
+        shutil.rmtree(state, ignore_errors=True)
