@@ -114,11 +114,26 @@ value:
 - A `stop()`, `Sandbox.delete()`, `write_file()` or `session.close()` still in flight when the
   interpreter exits is waited for (up to 10 s), so ``for sb in sandboxes: sb.stop()`` as a
   script's last lines does stop them; commands, reads and waits still running are cancelled.
+- Clean-up at exit or on a signal never starts the local service: if it was stopped meanwhile,
+  a session's sandboxes end by themselves when their lease expires.
+
+## Code written for the original aviato SDK
+
+- `ports=`, `s3_mount=` and `max_timeout_seconds=` raise `SandboxValidationError` naming the
+  argument and what to use instead; empty `runway_ids` / `tower_ids` are accepted and ignored
+  (others are refused the same way); an unknown keyword stays a `TypeError`.
+- `Sandbox.list(show_terminated=True)` is `include_stopped=True`.
+- `SandboxFileError.reason` says why a file operation failed (`"FILE_NOT_FOUND"`, ...).
+- Remote functions serialize with JSON only: unpickling a sandbox's answer would run its code
+  in your process.
+- `AVIATO_API_KEY` is read at each call: a key set or changed after the first call is used
+  from the next one (a `Sandbox` object keeps the key it was made with).
 """
 
 SECTIONS: list[tuple[str, list[str]]] = [
     ("Sandboxes", ["Sandbox", "SandboxStatus"]),
     ("Snapshots", ["Snapshot"]),
+    ("Secrets", ["Secret"]),
     (
         "Handles",
         [

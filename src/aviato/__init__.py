@@ -40,6 +40,7 @@ from aviato._process import Process, StreamWriter
 from aviato._sandbox import Sandbox, Session
 from aviato._sandbox_network import NetworkUsage
 from aviato._sandbox_paths import DirListing, FileEntry
+from aviato._secrets import Secret
 from aviato._service import ServerInfo, server_info
 from aviato._snapshot import Snapshot
 from aviato._status import SandboxStatus
@@ -130,6 +131,7 @@ __all__ = [
     "SandboxTerminatedError",
     "SandboxTimeoutError",
     "SandboxValidationError",
+    "Secret",
     "Serialization",
     "ServerInfo",
     "Session",

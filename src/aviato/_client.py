@@ -1,9 +1,10 @@
 """The SDK's connection to a service: which transport serves an address, and retries.
 
-- `get_client(base_url)` returns the `Client` of the running event loop for that address,
-  created on first use and shared: one per (event loop, address), in practice one per address
-  on the SDK's background loop. None means the embedded local service, found or started by
-  `aviato._local_service.ensure_local_service` (in a worker thread, so the loop never blocks).
+- `get_client(base_url)` returns the `Client` of the running event loop for that address and
+  the current `AVIATO_API_KEY`, created on first use and shared: one per (event loop, address,
+  key), in practice one per address on the SDK's background loop. None means the embedded
+  local service, found or started by `aviato._local_service.ensure_local_service` (in a
+  worker thread, so the loop never blocks; never during clean-up at exit: `CLEANING_UP`).
 - The transport of an address is the gRPC one (`aviato._transport.grpc`), unless a factory was
   registered for that exact address with `register_transport` (how tests plug in the in-memory
   transport of `aviato._transport.memory`).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import logging
 import os
 import random
@@ -32,6 +34,7 @@ from aviato import _bridge, _defaults, _local_service
 from aviato._transport.base import Transport
 from aviato._transport.errors import is_transient
 from aviato._transport.grpc import GrpcTransport, parse_base_url, translate_error
+from aviato.exceptions import AviatoConnectionError
 
 __all__ = [
     "Client",
@@ -49,6 +52,14 @@ RETRY_BUDGET_SECONDS = 20.0
 
 TransportFactory = Callable[[], Transport]
 _factories: dict[str, TransportFactory] = {}
+
+# Set while sessions are closed at exit or on a signal: the local service is then used only if
+# it runs. Starting one to stop sandboxes would leave a service running after the program
+# ended, and is not needed: a session's sandboxes end by themselves when their lease expires,
+# with or without a service (the sandbox's own deadline).
+CLEANING_UP: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "aviato_cleaning_up", default=False
+)
 
 
 def register_transport(base_url: str, factory: TransportFactory | None) -> None:
@@ -94,6 +105,8 @@ class Client:
             except Exception as err:
                 if not is_transient(err):
                     raise
+                if self.local_state_dir is not None and CLEANING_UP.get():
+                    raise  # clean-up never starts a local service (see CLEANING_UP)
                 if retry and time.monotonic() + delay < deadline:
                     logger.debug("%s: service unavailable, retrying in %.2fs", op, delay)
                     await asyncio.sleep(delay * (0.5 + random.random()))
@@ -134,9 +147,9 @@ async def ensure_local_service(state_dir: str | None) -> str:
 
 
 # (loop, key) -> Client. Weak on the loop so that a closed loop's clients go away.
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Client]] = (
-    weakref.WeakKeyDictionary()
-)
+_clients: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[str, str | None], Client]
+] = weakref.WeakKeyDictionary()
 _locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
     weakref.WeakKeyDictionary()
 )
@@ -150,11 +163,15 @@ async def get_client(base_url: str | None) -> Client:
     if per_loop is None:
         per_loop = _clients.setdefault(loop, {})
     state_dir: str | None = None
+    api_key = _defaults.api_key()
     if base_url is None:
         state_dir = _local_state_dir()
-        key = f"local:{state_dir}"
+        address = f"local:{state_dir}"
     else:
-        key = base_url
+        address = base_url
+    # One client per address and key: a key set (or changed) in AVIATO_API_KEY after the first
+    # call is used from the next call on. (A Sandbox object keeps the client it was made with.)
+    key = (address, api_key)
     client = per_loop.get(key)
     if client is not None and not client.closed:
         return client
@@ -165,15 +182,23 @@ async def get_client(base_url: str | None) -> Client:
             return client
         if base_url is None:
             assert state_dir is not None
-            socket_path = await ensure_local_service(state_dir)
+            if CLEANING_UP.get():
+                socket_path = await asyncio.to_thread(_local_service.answering_socket, state_dir)
+                if socket_path is None:
+                    raise AviatoConnectionError(
+                        "the local service is not running, and clean-up does not start one "
+                        "(a session's sandboxes end by themselves when their lease expires)"
+                    )
+            else:
+                socket_path = await ensure_local_service(state_dir)
             client = Client(
-                GrpcTransport(f"unix://{socket_path}", api_key=_defaults.api_key()),
+                GrpcTransport(f"unix://{socket_path}", api_key=api_key),
                 local_state_dir=state_dir,
             )
         elif (factory := _factories.get(base_url.rstrip("/"))) is not None:
             client = Client(factory())
         else:
-            client = Client(GrpcTransport(base_url, api_key=_defaults.api_key()))
+            client = Client(GrpcTransport(base_url, api_key=api_key))
         per_loop[key] = client
         _register_exit_hook()
         return client

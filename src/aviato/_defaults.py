@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aviato.exceptions import SandboxValidationError
+from aviato.v1 import quantities
 from aviato.v1 import sandbox_pb2 as pb
 
 __all__ = [
@@ -344,15 +345,21 @@ _RESOURCE_KEYS = ("cpu", "memory", "pids", "disk")
 
 
 def _quantity(key: str, value: object) -> str:
+    """A cpu, memory or disk value as the spec's quantity text; refused in the user's words."""
+    forms = quantities.CPU_FORMS if key == "cpu" else quantities.SIZE_FORMS
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise SandboxValidationError(
-            f"resources.{key}: expected a string or a number, got {value!r}"
-        )
+        raise SandboxValidationError(f'resources["{key}"]: {value!r} is not {forms}')
     if isinstance(value, str):
-        return value.strip()
-    if key == "cpu":
-        return repr(float(value)) if isinstance(value, float) else str(value)
-    return str(int(value))
+        text = value.strip()
+    elif key == "cpu":
+        text = repr(float(value)) if isinstance(value, float) else str(value)
+    else:
+        text = str(int(value))
+    try:
+        (quantities.parse_cpu_millis if key == "cpu" else quantities.parse_bytes)(text)
+    except quantities.QuantityError:
+        raise SandboxValidationError(f'resources["{key}"]: {value!r} is not {forms}') from None
+    return text
 
 
 def resources_to_proto(resources: Mapping[str, object] | None) -> pb.Resources | None:
@@ -374,7 +381,7 @@ def resources_to_proto(resources: Mapping[str, object] | None) -> pb.Resources |
             msg.pids = int(pids)  # type: ignore[call-overload]
         except (TypeError, ValueError):
             raise SandboxValidationError(
-                f"resources.pids: expected an integer, got {pids!r}"
+                f'resources["pids"]: {pids!r} is not a number of processes such as 256'
             ) from None
     return msg
 

@@ -137,6 +137,13 @@ def _spawn(directory: Path, server_args: Sequence[str] = ()) -> subprocess.Popen
     return proc
 
 
+def answering_socket(state_dir_path: str | os.PathLike[str] | None = None) -> str | None:
+    """The socket path of the local service of `state_dir_path` if one answers, else None
+    (never starts one)."""
+    sock = endpoint.state_dir(state_dir_path) / endpoint.SOCKET_NAME
+    return str(sock) if _answers(sock) else None
+
+
 def ensure_local_service(
     state_dir_path: str | os.PathLike[str] | None = None,
     *,

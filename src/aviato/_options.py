@@ -38,6 +38,7 @@ from aviato._defaults import (
     coerce_node_selector,
     resources_to_proto,
 )
+from aviato._secrets import secret_names
 from aviato._volumes import HostMount, Volume, mounts_to_proto
 from aviato.exceptions import SandboxValidationError
 from aviato.v1 import sandbox_pb2 as pb
@@ -54,6 +55,7 @@ __all__ = [
     "SandboxOptions",
     "SandboxSettings",
     "check_keys",
+    "check_original_only",
     "resolve",
 ]
 
@@ -86,7 +88,8 @@ class SandboxDefaults:
         temp_dir: Directory in the sandbox for `@session.function` payloads (default ``/tmp``).
         tags: Tags given to every sandbox (and the filter of `Session.list`).
         resources: ``{"cpu": "500m", "memory": "256Mi", "pids": 256, "disk": "1Gi"}``; strings in
-            Kubernetes quantity form or numbers (cpu in cores, memory and disk in bytes).
+            Kubernetes quantity form ("512Mi", "2G", "500m") or numbers (cpu in cores, memory
+            and disk in bytes).
         network: `NetworkOptions` (egress by policy, exposed ports; loopback only by default).
         environment_variables: Environment of the main process and of every command.
         working_dir: Working directory inside the sandbox; None means the image's (``/workspace``).
@@ -108,6 +111,9 @@ class SandboxDefaults:
             lives: ``"memory"`` (a tmpfs, counted against the memory limit too) or ``"disk"``
             (a filesystem of the sandbox's disk size on the service's disk). None means the
             service's default (``aviato server --writable-layer``, ``"memory"`` unless set).
+        secrets: Names of your secrets (`Secret.create`) that every sandbox gets as
+            environment variables of the same names (docs/secrets.md); a call's own
+            ``secrets`` are added to these.
     """
 
     container_image: str | None = None
@@ -131,8 +137,10 @@ class SandboxDefaults:
     max_read_file_bytes: int = DEFAULT_MAX_READ_FILE_BYTES
     volumes: Mapping[str, Volume | HostMount] = field(default_factory=dict)
     writable_layer: str | None = None
+    secrets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "secrets", tuple(secret_names(self.secrets)))
         object.__setattr__(self, "tags", as_str_tuple("tags", self.tags))
         object.__setattr__(self, "args", as_str_tuple("args", self.args))
         object.__setattr__(self, "network", coerce_network(self.network))
@@ -202,7 +210,7 @@ class SandboxDefaults:
 def check_writable_layer(value: str | None) -> str | None:
     """`value` if it is None, "memory" or "disk"; else ValueError naming the option."""
     if value is not None and value not in ("memory", "disk"):
-        raise ValueError(f"writable_layer must be 'memory' or 'disk', not {value!r}")
+        raise SandboxValidationError(f"writable_layer must be 'memory' or 'disk', not {value!r}")
     return value
 
 
@@ -236,6 +244,7 @@ class SandboxSettings(TypedDict, total=False):
     volumes: Mapping[str, Volume | HostMount] | None
     writable_layer: str | None
     snapshot: Snapshot | str | None
+    secrets: Sequence[str] | None
 
 
 class _MainProcess(TypedDict, total=False):
@@ -297,6 +306,11 @@ class SandboxArgs(SandboxOptions, _Address, total=False):
     snapshot: A `Snapshot` (or its id) to start from: the writable layer begins as the
         snapshot's content, over the same image (another image is refused); an unknown id or
         another owner's snapshot is `SandboxNotFoundError`.
+    secrets: ``["OPENAI_API_KEY"]``: names of your secrets (`Secret.create`), each put into
+        the environment of the main process and of every command under its own name; added to
+        the default secrets. A name you have no secret of, or also in
+        `environment_variables`, is refused when the sandbox is created
+        (`SandboxValidationError`). Answers and `aviato get` show the names, never values.
     """
 
 
@@ -327,10 +341,35 @@ class ResolvedSandbox:
     request_id: str
 
 
+# Options of the original aviato SDK that this one does not take, and what to do instead.
+# Empty placement pins are accepted and ignored, so that code written for the original runs.
+ORIGINAL_ONLY: dict[str, str] = {
+    "ports": "expose a port with network=NetworkOptions(exposed_ports=[8080])",
+    "s3_mount": "mount a volume (volumes={'/data': Volume('data')}) or copy the data in",
+    "max_timeout_seconds": "use max_lifetime_seconds",
+    "runway_ids": "the service places sandboxes itself (node_selector picks nodes by label)",
+    "tower_ids": "the service places sandboxes itself (node_selector picks nodes by label)",
+}
+PLACEMENT_PINS = frozenset({"runway_ids", "tower_ids"})
+
+
+def check_original_only(name: str, value: object, where: str) -> None:
+    """`SandboxValidationError` for an option of the original SDK that this one does not take
+    (`ORIGINAL_ONLY`), naming it and what to use; an empty placement pin passes."""
+    if name in PLACEMENT_PINS and not value:
+        return
+    raise SandboxValidationError(
+        f"{where}: {name}= is not supported by this SDK: {ORIGINAL_ONLY[name]}"
+    )
+
+
 def check_keys(options: Mapping[str, object], allowed: frozenset[str], where: str) -> None:
     """TypeError naming the keywords of `options` that `where` does not take (for callers whose
-    keywords were not checked by a type checker)."""
-    unknown = sorted(set(options) - allowed)
+    keywords were not checked by a type checker); `SandboxValidationError` for those of the
+    original SDK that this one does not support (`ORIGINAL_ONLY`)."""
+    for name in sorted(set(options) & ORIGINAL_ONLY.keys()):
+        check_original_only(name, options[name], where)
+    unknown = sorted(set(options) - allowed - ORIGINAL_ONLY.keys())
     if unknown:
         raise TypeError(f"{where}: unexpected options: {', '.join(unknown)}")
 
@@ -359,12 +398,12 @@ def resolve(options: SandboxArgs, defaults: SandboxDefaults) -> ResolvedSandbox:
         argv = [cmd, *(list(args) if args is not None else list(d.args))]
     else:
         if args:
-            raise ValueError("args given without a command")
+            raise SandboxValidationError("args given without a command: give the command too")
         argv = []
     net = _defaults.coerce_network(options.get("network")) or d.network
     wd = options.get("working_dir") or d.working_dir
     if wd is not None and not wd.startswith("/"):
-        raise ValueError(f"working_dir must be an absolute path: {wd!r}")
+        raise SandboxValidationError(f"working_dir must be an absolute path, not {wd!r}")
     lifetime = options.get("max_lifetime_seconds")
     if lifetime is None:
         lifetime = d.max_lifetime_seconds
@@ -389,6 +428,7 @@ def resolve(options: SandboxArgs, defaults: SandboxDefaults) -> ResolvedSandbox:
         mounts=d.merge_volumes(options.get("volumes")),
         writable_layer=check_writable_layer(options.get("writable_layer")) or "",
         snapshot_id=snapshot_id_of(options.get("snapshot")),
+        secrets=secret_names([*d.secrets, *secret_names(options.get("secrets"))]),
     )
     if spec.writable_layer == "" and d.writable_layer:
         spec.writable_layer = d.writable_layer

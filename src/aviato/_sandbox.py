@@ -40,10 +40,16 @@ from types import FrameType, TracebackType
 from typing import Any, ParamSpec, Self, TypeVar, Unpack, overload
 
 from aviato import _bridge, _defaults
-from aviato._client import get_client
+from aviato._client import CLEANING_UP, get_client
 from aviato._function import RemoteFunction
 from aviato._operation import OperationRef
-from aviato._options import FunctionOptions, SandboxDefaults, SandboxOptions, check_keys
+from aviato._options import (
+    FunctionOptions,
+    SandboxDefaults,
+    SandboxOptions,
+    check_keys,
+    check_original_only,
+)
 from aviato._sandbox_core import SandboxCore
 from aviato._status import SandboxStatus
 from aviato.exceptions import SandboxError, SandboxNotFoundError
@@ -181,11 +187,18 @@ class Session:
         status: str | SandboxStatus | None = None,
         include_stopped: bool = False,
         adopt: bool = False,
+        show_terminated: bool | None = None,
+        runway_ids: Sequence[str] | None = None,
+        tower_ids: Sequence[str] | None = None,
     ) -> OperationRef[builtins.list[Sandbox]]:
         """`Sandbox.list` filtered by the session's default tags plus `tags`.
 
-        With `adopt`, the non-terminal results are adopted by the session.
+        With `adopt`, the non-terminal results are adopted by the session. `show_terminated`,
+        `runway_ids`, `tower_ids`: as in `Sandbox.list`.
         """
+        check_original_only("runway_ids", runway_ids, "Session.list")
+        check_original_only("tower_ids", tower_ids, "Session.list")
+        include_stopped = include_stopped or bool(show_terminated)
         merged = self.defaults.merge_tags(tags)
         wanted = SandboxStatus.parse(status) if status is not None else None
         return OperationRef._of(self._list(merged, wanted, include_stopped, adopt))
@@ -376,7 +389,11 @@ async def _close_all_sessions() -> None:
         sessions = [s for s in _open_sessions if s._pid == os.getpid()]
     if not sessions:
         return
-    closes = [asyncio.ensure_future(s.close()) for s in sessions]
+    marked = CLEANING_UP.set(True)  # for the closes scheduled here (they copy the context)
+    try:
+        closes = [asyncio.ensure_future(s.close()) for s in sessions]
+    finally:
+        CLEANING_UP.reset(marked)
     done, pending = await asyncio.wait(closes, timeout=_CLEANUP_TIMEOUT_SECONDS)
     for task in pending:
         task.cancel()

@@ -34,6 +34,7 @@ from aviato._sandbox_pause import SandboxPausing
 from aviato._sandbox_queries import SandboxQueries
 from aviato._sandbox_snapshots import SandboxSnapshots
 from aviato._status import SandboxStatus
+from aviato._volumes import HostMount, Volume
 from aviato.exceptions import (
     SandboxFailedError,
     SandboxNotFoundError,
@@ -212,6 +213,33 @@ class SandboxCore(
     def node_selector(self) -> dict[str, str]:
         """The node labels the sandbox asked for (empty: any node)."""
         return dict(self._spec.node_selector)
+
+    @property
+    def secrets(self) -> builtins.list[str]:
+        """The names of the secrets in its environment (docs/secrets.md); never values."""
+        return list(self._spec_known().secrets)
+
+    @property
+    def resources(self) -> dict[str, str | int]:
+        """Its limits as the service resolved them (its defaults for what was not asked):
+        ``{"memory": "1Gi", "pids": 1024, "disk": "1Gi", "cpu": "500m"}``, no ``"cpu"`` when
+        it has no cpu limit. Before the service answered: what was asked."""
+        res = self._spec_known().resources
+        found: dict[str, str | int] = {"cpu": res.cpu, "memory": res.memory, "pids": res.pids,
+                                       "disk": res.disk}  # fmt: skip
+        return {key: value for key, value in found.items() if value}
+
+    @property
+    def volumes(self) -> dict[str, Volume | HostMount]:
+        """Its mounted volumes and host directories, by sandbox path (docs/volumes.md)."""
+        return {
+            m.path: HostMount(m.host_path) if m.host_path else Volume(m.volume, m.read_only)
+            for m in self._spec_known().mounts
+        }
+
+    def _spec_known(self) -> pb.SandboxSpec:
+        """The service's answer's spec (resolved), else the spec this object would send."""
+        return self._record.spec if self._record is not None else self._spec
 
     def __repr__(self) -> str:
         status = self._status.value if self._status else "not started"

@@ -25,7 +25,7 @@ from aviato._options import SandboxDefaults
 from aviato._port_forward import PortForward
 from aviato._process import ExecState, Process
 from aviato._transport.base import LogReader
-from aviato.exceptions import SandboxError, SandboxNotRunningError
+from aviato.exceptions import SandboxError, SandboxNotRunningError, SandboxValidationError
 from aviato.v1 import sandbox_pb2 as pb
 
 __all__ = ["SandboxIO"]
@@ -140,7 +140,7 @@ class SandboxIO:
         if not argv:
             raise ValueError("exec() needs a non-empty command")
         if cwd is not None and not cwd.startswith("/"):
-            raise ValueError(f"cwd must be an absolute path: {cwd!r}")
+            raise SandboxValidationError(f"cwd must be an absolute path, not {cwd!r}")
         if timeout_seconds is not None and timeout_seconds <= 0:
             raise ValueError("timeout_seconds must be positive")
         if input is not None and (stdin or tty):

@@ -15,6 +15,7 @@ from typing import Self
 from aviato import _defaults
 from aviato._client import get_client
 from aviato._operation import OperationRef
+from aviato._options import check_original_only
 from aviato._status import SandboxStatus
 from aviato.exceptions import SandboxNotFoundError
 from aviato.v1 import sandbox_pb2 as pb
@@ -40,12 +41,20 @@ class SandboxQueries:
         include_stopped: bool = False,
         base_url: str | None = None,
         timeout_seconds: float | None = None,
+        show_terminated: bool | None = None,
+        runway_ids: Sequence[str] | None = None,
+        tower_ids: Sequence[str] | None = None,
     ) -> OperationRef[builtins.list[Self]]:
         """Finds sandboxes: those with all of `tags`, in `status` if given.
 
-        Terminal sandboxes are left out unless `include_stopped` or `status` is a terminal status.
-        All pages are fetched. The results are usable `Sandbox` objects.
+        Terminal sandboxes are left out unless `include_stopped` (or its newer name
+        `show_terminated`) or `status` is a terminal status. All pages are fetched. The results
+        are usable `Sandbox` objects. `runway_ids` / `tower_ids`: the original SDK's placement
+        filters; empty is accepted and ignored, others refused (`SandboxValidationError`).
         """
+        check_original_only("runway_ids", runway_ids, "Sandbox.list")
+        check_original_only("tower_ids", tower_ids, "Sandbox.list")
+        include_stopped = include_stopped or bool(show_terminated)
         tag_list = list(_defaults.as_str_tuple("tags", tags))
         wanted = SandboxStatus.parse(status) if status is not None else None
         return OperationRef._of(

@@ -204,7 +204,13 @@ class SandboxExecutionError(SandboxError):
 
 
 class SandboxFileError(SandboxError):
-    """Reading or writing a file in the sandbox failed; `filepath` is the path concerned."""
+    """Reading or writing a file in the sandbox failed; `filepath` is the path concerned.
+
+    `reason` says why, for programs (as the original SDK's): ``"FILE_NOT_FOUND"``,
+    ``"FILE_PERMISSION_DENIED"``, ``"PATH_INVALID"`` (a directory where a file was expected,
+    a path that cannot be), ``"FILE_IO_FAILED"`` (anything else the service reported), or
+    None when the SDK itself refused (a file larger than `max_bytes`, say).
+    """
 
     def __init__(
         self,
@@ -213,9 +219,11 @@ class SandboxFileError(SandboxError):
         filepath: str | None = None,
         sandbox_id: str | None = None,
         code: str | None = None,
+        reason: str | None = None,
     ) -> None:
         super().__init__(message, sandbox_id=sandbox_id, code=code)
         self.filepath = filepath
+        self.reason = reason
 
 
 class CodeContextError(SandboxError):

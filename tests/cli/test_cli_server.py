@@ -105,7 +105,7 @@ def test_remote_clients_need_a_valid_key(remote: tuple[Cli, str]) -> None:
         # Owners are apart: the local user does not see bob's sandbox, and bob not theirs.
         local_id = server.ok("run").stdout.strip()
         assert sandbox_id not in ids_of(server.ok("ls", "-q").stdout)
-        assert_one_line_error(bob("get", local_id), "not found")
+        assert_one_line_error(bob("get", local_id), "no sandbox")
 
         key_id = next(
             line.split()[0]

@@ -55,6 +55,13 @@ def test_a_file_operation_on_a_deleted_sandbox_is_not_a_file_error() -> None:
 
 
 def test_an_invalid_option_names_the_field() -> None:
+    # Refused by the service (a size, but too small): named as the user wrote it.
     with pytest.raises(SandboxValidationError, match="memory") as info:
-        Sandbox.run(tags=[TEST_TAG], resources={"memory": "12Qi"})
+        Sandbox.run(tags=[TEST_TAG], resources={"memory": "1Ki"})
     assert info.value.code == "INVALID_ARGUMENT"
+    assert str(info.value).startswith('create sandbox failed: resources["memory"]: ')
+    assert "spec." not in str(info.value)
+    # Not a size at all: refused before the call, in the same words.
+    with pytest.raises(SandboxValidationError) as info:
+        Sandbox.run(tags=[TEST_TAG], resources={"memory": "12Qi"})
+    assert str(info.value).startswith("resources[\"memory\"]: '12Qi' is not a size such as 512Mi")

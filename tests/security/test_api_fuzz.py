@@ -326,6 +326,30 @@ def test_create_sandbox(
 
 @SETTINGS
 @given(
+    name=maybe(HOSTILE_TEXT, "FUZZ_SECRET"),
+    value=maybe(HOSTILE_TEXT, "v"),
+    use=st.lists(maybe(HOSTILE_TEXT, "FUZZ_SECRET"), max_size=3),
+)
+def test_secrets(target: Target, name: str, value: str, use: list[str]) -> None:
+    """Hostile names and values to CreateSecret and DeleteSecret, and as a create's secrets:
+    a status in words, and no value ever repeated in an answer."""
+    made = _unary(
+        target, "CreateSecret", pb.CreateSecretRequest(name=name, value=value, replace=True)
+    )
+    listed = _unary(target, "ListSecrets", pb.ListSecretsRequest())
+    if value and len(value) > 3:
+        assert value not in str(made) and value not in str(listed)
+    spec = pb.SandboxSpec(secrets=use)
+    sb = _unary(
+        target, "CreateSandbox", pb.CreateSandboxRequest(spec=spec, request_id=str(uuid.uuid4()))
+    )
+    if sb is not None:
+        target.svc.client().delete(sb.id)
+    _unary(target, "DeleteSecret", pb.DeleteSecretRequest(name=name))
+
+
+@SETTINGS
+@given(
     egress_mode=st.sampled_from(["internet", "allowlist", "isolated", ""]) | HOSTILE_TEXT,
     egress=st.lists(EGRESS_RULES, max_size=6),
     mine=maybe(st.booleans(), True),
@@ -548,6 +572,9 @@ UNARY = [
     "ListSnapshots",
     "DeleteSnapshot",
     "ForkSandbox",
+    "CreateSecret",
+    "ListSecrets",
+    "DeleteSecret",
 ]
 
 

@@ -177,6 +177,15 @@ def _calls(stub: pbg.SandboxServiceStub, sandbox_id: str) -> dict[str, Callable[
         "ForkSandbox": lambda md: stub.ForkSandbox(
             pb.ForkSandboxRequest(sandbox_id=sandbox_id, count=2), metadata=md, timeout=10
         ),
+        "CreateSecret": lambda md: stub.CreateSecret(
+            pb.CreateSecretRequest(name="AUTH_X", value="v"), metadata=md, timeout=10
+        ),
+        "ListSecrets": lambda md: stub.ListSecrets(
+            pb.ListSecretsRequest(), metadata=md, timeout=10
+        ),
+        "DeleteSecret": lambda md: stub.DeleteSecret(
+            pb.DeleteSecretRequest(name="AUTH_X"), metadata=md, timeout=10
+        ),
     }
 
 

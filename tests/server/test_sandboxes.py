@@ -164,7 +164,7 @@ def test_list_filters_pagination_and_terminal_hidden(server: ServerProcess) -> N
     [
         (
             {"resources": {"memory": "12Qi"}},
-            "spec.resources.memory: '12Qi' is not a Kubernetes quantity",
+            "spec.resources.memory: '12Qi' is not a size such as 512Mi or 2G",
         ),
         ({"resources": {"cpu": "-1"}}, "spec.resources.cpu"),
         ({"command": ["sh", "a\x00"]}, "spec.command[1]"),

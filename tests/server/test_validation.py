@@ -48,7 +48,7 @@ INVALID_SPECS: list[tuple[str, pb.SandboxSpec, str]] = [
     (
         "memory-quantity",
         spec(resources={"memory": "12Qi"}),
-        "spec.resources.memory: '12Qi' is not a Kubernetes quantity",
+        "spec.resources.memory: '12Qi' is not a size such as 512Mi or 2G",
     ),
     ("memory-too-small", spec(resources={"memory": "1Ki"}), "spec.resources.memory"),
     ("cpu-quantity", spec(resources={"cpu": "fast"}), "spec.resources.cpu"),

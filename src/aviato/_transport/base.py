@@ -201,6 +201,18 @@ class Transport(abc.ABC):
     ) -> pb.ForkSandboxResponse:
         raise NotImplementedError("this transport has no forks")
 
+    # Secrets (docs/secrets.md); a transport without them refuses.
+    async def create_secret(
+        self, request: pb.CreateSecretRequest, *, call_timeout: float | None
+    ) -> pb.SecretInfo:
+        raise NotImplementedError("this transport has no secrets")
+
+    async def list_secrets(self, *, call_timeout: float | None) -> list[pb.SecretInfo]:
+        raise NotImplementedError("this transport has no secrets")
+
+    async def delete_secret(self, name: str, *, call_timeout: float | None) -> None:
+        raise NotImplementedError("this transport has no secrets")
+
     @abc.abstractmethod
     async def pause_sandbox(
         self, request: pb.PauseSandboxRequest, *, call_timeout: float | None

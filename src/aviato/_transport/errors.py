@@ -6,13 +6,15 @@ message text: the status code decides, refined by the detail's `reason` when the
 one (errors.proto). A service older than the details sends none; then the code alone decides,
 with what the caller knows (a file operation's NOT_FOUND is about the file).
 
-Messages stay in the user's words: ``"<operation> failed: <the service's message>"``; a status
-without a message gets a plain phrase, never a status name. The exception's ``code`` attribute
+Messages stay in the user's words: ``"<operation> failed: <the service's message>"``, the
+field the service refused named as the user wrote it (`field_words`); a status without a
+message gets a plain phrase, never a status name. The exception's ``code`` attribute
 carries the status name for programs.
 """
 
 from __future__ import annotations
 
+from aviato._transport.field_words import in_user_words
 from aviato.exceptions import (
     AviatoAuthenticationError,
     AviatoConnectionError,
@@ -80,6 +82,11 @@ _FILE_CODES = frozenset(
     }
 )
 _FILE_REASONS = frozenset({epb.FILE_NOT_FOUND, epb.PATH_INVALID, epb.FILE_PERMISSION_DENIED})
+_FILE_REASON_OF_CODE = {
+    "NOT_FOUND": "FILE_NOT_FOUND",
+    "PERMISSION_DENIED": "FILE_PERMISSION_DENIED",
+    "INVALID_ARGUMENT": "PATH_INVALID",
+}
 # In a file operation, every problem is reported as the file's (as before the details existed),
 # except a sandbox that does not exist.
 
@@ -110,6 +117,8 @@ def from_status(
     if detail is not None and detail.sandbox_id and sandbox_id is None:
         sandbox_id = detail.sandbox_id
     text = message or _PLAIN.get(name, "the service reported an error")
+    if detail is not None and detail.field:
+        text = in_user_words(detail.field, text)
     what = f"{op} failed: {text}"
 
     about_file = reason in _FILE_REASONS or (
@@ -122,6 +131,7 @@ def from_status(
             filepath=path,
             sandbox_id=sandbox_id,
             code=name,
+            reason=_file_reason(reason, name),
         )
     if reason == epb.SANDBOX_TERMINATED or name == "ABORTED":
         # "cut off: the sandbox ended under it": never retried, since a command that started
@@ -138,7 +148,10 @@ def from_status(
     if name == "DEADLINE_EXCEEDED":
         return SandboxTimeoutError(what, sandbox_id=sandbox_id, code=name)
     if name == "UNAVAILABLE":
-        return AviatoConnectionError(f"{op} failed: service unavailable: {text}", code=name)
+        # With a detail the service itself answered (something it reached was unavailable,
+        # such as an image's registry); without one, the service could not be reached.
+        lead = "" if detail is not None else "service unavailable: "
+        return AviatoConnectionError(f"{op} failed: {lead}{text}", code=name)
     if reason == epb.FIELD_INVALID or name == "INVALID_ARGUMENT":
         return SandboxValidationError(what, sandbox_id=sandbox_id, code=name)
     if reason in (epb.CAPACITY_EXHAUSTED, epb.QUOTA_EXCEEDED) or name == "RESOURCE_EXHAUSTED":
@@ -146,6 +159,13 @@ def from_status(
     if reason == epb.SANDBOX_NOT_RUNNING or name in ("FAILED_PRECONDITION", "CANCELLED"):
         return SandboxNotRunningError(what, sandbox_id=sandbox_id, code=name)
     return SandboxError(what, sandbox_id=sandbox_id, code=name)
+
+
+def _file_reason(reason: int, code: str) -> str:
+    """`SandboxFileError.reason`: the detail's file reason, else one read off the code."""
+    if reason in _FILE_REASONS:
+        return epb.ErrorReason.Name(reason)
+    return _FILE_REASON_OF_CODE.get(code, "FILE_IO_FAILED")
 
 
 def is_transient(err: BaseException) -> bool:

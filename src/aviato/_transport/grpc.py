@@ -38,6 +38,7 @@ from aviato._transport.grpc_exec import GrpcExecCall
 from aviato._transport.grpc_pause import GrpcPauseCalls
 from aviato._transport.grpc_port import GrpcPortStream
 from aviato._transport.grpc_readers import PATH_OPS, GrpcFileReader, GrpcStreamReader
+from aviato._transport.grpc_secrets import SecretCalls
 from aviato._transport.grpc_snapshots import SnapshotCalls
 from aviato.v1 import admin_pb2 as apb
 from aviato.v1 import admin_pb2_grpc, images_pb2_grpc, sandbox_pb2_grpc
@@ -59,7 +60,7 @@ _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 # --- the transport ----------------------------------------------------------------------------
 
 
-class GrpcTransport(GrpcPauseCalls, SnapshotCalls, Transport):
+class GrpcTransport(GrpcPauseCalls, SnapshotCalls, SecretCalls, Transport):
     """A grpc.aio channel to one address, bound to the event loop that made it."""
 
     def __init__(self, url: str, *, api_key: str | None = None) -> None:

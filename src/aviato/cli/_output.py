@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 DEBUG_ENV = "AVIATO_DEBUG"
+EXAMPLE_ID = "sbx-1a2b3c4d5e6f"
+ID_SHAPE = re.compile(r"sbx-[0-9a-f]{12}")
 
 
 class CliError(Exception):
@@ -64,7 +67,7 @@ def _grpc_message(exc: Any) -> str | None:
         return f"the aviato service did not answer in time ({details or 'deadline exceeded'})"
     if name == "NOT_FOUND":
         return details or "not found"
-    return f"{details} [{name}]" if details else name
+    return details or "the service refused the request"
 
 
 def describe(exc: BaseException) -> str:
@@ -85,6 +88,15 @@ def describe(exc: BaseException) -> str:
         return (
             f"{shown} is not valid UTF-8: commands, paths, ids, tags and environment variables "
             "must be UTF-8 text"
+        )
+    sandbox_id = getattr(exc, "sandbox_id", None)
+    if type(exc).__name__ == "SandboxNotFoundError" and sandbox_id:
+        # whatever the command was doing, the id is what went wrong: say so, and what ids are
+        if ID_SHAPE.fullmatch(sandbox_id):
+            return f"no sandbox {sandbox_id} (deleted, or not yours; `aviato ls --all` lists yours)"
+        return (
+            f"no sandbox {sandbox_id!r}: sandbox ids look like {EXAMPLE_ID} (`aviato ls --all` "
+            "lists yours)"
         )
     module = type(exc).__module__ or ""
     if module.startswith("aviato"):

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import click
 
+from aviato.v1 import quantities
+
 _F = TypeVar("_F", bound=Callable[..., Any])
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
 _UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -81,6 +83,33 @@ def duration(ctx: click.Context, param: click.Parameter, value: str | None) -> f
 def duration_or_zero(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
     """click callback of a duration option where 0 means "at once" (`--grace 0`)."""
     return None if value is None else parse_duration(value, allow_zero=True)
+
+
+def absolute_path(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """click callback of a sandbox directory option (`-w /workspace`)."""
+    if value is not None and not value.startswith("/"):
+        raise click.BadParameter(f"{value!r} is not an absolute path (one starting with /)")
+    return value
+
+
+def size(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """click callback of a size option (`--memory 512Mi`): a usage error unless it is one."""
+    if value is not None:
+        try:
+            quantities.parse_bytes(value)
+        except quantities.QuantityError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def cpus(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """click callback of a cpu option (`--cpu 0.5`): a usage error unless it is one."""
+    if value is not None:
+        try:
+            quantities.parse_cpu_millis(value)
+        except quantities.QuantityError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
 
 
 def listen_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

@@ -220,11 +220,11 @@ def exec_command(
 
     \b
     Examples:
-      aviato exec sb-1a2b3c -- python3 -c 'print(1 + 1)'
-      aviato exec -w /tmp -e DEBUG=1 sb-1a2b3c -- make test
-      git archive HEAD | aviato exec sb-1a2b3c -- tar -x -C /workspace
-      aviato exec --timeout 30s sb-1a2b3c -- ./run_tests.sh
-      aviato exec --protected sb-1a2b3c -- python3 /checks/grade.py
+      aviato exec sbx-1a2b3c4d5e6f -- python3 -c 'print(1 + 1)'
+      aviato exec -w /tmp -e DEBUG=1 sbx-1a2b3c4d5e6f -- make test
+      git archive HEAD | aviato exec sbx-1a2b3c4d5e6f -- tar -x -C /workspace
+      aviato exec --timeout 30s sbx-1a2b3c4d5e6f -- ./run_tests.sh
+      aviato exec --protected sbx-1a2b3c4d5e6f -- python3 /checks/grade.py
     """
     argv = list(command)
     if argv and argv[0] == "--":

@@ -167,11 +167,11 @@ def cp(src: str, dst: str, parents: bool, quiet: bool, recursive: bool) -> None:
 
     \b
     Examples:
-      aviato cp data.csv sb-1a2b3c:/workspace/
-      aviato cp sb-1a2b3c:/workspace/result.json ./result.json
-      tar cz src | aviato cp - sb-1a2b3c:/tmp/src.tgz
-      aviato cp -r ./repo sb-1a2b3c:/workspace/repo
-      aviato cp -r sb-1a2b3c:/workspace/out ./out
+      aviato cp data.csv sbx-1a2b3c4d5e6f:/workspace/
+      aviato cp sbx-1a2b3c4d5e6f:/workspace/result.json ./result.json
+      tar cz src | aviato cp - sbx-1a2b3c4d5e6f:/tmp/src.tgz
+      aviato cp -r ./repo sbx-1a2b3c4d5e6f:/workspace/repo
+      aviato cp -r sbx-1a2b3c4d5e6f:/workspace/out ./out
 
     With -r, the directory SRC's contents go to the directory DST (made if missing; ending in
     `/`, DST receives the tree under SRC's name), modes, times and symlinks kept.

@@ -32,8 +32,8 @@ def logs(sandbox_id: str, follow: bool, tail: int | None) -> None:
 
     \b
     Examples:
-      aviato logs sb-1a2b3c
-      aviato logs -f --tail 20 sb-1a2b3c
+      aviato logs sbx-1a2b3c4d5e6f
+      aviato logs -f --tail 20 sbx-1a2b3c4d5e6f
     """
     preflight()
     sandbox = Sandbox.from_id(sandbox_id).result()

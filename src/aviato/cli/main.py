@@ -28,6 +28,7 @@ from aviato.cli import (
     pausing,
     ports,
     sandboxes,
+    secrets,
     server,
     shell,
     snapshots,
@@ -86,6 +87,7 @@ for _command in (
     snapshots.snapshot,
     images.image,
     volumes.volume,
+    secrets.secret,
     server.server,
     keys.keys,
     version.version,
@@ -93,8 +95,26 @@ for _command in (
     cli.add_command(_command)
 
 
-def _hint(exc: click.UsageError) -> str:
-    path = exc.ctx.command_path if exc.ctx is not None else "aviato"
+def _command_path(argv: Sequence[str]) -> str:
+    """The command that `argv` names ("aviato secret create"), as far as it names one: click
+    raises some usage errors (an option missing its value) without the command's context."""
+    path: list[str] = ["aviato"]
+    command: click.Command = cli
+    for word in argv:
+        if not isinstance(command, click.Group):
+            break
+        if word.startswith("-"):
+            continue
+        found = command.commands.get(word)
+        if found is None:
+            break
+        path.append(word)
+        command = found
+    return " ".join(path)
+
+
+def _hint(exc: click.UsageError, argv: Sequence[str]) -> str:
+    path = exc.ctx.command_path if exc.ctx is not None else _command_path(argv)
     return f" (see '{path} --help')"
 
 
@@ -103,7 +123,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     try:
         result = cli.main(args=argv, prog_name="aviato", standalone_mode=False)
     except click.UsageError as exc:
-        print_error(exc.format_message() + _hint(exc))
+        print_error(exc.format_message() + _hint(exc, sys.argv[1:] if argv is None else argv))
         return 2
     except click.Abort as exc:
         if isinstance(exc.__context__, KeyboardInterrupt):

@@ -80,10 +80,10 @@ def network(
 
     \b
     Examples:
-      aviato network sbx-1a2b3c
-      aviato network sbx-1a2b3c --allow pypi.org --allow files.pythonhosted.org
-      aviato network sbx-1a2b3c --internet
-      aviato network sbx-1a2b3c --deny
+      aviato network sbx-1a2b3c4d5e6f
+      aviato network sbx-1a2b3c4d5e6f --allow pypi.org --allow files.pythonhosted.org
+      aviato network sbx-1a2b3c4d5e6f --internet
+      aviato network sbx-1a2b3c4d5e6f --deny
     """
     if deny and (internet or allow):
         raise click.UsageError("--deny cannot be combined with --internet or --allow")

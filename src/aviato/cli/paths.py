@@ -47,10 +47,10 @@ def files() -> None:
 
     \b
     Examples:
-      aviato files ls sb-1a2b3c /workspace
-      aviato files mkdir -p sb-1a2b3c /workspace/out/logs
-      aviato files mv sb-1a2b3c /workspace/a.txt /workspace/b.txt
-      aviato files rm -r sb-1a2b3c /workspace/out
+      aviato files ls sbx-1a2b3c4d5e6f /workspace
+      aviato files mkdir -p sbx-1a2b3c4d5e6f /workspace/out/logs
+      aviato files mv sbx-1a2b3c4d5e6f /workspace/a.txt /workspace/b.txt
+      aviato files rm -r sbx-1a2b3c4d5e6f /workspace/out
     Copy files and trees with `aviato cp` (`cp -r` for directories).
     """
 

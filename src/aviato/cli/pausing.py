@@ -46,7 +46,7 @@ def pause(sandbox_ids: tuple[str, ...]) -> None:
 
     \b
     Examples:
-      aviato pause sb-1a2b3c
+      aviato pause sbx-1a2b3c4d5e6f
       aviato ls -q --tag eval | xargs aviato pause
     """
     _each(sandbox_ids, lambda sb: sb.pause())
@@ -59,7 +59,7 @@ def resume(sandbox_ids: tuple[str, ...]) -> None:
 
     \b
     Examples:
-      aviato resume sb-1a2b3c
+      aviato resume sbx-1a2b3c4d5e6f
     """
     _each(sandbox_ids, lambda sb: sb.resume())
 
@@ -73,7 +73,7 @@ def extend(sandbox_id: str, duration: str) -> None:
 
     \b
     Examples:
-      aviato extend sb-1a2b3c 2h
+      aviato extend sbx-1a2b3c4d5e6f 2h
     """
     try:
         seconds = parse_duration(duration)

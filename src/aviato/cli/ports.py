@@ -43,10 +43,10 @@ def port(sandbox_id: str, port: int | None, local_port: int | None) -> None:
 
     \b
     Examples:
-      aviato port sb-1a2b3c 8080
-      curl "http://$(aviato port sb-1a2b3c 8080)/"
-      aviato port sb-1a2b3c
-      aviato port --forward 8000 sb-1a2b3c 8080   # then: curl http://127.0.0.1:8000/
+      aviato port sbx-1a2b3c4d5e6f 8080
+      curl "http://$(aviato port sbx-1a2b3c4d5e6f 8080)/"
+      aviato port sbx-1a2b3c4d5e6f
+      aviato port --forward 8000 sbx-1a2b3c4d5e6f 8080   # then: curl http://127.0.0.1:8000/
     """
     preflight()
     if local_port is not None and port is None:

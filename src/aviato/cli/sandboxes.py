@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from aviato import NetworkOptions, Sandbox, SandboxFailedError, SandboxStatus
+from aviato import HostMount, NetworkOptions, Sandbox, SandboxFailedError, SandboxStatus, Volume
 from aviato.cli import network as network_cli
 from aviato.cli._output import (
     CliError,
@@ -32,7 +32,15 @@ from aviato.cli._output import (
     print_json,
     print_table,
 )
-from aviato.cli._params import duration, duration_or_zero, env_option, label_pairs
+from aviato.cli._params import (
+    absolute_path,
+    cpus,
+    duration,
+    duration_or_zero,
+    env_option,
+    label_pairs,
+    size,
+)
 from aviato.cli._reach import preflight
 from aviato.cli.images import credential_options, read_credentials
 from aviato.cli.volumes import parse_volume_options
@@ -71,6 +79,9 @@ def _as_dict(sb: Sandbox) -> dict[str, Any]:
         "egress_mode": sb.applied_egress_mode,
         "egress": [rule.dns_name or rule.cidr for rule in sb.egress_rules],
         "network_usage": dataclasses.asdict(sb.network_usage),
+        "resources": sb.resources,
+        "mounts": [_mount_dict(path, mount) for path, mount in sb.volumes.items()],
+        "secrets": sb.secrets,
         "created_at": iso(sb.created_at),
         "started_at": iso(sb.started_at),
         "ended_at": iso(sb.ended_at),
@@ -109,8 +120,8 @@ def _resources(cpu: str | None, memory: str | None) -> dict[str, str] | None:
     help="Tag it (repeatable); ls and rm select by tag.",
 )
 @env_option("Set a variable for every process (repeatable).")
-@click.option("--cpu", metavar="CPUS", help="CPU limit: 0.5, 500m, 2.")
-@click.option("--memory", metavar="SIZE", help="Memory limit: 512Mi, 2Gi.")
+@click.option("--cpu", metavar="CPUS", callback=cpus, help="CPU limit: 0.5, 500m, 2.")
+@click.option("--memory", metavar="SIZE", callback=size, help="Memory limit: 512Mi, 2Gi.")
 @click.option(
     "--lifetime",
     metavar="DURATION",
@@ -125,7 +136,10 @@ def _resources(cpu: str | None, memory: str | None) -> dict[str, str] | None:
     help="Stop it once it has run no command and moved no file for this long: 10m, 1h "
     "[default: never].",
 )
-@click.option("-w", "--workdir", metavar="DIR", help="Working directory [default: /workspace].")
+@click.option(
+    "-w", "--workdir", metavar="DIR", callback=absolute_path,
+    help="Working directory [default: /workspace].",
+)  # fmt: skip
 @click.option(
     "--node-selector",
     "node_selector",
@@ -162,6 +176,13 @@ def _resources(cpu: str | None, memory: str | None) -> dict[str, str] | None:
 )  # fmt: skip
 @click.option("--snapshot", metavar="SNAPSHOT", help="Start from this snapshot's files.")
 @click.option(
+    "--secret",
+    "secret_names",
+    multiple=True,
+    metavar="NAME",
+    help="Put your secret NAME (see `aviato secret`) into its environment (repeatable).",
+)
+@click.option(
     "--wait/--no-wait",
     default=True,
     show_default=True,
@@ -187,6 +208,7 @@ def run(
     volume_options: tuple[str, ...],
     disk_layer: str | None,
     snapshot: str | None,
+    secret_names: tuple[str, ...],
     wait: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -212,6 +234,7 @@ def run(
       id=$(aviato run -p 8080 -- python3 -m http.server 8080); aviato port "$id" 8080
       aviato run --allow pypi.org --allow files.pythonhosted.org -- pip install requests
       aviato run -v cache:/cache -v /data/datasets/imagenet:/datasets
+      aviato run --secret OPENAI_API_KEY -- python3 agent.py
     """
     argv = list(command)
     if argv and argv[0] == "--":
@@ -237,6 +260,7 @@ def run(
         volumes=mounts,
         writable_layer=disk_layer,
         snapshot=snapshot,
+        secrets=list(secret_names) or None,
     )
     if wait:
         try:
@@ -308,8 +332,8 @@ def get(sandbox_id: str, as_json: bool) -> None:
 
     \b
     Examples:
-      aviato get sb-1a2b3c
-      aviato get --json sb-1a2b3c
+      aviato get sbx-1a2b3c4d5e6f
+      aviato get --json sbx-1a2b3c4d5e6f
     """
     preflight()
     sb = Sandbox.from_id(sandbox_id).result()
@@ -328,11 +352,40 @@ def get(sandbox_id: str, as_json: bool) -> None:
             ("started", record["started_at"] or "-"),
             ("ended", record["ended_at"] or "-"),
             ("expires", record["expires_at"] or "-"),
+            ("limits", _limits_text(sb.resources)),
             ("ports", _ports_text(sb)),
             ("egress", network_cli.egress_text(sb)),
             ("traffic", network_cli.usage_text(sb)),
+            ("mounts", _mounts_text(sb)),
+            ("secrets", ", ".join(sb.secrets) or "-"),
         ]
     )
+
+
+def _limits_text(resources: dict[str, str | int]) -> str:
+    """``cpu 500m, memory 1Gi, pids 1024, disk 1Gi`` (``cpu no limit`` without one)."""
+    cpu = f"cpu {resources['cpu']}" if "cpu" in resources else "cpu no limit"
+    rest = [f"{key} {resources[key]}" for key in ("memory", "pids", "disk") if key in resources]
+    return ", ".join([cpu, *rest])
+
+
+def _mount_dict(path: str, mount: Volume | HostMount) -> dict[str, Any]:
+    if isinstance(mount, HostMount):
+        return {"path": path, "host_path": mount.host_path, "read_only": True}
+    return {"path": path, "volume": mount.name, "read_only": mount.read_only}
+
+
+def _mounts_text(sb: Sandbox) -> str:
+    """``/cache: volume cache, /data: host /srv/data (read-only)``; "-" without any."""
+    parts = []
+    for path, mount in sb.volumes.items():
+        if isinstance(mount, HostMount):
+            parts.append(f"{path}: host {mount.host_path} (read-only)")
+        else:
+            parts.append(
+                f"{path}: volume {mount.name}" + (" (read-only)" if mount.read_only else "")
+            )
+    return ", ".join(parts) or "-"
 
 
 def _ports_text(sb: Sandbox) -> str:
@@ -370,7 +423,7 @@ def stop(sandbox_ids: tuple[str, ...], grace: float) -> None:
 
     \b
     Examples:
-      aviato stop sb-1a2b3c
+      aviato stop sbx-1a2b3c4d5e6f
       aviato ls -q --tag eval | xargs aviato stop --grace 0
     """
     preflight()
@@ -422,7 +475,7 @@ def rm(sandbox_ids: tuple[str, ...], tags: tuple[str, ...], everything: bool, ye
 
     \b
     Examples:
-      aviato rm sb-1a2b3c sb-4d5e6f
+      aviato rm sbx-1a2b3c4d5e6f sbx-4d5e6f7a8b9c
       aviato rm --tag eval -y
     """
     if sandbox_ids and (tags or everything):

@@ -140,8 +140,8 @@ def sh(
 
     \b
     Examples:
-      aviato sh sb-1a2b3c
-      aviato sh sb-1a2b3c -- python3
+      aviato sh sbx-1a2b3c4d5e6f
+      aviato sh sbx-1a2b3c4d5e6f -- python3
     """
     if not (os.isatty(0) and os.isatty(1)):
         raise CliError(

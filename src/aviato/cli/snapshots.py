@@ -27,7 +27,7 @@ def snapshot() -> None:
 
     \b
     Examples:
-      snap=$(aviato snapshot create sbx-1a2b3c)
+      snap=$(aviato snapshot create sbx-1a2b3c4d5e6f)
       aviato run --snapshot "$snap"
       aviato snapshot ls
       aviato snapshot rm "$snap"

@@ -11,7 +11,7 @@ config directly (tests, tools); the service passes its configured values for eve
 
 What the model cannot hold: facts only a node learns, such as an OCI image's own working
 directory or Entrypoint (`working_dir` "" and `image_command` say "the image's"), and secrets
-beyond the create (`registry_credentials` is never stored).
+beyond the create (`registry_credentials` and `secret_env` are never stored).
 """
 
 from __future__ import annotations
@@ -137,6 +137,12 @@ class SandboxConfig:
     # size under the node's state directory); and the snapshot it starts from ("" none).
     writable_layer: str = "memory"
     snapshot_id: str = ""
+    # The owner's secrets it gets as environment variables (docs/secrets.md): their names,
+    # and their values on the way to a runtime only (the service fills `secret_env` at create
+    # from its encrypted store; a record never keeps it, and a runtime must never put it on a
+    # command line or in a file).
+    secrets: tuple[str, ...] = ()
+    secret_env: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)

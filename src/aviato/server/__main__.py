@@ -102,7 +102,7 @@ def _cpu(text: str) -> int:
     try:
         return quantities.parse_cpu_millis(text)
     except quantities.QuantityError as e:
-        raise argparse.ArgumentTypeError(f"{e} (cores, e.g. 4 or 500m)") from None
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # Flags whose default comes from an environment variable, checked like the flag's own value

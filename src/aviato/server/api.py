@@ -32,6 +32,7 @@ from aviato.server.logs_api import LogStreams
 from aviato.server.paths_api import PathCalls
 from aviato.server.placement import Placement
 from aviato.server.port_tunnel import PortTunnels
+from aviato.server.secrets_api import SecretCalls
 from aviato.server.snapshots import SnapshotService
 from aviato.server.tree_api import TreeStreams
 from aviato.v1 import sandbox_pb2 as pb
@@ -102,7 +103,9 @@ class _Unary:
         return handler
 
 
-class SandboxServicer(ExecStreams, FileStreams, LogStreams, PortTunnels, PathCalls, TreeStreams):
+class SandboxServicer(
+    ExecStreams, FileStreams, LogStreams, PortTunnels, PathCalls, TreeStreams, SecretCalls
+):
     """Implements every RPC of aviato.v1.SandboxService on top of a Lifecycle."""
 
     def __init__(

@@ -14,7 +14,7 @@ explicitly (`STATUS_TO_PROTO`); nothing relies on the two enums having equal int
 
 What the codec cannot give back: what a request left to the defaults. An answer's spec shows
 the resolved values (e.g. `resources.memory` "1Gi" for a sandbox that asked for no memory),
-never mounted file contents, never registry credentials.
+never mounted file contents, never registry credentials, never a secret's value.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from aviato.runtime.model import (
 from aviato.server import validation
 from aviato.server.errors import InvalidArgument
 from aviato.server.records import SandboxRecord, SandboxStatus, SnapshotRecord, ValidSpec
+from aviato.server.secret_store import SecretInfo, validate_secret_names
 from aviato.server.validation import SpecDefaults
 from aviato.server.volumes import VolumeInfo, validate_mounts
 from aviato.v1 import quantities
@@ -49,6 +50,7 @@ __all__ = [
     "encode_lease",
     "encode_output",
     "encode_sandbox",
+    "encode_secret",
     "encode_snapshot",
     "encode_volume",
 ]
@@ -103,6 +105,7 @@ def decode_spec(spec: pb.SandboxSpec, defaults: SpecDefaults) -> ValidSpec:
         spec.writable_layer, "spec.writable_layer", ("memory", "disk"), defaults.writable_layer
     )
     snapshot_id = validation.validate_snapshot_id(spec.snapshot_id, "spec.snapshot_id")
+    secrets = validate_secret_names(list(spec.secrets), env, "spec.secrets")
     config = SandboxConfig(
         sandbox_id="",
         image=image,
@@ -124,6 +127,7 @@ def decode_spec(spec: pb.SandboxSpec, defaults: SpecDefaults) -> ValidSpec:
         mounts=mounts,
         writable_layer=writable_layer,
         snapshot_id=snapshot_id,
+        secrets=secrets,
     )
     return ValidSpec(config=config, tags=tags, max_lifetime_seconds=lifetime)
 
@@ -276,6 +280,7 @@ def _encode_spec(rec: SandboxRecord) -> pb.SandboxSpec:
         ],
         writable_layer=config.writable_layer,
         snapshot_id=config.snapshot_id,
+        secrets=config.secrets,
     )
 
 
@@ -364,4 +369,12 @@ def encode_volume(volume: VolumeInfo) -> pb.Volume:
         size_enforced=volume.size_enforced,
     )
     msg.created_at.FromNanoseconds(volume.created_ns)
+    return msg
+
+
+def encode_secret(secret: SecretInfo) -> pb.SecretInfo:
+    """One of the caller's secrets: its name and times (a value is never sent back)."""
+    msg = pb.SecretInfo(name=secret.name)
+    msg.created_at.FromNanoseconds(secret.created_ns)
+    msg.updated_at.FromNanoseconds(secret.updated_ns)
     return msg

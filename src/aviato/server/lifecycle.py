@@ -235,6 +235,7 @@ class Lifecycle(Pausing, Reconciliation):
 
         sandbox_id = "sbx-" + secrets.token_hex(6)
         config = self.volumes.resolve(owner, replace(valid.config, sandbox_id=sandbox_id))
+        config = self.secrets.resolve(owner, config)
         node, runtime = self._placement.runtime_for_new(config)
         runtime.check(config)  # refused here, not accepted and then FAILED
         now = time.time_ns()

@@ -144,8 +144,8 @@ class Pausing(LeaseKeeping):
             left = max(0.0, (ceiling - rec.expires_ns) / 1e9)
             raise InvalidArgument(
                 "seconds",
-                f"{seconds:g} more seconds would make the lifetime of sandbox {sandbox_id} "
-                f"longer than the service's maximum of {MAX_LIFETIME_SECONDS:g} seconds "
+                f"{seconds:.0f} more seconds would make the lifetime of sandbox {sandbox_id} "
+                f"longer than the service's maximum of {MAX_LIFETIME_SECONDS:.0f} seconds "
                 f"({left:.0f} seconds can still be added)",
             )
         rec.expires_ns = new_expires

@@ -80,11 +80,13 @@ class ValidSpec:
 
 def kept_config(config: SandboxConfig) -> SandboxConfig:
     """What a record keeps of a config: no mounted file contents (a record must stay small;
-    the paths are kept) and never the registry credentials."""
+    the paths are kept), never the registry credentials nor the secrets' values (their names
+    are kept)."""
     return replace(
         config,
         mounted_files=tuple((path, b"") for path, _ in config.mounted_files),
         registry_credentials=None,
+        secret_env={},
     )
 
 

@@ -47,6 +47,7 @@ from aviato.server.records import (
     SandboxRecord,
     SandboxStatus,
 )
+from aviato.server.secret_store import SECRETS_MIGRATION
 from aviato.server.volume_records import VOLUME_HOMES_MIGRATION, VOLUMES_MIGRATION, VolumeRecords
 
 __all__ = [
@@ -72,7 +73,7 @@ MODEL_VERSION = 1
 
 # Fields of a config that a record never keeps (`records.kept_config`); mounted files are kept
 # as their paths only.
-_NOT_KEPT = frozenset({"sandbox_id", "registry_credentials"})
+_NOT_KEPT = frozenset({"sandbox_id", "registry_credentials", "secret_env"})
 
 
 def _model_json(config: SandboxConfig, tags: Sequence[str], lifetime: float) -> str:
@@ -216,8 +217,8 @@ _MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     );
     CREATE INDEX snapshots_owner ON snapshots (owner, created_ns);
     """,
-    # 8: reserved for another part of issue 17 (ray-snap); empty here.
-    "",
+    # 8: the owners' secrets, sealed (server/secret_store.py).
+    SECRETS_MIGRATION,
     # 9: where each volume lives under Ray and its enforced size (server/volume_records.py).
     VOLUME_HOMES_MIGRATION,
 )

@@ -42,6 +42,7 @@ from aviato.server.sandbox_states import (
     classify_exit,
     status_name,
 )
+from aviato.server.secret_store import KEY_FILE, SecretStore
 from aviato.server.volumes import Volumes
 
 __all__ = ["SandboxRuns"]
@@ -85,6 +86,7 @@ class SandboxRuns:
             shared_dir=config.ray_volume_dir,
         )
         self.volumes.clear_trash()
+        self.secrets = SecretStore(registry.connection, config.state_dir / KEY_FILE)
 
     @property
     def registry(self) -> Registry:

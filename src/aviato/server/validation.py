@@ -3,7 +3,8 @@
 The functions take plain values (the codec, `codec.py`, takes them out of the request messages
 and assembles the model from the results), so this module knows nothing of the wire format.
 Each raises `errors.InvalidArgument` whose message starts with the field's path, e.g.
-"spec.resources.memory: '12Qi' is not a Kubernetes quantity".
+"spec.resources.memory: '12Qi' is not a size such as 512Mi or 2G (...)". The problem is said
+in words a user knows (the SDK replaces the path by the argument's name: `field_words`).
 
 Defaults are resolved here and nowhere else: `SpecDefaults` holds the service's (image, memory,
 pids, disk, lifetime), and `validate_resources` and `validate_lifetime` return what the sandbox
@@ -124,8 +125,13 @@ def validate_finite(value: float, field: str, low: float, high: float) -> float:
     if not math.isfinite(value):
         raise InvalidArgument(field, f"{value!r} is not a finite number")
     if not low <= value <= high:
-        raise InvalidArgument(field, f"{value:g} is outside [{low:g}, {high:g}]")
+        raise InvalidArgument(field, f"{_plain(value)} is outside [{_plain(low)}, {_plain(high)}]")
     return value
+
+
+def _plain(value: float) -> str:
+    """A number as a person writes it: 604800, 0.5 (never 6.04800e+05)."""
+    return str(int(value)) if value == int(value) else f"{value:.6f}".rstrip("0")
 
 
 def _no_nul(text: str, field: str) -> None:
@@ -157,11 +163,11 @@ def validate_argv(argv: Iterable[str], field: str, *, allow_empty: bool) -> tupl
     if not items:
         if allow_empty:
             return ()
-        raise InvalidArgument(field, "must not be empty")
+        raise InvalidArgument(field, "the command is empty")
     if len(items) > MAX_ARGV_ITEMS:
         raise InvalidArgument(field, f"more than {MAX_ARGV_ITEMS} items")
     if not items[0]:
-        raise InvalidArgument(f"{field}[0]", "must not be empty")
+        raise InvalidArgument(f"{field}[0]", "the command is empty (its program name is '')")
     total = 0
     for i, arg in enumerate(items):
         _no_nul(arg, f"{field}[{i}]")
@@ -299,7 +305,7 @@ def _bytes_quantity(text: str, field: str, low: int) -> int | None:
     try:
         value = quantities.parse_bytes(text)
     except quantities.QuantityError:
-        raise InvalidArgument(field, f"{text!r} is not a Kubernetes quantity") from None
+        raise InvalidArgument(field, f"{text!r} is not {quantities.SIZE_FORMS}") from None
     if not low <= value <= MAX_BYTES:
         raise InvalidArgument(field, f"{text!r} is outside [{low}, {MAX_BYTES}] bytes")
     return value
@@ -316,7 +322,9 @@ def validate_resources(
         try:
             cpu_millis = quantities.parse_cpu_millis(cpu)
         except quantities.QuantityError:
-            raise InvalidArgument(f"{field}.cpu", f"{cpu!r} is not a Kubernetes quantity") from None
+            raise InvalidArgument(
+                f"{field}.cpu", f"{cpu!r} is not {quantities.CPU_FORMS}"
+            ) from None
         if not 1 <= cpu_millis <= MAX_CPU_MILLIS:
             raise InvalidArgument(
                 f"{field}.cpu", f"{cpu!r} is outside [1m, {MAX_CPU_MILLIS // 1000}]"

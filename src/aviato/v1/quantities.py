@@ -60,6 +60,12 @@ _PATTERN = re.compile(
 )
 
 
+# What a user may write, for messages that refuse a value (the SDK, the service and the
+# command line say the same).
+SIZE_FORMS = "a size such as 512Mi or 2G (bytes, or a number with Ki, Mi, Gi, Ti, k, M, G or T)"
+CPU_FORMS = "a number of CPUs such as 0.5, 500m or 2"
+
+
 class QuantityError(ValueError):
     """The text is not a Kubernetes quantity, or not one allowed where it was given."""
 
@@ -95,13 +101,21 @@ def _non_negative(text: str) -> Fraction:
 
 
 def parse_bytes(text: str) -> int:
-    """A memory or disk quantity in bytes, rounded up. Negative values are refused."""
-    return math.ceil(_non_negative(text))
+    """A memory or disk quantity in bytes, rounded up. Negative values are refused; the error
+    says what a size looks like (`SIZE_FORMS`)."""
+    try:
+        return math.ceil(_non_negative(text))
+    except QuantityError:
+        raise QuantityError(f"{text!r} is not {SIZE_FORMS}") from None
 
 
 def parse_cpu_millis(text: str) -> int:
-    """A cpu quantity in millicores ("500m" → 500, "2" → 2000), rounded up. Negative refused."""
-    return math.ceil(_non_negative(text) * 1000)
+    """A cpu quantity in millicores ("500m" → 500, "2" → 2000), rounded up. Negative refused;
+    the error says what a cpu value looks like (`CPU_FORMS`)."""
+    try:
+        return math.ceil(_non_negative(text) * 1000)
+    except QuantityError:
+        raise QuantityError(f"{text!r} is not {CPU_FORMS}") from None
 
 
 def bytes_quantity(n: int) -> str:

@@ -194,6 +194,21 @@ class SandboxServiceStub:
                 request_serializer=aviato_dot_v1_dot_sandbox__pb2.ForkSandboxRequest.SerializeToString,
                 response_deserializer=aviato_dot_v1_dot_sandbox__pb2.ForkSandboxResponse.FromString,
                 _registered_method=True)
+        self.CreateSecret = channel.unary_unary(
+                '/aviato.v1.SandboxService/CreateSecret',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.CreateSecretRequest.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.SecretInfo.FromString,
+                _registered_method=True)
+        self.ListSecrets = channel.unary_unary(
+                '/aviato.v1.SandboxService/ListSecrets',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.ListSecretsRequest.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.ListSecretsResponse.FromString,
+                _registered_method=True)
+        self.DeleteSecret = channel.unary_unary(
+                '/aviato.v1.SandboxService/DeleteSecret',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.DeleteSecretRequest.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.DeleteSecretResponse.FromString,
+                _registered_method=True)
 
 
 class SandboxServiceServicer:
@@ -443,6 +458,28 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSecret(self, request, context):
+        """Secrets (docs/secrets.md): values stored encrypted by the service, per owner, that
+        SandboxSpec.secrets puts into a sandbox's environment. Write-only: no call returns a
+        value. CreateSecret refuses a name the caller has already (ALREADY_EXISTS) unless
+        `replace`; DeleteSecret of a name the caller has not is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSecrets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSecret(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -605,6 +642,21 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.ForkSandbox,
                     request_deserializer=aviato_dot_v1_dot_sandbox__pb2.ForkSandboxRequest.FromString,
                     response_serializer=aviato_dot_v1_dot_sandbox__pb2.ForkSandboxResponse.SerializeToString,
+            ),
+            'CreateSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSecret,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.CreateSecretRequest.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.SecretInfo.SerializeToString,
+            ),
+            'ListSecrets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSecrets,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.ListSecretsRequest.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.ListSecretsResponse.SerializeToString,
+            ),
+            'DeleteSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSecret,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.DeleteSecretRequest.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.DeleteSecretResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1471,6 +1523,87 @@ class SandboxService:
             '/aviato.v1.SandboxService/ForkSandbox',
             aviato_dot_v1_dot_sandbox__pb2.ForkSandboxRequest.SerializeToString,
             aviato_dot_v1_dot_sandbox__pb2.ForkSandboxResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aviato.v1.SandboxService/CreateSecret',
+            aviato_dot_v1_dot_sandbox__pb2.CreateSecretRequest.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.SecretInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSecrets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aviato.v1.SandboxService/ListSecrets',
+            aviato_dot_v1_dot_sandbox__pb2.ListSecretsRequest.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.ListSecretsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aviato.v1.SandboxService/DeleteSecret',
+            aviato_dot_v1_dot_sandbox__pb2.DeleteSecretRequest.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.DeleteSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,7 @@ from aviato.runtime.bubblewrap.command import (
     SpecRefused,
     build_argv,
     find_bwrap,
+    secret_args,
 )
 from aviato.runtime.bubblewrap.facts import describe_parent
 from aviato.runtime.bubblewrap.host_processes import (
@@ -442,7 +443,7 @@ class BubblewrapRuntime(Runtime):
                     cgroup = self._cgroups.create(sid, limits)
                 except CgroupError as exc:
                     raise SandboxRuntimeError(f"sandbox {sid}: {exc}") from exc
-            pid = self._launcher.spawn(directory, argv, cgroup, launch)
+            pid = self._launcher.spawn(directory, argv, cgroup, launch, secret_args(config))
             watch = ProcessWatch(pid, os.pidfd_open(pid), is_child=True)
             write_record(directory, pid, self._boot_id, cgroup, ids, self._image_of.get(sid))
             try:

@@ -63,6 +63,17 @@ _RBUF_LARGE = 4 << 20
 _WHY = re.compile(r"[a-z0-9_-]{1,31}")
 
 
+def failure_words(exc: BaseException) -> str:
+    """Why a connection failed, in words for a message (never a Python repr)."""
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower() if exc.strerror[:1].isupper() else exc.strerror
+    if isinstance(exc, EOFError):
+        return "the connection closed"
+    return str(exc) or type(exc).__name__
+
+
 class SupervisorConnection(asyncio.BufferedProtocol):
     """A connection to one sandbox's supervisor. Create with `await SupervisorConnection.connect()`.
 
@@ -104,7 +115,7 @@ class SupervisorConnection(asyncio.BufferedProtocol):
         except (OSError, TimeoutError, SandboxGone) as e:
             if conn is not None:
                 conn.abort()
-            raise SandboxGone(f"cannot reach the sandbox supervisor at {path}: {e!r}") from e
+            raise SandboxGone(f"cannot reach the sandbox's supervisor: {failure_words(e)}") from e
         except BaseException:
             if conn is not None:
                 conn.abort()
