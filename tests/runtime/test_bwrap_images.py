@@ -11,7 +11,13 @@ import pytest
 from aviato.runtime import image_roots
 from aviato.runtime.base import PathRefused, SandboxConfig
 from aviato.runtime.bubblewrap import command as bwrap
-from aviato.runtime.bubblewrap.command import BwrapUnavailable, SpecRefused, build_argv, find_bwrap
+from aviato.runtime.bubblewrap.command import (
+    BwrapUnavailable,
+    SpecRefused,
+    build_argv,
+    environment_args,
+    find_bwrap,
+)
 from aviato.runtime.image_roots import ImageNotFound, resolve_image, scan_secrets
 
 
@@ -72,9 +78,8 @@ def config(**kw: object) -> SandboxConfig:
 
 def test_argv_shape() -> None:
     root = resolve_image("host", 1 << 20)
-    argv = build_argv(
-        "/bw", config(env={"A": "1"}), root, supervisor="/sup", seccomp_fd=6, rootless=False
-    )
+    cfg = config(env={"A": "1"})
+    argv = build_argv("/bw", cfg, root, supervisor="/sup", seccomp_fd=6, rootless=False)
     assert argv[0] == "/bw"
     for flag in ("--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
                  "--as-pid-1", "--new-session", "--clearenv"):  # fmt: skip
@@ -87,7 +92,9 @@ def test_argv_shape() -> None:
     assert argv[argv.index("--chdir") + 1] == "/workspace"
     i = argv.index("/sup")
     assert argv[i - 1 : i + 2] == ["--ro-bind", "/sup", "/.aviato/supervisor"]
-    env = {argv[j + 1]: argv[j + 2] for j, a in enumerate(argv) if a == "--setenv"}
+    assert "--setenv" not in argv  # the environment travels on a descriptor
+    given = environment_args(cfg, root).split(b"\0")[:-1]
+    env = {given[j + 1].decode(): given[j + 2].decode() for j in range(0, len(given), 3)}
     assert env["A"] == "1" and env["HOME"] == "/root" and env["LANG"] == "C.UTF-8"
     assert env["PATH"].endswith(":/.aviato/bin")
     # the mounts come after the root tmpfs, which comes first with the disk size

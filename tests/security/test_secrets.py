@@ -5,7 +5,8 @@ Against a real service over TCP with two owners' API keys and real sandboxes:
 - a secret reaches the main process and every command of a sandbox that names it, and nothing
   of the host holds its value in clear: not a byte of the state directory (registry and its
   WAL, logs, sandbox directories, runtime records), not the service's log, not any host
-  process's command line (/proc/*/cmdline: bwrap reads it on a descriptor), not an answer;
+  process's command line (/proc/*/cmdline: bwrap reads the whole environment, plain variables
+  too, on a descriptor), not an answer;
 - another owner cannot use it, list it or delete it, and has a secret of the same name of
   their own;
 - deleting a secret that a live sandbox uses leaves that sandbox its value and refuses new
@@ -167,6 +168,18 @@ def test_a_secret_is_in_the_sandbox_and_nowhere_else(owners: Owners) -> None:
     assert _files_holding(owners.svc.state_dir, needle) == []
     assert value not in owners.svc.log_text()
     alice.delete(again.id)
+
+
+def test_plain_variables_are_not_on_a_host_command_line_either(owners: Owners) -> None:
+    """Users put tokens in plain variables too: the whole environment reaches bwrap on a
+    descriptor, so no host process's /proc/PID/cmdline shows a value while the sandbox runs."""
+    value = "plain-" + secrets.token_hex(16)
+    alice = owners.client("alice")
+    sb = alice.running(env={"PLAIN_TOKEN": value})
+    seen = alice.exec(sb.id, ["/usr/bin/printenv", "PLAIN_TOKEN"])
+    assert seen.stdout.decode().strip() == value
+    assert _cmdlines_holding(value.encode()) == []
+    alice.delete(sb.id)
 
 
 def test_another_owner_cannot_use_list_or_delete_it(owners: Owners) -> None:

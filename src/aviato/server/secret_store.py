@@ -16,7 +16,7 @@ the registry reads every value; both are private to the service's user (aviato/_
 In clear, a value exists only in the service's memory between create and start (the
 `SandboxConfig.secret_env` of a sandbox on its way to a runtime, never recorded), in the
 descriptor that hands it to bubblewrap (never on a command line: see
-runtime/bubblewrap/command.py `secret_args`) and in the sandbox's processes' environment.
+runtime/bubblewrap/command.py `environment_args`) and in the sandbox's processes' environment.
 
 What it cannot do: take a value back from a running sandbox. Deleting or replacing a secret
 changes what sandboxes created afterwards get; the ones running keep the value they started

@@ -17,8 +17,9 @@ The command line (`build_argv`): new pid, ipc, uts, net and (when the kernel all
 namespaces, the sandbox's first program as pid 1 (`--as-pid-1`: our supervisor reaps orphans
 itself), a new session (no TIOCSTI into a terminal the service might have), hostname `sandbox`,
 every capability dropped (`--cap-drop ALL`; bwrap run as root keeps all of them otherwise), the
-seccomp filter, and an environment that contains only what the image and the spec say (a
-sandbox's secrets among it, given on a descriptor rather than the command line). As
+seccomp filter, and an environment that contains only what the image and the spec say (the
+spec's variables and the sandbox's secrets among it), given to bwrap on a descriptor rather
+than its command line (`environment_args`). As
 non-root the sandbox also gets a user namespace (bwrap cannot do anything without one then).
 There is deliberately no `--die-with-parent`: sandboxes must outlive a restart of the service.
 """
@@ -38,9 +39,9 @@ from aviato.runtime.image_roots import SUPERVISOR_PATH, ImageRoot
 from aviato.runtime.userns import PROTECTED_ID
 
 MIN_VERSION = (0, 10, 0)
-# The descriptor on which bwrap reads the options that carry a sandbox's secrets (`--args`);
-# the launcher puts them there (launch.py), bwrap closes it once read.
-FD_SECRETS = 7
+# The descriptor on which bwrap reads the options that carry a sandbox's environment, its
+# secrets included (`--args`); the launcher puts them there (launch.py), bwrap closes it once read.
+FD_ENVIRONMENT = 7
 ENV_OVERRIDE = "AVIATO_BWRAP"
 HOSTNAME = "sandbox"
 # Where a root service's launcher stages the sized volumes a sandbox mounts, one directory each
@@ -183,12 +184,15 @@ def sandbox_env(config: SandboxConfig, root: ImageRoot) -> dict[str, str]:
     return env
 
 
-def secret_args(config: SandboxConfig) -> bytes:
-    """The `--setenv NAME VALUE` options of the sandbox's secrets, NUL-separated, for
-    bwrap's `--args FD_SECRETS` (`build_argv`): they reach bwrap through a descriptor, never
-    its command line, which every user of the host can read in /proc/PID/cmdline while the
-    sandbox runs (bwrap stays as its host-side monitor). Empty when it has none."""
+def environment_args(config: SandboxConfig, root: ImageRoot) -> bytes:
+    """The `--setenv NAME VALUE` options of the sandbox's whole environment (the image's and
+    the spec's variables, then its secrets, which win), NUL-separated, for bwrap's
+    `--args FD_ENVIRONMENT` (`build_argv`): they reach bwrap through a descriptor, never its
+    command line, which every user of the host can read in /proc/PID/cmdline while the sandbox
+    runs (bwrap stays as its host-side monitor), and users put tokens in plain variables too."""
     parts: list[str] = []
+    for key, value in sandbox_env(config, root).items():
+        parts += ["--setenv", key, value]
     for key, value in config.secret_env.items():
         if not key or "=" in key or "\0" in key or "\0" in value:
             raise SpecRefused(f"secret {key!r} cannot be an environment variable")
@@ -329,11 +333,8 @@ def build_argv(
         argv += ["--uid", str(root.uid), "--gid", str(root.gid or 0)]
     if seccomp_fd is not None:
         argv += ["--seccomp", str(seccomp_fd)]
-    argv.append("--clearenv")
-    for key, value in sandbox_env(config, root).items():
-        argv += ["--setenv", key, value]
-    if config.secret_env:  # after the image's and the spec's variables (see secret_args)
-        argv += ["--args", str(FD_SECRETS)]
+    argv += ["--clearenv", "--args", str(FD_ENVIRONMENT)]  # then the environment_args
+    sandbox_env(config, root)  # a variable that cannot be one is refused here, as a bad spec
     mounts = [*root.mount_args, "--ro-bind", supervisor, SUPERVISOR_PATH]
     working_dir = config.working_dir or root.working_dir
     mounts += root.workdir_args(working_dir)

@@ -24,7 +24,12 @@ from typing import Any
 from aviato._private import DIR_MODE, MOUNTED_FILE_MODE, SANDBOX_BINARY_MODE, private_dir
 from aviato.runtime import seccomp
 from aviato.runtime.base import PathRefused, SandboxConfig, SandboxGone, SandboxRuntimeError
-from aviato.runtime.bubblewrap.command import FD_SECRETS, MAX_STAGED_VOLUMES, VOLUME_AT, OwnUserns
+from aviato.runtime.bubblewrap.command import (
+    FD_ENVIRONMENT,
+    MAX_STAGED_VOLUMES,
+    VOLUME_AT,
+    OwnUserns,
+)
 from aviato.runtime.cgroups import SandboxCgroup
 from aviato.runtime.supervisor import SupervisorConnection
 from aviato.runtime.supervisor.connection import failure_words
@@ -167,13 +172,14 @@ class Launcher:
         argv: list[str],
         cgroup: SandboxCgroup | None,
         launch: list[str],
-        secrets: bytes = b"",
+        environment: bytes,
     ) -> int:
         """Starts launcher → bwrap → supervisor with fds 3-6 in place; returns the host pid.
 
-        `launch`: more options of the launcher (its user namespace). `secrets`: bwrap's
-        options that carry the sandbox's secrets (`command.secret_args`), given on fd
-        FD_SECRETS from a memory file that nothing else can open, never on a command line."""
+        `launch`: more options of the launcher (its user namespace). `environment`: bwrap's
+        options that carry the sandbox's environment and secrets (`command.environment_args`),
+        given on fd FD_ENVIRONMENT from a memory file that nothing else can open, never on a
+        command line."""
         opened: list[int] = []
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -186,8 +192,7 @@ class Launcher:
             opened.append(os.open(directory / "exit", flags | os.O_TRUNC, 0o600))
             opened.append(seccomp.filter_fd())
             opened.append(os.open(directory / "runtime.log", flags | os.O_APPEND, 0o600))
-            if secrets:
-                opened.append(_memory_file(secrets))
+            opened.append(_memory_file(environment))
             # Copies at fd >= 10 so that no dup2 below overwrites a source it still needs.
             high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (sock.fileno(), *opened)]
             opened += high
@@ -204,8 +209,7 @@ class Launcher:
                 (os.POSIX_SPAWN_DUP2, err, 2),
                 (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
             ]
-            if secrets:
-                actions.append((os.POSIX_SPAWN_DUP2, high[5], FD_SECRETS))
+            actions.append((os.POSIX_SPAWN_DUP2, high[5], FD_ENVIRONMENT))
             program = self.supervisor
             launcher = [self.supervisor, "--launch", *self.oom_adj]
             if cgroup is not None and cgroup.thread_files and self.sh:
@@ -238,7 +242,7 @@ class Launcher:
 def _memory_file(data: bytes) -> int:
     """A descriptor of an anonymous memory file holding `data`, read from its start (it has
     no path: only a process holding the descriptor, or one that may ptrace it, reads it)."""
-    fd = os.memfd_create("aviato-secrets", os.MFD_CLOEXEC)
+    fd = os.memfd_create("aviato-environment", os.MFD_CLOEXEC)
     try:
         view = memoryview(data)
         while view:

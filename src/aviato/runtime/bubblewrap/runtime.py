@@ -66,8 +66,8 @@ from aviato.runtime.bubblewrap.command import (
     OwnUserns,
     SpecRefused,
     build_argv,
+    environment_args,
     find_bwrap,
-    secret_args,
 )
 from aviato.runtime.bubblewrap.facts import describe_parent
 from aviato.runtime.bubblewrap.host_processes import (
@@ -443,7 +443,9 @@ class BubblewrapRuntime(Runtime):
                     cgroup = self._cgroups.create(sid, limits)
                 except CgroupError as exc:
                     raise SandboxRuntimeError(f"sandbox {sid}: {exc}") from exc
-            pid = self._launcher.spawn(directory, argv, cgroup, launch, secret_args(config))
+            pid = self._launcher.spawn(
+                directory, argv, cgroup, launch, environment_args(config, root)
+            )
             watch = ProcessWatch(pid, os.pidfd_open(pid), is_child=True)
             write_record(directory, pid, self._boot_id, cgroup, ids, self._image_of.get(sid))
             try:
