@@ -126,6 +126,8 @@ SECTIONS: list[tuple[str, list[str]]] = [
             "ProcessResult",
             "ResourceUsage",
             "NetworkUsage",
+            "SandboxUsage",
+            "UsageSample",
             "StreamReader",
             "StreamWriter",
             "FileStream",

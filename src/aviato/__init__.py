@@ -38,6 +38,7 @@ from aviato._process import Process, StreamWriter
 from aviato._sandbox import Sandbox, Session
 from aviato._sandbox_network import NetworkUsage
 from aviato._sandbox_paths import DirListing, FileEntry
+from aviato._sandbox_usage import SandboxUsage, UsageSample
 from aviato._service import ServerInfo, server_info
 from aviato._snapshot import Snapshot
 from aviato._status import SandboxStatus
@@ -121,6 +122,7 @@ __all__ = [
     "SandboxStatus",
     "SandboxTerminatedError",
     "SandboxTimeoutError",
+    "SandboxUsage",
     "SandboxValidationError",
     "Serialization",
     "ServerInfo",
@@ -128,6 +130,7 @@ __all__ = [
     "Snapshot",
     "StreamReader",
     "StreamWriter",
+    "UsageSample",
     "Volume",
     "VolumeInfo",
     "Volumes",

@@ -548,6 +548,7 @@ UNARY = [
     "ListSnapshots",
     "DeleteSnapshot",
     "ForkSandbox",
+    "SandboxUsage",
 ]
 
 

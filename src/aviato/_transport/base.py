@@ -201,6 +201,11 @@ class Transport(abc.ABC):
     ) -> pb.ForkSandboxResponse:
         raise NotImplementedError("this transport has no forks")
 
+    async def sandbox_usage(
+        self, request: pb.SandboxUsageRequest, *, call_timeout: float | None
+    ) -> pb.SandboxUsageResponse:
+        raise NotImplementedError("this transport has no usage history")
+
     @abc.abstractmethod
     async def pause_sandbox(
         self, request: pb.PauseSandboxRequest, *, call_timeout: float | None

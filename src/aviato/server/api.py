@@ -34,6 +34,7 @@ from aviato.server.placement import Placement
 from aviato.server.port_tunnel import PortTunnels
 from aviato.server.snapshots import SnapshotService
 from aviato.server.tree_api import TreeStreams
+from aviato.server.usage_api import UsageCalls
 from aviato.v1 import sandbox_pb2 as pb
 
 if TYPE_CHECKING:
@@ -102,7 +103,9 @@ class _Unary:
         return handler
 
 
-class SandboxServicer(ExecStreams, FileStreams, LogStreams, PortTunnels, PathCalls, TreeStreams):
+class SandboxServicer(
+    ExecStreams, FileStreams, LogStreams, PortTunnels, PathCalls, TreeStreams, UsageCalls
+):
     """Implements every RPC of aviato.v1.SandboxService on top of a Lifecycle."""
 
     def __init__(

@@ -194,6 +194,11 @@ class SandboxServiceStub:
                 request_serializer=aviato_dot_v1_dot_sandbox__pb2.ForkSandboxRequest.SerializeToString,
                 response_deserializer=aviato_dot_v1_dot_sandbox__pb2.ForkSandboxResponse.FromString,
                 _registered_method=True)
+        self.SandboxUsage = channel.unary_unary(
+                '/aviato.v1.SandboxService/SandboxUsage',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.SandboxUsageRequest.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.SandboxUsageResponse.FromString,
+                _registered_method=True)
 
 
 class SandboxServiceServicer:
@@ -443,6 +448,15 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SandboxUsage(self, request, context):
+        """Usage history (docs/operations.md): the CPU, memory and task samples the service keeps of
+        the caller's sandboxes. One sandbox by id (another owner's is NOT_FOUND), or, with an
+        empty id, every live sandbox of the caller.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -605,6 +619,11 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.ForkSandbox,
                     request_deserializer=aviato_dot_v1_dot_sandbox__pb2.ForkSandboxRequest.FromString,
                     response_serializer=aviato_dot_v1_dot_sandbox__pb2.ForkSandboxResponse.SerializeToString,
+            ),
+            'SandboxUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.SandboxUsage,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.SandboxUsageRequest.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.SandboxUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1471,6 +1490,33 @@ class SandboxService:
             '/aviato.v1.SandboxService/ForkSandbox',
             aviato_dot_v1_dot_sandbox__pb2.ForkSandboxRequest.SerializeToString,
             aviato_dot_v1_dot_sandbox__pb2.ForkSandboxResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SandboxUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aviato.v1.SandboxService/SandboxUsage',
+            aviato_dot_v1_dot_sandbox__pb2.SandboxUsageRequest.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.SandboxUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
