@@ -35,8 +35,10 @@ from aviato.server.admin import AdminServicer
 from aviato.server.api import SandboxServicer
 from aviato.server.auth import Authenticator
 from aviato.server.config import ServerConfig, parse_listen
+from aviato.server.http_side import HttpSide
 from aviato.server.images_api import ImageServicer
 from aviato.server.lifecycle import Lifecycle
+from aviato.server.metrics import CallMetrics
 from aviato.server.placement import LocalPlacement, Placement
 from aviato.server.registry import Registry
 from aviato.server.snapshots import SnapshotService
@@ -328,6 +330,7 @@ async def serve(
     lifecycle: Lifecycle | None = None
     snapshots: SnapshotService | None = None
     server: grpc.aio.Server | None = None
+    http: HttpSide | None = None
     try:
         registry = Registry(config.registry_path)
         placement = placement or _build_placement(config)
@@ -339,7 +342,8 @@ async def serve(
         await lifecycle.start()
         snapshots = SnapshotService(lifecycle, registry, placement)
         await snapshots.start()
-        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[_MalformedRequests()])
+        interceptors = [CallMetrics(), _MalformedRequests()]  # metrics outermost: see metrics
+        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
         servicer = SandboxServicer(lifecycle, Authenticator(registry), placement, config, snapshots)
         sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
         images_pb2_grpc.add_ImageServiceServicer_to_server(  # type: ignore[no-untyped-call]
@@ -348,6 +352,12 @@ async def serve(
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(registry), server)  # type: ignore[no-untyped-call]
         _bind(server, config)
         await server.start()
+        if config.http:
+            http = HttpSide(config, lifecycle, placement, Authenticator(registry))
+            try:
+                await http.start()
+            except OSError as e:
+                raise StartupError(str(e)) from e
         log.info(
             "aviato server ready pid=%d state_dir=%s socket=%s",
             os.getpid(), config.state_dir, config.socket_path,
@@ -355,6 +365,8 @@ async def serve(
         await stop.wait()
         log.info("shutting down (sandboxes keep running)")
     finally:
+        if http is not None:
+            await http.close()
         if server is not None:
             await server.stop(SHUTDOWN_GRACE_SECONDS)
         if snapshots is not None:

@@ -46,7 +46,7 @@ from aviato.cluster.remote import NODE_HOST_LOST, NodeRuntime
 from aviato.egress.host import EgressHost
 from aviato.runtime.base import MainExit, Runtime, SandboxConfig, SandboxHandle, SandboxRuntimeError
 from aviato.server.config import ServerConfig
-from aviato.server.placement import Placement, UnknownNode
+from aviato.server.placement import NodeHealth, Placement, UnknownNode
 from aviato.v1.quantities import format_bytes
 
 __all__ = ["PlacementTimeout", "RayPlacement", "RayUnavailable"]
@@ -433,6 +433,28 @@ class RayPlacement(Placement):
 
     def nodes(self) -> dict[str, Runtime]:
         return {n.id: n.runtime for n in self._nodes.values() if n.runtime is not None}
+
+    def health(self) -> list[NodeHealth]:
+        return [
+            NodeHealth(
+                n.id,
+                n.hostname,
+                "refused"
+                if n.refused
+                else "lost"
+                if not n.alive or (n.runtime is not None and n.runtime.link.lost)
+                else "ready"
+                if n.runtime is not None
+                else "starting",
+                n.cpu,
+                n.memory,
+                sum(c for c, _ in n.held.values()),
+                sum(m for _, m in n.held.values()),
+                len(n.held),
+                n.refused,
+            )
+            for n in self._nodes.values()
+        ]
 
     def keep_log(self, node: str, sandbox_id: str, into: Path) -> None:
         # The control plane's copy of the node's log (remote.py), kept whatever became of the
