@@ -30,6 +30,7 @@ from aviato.cli import (
     server,
     shell,
     snapshots,
+    top,
     version,
     volumes,
 )
@@ -68,6 +69,7 @@ def cli() -> None:
 for _command in (
     sandboxes.run,
     sandboxes.ls,
+    top.top,
     sandboxes.get,
     exec_command.exec_command,
     shell.sh,
