@@ -92,7 +92,7 @@ class Dashboard:
                 '<p><a href="/login">Log in with an API key</a></p>' if status == 401 else ""
             )
             response = web.Response(
-                status=status, text=page("Refused", body, owner="nobody"), content_type="text/html"
+                status=status, text=page("Refused", body, owner=""), content_type="text/html"
             )
         else:
             response = web.Response(status=status, text=why + "\n")
@@ -108,7 +108,7 @@ class Dashboard:
             "<p>The key is kept in a cookie of this site only (HttpOnly, SameSite=Strict). "
             "The service's own user needs none on a loopback address.</p>"
         )
-        return web.Response(text=page("Log in", form, owner="nobody"), content_type="text/html")
+        return web.Response(text=page("Log in", form, owner=""), content_type="text/html")
 
     async def login(self, request: web.Request) -> web.Response:
         origin = request.headers.get("Origin")

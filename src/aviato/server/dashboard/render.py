@@ -113,7 +113,7 @@ def bars(kind: str, title: str, values: Sequence[tuple[str, float]]) -> str:
 def _value_text(value: float, unit: str) -> str:
     if unit == "bytes":
         return bytes_text(value)
-    return f"{value:.1f}{unit}"
+    return f"{value:.1f}{unit}" if unit else f"{value:g}"
 
 
 def _clock(ns: int) -> str:
