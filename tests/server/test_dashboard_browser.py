@@ -48,7 +48,7 @@ def browser() -> Iterator[object]:
         "--headless=new",
         "--no-sandbox",
         "--disable-gpu",
-        "--window-size=1280,1100",
+        "--window-size=1280,1500",
         "--disable-dev-shm-usage",
         "--host-resolver-rules=MAP dashboard.test 127.0.0.1",
     ):
@@ -88,6 +88,7 @@ def test_the_dashboard_in_chromium(fresh_server: ServerProcess, browser: object)
                    [("authorization", f"Bearer {alice_key}")])  # fmt: skip
     hers = alice.running(tags=["alice"])
     local.exec(talker.id, ["/bin/echo", "hello"])
+    local.exec(talker.id, ["/bin/false"])
     wait_until(lambda: len(fresh_server.stub().SandboxUsage(
         pb.SandboxUsageRequest(sandbox_id=busy.id), timeout=5).sandboxes[0].samples) >= 8,
         "samples of the busy sandbox")  # fmt: skip
@@ -121,6 +122,10 @@ def test_the_dashboard_in_chromium(fresh_server: ServerProcess, browser: object)
     first = wait_until(lambda: last_line() >= 0 and last_line() + 1, "the log on the page") - 1
     wait_until(lambda: last_line() >= first + 5, "the log to grow on the page", timeout=20)
     assert "(following)" in text()
+    commands = driver.find_element(
+        By.XPATH, "//h2[text()='Recent commands']/following-sibling::table[1]"
+    ).text  # type: ignore[attr-defined]
+    assert "/bin/echo hello" in commands and "/bin/false" in commands, commands
     shot(driver, "sandbox")
 
     # The fleet page: counts, latency, the node.

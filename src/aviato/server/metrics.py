@@ -31,7 +31,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from aviato.server.command_log import COMMANDS, CommandRecord, shorten
 from aviato.server.records import SandboxRecord, SandboxStatus
+from aviato.v1 import sandbox_pb2 as pb
 
 if TYPE_CHECKING:
     from aviato.server.lifecycle import Lifecycle
@@ -121,6 +123,67 @@ class _Downloads:
         await self._context.write(message)
 
 
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+class _ExecWatch:
+    """A servicer context that notes a command's terminal frame in the command log."""
+
+    __slots__ = ("_context", "_init", "_started_ns")
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+        self._init: pb.ExecInit | None = None
+        self._started_ns = time.time_ns()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def note_init(self, raw: Any, *, exec_request: bool) -> None:
+        try:
+            if exec_request:
+                request = pb.ExecRequest.FromString(raw)
+                self._init = request.init if request.WhichOneof("msg") == "init" else None
+            else:
+                self._init = pb.ExecInit.FromString(raw)
+        except Exception:  # malformed: the inner interceptor answers it
+            self._init = None
+
+    async def write(self, message: Any) -> None:
+        kind = message.WhichOneof("msg")
+        if (kind == "exit" or kind == "error") and self._init is not None:
+            self._note(message, kind)
+        await self._context.write(message)
+
+    def _note(self, message: Any, kind: str) -> None:
+        init = self._init
+        assert init is not None
+        self._init = None  # one terminal frame per command
+        if kind == "exit":
+            usage = message.exit.usage
+            record = CommandRecord(
+                shorten(list(init.argv)), self._started_ns, message.exit.exit_code, "",
+                usage.wall_seconds, usage.cpu_user_seconds + usage.cpu_system_seconds,
+                usage.peak_memory_bytes,
+            )  # fmt: skip
+        else:
+            code = _CODE_NAMES.get(message.error.code, "UNKNOWN")
+            wall = (time.time_ns() - self._started_ns) / 1e9
+            record = CommandRecord(
+                shorten(list(init.argv)), self._started_ns, None, code, wall, 0.0, 0
+            )
+        COMMANDS.add(init.sandbox_id, record)
+
+
+async def _watched(requests: Any, watch: _ExecWatch) -> Any:
+    first = True
+    async for raw in requests:
+        if first:
+            first = False
+            watch.note_init(raw, exec_request=True)
+        yield raw
+
+
 class CallMetrics(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Counts every call by method and status code and observes its duration.
 
@@ -183,7 +246,13 @@ def _wrap(path: str, handler: Any) -> Any:
 
         async def us(request: Any, context: Any) -> Any:
             begin(context)
-            return await inner_us(request, _Downloads(context) if download else context)
+            if download:
+                return await inner_us(request, _Downloads(context))
+            if method == "RunCommand":
+                watch = _ExecWatch(context)
+                watch.note_init(request, exec_request=False)
+                return await inner_us(request, watch)
+            return await inner_us(request, context)
 
         if _is_asyncgen(inner_us):
 
@@ -223,6 +292,9 @@ def _wrap(path: str, handler: Any) -> Any:
 
     async def ss(requests: Any, context: Any) -> Any:
         begin(context)
+        if method == "Exec":
+            watch = _ExecWatch(context)
+            return await inner_ss(_watched(requests, watch), watch)
         return await inner_ss(requests, context)
 
     return grpc.stream_stream_rpc_method_handler(

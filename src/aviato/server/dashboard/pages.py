@@ -18,6 +18,7 @@ from aiohttp import web
 
 from aviato.runtime.base import SandboxRuntimeError
 from aviato.server.auth import LOCAL_OWNER, Authenticator
+from aviato.server.command_log import COMMANDS
 from aviato.server.dashboard import fleet
 from aviato.server.dashboard.render import age, bytes_text, chart, esc, page, table, when
 from aviato.server.errors import ServiceError
@@ -261,6 +262,7 @@ class Dashboard:
             f'<div class="sandbox" data-sandbox="{esc(rec.id)}" '
             f'data-live="{"0" if rec.terminal else "1"}">{record}'
             f'<h2>Usage</h2><div id="charts">{self._charts_html(rec)}</div>'
+            f"<h2>Recent commands</h2>{_commands_html(rec.id)}"
             '<h2>Log <span id="log-state" class="empty"></span></h2>'
             '<pre id="log" class="log"></pre></div>'
         )
@@ -317,6 +319,17 @@ class Dashboard:
             return self.refused(request, 403, "the fleet page is the operator's")
         body = fleet.render(self._lifecycle, self._placement)
         return web.Response(text=page("Fleet", body, owner=owner), content_type="text/html")
+
+
+def _commands_html(sandbox_id: str) -> str:
+    rows = [
+        [esc(when(c.started_ns)), f"<code>{esc(c.argv)}</code>",
+         esc(c.error or str(c.exit_code)), f"{c.wall_seconds:.3f} s",
+         f"{c.cpu_seconds:.3f} s" if not c.error else "",
+         bytes_text(c.peak_memory_bytes) if not c.error else ""]
+        for c in COMMANDS.of(sandbox_id)
+    ]  # fmt: skip
+    return table(["started", "command", "exit", "wall", "cpu", "peak memory"], rows)
 
 
 def _statuses(text: str) -> frozenset[SandboxStatus] | None:
