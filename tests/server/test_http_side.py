@@ -5,6 +5,7 @@ rebound DNS name, a wrong or revoked key, another owner's sandbox)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -104,6 +105,10 @@ def test_metrics_count_real_calls(world: tuple[ServerProcess, str, dict[str, str
     assert value(found, "aviato_node_up", node="local", state="ready") == 1
     assert value(found, "aviato_usage_samples") >= 2
     assert value(found, "process_resident_memory_bytes") > 0
+    # Every series the sample Grafana dashboard asks for is served.
+    grafana = (Path(__file__).parents[2] / "docs" / "grafana-dashboard.json").read_text()
+    wanted = set(re.findall(r"\b((?:aviato|process)_[a-z_]+)", grafana))
+    assert wanted and wanted <= set(found), wanted - set(found)
     c.stop(sb.id)
 
 

@@ -11,6 +11,7 @@ import pytest
 from _wait import wait_until
 from server_helpers import ServerProcess, code_of
 
+import aviato
 from aviato.runtime.base import UsageReading
 from aviato.server.usage_history import UsageHistory, _Ring
 from aviato.v1 import sandbox_pb2 as pb
@@ -73,11 +74,24 @@ def test_a_busy_sandbox_s_usage_is_sampled(fresh_server: ServerProcess) -> None:
     share = (last.cpu_ns - first.cpu_ns) / (last.time_ns - first.time_ns)
     assert share > 0.3, share  # a busy loop: most of a core (2 cores, other tests beside)
     assert [s.time_ns for s in samples] == sorted(s.time_ns for s in samples)
+    # The SDK's view of the same history.
+    url = f"unix://{server.socket_path}"
+    handle = aviato.Sandbox.from_id(sb.id, base_url=url).result()
+    mine = handle.usage().result()
+    assert mine.sandbox_id == sb.id and len(mine.samples) >= 12 and mine.unavailable == ""
+    percent = mine.cpu_percent()
+    assert percent is not None and percent > 30.0
+    assert len(handle.usage(last=3).result().samples) == 3
+    assert len(mine.cpu_percents()) == len(mine.samples) - 1
+    with pytest.raises(ValueError, match="last"):
+        handle.usage(last=-1)
     # Every live sandbox of the caller, each with its newest samples only.
     idle = c.running()
     wait_until(lambda: len(usage(server, last=2).sandboxes) == 2, "both listed", timeout=10)
     both = {h.sandbox_id: h for h in usage(server, last=2).sandboxes}
     assert set(both) == {sb.id, idle.id} and len(both[sb.id].samples) == 2
+    listed = aviato.Sandbox.list_usage(base_url=url).result()
+    assert {u.sandbox_id for u in listed} == {sb.id, idle.id}
     # An ended sandbox keeps its history; the list of live ones drops it.
     c.stop(sb.id)
     assert len(usage(server, sb.id).sandboxes[0].samples) >= 12

@@ -96,6 +96,12 @@ FILE_BYTES = Counter(
 )
 
 
+for _label in ("ok", "failed"):  # every series exists from the start, at 0
+    IMAGE_PULLS.labels(_label)
+for _label in ("in", "out"):
+    FILE_BYTES.labels(_label)
+
+
 def sandbox_started(rec: SandboxRecord) -> None:
     """Observes the create-to-RUNNING time of a sandbox that has just started."""
     if rec.started_ns is not None:
@@ -330,19 +336,17 @@ class ServiceState(Collector):
         by_state: dict[tuple[str, str], int] = defaultdict(int)
         owners: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0, 0, 0, 0])
         for rec in records:
-            by_state[(_status(rec.status), rec.config.image)] += 1
+            by_state[(_STATUS_NAMES[rec.status], rec.config.image)] += 1
             totals = owners[rec.owner]
             totals[0] += 1
-            points = history.history(rec.id, last=2).points
-            if points:
-                latest = points[-1]
-                totals[1] += max(0, latest.memory_bytes)
-                totals[2] += max(0, latest.pids)
-                if len(points) == 2 and points[1].time_ns > points[0].time_ns:
-                    used = points[1].cpu_ns - points[0].cpu_ns
-                    totals[3] += max(0, used) / (points[1].time_ns - points[0].time_ns)
-            totals[4] += rec.network_usage.bytes_sent
-            totals[5] += rec.network_usage.bytes_received
+            recent = history.recent(rec.id)
+            if recent is not None:
+                totals[1] += max(0, recent[0])
+                totals[2] += max(0, recent[1])
+                totals[3] += recent[2] or 0.0
+            usage = rec.network_usage
+            totals[4] += usage.bytes_sent
+            totals[5] += usage.bytes_received
         sandboxes = GaugeMetricFamily(
             "aviato_sandboxes", "Live sandboxes by status and image", labels=["status", "image"]
         )
@@ -392,5 +396,4 @@ class ServiceState(Collector):
         yield held
 
 
-def _status(status: SandboxStatus) -> str:
-    return status.name.lower()
+_STATUS_NAMES = {status: status.name.lower() for status in SandboxStatus}

@@ -219,6 +219,22 @@ class UsageHistory:
             UNAVAILABLE_REASON if entry.unavailable else "",
         )
 
+    def recent(self, sandbox_id: str) -> tuple[int, int, float | None] | None:
+        """(memory bytes, tasks) of the newest sample and the CPU cores used between the last
+        two (None with one), without building samples: what a scrape reads of each sandbox."""
+        entry = self._entries.get(sandbox_id)
+        if entry is None:
+            return None
+        ring = entry.ring
+        n = len(ring.times)
+        if n == 0:
+            return None
+        cores = None
+        if n >= 2 and ring.times[n - 1] > ring.times[n - 2] and ring.cpu[n - 2] >= 0:
+            used = ring.cpu[n - 1] - ring.cpu[n - 2]
+            cores = max(0, used) / (ring.times[n - 1] - ring.times[n - 2])
+        return ring.memory[n - 1], ring.pids[n - 1], cores
+
     def latest(self, sandbox_id: str) -> UsagePoint | None:
         entry = self._entries.get(sandbox_id)
         if entry is None or not len(entry.ring.times):
