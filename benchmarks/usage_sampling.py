@@ -15,8 +15,10 @@ Run it alone on the machine (it starts its own service in a temporary state dire
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -36,8 +38,6 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -188,10 +188,8 @@ def main() -> None:
             print(json.dumps(results, indent=1), flush=True)
         finally:
             for sid in ids:
-                try:
+                with contextlib.suppress(grpc.RpcError):
                     stub.DeleteSandbox(pb.DeleteSandboxRequest(sandbox_id=sid), timeout=60)
-                except grpc.RpcError:
-                    pass
             service.stop()
 
 

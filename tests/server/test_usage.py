@@ -106,3 +106,15 @@ def test_a_busy_sandbox_s_usage_is_sampled(fresh_server: ServerProcess) -> None:
         usage(server, "sbx-000000000000")
     assert code_of(err.value) == grpc.StatusCode.NOT_FOUND
     c.stop(idle.id)
+
+
+def test_a_node_that_cannot_report_says_so_rather_than_guessing() -> None:
+    class Remote:  # a Ray node host's handle: the default `usage` of SandboxHandle
+        def usage(self) -> None:
+            return None
+
+    history = UsageHistory(lambda: [("sbx-r", Remote()), ("sbx-new", None)], interval=1)  # type: ignore[list-item]
+    asyncio.run(history.sample_once())
+    remote = history.history("sbx-r")
+    assert remote.points == [] and "Ray" in remote.unavailable
+    assert history.history("sbx-new").unavailable == ""  # still starting: nothing to say yet

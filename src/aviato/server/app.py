@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -35,7 +35,6 @@ from aviato.server.admin import AdminServicer
 from aviato.server.api import SandboxServicer
 from aviato.server.auth import Authenticator
 from aviato.server.config import ServerConfig, parse_listen
-from aviato.server.http_side import HttpSide
 from aviato.server.images_api import ImageServicer
 from aviato.server.lifecycle import Lifecycle
 from aviato.server.metrics import CallMetrics
@@ -43,6 +42,9 @@ from aviato.server.placement import LocalPlacement, Placement
 from aviato.server.registry import Registry
 from aviato.server.snapshots import SnapshotService
 from aviato.v1 import admin_pb2_grpc, images_pb2_grpc, sandbox_pb2_grpc
+
+if TYPE_CHECKING:
+    from aviato.server.http_side import HttpSide
 
 __all__ = ["AlreadyRunning", "StartupError", "configure_logging", "serve"]
 
@@ -353,6 +355,10 @@ async def serve(
         _bind(server, config)
         await server.start()
         if config.http:
+            # aiohttp is loaded only by a service that serves HTTP (about 0.1 s of its start),
+            # as ray only by one that places on Ray.
+            from aviato.server.http_side import HttpSide
+
             http = HttpSide(config, lifecycle, placement, Authenticator(registry))
             try:
                 await http.start()
