@@ -126,6 +126,8 @@ def page(title: str, body: str, *, owner: str, script: bool = False) -> str:
     nav = '<a href="/">Sandboxes</a>' + (' <a href="/fleet">Fleet</a>' if admin else "")
     who = f"{esc(owner)} (operator)" if admin else esc(owner)
     logout = '<form method="post" action="/logout" class="logout"><button>log out</button></form>'
+    if not owner:  # nobody yet: a refusal, the login form
+        nav = who = logout = ""
     tail = '<script src="/static/dashboard.js"></script>' if script else ""
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
