@@ -70,6 +70,7 @@ def shot(driver: object, name: str) -> None:
 
 
 def test_the_dashboard_in_chromium(fresh_server: ServerProcess, browser: object) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
     driver: object = browser
@@ -95,7 +96,10 @@ def test_the_dashboard_in_chromium(fresh_server: ServerProcess, browser: object)
     base = f"http://127.0.0.1:{http}"
 
     def text() -> str:
-        return str(driver.find_element(By.TAG_NAME, "body").text)  # type: ignore[attr-defined]
+        try:
+            return str(driver.find_element(By.TAG_NAME, "body").text)  # type: ignore[attr-defined]
+        except StaleElementReferenceException:  # the page changed under the read: read again
+            return ""
 
     # The list, as the service's own user on loopback (the operator): every owner's sandboxes.
     driver.get(base + "/")  # type: ignore[attr-defined]
@@ -116,7 +120,11 @@ def test_the_dashboard_in_chromium(fresh_server: ServerProcess, browser: object)
     driver.get(base + f"/sandboxes/{talker.id}")  # type: ignore[attr-defined]
 
     def last_line() -> int:
-        numbers = re.findall(r"line (\d+)", driver.find_element(By.ID, "log").text)  # type: ignore[attr-defined]
+        try:
+            log = driver.find_element(By.ID, "log").text  # type: ignore[attr-defined]
+        except StaleElementReferenceException:
+            return -1
+        numbers = re.findall(r"line (\d+)", log)
         return int(numbers[-1]) if numbers else -1
 
     first = wait_until(lambda: last_line() >= 0 and last_line() + 1, "the log on the page") - 1

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -188,3 +190,37 @@ def test_another_user_on_loopback_is_not_the_local_user(
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args: object, **kw: object) -> None:
         return None
+
+
+@pytest.mark.slow
+def test_a_log_follower_that_leaves_holds_nothing(
+    world: tuple[ServerProcess, str, dict[str, str]],
+) -> None:
+    server, base, _ = world
+    quiet = server.client().running(tags=["quiet"])  # writes nothing: no write would notice
+    port = int(base.rsplit(":", 1)[1])
+
+    def follow() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        request = f"GET /sandboxes/{quiet.id}/logs HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        sock.sendall(request.encode())
+        return sock
+
+    def status(sock: socket.socket) -> bytes:
+        return sock.recv(200).split(b"\r\n", 1)[0]
+
+    followers = [follow() for _ in range(70)]  # more than the 64 allowed at once
+    heads = [status(s) for s in followers]
+    assert heads.count(b"HTTP/1.1 200 OK") == 64 and b"503" in heads[-1], heads
+    for sock in followers:
+        sock.close()
+
+    def a_free_slot() -> bool:
+        with follow() as probe:
+            return status(probe) == b"HTTP/1.1 200 OK"
+
+    # Their handlers ended with their clients: the slots are free again.
+    wait_until(a_free_slot, "a free slot", timeout=10)
+    started = time.monotonic()
+    server.stop()
+    assert time.monotonic() - started < 5, "the service waited for followers that had left"

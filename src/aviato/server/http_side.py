@@ -39,6 +39,7 @@ __all__ = ["HttpSide"]
 log = logging.getLogger("aviato.server.http")
 
 _MAX_BODY = 4096
+SHUTDOWN_SECONDS = 1.0
 _OPEN_PATHS = frozenset({"/login", "/static/dashboard.js", "/static/dashboard.css"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -77,7 +78,16 @@ class HttpSide:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(self._config.tls_cert, self._config.tls_key)
         REGISTRY.register(self._state)
-        self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
+        # A handler is cancelled when its client goes (a log follower whose browser left must
+        # not hold its slot, or the service's stop, until the sandbox writes again); at stop,
+        # requests still running get a second.
+        self._runner = web.AppRunner(
+            self._app(),
+            access_log=None,
+            handle_signals=False,
+            handler_cancellation=True,
+            shutdown_timeout=SHUTDOWN_SECONDS,
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=context, reuse_address=True)
         try:
