@@ -224,3 +224,29 @@ def test_a_log_follower_that_leaves_holds_nothing(
     started = time.monotonic()
     server.stop()
     assert time.monotonic() - started < 5, "the service waited for followers that had left"
+
+
+@pytest.mark.slow
+def test_what_sandboxes_and_users_chose_is_never_markup(
+    world: tuple[ServerProcess, str, dict[str, str]],
+) -> None:
+    server, base, _ = world
+    c = server.client()
+    evil = "<script>alert('x')</script>"
+    sb = c.running(command=["/bin/sh", "-c", f'echo "{evil}"; sleep 60'], tags=["x"])
+    c.exec(sb.id, ["/bin/echo", evil])
+    for path in (f"/sandboxes/{sb.id}", "/", f"/?tag={evil}"):
+        status, page, _ = get(base + path.replace("<", "%3C").replace(">", "%3E").replace(
+            "'", "%27").replace("(", "%28").replace(")", "%29"))  # fmt: skip
+        assert status == 200, (path, status)
+        assert "<script>alert" not in page and ("&lt;script&gt;" in page or path == "/")
+    # Bad input in words; bodies bounded.
+    status, text, _ = get(base + "/?status=bogus")
+    assert status == 400 and "status" in text and "bogus" in text
+    big = urllib.request.Request(base + "/login", data=b"key=" + b"a" * 10_000, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(big, timeout=10)
+    assert err.value.code == 413
+    assert get(base + "/sandboxes/..%2F..%2Fetc%2Fpasswd")[0] == 404
+    assert get(base + "/static/..%2F__init__.py")[0] == 404
+    c.stop(sb.id)
