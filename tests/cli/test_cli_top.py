@@ -35,7 +35,7 @@ def test_top_redraws_in_place_sorted_and_quits(idle_cli: Cli) -> None:
 
     lines = wait_until(piped, "the busy sandbox first in the piped table", timeout=20)
     assert lines[0].split()[:3] == ["ID", "STATUS", "CPU"]
-    assert float(lines[1].split()[2]) > 20.0  # a busy loop: a good part of a core
+    assert float(lines[1].split()[2]) > 5.0  # a busy loop (niced, beside other suites)
     assert lines[2].startswith(idle)
 
     session = "aviato-top-" + uuid.uuid4().hex[:8]

@@ -34,10 +34,10 @@ from aviato._private import open_private, secure_tree
 from aviato.server.admin import AdminServicer
 from aviato.server.api import SandboxServicer
 from aviato.server.auth import Authenticator
+from aviato.server.call_metrics import CallMetrics
 from aviato.server.config import ServerConfig, parse_listen
 from aviato.server.images_api import ImageServicer
 from aviato.server.lifecycle import Lifecycle
-from aviato.server.metrics import CallMetrics
 from aviato.server.placement import LocalPlacement, Placement
 from aviato.server.registry import Registry
 from aviato.server.snapshots import SnapshotService
@@ -344,7 +344,7 @@ async def serve(
         await lifecycle.start()
         snapshots = SnapshotService(lifecycle, registry, placement)
         await snapshots.start()
-        interceptors = [CallMetrics(), _MalformedRequests()]  # metrics outermost: see metrics
+        interceptors = [CallMetrics(), _MalformedRequests()]  # metrics outermost: see call_metrics
         server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
         servicer = SandboxServicer(lifecycle, Authenticator(registry), placement, config, snapshots)
         sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]

@@ -1,7 +1,7 @@
 """The recent commands of each sandbox, with how each ended and what it used, for the
 dashboard's sandbox page.
 
-Fed by the metrics interceptor (`metrics.CallMetrics`), which sees each Exec and RunCommand's
+Fed by the calls interceptor (`call_metrics.CallMetrics`), which sees each Exec and RunCommand's
 init frame (the argv and the sandbox) and its terminal frame (the exit with its usage, or the
 error): the exec servicers are not touched. Only commands that reached a terminal frame
 are kept; a command that was refused before it started (another owner's sandbox: NOT_FOUND) is
