@@ -1,5 +1,5 @@
-"""`aviato top` on a real terminal (tmux: the table redrawn in place, sorted, quit with Ctrl-C)
-and on a pipe (one plain table)."""
+"""`aviato top` on a real terminal (tmux: the table redrawn in place, sorted, another order on a
+key, quit with Ctrl-C) and on a pipe (one plain table)."""
 
 from __future__ import annotations
 
@@ -54,11 +54,14 @@ def test_top_redraws_in_place_sorted_and_quits(idle_cli: Cli) -> None:
         )
         rows = [line for line in first.splitlines() if line.strip().startswith("sbx-")]
         assert rows[0].strip().startswith(busy), first  # sorted by CPU, busiest first
-        assert "sorted by cpu" in first and "Ctrl-C quits" in first
+        assert "sorted by cpu" in first and "q quits" in first
         # In place: a sandbox that appears shows up on the same screen, without scrolling.
         third = idle_cli.ok("run", "--wait", "--tag", "top").stdout.strip()
         later = wait_until(lambda: third in screen() and screen(), "the new sandbox on screen")
         assert later.count("ID ") == 1  # one header: redrawn, not appended
+        # A key changes the order at once; Ctrl-C (or q) quits.
+        tmux("send-keys", "-t", session, "m")
+        wait_until(lambda: "sorted by mem" in screen(), "the order to change on 'm'", timeout=5)
         tmux("send-keys", "-t", session, "C-c")
         wait_until(
             lambda: session not in subprocess.run(

@@ -4,8 +4,9 @@ Each refresh makes two calls: `Sandbox.list()` (status, image, age, network figu
 `Sandbox.list_usage(last=2)` (the service's two newest usage samples of each: CPU % between
 them, memory and tasks of the newest; docs/operations.md). On a terminal the table is redrawn
 in place every `--interval` seconds until Ctrl-C (rich's Live display on the alternate screen,
-so the shell's scrollback is left as it was); on a pipe, or with `--once`, it is printed once
-as plain columns (`docker stats --no-stream`).
+so the shell's scrollback is left as it was), and a key changes the order (c, m, p, n, a, i) or
+quits (q); on a pipe, or with `--once`, it is printed once as plain columns (`docker stats
+--no-stream`).
 
 CPU and memory come from the service's sampler, so they are as fresh as its interval (5 s by
 default): a sandbox younger than two samples shows "-" for CPU. Under Ray the node hosts do not
@@ -15,9 +16,13 @@ report usage; those sandboxes show "-" too.
 from __future__ import annotations
 
 import contextlib
+import os
+import select
 import sys
+import termios
 import time
-from collections.abc import Callable
+import tty
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import click
@@ -71,6 +76,35 @@ _SORTS: dict[str, Callable[[_Row], tuple[float, str]]] = {
 }
 
 
+# Keys on a terminal: one letter changes the order, q quits (as Ctrl-C does).
+_KEYS = {"c": "cpu", "m": "mem", "p": "pids", "n": "net", "a": "age", "i": "id"}
+
+
+@contextlib.contextmanager
+def _keys() -> Iterator[int | None]:
+    """stdin's descriptor in cbreak mode (a key is read at once, not echoed) while the table
+    is shown, restored after; None when stdin is not a terminal (no keys then)."""
+    if not sys.stdin.isatty():
+        yield None
+        return
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        yield fd
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _wait_for_key(fd: int | None, seconds: float) -> str:
+    """The key pressed within `seconds` ("" when none, or without a terminal)."""
+    if fd is None:
+        time.sleep(seconds)
+        return ""
+    ready, _, _ = select.select([fd], [], [], seconds)
+    return os.read(fd, 1).decode(errors="replace").lower() if ready else ""
+
+
 def _rows(tags: list[str] | None, sort: str) -> list[_Row]:
     sandboxes = Sandbox.list(tags=tags).result()
     usage: dict[str, SandboxUsage] = {u.sandbox_id: u for u in Sandbox.list_usage(last=2).result()}
@@ -106,7 +140,8 @@ def _table(rows: list[_Row], sort: str, interval: float) -> Table:
         box=None,
         pad_edge=False,
         header_style="bold",
-        caption=f"{len(rows)} sandboxes · sorted by {sort} · every {interval:g} s · Ctrl-C quits",
+        caption=f"{len(rows)} sandboxes · sorted by {sort} · every {interval:g} s · "
+        "keys: c m p n a i sort, q quits",
         caption_justify="left",
     )
     for header in _HEADERS:
@@ -143,7 +178,8 @@ def top(sort: str, tags: tuple[str, ...], interval: float, once: bool) -> None:
 
     CPU % is of one core (200 is two cores busy), between the service's last two samples;
     MEM is what the sandbox's cgroup is charged (its processes, writable layer and file
-    cache); CALLS counts the commands and file transfers running in it now.
+    cache); CALLS counts the commands and file transfers running in it now. On a terminal,
+    keys change the order (c cpu, m mem, p pids, n net, a age, i id) and q quits.
 
     \b
     Examples:
@@ -161,8 +197,16 @@ def top(sort: str, tags: tuple[str, ...], interval: float, once: bool) -> None:
     console = stdout_console()
     with (
         contextlib.suppress(KeyboardInterrupt),
+        _keys() as fd,
         Live(console=console, screen=True, auto_refresh=False) as live,
     ):
         while True:
             live.update(_table(_rows(wanted, sort), sort, interval), refresh=True)
-            time.sleep(interval)
+            deadline = time.monotonic() + interval
+            while (left := deadline - time.monotonic()) > 0:
+                key = _wait_for_key(fd, left)
+                if key == "q":
+                    return
+                if key in _KEYS:
+                    sort = _KEYS[key]
+                    break  # redraw at once in the new order
