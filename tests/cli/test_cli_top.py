@@ -3,6 +3,7 @@ key, quit with Ctrl-C) and on a pipe (one plain table)."""
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import uuid
@@ -24,7 +25,10 @@ def tmux(*args: str) -> str:
 @pytest.mark.slow
 def test_top_redraws_in_place_sorted_and_quits(idle_cli: Cli) -> None:
     require_tools("tmux")
-    idle_cli.ok("server", "start", "--usage-interval", "0.3")
+    idle_cli.ok("server", "start", "--usage-interval", "0.3", "--http", "127.0.0.1:0")
+    status = idle_cli.ok("server", "status").stdout
+    assert "usage sampling: every 0.3 s" in status
+    assert re.search(r"http: +127\.0\.0\.1:[1-9][0-9]* \(/metrics", status), status  # bound
     idle = idle_cli.ok("run", "--wait", "--tag", "top").stdout.strip()
     busy = idle_cli.ok("run", "--wait", "--tag", "top", "--", *BUSY).stdout.strip()
 

@@ -388,6 +388,13 @@ def status(paths: _Paths) -> None:
             ("sandboxes", f"{info.sandboxes_running} running{limit}"),
             ("quota (local)", info.quota or "-"),
             ("egress", info.egress or "-"),
+            ("http", f"{info.http} (/metrics, the dashboard at /)" if info.http else "off"),
+            (
+                "usage sampling",
+                f"every {info.usage_interval_seconds:g} s"
+                if info.usage_interval_seconds
+                else "off",
+            ),
         ]
     )
 

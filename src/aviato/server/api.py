@@ -303,4 +303,6 @@ class SandboxServicer(
             sandbox_limits=facts.get("sandbox_limits", "") if operator else "",
             quota=self._lifecycle.quota_text(owner),
             egress=EGRESS_PATH,
+            http=self._config.http or "",
+            usage_interval_seconds=self._config.usage_interval_seconds,
         )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import inspect
 import logging
@@ -344,16 +345,6 @@ async def serve(
         await lifecycle.start()
         snapshots = SnapshotService(lifecycle, registry, placement)
         await snapshots.start()
-        interceptors = [CallMetrics(), _MalformedRequests()]  # metrics outermost: see call_metrics
-        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
-        servicer = SandboxServicer(lifecycle, Authenticator(registry), placement, config, snapshots)
-        sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-        images_pb2_grpc.add_ImageServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            ImageServicer(Authenticator(registry), placement), server
-        )
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(registry), server)  # type: ignore[no-untyped-call]
-        _bind(server, config)
-        await server.start()
         if config.http:
             # aiohttp is loaded only by a service that serves HTTP (about 0.1 s of its start),
             # as ray only by one that places on Ray.
@@ -364,6 +355,17 @@ async def serve(
                 await http.start()
             except OSError as e:
                 raise StartupError(str(e)) from e
+            config = dataclasses.replace(config, http=http.address)  # the port, if it was 0
+        interceptors = [CallMetrics(), _MalformedRequests()]  # metrics outermost: see call_metrics
+        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
+        servicer = SandboxServicer(lifecycle, Authenticator(registry), placement, config, snapshots)
+        sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        images_pb2_grpc.add_ImageServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            ImageServicer(Authenticator(registry), placement), server
+        )
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(registry), server)  # type: ignore[no-untyped-call]
+        _bind(server, config)
+        await server.start()
         log.info(
             "aviato server ready pid=%d state_dir=%s socket=%s",
             os.getpid(), config.state_dir, config.socket_path,

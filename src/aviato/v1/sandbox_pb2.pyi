@@ -475,7 +475,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "placement", "runtime", "cgroups", "state_dir", "sandboxes_running", "max_sandboxes", "sandbox_limits", "quota", "egress")
+    __slots__ = ("version", "placement", "runtime", "cgroups", "state_dir", "sandboxes_running", "max_sandboxes", "sandbox_limits", "quota", "egress", "http", "usage_interval_seconds")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
@@ -486,6 +486,8 @@ class ServerInfo(_message.Message):
     SANDBOX_LIMITS_FIELD_NUMBER: _ClassVar[int]
     QUOTA_FIELD_NUMBER: _ClassVar[int]
     EGRESS_FIELD_NUMBER: _ClassVar[int]
+    HTTP_FIELD_NUMBER: _ClassVar[int]
+    USAGE_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     version: str
     placement: str
     runtime: str
@@ -496,7 +498,9 @@ class ServerInfo(_message.Message):
     sandbox_limits: str
     quota: str
     egress: str
-    def __init__(self, version: _Optional[str] = ..., placement: _Optional[str] = ..., runtime: _Optional[str] = ..., cgroups: _Optional[str] = ..., state_dir: _Optional[str] = ..., sandboxes_running: _Optional[int] = ..., max_sandboxes: _Optional[int] = ..., sandbox_limits: _Optional[str] = ..., quota: _Optional[str] = ..., egress: _Optional[str] = ...) -> None: ...
+    http: str
+    usage_interval_seconds: float
+    def __init__(self, version: _Optional[str] = ..., placement: _Optional[str] = ..., runtime: _Optional[str] = ..., cgroups: _Optional[str] = ..., state_dir: _Optional[str] = ..., sandboxes_running: _Optional[int] = ..., max_sandboxes: _Optional[int] = ..., sandbox_limits: _Optional[str] = ..., quota: _Optional[str] = ..., egress: _Optional[str] = ..., http: _Optional[str] = ..., usage_interval_seconds: _Optional[float] = ...) -> None: ...
 
 class SetNetworkRequest(_message.Message):
     __slots__ = ("sandbox_id", "egress_mode", "egress")
