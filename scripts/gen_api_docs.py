@@ -142,6 +142,8 @@ SECTIONS: list[tuple[str, list[str]]] = [
             "ProcessResult",
             "ResourceUsage",
             "NetworkUsage",
+            "SandboxUsage",
+            "UsageSample",
             "StreamReader",
             "StreamWriter",
             "FileStream",

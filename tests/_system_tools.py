@@ -50,6 +50,9 @@ TOOLS: dict[str, SystemTool] = {
         SystemTool("pgrep", "procps"),
         SystemTool("cc", "gcc"),  # test programs compiled for the supervisor's tests
         SystemTool("nm", "binutils"),  # the supervisor's modules: who calls whom
+        SystemTool("tmux", "tmux"),  # tests/cli: `aviato top` on a real terminal
+        SystemTool("chromium", "chromium"),  # tests/server: the dashboard in a real browser
+        SystemTool("chromedriver", "chromium-driver"),
         SystemTool(
             "linux-headers", "linux-libc-dev", path="/usr/include/asm-generic/unistd.h"
         ),  # the seccomp table is checked against the kernel's syscall numbers

@@ -40,6 +40,7 @@ from aviato._process import Process, StreamWriter
 from aviato._sandbox import Sandbox, Session
 from aviato._sandbox_network import NetworkUsage
 from aviato._sandbox_paths import DirListing, FileEntry
+from aviato._sandbox_usage import SandboxUsage, UsageSample
 from aviato._secrets import Secret
 from aviato._service import ServerInfo, server_info
 from aviato._snapshot import Snapshot
@@ -130,6 +131,7 @@ __all__ = [
     "SandboxStatus",
     "SandboxTerminatedError",
     "SandboxTimeoutError",
+    "SandboxUsage",
     "SandboxValidationError",
     "Secret",
     "Serialization",
@@ -138,6 +140,7 @@ __all__ = [
     "Snapshot",
     "StreamReader",
     "StreamWriter",
+    "UsageSample",
     "Volume",
     "VolumeInfo",
     "Volumes",

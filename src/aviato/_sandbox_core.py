@@ -33,6 +33,7 @@ from aviato._sandbox_paths import SandboxPaths
 from aviato._sandbox_pause import SandboxPausing
 from aviato._sandbox_queries import SandboxQueries
 from aviato._sandbox_snapshots import SandboxSnapshots
+from aviato._sandbox_usage import SandboxUsageQueries
 from aviato._status import SandboxStatus
 from aviato._volumes import HostMount, Volume
 from aviato.exceptions import (
@@ -76,7 +77,13 @@ def _ts(record: pb.Sandbox, name: str) -> datetime | None:
 
 
 class SandboxCore(
-    SandboxQueries, SandboxNetwork, SandboxPausing, SandboxSnapshots, SandboxIO, SandboxPaths
+    SandboxQueries,
+    SandboxNetwork,
+    SandboxPausing,
+    SandboxSnapshots,
+    SandboxIO,
+    SandboxPaths,
+    SandboxUsageQueries,
 ):
     """Everything a `Sandbox` is and does but `Sandbox.session()`: its record, its lifecycle,
     and (through its bases) its commands, files and queries. Users see it as `aviato.Sandbox`,

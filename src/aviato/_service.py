@@ -47,6 +47,10 @@ class ServerInfo:
     quota: str
     #: how sandboxes reach the network when their egress allows it (docs/networking.md)
     egress: str = ""
+    #: where the service's HTTP side (/metrics, the dashboard) listens; "" when it is off
+    http: str = ""
+    #: how often the service samples each sandbox's usage (0: never; docs/operations.md)
+    usage_interval_seconds: float = 0.0
 
     @classmethod
     def _of(cls, url: str, info: pb.ServerInfo) -> ServerInfo:
@@ -62,6 +66,8 @@ class ServerInfo:
             sandbox_limits=info.sandbox_limits,
             quota=info.quota,
             egress=info.egress,
+            http=info.http,
+            usage_interval_seconds=info.usage_interval_seconds,
         )
 
 

@@ -575,6 +575,7 @@ UNARY = [
     "CreateSecret",
     "ListSecrets",
     "DeleteSecret",
+    "SandboxUsage",
 ]
 
 

@@ -186,6 +186,9 @@ def _calls(stub: pbg.SandboxServiceStub, sandbox_id: str) -> dict[str, Callable[
         "DeleteSecret": lambda md: stub.DeleteSecret(
             pb.DeleteSecretRequest(name="AUTH_X"), metadata=md, timeout=10
         ),
+        "SandboxUsage": lambda md: stub.SandboxUsage(
+            pb.SandboxUsageRequest(sandbox_id=sandbox_id), metadata=md, timeout=10
+        ),
     }
 
 
@@ -244,6 +247,9 @@ def test_owner_b_cannot_touch_owner_a(world: World) -> None:
                 metadata=world.md("bob"),
                 timeout=10,
             ),
+            "usage": lambda i: world.stub.SandboxUsage(
+                pb.SandboxUsageRequest(sandbox_id=i), metadata=world.md("bob"), timeout=10
+            ),
             "stop": lambda i: bob.stop(i),
             "delete": lambda i: bob.delete(i),
         }
@@ -268,6 +274,10 @@ def test_owner_b_cannot_touch_owner_a(world: World) -> None:
         {"statuses": [pb.SANDBOX_STATUS_RUNNING, pb.SANDBOX_STATUS_COMPLETED]},
     ):
         assert list(bob.list(**kw).sandboxes) == [], kw  # type: ignore[arg-type]
+    everything = world.stub.SandboxUsage(
+        pb.SandboxUsageRequest(), metadata=world.md("bob"), timeout=10
+    )
+    assert list(everything.sandboxes) == []
     # The same request id and lease id for bob are bob's own, not a window into alice's.
     b2 = bob.create(request_id="alice-req")
     assert b2.id != sb.id

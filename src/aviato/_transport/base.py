@@ -213,6 +213,11 @@ class Transport(abc.ABC):
     async def delete_secret(self, name: str, *, call_timeout: float | None) -> None:
         raise NotImplementedError("this transport has no secrets")
 
+    async def sandbox_usage(
+        self, request: pb.SandboxUsageRequest, *, call_timeout: float | None
+    ) -> pb.SandboxUsageResponse:
+        raise NotImplementedError("this transport has no usage history")
+
     @abc.abstractmethod
     async def pause_sandbox(
         self, request: pb.PauseSandboxRequest, *, call_timeout: float | None

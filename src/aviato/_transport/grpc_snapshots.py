@@ -1,4 +1,4 @@
-"""The snapshot and fork calls of the gRPC transport (a base class of `GrpcTransport`)."""
+"""The snapshot, fork and usage calls of the gRPC transport (a base class of `GrpcTransport`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from aviato.v1 import sandbox_pb2 as pb
 
 
 class SnapshotCalls(UnaryCalls):
-    """CreateSnapshot, ListSnapshots, DeleteSnapshot and ForkSandbox over `_stub`."""
+    """CreateSnapshot, ListSnapshots, DeleteSnapshot, ForkSandbox and SandboxUsage over `_stub`."""
 
     async def create_snapshot(
         self, request: pb.CreateSnapshotRequest, *, call_timeout: float | None
@@ -38,5 +38,13 @@ class SnapshotCalls(UnaryCalls):
     ) -> pb.ForkSandboxResponse:
         answer: pb.ForkSandboxResponse = await self._unary(
             self._stub.ForkSandbox, request, call_timeout, "fork sandbox", request.sandbox_id
+        )
+        return answer
+
+    async def sandbox_usage(
+        self, request: pb.SandboxUsageRequest, *, call_timeout: float | None
+    ) -> pb.SandboxUsageResponse:
+        answer: pb.SandboxUsageResponse = await self._unary(
+            self._stub.SandboxUsage, request, call_timeout, "sandbox usage", request.sandbox_id
         )
         return answer

@@ -32,6 +32,7 @@ from aviato.cli import (
     server,
     shell,
     snapshots,
+    top,
     version,
     volumes,
 )
@@ -70,6 +71,7 @@ def cli() -> None:
 for _command in (
     sandboxes.run,
     sandboxes.ls,
+    top.top,
     sandboxes.get,
     exec_command.exec_command,
     shell.sh,

@@ -122,6 +122,11 @@ _LIMIT_OPTIONS = (
      "Memory of all sandboxes together [default: 3/4 of the host's; 0: leave as is]."),
     ("--cgroup-pids", "N",
      "Tasks of all sandboxes together [default: half of pid_max or threads-max]."),
+    # The operator's view (docs/operations.md), forwarded the same way.
+    ("--http", "HOST:PORT",
+     "Serve /metrics and the web dashboard here [env AVIATO_HTTP; default: nowhere]."),
+    ("--usage-interval", "SECONDS",
+     "Sample each sandbox's CPU, memory and tasks this often [default 5; 0: never]."),
 )  # fmt: skip
 
 
@@ -383,6 +388,13 @@ def status(paths: _Paths) -> None:
             ("sandboxes", f"{info.sandboxes_running} running{limit}"),
             ("quota (local)", info.quota or "-"),
             ("egress", info.egress or "-"),
+            ("http", f"{info.http} (/metrics, the dashboard at /)" if info.http else "off"),
+            (
+                "usage sampling",
+                f"every {info.usage_interval_seconds:g} s"
+                if info.usage_interval_seconds
+                else "off",
+            ),
         ]
     )
 

@@ -49,6 +49,7 @@ __all__ = [
     "SandboxHandle",
     "SandboxRuntimeError",
     "Unsupported",
+    "UsageReading",
 ]
 
 from aviato.coded_errors import SandboxRuntimeError as SandboxRuntimeError
@@ -155,6 +156,17 @@ class ExecHandle(abc.ABC):
     @abc.abstractmethod
     async def kill(self) -> None:
         """SIGKILL the command's process group and end `events()` (used when the client goes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReading:
+    """What a whole sandbox uses now (`SandboxHandle.usage`): CPU nanoseconds so far (all of
+    its processes, all of its life), memory charged now in bytes, tasks now; -1 for a figure
+    the node could not read."""
+
+    cpu_ns: int
+    memory_bytes: int
+    pids: int
 
 
 @dataclass(frozen=True)
@@ -277,6 +289,13 @@ class SandboxHandle(abc.ABC):
         the service is down: SIGTERM, then everything killed `grace_seconds` later; its exit then
         says `why` ("lifetime" or "lease"). Replaces the previous deadline. Best effort: the
         default (a runtime that cannot) does nothing, and the service's own reaper remains."""
+        return None
+
+    def usage(self) -> UsageReading | None:
+        """What the sandbox uses now, read without waiting (a few kernel files on this node);
+        None when it cannot be known here: the default, a runtime without cgroups, a sandbox
+        on another machine, one that ended. Cheap enough to call every few seconds for
+        every sandbox (the service's usage history does)."""
         return None
 
     async def pause(self) -> None:

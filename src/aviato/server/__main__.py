@@ -129,6 +129,16 @@ def _apply_env(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"{name}={text!r}: {e}")
 
 
+def _seconds_or_zero(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 (off) to 3600 seconds")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -168,6 +178,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                    help="also serve TCP here (API keys required)")  # fmt: skip
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain for --listen")
     p.add_argument("--tls-key", type=Path, help="PEM private key for --listen")
+    p.add_argument("--http", type=_listen, metavar="HOST:PORT", default=None,
+                   help="serve /metrics and the dashboard here (docs/operations.md; "
+                        "default: $AVIATO_HTTP, else nowhere)")  # fmt: skip
+    p.add_argument("--usage-interval", type=_seconds_or_zero, default=5.0, metavar="SECONDS",
+                   help="sample each sandbox's CPU, memory and tasks this often "
+                        "(default 5; 0: never)")  # fmt: skip
     p.add_argument("--placement", choices=["local", "ray"], default="local",
                    help="ray: the nodes of a Ray cluster (docs/cluster.md)")  # fmt: skip
     p.add_argument("--ray-address", default="", metavar="HOST:PORT",
@@ -297,12 +313,18 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         p.error(f"--cgroup-parent: {args.cgroup_parent!r} is not a relative cgroup path")
     if bool(args.tls_cert) != bool(args.tls_key):
         p.error("--tls-cert and --tls-key must be given together")
-    if args.tls_cert and not args.listen:
-        p.error("--tls-cert/--tls-key need --listen")
     if args.ray_volume_dir and args.placement != "ray":
         p.error("--ray-volume-dir needs --placement ray")
     if args.ray_volume_dir and not os.path.isabs(args.ray_volume_dir):
         p.error(f"--ray-volume-dir: {args.ray_volume_dir!r} is not an absolute path")
+    if args.tls_cert and not (args.listen or args.http):
+        p.error("--tls-cert/--tls-key need --listen or --http")
+    http = args.http or os.environ.get("AVIATO_HTTP") or None
+    if http:
+        try:
+            parse_listen(http)
+        except ValueError as e:
+            p.error(f"--http / AVIATO_HTTP: {e}".replace("--listen: ", ""))
     return ServerConfig(
         state_dir=resolve_state_dir(args.state_dir),
         listen=args.listen,
@@ -343,6 +365,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         owner_max_volumes=args.owner_max_volumes,
         allow_host_mounts=tuple(dict.fromkeys(args.allow_host_mount)),
         ray_volume_dir=args.ray_volume_dir,
+        usage_interval_seconds=args.usage_interval,
+        http=http,
     )
 
 

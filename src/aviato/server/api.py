@@ -35,6 +35,7 @@ from aviato.server.port_tunnel import PortTunnels
 from aviato.server.secrets_api import SecretCalls
 from aviato.server.snapshots import SnapshotService
 from aviato.server.tree_api import TreeStreams
+from aviato.server.usage_api import UsageCalls
 from aviato.v1 import sandbox_pb2 as pb
 
 if TYPE_CHECKING:
@@ -104,7 +105,14 @@ class _Unary:
 
 
 class SandboxServicer(
-    ExecStreams, FileStreams, LogStreams, PortTunnels, PathCalls, TreeStreams, SecretCalls
+    ExecStreams,
+    FileStreams,
+    LogStreams,
+    PortTunnels,
+    PathCalls,
+    TreeStreams,
+    SecretCalls,
+    UsageCalls,
 ):
     """Implements every RPC of aviato.v1.SandboxService on top of a Lifecycle."""
 
@@ -303,4 +311,6 @@ class SandboxServicer(
             sandbox_limits=facts.get("sandbox_limits", "") if operator else "",
             quota=self._lifecycle.quota_text(owner),
             egress=EGRESS_PATH,
+            http=self._config.http or "",
+            usage_interval_seconds=self._config.usage_interval_seconds,
         )

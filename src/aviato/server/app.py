@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import inspect
 import logging
@@ -26,7 +27,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -34,6 +35,7 @@ from aviato._private import open_private, secure_tree
 from aviato.server.admin import AdminServicer
 from aviato.server.api import SandboxServicer
 from aviato.server.auth import Authenticator
+from aviato.server.call_metrics import CallMetrics
 from aviato.server.config import ServerConfig, parse_listen
 from aviato.server.images_api import ImageServicer
 from aviato.server.lifecycle import Lifecycle
@@ -41,6 +43,9 @@ from aviato.server.placement import LocalPlacement, Placement
 from aviato.server.registry import Registry
 from aviato.server.snapshots import SnapshotService
 from aviato.v1 import admin_pb2_grpc, images_pb2_grpc, sandbox_pb2_grpc
+
+if TYPE_CHECKING:
+    from aviato.server.http_side import HttpSide
 
 __all__ = ["AlreadyRunning", "StartupError", "configure_logging", "serve"]
 
@@ -328,6 +333,7 @@ async def serve(
     lifecycle: Lifecycle | None = None
     snapshots: SnapshotService | None = None
     server: grpc.aio.Server | None = None
+    http: HttpSide | None = None
     try:
         registry = Registry(config.registry_path)
         placement = placement or _build_placement(config)
@@ -339,7 +345,19 @@ async def serve(
         await lifecycle.start()
         snapshots = SnapshotService(lifecycle, registry, placement)
         await snapshots.start()
-        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[_MalformedRequests()])
+        if config.http:
+            # aiohttp is loaded only by a service that serves HTTP (about 0.1 s of its start),
+            # as ray only by one that places on Ray.
+            from aviato.server.http_side import HttpSide
+
+            http = HttpSide(config, lifecycle, placement, Authenticator(registry))
+            try:
+                await http.start()
+            except OSError as e:
+                raise StartupError(str(e)) from e
+            config = dataclasses.replace(config, http=http.address)  # the port, if it was 0
+        interceptors = [CallMetrics(), _MalformedRequests()]  # metrics outermost: see call_metrics
+        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
         servicer = SandboxServicer(lifecycle, Authenticator(registry), placement, config, snapshots)
         sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
         images_pb2_grpc.add_ImageServiceServicer_to_server(  # type: ignore[no-untyped-call]
@@ -355,6 +373,8 @@ async def serve(
         await stop.wait()
         log.info("shutting down (sandboxes keep running)")
     finally:
+        if http is not None:
+            await http.close()
         if server is not None:
             await server.stop(SHUTDOWN_GRACE_SECONDS)
         if snapshots is not None:

@@ -161,6 +161,10 @@ class ServerConfig:
     owner_max_volumes: int = 64
     allow_host_mounts: tuple[str, ...] = ()
     ray_volume_dir: str = ""
+    # The operator's view (docs/operations.md): how often each sandbox's usage is sampled (0:
+    # never), and where the HTTP side (/metrics, the dashboard) listens (None: nowhere).
+    usage_interval_seconds: float = 5.0
+    http: str | None = None
 
     def spec_defaults(self) -> SpecDefaults:
         """The defaults that validation resolves in every sandbox spec."""

@@ -27,6 +27,7 @@ from aviato.runtime.base import (
     SandboxGone,
     SandboxRuntimeError,
 )
+from aviato.server.metrics import EXEC_ERRORS
 from aviato.v1 import error_detail
 from aviato.v1 import errors_pb2 as epb
 from aviato.v1 import sandbox_pb2 as pb
@@ -204,6 +205,7 @@ async def abort(
 
 def error_frame(code: str, message: str, detail: epb.ErrorDetail | None = None) -> pb.ExecResponse:
     """Exec's terminal error frame (code as a google.rpc.Code number)."""
+    EXEC_ERRORS.labels(code).inc()
     error = pb.ExecError(code=int(grpc_status(code).value[0]), message=bounded(message))
     if detail is not None:
         error.detail.CopyFrom(detail)

@@ -39,7 +39,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -65,6 +65,7 @@ from aviato.server.sandbox_states import (
     classify_exit,
     status_name,
 )
+from aviato.server.usage_history import UsageHistory
 from aviato.v1.errors_pb2 import SANDBOX_NOT_RUNNING, SERVICE_SHUTTING_DOWN
 
 __all__ = ["LeaseState", "Lifecycle", "classify_exit", "status_name"]
@@ -87,16 +88,36 @@ LIST_USAGE_AGE = 1.0
 class Lifecycle(Pausing, Reconciliation):
     """All sandbox operations of the service. Use from the event loop thread only."""
 
+    usage: UsageHistory  # the usage history of live sandboxes (server/usage_history.py)
+
     async def start(self) -> None:
-        """Reconciles the registry with the runtimes, then starts the reaper."""
+        """Reconciles the registry with the runtimes, then starts the reaper and the usage
+        sampler."""
         await self._reconcile()
         self._reaper = asyncio.create_task(self._reap_forever(), name="aviato-reaper")
+        self.usage = UsageHistory(self.live_handles, interval=self._config.usage_interval_seconds)
+        self.usage.start()
+
+    def live_handles(self) -> Iterator[tuple[str, SandboxHandle | None]]:
+        """Every live sandbox's id and handle (None until it is created)."""
+        return ((live.rec.id, live.handle) for live in self._live.values())
+
+    def live_records(self, owner: str | None = None) -> builtins.list[SandboxRecord]:
+        """The records of live sandboxes: all of them, or only `owner`'s."""
+        return [v.rec for v in self._live.values() if owner is None or v.rec.owner == owner]
+
+    def active_calls(self, sandbox_id: str) -> int:
+        """Commands and file transfers running in a live sandbox now (0 when it is not live)."""
+        live = self._live.get(sandbox_id)
+        return live.active_calls if live is not None else 0
 
     async def close(self) -> None:
         """Stops the service's tasks; sandboxes keep running. In-flight creates may finish."""
         self._closing = True
         if self._reaper is not None:
             self._reaper.cancel()
+        with contextlib.suppress(AttributeError):  # never started
+            await self.usage.close()
         creating = [
             live.task
             for live in self._live.values()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from aviato.egress.gateway import EgressGateway
@@ -25,7 +26,27 @@ from aviato.egress.sandboxes import InProcessEgressHost
 from aviato.runtime.base import Runtime, SandboxConfig
 from aviato.runtime.volume_store import VolumeHost
 
-__all__ = ["LocalPlacement", "Placement", "UnknownNode"]
+__all__ = ["LocalPlacement", "NodeHealth", "Placement", "UnknownNode"]
+
+
+@dataclass(frozen=True)
+class NodeHealth:
+    """What the placement knows of one node (the operator's view: metrics, the dashboard).
+
+    `state`: "ready" (takes sandboxes), "starting" (its node host is starting), "lost" (left the
+    cluster, or its node host was lost), "refused" (its node host speaks another protocol:
+    `detail` says why). CPU and memory are what the node offers sandboxes (0: not counted)
+    and what the sandboxes placed on it hold of that."""
+
+    node: str
+    hostname: str
+    state: str
+    cpu: float = 0.0
+    memory_bytes: float = 0.0
+    cpu_held: float = 0.0
+    memory_held_bytes: float = 0.0
+    sandboxes: int = 0
+    detail: str = ""
 
 
 class UnknownNode(LookupError):
@@ -67,6 +88,10 @@ class Placement(abc.ABC):
     @abc.abstractmethod
     def nodes(self) -> dict[str, Runtime]:
         """Every node with its runtime (for reconciliation and server info)."""
+
+    def health(self) -> list[NodeHealth]:
+        """Every node the placement knows, with its state (see `NodeHealth`)."""
+        return [NodeHealth(node, node, "ready") for node in self.nodes()]
 
     @abc.abstractmethod
     def keep_log(self, node: str, sandbox_id: str, into: Path) -> None:

@@ -54,7 +54,7 @@ from aviato.egress.host import EgressHost
 from aviato.runtime.base import MainExit, Runtime, SandboxConfig, SandboxHandle, SandboxRuntimeError
 from aviato.runtime.volume_store import VolumeHost
 from aviato.server.config import ServerConfig
-from aviato.server.placement import Placement, UnknownNode
+from aviato.server.placement import NodeHealth, Placement, UnknownNode
 from aviato.v1.quantities import format_bytes
 
 __all__ = ["PlacementTimeout", "RayPlacement", "RayUnavailable"]
@@ -495,6 +495,28 @@ class RayPlacement(Placement):
         if found is None or found.runtime is None or not found.alive:
             return None
         return found.runtime.volumes
+
+    def health(self) -> list[NodeHealth]:
+        return [
+            NodeHealth(
+                n.id,
+                n.hostname,
+                "refused"
+                if n.refused
+                else "lost"
+                if not n.alive or (n.runtime is not None and n.runtime.link.lost)
+                else "ready"
+                if n.runtime is not None
+                else "starting",
+                n.cpu,
+                n.memory,
+                sum(c for c, _ in n.held.values()),
+                sum(m for _, m in n.held.values()),
+                len(n.held),
+                n.refused,
+            )
+            for n in self._nodes.values()
+        ]
 
     def keep_log(self, node: str, sandbox_id: str, into: Path) -> None:
         # The control plane's copy of the node's log (remote.py), kept whatever became of the

@@ -26,6 +26,7 @@ from aviato.runtime.base import (
     SandboxRuntimeError,
 )
 from aviato.runtime.host_mounts import HostMounts
+from aviato.server import metrics
 from aviato.server.admission import Admission
 from aviato.server.config import ServerConfig
 from aviato.server.errors import SandboxNotFound, ServiceError
@@ -126,7 +127,10 @@ class SandboxRuns:
         rec = live.rec
         rec.status = status
         if status == RUNNING:
+            first = rec.started_ns is None
             rec.started_ns = time.time_ns()
+            if first:
+                metrics.sandbox_started(rec)
         self._registry.update_sandbox(rec)
         live.notify()
 
@@ -289,10 +293,12 @@ class SandboxRuns:
                     self._finish(live, TERMINATED, live.stop_reason, None, time.time_ns())
                     return False
             pull.result()
+            metrics.IMAGE_PULLS.labels("ok").inc()
         except asyncio.CancelledError:
             pull.cancel()
             raise
         except SandboxRuntimeError as e:
+            metrics.IMAGE_PULLS.labels("failed").inc()
             self._finish(live, FAILED, f"pulling image {config.image} failed: {e}", None,
                          time.time_ns())  # fmt: skip
             return False

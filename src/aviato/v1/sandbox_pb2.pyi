@@ -477,7 +477,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "placement", "runtime", "cgroups", "state_dir", "sandboxes_running", "max_sandboxes", "sandbox_limits", "quota", "egress")
+    __slots__ = ("version", "placement", "runtime", "cgroups", "state_dir", "sandboxes_running", "max_sandboxes", "sandbox_limits", "quota", "egress", "http", "usage_interval_seconds")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
@@ -488,6 +488,8 @@ class ServerInfo(_message.Message):
     SANDBOX_LIMITS_FIELD_NUMBER: _ClassVar[int]
     QUOTA_FIELD_NUMBER: _ClassVar[int]
     EGRESS_FIELD_NUMBER: _ClassVar[int]
+    HTTP_FIELD_NUMBER: _ClassVar[int]
+    USAGE_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     version: str
     placement: str
     runtime: str
@@ -498,7 +500,9 @@ class ServerInfo(_message.Message):
     sandbox_limits: str
     quota: str
     egress: str
-    def __init__(self, version: _Optional[str] = ..., placement: _Optional[str] = ..., runtime: _Optional[str] = ..., cgroups: _Optional[str] = ..., state_dir: _Optional[str] = ..., sandboxes_running: _Optional[int] = ..., max_sandboxes: _Optional[int] = ..., sandbox_limits: _Optional[str] = ..., quota: _Optional[str] = ..., egress: _Optional[str] = ...) -> None: ...
+    http: str
+    usage_interval_seconds: float
+    def __init__(self, version: _Optional[str] = ..., placement: _Optional[str] = ..., runtime: _Optional[str] = ..., cgroups: _Optional[str] = ..., state_dir: _Optional[str] = ..., sandboxes_running: _Optional[int] = ..., max_sandboxes: _Optional[int] = ..., sandbox_limits: _Optional[str] = ..., quota: _Optional[str] = ..., egress: _Optional[str] = ..., http: _Optional[str] = ..., usage_interval_seconds: _Optional[float] = ...) -> None: ...
 
 class SetNetworkRequest(_message.Message):
     __slots__ = ("sandbox_id", "egress_mode", "egress")
@@ -777,3 +781,45 @@ class DeleteSecretRequest(_message.Message):
 class DeleteSecretResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SandboxUsageRequest(_message.Message):
+    __slots__ = ("sandbox_id", "last")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    last: int
+    def __init__(self, sandbox_id: _Optional[str] = ..., last: _Optional[int] = ...) -> None: ...
+
+class UsageSample(_message.Message):
+    __slots__ = ("time_ns", "cpu_ns", "memory_bytes", "pids")
+    TIME_NS_FIELD_NUMBER: _ClassVar[int]
+    CPU_NS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PIDS_FIELD_NUMBER: _ClassVar[int]
+    time_ns: int
+    cpu_ns: int
+    memory_bytes: int
+    pids: int
+    def __init__(self, time_ns: _Optional[int] = ..., cpu_ns: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., pids: _Optional[int] = ...) -> None: ...
+
+class SandboxUsageHistory(_message.Message):
+    __slots__ = ("sandbox_id", "samples", "step_ns", "active_calls", "unavailable")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    STEP_NS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_CALLS_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    samples: _containers.RepeatedCompositeFieldContainer[UsageSample]
+    step_ns: int
+    active_calls: int
+    unavailable: str
+    def __init__(self, sandbox_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[UsageSample, _Mapping]]] = ..., step_ns: _Optional[int] = ..., active_calls: _Optional[int] = ..., unavailable: _Optional[str] = ...) -> None: ...
+
+class SandboxUsageResponse(_message.Message):
+    __slots__ = ("sandboxes", "interval_seconds")
+    SANDBOXES_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    sandboxes: _containers.RepeatedCompositeFieldContainer[SandboxUsageHistory]
+    interval_seconds: float
+    def __init__(self, sandboxes: _Optional[_Iterable[_Union[SandboxUsageHistory, _Mapping]]] = ..., interval_seconds: _Optional[float] = ...) -> None: ...

@@ -209,6 +209,11 @@ class SandboxServiceStub:
                 request_serializer=aviato_dot_v1_dot_sandbox__pb2.DeleteSecretRequest.SerializeToString,
                 response_deserializer=aviato_dot_v1_dot_sandbox__pb2.DeleteSecretResponse.FromString,
                 _registered_method=True)
+        self.SandboxUsage = channel.unary_unary(
+                '/aviato.v1.SandboxService/SandboxUsage',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.SandboxUsageRequest.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.SandboxUsageResponse.FromString,
+                _registered_method=True)
 
 
 class SandboxServiceServicer:
@@ -480,6 +485,15 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SandboxUsage(self, request, context):
+        """Usage history (docs/operations.md): the CPU, memory and task samples the service keeps of
+        the caller's sandboxes. One sandbox by id (another owner's is NOT_FOUND), or, with an
+        empty id, every live sandbox of the caller.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -657,6 +671,11 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.DeleteSecret,
                     request_deserializer=aviato_dot_v1_dot_sandbox__pb2.DeleteSecretRequest.FromString,
                     response_serializer=aviato_dot_v1_dot_sandbox__pb2.DeleteSecretResponse.SerializeToString,
+            ),
+            'SandboxUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.SandboxUsage,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.SandboxUsageRequest.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.SandboxUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1604,6 +1623,33 @@ class SandboxService:
             '/aviato.v1.SandboxService/DeleteSecret',
             aviato_dot_v1_dot_sandbox__pb2.DeleteSecretRequest.SerializeToString,
             aviato_dot_v1_dot_sandbox__pb2.DeleteSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SandboxUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aviato.v1.SandboxService/SandboxUsage',
+            aviato_dot_v1_dot_sandbox__pb2.SandboxUsageRequest.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.SandboxUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,12 +36,13 @@ from aviato.runtime.base import (
     SandboxRuntimeError,
     SnapshotFacts,
     Unsupported,
+    UsageReading,
 )
 from aviato.runtime.bubblewrap.exit_record import main_exit
 from aviato.runtime.bubblewrap.host_processes import ProcessWatch, kill_sandbox
 from aviato.runtime.bubblewrap.launch import connect_supervisor, short_path
 from aviato.runtime.bubblewrap.snapshots import take_snapshot
-from aviato.runtime.cgroups import CgroupError, SandboxCgroup
+from aviato.runtime.cgroups import CgroupError, SandboxCgroup, read_usage
 from aviato.runtime.logs import read_log
 from aviato.runtime.snapshot_store import SnapshotStore
 from aviato.runtime.supervisor import SupervisorConnection
@@ -148,6 +149,14 @@ class BubblewrapSandbox(SandboxHandle):
     @property
     def running(self) -> bool:
         return not self._watch.done.done()
+
+    def usage(self) -> UsageReading | None:
+        if self._cgroup is None or not self.running:
+            return None
+        reading = read_usage(self._cgroup)
+        if reading is None:
+            return None
+        return UsageReading(reading.cpu_ns, reading.memory_bytes, reading.pids)
 
     # --- the supervisor connection ---
 

@@ -51,10 +51,12 @@ from aviato.runtime.cgroups.limits import (
 )
 from aviato.runtime.cgroups.manager import CgroupManager
 from aviato.runtime.cgroups.sandbox import SandboxCgroup
+from aviato.runtime.cgroups.usage import CgroupReading, read_usage
 
 __all__ = [
     "CgroupError",
     "CgroupManager",
+    "CgroupReading",
     "Limits",
     "Mount",
     "ParentLimits",
@@ -62,4 +64,5 @@ __all__ = [
     "default_parent_memory_bytes",
     "default_parent_pids",
     "parse_mountinfo",
+    "read_usage",
 ]
