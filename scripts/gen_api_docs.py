@@ -51,7 +51,8 @@ value:
 | `Sandbox.run(*command, **options)` | `Sandbox` | briefly: until the service accepted the create (not until RUNNING) |
 | `Sandbox(...)`, `session.sandbox(...)` | `Sandbox` | no: nothing is sent until first use |
 | `sandbox.start()`, `.stop()`, `.read_file()`, `.write_file()`, `.download_file()`, `.wait_until_complete()` | `OperationRef[...]` | no |
-| `sandbox.exec(argv, ...)` | `Process` | no |
+| `sandbox.exec(argv, ...)`, `sandbox.shell()`, `sandbox.attach(exec_id)` | `Process` | no |
+| `sandbox.processes()` | `OperationRef[list[ProcessInfo]]` | no |
 | `sandbox.read_file_streaming(path)` | `FileStream` | no |
 | `sandbox.upload_file(source, path)` | `OperationRef[int]` | no |
 | `sandbox.list_dir(path)`, `.stat(path)`, `.remove(path)`, `.make_dir(path)`, `.rename(a, b)` | `OperationRef[DirListing]`, `OperationRef[FileEntry]`, `OperationRef[None]` | no |
@@ -124,6 +125,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
             "OperationRef",
             "Process",
             "ProcessResult",
+            "ProcessInfo",
             "ResourceUsage",
             "NetworkUsage",
             "StreamReader",

@@ -19,6 +19,7 @@ import shlex
 from collections import deque
 from collections.abc import Awaitable, Callable
 
+from aviato._bridge import get_bridge
 from aviato._defaults import DEFAULT_MAX_OUTPUT_BYTES
 from aviato._operation import OperationRef
 from aviato._output import OutputBuffer, StreamReader
@@ -169,17 +170,65 @@ class ExecState:
         self.stderr = OutputBuffer(max_output_bytes, "stderr")
         self.writer = StreamWriter() if stdin else None
         self._finished = False
+        # The service's name for the command (docs/interactive.md), once it started it.
+        self.exec_id: str | None = None
+        self.asked_offset = 0  # an attach's offset: output before it was not asked for
+        self.output_offset = 0  # where the output this handle received begins
+        self._id_waiters: list[asyncio.Future[None]] = []
+        self._error: BaseException | None = None
+        self.detached = False  # Process.detach(): end the call, leave the command running
 
     def finish(self, error: BaseException | None) -> None:
         """Ends both output streams (with `error` if the output was cut short). Idempotent."""
         if self._finished:
             return
         self._finished = True
+        self._error = error
         self._set_call(None)
+        self._identified(None)
         self.stdout.close(error)
         self.stderr.close(error)
         if self.writer is not None:
             self.writer._fail(error or SandboxExecutionError("the command has exited"))
+
+    def _identified(self, started: pb.ExecStarted | None) -> None:
+        """Takes what the service said of the command (None: it will say nothing more)."""
+        if started is not None:
+            self.exec_id = started.exec_id or self.exec_id
+            self.output_offset = started.output_offset
+            if started.argv and not self.command:
+                self.command.extend(started.argv)
+            self.tty = self.tty or started.tty
+        waiters, self._id_waiters = self._id_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait_exec_id(self) -> str:
+        """The command's id once the service started it; raises why it never did."""
+        if self.exec_id is None and not self._finished:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._id_waiters.append(waiter)
+            await waiter
+        if self.exec_id is not None:
+            return self.exec_id
+        if self._error is not None:
+            raise self._error
+        raise SandboxExecutionError(
+            f"the service gave no id for {shlex.join(self.command)!r} (a service older than ids?)"
+        )
+
+    async def _learn_id(self, call: ExecCall) -> None:
+        with contextlib.suppress(Exception):
+            self._identified(await call.identify())
+
+    def detach(self) -> None:
+        """On the loop: ends the call, leaving the command running (see `Process.detach`)."""
+        if self._finished:
+            return
+        self.detached = True
+        if self._call is not None:
+            self._call.abandon()
 
     def _set_call(self, call: ExecCall | None) -> None:
         self._call = call
@@ -229,8 +278,16 @@ class ExecState:
             stderr_truncated=self.stderr.truncated,
         )
 
-    async def drive(self, transport: Transport, init: pb.ExecInit, *, check: bool) -> ProcessResult:
-        """Runs the command and returns its result once its exit frame arrived.
+    async def drive(
+        self,
+        transport: Transport,
+        init: pb.ExecInit,
+        *,
+        check: bool,
+        attach: pb.ExecAttach | None = None,
+    ) -> ProcessResult:
+        """Runs the command (or, with `attach`, follows one started earlier) and returns its
+        result once its exit frame arrived.
 
         A stream that ends without an exit frame raises (never a silent exit code 0); an error
         frame raises the mapped exception; cancellation kills the command. Never retried: a
@@ -239,7 +296,12 @@ class ExecState:
         sandbox_id = init.sandbox_id
         call_timeout = init.timeout_seconds + 60.0 if init.timeout_seconds > 0 else None
         try:
-            exit_msg = await self._run(transport, init, call_timeout)
+            if attach is not None:
+                self.asked_offset = attach.offset
+                call = await transport.attach(attach, call_timeout=None)
+            else:
+                call = await transport.exec(init, call_timeout=call_timeout)
+            exit_msg = await self._run(call)
             result = self._result(exit_msg)
             self.finish(None)
             if result.timed_out:
@@ -252,22 +314,30 @@ class ExecState:
             if check:
                 result.check_returncode()
             return result
-        except asyncio.CancelledError:
-            self.finish(SandboxExecutionError("the command was cancelled", sandbox_id=sandbox_id))
-            raise
         except BaseException as err:
-            self.finish(err)
+            if self.detached:  # Process.detach: the call ended on purpose, the command runs on
+                detached = SandboxExecutionError(
+                    f"detached from {shlex.join(self.command)!r}, which runs on "
+                    "(Sandbox.attach follows it again)",
+                    sandbox_id=sandbox_id,
+                )
+                self.finish(detached)
+                raise detached from None
+            if isinstance(err, asyncio.CancelledError):
+                self.finish(
+                    SandboxExecutionError("the command was cancelled", sandbox_id=sandbox_id)
+                )
+            else:
+                self.finish(err)
             raise
 
-    async def _run(
-        self, transport: Transport, init: pb.ExecInit, call_timeout: float | None
-    ) -> pb.ExecExit:
+    async def _run(self, call: ExecCall) -> pb.ExecExit:
         """Reads output frames into the buffers until the exit frame.
 
         When a stream's reader has fallen a window behind, it stops reading until the reader
         catches up: the call's flow control then holds the command back."""
-        call = await transport.exec(init, call_timeout=call_timeout)
         self._set_call(call)
+        learn = asyncio.ensure_future(self._learn_id(call))
         pump: asyncio.Task[None] | None = None
         if self.writer is not None:
             pump = asyncio.create_task(_pump_stdin(call, self.writer))
@@ -276,6 +346,9 @@ class ExecState:
                 frame = await call.read()
                 if isinstance(frame, pb.ExecExit):
                     call.release()
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(1.0):  # the id arrived before the exit
+                            await asyncio.shield(learn)
                     return frame
                 target = self.stderr if frame.stream == pb.STREAM_STDERR else self.stdout
                 target.append(frame.data)
@@ -283,11 +356,16 @@ class ExecState:
                     await target.room()
         except BaseException:
             with contextlib.suppress(BaseException):
-                await call.kill()
+                if self.detached:
+                    call.abandon()
+                else:
+                    await call.kill()
             raise
         finally:
             if pump is not None and not pump.done():
                 pump.cancel()
+            if not learn.done():
+                learn.cancel()
 
 
 async def _pump_stdin(call: ExecCall, writer: StreamWriter) -> None:
@@ -353,6 +431,30 @@ class Process(OperationRef[ProcessResult]):
     def tty(self) -> bool:
         """True when the command runs on a pseudo-terminal (``exec(..., tty=True)``)."""
         return self._state.tty
+
+    @property
+    def exec_id(self) -> str | None:
+        """The command's id, given by the service once it started the command (None before;
+        `started()` waits for it). With it, this or another process can `Sandbox.attach` to
+        the command, which runs on when this handle's connection goes (docs/interactive.md)."""
+        return self._state.exec_id
+
+    def started(self) -> OperationRef[str]:
+        """Resolves to `exec_id` once the service started the command (raises the command's
+        error if it never started)."""
+        return OperationRef._of(self._state.wait_exec_id())
+
+    def detach(self) -> None:
+        """Stops following the command and leaves it running (only a command with an
+        `exec_id`; `Sandbox.attach` follows it again). ``result()`` then raises
+        `SandboxExecutionError` ("detached"). `cancel()`, by contrast, kills the command."""
+        get_bridge().call_soon(self._state.detach)
+
+    @property
+    def dropped_bytes(self) -> int:
+        """For `Sandbox.attach`: bytes of output between the offset asked for and the oldest
+        the service still retained, which this handle could not receive (0: none lost)."""
+        return max(0, self._state.output_offset - self._state.asked_offset)
 
     def resize(self, rows: int, cols: int) -> OperationRef[None]:
         """Resizes the command's terminal to `rows` x `cols` (each 1 to 65535); the command gets

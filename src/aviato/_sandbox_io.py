@@ -11,6 +11,7 @@ import asyncio
 import os
 import shlex
 import stat
+import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
@@ -31,6 +32,12 @@ __all__ = ["SandboxIO"]
 
 
 DEFAULT_TTY_SIZE = (24, 80)
+# `Sandbox.shell`: bash when the image has it, else sh, as a login-less interactive shell.
+DEFAULT_SHELL = (
+    "/bin/sh",
+    "-c",
+    "if command -v bash >/dev/null 2>&1; then exec bash -i; else exec sh -i; fi",
+)
 
 
 def _regular_file_size_and_mode(source: BinaryIO) -> tuple[int | None, int | None]:
@@ -163,9 +170,25 @@ class SandboxIO:
             protected=protected,
             tty=tty,
             tty_size=pb.TerminalSize(rows=rows, cols=cols) if tty else None,
+            request_id=uuid.uuid4().hex,  # a retry of this call attaches, never runs it again
         )
         future = get_bridge().submit(self._exec(state, init, check))
         return Process(future, state)
+
+    def shell(
+        self,
+        *,
+        tty_size: tuple[int, int] | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> Process:
+        """An interactive shell of the sandbox on a pseudo-terminal: ``bash -i`` where the image
+        has bash, else ``sh -i`` (as `aviato sh` starts). The same `Process` as
+        ``exec(..., tty=True)``: write keys to ``stdin`` (raw bytes: ``b"\\r"`` for Enter,
+        ``b"\\x03"`` for Ctrl-C), read the screen from ``stdout``, follow a window with
+        ``resize``; ``exit`` ends it. Like every command it has an `exec_id`: after a lost
+        connection, `attach` gets the screen back (docs/interactive.md)."""
+        return self.exec(list(DEFAULT_SHELL), tty=True, tty_size=tty_size, env=env, cwd=cwd)
 
     async def _exec(self, state: ExecState, init: pb.ExecInit, check: bool) -> Any:
         try:

@@ -194,6 +194,16 @@ class SandboxServiceStub:
                 request_serializer=aviato_dot_v1_dot_sandbox__pb2.ForkSandboxRequest.SerializeToString,
                 response_deserializer=aviato_dot_v1_dot_sandbox__pb2.ForkSandboxResponse.FromString,
                 _registered_method=True)
+        self.ListExecs = channel.unary_unary(
+                '/aviato.v1.SandboxService/ListExecs',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.ListExecsRequest.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.ListExecsResponse.FromString,
+                _registered_method=True)
+        self.SignalExec = channel.unary_unary(
+                '/aviato.v1.SandboxService/SignalExec',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.SignalExecRequest.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.ExecInfo.FromString,
+                _registered_method=True)
 
 
 class SandboxServiceServicer:
@@ -443,6 +453,23 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListExecs(self, request, context):
+        """Commands that outlive their call (docs/interactive.md). A sandbox's running commands and
+        those that ended recently (kept for a while, see the retention there), oldest first.
+        Attaching to one is an Exec stream whose first frame is `attach`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignalExec(self, request, context):
+        """Sends `signal` to a command's process group by its id (9 kills it); answers what is known
+        of it. Nothing happens to a command that has already ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -605,6 +632,16 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.ForkSandbox,
                     request_deserializer=aviato_dot_v1_dot_sandbox__pb2.ForkSandboxRequest.FromString,
                     response_serializer=aviato_dot_v1_dot_sandbox__pb2.ForkSandboxResponse.SerializeToString,
+            ),
+            'ListExecs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExecs,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.ListExecsRequest.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.ListExecsResponse.SerializeToString,
+            ),
+            'SignalExec': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignalExec,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.SignalExecRequest.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.ExecInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1471,6 +1508,60 @@ class SandboxService:
             '/aviato.v1.SandboxService/ForkSandbox',
             aviato_dot_v1_dot_sandbox__pb2.ForkSandboxRequest.SerializeToString,
             aviato_dot_v1_dot_sandbox__pb2.ForkSandboxResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExecs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aviato.v1.SandboxService/ListExecs',
+            aviato_dot_v1_dot_sandbox__pb2.ListExecsRequest.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.ListExecsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignalExec(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aviato.v1.SandboxService/SignalExec',
+            aviato_dot_v1_dot_sandbox__pb2.SignalExecRequest.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.ExecInfo.FromString,
             options,
             channel_credentials,
             insecure,
