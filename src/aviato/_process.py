@@ -177,6 +177,7 @@ class ExecState:
         self._id_waiters: list[asyncio.Future[None]] = []
         self._error: BaseException | None = None
         self.detached = False  # Process.detach(): end the call, leave the command running
+        self._learner: asyncio.Future[None] | None = None
 
     def finish(self, error: BaseException | None) -> None:
         """Ends both output streams (with `error` if the output was cut short). Idempotent."""
@@ -199,6 +200,9 @@ class ExecState:
             if started.argv and not self.command:
                 self.command.extend(started.argv)
             self.tty = self.tty or started.tty
+        self._wake_id_waiters()
+
+    def _wake_id_waiters(self) -> None:
         waiters, self._id_waiters = self._id_waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -206,10 +210,14 @@ class ExecState:
 
     async def wait_exec_id(self) -> str:
         """The command's id once the service started it; raises why it never did."""
-        if self.exec_id is None and not self._finished:
+        while self.exec_id is None and not self._finished:
+            call = self._call
+            if call is not None:
+                await self._learn_id(call)  # what the service said first (its id)
+                break
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._id_waiters.append(waiter)
-            await waiter
+            await waiter  # the call is opened, or the command ended
         if self.exec_id is not None:
             return self.exec_id
         if self._error is not None:
@@ -232,6 +240,7 @@ class ExecState:
 
     def _set_call(self, call: ExecCall | None) -> None:
         self._call = call
+        self._wake_id_waiters()
         waiters, self._call_waiters = self._call_waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -299,6 +308,8 @@ class ExecState:
             if attach is not None:
                 self.asked_offset = attach.offset
                 call = await transport.attach(attach, call_timeout=None)
+                # what was run and on a terminal or not, at once (for resize, `command`)
+                self._learner = asyncio.ensure_future(self._learn_id(call))
             else:
                 call = await transport.exec(init, call_timeout=call_timeout)
             exit_msg = await self._run(call)
@@ -337,7 +348,6 @@ class ExecState:
         When a stream's reader has fallen a window behind, it stops reading until the reader
         catches up: the call's flow control then holds the command back."""
         self._set_call(call)
-        learn = asyncio.ensure_future(self._learn_id(call))
         pump: asyncio.Task[None] | None = None
         if self.writer is not None:
             pump = asyncio.create_task(_pump_stdin(call, self.writer))
@@ -346,9 +356,8 @@ class ExecState:
                 frame = await call.read()
                 if isinstance(frame, pb.ExecExit):
                     call.release()
-                    with contextlib.suppress(Exception):
-                        async with asyncio.timeout(1.0):  # the id arrived before the exit
-                            await asyncio.shield(learn)
+                    if self.exec_id is None:  # it arrived before the exit: no wait
+                        await self._learn_id(call)
                     return frame
                 target = self.stderr if frame.stream == pb.STREAM_STDERR else self.stdout
                 target.append(frame.data)
@@ -364,8 +373,6 @@ class ExecState:
         finally:
             if pump is not None and not pump.done():
                 pump.cancel()
-            if not learn.done():
-                learn.cancel()
 
 
 async def _pump_stdin(call: ExecCall, writer: StreamWriter) -> None:

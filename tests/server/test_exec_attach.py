@@ -34,11 +34,20 @@ def sandbox(server: ServerProcess) -> Iterator[str]:
 
 
 def _run(stub: pbg.SandboxServiceStub, init: pb.ExecInit) -> tuple[ExecResult, str]:
-    """A whole RunCommand: its frames and the id from its initial metadata."""
+    """A whole RunCommand: its frames and the command's id (in the first frame, or in the
+    initial metadata for a command silent at first)."""
     call = stub.RunCommand(init, timeout=60)
     frames = list(call)
-    exec_id = dict(call.initial_metadata()).get("aviato-exec-id", "")
-    return ExecResult(frames), str(exec_id)
+    return ExecResult(frames), _id_of(call, frames[0])
+
+
+def _id_of(call: grpc.Call, first: pb.ExecResponse) -> str:
+    named = dict(call.initial_metadata()).get("aviato-exec-id", "")
+    if first.WhichOneof("msg") == "error" and not named:
+        return ""  # refused: no command
+    in_frame = first.output.exec_id or first.exit.exec_id
+    assert bool(named) != bool(in_frame), "the id comes exactly once"
+    return str(named or in_frame)
 
 
 def _attach(
@@ -150,8 +159,9 @@ def test_signal_exec_kills_a_detached_command(server: ServerProcess, sandbox: st
         sandbox_id=sandbox, argv=["sh", "-c", "echo up; exec sleep 300"], request_id="k-1"
     )
     call = stub.RunCommand(init, timeout=30)
-    assert next(call).output.data == b"up\n"
-    exec_id = dict(call.initial_metadata())["aviato-exec-id"]
+    first = next(call)
+    assert first.output.data == b"up\n"
+    exec_id = _id_of(call, first)
     call.cancel()
     info = stub.SignalExec(pb.SignalExecRequest(sandbox_id=sandbox, exec_id=exec_id, signal=9))
     assert info.exec_id == exec_id
@@ -172,11 +182,11 @@ def test_a_flood_without_a_reader_stays_within_the_retention(
     size = 64 << 20
     init = pb.ExecInit(
         sandbox_id=sandbox,
-        argv=["sh", "-c", f"head -c {size} /dev/zero | tr '\\0' x; echo; echo end"],
+        argv=["sh", "-c", f"sleep 0.2; head -c {size} /dev/zero | tr '\\0' x; echo; echo end"],
         request_id=uuid.uuid4().hex,
     )
     call = stub.RunCommand(init, timeout=60)
-    exec_id = dict(call.initial_metadata())["aviato-exec-id"]
+    exec_id = dict(call.initial_metadata())["aviato-exec-id"]  # silent at first: sent ahead
     call.cancel()  # nobody reads
     info = wait_until(
         lambda: (e := _execs(stub, sandbox)[exec_id]).state == "exited" and e,
@@ -217,8 +227,9 @@ def test_another_owner_can_neither_attach_nor_list_nor_signal(
     sb = Client(stub, alice).running()
     init = pb.ExecInit(sandbox_id=sb.id, argv=["sh", "-c", "echo secret; sleep 30"])
     call = stub.RunCommand(init, metadata=alice, timeout=30)
-    assert next(call).output.data == b"secret\n"
-    exec_id = dict(call.initial_metadata())["aviato-exec-id"]
+    first = next(call)
+    assert first.output.data == b"secret\n"
+    exec_id = _id_of(call, first)
     stolen = _attach(stub, sb.id, exec_id, metadata=bob)
     assert stolen.error.code == NOT_FOUND and stolen.stdout == b""
     for rpc, request in (

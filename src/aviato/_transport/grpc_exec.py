@@ -136,11 +136,15 @@ class GrpcExecCall(ExecCall):
             kind = msg.WhichOneof("msg")
             if kind == "output":
                 output: pb.ExecOutput = msg.output
+                if output.exec_id:  # RunCommand names its command in its first frame
+                    self._identified(pb.ExecStarted(exec_id=output.exec_id))
                 return output
             if kind == "exit":
                 self._exited = True
-                self._identified(None)
                 exit_frame: pb.ExecExit = msg.exit
+                if exit_frame.exec_id:
+                    self._identified(pb.ExecStarted(exec_id=exit_frame.exec_id))
+                self._identified(None)
                 return exit_frame
             if kind == "error":
                 self._exited = True
@@ -164,17 +168,17 @@ class GrpcExecCall(ExecCall):
     async def identify(self) -> pb.ExecStarted | None:
         """The service's `started` frame (Exec) or initial metadata (RunCommand); None when the
         command never started or the service gives no ids."""
-        if self._streaming:
-            return await asyncio.shield(self._started)
-        if not self._started.done():
-            call = self._call
+        if not self._streaming and not self._started.done():
+            # RunCommand: ahead of the frames as initial metadata (a command silent at first),
+            # else in the first frame, which `read` takes.
             try:
-                metadata = await call.initial_metadata()
+                metadata = await self._call.initial_metadata()
             except Exception:
                 metadata = None
             exec_id = dict(metadata or ()).get(EXEC_ID_METADATA, "")
-            self._identified(pb.ExecStarted(exec_id=exec_id) if exec_id else None)
-        return self._started.result()
+            if exec_id:
+                self._identified(pb.ExecStarted(exec_id=exec_id))
+        return await asyncio.shield(self._started)
 
     async def _write(self, request: pb.ExecRequest) -> None:
         if not self._streaming:

@@ -37,6 +37,8 @@ MAX_EXEC_INPUT_BYTES = 4 << 20  # ExecInit.input (a request message is at most 8
 _INLINE_INPUT_BYTES = 64 * 1024  # RunCommand writes input this small before relaying output
 _refused = errors.error_frame  # a frame refusing the request
 EXEC_ID_METADATA = "aviato-exec-id"  # RunCommand's initial metadata: the command's id
+# RunCommand names its command in the first frame if the command answers this soon.
+_ID_IN_FIRST_FRAME_SECONDS = 0.02
 # What a started command fails with when its sandbox goes away under it (see `_cut_off`).
 _CUT_OFF_CODES = frozenset({"UNAVAILABLE", "FAILED_PRECONDITION"})
 
@@ -138,7 +140,6 @@ class ExecStreams(ServicerBase):
         command, fresh = await self._command_for(owner, init, write, stdin=bool(init.input))
         if command is None:
             return
-        await context.send_initial_metadata(((EXEC_ID_METADATA, command.exec_id),))
         proc = command.handle
         feed: asyncio.Task[None] | None = None
         if fresh and init.input:
@@ -159,8 +160,15 @@ class ExecStreams(ServicerBase):
                     with contextlib.suppress(Exception):
                         await asyncio.shield(proc.kill())
                     raise
+        # The id goes in the first frame when one comes at once (most commands: no extra
+        # message); a command silent at first gets it sent ahead, as initial metadata.
+        named = await command.first_news(_ID_IN_FIRST_FRAME_SECONDS)
+        if not named:
+            await context.send_initial_metadata(((EXEC_ID_METADATA, command.exec_id),))
         try:
-            await self._relay_exec(command, write, None, 0, fresh and not command.detachable)
+            await self._relay_exec(
+                command, write, None, 0, fresh and not command.detachable, name_first=named
+            )
         finally:
             if feed is not None and not command.detachable:
                 feed.cancel()
@@ -280,10 +288,11 @@ class ExecStreams(ServicerBase):
         kill_on_loss: bool,
         *,
         started: bool = False,
+        name_first: bool = False,
     ) -> None:
         """Writes the command's output frames from `offset` (its retention, see `exec_table`)
         and exactly one terminal frame (exit or error); with `started`, the `started` frame
-        first.
+        first; with `name_first`, the command's id in the first output or exit frame.
 
         When the client goes away (this coroutine is cancelled, or a write fails) the command
         runs on, unless `kill_on_loss` (the call that started a command without a request id):
@@ -304,6 +313,12 @@ class ExecStreams(ServicerBase):
                         frame = pb.ExecResponse(error=pb.ExecError(code=frame.error.code))
                         frame.error.message = reason
                 done = kind in ("exit", "error")
+                if name_first and kind in ("output", "exit"):
+                    name_first = False
+                    named = pb.ExecResponse()
+                    named.CopyFrom(frame)  # the terminal frame is shared by every reader
+                    getattr(named, kind).exec_id = command.exec_id
+                    frame = named
                 await write(frame)
         finally:
             if not done and kill_on_loss:

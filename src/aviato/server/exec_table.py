@@ -157,6 +157,15 @@ class Command:
         self._waiters.append(waiter)
         await waiter
 
+    async def first_news(self, seconds: float) -> bool:
+        """Waits up to `seconds` for the command's first output or its end; whether it came."""
+        if self.end == 0 and self.terminal is None:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter, seconds)
+        return self.end > 0 or self.terminal is not None
+
     def keep(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
         """Holds `task` (its input being fed) until it ends: asyncio keeps tasks weakly."""
         self._kept.add(task)

@@ -341,28 +341,32 @@ class ExecStarted(_message.Message):
     def __init__(self, exec_id: _Optional[str] = ..., output_offset: _Optional[int] = ..., argv: _Optional[_Iterable[str]] = ..., tty: _Optional[bool] = ...) -> None: ...
 
 class ExecOutput(_message.Message):
-    __slots__ = ("stream", "data", "offset")
+    __slots__ = ("stream", "data", "offset", "exec_id")
     STREAM_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
     stream: Stream
     data: bytes
     offset: int
-    def __init__(self, stream: _Optional[_Union[Stream, str]] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ...) -> None: ...
+    exec_id: str
+    def __init__(self, stream: _Optional[_Union[Stream, str]] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ..., exec_id: _Optional[str] = ...) -> None: ...
 
 class ExecExit(_message.Message):
-    __slots__ = ("exit_code", "signal", "timed_out", "usage", "oom_killed")
+    __slots__ = ("exit_code", "signal", "timed_out", "usage", "oom_killed", "exec_id")
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
     TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     OOM_KILLED_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
     exit_code: int
     signal: int
     timed_out: bool
     usage: ResourceUsage
     oom_killed: bool
-    def __init__(self, exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., timed_out: _Optional[bool] = ..., usage: _Optional[_Union[ResourceUsage, _Mapping]] = ..., oom_killed: _Optional[bool] = ...) -> None: ...
+    exec_id: str
+    def __init__(self, exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., timed_out: _Optional[bool] = ..., usage: _Optional[_Union[ResourceUsage, _Mapping]] = ..., oom_killed: _Optional[bool] = ..., exec_id: _Optional[str] = ...) -> None: ...
 
 class ExecError(_message.Message):
     __slots__ = ("code", "message", "detail")

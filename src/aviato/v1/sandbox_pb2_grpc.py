@@ -261,7 +261,9 @@ class SandboxServiceServicer:
     def RunCommand(self, request, context):
         """Exec without a request stream, for a command that needs nothing after its start: its stdin
         is init.input followed by end-of-file (empty input: /dev/null), no tty. The same response
-        frames as Exec except `started`, which is not sent. Cancelling the call kills the command.
+        frames as Exec except `started`, which is not sent: the command's id is in its first frame,
+        or in the initial metadata `aviato-exec-id` when the command is silent at first. Cancelling
+        the call kills the command, unless init.request_id is set (then it runs on).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
