@@ -208,6 +208,14 @@ class ExecState:
             if not waiter.done():
                 waiter.set_result(None)
 
+    def known_exec_id(self) -> str | None:
+        """The command's id if the service has said it (never waits; any thread)."""
+        if self.exec_id is None:
+            call = self._call
+            started = call.known() if call is not None else None
+            return started.exec_id or None if started is not None else None
+        return self.exec_id
+
     async def wait_exec_id(self) -> str:
         """The command's id once the service started it; raises why it never did."""
         while self.exec_id is None and not self._finished:
@@ -444,7 +452,7 @@ class Process(OperationRef[ProcessResult]):
         """The command's id, given by the service once it started the command (None before;
         `started()` waits for it). With it, this or another process can `Sandbox.attach` to
         the command, which runs on when this handle's connection goes (docs/interactive.md)."""
-        return self._state.exec_id
+        return self._state.known_exec_id()
 
     def started(self) -> OperationRef[str]:
         """Resolves to `exec_id` once the service started the command (raises the command's

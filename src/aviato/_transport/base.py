@@ -90,6 +90,10 @@ class ExecCall(abc.ABC):
     def release(self) -> None:
         """After the exit frame: lets the call end on its own (in the background)."""
 
+    def known(self) -> pb.ExecStarted | None:
+        """What `identify` would return, if the service has said it already (never waits)."""
+        return None
+
     def abandon(self) -> None:
         """Ends the call and leaves the command as it is: one started with a request id runs
         on (`Process.detach`). Never raises."""

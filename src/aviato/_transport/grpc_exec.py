@@ -165,6 +165,9 @@ class GrpcExecCall(ExecCall):
         if not self._started.done():
             self._started.set_result(started)
 
+    def known(self) -> pb.ExecStarted | None:
+        return self._started.result() if self._started.done() else None
+
     async def identify(self) -> pb.ExecStarted | None:
         """The service's `started` frame (Exec) or initial metadata (RunCommand); None when the
         command never started or the service gives no ids."""
