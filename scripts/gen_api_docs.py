@@ -57,7 +57,7 @@ value:
 | `sandbox.upload_file(source, path)` | `OperationRef[int]` | no |
 | `sandbox.list_dir(path)`, `.stat(path)`, `.remove(path)`, `.make_dir(path)`, `.rename(a, b)` | `OperationRef[DirListing]`, `OperationRef[FileEntry]`, `OperationRef[None]` | no |
 | `sandbox.upload_dir(local, remote)`, `.download_dir(remote, local)` | `OperationRef[int]` | no |
-| `sandbox.stream_logs(follow=..., tail=...)` | `LogStream` (of `LogRecord`) | no |
+| `sandbox.stream_logs(follow=..., tail=..., since=...)` | `LogStream` (of `LogRecord`; resumes by itself after a lost connection) | no |
 | `sandbox.forward_port(port, local_port=0)` | `PortForward` (`.address` blocks until it listens) | no |
 | `Images.pull()`, `.list()`, `.remove()`, `.prune()`, `aviato.server_info()`, `Admin().create_key()` ... | `Image`, `list[Image]`, `ServerInfo`, `CreatedKey` ... | yes |
 | `Sandbox.list()`, `Sandbox.from_id()`, `Sandbox.delete()` | `OperationRef[...]` | no |

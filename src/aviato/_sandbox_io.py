@@ -13,13 +13,14 @@ import shlex
 import stat
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
 from aviato import _defaults, _files
 from aviato._bridge import get_bridge
 from aviato._client import Client
 from aviato._files import FileStream, Progress
-from aviato._logs import LogStream
+from aviato._logs import LogStream, ResumingLogReader
 from aviato._operation import OperationRef
 from aviato._options import SandboxDefaults
 from aviato._port_forward import PortForward
@@ -56,6 +57,17 @@ async def _threaded(items: Iterator[bytes]) -> AsyncIterator[bytes]:
     done = object()
     while (item := await asyncio.to_thread(next, items, done)) is not done:
         yield item  # type: ignore[misc]
+
+
+def _nanoseconds_of(when: datetime | float) -> int:
+    """`since` as unix nanoseconds: a datetime (naive: UTC) or unix seconds."""
+    if isinstance(when, datetime):
+        aware = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+        delta = aware - datetime(1970, 1, 1, tzinfo=UTC)
+        return (delta.days * 86400 + delta.seconds) * 10**9 + delta.microseconds * 1000
+    if isinstance(when, bool) or not isinstance(when, int | float) or when != when:
+        raise TypeError(f"since must be a datetime or unix seconds, not {when!r}")
+    return int(when * 1e9) if isinstance(when, float) else when * 10**9
 
 
 def _terminal_size(size: tuple[int, int] | None) -> tuple[int, int]:
@@ -229,25 +241,38 @@ class SandboxIO:
     # -- the main process's log -----------------------------------------------------------------
 
     def stream_logs(
-        self, *, follow: bool = False, tail: int | None = None, timeout_seconds: float | None = None
+        self,
+        *,
+        follow: bool = False,
+        tail: int | None = None,
+        since: datetime | float | None = None,
+        timeout_seconds: float | None = None,
     ) -> LogStream:
         """The output of the sandbox's main process as `LogRecord`s (time, stream, data).
 
-        Returns a `LogStream` at once: iterate it with ``for`` or ``async for``. `tail` keeps
-        only the last N records written so far (None: all). With `follow` the iteration goes on
-        as the process writes and ends when the sandbox ends (or on ``close()``); without, it
-        ends with what was written so far. Works on ended sandboxes too (their log is kept).
-        `timeout_seconds` bounds the whole stream (default: no limit).
+        Returns a `LogStream` at once: iterate it with ``for`` or ``async for``. `since` (a
+        `datetime`, naive meaning UTC, or unix seconds) keeps only the records written at or
+        after that time; `tail` keeps only the last N records written so far (of those since
+        `since`; None: all). With `follow` the iteration goes on as the process writes and ends
+        when the sandbox ends (or on ``close()``); without, it ends with what was written so
+        far. Works on ended sandboxes too (their log is kept). `timeout_seconds` bounds the
+        whole stream (default: no limit).
+
+        A stream that breaks because the service could not be reached (it restarted, the
+        network dropped) resumes by itself from where it was, with no record lost or given
+        twice, as long as the service is back within the client's retry budget (20 s).
         """
         if tail is not None:
             tail = _defaults.byte_count("tail", tail)  # a count of records: a whole number >= 0
         request = pb.StreamLogsRequest(tail=-1 if tail is None else tail, follow=follow)
+        if since is not None:
+            request.since.FromNanoseconds(_nanoseconds_of(since))
 
         async def open_() -> LogReader:
             await self._ensure_started()  # a sandbox not started yet is started (as exec does)
             request.sandbox_id = self._require_id()
             client = await self._client()
-            return await client.transport.open_logs(request, call_timeout=timeout_seconds)
+            return ResumingLogReader(client, request, timeout_seconds)
 
         return LogStream(open_)
 

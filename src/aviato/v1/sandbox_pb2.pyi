@@ -443,14 +443,16 @@ class WriteFileResponse(_message.Message):
     def __init__(self, size: _Optional[int] = ...) -> None: ...
 
 class StreamLogsRequest(_message.Message):
-    __slots__ = ("sandbox_id", "tail", "follow")
+    __slots__ = ("sandbox_id", "tail", "follow", "since")
     SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
     TAIL_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     tail: int
     follow: bool
-    def __init__(self, sandbox_id: _Optional[str] = ..., tail: _Optional[int] = ..., follow: _Optional[bool] = ...) -> None: ...
+    since: _timestamp_pb2.Timestamp
+    def __init__(self, sandbox_id: _Optional[str] = ..., tail: _Optional[int] = ..., follow: _Optional[bool] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class LogEntry(_message.Message):
     __slots__ = ("time", "stream", "data")
