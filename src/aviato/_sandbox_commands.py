@@ -18,6 +18,7 @@ from aviato._client import Client
 from aviato._operation import OperationRef
 from aviato._options import SandboxDefaults
 from aviato._process import ExecState, Process
+from aviato._sandbox_observe import SandboxObserving
 from aviato.exceptions import SandboxError
 from aviato.v1 import sandbox_pb2 as pb
 
@@ -73,7 +74,7 @@ def _time(info: pb.ExecInfo, name: str) -> datetime | None:
     return stamp.ToDatetime().replace(tzinfo=UTC)  # type: ignore[no-any-return]
 
 
-class SandboxCommands:
+class SandboxCommands(SandboxObserving):
     """`attach` and `processes` (see the module docstring); `Sandbox` provides the state."""
 
     _defaults: SandboxDefaults
@@ -128,7 +129,9 @@ class SandboxCommands:
             request.sandbox_id = self._require_id()
             client = await self._client()
             init = pb.ExecInit(sandbox_id=request.sandbox_id)
-            return await state.drive(client.transport, init, check=check, attach=request)
+            return await self._observed(
+                state.drive(client.transport, init, check=check, attach=request)
+            )
         except BaseException as err:
             state.finish(
                 err if isinstance(err, Exception) else SandboxError("the attach was cancelled")

@@ -12,7 +12,14 @@ import os
 import shlex
 import stat
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
@@ -25,6 +32,7 @@ from aviato._operation import OperationRef
 from aviato._options import SandboxDefaults
 from aviato._port_forward import PortForward
 from aviato._process import ExecState, Process
+from aviato._sandbox_observe import SandboxObserving
 from aviato._transport.base import LogReader
 from aviato.exceptions import SandboxError, SandboxNotRunningError
 from aviato.v1 import sandbox_pb2 as pb
@@ -81,7 +89,7 @@ def _terminal_size(size: tuple[int, int] | None) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-class SandboxIO:
+class SandboxIO(SandboxObserving):
     """Commands and files (see the module docstring); `Sandbox` provides the state below."""
 
     _defaults: SandboxDefaults
@@ -212,7 +220,7 @@ class SandboxIO:
             await self._ensure_started()
             init.sandbox_id = self._require_id()
             client = await self._client()
-            return await state.drive(client.transport, init, check=check)
+            return await self._observed(state.drive(client.transport, init, check=check))
         except BaseException as err:
             state.finish(
                 err if isinstance(err, Exception) else SandboxError("the command was cancelled")
@@ -302,12 +310,14 @@ class SandboxIO:
     ) -> bytes:
         await self._ensure_started()
         client = await self._client()
-        return await _files.read_whole(
-            client,
-            self._require_id(),
-            filepath,
-            timeout_s or self._request_timeout,
-            self._defaults.max_read_file_bytes if max_bytes is None else max_bytes,
+        return await self._observed(
+            _files.read_whole(
+                client,
+                self._require_id(),
+                filepath,
+                timeout_s or self._request_timeout,
+                self._defaults.max_read_file_bytes if max_bytes is None else max_bytes,
+            )
         )
 
     def read_file_streaming(
@@ -411,16 +421,18 @@ class SandboxIO:
         try:
             await self._ensure_started()
             client = await self._client()
-            return await _files.upload(
-                client,
-                self._require_id(),
-                filepath,
-                source,
-                mode=mode or 0,
-                make_parents=make_parents,
-                total=total,
-                progress=progress,
-                rpc_timeout=timeout_s,
+            return await self._observed(
+                _files.upload(
+                    client,
+                    self._require_id(),
+                    filepath,
+                    source,
+                    mode=mode or 0,
+                    make_parents=make_parents,
+                    total=total,
+                    progress=progress,
+                    rpc_timeout=timeout_s,
+                )
             )
         finally:
             if owned:
@@ -482,12 +494,15 @@ class SandboxIO:
                 if progress is not None:
                     progress(done, None)
 
-        return await client.transport.write_file_chunks(header, pieces(), call_timeout=timeout_s)
+        return await self._observed(
+            client.transport.write_file_chunks(header, pieces(), call_timeout=timeout_s)
+        )
 
     async def _open_read(self, filepath: str, timeout_s: float | None) -> Any:
         await self._ensure_started()
         client = await self._client()
-        return await _files.open_read(client, self._require_id(), filepath, timeout_s)
+        opening = _files.open_read(client, self._require_id(), filepath, timeout_s)
+        return await self._observed(opening)
 
     def write_file(
         self,
@@ -526,12 +541,14 @@ class SandboxIO:
     ) -> None:
         await self._ensure_started()
         client = await self._client()
-        await _files.write_whole(
-            client,
-            self._require_id(),
-            filepath,
-            data,
-            mode=mode or 0,
-            make_parents=make_parents,
-            rpc_timeout=timeout_s or self._request_timeout,
+        await self._observed(
+            _files.write_whole(
+                client,
+                self._require_id(),
+                filepath,
+                data,
+                mode=mode or 0,
+                make_parents=make_parents,
+                rpc_timeout=timeout_s or self._request_timeout,
+            )
         )
