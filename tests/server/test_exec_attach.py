@@ -126,6 +126,23 @@ def test_a_retry_with_the_same_request_id_does_not_run_twice(
     assert count == b"run\n", "the command ran more than once"
 
 
+def test_a_retried_exec_stream_feeds_its_input_once(server: ServerProcess, sandbox: str) -> None:
+    stub = server.stub()
+    init = pb.ExecInit(
+        sandbox_id=sandbox, argv=["cat"], stdin=True, input=b"once|", request_id=uuid.uuid4().hex
+    )
+    q, reqs = stdin_stream(init)
+    call = stub.Exec(reqs, timeout=30)
+    exec_id = next(call).started.exec_id
+    assert next(call).output.data == b"once|"
+    call.cancel()  # the connection is lost before stdin_eof: the client retries the call
+    q.put(None)
+    frames = [pb.ExecRequest(init=init), pb.ExecRequest(stdin_eof=True)]
+    retry = ExecResult(list(stub.Exec(iter(frames), timeout=30)))
+    assert retry.frames[0].started.exec_id == exec_id
+    assert retry.stdout == b"once|" and retry.exit_code == 0
+
+
 def test_a_command_with_a_request_id_outlives_its_call(server: ServerProcess, sandbox: str) -> None:
     """The call goes (cancelled, as a killed client's does); the command runs to its end, and
     an attach gets every byte and the exit status. Its stdin stays open, never closed for it."""

@@ -103,7 +103,7 @@ class ExecStreams(ServicerBase):
                 await write(errors.error_frame("INVALID_ARGUMENT", "init.input: needs init.stdin"))
                 return
             command, fresh = await self._command_for(owner, init, write, stdin=init.stdin)
-            offset, data = 0, init.input
+            offset, data = 0, (init.input if fresh else b"")  # a retry's input is not fed twice
         else:
             await write(
                 errors.error_frame("INVALID_ARGUMENT", "init: the first frame must be init")
