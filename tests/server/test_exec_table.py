@@ -156,3 +156,16 @@ def test_owners_sandboxes_and_request_ids_are_separate() -> None:
         )
 
     asyncio.run(body())
+
+
+def test_a_huge_argv_is_kept_short() -> None:
+    async def body() -> None:
+        table = CommandTable()
+        handle = ScriptedExec()
+        argv = ["sh", "-c", "x" * 500_000, "more"]
+        command = table.add("o", "sbx-1", "", argv, False, handle)
+        assert command.argv == ["sh", "-c", "…"]
+        single = table.add("o", "sbx-1", "", ["y" * 100_000], False, handle)
+        assert len(single.argv) == 1 and len(single.argv[0]) <= exec_table.SHOWN_ARGV_BYTES
+
+    asyncio.run(body())

@@ -15,7 +15,7 @@ The retention, bounded by construction (docs/interactive.md):
 - all commands together, `RETAINED_BYTES_TOTAL`: past it, the output of ended commands goes
   first (oldest first), then the older output of the command that is writing;
 - ended commands stay `FINISHED_KEEP_SECONDS`, and at most `FINISHED_KEPT_PER_SANDBOX` of them
-  per sandbox (the oldest go first).
+  per sandbox (the oldest go first); of each argv, the first `SHOWN_ARGV_BYTES` are kept.
 
 Nothing here survives a restart of the service: the table is in its memory.
 """
@@ -53,6 +53,8 @@ RETAINED_BYTES_PER_COMMAND = 2 << 20
 RETAINED_BYTES_TOTAL = 256 << 20
 FINISHED_KEPT_PER_SANDBOX = 32
 FINISHED_KEEP_SECONDS = 600.0
+# What is kept of a command's argv (for listings and attaches): an argv may be 1 MiB.
+SHOWN_ARGV_BYTES = 4096
 
 
 class ExecNotFound(NotFound):
@@ -298,6 +300,18 @@ class Command:
         return found
 
 
+def _shown(argv: list[str]) -> list[str]:
+    """`argv` as kept: whole items up to SHOWN_ARGV_BYTES, then "…" if any were left out."""
+    kept: list[str] = []
+    size = 0
+    for item in argv:
+        size += len(item.encode()) + 1
+        if size > SHOWN_ARGV_BYTES:
+            return [*kept, "…"] if kept else [item[: SHOWN_ARGV_BYTES // 4] + "…"]
+        kept.append(item)
+    return kept
+
+
 class CommandTable:
     """Every command the service knows, by id and by its caller's request id."""
 
@@ -319,7 +333,8 @@ class CommandTable:
     ) -> Command:
         self._expire()
         exec_id = "exec-" + secrets.token_hex(16)
-        command = Command(self, exec_id, owner, sandbox_id, request_id, argv, tty, handle)
+        shown = _shown(argv)
+        command = Command(self, exec_id, owner, sandbox_id, request_id, shown, tty, handle)
         self._by_id[exec_id] = command
         self._by_sandbox.setdefault(sandbox_id, {})[exec_id] = command
         if request_id:
