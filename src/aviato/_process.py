@@ -15,19 +15,25 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import shlex
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aviato._bridge import get_bridge
+from aviato._client import Client
 from aviato._defaults import DEFAULT_MAX_OUTPUT_BYTES
 from aviato._operation import OperationRef
 from aviato._output import OutputBuffer, StreamReader
 from aviato._transport.base import ExecCall, Transport
+from aviato._transport.errors import is_transient
 from aviato.exceptions import (
+    AviatoConnectionError,
     ProcessResult,
     ResourceUsage,
     SandboxExecutionError,
+    SandboxNotFoundError,
     SandboxTimeoutError,
 )
 from aviato.v1 import sandbox_pb2 as pb
@@ -35,6 +41,9 @@ from aviato.v1 import sandbox_pb2 as pb
 __all__ = ["ExecState", "Process", "StreamWriter"]
 
 STDIN_CHUNK_BYTES = 64 * 1024
+# How long an exec whose connection broke tries to attach again (`ExecState._resume`): a dropped
+# network is back by then, and a service that died took its commands with it.
+RESUME_BUDGET_SECONDS = 3.0
 STDIN_MAX_BUFFERED_BYTES = 1024 * 1024
 
 
@@ -177,6 +186,10 @@ class ExecState:
         self._id_waiters: list[asyncio.Future[None]] = []
         self._error: BaseException | None = None
         self.detached = False  # Process.detach(): end the call, leave the command running
+        self.received = 0  # the offset after the last output byte received
+        self._transport: Transport | None = None
+        self._retry: Retry | None = None
+        self._sandbox_id = ""
         self._learner: asyncio.Future[None] | None = None
 
     def finish(self, error: BaseException | None) -> None:
@@ -302,6 +315,7 @@ class ExecState:
         *,
         check: bool,
         attach: pb.ExecAttach | None = None,
+        retry: Retry | None = None,
     ) -> ProcessResult:
         """Runs the command (or, with `attach`, follows one started earlier) and returns its
         result once its exit frame arrived.
@@ -312,6 +326,7 @@ class ExecState:
         """
         sandbox_id = init.sandbox_id
         call_timeout = init.timeout_seconds + 60.0 if init.timeout_seconds > 0 else None
+        self._transport, self._retry, self._sandbox_id = transport, retry, sandbox_id
         try:
             if attach is not None:
                 self.asked_offset = attach.offset
@@ -361,26 +376,89 @@ class ExecState:
             pump = asyncio.create_task(_pump_stdin(call, self.writer))
         try:
             while True:
-                frame = await call.read()
+                try:
+                    frame = await call.read()
+                except AviatoConnectionError as lost:
+                    call, frame = await self._resume(call, lost)
                 if isinstance(frame, pb.ExecExit):
                     call.release()
                     if self.exec_id is None:  # it arrived before the exit: no wait
                         await self._learn_id(call)
                     return frame
+                self.received = frame.offset + len(frame.data)
                 target = self.stderr if frame.stream == pb.STREAM_STDERR else self.stdout
                 target.append(frame.data)
                 if target.full():
                     await target.room()
-        except BaseException:
+        except BaseException as err:
             with contextlib.suppress(BaseException):
-                if self.detached:
-                    call.abandon()
+                if self.detached or is_transient(err):
+                    call.abandon()  # the command runs on: `Sandbox.attach` follows it
                 else:
                     await call.kill()
             raise
         finally:
             if pump is not None and not pump.done():
                 pump.cancel()
+
+    async def _resume(self, call: ExecCall, lost: AviatoConnectionError) -> tuple[ExecCall, Any]:
+        """After a lost connection: attaches to the command again from the last byte received
+        (retrying while the service is unreachable) and returns the new call and its first
+        frame. Only a command with an id and no stdin of this handle (input in flight could be
+        lost); otherwise, or when the service no longer knows the command, raises."""
+        exec_id = self.known_exec_id()
+        if exec_id is None:  # a command silent so far: its id came ahead, as metadata
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2.0):
+                    exec_id = (await call.identify() or pb.ExecStarted()).exec_id or None
+        transport, retry = self._transport, self._retry
+        if exec_id is None or self.writer is not None or self.detached or not is_transient(lost):
+            raise lost
+        if transport is None or retry is None:
+            raise lost
+        call.abandon()
+        request = pb.ExecAttach(sandbox_id=self._sandbox_id, exec_id=exec_id, offset=self.received)
+
+        async def attempt() -> tuple[ExecCall, Any]:
+            again = await transport.attach(request, call_timeout=None)
+            try:
+                return again, await again.read()
+            except BaseException:
+                again.abandon()
+                raise
+
+        try:
+            again, first = await retry(attempt)
+        except SandboxNotFoundError as gone:
+            raise SandboxExecutionError(
+                f"lost the connection to the service while {shlex.join(self.command)!r} ran, "
+                f"and the service no longer knows the command ({gone})",
+                sandbox_id=self._sandbox_id,
+            ) from lost
+        started = again.known()
+        if started is not None and started.output_offset > self.received:
+            again.abandon()
+            raise SandboxExecutionError(
+                f"lost the connection to the service while {shlex.join(self.command)!r} ran; "
+                f"{started.output_offset - self.received} bytes of its output were dropped "
+                f"meanwhile (it runs on: Sandbox.attach({exec_id!r}) follows it)",
+                sandbox_id=self._sandbox_id,
+            ) from lost
+        self._set_call(again)
+        return again, first
+
+
+#: `Client.with_retry` bound to an operation: repeats an attempt while the service is unreachable.
+Retry = Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
+
+
+def resuming(client: Client, op: str) -> Retry | None:
+    """How an exec of `client` attaches again after a lost connection, or None when it does
+    not: on the local service's unix socket a broken connection means the service died, and
+    its commands with it (its revival would only find them gone)."""
+    if client.local_state_dir is not None:
+        return None
+    return functools.partial(client.with_retry, op=op, budget=RESUME_BUDGET_SECONDS)
 
 
 async def _pump_stdin(call: ExecCall, writer: StreamWriter) -> None:

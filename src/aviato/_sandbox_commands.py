@@ -17,7 +17,7 @@ from aviato._bridge import get_bridge
 from aviato._client import Client
 from aviato._operation import OperationRef
 from aviato._options import SandboxDefaults
-from aviato._process import ExecState, Process
+from aviato._process import ExecState, Process, resuming
 from aviato._sandbox_observe import SandboxObserving
 from aviato.exceptions import SandboxError
 from aviato.v1 import sandbox_pb2 as pb
@@ -129,8 +129,9 @@ class SandboxCommands(SandboxObserving):
             request.sandbox_id = self._require_id()
             client = await self._client()
             init = pb.ExecInit(sandbox_id=request.sandbox_id)
+            retry = resuming(client, "attach")
             return await self._observed(
-                state.drive(client.transport, init, check=check, attach=request)
+                state.drive(client.transport, init, check=check, attach=request, retry=retry)
             )
         except BaseException as err:
             state.finish(

@@ -31,7 +31,7 @@ from aviato._logs import LogStream, ResumingLogReader
 from aviato._operation import OperationRef
 from aviato._options import SandboxDefaults
 from aviato._port_forward import PortForward
-from aviato._process import ExecState, Process
+from aviato._process import ExecState, Process, resuming
 from aviato._sandbox_observe import SandboxObserving
 from aviato._transport.base import LogReader
 from aviato.exceptions import SandboxError, SandboxNotRunningError
@@ -220,7 +220,9 @@ class SandboxIO(SandboxObserving):
             await self._ensure_started()
             init.sandbox_id = self._require_id()
             client = await self._client()
-            return await self._observed(state.drive(client.transport, init, check=check))
+            return await self._observed(
+                state.drive(client.transport, init, check=check, retry=resuming(client, "exec"))
+            )
         except BaseException as err:
             state.finish(
                 err if isinstance(err, Exception) else SandboxError("the command was cancelled")

@@ -102,7 +102,10 @@ def test_python_in_the_shell(sandbox: Sandbox) -> None:
 async def _until(chunks: AsyncIterator[bytes], marker: bytes) -> bytes:
     seen = b""
     while marker not in seen:
-        seen += await anext(chunks)
+        try:
+            seen += await anext(chunks)
+        except StopAsyncIteration:
+            raise AssertionError(f"the terminal ended before {marker!r}; it showed {seen!r}")
     return seen
 
 
