@@ -105,7 +105,8 @@ async def _until(chunks: AsyncIterator[bytes], marker: bytes) -> bytes:
         try:
             seen += await anext(chunks)
         except StopAsyncIteration:
-            raise AssertionError(f"the terminal ended before {marker!r}; it showed {seen!r}")
+            ended = f"the terminal ended before {marker!r}; it showed {seen!r}"
+            raise AssertionError(ended) from None
     return seen
 
 
