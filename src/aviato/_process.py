@@ -1,5 +1,5 @@
-"""A command in a sandbox: `Process` (its handle), `StreamWriter` (its stdin) and the driver
-that moves its frames between a transport's `ExecCall` and the output buffers.
+"""A command in a sandbox: `Process` (its handle) and the driver that moves its frames between
+a transport's `ExecCall` and the output buffers (its stdin, `StreamWriter`, is `aviato._stdin`).
 
 A `Process`'s `stdout` and `stderr` are `StreamReader`s (`aviato._output`) that yield text as
 the output arrives, with ``for`` or ``async for``, from any thread or loop; ``.lines()`` yields
@@ -17,7 +17,6 @@ import concurrent.futures
 import contextlib
 import functools
 import shlex
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,6 +25,7 @@ from aviato._client import Client
 from aviato._defaults import DEFAULT_MAX_OUTPUT_BYTES
 from aviato._operation import OperationRef
 from aviato._output import OutputBuffer, StreamReader
+from aviato._stdin import StreamWriter, pump_stdin
 from aviato._transport.base import ExecCall, Transport
 from aviato._transport.errors import is_transient
 from aviato.exceptions import (
@@ -38,122 +38,11 @@ from aviato.exceptions import (
 )
 from aviato.v1 import sandbox_pb2 as pb
 
-__all__ = ["ExecState", "Process", "StreamWriter"]
+__all__ = ["ExecState", "Process", "StreamWriter"]  # StreamWriter: re-exported from _stdin
 
-STDIN_CHUNK_BYTES = 64 * 1024
 # How long an exec whose connection broke tries to attach again (`ExecState._resume`): a dropped
 # network is back by then, and a service that died took its commands with it.
 RESUME_BUDGET_SECONDS = 3.0
-STDIN_MAX_BUFFERED_BYTES = 1024 * 1024
-
-
-# --- input stream -----------------------------------------------------------------------------
-
-
-class StreamWriter:
-    """The stdin of a command started with ``exec(..., stdin=True)``.
-
-    ``write(data)`` and ``writeline(text)`` return an `OperationRef` that completes when the data
-    is accepted; at most ~1 MiB is buffered in the SDK beyond what the service has taken, so a
-    writer that outpaces the command waits (backpressure: block on, or await, the returned refs).
-    Writes are delivered in the order they were made. ``close()`` sends end-of-file; it is
-    idempotent. Writing after ``close()``, or after the command exited, raises
-    `SandboxExecutionError`.
-    """
-
-    def __init__(self, *, max_buffered_bytes: int = STDIN_MAX_BUFFERED_BYTES) -> None:
-        self._max_buffered = max_buffered_bytes
-        self._closed = False
-        self._close_ref: OperationRef[None] | None = None
-        self._failed: BaseException | None = None
-        # loop-side state
-        self._chunks: deque[bytes] = deque()
-        self._eof = False
-        self._queued = 0
-        self._sent = 0
-        self._waiters: list[asyncio.Future[None]] = []
-
-    @property
-    def closed(self) -> bool:
-        """True once `close()` was called."""
-        return self._closed
-
-    def write(self, data: bytes | bytearray | memoryview) -> OperationRef[None]:
-        """Queues `data` for the command's stdin (see the class docstring)."""
-        if isinstance(data, str):
-            raise TypeError("StreamWriter.write() takes bytes; use writeline() or encode the text")
-        if self._closed:
-            raise SandboxExecutionError("cannot write: the stdin stream is closed")
-        if self._failed is not None:
-            raise SandboxExecutionError(
-                f"cannot write: the stdin stream has failed ({self._failed})"
-            )
-        return OperationRef._of(self._write(bytes(data)))
-
-    def writeline(self, text: str, encoding: str = "utf-8") -> OperationRef[None]:
-        """Writes `text` followed by a newline."""
-        return self.write((text + "\n").encode(encoding))
-
-    def close(self) -> OperationRef[None]:
-        """Sends end-of-file after everything written so far. Idempotent."""
-        if self._close_ref is None:
-            self._closed = True
-            self._close_ref = OperationRef._of(self._close())
-        return self._close_ref
-
-    # loop-side
-    def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
-
-    async def _wait(self) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        await fut
-
-    async def _write(self, data: bytes) -> None:
-        # Ordering: this runs up to its first await in the order the writes were made.
-        if self._failed is not None:
-            raise SandboxExecutionError(
-                f"cannot write: the stdin stream has failed ({self._failed})"
-            )
-        for i in range(0, len(data), STDIN_CHUNK_BYTES):
-            self._chunks.append(data[i : i + STDIN_CHUNK_BYTES])
-        self._queued += len(data)
-        end = self._queued
-        self._wake()
-        while self._failed is None and end - self._sent > self._max_buffered:
-            await self._wait()
-        if self._failed is not None and end > self._sent:
-            raise SandboxExecutionError(f"stdin stream has failed ({self._failed})")
-
-    async def _close(self) -> None:
-        self._eof = True
-        self._wake()
-
-    async def _next_item(self) -> bytes | None:
-        """For the exec driver: the next chunk to send, or None for end-of-file."""
-        while True:
-            if self._chunks:
-                return self._chunks.popleft()
-            if self._eof:
-                return None
-            await self._wait()
-
-    def _mark_sent(self, n: int) -> None:
-        self._sent += n
-        self._wake()
-
-    def _fail(self, reason: BaseException) -> None:
-        if self._failed is None:
-            self._failed = reason
-        self._chunks.clear()
-        self._wake()
-
-    def __repr__(self) -> str:
-        return f"<StreamWriter {'closed' if self._closed else 'open'}>"
 
 
 # --- the command driver -----------------------------------------------------------------------
@@ -373,7 +262,7 @@ class ExecState:
         self._set_call(call)
         pump: asyncio.Task[None] | None = None
         if self.writer is not None:
-            pump = asyncio.create_task(_pump_stdin(call, self.writer))
+            pump = asyncio.create_task(pump_stdin(call, self.writer))
         try:
             while True:
                 try:
@@ -459,22 +348,6 @@ def resuming(client: Client, op: str) -> Retry | None:
     if client.local_state_dir is not None:
         return None
     return functools.partial(client.with_retry, op=op, budget=RESUME_BUDGET_SECONDS)
-
-
-async def _pump_stdin(call: ExecCall, writer: StreamWriter) -> None:
-    """Feeds what the writer queued to the command, in order, then end-of-file."""
-    try:
-        while True:
-            item = await writer._next_item()
-            if item is None:
-                await call.close_stdin()
-                return
-            await call.write_stdin(item)
-            writer._mark_sent(len(item))
-    except asyncio.CancelledError:
-        raise
-    except Exception as err:  # the stream broke; the reader reports why
-        writer._fail(err)
 
 
 class Process(OperationRef[ProcessResult]):
