@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from _wait import wait_until
@@ -139,3 +140,21 @@ print("exit", r.returncode, p.dropped_bytes)
     assert out.returncode == 0, out.stderr
     expected = "".join(f"line-{i}\n" for i in range(1, 401))
     assert out.stdout == expected + "exit 5 0\n"
+
+
+def test_a_command_cancelled_at_once_is_killed_not_left_running(sandbox: Sandbox) -> None:
+    """Cancelled before its handle read anything (the id still on its way): killed anyway."""
+    marker = f"sleep {os.getpid() % 1000 + 4000}"
+    for stdin in (True, False):
+        process = sandbox.exec(["sh", "-c", f"exec {marker}"], stdin=stdin)
+        started = time.monotonic()
+        process.cancel()
+        with pytest.raises(BaseException):  # noqa: B017 - cancelled, whatever the type
+            process.result(timeout=10)
+        assert time.monotonic() - started < 1.5  # not a 2 s wait for the id
+
+        def gone() -> bool:
+            probe = sandbox.exec(["sh", "-c", f"ps -eo args | grep -c '^{marker}'"])
+            return probe.result(timeout=30).stdout.strip() == "0"
+
+        wait_until(gone, "the cancelled command to be killed", timeout=10)

@@ -222,6 +222,15 @@ class GrpcExecCall(ExecCall):
             # A command with a request id outlives its call: end it by its id.
             with contextlib.suppress(BaseException):
                 async with asyncio.timeout(2.0):
+                    if self._streaming and not self._started.done():
+                        # Nobody reads any more (kill is the reader's last act): take the
+                        # `started` frame that names the command, if it is on its way.
+                        taking = asyncio.ensure_future(self.read())
+                        taking.add_done_callback(lambda t: t.cancelled() or t.exception())
+                        try:
+                            await asyncio.shield(self._started)  # read() resolves it
+                        finally:
+                            taking.cancel()
                     started = await self.identify()
                     if started is not None and started.exec_id:
                         request = pb.SignalExecRequest(
