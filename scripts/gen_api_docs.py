@@ -51,12 +51,13 @@ value:
 | `Sandbox.run(*command, **options)` | `Sandbox` | briefly: until the service accepted the create (not until RUNNING) |
 | `Sandbox(...)`, `session.sandbox(...)` | `Sandbox` | no: nothing is sent until first use |
 | `sandbox.start()`, `.stop()`, `.read_file()`, `.write_file()`, `.download_file()`, `.wait_until_complete()` | `OperationRef[...]` | no |
-| `sandbox.exec(argv, ...)` | `Process` | no |
+| `sandbox.exec(argv, ...)`, `sandbox.shell()`, `sandbox.attach(exec_id)` | `Process` | no |
+| `sandbox.processes()` | `OperationRef[list[ProcessInfo]]` | no |
 | `sandbox.read_file_streaming(path)` | `FileStream` | no |
 | `sandbox.upload_file(source, path)` | `OperationRef[int]` | no |
 | `sandbox.list_dir(path)`, `.stat(path)`, `.remove(path)`, `.make_dir(path)`, `.rename(a, b)` | `OperationRef[DirListing]`, `OperationRef[FileEntry]`, `OperationRef[None]` | no |
 | `sandbox.upload_dir(local, remote)`, `.download_dir(remote, local)` | `OperationRef[int]` | no |
-| `sandbox.stream_logs(follow=..., tail=...)` | `LogStream` (of `LogRecord`) | no |
+| `sandbox.stream_logs(follow=..., tail=..., since=...)` | `LogStream` (of `LogRecord`; resumes by itself after a lost connection) | no |
 | `sandbox.forward_port(port, local_port=0)` | `PortForward` (`.address` blocks until it listens) | no |
 | `sandbox.code_context()`; `ctx.run(code)`, `ctx.interrupt()`, `ctx.close()` | `CodeContext`; `OperationRef[Execution]`, `OperationRef[None]` | no |
 | `Images.pull()`, `.list()`, `.remove()`, `.prune()`, `aviato.server_info()`, `Admin().create_key()` ... | `Image`, `list[Image]`, `ServerInfo`, `CreatedKey` ... | yes |
@@ -140,6 +141,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
             "OperationRef",
             "Process",
             "ProcessResult",
+            "ProcessInfo",
             "ResourceUsage",
             "NetworkUsage",
             "SandboxUsage",

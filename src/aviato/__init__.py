@@ -38,6 +38,7 @@ from aviato._output import StreamReader
 from aviato._port_forward import PortForward
 from aviato._process import Process, StreamWriter
 from aviato._sandbox import Sandbox, Session
+from aviato._sandbox_commands import ProcessInfo
 from aviato._sandbox_network import NetworkUsage
 from aviato._sandbox_paths import DirListing, FileEntry
 from aviato._sandbox_usage import SandboxUsage, UsageSample
@@ -113,6 +114,7 @@ __all__ = [
     "OwnerQuota",
     "PortForward",
     "Process",
+    "ProcessInfo",
     "ProcessResult",
     "PullProgress",
     "RemoteFunction",

@@ -1,5 +1,5 @@
-"""A command in a sandbox: `Process` (its handle), `StreamWriter` (its stdin) and the driver
-that moves its frames between a transport's `ExecCall` and the output buffers.
+"""A command in a sandbox: `Process` (its handle) and the driver that moves its frames between
+a transport's `ExecCall` and the output buffers (its stdin, `StreamWriter`, is `aviato._stdin`).
 
 A `Process`'s `stdout` and `stderr` are `StreamReader`s (`aviato._output`) that yield text as
 the output arrives, with ``for`` or ``async for``, from any thread or loop; ``.lines()`` yields
@@ -15,135 +15,34 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import shlex
-from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+from aviato._bridge import get_bridge
+from aviato._client import Client
 from aviato._defaults import DEFAULT_MAX_OUTPUT_BYTES
 from aviato._operation import OperationRef
 from aviato._output import OutputBuffer, StreamReader
+from aviato._stdin import StreamWriter, pump_stdin
 from aviato._transport.base import ExecCall, Transport
+from aviato._transport.errors import is_transient
 from aviato.exceptions import (
+    AviatoConnectionError,
     ProcessResult,
     ResourceUsage,
     SandboxExecutionError,
+    SandboxNotFoundError,
     SandboxTimeoutError,
 )
 from aviato.v1 import sandbox_pb2 as pb
 
-__all__ = ["ExecState", "Process", "StreamWriter"]
+__all__ = ["ExecState", "Process", "StreamWriter"]  # StreamWriter: re-exported from _stdin
 
-STDIN_CHUNK_BYTES = 64 * 1024
-STDIN_MAX_BUFFERED_BYTES = 1024 * 1024
-
-
-# --- input stream -----------------------------------------------------------------------------
-
-
-class StreamWriter:
-    """The stdin of a command started with ``exec(..., stdin=True)``.
-
-    ``write(data)`` and ``writeline(text)`` return an `OperationRef` that completes when the data
-    is accepted; at most ~1 MiB is buffered in the SDK beyond what the service has taken, so a
-    writer that outpaces the command waits (backpressure: block on, or await, the returned refs).
-    Writes are delivered in the order they were made. ``close()`` sends end-of-file; it is
-    idempotent. Writing after ``close()``, or after the command exited, raises
-    `SandboxExecutionError`.
-    """
-
-    def __init__(self, *, max_buffered_bytes: int = STDIN_MAX_BUFFERED_BYTES) -> None:
-        self._max_buffered = max_buffered_bytes
-        self._closed = False
-        self._close_ref: OperationRef[None] | None = None
-        self._failed: BaseException | None = None
-        # loop-side state
-        self._chunks: deque[bytes] = deque()
-        self._eof = False
-        self._queued = 0
-        self._sent = 0
-        self._waiters: list[asyncio.Future[None]] = []
-
-    @property
-    def closed(self) -> bool:
-        """True once `close()` was called."""
-        return self._closed
-
-    def write(self, data: bytes | bytearray | memoryview) -> OperationRef[None]:
-        """Queues `data` for the command's stdin (see the class docstring)."""
-        if isinstance(data, str):
-            raise TypeError("StreamWriter.write() takes bytes; use writeline() or encode the text")
-        if self._closed:
-            raise SandboxExecutionError("cannot write: the stdin stream is closed")
-        if self._failed is not None:
-            raise SandboxExecutionError(
-                f"cannot write: the stdin stream has failed ({self._failed})"
-            )
-        return OperationRef._of(self._write(bytes(data)))
-
-    def writeline(self, text: str, encoding: str = "utf-8") -> OperationRef[None]:
-        """Writes `text` followed by a newline."""
-        return self.write((text + "\n").encode(encoding))
-
-    def close(self) -> OperationRef[None]:
-        """Sends end-of-file after everything written so far. Idempotent."""
-        if self._close_ref is None:
-            self._closed = True
-            self._close_ref = OperationRef._of(self._close())
-        return self._close_ref
-
-    # loop-side
-    def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
-
-    async def _wait(self) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        await fut
-
-    async def _write(self, data: bytes) -> None:
-        # Ordering: this runs up to its first await in the order the writes were made.
-        if self._failed is not None:
-            raise SandboxExecutionError(
-                f"cannot write: the stdin stream has failed ({self._failed})"
-            )
-        for i in range(0, len(data), STDIN_CHUNK_BYTES):
-            self._chunks.append(data[i : i + STDIN_CHUNK_BYTES])
-        self._queued += len(data)
-        end = self._queued
-        self._wake()
-        while self._failed is None and end - self._sent > self._max_buffered:
-            await self._wait()
-        if self._failed is not None and end > self._sent:
-            raise SandboxExecutionError(f"stdin stream has failed ({self._failed})")
-
-    async def _close(self) -> None:
-        self._eof = True
-        self._wake()
-
-    async def _next_item(self) -> bytes | None:
-        """For the exec driver: the next chunk to send, or None for end-of-file."""
-        while True:
-            if self._chunks:
-                return self._chunks.popleft()
-            if self._eof:
-                return None
-            await self._wait()
-
-    def _mark_sent(self, n: int) -> None:
-        self._sent += n
-        self._wake()
-
-    def _fail(self, reason: BaseException) -> None:
-        if self._failed is None:
-            self._failed = reason
-        self._chunks.clear()
-        self._wake()
-
-    def __repr__(self) -> str:
-        return f"<StreamWriter {'closed' if self._closed else 'open'}>"
+# How long an exec whose connection broke tries to attach again (`ExecState._resume`): a dropped
+# network is back by then, and a service that died took its commands with it.
+RESUME_BUDGET_SECONDS = 3.0
 
 
 # --- the command driver -----------------------------------------------------------------------
@@ -169,20 +68,89 @@ class ExecState:
         self.stderr = OutputBuffer(max_output_bytes, "stderr")
         self.writer = StreamWriter() if stdin else None
         self._finished = False
+        # The service's name for the command (docs/interactive.md), once it started it.
+        self.exec_id: str | None = None
+        self.asked_offset = 0  # an attach's offset: output before it was not asked for
+        self.output_offset = 0  # where the output this handle received begins
+        self._id_waiters: list[asyncio.Future[None]] = []
+        self._error: BaseException | None = None
+        self.detached = False  # Process.detach(): end the call, leave the command running
+        self.received = 0  # the offset after the last output byte received
+        self._transport: Transport | None = None
+        self._retry: Retry | None = None
+        self._sandbox_id = ""
+        self._learner: asyncio.Future[None] | None = None
 
     def finish(self, error: BaseException | None) -> None:
         """Ends both output streams (with `error` if the output was cut short). Idempotent."""
         if self._finished:
             return
         self._finished = True
+        self._error = error
         self._set_call(None)
+        self._identified(None)
         self.stdout.close(error)
         self.stderr.close(error)
         if self.writer is not None:
             self.writer._fail(error or SandboxExecutionError("the command has exited"))
 
+    def _identified(self, started: pb.ExecStarted | None) -> None:
+        """Takes what the service said of the command (None: it will say nothing more)."""
+        if started is not None:
+            self.exec_id = started.exec_id or self.exec_id
+            self.output_offset = started.output_offset
+            if started.argv and not self.command:
+                self.command.extend(started.argv)
+            self.tty = self.tty or started.tty
+        self._wake_id_waiters()
+
+    def _wake_id_waiters(self) -> None:
+        waiters, self._id_waiters = self._id_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def known_exec_id(self) -> str | None:
+        """The command's id if the service has said it (never waits; any thread)."""
+        if self.exec_id is None:
+            call = self._call
+            started = call.known() if call is not None else None
+            return started.exec_id or None if started is not None else None
+        return self.exec_id
+
+    async def wait_exec_id(self) -> str:
+        """The command's id once the service started it; raises why it never did."""
+        while self.exec_id is None and not self._finished:
+            call = self._call
+            if call is not None:
+                await self._learn_id(call)  # what the service said first (its id)
+                break
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._id_waiters.append(waiter)
+            await waiter  # the call is opened, or the command ended
+        if self.exec_id is not None:
+            return self.exec_id
+        if self._error is not None:
+            raise self._error
+        raise SandboxExecutionError(
+            f"the service gave no id for {shlex.join(self.command)!r} (a service older than ids?)"
+        )
+
+    async def _learn_id(self, call: ExecCall) -> None:
+        with contextlib.suppress(Exception):
+            self._identified(await call.identify())
+
+    def detach(self) -> None:
+        """On the loop: ends the call, leaving the command running (see `Process.detach`)."""
+        if self._finished:
+            return
+        self.detached = True
+        if self._call is not None:
+            self._call.abandon()
+
     def _set_call(self, call: ExecCall | None) -> None:
         self._call = call
+        self._wake_id_waiters()
         waiters, self._call_waiters = self._call_waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -229,8 +197,17 @@ class ExecState:
             stderr_truncated=self.stderr.truncated,
         )
 
-    async def drive(self, transport: Transport, init: pb.ExecInit, *, check: bool) -> ProcessResult:
-        """Runs the command and returns its result once its exit frame arrived.
+    async def drive(
+        self,
+        transport: Transport,
+        init: pb.ExecInit,
+        *,
+        check: bool,
+        attach: pb.ExecAttach | None = None,
+        retry: Retry | None = None,
+    ) -> ProcessResult:
+        """Runs the command (or, with `attach`, follows one started earlier) and returns its
+        result once its exit frame arrived.
 
         A stream that ends without an exit frame raises (never a silent exit code 0); an error
         frame raises the mapped exception; cancellation kills the command. Never retried: a
@@ -238,8 +215,16 @@ class ExecState:
         """
         sandbox_id = init.sandbox_id
         call_timeout = init.timeout_seconds + 60.0 if init.timeout_seconds > 0 else None
+        self._transport, self._retry, self._sandbox_id = transport, retry, sandbox_id
         try:
-            exit_msg = await self._run(transport, init, call_timeout)
+            if attach is not None:
+                self.asked_offset = attach.offset
+                call = await transport.attach(attach, call_timeout=None)
+                # what was run and on a terminal or not, at once (for resize, `command`)
+                self._learner = asyncio.ensure_future(self._learn_id(call))
+            else:
+                call = await transport.exec(init, call_timeout=call_timeout)
+            exit_msg = await self._run(call)
             result = self._result(exit_msg)
             self.finish(None)
             if result.timed_out:
@@ -252,58 +237,117 @@ class ExecState:
             if check:
                 result.check_returncode()
             return result
-        except asyncio.CancelledError:
-            self.finish(SandboxExecutionError("the command was cancelled", sandbox_id=sandbox_id))
-            raise
         except BaseException as err:
-            self.finish(err)
+            if self.detached:  # Process.detach: the call ended on purpose, the command runs on
+                detached = SandboxExecutionError(
+                    f"detached from {shlex.join(self.command)!r}, which runs on "
+                    "(Sandbox.attach follows it again)",
+                    sandbox_id=sandbox_id,
+                )
+                self.finish(detached)
+                raise detached from None
+            if isinstance(err, asyncio.CancelledError):
+                self.finish(
+                    SandboxExecutionError("the command was cancelled", sandbox_id=sandbox_id)
+                )
+            else:
+                self.finish(err)
             raise
 
-    async def _run(
-        self, transport: Transport, init: pb.ExecInit, call_timeout: float | None
-    ) -> pb.ExecExit:
+    async def _run(self, call: ExecCall) -> pb.ExecExit:
         """Reads output frames into the buffers until the exit frame.
 
         When a stream's reader has fallen a window behind, it stops reading until the reader
         catches up: the call's flow control then holds the command back."""
-        call = await transport.exec(init, call_timeout=call_timeout)
         self._set_call(call)
         pump: asyncio.Task[None] | None = None
         if self.writer is not None:
-            pump = asyncio.create_task(_pump_stdin(call, self.writer))
+            pump = asyncio.create_task(pump_stdin(call, self.writer))
         try:
             while True:
-                frame = await call.read()
+                try:
+                    frame = await call.read()
+                except AviatoConnectionError as lost:
+                    call, frame = await self._resume(call, lost)
                 if isinstance(frame, pb.ExecExit):
                     call.release()
+                    if self.exec_id is None:  # it arrived before the exit: no wait
+                        await self._learn_id(call)
                     return frame
+                self.received = frame.offset + len(frame.data)
                 target = self.stderr if frame.stream == pb.STREAM_STDERR else self.stdout
                 target.append(frame.data)
                 if target.full():
                     await target.room()
-        except BaseException:
+        except BaseException as err:
             with contextlib.suppress(BaseException):
-                await call.kill()
+                if self.detached or is_transient(err):
+                    call.abandon()  # the command runs on: `Sandbox.attach` follows it
+                else:
+                    await call.kill()
             raise
         finally:
             if pump is not None and not pump.done():
                 pump.cancel()
 
+    async def _resume(self, call: ExecCall, lost: AviatoConnectionError) -> tuple[ExecCall, Any]:
+        """After a lost connection: attaches to the command again from the last byte received
+        (retrying while the service is unreachable) and returns the new call and its first
+        frame. Only a command with an id and no stdin of this handle (input in flight could be
+        lost); otherwise, or when the service no longer knows the command, raises."""
+        exec_id = self.known_exec_id()
+        if exec_id is None:  # a command silent so far: its id came ahead, as metadata
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2.0):
+                    exec_id = (await call.identify() or pb.ExecStarted()).exec_id or None
+        transport, retry = self._transport, self._retry
+        if exec_id is None or self.writer is not None or self.detached or not is_transient(lost):
+            raise lost
+        if transport is None or retry is None:
+            raise lost
+        call.abandon()
+        request = pb.ExecAttach(sandbox_id=self._sandbox_id, exec_id=exec_id, offset=self.received)
 
-async def _pump_stdin(call: ExecCall, writer: StreamWriter) -> None:
-    """Feeds what the writer queued to the command, in order, then end-of-file."""
-    try:
-        while True:
-            item = await writer._next_item()
-            if item is None:
-                await call.close_stdin()
-                return
-            await call.write_stdin(item)
-            writer._mark_sent(len(item))
-    except asyncio.CancelledError:
-        raise
-    except Exception as err:  # the stream broke; the reader reports why
-        writer._fail(err)
+        async def attempt() -> tuple[ExecCall, Any]:
+            again = await transport.attach(request, call_timeout=None)
+            try:
+                return again, await again.read()
+            except BaseException:
+                again.abandon()
+                raise
+
+        try:
+            again, first = await retry(attempt)
+        except SandboxNotFoundError as gone:
+            raise SandboxExecutionError(
+                f"lost the connection to the service while {shlex.join(self.command)!r} ran, "
+                f"and the service no longer knows the command ({gone})",
+                sandbox_id=self._sandbox_id,
+            ) from lost
+        started = again.known()
+        if started is not None and started.output_offset > self.received:
+            again.abandon()
+            raise SandboxExecutionError(
+                f"lost the connection to the service while {shlex.join(self.command)!r} ran; "
+                f"{started.output_offset - self.received} bytes of its output were dropped "
+                f"meanwhile (it runs on: Sandbox.attach({exec_id!r}) follows it)",
+                sandbox_id=self._sandbox_id,
+            ) from lost
+        self._set_call(again)
+        return again, first
+
+
+#: `Client.with_retry` bound to an operation: repeats an attempt while the service is unreachable.
+Retry = Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
+
+
+def resuming(client: Client, op: str) -> Retry | None:
+    """How an exec of `client` attaches again after a lost connection, or None when it does
+    not: on the local service's unix socket a broken connection means the service died, and
+    its commands with it (its revival would only find them gone)."""
+    if client.local_state_dir is not None:
+        return None
+    return functools.partial(client.with_retry, op=op, budget=RESUME_BUDGET_SECONDS)
 
 
 class Process(OperationRef[ProcessResult]):
@@ -353,6 +397,30 @@ class Process(OperationRef[ProcessResult]):
     def tty(self) -> bool:
         """True when the command runs on a pseudo-terminal (``exec(..., tty=True)``)."""
         return self._state.tty
+
+    @property
+    def exec_id(self) -> str | None:
+        """The command's id, given by the service once it started the command (None before;
+        `started()` waits for it). With it, this or another process can `Sandbox.attach` to
+        the command, which runs on when this handle's connection goes (docs/interactive.md)."""
+        return self._state.known_exec_id()
+
+    def started(self) -> OperationRef[str]:
+        """Resolves to `exec_id` once the service started the command (raises the command's
+        error if it never started)."""
+        return OperationRef._of(self._state.wait_exec_id())
+
+    def detach(self) -> None:
+        """Stops following the command and leaves it running (only a command with an
+        `exec_id`; `Sandbox.attach` follows it again). ``result()`` then raises
+        `SandboxExecutionError` ("detached"). `cancel()`, by contrast, kills the command."""
+        get_bridge().call_soon(self._state.detach)
+
+    @property
+    def dropped_bytes(self) -> int:
+        """For `Sandbox.attach`: bytes of output between the offset asked for and the oldest
+        the service still retained, which this handle could not receive (0: none lost)."""
+        return max(0, self._state.output_offset - self._state.asked_offset)
 
     def resize(self, rows: int, cols: int) -> OperationRef[None]:
         """Resizes the command's terminal to `rows` x `cols` (each 1 to 65535); the command gets

@@ -11,7 +11,16 @@ import asyncio
 import os
 import shlex
 import stat
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+import uuid
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
 from aviato import _defaults, _files
@@ -19,11 +28,12 @@ from aviato._bridge import get_bridge
 from aviato._client import Client
 from aviato._code_context import CodeContext
 from aviato._files import FileStream, Progress
-from aviato._logs import LogStream
+from aviato._logs import LogStream, ResumingLogReader
 from aviato._operation import OperationRef
 from aviato._options import SandboxDefaults
 from aviato._port_forward import PortForward
-from aviato._process import ExecState, Process
+from aviato._process import ExecState, Process, resuming
+from aviato._sandbox_observe import SandboxObserving
 from aviato._transport.base import LogReader
 from aviato.exceptions import SandboxError, SandboxNotRunningError, SandboxValidationError
 from aviato.v1 import sandbox_pb2 as pb
@@ -32,6 +42,12 @@ __all__ = ["SandboxIO"]
 
 
 DEFAULT_TTY_SIZE = (24, 80)
+# `Sandbox.shell`: bash when the image has it, else sh, as a login-less interactive shell.
+DEFAULT_SHELL = (
+    "/bin/sh",
+    "-c",
+    "if command -v bash >/dev/null 2>&1; then exec bash -i; else exec sh -i; fi",
+)
 
 
 def _regular_file_size_and_mode(source: BinaryIO) -> tuple[int | None, int | None]:
@@ -52,6 +68,17 @@ async def _threaded(items: Iterator[bytes]) -> AsyncIterator[bytes]:
         yield item  # type: ignore[misc]
 
 
+def _nanoseconds_of(when: datetime | float) -> int:
+    """`since` as unix nanoseconds: a datetime (naive: UTC) or unix seconds."""
+    if isinstance(when, datetime):
+        aware = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+        delta = aware - datetime(1970, 1, 1, tzinfo=UTC)
+        return (delta.days * 86400 + delta.seconds) * 10**9 + delta.microseconds * 1000
+    if isinstance(when, bool) or not isinstance(when, int | float) or when != when:
+        raise TypeError(f"since must be a datetime or unix seconds, not {when!r}")
+    return int(when * 1e9) if isinstance(when, float) else when * 10**9
+
+
 def _terminal_size(size: tuple[int, int] | None) -> tuple[int, int]:
     """`tty_size` checked: (rows, cols), each 1 to 65535; None is 24 x 80."""
     if size is None:
@@ -63,7 +90,7 @@ def _terminal_size(size: tuple[int, int] | None) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-class SandboxIO:
+class SandboxIO(SandboxObserving):
     """Commands and files (see the module docstring); `Sandbox` provides the state below."""
 
     _defaults: SandboxDefaults
@@ -164,9 +191,25 @@ class SandboxIO:
             protected=protected,
             tty=tty,
             tty_size=pb.TerminalSize(rows=rows, cols=cols) if tty else None,
+            request_id=uuid.uuid4().hex,  # a retry of this call attaches, never runs it again
         )
         future = get_bridge().submit(self._exec(state, init, check))
         return Process(future, state)
+
+    def shell(
+        self,
+        *,
+        tty_size: tuple[int, int] | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> Process:
+        """An interactive shell of the sandbox on a pseudo-terminal: ``bash -i`` where the image
+        has bash, else ``sh -i`` (as `aviato sh` starts). The same `Process` as
+        ``exec(..., tty=True)``: write keys to ``stdin`` (raw bytes: ``b"\\r"`` for Enter,
+        ``b"\\x03"`` for Ctrl-C), read the screen from ``stdout``, follow a window with
+        ``resize``; ``exit`` ends it. Like every command it has an `exec_id`: after a lost
+        connection, `attach` gets the screen back (docs/interactive.md)."""
+        return self.exec(list(DEFAULT_SHELL), tty=True, tty_size=tty_size, env=env, cwd=cwd)
 
     async def _exec(self, state: ExecState, init: pb.ExecInit, check: bool) -> Any:
         try:
@@ -178,7 +221,9 @@ class SandboxIO:
             await self._ensure_started()
             init.sandbox_id = self._require_id()
             client = await self._client()
-            return await state.drive(client.transport, init, check=check)
+            return await self._observed(
+                state.drive(client.transport, init, check=check, retry=resuming(client, "exec"))
+            )
         except BaseException as err:
             state.finish(
                 err if isinstance(err, Exception) else SandboxError("the command was cancelled")
@@ -249,25 +294,38 @@ class SandboxIO:
     # -- the main process's log -----------------------------------------------------------------
 
     def stream_logs(
-        self, *, follow: bool = False, tail: int | None = None, timeout_seconds: float | None = None
+        self,
+        *,
+        follow: bool = False,
+        tail: int | None = None,
+        since: datetime | float | None = None,
+        timeout_seconds: float | None = None,
     ) -> LogStream:
         """The output of the sandbox's main process as `LogRecord`s (time, stream, data).
 
-        Returns a `LogStream` at once: iterate it with ``for`` or ``async for``. `tail` keeps
-        only the last N records written so far (None: all). With `follow` the iteration goes on
-        as the process writes and ends when the sandbox ends (or on ``close()``); without, it
-        ends with what was written so far. Works on ended sandboxes too (their log is kept).
-        `timeout_seconds` bounds the whole stream (default: no limit).
+        Returns a `LogStream` at once: iterate it with ``for`` or ``async for``. `since` (a
+        `datetime`, naive meaning UTC, or unix seconds) keeps only the records written at or
+        after that time; `tail` keeps only the last N records written so far (of those since
+        `since`; None: all). With `follow` the iteration goes on as the process writes and ends
+        when the sandbox ends (or on ``close()``); without, it ends with what was written so
+        far. Works on ended sandboxes too (their log is kept). `timeout_seconds` bounds the
+        whole stream (default: no limit).
+
+        A stream that breaks because the service could not be reached (it restarted, the
+        network dropped) resumes by itself from where it was, with no record lost or given
+        twice, as long as the service is back within the client's retry budget (20 s).
         """
         if tail is not None:
             tail = _defaults.byte_count("tail", tail)  # a count of records: a whole number >= 0
         request = pb.StreamLogsRequest(tail=-1 if tail is None else tail, follow=follow)
+        if since is not None:
+            request.since.FromNanoseconds(_nanoseconds_of(since))
 
         async def open_() -> LogReader:
             await self._ensure_started()  # a sandbox not started yet is started (as exec does)
             request.sandbox_id = self._require_id()
             client = await self._client()
-            return await client.transport.open_logs(request, call_timeout=timeout_seconds)
+            return ResumingLogReader(client, request, timeout_seconds)
 
         return LogStream(open_)
 
@@ -297,12 +355,14 @@ class SandboxIO:
     ) -> bytes:
         await self._ensure_started()
         client = await self._client()
-        return await _files.read_whole(
-            client,
-            self._require_id(),
-            filepath,
-            timeout_s or self._request_timeout,
-            self._defaults.max_read_file_bytes if max_bytes is None else max_bytes,
+        return await self._observed(
+            _files.read_whole(
+                client,
+                self._require_id(),
+                filepath,
+                timeout_s or self._request_timeout,
+                self._defaults.max_read_file_bytes if max_bytes is None else max_bytes,
+            )
         )
 
     def read_file_streaming(
@@ -406,16 +466,18 @@ class SandboxIO:
         try:
             await self._ensure_started()
             client = await self._client()
-            return await _files.upload(
-                client,
-                self._require_id(),
-                filepath,
-                source,
-                mode=mode or 0,
-                make_parents=make_parents,
-                total=total,
-                progress=progress,
-                rpc_timeout=timeout_s,
+            return await self._observed(
+                _files.upload(
+                    client,
+                    self._require_id(),
+                    filepath,
+                    source,
+                    mode=mode or 0,
+                    make_parents=make_parents,
+                    total=total,
+                    progress=progress,
+                    rpc_timeout=timeout_s,
+                )
             )
         finally:
             if owned:
@@ -477,12 +539,15 @@ class SandboxIO:
                 if progress is not None:
                     progress(done, None)
 
-        return await client.transport.write_file_chunks(header, pieces(), call_timeout=timeout_s)
+        return await self._observed(
+            client.transport.write_file_chunks(header, pieces(), call_timeout=timeout_s)
+        )
 
     async def _open_read(self, filepath: str, timeout_s: float | None) -> Any:
         await self._ensure_started()
         client = await self._client()
-        return await _files.open_read(client, self._require_id(), filepath, timeout_s)
+        opening = _files.open_read(client, self._require_id(), filepath, timeout_s)
+        return await self._observed(opening)
 
     def write_file(
         self,
@@ -521,12 +586,14 @@ class SandboxIO:
     ) -> None:
         await self._ensure_started()
         client = await self._client()
-        await _files.write_whole(
-            client,
-            self._require_id(),
-            filepath,
-            data,
-            mode=mode or 0,
-            make_parents=make_parents,
-            rpc_timeout=timeout_s or self._request_timeout,
+        await self._observed(
+            _files.write_whole(
+                client,
+                self._require_id(),
+                filepath,
+                data,
+                mode=mode or 0,
+                make_parents=make_parents,
+                rpc_timeout=timeout_s or self._request_timeout,
+            )
         )

@@ -165,7 +165,8 @@ class SandboxFailedError(SandboxError):
 
 
 class SandboxNotFoundError(SandboxError):
-    """No sandbox with this id exists (sandboxes of other owners are reported the same way)."""
+    """No sandbox with this id exists (sandboxes of other owners are reported the same way);
+    from `Sandbox.attach`, no command with this id (the message says which)."""
 
 
 class SandboxValidationError(SandboxError, ValueError):

@@ -86,6 +86,29 @@ def test_sdk_create_exec_files_stop_list(ray_cluster: RayCluster) -> None:
     assert all(sb.status_reason == "stopped" for sb in sandboxes)
 
 
+def test_attach_to_a_command_on_a_node(ray_cluster: RayCluster) -> None:
+    """The control plane holds each command's retention (issue 18), whatever node runs it: a
+    command whose call went away runs on, and an attach gets every byte and the exit."""
+    sb = Sandbox.run(tags=[TAG])
+    try:
+        script = "echo first; read x; seq 1 3000; exit 6"
+        process = sb.exec(["sh", "-c", script], stdin=True)
+        assert next(iter(process.stdout)) == "first\n"
+        exec_id = process.started().result(timeout=30)
+        process.detach()
+        again = sb.attach(exec_id)
+        assert again.stdin is not None
+        again.stdin.write(b"go\n")
+        again.stdin.close()
+        result = again.result(timeout=60)
+        expected = "first\n" + "".join(f"{i}\n" for i in range(1, 3001))
+        assert (result.stdout, result.returncode) == (expected, 6)
+        listed = {p.exec_id: p for p in sb.processes().result(timeout=30)}
+        assert (listed[exec_id].state, listed[exec_id].returncode) == ("exited", 6)
+    finally:
+        sb.stop().result(timeout=30)
+
+
 def test_main_exit_and_logs(ray_cluster: RayCluster, stub: SandboxServiceStub) -> None:
     sb = _create(stub, "/bin/sh", "-c", "echo start; sleep 0.5; echo end; echo oops >&2; exit 4")
     got: list[bytes] = []

@@ -151,15 +151,10 @@ for chunk in p.stdout:
     before = c.sh(sandbox_id, COUNT_STREAMERS)
     assert int(before.stdout) == 1, before.stdout
     killed = _kill(proc)
-    # The service notices the dead client and kills its command long before the lease ends.
-    deadline = time.monotonic() + LEASE_TTL
-    while time.monotonic() < deadline:
-        r = c.sh(sandbox_id, COUNT_STREAMERS)
-        if r.stdout.strip() == b"0":
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError("the exec of a killed client is still running")
+    # The command outlives its client (issue 18: a new process may attach to it, see
+    # tests/sdk/test_attach.py) until the lease, no longer renewed, stops its sandbox.
+    time.sleep(1.0)
+    assert c.sh(sandbox_id, COUNT_STREAMERS).stdout.strip() == b"1"
     assert c.get(sandbox_id).status == RUNNING
     took = _wait_lease_stopped(svc, lease, killed)
     _assert_stopped_by_lease(svc, lease, took, 1)

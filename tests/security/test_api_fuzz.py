@@ -25,7 +25,7 @@ from typing import Any
 
 import grpc
 import pytest
-from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
+from hypothesis import HealthCheck, assume, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 from reliability.harness import Service, code_of, details_of
 
@@ -499,6 +499,40 @@ def test_exec(
 
 
 @SETTINGS
+@given(
+    exec_id=ID_TEXT,
+    offset=INT64,
+    signal=INT32,
+    mine=st.booleans(),
+    sandbox_id=ID_TEXT,
+    stdin=st.lists(st.binary(max_size=64), max_size=2),
+)
+def test_commands_by_id(
+    target: Target,
+    exec_id: str,
+    offset: int,
+    signal: int,
+    mine: bool,
+    sandbox_id: str,
+    stdin: list[bytes],
+) -> None:
+    """Attach (an Exec whose first frame is `attach`), ListExecs and SignalExec with hostile
+    ids, offsets and signals: a clear status or error frame, never a crash."""
+    sid = target.sandbox_id if mine else sandbox_id
+    # The checks look for "internal" in messages, which echo the ids they were given.
+    assume("internal" not in sid.lower() and "internal" not in exec_id.lower())
+    attach = pb.ExecAttach(sandbox_id=sid, exec_id=exec_id, offset=offset)
+    requests = [pb.ExecRequest(attach=attach), *(pb.ExecRequest(stdin=d) for d in stdin)]
+    frames = list(target.stub.Exec(iter(requests), timeout=30))
+    ends = [f for f in frames if f.WhichOneof("msg") in ("exit", "error")]
+    assert len(ends) == 1 and frames[-1] is ends[0], frames
+    assert ends[0].error.code in OK_NUMBERS and ends[0].error.message, ends[0]
+    _unary(target, "ListExecs", pb.ListExecsRequest(sandbox_id=sid))
+    request = pb.SignalExecRequest(sandbox_id=sid, exec_id=exec_id, signal=signal)
+    assert _unary(target, "SignalExec", request) is None
+
+
+@SETTINGS
 @given(data=st.data())
 def test_read_file(target: Target, data: st.DataObject) -> None:
     path = data.draw(paths(str(target.canary)))
@@ -576,6 +610,8 @@ UNARY = [
     "ListSecrets",
     "DeleteSecret",
     "SandboxUsage",
+    "ListExecs",
+    "SignalExec",
 ]
 
 

@@ -189,6 +189,14 @@ def _calls(stub: pbg.SandboxServiceStub, sandbox_id: str) -> dict[str, Callable[
         "SandboxUsage": lambda md: stub.SandboxUsage(
             pb.SandboxUsageRequest(sandbox_id=sandbox_id), metadata=md, timeout=10
         ),
+        "ListExecs": lambda md: stub.ListExecs(
+            pb.ListExecsRequest(sandbox_id=sandbox_id), metadata=md, timeout=10
+        ),
+        "SignalExec": lambda md: stub.SignalExec(
+            pb.SignalExecRequest(sandbox_id=sandbox_id, exec_id="exec-0", signal=9),
+            metadata=md,
+            timeout=10,
+        ),
     }
 
 

@@ -90,6 +90,20 @@ class ExecCall(abc.ABC):
     def release(self) -> None:
         """After the exit frame: lets the call end on its own (in the background)."""
 
+    def known(self) -> pb.ExecStarted | None:
+        """What `identify` would return, if the service has said it already (never waits)."""
+        return None
+
+    def abandon(self) -> None:
+        """Ends the call and leaves the command as it is: one started with a request id runs
+        on (`Process.detach`). Never raises."""
+        self.release()
+
+    async def identify(self) -> pb.ExecStarted | None:
+        """Waits until the service names the command (``exec_id``; for an attach also where its
+        output begins, its argv and tty); None if it never started or the service names none."""
+        return None
+
 
 class FileReader(abc.ABC):
     """One file being read: `size` and `mode` as announced by the service, then the chunks."""
@@ -270,6 +284,21 @@ class Transport(abc.ABC):
         """Starts a command. With ``init.stdin`` False its stdin is ``init.input`` then
         end-of-file; with it True, what `ExecCall.write_stdin` sends. With ``init.tty`` it runs
         on a pseudo-terminal of ``init.tty_size`` (all output arrives as stdout)."""
+
+    async def attach(self, attach: pb.ExecAttach, *, call_timeout: float | None) -> ExecCall:
+        """Attaches to a command started earlier (an Exec stream whose first frame is
+        `attach`): its retained output from ``attach.offset``, the live rest, its exit."""
+        raise NotImplementedError(f"{type(self).__name__} cannot attach to commands")
+
+    async def list_execs(self, sandbox_id: str, *, call_timeout: float | None) -> list[pb.ExecInfo]:
+        """A sandbox's running and recently ended commands (ListExecs)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list commands")
+
+    async def signal_exec(
+        self, request: pb.SignalExecRequest, *, call_timeout: float | None
+    ) -> pb.ExecInfo:
+        """Signals a command by its id (SignalExec)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot signal commands")
 
     @abc.abstractmethod
     async def open_read(

@@ -137,6 +137,8 @@ def from_status(
         # "cut off: the sandbox ended under it": never retried, since a command that started
         # once must not run again.
         return SandboxTerminatedError(what, sandbox_id=sandbox_id, code=name)
+    if reason == epb.EXEC_NOT_FOUND:  # the sandbox is there; the command is not
+        return SandboxNotFoundError(what, sandbox_id=sandbox_id, code=name)
     if reason == epb.SANDBOX_NOT_FOUND or name == "NOT_FOUND":
         if sandbox_id:
             what = f"{op} failed: sandbox {sandbox_id!r} not found"

@@ -183,6 +183,25 @@ class GrpcTransport(GrpcPauseCalls, SnapshotCalls, SecretCalls, Transport):
     async def exec(self, init: pb.ExecInit, *, call_timeout: float | None) -> ExecCall:
         return GrpcExecCall(self, init, call_timeout)
 
+    async def attach(self, attach: pb.ExecAttach, *, call_timeout: float | None) -> ExecCall:
+        init = pb.ExecInit(sandbox_id=attach.sandbox_id, stdin=True)
+        return GrpcExecCall(self, init, call_timeout, attach)
+
+    async def list_execs(self, sandbox_id: str, *, call_timeout: float | None) -> list[pb.ExecInfo]:
+        request = pb.ListExecsRequest(sandbox_id=sandbox_id)
+        answer: pb.ListExecsResponse = await self._unary(
+            self._stub.ListExecs, request, call_timeout, "list commands", sandbox_id
+        )
+        return list(answer.execs)
+
+    async def signal_exec(
+        self, request: pb.SignalExecRequest, *, call_timeout: float | None
+    ) -> pb.ExecInfo:
+        info: pb.ExecInfo = await self._unary(
+            self._stub.SignalExec, request, call_timeout, "signal command", request.sandbox_id
+        )
+        return info
+
     async def open_read(
         self, sandbox_id: str, path: str, *, call_timeout: float | None
     ) -> FileReader:

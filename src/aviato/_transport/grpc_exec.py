@@ -28,6 +28,7 @@ from aviato.v1 import sandbox_pb2_grpc
 __all__ = ["STDIN_CHUNK_BYTES", "ExecChannel", "GrpcExecCall"]
 
 STDIN_CHUNK_BYTES = 64 * 1024
+EXEC_ID_METADATA = "aviato-exec-id"  # RunCommand's initial metadata: the command's id
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 
 
@@ -41,20 +42,29 @@ class ExecChannel(Protocol):
 
 
 class GrpcExecCall(ExecCall):
-    """RunCommand when stdin is not interactive, else an Exec stream (see the module)."""
+    """RunCommand when stdin is not interactive, else an Exec stream (see the module). With
+    `attach`, an Exec stream whose first frame attaches to a command started earlier."""
 
     def __init__(
-        self, transport: ExecChannel, init: pb.ExecInit, call_timeout: float | None
+        self,
+        transport: ExecChannel,
+        init: pb.ExecInit,
+        call_timeout: float | None,
+        attach: pb.ExecAttach | None = None,
     ) -> None:
         self._transport = transport
         self._init = init
+        self._attach = attach
         self._timeout = call_timeout
         self._command = list(init.argv)
         self._write_lock = asyncio.Lock()
         self._pending: asyncio.Future[Any] | None = None
         self._exited = False
-        self._streaming = init.stdin or init.tty or not transport.run_command
+        self._streaming = init.stdin or init.tty or not transport.run_command or bool(attach)
         self._opened: asyncio.Task[None] | None = None
+        self._started: asyncio.Future[pb.ExecStarted | None] = (
+            asyncio.get_running_loop().create_future()
+        )
         if self._streaming:
             self._call: Any = self._open_stream()
         else:
@@ -76,6 +86,9 @@ class GrpcExecCall(ExecCall):
     async def _write_init(self, call: Any) -> None:
         init = self._init
         async with self._write_lock:
+            if self._attach is not None:
+                await call.write(pb.ExecRequest(attach=self._attach))
+                return
             data = init.input if not init.stdin else b""
             if data:  # Exec takes input in frames (an older service ignores init.input)
                 first = pb.ExecInit()
@@ -109,10 +122,12 @@ class GrpcExecCall(ExecCall):
                     self._call = self._open_stream()
                     continue
                 self._exited = True
+                self._identified(None)
                 raise self._error(err) from None
             self._pending = None
             if msg is _EOF:
                 self._exited = True
+                self._identified(None)
                 raise SandboxExecutionError(
                     f"the output stream of {shlex.join(self._command)!r} ended without an exit "
                     "status (connection to the service lost?)",
@@ -121,13 +136,19 @@ class GrpcExecCall(ExecCall):
             kind = msg.WhichOneof("msg")
             if kind == "output":
                 output: pb.ExecOutput = msg.output
+                if output.exec_id:  # RunCommand names its command in its first frame
+                    self._identified(pb.ExecStarted(exec_id=output.exec_id))
                 return output
             if kind == "exit":
                 self._exited = True
                 exit_frame: pb.ExecExit = msg.exit
+                if exit_frame.exec_id:
+                    self._identified(pb.ExecStarted(exec_id=exit_frame.exec_id))
+                self._identified(None)
                 return exit_frame
             if kind == "error":
                 self._exited = True
+                self._identified(None)
                 error: pb.ExecError = msg.error
                 raise from_status(
                     error.code,
@@ -136,7 +157,31 @@ class GrpcExecCall(ExecCall):
                     op="exec",
                     sandbox_id=self._init.sandbox_id,
                 )
-            # "started" and frames of a newer service: skip
+            if kind == "started":
+                self._identified(msg.started)
+            # frames of a newer service: skip
+
+    def _identified(self, started: pb.ExecStarted | None) -> None:
+        if not self._started.done():
+            self._started.set_result(started)
+
+    def known(self) -> pb.ExecStarted | None:
+        return self._started.result() if self._started.done() else None
+
+    async def identify(self) -> pb.ExecStarted | None:
+        """The service's `started` frame (Exec) or initial metadata (RunCommand); None when the
+        command never started or the service gives no ids."""
+        if not self._streaming and not self._started.done():
+            # RunCommand: ahead of the frames as initial metadata (a command silent at first),
+            # else in the first frame, which `read` takes.
+            try:
+                metadata = await self._call.initial_metadata()
+            except Exception:
+                metadata = None
+            exec_id = dict(metadata or ()).get(EXEC_ID_METADATA, "")
+            if exec_id:
+                self._identified(pb.ExecStarted(exec_id=exec_id))
+        return await asyncio.shield(self._started)
 
     async def _write(self, request: pb.ExecRequest) -> None:
         if not self._streaming:
@@ -173,12 +218,38 @@ class GrpcExecCall(ExecCall):
 
     async def kill(self) -> None:
         call = self._call
+        if not self._exited:
+            # A command with a request id outlives its call: end it by its id.
+            with contextlib.suppress(BaseException):
+                async with asyncio.timeout(2.0):
+                    if self._streaming and not self._started.done():
+                        # Nobody reads any more (kill is the reader's last act): take the
+                        # `started` frame that names the command, if it is on its way.
+                        taking = asyncio.ensure_future(self.read())
+                        taking.add_done_callback(lambda t: t.cancelled() or t.exception())
+                        try:
+                            await asyncio.shield(self._started)  # read() resolves it
+                        finally:
+                            taking.cancel()
+                    started = await self.identify()
+                    if started is not None and started.exec_id:
+                        request = pb.SignalExecRequest(
+                            sandbox_id=self._init.sandbox_id, exec_id=started.exec_id, signal=9
+                        )
+                        await self._transport._stub.SignalExec(
+                            request, metadata=self._transport.metadata, timeout=2.0
+                        )
         if self._streaming and not self._exited:
             # RunCommand: cancelling the call kills the command; Exec: signal it first
             with contextlib.suppress(BaseException):
                 async with asyncio.timeout(1.0), self._write_lock:
                     await call.write(pb.ExecRequest(signal=9))
         call.cancel()
+        if self._pending is not None and not self._pending.done():
+            self._pending.cancel()
+
+    def abandon(self) -> None:
+        self._call.cancel()
         if self._pending is not None and not self._pending.done():
             self._pending.cancel()
 

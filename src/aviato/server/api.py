@@ -23,6 +23,7 @@ import grpc
 from aviato.runtime.base import SandboxRuntimeError
 from aviato.server import codec, errors, validation
 from aviato.server.auth import LOCAL_OWNER, Authenticator
+from aviato.server.commands_api import CommandCalls
 from aviato.server.config import ServerConfig
 from aviato.server.errors import InvalidArgument, ServiceError
 from aviato.server.exec_api import ExecStreams
@@ -113,6 +114,7 @@ class SandboxServicer(
     TreeStreams,
     SecretCalls,
     UsageCalls,
+    CommandCalls,
 ):
     """Implements every RPC of aviato.v1.SandboxService on top of a Lifecycle."""
 

@@ -2,7 +2,9 @@
 
 Exec reports every failure after the first frame as an `ExecError` frame (so that a stream always
 ends with exactly one exit or error frame); only a missing or invalid credential ends it with a
-gRPC status. When the client goes away mid-exec, the command is killed.
+gRPC status. Every command is a `exec_table.Command` (an id, a bounded retention of its
+output); calls relay from there. When the client goes away mid-exec, a command started with a
+request id runs on (a later attach reads it); one without is killed.
 """
 
 from __future__ import annotations
@@ -14,16 +16,12 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from aviato.runtime.base import (
-    ExecExit,
-    ExecFailed,
-    ExecHandle,
-    ExecOutput,
-    ExecSpec,
-    SandboxRuntimeError,
-)
-from aviato.server import codec, errors
+from aviato.runtime.base import ExecHandle, ExecSpec, SandboxRuntimeError
+from aviato.server import codec, errors, validation
+from aviato.server.auth import Authenticator
 from aviato.server.errors import InvalidArgument, ServiceError
+from aviato.server.exec_table import Command, CommandTable
+from aviato.server.lifecycle import Lifecycle
 from aviato.server.servicer import ServicerBase
 from aviato.v1 import errors_pb2 as epb
 from aviato.v1 import sandbox_pb2 as pb
@@ -38,7 +36,9 @@ log = logging.getLogger("aviato.server.api")
 MAX_EXEC_INPUT_BYTES = 4 << 20  # ExecInit.input (a request message is at most 8 MiB)
 _INLINE_INPUT_BYTES = 64 * 1024  # RunCommand writes input this small before relaying output
 _refused = errors.error_frame  # a frame refusing the request
-_STARTED = pb.ExecResponse(started=pb.ExecStarted())
+EXEC_ID_METADATA = "aviato-exec-id"  # RunCommand's initial metadata: the command's id
+# RunCommand names its command in the first frame if the command answers this soon.
+_ID_IN_FIRST_FRAME_SECONDS = 0.02
 # What a started command fails with when its sandbox goes away under it (see `_cut_off`).
 _CUT_OFF_CODES = frozenset({"UNAVAILABLE", "FAILED_PRECONDITION"})
 
@@ -69,7 +69,14 @@ async def _linger_until_half_close(
 
 
 class ExecStreams(ServicerBase):
-    """Exec and RunCommand."""
+    """Exec and RunCommand (and attaching, an Exec whose first frame is `attach`)."""
+
+    def __init__(self, lifecycle: Lifecycle, auth: Authenticator) -> None:
+        super().__init__(lifecycle, auth)
+        self._commands = CommandTable()
+        # Commands being started, by (owner, sandbox, request id): a retry that arrives
+        # meanwhile waits for the first rather than starting the command a second time.
+        self._starting: dict[tuple[str, str, str], asyncio.Future[Command | None]] = {}
 
     async def Exec(self, request_iterator: AsyncIterator[pb.ExecRequest], context: Ctx) -> None:
         # A coroutine writing with context.write() rather than an async generator: grpc.aio
@@ -86,34 +93,42 @@ class ExecStreams(ServicerBase):
                 )
             )
             return
-        if first.WhichOneof("msg") != "init":
+        kind = first.WhichOneof("msg")
+        if kind == "attach":
+            command = await self._attached(owner, first.attach, write)
+            offset, fresh, data = first.attach.offset, False, b""
+        elif kind == "init":
+            init = first.init
+            if init.input and not init.stdin:
+                await write(errors.error_frame("INVALID_ARGUMENT", "init.input: needs init.stdin"))
+                return
+            command, fresh = await self._command_for(owner, init, write, stdin=init.stdin)
+            offset, data = 0, (init.input if fresh else b"")  # a retry's input is not fed twice
+        else:
             await write(
                 errors.error_frame("INVALID_ARGUMENT", "init: the first frame must be init")
             )
             return
-        init = first.init
-        if init.input and not init.stdin:
-            await write(errors.error_frame("INVALID_ARGUMENT", "init.input: needs init.stdin"))
-            return
-        started = await self._start_exec(owner, init, write, stdin=init.stdin)
-        if started is None:
+        if command is None:
             await _linger_until_half_close(requests)
             return
-        spec, proc = started
-        pump = asyncio.create_task(self._pump_exec(requests, proc, spec.stdin, init.input))
+        kill_on_loss = fresh and not command.detachable
+        pump = asyncio.create_task(
+            self._pump_exec(requests, command.handle, command.stdin, data, kill_on_loss)
+        )
         try:
-            with self._lifecycle.activity(init.sandbox_id):  # for idle_timeout
-                await write(_STARTED)
-                await self._relay_exec(proc, write, pump, init.sandbox_id)
+            await self._relay_exec(command, write, pump, offset, kill_on_loss, started=True)
             await _linger_until_half_close(requests, pump)
         finally:
             pump.cancel()
 
     async def RunCommand(self, init: pb.ExecInit, context: Ctx) -> None:
-        """Exec without a request stream: stdin is `init.input` then EOF; no `started` frame.
+        """Exec without a request stream: stdin is `init.input` then EOF; no `started` frame
+        (the command's id comes as the initial metadata `aviato-exec-id`).
 
         Half the messages of an Exec and no input task, for the common command that takes no
-        interactive input. A cancelled call (the client gone) kills the command like Exec does.
+        interactive input. A cancelled call (the client gone) kills the command like Exec does,
+        unless it has a request id (then it runs on, and its input is fed to its end).
         """
         write = context.write
         owner = await self._owner_or_abort(context)
@@ -122,27 +137,104 @@ class ExecStreams(ServicerBase):
                 errors.error_frame("INVALID_ARGUMENT", "init.tty: RunCommand has no terminal")
             )
             return
-        started = await self._start_exec(owner, init, write, stdin=bool(init.input))
-        if started is None:
+        command, fresh = await self._command_for(owner, init, write, stdin=bool(init.input))
+        if command is None:
             return
-        _spec, proc = started
-        with self._lifecycle.activity(init.sandbox_id):  # for idle_timeout
-            feed: asyncio.Task[None] | None = None
+        proc = command.handle
+        feed: asyncio.Task[None] | None = None
+        if fresh and init.input:
+            if command.detachable:
+                # Fed to its end whatever happens to the call: the command runs on.
+                feed = command.keep(asyncio.ensure_future(self._feed_input(proc, init.input)))
+                if len(init.input) <= _INLINE_INPUT_BYTES:
+                    await asyncio.shield(feed)
+            else:
+                try:
+                    if len(init.input) > _INLINE_INPUT_BYTES:
+                        # In a task: a command that does not read its input must not stall
+                        # its output.
+                        feed = asyncio.create_task(self._feed_input(proc, init.input))
+                    else:
+                        await self._feed_input(proc, init.input)
+                except BaseException:  # cancelled while feeding: nobody will read the command
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(proc.kill())
+                    raise
+        # The id goes in the first frame when one comes at once (most commands: no extra
+        # message); a command silent at first gets it sent ahead, as initial metadata.
+        named = await command.first_news(_ID_IN_FIRST_FRAME_SECONDS)
+        if not named:
+            await context.send_initial_metadata(((EXEC_ID_METADATA, command.exec_id),))
+        try:
+            await self._relay_exec(
+                command, write, None, 0, fresh and not command.detachable, name_first=named
+            )
+        finally:
+            if feed is not None and not command.detachable:
+                feed.cancel()
+
+    async def _attached(
+        self, owner: str, attach: pb.ExecAttach, write: Callable[[Any], Awaitable[None]]
+    ) -> Command | None:
+        """The command an attach frame names; on failure writes the error frame, None."""
+        try:
+            if attach.offset < 0:
+                raise InvalidArgument("attach.offset", "must be 0 or more")
+            self._lifecycle.record(owner, attach.sandbox_id)  # NotFound for another's sandbox
+            return self._commands.get(owner, attach.sandbox_id, attach.exec_id)
+        except ServiceError as e:
+            await write(
+                errors.error_frame(
+                    e.code, str(e), errors.detail_of(e, sandbox_id=attach.sandbox_id)
+                )
+            )
+        return None
+
+    async def _command_for(
+        self, owner: str, init: pb.ExecInit, write: Callable[[Any], Awaitable[None]], *, stdin: bool
+    ) -> tuple[Command | None, bool]:
+        """The command of `init`: a new one, or the one a call with the same request id started
+        (a retry runs nothing). Returns (command, whether it is new); (None, False) once the
+        error frame is written."""
+        key = (owner, init.sandbox_id, init.request_id)
+        while init.request_id:
             try:
-                if len(init.input) > _INLINE_INPUT_BYTES:
-                    # In a task: a command that does not read its input must not stall its output.
-                    feed = asyncio.create_task(self._feed_input(proc, init.input))
-                elif init.input:
-                    await self._feed_input(proc, init.input)
-            except BaseException:  # cancelled while feeding it: nobody will read the command
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(proc.kill())
-                raise
-            try:
-                await self._relay_exec(proc, write, None, init.sandbox_id)
-            finally:
-                if feed is not None:
-                    feed.cancel()
+                validation.validate_request_id(init.request_id, "init.request_id")
+            except ServiceError as e:
+                await write(errors.error_frame(e.code, str(e), errors.detail_of(e)))
+                return None, False
+            earlier = self._commands.by_request(*key)
+            if earlier is not None:
+                return earlier, False
+            starting = self._starting.get(key)
+            if starting is None:
+                break
+            await asyncio.shield(starting)  # then look again (it may have failed to start)
+        pending: asyncio.Future[Command | None] = asyncio.get_running_loop().create_future()
+        if init.request_id:
+            self._starting[key] = pending
+        command: Command | None = None
+        try:
+            started = await self._start_exec(owner, init, write, stdin=stdin)
+            if started is not None:
+                spec, proc = started
+                command = self._commands.add(
+                    owner, init.sandbox_id, init.request_id, list(spec.argv), spec.tty, proc
+                )
+                command.stdin = spec.stdin
+                sandbox_id = init.sandbox_id
+
+                def failure(
+                    code: str, message: str, detail: epb.ErrorDetail | None
+                ) -> pb.ExecResponse:
+                    return errors.error_frame(*self._cut_off(code, message, sandbox_id, detail))
+
+                command.start_pump(self._lifecycle.activity(sandbox_id), failure)
+        finally:
+            pending.set_result(command)
+            if self._starting.get(key) is pending:
+                del self._starting[key]
+        return command, command is not None
 
     async def _start_exec(
         self, owner: str, init: pb.ExecInit, write: Callable[[Any], Awaitable[None]], *, stdin: bool
@@ -189,57 +281,50 @@ class ExecStreams(ServicerBase):
 
     async def _relay_exec(
         self,
-        proc: ExecHandle,
+        command: Command,
         write: Callable[[Any], Awaitable[None]],
         pump: asyncio.Task[str | None] | None,
-        sandbox_id: str,
+        offset: int,
+        kill_on_loss: bool,
+        *,
+        started: bool = False,
+        name_first: bool = False,
     ) -> None:
-        """Writes the command's output frames and exactly one terminal frame (exit or error).
+        """Writes the command's output frames from `offset` (its retention, see `exec_table`)
+        and exactly one terminal frame (exit or error); with `started`, the `started` frame
+        first; with `name_first`, the command's id in the first output or exit frame.
 
-        When the client goes away (this coroutine is cancelled, or a write fails) the command is
-        killed: nobody can read it. When the input pump killed it (the request stream ended
-        without stdin_eof), the error frame says so. When the sandbox ended under the command,
-        the error is ABORTED (see `_cut_off`).
+        When the client goes away (this coroutine is cancelled, or a write fails) the command
+        runs on, unless `kill_on_loss` (the call that started a command without a request id):
+        then it is killed, as nobody can read it. When the input pump killed it (the request
+        stream ended without stdin_eof), the error frame says so.
         """
         done = False
         try:
-            async for event in proc.events():
-                if type(event) is ExecOutput:
-                    await write(codec.encode_output(event))
-                elif type(event) is ExecExit:
-                    done = True
-                    await write(codec.encode_exit(event))
-                    break
-                elif isinstance(event, ExecFailed):
-                    done = True
-                    message = event.message
-                    if pump is not None and pump.done() and not pump.cancelled():
-                        message = pump.result() or message
-                    await write(errors.error_frame(*self._cut_off(event.code, message, sandbox_id)))
-                    break
-            if not done:
-                done = True
-                await write(errors.error_frame(*self._cut_off("UNAVAILABLE", "", sandbox_id)))
-        except (SandboxRuntimeError, ServiceError) as e:
-            if not done:
-                done = True
-                detail = errors.detail_of(e, sandbox_id=sandbox_id)
-                await write(errors.error_frame(*self._cut_off(e.code, str(e), sandbox_id, detail)))
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            if not done:
-                log.exception("exec output failed")
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(proc.kill())
-                done = True
-                with contextlib.suppress(Exception):
-                    await write(errors.error_frame("INTERNAL", f"internal error: {e}"))
+            async for frame in command.frames(offset):
+                kind = frame.WhichOneof("msg")
+                if kind == "started":
+                    if started:
+                        await write(frame)
+                    continue
+                if kind == "error" and pump is not None and pump.done() and not pump.cancelled():
+                    reason = pump.result()
+                    if reason:
+                        frame = pb.ExecResponse(error=pb.ExecError(code=frame.error.code))
+                        frame.error.message = reason
+                done = kind in ("exit", "error")
+                if name_first and kind in ("output", "exit"):
+                    name_first = False
+                    named = pb.ExecResponse()
+                    named.CopyFrom(frame)  # the terminal frame is shared by every reader
+                    getattr(named, kind).exec_id = command.exec_id
+                    frame = named
+                await write(frame)
         finally:
-            if not done:
+            if not done and kill_on_loss:
                 # The client went away (or the stream broke): nobody can read the command.
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(proc.kill())
+                    await asyncio.shield(command.handle.kill())
 
     @staticmethod
     async def _feed_input(proc: ExecHandle, data: bytes) -> None:
@@ -251,14 +336,19 @@ class ExecStreams(ServicerBase):
 
     @staticmethod
     async def _pump_exec(
-        requests: AsyncIterator[pb.ExecRequest], proc: ExecHandle, stdin_wanted: bool, first: bytes
+        requests: AsyncIterator[pb.ExecRequest],
+        proc: ExecHandle,
+        stdin_wanted: bool,
+        first: bytes,
+        kill_on_loss: bool,
     ) -> str | None:
         """Forwards `first` (init.input), then stdin, EOF, resizes and signals.
 
         The end of the command's input is explicit: only a stdin_eof frame closes its stdin. A
         request stream that ends (or breaks) before it, while the command reads stdin, is a lost
-        client: the command is killed, never handed a possibly truncated input followed by EOF as
-        if it were complete. Returns the reason when it killed the command, else None.
+        client: the command is never handed a possibly truncated input followed by EOF as if it
+        were complete. With `kill_on_loss` it is killed (returns the reason); otherwise its
+        stdin stays open for a later attach (returns None).
         """
         eof_sent = False
         try:
@@ -291,7 +381,7 @@ class ExecStreams(ServicerBase):
         except Exception:
             log.debug("exec input pump ended", exc_info=True)
             why = "the request stream broke before stdin_eof"
-        if not stdin_wanted or eof_sent:
+        if not stdin_wanted or eof_sent or not kill_on_loss:
             return None
         with contextlib.suppress(Exception):
             await proc.kill()

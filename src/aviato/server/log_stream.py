@@ -38,16 +38,17 @@ def log_entry(record: LogRecord) -> pb.LogEntry:
 
 
 async def sandbox_log_records(
-    lifecycle: Lifecycle, owner: str, sandbox_id: str, tail: int, follow: bool
+    lifecycle: Lifecycle, owner: str, sandbox_id: str, tail: int, follow: bool, since_ns: int = 0
 ) -> AsyncIterator[LogRecord]:
-    """The records of StreamLogs: the last `tail` (negative: all), then with `follow` the new
-    ones until the sandbox ends. While the sandbox starts there is no log yet: following waits
-    for it, otherwise there is nothing. NotFound for a sandbox the owner does not have."""
+    """The records of StreamLogs: of those stamped at or after `since_ns`, the last `tail`
+    (negative: all), then with `follow` the new ones until the sandbox ends. While the sandbox
+    starts there is no log yet: following waits for it, otherwise there is nothing. NotFound
+    for a sandbox the owner does not have."""
     while True:
         handle, ended = lifecycle.log_source(owner, sandbox_id)
         if handle is not None:
             try:
-                async for record in handle.logs(tail=tail, follow=follow):
+                async for record in handle.logs(since_ns=since_ns, tail=tail, follow=follow):
                     yield record
             except SandboxRuntimeError:
                 # A runtime that fails while its sandbox ends (its node lost): the stream ends
@@ -56,7 +57,8 @@ async def sandbox_log_records(
                     raise
             return
         try:
-            async for record in read_log(lifecycle.kept_log_path(sandbox_id), tail=tail):
+            kept = lifecycle.kept_log_path(sandbox_id)
+            async for record in read_log(kept, since_ns=since_ns, tail=tail):
                 yield record
             return
         except FileNotFoundError:

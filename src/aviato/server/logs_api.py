@@ -29,8 +29,9 @@ class LogStreams(ServicerBase):
         self, request: pb.StreamLogsRequest, context: Ctx
     ) -> AsyncIterator[pb.LogEntry]:
         owner = await self._owner_or_abort(context)
+        since_ns = request.since.ToNanoseconds() if request.HasField("since") else 0
         records = sandbox_log_records(
-            self._lifecycle, owner, request.sandbox_id, request.tail, request.follow
+            self._lifecycle, owner, request.sandbox_id, request.tail, request.follow, since_ns
         )
         try:
             async for record in records:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61viato/v1/errors.proto\x12\taviato.v1\"\x87\x01\n\x0b\x45rrorDetail\x12&\n\x06reason\x18\x01 \x01(\x0e\x32\x16.aviato.v1.ErrorReason\x12\x12\n\nsandbox_id\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\x12\x10\n\x08lease_id\x18\x05 \x01(\t\x12\r\n\x05image\x18\x06 \x01(\t*\xe6\x02\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11SANDBOX_NOT_FOUND\x10\x01\x12\x17\n\x13SANDBOX_NOT_RUNNING\x10\x02\x12\x16\n\x12SANDBOX_TERMINATED\x10\x03\x12\x12\n\x0e\x46ILE_NOT_FOUND\x10\x04\x12\x10\n\x0cPATH_INVALID\x10\x05\x12\x1a\n\x16\x46ILE_PERMISSION_DENIED\x10\x06\x12\x13\n\x0fIMAGE_NOT_FOUND\x10\x07\x12\x11\n\rFIELD_INVALID\x10\x08\x12\x16\n\x12\x43\x41PACITY_EXHAUSTED\x10\t\x12\x12\n\x0eQUOTA_EXCEEDED\x10\n\x12\x13\n\x0fLEASE_NOT_FOUND\x10\x0b\x12\x17\n\x13\x43REDENTIALS_INVALID\x10\x0c\x12\x19\n\x15SERVICE_SHUTTING_DOWN\x10\r\x12\x12\n\x0eRUNTIME_FAILED\x10\x0e\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61viato/v1/errors.proto\x12\taviato.v1\"\x87\x01\n\x0b\x45rrorDetail\x12&\n\x06reason\x18\x01 \x01(\x0e\x32\x16.aviato.v1.ErrorReason\x12\x12\n\nsandbox_id\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\x12\x10\n\x08lease_id\x18\x05 \x01(\t\x12\r\n\x05image\x18\x06 \x01(\t*\xfa\x02\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11SANDBOX_NOT_FOUND\x10\x01\x12\x17\n\x13SANDBOX_NOT_RUNNING\x10\x02\x12\x16\n\x12SANDBOX_TERMINATED\x10\x03\x12\x12\n\x0e\x46ILE_NOT_FOUND\x10\x04\x12\x10\n\x0cPATH_INVALID\x10\x05\x12\x1a\n\x16\x46ILE_PERMISSION_DENIED\x10\x06\x12\x13\n\x0fIMAGE_NOT_FOUND\x10\x07\x12\x11\n\rFIELD_INVALID\x10\x08\x12\x16\n\x12\x43\x41PACITY_EXHAUSTED\x10\t\x12\x12\n\x0eQUOTA_EXCEEDED\x10\n\x12\x13\n\x0fLEASE_NOT_FOUND\x10\x0b\x12\x17\n\x13\x43REDENTIALS_INVALID\x10\x0c\x12\x19\n\x15SERVICE_SHUTTING_DOWN\x10\r\x12\x12\n\x0eRUNTIME_FAILED\x10\x0e\x12\x12\n\x0e\x45XEC_NOT_FOUND\x10(b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aviato.v1.errors_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERRORREASON']._serialized_start=176
-  _globals['_ERRORREASON']._serialized_end=534
+  _globals['_ERRORREASON']._serialized_end=554
   _globals['_ERRORDETAIL']._serialized_start=38
   _globals['_ERRORDETAIL']._serialized_end=173
 # @@protoc_insertion_point(module_scope)

@@ -22,6 +22,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CREDENTIALS_INVALID: _ClassVar[ErrorReason]
     SERVICE_SHUTTING_DOWN: _ClassVar[ErrorReason]
     RUNTIME_FAILED: _ClassVar[ErrorReason]
+    EXEC_NOT_FOUND: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 SANDBOX_NOT_FOUND: ErrorReason
 SANDBOX_NOT_RUNNING: ErrorReason
@@ -37,6 +38,7 @@ LEASE_NOT_FOUND: ErrorReason
 CREDENTIALS_INVALID: ErrorReason
 SERVICE_SHUTTING_DOWN: ErrorReason
 RUNTIME_FAILED: ErrorReason
+EXEC_NOT_FOUND: ErrorReason
 
 class ErrorDetail(_message.Message):
     __slots__ = ("reason", "sandbox_id", "path", "field", "lease_id", "image")

@@ -270,7 +270,7 @@ class TerminalSize(_message.Message):
     def __init__(self, rows: _Optional[int] = ..., cols: _Optional[int] = ...) -> None: ...
 
 class ExecInit(_message.Message):
-    __slots__ = ("sandbox_id", "argv", "cwd", "env", "timeout_seconds", "stdin", "tty", "tty_size", "input", "protected")
+    __slots__ = ("sandbox_id", "argv", "cwd", "env", "timeout_seconds", "stdin", "tty", "tty_size", "input", "protected", "request_id")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -288,6 +288,7 @@ class ExecInit(_message.Message):
     TTY_SIZE_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     PROTECTED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     argv: _containers.RepeatedScalarFieldContainer[str]
     cwd: str
@@ -298,21 +299,24 @@ class ExecInit(_message.Message):
     tty_size: TerminalSize
     input: bytes
     protected: bool
-    def __init__(self, sandbox_id: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[float] = ..., stdin: _Optional[bool] = ..., tty: _Optional[bool] = ..., tty_size: _Optional[_Union[TerminalSize, _Mapping]] = ..., input: _Optional[bytes] = ..., protected: _Optional[bool] = ...) -> None: ...
+    request_id: str
+    def __init__(self, sandbox_id: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[float] = ..., stdin: _Optional[bool] = ..., tty: _Optional[bool] = ..., tty_size: _Optional[_Union[TerminalSize, _Mapping]] = ..., input: _Optional[bytes] = ..., protected: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ExecRequest(_message.Message):
-    __slots__ = ("init", "stdin", "stdin_eof", "resize", "signal")
+    __slots__ = ("init", "stdin", "stdin_eof", "resize", "signal", "attach")
     INIT_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
     STDIN_EOF_FIELD_NUMBER: _ClassVar[int]
     RESIZE_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    ATTACH_FIELD_NUMBER: _ClassVar[int]
     init: ExecInit
     stdin: bytes
     stdin_eof: bool
     resize: TerminalSize
     signal: int
-    def __init__(self, init: _Optional[_Union[ExecInit, _Mapping]] = ..., stdin: _Optional[bytes] = ..., stdin_eof: _Optional[bool] = ..., resize: _Optional[_Union[TerminalSize, _Mapping]] = ..., signal: _Optional[int] = ...) -> None: ...
+    attach: ExecAttach
+    def __init__(self, init: _Optional[_Union[ExecInit, _Mapping]] = ..., stdin: _Optional[bytes] = ..., stdin_eof: _Optional[bool] = ..., resize: _Optional[_Union[TerminalSize, _Mapping]] = ..., signal: _Optional[int] = ..., attach: _Optional[_Union[ExecAttach, _Mapping]] = ...) -> None: ...
 
 class ResourceUsage(_message.Message):
     __slots__ = ("cpu_user_seconds", "cpu_system_seconds", "peak_memory_bytes", "wall_seconds")
@@ -327,30 +331,44 @@ class ResourceUsage(_message.Message):
     def __init__(self, cpu_user_seconds: _Optional[float] = ..., cpu_system_seconds: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ..., wall_seconds: _Optional[float] = ...) -> None: ...
 
 class ExecStarted(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("exec_id", "output_offset", "argv", "tty")
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ARGV_FIELD_NUMBER: _ClassVar[int]
+    TTY_FIELD_NUMBER: _ClassVar[int]
+    exec_id: str
+    output_offset: int
+    argv: _containers.RepeatedScalarFieldContainer[str]
+    tty: bool
+    def __init__(self, exec_id: _Optional[str] = ..., output_offset: _Optional[int] = ..., argv: _Optional[_Iterable[str]] = ..., tty: _Optional[bool] = ...) -> None: ...
 
 class ExecOutput(_message.Message):
-    __slots__ = ("stream", "data")
+    __slots__ = ("stream", "data", "offset", "exec_id")
     STREAM_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
     stream: Stream
     data: bytes
-    def __init__(self, stream: _Optional[_Union[Stream, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    offset: int
+    exec_id: str
+    def __init__(self, stream: _Optional[_Union[Stream, str]] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ..., exec_id: _Optional[str] = ...) -> None: ...
 
 class ExecExit(_message.Message):
-    __slots__ = ("exit_code", "signal", "timed_out", "usage", "oom_killed")
+    __slots__ = ("exit_code", "signal", "timed_out", "usage", "oom_killed", "exec_id")
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
     TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     OOM_KILLED_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
     exit_code: int
     signal: int
     timed_out: bool
     usage: ResourceUsage
     oom_killed: bool
-    def __init__(self, exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., timed_out: _Optional[bool] = ..., usage: _Optional[_Union[ResourceUsage, _Mapping]] = ..., oom_killed: _Optional[bool] = ...) -> None: ...
+    exec_id: str
+    def __init__(self, exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., timed_out: _Optional[bool] = ..., usage: _Optional[_Union[ResourceUsage, _Mapping]] = ..., oom_killed: _Optional[bool] = ..., exec_id: _Optional[str] = ...) -> None: ...
 
 class ExecError(_message.Message):
     __slots__ = ("code", "message", "detail")
@@ -427,14 +445,16 @@ class WriteFileResponse(_message.Message):
     def __init__(self, size: _Optional[int] = ...) -> None: ...
 
 class StreamLogsRequest(_message.Message):
-    __slots__ = ("sandbox_id", "tail", "follow")
+    __slots__ = ("sandbox_id", "tail", "follow", "since")
     SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
     TAIL_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     tail: int
     follow: bool
-    def __init__(self, sandbox_id: _Optional[str] = ..., tail: _Optional[int] = ..., follow: _Optional[bool] = ...) -> None: ...
+    since: _timestamp_pb2.Timestamp
+    def __init__(self, sandbox_id: _Optional[str] = ..., tail: _Optional[int] = ..., follow: _Optional[bool] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class LogEntry(_message.Message):
     __slots__ = ("time", "stream", "data")
@@ -823,3 +843,61 @@ class SandboxUsageResponse(_message.Message):
     sandboxes: _containers.RepeatedCompositeFieldContainer[SandboxUsageHistory]
     interval_seconds: float
     def __init__(self, sandboxes: _Optional[_Iterable[_Union[SandboxUsageHistory, _Mapping]]] = ..., interval_seconds: _Optional[float] = ...) -> None: ...
+
+class ExecAttach(_message.Message):
+    __slots__ = ("sandbox_id", "exec_id", "offset")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    exec_id: str
+    offset: int
+    def __init__(self, sandbox_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class ExecInfo(_message.Message):
+    __slots__ = ("exec_id", "argv", "started_at", "state", "exit", "error", "tty", "output_bytes", "retained_from", "ended_at", "attached")
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    ARGV_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    TTY_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RETAINED_FROM_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    ATTACHED_FIELD_NUMBER: _ClassVar[int]
+    exec_id: str
+    argv: _containers.RepeatedScalarFieldContainer[str]
+    started_at: _timestamp_pb2.Timestamp
+    state: str
+    exit: ExecExit
+    error: str
+    tty: bool
+    output_bytes: int
+    retained_from: int
+    ended_at: _timestamp_pb2.Timestamp
+    attached: int
+    def __init__(self, exec_id: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[str] = ..., exit: _Optional[_Union[ExecExit, _Mapping]] = ..., error: _Optional[str] = ..., tty: _Optional[bool] = ..., output_bytes: _Optional[int] = ..., retained_from: _Optional[int] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attached: _Optional[int] = ...) -> None: ...
+
+class ListExecsRequest(_message.Message):
+    __slots__ = ("sandbox_id",)
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    def __init__(self, sandbox_id: _Optional[str] = ...) -> None: ...
+
+class ListExecsResponse(_message.Message):
+    __slots__ = ("execs",)
+    EXECS_FIELD_NUMBER: _ClassVar[int]
+    execs: _containers.RepeatedCompositeFieldContainer[ExecInfo]
+    def __init__(self, execs: _Optional[_Iterable[_Union[ExecInfo, _Mapping]]] = ...) -> None: ...
+
+class SignalExecRequest(_message.Message):
+    __slots__ = ("sandbox_id", "exec_id", "signal")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    exec_id: str
+    signal: int
+    def __init__(self, sandbox_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., signal: _Optional[int] = ...) -> None: ...

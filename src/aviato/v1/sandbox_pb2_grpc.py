@@ -214,6 +214,16 @@ class SandboxServiceStub:
                 request_serializer=aviato_dot_v1_dot_sandbox__pb2.SandboxUsageRequest.SerializeToString,
                 response_deserializer=aviato_dot_v1_dot_sandbox__pb2.SandboxUsageResponse.FromString,
                 _registered_method=True)
+        self.ListExecs = channel.unary_unary(
+                '/aviato.v1.SandboxService/ListExecs',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.ListExecsRequest.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.ListExecsResponse.FromString,
+                _registered_method=True)
+        self.SignalExec = channel.unary_unary(
+                '/aviato.v1.SandboxService/SignalExec',
+                request_serializer=aviato_dot_v1_dot_sandbox__pb2.SignalExecRequest.SerializeToString,
+                response_deserializer=aviato_dot_v1_dot_sandbox__pb2.ExecInfo.FromString,
+                _registered_method=True)
 
 
 class SandboxServiceServicer:
@@ -271,7 +281,9 @@ class SandboxServiceServicer:
     def RunCommand(self, request, context):
         """Exec without a request stream, for a command that needs nothing after its start: its stdin
         is init.input followed by end-of-file (empty input: /dev/null), no tty. The same response
-        frames as Exec except `started`, which is not sent. Cancelling the call kills the command.
+        frames as Exec except `started`, which is not sent: the command's id is in its first frame,
+        or in the initial metadata `aviato-exec-id` when the command is silent at first. Cancelling
+        the call kills the command, unless init.request_id is set (then it runs on).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -494,6 +506,23 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListExecs(self, request, context):
+        """Commands that outlive their call (docs/interactive.md). A sandbox's running commands and
+        those that ended recently (kept for a while, see the retention there), oldest first.
+        Attaching to one is an Exec stream whose first frame is `attach`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignalExec(self, request, context):
+        """Sends `signal` to a command's process group by its id (9 kills it); answers what is known
+        of it. Nothing happens to a command that has already ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -676,6 +705,16 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.SandboxUsage,
                     request_deserializer=aviato_dot_v1_dot_sandbox__pb2.SandboxUsageRequest.FromString,
                     response_serializer=aviato_dot_v1_dot_sandbox__pb2.SandboxUsageResponse.SerializeToString,
+            ),
+            'ListExecs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExecs,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.ListExecsRequest.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.ListExecsResponse.SerializeToString,
+            ),
+            'SignalExec': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignalExec,
+                    request_deserializer=aviato_dot_v1_dot_sandbox__pb2.SignalExecRequest.FromString,
+                    response_serializer=aviato_dot_v1_dot_sandbox__pb2.ExecInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1650,6 +1689,60 @@ class SandboxService:
             '/aviato.v1.SandboxService/SandboxUsage',
             aviato_dot_v1_dot_sandbox__pb2.SandboxUsageRequest.SerializeToString,
             aviato_dot_v1_dot_sandbox__pb2.SandboxUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExecs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aviato.v1.SandboxService/ListExecs',
+            aviato_dot_v1_dot_sandbox__pb2.ListExecsRequest.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.ListExecsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignalExec(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aviato.v1.SandboxService/SignalExec',
+            aviato_dot_v1_dot_sandbox__pb2.SignalExecRequest.SerializeToString,
+            aviato_dot_v1_dot_sandbox__pb2.ExecInfo.FromString,
             options,
             channel_credentials,
             insecure,
