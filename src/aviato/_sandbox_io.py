@@ -261,7 +261,12 @@ class SandboxIO(SandboxObserving):
             raise ValueError(f"cwd must be an absolute path: {cwd!r}")
 
         def start(argv: list[str], driver_env: dict[str, str]) -> Process:
-            return self.exec(argv, stdin=True, cwd=cwd, env=driver_env, max_output_bytes=0)
+            # Without a request id: unlike a command, the interpreter ends with this client's
+            # connection (a context cannot be re-attached, so one left behind would only hold
+            # memory until the sandbox ends).
+            state = ExecState(argv, stdin=True, tty=False, max_output_bytes=0)
+            init = pb.ExecInit(argv=argv, cwd=cwd or "", env=driver_env, stdin=True)
+            return Process(get_bridge().submit(self._exec(state, init, False)), state)
 
         return CodeContext(
             start,
