@@ -27,6 +27,7 @@ from aviato._client import Client, get_client
 from aviato._defaults import DEFAULT_GRACEFUL_SHUTDOWN_SECONDS
 from aviato._operation import OperationRef
 from aviato._options import RunOptions, SandboxArgs, SandboxDefaults, resolve
+from aviato._sandbox_code import SandboxCodeContexts
 from aviato._sandbox_commands import SandboxCommands
 from aviato._sandbox_io import SandboxIO
 from aviato._sandbox_network import SandboxNetwork
@@ -86,6 +87,7 @@ class SandboxCore(
     SandboxPaths,
     SandboxUsageQueries,
     SandboxCommands,
+    SandboxCodeContexts,
 ):
     """Everything a `Sandbox` is and does but `Sandbox.session()`: its record, its lifecycle,
     and (through its bases) its commands, files and queries. Users see it as `aviato.Sandbox`,

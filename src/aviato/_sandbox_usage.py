@@ -41,8 +41,8 @@ class SandboxUsage:
 
     `step_seconds` is the time between kept samples now (it doubles whenever the history of a
     long-lived sandbox fills); `active_calls` the commands and file transfers running in it;
-    `unavailable` says why there are no samples when its node cannot report them (a Ray node
-    host), and is "" otherwise."""
+    `unavailable` says why there are no samples when its node cannot read them (a node without
+    cgroups), and is "" otherwise."""
 
     sandbox_id: str
     samples: tuple[UsageSample, ...]

@@ -194,7 +194,7 @@ class RayCluster:
                 "--ray-address", f"{self.head_ip}:6379",
                 "--ray-node-state-dir", str(self.node_state_dir),
                 "--placement-timeout", str(self.placement_timeout),
-                "--ray-node-lease", str(self.node_lease),
+                "--ray-node-lease", str(self.node_lease), "--usage-interval", "1",
                 "--insecure-registry", self.registry_address, *self.server_args]  # fmt: skip
         self.server = subprocess.Popen(argv, stdout=log, stderr=log, env=self.env())
         log.close()

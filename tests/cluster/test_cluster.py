@@ -109,6 +109,26 @@ def test_attach_to_a_command_on_a_node(ray_cluster: RayCluster) -> None:
         sb.stop().result(timeout=30)
 
 
+def test_usage_of_a_sandbox_on_a_node(ray_cluster: RayCluster) -> None:
+    """The usage history (issue 20) reaches sandboxes on other nodes: the control plane asks
+    each node host for its sandboxes' readings before each round (every second here)."""
+    sb = Sandbox.run(command=["sh", "-c", "while :; do :; done"], tags=[TAG])
+    try:
+        sb.wait()
+        deadline = time.monotonic() + 30
+        usage = sb.usage().result(timeout=30)
+        while len(usage.samples) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            usage = sb.usage().result(timeout=30)
+        assert usage.unavailable == "" and len(usage.samples) >= 3, usage
+        first, last = usage.samples[0], usage.samples[-1]
+        assert last.cpu_seconds > first.cpu_seconds >= 0  # a busy loop uses CPU between them
+        assert last.memory_bytes > 0 and last.pids >= 2
+        assert (usage.cpu_percent() or 0.0) > 10.0, usage
+    finally:
+        sb.stop().result(timeout=30)
+
+
 def test_main_exit_and_logs(ray_cluster: RayCluster, stub: SandboxServiceStub) -> None:
     sb = _create(stub, "/bin/sh", "-c", "echo start; sleep 0.5; echo end; echo oops >&2; exit 4")
     got: list[bytes] = []

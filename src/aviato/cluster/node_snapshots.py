@@ -1,4 +1,4 @@
-"""The node host's calls for pause and snapshots (node.proto's last block).
+"""The node host's calls for pause, snapshots and usage readings (node.proto's last blocks).
 
 `NodeStateCalls` is a base of `NodeHost` (nodehost.py): its methods are actor methods of the
 node host, unary control calls: `pause`, `resume`, `paused` on the sandbox's own handle (the
@@ -56,7 +56,7 @@ def _store(runtime: Any) -> SnapshotStore:
 
 
 class NodeStateCalls:
-    """Actor methods of the node host for pause and snapshots (see the module docstring)."""
+    """Actor methods of the node host for pause, snapshots and usage (the module docstring)."""
 
     async def _handle(self, sandbox_id: str) -> SandboxHandle:
         raise NotImplementedError  # the node host's
@@ -66,6 +66,24 @@ class NodeStateCalls:
 
     async def pause(self, sandbox_id: str) -> None:
         await (await self._handle(sandbox_id)).pause()
+
+    async def sandbox_usage(self, request_message: bytes) -> bytes:
+        """What the sandboxes of an `npb.NodeUsageRequest` use now (`npb.NodeUsage`; one that
+        ended or that the node cannot read is absent): a few cgroup files each."""
+        request = npb.NodeUsageRequest.FromString(request_message)
+        answer = npb.NodeUsage()
+        for sandbox_id in request.sandbox_ids:
+            try:
+                reading = (await self._handle(sandbox_id)).usage()
+            except SandboxRuntimeError:
+                continue
+            if reading is not None:
+                answer.readings[sandbox_id].CopyFrom(
+                    npb.UsageReading(
+                        cpu_ns=reading.cpu_ns, memory_bytes=reading.memory_bytes, pids=reading.pids
+                    )
+                )
+        return answer.SerializeToString()
 
     async def resume(self, sandbox_id: str) -> None:
         await (await self._handle(sandbox_id)).resume()

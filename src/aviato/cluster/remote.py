@@ -49,6 +49,7 @@ from aviato.cluster.node_volumes import RemoteVolumes
 from aviato.cluster.port_relay import connect_remote_port
 from aviato.cluster.remote_egress import NodeEgressHost
 from aviato.cluster.remote_exec import start_exec
+from aviato.cluster.remote_usage import NodeUsageReader
 from aviato.node.v1 import node_pb2 as npb
 from aviato.runtime import image_roots
 from aviato.runtime.base import (
@@ -68,6 +69,7 @@ from aviato.runtime.base import (
     SandboxRuntimeError,
     SnapshotFacts,
     Unsupported,
+    UsageReading,
 )
 from aviato.runtime.logs import encode_record
 
@@ -121,6 +123,8 @@ class NodeRuntime(Runtime):
         self._bringing: dict[str, asyncio.Future[None]] = {}
         # The volumes whose home is this node (node_volumes.py).
         self.volumes = RemoteVolumes(self.link)
+        # Its sandboxes' usage readings, asked once per round of the usage history.
+        self.usage = NodeUsageReader(self.link)
 
     def sandbox_ids(self) -> list[str]:
         """The sandboxes this runtime has handles for."""
@@ -246,6 +250,9 @@ class RemoteSandbox(SandboxHandle):
         self._log_copy = runtime.log_copy_path(sandbox_id)
         self._copying = asyncio.ensure_future(self._copy_log())
         self._port_relays: set[asyncio.Task[None]] = set()
+
+    def usage(self) -> UsageReading | None:
+        return self._runtime.usage.reading(self.sandbox_id)
 
     def close(self) -> None:
         self._copying.cancel()

@@ -95,7 +95,11 @@ class Lifecycle(Pausing, Reconciliation):
         sampler."""
         await self._reconcile()
         self._reaper = asyncio.create_task(self._reap_forever(), name="aviato-reaper")
-        self.usage = UsageHistory(self.live_handles, interval=self._config.usage_interval_seconds)
+        self.usage = UsageHistory(
+            self.live_handles,
+            interval=self._config.usage_interval_seconds,
+            refresh=self._placement.refresh_usage,
+        )
         self.usage.start()
 
     def live_handles(self) -> Iterator[tuple[str, SandboxHandle | None]]:

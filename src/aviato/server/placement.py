@@ -104,6 +104,12 @@ class Placement(abc.ABC):
         holds them, as for the local placement)."""
         return None
 
+    async def refresh_usage(self) -> None:
+        """Before each round of the usage history: fetches the readings that live on other
+        machines, so that `SandboxHandle.usage()` answers without waiting. The default (every
+        sandbox on this machine) has nothing to fetch."""
+        return None
+
     async def start(self) -> None:
         """Connects to whatever the placement needs (a cluster); before the lifecycle starts."""
         return None

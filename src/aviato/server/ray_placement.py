@@ -496,6 +496,15 @@ class RayPlacement(Placement):
             return None
         return found.runtime.volumes
 
+    async def refresh_usage(self) -> None:
+        """Every live node's sandboxes' readings, one call per node, all nodes at once."""
+        readers = [
+            n.runtime.usage.refresh(n.runtime.sandbox_ids())
+            for n in self._nodes.values()
+            if n.alive and n.runtime is not None
+        ]
+        await asyncio.gather(*readers)
+
     def health(self) -> list[NodeHealth]:
         return [
             NodeHealth(

@@ -13,9 +13,12 @@ Sampling runs on the service's event loop in slices of `SLICE` sandboxes, yieldi
 slices, so that a round over a thousand sandboxes never holds the loop for more than about 2 ms
 at a time (64 readings of about 30 µs).
 
-What it cannot do: sandboxes whose node is another machine (a Ray node host) have no readings
-here; their history says so (`unavailable`) rather than holding guessed figures. A sandbox that
-starts and ends between two rounds has no samples.
+Sandboxes on another machine (a Ray node): before each round the placement fetches their
+readings, one call per node for all of its sandboxes (`Placement.refresh_usage`,
+cluster/remote_usage.py), so the round itself still never waits. A node that does not answer
+leaves a gap in its sandboxes' histories, never a guessed figure; a sandbox whose node cannot
+read it at all says so (`unavailable`). A sandbox that starts and ends between two rounds has
+no samples.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import logging
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from aviato.runtime.base import SandboxHandle, UsageReading
@@ -47,7 +50,7 @@ DEFAULT_CAPACITY = 360  # 30 minutes at 5 s, then coarser
 DEFAULT_KEEP_ENDED = 200
 SLICE = 64
 UNAVAILABLE_REASON = (
-    "its node does not report usage to this service (a Ray node host, or a node without cgroups)"
+    "its node cannot read its usage (a node without cgroups, or a node host that does not answer)"
 )
 
 
@@ -137,7 +140,8 @@ class _Entry:
 
 class UsageHistory:
     """Samples the sandboxes that `live` lists, as (id, handle or None while it starts), every
-    `interval` seconds (0: never; every history is then empty). Event-loop thread only."""
+    `interval` seconds (0: never; every history is then empty), after awaiting `refresh`
+    (the placement's fetch of readings kept on other machines). Event-loop thread only."""
 
     def __init__(
         self,
@@ -146,8 +150,10 @@ class UsageHistory:
         interval: float = DEFAULT_INTERVAL_SECONDS,
         capacity: int = DEFAULT_CAPACITY,
         keep_ended: int = DEFAULT_KEEP_ENDED,
+        refresh: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._live = live
+        self._refresh = refresh
         self.interval = interval
         self._capacity = capacity
         self._keep_ended = keep_ended
@@ -186,6 +192,8 @@ class UsageHistory:
 
     async def sample_once(self) -> None:
         """One round over every live sandbox (public for tests and the benchmark)."""
+        if self._refresh is not None:
+            await self._refresh()
         seen: set[str] = set()
         for n, (sandbox_id, handle) in enumerate(list(self._live())):
             if n and n % SLICE == 0:

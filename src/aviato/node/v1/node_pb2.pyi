@@ -492,3 +492,32 @@ class VolumeUsage(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     size_bytes: int
     def __init__(self, size_bytes: _Optional[int] = ...) -> None: ...
+
+class NodeUsageRequest(_message.Message):
+    __slots__ = ("sandbox_ids",)
+    SANDBOX_IDS_FIELD_NUMBER: _ClassVar[int]
+    sandbox_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sandbox_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class UsageReading(_message.Message):
+    __slots__ = ("cpu_ns", "memory_bytes", "pids")
+    CPU_NS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PIDS_FIELD_NUMBER: _ClassVar[int]
+    cpu_ns: int
+    memory_bytes: int
+    pids: int
+    def __init__(self, cpu_ns: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., pids: _Optional[int] = ...) -> None: ...
+
+class NodeUsage(_message.Message):
+    __slots__ = ("readings",)
+    class ReadingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: UsageReading
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[UsageReading, _Mapping]] = ...) -> None: ...
+    READINGS_FIELD_NUMBER: _ClassVar[int]
+    readings: _containers.MessageMap[str, UsageReading]
+    def __init__(self, readings: _Optional[_Mapping[str, UsageReading]] = ...) -> None: ...
