@@ -64,6 +64,12 @@ class RawBwrapSystem(FloorSystem):
                 "aviato.runtime.bubblewrap.command.build_argv changed shape; cannot reuse it"
             )
         self._prefix = argv[:-3]
+        # aviato hands bwrap the environment on a descriptor (`--args`, kept off the host's
+        # command lines); one command line is the cheapest equivalent here.
+        if "--args" in self._prefix:
+            at = self._prefix.index("--args")
+            given = bwrap.environment_args(config, root).split(b"\0")[:-1]
+            self._prefix[at : at + 2] = [part.decode() for part in given]
         self._seccomp_at = self._prefix.index("--seccomp") + 1
         self._filter_fd = seccomp.filter_fd
         self._info = {"bwrap": found.path, "version": found.version_text, "origin": found.origin}

@@ -445,7 +445,7 @@ def test_sdk_node_selector(ray_cluster: RayCluster) -> None:
         aviato.SandboxDefaults(tags=(TAG,), node_selector={"aviato.node": nodes["w2"]})
     ) as session:
         assert session.sandbox().wait(timeout=30).node == nodes["w2"]
-    with pytest.raises(aviato.SandboxValidationError, match=r"spec\.node_selector"):
+    with pytest.raises(aviato.SandboxValidationError, match=r"node_selector\['bad label'\]"):
         Sandbox.run(tags=[TAG], node_selector={"bad label": "x"})
 
 
