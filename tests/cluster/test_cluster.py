@@ -112,7 +112,7 @@ def test_attach_to_a_command_on_a_node(ray_cluster: RayCluster) -> None:
 def test_usage_of_a_sandbox_on_a_node(ray_cluster: RayCluster) -> None:
     """The usage history (issue 20) reaches sandboxes on other nodes: the control plane asks
     each node host for its sandboxes' readings before each round (every second here)."""
-    sb = Sandbox.run(command=["sh", "-c", "while :; do :; done"], tags=[TAG])
+    sb = Sandbox.run("sh", "-c", "while :; do :; done", tags=[TAG])
     try:
         sb.wait()
         deadline = time.monotonic() + 30
