@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aviato.server.config import ServerConfig
-from aviato.server.metrics import ServiceState
+from aviato.server.metrics_state import ServiceState
 from aviato.server.ray_placement import RayPlacement, _Node
 from aviato.server.usage_history import UsageHistory
 

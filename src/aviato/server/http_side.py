@@ -31,7 +31,8 @@ from aviato.server.dashboard import OWNER, Dashboard
 from aviato.server.errors import ServiceError
 from aviato.server.http_auth import COOKIE, HttpCaller
 from aviato.server.lifecycle import Lifecycle
-from aviato.server.metrics import REGISTRY, ServiceState
+from aviato.server.metrics import REGISTRY
+from aviato.server.metrics_state import ServiceState
 from aviato.server.placement import Placement
 
 __all__ = ["HttpSide"]
