@@ -2,7 +2,8 @@
 
 A snapshot is a copy of a sandbox's writable layer (runtime/tree_copy.py says what is copied and
 how), with the sandbox's own ids (0..65536) as owners. It is written under
-`<state>/snapshots/.partial-<id>/` and renamed to `<id>/` only once complete, so a service killed
+`<state>/snapshots/.partial-<id>/` and renamed to `<id>/` only once complete and on disk (one
+syncfs for the tree, then an fsync of the directory for its name), so a service killed
 mid-copy leaves only a `.partial-` directory, which `discard_partial` removes at the next start;
 the registry lists a snapshot only after the rename (server/snapshots.py).
 
@@ -17,6 +18,7 @@ What the runtime does not know: who owns a snapshot (the registry's owner column
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import shutil
@@ -35,6 +37,15 @@ SNAPSHOT_ID = re.compile(r"^snap-[a-z0-9]{8,64}$")
 MAX_SNAPSHOT_ENTRIES = 2_000_000
 NOBODY = 65534
 _PARTIAL = ".partial-"
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _sync_filesystem(fd: int) -> None:
+    """syncfs(2) of the filesystem that holds `fd`: every file of a new tree on disk in one
+    call (cheaper than an fsync per file, and the same guarantee for the tree)."""
+    if _LIBC.syncfs(fd) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
 
 
 class SnapshotNotFound(SandboxRuntimeError):
@@ -150,12 +161,17 @@ class SnapshotStore:
                     )  # fmt: skip
                     st = os.fstat(src)
                     os.fchmod(dst, st.st_mode & 0o7777 & ~0o6000)
-                    os.fsync(dst)
+                    _sync_filesystem(dst)  # the files are on disk before the tree has a name
                 finally:
                     os.close(dst)
             finally:
                 os.close(src)
             os.rename(partial, self.root / snapshot_id)
+            root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(root)  # and the name is, before the service records the snapshot
+            finally:
+                os.close(root)
         except CopyRefused as exc:
             shutil.rmtree(partial, ignore_errors=True)
             raise SnapshotTooLarge(f"cannot snapshot: {exc.strerror}") from exc
