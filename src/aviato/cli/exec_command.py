@@ -135,6 +135,14 @@ def run_command(
         max_output_bytes=0,
     )
     assert process.stdin is not None
+    # Forwarding first: once a relay prints the command's first output, a Ctrl-C must reach
+    # the command, not interrupt us (seen in CI under load: exit 130 instead of the command's).
+    with _SignalForwarder(process):
+        return _relay(process, pass_stdin, timeout)
+
+
+def _relay(process: Process, pass_stdin: bool, timeout: float | None) -> int:
+    assert process.stdin is not None
     if pass_stdin:
         threading.Thread(
             target=pump_fd, args=(0, process), name="aviato-stdin", daemon=True
@@ -145,24 +153,23 @@ def run_command(
     relays.append(OutputRelay(process.stderr, 2, process.cancel))
     finished = False
     try:
-        with _SignalForwarder(process):
-            try:
-                result = wait_for_exit(process)
-            except CancelledError:
-                # only a relay cancels: our stdout or stderr was closed under us
-                for relay in relays:
-                    relay.join(timeout=5.0)
-                broken = next(relay.broken for relay in relays if relay.broken is not None)
-                raise broken from None
-            except SandboxTimeoutError as exc:
-                finished = True
-                limit = f" after {timeout:g}s" if timeout else ""
-                if exc.exec_result is not None:
-                    _finish_output(relays, exc.exec_result)
-                raise CliError(f"the command timed out{limit} and was killed", TIMED_OUT) from None
+        try:
+            result = wait_for_exit(process)
+        except CancelledError:
+            # only a relay cancels: our stdout or stderr was closed under us
+            for relay in relays:
+                relay.join(timeout=5.0)
+            broken = next(relay.broken for relay in relays if relay.broken is not None)
+            raise broken from None
+        except SandboxTimeoutError as exc:
             finished = True
-            _finish_output(relays, result)
-            return result.returncode
+            limit = f" after {timeout:g}s" if timeout else ""
+            if exc.exec_result is not None:
+                _finish_output(relays, exc.exec_result)
+            raise CliError(f"the command timed out{limit} and was killed", TIMED_OUT) from None
+        finished = True
+        _finish_output(relays, result)
+        return result.returncode
     finally:
         if not finished:
             # Leaving early (Ctrl-C, a closed stdout): do not leave the command running.
