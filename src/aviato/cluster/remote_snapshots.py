@@ -14,6 +14,8 @@ is that the bytes cross the control plane's network twice.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -33,6 +35,8 @@ log = logging.getLogger("aviato.cluster")
 
 EXPORT_METHOD = f"/{SERVICE}/ExportSnapshot"
 IMPORT_METHOD = f"/{SERVICE}/ImportSnapshot"
+# How long a failed write waits for the target's own answer (see `send`).
+ANSWER_WAIT_SECONDS = 5.0
 
 
 def _channel(link: NodeLink) -> Any:
@@ -75,6 +79,12 @@ async def copy_snapshot(source: NodeLink, target: NodeLink, snapshot_id: str) ->
         try:
             await _race(target, imported.write(request))
         except Exception:
+            if not imported.done():
+                # A target that refuses mid-stream ends the call, and a write can fail (the
+                # stream reset) before that answer has arrived: wait for it a little, so
+                # that the user reads the target's reason, not the reset.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(_await(imported), ANSWER_WAIT_SECONDS)
             if not imported.done():
                 raise
             return False
