@@ -148,7 +148,9 @@ class FakeSandbox(SandboxHandle):
 
 
 class FakeRuntime(Runtime):
-    """`create_delay` slows creates; `fail_next` makes the next create raise."""
+    """`create_delay` slows creates; `cleanup_delay` slows cleanups (`overlapping_cleanups`
+    counts those that ran while another of the same sandbox did); `fail_next` makes the next
+    create raise."""
 
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir / "sandboxes"
@@ -156,6 +158,9 @@ class FakeRuntime(Runtime):
         self.handles: dict[str, FakeSandbox] = {}
         self.files: dict[tuple[str, str], bytes] = {}
         self.create_delay = 0.0
+        self.cleanup_delay = 0.0
+        self.cleaning: set[str] = set()
+        self.overlapping_cleanups = 0
         self.fail_next = ""
         self.created: list[str] = []
         self.cleaned: list[str] = []
@@ -196,6 +201,12 @@ class FakeRuntime(Runtime):
             os.replace(self.dir / sandbox_id / "main.log", into)
 
     async def cleanup(self, sandbox_id: str) -> None:
+        if sandbox_id in self.cleaning:
+            self.overlapping_cleanups += 1
+        self.cleaning.add(sandbox_id)
+        if self.cleanup_delay:
+            await asyncio.sleep(self.cleanup_delay)
+        self.cleaning.discard(sandbox_id)
         handle = self.handles.pop(sandbox_id, None)
         if handle is not None:
             handle.end(137, 9, "killed")

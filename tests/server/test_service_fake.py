@@ -93,6 +93,21 @@ def test_lifecycle_basics(tmp_path: Path) -> None:
     run_service(tmp_path / "s", None, body)
 
 
+def test_delete_returns_after_the_one_cleanup_it_raced(tmp_path: Path) -> None:
+    """Deleting a running sandbox stops it (which starts a cleanup) and then cleans up itself:
+    the second must wait for the first, not run beside it and return while it still removes."""
+
+    async def body(stub: pbg.SandboxServiceStub, rt: FakeRuntime) -> None:
+        rt.cleanup_delay = 0.3
+        sb = await create(stub)
+        await wait(stub, sb.id)
+        await stub.DeleteSandbox(pb.DeleteSandboxRequest(sandbox_id=sb.id))
+        assert sb.id in rt.cleaned and sb.id not in rt.cleaning
+        assert rt.overlapping_cleanups == 0
+
+    run_service(tmp_path / "s", None, body)
+
+
 def test_create_failure_and_exit_codes(tmp_path: Path) -> None:
     async def body(stub: pbg.SandboxServiceStub, rt: FakeRuntime) -> None:
         rt.fail_next = "no bwrap here"

@@ -71,6 +71,7 @@ class SandboxRuns:
         self._leases: dict[tuple[str, str], LeaseState] = {}
         self._admission = Admission(config, registry)
         self._background: set[asyncio.Task[None]] = set()
+        self._cleanups: dict[str, asyncio.Task[None]] = {}  # at most one per sandbox
         self._reaper: asyncio.Task[None] | None = None
         self._closing = False
         self._ports = PortForwarder()
@@ -399,6 +400,20 @@ class SandboxRuns:
             log.warning("could not keep the log of %s: %s", rec.id, e)
 
     async def _cleanup(self, runtime: Runtime, sandbox_id: str) -> None:
+        """Removes the sandbox's state from its runtime. A second call while one runs (a delete
+        right after the stop that spawned one) waits for the first: two at once raced, and the
+        loser returned while the winner was still removing (a disk layer's image outlived the
+        delete that the user saw finish)."""
+        running = self._cleanups.get(sandbox_id)
+        if running is None:
+            running = asyncio.create_task(self._cleanup_once(runtime, sandbox_id))
+            self._cleanups[sandbox_id] = running
+            self._background.add(running)  # a closing service cancels and awaits it
+            running.add_done_callback(self._background.discard)
+            running.add_done_callback(lambda _: self._cleanups.pop(sandbox_id, None))
+        await asyncio.shield(running)
+
+    async def _cleanup_once(self, runtime: Runtime, sandbox_id: str) -> None:
         try:
             await runtime.cleanup(sandbox_id)
         except asyncio.CancelledError:
