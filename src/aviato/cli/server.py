@@ -123,8 +123,9 @@ _LIMIT_OPTIONS = (
     ("--cgroup-pids", "N",
      "Tasks of all sandboxes together [default: half of pid_max or threads-max]."),
     # The operator's view (docs/operations.md), forwarded the same way.
-    ("--http", "HOST:PORT",
-     "Serve /metrics and the web dashboard here [env AVIATO_HTTP; default: nowhere]."),
+    ("--http", "HOST:PORT|off",
+     "Serve /metrics and the web dashboard here, or 'off' [env AVIATO_HTTP; default: "
+     "127.0.0.1 on a free port, unless --listen names a non-loopback address]."),
     ("--usage-interval", "SECONDS",
      "Sample each sandbox's CPU, memory and tasks this often [default 5; 0: never]."),
 )  # fmt: skip
