@@ -313,12 +313,28 @@ def start(
     click.echo(f"started (pid {_read_pid(paths) or '?'}, socket {paths.socket}{where})")
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _exited(pid: int) -> bool:
+    """True once `pid` has exited: gone, or a zombie. A service the SDK started is a child of
+    the program that started it, which reaps it only when it exits; until then the ended
+    service stays a zombie that `kill(pid, 0)` still finds."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc: ask the kernel the plain way
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
+            return True
+        return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _exited(pid):
             return True
         time.sleep(0.05)
     return False
