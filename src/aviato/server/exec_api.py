@@ -74,6 +74,7 @@ class ExecStreams(ServicerBase):
     def __init__(self, lifecycle: Lifecycle, auth: Authenticator) -> None:
         super().__init__(lifecycle, auth)
         self._commands = CommandTable()
+        lifecycle.when_deleted(self._commands.forget_sandbox)
         # Commands being started, by (owner, sandbox, request id): a retry that arrives
         # meanwhile waits for the first rather than starting the command a second time.
         self._starting: dict[tuple[str, str, str], asyncio.Future[Command | None]] = {}

@@ -14,8 +14,13 @@ The retention, bounded by construction (docs/interactive.md):
   did before), so a live exec still gets every byte;
 - all commands together, `RETAINED_BYTES_TOTAL`: past it, the output of ended commands goes
   first (oldest first), then the older output of the command that is writing;
-- ended commands stay `FINISHED_KEEP_SECONDS`, and at most `FINISHED_KEPT_PER_SANDBOX` of them
-  per sandbox (the oldest go first); of each argv, the first `SHOWN_ARGV_BYTES` are kept.
+- ended commands stay `FINISHED_KEEP_SECONDS`, at most `FINISHED_KEPT_PER_SANDBOX` of them
+  per sandbox and `FINISHED_KEPT_TOTAL` in all (the oldest go first); of each argv, the first
+  `SHOWN_ARGV_BYTES` are kept;
+- an ended command lets go of the runtime's handle (which holds the sandbox's supervisor
+  connection and cgroup), and a deleted sandbox's commands are forgotten at once
+  (`CommandTable.forget_sandbox`): before, each ended command pinned its sandbox's connection
+  for 10 minutes, about 75 KiB of the service's memory per sandbox.
 
 Nothing here survives a restart of the service: the table is in its memory.
 """
@@ -31,7 +36,14 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager
 
-from aviato.runtime.base import ExecExit, ExecFailed, ExecHandle, ExecOutput, SandboxRuntimeError
+from aviato.runtime.base import (
+    ExecEvent,
+    ExecExit,
+    ExecFailed,
+    ExecHandle,
+    ExecOutput,
+    SandboxRuntimeError,
+)
 from aviato.server import codec, errors
 from aviato.server.errors import NotFound, ServiceError
 from aviato.v1 import errors_pb2 as epb
@@ -40,6 +52,7 @@ from aviato.v1 import sandbox_pb2 as pb
 __all__ = [
     "FINISHED_KEEP_SECONDS",
     "FINISHED_KEPT_PER_SANDBOX",
+    "FINISHED_KEPT_TOTAL",
     "RETAINED_BYTES_PER_COMMAND",
     "RETAINED_BYTES_TOTAL",
     "Command",
@@ -52,6 +65,8 @@ log = logging.getLogger("aviato.server.exec")
 RETAINED_BYTES_PER_COMMAND = 2 << 20
 RETAINED_BYTES_TOTAL = 256 << 20
 FINISHED_KEPT_PER_SANDBOX = 32
+# An ended command without output costs the service ~1.5 KiB; commands end at thousands a second.
+FINISHED_KEPT_TOTAL = 2048
 FINISHED_KEEP_SECONDS = 600.0
 # What is kept of a command's argv (for listings and attaches): an argv may be 1 MiB.
 SHOWN_ARGV_BYTES = 4096
@@ -65,6 +80,38 @@ class ExecNotFound(NotFound):
 
 #: Builds the terminal error frame of a command that failed: (code, message, detail) -> frame.
 FailureFrame = Callable[[str, str, epb.ErrorDetail | None], pb.ExecResponse]
+
+
+class _EndedExec(ExecHandle):
+    """The handle of a command that ended: every operation is a no-op, as it is on the
+    runtime's handle once its terminal event was delivered, but nothing of the sandbox is held."""
+
+    def events(self) -> AsyncIterator[ExecEvent]:
+        return self
+
+    def __aiter__(self) -> _EndedExec:
+        return self
+
+    async def __anext__(self) -> ExecEvent:
+        raise StopAsyncIteration
+
+    async def write_stdin(self, data: bytes) -> None:
+        pass
+
+    async def close_stdin(self) -> None:
+        pass
+
+    async def resize(self, rows: int, cols: int) -> None:
+        pass
+
+    async def signal(self, signo: int) -> None:
+        pass
+
+    async def kill(self) -> None:
+        pass
+
+
+_ENDED = _EndedExec()
 
 
 class _Reader:
@@ -208,6 +255,8 @@ class Command:
         finally:
             self.terminal = terminal or errors.error_frame("UNAVAILABLE", "the command was lost")
             self.ended_ns = time.time_ns()
+            self.handle = _ENDED  # let go of the sandbox's connection and cgroup
+            self._pump = None
             self._wake()
             self._table._ended(self)
 
@@ -395,6 +444,23 @@ class CommandTable:
         ended = [c for c in self._by_sandbox[command.sandbox_id].values() if c.terminal]
         for old in sorted(ended, key=lambda c: c.ended_ns)[:-FINISHED_KEPT_PER_SANDBOX]:
             self._forget(old)
+        while len(self._finished) > FINISHED_KEPT_TOTAL:
+            self._forget(next(iter(self._finished.values())))
+
+    def forget_sandbox(self, sandbox_id: str) -> None:
+        """Forgets every command of `sandbox_id` (it was deleted: nobody can name them again).
+        A command still running is forgotten too; its pump ends with the sandbox."""
+        for command in list(self._by_sandbox.get(sandbox_id, {}).values()):
+            self._forget(command)
+
+    def sizes(self) -> dict[str, int]:
+        """How many entries each index holds (what tests check stays bounded)."""
+        return {
+            "commands": len(self._by_id),
+            "requests": len(self._by_request),
+            "sandboxes": len(self._by_sandbox),
+            "finished": len(self._finished),
+        }
 
     def _expire(self) -> None:
         horizon = time.time_ns() - int(FINISHED_KEEP_SECONDS * 1e9)
