@@ -65,8 +65,8 @@ log = logging.getLogger("aviato.server.exec")
 RETAINED_BYTES_PER_COMMAND = 2 << 20
 RETAINED_BYTES_TOTAL = 256 << 20
 FINISHED_KEPT_PER_SANDBOX = 32
-# An ended command without output costs the service ~1.5 KiB; commands end at thousands a second.
-FINISHED_KEPT_TOTAL = 2048
+# An ended command without output costs the service ~2 KiB; commands end at thousands a second.
+FINISHED_KEPT_TOTAL = 1024
 FINISHED_KEEP_SECONDS = 600.0
 # What is kept of a command's argv (for listings and attaches): an argv may be 1 MiB.
 SHOWN_ARGV_BYTES = 4096
@@ -126,6 +126,29 @@ class _Reader:
 class Command:
     """One command: its identity, its retained output, its terminal frame once it ended."""
 
+    __slots__ = (
+        "_chunks",
+        "_kept",
+        "_pump",
+        "_readers",
+        "_table",
+        "_waiters",
+        "argv",
+        "detachable",
+        "end",
+        "ended_ns",
+        "exec_id",
+        "handle",
+        "owner",
+        "request_id",
+        "sandbox_id",
+        "start",
+        "started_ns",
+        "stdin",
+        "terminal",
+        "tty",
+    )
+
     def __init__(
         self,
         table: CommandTable,
@@ -156,7 +179,7 @@ class Command:
         self._readers: list[_Reader] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._pump: asyncio.Task[None] | None = None
-        self._kept: set[asyncio.Task[None]] = set()
+        self._kept: set[asyncio.Task[None]] | None = None  # made by the first `keep`
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -217,6 +240,8 @@ class Command:
 
     def keep(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
         """Holds `task` (its input being fed) until it ends: asyncio keeps tasks weakly."""
+        if self._kept is None:
+            self._kept = set()
         self._kept.add(task)
         task.add_done_callback(self._kept.discard)
         return task
