@@ -114,6 +114,11 @@ class _EndedExec(ExecHandle):
 _ENDED = _EndedExec()
 
 
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class _Reader:
     """One call reading a command's output: the offset of the next byte it will be sent."""
 
@@ -232,10 +237,15 @@ class Command:
     async def first_news(self, seconds: float) -> bool:
         """Waits up to `seconds` for the command's first output or its end; whether it came."""
         if self.end == 0 and self.terminal is None:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[None] = loop.create_future()
             self._waiters.append(waiter)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter, seconds)
+            # A timer on the waiter, not `asyncio.wait_for` (a task per call).
+            timer = loop.call_later(seconds, _settle, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
         return self.end > 0 or self.terminal is not None
 
     def keep(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
