@@ -44,6 +44,8 @@ class Plan:
     settle_seconds: float = 1.0
     settle_limit_seconds: float = 30.0
     settle_reads: int = 5
+    settle_interval: float = 0.5
+    memory_settle_seconds: float = 1.0  # after a wave of the memory figure, before the reading
     pause_seconds: float = 0.5
 
     def as_dict(self) -> dict[str, Any]:
@@ -70,9 +72,11 @@ QUICK = Plan(
     series_seconds=8.0,
     density_seconds=40.0,
     memory_seconds=40.0,
-    settle_seconds=0.3,
+    settle_seconds=0.1,
     settle_limit_seconds=1.0,
     settle_reads=2,
+    settle_interval=0.1,
+    memory_settle_seconds=0.2,
     pause_seconds=0.05,
 )
 

@@ -497,13 +497,13 @@ class Density(Figure):
         service_rss = getattr(system, "service_rss", None)
         rss_before = service_rss() if service_rss else None
         before, spread_before = settle_mem_available(
-            plan.settle_seconds, plan.settle_limit_seconds, plan.settle_reads
+            plan.settle_seconds, plan.settle_limit_seconds, plan.settle_reads, plan.settle_interval
         )
         t0 = time.perf_counter()
         boxes, start_errors = system.start_idle(plan.idle, plan.density_seconds)
         start_seconds = time.perf_counter() - t0
         with_boxes, spread_with = settle_mem_available(
-            plan.settle_seconds, plan.settle_limit_seconds, plan.settle_reads
+            plan.settle_seconds, plan.settle_limit_seconds, plan.settle_reads, plan.settle_interval
         )
         rss_after = service_rss() if service_rss else None
         pss, processes = tree_pss_bytes(system.idle_pids(boxes))
@@ -511,7 +511,7 @@ class Density(Figure):
         stop_errors = system.stop_idle(boxes)
         stop_seconds = time.perf_counter() - t1
         after, spread_after = settle_mem_available(
-            plan.settle_seconds, plan.settle_limit_seconds, plan.settle_reads
+            plan.settle_seconds, plan.settle_limit_seconds, plan.settle_reads, plan.settle_interval
         )
         n = len(boxes)
         for _ in range(start_errors):

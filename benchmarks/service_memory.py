@@ -19,8 +19,6 @@ from benchmarks._stats import MiB
 from benchmarks._system import System
 from benchmarks.scenarios import Figure, State
 
-SETTLE_SECONDS = 1.0  # after a wave: stops finish their cleanups before the size is read
-
 
 class ServiceMemory(Figure):
     name = "memory"
@@ -35,7 +33,7 @@ class ServiceMemory(Figure):
         if state.data["rss"] is None:
             return
         self._wave(system, plan, plan.memory_warmup, state)
-        time.sleep(SETTLE_SECONDS)
+        time.sleep(plan.memory_settle_seconds)
         state.data["warm"] = state.data["rss"]()
 
     def round(self, system: System, plan: Plan, state: State, index: int, rounds: int) -> None:
@@ -44,7 +42,7 @@ class ServiceMemory(Figure):
         t0 = time.perf_counter()
         state.data["made"] = self._wave(system, plan, plan.memory_sandboxes, state)
         state.data["seconds"] = time.perf_counter() - t0
-        time.sleep(SETTLE_SECONDS)
+        time.sleep(plan.memory_settle_seconds)
         state.data["after"] = state.data["rss"]()
 
     @staticmethod
