@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 from _wait import async_wait_until
@@ -33,6 +35,7 @@ SANDBOXES = 24
 PARALLEL = 6
 
 Body = Callable[[pbg.SandboxServiceStub], Awaitable[None]]
+T = TypeVar("T")
 
 
 def _run_in_process(server: ServerProcess, body: Body) -> None:
@@ -57,48 +60,71 @@ def _run_in_process(server: ServerProcess, body: Body) -> None:
     asyncio.run(main())
 
 
-async def _one(stub: pbg.SandboxServiceStub, delete: bool) -> None:
+async def _one(stub: pbg.SandboxServiceStub, delete: bool) -> str:
     """Creates a sandbox, runs a command in it, stops it and (with `delete`) deletes it."""
     sandbox = await stub.CreateSandbox(
         pb.CreateSandboxRequest(spec=pb.SandboxSpec(), request_id=str(uuid.uuid4()))
     )
-    frames = [f async for f in stub.RunCommand(pb.ExecInit(sandbox_id=sandbox.id,
-                                                           argv=["echo", "x"]))]  # fmt: skip
+    init = pb.ExecInit(sandbox_id=sandbox.id, argv=["echo", "x"])
+    frames = [f async for f in stub.RunCommand(init)]
     assert frames[-1].WhichOneof("msg") == "exit", frames[-1]
     assert frames[-1].exit.exit_code == 0
     await stub.StopSandbox(pb.StopSandboxRequest(sandbox_id=sandbox.id, grace_seconds=0))
     if delete:
         await stub.DeleteSandbox(pb.DeleteSandboxRequest(sandbox_id=sandbox.id))
+    return str(sandbox.id)
 
 
-async def _many(stub: pbg.SandboxServiceStub, count: int, delete: bool) -> None:
+async def _many(stub: pbg.SandboxServiceStub, count: int, delete: bool) -> set[str]:
     slots = asyncio.Semaphore(PARALLEL)
 
-    async def one() -> None:
+    async def one() -> str:
         async with slots:
-            await _one(stub, delete)
+            return await _one(stub, delete)
 
-    await asyncio.gather(*(one() for _ in range(count)))
+    return set(await asyncio.gather(*(one() for _ in range(count))))
 
 
-def _live(kind: type) -> list[object]:
+def _live(kind: type[T]) -> list[T]:
     gc.collect()
     return [o for o in gc.get_objects() if isinstance(o, kind)]
 
 
-def _nothing_of_the_sandboxes() -> bool:
-    """No connection, exec handle, cgroup or live entry of any sandbox is left."""
-    return not any(_live(kind) for kind in (SupervisorConnection, SupervisorExec, SandboxCgroup,
-                                            LiveSandbox))  # fmt: skip
+class _Census:
+    """What this process holds of the runtime's objects, against what it held before the
+    service started (objects of other tests in this process are not ours to count)."""
+
+    def __init__(self) -> None:
+        self.before = {kind: len(_live(kind)) for kind in (SupervisorConnection, SupervisorExec)}
+        self.tables = {id(t) for t in _live(CommandTable)}
+
+    def sandboxes_gone(self, ids: set[str]) -> bool:
+        """No connection or exec handle more than before; no cgroup or live entry of `ids`."""
+        if any(len(_live(kind)) > n for kind, n in self.before.items()):
+            return False
+        if any(os.path.basename(d) in ids for c in _live(SandboxCgroup) for d in c.unique_dirs):
+            return False
+        return not any(live.rec.id in ids for live in _live(LiveSandbox))
+
+    def table(self) -> CommandTable:
+        """The command table of the service started since."""
+        (table,) = [t for t in _live(CommandTable) if id(t) not in self.tables]
+        return table
+
+
+def _commands_of(ids: set[str]) -> list[Command]:
+    return [c for c in _live(Command) if c.sandbox_id in ids]
 
 
 def test_deleted_sandboxes_leave_nothing_in_the_service(fresh_server: ServerProcess) -> None:
+    census = _Census()
+
     async def body(stub: pbg.SandboxServiceStub) -> None:
-        await _many(stub, SANDBOXES, delete=True)
-        await async_wait_until(_nothing_of_the_sandboxes, "the sandboxes' objects to go")
-        assert _live(Command) == []
-        (table,) = _live(CommandTable)
-        assert table.sizes() == {"commands": 0, "requests": 0, "sandboxes": 0, "finished": 0}
+        ids = await _many(stub, SANDBOXES, delete=True)
+        await async_wait_until(lambda: census.sandboxes_gone(ids), "the sandboxes' objects to go")
+        assert _commands_of(ids) == []
+        sizes = census.table().sizes()
+        assert sizes == {"commands": 0, "requests": 0, "sandboxes": 0, "finished": 0}
 
     _run_in_process(fresh_server, body)
 
@@ -108,18 +134,20 @@ def test_stopped_sandboxes_keep_their_commands_but_not_their_connections(
 ) -> None:
     """A stopped (not deleted) sandbox's commands stay listable (their retention), without
     holding the sandbox's runtime objects; all ended commands together stay bounded."""
+    census = _Census()
     kept_total = exec_table.FINISHED_KEPT_TOTAL
     exec_table.FINISHED_KEPT_TOTAL = SANDBOXES // 2
     try:
 
         async def body(stub: pbg.SandboxServiceStub) -> None:
-            await _many(stub, SANDBOXES, delete=False)
-            await async_wait_until(_nothing_of_the_sandboxes, "the sandboxes' objects to go")
-            (table,) = _live(CommandTable)
-            assert table.sizes()["finished"] == SANDBOXES // 2
-            assert len(_live(Command)) == SANDBOXES // 2
-            for command in _live(Command):
-                assert isinstance(command, Command) and command.state == "exited"
+            ids = await _many(stub, SANDBOXES, delete=False)
+            await async_wait_until(
+                lambda: census.sandboxes_gone(ids), "the sandboxes' objects to go"
+            )
+            assert census.table().sizes()["finished"] == SANDBOXES // 2
+            kept = _commands_of(ids)
+            assert len(kept) == SANDBOXES // 2
+            assert all(c.state == "exited" for c in kept)
 
         _run_in_process(fresh_server, body)
     finally:
