@@ -190,7 +190,10 @@ class FloorSystem(System):
                     started += 1
                     running[pidfd] = entry
                     poller.register(pidfd, select.POLLIN)
-                for pidfd, _ in poller.poll(DEFAULT_TIMEOUT * 1000):
+                ready = poller.poll(DEFAULT_TIMEOUT * 1000)
+                if not ready:
+                    raise TimeoutError(f"no command ended within {DEFAULT_TIMEOUT:g} s")
+                for pidfd, _ in ready:
                     pid, out, err = running.pop(pidfd)
                     poller.unregister(pidfd)
                     os.close(pidfd)
