@@ -404,6 +404,7 @@ class CommandTable:
         self._by_request: dict[tuple[str, str, str], Command] = {}
         self._by_sandbox: dict[str, dict[str, Command]] = {}  # in the order they started
         self._finished: OrderedDict[str, Command] = OrderedDict()  # in the order they ended
+        self._finished_of: dict[str, OrderedDict[str, Command]] = {}  # the same, by sandbox
         self.retained_total = 0
 
     def add(
@@ -473,12 +474,16 @@ class CommandTable:
         self.retained_total -= n
 
     def _ended(self, command: Command) -> None:
-        if command.exec_id not in self._by_id:
+        if command.exec_id not in self._by_id:  # forgotten while it ran: what came since goes
+            self.retained_total -= command.retained
+            command.start = command.end
+            command._chunks.clear()
             return
         self._finished[command.exec_id] = command
-        ended = [c for c in self._by_sandbox[command.sandbox_id].values() if c.terminal]
-        for old in sorted(ended, key=lambda c: c.ended_ns)[:-FINISHED_KEPT_PER_SANDBOX]:
-            self._forget(old)
+        of_sandbox = self._finished_of.setdefault(command.sandbox_id, OrderedDict())
+        of_sandbox[command.exec_id] = command
+        while len(of_sandbox) > FINISHED_KEPT_PER_SANDBOX:
+            self._forget(next(iter(of_sandbox.values())))
         while len(self._finished) > FINISHED_KEPT_TOTAL:
             self._forget(next(iter(self._finished.values())))
 
@@ -495,6 +500,7 @@ class CommandTable:
             "requests": len(self._by_request),
             "sandboxes": len(self._by_sandbox),
             "finished": len(self._finished),
+            "sandboxes_with_finished": len(self._finished_of),
         }
 
     def _expire(self) -> None:
@@ -507,6 +513,11 @@ class CommandTable:
 
     def _forget(self, command: Command) -> None:
         self._finished.pop(command.exec_id, None)
+        ended_of = self._finished_of.get(command.sandbox_id)
+        if ended_of is not None:
+            ended_of.pop(command.exec_id, None)
+            if not ended_of:
+                del self._finished_of[command.sandbox_id]
         self._by_id.pop(command.exec_id, None)
         of_sandbox = self._by_sandbox.get(command.sandbox_id, {})
         of_sandbox.pop(command.exec_id, None)
