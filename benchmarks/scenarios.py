@@ -123,13 +123,13 @@ def run_figure(
 
 def _brief(result: dict[str, Any]) -> str:
     keep = ("p50_ms", "p99_ms", "seconds", "programs_per_s", "per_sandbox_mib", "stop_seconds",
-            "errors", "failed")  # fmt: skip
+            "warm_mib", "after_mib", "growth", "errors", "failed")  # fmt: skip
     parts = [f"{k}={result[k]}" for k in keep if k in result]
-    for sub in ("sync", "async", "small", "large"):
+    for sub in ("sync", "async", "small", "large", "many", "one"):
         if isinstance(result.get(sub), dict):
             inner = result[sub]
-            picked = {k: inner[k] for k in ("p50_ms", "p99_ms", "write_mb_s", "read_mb_s")
-                      if k in inner}  # fmt: skip
+            picked = {k: inner[k] for k in ("p50_ms", "p99_ms", "write_mb_s", "read_mb_s",
+                                            "execs_per_s") if k in inner}  # fmt: skip
             parts.append(f"{sub}={picked}")
     return " ".join(parts)
 
