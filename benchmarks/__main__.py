@@ -28,9 +28,10 @@ from benchmarks import _report  # noqa: E402
 from benchmarks._plan import FULL, QUICK, Plan  # noqa: E402
 from benchmarks._stats import load_average, machine_facts  # noqa: E402
 from benchmarks._system import Skip, System  # noqa: E402
+from benchmarks.figures import FIGURES  # noqa: E402
 from benchmarks.floor import FloorSystem  # noqa: E402
 from benchmarks.raw_bwrap import RawBwrapSystem  # noqa: E402
-from benchmarks.scenarios import FIGURES, run_figure  # noqa: E402
+from benchmarks.scenarios import run_figure  # noqa: E402
 from benchmarks.sdk import AviatoSystem  # noqa: E402
 
 REQUIRED = ("aviato", "floor", "bwrap")  # must run; docker may be skipped

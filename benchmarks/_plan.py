@@ -23,7 +23,7 @@ class Plan:
     rounds: int = 5
     burst_rounds: int = 3
     create_runs: int = 200
-    burst: int = 100
+    burst: int = 1000
     exec_runs: int = 1000
     rl_sandboxes: int = 32
     rl_programs: int = 50
@@ -32,11 +32,20 @@ class Plan:
     file_repeats: int = 5
     idle: int = 500
     warmup: int = 5
+    throughput_sandboxes: int = 16
+    in_flight: int = 64
+    throughput_execs: int = 6000
+    memory_warmup: int = 500
+    memory_sandboxes: int = 10_000
+    memory_parallel: int = 8
     series_seconds: float = 120.0
     density_seconds: float = 300.0
+    memory_seconds: float = 900.0  # bounds each wave of the memory figure
     settle_seconds: float = 1.0
     settle_limit_seconds: float = 30.0
     settle_reads: int = 5
+    settle_interval: float = 0.5
+    memory_settle_seconds: float = 1.0  # after a wave of the memory figure, before the reading
     pause_seconds: float = 0.5
 
     def as_dict(self) -> dict[str, Any]:
@@ -57,11 +66,17 @@ QUICK = Plan(
     file_repeats=2,
     idle=40,
     warmup=2,
+    throughput_execs=256,
+    memory_warmup=20,
+    memory_sandboxes=100,
     series_seconds=8.0,
     density_seconds=40.0,
-    settle_seconds=0.3,
+    memory_seconds=40.0,
+    settle_seconds=0.1,
     settle_limit_seconds=1.0,
     settle_reads=2,
+    settle_interval=0.1,
+    memory_settle_seconds=0.2,
     pause_seconds=0.05,
 )
 

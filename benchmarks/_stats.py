@@ -69,8 +69,10 @@ def mem_available_bytes() -> int:
     return meminfo_kib()["MemAvailable"] * 1024
 
 
-def settle_mem_available(pause: float, limit: float = 30.0, reads: int = 5) -> tuple[int, float]:
-    """MemAvailable once it has settled: `sync`, a pause, then a read every 0.5 s until `reads`
+def settle_mem_available(
+    pause: float, limit: float = 30.0, reads: int = 5, interval: float = 0.5
+) -> tuple[int, float]:
+    """MemAvailable once it has settled: `sync`, a pause, then a read every `interval` until `reads`
     reads in a row lie within 4 MiB, for at most `limit` seconds after the pause. Returns the
     median of the last `reads` reads and their spread in MiB (how far from settled it was)."""
     os.sync()
@@ -83,7 +85,7 @@ def settle_mem_available(pause: float, limit: float = 30.0, reads: int = 5) -> t
         spread = max(last) - min(last)
         if len(last) == reads and (spread <= 4 * MiB or time.monotonic() > deadline):
             return int(statistics.median(last)), round(spread / MiB, 1)
-        time.sleep(0.5)
+        time.sleep(interval)
 
 
 def rss_bytes(pid: int) -> int | None:

@@ -6,6 +6,7 @@ against this interface, so every system does exactly the same work:
 
 - sync: `create`, `exec`, `write_file`, `read_file`, `stop` (one after another);
 - async: `acreate`, `aexec`, `astop` (many at once on one event loop);
+- throughput: `exec_rate`, many commands in flight at once (by default through `aexec`);
 - density: `start_idle` / `stop_idle` of many idle sandboxes, each system its natural way.
 
 Commands are argv lists resolved inside the box with the `host` image's PATH, so that `python3`
@@ -15,8 +16,10 @@ is the same interpreter everywhere (the floor resolves it with that PATH on the 
 from __future__ import annotations
 
 import abc
+import asyncio
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_TIMEOUT = 120.0
@@ -33,11 +36,23 @@ class ExecOut:
     stderr: bytes = b""
 
 
+@dataclass
+class Rate:
+    """A series of commands kept `in_flight` at once: how many ended well, in how long."""
+
+    ok: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
 class System(abc.ABC):
     """A system under measurement. `start()` may raise `Skip`."""
 
     name: str = ""
     label: str = ""
+    # Whether a box runs commands without being started anew for each (raw bwrap starts one
+    # bwrap per command: its throughput is the create figure's matter, not measured there).
+    persistent_boxes: bool = True
 
     def start(self) -> None:  # noqa: B027 - optional hook
         """Prepares the system (a daemon, a service, an image); may raise `Skip`."""
@@ -80,6 +95,43 @@ class System(abc.ABC):
 
     @abc.abstractmethod
     async def astop(self, box: Any) -> None: ...
+
+    # -- throughput ----------------------------------------------------------------------------
+
+    def exec_rate(
+        self, boxes: list[Any], argv: Sequence[str], in_flight: int, count: int, seconds: float
+    ) -> Rate:
+        """Runs `argv` `count` times (at most `seconds`), `in_flight` at once, spread over
+        `boxes` in turn. By default `in_flight` tasks awaiting `aexec` on one event loop, as
+        an async client would; a system with a cheaper way overrides it."""
+        return asyncio.run(self._aexec_rate(boxes, argv, in_flight, count, seconds))
+
+    async def _aexec_rate(
+        self, boxes: list[Any], argv: Sequence[str], in_flight: int, count: int, seconds: float
+    ) -> Rate:
+        rate = Rate()
+        left = count
+        deadline = time.monotonic() + seconds
+
+        async def worker(index: int) -> None:
+            nonlocal left
+            box = boxes[index % len(boxes)]
+            while left > 0 and time.monotonic() < deadline:
+                left -= 1
+                try:
+                    out = await self.aexec(box, argv)
+                except Exception as exc:
+                    rate.errors.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                if out.code == 0:
+                    rate.ok += 1
+                else:
+                    rate.errors.append(f"exit {out.code}: {out.stderr[-200:]!r}")
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(in_flight)))
+        rate.seconds = time.perf_counter() - t0
+        return rate
 
     # -- density -------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ DISK_BYTES = 1 << 30  # the service's default writable layer
 class RawBwrapSystem(FloorSystem):
     name = "bwrap"
     label = "raw bwrap"
+    persistent_boxes = False
 
     def __init__(self) -> None:
         super().__init__()

@@ -123,13 +123,13 @@ def run_figure(
 
 def _brief(result: dict[str, Any]) -> str:
     keep = ("p50_ms", "p99_ms", "seconds", "programs_per_s", "per_sandbox_mib", "stop_seconds",
-            "errors", "failed")  # fmt: skip
+            "warm_mib", "after_mib", "growth", "errors", "failed")  # fmt: skip
     parts = [f"{k}={result[k]}" for k in keep if k in result]
-    for sub in ("sync", "async", "small", "large"):
+    for sub in ("sync", "async", "small", "large", "many", "one"):
         if isinstance(result.get(sub), dict):
             inner = result[sub]
-            picked = {k: inner[k] for k in ("p50_ms", "p99_ms", "write_mb_s", "read_mb_s")
-                      if k in inner}  # fmt: skip
+            picked = {k: inner[k] for k in ("p50_ms", "p99_ms", "write_mb_s", "read_mb_s",
+                                            "execs_per_s") if k in inner}  # fmt: skip
             parts.append(f"{sub}={picked}")
     return " ".join(parts)
 
@@ -497,13 +497,13 @@ class Density(Figure):
         service_rss = getattr(system, "service_rss", None)
         rss_before = service_rss() if service_rss else None
         before, spread_before = settle_mem_available(
-            plan.settle_seconds, plan.settle_limit_seconds, plan.settle_reads
+            plan.settle_seconds, plan.settle_limit_seconds, plan.settle_reads, plan.settle_interval
         )
         t0 = time.perf_counter()
         boxes, start_errors = system.start_idle(plan.idle, plan.density_seconds)
         start_seconds = time.perf_counter() - t0
         with_boxes, spread_with = settle_mem_available(
-            plan.settle_seconds, plan.settle_limit_seconds, plan.settle_reads
+            plan.settle_seconds, plan.settle_limit_seconds, plan.settle_reads, plan.settle_interval
         )
         rss_after = service_rss() if service_rss else None
         pss, processes = tree_pss_bytes(system.idle_pids(boxes))
@@ -511,7 +511,7 @@ class Density(Figure):
         stop_errors = system.stop_idle(boxes)
         stop_seconds = time.perf_counter() - t1
         after, spread_after = settle_mem_available(
-            plan.settle_seconds, plan.settle_limit_seconds, plan.settle_reads
+            plan.settle_seconds, plan.settle_limit_seconds, plan.settle_reads, plan.settle_interval
         )
         n = len(boxes)
         for _ in range(start_errors):

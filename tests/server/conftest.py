@@ -90,11 +90,12 @@ def server() -> Iterator[ServerProcess]:
 
 @pytest.fixture
 def fresh_server() -> Iterator[ServerProcess]:
-    """Not started: the test calls `.start()` (possibly with extra arguments)."""
+    """Not started: the test calls `.start()` (possibly with extra arguments), or runs the
+    service in its own process on `state_dir` and `cgroup_parent` (test_service_memory.py)."""
     with tempfile.TemporaryDirectory(prefix="avt-srv-") as tmp:
         proc = ServerProcess(Path(tmp) / "state")
         try:
             yield proc
         finally:
-            if proc.proc is not None:
+            if proc.proc is not None or proc.state_dir.exists():
                 finish(proc)

@@ -199,7 +199,7 @@ def test_a_flood_without_a_reader_stays_within_the_retention(
     size = 64 << 20
     init = pb.ExecInit(
         sandbox_id=sandbox,
-        argv=["sh", "-c", f"sleep 0.2; head -c {size} /dev/zero | tr '\\0' x; echo; echo end"],
+        argv=["sh", "-c", f"sleep 1; head -c {size} /dev/zero | tr '\\0' x; echo; echo end"],
         request_id=uuid.uuid4().hex,
     )
     call = stub.RunCommand(init, timeout=60)

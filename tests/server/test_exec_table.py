@@ -137,6 +137,36 @@ def test_ended_commands_per_sandbox_and_expiry(monkeypatch: pytest.MonkeyPatch) 
     asyncio.run(body())
 
 
+def test_ended_commands_in_all_and_a_deleted_sandboxes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most FINISHED_KEPT_TOTAL ended commands over all sandboxes (the oldest go); an ended
+    command no longer holds the runtime's handle; a deleted sandbox's commands all go, a
+    running one's too, and its pump still ends cleanly."""
+    monkeypatch.setattr(exec_table, "FINISHED_KEPT_TOTAL", 4)
+
+    async def body() -> None:
+        table = CommandTable()
+        ended = []
+        for i in range(6):
+            command, handle = _start(table, sandbox=f"sbx-{i}")
+            handle.queue.put_nowait(None)
+            await _settle()
+            assert command.handle is not handle
+            ended.append(command)
+        assert [c.sandbox_id for c in table] == ["sbx-2", "sbx-3", "sbx-4", "sbx-5"]
+        running, handle = _start(table, sandbox="sbx-5", request="r1")
+        table.forget_sandbox("sbx-5")
+        assert table.of_sandbox("o", "sbx-5") == [] and table.by_request("o", "sbx-5", "r1") is None
+        handle.queue.put_nowait(b"late")  # the sandbox's end reaches the forgotten command
+        handle.queue.put_nowait(None)
+        await _settle()
+        assert running.state == "exited" and len(table) == 3 and table.retained_total == 0
+        for sandbox in ("sbx-2", "sbx-3", "sbx-4"):
+            table.forget_sandbox(sandbox)
+        assert set(table.sizes().values()) == {0}
+
+    asyncio.run(body())
+
+
 def test_owners_sandboxes_and_request_ids_are_separate() -> None:
     async def body() -> None:
         table = CommandTable()

@@ -37,6 +37,7 @@ from aviato.server.admin import AdminServicer
 from aviato.server.api import SandboxServicer
 from aviato.server.auth import Authenticator
 from aviato.server.call_metrics import CallMetrics
+from aviato.server.command_log import COMMANDS
 from aviato.server.config import ServerConfig, parse_listen
 from aviato.server.images_api import ImageServicer
 from aviato.server.lifecycle import Lifecycle
@@ -377,6 +378,7 @@ async def serve(
         except Exception as e:
             raise StartupError(f"placement {placement.name}: {e}") from e
         lifecycle = Lifecycle(registry, placement, config)
+        lifecycle.when_deleted(COMMANDS.forget)
         await lifecycle.start()
         snapshots = SnapshotService(lifecycle, registry, placement)
         await snapshots.start()

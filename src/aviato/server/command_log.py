@@ -8,8 +8,8 @@ are kept; a command that was refused before it started (another owner's sandbox:
 kept only under the id it named, which only that id's owner or the operator can look at.
 
 Bounded: the newest `PER_SANDBOX` commands of each of the `SANDBOXES` sandboxes that ran one
-most recently; an argv is kept to `ARGV_CHARS` characters. In memory only: a restart of the
-service forgets them.
+most recently (a deleted sandbox's go at once); an argv is kept to `ARGV_CHARS` characters. In
+memory only: a restart of the service forgets them.
 """
 
 from __future__ import annotations
@@ -56,6 +56,10 @@ class CommandLog:
         else:
             self._by_sandbox.move_to_end(sandbox_id)
         commands.append(record)
+
+    def forget(self, sandbox_id: str) -> None:
+        """Drops a deleted sandbox's commands."""
+        self._by_sandbox.pop(sandbox_id, None)
 
     def of(self, sandbox_id: str) -> list[CommandRecord]:
         """The sandbox's kept commands, newest first."""

@@ -14,8 +14,13 @@ The retention, bounded by construction (docs/interactive.md):
   did before), so a live exec still gets every byte;
 - all commands together, `RETAINED_BYTES_TOTAL`: past it, the output of ended commands goes
   first (oldest first), then the older output of the command that is writing;
-- ended commands stay `FINISHED_KEEP_SECONDS`, and at most `FINISHED_KEPT_PER_SANDBOX` of them
-  per sandbox (the oldest go first); of each argv, the first `SHOWN_ARGV_BYTES` are kept.
+- ended commands stay `FINISHED_KEEP_SECONDS`, at most `FINISHED_KEPT_PER_SANDBOX` of them
+  per sandbox and `FINISHED_KEPT_TOTAL` in all (the oldest go first); of each argv, the first
+  `SHOWN_ARGV_BYTES` are kept;
+- an ended command lets go of the runtime's handle (which holds the sandbox's supervisor
+  connection and cgroup), and a deleted sandbox's commands are forgotten at once
+  (`CommandTable.forget_sandbox`): before, each ended command pinned its sandbox's connection
+  for 10 minutes, about 75 KiB of the service's memory per sandbox.
 
 Nothing here survives a restart of the service: the table is in its memory.
 """
@@ -31,7 +36,14 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager
 
-from aviato.runtime.base import ExecExit, ExecFailed, ExecHandle, ExecOutput, SandboxRuntimeError
+from aviato.runtime.base import (
+    ExecEvent,
+    ExecExit,
+    ExecFailed,
+    ExecHandle,
+    ExecOutput,
+    SandboxRuntimeError,
+)
 from aviato.server import codec, errors
 from aviato.server.errors import NotFound, ServiceError
 from aviato.v1 import errors_pb2 as epb
@@ -40,6 +52,7 @@ from aviato.v1 import sandbox_pb2 as pb
 __all__ = [
     "FINISHED_KEEP_SECONDS",
     "FINISHED_KEPT_PER_SANDBOX",
+    "FINISHED_KEPT_TOTAL",
     "RETAINED_BYTES_PER_COMMAND",
     "RETAINED_BYTES_TOTAL",
     "Command",
@@ -52,6 +65,8 @@ log = logging.getLogger("aviato.server.exec")
 RETAINED_BYTES_PER_COMMAND = 2 << 20
 RETAINED_BYTES_TOTAL = 256 << 20
 FINISHED_KEPT_PER_SANDBOX = 32
+# An ended command without output costs the service ~2 KiB; commands end at thousands a second.
+FINISHED_KEPT_TOTAL = 1024
 FINISHED_KEEP_SECONDS = 600.0
 # What is kept of a command's argv (for listings and attaches): an argv may be 1 MiB.
 SHOWN_ARGV_BYTES = 4096
@@ -67,6 +82,43 @@ class ExecNotFound(NotFound):
 FailureFrame = Callable[[str, str, epb.ErrorDetail | None], pb.ExecResponse]
 
 
+class _EndedExec(ExecHandle):
+    """The handle of a command that ended: every operation is a no-op, as it is on the
+    runtime's handle once its terminal event was delivered, but nothing of the sandbox is held."""
+
+    def events(self) -> AsyncIterator[ExecEvent]:
+        return self
+
+    def __aiter__(self) -> _EndedExec:
+        return self
+
+    async def __anext__(self) -> ExecEvent:
+        raise StopAsyncIteration
+
+    async def write_stdin(self, data: bytes) -> None:
+        pass
+
+    async def close_stdin(self) -> None:
+        pass
+
+    async def resize(self, rows: int, cols: int) -> None:
+        pass
+
+    async def signal(self, signo: int) -> None:
+        pass
+
+    async def kill(self) -> None:
+        pass
+
+
+_ENDED = _EndedExec()
+
+
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class _Reader:
     """One call reading a command's output: the offset of the next byte it will be sent."""
 
@@ -78,6 +130,29 @@ class _Reader:
 
 class Command:
     """One command: its identity, its retained output, its terminal frame once it ended."""
+
+    __slots__ = (
+        "_chunks",
+        "_kept",
+        "_pump",
+        "_readers",
+        "_table",
+        "_waiters",
+        "argv",
+        "detachable",
+        "end",
+        "ended_ns",
+        "exec_id",
+        "handle",
+        "owner",
+        "request_id",
+        "sandbox_id",
+        "start",
+        "started_ns",
+        "stdin",
+        "terminal",
+        "tty",
+    )
 
     def __init__(
         self,
@@ -109,7 +184,7 @@ class Command:
         self._readers: list[_Reader] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._pump: asyncio.Task[None] | None = None
-        self._kept: set[asyncio.Task[None]] = set()
+        self._kept: set[asyncio.Task[None]] | None = None  # made by the first `keep`
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -162,14 +237,21 @@ class Command:
     async def first_news(self, seconds: float) -> bool:
         """Waits up to `seconds` for the command's first output or its end; whether it came."""
         if self.end == 0 and self.terminal is None:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[None] = loop.create_future()
             self._waiters.append(waiter)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter, seconds)
+            # A timer on the waiter, not `asyncio.wait_for` (a task per call).
+            timer = loop.call_later(seconds, _settle, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
         return self.end > 0 or self.terminal is not None
 
     def keep(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
         """Holds `task` (its input being fed) until it ends: asyncio keeps tasks weakly."""
+        if self._kept is None:
+            self._kept = set()
         self._kept.add(task)
         task.add_done_callback(self._kept.discard)
         return task
@@ -208,6 +290,8 @@ class Command:
         finally:
             self.terminal = terminal or errors.error_frame("UNAVAILABLE", "the command was lost")
             self.ended_ns = time.time_ns()
+            self.handle = _ENDED  # let go of the sandbox's connection and cgroup
+            self._pump = None
             self._wake()
             self._table._ended(self)
 
@@ -320,6 +404,7 @@ class CommandTable:
         self._by_request: dict[tuple[str, str, str], Command] = {}
         self._by_sandbox: dict[str, dict[str, Command]] = {}  # in the order they started
         self._finished: OrderedDict[str, Command] = OrderedDict()  # in the order they ended
+        self._finished_of: dict[str, OrderedDict[str, Command]] = {}  # the same, by sandbox
         self.retained_total = 0
 
     def add(
@@ -389,12 +474,34 @@ class CommandTable:
         self.retained_total -= n
 
     def _ended(self, command: Command) -> None:
-        if command.exec_id not in self._by_id:
+        if command.exec_id not in self._by_id:  # forgotten while it ran: what came since goes
+            self.retained_total -= command.retained
+            command.start = command.end
+            command._chunks.clear()
             return
         self._finished[command.exec_id] = command
-        ended = [c for c in self._by_sandbox[command.sandbox_id].values() if c.terminal]
-        for old in sorted(ended, key=lambda c: c.ended_ns)[:-FINISHED_KEPT_PER_SANDBOX]:
-            self._forget(old)
+        of_sandbox = self._finished_of.setdefault(command.sandbox_id, OrderedDict())
+        of_sandbox[command.exec_id] = command
+        while len(of_sandbox) > FINISHED_KEPT_PER_SANDBOX:
+            self._forget(next(iter(of_sandbox.values())))
+        while len(self._finished) > FINISHED_KEPT_TOTAL:
+            self._forget(next(iter(self._finished.values())))
+
+    def forget_sandbox(self, sandbox_id: str) -> None:
+        """Forgets every command of `sandbox_id` (it was deleted: nobody can name them again).
+        A command still running is forgotten too; its pump ends with the sandbox."""
+        for command in list(self._by_sandbox.get(sandbox_id, {}).values()):
+            self._forget(command)
+
+    def sizes(self) -> dict[str, int]:
+        """How many entries each index holds (what tests check stays bounded)."""
+        return {
+            "commands": len(self._by_id),
+            "requests": len(self._by_request),
+            "sandboxes": len(self._by_sandbox),
+            "finished": len(self._finished),
+            "sandboxes_with_finished": len(self._finished_of),
+        }
 
     def _expire(self) -> None:
         horizon = time.time_ns() - int(FINISHED_KEEP_SECONDS * 1e9)
@@ -406,6 +513,11 @@ class CommandTable:
 
     def _forget(self, command: Command) -> None:
         self._finished.pop(command.exec_id, None)
+        ended_of = self._finished_of.get(command.sandbox_id)
+        if ended_of is not None:
+            ended_of.pop(command.exec_id, None)
+            if not ended_of:
+                del self._finished_of[command.sandbox_id]
         self._by_id.pop(command.exec_id, None)
         of_sandbox = self._by_sandbox.get(command.sandbox_id, {})
         of_sandbox.pop(command.exec_id, None)

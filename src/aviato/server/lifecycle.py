@@ -384,6 +384,11 @@ class Lifecycle(Pausing, Reconciliation):
                 f"sandbox {rec.id}: cannot change its egress: {e}", reason=SANDBOX_NOT_RUNNING
             ) from e
 
+    def when_deleted(self, forget: Callable[[str], None]) -> None:
+        """Calls `forget(sandbox_id)` once each sandbox is deleted, so that what the service
+        keeps in memory by sandbox id (commands, their output) goes with its record."""
+        self._deleted_listeners.append(forget)
+
     async def delete(self, owner: str, sandbox_id: str) -> None:
         """Stops the sandbox if needed, then removes its record, its kept log and its state."""
         rec = self._record(owner, sandbox_id)
@@ -391,6 +396,8 @@ class Lifecycle(Pausing, Reconciliation):
             rec = await self.stop(owner, sandbox_id, 0.0)
         if not self._registry.delete_sandbox(sandbox_id):
             raise SandboxNotFound(sandbox_id)
+        for forget in self._deleted_listeners:
+            forget(sandbox_id)
         with contextlib.suppress(FileNotFoundError):
             self._kept_log(sandbox_id).unlink()
         with contextlib.suppress(UnknownNode):

@@ -72,6 +72,7 @@ class SandboxRuns:
         self._admission = Admission(config, registry)
         self._background: set[asyncio.Task[None]] = set()
         self._cleanups: dict[str, asyncio.Task[None]] = {}  # at most one per sandbox
+        self._deleted_listeners: list[Callable[[str], None]] = []  # see Lifecycle.when_deleted
         self._reaper: asyncio.Task[None] | None = None
         self._closing = False
         self._ports = PortForwarder()

@@ -120,6 +120,13 @@ GiB = 1 << 30
 SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
+# How long a new sandbox's supervisor may take to answer. A sandbox that dies on the way fails
+# at once (its control socket closes); one merely queued behind others gets this long: in a
+# burst of 1,000 at once on 2 cores the last sandboxes answer 10-15 s after their spawn, and at
+# 10 s 600 of the 1,000 failed.
+CREATE_CONNECT_SECONDS = 60.0
+
+
 class BubblewrapRuntime(Runtime):
     """Sandboxes on this machine. State under `state_dir/sandboxes/`.
 
@@ -141,7 +148,7 @@ class BubblewrapRuntime(Runtime):
         parent_limits: ParentLimits | None = None,
         bwrap: Bwrap | None = None,
         supervisor: Path | None = None,
-        connect_timeout: float = 10.0,
+        connect_timeout: float = CREATE_CONNECT_SECONDS,
         insecure_registries: tuple[str, ...] = (),
         image_limits: PullLimits | None = None,
     ) -> None:
