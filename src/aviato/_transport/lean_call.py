@@ -152,7 +152,12 @@ class LeanCall:
     def __del__(self) -> None:
         conn = self._conn
         if self._status is None and conn is not None and not conn.closed:
-            conn.fail(lf.ConnectionLost("the call was dropped"))
+            if self._half_closed:
+                # Dropped after its last response (an exec after its exit frame): the channel
+                # takes the status, if it comes at once, and keeps the connection.
+                self._channel.settle(conn)
+            else:
+                conn.fail(lf.ConnectionLost("the call was dropped"))
 
     def _error(self) -> BaseException:
         assert self._status is not None
@@ -191,6 +196,10 @@ class LeanCall:
             if kind == lf.MESSAGE:
                 if self._initial is None:
                     self._initial = ()
+                if conn.frames and conn.frames[0][0] == lf.STATUS:
+                    # Here already (sent with the last response): the call is over, and its
+                    # connection free for the next call even if nobody reads on.
+                    self._on_status(conn.take()[1])
                 return self._deserialize(payload)
             if kind == lf.STATUS:
                 self._on_status(payload)

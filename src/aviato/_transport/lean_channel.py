@@ -11,6 +11,7 @@ call at a time; a connection whose call ended cleanly waits in a small pool for 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,8 @@ __all__ = ["MAX_IDLE_CONNECTIONS", "MAX_RECEIVE_BYTES", "LeanChannel"]
 # The largest message the client takes, as the gRPC channel's receive limit.
 MAX_RECEIVE_BYTES = 64 * 1024 * 1024
 MAX_IDLE_CONNECTIONS = 16
+# How long a dropped call's connection waits for the call's status before it is ended.
+SETTLE_SECONDS = 1.0
 
 
 class _ClientConnection(lf.FrameConnection):
@@ -76,13 +79,15 @@ class _MultiCallable:
 
 
 class LeanChannel:
-    """See the module docstring. `path` is the lean socket's path."""
+    """See the module docstring. `path` is the lean socket's path. Made on its event loop."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.calls: weakref.WeakSet[LeanCall] = weakref.WeakSet()
         self._idle: list[lf.FrameConnection] = []
+        self._settling: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # that of its first connection
 
     def __repr__(self) -> str:
         return f"<LeanChannel {self.path}>"
@@ -128,7 +133,7 @@ class LeanChannel:
         """A new connection (OSError when the service does not answer)."""
         if self._closed:
             raise ConnectionRefusedError("the channel is closed")
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         _, conn = await loop.create_unix_connection(lambda: _ClientConnection(self), self.path)
         return conn
 
@@ -138,6 +143,32 @@ class LeanChannel:
             conn.fail(lf.ConnectionLost("not kept"))
             return
         self._idle.append(conn)
+
+    def settle(self, conn: lf.FrameConnection) -> None:
+        """Takes over `conn`, whose call was dropped after its requests ended: kept if the next
+        frame, within `SETTLE_SECONDS`, is the call's status; else ended (which the service
+        takes as a cancellation). Safe from any thread (a call's finalizer)."""
+        if self._loop is None:
+            conn.fail(lf.ConnectionLost("the call was dropped"))
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the process is ending
+            self._loop.call_soon_threadsafe(self._settle_soon, conn)
+
+    def _settle_soon(self, conn: lf.FrameConnection) -> None:
+        task = asyncio.ensure_future(self._settle(conn))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle(self, conn: lf.FrameConnection) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SETTLE_SECONDS):
+                await conn.wait()
+        if conn.frames and conn.frames[0][0] == lf.STATUS:
+            conn.take()
+            if not conn.frames:
+                self.give_back(conn)
+                return
+        conn.fail(lf.ConnectionLost("the call was dropped"))
 
     def forget(self, conn: lf.FrameConnection) -> None:
         if conn in self._idle:

@@ -175,8 +175,7 @@ class LeanListener:
         except Exception:
             log.exception("lean socket: a connection failed")
         finally:
-            if conn.transport is not None and not conn.closed:
-                conn.transport.close()  # what was sent (a status) is delivered first
+            conn.close()  # what was sent (a status) is delivered first
 
     async def _call(
         self,

@@ -70,6 +70,8 @@ READ_HIGH_WATER = 1 << 20
 READ_LOW_WATER = 256 * 1024
 # The transport's own write buffer before `drain` waits.
 WRITE_HIGH_WATER = 256 * 1024
+# Frames sent in one turn of the event loop are written together, up to this much.
+CORK_BYTES = 64 * 1024
 
 Metadata = tuple[tuple[str, "str | bytes"], ...]
 
@@ -233,6 +235,9 @@ class FrameConnection(asyncio.Protocol):
         self._waiters: list[asyncio.Future[None]] = []
         self._drainers: list[asyncio.Future[None]] = []
         self._ended_once = False
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._flush_scheduled = False
 
     # asyncio.Protocol
 
@@ -316,11 +321,36 @@ class FrameConnection(asyncio.Protocol):
         self._release_drainers()
 
     def send(self, data: bytes) -> None:
+        """Queues `data`: the frames sent in one turn of the event loop leave in one write (a
+        response and its status, say), unless they pass `CORK_BYTES`."""
         if self.closed or self.transport is None:
             raise ConnectionLost(str(self.error or "the connection is closed"))
-        self.transport.write(data)
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if self._out_bytes >= CORK_BYTES:
+            self.flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Writes what `send` queued."""
+        self._flush_scheduled = False
+        if not self._out:
+            return
+        out, self._out, self._out_bytes = self._out, [], 0
+        if self.closed or self.transport is None:
+            return
+        self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def close(self) -> None:
+        """Closes the connection once what was sent is written."""
+        self.flush()
+        if self.transport is not None and not self.closed:
+            self.transport.close()
 
     async def drain(self) -> None:
+        """Waits while the transport's buffer is full; raises `ConnectionLost` once it ended."""
         while self._writing_paused and not self.closed:
             waiter = asyncio.get_running_loop().create_future()
             self._drainers.append(waiter)
