@@ -23,7 +23,8 @@ payload:
 
 Bounds: a frame larger than the receiver's `max_frame` or of an unknown kind ends the
 connection at once (nothing of it is buffered), and a receiver stops reading while more than
-`READ_HIGH_WATER` bytes of frames wait to be consumed.
+`READ_HIGH_WATER` bytes of whole frames wait to be consumed (a partial frame is not counted:
+it is bounded by `max_frame`, and only more reading can complete it).
 """
 
 from __future__ import annotations
@@ -278,7 +279,7 @@ class FrameConnection(asyncio.Protocol):
             buffer += view[at:]
         if self.frames:
             self._wake()
-        if self._queued + len(buffer) > READ_HIGH_WATER and not self._reading_paused:
+        if self._queued > READ_HIGH_WATER and not self._reading_paused:
             self._reading_paused = True
             assert self.transport is not None
             self.transport.pause_reading()
@@ -376,7 +377,7 @@ class FrameConnection(asyncio.Protocol):
         """The next queued frame (one must be queued)."""
         kind, payload = self.frames.popleft()
         self._queued -= len(payload) + HEADER_BYTES
-        if self._reading_paused and self._queued + len(self._buffer) < READ_LOW_WATER:
+        if self._reading_paused and self._queued < READ_LOW_WATER:
             self._reading_paused = False
             if not self.closed and self.transport is not None:
                 self.transport.resume_reading()
