@@ -32,21 +32,30 @@ def _lean_socket() -> str:
     return local_socket_path(_grpc_socket())
 
 
+def _channel_of(url: str) -> object:
+    async def made() -> object:
+        transport = GrpcTransport(url)
+        channel = transport._channel
+        await transport.close()
+        return channel
+
+    return asyncio.run(made())
+
+
 def test_the_unix_socket_is_served_by_the_lean_channel_unless_grpc_is_forced(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     url = f"unix://{_grpc_socket()}"
     monkeypatch.delenv("AVIATO_TRANSPORT", raising=False)
-    transport = GrpcTransport(url)
-    assert isinstance(transport._channel, LeanChannel), transport
+    assert isinstance(_channel_of(url), LeanChannel)
     monkeypatch.setenv("AVIATO_TRANSPORT", "grpc")
-    assert not isinstance(GrpcTransport(url)._channel, LeanChannel)
+    assert not isinstance(_channel_of(url), LeanChannel)
 
 
-def test_without_the_lean_socket_the_transport_is_grpc(tmp_path: object) -> None:
+def test_without_the_lean_socket_the_transport_is_grpc() -> None:
     """An older service has no lean socket: gRPC, as before."""
-    assert not isinstance(GrpcTransport("unix:///nonexistent/aviato.sock")._channel, LeanChannel)
-    assert not isinstance(GrpcTransport("http://127.0.0.1:1")._channel, LeanChannel)
+    assert not isinstance(_channel_of("unix:///nonexistent/aviato.sock"), LeanChannel)
+    assert not isinstance(_channel_of("http://127.0.0.1:1"), LeanChannel)
 
 
 def test_the_lean_socket_is_private_to_the_service_user() -> None:
