@@ -5,7 +5,9 @@ cancellation and the pool of connections."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import stat
 
 import grpc
@@ -14,7 +16,7 @@ import pytest
 
 from aviato import Sandbox, SandboxNotFoundError
 from aviato._transport.grpc import GrpcTransport
-from aviato._transport.lean_channel import LeanChannel
+from aviato._transport.lean_channel import MAX_IDLE_CONNECTIONS, LeanChannel
 from aviato.v1 import error_detail, sandbox_pb2_grpc
 from aviato.v1 import errors_pb2 as epb
 from aviato.v1 import sandbox_pb2 as pb
@@ -156,3 +158,60 @@ def test_a_cancelled_exec_kills_its_command() -> None:
         assert check.stdout.strip() == "killed"
     finally:
         sb.stop().result(timeout=60)
+
+
+def test_many_calls_in_flight_each_get_a_connection_and_the_pool_keeps_some() -> None:
+    async def main() -> None:
+        channel = LeanChannel(_lean_socket())
+        stub = sandbox_pb2_grpc.SandboxServiceStub(channel)  # type: ignore[no-untyped-call]
+        calls = [stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=60) for _ in range(300)]
+        assert all(info.version for info in await asyncio.gather(*calls))
+        assert 0 < len(channel._idle) <= MAX_IDLE_CONNECTIONS
+        await channel.close()
+
+    asyncio.run(main())
+
+
+def test_a_full_accept_queue_is_waited_out_not_taken_for_a_connection() -> None:
+    """asyncio reports a unix socket connected when the listener's queue was full (EAGAIN):
+    the channel must notice and connect again once there is room."""
+    path = f"/tmp/avt-backlog-{os.getpid()}.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    fillers = []
+    try:
+        while True:  # fill the queue
+            filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            filler.setblocking(False)
+            fillers.append(filler)
+            try:
+                filler.connect(path)
+            except BlockingIOError:
+                break
+
+        async def main() -> None:
+            channel = LeanChannel(path)
+            connecting = asyncio.ensure_future(channel.connect())
+            await asyncio.sleep(0.3)
+            assert not connecting.done()  # not handed an unconnected socket
+            listener.setblocking(False)
+            accepted = []
+            deadline = asyncio.get_running_loop().time() + 5
+            while not connecting.done() and asyncio.get_running_loop().time() < deadline:
+                with contextlib.suppress(BlockingIOError):
+                    accepted.append(listener.accept()[0])
+                await asyncio.sleep(0.01)
+            conn = await connecting
+            assert not conn.closed and conn.transport is not None
+            assert conn.transport.get_extra_info("socket").getpeername() == path
+            conn.fail(ConnectionError("done"))
+            for s in accepted:
+                s.close()
+
+        asyncio.run(main())
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+        os.unlink(path)

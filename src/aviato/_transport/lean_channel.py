@@ -23,7 +23,9 @@ __all__ = ["MAX_IDLE_CONNECTIONS", "MAX_RECEIVE_BYTES", "LeanChannel"]
 
 # The largest message the client takes, as the gRPC channel's receive limit.
 MAX_RECEIVE_BYTES = 64 * 1024 * 1024
-MAX_IDLE_CONNECTIONS = 16
+MAX_IDLE_CONNECTIONS = 64
+# How long a connect is tried again while the service's accept queue is full.
+CONNECT_RETRY_SECONDS = 10.0
 # How long a dropped call's connection waits for the call's status before it is ended.
 SETTLE_SECONDS = 1.0
 
@@ -130,12 +132,29 @@ class LeanChannel:
         return None
 
     async def connect(self) -> lf.FrameConnection:
-        """A new connection (OSError when the service does not answer)."""
+        """A new connection (OSError when the service does not answer).
+
+        With the service's accept queue full, asyncio reports a unix socket connected that is
+        not (the kernel said EAGAIN): such a socket is closed and the connect tried again, for
+        up to `CONNECT_RETRY_SECONDS`."""
         if self._closed:
             raise ConnectionRefusedError("the channel is closed")
         loop = self._loop = asyncio.get_running_loop()
-        _, conn = await loop.create_unix_connection(lambda: _ClientConnection(self), self.path)
-        return conn
+        deadline = loop.time() + CONNECT_RETRY_SECONDS
+        delay = 0.001
+        while True:
+            transport, conn = await loop.create_unix_connection(
+                lambda: _ClientConnection(self), self.path
+            )
+            try:
+                transport.get_extra_info("socket").getpeername()
+                return conn
+            except OSError as e:
+                transport.abort()
+                if loop.time() + delay > deadline:
+                    raise ConnectionRefusedError(f"the service accepts no connection: {e}") from e
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     def give_back(self, conn: lf.FrameConnection) -> None:
         """Keeps `conn`, whose call ended cleanly, for the next call."""

@@ -50,6 +50,11 @@ log = logging.getLogger("aviato.server.lean")
 MAX_FRAME_BYTES = (8 << 20) + 64 * 1024
 
 
+# One connection per call in flight: a client with a thousand calls in flight connects a
+# thousand times at once (the kernel caps this at net.core.somaxconn).
+ACCEPT_BACKLOG = 4096
+
+
 class _CallDetails(NamedTuple):
     method: str
     invocation_metadata: lf.Metadata
@@ -115,7 +120,7 @@ class LeanListener:
         old_umask = os.umask(0o077)
         try:
             self._server = await asyncio.get_running_loop().create_unix_server(
-                lambda: _ServerConnection(self), str(self.path)
+                lambda: _ServerConnection(self), str(self.path), backlog=ACCEPT_BACKLOG
             )
         finally:
             os.umask(old_umask)
