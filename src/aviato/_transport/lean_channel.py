@@ -143,14 +143,17 @@ class LeanChannel:
         deadline = loop.time() + CONNECT_RETRY_SECONDS
         delay = 0.001
         while True:
-            transport, conn = await loop.create_unix_connection(
-                lambda: _ClientConnection(self), self.path
-            )
             try:
-                transport.get_extra_info("socket").getpeername()
-                return conn
-            except OSError as e:
-                transport.abort()
+                transport, conn = await loop.create_unix_connection(
+                    lambda: _ClientConnection(self), self.path
+                )
+                try:
+                    transport.get_extra_info("socket").getpeername()
+                    return conn
+                except OSError:
+                    transport.abort()
+                    raise BlockingIOError("the service's accept queue is full") from None
+            except BlockingIOError as e:
                 if loop.time() + delay > deadline:
                     raise ConnectionRefusedError(f"the service accepts no connection: {e}") from e
             await asyncio.sleep(delay)
