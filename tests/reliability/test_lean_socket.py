@@ -291,10 +291,11 @@ def test_the_service_killed_mid_call_is_unavailable_and_a_restart_is_picked_up(
 def test_sdk_scripts_use_the_lean_socket(svc: Service) -> None:
     proc = spawn_sdk_script(
         svc,
-        "import asyncio\n"
+        "import asyncio, os\n"
         "from aviato._client import get_client\n"
         "async def main():\n"
-        "    print('transport', (await get_client(None)).transport, flush=True)\n"
+        "    client = await get_client(os.environ['AVIATO_BASE_URL'])\n"
+        "    print('transport', client.transport, flush=True)\n"
         "asyncio.run(main())\n",
     )
     lines = read_until(proc, "transport", timeout=60)
