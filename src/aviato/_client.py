@@ -148,7 +148,7 @@ async def ensure_local_service(state_dir: str | None) -> str:
 
 # (loop, key) -> Client. Weak on the loop so that a closed loop's clients go away.
 _clients: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[tuple[str, str | None], Client]
+    asyncio.AbstractEventLoop, dict[tuple[str, str | None, str | None], Client]
 ] = weakref.WeakKeyDictionary()
 _locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
     weakref.WeakKeyDictionary()
@@ -169,9 +169,10 @@ async def get_client(base_url: str | None) -> Client:
         address = f"local:{state_dir}"
     else:
         address = base_url
-    # One client per address and key: a key set (or changed) in AVIATO_API_KEY after the first
-    # call is used from the next call on. (A Sandbox object keeps the client it was made with.)
-    key = (address, api_key)
+    # One client per address, key and transport choice: a key set (or changed) in
+    # AVIATO_API_KEY, or AVIATO_TRANSPORT changed, after the first call is used from the next
+    # call on. (A Sandbox object keeps the client it was made with.)
+    key = (address, api_key, os.environ.get(_defaults.ENV_TRANSPORT))
     client = per_loop.get(key)
     if client is not None and not client.closed:
         return client

@@ -12,6 +12,8 @@ Environment variables read by the SDK (each read when it is needed, never at imp
   service's default image, "host" unless the service is started with --default-image).
 - `AVIATO_LEASE_TTL`: a Session's lease time-to-live in seconds (default 30).
 - `AVIATO_STATE_DIR`: the local service's state directory (see `aviato._local_service`).
+- `AVIATO_TRANSPORT`: ``grpc`` makes a ``unix://`` address use gRPC even where the service
+  offers its lean local socket (see `aviato._transport.local_choice`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ ENV_API_KEY = "AVIATO_API_KEY"
 ENV_TLS_CA = "AVIATO_TLS_CA"
 ENV_IMAGE = "AVIATO_IMAGE"
 ENV_LEASE_TTL = "AVIATO_LEASE_TTL"
+ENV_TRANSPORT = "AVIATO_TRANSPORT"
 
 
 class Serialization(enum.StrEnum):

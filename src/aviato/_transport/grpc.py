@@ -40,6 +40,8 @@ from aviato._transport.grpc_port import GrpcPortStream
 from aviato._transport.grpc_readers import PATH_OPS, GrpcFileReader, GrpcStreamReader
 from aviato._transport.grpc_secrets import SecretCalls
 from aviato._transport.grpc_snapshots import SnapshotCalls
+from aviato._transport.lean_channel import LeanChannel
+from aviato._transport.local_choice import lean_socket_for
 from aviato.v1 import admin_pb2 as apb
 from aviato.v1 import admin_pb2_grpc, images_pb2_grpc, sandbox_pb2_grpc
 from aviato.v1 import images_pb2 as ipb
@@ -74,7 +76,11 @@ class GrpcTransport(GrpcPauseCalls, SnapshotCalls, SecretCalls, Transport):
                 with open(ca_file, "rb") as f:
                     root = f.read()
             creds = grpc.ssl_channel_credentials(root_certificates=root)
-            self._channel = grpc.aio.secure_channel(target.target, creds, options=_CHANNEL_OPTIONS)
+            self._channel: Any = grpc.aio.secure_channel(
+                target.target, creds, options=_CHANNEL_OPTIONS
+            )
+        elif (lean_socket := lean_socket_for(target)) is not None:
+            self._channel = LeanChannel(lean_socket)  # same surface: see local_choice
         else:
             self._channel = grpc.aio.insecure_channel(target.target, options=_CHANNEL_OPTIONS)
         self._stub = sandbox_pb2_grpc.SandboxServiceStub(self._channel)  # type: ignore[no-untyped-call]
@@ -85,7 +91,8 @@ class GrpcTransport(GrpcPauseCalls, SnapshotCalls, SecretCalls, Transport):
         self.run_command = True
 
     def __repr__(self) -> str:
-        return f"<GrpcTransport {self.url}>"
+        lean = " (lean)" if isinstance(self._channel, LeanChannel) else ""
+        return f"<GrpcTransport {self.url}{lean}>"
 
     @property
     def closed(self) -> bool:

@@ -40,11 +40,13 @@ from aviato.server.call_metrics import CallMetrics
 from aviato.server.command_log import COMMANDS
 from aviato.server.config import ServerConfig, parse_listen
 from aviato.server.images_api import ImageServicer
+from aviato.server.lean_listener import LeanListener, MethodTable
 from aviato.server.lifecycle import Lifecycle
 from aviato.server.placement import LocalPlacement, Placement
 from aviato.server.registry import Registry
 from aviato.server.snapshots import SnapshotService
 from aviato.v1 import admin_pb2_grpc, images_pb2_grpc, sandbox_pb2_grpc
+from aviato.v1.local_frames import local_socket_path
 
 if TYPE_CHECKING:
     from aviato.server.http_side import HttpSide
@@ -352,6 +354,22 @@ async def _start_default_http(
     return http
 
 
+async def _start_lean(
+    config: ServerConfig, table: MethodTable, interceptors: list[Any]
+) -> LeanListener | None:
+    """The lean local listener beside the gRPC socket (docs/internals/transport.md); None, and
+    clients use gRPC, when its path cannot be bound (too long for a unix socket)."""
+    path = Path(local_socket_path(str(config.socket_path)))
+    _remove_stale_socket(path)
+    listener = LeanListener(path, table, interceptors)
+    try:
+        await listener.start()
+    except OSError as e:
+        log.warning("no lean local socket (clients use gRPC): %s", e)
+        return None
+    return listener
+
+
 async def serve(
     config: ServerConfig, stop: asyncio.Event, placement: Placement | None = None
 ) -> None:
@@ -368,6 +386,7 @@ async def serve(
     lifecycle: Lifecycle | None = None
     snapshots: SnapshotService | None = None
     server: grpc.aio.Server | None = None
+    lean: LeanListener | None = None
     http: HttpSide | None = None
     http_start: asyncio.Task[HttpSide | None] | None = None
     try:
@@ -388,11 +407,15 @@ async def serve(
         interceptors = [CallMetrics(), _MalformedRequests()]  # metrics outermost: see call_metrics
         server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
         servicer = SandboxServicer(lifecycle, Authenticator(registry), placement, config, snapshots)
-        sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-        images_pb2_grpc.add_ImageServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            ImageServicer(Authenticator(registry), placement), server
-        )
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(registry), server)  # type: ignore[no-untyped-call]
+        images = ImageServicer(Authenticator(registry), placement)
+        admin = AdminServicer(registry)
+        table = MethodTable()  # the same handlers, for the lean local socket
+        for target in (server, table):
+            sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(servicer, target)  # type: ignore[no-untyped-call]
+            images_pb2_grpc.add_ImageServiceServicer_to_server(images, target)  # type: ignore[no-untyped-call]
+            admin_pb2_grpc.add_AdminServicer_to_server(admin, target)  # type: ignore[no-untyped-call]
+        # The lean socket first: a client that finds the gRPC socket answering finds it too.
+        lean = await _start_lean(config, table, interceptors)
         _bind(server, config)
         await server.start()
         if config.http and config.http_by_default:
@@ -413,6 +436,8 @@ async def serve(
                 http = await http_start
         if http is not None:
             await http.close()
+        if lean is not None:
+            await lean.close(SHUTDOWN_GRACE_SECONDS)
         if server is not None:
             await server.stop(SHUTDOWN_GRACE_SECONDS)
         if snapshots is not None:
