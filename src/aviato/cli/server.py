@@ -127,6 +127,10 @@ _LIMIT_OPTIONS = (
      "Serve /metrics and the web dashboard here [env AVIATO_HTTP; default: nowhere]."),
     ("--usage-interval", "SECONDS",
      "Sample each sandbox's CPU, memory and tasks this often [default 5; 0: never]."),
+    # The warm pool (server/warm_pool.py), forwarded the same way.
+    ("--warm-pool", "N",
+     "Keep N sandboxes of the default shape ready for creates [env AVIATO_WARM_POOL; "
+     "default 0]."),
 )  # fmt: skip
 
 
@@ -395,6 +399,7 @@ def status(paths: _Paths) -> None:
                 if info.usage_interval_seconds
                 else "off",
             ),
+            ("warm pool", info.warm_pool or "off"),
         ]
     )
 

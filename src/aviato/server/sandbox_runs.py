@@ -45,6 +45,7 @@ from aviato.server.sandbox_states import (
 )
 from aviato.server.secret_store import KEY_FILE, SecretStore
 from aviato.server.volumes import Volumes
+from aviato.server.warm_pool import WarmPool
 
 __all__ = ["SandboxRuns"]
 
@@ -76,6 +77,9 @@ class SandboxRuns:
         self._closing = False
         self._ports = PortForwarder()
         self._network_change = asyncio.Lock()  # one SetNetwork at a time
+        self.pool: WarmPool | None = None  # `--warm-pool N` (lifecycle.start makes it)
+        self.pool_node = ""
+        self._creates_starting = 0  # `_run_new`s before their runtime started the sandbox
         private_dir(config.logs_dir)
         self.volumes = Volumes(
             config.state_dir,
@@ -137,13 +141,24 @@ class SandboxRuns:
 
     async def _run_new(self, live: LiveSandbox) -> None:
         """Drives a new sandbox: CREATING, runtime.create, RUNNING, then watches its end."""
+        self._creates_starting += 1
+        try:
+            started = await self._create_in_runtime(live)
+        finally:
+            self._creates_starting -= 1
+        if started:
+            await self._run_started(live)
+
+    async def _create_in_runtime(self, live: LiveSandbox) -> bool:
+        """Places the sandbox, pulls its image and has the runtime start it; False when it
+        ended instead (recorded)."""
         if live.stop_reason:  # stopped before it was created: nothing to create
             self._finish(live, TERMINATED, live.stop_reason, None, time.time_ns())
-            return
+            return False
         if not live.rec.node and not await self._place(live):
-            return
+            return False
         if not await self._pull_image(live):
-            return
+            return False
         self._set_status(live, CREATING)
         assert live.config is not None
         try:
@@ -152,12 +167,19 @@ class SandboxRuns:
             raise
         except SandboxRuntimeError as e:
             self._finish(live, FAILED, f"create failed: {e}", None, time.time_ns())
-            return
+            return False
         except Exception as e:
             log.exception("runtime.create crashed for %s", live.rec.id)
             self._finish(live, FAILED, f"create failed: internal error: {e}", None, time.time_ns())
-            return
+            return False
         live.handle = handle
+        return True
+
+    async def _run_started(self, live: LiveSandbox) -> None:
+        """Drives a sandbox whose runtime has started it (created just now, or a warm pool
+        member claimed by its create): its deadline, its network, RUNNING, then its end."""
+        handle = live.handle
+        assert handle is not None
         if live.stop_reason:
             try:
                 exit = await handle.kill()
