@@ -9,6 +9,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 from server_helpers import Client, ServerProcess, sandbox_cgroups, sandbox_processes
 
@@ -70,16 +71,16 @@ def host_limits(server: ServerProcess, sandbox_id: str) -> dict[str, str]:
 def probe(client: Client, sandbox_id: str) -> str:
     result = client.sh(sandbox_id, PROBE)
     assert result.exit_code == 0, result.stderr
-    return result.stdout.decode()
+    return str(result.stdout.decode())
 
 
 def created_and_claimed(
-    server: ServerProcess, client: Client, **spec: object
+    server: ServerProcess, client: Client, **spec: Any
 ) -> tuple[pb.Sandbox, bool]:
     """Creates a sandbox; whether a pool member served it (its id was one before the create)."""
     before = members(server)
     t0 = time.time()
-    sb = client.create(**spec)  # type: ignore[arg-type]
+    sb = client.create(**spec)
     assert sb.created_at.ToNanoseconds() >= int(t0 * 1e9) - 10**6, "created before the call"
     return client.wait(sb.id), sb.id in before
 
@@ -105,8 +106,8 @@ def test_a_claimed_sandbox_looks_like_a_fresh_one(fresh_server: ServerProcess) -
     assert info(server).sandboxes_running == 0
     found: dict[bool, pb.Sandbox] = {}
     for _ in range(6):  # the first create is claimed; the next, right after, finds it empty
-        sb, claimed = created_and_claimed(server, client)
-        found.setdefault(claimed, sb)
+        made, from_pool = created_and_claimed(server, client)
+        found.setdefault(from_pool, made)
         if len(found) == 2:
             break
     assert set(found) == {True, False}, found
@@ -175,7 +176,7 @@ def test_a_spec_that_is_not_the_shape_gets_a_fresh_sandbox(fresh_server: ServerP
     wait_pool_ready(server, 1)
     client = server.client()
     waiting = members(server)
-    others = [
+    others: list[dict[str, Any]] = [
         {"env": {"A": "1"}},
         {"resources": {"memory": "256Mi"}},
         {"working_dir": "/tmp"},
