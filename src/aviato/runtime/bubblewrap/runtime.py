@@ -80,7 +80,6 @@ from aviato.runtime.bubblewrap.host_processes import (
 )
 from aviato.runtime.bubblewrap.launch import (
     FD_SECCOMP,
-    LAUNCH_ENV,
     Launcher,
     SandboxExists,
     SandboxStartFailed,
@@ -203,9 +202,7 @@ class BubblewrapRuntime(Runtime):
             self._seccomp_error = str(exc)
             log.error("sandboxes cannot start: %s", exc)
         image_roots.warm_up()
-        self._launcher = Launcher(
-            self._supervisor, launch_oom_adj(), shutil.which("sh", path=LAUNCH_ENV["PATH"])
-        )
+        self._launcher = Launcher(self._supervisor, launch_oom_adj())
         self._fd_limit = raise_fd_limit()
         self._handles: dict[str, BubblewrapSandbox] = {}
         self._running: set[str] = set()

@@ -73,6 +73,12 @@ int launch(int argc, char **argv) {
         if (!strcmp(argv[i], "--cgroup-procs") && i + 1 < argc) {
             if (write_number_file(argv[++i], (long)getpid()) < 0)
                 die("cannot join cgroup via %s: %s", argv[i], strerror(errno));
+        } else if (!strcmp(argv[i], "--cgroup-tasks") && i + 1 < argc) {
+            /* v1: "0" into `tasks` moves this (single-threaded) process without the kernel's
+             * cgroup_threadgroup_rwsem, whose RCU wait costs ~12 ms after an idle spell
+             * (runtime/cgroups/__init__.py); done here, not by a shell before us (an exec). */
+            if (write_number_file(argv[++i], 0) < 0)
+                die("cannot join cgroup via %s: %s", argv[i], strerror(errno));
         } else if (!strcmp(argv[i], "--oom-score-adj") && i + 1 < argc) {
             char *end;
             long v = strtol(argv[++i], &end, 10);
