@@ -44,6 +44,7 @@ from pathlib import Path
 
 from aviato.runtime.base import SandboxHandle, SandboxRuntimeError
 from aviato.runtime.model import EgressPolicy
+from aviato.server.codec import default_config
 from aviato.server.errors import FailedPrecondition, InvalidArgument, SandboxNotFound
 from aviato.server.pausing import Pausing
 from aviato.server.placement import UnknownNode
@@ -65,7 +66,7 @@ from aviato.server.sandbox_states import (
     status_name,
 )
 from aviato.server.usage_history import UsageHistory
-from aviato.server.warm_pool import WarmPool, default_shape, new_sandbox_id
+from aviato.server.warm_pool import WarmPool, new_sandbox_id
 from aviato.v1.errors_pb2 import SANDBOX_NOT_RUNNING, SERVICE_SHUTTING_DOWN
 
 __all__ = ["LeaseState", "Lifecycle", "classify_exit", "status_name"]
@@ -111,7 +112,7 @@ class Lifecycle(Pausing, Reconciliation):
         if self._placement.name != "local":
             log.warning("--warm-pool is ignored under --placement %s", self._placement.name)
             return
-        shape = default_shape(self._config.spec_defaults())
+        shape = default_config(self._config.spec_defaults())
         self.pool_node, runtime = self._placement.runtime_for_new(shape)
         self.pool = WarmPool(
             size, shape, runtime, self.pool_node,

@@ -45,15 +45,11 @@ from dataclasses import dataclass, replace
 
 from aviato.runtime.base import Runtime, SandboxHandle, SandboxRuntimeError
 from aviato.runtime.model import SandboxConfig
-from aviato.server.codec import decode_spec
-from aviato.server.validation import SpecDefaults
-from aviato.v1 import sandbox_pb2 as pb
 
 __all__ = [
     "MEMBER_LIFETIME_SECONDS",
     "PoolMember",
     "WarmPool",
-    "default_shape",
     "new_sandbox_id",
     "pool_shape_key",
 ]
@@ -80,11 +76,6 @@ CLOSE_SECONDS = 20.0
 def new_sandbox_id() -> str:
     """A fresh sandbox id (the lifecycle's and the pool's are made the same way)."""
     return "sbx-" + secrets.token_hex(6)
-
-
-def default_shape(defaults: SpecDefaults) -> SandboxConfig:
-    """The pool's shape: what an empty spec validates to with the service's defaults."""
-    return decode_spec(pb.SandboxSpec(), defaults).config
 
 
 def pool_shape_key(config: SandboxConfig) -> SandboxConfig:
