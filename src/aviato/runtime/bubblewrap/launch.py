@@ -63,26 +63,6 @@ SIGDEF = tuple(
 )
 
 
-def inheritable_fds() -> list[int]:
-    """Descriptors >= 3 of this process without close-on-exec (ours never are; a parent's or a
-    library's may be). The spawn closes them so that they cannot leak into a sandbox."""
-    found: list[int] = []
-    try:
-        names = os.listdir("/proc/self/fd")
-    except OSError:
-        return found
-    for name in names:
-        fd = int(name)
-        if fd < 3:
-            continue
-        try:
-            if not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
-                found.append(fd)
-        except OSError:
-            pass  # the listdir's own fd, or one closed meanwhile
-    return found
-
-
 def launch_oom_adj() -> list[str]:
     # Raising oom_score_adj needs no privilege, lowering needs CAP_SYS_RESOURCE.
     try:
@@ -197,10 +177,9 @@ class Launcher:
             high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (sock.fileno(), *opened)]
             opened += high
             ctl, main_log, exit_file, filt, err = high[:5]
+            # Any other descriptor this process left inheritable is closed by the launcher
+            # (`launcher.c`, close_from): listing ours here cost O(open descriptors) a create.
             actions: list[tuple[Any, ...]] = [
-                (os.POSIX_SPAWN_CLOSE, fd) for fd in inheritable_fds()
-            ]
-            actions += [
                 (os.POSIX_SPAWN_DUP2, ctl, FD_CONTROL),
                 (os.POSIX_SPAWN_DUP2, main_log, FD_LOG),
                 (os.POSIX_SPAWN_DUP2, exit_file, FD_EXIT),
