@@ -4,9 +4,11 @@ delete, the running handle) over its parts: `sandbox_runs` (driving and ending s
 (restarts), `admission` (capacity and quotas).
 
 States: PENDING → CREATING → RUNNING → COMPLETED | FAILED | TERMINATED, and RUNNING ⇄ PAUSED
-(`pausing`: pause, resume, extend, idle_timeout). Each sandbox that is not
-terminal has one `LiveSandbox` entry in memory (its record, its runtime handle, one task that
-drives it from creation to its end) and is mirrored in the registry at every state change.
+(`pausing`: pause, resume, extend, idle_timeout); a create whose node is known and whose image
+is ready (and a warm pool claim) starts CREATING, PENDING being the wait for either. Each
+sandbox that is not terminal has one `LiveSandbox` entry in memory (its record, its runtime
+handle, one task that drives it from creation to its end) and is mirrored in the registry at
+every state change.
 Terminal records live only in the registry. The hot paths (exec, files) read only the in-memory map.
 
 Guarantees:
@@ -295,13 +297,17 @@ class Lifecycle(Pausing, Reconciliation):
         if pool is not None and member is not None:
             sandbox_id, node, runtime = member.sandbox_id, pool.node, pool.runtime
             config = replace(config, sandbox_id=sandbox_id)
+        # PENDING only while it waits for a node or an image: one registry write less per
+        # create (a restart treats PENDING and CREATING alike: the sandbox is removed, FAILED).
+        ready = member is not None or (node and runtime.image_ready(config.image))
+        starting = CREATING if ready else PENDING
         now = time.time_ns()
         lifetime = valid.max_lifetime_seconds
         rec = SandboxRecord(
             id=sandbox_id,
             owner=owner,
             request_id=request_id,
-            status=PENDING,
+            status=starting,
             config=kept_config(config),
             created_ns=now,
             tags=valid.tags,

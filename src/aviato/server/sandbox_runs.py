@@ -79,7 +79,7 @@ class SandboxRuns:
         self._network_change = asyncio.Lock()  # one SetNetwork at a time
         self.pool: WarmPool | None = None  # `--warm-pool N` (lifecycle.start makes it)
         self.pool_node = ""
-        self._creates_starting = 0  # `_run_new`s before their runtime started the sandbox
+        self._creates_starting = 0  # `runtime.create`s of user creates in progress
         private_dir(config.logs_dir)
         self.volumes = Volumes(
             config.state_dir,
@@ -141,12 +141,7 @@ class SandboxRuns:
 
     async def _run_new(self, live: LiveSandbox) -> None:
         """Drives a new sandbox: CREATING, runtime.create, RUNNING, then watches its end."""
-        self._creates_starting += 1
-        try:
-            started = await self._create_in_runtime(live)
-        finally:
-            self._creates_starting -= 1
-        if started:
+        if await self._create_in_runtime(live):
             await self._run_started(live)
 
     async def _create_in_runtime(self, live: LiveSandbox) -> bool:
@@ -159,8 +154,10 @@ class SandboxRuns:
             return False
         if not await self._pull_image(live):
             return False
-        self._set_status(live, CREATING)
+        if live.rec.status != CREATING:  # a create placed with its image ready starts so
+            self._set_status(live, CREATING)
         assert live.config is not None
+        self._creates_starting += 1
         try:
             handle = await live.runtime.create(live.config)
         except asyncio.CancelledError:
@@ -172,6 +169,8 @@ class SandboxRuns:
             log.exception("runtime.create crashed for %s", live.rec.id)
             self._finish(live, FAILED, f"create failed: internal error: {e}", None, time.time_ns())
             return False
+        finally:
+            self._creates_starting -= 1
         live.handle = handle
         return True
 
