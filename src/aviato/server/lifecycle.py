@@ -115,9 +115,9 @@ class Lifecycle(Pausing, Reconciliation):
             log.warning("--warm-pool is ignored under --placement %s", self._placement.name)
             return
         shape = default_config(self._config.spec_defaults())
-        self.pool_node, runtime = self._placement.runtime_for_new(shape)
+        node, runtime = self._placement.runtime_for_new(shape)
         self.pool = WarmPool(
-            size, shape, runtime, self.pool_node,
+            size, shape, runtime, node,
             busy=lambda: self._creates_starting > 0, room=self._room_for_member,
             grace_seconds=self._config.default_stop_grace_seconds,
         )  # fmt: skip

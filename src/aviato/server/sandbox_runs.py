@@ -78,7 +78,6 @@ class SandboxRuns:
         self._ports = PortForwarder()
         self._network_change = asyncio.Lock()  # one SetNetwork at a time
         self.pool: WarmPool | None = None  # `--warm-pool N` (lifecycle.start makes it)
-        self.pool_node = ""
         self._creates_starting = 0  # `runtime.create`s of user creates in progress
         private_dir(config.logs_dir)
         self.volumes = Volumes(
