@@ -11,7 +11,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from server_helpers import Client, ServerProcess, sandbox_cgroups, sandbox_processes
+import grpc
+import pytest
+from server_helpers import (
+    Client,
+    ServerProcess,
+    code_of,
+    sandbox_cgroups,
+    sandbox_processes,
+)
 
 from aviato.server import auth
 from aviato.server.registry import Registry
@@ -231,3 +239,23 @@ def test_the_claims_deadline_holds_and_a_restart_leaves_no_member(
     assert not sandbox_processes(new) and not sandbox_cgroups(new, server.cgroup_parent)
     assert not state_ids(server) & new
     assert not [p for p in Path(server.state_dir / "sandboxes").iterdir()]
+
+
+def test_members_never_take_a_users_place(fresh_server: ServerProcess) -> None:
+    """With `--max-sandboxes 2 --warm-pool 2` two users' sandboxes of another shape still fit
+    beside the two members: the members count toward no bound of the users'."""
+    server = fresh_server
+    server.args += ["--max-sandboxes", "2", "--warm-pool", "2"]
+    server.start()
+    wait_pool_ready(server, 2)
+    client = server.client()
+    made = [created_and_claimed(server, client, env={"N": str(i)}) for i in range(2)]
+    assert [(sb.status, claimed) for sb, claimed in made] == [(RUNNING, False)] * 2
+    with pytest.raises(grpc.RpcError) as err:
+        client.create(env={"N": "3"})
+    assert code_of(err.value) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    client.delete(made[0][0].id)
+    sb, claimed = created_and_claimed(server, client)
+    assert claimed and sb.status == RUNNING
+    for each in (made[1][0], sb):
+        client.delete(each.id)
