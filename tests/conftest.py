@@ -4,12 +4,20 @@ on `sys.path` so that `_system_tools` and `_wait` import from any test module.
 The header of a run names the tools that are missing (their tests skip, with the install
 command). Under AVIATO_REQUIRE_ALL_TOOLS=1, as in CI, a missing tool stops the run before the
 first test instead.
+
+Services started by tests serve no HTTP side unless a test asks for one (`AVIATO_HTTP=off`):
+the loopback default costs each service start about 0.12 s of CPU for aiohttp, and the suite
+starts hundreds; tests/server/test_http_side.py checks the default itself.
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from _system_tools import REQUIRE_ALL_ENV, TOOLS, describe, missing_tools, require_all
+
+os.environ.setdefault("AVIATO_HTTP", "off")
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -189,7 +189,10 @@ def test_sigterm_after_the_service_stopped_does_not_start_one() -> None:
         assert proc.stdout is not None
         sandbox_id = proc.stdout.readline().strip()
         assert sandbox_id.startswith("sbx-"), proc.stderr.read() if proc.stderr else ""
-        assert _aviato(state, "server", "stop").returncode == 0
+        # The service is the session's child (a zombie until the session reaps it): the stop
+        # must see it ended, not wait out its timeout and "kill" it.
+        stopped = _aviato(state, "server", "stop")
+        assert stopped.returncode == 0 and "did not stop" not in stopped.stderr, stopped.stderr
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

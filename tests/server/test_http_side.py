@@ -250,3 +250,47 @@ def test_what_sandboxes_and_users_chose_is_never_markup(
     assert get(base + "/sandboxes/..%2F..%2Fetc%2Fpasswd")[0] == 404
     assert get(base + "/static/..%2F__init__.py")[0] == 404
     c.stop(sb.id)
+
+
+def _http_address(server: ServerProcess) -> str:
+    return str(server.stub().GetServerInfo(pb.GetServerInfoRequest(), timeout=10).http)
+
+
+def as_nobody(url: str) -> str:
+    """The HTTP status another user of the machine gets for `url`."""
+    script = (
+        "import os, urllib.request, urllib.error, encodings.idna, http.client\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        f"try: urllib.request.urlopen({url!r}, timeout=10); print(200)\n"
+        "except urllib.error.HTTPError as e: print(e.code)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=30, cwd=Path("/"))  # fmt: skip
+    return out.stdout.strip() or out.stderr
+
+
+def test_the_loopback_default(
+    fresh_server: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service reachable only from this machine serves its HTTP side on 127.0.0.1 without
+    being asked, once its API answers, to its own user only; one listening on the network, or
+    told `--http off`, serves none."""
+    monkeypatch.delenv("AVIATO_HTTP", raising=False)
+    fresh_server.start()
+    wait_until(lambda: _http_address(fresh_server) != "", "the default HTTP side", timeout=20)
+    address = _http_address(fresh_server)
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", address), address
+    base = f"http://{address}"
+    status, text, _ = get(base + "/metrics")
+    assert status == 200 and "aviato_rpcs" in text
+    if os.geteuid() == 0:
+        assert as_nobody(base + "/metrics") == "401"
+    fresh_server.stop()
+    for args in (["--http", "off"], ["--listen", f"0.0.0.0:{free_port()}"]):
+        other = ServerProcess(tmp_path / f"s{len(args[1])}", *args)
+        try:
+            other.start()
+            time.sleep(1.0)  # the default is bound well within this (the first service)
+            assert _http_address(other) == ""
+        finally:
+            other.stop()

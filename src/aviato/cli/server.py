@@ -123,8 +123,9 @@ _LIMIT_OPTIONS = (
     ("--cgroup-pids", "N",
      "Tasks of all sandboxes together [default: half of pid_max or threads-max]."),
     # The operator's view (docs/operations.md), forwarded the same way.
-    ("--http", "HOST:PORT",
-     "Serve /metrics and the web dashboard here [env AVIATO_HTTP; default: nowhere]."),
+    ("--http", "HOST:PORT|off",
+     "Serve /metrics and the web dashboard here, or 'off' [env AVIATO_HTTP; default: "
+     "127.0.0.1 on a free port, unless --listen names a non-loopback address]."),
     ("--usage-interval", "SECONDS",
      "Sample each sandbox's CPU, memory and tasks this often [default 5; 0: never]."),
     # The warm pool (server/warm_pool.py), forwarded the same way.
@@ -316,12 +317,28 @@ def start(
     click.echo(f"started (pid {_read_pid(paths) or '?'}, socket {paths.socket}{where})")
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _exited(pid: int) -> bool:
+    """True once `pid` has exited: gone, or a zombie. A service the SDK started is a child of
+    the program that started it, which reaps it only when it exits; until then the ended
+    service stays a zombie that `kill(pid, 0)` still finds."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc: ask the kernel the plain way
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
+            return True
+        return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _exited(pid):
             return True
         time.sleep(0.05)
     return False

@@ -31,6 +31,7 @@ __all__ = [
     "ExecSpec",
     "FileInfo",
     "FileNotFound",
+    "FileWriteDescriptor",
     "ImageInfo",
     "ImagePullProgress",
     "ImageService",
@@ -237,6 +238,22 @@ class LogRecord:
     data: bytes
 
 
+class FileWriteDescriptor(abc.ABC):
+    """A write of one file of a sandbox through a descriptor (`SandboxHandle.open_for_writing`):
+    `fd` is open for writing on a new, empty file that takes the target's place only at
+    `commit`; `abort` (or the end of the service) leaves no file behind. Both close `fd`."""
+
+    fd: int
+
+    @abc.abstractmethod
+    async def commit(self) -> int:
+        """Puts the file in place; returns its size. The errors of `write_file`."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Drops the write (idempotent; nothing after `commit`)."""
+
+
 class SandboxHandle(abc.ABC):
     sandbox_id: str
 
@@ -251,6 +268,20 @@ class SandboxHandle(abc.ABC):
         self, path: str, mode: int, make_parents: bool, chunks: AsyncIterator[bytes]
     ) -> int:
         """Writes atomically (temporary file, then rename); returns the size written."""
+
+    async def open_for_reading(self, path: str) -> tuple[int, FileInfo]:
+        """The descriptor of the sandbox's regular file `path`, opened for reading as
+        `read_file` opens it (the caller's to close), and its size and mode, so that the bytes
+        can move in the kernel. Unsupported (the default; a file that is not regular, or whose
+        size says nothing, as in /proc): the caller streams with `read_file`. Its errors."""
+        raise Unsupported("this runtime hands out no file descriptors")
+
+    async def open_for_writing(
+        self, path: str, mode: int, make_parents: bool
+    ) -> FileWriteDescriptor:
+        """A write of `path` through a descriptor, as `write_file` writes it (atomically).
+        Unsupported (the default): the caller streams with `write_file`. Its errors."""
+        raise Unsupported("this runtime hands out no file descriptors")
 
     async def path_op(self, op: PathOp) -> PathOpResult:
         """A directory or metadata operation; the errors of `read_file`."""

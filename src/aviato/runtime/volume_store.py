@@ -38,7 +38,6 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ from typing import Protocol
 
 from aviato._private import private_dir
 from aviato.runtime.base import LimitsUnavailable, SandboxRuntimeError
+from aviato.runtime.mount_tools import is_mount_point, run_tool
 
 __all__ = [
     "MIN_VOLUME_BYTES",
@@ -88,24 +88,8 @@ def _check(key: str, name: str) -> None:
         raise VolumeStoreError(f"not a volume: {key!r}/{name!r}")
 
 
-def _is_mount_point(path: Path) -> bool:
-    """Whether `path` is a mount point of this mount namespace (a bind of a directory onto
-    itself too, which `os.path.ismount` cannot see)."""
-    want = str(path).encode().replace(b"\\", b"\\134").replace(b" ", b"\\040")
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            return any(line.split()[4] == want for line in f)
-    except (OSError, IndexError):
-        return False
-
-
 def _run(argv: list[str], what: str) -> None:
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise VolumeStoreError(f"{what}: {exc}") from exc
-    if out.returncode != 0:
-        raise VolumeStoreError(f"{what}: {(out.stderr or out.stdout).strip()}")
+    run_tool(argv, what, VolumeStoreError, _TIMEOUT_S)
 
 
 def disk_usage(root: Path) -> int:
@@ -196,7 +180,7 @@ class VolumeStore:
 
     def _ensure_sized(self, key: str, name: str, size_bytes: int) -> Path:
         mount, image = self._mount(key, name), self._image(key, name)
-        if _is_mount_point(mount):
+        if is_mount_point(mount):
             return mount
         if self.sized_error:
             raise LimitsUnavailable(f"this node cannot make sized volumes: {self.sized_error}")
@@ -237,7 +221,7 @@ class VolumeStore:
         """Makes `volume-mounts` a private bind mount of itself (once; it stays one across
         restarts), so that a launcher can detach every volume filesystem at once."""
         private_dir(self.mounts_root)
-        if _is_mount_point(self.mounts_root):
+        if is_mount_point(self.mounts_root):
             return
         root = str(self.mounts_root).encode()
         if (
@@ -269,7 +253,7 @@ class VolumeStore:
             private_dir(self._trash)
             stamp = f"{key}-{name}-{time.time_ns()}"
             mount = self._mount(key, name)
-            if _is_mount_point(mount) and _libc.umount2(str(mount).encode(), _MNT_DETACH) != 0:
+            if is_mount_point(mount) and _libc.umount2(str(mount).encode(), _MNT_DETACH) != 0:
                 err = ctypes.get_errno()
                 raise VolumeStoreError(f"volume {name!r}: unmounting: {os.strerror(err)}")
             with contextlib.suppress(OSError):

@@ -33,12 +33,12 @@ import ctypes
 import ctypes.util
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from aviato._private import private_dir
 from aviato.runtime.base import SandboxRuntimeError
+from aviato.runtime.mount_tools import is_mount_point, run_tool
 
 __all__ = ["LAYER_AT", "LAYER_KINDS", "Layer", "LayerError", "WritableLayers"]
 
@@ -75,26 +75,8 @@ def _umount(target: str) -> None:
         raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
 
-def _is_mount_point(path: Path) -> bool:
-    """Whether `path` is a mount point of this mount namespace (also a bind mount of a
-    directory onto itself, which `os.path.ismount` cannot see)."""
-    want = str(path).encode().replace(b"\\", b"\\134").replace(b" ", b"\\040")
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            return any(line.split()[4] == want for line in f)
-    except (OSError, IndexError):
-        return False
-
-
 def _run(argv: list[str], what: str) -> None:
-    try:
-        out = subprocess.run(
-            argv, capture_output=True, text=True, timeout=_MOUNT_TIMEOUT_S, check=False
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise LayerError(f"{what}: {exc}") from exc
-    if out.returncode != 0:
-        raise LayerError(f"{what}: {(out.stderr or out.stdout).strip()}")
+    run_tool(argv, what, LayerError, _MOUNT_TIMEOUT_S)
 
 
 @dataclass(frozen=True)
@@ -130,7 +112,7 @@ class WritableLayers:
             self.error = "mke2fs (e2fsprogs) is not installed"
         # Made a mount point at the first layer (a service that never makes one leaves no mount
         # behind); from then on it stays one, also across restarts of the service.
-        self._bound = _is_mount_point(self.root)
+        self._bound = is_mount_point(self.root)
 
     def _bind_root(self) -> None:
         if self._bound:
@@ -151,7 +133,7 @@ class WritableLayers:
     def present(self, sandbox_id: str) -> Layer | None:
         """The sandbox's layer if it is mounted (after a restart too)."""
         mount, image = self._paths(sandbox_id)
-        if not _is_mount_point(mount):
+        if not is_mount_point(mount):
             return None
         return Layer(sandbox_id, mount, "disk" if image.exists() else "memory")
 
@@ -198,11 +180,11 @@ class WritableLayers:
         mount, image = self._paths(sandbox_id)
         if not os.path.lexists(mount) and not os.path.lexists(image):
             return  # a memory layer: nothing here (spares reading mountinfo at every cleanup)
-        if _is_mount_point(mount):
+        if is_mount_point(mount):
             try:
                 _umount(str(mount))
             except OSError as exc:
-                if _is_mount_point(mount):  # not when another remove unmounted it meanwhile
+                if is_mount_point(mount):  # not when another remove unmounted it meanwhile
                     raise LayerError(f"sandbox {sandbox_id}: {exc.strerror}") from exc
         with contextlib.suppress(FileNotFoundError):
             os.unlink(image)  # its blocks go once the loop device lets go (autoclear)

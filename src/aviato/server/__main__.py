@@ -27,6 +27,7 @@ from aviato.server.config import (
     DEFAULT_MAX_SANDBOXES,
     DEFAULT_MIN_FREE_DISK_BYTES,
     ServerConfig,
+    default_http,
     default_min_free_memory_bytes,
     parse_listen,
     resolve_state_dir,
@@ -67,6 +68,11 @@ def _insecure_from_env() -> list[str]:
     for name in names:
         parse_registry_name(name)  # ValueError saying what is wrong
     return names
+
+
+def _http(text: str) -> str:
+    """--http: HOST:PORT, or "off" (no HTTP side, also on loopback)."""
+    return text if text == "off" else _listen(text)
 
 
 def _listen(text: str) -> str:
@@ -179,9 +185,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                    help="also serve TCP here (API keys required)")  # fmt: skip
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain for --listen")
     p.add_argument("--tls-key", type=Path, help="PEM private key for --listen")
-    p.add_argument("--http", type=_listen, metavar="HOST:PORT", default=None,
-                   help="serve /metrics and the dashboard here (docs/operations.md; "
-                        "default: $AVIATO_HTTP, else nowhere)")  # fmt: skip
+    p.add_argument("--http", type=_http, metavar="HOST:PORT|off", default=None,
+                   help="serve /metrics and the dashboard here, or 'off' (docs/operations.md;"
+                        " default: $AVIATO_HTTP, else 127.0.0.1 on a free port unless --listen "
+                        "names a non-loopback address)")  # fmt: skip
     p.add_argument("--usage-interval", type=_seconds_or_zero, default=5.0, metavar="SECONDS",
                    help="sample each sandbox's CPU, memory and tasks this often "
                         "(default 5; 0: never)")  # fmt: skip
@@ -325,10 +332,15 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         p.error("--ray-volume-dir needs --placement ray")
     if args.ray_volume_dir and not os.path.isabs(args.ray_volume_dir):
         p.error(f"--ray-volume-dir: {args.ray_volume_dir!r} is not an absolute path")
-    if args.tls_cert and not (args.listen or args.http):
+    if args.tls_cert and not (args.listen or args.http not in (None, "off")):
         p.error("--tls-cert/--tls-key need --listen or --http")
     http = args.http or os.environ.get("AVIATO_HTTP") or None
-    if http:
+    http_by_default = http is None
+    if http is None:
+        http = default_http(args.listen)
+    elif http == "off":
+        http = None
+    else:
         try:
             parse_listen(http)
         except ValueError as e:
@@ -375,6 +387,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         ray_volume_dir=args.ray_volume_dir,
         usage_interval_seconds=args.usage_interval,
         http=http,
+        http_by_default=http_by_default and http is not None,
         warm_pool=args.warm_pool,
     )
 

@@ -129,6 +129,8 @@ class SandboxServicer(
         super().__init__(lifecycle, auth)
         self._placement = placement
         self._config = config
+        #: Where the HTTP side listens ("": nowhere, or not bound yet); app.py sets it.
+        self.http_address = config.http or ""
         self._defaults = config.spec_defaults()
         self._snapshots = snapshots or SnapshotService(lifecycle, lifecycle.registry, placement)
 
@@ -314,7 +316,7 @@ class SandboxServicer(
             sandbox_limits=facts.get("sandbox_limits", "") if operator else "",
             quota=self._lifecycle.quota_text(owner),
             egress=EGRESS_PATH,
-            http=self._config.http or "",
+            http=self.http_address,
             usage_interval_seconds=self._config.usage_interval_seconds,
             warm_pool=pool.describe() if operator and pool is not None else "",
         )

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import importlib
 import inspect
 import logging
 import os
@@ -319,6 +320,39 @@ def _bind(server: grpc.aio.Server, config: ServerConfig) -> None:
         log.info("listening on tcp %s (%s)", address, "tls" if config.tls_cert else "plaintext")
 
 
+async def _start_http(
+    config: ServerConfig, lifecycle: Lifecycle, placement: Placement, registry: Registry
+) -> HttpSide:
+    """Starts the HTTP side at `config.http`; StartupError when it cannot bind."""
+    # aiohttp is loaded only by a service that serves HTTP (about 0.15 s of CPU), as ray only by
+    # one that places on Ray; in a thread, so that a service already answering keeps answering.
+    module = await asyncio.to_thread(importlib.import_module, "aviato.server.http_side")
+    http: HttpSide = module.HttpSide(config, lifecycle, placement, Authenticator(registry))
+    try:
+        await http.start()
+    except OSError as e:
+        raise StartupError(str(e)) from e
+    return http
+
+
+async def _start_default_http(
+    config: ServerConfig,
+    lifecycle: Lifecycle,
+    placement: Placement,
+    registry: Registry,
+    servicer: SandboxServicer,
+) -> HttpSide | None:
+    """The loopback default (`config.default_http`), started once the API answers: a service
+    that cannot bind it (no loopback in its network namespace) runs on without it."""
+    try:
+        http = await _start_http(config, lifecycle, placement, registry)
+    except StartupError as e:
+        log.warning("no HTTP side on %s: %s", config.http, e)
+        return None
+    servicer.http_address = http.address
+    return http
+
+
 async def serve(
     config: ServerConfig, stop: asyncio.Event, placement: Placement | None = None
 ) -> None:
@@ -336,6 +370,7 @@ async def serve(
     snapshots: SnapshotService | None = None
     server: grpc.aio.Server | None = None
     http: HttpSide | None = None
+    http_start: asyncio.Task[HttpSide | None] | None = None
     try:
         registry = Registry(config.registry_path)
         placement = placement or _build_placement(config)
@@ -347,16 +382,8 @@ async def serve(
         await lifecycle.start()
         snapshots = SnapshotService(lifecycle, registry, placement)
         await snapshots.start()
-        if config.http:
-            # aiohttp is loaded only by a service that serves HTTP (about 0.1 s of its start),
-            # as ray only by one that places on Ray.
-            from aviato.server.http_side import HttpSide
-
-            http = HttpSide(config, lifecycle, placement, Authenticator(registry))
-            try:
-                await http.start()
-            except OSError as e:
-                raise StartupError(str(e)) from e
+        if config.http and not config.http_by_default:  # the operator's: bound before ready
+            http = await _start_http(config, lifecycle, placement, registry)
             config = dataclasses.replace(config, http=http.address)  # the port, if it was 0
         interceptors = [CallMetrics(), _MalformedRequests()]  # metrics outermost: see call_metrics
         server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
@@ -368,6 +395,11 @@ async def serve(
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(registry), server)  # type: ignore[no-untyped-call]
         _bind(server, config)
         await server.start()
+        if config.http and config.http_by_default:
+            servicer.http_address = ""  # until it is bound
+            http_start = asyncio.create_task(
+                _start_default_http(config, lifecycle, placement, registry, servicer)
+            )
         log.info(
             "aviato server ready pid=%d state_dir=%s socket=%s",
             os.getpid(), config.state_dir, config.socket_path,
@@ -375,6 +407,10 @@ async def serve(
         await stop.wait()
         log.info("shutting down (sandboxes keep running)")
     finally:
+        if http_start is not None:
+            http_start.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                http = await http_start
         if http is not None:
             await http.close()
         if server is not None:

@@ -9,6 +9,7 @@ This module only describes; it does not create directories or check that a TLS f
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +24,14 @@ __all__ = [
     "DEFAULT_MAX_LIFETIME_SECONDS",
     "DEFAULT_MAX_SANDBOXES",
     "DEFAULT_MIN_FREE_DISK_BYTES",
+    "LOOPBACK_HTTP",
     "ServerConfig",
     "available_memory_bytes",
+    "default_http",
     "default_min_free_memory_bytes",
     "free_disk_bytes",
     "host_memory_bytes",
+    "is_loopback",
     "parse_listen",
     "resolve_state_dir",
 ]
@@ -52,6 +56,30 @@ def parse_listen(text: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host or "0.0.0.0", port
+
+
+#: Where the HTTP side listens when the operator says nothing and the service serves no other
+#: host: loopback only, on a port the kernel picks (`aviato server status` shows it).
+LOOPBACK_HTTP = "127.0.0.1:0"
+
+
+def is_loopback(host: str) -> bool:
+    """True for "localhost" and the loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def default_http(listen: str | None) -> str | None:
+    """The HTTP side's address when none was asked for: on for a service reachable only from
+    this machine (no `--listen`, or a loopback one), off for one that listens on the network,
+    whose operator chooses where its metrics and dashboard go."""
+    if listen and not is_loopback(parse_listen(listen)[0]):
+        return None
+    return LOOPBACK_HTTP
 
 
 def _meminfo_bytes(field: str) -> int | None:
@@ -163,8 +191,12 @@ class ServerConfig:
     ray_volume_dir: str = ""
     # The operator's view (docs/operations.md): how often each sandbox's usage is sampled (0:
     # never), and where the HTTP side (/metrics, the dashboard) listens (None: nowhere).
+    # `http_by_default`: the address is the loopback default of a service that serves no other
+    # host (`default_http`), not the operator's choice: it is bound once the API is ready, and
+    # a failure to bind is a warning, not a failed start.
     usage_interval_seconds: float = 5.0
     http: str | None = None
+    http_by_default: bool = False
     # Sandboxes of the default shape kept started ahead of demand (server/warm_pool.py; 0: none).
     warm_pool: int = 0
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import grpc
 
-from aviato.runtime.base import SandboxRuntimeError
+from aviato.runtime.base import FileInfo, SandboxHandle, SandboxRuntimeError, Unsupported
 from aviato.server import errors, validation
 from aviato.server.errors import InvalidArgument, ServiceError
 from aviato.server.servicer import ServicerBase
@@ -25,12 +26,53 @@ __all__ = ["FileStreams"]
 log = logging.getLogger("aviato.server.api")
 
 FILE_CHUNK = 256 * 1024
+READ_AHEAD = 4 * FILE_CHUNK  # what one read of a file's descriptor takes (one thread hop)
 # One file's size through WriteFile. The real bound is where it lands (the writable layer's
 # disk limit, ENOSPC); this one only keeps a counter sane. 10 GiB must pass (issue 17).
 MAX_WRITE_BYTES = 1 << 40
 # What is read and dropped after a refused write, so that the client reads the status rather
 # than a reset; a client that keeps sending past it is cut off.
 DRAIN_BYTES = 64 << 20
+
+
+async def _open_for_reading(
+    handle: SandboxHandle, path: str
+) -> tuple[FileInfo, AsyncIterator[bytes]]:
+    """The file's info and bytes: read here through its descriptor where the runtime hands one
+    out (a regular file: one hop less than the supervisor's stream), else streamed by it."""
+    try:
+        fd, info = await handle.open_for_reading(path)
+    except Unsupported:
+        return await handle.read_file(path)
+    return info, _descriptor_chunks(fd, info.size)
+
+
+async def _descriptor_chunks(fd: int, size: int) -> AsyncIterator[bytes]:
+    """Up to `size` bytes of `fd` (what the file held when it was opened; less if it shrank),
+    read in a worker thread READ_AHEAD at a time; closes `fd`, once no read uses it (a read
+    still running in its thread when the reader goes away closes it as it ends)."""
+    read: asyncio.Future[bytes] | None = None
+    try:
+        offset = 0
+        while offset < size:
+            length = min(READ_AHEAD, size - offset)
+            read = asyncio.ensure_future(asyncio.to_thread(os.pread, fd, length, offset))
+            data = await asyncio.shield(read)
+            if not data:
+                return
+            offset += len(data)
+            yield data
+    finally:
+        if read is not None and not read.done():
+            read.add_done_callback(lambda done: _close_after(done, fd))
+        else:
+            os.close(fd)
+
+
+def _close_after(read: asyncio.Future[bytes], fd: int) -> None:
+    if not read.cancelled():
+        read.exception()  # retrieved: nobody waits for it any more
+    os.close(fd)
 
 
 class FileStreams(ServicerBase):
@@ -46,7 +88,7 @@ class FileStreams(ServicerBase):
         try:
             path = validation.validate_path(request.path, "path")
             handle = await self._lifecycle.running_handle(owner, request.sandbox_id)
-            info, chunks = await handle.read_file(path)
+            info, chunks = await _open_for_reading(handle, path)
         except (ServiceError, SandboxRuntimeError) as e:
             await errors.abort(context, e, sandbox_id=request.sandbox_id, path=request.path)
         write = context.write

@@ -1,10 +1,12 @@
 """The HTTP side of the service (`aviato server --http HOST:PORT`): `/metrics` for Prometheus
 and the dashboard (`server/dashboard/`), with `aiohttp` on the service's own event loop.
 
-Off unless the operator names an address (`--http`, or `AVIATO_HTTP` for a service the SDK
-starts by itself). On a loopback address the service's own user needs no key (`http_auth`);
-anywhere else every request needs an API key, and the traffic is plaintext unless the service
-has `--tls-cert/--tls-key` (then the HTTP side speaks HTTPS with the same certificate).
+Where: the operator's address (`--http`, or `AVIATO_HTTP` for a service the SDK starts by
+itself), else 127.0.0.1 on a free port for a service that listens on no other host
+(`config.default_http`), else nowhere. On a loopback address the service's own user needs no
+key (`http_auth`); anywhere else every request needs an API key, and the traffic is plaintext
+unless the service has `--tls-cert/--tls-key` (then the HTTP side speaks HTTPS with the same
+certificate).
 
 Every request is authenticated first (`http_auth.HttpCaller`): 401 without an owner (an HTML
 page that links to the login form for a browser's page, plain text otherwise). `/metrics` and

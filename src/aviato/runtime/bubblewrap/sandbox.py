@@ -25,11 +25,13 @@ from aviato.runtime.base import (
     ExecHandle,
     ExecSpec,
     FileInfo,
+    FileWriteDescriptor,
     LimitsUnavailable,
     LogRecord,
     MainExit,
     PathOp,
     PathOpResult,
+    PathRefused,
     PortUnreachable,
     SandboxGone,
     SandboxHandle,
@@ -47,6 +49,7 @@ from aviato.runtime.logs import read_log
 from aviato.runtime.snapshot_store import SnapshotStore
 from aviato.runtime.supervisor import SupervisorConnection
 from aviato.runtime.supervisor.egress_listen import egress_listen
+from aviato.runtime.supervisor.file_descriptors import open_for_reading, open_for_writing
 from aviato.runtime.supervisor.port_connect import check_port, connect_port
 from aviato.runtime.userns import IdRange
 
@@ -219,6 +222,27 @@ class BubblewrapSandbox(SandboxHandle):
         if self._cgroup is not None:
             chunks = _within_memory(self._cgroup, rel, chunks)
         return await conn.write_file_at(root, rel, mode, mtime_ns, chunks)
+
+    async def open_for_reading(self, path: str) -> tuple[int, FileInfo]:
+        """Opened by the supervisor, over a control connection of its own
+        (supervisor/file_descriptors.py)."""
+        with short_path(await self._descriptor_socket()) as ctl:
+            return await open_for_reading(ctl, path, self.sandbox_id)
+
+    async def open_for_writing(
+        self, path: str, mode: int, make_parents: bool
+    ) -> FileWriteDescriptor:
+        with short_path(await self._descriptor_socket()) as ctl:
+            return await open_for_writing(ctl, path, mode, make_parents, self.sandbox_id)
+
+    async def _descriptor_socket(self) -> Path:
+        """The control socket, for a request on a connection of its own; SandboxGone when the
+        sandbox has ended, PathRefused while it is paused (nothing in it could answer)."""
+        if not self.running:
+            raise SandboxGone(f"sandbox {self.sandbox_id} has ended")
+        if self._cgroup is not None and self._cgroup.frozen():
+            raise PathRefused(f"sandbox {self.sandbox_id} is paused: resume it first")
+        return self._dir / "ctl.sock"
 
     async def connect_port(self, port: int) -> socket.socket:
         """Made by the supervisor in the sandbox's network namespace, over a control connection

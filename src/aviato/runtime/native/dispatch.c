@@ -72,6 +72,7 @@ static void handle_frame(struct conn *c, uint8_t type, uint32_t id, const uint8_
     case F_FS_OP: do_fs_op(c, id, &r); break;
     case F_READ_AT: do_read_at(c, id, &r); break;
     case F_WRITE_AT: do_write_at(c, id, &r); break;
+    case F_OPEN_FILE: do_open_file(c, id, &r); break;
     default: r.bad = 1; /* unknown frame type: protocol error */
     }
     if (r.bad) c->dead = -1;

@@ -186,16 +186,28 @@ int tmp_create(int dirfd, char **name) {
     return -1;
 }
 
-/* WRITE_BEGIN: u32 mode | u32 flags | str path. A temporary file next to the target, in the
- * target's directory opened once (without magic links); the rename happens in that directory. */
+/* WRITE_BEGIN: u32 mode | u32 flags | str path. */
 void do_write_begin(struct conn *c, uint32_t id, struct rd *r) {
     int nul = 0;
     uint32_t mode = rd_u32(r), flags = rd_u32(r);
     char *path = rd_str(r, &nul);
     if (r->bad) {
+        free(path);
         c->dead = -1;
         return;
     }
+    if (nul) {
+        send_error(c, id, EINVAL, "invalid path");
+        free(path);
+        return;
+    }
+    begin_write(c, id, mode, flags, path);
+}
+
+/* Starts a write of `path` (taken over): a temporary file next to the target, in the target's
+ * directory opened once (without magic links); WRITE_END renames it in that directory. Returns
+ * the new write (at the head of c->writes), or NULL after sending the ERROR. */
+struct wfile *begin_write(struct conn *c, uint32_t id, uint32_t mode, uint32_t flags, char *path) {
     struct stat st;
     size_t n = strlen(path);
     char *slash = strrchr(path, '/');
@@ -204,9 +216,10 @@ void do_write_begin(struct conn *c, uint32_t id, struct rd *r) {
     const char *base = slash ? slash + 1 : path;
     char *tmp = NULL;
     int fd = -1, dirfd = -1;
+    struct wfile *made = NULL;
     if (id_in_use(c, id)) {
         send_error(c, id, EEXIST, "id %u is already in use", id);
-    } else if (nul || n == 0) {
+    } else if (n == 0) {
         send_error(c, id, EINVAL, "invalid path");
     } else if (path[n - 1] == '/' || (stat(path, &st) == 0 && S_ISDIR(st.st_mode))) {
         send_error(c, id, EISDIR, "%s: is a directory", path);
@@ -220,15 +233,93 @@ void do_write_begin(struct conn *c, uint32_t id, struct rd *r) {
         send_error(c, id, errno, "%s: %s", path, strerror(errno));
         close(fd), unlinkat(dirfd, tmp, 0);
     } else {
-        struct wfile *f = xrealloc(NULL, sizeof *f);
-        *f = (struct wfile){.id = id, .fd = fd, .dirfd = dirfd, .path = path,
-                            .base = strdup(base), .tmp = tmp, .next = c->writes};
-        c->writes = f;
+        made = xrealloc(NULL, sizeof *made);
+        *made = (struct wfile){.id = id, .fd = fd, .dirfd = dirfd, .path = path,
+                               .base = strdup(base), .tmp = tmp, .next = c->writes};
+        c->writes = made;
         path = tmp = NULL;
         dirfd = -1;
     }
     if (dirfd >= 0) close(dirfd);
     free(path), free(dir), free(tmp);
+    return made;
+}
+
+static void hand_over_file(struct conn *c, uint32_t id, int fd, uint64_t size, uint32_t mode);
+
+/* OPEN_FILE: u32 flags | u32 mode | str path → FILE_OPENED (u64 size | u32 mode), with the
+ * file's descriptor riding on it (SCM_RIGHTS), so that the service moves the bytes without
+ * them crossing this connection. Without OPEN_FOR_WRITE: the file opened for reading, as
+ * READ_FILE opens it; refused (EINVAL) unless it is a regular file whose size says what a read
+ * returns (the service streams the others). With it: the temporary file of a write, as
+ * WRITE_BEGIN makes it (OPEN_MAKE_PARENTS as WRITE_MAKE_PARENTS), opened for writing; WRITE_END
+ * renames it into place and answers WRITE_OK with its size, and WRITE_ABORT or the end of this
+ * connection removes it. */
+void do_open_file(struct conn *c, uint32_t id, struct rd *r) {
+    int nul = 0;
+    uint32_t flags = rd_u32(r), mode = rd_u32(r);
+    char *path = rd_str(r, &nul);
+    if (r->bad) {
+        free(path);
+        c->dead = -1;
+        return;
+    }
+    if (nul || !path[0]) {
+        send_error(c, id, EINVAL, "invalid path");
+        free(path);
+        return;
+    }
+    if (c->npass >= PORT_CONNECTS_MAX) {
+        send_error(c, id, EAGAIN, "too many descriptors queued on this control connection");
+        free(path);
+        return;
+    }
+    if (flags & OPEN_FOR_WRITE) {
+        uint32_t wflags = flags & OPEN_MAKE_PARENTS ? WRITE_MAKE_PARENTS : 0;
+        struct wfile *f = begin_write(c, id, mode, wflags, path); /* takes `path` */
+        if (!f) return;
+        f->by_descriptor = 1;
+        int fd = fcntl(f->fd, F_DUPFD_CLOEXEC, 3);
+        if (fd < 0) {
+            send_error(c, id, errno, "%s: %s", f->path, strerror(errno));
+            wfile_drop(c, wfile_find(c, id), 0);
+            return;
+        }
+        hand_over_file(c, id, fd, 0, mode & 07777);
+        return;
+    }
+    struct stat st;
+    int fd = -1;
+    if (id_in_use(c, id)) {
+        send_error(c, id, EEXIST, "id %u is already in use", id);
+    } else if ((fd = open_resolved(AT_FDCWD, path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK))
+               < 0) {
+        send_error(c, id, errno, "%s: %s", path, path_error(errno));
+    } else if (fstat(fd, &st) < 0) {
+        send_error(c, id, errno, "%s: %s", path, strerror(errno));
+    } else if (S_ISDIR(st.st_mode)) {
+        send_error(c, id, EISDIR, "%s: is a directory", path);
+    } else if (!S_ISREG(st.st_mode) || size_is_meaningless(fd)) {
+        send_error(c, id, EINVAL, "%s: not a regular file with a size", path);
+    } else {
+        hand_over_file(c, id, fd, (uint64_t)st.st_size, st.st_mode & 07777);
+        fd = -1;
+    }
+    if (fd >= 0) close(fd);
+    free(path);
+}
+
+/* FILE_OPENED with `fd` (taken over: closed once the frame carrying it is sent). */
+static void hand_over_file(struct conn *c, uint32_t id, int fd, uint64_t size, uint32_t mode) {
+    if (conn_queue_fd(c, fd) < 0) { /* cannot happen: do_open_file counted it */
+        close(fd);
+        send_error(c, id, EAGAIN, "too many descriptors queued on this control connection");
+        return;
+    }
+    uint8_t info[FILE_INFO_SIZE];
+    put64(info, size);
+    put32(info + 8, mode);
+    send_frame(c, F_FILE_OPENED, id, info, sizeof info);
 }
 
 void do_write_data(struct conn *c, uint32_t id, const uint8_t *p, size_t n) {
@@ -250,6 +341,10 @@ void do_write_end(struct conn *c, uint32_t id) {
                                  {.tv_sec = (time_t)(f->mtime_ns / 1000000000u),
                                   .tv_nsec = (long)(f->mtime_ns % 1000000000u)}};
         (void)futimens(f->fd, ts); /* a time the file system cannot keep is not an error */
+    }
+    if (f->by_descriptor) { /* the bytes came through the descriptor, not WRITE_DATA */
+        struct stat st;
+        f->written = fstat(f->fd, &st) == 0 ? (uint64_t)st.st_size : 0;
     }
     int rc = close(f->fd);
     f->fd = -1;

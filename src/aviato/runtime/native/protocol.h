@@ -53,6 +53,7 @@ enum {
     F_FS_OP = 18,                      /* a directory or metadata operation (dirs.c) */
     F_READ_AT = 19,                    /* str root | str rel: READ_FILE beneath a root */
     F_WRITE_AT = 20,                   /* u32 mode | u32 flags | u64 mtime | str root | str rel */
+    F_OPEN_FILE = 21,                  /* u32 flags | u32 mode | str path: see files.c */
 };
 
 /* Frame types, supervisor -> service. */
@@ -73,6 +74,7 @@ enum {
     F_EGRESS_LISTENER = 77,            /* u16 port; the listening socket rides on it (SCM_RIGHTS) */
     F_FS_ENTRIES = 78,                 /* entries of a STAT or LIST, packed (see dirs.c) */
     F_FS_DONE = 79,                    /* u8 truncated: the FS_OP succeeded */
+    F_FILE_OPENED = 80,                /* u64 size | u32 mode; the file rides on it (SCM_RIGHTS) */
 };
 
 /* EXEC's flags. */
@@ -80,6 +82,9 @@ enum { EXEC_STDIN = 1, EXEC_TTY = 2, EXEC_PROTECTED = 4 };
 
 /* WRITE_BEGIN's flags (and WRITE_AT's). */
 enum { WRITE_MAKE_PARENTS = 1, WRITE_SET_MTIME = 2 };
+
+/* OPEN_FILE's flags. */
+enum { OPEN_FOR_WRITE = 1, OPEN_MAKE_PARENTS = 2 };
 
 /* FS_OP: u8 op | u32 flags | u32 mode | u64 num | u32 limit | str path | str rel | str arg. */
 enum { FS_STAT = 1, FS_LIST = 2, FS_REMOVE = 3, FS_MKDIR = 4, FS_RENAME = 5, FS_SYMLINK = 6,

@@ -112,6 +112,7 @@ struct wfile {                     /* a WRITE_BEGIN..END in progress */
     uint64_t written;
     char *path, *base, *tmp;       /* path for messages; target and temporary names in dirfd */
     int set_mtime;                 /* WRITE_AT with WRITE_SET_MTIME: give the file `mtime_ns` */
+    int by_descriptor;             /* OPEN_FILE for writing: the service writes through a dup */
     uint64_t mtime_ns;
     struct wfile *next;
 };
@@ -307,6 +308,8 @@ void do_exec(struct conn *c, uint32_t id, struct rd *r);
 void remember_own_files(void);
 void do_read_file(struct conn *c, uint32_t id, struct rd *r);
 void wfile_drop(struct conn *c, struct wfile **pp, int keep_tmp);
+struct wfile *begin_write(struct conn *c, uint32_t id, uint32_t mode, uint32_t flags, char *path);
+void do_open_file(struct conn *c, uint32_t id, struct rd *r);
 void do_write_begin(struct conn *c, uint32_t id, struct rd *r);
 void do_write_data(struct conn *c, uint32_t id, const uint8_t *p, size_t n);
 void do_write_end(struct conn *c, uint32_t id);

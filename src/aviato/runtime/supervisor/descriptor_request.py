@@ -46,75 +46,133 @@ async def request_descriptor(
     SandboxRuntimeError: anything else a supervisor would not send. `sandbox` and `what` (e.g.
     "a port connection") are for messages.
     """
-    loop = asyncio.get_running_loop()
-    ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    ctl.setblocking(False)
+    exchange = DescriptorExchange(ctl_path, sandbox, refusal)
     try:
-        async with asyncio.timeout(answer_within):
-            await loop.sock_connect(ctl, ctl_path)
-            await loop.sock_sendall(ctl, request)
-            return await _reply(loop, ctl, reply_type, sandbox, what, refusal, too_old)
-    except TimeoutError as e:
-        raise SandboxGone(f"sandbox {sandbox}: its supervisor did not answer in time") from e
-    except OSError as e:
-        raise SandboxGone(f"sandbox {sandbox}: cannot reach its supervisor: {e}") from e
+        return await exchange.request(
+            request, reply_type, what=what, answer_within=answer_within, too_old=too_old
+        )
     finally:
-        ctl.close()
+        exchange.close()
 
 
-async def _reply(
-    loop: asyncio.AbstractEventLoop,
-    ctl: socket.socket,
-    reply_type: int,
-    sandbox: str,
-    what: str,
-    refusal: Callable[[int, str], SandboxRuntimeError],
-    too_old: str,
-) -> tuple[int, bytes]:
-    """Reads HELLO and the reply; returns the descriptor it carried and its payload. Every other
-    descriptor received is closed."""
-    data = bytearray()
-    fds: list[int] = []
-    hello = False
-    try:
-        while True:
-            while len(data) >= HDR:
-                length, ftype, fid = frames.unpack_header(data, 0)
-                if len(data) < 4 + length:
-                    break
-                body = bytes(data[HDR : 4 + length])
-                del data[: 4 + length]
-                if ftype == F_HELLO and fid == 0 and not hello:
-                    version, _ = frames.decode_hello(memoryview(body))
-                    if version != PROTOCOL_VERSION:
+class DescriptorExchange:
+    """A control connection of its own to one supervisor, for requests answered with a
+    descriptor (`request`) and, on the same connection, later frames about what that request
+    began (`send_and_wait`: a descriptor write's WRITE_END). Closing it ends whatever the
+    supervisor holds for it (a write not yet ended is removed)."""
+
+    def __init__(
+        self, ctl_path: str, sandbox: str, refusal: Callable[[int, str], SandboxRuntimeError]
+    ) -> None:
+        self._path = ctl_path
+        self._sandbox = sandbox
+        self._refusal = refusal
+        self._ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._ctl.setblocking(False)
+        self._hello = False
+
+    async def request(
+        self, request: bytes, reply_type: int, *, what: str, answer_within: float, too_old: str
+    ) -> tuple[int, bytes]:
+        """Connects, sends `request` and returns (descriptor, payload) of the reply (see
+        `request_descriptor`)."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(answer_within):
+                await loop.sock_connect(self._ctl, self._path)
+                await loop.sock_sendall(self._ctl, request)
+                fd, body = await self._reply(loop, reply_type, True, what, too_old)
+        except TimeoutError as e:
+            raise SandboxGone(
+                f"sandbox {self._sandbox}: its supervisor did not answer in time"
+            ) from e
+        except OSError as e:
+            raise SandboxGone(f"sandbox {self._sandbox}: cannot reach its supervisor: {e}") from e
+        assert fd is not None
+        return fd, body
+
+    async def send_and_wait(
+        self, frame: bytes, reply_type: int, *, what: str, answer_within: float
+    ) -> bytes:
+        """Sends `frame` on the open connection and returns the payload of its `reply_type`
+        answer (which carries no descriptor); errors as `request`."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(answer_within):
+                await loop.sock_sendall(self._ctl, frame)
+                _, body = await self._reply(loop, reply_type, False, what, "")
+        except TimeoutError as e:
+            raise SandboxGone(
+                f"sandbox {self._sandbox}: its supervisor did not answer in time"
+            ) from e
+        except OSError as e:
+            raise SandboxGone(f"sandbox {self._sandbox}: cannot reach its supervisor: {e}") from e
+        return body
+
+    def close(self) -> None:
+        self._ctl.close()
+
+    async def _reply(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        reply_type: int,
+        with_fd: bool,
+        what: str,
+        too_old: str,
+    ) -> tuple[int | None, bytes]:
+        """Reads (HELLO and) the reply; returns the descriptor it carried (`with_fd`) and its
+        payload. Every other descriptor received is closed."""
+        sandbox = self._sandbox
+        data = bytearray()
+        fds: list[int] = []
+        try:
+            while True:
+                while len(data) >= HDR:
+                    length, ftype, fid = frames.unpack_header(data, 0)
+                    if len(data) < 4 + length:
+                        break
+                    body = bytes(data[HDR : 4 + length])
+                    del data[: 4 + length]
+                    if ftype == F_HELLO and fid == 0 and not self._hello:
+                        version, _ = frames.decode_hello(memoryview(body))
+                        if version != PROTOCOL_VERSION:
+                            raise SandboxRuntimeError(
+                                f"sandbox {sandbox}: its supervisor speaks protocol {version}, "
+                                f"this service speaks {PROTOCOL_VERSION}"
+                            )
+                        self._hello = True
+                    elif ftype == reply_type and fid == REQUEST_ID and self._hello:
+                        if not with_fd:
+                            return None, body
+                        if fds:
+                            return fds.pop(0), body
                         raise SandboxRuntimeError(
-                            f"sandbox {sandbox}: its supervisor speaks protocol {version}, "
-                            f"this service speaks {PROTOCOL_VERSION}"
+                            f"sandbox {sandbox}: its supervisor answered {what} without the "
+                            "descriptor"
                         )
-                    hello = True
-                elif ftype == reply_type and fid == REQUEST_ID and hello and fds:
-                    return fds.pop(0), body
-                elif ftype == F_ERROR and fid == REQUEST_ID and hello:
-                    code, message = frames.decode_error(memoryview(body))
-                    raise refusal(code, message)
-                else:
+                    elif ftype == F_ERROR and fid == REQUEST_ID and self._hello:
+                        code, message = frames.decode_error(memoryview(body))
+                        raise self._refusal(code, message)
+                    else:
+                        raise SandboxRuntimeError(
+                            f"sandbox {sandbox}: unexpected answer from its supervisor to {what}"
+                            f" (frame type {ftype}, id {fid})"
+                        )
+                if len(data) > _REPLY_MAX:
                     raise SandboxRuntimeError(
-                        f"sandbox {sandbox}: unexpected answer from its supervisor to {what} "
-                        f"(frame type {ftype}, id {fid})"
+                        f"sandbox {sandbox}: its supervisor's answer is too long"
                     )
-            if len(data) > _REPLY_MAX:
-                raise SandboxRuntimeError(f"sandbox {sandbox}: its supervisor's answer is too long")
-            chunk, received = await _receive(loop, ctl)
-            fds.extend(received)
-            if not chunk:
-                raise SandboxGone(
-                    f"sandbox {sandbox}: its supervisor closed the connection before answering "
-                    f"({too_old})"
-                )
-            data += chunk
-    finally:
-        for fd in fds:
-            _close_fd(fd)
+                chunk, received = await _receive(loop, self._ctl)
+                fds.extend(received)
+                if not chunk:
+                    raise SandboxGone(
+                        f"sandbox {sandbox}: its supervisor closed the connection before "
+                        f"answering" + (f" ({too_old})" if too_old else "")
+                    )
+                data += chunk
+        finally:
+            for fd in fds:
+                _close_fd(fd)
 
 
 async def _receive(loop: asyncio.AbstractEventLoop, ctl: socket.socket) -> tuple[bytes, list[int]]:

@@ -55,6 +55,7 @@ F_EGRESS_LISTEN = 17  # empty: the sandbox's egress listening socket
 F_FS_OP = 18  # a directory or metadata operation
 F_READ_AT = 19  # str root | str rel: READ_FILE beneath a root
 F_WRITE_AT = 20  # u32 mode | u32 flags | u64 mtime | str root | str rel
+F_OPEN_FILE = 21  # u32 flags | u32 mode | str path: a file's descriptor (file_descriptors.py)
 # Frame types, supervisor -> service.
 F_HELLO = 64
 F_STARTED = 65
@@ -72,12 +73,15 @@ F_PORT_CONNECTED = 76  # empty; the connected socket rides on it (SCM_RIGHTS)
 F_EGRESS_LISTENER = 77  # u16 port; the listening socket rides on it (SCM_RIGHTS)
 F_FS_ENTRIES = 78  # entries of a STAT or LIST, packed
 F_FS_DONE = 79  # u8 truncated: the FS_OP succeeded
+F_FILE_OPENED = 80  # u64 size | u32 mode; the file rides on it (SCM_RIGHTS)
 
 EXEC_STDIN = 1
 EXEC_TTY = 2
 EXEC_PROTECTED = 4
 WRITE_MAKE_PARENTS = 1
 WRITE_SET_MTIME = 2
+OPEN_FOR_WRITE = 1
+OPEN_MAKE_PARENTS = 2
 
 FS_STAT = 1
 FS_LIST = 2
@@ -180,6 +184,11 @@ def encode_resize(rows: int, cols: int) -> bytes:
 
 def encode_write_begin(mode: int, flags: int, path: str) -> bytes:
     return _II.pack(mode & 0o7777, flags) + encode_str(path)
+
+
+def encode_open_file(flags: int, mode: int, path: str) -> bytes:
+    """OPEN_FILE: u32 flags | u32 mode | str path."""
+    return _II.pack(flags, mode & 0o7777) + encode_str(path)
 
 
 def encode_deadline(at_ns: int, grace_ms: int, why: str) -> bytes:

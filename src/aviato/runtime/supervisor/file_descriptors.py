@@ -1,0 +1,119 @@
+"""Files by descriptor (OPEN_FILE): the supervisor opens a file of the sandbox as READ_FILE or
+WRITE_BEGIN would (resolved inside the sandbox, never through a /proc magic link; a write goes
+to a temporary file renamed into place at the end) and hands its descriptor over, so that the
+bytes move in the kernel (copy_file_range, sendfile, splice) instead of through the control
+connection and the service's Python.
+
+Each open uses a control connection of its own (descriptor_request.py). A write keeps it until
+`commit` (WRITE_END, answered with the size) or `abort`: when it closes first (the service or
+its caller went away mid-write) the supervisor removes the temporary file, so no partial file
+is ever in place.
+
+Bytes written through the descriptor are charged to the memory of whoever writes them (the
+service, or a local client it passes the descriptor to), not to the sandbox's: on a layer kept
+in memory the layer's size still bounds them, but the sandbox's memory limit does not.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from aviato.runtime.base import FileInfo, FileWriteDescriptor, SandboxRuntimeError, Unsupported
+from aviato.runtime.supervisor import frames
+from aviato.runtime.supervisor.descriptor_request import REQUEST_ID, DescriptorExchange
+from aviato.runtime.supervisor.file_transfers import file_error
+from aviato.runtime.supervisor.frames import (
+    F_FILE_OPENED,
+    F_OPEN_FILE,
+    F_WRITE_END,
+    F_WRITE_OK,
+    OPEN_FOR_WRITE,
+    OPEN_MAKE_PARENTS,
+)
+
+__all__ = ["open_for_reading", "open_for_writing"]
+
+ANSWER_SECONDS = 30.0  # an open, or a rename at the end (the supervisor answers in microseconds)
+_TOO_OLD = "a supervisor started before this service's version cannot hand out files"
+
+
+def _request(flags: int, mode: int, path: str) -> bytes:
+    body = frames.encode_open_file(flags, mode, path)
+    return frames.header(F_OPEN_FILE, REQUEST_ID, len(body)) + body
+
+
+def _read_refusal(code: int, message: str) -> SandboxRuntimeError:
+    if code == errno.EINVAL:  # not a regular file whose size means something: stream it
+        return Unsupported(message)
+    return file_error(code, message)
+
+
+async def open_for_reading(ctl_path: str, path: str, sandbox: str) -> tuple[int, FileInfo]:
+    """The sandbox's regular file `path`, opened for reading: (descriptor, its size and mode).
+    The descriptor is the caller's to close. Unsupported: a file to stream instead (not a
+    regular file, or one whose size says nothing, as in /proc); the errors of `read_file`."""
+    exchange = DescriptorExchange(ctl_path, sandbox, _read_refusal)
+    try:
+        fd, body = await exchange.request(
+            _request(0, 0, path),
+            F_FILE_OPENED,
+            what="a file to read",
+            answer_within=ANSWER_SECONDS,
+            too_old=_TOO_OLD,
+        )
+    finally:
+        exchange.close()
+    size, mode = frames.decode_file_info(memoryview(body))
+    return fd, FileInfo(size=size, mode=mode)
+
+
+class _SupervisorWrite(FileWriteDescriptor):
+    def __init__(self, exchange: DescriptorExchange, fd: int, path: str) -> None:
+        self._exchange = exchange
+        self.fd = fd
+        self._path = path
+        self._done = False
+
+    async def commit(self) -> int:
+        if self._done:
+            raise SandboxRuntimeError(f"{self._path}: this write has already ended")
+        self._done = True
+        os.close(self.fd)
+        try:
+            body = await self._exchange.send_and_wait(
+                frames.header(F_WRITE_END, REQUEST_ID, 0),
+                F_WRITE_OK,
+                what="the end of a write",
+                answer_within=ANSWER_SECONDS,
+            )
+        finally:
+            self._exchange.close()
+        return int.from_bytes(body[:8], "little")
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            os.close(self.fd)
+            self._exchange.close()
+
+
+async def open_for_writing(
+    ctl_path: str, path: str, mode: int, make_parents: bool, sandbox: str
+) -> FileWriteDescriptor:
+    """A new write of the sandbox's file `path` (see FileWriteDescriptor); the errors of
+    `write_file`."""
+    exchange = DescriptorExchange(ctl_path, sandbox, file_error)
+    flags = OPEN_FOR_WRITE | (OPEN_MAKE_PARENTS if make_parents else 0)
+    try:
+        fd, _ = await exchange.request(
+            _request(flags, mode, path),
+            F_FILE_OPENED,
+            what="a file to write",
+            answer_within=ANSWER_SECONDS,
+            too_old=_TOO_OLD,
+        )
+    except BaseException:
+        exchange.close()
+        raise
+    return _SupervisorWrite(exchange, fd, path)
