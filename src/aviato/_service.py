@@ -51,6 +51,9 @@ class ServerInfo:
     http: str = ""
     #: how often the service samples each sandbox's usage (0: never; docs/operations.md)
     usage_interval_seconds: float = 0.0
+    #: the warm pool of ready sandboxes (`aviato server --warm-pool N`), told only to the
+    #: service's own user; "" when it keeps none
+    warm_pool: str = ""
 
     @classmethod
     def _of(cls, url: str, info: pb.ServerInfo) -> ServerInfo:
@@ -68,6 +71,7 @@ class ServerInfo:
             egress=info.egress,
             http=info.http,
             usage_interval_seconds=info.usage_interval_seconds,
+            warm_pool=info.warm_pool,
         )
 
 

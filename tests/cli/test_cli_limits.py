@@ -1,4 +1,4 @@
-"""`aviato keys quota` and the limit flags of `aviato server start`.
+"""`aviato keys quota` and the limit (and warm pool) flags of `aviato server start`.
 
 The service started here uses a cgroup parent of its own (`aviato-test-...`), removed at the
 end: its limits must not touch the parent other services on this machine share.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
+import time
 from pathlib import Path
 
 import pytest
@@ -50,18 +51,22 @@ def test_server_start_takes_the_limits(idle_cli: Cli) -> None:
     try:
         idle_cli.ok("server", "start", "--owner-max-sandboxes", "1", "--owner-max-memory", "1Gi",
                     "--cgroup-parent", parent, "--cgroup-memory", "3Gi",
-                    "--cgroup-pids", "1234")  # fmt: skip
-        fields = dict(
-            (k.strip(), v.strip())
-            for k, v in (
-                line.split(":", 1) for line in idle_cli.ok("server", "status").stdout.splitlines()
-            )
-        )
+                    "--cgroup-pids", "1234", "--warm-pool", "1")  # fmt: skip
+
+        def status() -> dict[str, str]:
+            lines = idle_cli.ok("server", "status").stdout.splitlines()
+            return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+
+        deadline = time.monotonic() + 30
+        while not (fields := status())["warm pool"].startswith("1 of 1 ready"):
+            assert time.monotonic() < deadline, fields["warm pool"]
+            time.sleep(0.1)
         assert fields["quota (local)"].startswith("sandboxes 0 of 1, cpu 0 (no bound), memory 0")
         if fields["cgroups"] != "none":
             assert fields["all sandboxes"] == f"memory 3Gi, pids 1234 (parent cgroup {parent})"
-        first = idle_cli.ok("run").stdout.strip()
+        first = idle_cli.ok("run").stdout.strip()  # the pool's member: it counts once claimed
         assert_one_line_error(idle_cli("run"), "quota reached: you have 1 live sandbox and")
+        assert "1 creates served" in status()["warm pool"]
         idle_cli.ok("rm", "-y", first)
         # Flags given before the subcommand are a usage error, as for --listen.
         wrong = idle_cli("server", "--owner-max-sandboxes", "1", "status")

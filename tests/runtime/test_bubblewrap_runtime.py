@@ -36,6 +36,7 @@ from aviato.runtime.base import (
 )
 from aviato.runtime.bubblewrap import BubblewrapRuntime, BubblewrapSandbox, SandboxStartFailed
 from aviato.runtime.bubblewrap.command import Bwrap, find_bwrap
+from aviato.runtime.bubblewrap.host_processes import children
 
 NATIVE = Path(__file__).parents[2] / "src/aviato/runtime/native"
 SOURCES = sorted(str(p) for p in NATIVE.glob("*.c"))
@@ -204,6 +205,38 @@ def test_isolation_facts(state_dir: Path, supervisor_bin: Path) -> None:
     assert sorted(filter(None, one["fds"].split(","))) == ["0", "1", "2", "3"]  # 3: ls's dir
     assert one["slabinfo"] in ("0", "denied")
     assert Path("/proc/sys/kernel/core_pattern").read_text() == core_before
+
+
+def test_an_inheritable_descriptor_of_the_service_reaches_no_sandbox_process(
+    state_dir: Path, supervisor_bin: Path
+) -> None:
+    """A descriptor the service (a library, its parent) left inheritable is closed by the
+    launcher: bwrap (the host-side monitor) and the supervisor never hold it."""
+    read_end, write_end = os.pipe()
+    os.set_inheritable(read_end, True)
+    os.set_inheritable(write_end, True)
+    leaked = {os.readlink(f"/proc/self/fd/{fd}") for fd in (read_end, write_end)}
+
+    async def body(rt: BubblewrapRuntime) -> dict[int, set[str]]:
+        h = await rt.create(config())
+        assert isinstance(h, BubblewrapSandbox)
+        held: dict[int, set[str]] = {}
+        todo = [h.pid]
+        while todo:  # bwrap and everything below it on the host
+            pid = todo.pop()
+            fds = f"/proc/{pid}/fd"
+            held[pid] = {os.readlink(f"{fds}/{name}") for name in os.listdir(fds)}
+            todo.extend(children(pid))
+        return held
+
+    try:
+        held = run_with(state_dir, supervisor_bin, body)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert len(held) >= 2, held  # bwrap and the supervisor at least
+    for pid, targets in held.items():
+        assert not targets & leaked, f"process {pid} holds {targets & leaked}"
 
 
 def test_disk_limit_gives_enospc(state_dir: Path, supervisor_bin: Path) -> None:

@@ -75,7 +75,7 @@ async def run_exec(
 def test_lifecycle_basics(tmp_path: Path) -> None:
     async def body(stub: pbg.SandboxServiceStub, rt: FakeRuntime) -> None:
         sb = await create(stub, tags=["x"])
-        assert sb.status == S.SANDBOX_STATUS_PENDING
+        assert sb.status == S.SANDBOX_STATUS_CREATING  # placed, image ready: no PENDING
         frames = await run_exec(stub, sb.id, ["echo", "hi"])
         assert [f.WhichOneof("msg") for f in frames] == ["started", "output", "exit"]
         assert frames[1].output.data == b"hi\n"

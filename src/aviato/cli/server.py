@@ -128,6 +128,10 @@ _LIMIT_OPTIONS = (
      "127.0.0.1 on a free port, unless --listen names a non-loopback address]."),
     ("--usage-interval", "SECONDS",
      "Sample each sandbox's CPU, memory and tasks this often [default 5; 0: never]."),
+    # The warm pool (server/warm_pool.py), forwarded the same way.
+    ("--warm-pool", "N",
+     "Keep N sandboxes of the default shape ready for creates [env AVIATO_WARM_POOL; "
+     "default 0]."),
 )  # fmt: skip
 
 
@@ -412,6 +416,7 @@ def status(paths: _Paths) -> None:
                 if info.usage_interval_seconds
                 else "off",
             ),
+            ("warm pool", info.warm_pool or "off"),
         ]
     )
 

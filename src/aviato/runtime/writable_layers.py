@@ -178,6 +178,8 @@ class WritableLayers:
         """Unmounts and deletes the sandbox's layer (nothing when it has none). The loop device
         goes with the last mount (autoclear)."""
         mount, image = self._paths(sandbox_id)
+        if not os.path.lexists(mount) and not os.path.lexists(image):
+            return  # a memory layer: nothing here (spares reading mountinfo at every cleanup)
         if is_mount_point(mount):
             try:
                 _umount(str(mount))

@@ -162,6 +162,7 @@ _env("owner_max_disk", "AVIATO_OWNER_MAX_DISK", _memory, 0)
 _env("cgroup_parent", "AVIATO_CGROUP_PARENT", str, "aviato")
 _env("cgroup_memory", "AVIATO_CGROUP_MEMORY", _memory, None)  # None: derived from the host
 _env("cgroup_pids", "AVIATO_CGROUP_PIDS", _count, None)
+_env("warm_pool", "AVIATO_WARM_POOL", _count, 0)
 
 
 def _host_dir(text: str) -> str:
@@ -211,6 +212,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                         "sandbox's disk size under the state directory; needs root)")  # fmt: skip
     p.add_argument("--max-sandboxes", type=int, default=DEFAULT_MAX_SANDBOXES,
                    help="live sandboxes at most (0: no bound)")  # fmt: skip
+    p.add_argument("--warm-pool", type=_count, default=None, metavar="N",
+                   help="keep N sandboxes of the default shape (default image and limits, "
+                        "nothing else asked) started, each handed out once to a create that "
+                        "asks for exactly that (env AVIATO_WARM_POOL; default 0: none; "
+                        "--placement local only)")  # fmt: skip
     p.add_argument("--max-memory", type=_memory, default=0, metavar="QUANTITY",
                    help="bound on the sum of live sandboxes' memory limits, e.g. 16Gi "
                         "(0: no bound)")  # fmt: skip
@@ -320,6 +326,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         p.error(f"--cgroup-parent: {args.cgroup_parent!r} is not a relative cgroup path")
     if bool(args.tls_cert) != bool(args.tls_key):
         p.error("--tls-cert and --tls-key must be given together")
+    if args.warm_pool and args.placement != "local":
+        p.error("--warm-pool (AVIATO_WARM_POOL) needs --placement local")
     if args.ray_volume_dir and args.placement != "ray":
         p.error("--ray-volume-dir needs --placement ray")
     if args.ray_volume_dir and not os.path.isabs(args.ray_volume_dir):
@@ -380,6 +388,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         usage_interval_seconds=args.usage_interval,
         http=http,
         http_by_default=http_by_default and http is not None,
+        warm_pool=args.warm_pool,
     )
 
 

@@ -299,6 +299,7 @@ class SandboxServicer(
         self, owner: str, request: pb.GetServerInfoRequest, context: Ctx
     ) -> pb.ServerInfo:
         operator = owner == LOCAL_OWNER  # the service's own user (see auth)
+        pool = self._lifecycle.pool
         facts: dict[str, str] = {}
         for runtime in self._placement.nodes().values():
             facts = runtime.describe()
@@ -317,4 +318,5 @@ class SandboxServicer(
             egress=EGRESS_PATH,
             http=self.http_address,
             usage_interval_seconds=self._config.usage_interval_seconds,
+            warm_pool=pool.describe() if operator and pool is not None else "",
         )

@@ -280,9 +280,11 @@ def _build_placement(config: ServerConfig) -> Placement:
     from aviato.runtime.bubblewrap import BubblewrapRuntime
     from aviato.runtime.cgroups import ParentLimits
 
+    # Warm pool members (nobody's) never take a place of `--max-sandboxes` from users.
+    bound = config.max_sandboxes + config.warm_pool if config.max_sandboxes else 1_000_000
     runtime = BubblewrapRuntime(
         config.state_dir,
-        max_sandboxes=config.max_sandboxes or 1_000_000,
+        max_sandboxes=bound,
         cgroup_parent=config.cgroup_parent,
         parent_limits=ParentLimits.of_this_machine(config.cgroup_memory_bytes, config.cgroup_pids),
         insecure_registries=config.insecure_registries,

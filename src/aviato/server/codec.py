@@ -46,6 +46,7 @@ __all__ = [
     "decode_spec",
     "decode_statuses",
     "decode_stored_spec",
+    "default_config",
     "encode_exit",
     "encode_lease",
     "encode_output",
@@ -68,6 +69,11 @@ _STATUS_FROM_PROTO = {wire: status for status, wire in STATUS_TO_PROTO.items()}
 
 
 # -- requests -> model ------------------------------------------------------------------------
+
+
+def default_config(defaults: SpecDefaults) -> SandboxConfig:
+    """What a create that asks for nothing validates to (the warm pool's shape)."""
+    return decode_spec(pb.SandboxSpec(), defaults).config
 
 
 def decode_spec(spec: pb.SandboxSpec, defaults: SpecDefaults) -> ValidSpec:

@@ -197,6 +197,8 @@ class ServerConfig:
     usage_interval_seconds: float = 5.0
     http: str | None = None
     http_by_default: bool = False
+    # Sandboxes of the default shape kept started ahead of demand (server/warm_pool.py; 0: none).
+    warm_pool: int = 0
 
     def spec_defaults(self) -> SpecDefaults:
         """The defaults that validation resolves in every sandbox spec."""

@@ -4,9 +4,11 @@ delete, the running handle) over its parts: `sandbox_runs` (driving and ending s
 (restarts), `admission` (capacity and quotas).
 
 States: PENDING → CREATING → RUNNING → COMPLETED | FAILED | TERMINATED, and RUNNING ⇄ PAUSED
-(`pausing`: pause, resume, extend, idle_timeout). Each sandbox that is not
-terminal has one `LiveSandbox` entry in memory (its record, its runtime handle, one task that
-drives it from creation to its end) and is mirrored in the registry at every state change.
+(`pausing`: pause, resume, extend, idle_timeout); a create whose node is known and whose image
+is ready (and a warm pool claim) starts CREATING, PENDING being the wait for either. Each
+sandbox that is not terminal has one `LiveSandbox` entry in memory (its record, its runtime
+handle, one task that drives it from creation to its end) and is mirrored in the registry at
+every state change.
 Terminal records live only in the registry. The hot paths (exec, files) read only the in-memory map.
 
 Guarantees:
@@ -37,7 +39,6 @@ import builtins
 import contextlib
 import logging
 import math
-import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -45,6 +46,7 @@ from pathlib import Path
 
 from aviato.runtime.base import SandboxHandle, SandboxRuntimeError
 from aviato.runtime.model import EgressPolicy
+from aviato.server.codec import default_config
 from aviato.server.errors import FailedPrecondition, InvalidArgument, SandboxNotFound
 from aviato.server.pausing import Pausing
 from aviato.server.placement import UnknownNode
@@ -66,6 +68,7 @@ from aviato.server.sandbox_states import (
     status_name,
 )
 from aviato.server.usage_history import UsageHistory
+from aviato.server.warm_pool import WarmPool, new_sandbox_id
 from aviato.v1.errors_pb2 import SANDBOX_NOT_RUNNING, SERVICE_SHUTTING_DOWN
 
 __all__ = ["LeaseState", "Lifecycle", "classify_exit", "status_name"]
@@ -93,14 +96,37 @@ class Lifecycle(Pausing, Reconciliation):
     async def start(self) -> None:
         """Reconciles the registry with the runtimes, then starts the reaper and the usage
         sampler."""
-        await self._reconcile()
+        await self._reconcile()  # first: it kills the members a crashed service left
         self._reaper = asyncio.create_task(self._reap_forever(), name="aviato-reaper")
+        self._start_pool()
         self.usage = UsageHistory(
             self.live_handles,
             interval=self._config.usage_interval_seconds,
             refresh=self._placement.refresh_usage,
         )
         self.usage.start()
+
+    def _start_pool(self) -> None:
+        """Starts the warm pool (`--warm-pool N`) of the local placement's node."""
+        size = self._config.warm_pool
+        if size <= 0:
+            return
+        if self._placement.name != "local":
+            log.warning("--warm-pool is ignored under --placement %s", self._placement.name)
+            return
+        shape = default_config(self._config.spec_defaults())
+        node, runtime = self._placement.runtime_for_new(shape)
+        self.pool = WarmPool(
+            size, shape, runtime, node,
+            busy=lambda: self._creates_starting > 0, room=self._room_for_member,
+            grace_seconds=self._config.default_stop_grace_seconds,
+        )  # fmt: skip
+        self.pool.start()
+
+    def _room_for_member(self) -> bool:
+        """Whether one more pool member keeps the service under `--max-sandboxes`."""
+        bound = self._config.max_sandboxes
+        return not bound or len(self._live) + (self.pool.held if self.pool else 0) < bound
 
     def live_handles(self) -> Iterator[tuple[str, SandboxHandle | None]]:
         """Every live sandbox's id and handle (None until it is created)."""
@@ -120,6 +146,8 @@ class Lifecycle(Pausing, Reconciliation):
         self._closing = True
         if self._reaper is not None:
             self._reaper.cancel()
+        if self.pool is not None:
+            await self.pool.close()  # members are nobody's: they end with the service
         with contextlib.suppress(AttributeError):  # never started
             await self.usage.close()
         creating = [
@@ -258,18 +286,28 @@ class Lifecycle(Pausing, Reconciliation):
         charge = charge_of(valid.config)
         self._admission.check(owner, charge, len(self._live))
 
-        sandbox_id = "sbx-" + secrets.token_hex(6)
+        sandbox_id = new_sandbox_id()
         config = self.volumes.resolve(owner, replace(valid.config, sandbox_id=sandbox_id))
         config = self.secrets.resolve(owner, config)
         node, runtime = self._placement.runtime_for_new(config)
         runtime.check(config)  # refused here, not accepted and then FAILED
+        # Last, once nothing can refuse the create: a warm pool member of exactly this spec.
+        pool = self.pool
+        member = pool.claim(config) if pool is not None else None
+        if pool is not None and member is not None:
+            sandbox_id, node, runtime = member.sandbox_id, pool.node, pool.runtime
+            config = replace(config, sandbox_id=sandbox_id)
+        # PENDING only while it waits for a node or an image: one registry write less per
+        # create (a restart treats PENDING and CREATING alike: the sandbox is removed, FAILED).
+        ready = member is not None or (node and runtime.image_ready(config.image))
+        starting = CREATING if ready else PENDING
         now = time.time_ns()
         lifetime = valid.max_lifetime_seconds
         rec = SandboxRecord(
             id=sandbox_id,
             owner=owner,
             request_id=request_id,
-            status=PENDING,
+            status=starting,
             config=kept_config(config),
             created_ns=now,
             tags=valid.tags,
@@ -283,8 +321,14 @@ class Lifecycle(Pausing, Reconciliation):
         self._registry.insert_sandbox(rec)
         live = LiveSandbox(rec, runtime, config, charge)
         self._adopt(live)
-        live.task = asyncio.create_task(self._run_new(live), name=f"sandbox-{sandbox_id}")
-        log.info("sandbox created id=%s owner=%s image=%s", sandbox_id, owner, config.image)
+        if member is not None:
+            live.handle = member.handle
+            run = self._run_started(live)
+        else:
+            run = self._run_new(live)
+        live.task = asyncio.create_task(run, name=f"sandbox-{sandbox_id}")
+        log.info("sandbox created id=%s owner=%s image=%s%s", sandbox_id, owner, config.image,
+                 " (from the warm pool)" if member is not None else "")  # fmt: skip
         return rec
 
     def volume_users(self, owner: str) -> dict[str, builtins.list[str]]:

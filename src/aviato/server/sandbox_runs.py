@@ -45,6 +45,7 @@ from aviato.server.sandbox_states import (
 )
 from aviato.server.secret_store import KEY_FILE, SecretStore
 from aviato.server.volumes import Volumes
+from aviato.server.warm_pool import WarmPool
 
 __all__ = ["SandboxRuns"]
 
@@ -77,6 +78,8 @@ class SandboxRuns:
         self._closing = False
         self._ports = PortForwarder()
         self._network_change = asyncio.Lock()  # one SetNetwork at a time
+        self.pool: WarmPool | None = None  # `--warm-pool N` (lifecycle.start makes it)
+        self._creates_starting = 0  # `runtime.create`s of user creates in progress
         private_dir(config.logs_dir)
         self.volumes = Volumes(
             config.state_dir,
@@ -138,27 +141,44 @@ class SandboxRuns:
 
     async def _run_new(self, live: LiveSandbox) -> None:
         """Drives a new sandbox: CREATING, runtime.create, RUNNING, then watches its end."""
+        if await self._create_in_runtime(live):
+            await self._run_started(live)
+
+    async def _create_in_runtime(self, live: LiveSandbox) -> bool:
+        """Places the sandbox, pulls its image and has the runtime start it; False when it
+        ended instead (recorded)."""
         if live.stop_reason:  # stopped before it was created: nothing to create
             self._finish(live, TERMINATED, live.stop_reason, None, time.time_ns())
-            return
+            return False
         if not live.rec.node and not await self._place(live):
-            return
+            return False
         if not await self._pull_image(live):
-            return
-        self._set_status(live, CREATING)
+            return False
+        if live.rec.status != CREATING:  # a create placed with its image ready starts so
+            self._set_status(live, CREATING)
         assert live.config is not None
+        self._creates_starting += 1
         try:
             handle = await live.runtime.create(live.config)
         except asyncio.CancelledError:
             raise
         except SandboxRuntimeError as e:
             self._finish(live, FAILED, f"create failed: {e}", None, time.time_ns())
-            return
+            return False
         except Exception as e:
             log.exception("runtime.create crashed for %s", live.rec.id)
             self._finish(live, FAILED, f"create failed: internal error: {e}", None, time.time_ns())
-            return
+            return False
+        finally:
+            self._creates_starting -= 1
         live.handle = handle
+        return True
+
+    async def _run_started(self, live: LiveSandbox) -> None:
+        """Drives a sandbox whose runtime has started it (created just now, or a warm pool
+        member claimed by its create): its deadline, its network, RUNNING, then its end."""
+        handle = live.handle
+        assert handle is not None
         if live.stop_reason:
             try:
                 exit = await handle.kill()

@@ -3,11 +3,15 @@ socket, main log, exit file, seccomp filter and runtime log on the descriptors t
 expects (docs/internals/supervisor-protocol.md), and reaching its control socket afterwards.
 
 ```
-service ──posix_spawn──► sh -c JOIN_SCRIPT            (cgroup v1: joins via `tasks`, see cgroups/)
-          └─exec─► aviato-supervisor --launch         (v2: joins via cgroup.procs; setsid)
+service ──posix_spawn──► aviato-supervisor --launch   (joins the cgroups: v1 by "0" into
+                            │                          `tasks`, see cgroups/; v2 via
+                            │                          cgroup.procs; setsid)
                             └─exec─► bwrap            (host-side monitor; stays until the end)
                                        └─► /.aviato/supervisor   PID 1 of the sandbox
 ```
+
+(Until issue 19, v1 cgroups were joined by a `sh -c` in front of the launcher: one exec more,
+0.6-1.7 ms of every create here.)
 """
 
 from __future__ import annotations
@@ -47,9 +51,6 @@ STAGE_AT = "/run/aviato/stage"
 VOLUMES_AT = "/run/aviato/volumes"
 OOM_SCORE_ADJ = 500  # sandboxes go before the service when the whole host runs out of memory
 LAUNCH_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-# Joins the cgroups given as arguments up to "--" by writing "0" to their `tasks` files, then
-# executes the rest (the supervisor's launcher). Paths travel as arguments, never in the script.
-JOIN_SCRIPT = 'while [ "$1" != -- ]; do echo 0 > "$1" || exit 125; shift; done; shift; exec "$@"'
 # Dispositions reset to default in the launcher: an ignored signal (SIGPIPE in every Python
 # process, SIGINT/SIGQUIT for a service started in the background) would stay ignored in bwrap,
 # the supervisor and the sandbox's processes.
@@ -60,26 +61,6 @@ SIGDEF = tuple(
         if int(s) < 32 and s not in (signal.SIGKILL, signal.SIGSTOP)
     )
 )
-
-
-def inheritable_fds() -> list[int]:
-    """Descriptors >= 3 of this process without close-on-exec (ours never are; a parent's or a
-    library's may be). The spawn closes them so that they cannot leak into a sandbox."""
-    found: list[int] = []
-    try:
-        names = os.listdir("/proc/self/fd")
-    except OSError:
-        return found
-    for name in names:
-        fd = int(name)
-        if fd < 3:
-            continue
-        try:
-            if not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
-                found.append(fd)
-        except OSError:
-            pass  # the listdir's own fd, or one closed meanwhile
-    return found
 
 
 def launch_oom_adj() -> list[str]:
@@ -159,12 +140,11 @@ def write_mounted_files(directory: Path, config: SandboxConfig) -> list[tuple[st
 @dataclass(frozen=True)
 class Launcher:
     """How this runtime starts a sandbox's host processes: `supervisor` (its `--launch` mode
-    joins the cgroups and, for a root service, the user namespace), the launcher's
-    `--oom-score-adj` option (`launch_oom_adj()`) and `sh` (joins v1 cgroups via `tasks`)."""
+    joins the cgroups and, for a root service, the user namespace) and the launcher's
+    `--oom-score-adj` option (`launch_oom_adj()`)."""
 
     supervisor: str
     oom_adj: list[str]
-    sh: str | None
 
     def spawn(
         self,
@@ -197,10 +177,9 @@ class Launcher:
             high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (sock.fileno(), *opened)]
             opened += high
             ctl, main_log, exit_file, filt, err = high[:5]
+            # Any other descriptor this process left inheritable is closed by the launcher
+            # (`launcher.c`, close_from): listing ours here cost O(open descriptors) a create.
             actions: list[tuple[Any, ...]] = [
-                (os.POSIX_SPAWN_CLOSE, fd) for fd in inheritable_fds()
-            ]
-            actions += [
                 (os.POSIX_SPAWN_DUP2, ctl, FD_CONTROL),
                 (os.POSIX_SPAWN_DUP2, main_log, FD_LOG),
                 (os.POSIX_SPAWN_DUP2, exit_file, FD_EXIT),
@@ -210,21 +189,19 @@ class Launcher:
                 (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
             ]
             actions.append((os.POSIX_SPAWN_DUP2, high[5], FD_ENVIRONMENT))
-            program = self.supervisor
             launcher = [self.supervisor, "--launch", *self.oom_adj]
-            if cgroup is not None and cgroup.thread_files and self.sh:
-                # v1: join by writing "0" to `tasks` from a shell that then becomes the launcher
-                # (see cgroups/: 12 ms less after an idle spell than joining via cgroup.procs).
-                launcher = [self.sh, "-c", JOIN_SCRIPT, "sh", *cgroup.thread_files, "--",
-                            *launcher]  # fmt: skip
-                program = self.sh
+            if cgroup is not None and cgroup.thread_files:
+                # v1: the launcher writes "0" to each `tasks` (see cgroups/: 12 ms less after an
+                # idle spell than joining via cgroup.procs).
+                for tasks in cgroup.thread_files:
+                    launcher += ["--cgroup-tasks", tasks]
             elif cgroup is not None:
                 for procs in cgroup.procs_files:
                     launcher += ["--cgroup-procs", procs]
             launcher += [*launch, "--", *argv]
             try:
                 return os.posix_spawn(
-                    program,
+                    self.supervisor,
                     launcher,
                     LAUNCH_ENV,
                     file_actions=actions,

@@ -88,7 +88,7 @@ int main(int argc, char **argv) {
     else {
         fprintf(stderr, "usage: aviato-supervisor [--user UID:GID [--protected-id N]] [--egress] "
                         "[--keepalive | -- ARGV...]\n"
-                        "       aviato-supervisor --launch [--cgroup-procs FILE]... "
+                        "       aviato-supervisor --launch [--cgroup-procs FILE]... [--cgroup-tasks FILE]... "
                         "[--oom-score-adj N] "
                         "[--userns BASE:COUNT [--stage FROM:AT [--layer FROM:AT] [--detach DIR]]] "
                         "-- PROG ARGS...\n");
