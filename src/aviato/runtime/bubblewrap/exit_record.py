@@ -1,6 +1,20 @@
 """How a sandbox ended: the exit record its supervisor writes (fd 5, `exit_code signal time_ns
 [why]`; docs/internals/supervisor-protocol.md) and the cgroup's OOM counter, read into the
-runtime's `MainExit`."""
+runtime's `MainExit`.
+
+How a sandbox ends is read from the exit file the supervisor writes as its last act, plus the
+cgroup's OOM counter: `reason` is "max lifetime exceeded" or "lease expired" when the supervisor
+ended it at the deadline the service gave it (`set_deadline`: enforced also while the service is
+down); "OOMKilled" when the OOM killer struck and the main process died of SIGKILL or exited with
+137 (a shell passing on its command's SIGKILL), or no record was written; "signal from inside:
+..." when a process of the sandbox sent its init SIGTERM/SIGINT; "killed" when we killed it,
+"lost" when it vanished without a record for another reason.
+
+An exec's `oom_killed` uses the same counter: read when the command starts and again if it dies of
+SIGKILL (or its shell reports 137) without a timeout or a kill of ours. The counter is the
+sandbox's: a command killed by something else while another process of the sandbox is OOM-killed
+is reported as OOM-killed too.
+"""
 
 from __future__ import annotations
 

@@ -12,18 +12,7 @@ Sandboxes do not depend on the service: bwrap runs in its own session without
 `--die-with-parent`, so killing the service leaves them running, and a new service re-attaches
 (`attach`) by checking pid + start time and reconnecting to `ctl.sock`.
 
-How a sandbox ends is read from the exit file the supervisor writes as its last act, plus the
-cgroup's OOM counter: `reason` is "max lifetime exceeded" or "lease expired" when the supervisor
-ended it at the deadline the service gave it (`set_deadline`: enforced also while the service is
-down); "OOMKilled" when the OOM killer struck and the main process died of SIGKILL or exited with
-137 (a shell passing on its command's SIGKILL), or no record was written; "signal from inside:
-..." when a process of the sandbox sent its init SIGTERM/SIGINT; "killed" when we killed it,
-"lost" when it vanished without a record for another reason.
-
-An exec's `oom_killed` uses the same counter: read when the command starts and again if it dies of
-SIGKILL (or its shell reports 137) without a timeout or a kill of ours. The counter is the
-sandbox's: a command killed by something else while another process of the sandbox is OOM-killed
-is reported as OOM-killed too.
+How a sandbox ends, and an exec's `oom_killed`: exit_record.py.
 
 Speed: create does no scans (the image's /etc scan and the seccomp filter are computed once),
 spawns with `os.posix_spawn` (vfork-style, no Python code in the child) and puts the fds in
