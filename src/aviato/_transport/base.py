@@ -34,7 +34,7 @@ Two RPCs are streams and have objects of their own:
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aviato.v1 import admin_pb2 as apb
@@ -118,6 +118,12 @@ class FileReader(abc.ABC):
     @abc.abstractmethod
     def cancel(self) -> None:
         """Ends the read early (idempotent)."""
+
+    async def copy_into(self, fd: int, progress: Callable[[int], None] | None) -> int | None:
+        """Copies the rest of the file into the local file `fd` without the bytes passing
+        through Python, telling `progress` the bytes so far; returns the file's bytes read in
+        all, or None (the default) when this reader cannot (then read it with `next`)."""
+        return None
 
 
 class LogReader(abc.ABC):

@@ -41,6 +41,7 @@ from aviato._transport.grpc_readers import PATH_OPS, GrpcFileReader, GrpcStreamR
 from aviato._transport.grpc_secrets import SecretCalls
 from aviato._transport.grpc_snapshots import SnapshotCalls
 from aviato._transport.lean_channel import LeanChannel
+from aviato._transport.lean_descriptors import DescriptorFileReader, open_for_reading
 from aviato._transport.local_choice import lean_socket_for
 from aviato.v1 import admin_pb2 as apb
 from aviato.v1 import admin_pb2_grpc, images_pb2_grpc, sandbox_pb2_grpc
@@ -87,6 +88,8 @@ class GrpcTransport(GrpcPauseCalls, SnapshotCalls, SecretCalls, Transport):
         self._images = images_pb2_grpc.ImageServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._admin = admin_pb2_grpc.AdminStub(self._channel)  # type: ignore[no-untyped-call]
         self._closed = False
+        #: False once the lean socket's service knows no OpenForReading (an older service).
+        self._descriptors = True
         #: False once the service answered RunCommand with UNIMPLEMENTED (an older service).
         self.run_command = True
 
@@ -212,6 +215,18 @@ class GrpcTransport(GrpcPauseCalls, SnapshotCalls, SecretCalls, Transport):
     async def open_read(
         self, sandbox_id: str, path: str, *, call_timeout: float | None
     ) -> FileReader:
+        if isinstance(self._channel, LeanChannel) and self._descriptors:
+            request = pb.ReadFileRequest(sandbox_id=sandbox_id, path=path)
+            try:
+                fd, info = await open_for_reading(
+                    self._channel.path, request, self.metadata, call_timeout
+                )
+                return DescriptorFileReader(fd, info)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise _mapped(err, "read file", sandbox_id, path) from None
+                # Stream this one; an older service (no such method) streams every one.
+                self._descriptors = "stream it" in (err.details() or "")
         return await self._open_read(self._stub.ReadFile, sandbox_id, path, call_timeout)
 
     async def open_tree_read(

@@ -92,6 +92,10 @@ class LeanContext:
     def peer(self) -> str:
         return self._peer
 
+    async def send_descriptor(self, fd: int) -> None:
+        """Hands `fd` to the client (a local-only method's; not a servicer context's)."""
+        await self._conn.send_descriptor(fd)
+
     def invocation_metadata(self) -> lf.Metadata:
         return self._metadata
 

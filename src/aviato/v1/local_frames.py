@@ -20,6 +20,10 @@ payload:
 - HEADERS (service): the initial metadata, before any MESSAGE (only when the handler sends it).
 - STATUS (service): the code, the details and the trailing metadata (`encode_status`). The
   last frame of a call; a connection that closes before it is a lost service (UNAVAILABLE).
+- DESCRIPTOR (service): empty; a file descriptor rides on it (SCM_RIGHTS). Sent only by the
+  local-only methods that hand out a sandbox's file (server/local_files.py), before their
+  MESSAGE; their clients read the call with `recvmsg` on a connection of its own
+  (_transport/lean_descriptors.py). Any other reader takes it for an unknown kind.
 
 Bounds: a frame larger than the receiver's `max_frame` or of an unknown kind ends the
 connection at once (nothing of it is buffered), and a receiver stops reading while more than
@@ -29,13 +33,17 @@ it is bounded by `max_frame`, and only more reading can complete it).
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
+import os
+import socket
 import struct
 from collections.abc import Iterable, Sequence
 
 __all__ = [
     "CALL",
+    "DESCRIPTOR",
     "HALF_CLOSE",
     "HEADERS",
     "LOCAL_SUFFIX",
@@ -53,6 +61,7 @@ __all__ = [
     "encode_status",
     "frame",
     "local_socket_path",
+    "unpack_header",
 ]
 
 LOCAL_SUFFIX = ".lean"
@@ -62,6 +71,7 @@ MESSAGE = 2
 HALF_CLOSE = 3
 HEADERS = 4
 STATUS = 5
+DESCRIPTOR = 6  # not in _KINDS: only a descriptor call's own reader accepts it
 _KINDS = frozenset({CALL, MESSAGE, HALF_CLOSE, HEADERS, STATUS})
 
 _HEADER = struct.Struct(">BI")
@@ -97,6 +107,12 @@ class ConnectionLost(Exception):
 
 def frame(kind: int, payload: bytes = b"") -> bytes:
     return _HEADER.pack(kind, len(payload)) + payload
+
+
+def unpack_header(data: bytes | bytearray) -> tuple[int, int]:
+    """(kind, payload length) of the frame at the start of `data` (HEADER_BYTES at least)."""
+    kind, length = _HEADER.unpack_from(data)
+    return kind, length
 
 
 # --- the encodings ----------------------------------------------------------------------------
@@ -343,6 +359,28 @@ class FrameConnection(asyncio.Protocol):
         if self.closed or self.transport is None:
             return
         self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    async def send_descriptor(self, fd: int) -> None:
+        """Sends a DESCRIPTOR frame with `fd` riding on it, after everything sent before it
+        (written first: a descriptor cannot join the transport's buffer)."""
+        self.flush()
+        # The frames before it are written first, for up to a second (the calls that send a
+        # descriptor send nothing before it: this does not wait).
+        for _ in range(1000):
+            if self.transport is None or not self.transport.get_write_buffer_size():
+                break
+            await asyncio.sleep(0.001)
+        if self.closed or self.transport is None or self.transport.get_write_buffer_size():
+            raise ConnectionLost(str(self.error or "the connection does not drain"))
+        sock = self.transport.get_extra_info("socket")
+        with socket.socket(fileno=os.dup(sock.fileno())) as raw:
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+            try:
+                sent = raw.sendmsg([frame(DESCRIPTOR)], rights)
+            except BlockingIOError:
+                sent = 0
+            if sent != HEADER_BYTES:  # the socket's buffer is full: the peer reads nothing
+                raise ConnectionLost("the client does not read its descriptor")
 
     def close(self) -> None:
         """Closes the connection once what was sent is written."""
