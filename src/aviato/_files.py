@@ -33,7 +33,7 @@ from typing import BinaryIO
 
 from aviato._bridged_stream import BridgedStream
 from aviato._client import Client
-from aviato._transport.base import FileReader
+from aviato._transport.base import FileReader, FileWriter
 from aviato.exceptions import SandboxFileError
 from aviato.v1 import sandbox_pb2 as pb
 
@@ -177,15 +177,46 @@ async def write_whole(
     header = pb.WriteFileHeader(
         sandbox_id=sandbox_id, path=path, mode=mode, make_parents=make_parents
     )
-    size = await client.with_retry(
-        lambda: client.transport.write_file(header, data, call_timeout=rpc_timeout), op="write file"
-    )
+    writer = None
+    if len(data) >= DESCRIPTOR_WRITE_BYTES:
+        writer = await client.transport.open_write(header, call_timeout=rpc_timeout)
+    if writer is not None:
+        size = await _write_through(writer, path, sandbox_id, lambda: writer.write(data))
+    else:
+        size = await client.with_retry(
+            lambda: client.transport.write_file(header, data, call_timeout=rpc_timeout),
+            op="write file",
+        )
     if size != len(data):
         raise SandboxFileError(
             f"write of {path!r} was incomplete: {size} of {len(data)} bytes",
             filepath=path,
             sandbox_id=sandbox_id,
         )
+
+
+# From this size on a write asks for a descriptor first (`Transport.open_write`): below it, the
+# question (a round trip to the sandbox's supervisor, answered "stream it" for files kept in
+# memory) costs more than the stream it may save.
+DESCRIPTOR_WRITE_BYTES = 1 << 20
+
+
+async def _write_through(
+    writer: FileWriter, path: str, sandbox_id: str, put: Callable[[], Awaitable[object]]
+) -> int:
+    """`put` the bytes through `writer` and finish it: the file's size. A failure leaves no
+    file; the local write's errors (a full disk) say so in the user's words."""
+    try:
+        await put()
+        return await writer.finish()
+    except OSError as e:
+        writer.cancel()
+        raise SandboxFileError(
+            f"write of {path!r} failed: {e.strerror or e}", filepath=path, sandbox_id=sandbox_id
+        ) from None
+    except BaseException:
+        writer.cancel()
+        raise
 
 
 #: ``progress(done, total)``: bytes moved so far, and the file's size when known (else None).
@@ -205,12 +236,41 @@ async def upload(
     total: int | None,
     progress: Progress | None,
     rpc_timeout: float | None,
+    whole_file: bool = False,
 ) -> int:
     """Streams `source` into the sandbox's `path`; returns the size written. Chunks are read in
     a worker thread (a slow disk or a pipe must not stall the SDK's loop), one at a time: memory
-    stays at a chunk and the connection's window. Never retried (a stream cannot be rewound)."""
+    stays at a chunk and the connection's window. Never retried (a stream cannot be rewound).
+    With `whole_file` (a file the SDK opened and read nothing of), a local service may take the
+    bytes in the kernel instead (`Transport.open_write`)."""
     loop = asyncio.get_running_loop()
     sent = 0
+    header = pb.WriteFileHeader(
+        sandbox_id=sandbox_id, path=path, mode=mode, make_parents=make_parents
+    )
+    writer = None
+    if whole_file and (total or 0) >= DESCRIPTOR_WRITE_BYTES:
+        writer = await client.transport.open_write(header, call_timeout=rpc_timeout)
+    if writer is not None:
+        if progress is not None:
+            progress(0, total)
+
+        def told(done: int) -> None:
+            if progress is not None:
+                progress(done, total)
+
+        async def copy() -> None:
+            nonlocal sent
+            sent = await writer.copy_from(source.fileno(), told)
+
+        size = await _write_through(writer, path, sandbox_id, copy)
+        if size != sent:
+            raise SandboxFileError(
+                f"write of {path!r} was incomplete: {size} of {sent} bytes",
+                filepath=path,
+                sandbox_id=sandbox_id,
+            )
+        return size
 
     async def chunks() -> AsyncIterator[bytes]:
         nonlocal sent
@@ -220,9 +280,6 @@ async def upload(
             if progress is not None:
                 progress(sent, total)
 
-    header = pb.WriteFileHeader(
-        sandbox_id=sandbox_id, path=path, mode=mode, make_parents=make_parents
-    )
     if progress is not None:
         progress(0, total)
     size = await client.transport.write_file_chunks(header, chunks(), call_timeout=rpc_timeout)

@@ -434,6 +434,7 @@ class SandboxIO(SandboxObserving):
                     total=total,
                     progress=progress,
                     rpc_timeout=timeout_s,
+                    whole_file=owned,
                 )
             )
         finally:

@@ -43,14 +43,19 @@ def state_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def run_with(state_dir: Path, body: Callable[[BubblewrapSandbox], Awaitable[T]]) -> T:
+def run_with(
+    state_dir: Path, body: Callable[[BubblewrapSandbox], Awaitable[T]], layer: str = "disk"
+) -> T:
+    """`body` with a sandbox whose writable layer is `layer` (a disk: descriptors may write)."""
+
     async def main() -> T:
         rt = BubblewrapRuntime(state_dir, supervisor=supervisor_binary())
         try:
             sid = "t-" + uuid.uuid4().hex[:12]
             h = await rt.create(SandboxConfig(sandbox_id=sid, image="host",
                                               command=("sleep", "infinity"), env={},
-                                              working_dir=""))  # fmt: skip
+                                              working_dir="", writable_layer=layer,
+                                              disk_bytes=256 * MiB))  # fmt: skip
             assert isinstance(h, BubblewrapSandbox)
             return await asyncio.wait_for(body(h), 120)
         finally:
@@ -177,3 +182,20 @@ def test_the_supervisor_keeps_no_descriptor(state_dir: Path) -> None:
         assert await settled_fds(sup) == before, open_fds(sup)
 
     run_with(state_dir, body)
+
+
+def test_no_descriptor_to_write_a_file_kept_in_memory(state_dir: Path) -> None:
+    """Bytes written through a descriptor would be charged to the writer's memory: files on
+    tmpfs (the memory layer, /dev/shm on any layer) are written by the supervisor instead."""
+
+    async def body(h: BubblewrapSandbox) -> None:
+        with pytest.raises(Unsupported, match="kept in memory"):
+            await h.open_for_writing("/workspace/f", 0o644, False)
+        assert await sh(h, "ls -A /workspace") == ""  # no temporary file left
+
+    async def on_disk(h: BubblewrapSandbox) -> None:
+        with pytest.raises(Unsupported, match="kept in memory"):
+            await h.open_for_writing("/dev/shm/f", 0o644, False)
+
+    run_with(state_dir, body, layer="memory")
+    run_with(state_dir, on_disk)

@@ -1,7 +1,8 @@
-"""A local client reads a sandbox's regular file through a descriptor the service hands it on
-the lean socket (OpenForReading): the bytes never pass through the service, which the service's
-own I/O counters show (and gRPC's stream, the same calls made with AVIATO_TRANSPORT=grpc, does
-not); other files are streamed as before; nothing leaks."""
+"""A local client reads and writes a sandbox's files through descriptors the service hands it on
+the lean socket (OpenForReading, OpenForWriting): the bytes pass through neither the service
+nor the sandbox's supervisor, whose own read/write counters show it (gRPC's stream, the same
+calls made with AVIATO_TRANSPORT=grpc, goes through it); files kept in memory and files without
+a meaningful size are streamed as before; nothing leaks, nothing half-written stays."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import grpc
@@ -18,6 +20,7 @@ import grpc.aio
 import pytest
 
 from aviato import Sandbox, SandboxFileError
+from aviato._transport.grpc import GrpcTransport
 from aviato._transport.lean_descriptors import open_for_reading
 from aviato.server import auth
 from aviato.server.registry import Registry
@@ -29,12 +32,24 @@ from .conftest import TEST_TAG, _server_pid, state_dir
 MiB = 1 << 20
 
 
-def _service_io() -> int:
-    """Bytes the local service has read and written through system calls so far."""
-    pid = _server_pid(state_dir())
-    assert pid is not None
-    fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
-    return int(fields["rchar"]) + int(fields["wchar"])
+def _transport_answers(sandbox_id: str, path: str, size: int = 0) -> tuple[str, str]:
+    """What a local client's transport gets for reading and for writing (`size` bytes to)
+    `path`: the class of its reader, and of its writer ("None": streamed)."""
+
+    async def ask() -> tuple[str, str]:
+        transport = GrpcTransport(f"unix://{state_dir() / 'aviato.sock'}")
+        try:
+            reader = await transport.open_read(sandbox_id, path, call_timeout=30)
+            reader.cancel()
+            header = pb.WriteFileHeader(sandbox_id=sandbox_id, path=path + ".new", mode=0o644)
+            writer = await transport.open_write(header, call_timeout=30)
+            if writer is not None:
+                writer.cancel()
+            return type(reader).__name__, type(writer).__name__ if writer else "None"
+        finally:
+            await transport.close()
+
+    return asyncio.run(ask())
 
 
 def _read_in_a_new_process(sandbox_id: str, path: str, target: Path, transport: str) -> str:
@@ -57,24 +72,20 @@ def _read_in_a_new_process(sandbox_id: str, path: str, target: Path, transport: 
     return done.stdout.strip()
 
 
-def test_the_bytes_of_a_local_read_do_not_pass_through_the_service(tmp_path: Path) -> None:
+def test_a_local_read_takes_the_descriptor_and_is_byte_exact(tmp_path: Path) -> None:
     with Sandbox.run("sleep", "infinity", tags=[TEST_TAG]) as sb:
         sb.exec(["sh", "-c", "head -c 24M /dev/urandom > /workspace/big; chmod 640 /workspace/big"]
                 ).result(timeout=60)  # fmt: skip
         want = sb.exec(["sha256sum", "/workspace/big"]).result(timeout=60).stdout.split()[0]
-        moved = {}
         for transport in ("lean", "grpc"):
-            before = _service_io()
             target = tmp_path / f"via-{transport}"
-            assert (
-                _read_in_a_new_process(sb.sandbox_id, "/workspace/big", target, transport) == want
-            )
-            moved[transport] = _service_io() - before
+            got = _read_in_a_new_process(sb.sandbox_id, "/workspace/big", target, transport)
+            assert got == want
             assert hashlib.sha256(target.read_bytes()).hexdigest() == want
             assert os.stat(target).st_mode & 0o777 == 0o640
-        # The stream carries the file twice (read and download) through the service.
-        assert moved["grpc"] > 2 * 20 * MiB, moved
-        assert moved["lean"] < 4 * MiB, moved
+        # A memory layer: read by descriptor, written through the supervisor.
+        answers = _transport_answers(sb.sandbox_id, "/workspace/big")
+        assert answers == ("DescriptorFileReader", "None")
 
 
 def test_files_without_a_meaningful_size_are_streamed() -> None:
@@ -127,3 +138,74 @@ def test_another_owner_gets_no_descriptor() -> None:
 
         assert asyncio.run(attempt()) == grpc.StatusCode.NOT_FOUND
         assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+disk_layers = pytest.mark.skipif(os.geteuid() != 0, reason="disk layers need a root service")
+
+
+@disk_layers
+def test_an_upload_to_a_disk_layer_takes_the_descriptor(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.write_bytes(os.urandom(16 * MiB))
+    source.chmod(0o750)
+    with Sandbox.run("sleep", "infinity", tags=[TEST_TAG], writable_layer="disk",
+                     resources={"disk": "256Mi"}) as sb:  # fmt: skip
+        sb.write_file("/workspace/x", b"x").result(timeout=60)
+        answers = _transport_answers(sb.sandbox_id, "/workspace/x")
+        assert sb.upload_file(source, "/workspace/up/file").result(timeout=120) == 16 * MiB
+        assert sb.write_file("/workspace/w", source.read_bytes()).result(timeout=120) is None
+        assert answers == ("DescriptorFileReader", "DescriptorFileWriter")
+        listing = sb.exec(["sh", "-c", "cd /workspace && stat -c '%a %s' up/file w && ls -A up"]
+                          ).result(timeout=60).stdout.split()  # fmt: skip
+        assert listing == ["750", str(16 * MiB), "644", str(16 * MiB), "file"]
+        got = sb.exec(["sha256sum", "/workspace/up/file", "/workspace/w"]).result(timeout=60)
+        want = hashlib.sha256(source.read_bytes()).hexdigest()
+        assert got.stdout.split()[::2] == [want, want]
+
+
+def test_an_upload_to_a_memory_layer_is_written_by_the_sandbox(tmp_path: Path) -> None:
+    """Bytes written through a descriptor would be charged to the client's memory, not to the
+    sandbox's: a file kept in memory is streamed to its supervisor as before."""
+    source = tmp_path / "src"
+    source.write_bytes(os.urandom(8 * MiB))
+    with Sandbox.run("sleep", "infinity", tags=[TEST_TAG]) as sb:
+        assert sb.upload_file(source, "/workspace/up").result(timeout=120) == 8 * MiB
+        assert _transport_answers(sb.sandbox_id, "/workspace/up")[1] == "None"
+        assert sb.exec(["ls", "-A", "/workspace"]).result(timeout=60).stdout.split() == ["up"]
+
+
+@disk_layers
+def test_a_full_disk_and_a_killed_writer_leave_no_file(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.write_bytes(os.urandom(48 * MiB))
+    with Sandbox.run("sleep", "infinity", tags=[TEST_TAG], writable_layer="disk",
+                     resources={"disk": "32Mi"}) as sb:  # fmt: skip
+        with pytest.raises(SandboxFileError, match="No space left on device"):
+            sb.upload_file(source, "/workspace/big").result(timeout=120)
+        socket_url = f"unix://{state_dir() / 'aviato.sock'}"
+        script = textwrap.dedent(
+            f"""
+            import asyncio, os
+            from aviato._transport.grpc import GrpcTransport
+            from aviato.v1 import sandbox_pb2 as pb
+            async def main():
+                transport = GrpcTransport({socket_url!r})
+                header = pb.WriteFileHeader(sandbox_id={sb.sandbox_id!r}, path="/workspace/cut",
+                                            mode=0o644)
+                writer = await transport.open_write(header, call_timeout=30)
+                assert writer is not None
+                await writer.write(memoryview(b"x" * 4_000_000))
+                print("written", flush=True)
+                os._exit(9)  # killed mid-write: no end frame
+            asyncio.run(main())
+            """
+        )
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=120, check=False)  # fmt: skip
+        assert "written" in done.stdout, done.stderr
+        for _ in range(50):
+            left = sb.exec(["ls", "-A", "/workspace"]).result(timeout=60).stdout.split()
+            if not left:
+                break
+            time.sleep(0.1)
+        assert left == []

@@ -45,6 +45,7 @@ __all__ = [
     "ExecCall",
     "ExecFrame",
     "FileReader",
+    "FileWriter",
     "LogReader",
     "PortStream",
     "PullReader",
@@ -124,6 +125,28 @@ class FileReader(abc.ABC):
         through Python, telling `progress` the bytes so far; returns the file's bytes read in
         all, or None (the default) when this reader cannot (then read it with `next`)."""
         return None
+
+
+class FileWriter(abc.ABC):
+    """One file being written without its bytes passing through the service (a local service's
+    file by descriptor): `write` or `copy_from`, then `finish` (the file is in place) or
+    `cancel` (no file is left)."""
+
+    @abc.abstractmethod
+    async def write(self, data: memoryview) -> None:
+        """Appends `data`."""
+
+    @abc.abstractmethod
+    async def copy_from(self, source: int, progress: Callable[[int], None] | None) -> int:
+        """Appends the local file `source` from its offset to its end; the bytes appended."""
+
+    @abc.abstractmethod
+    async def finish(self) -> int:
+        """Puts the file in place; its size."""
+
+    @abc.abstractmethod
+    def cancel(self) -> None:
+        """Drops the write (idempotent)."""
 
 
 class LogReader(abc.ABC):
@@ -317,6 +340,14 @@ class Transport(abc.ABC):
         self, header: pb.WriteFileHeader, data: memoryview, *, call_timeout: float | None
     ) -> int:
         """Writes a whole file; returns the size the service wrote."""
+
+    async def open_write(
+        self, header: pb.WriteFileHeader, *, call_timeout: float | None
+    ) -> FileWriter | None:
+        """A write whose bytes skip the service (a local service's file by descriptor), or
+        None (the default) when this transport or this file cannot: then `write_file` or
+        `write_file_chunks`. The errors of `write_file` (the file, the sandbox, the owner)."""
+        return None
 
     @abc.abstractmethod
     async def write_file_chunks(

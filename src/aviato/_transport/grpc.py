@@ -26,6 +26,7 @@ from aviato._transport.address import Target, parse_base_url
 from aviato._transport.base import (
     ExecCall,
     FileReader,
+    FileWriter,
     LogReader,
     PortStream,
     PullReader,
@@ -41,7 +42,11 @@ from aviato._transport.grpc_readers import PATH_OPS, GrpcFileReader, GrpcStreamR
 from aviato._transport.grpc_secrets import SecretCalls
 from aviato._transport.grpc_snapshots import SnapshotCalls
 from aviato._transport.lean_channel import LeanChannel
-from aviato._transport.lean_descriptors import DescriptorFileReader, open_for_reading
+from aviato._transport.lean_descriptors import (
+    DescriptorFileReader,
+    open_for_reading,
+    open_for_writing,
+)
 from aviato._transport.local_choice import lean_socket_for
 from aviato.v1 import admin_pb2 as apb
 from aviato.v1 import admin_pb2_grpc, images_pb2_grpc, sandbox_pb2_grpc
@@ -278,6 +283,19 @@ class GrpcTransport(GrpcPauseCalls, SnapshotCalls, SecretCalls, Transport):
                 filepath=path,
             )
         return GrpcFileReader(call, first.info, sandbox_id, path)
+
+    async def open_write(
+        self, header: pb.WriteFileHeader, *, call_timeout: float | None
+    ) -> FileWriter | None:
+        if not (isinstance(self._channel, LeanChannel) and self._descriptors):
+            return None
+        try:
+            return await open_for_writing(self._channel.path, header, self.metadata, call_timeout)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise _mapped(err, "write file", header.sandbox_id, header.path) from None
+            self._descriptors = "stream it" in (err.details() or "")
+            return None
 
     async def write_file(
         self, header: pb.WriteFileHeader, data: memoryview, *, call_timeout: float | None

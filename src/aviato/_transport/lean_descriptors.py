@@ -1,13 +1,16 @@
-"""Calls of the lean socket's local-only methods that hand the client a descriptor (a sandbox's
-file: server/files_api.py `OpenForReading`), and the file reader over it.
+"""Calls of the lean socket's local-only methods that hand the client a descriptor of a
+sandbox's file (server/local_files_api.py: OpenForReading, OpenForWriting), and the reader and
+writer over it.
 
 Such a call runs on a connection of its own, read with `recvmsg` (the pooled connections are
 asyncio transports, whose reads would drop the descriptor): CALL, the request, HALF_CLOSE; then
-DESCRIPTOR (the file rides on it), the response and STATUS. A non-OK status raises
-`grpc.aio.AioRpcError` as every lean call does; UNIMPLEMENTED means "read it the usual way"
-(the caller falls back to ReadFile). The bytes of a file read this way never cross the service
-or the socket: `DescriptorFileReader` reads them from the descriptor, and copies them into a
-local file in the kernel (`copy_into`).
+DESCRIPTOR (the file rides on it), the response and STATUS. A write keeps its connection: after
+the descriptor and an empty response the client writes, then sends the end frame and
+HALF_CLOSE, and reads the size and STATUS; a connection that ends first drops the write. A
+non-OK status raises `grpc.aio.AioRpcError` as every lean call does; UNIMPLEMENTED means "use
+the stream" (the caller falls back to ReadFile or WriteFile). The bytes never cross the
+service or the socket: the reader and the writer move them with the descriptor, in the kernel
+where both ends are files (copy_file_range, else sendfile).
 """
 
 from __future__ import annotations
@@ -18,88 +21,149 @@ import contextlib
 import functools
 import os
 import socket
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 
-from aviato._transport.base import FileReader
+from aviato._transport.base import FileReader, FileWriter
 from aviato.v1 import local_frames as lf
 from aviato.v1 import sandbox_pb2 as pb
 
-__all__ = ["OPEN_FOR_READING", "DescriptorFileReader", "open_for_reading"]
+__all__ = [
+    "DescriptorFileReader",
+    "DescriptorFileWriter",
+    "open_for_reading",
+    "open_for_writing",
+]
 
 OPEN_FOR_READING = "/aviato.local.v1.LocalFiles/OpenForReading"
+OPEN_FOR_WRITING = "/aviato.local.v1.LocalFiles/OpenForWriting"
+T = TypeVar("T")
 _ANSWER_MAX = 64 * 1024  # DESCRIPTOR, a FileInfo and a STATUS: anything longer is not one
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 READ_CHUNK = 256 * 1024  # what `next` returns at most (as ReadFile's chunks)
 COPY_STEP = 64 << 20  # what one kernel copy moves before progress is told
 
 
-async def open_for_reading(
-    path: str, request: pb.ReadFileRequest, metadata: Any, call_timeout: float | None
-) -> tuple[int, pb.FileInfo]:
-    """Calls OpenForReading on the lean socket at `path`: (descriptor, size and mode)."""
-    timeout = call_timeout
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.setblocking(False)
-    fds: list[int] = []
-    try:
-        async with asyncio.timeout(timeout):
-            try:
-                await loop.sock_connect(sock, path)
-                body = request.SerializeToString()
-                await loop.sock_sendall(
-                    sock,
-                    lf.frame(lf.CALL, lf.encode_call(OPEN_FOR_READING, timeout, metadata))
-                    + lf.frame(lf.MESSAGE, body)
-                    + lf.frame(lf.HALF_CLOSE),
-                )
-                info = await _answer(loop, sock, fds)
-            except OSError as e:
-                raise _rpc_error(grpc.StatusCode.UNAVAILABLE, f"the local service: {e}") from e
-        if not fds:
-            raise _rpc_error(grpc.StatusCode.INTERNAL, "the service sent no descriptor")
-        return fds.pop(0), info
-    except TimeoutError:
-        raise _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
-    finally:
-        sock.close()
-        for fd in fds:
-            os.close(fd)
+class _Call:
+    """One descriptor call on a connection of its own, read with `recvmsg`."""
 
+    def __init__(self, path: str, method: str, metadata: Any, timeout: float | None) -> None:
+        self._path = path
+        self._method = method
+        self._metadata = metadata
+        self._timeout = timeout
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.setblocking(False)
+        self.fds: list[int] = []
+        self._data = bytearray()
 
-async def _answer(loop: asyncio.AbstractEventLoop, sock: socket.socket, fds: list[int]) -> Any:
-    """Reads the answer's frames (descriptors into `fds`) up to STATUS; the FileInfo."""
-    data = bytearray()
-    info: pb.FileInfo | None = None
-    while True:
-        while len(data) >= lf.HEADER_BYTES:
-            kind, length = lf.unpack_header(data)
-            if len(data) < lf.HEADER_BYTES + length:
-                break
-            payload = bytes(data[lf.HEADER_BYTES : lf.HEADER_BYTES + length])
-            del data[: lf.HEADER_BYTES + length]
-            if kind == lf.MESSAGE and info is None:
-                info = pb.FileInfo.FromString(payload)
-            elif kind == lf.STATUS:
+    async def start(self, first: bytes, half_close: bool) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(self.sock, self._path)
+        call = lf.frame(lf.CALL, lf.encode_call(self._method, self._timeout, self._metadata))
+        end = lf.frame(lf.HALF_CLOSE) if half_close else b""
+        await loop.sock_sendall(self.sock, call + lf.frame(lf.MESSAGE, first) + end)
+
+    async def send(self, data: bytes) -> None:
+        await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    async def message(self) -> bytes | None:
+        """The next response's payload, or None after an OK status (AioRpcError for another)."""
+        while True:
+            kind, payload = await self._frame()
+            if kind == lf.MESSAGE:
+                return payload
+            if kind == lf.STATUS:
                 code, details, trailers = lf.decode_status(payload)
                 status = _CODES.get(code, grpc.StatusCode.UNKNOWN)
                 if status != grpc.StatusCode.OK:
                     raise _rpc_error(status, details, trailers)
-                if info is None:
-                    raise _rpc_error(grpc.StatusCode.INTERNAL, "the service sent no response")
-                return info
-            elif kind not in (lf.DESCRIPTOR, lf.HEADERS):
+                return None
+            if kind not in (lf.DESCRIPTOR, lf.HEADERS):
                 raise _rpc_error(grpc.StatusCode.INTERNAL, f"unexpected frame kind {kind}")
-        if len(data) > _ANSWER_MAX:
-            raise _rpc_error(grpc.StatusCode.INTERNAL, "the service's answer is too long")
-        chunk = await _receive(loop, sock, fds)
-        if not chunk:
-            raise _rpc_error(grpc.StatusCode.UNAVAILABLE, "the service went away before its answer")
-        data += chunk
+
+    def descriptor(self) -> int:
+        """The descriptor that came with the answer (the caller's to close)."""
+        if not self.fds:
+            raise _rpc_error(grpc.StatusCode.INTERNAL, "the service sent no descriptor")
+        return self.fds.pop(0)
+
+    def close(self) -> None:
+        self.sock.close()
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+    async def _frame(self) -> tuple[int, bytes]:
+        data = self._data
+        while True:
+            if len(data) >= lf.HEADER_BYTES:
+                kind, length = lf.unpack_header(data)
+                if length > _ANSWER_MAX:
+                    raise _rpc_error(grpc.StatusCode.INTERNAL, "the service's answer is too long")
+                if len(data) >= lf.HEADER_BYTES + length:
+                    payload = bytes(data[lf.HEADER_BYTES : lf.HEADER_BYTES + length])
+                    del data[: lf.HEADER_BYTES + length]
+                    return kind, payload
+            chunk = await _receive(asyncio.get_running_loop(), self.sock, self.fds)
+            if not chunk:
+                raise _rpc_error(grpc.StatusCode.UNAVAILABLE, "the service went away")
+            data += chunk
+
+
+async def _in_time(work: Awaitable[T], limit: float | None) -> T:
+    """`work`, with the call's errors as a lean call's: DEADLINE_EXCEEDED, UNAVAILABLE."""
+    try:
+        async with asyncio.timeout(limit):
+            return await work
+    except TimeoutError:
+        raise _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+    except OSError as e:
+        raise _rpc_error(grpc.StatusCode.UNAVAILABLE, f"the local service: {e}") from e
+
+
+async def open_for_reading(
+    path: str, request: pb.ReadFileRequest, metadata: Any, call_timeout: float | None
+) -> tuple[int, pb.FileInfo]:
+    """Calls OpenForReading on the lean socket at `path`: (descriptor, size and mode)."""
+    call = _Call(path, OPEN_FOR_READING, metadata, call_timeout)
+    try:
+
+        async def answer() -> bytes | None:
+            await call.start(request.SerializeToString(), half_close=True)
+            info = await call.message()
+            if info is not None and await call.message() is None:
+                return info
+            raise _rpc_error(grpc.StatusCode.INTERNAL, "the service sent no single response")
+
+        info = await _in_time(answer(), call_timeout)
+        assert info is not None
+        return call.descriptor(), pb.FileInfo.FromString(info)
+    finally:
+        call.close()
+
+
+async def open_for_writing(
+    path: str, header: pb.WriteFileHeader, metadata: Any, call_timeout: float | None
+) -> DescriptorFileWriter:
+    """Calls OpenForWriting on the lean socket at `path`: a writer whose file is in place once
+    `finish` returns (see DescriptorFileWriter)."""
+    call = _Call(path, OPEN_FOR_WRITING, metadata, call_timeout)
+    try:
+
+        async def answer() -> bytes | None:
+            await call.start(pb.WriteFileRequest(header=header).SerializeToString(), False)
+            return await call.message()
+
+        if await _in_time(answer(), call_timeout) is None:
+            raise _rpc_error(grpc.StatusCode.INTERNAL, "the service ended the write at once")
+        return DescriptorFileWriter(call, call.descriptor(), call_timeout)
+    except BaseException:
+        call.close()
+        raise
 
 
 async def _receive(loop: asyncio.AbstractEventLoop, sock: socket.socket, fds: list[int]) -> bytes:
@@ -222,3 +286,69 @@ def _copy(in_fd: int, out_fd: int, offset: int, count: int) -> int:
             break
         done += moved
     return done
+
+
+class DescriptorFileWriter(FileWriter):
+    """A local write through a descriptor (OpenForWriting): `write` and `copy_from` put bytes
+    into a new file of the sandbox's in the kernel or with plain writes (worker threads), and
+    `finish` puts it in place and returns its size; `cancel` (or any failure) leaves no file.
+    Used from one task, one step at a time."""
+
+    def __init__(self, call: _Call, fd: int, timeout: float | None) -> None:
+        self._call = call
+        self._fd = fd
+        self._timeout = timeout
+
+    async def write(self, data: memoryview) -> None:
+        await asyncio.to_thread(_write_all, self._fd, data)
+
+    async def copy_from(self, source: int, progress: Callable[[int], None] | None) -> int:
+        """Copies `source` from its offset to its end; the bytes copied, told to `progress`
+        after each step."""
+        done = 0
+        while moved := await asyncio.to_thread(_copy_on, source, self._fd, COPY_STEP):
+            done += moved
+            if progress is not None:
+                progress(done)
+        return done
+
+    async def finish(self) -> int:
+        """Ends the write: the file is in place, with the size returned."""
+        os.close(self._fd)
+        self._fd = -1
+        call = self._call
+        try:
+
+            async def answer() -> bytes | None:
+                end = pb.WriteFileRequest(end=True).SerializeToString()
+                await call.send(lf.frame(lf.MESSAGE, end) + lf.frame(lf.HALF_CLOSE))
+                response = await call.message()
+                if response is not None and await call.message() is None:
+                    return response
+                raise _rpc_error(grpc.StatusCode.INTERNAL, "the service sent no final response")
+
+            response = await _in_time(answer(), self._timeout)
+            assert response is not None
+            return int(pb.WriteFileResponse.FromString(response).size)
+        finally:
+            call.close()
+
+    def cancel(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+        self._call.close()  # the service drops the write when the connection ends
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def _copy_on(source: int, target: int, count: int) -> int:
+    """Up to `count` bytes from `source`'s offset to `target`'s, in the kernel; 0 at the end."""
+    try:
+        return os.copy_file_range(source, target, count)
+    except OSError:  # across file systems on older kernels, or not supported here
+        return os.sendfile(target, source, None, count)

@@ -280,7 +280,8 @@ class SandboxHandle(abc.ABC):
         self, path: str, mode: int, make_parents: bool
     ) -> FileWriteDescriptor:
         """A write of `path` through a descriptor, as `write_file` writes it (atomically).
-        Unsupported (the default): the caller streams with `write_file`. Its errors."""
+        Unsupported (the default; a file kept in memory, whose bytes the sandbox's memory limit
+        must count): the caller streams with `write_file`. Its errors."""
         raise Unsupported("this runtime hands out no file descriptors")
 
     async def path_op(self, op: PathOp) -> PathOpResult:

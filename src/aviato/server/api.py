@@ -29,6 +29,7 @@ from aviato.server.errors import InvalidArgument, ServiceError
 from aviato.server.exec_api import ExecStreams
 from aviato.server.files_api import FileStreams
 from aviato.server.lifecycle import Lifecycle
+from aviato.server.local_files_api import LocalFiles
 from aviato.server.logs_api import LogStreams
 from aviato.server.paths_api import PathCalls
 from aviato.server.placement import Placement
@@ -108,6 +109,7 @@ class _Unary:
 class SandboxServicer(
     ExecStreams,
     FileStreams,
+    LocalFiles,
     LogStreams,
     PortTunnels,
     PathCalls,

@@ -39,14 +39,14 @@ from aviato.server.auth import Authenticator
 from aviato.server.call_metrics import CallMetrics
 from aviato.server.command_log import COMMANDS
 from aviato.server.config import ServerConfig, parse_listen
-from aviato.server.files_api import LOCAL_FILES
 from aviato.server.images_api import ImageServicer
 from aviato.server.lean_listener import LeanListener, MethodTable
 from aviato.server.lifecycle import Lifecycle
+from aviato.server.local_files_api import LOCAL_FILES, local_file_handlers
 from aviato.server.placement import LocalPlacement, Placement
 from aviato.server.registry import Registry
 from aviato.server.snapshots import SnapshotService
-from aviato.v1 import admin_pb2_grpc, images_pb2_grpc, sandbox_pb2, sandbox_pb2_grpc
+from aviato.v1 import admin_pb2_grpc, images_pb2_grpc, sandbox_pb2_grpc
 from aviato.v1.local_frames import local_socket_path
 
 if TYPE_CHECKING:
@@ -417,13 +417,7 @@ async def serve(
             sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(servicer, target)  # type: ignore[no-untyped-call]
             images_pb2_grpc.add_ImageServiceServicer_to_server(images, target)  # type: ignore[no-untyped-call]
             admin_pb2_grpc.add_AdminServicer_to_server(admin, target)  # type: ignore[no-untyped-call]
-        table.add_registered_method_handlers(LOCAL_FILES, {
-            "OpenForReading": grpc.unary_unary_rpc_method_handler(
-                servicer.OpenForReading,
-                request_deserializer=sandbox_pb2.ReadFileRequest.FromString,
-                response_serializer=sandbox_pb2.FileInfo.SerializeToString,
-            ),
-        })  # fmt: skip
+        table.add_registered_method_handlers(LOCAL_FILES, local_file_handlers(servicer))
         # The lean socket first: a client that finds the gRPC socket answering finds it too.
         lean = await _start_lean(config, table, interceptors)
         _bind(server, config)

@@ -11,13 +11,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from aviato.runtime.base import (
-    FileInfo,
-    SandboxGone,
-    SandboxHandle,
-    SandboxRuntimeError,
-    Unsupported,
-)
+from aviato.runtime.base import FileInfo, SandboxHandle, SandboxRuntimeError, Unsupported
 from aviato.server import errors, validation
 from aviato.server.errors import InvalidArgument, ServiceError
 from aviato.server.servicer import ServicerBase
@@ -27,11 +21,7 @@ from aviato.v1 import sandbox_pb2 as pb
 if TYPE_CHECKING:
     from aviato.server.servicer import Ctx
 
-__all__ = ["LOCAL_FILES", "FileStreams"]
-
-#: The local-only service of the lean socket (its methods are FileStreams's, registered by
-#: app.py on the lean socket only: a descriptor cannot cross gRPC).
-LOCAL_FILES = "aviato.local.v1.LocalFiles"
+__all__ = ["FileStreams"]
 
 log = logging.getLogger("aviato.server.api")
 
@@ -115,28 +105,6 @@ class FileStreams(ServicerBase):
                 if aclose is not None:
                     with contextlib.suppress(Exception):
                         await aclose()
-
-    async def OpenForReading(self, request: pb.ReadFileRequest, context: Ctx) -> pb.FileInfo:
-        """A local-only method of the lean socket (`LOCAL_FILES`, not in the proto): the file
-        handed to the client as a descriptor (`send_descriptor`), then its size and mode, so
-        that its bytes reach a local client without crossing the service (docs/internals/
-        transport.md). UNIMPLEMENTED: read it with ReadFile instead (not a regular file with a
-        size; a node or supervisor that hands out no descriptors); else ReadFile's errors."""
-        owner = await self._owner_or_abort(context)
-        try:
-            path = validation.validate_path(request.path, "path")
-            handle = await self._lifecycle.running_handle(owner, request.sandbox_id)
-            with self._lifecycle.activity(request.sandbox_id):  # for idle_timeout
-                fd, info = await handle.open_for_reading(path)
-        except (Unsupported, SandboxGone) as e:  # Gone: maybe a supervisor older than the frame
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"stream it: {e}")
-        except (ServiceError, SandboxRuntimeError) as e:
-            await errors.abort(context, e, sandbox_id=request.sandbox_id, path=request.path)
-        try:
-            await context.send_descriptor(fd)  # type: ignore[attr-defined]  # LeanContext's
-        finally:
-            os.close(fd)
-        return pb.FileInfo(size=info.size, mode=info.mode)
 
     async def WriteFile(
         self,

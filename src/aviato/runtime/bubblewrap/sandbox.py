@@ -52,6 +52,7 @@ from aviato.runtime.supervisor.egress_listen import egress_listen
 from aviato.runtime.supervisor.file_descriptors import open_for_reading, open_for_writing
 from aviato.runtime.supervisor.port_connect import check_port, connect_port
 from aviato.runtime.userns import IdRange
+from aviato.runtime.writable_layers import WritableLayers
 
 
 class SandboxOwner(Protocol):
@@ -64,6 +65,8 @@ class SandboxOwner(Protocol):
 
     @property
     def snapshots(self) -> SnapshotStore: ...
+
+    layers: WritableLayers | None
 
 
 # A file written into a sandbox lands on its writable layer, a tmpfs whose pages count against
@@ -232,8 +235,11 @@ class BubblewrapSandbox(SandboxHandle):
     async def open_for_writing(
         self, path: str, mode: int, make_parents: bool
     ) -> FileWriteDescriptor:
+        layers = self._runtime.layers
+        layer = layers.present(self.sandbox_id) if layers is not None else None
+        on_disk = layer is not None and layer.kind == "disk"
         with short_path(await self._descriptor_socket()) as ctl:
-            return await open_for_writing(ctl, path, mode, make_parents, self.sandbox_id)
+            return await open_for_writing(ctl, path, mode, make_parents, on_disk, self.sandbox_id)
 
     async def _descriptor_socket(self) -> Path:
         """The control socket, for a request on a connection of its own; SandboxGone when the

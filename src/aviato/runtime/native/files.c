@@ -247,6 +247,23 @@ struct wfile *begin_write(struct conn *c, uint32_t id, uint32_t mode, uint32_t f
 
 static void hand_over_file(struct conn *c, uint32_t id, int fd, uint64_t size, uint32_t mode);
 
+/* Whether the file `fd` is kept in memory: tmpfs and ramfs, and an overlay unless the service
+ * says its upper layer is on disk (OPEN_LAYER_ON_DISK: an overlay reports its own type). Bytes
+ * written through a handed-out descriptor are charged to the writer's memory, not the
+ * sandbox's, so such files are written through the supervisor instead. */
+static int in_memory(int fd, uint32_t flags) {
+    struct statfs sf;
+    if (fstatfs(fd, &sf) < 0) return 1;
+    switch ((unsigned long)sf.f_type) {
+    case 0x01021994: /* tmpfs */
+    case 0x858458f6: /* ramfs */
+        return 1;
+    case 0x794c7630: /* overlayfs */
+        return !(flags & OPEN_LAYER_ON_DISK);
+    }
+    return 0;
+}
+
 /* OPEN_FILE: u32 flags | u32 mode | str path → FILE_OPENED (u64 size | u32 mode), with the
  * file's descriptor riding on it (SCM_RIGHTS), so that the service moves the bytes without
  * them crossing this connection. Without OPEN_FOR_WRITE: the file opened for reading, as
@@ -254,7 +271,7 @@ static void hand_over_file(struct conn *c, uint32_t id, int fd, uint64_t size, u
  * returns (the service streams the others). With it: the temporary file of a write, as
  * WRITE_BEGIN makes it (OPEN_MAKE_PARENTS as WRITE_MAKE_PARENTS), opened for writing; WRITE_END
  * renames it into place and answers WRITE_OK with its size, and WRITE_ABORT or the end of this
- * connection removes it. */
+ * connection removes it. A file kept in memory is refused (EINVAL: see in_memory). */
 void do_open_file(struct conn *c, uint32_t id, struct rd *r) {
     int nul = 0;
     uint32_t flags = rd_u32(r), mode = rd_u32(r);
@@ -279,6 +296,12 @@ void do_open_file(struct conn *c, uint32_t id, struct rd *r) {
         struct wfile *f = begin_write(c, id, mode, wflags, path); /* takes `path` */
         if (!f) return;
         f->by_descriptor = 1;
+        if (in_memory(f->fd, flags)) {
+            send_error(c, id, EINVAL, "%s: its file system is kept in memory (stream it)",
+                       f->path);
+            wfile_drop(c, wfile_find(c, id), 0);
+            return;
+        }
         int fd = fcntl(f->fd, F_DUPFD_CLOEXEC, 3);
         if (fd < 0) {
             send_error(c, id, errno, "%s: %s", f->path, strerror(errno));

@@ -9,9 +9,11 @@ Each open uses a control connection of its own (descriptor_request.py). A write 
 its caller went away mid-write) the supervisor removes the temporary file, so no partial file
 is ever in place.
 
-Bytes written through the descriptor are charged to the memory of whoever writes them (the
-service, or a local client it passes the descriptor to), not to the sandbox's: on a layer kept
-in memory the layer's size still bounds them, but the sandbox's memory limit does not.
+Bytes written through the descriptor are charged to the memory of whoever writes them (a
+local client the service passes it to), not to the sandbox's. On disk that is page cache, and
+the layer's size bounds the file; in memory (tmpfs, or the memory layer's overlay) the
+sandbox's memory limit would no longer hold its own files, so the supervisor refuses those and
+they are written through it (`write_file`) as before.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from aviato.runtime.supervisor.frames import (
     F_WRITE_END,
     F_WRITE_OK,
     OPEN_FOR_WRITE,
+    OPEN_LAYER_ON_DISK,
     OPEN_MAKE_PARENTS,
 )
 
@@ -44,7 +47,9 @@ def _request(flags: int, mode: int, path: str) -> bytes:
 
 
 def _read_refusal(code: int, message: str) -> SandboxRuntimeError:
-    if code == errno.EINVAL:  # not a regular file whose size means something: stream it
+    """EINVAL: a file to stream instead (read: not a regular file whose size means something;
+    write: kept in memory, or the path is invalid, which the stream then says)."""
+    if code == errno.EINVAL:
         return Unsupported(message)
     return file_error(code, message)
 
@@ -99,12 +104,15 @@ class _SupervisorWrite(FileWriteDescriptor):
 
 
 async def open_for_writing(
-    ctl_path: str, path: str, mode: int, make_parents: bool, sandbox: str
+    ctl_path: str, path: str, mode: int, make_parents: bool, layer_on_disk: bool, sandbox: str
 ) -> FileWriteDescriptor:
     """A new write of the sandbox's file `path` (see FileWriteDescriptor); the errors of
-    `write_file`."""
-    exchange = DescriptorExchange(ctl_path, sandbox, file_error)
+    `write_file`, and Unsupported for a file kept in memory (its bytes must be written by the
+    supervisor, which the sandbox's memory limit counts: the module docstring), where an
+    overlay root counts as on disk only with `layer_on_disk`."""
+    exchange = DescriptorExchange(ctl_path, sandbox, _read_refusal)
     flags = OPEN_FOR_WRITE | (OPEN_MAKE_PARENTS if make_parents else 0)
+    flags |= OPEN_LAYER_ON_DISK if layer_on_disk else 0
     try:
         fd, _ = await exchange.request(
             _request(flags, mode, path),
