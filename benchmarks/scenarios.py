@@ -28,7 +28,6 @@ from benchmarks._stats import (
     tree_pss_bytes,
 )
 from benchmarks._system import System
-from benchmarks.warm_pool import WarmPoolCreate
 
 
 def share(total: int, index: int, parts: int) -> int:
@@ -543,4 +542,3 @@ class Density(Figure):
 FIGURES: dict[str, Figure] = {
     f.name: f for f in (CreateFirstExec(), Burst(), WarmExec(), RLReward(), Files(), Density())
 }
-FIGURES[WarmPoolCreate.name] = WarmPoolCreate()  # type: ignore[assignment]  # benchmarks/warm_pool.py

@@ -23,15 +23,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from benchmarks._plan import Plan
 from benchmarks._stats import latency_summary
-from benchmarks._system import Skip
-
-if TYPE_CHECKING:  # the figure interface (benchmarks/scenarios.py imports this module)
-    from benchmarks._plan import Plan
-    from benchmarks._system import System
-    from benchmarks.scenarios import State
+from benchmarks._system import Skip, System
+from benchmarks.scenarios import Figure, State
 
 POOL_SIZE = 4
 REFILL_GAP_SECONDS = 0.3
@@ -93,8 +90,8 @@ def _share(total: int, index: int, parts: int) -> int:
     return total * (index + 1) // parts - total * index // parts
 
 
-class WarmPoolCreate:
-    """The figure (the interface of `scenarios.Figure`, which registers it)."""
+class WarmPoolCreate(Figure):
+    """The figure (registered in benchmarks/figures.py)."""
 
     name = "warm_pool"
     title = (

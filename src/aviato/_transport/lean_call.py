@@ -19,18 +19,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncIterator, Callable, Generator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
 
 from aviato.v1 import local_frames as lf
 
-if TYPE_CHECKING:
-    from aviato._transport.lean_channel import LeanChannel
+__all__ = ["Connections", "LeanCall"]
 
-__all__ = ["LeanCall"]
+
+class Connections(Protocol):
+    """What a call needs of its channel (`lean_channel.LeanChannel`): connections to take,
+    give back or hand over to settle, and the set of calls in flight."""
+
+    path: str
+    calls: weakref.WeakSet[LeanCall]
+
+    def idle_connection(self) -> lf.FrameConnection | None: ...
+
+    async def connect(self) -> lf.FrameConnection: ...
+
+    def give_back(self, conn: lf.FrameConnection) -> None: ...
+
+    def settle(self, conn: lf.FrameConnection) -> None: ...
+
 
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -42,7 +57,7 @@ class LeanCall:
 
     def __init__(
         self,
-        channel: LeanChannel,
+        channel: Connections,
         method: str,
         serialize: Callable[[Any], bytes] | None,
         deserialize: Callable[[bytes], Any] | None,
