@@ -109,8 +109,9 @@ def _layer(module: str) -> str:
     if parts[1:2] == ["__main__"]:
         return "entry"  # `python -m aviato`: the command line's door
     if len(parts) == 1 or parts[1] == "exceptions" or parts[1].startswith("_"):
-        # `aviato._private` is the one helper both sides share (file modes of the state dir).
-        return "shared" if parts[1:2] == ["_private"] else "sdk"
+        # The helpers both sides share: `aviato._private` (file modes of the state dir) and
+        # `aviato._fd_passing` (descriptors received on a unix socket).
+        return "shared" if parts[1:2] in (["_private"], ["_fd_passing"]) else "sdk"
     if parts[1] in ("v1", "node"):
         return "protocol"
     return parts[1]  # server, runtime, images, cluster, cli, egress

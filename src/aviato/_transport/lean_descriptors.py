@@ -15,7 +15,6 @@ where both ends are files (copy_file_range, else sendfile).
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import functools
@@ -27,6 +26,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
+from aviato._fd_passing import receive_with_descriptors
 from aviato._transport.base import FileReader, FileWriter
 from aviato.v1 import local_frames as lf
 from aviato.v1 import sandbox_pb2 as pb
@@ -108,7 +108,8 @@ class _Call:
                     payload = bytes(data[lf.HEADER_BYTES : lf.HEADER_BYTES + length])
                     del data[: lf.HEADER_BYTES + length]
                     return kind, payload
-            chunk = await _receive(asyncio.get_running_loop(), self.sock, self.fds)
+            chunk, received = await receive_with_descriptors(self.sock, _ANSWER_MAX, 4)
+            self.fds.extend(received)
             if not chunk:
                 raise _rpc_error(grpc.StatusCode.UNAVAILABLE, "the service went away")
             data += chunk
@@ -164,36 +165,6 @@ async def open_for_writing(
     except BaseException:
         call.close()
         raise
-
-
-async def _receive(loop: asyncio.AbstractEventLoop, sock: socket.socket, fds: list[int]) -> bytes:
-    space = socket.CMSG_SPACE(4 * array.array("i").itemsize)
-    while True:
-        try:
-            chunk, ancillary, _, _ = sock.recvmsg(_ANSWER_MAX, space, socket.MSG_CMSG_CLOEXEC)
-        except (BlockingIOError, InterruptedError):
-            await _readable(loop, sock)
-            continue
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                got = array.array("i")
-                got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
-                fds.extend(got)
-        return chunk
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(sock.fileno(), wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(sock.fileno())
 
 
 def _rpc_error(

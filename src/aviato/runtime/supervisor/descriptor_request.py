@@ -9,12 +9,12 @@ whatever exec output is in flight. A dedicated connection costs one accept and o
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import socket
 from collections.abc import Callable
 
+from aviato._fd_passing import receive_with_descriptors
 from aviato.runtime.base import SandboxGone, SandboxRuntimeError
 from aviato.runtime.supervisor import frames
 from aviato.runtime.supervisor.frames import F_ERROR, F_HELLO, HDR, PROTOCOL_VERSION
@@ -81,7 +81,7 @@ class DescriptorExchange:
             async with asyncio.timeout(answer_within):
                 await loop.sock_connect(self._ctl, self._path)
                 await loop.sock_sendall(self._ctl, request)
-                fd, body = await self._reply(loop, reply_type, True, what, too_old)
+                fd, body = await self._reply(reply_type, True, what, too_old)
         except TimeoutError as e:
             raise SandboxGone(
                 f"sandbox {self._sandbox}: its supervisor did not answer in time"
@@ -100,7 +100,7 @@ class DescriptorExchange:
         try:
             async with asyncio.timeout(answer_within):
                 await loop.sock_sendall(self._ctl, frame)
-                _, body = await self._reply(loop, reply_type, False, what, "")
+                _, body = await self._reply(reply_type, False, what, "")
         except TimeoutError as e:
             raise SandboxGone(
                 f"sandbox {self._sandbox}: its supervisor did not answer in time"
@@ -114,7 +114,6 @@ class DescriptorExchange:
 
     async def _reply(
         self,
-        loop: asyncio.AbstractEventLoop,
         reply_type: int,
         with_fd: bool,
         what: str,
@@ -162,7 +161,7 @@ class DescriptorExchange:
                     raise SandboxRuntimeError(
                         f"sandbox {sandbox}: its supervisor's answer is too long"
                     )
-                chunk, received = await _receive(loop, self._ctl)
+                chunk, received = await receive_with_descriptors(self._ctl, _REPLY_MAX, _FDS_MAX)
                 fds.extend(received)
                 if not chunk:
                     raise SandboxGone(
@@ -173,37 +172,6 @@ class DescriptorExchange:
         finally:
             for fd in fds:
                 _close_fd(fd)
-
-
-async def _receive(loop: asyncio.AbstractEventLoop, ctl: socket.socket) -> tuple[bytes, list[int]]:
-    """One recvmsg on the non-blocking `ctl` once it is readable: (bytes, descriptors)."""
-    space = socket.CMSG_SPACE(_FDS_MAX * array.array("i").itemsize)
-    while True:
-        try:
-            chunk, ancillary, _, _ = ctl.recvmsg(_REPLY_MAX, space, socket.MSG_CMSG_CLOEXEC)
-        except (BlockingIOError, InterruptedError):
-            await _readable(loop, ctl)
-            continue
-        fds = array.array("i")
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                whole = len(payload) - len(payload) % fds.itemsize
-                fds.frombytes(payload[:whole])
-        return chunk, list(fds)
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(sock.fileno(), wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(sock.fileno())
 
 
 def _close_fd(fd: int) -> None:
