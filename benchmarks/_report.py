@@ -83,7 +83,8 @@ def rows_for(plan: Plan) -> list[Row]:
         Row("create", "create_p50", "create → first exec, p50", ("p50_ms",), "ms",
             Target("ratio<=", 1.2, "bwrap")),
         Row("create", "create_p99", "create → first exec, p99", ("p99_ms",), "ms"),
-        # the pool's figure (benchmarks/warm_pool.py) goes here
+        Row("warm_pool", "warm_pool_p50", "create → first exec, warm pool, p50", ("p50_ms",),
+            "ms", Target("<=", 3)),
         Row("burst", "burst_seconds", f"burst of {plan.burst}: all results", ("seconds",), "s",
             Target("ratio<=", 1.5, "bwrap")),
         Row("burst", "burst_errors", f"burst of {plan.burst}: errors", ("errors",), "",

@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-FIGURES = ("create", "burst", "exec", "rl", "files", "density", "throughput", "memory")
+FIGURES = (
+    "create", "burst", "exec", "rl", "files", "density", "warm_pool", "throughput", "memory"
+)  # fmt: skip
 MEASURED = ("aviato", "floor", "bwrap")
 # Figures that a reference cannot have: the service's memory (aviato alone has a service), and
 # throughput where a box is a new sandbox per command (raw bwrap): their cells say "n/a".
