@@ -187,9 +187,14 @@ async def write_whole(
             lambda: client.transport.write_file(header, data, call_timeout=rpc_timeout),
             op="write file",
         )
-    if size != len(data):
+    _check_written(path, sandbox_id, size, len(data))
+
+
+def _check_written(path: str, sandbox_id: str, size: int, sent: int) -> None:
+    """SandboxFileError when the service kept `size` bytes of the `sent`."""
+    if size != sent:
         raise SandboxFileError(
-            f"write of {path!r} was incomplete: {size} of {len(data)} bytes",
+            f"write of {path!r} was incomplete: {size} of {sent} bytes",
             filepath=path,
             sandbox_id=sandbox_id,
         )
@@ -251,44 +256,30 @@ async def upload(
     writer = None
     if whole_file and (total or 0) >= DESCRIPTOR_WRITE_BYTES:
         writer = await client.transport.open_write(header, call_timeout=rpc_timeout)
-    if writer is not None:
-        if progress is not None:
-            progress(0, total)
 
-        def told(done: int) -> None:
-            if progress is not None:
-                progress(done, total)
+    def told(done: int) -> None:
+        if progress is not None:
+            progress(done, total)
+
+    told(0)
+    if writer is not None:
 
         async def copy() -> None:
             nonlocal sent
             sent = await writer.copy_from(source.fileno(), told)
 
         size = await _write_through(writer, path, sandbox_id, copy)
-        if size != sent:
-            raise SandboxFileError(
-                f"write of {path!r} was incomplete: {size} of {sent} bytes",
-                filepath=path,
-                sandbox_id=sandbox_id,
-            )
-        return size
+    else:
 
-    async def chunks() -> AsyncIterator[bytes]:
-        nonlocal sent
-        while chunk := await loop.run_in_executor(None, source.read, UPLOAD_CHUNK_BYTES):
-            yield chunk
-            sent += len(chunk)
-            if progress is not None:
-                progress(sent, total)
+        async def chunks() -> AsyncIterator[bytes]:
+            nonlocal sent
+            while chunk := await loop.run_in_executor(None, source.read, UPLOAD_CHUNK_BYTES):
+                yield chunk
+                sent += len(chunk)
+                told(sent)
 
-    if progress is not None:
-        progress(0, total)
-    size = await client.transport.write_file_chunks(header, chunks(), call_timeout=rpc_timeout)
-    if size != sent:
-        raise SandboxFileError(
-            f"write of {path!r} was incomplete: {size} of {sent} bytes",
-            filepath=path,
-            sandbox_id=sandbox_id,
-        )
+        size = await client.transport.write_file_chunks(header, chunks(), call_timeout=rpc_timeout)
+    _check_written(path, sandbox_id, size, sent)
     return size
 
 

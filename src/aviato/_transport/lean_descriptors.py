@@ -238,10 +238,7 @@ class DescriptorFileReader(FileReader):
             self._close()
 
     def _close(self) -> None:
-        if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = -1
+        self._fd = _closed(self._fd)
 
 
 def _copy(in_fd: int, out_fd: int, offset: int, count: int) -> int:
@@ -305,11 +302,16 @@ class DescriptorFileWriter(FileWriter):
             call.close()
 
     def cancel(self) -> None:
-        if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = -1
+        self._fd = _closed(self._fd)
         self._call.close()  # the service drops the write when the connection ends
+
+
+def _closed(fd: int) -> int:
+    """Closes `fd` unless it is -1 (already closed); -1."""
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return -1
 
 
 def _write_all(fd: int, data: memoryview) -> None:

@@ -184,8 +184,7 @@ class WritableLayers:
             try:
                 _umount(str(mount))
             except OSError as exc:
-                if is_mount_point(mount):  # not when another remove unmounted it meanwhile
-                    raise LayerError(f"sandbox {sandbox_id}: {exc.strerror}") from exc
+                raise LayerError(f"sandbox {sandbox_id}: {exc.strerror}") from exc
         with contextlib.suppress(FileNotFoundError):
             os.unlink(image)  # its blocks go once the loop device lets go (autoclear)
         try:

@@ -21,7 +21,7 @@ from aviato.v1 import sandbox_pb2 as pb
 if TYPE_CHECKING:
     from aviato.server.servicer import Ctx
 
-__all__ = ["FileStreams"]
+__all__ = ["FileStreams", "first_header", "write_target"]
 
 log = logging.getLogger("aviato.server.api")
 
@@ -73,6 +73,24 @@ def _close_after(read: asyncio.Future[bytes], fd: int) -> None:
     if not read.cancelled():
         read.exception()  # retrieved: nobody waits for it any more
     os.close(fd)
+
+
+async def first_header(requests: AsyncIterator[pb.WriteFileRequest]) -> pb.WriteFileHeader:
+    """The header a write's request stream must begin with (InvalidArgument otherwise)."""
+    first = await anext(requests, None)
+    if first is None:
+        raise InvalidArgument("header", "the stream ended before a header")
+    if first.WhichOneof("msg") != "header":
+        raise InvalidArgument("header", "the first frame must be the header")
+    return first.header
+
+
+def write_target(header: pb.WriteFileHeader) -> tuple[str, int]:
+    """The file a write's header names and its mode, checked (InvalidArgument)."""
+    path = validation.validate_path(header.path, "header.path")
+    if path == "/":
+        raise InvalidArgument("header.path", "must name a file")
+    return path, validation.validate_file_mode(header.mode, "header.mode")
 
 
 class FileStreams(ServicerBase):
@@ -144,17 +162,8 @@ class FileStreams(ServicerBase):
 
         header = pb.WriteFileHeader()
         try:
-            try:
-                first = await anext(requests)
-            except StopAsyncIteration:
-                raise InvalidArgument("header", "the stream ended before a header") from None
-            if first.WhichOneof("msg") != "header":
-                raise InvalidArgument("header", "the first frame must be the header")
-            header = first.header
-            path = validation.validate_path(header.path, "header.path")
-            if path == "/":
-                raise InvalidArgument("header.path", "must name a file")
-            mode = validation.validate_file_mode(header.mode, "header.mode")
+            header = await first_header(requests)
+            path, mode = write_target(header)
             handle = await self._lifecycle.running_handle(owner, header.sandbox_id)
             with self._lifecycle.activity(header.sandbox_id):  # for idle_timeout
                 size = await handle.write_file(path, mode, header.make_parents, chunks())

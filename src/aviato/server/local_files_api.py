@@ -27,6 +27,7 @@ import grpc
 from aviato.runtime.base import FileWriteDescriptor, SandboxGone, SandboxRuntimeError, Unsupported
 from aviato.server import errors, validation
 from aviato.server.errors import InvalidArgument, ServiceError
+from aviato.server.files_api import first_header, write_target
 from aviato.server.servicer import ServicerBase
 from aviato.v1 import sandbox_pb2 as pb
 
@@ -81,14 +82,8 @@ class LocalFiles(ServicerBase):
         requests = aiter(request_iterator)
         header = pb.WriteFileHeader()
         try:
-            first = await anext(requests, None)
-            if first is None or first.WhichOneof("msg") != "header":
-                raise InvalidArgument("header", "the first frame must be the header")
-            header = first.header
-            path = validation.validate_path(header.path, "header.path")
-            if path == "/":
-                raise InvalidArgument("header.path", "must name a file")
-            mode = validation.validate_file_mode(header.mode, "header.mode")
+            header = await first_header(requests)
+            path, mode = write_target(header)
             handle = await self._lifecycle.running_handle(owner, header.sandbox_id)
             write = await handle.open_for_writing(path, mode, header.make_parents)
         except (Unsupported, SandboxGone) as e:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from aviato._fd_passing import receive_with_descriptors
 from aviato.runtime.base import SandboxGone, SandboxRuntimeError
@@ -77,17 +77,10 @@ class DescriptorExchange:
         """Connects, sends `request` and returns (descriptor, payload) of the reply (see
         `request_descriptor`)."""
         loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(answer_within):
-                await loop.sock_connect(self._ctl, self._path)
-                await loop.sock_sendall(self._ctl, request)
-                fd, body = await self._reply(reply_type, True, what, too_old)
-        except TimeoutError as e:
-            raise SandboxGone(
-                f"sandbox {self._sandbox}: its supervisor did not answer in time"
-            ) from e
-        except OSError as e:
-            raise SandboxGone(f"sandbox {self._sandbox}: cannot reach its supervisor: {e}") from e
+        async with self._answered_within(answer_within):
+            await loop.sock_connect(self._ctl, self._path)
+            await loop.sock_sendall(self._ctl, request)
+            fd, body = await self._reply(reply_type, True, what, too_old)
         assert fd is not None
         return fd, body
 
@@ -96,21 +89,27 @@ class DescriptorExchange:
     ) -> bytes:
         """Sends `frame` on the open connection and returns the payload of its `reply_type`
         answer (which carries no descriptor); errors as `request`."""
-        loop = asyncio.get_running_loop()
+        async with self._answered_within(answer_within):
+            await asyncio.get_running_loop().sock_sendall(self._ctl, frame)
+            _, body = await self._reply(reply_type, False, what, "")
+        return body
+
+    def close(self) -> None:
+        self._ctl.close()
+
+    @contextlib.asynccontextmanager
+    async def _answered_within(self, seconds: float) -> AsyncIterator[None]:
+        """The exchange inside, bounded by `seconds`: SandboxGone when the supervisor does not
+        answer in time or cannot be reached."""
         try:
-            async with asyncio.timeout(answer_within):
-                await loop.sock_sendall(self._ctl, frame)
-                _, body = await self._reply(reply_type, False, what, "")
+            async with asyncio.timeout(seconds):
+                yield
         except TimeoutError as e:
             raise SandboxGone(
                 f"sandbox {self._sandbox}: its supervisor did not answer in time"
             ) from e
         except OSError as e:
             raise SandboxGone(f"sandbox {self._sandbox}: cannot reach its supervisor: {e}") from e
-        return body
-
-    def close(self) -> None:
-        self._ctl.close()
 
     async def _reply(
         self,
