@@ -175,7 +175,7 @@ async def write_whole(
     """Writes a whole file (retried from the start while the service cannot be reached); a
     short write raises SandboxFileError."""
     header = pb.WriteFileHeader(
-        sandbox_id=sandbox_id, path=path, mode=mode, make_parents=make_parents
+        sandbox_id=sandbox_id, path=path, mode=mode, make_parents=make_parents, size=len(data)
     )
     writer = None
     if len(data) >= DESCRIPTOR_WRITE_BYTES:
@@ -201,8 +201,9 @@ def _check_written(path: str, sandbox_id: str, size: int, sent: int) -> None:
 
 
 # From this size on a write asks for a descriptor first (`Transport.open_write`): below it, the
-# question (a round trip to the sandbox's supervisor, answered "stream it" for files kept in
-# memory) costs more than the stream it may save.
+# question (a round trip to the sandbox's supervisor) costs more than the stream it may save. A
+# file kept in memory is then written through a pipe the supervisor drains, which needs the
+# size in the header.
 DESCRIPTOR_WRITE_BYTES = 1 << 20
 
 
@@ -254,8 +255,11 @@ async def upload(
         sandbox_id=sandbox_id, path=path, mode=mode, make_parents=make_parents
     )
     writer = None
-    if whole_file and (total or 0) >= DESCRIPTOR_WRITE_BYTES:
-        writer = await client.transport.open_write(header, call_timeout=rpc_timeout)
+    if whole_file and total is not None and total >= DESCRIPTOR_WRITE_BYTES:
+        declared = pb.WriteFileHeader()
+        declared.CopyFrom(header)
+        declared.size = total  # a file kept in memory needs it (its pipe's bytes are counted)
+        writer = await client.transport.open_write(declared, call_timeout=rpc_timeout)
 
     def told(done: int) -> None:
         if progress is not None:

@@ -290,7 +290,13 @@ class GrpcTransport(GrpcPauseCalls, SnapshotCalls, SecretCalls, Transport):
         if not (isinstance(self._channel, LeanChannel) and self._descriptors):
             return None
         try:
-            return await open_for_writing(self._channel.path, header, self.metadata, call_timeout)
+            return await open_for_writing(
+                self._channel.path,
+                header,
+                self.metadata,
+                call_timeout,
+                lambda err: _mapped(err, "write file", header.sandbox_id, header.path),
+            )
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise _mapped(err, "write file", header.sandbox_id, header.path) from None

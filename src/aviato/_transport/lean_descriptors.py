@@ -11,15 +11,28 @@ non-OK status raises `grpc.aio.AioRpcError` as every lean call does; UNIMPLEMENT
 the stream" (the caller falls back to ReadFile or WriteFile). The bytes never cross the
 service or the socket: the reader and the writer move them with the descriptor, in the kernel
 where both ends are files (copy_file_range, else sendfile).
+
+A write into a file the sandbox keeps in memory hands the client the write end of a pipe
+instead, which the sandbox's supervisor drains into the file (so that the sandbox's memory
+limit counts it). Its writes do not block: each waits at most PIPE_STALL_SECONDS for room, so a
+sandbox that stops taking bytes fails the write instead of hanging the client; when the
+supervisor stops reading because the write failed (a full memory), the pipe breaks and the
+end of the write says why. The descriptor received is checked: a regular file or a pipe's
+write end, nothing else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import functools
 import os
+import select
+import signal
 import socket
+import stat
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -45,6 +58,8 @@ _ANSWER_MAX = 64 * 1024  # DESCRIPTOR, a FileInfo and a STATUS: anything longer 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 READ_CHUNK = 256 * 1024  # what `next` returns at most (as ReadFile's chunks)
 COPY_STEP = 64 << 20  # what one kernel copy moves before progress is told
+PIPE_STEP = 1 << 20  # what one write into a pipe moves at most (the pipe holds that much)
+PIPE_STALL_SECONDS = 30.0  # a pipe that takes no byte for this long fails the write
 
 
 class _Call:
@@ -148,10 +163,15 @@ async def open_for_reading(
 
 
 async def open_for_writing(
-    path: str, header: pb.WriteFileHeader, metadata: Any, call_timeout: float | None
+    path: str,
+    header: pb.WriteFileHeader,
+    metadata: Any,
+    call_timeout: float | None,
+    failed: Callable[[grpc.RpcError], BaseException],
 ) -> DescriptorFileWriter:
     """Calls OpenForWriting on the lean socket at `path`: a writer whose file is in place once
-    `finish` returns (see DescriptorFileWriter)."""
+    `finish` returns (see DescriptorFileWriter; `failed` turns the status of a failed end into
+    the error raised)."""
     call = _Call(path, OPEN_FOR_WRITING, metadata, call_timeout)
     try:
 
@@ -161,10 +181,28 @@ async def open_for_writing(
 
         if await _in_time(answer(), call_timeout) is None:
             raise _rpc_error(grpc.StatusCode.INTERNAL, "the service ended the write at once")
-        return DescriptorFileWriter(call, call.descriptor(), call_timeout)
+        fd = call.descriptor()
+        try:
+            piped = _is_pipe_to_write(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return DescriptorFileWriter(call, fd, call_timeout, piped, failed)
     except BaseException:
         call.close()
         raise
+
+
+def _is_pipe_to_write(fd: int) -> bool:
+    """Whether the descriptor the service handed out for a write is a pipe (else a regular
+    file); INTERNAL for anything else, or one not open for writing (a pipe's read end)."""
+    kind = os.fstat(fd).st_mode
+    access = _access_mode(fd)
+    if stat.S_ISREG(kind) and access in (os.O_WRONLY, os.O_RDWR):
+        return False
+    if stat.S_ISFIFO(kind) and access == os.O_WRONLY:
+        return True
+    raise _rpc_error(grpc.StatusCode.INTERNAL, "the service handed out no file to write")
 
 
 def _rpc_error(
@@ -258,30 +296,63 @@ def _copy(in_fd: int, out_fd: int, offset: int, count: int) -> int:
 
 class DescriptorFileWriter(FileWriter):
     """A local write through a descriptor (OpenForWriting): `write` and `copy_from` put bytes
-    into a new file of the sandbox's in the kernel or with plain writes (worker threads), and
-    `finish` puts it in place and returns its size; `cancel` (or any failure) leaves no file.
-    Used from one task, one step at a time."""
+    into a new file of the sandbox's in the kernel or with plain writes (worker threads), or
+    into the pipe its supervisor drains (`piped`: see the module docstring), and `finish` puts
+    it in place and returns its size; `cancel` (or any failure) leaves no file. Used from one
+    task, one step at a time."""
 
-    def __init__(self, call: _Call, fd: int, timeout: float | None) -> None:
+    def __init__(
+        self,
+        call: _Call,
+        fd: int,
+        timeout: float | None,
+        piped: bool,
+        failed: Callable[[grpc.RpcError], BaseException],
+    ) -> None:
         self._call = call
         self._fd = fd
         self._timeout = timeout
+        self._piped = piped
+        self._failed = failed
+        self._broken = False  # the pipe broke: the supervisor ended the write (finish says why)
 
     async def write(self, data: memoryview) -> None:
-        await asyncio.to_thread(_write_all, self._fd, data)
+        if not self._piped:
+            await asyncio.to_thread(_write_all, self._fd, data)
+            return
+        while data and not self._broken:
+            part = data[:PIPE_STEP]
+            moved = await self._into_pipe(functools.partial(os.write, self._fd, part))
+            data = data[moved:]
 
     async def copy_from(self, source: int, progress: Callable[[int], None] | None) -> int:
         """Copies `source` from its offset to its end; the bytes copied, told to `progress`
         after each step."""
         done = 0
-        while moved := await asyncio.to_thread(_copy_on, source, self._fd, COPY_STEP):
+        while not self._broken:
+            if self._piped:
+                moved = await self._into_pipe(functools.partial(_splice, source, self._fd))
+            else:
+                moved = await asyncio.to_thread(_copy_on, source, self._fd, COPY_STEP)
+            if not moved:
+                break
             done += moved
             if progress is not None:
                 progress(done)
         return done
 
+    async def _into_pipe(self, move: Callable[[], int]) -> int:
+        """One `move` into the pipe (a worker thread: it waits for room); 0 once it broke."""
+        try:
+            moved: int = await asyncio.to_thread(_when_room, self._fd, move)
+        except BrokenPipeError:
+            self._broken = True
+            return 0
+        return moved
+
     async def finish(self) -> int:
-        """Ends the write: the file is in place, with the size returned."""
+        """Ends the write: the file is in place, with the size returned. After a broken pipe the
+        service's answer says why the sandbox stopped taking the bytes (a full memory)."""
         os.close(self._fd)
         self._fd = -1
         call = self._call
@@ -295,8 +366,13 @@ class DescriptorFileWriter(FileWriter):
                     return response
                 raise _rpc_error(grpc.StatusCode.INTERNAL, "the service sent no final response")
 
-            response = await _in_time(answer(), self._timeout)
+            try:
+                response = await _in_time(answer(), self._timeout)
+            except grpc.RpcError as err:
+                raise self._failed(err) from None
             assert response is not None
+            if self._broken:  # the supervisor stopped reading, yet reports no error
+                raise OSError(errno.EPIPE, "the sandbox stopped taking the bytes")
             return int(pb.WriteFileResponse.FromString(response).size)
         finally:
             call.close()
@@ -306,12 +382,48 @@ class DescriptorFileWriter(FileWriter):
         self._call.close()  # the service drops the write when the connection ends
 
 
+def _when_room(fd: int, move: Callable[[], int]) -> int:
+    """`move` into the non-blocking pipe `fd` once it has room; OSError (ETIMEDOUT) when it has
+    none for PIPE_STALL_SECONDS, BrokenPipeError once its reader closed it. SIGPIPE is blocked
+    meanwhile and a pending one taken back: a program that restored its default action (which
+    ends the process) gets the error, not the signal."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    kept = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
+    try:
+        while True:
+            try:
+                return move()
+            except BlockingIOError:
+                if not poller.poll(PIPE_STALL_SECONDS * 1000):
+                    raise OSError(
+                        errno.ETIMEDOUT,
+                        f"the sandbox took no bytes for {PIPE_STALL_SECONDS:g} seconds "
+                        "(is it paused or overloaded?)",
+                    ) from None
+            except BrokenPipeError:
+                signal.sigtimedwait({signal.SIGPIPE}, 0)
+                raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, kept)
+
+
+def _splice(source: int, pipe: int) -> int:
+    """Up to PIPE_STEP bytes from `source`'s offset into the pipe, in the kernel; 0 at the end."""
+    return os.splice(source, pipe, PIPE_STEP)
+
+
 def _closed(fd: int) -> int:
     """Closes `fd` unless it is -1 (already closed); -1."""
     if fd >= 0:
         with contextlib.suppress(OSError):
             os.close(fd)
     return -1
+
+
+def _access_mode(fd: int) -> int:
+    """`fd`'s access mode: os.O_RDONLY, O_WRONLY or O_RDWR."""
+    return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
 
 
 def _write_all(fd: int, data: memoryview) -> None:

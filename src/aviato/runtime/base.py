@@ -241,7 +241,9 @@ class LogRecord:
 class FileWriteDescriptor(abc.ABC):
     """A write of one file of a sandbox through a descriptor (`SandboxHandle.open_for_writing`):
     `fd` is open for writing on a new, empty file that takes the target's place only at
-    `commit`; `abort` (or the end of the service) leaves no file behind. Both close `fd`."""
+    `commit`, or (a file kept in memory, with a declared size) the write end of a pipe whose
+    bytes the sandbox's side moves into such a file; `abort` (or the end of the service) leaves
+    no file behind. Both close `fd`."""
 
     fd: int
 
@@ -277,11 +279,14 @@ class SandboxHandle(abc.ABC):
         raise Unsupported("this runtime hands out no file descriptors")
 
     async def open_for_writing(
-        self, path: str, mode: int, make_parents: bool
+        self, path: str, mode: int, make_parents: bool, size: int | None = None
     ) -> FileWriteDescriptor:
-        """A write of `path` through a descriptor, as `write_file` writes it (atomically).
-        Unsupported (the default; a file kept in memory, whose bytes the sandbox's memory limit
-        must count): the caller streams with `write_file`. Its errors."""
+        """A write of `path` through a descriptor, as `write_file` writes it (atomically); with
+        `size`, the bytes to come (the file is put in place only with exactly those), which a
+        file kept in memory needs (its bytes go through a pipe, so that the sandbox's memory
+        limit counts them). Unsupported (the default; a file kept in memory without `size`):
+        the caller streams with `write_file`. Its errors, and CapacityExhausted when `size`
+        is more than the sandbox's memory can hold."""
         raise Unsupported("this runtime hands out no file descriptors")
 
     async def path_op(self, op: PathOp) -> PathOpResult:

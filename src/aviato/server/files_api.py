@@ -86,11 +86,21 @@ async def first_header(requests: AsyncIterator[pb.WriteFileRequest]) -> pb.Write
 
 
 def write_target(header: pb.WriteFileHeader) -> tuple[str, int]:
-    """The file a write's header names and its mode, checked (InvalidArgument)."""
+    """The file a write's header names and its mode, checked (InvalidArgument), and its
+    declared size (`header.size`: 0, not said, to 1 TiB)."""
     path = validation.validate_path(header.path, "header.path")
     if path == "/":
         raise InvalidArgument("header.path", "must name a file")
+    if not 0 <= header.size <= MAX_WRITE_BYTES:
+        raise InvalidArgument("header.size", "must be from 0 (not said) to 1 TiB")
     return path, validation.validate_file_mode(header.mode, "header.mode")
+
+
+def _incomplete(declared: int, sent: int) -> InvalidArgument:
+    """The error of a write whose bytes are not the `declared` size of its header."""
+    return InvalidArgument(
+        "header.size", f"incomplete write: {sent} bytes sent, the header declared {declared}"
+    )
 
 
 class FileStreams(ServicerBase):
@@ -152,12 +162,18 @@ class FileStreams(ServicerBase):
                 if total > MAX_WRITE_BYTES:
                     problem.append(InvalidArgument("data", "the file is larger than 1 TiB"))
                     raise problem[-1]
+                if header.size and total > header.size:
+                    problem.append(_incomplete(header.size, total))
+                    raise problem[-1]
                 if req.data:
                     yield req.data
             if not ended:
                 problem.append(
                     InvalidArgument("end", "the stream ended before its end frame: nothing written")
                 )
+                raise problem[-1]
+            if header.size and total != header.size:
+                problem.append(_incomplete(header.size, total))
                 raise problem[-1]
 
         header = pb.WriteFileHeader()

@@ -6,13 +6,16 @@ and the client's in the kernel, never through the service (docs/internals/transp
 - OpenForReading (ReadFileRequest → FileInfo): the file, opened for reading by the sandbox's
   supervisor as ReadFile opens it.
 - OpenForWriting (WriteFileRequest stream → WriteFileResponse stream): the header; then the
-  descriptor of a new temporary file and an empty response ("write now"); the client writes
-  and sends the end frame; the file is renamed into place and the last response gives its
-  size. A client that goes away before the end frame (its connection ends) leaves no file.
+  descriptor of a new temporary file, or for a file kept in memory the write end of a pipe the
+  sandbox's supervisor drains into one (so that the sandbox's memory limit counts its bytes:
+  the header must then say the size), and an empty response ("write now"); the client writes
+  and sends the end frame; the file is renamed into place (only with exactly the header's
+  size, when said) and the last response gives its size. A client that goes away before the
+  end frame (its connection ends) leaves no file.
 
 UNIMPLEMENTED ("stream it: ...") means "use ReadFile / WriteFile": a file that is not regular
-with a size, one kept in memory (its bytes must count against the sandbox's memory), a node or
-a supervisor that hands out no descriptors. Otherwise the errors of ReadFile and WriteFile, for
+with a size, one kept in memory written without a size in the header, a node or a supervisor
+that hands out no descriptors. Otherwise the errors of ReadFile and WriteFile, for
 the same owner checks.
 """
 
@@ -84,8 +87,9 @@ class LocalFiles(ServicerBase):
         try:
             header = await first_header(requests)
             path, mode = write_target(header)
+            size = header.size or None  # 0: not said (a file kept in memory is then streamed)
             handle = await self._lifecycle.running_handle(owner, header.sandbox_id)
-            write = await handle.open_for_writing(path, mode, header.make_parents)
+            write = await handle.open_for_writing(path, mode, header.make_parents, size)
         except (Unsupported, SandboxGone) as e:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"stream it: {e}")
         except (ServiceError, SandboxRuntimeError) as e:

@@ -417,16 +417,18 @@ class FileInfo(_message.Message):
     def __init__(self, size: _Optional[int] = ..., mode: _Optional[int] = ...) -> None: ...
 
 class WriteFileHeader(_message.Message):
-    __slots__ = ("sandbox_id", "path", "mode", "make_parents")
+    __slots__ = ("sandbox_id", "path", "mode", "make_parents", "size")
     SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     MAKE_PARENTS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     path: str
     mode: int
     make_parents: bool
-    def __init__(self, sandbox_id: _Optional[str] = ..., path: _Optional[str] = ..., mode: _Optional[int] = ..., make_parents: _Optional[bool] = ...) -> None: ...
+    size: int
+    def __init__(self, sandbox_id: _Optional[str] = ..., path: _Optional[str] = ..., mode: _Optional[int] = ..., make_parents: _Optional[bool] = ..., size: _Optional[int] = ...) -> None: ...
 
 class WriteFileRequest(_message.Message):
     __slots__ = ("header", "data", "end")

@@ -76,6 +76,12 @@ UPLOAD_MEMORY_MARGIN = 16 << 20
 _UPLOAD_RECHECK_BYTES = 32 << 20
 
 
+_MEMORY_FULL = (
+    "{path}: No space left on device: the sandbox's files are kept in its memory, and its "
+    "memory limit is reached (ask for more memory, or less disk)"
+)
+
+
 async def _within_memory(
     cgroup: SandboxCgroup, path: str, chunks: AsyncIterator[bytes]
 ) -> AsyncIterator[bytes]:
@@ -94,10 +100,7 @@ async def _within_memory(
             room = None if headroom is None else headroom - UPLOAD_MEMORY_MARGIN
             since = 0
             if room is not None and room < len(chunk):
-                raise CapacityExhausted(
-                    f"{path}: No space left on device: the sandbox's files are kept in its "
-                    "memory, and its memory limit is reached (ask for more memory, or less disk)"
-                )
+                raise CapacityExhausted(_MEMORY_FULL.format(path=path))
         if room is not None:
             room -= len(chunk)
         since += len(chunk)
@@ -233,13 +236,23 @@ class BubblewrapSandbox(SandboxHandle):
             return await open_for_reading(ctl, path, self.sandbox_id)
 
     async def open_for_writing(
-        self, path: str, mode: int, make_parents: bool
+        self, path: str, mode: int, make_parents: bool, size: int | None = None
     ) -> FileWriteDescriptor:
+        """Opened by the supervisor (supervisor/file_descriptors.py). A write into the memory
+        layer with its size goes through a pipe the supervisor drains, in the sandbox's cgroups;
+        a size the memory cannot hold is refused first, as `write_file`'s stream refuses it
+        (`_within_memory`): the kernel's answer would be the OOM killer, not ENOSPC."""
         layers = self._runtime.layers
         layer = layers.present(self.sandbox_id) if layers is not None else None
         on_disk = layer is not None and layer.kind == "disk"
+        if size is not None and not on_disk and self._cgroup is not None:
+            headroom = self._cgroup.memory_headroom()
+            if headroom is not None and size > headroom - UPLOAD_MEMORY_MARGIN:
+                raise CapacityExhausted(_MEMORY_FULL.format(path=path))
         with short_path(await self._descriptor_socket()) as ctl:
-            return await open_for_writing(ctl, path, mode, make_parents, on_disk, self.sandbox_id)
+            return await open_for_writing(
+                ctl, path, mode, make_parents, on_disk, size, self.sandbox_id
+            )
 
     async def _descriptor_socket(self) -> Path:
         """The control socket, for a request on a connection of its own; SandboxGone when the

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/epoll.h>
 #include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -157,13 +158,21 @@ int make_dirs(const char *dir) {
     return 0;
 }
 
+struct wfile *g_dead_wfiles;
+
+/* Ends the write *pp (removing its temporary file unless `keep_tmp`). A pipe's read end is
+ * closed here, so that a client still writing into it gets EPIPE at once; the struct itself is
+ * freed at the end of the loop's turn (its pipe's watch may be in the current epoll batch). */
 void wfile_drop(struct conn *c, struct wfile **pp, int keep_tmp) {
     struct wfile *f = *pp;
     *pp = f->next;
+    if (f->piped) watch_close(&f->pipe);
     if (f->fd >= 0) close(f->fd);
     if (!keep_tmp) unlinkat(f->dirfd, f->tmp, 0);
     close(f->dirfd);
-    free(f->path), free(f->base), free(f->tmp), free(f);
+    free(f->path), free(f->base), free(f->tmp);
+    f->gnext = g_dead_wfiles;
+    g_dead_wfiles = f;
     (void)c;
 }
 
@@ -235,7 +244,8 @@ struct wfile *begin_write(struct conn *c, uint32_t id, uint32_t mode, uint32_t f
     } else {
         made = xrealloc(NULL, sizeof *made);
         *made = (struct wfile){.id = id, .fd = fd, .dirfd = dirfd, .path = path,
-                               .base = strdup(base), .tmp = tmp, .next = c->writes};
+                               .base = strdup(base), .tmp = tmp, .next = c->writes, .c = c,
+                               .pipe = {-1, 0, W_WRITE_PIPE, NULL}};
         c->writes = made;
         path = tmp = NULL;
         dirfd = -1;
@@ -246,11 +256,13 @@ struct wfile *begin_write(struct conn *c, uint32_t id, uint32_t mode, uint32_t f
 }
 
 static void hand_over_file(struct conn *c, uint32_t id, int fd, uint64_t size, uint32_t mode);
+static int write_pipe_open(struct wfile *f);
 
 /* Whether the file `fd` is kept in memory: tmpfs and ramfs, and an overlay unless the service
  * says its upper layer is on disk (OPEN_LAYER_ON_DISK: an overlay reports its own type). Bytes
  * written through a handed-out descriptor are charged to the writer's memory, not the
- * sandbox's, so such files are written through the supervisor instead. */
+ * sandbox's, so such files are written by the supervisor: from a pipe (OPEN_THROUGH_PIPE, see
+ * write_pipe_open) or from WRITE_DATA frames. */
 static int in_memory(int fd, uint32_t flags) {
     struct statfs sf;
     if (fstatfs(fd, &sf) < 0) return 1;
@@ -271,11 +283,15 @@ static int in_memory(int fd, uint32_t flags) {
  * returns (the service streams the others). With it: the temporary file of a write, as
  * WRITE_BEGIN makes it (OPEN_MAKE_PARENTS as WRITE_MAKE_PARENTS), opened for writing; WRITE_END
  * renames it into place and answers WRITE_OK with its size, and WRITE_ABORT or the end of this
- * connection removes it. A file kept in memory is refused (EINVAL: see in_memory). */
+ * connection removes it. A file kept in memory (see in_memory) is refused (EINVAL), unless
+ * OPEN_THROUGH_PIPE asks for a pipe instead (see write_pipe_open): the descriptor handed over
+ * is then the write end of a pipe. With that flag, `| u64 size` ends the payload: the bytes to
+ * come, which WRITE_END checks before the rename (either kind of write). */
 void do_open_file(struct conn *c, uint32_t id, struct rd *r) {
     int nul = 0;
     uint32_t flags = rd_u32(r), mode = rd_u32(r);
     char *path = rd_str(r, &nul);
+    uint64_t declared = flags & OPEN_THROUGH_PIPE ? rd_u64(r) : 0;
     if (r->bad) {
         free(path);
         c->dead = -1;
@@ -296,13 +312,16 @@ void do_open_file(struct conn *c, uint32_t id, struct rd *r) {
         struct wfile *f = begin_write(c, id, mode, wflags, path); /* takes `path` */
         if (!f) return;
         f->by_descriptor = 1;
-        if (in_memory(f->fd, flags)) {
+        int memory = in_memory(f->fd, flags);
+        if (memory && !(flags & OPEN_THROUGH_PIPE)) {
             send_error(c, id, EINVAL, "%s: its file system is kept in memory (stream it)",
                        f->path);
             wfile_drop(c, wfile_find(c, id), 0);
             return;
         }
-        int fd = fcntl(f->fd, F_DUPFD_CLOEXEC, 3);
+        f->sized = (flags & OPEN_THROUGH_PIPE) != 0; /* WRITE_END checks `declared` */
+        f->declared = declared;
+        int fd = memory ? write_pipe_open(f) : fcntl(f->fd, F_DUPFD_CLOEXEC, 3);
         if (fd < 0) {
             send_error(c, id, errno, "%s: %s", f->path, strerror(errno));
             wfile_drop(c, wfile_find(c, id), 0);
@@ -356,18 +375,94 @@ void do_write_data(struct conn *c, uint32_t id, const uint8_t *p, size_t n) {
     (*pp)->written += n;
 }
 
+/* A write through a pipe (OPEN_THROUGH_PIPE): the service hands the pipe's write end over and
+ * this process, which runs in the sandbox's cgroups, moves the bytes into the temporary file
+ * (write_pipe_drain), so that the file's pages count against the sandbox's memory exactly as
+ * WRITE_DATA's do, and a full memory or disk fails the write as it fails WRITE_DATA. The pipe
+ * is non-blocking at both ends; it is this process's own, so no host descriptor enters the
+ * sandbox. Returns the write end (the caller hands it over), or -1 (errno). */
+static int write_pipe_open(struct wfile *f) {
+    int p[2];
+    if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0) return -1;
+    (void)fcntl(p[1], F_SETPIPE_SZ, WRITE_PIPE_SIZE); /* refused above pipe-max-size: smaller */
+    watch_init(&f->pipe, p[0], W_WRITE_PIPE, f);
+    watch_set(&f->pipe, EPOLLIN);
+    f->piped = 1;
+    return p[1];
+}
+
+static void write_finish(struct conn *c, struct wfile **pp);
+
+/* Moves what the pipe of write `f` holds into its file: at most WRITE_PIPE_STEP per turn of the
+ * loop (epoll calls again while more is there; other connections are served meanwhile), and
+ * never more than one byte past the declared size. At the pipe's EOF (every write end closed)
+ * a write whose WRITE_END came is finished. A failure (a full memory or disk, more bytes than
+ * declared) ends the write at once: its ERROR is sent (the service reads it when it sends
+ * WRITE_END), the temporary file removed and the read end closed, so that a client still
+ * writing gets EPIPE. */
+void write_pipe_drain(struct wfile *f) {
+    struct conn *c = f->c;
+    size_t moved = 0;
+    while (moved < WRITE_PIPE_STEP && f->pipe.fd >= 0) {
+        size_t want = WRITE_PIPE_STEP - moved;
+        if (f->declared - f->written < want) want = (size_t)(f->declared - f->written) + 1;
+        ssize_t n = splice(f->pipe.fd, NULL, f->fd, NULL, want, SPLICE_F_NONBLOCK);
+        if (n > 0) {
+            moved += (size_t)n;
+            f->written += (uint64_t)n;
+            if (f->written <= f->declared) continue;
+            send_error(c, f->id, EFBIG, "%s: more bytes arrived than the %llu declared",
+                       f->path, (unsigned long long)f->declared);
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else if (n < 0 && errno == EAGAIN) {
+            return;
+        } else if (n == 0) {
+            f->pipe_eof = 1;
+            watch_close(&f->pipe);
+            if (f->ending) write_finish(c, wfile_find(c, f->id));
+            return;
+        } else {
+            send_error(c, f->id, errno, "%s: %s", f->path, strerror(errno));
+        }
+        wfile_drop(c, wfile_find(c, f->id), 0);
+        return;
+    }
+}
+
+/* WRITE_END: the file is renamed into place and WRITE_OK answers its size. A write through a
+ * pipe is answered once the pipe's EOF came (the client closed its end before the service sent
+ * WRITE_END, so only what is in the pipe is left to move); one with a declared size
+ * (OPEN_THROUGH_PIPE) is renamed only when exactly that many bytes arrived. */
 void do_write_end(struct conn *c, uint32_t id) {
     struct wfile **pp = wfile_find(c, id), *f = *pp;
     if (!f) return;
+    if (f->piped && !f->pipe_eof) {
+        f->ending = 1;
+        write_pipe_drain(f); /* may finish (or drop) it */
+        return;
+    }
+    write_finish(c, pp);
+}
+
+static void write_finish(struct conn *c, struct wfile **pp) {
+    struct wfile *f = *pp;
+    uint32_t id = f->id;
+    if (f->by_descriptor && !f->piped) { /* the bytes came through the descriptor */
+        struct stat st;
+        f->written = fstat(f->fd, &st) == 0 ? (uint64_t)st.st_size : 0;
+    }
+    if (f->sized && f->written != f->declared) {
+        send_error(c, id, EIO, "%s: incomplete write: %llu of %llu bytes", f->path,
+                   (unsigned long long)f->written, (unsigned long long)f->declared);
+        wfile_drop(c, pp, 0);
+        return;
+    }
     if (f->set_mtime) {
         struct timespec ts[2] = {{.tv_nsec = UTIME_OMIT},
                                  {.tv_sec = (time_t)(f->mtime_ns / 1000000000u),
                                   .tv_nsec = (long)(f->mtime_ns % 1000000000u)}};
         (void)futimens(f->fd, ts); /* a time the file system cannot keep is not an error */
-    }
-    if (f->by_descriptor) { /* the bytes came through the descriptor, not WRITE_DATA */
-        struct stat st;
-        f->written = fstat(f->fd, &st) == 0 ? (uint64_t)st.st_size : 0;
     }
     int rc = close(f->fd);
     f->fd = -1;

@@ -1,7 +1,7 @@
 /* The event loop: one epoll set for the listening socket, the signalfd, connections, command
- * pipes, the main process's pipes and connecting port sockets; reaping children; exec
- * timeouts, linger ends, port connect timeouts and the sandbox's deadline as epoll_wait
- * timeouts. */
+ * pipes, the main process's pipes, connecting port sockets and the pipes of writes (files.c);
+ * reaping children; exec timeouts, linger ends, port connect timeouts and the sandbox's
+ * deadline as epoll_wait timeouts. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <signal.h>
@@ -132,6 +132,7 @@ static void dispatch(struct watch *w, uint32_t ev) {
     case W_MAIN_OUT:
     case W_MAIN_ERR: main_read(w); break;
     case W_PORT: port_connect_ready(w->obj); break;
+    case W_WRITE_PIPE: write_pipe_drain(w->obj); break;
     }
 }
 
@@ -154,6 +155,11 @@ void loop(void) {
             struct port_connect *p = g_dead_ports;
             g_dead_ports = p->next;
             free(p);
+        }
+        while (g_dead_wfiles) {
+            struct wfile *f = g_dead_wfiles;
+            g_dead_wfiles = f->gnext;
+            free(f);
         }
         while (g_dead_execs) {
             struct exec *e = g_dead_execs;

@@ -84,7 +84,9 @@ enum { EXEC_STDIN = 1, EXEC_TTY = 2, EXEC_PROTECTED = 4 };
 enum { WRITE_MAKE_PARENTS = 1, WRITE_SET_MTIME = 2 };
 
 /* OPEN_FILE's flags. */
-enum { OPEN_FOR_WRITE = 1, OPEN_MAKE_PARENTS = 2, OPEN_LAYER_ON_DISK = 4 };
+enum { OPEN_FOR_WRITE = 1, OPEN_MAKE_PARENTS = 2, OPEN_LAYER_ON_DISK = 4, OPEN_THROUGH_PIPE = 8 };
+/* OPEN_THROUGH_PIPE: a write of a file kept in memory goes through a pipe whose read end the
+ * supervisor keeps (files.c); the payload then ends with u64 size, the bytes to come. */
 
 /* FS_OP: u8 op | u32 flags | u32 mode | u64 num | u32 limit | str path | str rel | str arg. */
 enum { FS_STAT = 1, FS_LIST = 2, FS_REMOVE = 3, FS_MKDIR = 4, FS_RENAME = 5, FS_SYMLINK = 6,

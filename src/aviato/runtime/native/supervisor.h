@@ -10,7 +10,8 @@
  *                   flush (a failed send closes), close (reaches every handler)
  *   -- the frame handlers --
  *   exec.c          one command (EXEC): its pipes or pty, stdin, output, start and exit
- *   files.c         READ_FILE and WRITE_BEGIN..END, path resolution without magic links
+ *   files.c         READ_FILE, WRITE_BEGIN..END, OPEN_FILE (a write's pipe), path resolution
+ *                   without magic links
  *   main_process.c  the sandbox's main process, its log, deadline, and the supervisor's exit
  *   ports.c         CONNECT_PORT: a TCP connection to the sandbox's loopback, handed over
  *   egress.c        EGRESS_LISTEN: the sandbox's egress listening socket and proxy variables
@@ -50,12 +51,14 @@
 #define LINGER_NS (100ull * 1000000)   /* wait this long for pipe EOF after a process exited */
 #define NS 1000000000ull
 #define PORT_CONNECTS_MAX 32           /* per connection: CONNECT_PORTs connecting or queued */
+#define WRITE_PIPE_SIZE (1u << 20)     /* a write through a pipe: what the pipe holds, if allowed */
+#define WRITE_PIPE_STEP (1u << 20)     /* ... and what one turn of the loop moves from it at most */
 
 enum { STAGE_SETUP = 1, STAGE_CWD = 2, STAGE_EXEC = 3 }; /* where a child failed before exec */
 
 /* What an epoll registration refers to. */
 enum wkind { W_LISTEN, W_SIGNAL, W_CONN, W_OUT, W_ERR, W_START, W_STDIN, W_MAIN_OUT, W_MAIN_ERR,
-             W_PORT };
+             W_PORT, W_WRITE_PIPE };
 
 /* ---- Data structures ------------------------------------------------------------------- */
 
@@ -114,7 +117,14 @@ struct wfile {                     /* a WRITE_BEGIN..END in progress */
     int set_mtime;                 /* WRITE_AT with WRITE_SET_MTIME: give the file `mtime_ns` */
     int by_descriptor;             /* OPEN_FILE for writing: the service writes through a dup */
     uint64_t mtime_ns;
-    struct wfile *next;
+    int piped;                     /* OPEN_THROUGH_PIPE: the bytes come through a pipe */
+    struct watch pipe;             /* ... its read end, drained into fd (-1 once closed) */
+    int sized;                     /* OPEN_THROUGH_PIPE asked: WRITE_END checks `declared` */
+    uint64_t declared;             /* ... the bytes that are to come */
+    int pipe_eof;                  /* ... every write end is closed and the pipe is empty */
+    int ending;                    /* ... WRITE_END received: answered at the pipe's EOF */
+    struct conn *c;                /* ... the connection it belongs to */
+    struct wfile *next, *gnext;    /* gnext: graveyard (its watch may be in this epoll batch) */
 };
 
 struct port_connect {               /* a CONNECT_PORT whose connect() is in progress */
@@ -204,6 +214,8 @@ extern uint64_t g_spawn_mark;        /* read by the vfork child in child_run: 0 
 extern uint64_t g_mark_next;         /* the next exec's mark */
 /* ports.c */
 extern struct port_connect *g_dead_ports; /* dropped this loop iteration, chained by `next` */
+/* files.c */
+extern struct wfile *g_dead_wfiles;  /* dropped this loop iteration, chained by `gnext` */
 /* main_process.c */
 extern int g_log_fd, g_exit_fd;
 extern uint64_t g_log_size;
@@ -313,6 +325,7 @@ void do_open_file(struct conn *c, uint32_t id, struct rd *r);
 void do_write_begin(struct conn *c, uint32_t id, struct rd *r);
 void do_write_data(struct conn *c, uint32_t id, const uint8_t *p, size_t n);
 void do_write_end(struct conn *c, uint32_t id);
+void write_pipe_drain(struct wfile *f);
 /* files.c, shared with dirs.c */
 int open_resolved(int dirfd, const char *path, int flags);
 const char *path_error(int err);

@@ -9,17 +9,23 @@ Each open uses a control connection of its own (descriptor_request.py). A write 
 its caller went away mid-write) the supervisor removes the temporary file, so no partial file
 is ever in place.
 
-Bytes written through the descriptor are charged to the memory of whoever writes them (a
+Bytes written through a file's descriptor are charged to the memory of whoever writes them (a
 local client the service passes it to), not to the sandbox's. On disk that is page cache, and
-the layer's size bounds the file; in memory (tmpfs, or the memory layer's overlay) the
-sandbox's memory limit would no longer hold its own files, so the supervisor refuses those and
-they are written through it (`write_file`) as before.
+the layer's size bounds the file. A file kept in memory (tmpfs, or the memory layer's overlay)
+must count against the sandbox's memory limit, so for a write whose size is declared the
+supervisor hands out the write end of a pipe instead (OPEN_THROUGH_PIPE) and moves the bytes
+into the file itself, in the sandbox's cgroups; it renames the file only when exactly the
+declared bytes arrived. Without a declared size such a write is refused, and streamed through
+the supervisor (`write_file`) as before. What the supervisor hands out is checked here: a
+regular file or a pipe's write end, open for writing, and a pipe only when one was asked for.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import stat
 
 from aviato.runtime.base import FileInfo, FileWriteDescriptor, SandboxRuntimeError, Unsupported
 from aviato.runtime.supervisor import frames
@@ -33,6 +39,7 @@ from aviato.runtime.supervisor.frames import (
     OPEN_FOR_WRITE,
     OPEN_LAYER_ON_DISK,
     OPEN_MAKE_PARENTS,
+    OPEN_THROUGH_PIPE,
 )
 
 __all__ = ["open_for_reading", "open_for_writing"]
@@ -41,8 +48,8 @@ ANSWER_SECONDS = 30.0  # an open, or a rename at the end (the supervisor answers
 _TOO_OLD = "a supervisor started before this service's version cannot hand out files"
 
 
-def _request(flags: int, mode: int, path: str) -> bytes:
-    body = frames.encode_open_file(flags, mode, path)
+def _request(flags: int, mode: int, path: str, size: int = 0) -> bytes:
+    body = frames.encode_open_file(flags, mode, path, size)
     return frames.header(F_OPEN_FILE, REQUEST_ID, len(body)) + body
 
 
@@ -104,18 +111,27 @@ class _SupervisorWrite(FileWriteDescriptor):
 
 
 async def open_for_writing(
-    ctl_path: str, path: str, mode: int, make_parents: bool, layer_on_disk: bool, sandbox: str
+    ctl_path: str,
+    path: str,
+    mode: int,
+    make_parents: bool,
+    layer_on_disk: bool,
+    size: int | None,
+    sandbox: str,
 ) -> FileWriteDescriptor:
     """A new write of the sandbox's file `path` (see FileWriteDescriptor); the errors of
-    `write_file`, and Unsupported for a file kept in memory (its bytes must be written by the
-    supervisor, which the sandbox's memory limit counts: the module docstring), where an
-    overlay root counts as on disk only with `layer_on_disk`."""
+    `write_file`. With `size` (the bytes to come) a file kept in memory is written through a
+    pipe (its `fd` is then the pipe's write end) and the file is put in place only with exactly
+    `size` bytes; without it, Unsupported for such a file (its bytes must be written by the
+    supervisor, which the sandbox's memory limit counts: the module docstring). An overlay
+    root counts as on disk only with `layer_on_disk`."""
     exchange = DescriptorExchange(ctl_path, sandbox, _read_refusal)
     flags = OPEN_FOR_WRITE | (OPEN_MAKE_PARENTS if make_parents else 0)
     flags |= OPEN_LAYER_ON_DISK if layer_on_disk else 0
+    flags |= OPEN_THROUGH_PIPE if size is not None else 0
     try:
         fd, _ = await exchange.request(
-            _request(flags, mode, path),
+            _request(flags, mode, path, size or 0),
             F_FILE_OPENED,
             what="a file to write",
             answer_within=ANSWER_SECONDS,
@@ -124,4 +140,25 @@ async def open_for_writing(
     except BaseException:
         exchange.close()
         raise
+    try:
+        _check_handed(fd, pipe_allowed=size is not None, sandbox=sandbox)
+    except BaseException:
+        os.close(fd)
+        exchange.close()
+        raise
     return _SupervisorWrite(exchange, fd, path)
+
+
+def _check_handed(fd: int, *, pipe_allowed: bool, sandbox: str) -> None:
+    """SandboxRuntimeError unless `fd` is what a supervisor hands out for a write: a regular
+    file open for writing or (`pipe_allowed`) a pipe's write end. A sandbox's supervisor is not
+    trusted: anything else (a socket, a device, a pipe's read end) goes no further."""
+    kind = os.fstat(fd).st_mode
+    access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    if stat.S_ISREG(kind) and access in (os.O_WRONLY, os.O_RDWR):
+        return
+    if pipe_allowed and stat.S_ISFIFO(kind) and access == os.O_WRONLY:
+        return
+    raise SandboxRuntimeError(
+        f"sandbox {sandbox}: its supervisor handed out something other than a file to write"
+    )

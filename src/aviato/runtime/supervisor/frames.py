@@ -55,7 +55,7 @@ F_EGRESS_LISTEN = 17  # empty: the sandbox's egress listening socket
 F_FS_OP = 18  # a directory or metadata operation
 F_READ_AT = 19  # str root | str rel: READ_FILE beneath a root
 F_WRITE_AT = 20  # u32 mode | u32 flags | u64 mtime | str root | str rel
-F_OPEN_FILE = 21  # u32 flags | u32 mode | str path: a file's descriptor (file_descriptors.py)
+F_OPEN_FILE = 21  # u32 flags | u32 mode | str path [| u64 size]: a file's descriptor
 # Frame types, supervisor -> service.
 F_HELLO = 64
 F_STARTED = 65
@@ -83,6 +83,7 @@ WRITE_SET_MTIME = 2
 OPEN_FOR_WRITE = 1
 OPEN_MAKE_PARENTS = 2
 OPEN_LAYER_ON_DISK = 4
+OPEN_THROUGH_PIPE = 8  # a file kept in memory: written through a pipe (files.c)
 
 FS_STAT = 1
 FS_LIST = 2
@@ -187,9 +188,10 @@ def encode_write_begin(mode: int, flags: int, path: str) -> bytes:
     return _II.pack(mode & 0o7777, flags) + encode_str(path)
 
 
-def encode_open_file(flags: int, mode: int, path: str) -> bytes:
-    """OPEN_FILE: u32 flags | u32 mode | str path."""
-    return _II.pack(flags, mode & 0o7777) + encode_str(path)
+def encode_open_file(flags: int, mode: int, path: str, size: int = 0) -> bytes:
+    """OPEN_FILE: u32 flags | u32 mode | str path, and with OPEN_THROUGH_PIPE | u64 size."""
+    body = _II.pack(flags, mode & 0o7777) + encode_str(path)
+    return body + _U64.pack(size) if flags & OPEN_THROUGH_PIPE else body
 
 
 def encode_deadline(at_ns: int, grace_ms: int, why: str) -> bytes:
