@@ -184,6 +184,29 @@ def test_more_than_the_memory_can_hold_is_refused_before_a_byte_moves(state_dir:
     run_with(state_dir, body, memory=64 * MiB)
 
 
+def test_a_write_is_dropped_when_the_sandbox_takes_the_memory_meanwhile(state_dir: Path) -> None:
+    """The size fitted when the write began; then the sandbox's own processes take nearly all
+    the memory: the write is dropped (the writer's pipe breaks) before the supervisor's next
+    bytes would meet the OOM killer, and the commit says why."""
+
+    async def body(h: BubblewrapSandbox) -> None:
+        assert h.cgroup is not None
+        write = await h.open_for_writing("/workspace/big", 0o644, False, 64 * MiB)
+        await asyncio.to_thread(_write_all, write.fd, bytes(MiB))
+        headroom = h.cgroup.memory_headroom()
+        assert headroom is not None
+        await sh(h, f"head -c {headroom - 5 * MiB} /dev/zero > /dev/shm/hog")
+        await asyncio.sleep(0.2)
+        with pytest.raises(BrokenPipeError):
+            await asyncio.to_thread(_write_all, write.fd, bytes(63 * MiB))
+        with pytest.raises(CapacityExhausted, match="memory limit is reached"):
+            await write.commit()
+        assert h.cgroup.oom_kills() == 0
+        assert await sh(h, "rm /dev/shm/hog; ls -A /workspace; echo alive") == "alive\n"
+
+    run_with(state_dir, body, memory=160 * MiB)
+
+
 def test_a_dropped_write_leaves_nothing_and_the_loop_serves_others(state_dir: Path) -> None:
     async def body(h: BubblewrapSandbox) -> None:
         sup = supervisor_pid(h)

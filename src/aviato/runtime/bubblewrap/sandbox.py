@@ -239,19 +239,31 @@ class BubblewrapSandbox(SandboxHandle):
         self, path: str, mode: int, make_parents: bool, size: int | None = None
     ) -> FileWriteDescriptor:
         """Opened by the supervisor (supervisor/file_descriptors.py). A write into the memory
-        layer with its size goes through a pipe the supervisor drains, in the sandbox's cgroups;
-        a size the memory cannot hold is refused first, as `write_file`'s stream refuses it
-        (`_within_memory`): the kernel's answer would be the OOM killer, not ENOSPC."""
+        layer with its size goes through a pipe the supervisor drains, in the sandbox's cgroups.
+        As `write_file`'s stream (`_within_memory`), it must not run the memory out (the
+        kernel's answer would be the OOM killer, not ENOSPC): a size the memory cannot hold is
+        refused first, and the write is dropped when, while it runs, the sandbox's own processes
+        take the rest (checked every 20 ms; what they take between two checks is theirs to
+        answer for, as between the stream's)."""
         layers = self._runtime.layers
         layer = layers.present(self.sandbox_id) if layers is not None else None
         on_disk = layer is not None and layer.kind == "disk"
-        if size is not None and not on_disk and self._cgroup is not None:
-            headroom = self._cgroup.memory_headroom()
+        cgroup = self._cgroup
+        trouble = None
+        if size is not None and not on_disk and cgroup is not None:
+            headroom = cgroup.memory_headroom()
             if headroom is not None and size > headroom - UPLOAD_MEMORY_MARGIN:
                 raise CapacityExhausted(_MEMORY_FULL.format(path=path))
+
+            def trouble() -> SandboxRuntimeError | None:
+                left = cgroup.memory_headroom()
+                if left is not None and left < UPLOAD_MEMORY_MARGIN // 2:
+                    return CapacityExhausted(_MEMORY_FULL.format(path=path))
+                return None
+
         with short_path(await self._descriptor_socket()) as ctl:
             return await open_for_writing(
-                ctl, path, mode, make_parents, on_disk, size, self.sandbox_id
+                ctl, path, mode, make_parents, on_disk, size, self.sandbox_id, trouble
             )
 
     async def _descriptor_socket(self) -> Path:

@@ -22,10 +22,12 @@ regular file or a pipe's write end, open for writing, and a pipe only when one w
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import os
 import stat
+from collections.abc import Callable
 
 from aviato.runtime.base import FileInfo, FileWriteDescriptor, SandboxRuntimeError, Unsupported
 from aviato.runtime.supervisor import frames
@@ -45,6 +47,7 @@ from aviato.runtime.supervisor.frames import (
 __all__ = ["open_for_reading", "open_for_writing"]
 
 ANSWER_SECONDS = 30.0  # an open, or a rename at the end (the supervisor answers in microseconds)
+WATCH_SECONDS = 0.02  # how often an open pipe's write asks whether to go on (`trouble`)
 _TOO_OLD = "a supervisor started before this service's version cannot hand out files"
 
 
@@ -81,17 +84,44 @@ async def open_for_reading(ctl_path: str, path: str, sandbox: str) -> tuple[int,
 
 
 class _SupervisorWrite(FileWriteDescriptor):
-    def __init__(self, exchange: DescriptorExchange, fd: int, path: str) -> None:
+    def __init__(
+        self,
+        exchange: DescriptorExchange,
+        fd: int,
+        path: str,
+        trouble: Callable[[], SandboxRuntimeError | None] | None,
+    ) -> None:
         self._exchange = exchange
         self.fd = fd
         self._path = path
         self._done = False
+        self._failure: SandboxRuntimeError | None = None
+        self._watch = None if trouble is None else asyncio.create_task(self._watching(trouble))
+
+    async def _watching(self, trouble: Callable[[], SandboxRuntimeError | None]) -> None:
+        """Asks `trouble` every WATCH_SECONDS until the write ends; on an answer the write is
+        dropped (the supervisor closes its pipe: the writer's next write breaks) and `commit`
+        raises it."""
+        while True:
+            failure = trouble()
+            if failure is not None:
+                self._failure = failure
+                self._exchange.close()
+                return
+            await asyncio.sleep(WATCH_SECONDS)
+
+    def _stop_watching(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
 
     async def commit(self) -> int:
         if self._done:
             raise SandboxRuntimeError(f"{self._path}: this write has already ended")
         self._done = True
+        self._stop_watching()
         os.close(self.fd)
+        if self._failure is not None:
+            raise self._failure
         try:
             body = await self._exchange.send_and_wait(
                 frames.header(F_WRITE_END, REQUEST_ID, 0),
@@ -106,6 +136,7 @@ class _SupervisorWrite(FileWriteDescriptor):
     def abort(self) -> None:
         if not self._done:
             self._done = True
+            self._stop_watching()
             os.close(self.fd)
             self._exchange.close()
 
@@ -118,13 +149,16 @@ async def open_for_writing(
     layer_on_disk: bool,
     size: int | None,
     sandbox: str,
+    trouble: Callable[[], SandboxRuntimeError | None] | None = None,
 ) -> FileWriteDescriptor:
     """A new write of the sandbox's file `path` (see FileWriteDescriptor); the errors of
     `write_file`. With `size` (the bytes to come) a file kept in memory is written through a
     pipe (its `fd` is then the pipe's write end) and the file is put in place only with exactly
     `size` bytes; without it, Unsupported for such a file (its bytes must be written by the
     supervisor, which the sandbox's memory limit counts: the module docstring). An overlay
-    root counts as on disk only with `layer_on_disk`."""
+    root counts as on disk only with `layer_on_disk`. `trouble`, asked every WATCH_SECONDS
+    while a pipe's write is open, ends it with the error it returns (a memory about to run
+    out)."""
     exchange = DescriptorExchange(ctl_path, sandbox, _read_refusal)
     flags = OPEN_FOR_WRITE | (OPEN_MAKE_PARENTS if make_parents else 0)
     flags |= OPEN_LAYER_ON_DISK if layer_on_disk else 0
@@ -141,24 +175,25 @@ async def open_for_writing(
         exchange.close()
         raise
     try:
-        _check_handed(fd, pipe_allowed=size is not None, sandbox=sandbox)
+        piped = _check_handed(fd, pipe_allowed=size is not None, sandbox=sandbox)
     except BaseException:
         os.close(fd)
         exchange.close()
         raise
-    return _SupervisorWrite(exchange, fd, path)
+    return _SupervisorWrite(exchange, fd, path, trouble if piped else None)
 
 
-def _check_handed(fd: int, *, pipe_allowed: bool, sandbox: str) -> None:
-    """SandboxRuntimeError unless `fd` is what a supervisor hands out for a write: a regular
-    file open for writing or (`pipe_allowed`) a pipe's write end. A sandbox's supervisor is not
-    trusted: anything else (a socket, a device, a pipe's read end) goes no further."""
+def _check_handed(fd: int, *, pipe_allowed: bool, sandbox: str) -> bool:
+    """Whether `fd`, handed out by a supervisor for a write, is a pipe's write end (allowed
+    with `pipe_allowed`) rather than a regular file open for writing; SandboxRuntimeError for
+    anything else (a socket, a device, a pipe's read end): a sandbox's supervisor is not
+    trusted."""
     kind = os.fstat(fd).st_mode
     access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
     if stat.S_ISREG(kind) and access in (os.O_WRONLY, os.O_RDWR):
-        return
+        return False
     if pipe_allowed and stat.S_ISFIFO(kind) and access == os.O_WRONLY:
-        return
+        return True
     raise SandboxRuntimeError(
         f"sandbox {sandbox}: its supervisor handed out something other than a file to write"
     )
