@@ -186,7 +186,9 @@ def test_the_supervisor_keeps_no_descriptor(state_dir: Path) -> None:
 
 def test_no_descriptor_to_write_a_file_kept_in_memory(state_dir: Path) -> None:
     """Bytes written through a descriptor would be charged to the writer's memory: files on
-    tmpfs (the memory layer, /dev/shm on any layer) are written by the supervisor instead."""
+    tmpfs (the memory layer, /dev/shm on any layer) are never handed out for writing; without a
+    declared size they are refused (streamed), with one they go through a pipe
+    (test_write_through_pipe.py)."""
 
     async def body(h: BubblewrapSandbox) -> None:
         with pytest.raises(Unsupported, match="kept in memory"):

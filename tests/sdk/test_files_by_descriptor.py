@@ -1,8 +1,10 @@
 """A local client reads and writes a sandbox's files through descriptors the service hands it on
 the lean socket (OpenForReading, OpenForWriting): the bytes pass through neither the service
 nor the sandbox's supervisor, whose own read/write counters show it (gRPC's stream, the same
-calls made with AVIATO_TRANSPORT=grpc, goes through it); files kept in memory and files without
-a meaningful size are streamed as before; nothing leaks, nothing half-written stays."""
+calls made with AVIATO_TRANSPORT=grpc, goes through it); files without a meaningful size are
+streamed as before, and files kept in memory are written through a pipe the supervisor drains
+(test_files_through_pipe.py) or, without a declared size, streamed; nothing leaks, nothing
+half-written stays."""
 
 from __future__ import annotations
 
@@ -41,7 +43,9 @@ def _transport_answers(sandbox_id: str, path: str, size: int = 0) -> tuple[str, 
         try:
             reader = await transport.open_read(sandbox_id, path, call_timeout=30)
             reader.cancel()
-            header = pb.WriteFileHeader(sandbox_id=sandbox_id, path=path + ".new", mode=0o644)
+            header = pb.WriteFileHeader(
+                sandbox_id=sandbox_id, path=path + ".new", mode=0o644, size=size
+            )
             writer = await transport.open_write(header, call_timeout=30)
             if writer is not None:
                 writer.cancel()
@@ -83,7 +87,7 @@ def test_a_local_read_takes_the_descriptor_and_is_byte_exact(tmp_path: Path) -> 
             assert got == want
             assert hashlib.sha256(target.read_bytes()).hexdigest() == want
             assert os.stat(target).st_mode & 0o777 == 0o640
-        # A memory layer: read by descriptor, written through the supervisor.
+        # A memory layer: read by descriptor; a write without a declared size is streamed.
         answers = _transport_answers(sb.sandbox_id, "/workspace/big")
         assert answers == ("DescriptorFileReader", "None")
 
@@ -164,13 +168,15 @@ def test_an_upload_to_a_disk_layer_takes_the_descriptor(tmp_path: Path) -> None:
 
 
 def test_an_upload_to_a_memory_layer_is_written_by_the_sandbox(tmp_path: Path) -> None:
-    """Bytes written through a descriptor would be charged to the client's memory, not to the
-    sandbox's: a file kept in memory is streamed to its supervisor as before."""
+    """Bytes written through a file's descriptor would be charged to the client's memory, not
+    to the sandbox's: a file kept in memory is written by its supervisor, from a pipe when the
+    size is declared (as the SDK does), else streamed (a client that declares none)."""
     source = tmp_path / "src"
     source.write_bytes(os.urandom(8 * MiB))
     with Sandbox.run("sleep", "infinity", tags=[TEST_TAG]) as sb:
         assert sb.upload_file(source, "/workspace/up").result(timeout=120) == 8 * MiB
         assert _transport_answers(sb.sandbox_id, "/workspace/up")[1] == "None"
+        assert _transport_answers(sb.sandbox_id, "/workspace/up", MiB)[1] == "DescriptorFileWriter"
         assert sb.exec(["ls", "-A", "/workspace"]).result(timeout=60).stdout.split() == ["up"]
 
 
