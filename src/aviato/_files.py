@@ -271,6 +271,13 @@ async def upload(
         async def copy() -> None:
             nonlocal sent
             sent = await writer.copy_from(source.fileno(), told)
+            if total is not None and os.fstat(source.fileno()).st_size != total:
+                raise SandboxFileError(
+                    f"upload of {path!r}: the local file changed size while it was read "
+                    f"({total} bytes when the upload began); nothing was written",
+                    filepath=path,
+                    sandbox_id=sandbox_id,
+                )
 
         size = await _write_through(writer, path, sandbox_id, copy)
     else:

@@ -120,6 +120,21 @@ def test_a_full_layer_breaks_the_pipe_and_the_write_says_why(tmp_path: Path) -> 
         assert _listing(sb) == []
 
 
+def test_a_local_file_that_grows_while_uploaded_leaves_nothing(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.write_bytes(bytes(4 * MiB))
+
+    def grow(done: int, total: int | None) -> None:
+        if done:
+            with source.open("ab") as f:
+                f.write(bytes(MiB))
+
+    with Sandbox.run("sleep", "infinity", tags=[TEST_TAG]) as sb:
+        with pytest.raises(SandboxFileError, match="changed size while it was read"):
+            sb.upload_file(source, "/workspace/up", progress=grow).result(timeout=120)
+        assert _listing(sb) == []
+
+
 def test_a_client_killed_mid_write_leaves_nothing() -> None:
     with Sandbox.run("sleep", "infinity", tags=[TEST_TAG]) as sb:
         socket_url = f"unix://{state_dir() / 'aviato.sock'}"
@@ -172,6 +187,37 @@ def test_a_sandbox_that_stops_taking_bytes_fails_the_write_in_time(
 
         asyncio.run(stalled())
         sb.resume().result(timeout=60)
+        assert _gone_soon(sb) == []
+
+
+def test_a_write_cancelled_while_it_waits_closes_its_pipe_only_after_the_wait() -> None:
+    """The worker thread waiting for room holds the descriptor's number: the writer closes it
+    only once that thread is done (closed under it, the number could name another file)."""
+    with Sandbox.run("sleep", "infinity", tags=[TEST_TAG]) as sb:
+
+        async def cancelled() -> tuple[bool, int, int]:
+            transport, writer = await _writer(sb.sandbox_id, "/workspace/c", 64 * MiB)
+            try:
+                assert isinstance(writer, DescriptorFileWriter)
+                fds = len(os.listdir("/proc/self/fd"))
+                await sb.pause()
+                task = asyncio.ensure_future(writer.write(memoryview(bytes(8 * MiB))))
+                await asyncio.sleep(0.3)
+                task.cancel()
+                writer.cancel()
+                still_open = writer._fd >= 0  # the worker still waits: not closed under it
+                await sb.resume()  # the supervisor drops the write, the worker's pipe breaks
+                for _ in range(100):
+                    if writer._fd < 0:
+                        break
+                    await asyncio.sleep(0.05)
+                return still_open, fds, len(os.listdir("/proc/self/fd"))
+            finally:
+                await transport.close()
+
+        still_open, before, after = asyncio.run(cancelled())
+        assert still_open
+        assert after <= before - 1  # the pipe is closed now (and the call's socket)
         assert _gone_soon(sb) == []
 
 

@@ -315,10 +315,12 @@ class DescriptorFileWriter(FileWriter):
         self._piped = piped
         self._failed = failed
         self._broken = False  # the pipe broke: the supervisor ended the write (finish says why)
+        self._busy = False  # a worker thread uses the descriptor: `cancel` leaves it to close it
+        self._closing = False
 
     async def write(self, data: memoryview) -> None:
         if not self._piped:
-            await asyncio.to_thread(_write_all, self._fd, data)
+            await self._in_thread(functools.partial(_write_all, self._fd, data))
             return
         while data and not self._broken:
             part = data[:PIPE_STEP]
@@ -333,7 +335,9 @@ class DescriptorFileWriter(FileWriter):
             if self._piped:
                 moved = await self._into_pipe(functools.partial(_splice, source, self._fd))
             else:
-                moved = await asyncio.to_thread(_copy_on, source, self._fd, COPY_STEP)
+                moved = await self._in_thread(
+                    functools.partial(_copy_on, source, self._fd, COPY_STEP)
+                )
             if not moved:
                 break
             done += moved
@@ -344,17 +348,34 @@ class DescriptorFileWriter(FileWriter):
     async def _into_pipe(self, move: Callable[[], int]) -> int:
         """One `move` into the pipe (a worker thread: it waits for room); 0 once it broke."""
         try:
-            moved: int = await asyncio.to_thread(_when_room, self._fd, move)
+            moved: int = await self._in_thread(functools.partial(_when_room, self._fd, move))
         except BrokenPipeError:
             self._broken = True
             return 0
         return moved
 
+    async def _in_thread(self, work: Callable[[], Any]) -> Any:
+        """`work` in a worker thread. A writer cancelled meanwhile leaves the work to end (its
+        pipe breaks, or its write returns) before the descriptor is closed: closed under it,
+        the number could be reused by another file the work would then write into."""
+        if self._fd < 0:
+            raise OSError(errno.EBADF, "the write has ended")
+        task = asyncio.ensure_future(asyncio.to_thread(work))
+        self._busy = True
+        task.add_done_callback(self._work_done)
+        return await asyncio.shield(task)
+
+    def _work_done(self, task: asyncio.Future[Any]) -> None:
+        self._busy = False
+        if not task.cancelled():
+            task.exception()  # retrieved: a writer that went away does not wait for it
+        if self._closing:
+            self._fd = _closed(self._fd)
+
     async def finish(self) -> int:
         """Ends the write: the file is in place, with the size returned. After a broken pipe the
         service's answer says why the sandbox stopped taking the bytes (a full memory)."""
-        os.close(self._fd)
-        self._fd = -1
+        self._fd = _closed(self._fd)
         call = self._call
         try:
 
@@ -378,7 +399,9 @@ class DescriptorFileWriter(FileWriter):
             call.close()
 
     def cancel(self) -> None:
-        self._fd = _closed(self._fd)
+        self._closing = True
+        if not self._busy:
+            self._fd = _closed(self._fd)
         self._call.close()  # the service drops the write when the connection ends
 
 
@@ -410,7 +433,7 @@ def _when_room(fd: int, move: Callable[[], int]) -> int:
 
 def _splice(source: int, pipe: int) -> int:
     """Up to PIPE_STEP bytes from `source`'s offset into the pipe, in the kernel; 0 at the end."""
-    return os.splice(source, pipe, PIPE_STEP)
+    return os.splice(source, pipe, PIPE_STEP, flags=os.SPLICE_F_NONBLOCK)
 
 
 def _closed(fd: int) -> int:
