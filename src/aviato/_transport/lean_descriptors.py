@@ -322,10 +322,12 @@ class DescriptorFileWriter(FileWriter):
         if not self._piped:
             await self._in_thread(functools.partial(_write_all, self._fd, data))
             return
-        while data and not self._broken:
-            part = data[:PIPE_STEP]
-            moved = await self._into_pipe(functools.partial(os.write, self._fd, part))
-            data = data[moved:]
+        fd = self._fd
+
+        def move(done: int) -> int:
+            return os.write(fd, data[done : done + PIPE_STEP])
+
+        await self._into_pipe(move, len(data))
 
     async def copy_from(self, source: int, progress: Callable[[int], None] | None) -> int:
         """Copies `source` from its offset to its end; the bytes copied, told to `progress`
@@ -333,7 +335,9 @@ class DescriptorFileWriter(FileWriter):
         done = 0
         while not self._broken:
             if self._piped:
-                moved = await self._into_pipe(functools.partial(_splice, source, self._fd))
+                moved = await self._into_pipe(
+                    functools.partial(_splice, source, self._fd, COPY_STEP), COPY_STEP
+                )
             else:
                 moved = await self._in_thread(
                     functools.partial(_copy_on, source, self._fd, COPY_STEP)
@@ -345,10 +349,13 @@ class DescriptorFileWriter(FileWriter):
                 progress(done)
         return done
 
-    async def _into_pipe(self, move: Callable[[], int]) -> int:
-        """One `move` into the pipe (a worker thread: it waits for room); 0 once it broke."""
+    async def _into_pipe(self, move: Callable[[int], int], count: int) -> int:
+        """`move(done)` into the pipe until `count` bytes moved or it moves none, in one worker
+        thread that waits for room (`_moved_into_pipe`); the bytes moved, 0 once it broke."""
         try:
-            moved: int = await self._in_thread(functools.partial(_when_room, self._fd, move))
+            moved: int = await self._in_thread(
+                functools.partial(_moved_into_pipe, self._fd, move, count)
+            )
         except BrokenPipeError:
             self._broken = True
             return 0
@@ -405,18 +412,21 @@ class DescriptorFileWriter(FileWriter):
         self._call.close()  # the service drops the write when the connection ends
 
 
-def _when_room(fd: int, move: Callable[[], int]) -> int:
-    """`move` into the non-blocking pipe `fd` once it has room; OSError (ETIMEDOUT) when it has
-    none for PIPE_STALL_SECONDS, BrokenPipeError once its reader closed it. SIGPIPE is blocked
-    meanwhile and a pending one taken back: a program that restored its default action (which
-    ends the process) gets the error, not the signal."""
+def _moved_into_pipe(fd: int, move: Callable[[int], int], count: int) -> int:
+    """Calls `move(done)` (one non-blocking write or splice into the pipe `fd`; the bytes it
+    moved, 0 at the end) until `count` bytes moved, waiting for room between calls; the bytes
+    moved. OSError (ETIMEDOUT) when the pipe has no room for PIPE_STALL_SECONDS,
+    BrokenPipeError once its reader closed it. SIGPIPE is blocked meanwhile and a pending one
+    taken back: a program that restored its default action (which ends the process) gets the
+    error, not the signal."""
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
     kept = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
+    done = 0
     try:
-        while True:
+        while done < count:
             try:
-                return move()
+                moved = move(done)
             except BlockingIOError:
                 if not poller.poll(PIPE_STALL_SECONDS * 1000):
                     raise OSError(
@@ -424,16 +434,22 @@ def _when_room(fd: int, move: Callable[[], int]) -> int:
                         f"the sandbox took no bytes for {PIPE_STALL_SECONDS:g} seconds "
                         "(is it paused or overloaded?)",
                     ) from None
+                continue
             except BrokenPipeError:
                 signal.sigtimedwait({signal.SIGPIPE}, 0)
                 raise
+            if not moved:
+                break
+            done += moved
+        return done
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, kept)
 
 
-def _splice(source: int, pipe: int) -> int:
-    """Up to PIPE_STEP bytes from `source`'s offset into the pipe, in the kernel; 0 at the end."""
-    return os.splice(source, pipe, PIPE_STEP, flags=os.SPLICE_F_NONBLOCK)
+def _splice(source: int, pipe: int, count: int, done: int) -> int:
+    """Up to PIPE_STEP of the `count - done` bytes left, from `source`'s offset into the pipe,
+    in the kernel; 0 at the end of `source`."""
+    return os.splice(source, pipe, min(PIPE_STEP, count - done), flags=os.SPLICE_F_NONBLOCK)
 
 
 def _closed(fd: int) -> int:
