@@ -335,8 +335,8 @@ class DescriptorFileWriter(FileWriter):
         done = 0
         while not self._broken:
             if self._piped:
-                moved = await self._into_pipe(
-                    functools.partial(_splice, source, self._fd, COPY_STEP), COPY_STEP
+                moved = await self._into_pipe(  # a step a pipe holds: progress as it goes
+                    functools.partial(_splice, source, self._fd, PIPE_STEP), PIPE_STEP
                 )
             else:
                 moved = await self._in_thread(
