@@ -112,6 +112,26 @@ def test_an_upload_without_its_end_frame_leaves_no_file(
     assert code_of(err.value) == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_a_declared_size_is_held(server: ServerProcess, sandbox: str) -> None:
+    """`header.size` (0: not said): a stream with another number of bytes writes nothing, and
+    a size outside 0 to 1 TiB is refused, naming the field."""
+    c = server.client()
+    c.write_file(sandbox, "/tmp/sized.txt", b"kept")
+    for size, data in ((10, [b"12345", b"6789"]), (3, [b"12", b"34"]), (-1, [b"x"]), (2**41, [])):
+        header = pb.WriteFileHeader(sandbox_id=sandbox, path="/tmp/sized.txt", size=size)
+        frames = [pb.WriteFileRequest(header=header)]
+        frames += [pb.WriteFileRequest(data=d) for d in data] + [pb.WriteFileRequest(end=True)]
+        with pytest.raises(grpc.RpcError) as err:
+            server.stub().WriteFile(iter(frames), timeout=10)
+        assert code_of(err.value) == grpc.StatusCode.INVALID_ARGUMENT, size
+        assert (err.value.details() or "").startswith("header.size: "), size
+    header = pb.WriteFileHeader(sandbox_id=sandbox, path="/tmp/sized.txt", size=9)
+    frames = [pb.WriteFileRequest(header=header), pb.WriteFileRequest(data=b"123456789"),
+              pb.WriteFileRequest(end=True)]  # fmt: skip
+    assert server.stub().WriteFile(iter(frames), timeout=10).size == 9
+    assert c.read_file(sandbox, "/tmp/sized.txt")[1] == b"123456789"
+
+
 def test_symlink_escape_is_refused(server: ServerProcess, sandbox: str, tmp_path: Path) -> None:
     c = server.client()
     secret = tmp_path / "host-secret.txt"
