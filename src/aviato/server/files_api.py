@@ -98,6 +98,8 @@ def write_target(header: pb.WriteFileHeader) -> tuple[str, int]:
 
 def _incomplete(declared: int, sent: int) -> InvalidArgument:
     """The error of a write whose bytes are not the `declared` size of its header."""
+    if sent > declared:
+        return InvalidArgument("header.size", f"more bytes sent than the {declared} declared")
     return InvalidArgument(
         "header.size", f"incomplete write: {sent} bytes sent, the header declared {declared}"
     )
