@@ -136,6 +136,11 @@ def main() -> None:
     out: dict[str, Any] = {"load": os.getloadavg()[0]}
     try:
         out["floor"] = floor(args.seconds, args.in_flight)
+        deadline = time.monotonic() + 30
+        while not Path(state, "aviato.sock").exists():  # else the SDK would start its own
+            if time.monotonic() > deadline or service.poll() is not None:
+                raise SystemExit(f"the service in {state} did not start")
+            time.sleep(0.05)
         out["aviato"] = asyncio.run(_aviato(service.pid, args.seconds, args.in_flight))
     finally:
         service.send_signal(signal.SIGTERM)
