@@ -52,7 +52,7 @@ def create_figures(n: int) -> dict[str, Any]:
     variants: dict[str, NetworkOptions | None] = {
         "off": None,
         "egress": NetworkOptions(egress_mode="internet"),
-        "exposed_port": NetworkOptions(exposed_ports=[8080]),
+        "exposed_port": NetworkOptions(exposed_ports=(8080,)),
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     for net in variants.values():  # warm-up, untimed

@@ -63,6 +63,8 @@ except ImportError:  # pragma: no cover
 from aviato.v1 import sandbox_pb2 as pb  # noqa: E402
 from aviato.v1 import sandbox_pb2_grpc as pbg  # noqa: E402
 
+_EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # not in grpc's stubs
+
 SBX = re.compile(r"sbx-[0-9a-f]{12}")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 MAX_EXAMPLES = 5
@@ -163,7 +165,7 @@ class Service:
             if self.socket.exists():
                 with grpc.insecure_channel(f"unix://{self.socket}") as ch:
                     try:
-                        pbg.SandboxServiceStub(ch).GetServerInfo(
+                        pbg.SandboxServiceStub(ch).GetServerInfo(  # type: ignore[no-untyped-call]
                             pb.GetServerInfoRequest(), timeout=2
                         )
                         return
@@ -233,7 +235,7 @@ def _our_mounts(base: Path, ids: set[str]) -> int:
 
 
 def _processes_in_cgroups(ids: set[str]) -> list[int]:
-    found = []
+    found: list[int] = []
     if not ids:
         return found
     for entry in os.scandir("/proc"):
@@ -318,7 +320,7 @@ async def exec_one(stub: pbg.SandboxServiceStub, sandbox_id: str, n: int) -> str
     try:
         while True:
             frame = await call.read()
-            if frame is grpc.aio.EOF:
+            if frame is _EOF:
                 return "the stream ended without a terminal frame"
             kind = frame.WhichOneof("msg")
             if kind == "output":
@@ -377,7 +379,7 @@ async def load(
 ) -> dict[str, Any]:
     result: dict[str, Any] = {}
     async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
-        stub = pbg.SandboxServiceStub(channel)
+        stub = pbg.SandboxServiceStub(channel)  # type: ignore[no-untyped-call]
         errors = Errors()
         t0 = time.perf_counter()
         ids, create_lat = await create_all(stub, sandboxes, errors)

@@ -41,6 +41,8 @@ except ImportError:  # pragma: no cover
 from aviato.v1 import sandbox_pb2 as pb  # noqa: E402
 from aviato.v1 import sandbox_pb2_grpc as pbg  # noqa: E402
 
+_EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # not in grpc's stubs
+
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -69,7 +71,8 @@ def mem_available() -> int:
 
 async def create(stub: pbg.SandboxServiceStub, **spec: Any) -> pb.Sandbox:
     req = pb.CreateSandboxRequest(spec=pb.SandboxSpec(**spec), request_id=str(uuid.uuid4()))
-    return await stub.CreateSandbox(req)
+    created: pb.Sandbox = await stub.CreateSandbox(req)
+    return created
 
 
 async def exec_true(stub: pbg.SandboxServiceStub, sandbox_id: str, argv: list[str]) -> int:
@@ -78,7 +81,7 @@ async def exec_true(stub: pbg.SandboxServiceStub, sandbox_id: str, argv: list[st
     await call.write(pb.ExecRequest(init=pb.ExecInit(sandbox_id=sandbox_id, argv=argv)))
     while True:
         frame = await call.read()
-        if frame is grpc.aio.EOF:
+        if frame is _EOF:
             raise RuntimeError("exec stream ended without an exit frame")
         kind = frame.WhichOneof("msg")
         if kind == "exit":
@@ -87,7 +90,7 @@ async def exec_true(stub: pbg.SandboxServiceStub, sandbox_id: str, argv: list[st
         if kind == "error":
             raise RuntimeError(frame.error.message)
     await call.done_writing()
-    while await call.read() is not grpc.aio.EOF:
+    while await call.read() is not _EOF:
         pass
     return code
 
@@ -98,7 +101,7 @@ async def run_true(stub: pbg.SandboxServiceStub, sandbox_id: str, argv: list[str
     call = stub.RunCommand(pb.ExecInit(sandbox_id=sandbox_id, argv=argv))
     while True:
         frame = await call.read()
-        if frame is grpc.aio.EOF:
+        if frame is _EOF:
             raise RuntimeError("RunCommand ended without an exit frame")
         kind = frame.WhichOneof("msg")
         if kind == "exit":
@@ -108,13 +111,14 @@ async def run_true(stub: pbg.SandboxServiceStub, sandbox_id: str, argv: list[str
 
 
 async def wait_running(stub: pbg.SandboxServiceStub, sandbox_id: str) -> pb.Sandbox:
-    return await stub.WaitSandbox(
+    record: pb.Sandbox = await stub.WaitSandbox(
         pb.WaitSandboxRequest(
             sandbox_id=sandbox_id,
             condition=pb.WaitSandboxRequest.CONDITION_STARTED,
             timeout_seconds=60,
         )
     )
+    return record
 
 
 async def delete_all(stub: pbg.SandboxServiceStub, ids: list[str]) -> None:
@@ -131,7 +135,7 @@ async def bench(socket_path: str, quick: bool) -> dict[str, Any]:
     runs_first, runs_exec, burst, idle = (20, 200, 20, 20) if quick else (200, 1000, 100, 200)
     results: dict[str, Any] = {}
     async with grpc.aio.insecure_channel(f"unix://{socket_path}") as channel:
-        stub = pbg.SandboxServiceStub(channel)
+        stub = pbg.SandboxServiceStub(channel)  # type: ignore[no-untyped-call]
         info = await stub.GetServerInfo(pb.GetServerInfoRequest())
         results["server"] = {"runtime": info.runtime, "cgroups": info.cgroups}
 

@@ -70,7 +70,7 @@ class Service:
 
     def stub(self) -> pbg.SandboxServiceStub:
         channel = grpc.insecure_channel(f"unix:{self.state / 'aviato.sock'}")
-        return pbg.SandboxServiceStub(channel)
+        return pbg.SandboxServiceStub(channel)  # type: ignore[no-untyped-call]
 
     def stop(self) -> None:
         assert self.proc is not None

@@ -105,14 +105,23 @@ class GrpcExecCall(ExecCall):
     def _error(self, err: grpc.RpcError) -> BaseException:
         return _mapped(err, "exec", self._init.sandbox_id)
 
+    async def _read_call(self) -> Any:
+        """The call's next message. On grpc.aio the read runs as a future of its own,
+        shielded: cancelling the caller must not cancel it (grpc would end the call before
+        `kill` could signal the command); the lean channel's reads survive cancellation as
+        they are, and skip the task and its two turns of the loop."""
+        if getattr(self._call, "reads_survive_cancellation", False):
+            return await self._call.read()
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._call.read())
+        msg = await asyncio.shield(self._pending)
+        self._pending = None
+        return msg
+
     async def read(self) -> ExecFrame:
         while True:
-            # The read runs as a future of its own, shielded: cancelling the caller must not
-            # cancel it (grpc would end the call before `kill` could signal the command).
-            if self._pending is None:
-                self._pending = asyncio.ensure_future(self._call.read())
             try:
-                msg = await asyncio.shield(self._pending)
+                msg = await self._read_call()
             except grpc.RpcError as err:
                 self._pending = None
                 if not self._streaming and err.code() == grpc.StatusCode.UNIMPLEMENTED:
@@ -124,7 +133,6 @@ class GrpcExecCall(ExecCall):
                 self._exited = True
                 self._identified(None)
                 raise self._error(err) from None
-            self._pending = None
             if msg is _EOF:
                 self._exited = True
                 self._identified(None)

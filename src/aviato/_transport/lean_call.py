@@ -101,6 +101,8 @@ class LeanCall:
         self._conn = conn
         try:
             conn.send(head)
+            if self._half_closed:  # the whole request: nothing of this call would join it
+                conn.flush()
         except lf.ConnectionLost:
             self._finish(grpc.StatusCode.UNAVAILABLE, _LOST)
 
@@ -243,6 +245,10 @@ class LeanCall:
 
     async def read(self) -> Any:
         return await self._next()
+
+    #: A cancelled `read()` leaves the call as it was (grpc.aio's ends the call), so a reader
+    #: that must survive its caller's cancellation needs no task of its own to read with.
+    reads_survive_cancellation = True
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._responses()
