@@ -7,6 +7,7 @@ that does not match) ends with the error in words and no file in place."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -267,3 +268,26 @@ def test_a_client_takes_only_a_file_or_a_pipes_write_end(tmp_path: Path) -> None
     finally:
         for fd in (read_end, write_end, ro, rw):
             os.close(fd)
+
+
+def test_a_blocking_pipe_nobody_reads_fails_the_write_in_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pipe's end comes from the sandbox's supervisor, which the sandbox's code may have
+    taken over: one handed out blocking, and never read, must not hold the writer forever."""
+    monkeypatch.setattr(lean_descriptors, "PIPE_STALL_SECONDS", 0.3)
+    read_end, write_end = os.pipe()  # blocking, as a hostile supervisor could hand it out
+    try:
+        assert _is_pipe_to_write(write_end) is True
+
+        async def stalled() -> None:
+            call = lean_descriptors._Call("/nonexistent", "", (), None)
+            writer = DescriptorFileWriter(call, write_end, None, True, lambda err: err)
+            await asyncio.wait_for(writer.write(memoryview(bytes(8 * MiB))), 10)
+
+        with pytest.raises(OSError, match=r"took no bytes for 0\.3 seconds"):
+            asyncio.run(stalled())
+    finally:
+        os.close(read_end)
+        with contextlib.suppress(OSError):
+            os.close(write_end)

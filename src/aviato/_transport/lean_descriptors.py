@@ -195,12 +195,15 @@ async def open_for_writing(
 
 def _is_pipe_to_write(fd: int) -> bool:
     """Whether the descriptor the service handed out for a write is a pipe (else a regular
-    file); INTERNAL for anything else, or one not open for writing (a pipe's read end)."""
+    file); INTERNAL for anything else, or one not open for writing (a pipe's read end). A
+    pipe is made non-blocking here whatever it was handed out as: a blocking one that nobody
+    reads would hold its writer past PIPE_STALL_SECONDS, forever."""
     kind = os.fstat(fd).st_mode
     access = _access_mode(fd)
     if stat.S_ISREG(kind) and access in (os.O_WRONLY, os.O_RDWR):
         return False
     if stat.S_ISFIFO(kind) and access == os.O_WRONLY:
+        os.set_blocking(fd, False)
         return True
     raise _rpc_error(grpc.StatusCode.INTERNAL, "the service handed out no file to write")
 
