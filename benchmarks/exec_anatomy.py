@@ -1,16 +1,16 @@
 """Where a warm exec's CPU goes, process by process, next to the floor's: the measurement behind
 docs/benchmarks.md's "Why the exec goals are out of reach here".
 
-    python benchmarks/exec_anatomy.py [--seconds 6] [--in-flight 64]
+    python benchmarks/exec_anatomy.py [--seconds 6] [--in-flight 64] [--sandboxes 1]
 
 Prints one JSON object:
 
 - `floor`: `posix_spawn` + `waitpid` of `/usr/bin/true`, `in_flight` at a time, for `seconds`:
   spawns/s, and CPU per spawn of this process (the parent) and of its children (`true`);
-- `aviato`: `exec(["true"])` awaited `in_flight` at a time in one sandbox of a fresh local
-  service, for `seconds`: execs/s, and CPU per exec of this process (the SDK), of the service,
-  of the sandbox's supervisor and of its children (the commands, with the hardening each child
-  does before its `execve`);
+- `aviato`: `exec(["true"])` awaited `in_flight` at a time, spread over `sandboxes` sandboxes
+  of a fresh local service, for `seconds`: execs/s, and CPU per exec of this process (the
+  SDK), of the service, of the sandboxes' supervisors and of their children (the commands,
+  with the hardening each child does before its `execve`);
 - `cpu_ratio`: the floor's CPU per spawn ÷ aviato's per exec, which is the throughput ratio
   with every core busy; `measured_ratio` is below it by the share of time the cores idle
   (`busy`: CPU used ÷ cores, for each);
@@ -84,35 +84,37 @@ def _supervisor_of(sandbox_id: str) -> list[int]:
     return found
 
 
-async def _aviato(service: int, seconds: float, in_flight: int) -> dict[str, Any]:
+async def _aviato(service: int, seconds: float, in_flight: int, sandboxes: int) -> dict[str, Any]:
     import aviato
 
-    sandbox = await aviato.Sandbox.run()
-    for _ in range(20):
-        await sandbox.exec(["true"])
-    supervisors = _supervisor_of(sandbox.sandbox_id or "")
+    boxes = list(await asyncio.gather(*(aviato.Sandbox.run() for _ in range(sandboxes))))
+    for box in boxes:
+        for _ in range(20):
+            await box.exec(["true"])
+    supervisors = [pid for box in boxes for pid in _supervisor_of(box.sandbox_id or "")]
     count = 0
     stop_at = time.monotonic() + seconds
 
-    async def worker() -> None:
+    async def worker(box: aviato.Sandbox) -> None:
         nonlocal count
         while time.monotonic() < stop_at:
-            await sandbox.exec(["true"])
+            await box.exec(["true"])
             count += 1
 
     me0, svc0 = os.times(), _ticks(service)
     sup0 = [_ticks(pid) for pid in supervisors]
     started = time.monotonic()
-    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    await asyncio.gather(*(worker(boxes[i % sandboxes]) for i in range(in_flight)))
     elapsed = time.monotonic() - started
     me1, svc1 = os.times(), _ticks(service)
     sup1 = [_ticks(pid) for pid in supervisors]
-    await sandbox.stop()
+    await asyncio.gather(*(box.stop() for box in boxes))
 
     def per(value: float) -> float:
         return round(value / count * 1e3, 3)
 
     return {
+        "sandboxes": sandboxes,
         "per_s": round(count / elapsed),
         "sdk_ms": per(me1.user + me1.system - me0.user - me0.system),
         "service_ms": per(svc1[0] - svc0[0]),
@@ -125,6 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--in-flight", type=int, default=64)
+    parser.add_argument("--sandboxes", type=int, default=1)
     args = parser.parse_args()
     state = tempfile.mkdtemp(prefix="avanat", dir="/tmp")
     service = subprocess.Popen(
@@ -141,7 +144,9 @@ def main() -> None:
             if time.monotonic() > deadline or service.poll() is not None:
                 raise SystemExit(f"the service in {state} did not start")
             time.sleep(0.05)
-        out["aviato"] = asyncio.run(_aviato(service.pid, args.seconds, args.in_flight))
+        out["aviato"] = asyncio.run(
+            _aviato(service.pid, args.seconds, args.in_flight, args.sandboxes)
+        )
     finally:
         service.send_signal(signal.SIGTERM)
         service.wait(30)
