@@ -19,6 +19,7 @@ never mounted file contents, never registry credentials, never a secret's value.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 
 from aviato.runtime.base import ExecExit, ExecOutput
@@ -41,6 +42,7 @@ from aviato.v1 import sandbox_pb2 as pb
 
 __all__ = [
     "STATUS_TO_PROTO",
+    "SpecDecoder",
     "decode_exec_init",
     "decode_resize",
     "decode_spec",
@@ -74,6 +76,36 @@ _STATUS_FROM_PROTO = {wire: status for status, wire in STATUS_TO_PROTO.items()}
 def default_config(defaults: SpecDefaults) -> SandboxConfig:
     """What a create that asks for nothing validates to (the warm pool's shape)."""
     return decode_spec(pb.SandboxSpec(), defaults).config
+
+
+class SpecDecoder:
+    """`decode_spec` with the service's defaults, remembering its answers for the few small
+    specs that creates send again and again (`Sandbox.run()`'s, a harness's): a spec is known by
+    its wire bytes (deterministic), at most `size` of them, each at most `max_bytes` (a spec
+    with mounted files' contents is decoded each time). `decode_spec` is a function of the
+    spec and the defaults alone (it reads no state), and nothing changes its answer in place
+    (a frozen model), so a remembered answer is the one decoding would give; an invalid spec
+    raises each time."""
+
+    def __init__(self, defaults: SpecDefaults, size: int = 32, max_bytes: int = 2048) -> None:
+        self.defaults = defaults
+        self._size = size
+        self._max_bytes = max_bytes
+        self._known: OrderedDict[bytes, ValidSpec] = OrderedDict()
+
+    def decode(self, spec: pb.SandboxSpec) -> ValidSpec:
+        key = spec.SerializeToString(deterministic=True)
+        if len(key) > self._max_bytes:
+            return decode_spec(spec, self.defaults)
+        known = self._known.get(key)
+        if known is not None:
+            self._known.move_to_end(key)
+            return known
+        valid = decode_spec(spec, self.defaults)
+        self._known[key] = valid
+        if len(self._known) > self._size:
+            self._known.popitem(last=False)
+        return valid
 
 
 def decode_spec(spec: pb.SandboxSpec, defaults: SpecDefaults) -> ValidSpec:

@@ -296,7 +296,7 @@ class Lifecycle(Pausing, Reconciliation):
         member = pool.claim(config) if pool is not None else None
         if pool is not None and member is not None:
             sandbox_id, node, runtime = member.sandbox_id, pool.node, pool.runtime
-            config = replace(config, sandbox_id=sandbox_id)
+            config = member.config_for(config)
         # PENDING only while it waits for a node or an image: one registry write less per
         # create (a restart treats PENDING and CREATING alike: the sandbox is removed, FAILED).
         ready = member is not None or (node and runtime.image_ready(config.image))

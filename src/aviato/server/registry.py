@@ -76,6 +76,15 @@ MODEL_VERSION = 1
 _NOT_KEPT = frozenset({"sandbox_id", "registry_credentials", "secret_env"})
 
 
+# The config's fields a row keeps, in the model's order (mounted files: their paths only).
+_KEPT_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(SandboxConfig)
+    if f.name not in _NOT_KEPT and f.name != "mounted_files"
+)
+_PLAIN_SCALARS = (str, int, float, bool, type(None))
+
+
 def _model_json(config: SandboxConfig, tags: Sequence[str], lifetime: float) -> str:
     """The `model` column: a record's resolved config (every field but those a record never
     keeps, so that a new field of the model needs nothing here), its tags and its lifetime."""
@@ -83,13 +92,16 @@ def _model_json(config: SandboxConfig, tags: Sequence[str], lifetime: float) -> 
         "version": MODEL_VERSION,
         "tags": list(tags),
         "max_lifetime_seconds": lifetime,
+        "mounted_paths": [path for path, _ in config.mounted_files],
     }
-    for f in dataclasses.fields(SandboxConfig):
-        if f.name == "mounted_files":
-            data["mounted_paths"] = [path for path, _ in config.mounted_files]
-        elif f.name not in _NOT_KEPT:
-            data[f.name] = to_plain(getattr(config, f.name))
-    return json.dumps(data, separators=(",", ":"), sort_keys=True)
+    for name in _KEPT_FIELDS:
+        value = getattr(config, name)
+        # Most fields are scalars: they are their own plain form (one call less each).
+        data[name] = value if type(value) in _PLAIN_SCALARS else to_plain(value)
+    return _ENCODER.encode(data)
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
 
 
 def _model_of(text: str, sandbox_id: str) -> tuple[SandboxConfig, tuple[str, ...], float]:
@@ -282,6 +294,11 @@ _SANDBOX_COLUMNS = (
     "egress_listener"
 )
 
+_INSERT_SANDBOX = (
+    f"INSERT INTO sandboxes ({_SANDBOX_COLUMNS}) "
+    f"VALUES ({', '.join('?' * len(_SANDBOX_COLUMNS.split(',')))})"
+)
+
 
 def _sandbox(row: Sequence[Any]) -> SandboxRecord:
     (sid, owner, request_id, status, reason, exit_code, model, lease_id, node,
@@ -368,21 +385,22 @@ class Registry:
     # -- sandboxes ----------------------------------------------------------------------------
 
     def insert_sandbox(self, rec: SandboxRecord) -> None:
-        """Inserts a new record with its tags; sqlite3.IntegrityError on a duplicate request id."""
+        """Inserts a new record with its tags; sqlite3.IntegrityError on a duplicate request id.
+        One statement (atomic by itself) when it has no tags, else one transaction."""
         db = self._db
+        model = _model_json(rec.config, rec.tags, rec.max_lifetime_seconds)
+        u = rec.network_usage
+        values = (rec.id, rec.owner, rec.request_id, int(rec.status), rec.reason,
+                  rec.exit_code, model, rec.lease_id, rec.node, rec.created_ns,
+                  rec.started_ns, rec.ended_ns, rec.expires_ns, u.bytes_sent,
+                  u.bytes_received, u.connections, u.refused,
+                  int(rec.egress_listener))  # fmt: skip
+        if not rec.tags:
+            db.execute(_INSERT_SANDBOX, values)
+            return
         db.execute("BEGIN")
         try:
-            model = _model_json(rec.config, rec.tags, rec.max_lifetime_seconds)
-            values = (rec.id, rec.owner, rec.request_id, int(rec.status), rec.reason,
-                      rec.exit_code, model, rec.lease_id, rec.node, rec.created_ns,
-                      rec.started_ns, rec.ended_ns, rec.expires_ns,
-                      *dataclasses.astuple(rec.network_usage),
-                      int(rec.egress_listener))  # fmt: skip
-            db.execute(
-                f"INSERT INTO sandboxes ({_SANDBOX_COLUMNS}) "
-                f"VALUES ({', '.join('?' * len(values))})",
-                values,
-            )
+            db.execute(_INSERT_SANDBOX, values)
             db.executemany(
                 "INSERT OR IGNORE INTO sandbox_tags (sandbox_id, tag) VALUES (?, ?)",
                 [(rec.id, tag) for tag in rec.tags],

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -51,7 +52,6 @@ __all__ = [
     "PoolMember",
     "WarmPool",
     "new_sandbox_id",
-    "pool_shape_key",
 ]
 
 log = logging.getLogger("aviato.server.warm_pool")
@@ -78,11 +78,11 @@ def new_sandbox_id() -> str:
     return "sbx-" + secrets.token_hex(6)
 
 
-def pool_shape_key(config: SandboxConfig) -> SandboxConfig:
-    """What of a config must equal the pool's shape for a member to serve it: all of it but
-    the sandbox's id and its idle timeout (enforced by the service's reaper, never seen by the
-    runtime; the claimed sandbox's record keeps the request's)."""
-    return replace(config, sandbox_id="", idle_timeout_seconds=0.0)
+# What of a config is not the pool's shape: the sandbox's id and its idle timeout (enforced by
+# the service's reaper, never seen by the runtime; the claimed sandbox's record keeps the
+# request's).
+_NOT_SHAPE = frozenset({"sandbox_id", "idle_timeout_seconds"})
+_SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(SandboxConfig) if f.name not in _NOT_SHAPE)
 
 
 @dataclass
@@ -94,6 +94,13 @@ class PoolMember:
     handle: SandboxHandle
     started: float  # time.monotonic() when it became ready
     watcher: asyncio.Task[None] | None = None
+
+    def config_for(self, config: SandboxConfig) -> SandboxConfig:
+        """The claimed sandbox's config: the claimer's `config` (of the pool's shape) under the
+        member's id; the member's own when they agree on the idle timeout (no copy)."""
+        if config.idle_timeout_seconds == self.config.idle_timeout_seconds:
+            return self.config
+        return replace(self.config, idle_timeout_seconds=config.idle_timeout_seconds)
 
 
 class WarmPool:
@@ -117,7 +124,6 @@ class WarmPool:
         self.node = node
         self.runtime = runtime
         self._shape = replace(shape, sandbox_id="")
-        self._key = pool_shape_key(self._shape)
         self._busy = busy
         self._room = room
         self._grace = grace_seconds
@@ -142,7 +148,8 @@ class WarmPool:
 
     def matches(self, config: SandboxConfig) -> bool:
         """Whether a create of `config` may be served by a member."""
-        return pool_shape_key(config) == self._key
+        shape = self._shape  # field by field: no copy of `config` per create
+        return all(getattr(config, name) == getattr(shape, name) for name in _SHAPE_FIELDS)
 
     def claim(self, config: SandboxConfig) -> PoolMember | None:
         """A ready member for a create of `config`, removed from the pool for good; None when
