@@ -174,6 +174,12 @@ class WarmPool:
         self._wanted.set()
         return None
 
+    def discard(self, member: PoolMember) -> None:
+        """Removes a claimed member whose create was not recorded after all (a retried
+        create's request id was in the registry): killed and its state removed, as any member
+        that is never handed out."""
+        self._retire(member)
+
     def describe(self) -> str:
         """One line for `aviato server status`."""
         text = (
