@@ -449,14 +449,30 @@ class BubblewrapRuntime(Runtime):
                 directory, argv, cgroup, launch, environment_args(config, root)
             )
             watch = ProcessWatch(pid, os.pidfd_open(pid), is_child=True)
-            write_record(directory, pid, self._boot_id, cgroup, ids, self._image_of.get(sid))
+            # runtime.json, written in a thread while the supervisor starts: it reads the
+            # launcher's /proc/<pid>/stat, which waits while the launcher execs (0.8 ms here,
+            # up to 2), and the event loop must not wait with it. Settled before this create
+            # goes on either way: its error fails the create, and no abort removes the
+            # directory under it.
+            recorded = asyncio.ensure_future(asyncio.to_thread(
+                write_record, directory, pid, self._boot_id, cgroup, ids, self._image_of.get(sid)
+            ))  # fmt: skip
             try:
                 conn = await connect_supervisor(directory, sid, self._connect_timeout)
             except SandboxRuntimeError as exc:
+                await _settled(recorded)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(watch.done), 0.5)
                 detail = read_tail(directory / "runtime.log") or str(exc)
                 raise SandboxStartFailed(f"sandbox {sid} failed to start: {detail}") from exc
+            except BaseException:
+                await _settled(recorded)
+                raise
+            try:
+                await recorded
+            except BaseException:
+                conn.abort()
+                raise
             handle = BubblewrapSandbox(self, sid, directory, watch, cgroup, conn, ids)
             self._register(handle)
             return handle
@@ -594,3 +610,11 @@ class BubblewrapRuntime(Runtime):
         self._running.clear()
         for handle in handles:
             await handle._close()
+
+
+async def _settled(task: asyncio.Future[None]) -> None:
+    """Waits for `task` to end, its error (if any) taken: the failure being raised is the
+    create's."""
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()
