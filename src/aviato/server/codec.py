@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import Any
 
 from aviato.runtime.base import ExecExit, ExecOutput
 from aviato.runtime.model import (
@@ -281,32 +282,50 @@ def decode_stored_spec(
 
 
 def _encode_spec(rec: SandboxRecord) -> pb.SandboxSpec:
+    """The record's spec as answered: its resolved fields, only those set (an empty field is
+    the unset one on the wire, and not filling it saves the answer's building)."""
     config = rec.config
-    return pb.SandboxSpec(
-        image=config.image,
-        command=config.command,
-        env=config.env,
-        working_dir=config.working_dir,
-        tags=rec.tags,
-        resources=pb.Resources(
+    fields: dict[str, Any] = {
+        "image": config.image,
+        "resources": pb.Resources(
             cpu="" if config.cpu_millis is None else quantities.cpu_quantity(config.cpu_millis),
             memory=quantities.bytes_quantity(config.memory_bytes),
             pids=config.pids,
             disk=quantities.bytes_quantity(config.disk_bytes),
         ),
-        max_lifetime_seconds=rec.max_lifetime_seconds,
-        mounted_files=[pb.MountedFile(path=path) for path, _ in config.mounted_files],
-        network="none",
-        egress_mode="internet" if config.egress.internet else "",
-        egress=[
+        "network": "none",
+        "writable_layer": config.writable_layer,
+    }
+    if config.command:
+        fields["command"] = config.command
+    if config.env:
+        fields["env"] = config.env
+    if config.working_dir:
+        fields["working_dir"] = config.working_dir
+    if rec.tags:
+        fields["tags"] = rec.tags
+    if rec.max_lifetime_seconds:
+        fields["max_lifetime_seconds"] = rec.max_lifetime_seconds
+    if config.mounted_files:
+        fields["mounted_files"] = [pb.MountedFile(path=path) for path, _ in config.mounted_files]
+    egress = config.egress
+    if egress.internet:
+        fields["egress_mode"] = "internet"
+    if egress.rules:
+        fields["egress"] = [
             pb.EgressRule(dns_name=r.dns_name) if r.dns_name else pb.EgressRule(cidr=r.cidr)
-            for r in config.egress.rules
-        ],
-        exposed_ports=config.exposed_ports,
-        node_selector=dict(config.node_selector),
-        image_command=config.image_command,
-        idle_timeout_seconds=config.idle_timeout_seconds,
-        mounts=[
+            for r in egress.rules
+        ]
+    if config.exposed_ports:
+        fields["exposed_ports"] = config.exposed_ports
+    if config.node_selector:
+        fields["node_selector"] = dict(config.node_selector)
+    if config.image_command:
+        fields["image_command"] = True
+    if config.idle_timeout_seconds:
+        fields["idle_timeout_seconds"] = config.idle_timeout_seconds
+    if config.mounts:
+        fields["mounts"] = [
             pb.DirectoryMount(
                 path=m.path,
                 volume=m.volume,
@@ -315,11 +334,12 @@ def _encode_spec(rec: SandboxRecord) -> pb.SandboxSpec:
                 size_bytes=m.size_bytes,
             )
             for m in config.mounts
-        ],
-        writable_layer=config.writable_layer,
-        snapshot_id=config.snapshot_id,
-        secrets=config.secrets,
-    )
+        ]
+    if config.snapshot_id:
+        fields["snapshot_id"] = config.snapshot_id
+    if config.secrets:
+        fields["secrets"] = config.secrets
+    return pb.SandboxSpec(**fields)
 
 
 def encode_snapshot(snap: SnapshotRecord) -> pb.Snapshot:

@@ -340,8 +340,9 @@ class Lifecycle(Pausing, Reconciliation):
         )
         if lease_id:
             self.renew_lease(owner, lease_id, lease_ttl_seconds)
+        known = member.config_text_for(rec.config) if member is not None else ""
         try:
-            self._registry.insert_sandbox(rec)
+            self._registry.insert_sandbox(rec, known)
         except sqlite3.IntegrityError:
             if pool is not None and member is not None:
                 pool.discard(member)  # nobody's, and never handed out again

@@ -59,6 +59,7 @@ __all__ = [
     "OwnerQuotaRecord",
     "Registry",
     "SandboxRecord",
+    "config_json",
     "decode_page_token",
     "encode_page_token",
 ]
@@ -85,20 +86,29 @@ _KEPT_FIELDS = tuple(
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
 
 
-def _model_json(config: SandboxConfig, tags: Sequence[str], lifetime: float) -> str:
-    """The `model` column: a record's resolved config (every field but those a record never
-    keeps, so that a new field of the model needs nothing here), its tags and its lifetime."""
-    data: dict[str, object] = {
-        "version": MODEL_VERSION,
-        "tags": list(tags),
-        "max_lifetime_seconds": lifetime,
-        "mounted_paths": [path for path, _ in config.mounted_files],
-    }
+def config_json(config: SandboxConfig) -> str:
+    """The config's part of a record's `model` column: every field but those a record never
+    keeps (so that a new field of the model needs nothing here), as a JSON object. A warm
+    pool member's is made while the member waits (`WarmPool`), not at its claim."""
+    data: dict[str, object] = {"mounted_paths": [path for path, _ in config.mounted_files]}
     for name in _KEPT_FIELDS:
         value = getattr(config, name)
         # Most fields are scalars: they are their own plain form (one call less each).
         data[name] = value if type(value) in _PLAIN_SCALARS else to_plain(value)
     return _ENCODER.encode(data)
+
+
+def _model_json(
+    config: SandboxConfig, tags: Sequence[str], lifetime: float, config_text: str = ""
+) -> str:
+    """The `model` column: a record's resolved config (`config_json`; `config_text` when the
+    caller has it), its tags and its lifetime, in one JSON object."""
+    text = config_text or config_json(config)
+    head = (
+        f'{{"max_lifetime_seconds":{_ENCODER.encode(lifetime)},'
+        f'"tags":{_ENCODER.encode(list(tags))},"version":{MODEL_VERSION},'
+    )
+    return head + text[1:]
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
@@ -384,11 +394,12 @@ class Registry:
 
     # -- sandboxes ----------------------------------------------------------------------------
 
-    def insert_sandbox(self, rec: SandboxRecord) -> None:
+    def insert_sandbox(self, rec: SandboxRecord, config_text: str = "") -> None:
         """Inserts a new record with its tags; sqlite3.IntegrityError on a duplicate request id.
-        One statement (atomic by itself) when it has no tags, else one transaction."""
+        One statement (atomic by itself) when it has no tags, else one transaction.
+        `config_text`: `config_json(rec.config)` when the caller has it already."""
         db = self._db
-        model = _model_json(rec.config, rec.tags, rec.max_lifetime_seconds)
+        model = _model_json(rec.config, rec.tags, rec.max_lifetime_seconds, config_text)
         u = rec.network_usage
         values = (rec.id, rec.owner, rec.request_id, int(rec.status), rec.reason,
                   rec.exit_code, model, rec.lease_id, rec.node, rec.created_ns,

@@ -46,6 +46,8 @@ from dataclasses import dataclass, replace
 
 from aviato.runtime.base import Runtime, SandboxHandle, SandboxRuntimeError
 from aviato.runtime.model import SandboxConfig
+from aviato.server.records import kept_config
+from aviato.server.registry import config_json
 
 __all__ = [
     "MEMBER_LIFETIME_SECONDS",
@@ -94,6 +96,9 @@ class PoolMember:
     handle: SandboxHandle
     started: float  # time.monotonic() when it became ready
     watcher: asyncio.Task[None] | None = None
+    # `registry.config_json` of the record a claim keeps of `config`, made while it waits
+    # (`config_text_for`).
+    config_text: str = ""
 
     def config_for(self, config: SandboxConfig) -> SandboxConfig:
         """The claimed sandbox's config: the claimer's `config` (of the pool's shape) under the
@@ -101,6 +106,11 @@ class PoolMember:
         if config.idle_timeout_seconds == self.config.idle_timeout_seconds:
             return self.config
         return replace(self.config, idle_timeout_seconds=config.idle_timeout_seconds)
+
+    def config_text_for(self, config: SandboxConfig) -> str:
+        """`registry.config_json(config)` when `config` is the member's own (made while it
+        waited), else "" (the registry makes it)."""
+        return self.config_text if config is self.config else ""
 
 
 class WarmPool:
@@ -251,6 +261,9 @@ class WarmPool:
         finally:
             self._starting -= 1
         member = PoolMember(config.sandbox_id, config, handle, time.monotonic())
+        kept = kept_config(config)
+        if kept is config:  # what a claim's record keeps: made now, not at the claim
+            member.config_text = config_json(kept)
         try:
             deadline = time.time_ns() + int(MEMBER_LIFETIME_SECONDS * 1e9)
             await handle.set_deadline(deadline, "lifetime", self._grace)
