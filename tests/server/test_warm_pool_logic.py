@@ -19,8 +19,9 @@ from aviato.server import warm_pool
 from aviato.server.__main__ import parse_args
 from aviato.server.codec import default_config
 from aviato.server.config import ServerConfig
+from aviato.server.record_json import config_json
 from aviato.server.records import SandboxRecord, SandboxStatus
-from aviato.server.registry import Registry, config_json
+from aviato.server.registry import Registry
 from aviato.server.warm_pool import WarmPool
 
 SHAPE = default_config(ServerConfig(state_dir=Path("/nonexistent")).spec_defaults())

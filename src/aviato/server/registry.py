@@ -16,7 +16,7 @@ url-safe base64 of "created_ns:id", the keyset position after the last returned 
 
 A sandbox's row keeps its resolved model (`records.SandboxRecord`: the `SandboxConfig` with
 every default resolved, its tags and lifetime) as versioned JSON in the `model` column (see
-`_model_json`); statuses are `records.SandboxStatus` integers. Up to schema 2 the row kept the
+`record_json`); statuses are `records.SandboxStatus` integers. Up to schema 2 the row kept the
 request's wire bytes instead; migration 3 converts such rows once (`codec.decode_stored_spec`).
 """
 
@@ -24,12 +24,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
-import json
 import os
 import sqlite3
 import time
-import typing
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +34,9 @@ from typing import Any
 
 from aviato._private import open_private
 from aviato.egress.gateway import EgressUsage
-from aviato.runtime.model import SandboxConfig
-from aviato.runtime.model_codec import from_plain, to_plain
 from aviato.server.codec import decode_stored_spec
 from aviato.server.errors import InvalidArgument
+from aviato.server.record_json import MODEL_VERSION, model_json, model_of
 from aviato.server.records import (
     ALL_STATUSES,
     TERMINAL_STATUSES,
@@ -59,7 +55,6 @@ __all__ = [
     "OwnerQuotaRecord",
     "Registry",
     "SandboxRecord",
-    "config_json",
     "decode_page_token",
     "encode_page_token",
 ]
@@ -67,68 +62,6 @@ __all__ = [
 PENDING, CREATING, RUNNING = SandboxStatus.PENDING, SandboxStatus.CREATING, SandboxStatus.RUNNING
 COMPLETED, FAILED = SandboxStatus.COMPLETED, SandboxStatus.FAILED
 TERMINATED = SandboxStatus.TERMINATED
-
-# The version of the JSON in the `model` column; a reader refuses versions it does not know.
-MODEL_VERSION = 1
-
-
-# Fields of a config that a record never keeps (`records.kept_config`); mounted files are kept
-# as their paths only.
-_NOT_KEPT = frozenset({"sandbox_id", "registry_credentials", "secret_env"})
-
-
-# The config's fields a row keeps, in the model's order (mounted files: their paths only).
-_KEPT_FIELDS = tuple(
-    f.name
-    for f in dataclasses.fields(SandboxConfig)
-    if f.name not in _NOT_KEPT and f.name != "mounted_files"
-)
-_PLAIN_SCALARS = (str, int, float, bool, type(None))
-
-
-def config_json(config: SandboxConfig) -> str:
-    """The config's part of a record's `model` column: every field but those a record never
-    keeps (so that a new field of the model needs nothing here), as a JSON object. A warm
-    pool member's is made while the member waits (`WarmPool`), not at its claim."""
-    data: dict[str, object] = {"mounted_paths": [path for path, _ in config.mounted_files]}
-    for name in _KEPT_FIELDS:
-        value = getattr(config, name)
-        # Most fields are scalars: they are their own plain form (one call less each).
-        data[name] = value if type(value) in _PLAIN_SCALARS else to_plain(value)
-    return _ENCODER.encode(data)
-
-
-def _model_json(
-    config: SandboxConfig, tags: Sequence[str], lifetime: float, config_text: str = ""
-) -> str:
-    """The `model` column: a record's resolved config (`config_json`; `config_text` when the
-    caller has it), its tags and its lifetime, in one JSON object."""
-    text = config_text or config_json(config)
-    head = (
-        f'{{"max_lifetime_seconds":{_ENCODER.encode(lifetime)},'
-        f'"tags":{_ENCODER.encode(list(tags))},"version":{MODEL_VERSION},'
-    )
-    return head + text[1:]
-
-
-_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
-
-
-def _model_of(text: str, sandbox_id: str) -> tuple[SandboxConfig, tuple[str, ...], float]:
-    """The inverse of `_model_json`. A field missing from the JSON (added to the model after
-    the row was written) takes the model's default."""
-    data: dict[str, Any] = json.loads(text)
-    if data.get("version") != MODEL_VERSION:
-        raise ValueError(f"sandbox {sandbox_id}: model version {data.get('version')!r} unknown")
-    hints = typing.get_type_hints(SandboxConfig)
-    fields: dict[str, Any] = {
-        f.name: from_plain(hints[f.name], data[f.name])
-        for f in dataclasses.fields(SandboxConfig)
-        if f.name in data and f.name not in _NOT_KEPT
-    }
-    fields["mounted_files"] = tuple((str(p), b"") for p in data.get("mounted_paths", ()))
-    config = SandboxConfig(sandbox_id=sandbox_id, **fields)
-    return config, tuple(str(t) for t in data["tags"]), float(data["max_lifetime_seconds"])
 
 
 def _store_models(db: sqlite3.Connection) -> None:
@@ -139,7 +72,7 @@ def _store_models(db: sqlite3.Connection) -> None:
         config, tags, lifetime = decode_stored_spec(bytes(spec), int(created_ns), expires_ns)
         db.execute(
             "UPDATE sandboxes SET model=? WHERE id=?",
-            (_model_json(config, tags, lifetime), sandbox_id),
+            (model_json(config, tags, lifetime), sandbox_id),
         )
     db.execute("ALTER TABLE sandboxes DROP COLUMN spec")
 
@@ -313,7 +246,7 @@ _INSERT_SANDBOX = (
 def _sandbox(row: Sequence[Any]) -> SandboxRecord:
     (sid, owner, request_id, status, reason, exit_code, model, lease_id, node,
      created, started, ended, expires, *usage, egress_listener) = row  # fmt: skip
-    config, tags, lifetime = _model_of(str(model), str(sid))
+    config, tags, lifetime = model_of(str(model), str(sid))
     return SandboxRecord(
         id=str(sid),
         owner=str(owner),
@@ -397,9 +330,9 @@ class Registry:
     def insert_sandbox(self, rec: SandboxRecord, config_text: str = "") -> None:
         """Inserts a new record with its tags; sqlite3.IntegrityError on a duplicate request id.
         One statement (atomic by itself) when it has no tags, else one transaction.
-        `config_text`: `config_json(rec.config)` when the caller has it already."""
+        `config_text`: `record_json.config_json(rec.config)` when the caller has it already."""
         db = self._db
-        model = _model_json(rec.config, rec.tags, rec.max_lifetime_seconds, config_text)
+        model = model_json(rec.config, rec.tags, rec.max_lifetime_seconds, config_text)
         u = rec.network_usage
         values = (rec.id, rec.owner, rec.request_id, int(rec.status), rec.reason,
                   rec.exit_code, model, rec.lease_id, rec.node, rec.created_ns,
@@ -438,7 +371,7 @@ class Registry:
     def update_config(self, rec: SandboxRecord) -> None:
         """Writes `rec.config`: for the few fields that may change after the create, such as
         the egress policy."""
-        model = _model_json(rec.config, rec.tags, rec.max_lifetime_seconds)
+        model = model_json(rec.config, rec.tags, rec.max_lifetime_seconds)
         self._db.execute("UPDATE sandboxes SET model=? WHERE id=?", (model, rec.id))
 
     def get_sandbox(self, sandbox_id: str) -> SandboxRecord | None:

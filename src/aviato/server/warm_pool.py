@@ -46,8 +46,8 @@ from dataclasses import dataclass, replace
 
 from aviato.runtime.base import Runtime, SandboxHandle, SandboxRuntimeError
 from aviato.runtime.model import SandboxConfig
+from aviato.server.record_json import config_json
 from aviato.server.records import kept_config
-from aviato.server.registry import config_json
 
 __all__ = [
     "MEMBER_LIFETIME_SECONDS",
@@ -96,7 +96,7 @@ class PoolMember:
     handle: SandboxHandle
     started: float  # time.monotonic() when it became ready
     watcher: asyncio.Task[None] | None = None
-    # `registry.config_json` of the record a claim keeps of `config`, made while it waits
+    # `record_json.config_json` of the record a claim keeps of `config`, made while it waits
     # (`config_text_for`).
     config_text: str = ""
 
@@ -108,7 +108,7 @@ class PoolMember:
         return replace(self.config, idle_timeout_seconds=config.idle_timeout_seconds)
 
     def config_text_for(self, config: SandboxConfig) -> str:
-        """`registry.config_json(config)` when `config` is the member's own (made while it
+        """`record_json.config_json(config)` when `config` is the member's own (made while it
         waited), else "" (the registry makes it)."""
         return self.config_text if config is self.config else ""
 
