@@ -410,26 +410,48 @@ def resolve(options: SandboxArgs, defaults: SandboxDefaults) -> ResolvedSandbox:
     idle = options.get("idle_timeout_seconds")
     if idle is None:
         idle = d.idle_timeout_seconds
-    egress_mode, egress = net.to_spec_egress() if net is not None else ("", [])
-    spec = pb.SandboxSpec(
-        image=_defaults.resolve_image(options.get("container_image"), d.container_image),
-        command=argv,
-        env=d.merge_environment_variables(options.get("environment_variables")),
-        working_dir=wd or "",
-        tags=d.merge_tags(options.get("tags")),
-        max_lifetime_seconds=float(lifetime or 0.0),
-        mounted_files=_defaults.mounted_files_to_proto(options.get("mounted_files")),
-        egress_mode=egress_mode,
-        egress=egress,
-        exposed_ports=net.to_spec_ports() if net is not None else [],
-        image_command=use_image_command,
-        node_selector=d.merge_node_selector(options.get("node_selector")),
-        idle_timeout_seconds=float(idle or 0.0),
-        mounts=d.merge_volumes(options.get("volumes")),
-        writable_layer=check_writable_layer(options.get("writable_layer")) or "",
-        snapshot_id=snapshot_id_of(options.get("snapshot")),
-        secrets=secret_names([*d.secrets, *secret_names(options.get("secrets"))]),
-    )
+    # Only what is set goes into the spec (an unset field is the empty one): an option left
+    # out whose default is empty costs no merge, no conversion and no field to fill.
+    spec_fields: dict[str, Any] = {"command": argv} if argv else {}
+    image = _defaults.resolve_image(options.get("container_image"), d.container_image)
+    if image:
+        spec_fields["image"] = image
+    env = options.get("environment_variables")
+    if env is not None or d.environment_variables:
+        spec_fields["env"] = d.merge_environment_variables(env)
+    if wd:
+        spec_fields["working_dir"] = wd
+    tags = options.get("tags")
+    if tags is not None or d.tags:
+        spec_fields["tags"] = d.merge_tags(tags)
+    if lifetime:
+        spec_fields["max_lifetime_seconds"] = float(lifetime)
+    files = options.get("mounted_files")
+    if files is not None:
+        spec_fields["mounted_files"] = _defaults.mounted_files_to_proto(files)
+    if net is not None:
+        spec_fields["egress_mode"], spec_fields["egress"] = net.to_spec_egress()
+        spec_fields["exposed_ports"] = net.to_spec_ports()
+    if use_image_command:
+        spec_fields["image_command"] = True
+    selector = options.get("node_selector")
+    if selector is not None or d.node_selector:
+        spec_fields["node_selector"] = d.merge_node_selector(selector)
+    if idle:
+        spec_fields["idle_timeout_seconds"] = float(idle)
+    volumes = options.get("volumes")
+    if volumes is not None or d.volumes:
+        spec_fields["mounts"] = d.merge_volumes(volumes)
+    layer = check_writable_layer(options.get("writable_layer"))
+    if layer:
+        spec_fields["writable_layer"] = layer
+    snapshot = options.get("snapshot")
+    if snapshot is not None:
+        spec_fields["snapshot_id"] = snapshot_id_of(snapshot)
+    secrets = options.get("secrets")
+    if secrets is not None or d.secrets:
+        spec_fields["secrets"] = secret_names([*d.secrets, *secret_names(secrets)])
+    spec = pb.SandboxSpec(**spec_fields)
     if spec.writable_layer == "" and d.writable_layer:
         spec.writable_layer = d.writable_layer
     resources = options.get("resources")

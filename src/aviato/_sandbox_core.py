@@ -69,6 +69,9 @@ logger = logging.getLogger("aviato")
 _STARTED = pb.WaitSandboxRequest.CONDITION_STARTED
 _TERMINAL = pb.WaitSandboxRequest.CONDITION_TERMINAL
 _WAIT_SLICE_SECONDS = 60.0  # the service's cap per WaitSandbox call
+# The defaults of a sandbox made without any: made once (they read no environment, and
+# nothing changes a `SandboxDefaults` in place), not per sandbox.
+_NO_DEFAULTS = SandboxDefaults()
 
 
 def _ts(record: pb.Sandbox, name: str) -> datetime | None:
@@ -100,7 +103,7 @@ class SandboxCore(
         _session: SandboxOwner | None = None,
         **options: Unpack[SandboxArgs],
     ) -> None:
-        d = defaults or SandboxDefaults()
+        d = defaults or _NO_DEFAULTS
         self._defaults = d
         resolved = resolve(options, d)
         self._spec = resolved.spec

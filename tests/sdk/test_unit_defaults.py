@@ -83,6 +83,31 @@ def test_sandbox_spec_merges_defaults_and_explicit_values() -> None:
     assert sb.sandbox_id is None and sb.status is None  # nothing sent
 
 
+def test_options_left_out_leave_the_spec_empty_and_given_ones_are_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The spec holds only what is set (an option left out whose default is empty costs the
+    create nothing); an option given, even empty, is still checked and merged."""
+    monkeypatch.delenv("AVIATO_IMAGE", raising=False)
+    assert Sandbox()._spec == pb.SandboxSpec()
+    assert Sandbox(tags=[], environment_variables={}, secrets=[], volumes={})._spec == (
+        pb.SandboxSpec()
+    )
+    with pytest.raises(SandboxValidationError, match="secrets"):
+        Sandbox(secrets="NAME")
+    with pytest.raises(SandboxValidationError, match="mounted_files"):
+        Sandbox(mounted_files=[{"path": "relative", "content": b""}])
+    with pytest.raises(SandboxValidationError, match="writable_layer"):
+        Sandbox(writable_layer="tape")
+    d = SandboxDefaults(
+        tags=("team",), secrets=("A_KEY",), node_selector={"zone": "a"}, idle_timeout_seconds=5
+    )
+    spec = Sandbox(defaults=d, secrets=["B_KEY"], image_command=True)._spec
+    assert list(spec.tags) == ["team"] and list(spec.secrets) == ["A_KEY", "B_KEY"]
+    assert dict(spec.node_selector) == {"zone": "a"} and spec.idle_timeout_seconds == 5
+    assert spec.image_command and not spec.command
+
+
 def test_default_command_is_the_keepalive_and_image_from_env(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

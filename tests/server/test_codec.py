@@ -46,3 +46,31 @@ def test_defaults_are_resolved_once_and_answered() -> None:
     assert (again.config.memory_bytes, again.config.pids, again.config.disk_bytes) == (
         300 * MiB, 77, 2 * MiB
     )  # fmt: skip
+
+
+def test_the_spec_decoder_answers_as_decode_spec_and_keeps_only_small_specs() -> None:
+    defaults = SpecDefaults(image="host", memory_bytes=300 * MiB, pids=77, disk_bytes=2 * MiB)
+    specs = codec.SpecDecoder(defaults, size=2, max_bytes=256)
+    plain = pb.SandboxSpec()
+    other = pb.SandboxSpec(env={"A": "1", "B": "2"}, tags=["t"], resources=pb.Resources(pids=5))
+    for spec in (plain, other, plain, other):
+        assert specs.decode(spec) == codec.decode_spec(spec, defaults)
+    assert specs.decode(plain) is specs.decode(plain)  # remembered
+    assert specs.decode(other).config.env == {"A": "1", "B": "2"}
+    assert specs.decode(other).config.pids == 5 and specs.decode(plain).config.pids == 77
+    # A map's order on the wire does not make two specs of one meaning two answers.
+    reordered = pb.SandboxSpec(env={"B": "2", "A": "1"}, tags=["t"], resources=pb.Resources(pids=5))
+    assert specs.decode(reordered) is specs.decode(other)
+    # At most `size` kept: the oldest goes.
+    third = pb.SandboxSpec(tags=["x"])
+    kept = specs.decode(plain)
+    specs.decode(other), specs.decode(third)
+    assert specs.decode(plain) is not kept and specs.decode(plain) == kept
+    # An invalid spec raises every time (nothing is kept of it).
+    for _ in range(2):
+        with pytest.raises(InvalidArgument, match=r"spec\.resources"):
+            specs.decode(pb.SandboxSpec(resources=pb.Resources(memory="lots")))
+    # A spec larger than `max_bytes` (a mounted file's content) is decoded each time.
+    big = pb.SandboxSpec(mounted_files=[pb.MountedFile(path="/f", content=b"x" * 1000)])
+    assert specs.decode(big) is not specs.decode(big)
+    assert specs.decode(big) == codec.decode_spec(big, defaults)

@@ -259,3 +259,30 @@ def test_members_never_take_a_users_place(fresh_server: ServerProcess) -> None:
     assert claimed and sb.status == RUNNING
     for each in (made[1][0], sb):
         client.delete(each.id)
+
+
+def test_a_retried_create_answers_its_record_and_no_other(fresh_server: ServerProcess) -> None:
+    """The registry is asked for an earlier create of a request id only when a create cannot
+    be recorded: a retry of an ended sandbox's create (the pool full, a member claimed for it
+    and then let go) and one refused for capacity both answer the earlier record, never a
+    second sandbox or the refusal."""
+    server = fresh_server
+    server.args += ["--warm-pool", "1", "--max-sandboxes", "1"]
+    server.start()
+    wait_pool_ready(server, 1)
+    client = server.client()
+    rid = "retried-create"
+    first, claimed = created_and_claimed(server, client, request_id=rid)
+    assert claimed
+    ended = client.stop(first.id)
+    wait_pool_ready(server, 1)
+    again = client.create(request_id=rid)
+    assert (again.id, again.status) == (first.id, ended.status)
+    other, _ = created_and_claimed(server, client)  # the service is full now
+    with pytest.raises(grpc.RpcError) as full:
+        client.create()
+    assert code_of(full.value) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert client.create(request_id=rid).id == first.id  # the retry, not the refusal
+    assert recorded_ids(server) == {first.id, other.id}
+    client.delete(other.id)
+    wait_pool_ready(server, 1)  # and the pool fills again

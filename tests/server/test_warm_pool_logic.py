@@ -19,6 +19,9 @@ from aviato.server import warm_pool
 from aviato.server.__main__ import parse_args
 from aviato.server.codec import default_config
 from aviato.server.config import ServerConfig
+from aviato.server.record_json import config_json
+from aviato.server.records import SandboxRecord, SandboxStatus
+from aviato.server.registry import Registry
 from aviato.server.warm_pool import WarmPool
 
 SHAPE = default_config(ServerConfig(state_dir=Path("/nonexistent")).spec_defaults())
@@ -147,3 +150,30 @@ def test_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AVIATO_WARM_POOL", "lots")
     with pytest.raises(SystemExit):
         parse_args(["--state-dir", "/tmp/x"])
+
+
+def test_a_member_carries_the_model_text_its_claims_record_keeps(tmp_path: Path) -> None:
+    """Made while the member waits, the text must be exactly what the registry would write for
+    the claim's config, and is not used for a config that is not the member's own."""
+
+    async def body(pool: WarmPool, runtime: FakeRuntime, flags: dict[str, bool]) -> None:
+        await until(lambda: len(pool.ready_ids) == 2)
+        member = pool.claim(SHAPE)
+        assert member is not None
+        own = member.config_for(SHAPE)
+        assert own is member.config and member.config_text_for(own) == config_json(own) != ""
+        other = member.config_for(replace(SHAPE, idle_timeout_seconds=5.0))
+        assert other.idle_timeout_seconds == 5.0 and member.config_text_for(other) == ""
+        registry = Registry(tmp_path / "registry.db")
+        rec = SandboxRecord(
+            id=member.sandbox_id, owner="o", request_id="r", status=SandboxStatus.RUNNING,
+            config=own, created_ns=1, tags=("t",), max_lifetime_seconds=60.0,
+        )  # fmt: skip
+        registry.insert_sandbox(rec, member.config_text_for(own))
+        back = registry.get_sandbox(member.sandbox_id)
+        assert back is not None and back.config == own and back.tags == ("t",)
+        assert back.max_lifetime_seconds == 60.0
+        registry.close()
+        pool.discard(member)
+
+    run(tmp_path, body)

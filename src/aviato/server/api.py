@@ -133,7 +133,7 @@ class SandboxServicer(
         self._config = config
         #: Where the HTTP side listens ("": nowhere, or not bound yet); app.py sets it.
         self.http_address = config.http or ""
-        self._defaults = config.spec_defaults()
+        self._specs = codec.SpecDecoder(config.spec_defaults())
         self._snapshots = snapshots or SnapshotService(lifecycle, lifecycle.registry, placement)
 
     # -- records ------------------------------------------------------------------------------
@@ -143,7 +143,7 @@ class SandboxServicer(
         self, owner: str, request: pb.CreateSandboxRequest, context: Ctx
     ) -> pb.Sandbox:
         request_id = validation.validate_request_id(request.request_id)
-        valid = codec.decode_spec(request.spec, self._defaults)
+        valid = self._specs.decode(request.spec)
         self._snapshots.check_start(owner, valid)
         rec = self._lifecycle.create(
             owner,

@@ -217,8 +217,15 @@ class AlreadyRunning(StartupError):
 class _LogfmtFormatter(logging.Formatter):
     """One line per record: `ts=... level=... logger=... msg="..."` (plus the traceback)."""
 
+    _second = -1
+    _second_text = ""
+
     def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        second = int(record.created)
+        if second != self._second:  # formatted once a second, not per line
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        ts = self._second_text
         msg = record.getMessage().replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
         line = (
             f"ts={ts}.{int(record.msecs):03d}Z level={record.levelname.lower()} "
@@ -235,6 +242,12 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # The formatter shows none of these: each costs every record a lookup (the logging HOWTO's
+    # "Optimization"; a create logs a line, and the service's loop runs the handler).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # grpc's and asyncio's debug output would drown ours.
     for noisy in ("grpc", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))

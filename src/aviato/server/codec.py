@@ -19,7 +19,9 @@ never mounted file contents, never registry credentials, never a secret's value.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
+from typing import Any
 
 from aviato.runtime.base import ExecExit, ExecOutput
 from aviato.runtime.model import (
@@ -41,6 +43,7 @@ from aviato.v1 import sandbox_pb2 as pb
 
 __all__ = [
     "STATUS_TO_PROTO",
+    "SpecDecoder",
     "decode_exec_init",
     "decode_resize",
     "decode_spec",
@@ -74,6 +77,36 @@ _STATUS_FROM_PROTO = {wire: status for status, wire in STATUS_TO_PROTO.items()}
 def default_config(defaults: SpecDefaults) -> SandboxConfig:
     """What a create that asks for nothing validates to (the warm pool's shape)."""
     return decode_spec(pb.SandboxSpec(), defaults).config
+
+
+class SpecDecoder:
+    """`decode_spec` with the service's defaults, remembering its answers for the few small
+    specs that creates send again and again (`Sandbox.run()`'s, a harness's): a spec is known by
+    its wire bytes (deterministic), at most `size` of them, each at most `max_bytes` (a spec
+    with mounted files' contents is decoded each time). `decode_spec` is a function of the
+    spec and the defaults alone (it reads no state), and nothing changes its answer in place
+    (a frozen model), so a remembered answer is the one decoding would give; an invalid spec
+    raises each time."""
+
+    def __init__(self, defaults: SpecDefaults, size: int = 32, max_bytes: int = 2048) -> None:
+        self.defaults = defaults
+        self._size = size
+        self._max_bytes = max_bytes
+        self._known: OrderedDict[bytes, ValidSpec] = OrderedDict()
+
+    def decode(self, spec: pb.SandboxSpec) -> ValidSpec:
+        key = spec.SerializeToString(deterministic=True)
+        if len(key) > self._max_bytes:
+            return decode_spec(spec, self.defaults)
+        known = self._known.get(key)
+        if known is not None:
+            self._known.move_to_end(key)
+            return known
+        valid = decode_spec(spec, self.defaults)
+        self._known[key] = valid
+        if len(self._known) > self._size:
+            self._known.popitem(last=False)
+        return valid
 
 
 def decode_spec(spec: pb.SandboxSpec, defaults: SpecDefaults) -> ValidSpec:
@@ -249,32 +282,50 @@ def decode_stored_spec(
 
 
 def _encode_spec(rec: SandboxRecord) -> pb.SandboxSpec:
+    """The record's spec as answered: its resolved fields, only those set (an empty field is
+    the unset one on the wire, and not filling it saves the answer's building)."""
     config = rec.config
-    return pb.SandboxSpec(
-        image=config.image,
-        command=config.command,
-        env=config.env,
-        working_dir=config.working_dir,
-        tags=rec.tags,
-        resources=pb.Resources(
+    fields: dict[str, Any] = {
+        "image": config.image,
+        "resources": pb.Resources(
             cpu="" if config.cpu_millis is None else quantities.cpu_quantity(config.cpu_millis),
             memory=quantities.bytes_quantity(config.memory_bytes),
             pids=config.pids,
             disk=quantities.bytes_quantity(config.disk_bytes),
         ),
-        max_lifetime_seconds=rec.max_lifetime_seconds,
-        mounted_files=[pb.MountedFile(path=path) for path, _ in config.mounted_files],
-        network="none",
-        egress_mode="internet" if config.egress.internet else "",
-        egress=[
+        "network": "none",
+        "writable_layer": config.writable_layer,
+    }
+    if config.command:
+        fields["command"] = config.command
+    if config.env:
+        fields["env"] = config.env
+    if config.working_dir:
+        fields["working_dir"] = config.working_dir
+    if rec.tags:
+        fields["tags"] = rec.tags
+    if rec.max_lifetime_seconds:
+        fields["max_lifetime_seconds"] = rec.max_lifetime_seconds
+    if config.mounted_files:
+        fields["mounted_files"] = [pb.MountedFile(path=path) for path, _ in config.mounted_files]
+    egress = config.egress
+    if egress.internet:
+        fields["egress_mode"] = "internet"
+    if egress.rules:
+        fields["egress"] = [
             pb.EgressRule(dns_name=r.dns_name) if r.dns_name else pb.EgressRule(cidr=r.cidr)
-            for r in config.egress.rules
-        ],
-        exposed_ports=config.exposed_ports,
-        node_selector=dict(config.node_selector),
-        image_command=config.image_command,
-        idle_timeout_seconds=config.idle_timeout_seconds,
-        mounts=[
+            for r in egress.rules
+        ]
+    if config.exposed_ports:
+        fields["exposed_ports"] = config.exposed_ports
+    if config.node_selector:
+        fields["node_selector"] = dict(config.node_selector)
+    if config.image_command:
+        fields["image_command"] = True
+    if config.idle_timeout_seconds:
+        fields["idle_timeout_seconds"] = config.idle_timeout_seconds
+    if config.mounts:
+        fields["mounts"] = [
             pb.DirectoryMount(
                 path=m.path,
                 volume=m.volume,
@@ -283,11 +334,12 @@ def _encode_spec(rec: SandboxRecord) -> pb.SandboxSpec:
                 size_bytes=m.size_bytes,
             )
             for m in config.mounts
-        ],
-        writable_layer=config.writable_layer,
-        snapshot_id=config.snapshot_id,
-        secrets=config.secrets,
-    )
+        ]
+    if config.snapshot_id:
+        fields["snapshot_id"] = config.snapshot_id
+    if config.secrets:
+        fields["secrets"] = config.secrets
+    return pb.SandboxSpec(**fields)
 
 
 def encode_snapshot(snap: SnapshotRecord) -> pb.Snapshot:

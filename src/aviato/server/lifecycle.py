@@ -39,6 +39,7 @@ import builtins
 import contextlib
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -270,33 +271,54 @@ class Lifecycle(Pausing, Reconciliation):
         """Records a new PENDING sandbox and starts creating it; or returns the earlier one.
 
         Deliberately synchronous: nothing can interleave between the idempotency check, the
-        capacity check and the insert.
+        capacity check and the insert. The registry is asked for an earlier create of the
+        request id only when this one cannot be recorded (refused, or its insert meets the
+        request id's unique key): a new request id, nearly every create's, costs no lookup.
+        A live sandbox of the request id is answered at once, from memory.
         """
         if self._closing:
             raise FailedPrecondition("the service is shutting down", reason=SERVICE_SHUTTING_DOWN)
         live = self._by_request.get((owner, request_id))
         if live is not None:
             return live.rec
-        earlier = self._registry.get_by_request(owner, request_id)
-        if earlier is not None:
+        try:
+            return self._create_new(owner, request_id, valid, lease_id, lease_ttl_seconds)
+        except Exception:
+            earlier = self._registry.get_by_request(owner, request_id)
+            if earlier is None:
+                raise
             live = self._live.get(earlier.id)
             return live.rec if live is not None else earlier
+
+    def _create_new(
+        self,
+        owner: str,
+        request_id: str,
+        valid: ValidSpec,
+        lease_id: str,
+        lease_ttl_seconds: float,
+    ) -> SandboxRecord:
+        """`create` of a request id not live now; sqlite3.IntegrityError when the registry
+        holds a sandbox of it (its member, if one was claimed, is removed)."""
         if lease_id:
             self._check_lease_args(lease_id, lease_ttl_seconds, "lease_id", "lease_ttl_seconds")
         charge = charge_of(valid.config)
         self._admission.check(owner, charge, len(self._live))
 
-        sandbox_id = new_sandbox_id()
-        config = self.volumes.resolve(owner, replace(valid.config, sandbox_id=sandbox_id))
-        config = self.secrets.resolve(owner, config)
-        node, runtime = self._placement.runtime_for_new(config)
-        runtime.check(config)  # refused here, not accepted and then FAILED
-        # Last, once nothing can refuse the create: a warm pool member of exactly this spec.
+        config = self.secrets.resolve(owner, self.volumes.resolve(owner, valid.config))
+        # Last, once nothing else can refuse the create: a warm pool member of exactly this
+        # spec. The runtime checked that spec when it started the member (`runtime.create`
+        # checks all that `runtime.check` does), and a member takes no new place on its node.
         pool = self.pool
         member = pool.claim(config) if pool is not None else None
         if pool is not None and member is not None:
             sandbox_id, node, runtime = member.sandbox_id, pool.node, pool.runtime
+            config = member.config_for(config)
+        else:
+            sandbox_id = new_sandbox_id()
             config = replace(config, sandbox_id=sandbox_id)
+            node, runtime = self._placement.runtime_for_new(config)
+            runtime.check(config)  # refused here, not accepted and then FAILED
         # PENDING only while it waits for a node or an image: one registry write less per
         # create (a restart treats PENDING and CREATING alike: the sandbox is removed, FAILED).
         ready = member is not None or (node and runtime.image_ready(config.image))
@@ -318,17 +340,18 @@ class Lifecycle(Pausing, Reconciliation):
         )
         if lease_id:
             self.renew_lease(owner, lease_id, lease_ttl_seconds)
-        self._registry.insert_sandbox(rec)
+        known = member.config_text_for(rec.config) if member is not None else ""
+        try:
+            self._registry.insert_sandbox(rec, known)
+        except sqlite3.IntegrityError:
+            if pool is not None and member is not None:
+                pool.discard(member)  # nobody's, and never handed out again
+            raise
         live = LiveSandbox(rec, runtime, config, charge)
         self._adopt(live)
         if member is not None:
             live.handle = member.handle
-            run = self._run_started(live)
-        else:
-            run = self._run_new(live)
-        live.task = asyncio.create_task(run, name=f"sandbox-{sandbox_id}")
-        log.info("sandbox created id=%s owner=%s image=%s%s", sandbox_id, owner, config.image,
-                 " (from the warm pool)" if member is not None else "")  # fmt: skip
+        live.task = asyncio.create_task(self._drive(live), name=f"sandbox-{sandbox_id}")
         return rec
 
     def volume_users(self, owner: str) -> dict[str, builtins.list[str]]:

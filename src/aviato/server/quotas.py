@@ -21,6 +21,7 @@ creates, it never stops running sandboxes.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,8 +44,10 @@ __all__ = [
 ]
 
 
+@functools.cache
 def host_cpu_millis() -> int:
-    """What a sandbox without a cpu limit counts as: every core of this host."""
+    """What a sandbox without a cpu limit counts as: every core of this host (counted once:
+    `os.cpu_count` reads sysfs at every call, and a create asks for it)."""
     return (os.cpu_count() or 1) * 1000
 
 

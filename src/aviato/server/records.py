@@ -81,7 +81,13 @@ class ValidSpec:
 def kept_config(config: SandboxConfig) -> SandboxConfig:
     """What a record keeps of a config: no mounted file contents (a record must stay small;
     the paths are kept), never the registry credentials nor the secrets' values (their names
-    are kept)."""
+    are kept). The config itself when it holds none of these (no copy per create)."""
+    if (
+        config.registry_credentials is None
+        and not config.secret_env
+        and not any(content for _, content in config.mounted_files)
+    ):
+        return config
     return replace(
         config,
         mounted_files=tuple((path, b"") for path, _ in config.mounted_files),

@@ -16,7 +16,7 @@ url-safe base64 of "created_ns:id", the keyset position after the last returned 
 
 A sandbox's row keeps its resolved model (`records.SandboxRecord`: the `SandboxConfig` with
 every default resolved, its tags and lifetime) as versioned JSON in the `model` column (see
-`_model_json`); statuses are `records.SandboxStatus` integers. Up to schema 2 the row kept the
+`record_json`); statuses are `records.SandboxStatus` integers. Up to schema 2 the row kept the
 request's wire bytes instead; migration 3 converts such rows once (`codec.decode_stored_spec`).
 """
 
@@ -24,12 +24,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
-import json
 import os
 import sqlite3
 import time
-import typing
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +34,9 @@ from typing import Any
 
 from aviato._private import open_private
 from aviato.egress.gateway import EgressUsage
-from aviato.runtime.model import SandboxConfig
-from aviato.runtime.model_codec import from_plain, to_plain
 from aviato.server.codec import decode_stored_spec
 from aviato.server.errors import InvalidArgument
+from aviato.server.record_json import MODEL_VERSION, model_json, model_of
 from aviato.server.records import (
     ALL_STATUSES,
     TERMINAL_STATUSES,
@@ -67,47 +63,6 @@ PENDING, CREATING, RUNNING = SandboxStatus.PENDING, SandboxStatus.CREATING, Sand
 COMPLETED, FAILED = SandboxStatus.COMPLETED, SandboxStatus.FAILED
 TERMINATED = SandboxStatus.TERMINATED
 
-# The version of the JSON in the `model` column; a reader refuses versions it does not know.
-MODEL_VERSION = 1
-
-
-# Fields of a config that a record never keeps (`records.kept_config`); mounted files are kept
-# as their paths only.
-_NOT_KEPT = frozenset({"sandbox_id", "registry_credentials", "secret_env"})
-
-
-def _model_json(config: SandboxConfig, tags: Sequence[str], lifetime: float) -> str:
-    """The `model` column: a record's resolved config (every field but those a record never
-    keeps, so that a new field of the model needs nothing here), its tags and its lifetime."""
-    data: dict[str, object] = {
-        "version": MODEL_VERSION,
-        "tags": list(tags),
-        "max_lifetime_seconds": lifetime,
-    }
-    for f in dataclasses.fields(SandboxConfig):
-        if f.name == "mounted_files":
-            data["mounted_paths"] = [path for path, _ in config.mounted_files]
-        elif f.name not in _NOT_KEPT:
-            data[f.name] = to_plain(getattr(config, f.name))
-    return json.dumps(data, separators=(",", ":"), sort_keys=True)
-
-
-def _model_of(text: str, sandbox_id: str) -> tuple[SandboxConfig, tuple[str, ...], float]:
-    """The inverse of `_model_json`. A field missing from the JSON (added to the model after
-    the row was written) takes the model's default."""
-    data: dict[str, Any] = json.loads(text)
-    if data.get("version") != MODEL_VERSION:
-        raise ValueError(f"sandbox {sandbox_id}: model version {data.get('version')!r} unknown")
-    hints = typing.get_type_hints(SandboxConfig)
-    fields: dict[str, Any] = {
-        f.name: from_plain(hints[f.name], data[f.name])
-        for f in dataclasses.fields(SandboxConfig)
-        if f.name in data and f.name not in _NOT_KEPT
-    }
-    fields["mounted_files"] = tuple((str(p), b"") for p in data.get("mounted_paths", ()))
-    config = SandboxConfig(sandbox_id=sandbox_id, **fields)
-    return config, tuple(str(t) for t in data["tags"]), float(data["max_lifetime_seconds"])
-
 
 def _store_models(db: sqlite3.Connection) -> None:
     """Migration 3: every row's wire-format spec becomes its resolved model, decoded once."""
@@ -117,7 +72,7 @@ def _store_models(db: sqlite3.Connection) -> None:
         config, tags, lifetime = decode_stored_spec(bytes(spec), int(created_ns), expires_ns)
         db.execute(
             "UPDATE sandboxes SET model=? WHERE id=?",
-            (_model_json(config, tags, lifetime), sandbox_id),
+            (model_json(config, tags, lifetime), sandbox_id),
         )
     db.execute("ALTER TABLE sandboxes DROP COLUMN spec")
 
@@ -282,11 +237,16 @@ _SANDBOX_COLUMNS = (
     "egress_listener"
 )
 
+_INSERT_SANDBOX = (
+    f"INSERT INTO sandboxes ({_SANDBOX_COLUMNS}) "
+    f"VALUES ({', '.join('?' * len(_SANDBOX_COLUMNS.split(',')))})"
+)
+
 
 def _sandbox(row: Sequence[Any]) -> SandboxRecord:
     (sid, owner, request_id, status, reason, exit_code, model, lease_id, node,
      created, started, ended, expires, *usage, egress_listener) = row  # fmt: skip
-    config, tags, lifetime = _model_of(str(model), str(sid))
+    config, tags, lifetime = model_of(str(model), str(sid))
     return SandboxRecord(
         id=str(sid),
         owner=str(owner),
@@ -367,22 +327,24 @@ class Registry:
 
     # -- sandboxes ----------------------------------------------------------------------------
 
-    def insert_sandbox(self, rec: SandboxRecord) -> None:
-        """Inserts a new record with its tags; sqlite3.IntegrityError on a duplicate request id."""
+    def insert_sandbox(self, rec: SandboxRecord, config_text: str = "") -> None:
+        """Inserts a new record with its tags; sqlite3.IntegrityError on a duplicate request id.
+        One statement (atomic by itself) when it has no tags, else one transaction.
+        `config_text`: `record_json.config_json(rec.config)` when the caller has it already."""
         db = self._db
+        model = model_json(rec.config, rec.tags, rec.max_lifetime_seconds, config_text)
+        u = rec.network_usage
+        values = (rec.id, rec.owner, rec.request_id, int(rec.status), rec.reason,
+                  rec.exit_code, model, rec.lease_id, rec.node, rec.created_ns,
+                  rec.started_ns, rec.ended_ns, rec.expires_ns, u.bytes_sent,
+                  u.bytes_received, u.connections, u.refused,
+                  int(rec.egress_listener))  # fmt: skip
+        if not rec.tags:
+            db.execute(_INSERT_SANDBOX, values)
+            return
         db.execute("BEGIN")
         try:
-            model = _model_json(rec.config, rec.tags, rec.max_lifetime_seconds)
-            values = (rec.id, rec.owner, rec.request_id, int(rec.status), rec.reason,
-                      rec.exit_code, model, rec.lease_id, rec.node, rec.created_ns,
-                      rec.started_ns, rec.ended_ns, rec.expires_ns,
-                      *dataclasses.astuple(rec.network_usage),
-                      int(rec.egress_listener))  # fmt: skip
-            db.execute(
-                f"INSERT INTO sandboxes ({_SANDBOX_COLUMNS}) "
-                f"VALUES ({', '.join('?' * len(values))})",
-                values,
-            )
+            db.execute(_INSERT_SANDBOX, values)
             db.executemany(
                 "INSERT OR IGNORE INTO sandbox_tags (sandbox_id, tag) VALUES (?, ?)",
                 [(rec.id, tag) for tag in rec.tags],
@@ -409,7 +371,7 @@ class Registry:
     def update_config(self, rec: SandboxRecord) -> None:
         """Writes `rec.config`: for the few fields that may change after the create, such as
         the egress policy."""
-        model = _model_json(rec.config, rec.tags, rec.max_lifetime_seconds)
+        model = model_json(rec.config, rec.tags, rec.max_lifetime_seconds)
         self._db.execute("UPDATE sandboxes SET model=? WHERE id=?", (model, rec.id))
 
     def get_sandbox(self, sandbox_id: str) -> SandboxRecord | None:

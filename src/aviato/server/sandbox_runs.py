@@ -139,6 +139,18 @@ class SandboxRuns:
         self._registry.update_sandbox(rec)
         live.notify()
 
+    async def _drive(self, live: LiveSandbox) -> None:
+        """The task of a sandbox just recorded by its create: a new one (`_run_new`), or a warm
+        pool member claimed with its handle (`_run_started`). It says "created" in the log
+        first: as the task's first step, that runs once the create has been answered."""
+        claimed = live.handle is not None
+        log.info("sandbox created id=%s owner=%s image=%s%s", live.rec.id, live.rec.owner,
+                 live.rec.config.image, " (from the warm pool)" if claimed else "")  # fmt: skip
+        if claimed:
+            await self._run_started(live)
+        else:
+            await self._run_new(live)
+
     async def _run_new(self, live: LiveSandbox) -> None:
         """Drives a new sandbox: CREATING, runtime.create, RUNNING, then watches its end."""
         if await self._create_in_runtime(live):

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -45,13 +46,14 @@ from dataclasses import dataclass, replace
 
 from aviato.runtime.base import Runtime, SandboxHandle, SandboxRuntimeError
 from aviato.runtime.model import SandboxConfig
+from aviato.server.record_json import config_json
+from aviato.server.records import kept_config
 
 __all__ = [
     "MEMBER_LIFETIME_SECONDS",
     "PoolMember",
     "WarmPool",
     "new_sandbox_id",
-    "pool_shape_key",
 ]
 
 log = logging.getLogger("aviato.server.warm_pool")
@@ -78,11 +80,11 @@ def new_sandbox_id() -> str:
     return "sbx-" + secrets.token_hex(6)
 
 
-def pool_shape_key(config: SandboxConfig) -> SandboxConfig:
-    """What of a config must equal the pool's shape for a member to serve it: all of it but
-    the sandbox's id and its idle timeout (enforced by the service's reaper, never seen by the
-    runtime; the claimed sandbox's record keeps the request's)."""
-    return replace(config, sandbox_id="", idle_timeout_seconds=0.0)
+# What of a config is not the pool's shape: the sandbox's id and its idle timeout (enforced by
+# the service's reaper, never seen by the runtime; the claimed sandbox's record keeps the
+# request's).
+_NOT_SHAPE = frozenset({"sandbox_id", "idle_timeout_seconds"})
+_SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(SandboxConfig) if f.name not in _NOT_SHAPE)
 
 
 @dataclass
@@ -94,6 +96,21 @@ class PoolMember:
     handle: SandboxHandle
     started: float  # time.monotonic() when it became ready
     watcher: asyncio.Task[None] | None = None
+    # `record_json.config_json` of the record a claim keeps of `config`, made while it waits
+    # (`config_text_for`).
+    config_text: str = ""
+
+    def config_for(self, config: SandboxConfig) -> SandboxConfig:
+        """The claimed sandbox's config: the claimer's `config` (of the pool's shape) under the
+        member's id; the member's own when they agree on the idle timeout (no copy)."""
+        if config.idle_timeout_seconds == self.config.idle_timeout_seconds:
+            return self.config
+        return replace(self.config, idle_timeout_seconds=config.idle_timeout_seconds)
+
+    def config_text_for(self, config: SandboxConfig) -> str:
+        """`record_json.config_json(config)` when `config` is the member's own (made while it
+        waited), else "" (the registry makes it)."""
+        return self.config_text if config is self.config else ""
 
 
 class WarmPool:
@@ -117,7 +134,6 @@ class WarmPool:
         self.node = node
         self.runtime = runtime
         self._shape = replace(shape, sandbox_id="")
-        self._key = pool_shape_key(self._shape)
         self._busy = busy
         self._room = room
         self._grace = grace_seconds
@@ -142,7 +158,8 @@ class WarmPool:
 
     def matches(self, config: SandboxConfig) -> bool:
         """Whether a create of `config` may be served by a member."""
-        return pool_shape_key(config) == self._key
+        shape = self._shape  # field by field: no copy of `config` per create
+        return all(getattr(config, name) == getattr(shape, name) for name in _SHAPE_FIELDS)
 
     def claim(self, config: SandboxConfig) -> PoolMember | None:
         """A ready member for a create of `config`, removed from the pool for good; None when
@@ -166,6 +183,12 @@ class WarmPool:
         self.misses += 1
         self._wanted.set()
         return None
+
+    def discard(self, member: PoolMember) -> None:
+        """Removes a claimed member whose create was not recorded after all (a retried
+        create's request id was in the registry): killed and its state removed, as any member
+        that is never handed out."""
+        self._retire(member)
 
     def describe(self) -> str:
         """One line for `aviato server status`."""
@@ -238,6 +261,9 @@ class WarmPool:
         finally:
             self._starting -= 1
         member = PoolMember(config.sandbox_id, config, handle, time.monotonic())
+        kept = kept_config(config)
+        if kept is config:  # what a claim's record keeps: made now, not at the claim
+            member.config_text = config_json(kept)
         try:
             deadline = time.time_ns() + int(MEMBER_LIFETIME_SECONDS * 1e9)
             await handle.set_deadline(deadline, "lifetime", self._grace)

@@ -4,6 +4,7 @@ service started later finds its sandboxes again (`BubblewrapRuntime.attach`)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -24,6 +25,30 @@ def sandbox_running(directory: Path) -> bool | None:
         return None
     stat = proc_stat(pid)
     return stat is not None and stat[1] == starttime
+
+
+def write_aside(
+    directory: Path,
+    pid: int,
+    boot_id: str,
+    cgroup: SandboxCgroup | None,
+    ids: IdRange | None,
+    image_digest: str | None,
+) -> asyncio.Future[None]:
+    """`write_record` in a thread, while the supervisor starts: it reads the launcher's
+    /proc/<pid>/stat, which waits while the launcher execs (0.8 ms here, up to 2), and the
+    event loop must not wait with it. The caller settles it (`settled`) before it goes on, so
+    that no abort removes the directory under it, and then raises its error."""
+    return asyncio.ensure_future(
+        asyncio.to_thread(write_record, directory, pid, boot_id, cgroup, ids, image_digest)
+    )
+
+
+async def settled(task: asyncio.Future[None]) -> None:
+    """Waits for `task` to end, its error (if any) taken: the failure being raised is another."""
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()
 
 
 def write_record(

@@ -84,7 +84,8 @@ from aviato.runtime.bubblewrap.records import (
     open_process,
     read_record,
     sandbox_running,
-    write_record,
+    settled,
+    write_aside,
 )
 from aviato.runtime.bubblewrap.sandbox import BubblewrapSandbox
 from aviato.runtime.bubblewrap.snapshots import thaw_if_marked
@@ -108,10 +109,9 @@ GiB = 1 << 30
 SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
-# How long a new sandbox's supervisor may take to answer. A sandbox that dies on the way fails
-# at once (its control socket closes); one merely queued behind others gets this long: in a
-# burst of 1,000 at once on 2 cores the last sandboxes answer 10-15 s after their spawn, and at
-# 10 s 600 of the 1,000 failed.
+# How long a new sandbox's supervisor may take to answer. One that dies on the way fails at once
+# (its control socket closes); one queued behind others gets this long: in a burst of 1,000 on
+# 2 cores the last answer 10-15 s after their spawn, and at 10 s 600 of the 1,000 failed.
 CREATE_CONNECT_SECONDS = 60.0
 
 
@@ -385,9 +385,8 @@ class BubblewrapRuntime(Runtime):
         self._limits_for(config)
         check_layer(config, self.layers, self._snapshots)
         if config.image in ("", "host"):
-            # The host image's layout is known without I/O (scanned once at start), so where a
-            # mounted file or the working directory may go is checked now; other images only
-            # once they are pulled, in create.
+            # The host image's layout is known without I/O (scanned at start): where a mounted
+            # file or the working directory may go is checked now; other images' in create.
             root = image_roots.resolve_image(config.image, config.disk_bytes)
             root.workdir_args(config.working_dir)
             root.file_mount_args([(path, "/dev/null") for path, _ in config.mounted_files])
@@ -449,7 +448,9 @@ class BubblewrapRuntime(Runtime):
                 directory, argv, cgroup, launch, environment_args(config, root)
             )
             watch = ProcessWatch(pid, os.pidfd_open(pid), is_child=True)
-            write_record(directory, pid, self._boot_id, cgroup, ids, self._image_of.get(sid))
+            written = write_aside(
+                directory, pid, self._boot_id, cgroup, ids, self._image_of.get(sid)
+            )
             try:
                 conn = await connect_supervisor(directory, sid, self._connect_timeout)
             except SandboxRuntimeError as exc:
@@ -457,6 +458,9 @@ class BubblewrapRuntime(Runtime):
                     await asyncio.wait_for(asyncio.shield(watch.done), 0.5)
                 detail = read_tail(directory / "runtime.log") or str(exc)
                 raise SandboxStartFailed(f"sandbox {sid} failed to start: {detail}") from exc
+            finally:
+                await settled(written)  # before an abort removes the directory under it
+            written.result()  # its error fails the create (the supervisor ends with it)
             handle = BubblewrapSandbox(self, sid, directory, watch, cgroup, conn, ids)
             self._register(handle)
             return handle
