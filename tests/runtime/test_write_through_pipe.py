@@ -14,26 +14,20 @@ import shutil
 import socket
 import stat
 import tempfile
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from one_sandbox import run_in_sandbox, sh
 from supervisor_descriptors import open_fds, settled_fds, supervisor_pid
 
 from aviato.runtime.base import (
     CapacityExhausted,
-    ExecExit,
-    ExecOutput,
-    ExecSpec,
-    SandboxConfig,
-    SandboxHandle,
     SandboxRuntimeError,
     Unsupported,
 )
-from aviato.runtime.bubblewrap import BubblewrapRuntime, BubblewrapSandbox
-from aviato.runtime.supervisor import supervisor_binary
+from aviato.runtime.bubblewrap import BubblewrapSandbox
 from aviato.runtime.supervisor.file_descriptors import _check_handed
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these tests run sandboxes as root")
@@ -57,34 +51,7 @@ def run_with(
     layer: str = "memory",
 ) -> T:
     """`body` with a sandbox whose writable layer is `layer` (kept in memory unless told)."""
-
-    async def main() -> T:
-        rt = BubblewrapRuntime(state_dir, supervisor=supervisor_binary())
-        try:
-            sid = "t-" + uuid.uuid4().hex[:12]
-            h = await rt.create(SandboxConfig(sandbox_id=sid, image="host",
-                                              command=("sleep", "infinity"), env={},
-                                              working_dir="", writable_layer=layer,
-                                              memory_bytes=memory, disk_bytes=disk))  # fmt: skip
-            assert isinstance(h, BubblewrapSandbox)
-            return await asyncio.wait_for(body(h), 120)
-        finally:
-            for sid in rt.list_present():
-                await rt.cleanup(sid)
-            await rt.close()
-
-    return asyncio.run(main())
-
-
-async def sh(h: SandboxHandle, script: str) -> str:
-    e = await h.exec(ExecSpec(argv=("sh", "-c", script), timeout_seconds=60))
-    out = bytearray()
-    async for ev in e.events():
-        if isinstance(ev, ExecOutput):
-            out.extend(ev.data)
-        elif isinstance(ev, ExecExit):
-            assert ev.exit_code == 0, out.decode(errors="replace")
-    return out.decode(errors="replace")
+    return run_in_sandbox(state_dir, body, layer=layer, memory=memory, disk=disk)
 
 
 def _write_all(fd: int, data: bytes) -> None:
