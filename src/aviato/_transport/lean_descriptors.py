@@ -261,7 +261,7 @@ class DescriptorFileReader(FileReader):
         return self._offset
 
     async def _in_thread(self, work: Callable[[], Any]) -> Any:
-        task = asyncio.ensure_future(asyncio.to_thread(work))
+        task = _in_worker(work)
         self._busy = True
         task.add_done_callback(self._work_done)
         return await asyncio.shield(task)  # a cancelled reader leaves the work to end
@@ -370,7 +370,7 @@ class DescriptorFileWriter(FileWriter):
         the number could be reused by another file the work would then write into."""
         if self._fd < 0:
             raise OSError(errno.EBADF, "the write has ended")
-        task = asyncio.ensure_future(asyncio.to_thread(work))
+        task = _in_worker(work)
         self._busy = True
         task.add_done_callback(self._work_done)
         return await asyncio.shield(task)
@@ -413,6 +413,24 @@ class DescriptorFileWriter(FileWriter):
         if not self._busy:
             self._fd = _closed(self._fd)
         self._call.close()  # the service drops the write when the connection ends
+
+
+def _in_worker(work: Callable[[], Any]) -> asyncio.Future[Any]:
+    """`work` in a worker thread (the loop's default executor). While the interpreter exits
+    no new work reaches a thread (the executor refuses it): then `work` runs here, on the
+    loop, which is what lets a `write_file` or `upload_file` fired just before the end of a
+    script finish (the SDK finishes those at exit); each step is bounded (a pipe's wait for
+    room by PIPE_STALL_SECONDS)."""
+    loop = asyncio.get_running_loop()
+    try:
+        return loop.run_in_executor(None, work)
+    except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
+        done = loop.create_future()
+        try:
+            done.set_result(work())
+        except Exception as e:
+            done.set_exception(e)
+        return done
 
 
 def _moved_into_pipe(fd: int, move: Callable[[int], int], count: int) -> int:
