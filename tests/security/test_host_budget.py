@@ -163,8 +163,12 @@ def test_forty_hostile_sandboxes_stay_within_the_budget(budget: Service) -> None
         for sid in ids:
             c.wait(sid, timeout=120)
         phase[0] = "attack"
-        end = time.monotonic() + 10
-        while time.monotonic() < end:
+        # At least 10 s of attack; on a loaded machine the fillers (slowed by 40 fork bombs on
+        # the same cores) may need longer to press the budget's first GiB: up to 40 s.
+        start = time.monotonic()
+        while time.monotonic() < start + 10 or (
+            read_int(memory) < GiB and time.monotonic() < start + 40
+        ):
             t0 = time.monotonic()
             c.list()
             service.append(time.monotonic() - t0)
