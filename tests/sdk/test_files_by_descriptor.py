@@ -177,7 +177,14 @@ def test_an_upload_to_a_memory_layer_is_written_by_the_sandbox(tmp_path: Path) -
         assert sb.upload_file(source, "/workspace/up").result(timeout=120) == 8 * MiB
         assert _transport_answers(sb.sandbox_id, "/workspace/up")[1] == "None"
         assert _transport_answers(sb.sandbox_id, "/workspace/up", MiB)[1] == "DescriptorFileWriter"
-        assert sb.exec(["ls", "-A", "/workspace"]).result(timeout=60).stdout.split() == ["up"]
+        # The write just opened and dropped leaves nothing, once its end has reached the
+        # sandbox (the client's connection closes, then the service's to the supervisor).
+        for _ in range(50):
+            listed = sb.exec(["ls", "-A", "/workspace"]).result(timeout=60).stdout.split()
+            if listed == ["up"]:
+                break
+            time.sleep(0.1)
+        assert listed == ["up"]
 
 
 @disk_layers
