@@ -130,7 +130,7 @@ int launch(int argc, char **argv) {
         if (fd < 0) die("cannot open %s: %s", prog[0], strerror(errno));
         struct staging st = {stage_from, stage_at, volumes_from, volumes_at,
                              layer_from, layer_at, volume_from, volume_at, volumes,
-                             detach, detaches};
+                             detach, detaches, prog};
         if (priv_enter_userns(ns_base, ns_count, &st) < 0) return 125;
         syscall(SYS_execveat, fd, "", prog, environ, AT_EMPTY_PATH);
         fprintf(stderr, "aviato-supervisor: cannot execute %s: %s\n", prog[0], strerror(errno));

@@ -242,6 +242,7 @@ static int map_and_stage(pid_t target, unsigned long base, unsigned long count,
     if (!rc) *what = "detaching the other sandboxes' layers and volumes";
     for (int i = 0; !rc && i < st->detaches; i++)
         if (umount2(st->detach[i], MNT_DETACH) < 0 && errno != EINVAL) rc = errno;
+    if (!rc && st->prog) trim_mounts(st->prog);
     return rc;
 }
 

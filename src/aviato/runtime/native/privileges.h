@@ -23,7 +23,8 @@ struct sandbox_user {
  * `volumes_at`, `layer_from` (a mount point: the sandbox's writable-layer filesystem, mounted by
  * the service) at `layer_at`, and each `volume_from[i]` (a mount point: a volume's own
  * filesystem, mounted by the service) at `volume_at[i]`. `detach`: mount points unmounted
- * (lazily) in that mount namespace afterwards. Returns 0, or -1 with a message on stderr. */
+ * (lazily) in that mount namespace afterwards, and then every mount `prog` (bubblewrap's command
+ * line) has no use for (`trim_mounts`). Returns 0, or -1 with a message on stderr. */
 #define MAX_STAGED_VOLUMES 32
 #define MAX_DETACH 4
 struct staging {
@@ -34,8 +35,13 @@ struct staging {
     int volumes;
     const char *const *detach;
     int detaches;
+    char *const *prog;
 };
 int priv_enter_userns(unsigned long base, unsigned long count, const struct staging *st);
+
+/* In the launcher's own mount namespace, as host root: detaches every mount that `prog`
+ * (bubblewrap's command line) cannot reach (mount_trim.c). Returns how many it detached. */
+int trim_mounts(char *const *prog);
 
 /* Supervisor, once at start in privileged mode: checks and narrows its capabilities (keeps
  * only what starting commands as other users needs; only CAP_KILL stays effective) and makes
