@@ -216,21 +216,51 @@ def _rpc_error(
     )
 
 
-class DescriptorFileReader(FileReader):
+class _DescriptorSteps:
+    """A descriptor that worker-thread steps use one at a time, and that is closed once its
+    owner ends it (`_end`) and no step uses it any more: closed under a running step, its
+    number could be reused by another file the step would then read or write. A step of an
+    owner whose caller was cancelled runs to its end (a pipe breaks, a write returns)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._busy = False  # a worker thread uses the descriptor
+        self._ending = False
+
+    async def _in_thread(self, work: Callable[[], Any]) -> Any:
+        if self._fd < 0:
+            raise OSError(errno.EBADF, "the descriptor was closed")
+        task = _in_worker(work)
+        self._busy = True
+        task.add_done_callback(self._work_done)
+        return await asyncio.shield(task)
+
+    def _work_done(self, task: asyncio.Future[Any]) -> None:
+        self._busy = False
+        if not task.cancelled():
+            task.exception()  # retrieved: an owner that went away does not wait for it
+        if self._ending:
+            self._fd = _closed(self._fd)
+
+    def _end(self) -> None:
+        self._ending = True
+        if not self._busy:
+            self._fd = _closed(self._fd)
+
+
+class DescriptorFileReader(_DescriptorSteps, FileReader):
     """A sandbox's file read through its descriptor: at most `size` bytes (what it held when it
     was opened; fewer if it shrank since), in worker threads so that a slow disk never stalls
     the event loop. `cancel` (or the end) closes the descriptor once no read uses it."""
 
     def __init__(self, fd: int, info: pb.FileInfo) -> None:
+        super().__init__(fd)
         self.size = info.size
         self.mode = info.mode
-        self._fd = fd
         self._offset = 0
-        self._busy = False
-        self._closed = False
 
     async def next(self) -> bytes | None:
-        if self._closed or self._offset >= self.size:
+        if self._ending or self._offset >= self.size:
             self.cancel()
             return None
         read = functools.partial(
@@ -247,7 +277,7 @@ class DescriptorFileReader(FileReader):
         """In the kernel (copy_file_range, else sendfile), at `fd`'s offset, COPY_STEP at a
         time."""
         out_fd = fd
-        while not self._closed and self._offset < self.size:
+        while not self._ending and self._offset < self.size:
             step = functools.partial(
                 _copy, self._fd, out_fd, self._offset, min(COPY_STEP, self.size - self._offset)
             )
@@ -260,26 +290,8 @@ class DescriptorFileReader(FileReader):
         self.cancel()
         return self._offset
 
-    async def _in_thread(self, work: Callable[[], Any]) -> Any:
-        task = _in_worker(work)
-        self._busy = True
-        task.add_done_callback(self._work_done)
-        return await asyncio.shield(task)  # a cancelled reader leaves the work to end
-
-    def _work_done(self, task: asyncio.Future[Any]) -> None:
-        self._busy = False
-        if not task.cancelled():
-            task.exception()  # retrieved: a reader that went away does not wait for it
-        if self._closed:
-            self._close()
-
     def cancel(self) -> None:
-        self._closed = True
-        if not self._busy:
-            self._close()
-
-    def _close(self) -> None:
-        self._fd = _closed(self._fd)
+        self._end()
 
 
 def _copy(in_fd: int, out_fd: int, offset: int, count: int) -> int:
@@ -297,7 +309,7 @@ def _copy(in_fd: int, out_fd: int, offset: int, count: int) -> int:
     return done
 
 
-class DescriptorFileWriter(FileWriter):
+class DescriptorFileWriter(_DescriptorSteps, FileWriter):
     """A local write through a descriptor (OpenForWriting): `write` and `copy_from` put bytes
     into a new file of the sandbox's in the kernel or with plain writes (worker threads), or
     into the pipe its supervisor drains (`piped`: see the module docstring), and `finish` puts
@@ -312,14 +324,12 @@ class DescriptorFileWriter(FileWriter):
         piped: bool,
         failed: Callable[[grpc.RpcError], BaseException],
     ) -> None:
+        super().__init__(fd)
         self._call = call
-        self._fd = fd
         self._timeout = timeout
         self._piped = piped
         self._failed = failed
         self._broken = False  # the pipe broke: the supervisor ended the write (finish says why)
-        self._busy = False  # a worker thread uses the descriptor: `cancel` leaves it to close it
-        self._closing = False
 
     async def write(self, data: memoryview) -> None:
         if not self._piped:
@@ -364,24 +374,6 @@ class DescriptorFileWriter(FileWriter):
             return 0
         return moved
 
-    async def _in_thread(self, work: Callable[[], Any]) -> Any:
-        """`work` in a worker thread. A writer cancelled meanwhile leaves the work to end (its
-        pipe breaks, or its write returns) before the descriptor is closed: closed under it,
-        the number could be reused by another file the work would then write into."""
-        if self._fd < 0:
-            raise OSError(errno.EBADF, "the write has ended")
-        task = _in_worker(work)
-        self._busy = True
-        task.add_done_callback(self._work_done)
-        return await asyncio.shield(task)
-
-    def _work_done(self, task: asyncio.Future[Any]) -> None:
-        self._busy = False
-        if not task.cancelled():
-            task.exception()  # retrieved: a writer that went away does not wait for it
-        if self._closing:
-            self._fd = _closed(self._fd)
-
     async def finish(self) -> int:
         """Ends the write: the file is in place, with the size returned. After a broken pipe the
         service's answer says why the sandbox stopped taking the bytes (a full memory)."""
@@ -409,9 +401,7 @@ class DescriptorFileWriter(FileWriter):
             call.close()
 
     def cancel(self) -> None:
-        self._closing = True
-        if not self._busy:
-            self._fd = _closed(self._fd)
+        self._end()
         self._call.close()  # the service drops the write when the connection ends
 
 

@@ -46,6 +46,7 @@ int write_all(int fd, const void *p, size_t n) {
     while (n > 0) {
         ssize_t w = write(fd, b, n);
         if (w < 0 && errno == EINTR) continue;
+        if (w == 0) errno = EIO; /* no progress and no error: never a stale errno */
         if (w <= 0) return -1;
         b += w;
         n -= (size_t)w;
