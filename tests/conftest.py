@@ -80,6 +80,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         "(tests/_mounts.py):\n  " + "\n  ".join(sorted(left))
     )
     if reporter is not None:
-        reporter.ensure_newline()
+        reporter.write("\n")
         reporter.write_line(message, red=True)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -76,9 +76,13 @@ def test_a_sandbox_that_outlives_the_service_keeps_its_mounts(
 ) -> None:
     c = fresh_server.start().client()
     sb = sandbox_with_both(fresh_server)
-    other = c.running(writable_layer="disk", resources={"disk": "32Mi"})
+    other = c.running(
+        writable_layer="disk", resources={"disk": "32Mi"},
+        mounts=[pb.DirectoryMount(path="/spare", volume="spare", size_bytes=2 * MiB)],
+    )  # fmt: skip
     c.delete(other.id)  # not the last layer: the root's bind stays under sb's
-    fresh_server.stop()
+    assert "volume-mounts/KEY/spare" in mounted(fresh_server.state_dir)
+    fresh_server.stop()  # unmounts the volume that no live sandbox mounts
     assert mounted(fresh_server.state_dir) == layer_and_volume(sb.id)
     c = fresh_server.start().client()  # re-attaches sb
     out = c.sh(sb.id, "cat /workspace/f /cache/f; echo more >> /cache/f; tail -1 /cache/f")
