@@ -9,15 +9,19 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from _mounts import mounts_beneath, unmount_beneath
 from test_bubblewrap_runtime import config, new_id, sh
 
 from aviato.runtime.bubblewrap import BubblewrapRuntime, BubblewrapSandbox
+from aviato.runtime.mount_tools import is_mount_point
 from aviato.runtime.snapshot_store import SnapshotTooLarge
+from aviato.runtime.writable_layers import WritableLayers
 
 MiB = 1 << 20
 T = TypeVar("T")
@@ -29,7 +33,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="layers need a root se
 def state_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="avwl-", dir="/tmp"))
     yield path
-    subprocess.run(["umount", "-l", str(path / "layers")], capture_output=True, check=False)
+    unmount_beneath(path)  # what a failed test left
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -121,6 +125,71 @@ def test_a_layer_pins_no_other_sandboxes_layer(state_dir: Path) -> None:
         assert out == ""
 
     run(state_dir, body)
+
+
+def test_the_layers_root_is_bound_only_while_a_layer_is_mounted(state_dir: Path) -> None:
+    root = state_dir / "layers"
+
+    async def body(rt: BubblewrapRuntime) -> None:
+        assert not is_mount_point(root)
+        a = await rt.create(config(writable_layer="disk", disk_bytes=32 * MiB))
+        b = await rt.create(config(writable_layer="disk", disk_bytes=32 * MiB))
+        assert is_mount_point(root)
+        await rt.cleanup(a.sandbox_id)
+        assert is_mount_point(root), "b's layer is still mounted beneath it"
+        assert (await sh(b, "echo b > /workspace/b; cat /workspace/b"))[1] == "b\n"
+        await rt.cleanup(b.sandbox_id)
+        assert mounts_beneath(root) == [], "the last layer took the root's bind with it"
+        plain = await rt.create(config())  # launched with the root unbound
+        c = await rt.create(config(writable_layer="disk", disk_bytes=32 * MiB))
+        assert is_mount_point(root), "bound again for the next layer"
+        assert (await sh(c, "echo c > /workspace/c; cat /workspace/c"))[1] == "c\n"
+        assert f"layers/{c.sandbox_id}" not in mount_table(plain.pid)
+        await rt.close()  # c outlives the runtime: its layer and the root's bind stay
+        assert is_mount_point(root) and is_mount_point(root / c.sandbox_id)
+        again = BubblewrapRuntime(state_dir)  # a new service re-attaches
+        try:
+            h = await again.attach(c.sandbox_id)
+            assert isinstance(h, BubblewrapSandbox)
+            assert (await sh(h, "cat /workspace/c"))[1] == "c\n"
+        finally:
+            await again.cleanup(c.sandbox_id)
+            await again.cleanup(plain.sandbox_id)
+            await again.close()
+        assert mounts_beneath(state_dir) == []
+
+    run(state_dir, body)
+
+
+def test_the_root_stays_bound_while_a_layer_is_being_made(state_dir: Path) -> None:
+    """The race that `release_root` must lose: a layer made while the last one is removed is
+    mounted beneath a bound root (a launcher could not detach it otherwise)."""
+    layers = WritableLayers(state_dir)
+    entered, go = threading.Event(), threading.Event()
+    make_now = layers._make
+
+    def paused_make(sandbox_id: str, kind: str, size_bytes: int) -> Any:
+        entered.set()  # the root is bound, the layer not yet mounted
+        assert go.wait(30)
+        return make_now(sandbox_id, kind, size_bytes)
+
+    layers._make = paused_make  # type: ignore[method-assign]
+    made: list[Any] = []
+    maker = threading.Thread(target=lambda: made.append(layers.make("t-race", "memory", MiB)))
+    maker.start()
+    try:
+        assert entered.wait(30)
+        assert is_mount_point(layers.root)
+        assert not layers.release_root(), "unbound under a layer being made"
+        assert is_mount_point(layers.root)
+    finally:
+        go.set()
+        maker.join(30)
+    assert made and is_mount_point(layers.root / "t-race") and is_mount_point(layers.root)
+    assert "--detach" in layers.launcher_args(None)
+    layers.remove("t-race")
+    assert mounts_beneath(state_dir) == []
+    assert layers.launcher_args(None) == ["--detach", str(layers.root)]
 
 
 @pytest.mark.parametrize("source_layer", ["memory", "disk"])

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from _mounts import mounts_beneath
 from reliability.harness import Client, Service, code_of, details_of, free_port, sdk_env
 
 from aviato.server import auth
@@ -462,3 +463,24 @@ def test_the_cli_mounts_lists_and_removes_volumes(world: World) -> None:
     for option, words in (("size=ten", "is not a size"), ("ro,rw", "expected NAME")):
         refused = aviato("run", "-v", f"x:/c:{option}")
         assert refused.returncode == 2 and words in refused.stderr, refused.stderr
+
+
+def test_a_stop_keeps_mounted_only_the_volumes_of_sandboxes_that_outlive_it(world: World) -> None:
+    """At its stop the service unmounts the volumes no live sandbox mounts, by owner: bob's
+    volume of the same name as alice's goes while alice's, in use, stays for her sandbox."""
+    alice, bob = world.client("alice"), world.client("bob")
+    kept = alice.running(mounts=[vol("/v", "outlives")]).id
+    gone = bob.running(mounts=[vol("/v", "outlives")]).id
+    assert sh(alice, kept, "echo alice > /v/f")[0] == 0
+    bob.stop(gone)
+    root = world.svc.state_dir / "volume-mounts"
+    assert world.channel is not None
+    world.channel.close()
+    assert world.svc.stop() == 0
+    assert mounts_beneath(root) == [str(world.volume_dir("alice", "outlives")), str(root)]
+    world.start()  # re-attaches alice's sandbox, which still has its volume
+    alice = world.client("alice")
+    assert sh(alice, kept, "echo more >> /v/f; cat /v/f") == (0, "alice\nmore\n")
+    alice.stop(kept)
+    for who in ("alice", "bob"):
+        world.delete(who, "outlives")

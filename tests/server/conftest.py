@@ -8,8 +8,6 @@ removed through the runtime, and the test fails if any sandbox process or cgroup
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -19,14 +17,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from _mounts import mounts_beneath, unmount_beneath
 from server_helpers import (
     ServerProcess,
     remove_cgroup_parent,
     sandbox_cgroups,
     sandbox_processes,
 )
-
-from aviato.runtime.volume_store import VolumeStore
 
 
 def _known_ids(state_dir: Path) -> set[str]:
@@ -64,12 +61,10 @@ def finish(server: ServerProcess) -> None:
     if server.proc is not None and server.proc.poll() is None:
         server.stop()
     ids = _clean_up(server.state_dir, server.cgroup_parent)
-    VolumeStore(server.state_dir).unmount_all()  # sized volumes stay mounted across restarts
-    layers = server.state_dir / "layers"
-    if layers.is_dir():  # disk layers: every sandbox's is gone, the root bind goes too
-        assert not [p for p in layers.iterdir() if os.path.ismount(p)], "layer mounts remain"
-        while subprocess.run(["umount", "-l", str(layers)], capture_output=True).returncode == 0:
-            pass
+    layers = mounts_beneath(server.state_dir / "layers")
+    # What a killed service left (its sized volumes, the roots' binds) goes before the rmtree.
+    unmount_beneath(server.state_dir)
+    assert layers in ([], [str(server.state_dir / "layers")]), f"layer mounts remain: {layers}"
     procs = sandbox_processes(ids)
     cgroups = sandbox_cgroups(ids, server.cgroup_parent)
     if not procs:

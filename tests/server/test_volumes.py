@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from _mounts import unmount_beneath
 
 from aviato.runtime.base import PathRefused
 from aviato.runtime.host_mounts import HostMounts
@@ -24,10 +24,7 @@ from aviato.server.volumes import Volumes, validate_mounts
 def _unmount_below(tmp_path: Path) -> Iterator[None]:
     """Sized volumes are mounted filesystems: none stays behind a test, failed or not."""
     yield
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f if line.split()[4].startswith(str(tmp_path))]
-    for point in sorted(points, key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], check=False)
+    unmount_beneath(tmp_path)
 
 
 def volumes(tmp_path: Path, placement: str = "local", shared: str = "", **kw: int) -> Volumes:

@@ -525,4 +525,6 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None:
-        """Releases connections; running sandboxes keep running."""
+        """Releases connections, and what the node holds for no sandbox any more (the bind
+        mount under which sandboxes' layers are mounted, once none is); running sandboxes keep
+        running, and what they use stays."""

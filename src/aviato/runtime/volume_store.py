@@ -11,9 +11,12 @@ owner's key (a digest of the owner's name, never a path) and its name (checked: 
   device, mounted (nosuid, nodev, discard) at `S/volume-mounts/<key>/<name>/` from its first
   use until it is deleted. The size is a hard bound: a write past it is ENOSPC in the sandbox,
   and the host's disk holds at most that many bytes for it (the image cannot grow; discard
-  gives freed blocks back). `S/volume-mounts` is a private bind mount of itself, which each
-  sandbox's launcher detaches from its own mount namespace (`--detach`), so that a sandbox
-  pins only the volumes it mounts. Formatting: mke2fs with lazy inode tables and a journal
+  gives freed blocks back). `S/volume-mounts` is a private bind mount of itself while a volume
+  is mounted beneath it, which each sandbox's launcher detaches from its own mount namespace
+  (`--detach`), so that a sandbox pins only the volumes it mounts. When the service stops
+  (`close`), it unmounts the volumes no live sandbox mounts, and the root's bind when none is
+  left; a delete that unmounts the last volume undoes the bind too (a later use mounts both
+  again). Formatting: mke2fs with lazy inode tables and a journal
   (a volume outlives host crashes): 17 ms for 10 GiB here, which then holds 4.3 MiB of the
   host's disk (mounted `noinit_itable`: the kernel does not zero the inode tables, which would
   allocate 160 MiB of a 10 GiB image).
@@ -40,12 +43,18 @@ import shutil
 import stat
 import threading
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Protocol
 
 from aviato._private import private_dir
 from aviato.runtime.base import LimitsUnavailable, SandboxRuntimeError
-from aviato.runtime.mount_tools import is_mount_point, run_tool
+from aviato.runtime.mount_tools import (
+    is_mount_point,
+    mounts_beneath,
+    run_tool,
+    unbind_when_empty,
+)
 
 __all__ = [
     "MIN_VOLUME_BYTES",
@@ -218,8 +227,11 @@ class VolumeStore:
         return mount
 
     def _bind_root(self) -> None:
-        """Makes `volume-mounts` a private bind mount of itself (once; it stays one across
-        restarts), so that a launcher can detach every volume filesystem at once."""
+        """Makes `volume-mounts` a private bind mount of itself (unless it is one: a restarted
+        service finds it bound while volumes are mounted), so that a launcher can detach every
+        volume filesystem at once. Under `_lock`, as is its undoing: a volume is mounted beneath
+        the root only while it is bound, so a launcher that finds the root unbound has no volume
+        to detach."""
         private_dir(self.mounts_root)
         if is_mount_point(self.mounts_root):
             return
@@ -258,6 +270,7 @@ class VolumeStore:
                 raise VolumeStoreError(f"volume {name!r}: unmounting: {os.strerror(err)}")
             with contextlib.suppress(OSError):
                 mount.rmdir()
+            unbind_when_empty(self.mounts_root)  # when that was the last volume mounted
             doomed: list[Path] = []
             for source, suffix in (
                 (self._image(key, name), ".img"),
@@ -271,6 +284,21 @@ class VolumeStore:
                 doomed.append(target)
         for path in doomed:
             threading.Thread(target=_remove, args=(path,), daemon=True).start()
+
+    def close(self, in_use: Collection[tuple[str, str]]) -> None:
+        """At the service's stop: unmounts the sized volumes that no live sandbox mounts
+        (`in_use`: their (key, name)), then the root's bind when no volume is left beneath it.
+        A volume a sandbox mounts stays mounted (the sandbox may outlive the service, and a
+        new service finds it so); the others are mounted again at their next use."""
+        with self._lock:
+            for point in mounts_beneath(self.mounts_root):
+                parts = Path(point).relative_to(self.mounts_root).parts
+                if len(parts) != 2 or (parts[0], parts[1]) in in_use:
+                    continue
+                if _libc.umount2(point.encode(), _MNT_DETACH) == 0:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(point)
+            unbind_when_empty(self.mounts_root)
 
     def unmount_all(self) -> None:
         """Unmounts every sized volume and the mounts root (for tools that remove a state

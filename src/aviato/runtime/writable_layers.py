@@ -23,6 +23,10 @@ so that a sandbox's mount namespace never pins another sandbox's layer.
 
 The mounts live in the host's mount namespace: they survive a restart of the service (a new
 service finds them by path) and are removed by `remove` when the sandbox is cleaned up.
+`<state>/layers` is a bind mount only while a layer is mounted beneath it: made by the first
+`make`, undone (`release_root`) when the last layer is removed and when the runtime closes
+with none left, so that a stopped service whose state directory is deleted leaves nothing in
+the host's mount table (each leftover mount slows every later bwrap start on the host).
 Needs host root (mount, loop devices): a rootless service has no layers of this kind.
 """
 
@@ -33,12 +37,13 @@ import ctypes
 import ctypes.util
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from aviato._private import private_dir
 from aviato.runtime.base import SandboxRuntimeError
-from aviato.runtime.mount_tools import is_mount_point, run_tool
+from aviato.runtime.mount_tools import is_mount_point, run_tool, unbind_when_empty
 
 __all__ = ["LAYER_AT", "LAYER_KINDS", "Layer", "LayerError", "WritableLayers"]
 
@@ -101,8 +106,17 @@ class Layer:
 
 
 class WritableLayers:
-    """The layer mounts of one runtime, under `state_dir/layers/` (itself a private bind mount,
-    so that a launcher can detach the whole subtree from its own mount namespace)."""
+    """The layer mounts of one runtime, under `state_dir/layers/` (itself a private bind mount
+    while a layer is mounted beneath it, so that a launcher can detach the whole subtree from
+    its own mount namespace).
+
+    The invariant that keeps a launcher's `--detach` complete: a layer is mounted beneath the
+    root only while the root is bound. `make` binds the root and counts itself as making before
+    it mounts, `release_root` unbinds only when nothing is mounted beneath and nothing is being
+    made, both under one lock. A sandbox's mount namespace copies the host's at its start: with
+    the root bound it detaches every layer there; without, there is no layer to detach. Another
+    process mounting beneath the same root (two services on one state directory, which the
+    service's pid file refuses) is not covered."""
 
     def __init__(self, state_dir: Path) -> None:
         self.root = private_dir(Path(state_dir) / "layers")
@@ -110,12 +124,13 @@ class WritableLayers:
         self._mkfs = shutil.which("mke2fs", path="/usr/sbin:/sbin:/usr/bin:/bin")
         if self._mkfs is None:
             self.error = "mke2fs (e2fsprogs) is not installed"
-        # Made a mount point at the first layer (a service that never makes one leaves no mount
-        # behind); from then on it stays one, also across restarts of the service.
-        self._bound = is_mount_point(self.root)
+        self._lock = threading.Lock()
+        self._making = 0  # `make`s between binding the root and mounting their layer
 
     def _bind_root(self) -> None:
-        if self._bound:
+        """Makes the root a private bind mount of itself unless it is one (read afresh: a
+        restarted service finds it bound while its sandboxes' layers are)."""
+        if is_mount_point(self.root):
             return
         try:
             _mount(str(self.root), str(self.root), None, _MS_BIND, None)
@@ -125,7 +140,13 @@ class WritableLayers:
             raise LayerError(
                 f"cannot prepare {self.root} for layer mounts: {exc.strerror}"
             ) from exc
-        self._bound = True
+
+    def release_root(self) -> bool:
+        """Undoes the root's bind mount (lazily; also a bind stacked twice by older versions)
+        when no layer is mounted beneath it and none is being made. Whether the root is left
+        unbound. Blocking: reads the mount table."""
+        with self._lock:
+            return not self._making and unbind_when_empty(self.root)
 
     def _paths(self, sandbox_id: str) -> tuple[Path, Path]:
         return self.root / sandbox_id, self.root / f"{sandbox_id}.img"
@@ -145,7 +166,16 @@ class WritableLayers:
             raise LayerError(f"this node cannot make a {kind} layer: {self.error}")
         if kind not in LAYER_KINDS:
             raise LayerError(f"unknown writable layer {kind!r}")
-        self._bind_root()
+        with self._lock:
+            self._bind_root()
+            self._making += 1
+        try:
+            return self._make(sandbox_id, kind, size_bytes)
+        finally:
+            with self._lock:
+                self._making -= 1
+
+    def _make(self, sandbox_id: str, kind: str, size_bytes: int) -> Layer:
         mount, image = self._paths(sandbox_id)
         mount.mkdir(mode=0o700)
         try:
@@ -170,16 +200,21 @@ class WritableLayers:
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(mount / "lost+found")
         except BaseException:
-            self.remove(sandbox_id)
+            self._remove(sandbox_id)
             raise
         return Layer(sandbox_id, mount, kind)
 
     def remove(self, sandbox_id: str) -> None:
-        """Unmounts and deletes the sandbox's layer (nothing when it has none). The loop device
-        goes with the last mount (autoclear)."""
+        """Unmounts and deletes the sandbox's layer (nothing when it has none), and the root's
+        bind when it was the last layer. The loop device goes with the last mount
+        (autoclear)."""
+        if self._remove(sandbox_id):
+            self.release_root()
+
+    def _remove(self, sandbox_id: str) -> bool:
         mount, image = self._paths(sandbox_id)
         if not os.path.lexists(mount) and not os.path.lexists(image):
-            return  # a memory layer: nothing here (spares reading mountinfo at every cleanup)
+            return False  # a memory layer: nothing here (spares reading mountinfo then)
         if is_mount_point(mount):
             try:
                 _umount(str(mount))
@@ -193,10 +228,13 @@ class WritableLayers:
             pass
         except OSError as exc:  # still a mount point elsewhere a moment longer: harmless
             raise LayerError(f"sandbox {sandbox_id}: {mount} stays: {exc.strerror}") from exc
+        return True
 
     def launcher_args(self, layer: Layer | None) -> list[str]:
-        """The launcher's options: stage `layer` (when given), and always detach the others."""
-        args = ["--detach", str(self.root)] if self._bound else []
+        """The launcher's options: stage `layer` (when given), and always detach the others
+        (the root, when it is bound as the launcher starts; the launcher ignores a root that is
+        not a mount point, and then no layer is mounted beneath it)."""
+        args = ["--detach", str(self.root)]
         if layer is not None:
             args += ["--layer", f"{layer.mount}:{LAYER_AT}"]
         return args

@@ -85,6 +85,7 @@ _STARTING = (PENDING, CREATING)
 DEFAULT_WAIT = 60.0
 MAX_WAIT = 3600.0
 _CREATE_DRAIN_SECONDS = 10.0
+_CLEANUP_DRAIN_SECONDS = 10.0
 # How old the egress figures of a listing may be (a Ray node is asked at most once in this time).
 LIST_USAGE_AGE = 1.0
 
@@ -158,6 +159,8 @@ class Lifecycle(Pausing, Reconciliation):
         ]
         if creating:
             await asyncio.wait(creating, timeout=_CREATE_DRAIN_SECONDS)
+        if self._cleanups:  # ended sandboxes' layers: unmounted, not left halfway
+            await asyncio.wait(list(self._cleanups.values()), timeout=_CLEANUP_DRAIN_SECONDS)
         tasks: list[asyncio.Task[None]] = list(self._background)
         for live in self._live.values():
             tasks.extend(t for t in (live.task, live.stop_task) if t is not None)
@@ -177,6 +180,9 @@ class Lifecycle(Pausing, Reconciliation):
         for node in self._placement.nodes():
             with contextlib.suppress(UnknownNode):
                 await self._placement.egress(node).close_all()
+        # The volumes live sandboxes mount stay mounted; the others, and their root, go.
+        in_use = {(v.rec.owner, m.volume) for v in self._live.values() for m in v.rec.config.mounts}
+        await asyncio.to_thread(self.volumes.close, in_use)
 
     def how_it_ended(self, sandbox_id: str) -> str:
         """How a sandbox is ending or ended, for the message of a command it cut off: "was

@@ -128,7 +128,7 @@ class Reconciliation(SandboxRuns):
             code = attached.exit_code if attached.exit_code >= 0 else None
             self._keep_log(rec)
             self._finish_record(rec, status, reason, code, attached.ended_at_ns)
-            self._spawn(self._cleanup(runtime, rec.id))
+            self._start_cleanup(runtime, rec.id)
             return
         live = LiveSandbox(rec, runtime, None, charge_of(rec.config))
         live.handle = attached

@@ -391,7 +391,7 @@ class SandboxRuns:
             rec.id, status_name(status), reason, exit_code,
         )  # fmt: skip
         self._keep_log(rec)
-        self._spawn(self._cleanup(live.runtime, rec.id))
+        self._start_cleanup(live.runtime, rec.id)
 
     async def _close_egress(self, egress: EgressHost, rec: SandboxRecord) -> None:
         """Stops serving an ended sandbox's egress and records its final figures (a remote
@@ -437,6 +437,11 @@ class SandboxRuns:
         right after the stop that spawned one) waits for the first: two at once raced, and the
         loser returned while the winner was still removing (a disk layer's image outlived the
         delete that the user saw finish)."""
+        await asyncio.shield(self._start_cleanup(runtime, sandbox_id))
+
+    def _start_cleanup(self, runtime: Runtime, sandbox_id: str) -> asyncio.Task[None]:
+        """The sandbox's cleanup, started now unless one runs. A closing service lets those
+        that run finish (`Lifecycle.close`): one cut off halfway leaves a disk layer mounted."""
         running = self._cleanups.get(sandbox_id)
         if running is None:
             running = asyncio.create_task(self._cleanup_once(runtime, sandbox_id))
@@ -444,7 +449,7 @@ class SandboxRuns:
             self._background.add(running)  # a closing service cancels and awaits it
             running.add_done_callback(self._background.discard)
             running.add_done_callback(lambda _: self._cleanups.pop(sandbox_id, None))
-        await asyncio.shield(running)
+        return running
 
     async def _cleanup_once(self, runtime: Runtime, sandbox_id: str) -> None:
         try:

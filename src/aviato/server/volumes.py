@@ -439,6 +439,12 @@ class Volumes:
                     ) from None
         self._records.delete(owner, name)
 
+    def close(self, in_use: Iterable[tuple[str, str]]) -> None:
+        """At the service's stop: unmounts this machine's sized volumes that no live sandbox
+        mounts (`in_use`: (owner, name); names "" are host directories, ignored) and their
+        root's bind mount when none is left (runtime/volume_store.py). Blocking."""
+        self.store.close({(owner_key(owner), name) for owner, name in in_use if name})
+
     def clear_trash(self) -> None:
         """Removes what deletes on this machine left behind (a service stopped during one)."""
         self.store.clear_trash()

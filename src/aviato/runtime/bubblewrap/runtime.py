@@ -173,9 +173,7 @@ class BubblewrapRuntime(Runtime):
             self._userns = own_userns(self._state_dir)
             if self._supervisor:
                 self._supervisor = private_copy(Path(self._supervisor), self._state_dir / "bin")
-        self.layers: WritableLayers | None = (
-            None if self._rootless else WritableLayers(self._state_dir)
-        )
+        self.layers = None if self._rootless else WritableLayers(self._state_dir)
         self._snapshots = SnapshotStore(self._state_dir / "snapshots")
         self._snapshots.discard_partial()
         self._cgroups = CgroupManager(cgroup_parent)
@@ -598,3 +596,5 @@ class BubblewrapRuntime(Runtime):
         self._running.clear()
         for handle in handles:
             await handle._close()
+        if self.layers is not None:  # its root's bind, when no sandbox's layer is left
+            await asyncio.to_thread(self.layers.release_root)
