@@ -14,26 +14,20 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import re
 from pathlib import Path
+
+from aviato.runtime.mount_tools import mount_points
 
 __all__ = ["mounts_beneath", "unmount_beneath"]
 
 _MNT_DETACH = 2
-_OCTAL = re.compile(r"\\([0-7]{3})")
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def _mount_points() -> list[str]:
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        fields = [line.split() for line in f]
-    return [_OCTAL.sub(lambda m: chr(int(m[1], 8)), f[4]) for f in fields if len(f) > 4]
 
 
 def mounts_beneath(path: Path | str) -> list[str]:
     """The host's mount points at `path` or beneath it, deepest first."""
     top = str(path).rstrip("/")
-    found = [p for p in _mount_points() if p == top or p.startswith(top + "/")]
+    found = [p for p in mount_points() if p == top or p.startswith(top + "/")]
     return sorted(found, key=len, reverse=True)
 
 

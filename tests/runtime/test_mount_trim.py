@@ -24,6 +24,7 @@ from one_sandbox import sh
 
 from aviato.runtime.bubblewrap import BubblewrapRuntime, BubblewrapSandbox
 from aviato.runtime.model import DirectoryMount, SandboxConfig
+from aviato.runtime.mount_tools import mount_points
 from aviato.runtime.supervisor import supervisor_binary
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the launcher trims only as root")
@@ -31,7 +32,9 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the launcher trims on
 NOISE = 40
 
 
-def _mount_points(pid: int | str) -> list[str]:
+def _monitor_mount_points(pid: int) -> list[str]:
+    """The mount points bwrap (the sandbox's host-side monitor, in the launcher's namespace)
+    sees; the test's paths have no characters that mountinfo escapes."""
     lines = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
     return [line.split()[4] for line in lines]
 
@@ -72,7 +75,7 @@ def test_the_launcher_keeps_what_bwrap_binds_and_detaches_the_rest(
     planted: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     state = tmp_path_factory.mktemp("trim-state")
-    host_before = _mount_points("self")
+    host_before = mount_points()
 
     async def main() -> tuple[str, list[str]]:
         rt = BubblewrapRuntime(state, supervisor=supervisor_binary())
@@ -93,7 +96,7 @@ def test_the_launcher_keeps_what_bwrap_binds_and_detaches_the_rest(
             seen = await asyncio.wait_for(
                 sh(h, "cat /data/top.txt /data/sub/deep.txt /far/far.txt"), 60
             )
-            return seen, _mount_points(h.pid)  # the monitor: bwrap, in the launcher's namespace
+            return seen, _monitor_mount_points(h.pid)
         finally:
             for sid in rt.list_present():
                 await rt.cleanup(sid)
@@ -107,7 +110,7 @@ def test_the_launcher_keeps_what_bwrap_binds_and_detaches_the_rest(
     assert str(planted / "src") in monitor and str(planted / "src" / "sub") in monitor
     assert str(planted / "elsewhere") in monitor
     # The host's own table is untouched: every planted mount is still there.
-    host_after = _mount_points("self")
+    host_after = mount_points()
     assert sum(m.startswith(noise + "/") for m in host_after) == NOISE
     assert set(host_before) <= set(host_after)
 
