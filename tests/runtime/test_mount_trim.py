@@ -129,7 +129,8 @@ OTHER_OPTIONS = {"--args", "--as-pid-1", "--cap-add", "--cap-drop", "--chdir", "
                  "--version", "--egress", "--keepalive", "--user", "--protected-id",
                  # the launcher's own, before bubblewrap's command line
                  "--launch", "--cgroup-procs", "--cgroup-tasks", "--oom-score-adj", "--stage",
-                 "--stage-volumes", "--volume", "--detach", "--layer", "--userns"}  # fmt: skip
+                 "--stage-volumes", "--volume", "--detach", "--layer", "--userns",
+                 "--zygote"}  # fmt: skip
 RUNTIME = Path(__file__).resolve().parents[2] / "src" / "aviato" / "runtime"
 
 

@@ -48,6 +48,17 @@ def boot_id() -> str:
         return ""
 
 
+def is_zombie(pid: int) -> bool:
+    """Whether `pid` has exited and waits to be reaped (by its parent, or by init once the
+    zygote or service that started it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    return data[data.rfind(b")") + 2 :].startswith(b"Z")
+
+
 def proc_stat(pid: int) -> tuple[int, int] | None:
     """(ppid, starttime in clock ticks) of a live or zombie process, or None when gone."""
     try:

@@ -34,6 +34,7 @@ from aviato.runtime.bubblewrap.command import (
     VOLUME_AT,
     OwnUserns,
 )
+from aviato.runtime.bubblewrap.zygote import Zygote
 from aviato.runtime.cgroups import SandboxCgroup
 from aviato.runtime.supervisor import SupervisorConnection
 from aviato.runtime.supervisor.connection import failure_words
@@ -138,13 +139,25 @@ def write_mounted_files(directory: Path, config: SandboxConfig) -> list[tuple[st
 
 
 @dataclass(frozen=True)
+class Launched:
+    """A sandbox's launcher, started: its host pid, a pidfd of it, and whether it is the
+    service's own child (spawned) or the zygote's (forked there: not ours to reap)."""
+
+    pid: int
+    pidfd: int
+    is_child: bool
+
+
+@dataclass(frozen=True)
 class Launcher:
     """How this runtime starts a sandbox's host processes: `supervisor` (its `--launch` mode
-    joins the cgroups and, for a root service, the user namespace) and the launcher's
-    `--oom-score-adj` option (`launch_oom_adj()`)."""
+    joins the cgroups and, for a root service, the user namespace), the launcher's
+    `--oom-score-adj` option (`launch_oom_adj()`), and the zygote that forks launchers
+    (zygote.py; None: every launcher is spawned)."""
 
     supervisor: str
     oom_adj: list[str]
+    zygote: Zygote | None = None
 
     def spawn(
         self,
@@ -153,8 +166,9 @@ class Launcher:
         cgroup: SandboxCgroup | None,
         launch: list[str],
         environment: bytes,
-    ) -> int:
-        """Starts launcher → bwrap → supervisor with fds 3-6 in place; returns the host pid.
+    ) -> Launched:
+        """Starts launcher → bwrap → supervisor with fds 3-6 in place (forked by the zygote,
+        else spawned).
 
         `launch`: more options of the launcher (its user namespace). `environment`: bwrap's
         options that carry the sandbox's environment and secrets (`command.environment_args`),
@@ -200,7 +214,10 @@ class Launcher:
                     launcher += ["--cgroup-procs", procs]
             launcher += [*launch, "--", *argv]
             try:
-                return os.posix_spawn(
+                forked = None if self.zygote is None else self.zygote.launch(launcher, high[:6])
+                if forked is not None:
+                    return Launched(forked[0], forked[1], is_child=False)
+                pid = os.posix_spawn(
                     self.supervisor,
                     launcher,
                     LAUNCH_ENV,
@@ -210,10 +227,21 @@ class Launcher:
                 )
             except OSError as exc:
                 raise SandboxRuntimeError(f"cannot start {self.supervisor}: {exc}") from exc
+            return Launched(pid, os.pidfd_open(pid), is_child=True)
         finally:
             sock.close()
             for fd in opened:
                 os.close(fd)
+
+    def close(self) -> None:
+        """Ends the zygote (the launchers it forked keep running)."""
+        if self.zygote is not None:
+            self.zygote.close()
+
+
+def launcher_for(supervisor: str) -> Launcher:
+    """The runtime's launcher: `supervisor`'s, with a zygote of it."""
+    return Launcher(supervisor, launch_oom_adj(), Zygote(supervisor, LAUNCH_ENV, SIGDEF))
 
 
 def _memory_file(data: bytes) -> int:

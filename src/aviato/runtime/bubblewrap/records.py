@@ -5,12 +5,13 @@ service started later finds its sandboxes again (`BubblewrapRuntime.attach`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from aviato.runtime.bubblewrap.host_processes import proc_stat
+from aviato.runtime.bubblewrap.host_processes import is_zombie, proc_stat
 from aviato.runtime.cgroups import SandboxCgroup
 from aviato.runtime.userns import IdRange
 
@@ -103,7 +104,10 @@ def open_process(record: dict[str, Any] | None, boot_id: str) -> tuple[int, int,
     except OSError:
         return None
     stat = proc_stat(pid)  # checked after pidfd_open: the fd is then the right process
-    if stat is None or stat[1] != record.get("starttime"):
+    if stat is None or stat[1] != record.get("starttime") or is_zombie(pid):
         os.close(pidfd)
+        if stat is not None and stat[0] == os.getpid():
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)  # our own child that ended: reaped
         return None
     return pid, pidfd, stat[0] == os.getpid()

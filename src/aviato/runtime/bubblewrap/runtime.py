@@ -69,11 +69,10 @@ from aviato.runtime.bubblewrap.host_processes import (
 )
 from aviato.runtime.bubblewrap.launch import (
     FD_SECCOMP,
-    Launcher,
     SandboxExists,
     SandboxStartFailed,
     connect_supervisor,
-    launch_oom_adj,
+    launcher_for,
     own_userns,
     private_copy,
     staged_launch,
@@ -199,7 +198,7 @@ class BubblewrapRuntime(Runtime):
             self._seccomp_error = str(exc)
             log.error("sandboxes cannot start: %s", exc)
         image_roots.warm_up()
-        self._launcher = Launcher(self._supervisor, launch_oom_adj())
+        self._launcher = launcher_for(self._supervisor)
         self._fd_limit = raise_fd_limit()
         # Sandboxes starting at once: more only thrash (2 cores ran 1,000 bwrap starts at once
         # at a load of 237, and a third of them missed the supervisor's connect timeout).
@@ -442,12 +441,12 @@ class BubblewrapRuntime(Runtime):
                     cgroup = self._cgroups.create(sid, limits)
                 except CgroupError as exc:
                     raise SandboxRuntimeError(f"sandbox {sid}: {exc}") from exc
-            pid = self._launcher.spawn(
+            started = self._launcher.spawn(
                 directory, argv, cgroup, launch, environment_args(config, root)
             )
-            watch = ProcessWatch(pid, os.pidfd_open(pid), is_child=True)
+            watch = ProcessWatch(started.pid, started.pidfd, is_child=started.is_child)
             written = write_aside(
-                directory, pid, self._boot_id, cgroup, ids, self._image_of.get(sid)
+                directory, started.pid, self._boot_id, cgroup, ids, self._image_of.get(sid)
             )
             try:
                 conn = await connect_supervisor(directory, sid, self._connect_timeout)
@@ -596,5 +595,6 @@ class BubblewrapRuntime(Runtime):
         self._running.clear()
         for handle in handles:
             await handle._close()
+        self._launcher.close()
         if self.layers is not None:  # its root's bind, when no sandbox's layer is left
             await asyncio.to_thread(self.layers.release_root)

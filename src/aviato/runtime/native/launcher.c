@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -23,7 +24,7 @@
  * left inheritable must not reach bubblewrap or the sandbox. Done here rather than by the
  * service listing its own descriptors before every spawn (O(open descriptors) per create:
  * thousands with many sandboxes). */
-static void close_from(int low) {
+void close_from(int low) {
 #if defined(SYS_close_range)
     if (syscall(SYS_close_range, (unsigned)low, ~0u, 0u) == 0) return;
 #endif
@@ -121,6 +122,8 @@ int launch(int argc, char **argv) {
     if (i + 1 >= argc) die("--launch: missing '-- PROG ARGS...'");
     if ((volumes_from || layer_from || volumes || detaches) && !stage_from)
         die("--stage-volumes, --volume, --layer and --detach need --stage");
+    /* In the sandbox's cgroups now: no longer bound to a zygote's life (zygote.c). */
+    prctl(PR_SET_PDEATHSIG, 0);
     setsid(); /* EPERM if already a group leader: fine */
     char **prog = argv + i + 1;
     if (ns_count) {

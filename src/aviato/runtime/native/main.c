@@ -52,6 +52,7 @@ static void cloexec_from(int low) {
 
 int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "--launch")) return launch(argc, argv);
+    if (argc == 2 && !strcmp(argv[1], "--zygote")) return zygote();
     if (argc >= 2 && !strcmp(argv[1], "--version")) {
         printf("aviato-supervisor protocol %d\n", PROTOCOL_VERSION);
         return 0;

@@ -370,5 +370,12 @@ __attribute__((noreturn)) void loop(void);
 /* ---- launcher.c ------------------------------------------------------------------------- */
 
 int launch(int argc, char **argv);
+/* Closes every descriptor from `low` on (close_range, else one by one). */
+void close_from(int low);
+
+/* ---- zygote.c --------------------------------------------------------------------------- */
+
+/* `--zygote`: forks a launcher for each request on fd 3; returns when the service went away. */
+int zygote(void);
 
 #endif
