@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import socket
 import struct
 import threading
@@ -139,6 +140,6 @@ class Zygote:
             sock.close()
         if pid:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)  # it would end at the end of file; no zygote outlives its use
+                os.kill(pid, signal.SIGKILL)  # it would end at end of file; none outlives its use
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)

@@ -17,7 +17,8 @@
  * (its own work and `--proc` / `--dev`); the way to its own binary (its libraries) and to /tmp
  * (its base directory). A mount is kept when it is one of those paths, lies on the way to one,
  * or lies beneath a bind's source; every other one goes, with whatever is mounted beneath it.
- * When in doubt nothing is detached: a table too large to read, a path too long, no memory.
+ * When in doubt nothing is detached: an option it does not know, a table too large to read,
+ * no memory.
  */
 #define _GNU_SOURCE
 #include "privileges.h"
@@ -63,13 +64,31 @@ static void keep_both(struct keeps *k, const char *path, int with_below) {
     if (real && strcmp(real, path)) keep_path(k, real, with_below);
 }
 
-/* How many host paths follow bubblewrap's option `opt` (a bind's or an overlay's sources). */
-static int host_sources(const char *opt) {
-    static const char *const one[] = {"--bind",    "--bind-try",    "--ro-bind", "--ro-bind-try",
-                                      "--dev-bind", "--dev-bind-try", "--overlay-src"};
-    for (size_t i = 0; i < sizeof one / sizeof one[0]; i++)
-        if (!strcmp(opt, one[i])) return 1;
-    return strcmp(opt, "--overlay") ? 0 : 2; /* --overlay RWSRC WORKDIR DEST */
+/* bubblewrap's options that aviato's runtime uses: how many arguments each takes, and how many
+ * of those (the first ones) are host paths that it binds (or overlays). A command line with
+ * any other option is not trimmed (tests/runtime/test_mount_trim.py keeps this table complete). */
+static const struct option_shape {
+    const char *name;
+    int args, sources;
+} bwrap_options[] = {
+    {"--bind", 2, 1},          {"--bind-try", 2, 1},        {"--ro-bind", 2, 1},
+    {"--ro-bind-try", 2, 1},   {"--dev-bind", 2, 1},        {"--dev-bind-try", 2, 1},
+    {"--overlay-src", 1, 1},   {"--overlay", 3, 2},         {"--symlink", 2, 0},
+    {"--setenv", 2, 0},        {"--hostname", 1, 0},        {"--cap-add", 1, 0},
+    {"--cap-drop", 1, 0},      {"--seccomp", 1, 0},         {"--args", 1, 0},
+    {"--size", 1, 0},          {"--perms", 1, 0},           {"--tmpfs", 1, 0},
+    {"--dir", 1, 0},           {"--chdir", 1, 0},           {"--remount-ro", 1, 0},
+    {"--proc", 1, 0},          {"--dev", 1, 0},             {"--uid", 1, 0},
+    {"--gid", 1, 0},           {"--unshare-pid", 0, 0},     {"--unshare-ipc", 0, 0},
+    {"--unshare-uts", 0, 0},   {"--unshare-net", 0, 0},     {"--unshare-user", 0, 0},
+    {"--unshare-cgroup-try", 0, 0}, {"--as-pid-1", 0, 0},   {"--new-session", 0, 0},
+    {"--clearenv", 0, 0},      {"--disable-userns", 0, 0},
+};
+
+static const struct option_shape *shape_of(const char *opt) {
+    for (size_t i = 0; i < sizeof bwrap_options / sizeof bwrap_options[0]; i++)
+        if (!strcmp(opt, bwrap_options[i].name)) return &bwrap_options[i];
+    return NULL;
 }
 
 /* `mnt` (a mount point) is `path` or lies on the way to it, or, with `with_below`, beneath
@@ -187,12 +206,19 @@ int trim_mounts(char *const *prog) {
     keep_path(&keeps, "/dev", 1);
     keep_path(&keeps, "/tmp", 0);
     keep_both(&keeps, prog[0], 0);
-    /* The sandbox's command too (after bubblewrap's `--`): what it names can only keep more. */
-    for (int i = 1; prog[i]; i++) {
-        int sources = host_sources(prog[i]);
-        for (int s = 0; s < sources && prog[i + 1]; s++) keep_both(&keeps, prog[++i], 1);
+    /* bubblewrap's options up to its `--` (the sandbox's command after it is never looked at:
+     * no path a sandbox names is resolved here, as host root). */
+    int i = 1;
+    for (; prog[i] && strcmp(prog[i], "--"); i++) {
+        const struct option_shape *shape = shape_of(prog[i]);
+        if (!shape) return 0; /* unknown: left as it is */
+        for (int a = 0; a < shape->args; a++) {
+            if (!prog[i + 1]) return 0;
+            if (a < shape->sources) keep_both(&keeps, prog[i + 1], 1);
+            i++;
+        }
     }
-    if (keeps.overflow) return 0;
+    if (!prog[i] || keeps.overflow) return 0; /* no end of options: left as it is */
     char *table = read_table();
     if (!table) return 0;
     struct mount_entry *e = NULL;
