@@ -117,9 +117,13 @@ def test_the_exit_wait_is_bounded() -> None:
         f"""
         import time
         from aviato import Sandbox
-        sb = Sandbox.run("sh", "-c", "trap '' TERM; while :; do sleep 1; done",
+        sb = Sandbox.run("sh", "-c", "trap '' TERM; : > /tmp/trapped; while :; do sleep 1; done",
                          tags=[{TEST_TAG!r}, {tag!r}])
         sb.wait()
+        # RUNNING is the supervisor's word; the shell may not have set its trap yet (a SIGTERM
+        # before it ends the sandbox at once, as it should).
+        while sb.exec(["test", "-e", "/tmp/trapped"]).result().returncode != 0:
+            time.sleep(0.02)
         print(sb.sandbox_id, time.time(), flush=True)
         sb.stop(graceful_shutdown_seconds={grace})
         """
