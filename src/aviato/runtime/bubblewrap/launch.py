@@ -187,22 +187,8 @@ class Launcher:
             opened.append(seccomp.filter_fd())
             opened.append(os.open(directory / "runtime.log", flags | os.O_APPEND, 0o600))
             opened.append(_memory_file(environment))
-            # Copies at fd >= 10 so that no dup2 below overwrites a source it still needs.
-            high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (sock.fileno(), *opened)]
-            opened += high
-            ctl, main_log, exit_file, filt, err = high[:5]
-            # Any other descriptor this process left inheritable is closed by the launcher
-            # (`launcher.c`, close_from): listing ours here cost O(open descriptors) a create.
-            actions: list[tuple[Any, ...]] = [
-                (os.POSIX_SPAWN_DUP2, ctl, FD_CONTROL),
-                (os.POSIX_SPAWN_DUP2, main_log, FD_LOG),
-                (os.POSIX_SPAWN_DUP2, exit_file, FD_EXIT),
-                (os.POSIX_SPAWN_DUP2, filt, FD_SECCOMP),
-                (os.POSIX_SPAWN_DUP2, err, 1),
-                (os.POSIX_SPAWN_DUP2, err, 2),
-                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-            ]
-            actions.append((os.POSIX_SPAWN_DUP2, high[5], FD_ENVIRONMENT))
+            # control socket, main log, exit file, seccomp filter, runtime log, environment
+            fds = [sock.fileno(), *opened]
             launcher = [self.supervisor, "--launch", *self.oom_adj]
             if cgroup is not None and cgroup.thread_files:
                 # v1: the launcher writes "0" to each `tasks` (see cgroups/: 12 ms less after an
@@ -214,23 +200,41 @@ class Launcher:
                     launcher += ["--cgroup-procs", procs]
             launcher += [*launch, "--", *argv]
             try:
-                forked = None if self.zygote is None else self.zygote.launch(launcher, high[:6])
+                forked = None if self.zygote is None else self.zygote.launch(launcher, fds)
                 if forked is not None:
                     return Launched(forked[0], forked[1], is_child=False)
-                pid = os.posix_spawn(
-                    self.supervisor,
-                    launcher,
-                    LAUNCH_ENV,
-                    file_actions=actions,
-                    setsigdef=SIGDEF,
-                    setsigmask=(),
-                )
+                pid = self._spawn(launcher, fds)
             except OSError as exc:
                 raise SandboxRuntimeError(f"cannot start {self.supervisor}: {exc}") from exc
             return Launched(pid, os.pidfd_open(pid), is_child=True)
         finally:
             sock.close()
             for fd in opened:
+                os.close(fd)
+
+    def _spawn(self, launcher: list[str], fds: list[int]) -> int:
+        """posix_spawn of `launcher` with `fds` (as `spawn` lists them) at 3, 4, 5, 6, 1 and 2,
+        and FD_ENVIRONMENT; stdin /dev/null. Any other descriptor this process left inheritable
+        is closed by the launcher (`launcher.c`, close_from): listing ours here cost
+        O(open descriptors) a create."""
+        # Copies at fd >= 10 so that no dup2 below overwrites a source it still needs.
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in fds]
+        try:
+            ctl, main_log, exit_file, filt, err, env = high
+            actions: list[tuple[Any, ...]] = [
+                (os.POSIX_SPAWN_DUP2, ctl, FD_CONTROL),
+                (os.POSIX_SPAWN_DUP2, main_log, FD_LOG),
+                (os.POSIX_SPAWN_DUP2, exit_file, FD_EXIT),
+                (os.POSIX_SPAWN_DUP2, filt, FD_SECCOMP),
+                (os.POSIX_SPAWN_DUP2, err, 1),
+                (os.POSIX_SPAWN_DUP2, err, 2),
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, env, FD_ENVIRONMENT),
+            ]
+            return os.posix_spawn(self.supervisor, launcher, LAUNCH_ENV, file_actions=actions,
+                                  setsigdef=SIGDEF, setsigmask=())  # fmt: skip
+        finally:
+            for fd in high:
                 os.close(fd)
 
     def close(self) -> None:
