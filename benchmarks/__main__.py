@@ -174,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
     machine: dict[str, Any] = machine_facts()
     print(f"\naviato benchmarks — {meta['date']} — {machine['cpu']}, {machine['cores']} cores, "
           f"{machine['memory_gib']} GiB, {machine['os']}, kernel {machine['kernel']}, "
-          f"cgroup {machine['cgroup']}, {machine['host_mounts']} host mounts")  # fmt: skip
+          f"cgroup {machine['cgroup']}, {machine['host_mounts']} host mounts, "
+          f"{machine['supervisor']}")  # fmt: skip
     print(f"command: {command}" + ("   (quick: reduced sizes; targets not judged)"
                                    if plan.quick else ""))  # fmt: skip
     print()

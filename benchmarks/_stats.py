@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,7 +143,22 @@ def machine_facts() -> dict[str, Any]:
         # time grows with it (5.6 ms at 43 mounts, 15.3 ms at 285 here); aviato's launcher
         # shows bwrap only the mounts it uses (docs/benchmarks.md).
         "host_mounts": _mount_count(),
+        # Every sandbox starts one supervisor; built against static glibc its start is ~0.6 ms
+        # slower in this VM than against musl (setup.py).
+        "supervisor": _supervisor_version(),
     }
+
+
+def _supervisor_version() -> str:
+    try:
+        from aviato.runtime.supervisor.binary import supervisor_binary
+
+        out = subprocess.run(
+            [str(supervisor_binary()), "--version"], capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or "unknown"
+    except Exception as e:  # not installed, or not runnable: said in the report
+        return f"unknown ({e})"
 
 
 def _mount_count() -> int:

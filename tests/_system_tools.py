@@ -49,6 +49,7 @@ TOOLS: dict[str, SystemTool] = {
         SystemTool("setpriv", "util-linux"),  # tests/cli: aviato as an ordinary user
         SystemTool("pgrep", "procps"),
         SystemTool("cc", "gcc"),  # test programs compiled for the supervisor's tests
+        SystemTool("musl-gcc", "musl-tools"),  # the supervisor built against musl (setup.py)
         SystemTool("nm", "binutils"),  # the supervisor's modules: who calls whom
         SystemTool("tmux", "tmux"),  # tests/cli: `aviato top` on a real terminal
         SystemTool("chromium", "chromium"),  # tests/server: the dashboard in a real browser

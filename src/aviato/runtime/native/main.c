@@ -54,7 +54,13 @@ int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "--launch")) return launch(argc, argv);
     if (argc == 2 && !strcmp(argv[1], "--zygote")) return zygote();
     if (argc >= 2 && !strcmp(argv[1], "--version")) {
-        printf("aviato-supervisor protocol %d\n", PROTOCOL_VERSION);
+        /* The C library matters to the speed of a sandbox's start (setup.py says why). */
+#ifdef __GLIBC__
+        const char *libc = "glibc";
+#else
+        const char *libc = "musl"; /* the only other one setup.py builds with */
+#endif
+        printf("aviato-supervisor protocol %d (%s)\n", PROTOCOL_VERSION, libc);
         return 0;
     }
     char **main_argv = NULL;
