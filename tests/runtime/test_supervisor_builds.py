@@ -1,5 +1,5 @@
 """The supervisor built against each C library setup.py may use (musl when `musl-gcc` is there,
-else glibc) runs sandboxes alike.
+else glibc) runs sandboxes alike (glibc's launchers forked by the zygote, musl's spawned).
 
 The installed supervisor is built with one of them and the whole suite runs with it; these tests
 build the supervisor with each, with setup.py's own `compile_supervisor`, and drive a real
@@ -88,6 +88,8 @@ def test_a_supervisor_built_with_each_c_library_runs_sandboxes_alike(
 
     async def main() -> None:
         rt = BubblewrapRuntime(state, supervisor=binary)
+        # glibc's launchers are forked by a zygote (its start is slow), musl's spawned
+        assert (rt._launcher.zygote is None) == (libc == "musl")
         sid = "t-" + uuid.uuid4().hex[:12]
         try:
             h = await rt.create(SandboxConfig(sandbox_id=sid, image="host",

@@ -17,7 +17,7 @@ import pytest
 from one_sandbox import sh
 
 from aviato.runtime.bubblewrap import BubblewrapRuntime, BubblewrapSandbox
-from aviato.runtime.bubblewrap.launch import LAUNCH_ENV, SIGDEF
+from aviato.runtime.bubblewrap.launch import LAUNCH_ENV, SIGDEF, launcher_for
 from aviato.runtime.bubblewrap.zygote import ANSWER_SECONDS, GIVE_UP_AFTER, Zygote
 from aviato.runtime.model import SandboxConfig
 from aviato.runtime.supervisor import supervisor_binary
@@ -51,6 +51,7 @@ def _state(pid: int) -> str:
 def test_launchers_are_forked_by_the_zygote_and_survive_it(tmp_path: Path) -> None:
     async def main() -> None:
         rt = BubblewrapRuntime(tmp_path, supervisor=supervisor_binary())
+        rt._launcher = launcher_for(rt._supervisor, zygote=True)  # whatever its C library
         zygote = rt._launcher.zygote
         assert zygote is not None
         # A descriptor the service left inheritable (its caller's pipe, say): the zygote, which

@@ -7,6 +7,9 @@
  * a virtual machine) took 0.67 ms here before the launcher's first system call; the service's
  * own posix_spawn took 0.39 ms more on its event loop. A fork of this small process costs a
  * fraction of both, and the child runs exactly the launcher a spawn would have (`launch`).
+ * Built against musl, whose start-up takes ~0.06 ms, the binary gains nothing from a zygote
+ * (spawning measured as fast or faster), and the service spawns its launchers (launch.py,
+ * `launcher_for`).
  *
  * A request: one message holding the launcher's arguments (NUL-terminated strings: the argv a
  * spawn would have used, "--launch" included) and six descriptors: the control socket, main

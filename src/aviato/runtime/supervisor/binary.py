@@ -1,8 +1,11 @@
-"""Where the compiled supervisor is: `supervisor_binary()`."""
+"""Where the compiled supervisor is (`supervisor_binary()`), and which C library it was built
+against (`c_library()`)."""
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 from pathlib import Path
 
 from aviato.runtime.base import SandboxRuntimeError
@@ -26,3 +29,16 @@ def supervisor_binary() -> Path:
             "`pip install --force-reinstall --no-deps aviato` or, in a checkout, `pip install -e .`"
         )
     return path
+
+
+def c_library(path: str | Path) -> str:
+    """ "musl" or "glibc": what the supervisor at `path` was built against (setup.py says why it
+    matters), from its `--version`; "" when it does not say (an older build) or does not run."""
+    try:
+        out = subprocess.run(
+            [str(path), "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    found = re.search(r"protocol \d+ \((musl|glibc)\)", out)
+    return found.group(1) if found else ""
