@@ -74,13 +74,15 @@ def kernel_header_dir() -> str | None:
         ).stdout.strip()
     asm_dirs = [include / multiarch / "asm"] if multiarch else []
     asm = next((d for d in [*asm_dirs, include / "asm"] if d.is_dir()), None)
+    if asm is None:
+        return None
     wanted = {"linux": include / "linux", "asm-generic": include / "asm-generic", "asm": asm}
-    if not all(d is not None and (d / "types.h").is_file() for d in wanted.values()):
+    if not all((d / "types.h").is_file() for d in wanted.values()):
         return None
     shim = Path(tempfile.mkdtemp(prefix="aviato-kernel-headers-"))
     atexit.register(shutil.rmtree, shim, ignore_errors=True)
     for name, target in wanted.items():
-        (shim / name).symlink_to(target)  # type: ignore[arg-type]  # checked above
+        (shim / name).symlink_to(target)
     return str(shim)
 
 

@@ -36,7 +36,7 @@ from aviato.runtime.bubblewrap.command import (
 )
 from aviato.runtime.bubblewrap.zygote import Zygote
 from aviato.runtime.cgroups import SandboxCgroup
-from aviato.runtime.supervisor import SupervisorConnection
+from aviato.runtime.supervisor import SupervisorConnection, c_library
 from aviato.runtime.supervisor.connection import failure_words
 from aviato.runtime.userns import IdRange
 from aviato.runtime.volume_store import VOLUME_MOUNTS
@@ -158,6 +158,7 @@ class Launcher:
     supervisor: str
     oom_adj: list[str]
     zygote: Zygote | None = None
+    libc: str = ""  # the supervisor's C library (`c_library`)
 
     def spawn(
         self,
@@ -243,15 +244,19 @@ class Launcher:
             self.zygote.close()
 
 
-def launcher_for(supervisor: str, *, zygote: bool) -> Launcher:
-    """The runtime's launcher: `supervisor`'s, with a zygote of it when `zygote`.
+def launcher_for(supervisor: str, *, zygote: bool | None = None) -> Launcher:
+    """The runtime's launcher: `supervisor`'s, with a zygote of it when `zygote` (None: unless
+    the supervisor is built against musl).
 
-    The runtime asks for one unless the supervisor is built against musl: its launchers start
-    in ~0.06 ms, and spawning them measured as fast as the zygote's round trip or faster
-    (create -> first exec 1.03 times as long with the zygote, median of 12 alternated rounds,
-    docs/benchmarks.md); with glibc's start-up the zygote saves ~3 % of a create."""
+    A musl-built launcher starts in ~0.06 ms, and spawning it measured as fast as the zygote's
+    round trip or faster (create -> first exec 1.03 times as long with the zygote, median of 12
+    alternated rounds, docs/benchmarks.md); with glibc's start-up the zygote saves ~3 % of a
+    create."""
+    libc = c_library(supervisor) if supervisor else ""
+    if zygote is None:
+        zygote = libc != "musl"
     forks = Zygote(supervisor, LAUNCH_ENV, SIGDEF) if zygote else None
-    return Launcher(supervisor, launch_oom_adj(), forks)
+    return Launcher(supervisor, launch_oom_adj(), forks, libc)
 
 
 def _memory_file(data: bytes) -> int:

@@ -98,7 +98,7 @@ from aviato.runtime.cgroups import (
 from aviato.runtime.image_service import StoreImages
 from aviato.runtime.oci_image_root import image_root
 from aviato.runtime.snapshot_store import SnapshotStore
-from aviato.runtime.supervisor import SupervisorConnection, c_library, supervisor_binary
+from aviato.runtime.supervisor import SupervisorConnection, supervisor_binary
 from aviato.runtime.userns import IdRange, IdRanges, RangesExhausted
 from aviato.runtime.writable_layers import Layer, WritableLayers
 
@@ -198,8 +198,7 @@ class BubblewrapRuntime(Runtime):
             self._seccomp_error = str(exc)
             log.error("sandboxes cannot start: %s", exc)
         image_roots.warm_up()
-        self._libc = c_library(self._supervisor) if self._supervisor else ""
-        self._launcher = launcher_for(self._supervisor, zygote=self._libc != "musl")  # see there
+        self._launcher = launcher_for(self._supervisor)
         self._fd_limit = raise_fd_limit()
         # Sandboxes starting at once: more only thrash (2 cores ran 1,000 bwrap starts at once
         # at a load of 237, and a third of them missed the supervisor's connect timeout).
@@ -236,18 +235,16 @@ class BubblewrapRuntime(Runtime):
                 log.warning("sandbox %s: cannot release uid range %s: %s", sandbox_id, ids, exc)
 
     def describe(self) -> dict[str, str]:
-        isolation = "bubblewrap, " + (
-            "rootless: one user namespace mapped to the service's uid"
-            if self._rootless
-            else "a user namespace and host uid range of its own per sandbox"
-        )
+        rootless = "rootless: one user namespace mapped to the service's uid"
+        own = "a user namespace and host uid range of its own per sandbox"
+        isolation = "bubblewrap, " + (rootless if self._rootless else own)
         facts = {
             "isolation": isolation,
             "cgroups": self._cgroups.describe(),
             "sandbox_limits": describe_parent(self._cgroups, self._parent_problems),
             "seccomp": self._seccomp_error or seccomp.describe(),
             "supervisor": self._supervisor or str(self._supervisor_error),
-            "supervisor_c_library": self._libc or "not said (an older build)",
+            "supervisor_c_library": self._launcher.libc or "not said (an older build)",
             "state_dir": str(self._state_dir),
             "max_sandboxes": str(self._max),
             "fd_limit": str(self._fd_limit),
