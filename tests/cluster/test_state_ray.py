@@ -93,6 +93,24 @@ def _unpack(store: SnapshotStore, archive: bytes, facts: SnapshotFacts) -> None:
     unpack_archive(store, SNAP, spool, facts)
 
 
+def test_the_source_refuses_a_sparse_tree_before_a_byte_beyond_the_receivers_bound(
+    tmp_path: Path,
+) -> None:
+    """The source stops first, in words: had only the receiver refused mid-stream, the service's
+    write to it could fail before its status arrived, and the user would read gRPC's "Internal
+    error from Core" instead (seen in CI under load)."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    with open(tree / "sparse", "wb") as f:
+        f.truncate(1 << 30)
+    facts = SnapshotFacts(size_bytes=0, entries=1, skipped=0)  # what read_facts says of it
+    bound = archive_bound(facts)
+    emitted: list[bytes] = []
+    with pytest.raises(ArchiveRefused, match="sparse"):
+        write_archive(tree, emitted.append, bound, SNAP)
+    assert 0 < sum(map(len, emitted)) <= bound.tar_bytes
+
+
 def test_a_hostile_tree_round_trips_as_it_was(tmp_path: Path) -> None:
     source = tmp_path / "source"
     _hostile_tree(source)

@@ -142,7 +142,10 @@ def snapshot_handlers(
 
         def walk() -> None:
             try:
-                write_archive(store.tree(request.snapshot_id), emit)
+                # Bounded as the receiver bounds it: a refusal in words from here, not a
+                # reset there (snapshot_archive's docstring).
+                write_archive(store.tree(request.snapshot_id), emit, archive_bound(facts),
+                              request.snapshot_id)  # fmt: skip
                 emit_last: bytes | BaseException | None = None
             except _ReaderGone:
                 return

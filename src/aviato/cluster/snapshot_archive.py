@@ -21,7 +21,12 @@ meanwhile leaves only `.partial-` names, which its runtime removes at the next s
 
 Sparse files: the tree keeps holes, the archive does not (tarfile writes no sparse maps and the
 unpacker refuses them), so a snapshot whose files are mostly holes exceeds the bound of its data
-bytes and is refused in words: it starts on the node that holds it.
+bytes and is refused in words: it starts on the node that holds it. The source refuses first
+(`write_archive` with the bound stops before a byte beyond it), so that the words reach the user
+on the export's stream; had only the receiver refused, it would end its call while the service
+still writes to it, and the service's gRPC core reports that write's failure ("Internal error
+from Core") in place of the receiver's status, whichever comes first. The receiver keeps its
+own bound (`Spool`): a source is not trusted to keep to it.
 """
 
 from __future__ import annotations
@@ -109,23 +114,40 @@ def read_facts(store: SnapshotStore, snapshot_id: str) -> SnapshotFacts:
 # --- writing -----------------------------------------------------------------------------------
 
 
-class _Sink:
-    """Gathers the archive's bytes into CHUNK_BYTES pieces for `emit`."""
+def _larger_than_bound(snapshot_id: str, bound: Bound) -> ArchiveRefused:
+    return ArchiveRefused(
+        f"snapshot {snapshot_id}: its archive is larger than its data and headers may take "
+        f"({format_size(bound.tar_bytes)}); a snapshot of sparse files cannot move to another "
+        "node: start it on the node that holds it"
+    )
 
-    def __init__(self, emit: Callable[[bytes], None]) -> None:
+
+class _Sink:
+    """Gathers the archive's bytes into CHUNK_BYTES pieces for `emit`; with a bound, refuses
+    (ArchiveRefused) before it emits a byte beyond it."""
+
+    def __init__(
+        self, emit: Callable[[bytes], None], bound: Bound | None, snapshot_id: str
+    ) -> None:
         self._emit = emit
         self._buf = bytearray()
+        self._bound = bound
+        self._snapshot_id = snapshot_id
+        self._emitted = 0
 
     def write(self, data: bytes | memoryview) -> None:
         self._buf += data
         if len(self._buf) >= CHUNK_BYTES:
-            self._emit(bytes(self._buf))
-            self._buf.clear()
+            self.flush()
 
     def flush(self) -> None:
-        if self._buf:
-            self._emit(bytes(self._buf))
-            self._buf.clear()
+        if not self._buf:
+            return
+        self._emitted += len(self._buf)
+        if self._bound is not None and self._emitted > self._bound.tar_bytes:
+            raise _larger_than_bound(self._snapshot_id, self._bound)
+        self._emit(bytes(self._buf))
+        self._buf.clear()
 
 
 def _info(name: str, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
@@ -138,10 +160,13 @@ def _info(name: str, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
     return info
 
 
-def write_archive(tree: Path, emit: Callable[[bytes], None]) -> int:
+def write_archive(
+    tree: Path, emit: Callable[[bytes], None], bound: Bound | None = None, snapshot_id: str = ""
+) -> int:
     """Writes the tree at `tree` as a tar archive to `emit` in pieces; returns its entries.
-    Blocking: run it in a thread."""
-    sink = _Sink(emit)
+    With `bound` (the receiver's: `archive_bound` of the snapshot's facts), raises
+    ArchiveRefused instead of emitting more than it. Blocking: run it in a thread."""
+    sink = _Sink(emit, bound, snapshot_id)
     links: dict[tuple[int, int], str] = {}
     entries = 0
     root = os.open(tree, _DIR)
@@ -255,12 +280,7 @@ class Spool:
     def write(self, data: bytes) -> None:
         self.size += len(data)
         if self.size > self._bound.tar_bytes:
-            raise ArchiveRefused(
-                f"snapshot {self._snapshot_id}: its archive is larger than its data and headers "
-                "may take "
-                f"({format_size(self._bound.tar_bytes)}); a snapshot of sparse files cannot "
-                "move to another node: start it on the node that holds it"
-            )
+            raise _larger_than_bound(self._snapshot_id, self._bound)
         self._file.write(data)
 
     def close(self) -> None:
