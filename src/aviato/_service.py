@@ -54,6 +54,10 @@ class ServerInfo:
     #: the warm pool of ready sandboxes (`aviato server --warm-pool N`), told only to the
     #: service's own user; "" when it keeps none
     warm_pool: str = ""
+    #: how long the records and logs of ended sandboxes are kept (`aviato server
+    #: --keep-stopped`), e.g. "7d" or "forever"; the service's own user also learns how many
+    #: were removed since the service started
+    kept_stopped: str = ""
 
     @classmethod
     def _of(cls, url: str, info: pb.ServerInfo) -> ServerInfo:
@@ -72,6 +76,7 @@ class ServerInfo:
             http=info.http,
             usage_interval_seconds=info.usage_interval_seconds,
             warm_pool=info.warm_pool,
+            kept_stopped=info.kept_stopped,
         )
 
 

@@ -51,10 +51,10 @@ def rec(
 
 def test_wal_and_migrations(tmp_path: Path) -> None:
     r = Registry(tmp_path / "r.db")
-    assert r.schema_version == 9
+    assert r.schema_version == 10
     r.close()
     r = Registry(tmp_path / "r.db")  # re-opening applies nothing twice
-    assert r.schema_version == 9
+    assert r.schema_version == 10
     mode = sqlite3.connect(tmp_path / "r.db").execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
 

@@ -58,7 +58,7 @@ def test_old_registry_is_converted_once_and_keeps_working(tmp_path: Path) -> Non
     path = tmp_path / "registry.db"
     old_registry(path)
     reg = Registry(path)
-    assert reg.schema_version == 9
+    assert reg.schema_version == 10
     columns = [r[1] for r in sqlite3.connect(path).execute("PRAGMA table_info(sandboxes)")]
     assert "spec" not in columns and "model" in columns
 
@@ -92,6 +92,6 @@ def test_old_registry_is_converted_once_and_keeps_working(tmp_path: Path) -> Non
     reg.close()
 
     again = Registry(path)  # converted once: reopening applies nothing
-    assert again.schema_version == 9
+    assert again.schema_version == 10
     got = again.get_sandbox("sbx-asked")
     assert got is not None and got.status is SandboxStatus.TERMINATED and got.config == c

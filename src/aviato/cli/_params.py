@@ -8,18 +8,15 @@ a subclass cannot be typed for both the old and the new one.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
 
-from aviato.v1 import quantities
+from aviato.v1 import durations, quantities
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
-_UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_env_pair(text: str) -> tuple[str, str]:
@@ -31,18 +28,12 @@ def parse_env_pair(text: str) -> tuple[str, str]:
 
 
 def parse_duration(text: str, allow_zero: bool = False) -> float:
-    """Seconds from `90`, `90s`, `15m`, `2h`, `1d` or sums such as `1h30m`."""
-    cleaned = text.strip().lower()
-    pos, total = 0, 0.0
-    while pos < len(cleaned):
-        match = _DURATION_PART.match(cleaned, pos)
-        if match is None:
-            break
-        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        pos = match.end()
-    if not cleaned or pos != len(cleaned) or (total == 0 and not allow_zero):
-        raise click.BadParameter(f"{text!r} is not a duration such as 90s, 15m, 2h or 1h30m")
-    return total
+    """Seconds from `90`, `90s`, `15m`, `2h`, `1d` or sums such as `1h30m`
+    (`aviato.v1.durations`, the grammar the service's options share)."""
+    try:
+        return durations.parse_duration(text, allow_zero)
+    except durations.DurationError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def env_pairs(

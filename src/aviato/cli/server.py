@@ -132,6 +132,10 @@ _LIMIT_OPTIONS = (
     ("--warm-pool", "N",
      "Keep N sandboxes of the default shape ready for creates [env AVIATO_WARM_POOL; "
      "default 0]."),
+    # The retention of ended sandboxes (server/retention.py), forwarded the same way.
+    ("--keep-stopped", "DURATION",
+     "Remove a sandbox's record and log this long after it ended, e.g. 12h or 7d "
+     "[env AVIATO_KEEP_STOPPED; default 7d; 0: keep them until deleted]."),
 )  # fmt: skip
 
 
@@ -417,6 +421,7 @@ def status(paths: _Paths) -> None:
                 else "off",
             ),
             ("warm pool", info.warm_pool or "off"),
+            ("stopped kept", info.kept_stopped or "-"),
         ]
     )
 

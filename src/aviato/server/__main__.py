@@ -33,7 +33,8 @@ from aviato.server.config import (
     resolve_state_dir,
 )
 from aviato.server.quotas import Quota
-from aviato.v1 import quantities
+from aviato.server.retention import DEFAULT_KEEP_STOPPED_SECONDS, MAX_KEEP_STOPPED_SECONDS
+from aviato.v1 import durations, quantities
 
 
 def _memory(text: str) -> int:
@@ -165,6 +166,21 @@ _env("cgroup_pids", "AVIATO_CGROUP_PIDS", _count, None)
 _env("warm_pool", "AVIATO_WARM_POOL", _count, 0)
 
 
+def _keep_stopped(text: str) -> float:
+    """--keep-stopped: a duration (`aviato.v1.durations`), 0 for forever, at most 100 years."""
+    try:
+        seconds = durations.parse_duration(text, allow_zero=True)
+    except durations.DurationError as e:
+        raise argparse.ArgumentTypeError(f"{e} (seconds, or a number with s, m, h or d; "
+                                         "0: keep forever)") from None  # fmt: skip
+    if seconds > MAX_KEEP_STOPPED_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text!r} is more than 100 years (0: keep forever)")
+    return seconds
+
+
+_env("keep_stopped", "AVIATO_KEEP_STOPPED", _keep_stopped, DEFAULT_KEEP_STOPPED_SECONDS)
+
+
 def _host_dir(text: str) -> str:
     """--allow-host-mount: an existing absolute directory, kept as its real path."""
     if not os.path.isabs(text):
@@ -217,6 +233,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                         "nothing else asked) started, each handed out once to a create that "
                         "asks for exactly that (env AVIATO_WARM_POOL; default 0: none; "
                         "--placement local only)")  # fmt: skip
+    p.add_argument("--keep-stopped", type=_keep_stopped, default=None, metavar="DURATION",
+                   help="remove the record and kept log of a sandbox this long after it ended "
+                        "(stopped, exited or failed): seconds, or a number with s, m, h or d "
+                        "such as 12h or 7d (env AVIATO_KEEP_STOPPED; default 7d; 0: keep them "
+                        "forever, until deleted)")  # fmt: skip
     p.add_argument("--max-memory", type=_memory, default=0, metavar="QUANTITY",
                    help="bound on the sum of live sandboxes' memory limits, e.g. 16Gi "
                         "(0: no bound)")  # fmt: skip
@@ -389,6 +410,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         http=http,
         http_by_default=http_by_default and http is not None,
         warm_pool=args.warm_pool,
+        keep_stopped_seconds=args.keep_stopped,
     )
 
 

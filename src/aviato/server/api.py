@@ -324,4 +324,5 @@ class SandboxServicer(
             http=self.http_address,
             usage_interval_seconds=self._config.usage_interval_seconds,
             warm_pool=pool.describe() if operator and pool is not None else "",
+            kept_stopped=self._lifecycle.retention.describe(operator),
         )

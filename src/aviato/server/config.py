@@ -17,10 +17,12 @@ from pathlib import Path
 from aviato.images.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_ENTRIES, PullLimits
 from aviato.runtime.model import DEFAULT_DISK_BYTES, DEFAULT_MEMORY_BYTES, DEFAULT_PIDS
 from aviato.server.quotas import Quota
+from aviato.server.retention import DEFAULT_KEEP_STOPPED_SECONDS
 from aviato.server.validation import DEFAULT_MAX_LIFETIME_SECONDS, SpecDefaults
 from aviato.v1 import endpoint
 
 __all__ = [
+    "DEFAULT_KEEP_STOPPED_SECONDS",
     "DEFAULT_MAX_LIFETIME_SECONDS",
     "DEFAULT_MAX_SANDBOXES",
     "DEFAULT_MIN_FREE_DISK_BYTES",
@@ -199,6 +201,8 @@ class ServerConfig:
     http_by_default: bool = False
     # Sandboxes of the default shape kept started ahead of demand (server/warm_pool.py; 0: none).
     warm_pool: int = 0
+    # How long an ended sandbox's record and kept log stay (server/retention.py; 0: forever).
+    keep_stopped_seconds: float = DEFAULT_KEEP_STOPPED_SECONDS
 
     def spec_defaults(self) -> SpecDefaults:
         """The defaults that validation resolves in every sandbox spec."""
@@ -229,5 +233,6 @@ class ServerConfig:
 
     @property
     def logs_dir(self) -> Path:
-        """Where the service keeps main logs of terminal sandboxes until they are deleted."""
+        """Where the service keeps main logs of terminal sandboxes until they are deleted or
+        older than `keep_stopped_seconds`."""
         return self.state_dir / "logs"

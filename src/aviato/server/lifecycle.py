@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import functools
 import logging
 import math
 import sqlite3
@@ -62,6 +63,7 @@ from aviato.server.records import (
     ValidSpec,
     kept_config,
 )
+from aviato.server.retention import Retention
 from aviato.server.sandbox_states import (
     LeaseState,
     LiveSandbox,
@@ -95,6 +97,19 @@ class Lifecycle(Pausing, Reconciliation):
 
     usage: UsageHistory  # the usage history of live sandboxes (server/usage_history.py)
 
+    @functools.cached_property
+    def retention(self) -> Retention:
+        """The removal of ended sandboxes older than `--keep-stopped` (server/retention.py):
+        what a delete removes, through the registry and the `when_deleted` listeners."""
+        return Retention(
+            self._registry.connection, self._config.keep_stopped_seconds,
+            self._config.logs_dir, is_live=lambda sid: sid in self._live, forget=self._forgotten,
+        )  # fmt: skip
+
+    def _forgotten(self, sandbox_id: str) -> None:
+        for forget in self._deleted_listeners:
+            forget(sandbox_id)
+
     async def start(self) -> None:
         """Reconciles the registry with the runtimes, then starts the reaper and the usage
         sampler."""
@@ -107,6 +122,7 @@ class Lifecycle(Pausing, Reconciliation):
             refresh=self._placement.refresh_usage,
         )
         self.usage.start()
+        self.retention.start()
 
     def _start_pool(self) -> None:
         """Starts the warm pool (`--warm-pool N`) of the local placement's node."""
@@ -148,6 +164,7 @@ class Lifecycle(Pausing, Reconciliation):
         self._closing = True
         if self._reaper is not None:
             self._reaper.cancel()
+        await self.retention.close()
         if self.pool is not None:
             await self.pool.close()  # members are nobody's: they end with the service
         with contextlib.suppress(AttributeError):  # never started
@@ -469,8 +486,7 @@ class Lifecycle(Pausing, Reconciliation):
             rec = await self.stop(owner, sandbox_id, 0.0)
         if not self._registry.delete_sandbox(sandbox_id):
             raise SandboxNotFound(sandbox_id)
-        for forget in self._deleted_listeners:
-            forget(sandbox_id)
+        self._forgotten(sandbox_id)
         with contextlib.suppress(FileNotFoundError):
             self._kept_log(sandbox_id).unlink()
         with contextlib.suppress(UnknownNode):

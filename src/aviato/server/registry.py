@@ -43,6 +43,7 @@ from aviato.server.records import (
     SandboxRecord,
     SandboxStatus,
 )
+from aviato.server.retention import RETENTION_MIGRATION
 from aviato.server.secret_store import SECRETS_MIGRATION
 from aviato.server.volume_records import VOLUME_HOMES_MIGRATION, VOLUMES_MIGRATION, VolumeRecords
 
@@ -176,6 +177,8 @@ _MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     SECRETS_MIGRATION,
     # 9: where each volume lives under Ray and its enforced size (server/volume_records.py).
     VOLUME_HOMES_MIGRATION,
+    # 10: ended sandboxes by end time, for the retention (server/retention.py).
+    RETENTION_MIGRATION,
 )
 
 

@@ -499,7 +499,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "placement", "runtime", "cgroups", "state_dir", "sandboxes_running", "max_sandboxes", "sandbox_limits", "quota", "egress", "http", "usage_interval_seconds", "warm_pool")
+    __slots__ = ("version", "placement", "runtime", "cgroups", "state_dir", "sandboxes_running", "max_sandboxes", "sandbox_limits", "quota", "egress", "http", "usage_interval_seconds", "warm_pool", "kept_stopped")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
@@ -513,6 +513,7 @@ class ServerInfo(_message.Message):
     HTTP_FIELD_NUMBER: _ClassVar[int]
     USAGE_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WARM_POOL_FIELD_NUMBER: _ClassVar[int]
+    KEPT_STOPPED_FIELD_NUMBER: _ClassVar[int]
     version: str
     placement: str
     runtime: str
@@ -526,7 +527,8 @@ class ServerInfo(_message.Message):
     http: str
     usage_interval_seconds: float
     warm_pool: str
-    def __init__(self, version: _Optional[str] = ..., placement: _Optional[str] = ..., runtime: _Optional[str] = ..., cgroups: _Optional[str] = ..., state_dir: _Optional[str] = ..., sandboxes_running: _Optional[int] = ..., max_sandboxes: _Optional[int] = ..., sandbox_limits: _Optional[str] = ..., quota: _Optional[str] = ..., egress: _Optional[str] = ..., http: _Optional[str] = ..., usage_interval_seconds: _Optional[float] = ..., warm_pool: _Optional[str] = ...) -> None: ...
+    kept_stopped: str
+    def __init__(self, version: _Optional[str] = ..., placement: _Optional[str] = ..., runtime: _Optional[str] = ..., cgroups: _Optional[str] = ..., state_dir: _Optional[str] = ..., sandboxes_running: _Optional[int] = ..., max_sandboxes: _Optional[int] = ..., sandbox_limits: _Optional[str] = ..., quota: _Optional[str] = ..., egress: _Optional[str] = ..., http: _Optional[str] = ..., usage_interval_seconds: _Optional[float] = ..., warm_pool: _Optional[str] = ..., kept_stopped: _Optional[str] = ...) -> None: ...
 
 class SetNetworkRequest(_message.Message):
     __slots__ = ("sandbox_id", "egress_mode", "egress")
