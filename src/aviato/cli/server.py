@@ -421,7 +421,7 @@ def status(paths: _Paths) -> None:
                 else "off",
             ),
             ("warm pool", info.warm_pool or "off"),
-            ("stopped kept", info.kept_stopped or "-"),
+            ("keep stopped", info.kept_stopped or "-"),
         ]
     )
 
