@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from _wait import wait_until
@@ -105,3 +106,46 @@ def test_bad_values_are_refused_naming_the_option(value: str) -> None:
     last = result.stderr.strip().splitlines()[-1]
     assert "--keep-stopped" in last and repr(value) in last, last
     assert "Traceback" not in result.stderr
+
+
+def test_readers_racing_the_removal_see_the_record_or_not_found(
+    fresh_server: ServerProcess,
+) -> None:
+    """Gets, log reads and listings of sandboxes while the retention removes them: each call
+    answers with the sandbox as it was, or NOT_FOUND in the user's words; the service lives."""
+    fresh_server.args += ["--keep-stopped", "1s"]
+    fresh_server.start()
+    url = f"unix://{fresh_server.socket_path}"
+    ended = [Sandbox.run("echo", f"run-{i}", base_url=url) for i in range(12)]
+    ids = []
+    for sb in ended:
+        sb.wait_until_complete().result(timeout=30)
+        ids.append(sb.sandbox_id or "")
+    answers: list[str] = []
+    unexpected: list[BaseException] = []
+
+    def read(sandbox_id: str) -> None:
+        while True:
+            try:
+                found = Sandbox.from_id(sandbox_id, base_url=url).result(timeout=30)
+                texts = [r.text for r in found.stream_logs()]
+                assert texts in ([], [f"run-{ids.index(sandbox_id)}\n"]), texts
+                _listed(url)
+                answers.append("found")
+            except SandboxNotFoundError as e:
+                assert sandbox_id in str(e) and "Traceback" not in str(e), str(e)
+                answers.append("not found")
+                return
+            except BaseException as e:  # reported below, with the others
+                unexpected.append(e)
+                return
+
+    with ThreadPoolExecutor(len(ids)) as pool:
+        list(pool.map(read, ids, timeout=60))
+    assert not unexpected, unexpected
+    assert answers.count("not found") == len(ids)
+    assert "found" in answers  # some were read while there, then gone: the race ran
+    assert not set(ids) & set(_listed(url))
+    assert aviato.server_info(url, start_local=False).kept_stopped == (
+        f"1s ({len(ids)} removed since the service started)"
+    )
