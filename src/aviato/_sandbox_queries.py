@@ -48,7 +48,9 @@ class SandboxQueries:
         """Finds sandboxes: those with all of `tags`, in `status` if given.
 
         Terminal sandboxes are left out unless `include_stopped` (or its newer name
-        `show_terminated`) or `status` is a terminal status. All pages are fetched. The results
+        `show_terminated`) or `status` is a terminal status; the service keeps them until they
+        are deleted or its retention has passed since they ended (`aviato server
+        --keep-stopped`, default 7 days; docs/state.md). All pages are fetched. The results
         are usable `Sandbox` objects. `runway_ids` / `tower_ids`: the original SDK's placement
         filters; empty is accepted and ignored, others refused (`SandboxValidationError`).
         """
