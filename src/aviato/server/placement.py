@@ -96,7 +96,8 @@ class Placement(abc.ABC):
     @abc.abstractmethod
     def keep_log(self, node: str, sandbox_id: str, into: Path) -> None:
         """Moves the main log of a sandbox that ended to `into` (the service keeps it there for
-        StreamLogs until the record is deleted), before its runtime state is cleaned up.
+        StreamLogs until the record is deleted or removed by the retention, `--keep-stopped`),
+        before its runtime state is cleaned up.
         Nothing when there is no log; OSError when it cannot be moved."""
 
     def volume_host(self, node: str) -> VolumeHost | None:
