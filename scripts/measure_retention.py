@@ -9,6 +9,7 @@ waited during a pass. Run with nice: `nice .venv/bin/python scripts/measure_rete
 from __future__ import annotations
 
 import asyncio
+import shutil
 import statistics
 import sys
 import tempfile
@@ -73,33 +74,41 @@ def main() -> None:
     sys.setswitchinterval(0.0005)  # as the service sets it (server/__main__.py)
     now = time.time_ns()
     tmp = Path(tempfile.mkdtemp(prefix="avt-retention-"))
-    registry = Registry(tmp / "registry.db")
-    fill(registry, count, now)
-    logs = tmp / "logs"
-    logs.mkdir()
-    for i in range(6 * PASS_LIMIT):
-        (logs / f"sbx-{i:08d}.log").write_bytes(b"x" * 200)
-    records = StoppedRecords(registry.connection)
-    query, slices = [], []
-    for _ in range(5):
-        started = time.perf_counter()
-        records.expired(now - WEEK_NS)
-        query.append((time.perf_counter() - started) * 1e3)
-    for _ in range(10):
-        ids = records.expired(now - WEEK_NS, limit=REMOVE_SLICE)
-        started = time.perf_counter()
-        records.remove(ids)
-        slices.append((time.perf_counter() - started) * 1e3)
-    retention = Retention(registry.connection, 7 * 86400.0, logs, lambda _: False, lambda _: None)
-    held, whole = zip(*(asyncio.run(one_pass(retention, now)) for _ in range(5)), strict=True)
-    print(f"registry of {count} ended records; a pass of {PASS_LIMIT}, slices of {REMOVE_SLICE}")
-    for name, values in (
-        (f"query for {PASS_LIMIT}", query),
-        (f"delete of a slice of {REMOVE_SLICE}", slices),
-        ("longest wait of the loop in a pass", held),
-        ("whole pass", whole),
-    ):
-        print(f"{name}: median {statistics.median(values):.1f} ms, max {max(values):.1f} ms")
+    try:
+        registry = Registry(tmp / "registry.db")
+        fill(registry, count, now)
+        logs = tmp / "logs"
+        logs.mkdir()
+        for i in range(6 * PASS_LIMIT):
+            (logs / f"sbx-{i:08d}.log").write_bytes(b"x" * 200)
+        records = StoppedRecords(registry.connection)
+        query, slices = [], []
+        for _ in range(5):
+            started = time.perf_counter()
+            records.expired(now - WEEK_NS)
+            query.append((time.perf_counter() - started) * 1e3)
+        for _ in range(10):
+            ids = records.expired(now - WEEK_NS, limit=REMOVE_SLICE)
+            started = time.perf_counter()
+            records.remove(ids)
+            slices.append((time.perf_counter() - started) * 1e3)
+        retention = Retention(
+            registry.connection, 7 * 86400.0, logs, lambda _: False, lambda _: None
+        )
+        held, whole = zip(*(asyncio.run(one_pass(retention, now)) for _ in range(5)), strict=True)
+        print(
+            f"registry of {count} ended records; a pass of {PASS_LIMIT}, slices of {REMOVE_SLICE}"
+        )
+        for name, values in (
+            (f"query for {PASS_LIMIT}", query),
+            (f"delete of a slice of {REMOVE_SLICE}", slices),
+            ("longest wait of the loop in a pass", held),
+            ("whole pass", whole),
+        ):
+            print(f"{name}: median {statistics.median(values):.1f} ms, max {max(values):.1f} ms")
+
+    finally:  # a registry of a million records is ~700 MB
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

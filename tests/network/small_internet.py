@@ -77,6 +77,7 @@ DNS = {
 }
 SILENT_NAMES = ["blackhole.test"]
 PREFIX = "avn"
+_DIRECTORY_PREFIX = "aviato-small-internet-"
 _NAME = re.compile(rf"^{PREFIX}(\d+)[ihs]$")
 _CLONE_NEWNET = 0x40000000
 _HERE = Path(__file__).resolve().parent
@@ -111,7 +112,8 @@ def _kill_namespace(name: str) -> None:
 
 
 def remove_stale() -> list[str]:
-    """Deletes the namespaces of small internets whose process is gone; returns their names."""
+    """Deletes the namespaces and directories of small internets whose process is gone;
+    returns the namespaces' names."""
     removed = []
     for line in _run("ip", "netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.split() else ""
@@ -120,6 +122,10 @@ def remove_stale() -> list[str]:
             _kill_namespace(name)
             _run("ip", "netns", "delete", name, check=False)
             removed.append(name)
+    for directory in Path(tempfile.gettempdir()).glob(f"{_DIRECTORY_PREFIX}*"):
+        owner = directory.name[len(_DIRECTORY_PREFIX) :].split("-", 1)[0]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            shutil.rmtree(directory, ignore_errors=True)
     return removed
 
 
@@ -173,7 +179,8 @@ class SmallInternet:
         self.host_address = HOST_ADDRESS
         self.servers = dict(SERVERS)
         self.names = {name: list(addresses) for name, addresses in DNS.items()}
-        self._directory = Path(tempfile.mkdtemp(prefix="aviato-small-internet-"))
+        # Named by its owner's pid, so that remove_stale finds it when the owner was killed.
+        self._directory = Path(tempfile.mkdtemp(prefix=f"{_DIRECTORY_PREFIX}{pid}-"))
         self.ca_file = self._directory / "ca.pem"
         self._processes: list[subprocess.Popen[str]] = []
 

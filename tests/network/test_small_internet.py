@@ -30,6 +30,7 @@ def test_namespaces_left_by_a_killed_owner_are_removed(small_internet: SmallInte
         line = owner.stdout.readline()
         assert line, owner.stderr.read() if owner.stderr else "no output"
         assert json.loads(line)["dns"] == "192.0.2.1"
+        directory = Path(json.loads(line)["ca_file"]).parent  # its certificates, its index
     except BaseException:
         owner.terminate()  # tears down
         owner.wait(10)
@@ -37,8 +38,9 @@ def test_namespaces_left_by_a_killed_owner_are_removed(small_internet: SmallInte
     left = {f"avn{owner.pid}{role}" for role in "ihs"}  # pids of the servers die with them
     os.kill(owner.pid, signal.SIGKILL)  # no teardown runs
     owner.wait()
-    assert left <= namespaces()
+    assert left <= namespaces() and directory.is_dir()
     removed = remove_stale()
     assert left <= set(removed)
     assert not left & namespaces()
+    assert not directory.exists()  # each CI run left one behind before
     assert set(small_internet.namespaces.values()) <= namespaces()  # a live owner's stay
