@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,14 +150,12 @@ def machine_facts() -> dict[str, Any]:
 
 def _supervisor_version() -> str:
     try:
-        from aviato.runtime.supervisor.binary import supervisor_binary
+        from aviato.runtime.supervisor import c_library, supervisor_binary
 
-        out = subprocess.run(
-            [str(supervisor_binary()), "--version"], capture_output=True, text=True, timeout=10
-        )
-        return out.stdout.strip() or "unknown"
-    except Exception as e:  # not installed, or not runnable: said in the report
-        return f"unknown ({e})"
+        libc = c_library(supervisor_binary()) or "an unnamed C library"
+        return f"supervisor built against {libc}"
+    except Exception as e:  # not installed: said in the report
+        return f"supervisor unknown ({e})"
 
 
 def _mount_count() -> int:

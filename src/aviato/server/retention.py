@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from aviato.server.records import TERMINAL_STATUSES
+from aviato.v1 import durations
 
 __all__ = [
     "DEFAULT_KEEP_STOPPED_SECONDS",
@@ -74,12 +75,7 @@ def pass_interval(keep_seconds: float) -> float:
 
 def describe_retention(keep_seconds: float) -> str:
     """The retention in words: "7d", "12h", "90m", "1s", or "forever"."""
-    if keep_seconds <= 0:
-        return "forever"
-    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
-        if keep_seconds >= size and keep_seconds % size == 0:
-            return f"{keep_seconds / size:g}{unit}"
-    return f"{keep_seconds:g}s"
+    return "forever" if keep_seconds <= 0 else durations.format_duration(keep_seconds)
 
 
 class StoppedRecords:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["DurationError", "parse_duration"]
+__all__ = ["DurationError", "format_duration", "parse_duration"]
 
 _MAX_TEXT = 64
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
@@ -40,3 +40,13 @@ def parse_duration(text: str, allow_zero: bool = False) -> float:
     if not cleaned or pos != len(cleaned) or (total == 0 and not allow_zero):
         raise DurationError(f"{text!r} is not a duration such as {_EXAMPLES}")
     return total
+
+
+def format_duration(seconds: float) -> str:
+    """`seconds` in this grammar's largest unit that divides it: 604800 -> "7d", 43200 ->
+    "12h", 5400 -> "90m", 1.5 -> "1.5s" (`parse_duration` reads each back exactly)."""
+    for unit in ("d", "h", "m"):
+        size = _UNIT_SECONDS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
